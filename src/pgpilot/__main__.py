@@ -1,0 +1,5 @@
+"""``python -m pgpilot``: the same as the ``pgpilot`` command."""
+
+from pgpilot.cli import main
+
+raise SystemExit(main())

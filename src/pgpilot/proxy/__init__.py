@@ -1,0 +1,1 @@
+"""The pooler: an asyncio shell around :mod:`pgpilot.wire` (``pgpilot proxy``)."""
