@@ -1,0 +1,512 @@
+"""One client connection: login, then its queries, carried to whichever server it is lent.
+
+States (see :mod:`pgpilot.proxy.states`): LOGIN until authenticated and welcomed; then ACTIVE,
+with or without a server; WAITING while its pool finds it one. What the client sends is read
+only for message boundaries and the few types that decide pooling (Query, Sync, the extended
+protocol's Parse/Bind/Execute, Terminate); the bytes themselves go to the server unchanged.
+
+A server goes back to the pool when the pooling mode allows it (``transaction`` and
+``statement``: at ReadyForQuery 'I' with nothing outstanding; ``session``: when the client
+leaves), and never with work in flight: a client that leaves mid-query or mid-transaction has
+its server rolled back, or cancelled and closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from pgpilot.proxy.auth import AuthFailed, ClientAuth, client_auth_for
+from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
+from pgpilot.proxy.states import ClientState, check_client_move
+from pgpilot.wire import messages as m
+from pgpilot.wire.errors import ProtocolError
+from pgpilot.wire.framing import (
+    CancelRequest,
+    GSSENCRequest,
+    MessageReader,
+    SSLRequest,
+    StartupMessage,
+    StartupReader,
+)
+
+if TYPE_CHECKING:
+    from pgpilot.proxy.pool import Pool
+    from pgpilot.proxy.pooler import Pooler
+
+log = logging.getLogger("pgpilot.proxy")
+
+F = m.F
+# What the pooler reads of a client's traffic.
+CLIENT_TYPES = frozenset({F.QUERY, F.SYNC, F.PARSE, F.BIND, F.EXECUTE, F.DESCRIBE, F.CLOSE,
+                          F.FLUSH, F.TERMINATE, F.FUNCTION_CALL, F.COPY_DONE, F.COPY_FAIL})
+# Messages of the extended protocol that leave work pending until the next Sync.
+UNSYNCED_TYPES = frozenset({F.PARSE, F.BIND, F.EXECUTE, F.DESCRIBE, F.CLOSE})
+# Startup parameters every client may send without the pooler rejecting it.
+ALWAYS_ACCEPTED = frozenset({"user", "database"})
+
+
+def sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, pooler: Pooler) -> None:
+        self.pooler = pooler
+        self.id = pooler.next_client_id()
+        self.state = ClientState.LOGIN
+        self.transport: asyncio.Transport | None = None
+        self.addr = ""
+        self.port = 0
+        self.local_addr = ""
+        self.local_port = 0
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.params: dict[str, str] = {}  # tracked parameters, canonical names
+        self.pool: Pool | None = None
+        self.server: ServerConnection | None = None
+        self.cancel_pid = 0
+        self.cancel_key = 0
+        now = time.time()
+        self.connect_time = now
+        self.request_time = now
+        self.wait_started = 0.0
+        self.last_activity = time.monotonic()
+        self.idle_in_txn_since = 0.0
+        self.expected_rfq = 0  # ReadyForQuery messages still owed by the server
+        self.unsynced = False  # extended-protocol messages sent since the last Sync
+        self.txn_status = "I"
+        self.gone = False
+        self.is_admin = False
+        self._startup: StartupReader | None = StartupReader()
+        self._reader = MessageReader(CLIENT_TYPES)
+        self._auth: ClientAuth | None = None
+        self._auth_known_user = False
+        # Password messages are small; PostgreSQL caps SASL tokens at 64 kB.
+        self._auth_reader = MessageReader(max_body=65_536)
+        self._pending = bytearray()  # bytes waiting for a server
+        self._paused = False
+        self._login_task: asyncio.Task[None] | None = None
+        self.admin = None  # set for admin console connections
+
+    def __repr__(self) -> str:
+        return f"C-{self.id}({self.database}/{self.user}@{self.addr}:{self.port})"
+
+    # -- state --------------------------------------------------------------------------
+    def set_state(self, new: ClientState) -> None:
+        old = self.state
+        check_client_move(old, new)
+        if old is not new:
+            self.state = new
+            self.pooler.client_moved(self, old, new)
+
+    # -- asyncio protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.addr, self.port = str(peer[0]), int(peer[1])
+        else:
+            self.addr = "unix"
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            self.local_addr, self.local_port = str(sock[0]), int(sock[1])
+        self.pooler.client_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        try:
+            if self.state is ClientState.LOGIN:
+                self._login_data(data)
+            else:
+                self._query_data(data)
+        except ProtocolError as exc:
+            log.warning("%r protocol violation: %s", self, exc)
+            self.fail(exc.sqlstate, f"protocol violation: {exc.message}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._disconnect("client closed the connection")
+
+    def pause_writing(self) -> None:
+        # The client reads slower than its server sends: hold the server back.
+        if self.server is not None:
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None:
+            self.server.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    # -- login ------------------------------------------------------------------------------
+    def _login_data(self, data: bytes) -> None:
+        if self._auth is not None:
+            self._auth_data(data)
+            return
+        if self._login_task is not None or self._startup is None:
+            # Bytes while the welcome is being prepared: keep them for after it.
+            self._pending += data
+            return
+        self._startup.feed(data)
+        packet = self._startup.next_packet()
+        if packet is None:
+            return
+        if isinstance(packet, SSLRequest):
+            self.pooler.handle_ssl_request(self)
+            return
+        if isinstance(packet, GSSENCRequest):
+            self.write(b"N")
+            return
+        if isinstance(packet, CancelRequest):
+            self.pooler.cancel(packet.pid, packet.key)
+            self.close()
+            return
+        assert isinstance(packet, StartupMessage)
+        rest = self._startup.take_rest()
+        self._startup = None
+        self._startup_message(packet)
+        if rest:
+            self.data_received(rest)
+
+    def restart_startup(self) -> None:
+        """After a TLS upgrade, the startup packet comes again over the encrypted stream."""
+        self._startup = StartupReader()
+
+    def _startup_message(self, msg: StartupMessage) -> None:
+        cfg = self.pooler.config
+        self.user = msg.user
+        self.database = msg.database
+        ignored = {p.lower() for p in cfg.ignore_startup_parameters}
+        for name, value in msg.params.items():
+            key = name.lower()
+            if name in ALWAYS_ACCEPTED:
+                continue
+            if key in TRACKED_BY_LOWER:
+                self.params[TRACKED_BY_LOWER[key]] = value
+            elif key in ignored:
+                continue
+            else:
+                self.fail("08P01", f"unsupported startup parameter: {name}")
+                return
+        self.application_name = self.params.get("application_name", "")
+        if not self.pooler.admit(self):
+            return
+        if self.pooler.is_admin_db(self.database):
+            self.pooler.admin_login(self)
+            return
+        db = cfg.database_for(self.database)
+        if db is None:
+            self.fail("3D000", f'no such database: "{self.database}"')
+            return
+        auth_type = cfg.auth_type
+        if auth_type in ("trust", "any"):
+            self.logged_in()
+            return
+        secret = self.pooler.client_secret_for(self.user)
+        known = secret is not None
+        if secret is None:
+            # Run the same exchange against a random secret so an unknown user looks just
+            # like a wrong password (no user enumeration).
+            secret = secrets.token_hex(16)
+        try:
+            self._auth = client_auth_for(auth_type, self.user, secret)
+        except ValueError:
+            self.fail("28000", f"auth_type {auth_type} is not supported")
+            return
+        self._auth_known_user = known
+        self.write(self._auth.start())
+
+    def _auth_data(self, data: bytes) -> None:
+        assert self._auth is not None
+        for mtype, body in self._auth_reader.feed(data):
+            if mtype != F.PASSWORD or body is None:
+                self.fail("08P01", "expected a password message during authentication")
+                return
+            try:
+                reply, done = self._auth.step(body)
+                if done and not self._auth_known_user:
+                    raise AuthFailed(f'password authentication failed for user "{self.user}"')
+            except AuthFailed as exc:
+                log.warning("%r login failed: %s", self, exc)
+                self.pooler.auth_failures += 1
+                self.fail("28P01", str(exc), fatal=True)
+                return
+            if reply:
+                self.write(reply)
+            if done:
+                self._auth = None
+                self.logged_in()
+                return
+
+    def logged_in(self, auth_ok_sent: bool = False) -> None:
+        """Credentials are good: tell the client and prepare its welcome."""
+        if not auth_ok_sent:
+            self.write(m.auth_ok())
+        if self.is_admin:
+            return
+        cfg = self.pooler.config
+        db = cfg.database_for(self.database)
+        assert db is not None
+        self.pool = self.pooler.get_pool(db, self.database, self.user)
+        self.pool.clients.add(self)
+        if self.pool.welcome_params is not None:
+            self._welcome(self.pool.welcome_params)
+            return
+        self._login_task = asyncio.get_running_loop().create_task(self._await_welcome())
+
+    async def _await_welcome(self) -> None:
+        assert self.pool is not None
+        try:
+            params = await self.pool.welcome()
+        except ServerError as exc:
+            self.fail(exc.sqlstate, str(exc))
+            return
+        except asyncio.CancelledError:
+            return
+        if not self.gone:
+            self._welcome(params)
+
+    def _welcome(self, server_params: dict[str, str]) -> None:
+        # The client sees the server's values, except what it asked for itself.
+        for name in TRACKED_PARAMS:
+            if name not in self.params and name in server_params:
+                self.params[name] = server_params[name]
+        out = bytearray()
+        for name, value in server_params.items():
+            out += m.parameter_status(name, self.params.get(name, value))
+        for name, value in self.params.items():
+            if name not in server_params:
+                out += m.parameter_status(name, value)
+        self.cancel_pid, self.cancel_key = self.pooler.register_cancel_key(self)
+        out += m.backend_key_data(self.cancel_pid, self.cancel_key)
+        out += m.READY_IDLE
+        self.write(out)
+        self.set_state(ClientState.ACTIVE)
+        self._login_task = None
+        log.info("%r login ok", self)
+        if self._pending:
+            pending = bytes(self._pending)
+            self._pending.clear()
+            self.data_received(pending)
+
+    # -- queries ----------------------------------------------------------------------------
+    def _query_data(self, data: bytes) -> None:
+        msgs = self._reader.feed(data)
+        terminate = False
+        for mtype, body in msgs:
+            if mtype == F.SYNC:
+                self.expected_rfq += 1
+                self.unsynced = False
+            elif mtype == F.QUERY:
+                self.expected_rfq += 1
+                self.request_time = time.time()
+                if body is not None:
+                    self.pooler.observe_query(self, body)
+            elif mtype in UNSYNCED_TYPES:
+                self.unsynced = True
+                if mtype == F.PARSE and body is not None:
+                    self.pooler.observe_parse(self, body)
+            elif mtype == F.FUNCTION_CALL:
+                self.expected_rfq += 1
+            elif mtype == F.TERMINATE:
+                terminate = True
+        if self.admin is not None:
+            self.admin.handle(msgs)  # type: ignore[attr-defined]
+            return
+        if terminate:
+            # Everything before Terminate still goes to the server (rarely anything).
+            if len(data) > 5 and self.server is not None:
+                self.server.write(data[:-5])
+            self.close()
+            return
+        server = self.server
+        if server is not None:
+            server.write(data)
+            self._count_bytes(len(data), 0)
+            return
+        self._pending += data
+        if self.state is ClientState.ACTIVE:
+            assert self.pool is not None
+            self.pause_reading()
+            self.pool.request(self)
+
+    def start_waiting(self) -> None:
+        if self.state is ClientState.ACTIVE:
+            self.set_state(ClientState.WAITING)
+        self.pause_reading()
+
+    def attach(self, server: ServerConnection) -> None:
+        """The pool lends us ``server``: bring its parameters in line, then use it."""
+        assert self.pool is not None
+        if self.gone:
+            self.pool.give_out(server)
+            return
+        self.pool.stats.wait_time += time.monotonic() - self.wait_started
+        diff = [(k, v) for k, v in self.params.items() if server.params.get(k) != v]
+        if diff:
+            from pgpilot.proxy.states import ServerState
+
+            server.set_state(ServerState.TESTED)
+            sql = "; ".join(f"SET {k} TO {sql_literal(v)}" for k, v in diff)
+
+            def synced(srv: ServerConnection, error: str | None) -> None:
+                if srv.state.name == "CLOSED":
+                    return
+                if error is not None:
+                    srv.close(f"could not apply client parameters: {error}")
+                    if not self.gone:
+                        self.fail("08P01", f"could not apply startup parameters: {error}")
+                    return
+                if self.gone:
+                    assert self.pool is not None
+                    self.pool.give_out(srv)
+                    return
+                self._link(srv)
+
+            server.run_internal(sql, synced)
+            return
+        self._link(server)
+
+    def _link(self, server: ServerConnection) -> None:
+        from pgpilot.proxy.states import ServerState
+
+        self.server = server
+        server.client = self
+        server.link_time = time.monotonic()
+        server.set_state(ServerState.ACTIVE)
+        if self.state is ClientState.WAITING:
+            self.set_state(ClientState.ACTIVE)
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            server.write(data)
+            self._count_bytes(len(data), 0)
+        self.resume_reading()
+
+    def _count_bytes(self, received: int, sent: int) -> None:
+        if self.pool is not None:
+            st = self.pool.stats
+            st.bytes_received += received
+            st.bytes_sent += sent
+
+    def server_data(self, server: ServerConnection, data: bytes,
+                    msgs: list[tuple[int, bytes | None]]) -> None:
+        """Bytes from our server: read what matters, forward them all."""
+        release = False
+        stats = self.pool.stats if self.pool is not None else None
+        for mtype, body in msgs:
+            if mtype == m.B.READY_FOR_QUERY and body:
+                self.expected_rfq -= 1
+                status = chr(body[0])
+                self.txn_status = server.txn_status = status
+                if status == "I" and stats is not None:
+                    stats.xact_count += 1
+                release = self.expected_rfq <= 0
+            elif mtype == m.B.COMMAND_COMPLETE:
+                if stats is not None:
+                    stats.query_count += 1
+            elif mtype == m.B.PARAMETER_STATUS and body is not None:
+                name, value = m.parse_parameter_status(body)
+                server.params[name] = value
+                if name in TRACKED_PARAMS:
+                    self.params[name] = value
+            elif mtype == m.B.ERROR_RESPONSE and stats is not None:
+                stats.errors += 1
+        self.write(data)
+        if stats is not None:
+            stats.bytes_sent += len(data)
+        if release:
+            self.expected_rfq = 0
+            self._maybe_release(server)
+
+    def _maybe_release(self, server: ServerConnection) -> None:
+        assert self.pool is not None
+        mode = self.pool.mode
+        if self.txn_status == "I":
+            self.idle_in_txn_since = 0.0
+        elif not self.idle_in_txn_since:
+            self.idle_in_txn_since = time.monotonic()
+        if mode == "session":
+            return
+        if self.unsynced or self._reader.mid_message:
+            return
+        if self.txn_status != "I":
+            if mode == "statement":
+                self.fail("08P01", "transaction blocks not allowed in statement pooling mode",
+                          hint="Use autocommit statements, or a pool in transaction mode.")
+            return
+        self._detach(client_closed=False)
+
+    def _detach(self, *, client_closed: bool) -> None:
+        server = self.server
+        if server is None:
+            return
+        self.server = None
+        server.client = None
+        server.resume_reading()
+        assert self.pool is not None
+        self.pool.release(server, client_closed=client_closed)
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        """Our server went away under us: the client cannot continue its session."""
+        if self.server is server:
+            self.server = None
+            self.fail("08006", f"server connection lost: {reason}")
+
+    # -- ending ---------------------------------------------------------------------------
+    def fail(self, sqlstate: str, text: str, *, fatal: bool = True,
+             hint: str | None = None) -> None:
+        """Tell the client what went wrong (as PostgreSQL would) and close."""
+        self.write(m.error_response(sqlstate, text, severity="FATAL" if fatal else "ERROR",
+                                    hint=hint))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            transport, self.transport = self.transport, None
+            transport.close()
+        self._disconnect("closed by pooler")
+
+    def _disconnect(self, reason: str) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        if self._login_task is not None:
+            self._login_task.cancel()
+        pool = self.pool
+        if pool is not None:
+            pool.cancel_wait(self)
+            pool.clients.discard(self)
+        server = self.server
+        if server is not None:
+            clean = (self.expected_rfq <= 0 and not self.unsynced
+                     and not self._reader.mid_message)
+            if clean:
+                self._detach(client_closed=True)
+            else:
+                # Work in flight: stop it, and never lend this connection again.
+                self.server = None
+                server.client = None
+                self.pooler.cancel_server(server)
+                server.close("client disconnected with a query in progress")
+        self.pooler.unregister_cancel_key(self)
+        self.set_state(ClientState.CLOSED)
+        log.debug("%r disconnected: %s", self, reason)

@@ -1,0 +1,169 @@
+"""``pgpilot proxy``: run the pooler from a pgbouncer.ini, or on an embedded PostgreSQL.
+
+With ``--config FILE`` the file alone decides. Without it, pgpilot starts an embedded
+PostgreSQL in a data folder it names and pools it on 127.0.0.1:6432, so one command gives a
+working pooler. SIGINT/SIGTERM stop it (letting running transactions finish up to
+``shutdown_timeout``), SIGHUP reloads the configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from pgpilot.proxy.config import Config, ConfigError, DatabaseConfig, default_config, load_config
+
+log = logging.getLogger("pgpilot.proxy")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        help="pgbouncer.ini-style configuration file")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the configuration and exit")
+    parser.add_argument("--listen", metavar="ADDR", help="override listen_addr")
+    parser.add_argument("--port", "-p", type=int, help="override listen_port")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="embedded PostgreSQL data folder (without --config)")
+    parser.add_argument("--pool-mode", choices=("session", "transaction", "statement"),
+                        help="override pool_mode")
+    parser.add_argument("--verbose", "-v", action="count", default=0)
+    parser.add_argument("--quiet", "-q", action="store_true")
+
+
+def setup_logging(config: Config, verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose or config.verbose else \
+        logging.INFO
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if config.logfile:
+        handlers.append(logging.FileHandler(config.logfile))
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format="%(asctime)s %(process)d %(levelname)s %(message)s")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.check:
+        if not args.config:
+            print("pgpilot proxy --check needs --config FILE", file=sys.stderr)
+            return 2
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for warning in config.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{args.config}: configuration is valid "
+              f"({len(config.databases)} databases, {len(config.users)} users)")
+        return 0
+    embedded = None
+    if args.config:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    else:
+        from pgpilot.embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
+
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        print(f"pgpilot: no --config given: starting an embedded PostgreSQL in {data_dir}",
+              flush=True)
+        embedded = EmbeddedPostgres(data_dir)
+        try:
+            embedded.start()
+        except EmbeddedPostgresError as exc:
+            print(f"error: could not start the embedded PostgreSQL: {exc}", file=sys.stderr)
+            return 1
+        config = default_config(
+            auth_type="trust", pool_mode="transaction", unix_socket_dir="",
+            databases={"*": DatabaseConfig(name="*", host="127.0.0.1", port=embedded.port,
+                                           user="postgres")},
+        )
+    overrides: dict[str, object] = {}
+    if args.listen:
+        overrides["listen_addr"] = args.listen
+    if args.port:
+        overrides["listen_port"] = args.port
+    if args.pool_mode:
+        overrides["pool_mode"] = args.pool_mode
+    if overrides:
+        import dataclasses
+
+        config = dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
+    setup_logging(config, args.verbose, args.quiet)
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    try:
+        return serve(config, config_path=args.config, embedded_dsn_port=config.listen_port
+                     if embedded is not None else None)
+    finally:
+        if embedded is not None:
+            print("pgpilot: stopping the embedded PostgreSQL", flush=True)
+            embedded.stop()
+
+
+def serve(config: Config, config_path: str | None = None,
+          embedded_dsn_port: int | None = None) -> int:
+    """Run the pooler until a stop signal; returns the exit status."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(_serve(config, config_path, embedded_dsn_port))
+
+
+async def _serve(config: Config, config_path: str | None,
+                 embedded_dsn_port: int | None) -> int:
+    from pgpilot.proxy.pooler import Pooler
+
+    pooler = Pooler(config)
+    try:
+        await pooler.start()
+    except OSError as exc:
+        log.error("could not start: %s", exc)
+        return 1
+    if config.pidfile:
+        Path(config.pidfile).write_text(f"{os.getpid()}\n")
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+
+    def request_stop() -> None:
+        log.info("stop requested: letting running transactions finish")
+        stop_requested.set()
+
+    def reload() -> None:
+        if not config_path:
+            log.info("SIGHUP: no configuration file to reload")
+            return
+        try:
+            pooler.reload(load_config(config_path))
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, request_stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    pooler.reload_hook = reload  # type: ignore[attr-defined]
+    if embedded_dsn_port is not None:
+        print(f"pgpilot: pooling on postgresql://postgres@127.0.0.1:{embedded_dsn_port}/postgres",
+              flush=True)
+    else:
+        for addr in pooler.listen_addresses:
+            log.info("ready: %s", addr)
+    stop_task = loop.create_task(stop_requested.wait())
+    stopped_task = loop.create_task(pooler.stopped.wait())
+    await asyncio.wait({stop_task, stopped_task}, return_when=asyncio.FIRST_COMPLETED)
+    await pooler.stop()
+    stop_task.cancel()
+    if config.pidfile:
+        with contextlib.suppress(OSError):
+            os.unlink(config.pidfile)
+    log.info("pgpilot stopped")
+    return 0

@@ -1,0 +1,81 @@
+"""The periodic work: timeouts, server lifetimes, warm-up, health (PgBouncer's janitor).
+
+Runs a few times a second and walks the clients and pools once per tick. Every timeout here is
+a PgBouncer setting with PgBouncer's meaning; 0 disables it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from pgpilot.proxy.states import ClientState, ServerState
+
+if TYPE_CHECKING:
+    from pgpilot.proxy.pooler import Pooler
+
+log = logging.getLogger("pgpilot.proxy")
+
+TICK = 0.2  # seconds between rounds: fine enough for sub-second timeouts in tests
+
+
+class Janitor:
+    def __init__(self, pooler: Pooler) -> None:
+        self.pooler = pooler
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # one bad round must not end the janitor
+                log.exception("janitor round failed")
+            await asyncio.sleep(TICK)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        cfg = self.pooler.config
+        for client in list(self.pooler.clients[ClientState.WAITING]):
+            waited = now - client.wait_started
+            if cfg.query_wait_timeout and waited > cfg.query_wait_timeout:
+                client.fail("08P01", f"query_wait_timeout: no server connection became free "
+                            f"within {cfg.query_wait_timeout:g} s")
+            elif cfg.reserve_pool_timeout >= 0 and waited > cfg.reserve_pool_timeout \
+                    and client.pool is not None:
+                client.pool.launch_if_needed(use_reserve=True)
+        if cfg.client_login_timeout:
+            for client in list(self.pooler.clients[ClientState.LOGIN]):
+                if now - client.last_activity > cfg.client_login_timeout:
+                    client.fail("08P01", "client_login_timeout: login took too long")
+        for client in list(self.pooler.clients[ClientState.ACTIVE]):
+            if client.is_admin:
+                continue
+            if client.server is None:
+                if cfg.client_idle_timeout and now - client.last_activity > cfg.client_idle_timeout:
+                    client.fail("08P01", f"client_idle_timeout: no activity for "
+                                f"{cfg.client_idle_timeout:g} s")
+            elif (cfg.idle_transaction_timeout and client.idle_in_txn_since
+                  and client.expected_rfq <= 0
+                  and now - client.idle_in_txn_since > cfg.idle_transaction_timeout):
+                client.fail("25P03", f"idle_transaction_timeout: idle in transaction for more "
+                            f"than {cfg.idle_transaction_timeout:g} s")
+        for pool in list(self.pooler.pools.values()):
+            self._pool_upkeep(pool, now)
+
+    def _pool_upkeep(self, pool, now: float) -> None:  # type: ignore[no-untyped-def]
+        cfg = self.pooler.config
+        lifetime = cfg.server_lifetime_for(pool.db)
+        min_size = pool.min_size
+        for server in list(pool.idle):
+            idle_for = now - server.last_used
+            if lifetime and now - server.created_at > lifetime:
+                server.close("server_lifetime reached")
+            elif (cfg.server_idle_timeout and idle_for > cfg.server_idle_timeout
+                  and pool.server_count() > min_size):
+                server.close("server_idle_timeout reached")
+        if (not self.pooler.stopping and not pool.paused
+                and pool.server_count() < min_size and pool.can_open()
+                and not pool.servers[ServerState.LOGIN]
+                and now >= pool.login_failed_until):
+            pool.open_server()

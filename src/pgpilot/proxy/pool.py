@@ -1,0 +1,355 @@
+"""One pool per (database, user): its servers by state, its waiting clients, its limits.
+
+A client that needs a server asks :meth:`Pool.request`. An idle server is handed over at once
+(after a health check if it sat idle longer than ``server_check_delay``); otherwise the client
+joins the FIFO wait list and, if the limits allow, a new server is opened. A server given back
+with :meth:`Pool.release` is reset if the pooling mode asks for it, then goes to the first
+waiting client or to the idle list. Servers live in explicit per-state lists, which is what the
+admin console prints and the metrics count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from pgpilot.proxy.server import ServerConnection, ServerError
+from pgpilot.proxy.states import ServerState
+
+if TYPE_CHECKING:
+    from pgpilot.proxy.client import ClientConnection
+    from pgpilot.proxy.config import DatabaseConfig
+    from pgpilot.proxy.pooler import Pooler
+
+log = logging.getLogger("pgpilot.proxy")
+
+
+class PoolStats:
+    """Running totals, as SHOW STATS reports them (PgBouncer's names)."""
+
+    __slots__ = ("bytes_received", "bytes_sent", "errors", "query_count", "query_time",
+                 "server_assignment_count", "wait_time", "xact_count", "xact_time")
+
+    def __init__(self) -> None:
+        self.xact_count = 0
+        self.query_count = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.xact_time = 0.0
+        self.query_time = 0.0
+        self.wait_time = 0.0
+        self.server_assignment_count = 0
+        self.errors = 0
+
+
+class Pool:
+    def __init__(self, pooler: Pooler, db: DatabaseConfig, db_name: str, user: str) -> None:
+        self.pooler = pooler
+        self.db = db
+        self.db_name = db_name  # the name clients use
+        self.user = user  # the client's user name
+        self.name = f"{db_name}/{user}"
+        self.server_dbname = db.dbname or db_name
+        self.server_user = db.user or user
+        self.servers: dict[ServerState, set[ServerConnection]] = {
+            s: set() for s in ServerState if s is not ServerState.CLOSED}
+        self.idle: collections.deque[ServerConnection] = collections.deque()
+        self.waiting: collections.deque[ClientConnection] = collections.deque()
+        self.clients: set[ClientConnection] = set()
+        self.welcome_params: dict[str, str] | None = None
+        self._welcome_waiters: list[asyncio.Future[None]] = []
+        self.paused = False
+        self.login_failed_until = 0.0
+        self.last_login_error: ServerError | None = None
+        self.stats = PoolStats()
+        self.max_wait_started: float | None = None
+
+    def __repr__(self) -> str:
+        return f"Pool({self.name})"
+
+    # -- settings, read live so RELOAD applies ---------------------------------------
+    @property
+    def mode(self) -> str:
+        return self.pooler.config.pool_mode_for(self.db, self.user)
+
+    @property
+    def size(self) -> int:
+        return self.pooler.config.pool_size_for(self.db, self.user)
+
+    @property
+    def min_size(self) -> int:
+        return self.pooler.config.min_pool_size_for(self.db)
+
+    @property
+    def reserve_size(self) -> int:
+        return self.pooler.config.reserve_pool_size_for(self.db, self.user)
+
+    def server_credentials(self) -> tuple[str, str | None]:
+        password = self.db.password
+        if password is None:
+            password = self.pooler.server_password_for(self.server_user)
+        return self.server_user, password
+
+    def server_startup_params(self) -> dict[str, str]:
+        params: dict[str, str] = {}
+        if self.db.application_name:
+            params["application_name"] = self.db.application_name
+        if self.db.client_encoding:
+            params["client_encoding"] = self.db.client_encoding
+        if self.db.datestyle:
+            params["DateStyle"] = self.db.datestyle
+        if self.db.timezone:
+            params["TimeZone"] = self.db.timezone
+        return params
+
+    # -- counting -------------------------------------------------------------------
+    def server_count(self) -> int:
+        return sum(len(s) for s in self.servers.values())
+
+    def server_moved(self, server: ServerConnection, old: ServerState,
+                     new: ServerState) -> None:
+        self.servers[old].discard(server)
+        if old is ServerState.IDLE:
+            try:
+                self.idle.remove(server)
+            except ValueError:
+                pass
+        if new is ServerState.CLOSED:
+            self.pooler.server_closed(server)
+            # Capacity freed: a waiting client may now get a new server.
+            if self.waiting and not self.pooler.stopping:
+                self.launch_if_needed()
+            return
+        self.servers[new].add(server)
+        if new is ServerState.IDLE:
+            self.idle.append(server)
+
+    def add_server(self, server: ServerConnection) -> None:
+        self.servers[ServerState.LOGIN].add(server)
+
+    # -- opening servers ------------------------------------------------------------
+    def can_open(self, use_reserve: bool = False) -> bool:
+        limit = self.size + (self.reserve_size if use_reserve else 0)
+        if self.server_count() >= limit:
+            return False
+        cfg = self.pooler.config
+        max_db = cfg.max_db_connections_for(self.db)
+        if max_db and self.pooler.servers_for_db(self.db_name) >= max_db:
+            return False
+        max_user = cfg.max_user_connections_for(self.server_user)
+        return not (max_user and self.pooler.servers_for_user(self.server_user) >= max_user)
+
+    def launch_if_needed(self, use_reserve: bool = False) -> None:
+        """Open servers for waiting clients, as far as the limits allow."""
+        if time.monotonic() < self.login_failed_until:
+            return
+        logging_in = len(self.servers[ServerState.LOGIN])
+        while len(self.waiting) > logging_in and self.can_open(use_reserve):
+            self.open_server()
+            logging_in += 1
+
+    def open_server(self) -> None:
+        # Counted in LOGIN at once, so limits hold while the connection is being made.
+        server = ServerConnection(self)
+        self.add_server(server)
+        task = asyncio.get_running_loop().create_task(self._connect(server))
+        self.pooler.track_task(task)
+
+    async def _connect(self, server: ServerConnection) -> None:
+        cfg = self.pooler.config
+        host = self.db.host or self.pooler.default_socket_dir()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(cfg.server_connect_timeout or None):
+                if host.startswith("/"):
+                    await loop.create_unix_connection(
+                        lambda: server, path=f"{host}/.s.PGSQL.{self.db.port}")
+                else:
+                    await loop.create_connection(lambda: server, host, self.db.port)
+                await server.login_done
+        except (OSError, TimeoutError, ServerError) as exc:
+            if isinstance(exc, ServerError):
+                error = exc
+            elif isinstance(exc, TimeoutError):
+                error = ServerError(f"server_connect_timeout: could not connect to "
+                                    f"{host}:{self.db.port} within "
+                                    f"{cfg.server_connect_timeout:g} s")
+            else:
+                error = ServerError(f"could not connect to server {host}:{self.db.port}: "
+                                    f"{exc.strerror or exc}")
+            server.close(str(error), terminate=False)
+            self._login_failed(error)
+            return
+        self.last_login_error = None
+        self.login_failed_until = 0.0
+        if self.welcome_params is None:
+            self.welcome_params = dict(server.params)
+        for fut in self._welcome_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._welcome_waiters.clear()
+        log.debug("%r logged in to %s as %s", server, self.server_dbname, self.server_user)
+        self.give_out(server)
+
+    def _login_failed(self, error: ServerError) -> None:
+        log.warning("%s: server login failed: %s", self.name, error)
+        self.last_login_error = error
+        self.login_failed_until = time.monotonic() + self.pooler.config.server_login_retry
+        for fut in self._welcome_waiters:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()
+        self._welcome_waiters.clear()
+        # Clients waiting for a server get the server's own error rather than a long wait.
+        if self.server_count() == 0:
+            while self.waiting:
+                self.waiting.popleft().fail(error.sqlstate, str(error))
+
+    async def welcome(self) -> dict[str, str]:
+        """The server's ParameterStatus values, opening a first server if none is known."""
+        if self.welcome_params is not None:
+            return self.welcome_params
+        if time.monotonic() < self.login_failed_until and self.last_login_error:
+            raise ServerError(f"{self.last_login_error} (server login has been failing, "
+                              f"retrying after server_login_retry)",
+                              self.last_login_error.sqlstate)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._welcome_waiters.append(fut)
+        if not self.servers[ServerState.LOGIN]:
+            if self.can_open(use_reserve=True) or self.server_count() == 0:
+                self.open_server()
+        await fut
+        assert self.welcome_params is not None
+        return self.welcome_params
+
+    # -- handing out and taking back ------------------------------------------------
+    def request(self, client: ClientConnection) -> None:
+        """``client`` needs a server: it gets one now (client.attach) or waits in line."""
+        client.wait_started = time.monotonic()
+        if not self.paused and not self.waiting:
+            server = self._take_idle()
+            if server is not None:
+                self._hand_to(server, client)
+                return
+        if time.monotonic() < self.login_failed_until and self.server_count() == 0 \
+                and self.last_login_error is not None:
+            client.fail(self.last_login_error.sqlstate,
+                        f"{self.last_login_error} (server login has been failing, "
+                        "try again later: server_login_retry)")
+            return
+        self.waiting.append(client)
+        client.start_waiting()
+        if not self.paused:
+            self.launch_if_needed()
+
+    def cancel_wait(self, client: ClientConnection) -> None:
+        try:
+            self.waiting.remove(client)
+        except ValueError:
+            pass
+
+    def _take_idle(self) -> ServerConnection | None:
+        idle = self.idle
+        while idle:
+            server = idle.pop()  # LIFO: the most recently used connection is the warmest
+            if server.close_needed:
+                server.close("reconnect requested")
+                continue
+            return server
+        return None
+
+    def _hand_to(self, server: ServerConnection, client: ClientConnection) -> None:
+        cfg = self.pooler.config
+        check = cfg.server_check_query
+        if (check and cfg.server_check_delay >= 0
+                and time.monotonic() - server.last_used > cfg.server_check_delay):
+            server.set_state(ServerState.TESTED)
+            client.start_waiting()
+
+            def checked(srv: ServerConnection, error: str | None) -> None:
+                if client.gone:
+                    self.give_out(srv) if error is None else srv.close(error)
+                    return
+                if error is not None or srv.state is ServerState.CLOSED:
+                    srv.close(f"server_check_query failed: {error}")
+                    self.request_front(client)
+                    return
+                srv.last_used = time.monotonic()
+                self.stats.server_assignment_count += 1
+                client.attach(srv)
+
+            server.run_internal(check, checked)
+            return
+        self.stats.server_assignment_count += 1
+        client.attach(server)
+
+    def request_front(self, client: ClientConnection) -> None:
+        """Put a client back at the head of the line (its server failed a check)."""
+        server = self._take_idle()
+        if server is not None:
+            self._hand_to(server, client)
+            return
+        self.waiting.appendleft(client)
+        client.start_waiting()
+        self.launch_if_needed()
+
+    def give_out(self, server: ServerConnection) -> None:
+        """A clean server: to the first waiting client, else to the idle list."""
+        if server.state is ServerState.CLOSED:
+            return
+        if server.close_needed or self._too_old(server):
+            server.close("server_lifetime reached" if not server.close_needed
+                         else "reconnect requested")
+            return
+        while self.waiting and not self.paused:
+            client = self.waiting.popleft()
+            if client.gone:
+                continue
+            self._hand_to(server, client)
+            return
+        server.last_used = time.monotonic()
+        server.set_state(ServerState.IDLE)
+
+    def _too_old(self, server: ServerConnection) -> bool:
+        lifetime = self.pooler.config.server_lifetime_for(self.db)
+        return bool(lifetime) and time.monotonic() - server.created_at > lifetime
+
+    def release(self, server: ServerConnection, *, client_closed: bool) -> None:
+        """A client is done with ``server``; reset it if needed and give it out again."""
+        if server.state is ServerState.CLOSED:
+            return
+        cfg = self.pooler.config
+        reset = cfg.server_reset_query
+        need_reset = bool(reset) and (
+            self.mode == "session" or cfg.server_reset_query_always) and client_closed
+        if server.txn_status != "I":
+            # Never hand on a server inside a transaction: roll it back first.
+            sql = "ROLLBACK" + (f"; {reset}" if need_reset else "")
+        elif need_reset:
+            sql = reset
+        else:
+            self.give_out(server)
+            return
+        server.set_state(ServerState.USED)
+
+        def done(srv: ServerConnection, error: str | None) -> None:
+            if srv.state is ServerState.CLOSED:
+                return
+            if error is not None or srv.txn_status != "I":
+                srv.close(f"reset failed: {error or 'still in a transaction'}")
+                return
+            self.give_out(srv)
+
+        server.set_state(ServerState.TESTED)
+        server.run_internal(sql, done)
+
+    # -- ending ----------------------------------------------------------------------
+    def all_servers(self) -> list[ServerConnection]:
+        return [s for group in self.servers.values() for s in group]
+
+    def close_all(self, reason: str) -> None:
+        for server in self.all_servers():
+            server.close(reason)

@@ -1,0 +1,264 @@
+"""The pooler as a whole: its configuration, pools, clients, cancel keys and lifecycle.
+
+One :class:`Pooler` per process. It owns the listening sockets (through
+:mod:`pgpilot.proxy.listener`), the per-(database, user) pools, the registry of client
+connections by state, the map from the BackendKeyData each client was given to that client, and
+the janitor. Everything connection-level lives in ``client.py`` / ``server.py`` / ``pool.py``;
+this file answers the questions that span them (limits across pools, cancel routing, reload,
+shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pgpilot.proxy.config import Config, DatabaseConfig
+from pgpilot.proxy.pool import Pool
+from pgpilot.proxy.states import ClientState
+from pgpilot.wire import messages as m
+
+if TYPE_CHECKING:
+    from pgpilot.proxy.client import ClientConnection
+    from pgpilot.proxy.server import ServerConnection
+
+log = logging.getLogger("pgpilot.proxy")
+
+ADMIN_DATABASES = ("pgbouncer", "pgpilot")
+
+
+class Pooler:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.clients: dict[ClientState, set[ClientConnection]] = {s: set() for s in ClientState}
+        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.stopping = False
+        self.paused = False
+        self.auth_failures = 0
+        self.started_at = time.time()
+        self._client_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._janitor: asyncio.Task[None] | None = None
+        self.stopped = asyncio.Event()
+        # Hooks for the traffic observers (stats, hazards, admin console); set by their modules.
+        self.query_observers: list[Callable[[ClientConnection, bytes], None]] = []
+        self.parse_observers: list[Callable[[ClientConnection, bytes], None]] = []
+        self.ssl_context: Any = None
+        self.admin_handler: Callable[[ClientConnection], None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        from pgpilot.proxy.janitor import Janitor
+        from pgpilot.proxy.listener import start_listeners
+
+        self._listeners = await start_listeners(self)
+        self._janitor = asyncio.get_running_loop().create_task(Janitor(self).run())
+        # min_pool_size: pools with a fixed server user can be warmed before any client.
+        for name, db in self.config.databases.items():
+            if name != "*" and db.user and self.config.min_pool_size_for(db):
+                self.get_pool(db, name, db.user)
+
+    @property
+    def listen_addresses(self) -> list[tuple[str, int] | str]:
+        out: list[tuple[str, int] | str] = []
+        for server in self._listeners:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((name[0], name[1]) if isinstance(name, tuple) else str(name))
+        return out
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, let linked clients finish their transactions, then close all."""
+        if self.stopping:
+            await self.stopped.wait()
+            return
+        self.stopping = True
+        for listener in self._listeners:
+            listener.close()
+        if timeout is None:
+            timeout = self.config.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+                c.server is not None for c in self.all_clients()):
+            await asyncio.sleep(0.05)
+        for client in list(self.all_clients()):
+            client.fail("57P01", "pgpilot is shutting down")
+        for pool in self.pools.values():
+            pool.close_all("pooler shutting down")
+        if self._janitor is not None:
+            self._janitor.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for listener in self._listeners:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.wait_closed(), 2)
+        await asyncio.sleep(0)
+        self.stopped.set()
+
+    def reload(self, config: Config) -> None:
+        """Apply a new configuration without dropping anyone (SIGHUP / RELOAD)."""
+        old = self.config
+        self.config = config
+        for (db_name, _user), pool in list(self.pools.items()):
+            new_db = config.database_for(db_name)
+            if new_db is None or _server_side(new_db) != _server_side(pool.db):
+                # Where servers live changed: existing connections are closed once free.
+                for server in pool.all_servers():
+                    server.close_needed = True
+                for server in list(pool.idle):
+                    server.close("database definition changed")
+            if new_db is not None:
+                pool.db = new_db
+        if (old.listen_addr, old.listen_port) != (config.listen_addr, config.listen_port):
+            log.warning("listen_addr/listen_port changes need a restart")
+        log.info("configuration reloaded")
+
+    def track_task(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- clients ------------------------------------------------------------------------
+    def next_client_id(self) -> int:
+        return next(self._client_ids)
+
+    def all_clients(self) -> list[ClientConnection]:
+        return [c for state, group in self.clients.items() if state is not ClientState.CLOSED
+                for c in group]
+
+    def client_connected(self, client: ClientConnection) -> None:
+        self.clients[ClientState.LOGIN].add(client)
+
+    def client_moved(self, client: ClientConnection, old: ClientState, new: ClientState) -> None:
+        self.clients[old].discard(client)
+        if new is not ClientState.CLOSED:
+            self.clients[new].add(client)
+
+    def admit(self, client: ClientConnection) -> bool:
+        """max_client_conn: refuse a client beyond it, as PgBouncer does (53300)."""
+        if self.stopping:
+            client.fail("57P03", "pgpilot is shutting down")
+            return False
+        count = sum(len(g) for s, g in self.clients.items() if s is not ClientState.CLOSED)
+        if count > self.config.max_client_conn:
+            log.warning("%r refused: max_client_conn (%d) reached", client,
+                        self.config.max_client_conn)
+            client.fail("53300", "no more connections allowed (max_client_conn)")
+            return False
+        return True
+
+    def is_admin_db(self, name: str) -> bool:
+        return name in ADMIN_DATABASES
+
+    def admin_login(self, client: ClientConnection) -> None:
+        if self.admin_handler is None:
+            client.fail("3D000", f'no such database: "{client.database}"')
+            return
+        self.admin_handler(client)
+
+    def client_secret_for(self, user: str) -> str | None:
+        return self.config.auth_users.get(user)
+
+    def server_password_for(self, user: str) -> str | None:
+        return self.config.auth_users.get(user)
+
+    def handle_ssl_request(self, client: ClientConnection) -> None:
+        if self.ssl_context is None or self.config.client_tls_sslmode == "disable":
+            client.write(b"N")
+            return
+        from pgpilot.proxy.listener import upgrade_client_tls
+
+        self.track_task(asyncio.get_running_loop().create_task(upgrade_client_tls(self, client)))
+
+    # -- traffic observers ----------------------------------------------------------------
+    def observe_query(self, client: ClientConnection, body: bytes) -> None:
+        for observer in self.query_observers:
+            observer(client, body)
+
+    def observe_parse(self, client: ClientConnection, body: bytes) -> None:
+        for observer in self.parse_observers:
+            observer(client, body)
+
+    # -- pools --------------------------------------------------------------------------
+    def get_pool(self, db: DatabaseConfig, db_name: str, user: str) -> Pool:
+        key = (db_name, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = Pool(self, db, db_name, user)
+        return pool
+
+    def servers_for_db(self, db_name: str) -> int:
+        return sum(p.server_count() for (name, _u), p in self.pools.items() if name == db_name)
+
+    def servers_for_user(self, server_user: str) -> int:
+        return sum(p.server_count() for p in self.pools.values() if p.server_user == server_user)
+
+    def server_closed(self, server: ServerConnection) -> None:
+        """A server of some pool closed: other pools of the same database may now open one."""
+        if self.stopping:
+            return
+        for pool in self.pools.values():
+            if pool is not server.pool and pool.waiting and pool.db_name == server.pool.db_name:
+                pool.launch_if_needed()
+
+    def default_socket_dir(self) -> str:
+        for candidate in ("/var/run/postgresql", "/tmp"):
+            if os.path.isdir(candidate):
+                return candidate
+        return "/tmp"
+
+    # -- cancel -------------------------------------------------------------------------
+    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        while True:
+            pid = secrets.randbelow(0x7FFF_FFFF) + 1
+            key = secrets.randbits(31)
+            if (pid, key) not in self.cancel_keys:
+                self.cancel_keys[(pid, key)] = client
+                return pid, key
+
+    def unregister_cancel_key(self, client: ClientConnection) -> None:
+        self.cancel_keys.pop((client.cancel_pid, client.cancel_key), None)
+
+    def cancel(self, pid: int, key: int) -> None:
+        """A CancelRequest with a key we gave out: cancel that client's current query only."""
+        client = self.cancel_keys.get((pid, key))
+        if client is None or client.server is None:
+            log.debug("cancel request for unknown or idle client ignored")
+            return
+        self.cancel_server(client.server)
+
+    def cancel_server(self, server: ServerConnection) -> None:
+        if not server.backend_pid:
+            return
+        pool = server.pool
+        host = pool.db.host or self.default_socket_dir()
+        port = pool.db.port
+        packet = m.cancel_request(server.backend_pid, server.backend_key)
+
+        async def send() -> None:
+            try:
+                async with asyncio.timeout(5):
+                    if host.startswith("/"):
+                        _r, writer = await asyncio.open_unix_connection(
+                            f"{host}/.s.PGSQL.{port}")
+                    else:
+                        _r, writer = await asyncio.open_connection(host, port)
+                    writer.write(packet)
+                    await writer.drain()
+                    writer.close()
+            except (OSError, TimeoutError) as exc:
+                log.warning("could not send cancel request to %s:%s: %s", host, port, exc)
+
+        self.track_task(asyncio.get_running_loop().create_task(send()))
+
+
+def _server_side(db: DatabaseConfig) -> tuple[object, ...]:
+    return (db.host, db.port, db.dbname, db.user, db.password)

@@ -1,0 +1,260 @@
+"""One server connection: login to PostgreSQL, parameter tracking, forwarding, reset.
+
+A :class:`ServerConnection` is an asyncio protocol. After login it is either idle in its pool,
+linked to exactly one client (everything it receives is forwarded to that client as the same
+bytes; only ReadyForQuery, ParameterStatus and ErrorResponse are read), or running a query of
+the pooler's own (reset, health check, parameter sync, rollback) whose results nobody else sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pgpilot.proxy.auth import AuthFailed, ServerLogin
+from pgpilot.proxy.states import ServerState, check_server_move
+from pgpilot.wire import messages as m
+from pgpilot.wire.errors import ProtocolError
+from pgpilot.wire.framing import MessageReader
+
+if TYPE_CHECKING:
+    from pgpilot.proxy.client import ClientConnection
+    from pgpilot.proxy.pool import Pool
+
+log = logging.getLogger("pgpilot.proxy")
+
+# What the pooler reads of a linked server's traffic; all else passes as bytes.
+LINKED_TYPES = frozenset({m.B.READY_FOR_QUERY, m.B.PARAMETER_STATUS, m.B.ERROR_RESPONSE,
+                          m.B.COMMAND_COMPLETE})
+# Startup parameters whose value PostgreSQL reports (ParameterStatus) and the pooler keeps in step
+# between a client and whichever server it lands on, by their canonical names.
+TRACKED_PARAMS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
+                  "standard_conforming_strings", "application_name")
+TRACKED_BY_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
+
+_ids = itertools.count(1)
+
+
+class ServerError(Exception):
+    """A server failed to log in or broke off; ``sqlstate`` is what the client is told."""
+
+    def __init__(self, message: str, sqlstate: str = "08006") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+InternalCallback = Callable[["ServerConnection", "str | None"], None]
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        self.id = next(_ids)
+        self.pool = pool
+        self.state = ServerState.LOGIN
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConnection | None = None
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+        now = time.monotonic()
+        self.created_at = now
+        self.last_used = now  # when it last went idle (server_idle_timeout, check delay)
+        self.connect_time = time.time()
+        self.request_time = time.time()
+        self.txn_status = "I"
+        self.closed_reason = ""
+        self.link_time = 0.0
+        self.local_addr = ""
+        self.local_port = 0
+        self.close_needed = False  # RECONNECT / reload: close instead of reuse
+        self._reader = MessageReader()  # every body is read during login
+        self._login: ServerLogin | None = None
+        self.login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._internal_cb: InternalCallback | None = None
+        self._internal_error: str | None = None
+        self._internal_pending = 0
+        self._paused_by_client = False
+
+    def __repr__(self) -> str:
+        return f"S-{self.id}({self.pool.name} {self.state.name})"
+
+    # -- state ----------------------------------------------------------------------
+    def set_state(self, new: ServerState) -> None:
+        old = self.state
+        check_server_move(old, new)
+        if old is new:
+            return
+        self.state = new
+        self.pool.server_moved(self, old, new)
+
+    # -- asyncio protocol -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sockname = transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple):
+            self.local_addr, self.local_port = str(sockname[0]), int(sockname[1])
+        else:
+            self.local_addr = "unix"
+        login_user, password = self.pool.server_credentials()
+        self._login = ServerLogin(login_user, password)
+        params = {"user": login_user, "database": self.pool.server_dbname}
+        params.update(self.pool.server_startup_params())
+        transport.write(m.startup_message(params))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            msgs = self._reader.feed(data)
+        except ProtocolError as exc:
+            self.fail(f"server sent invalid data: {exc}")
+            return
+        if self.state is ServerState.LOGIN:
+            self._login_messages(msgs, data)
+        elif self._internal_cb is not None:
+            self._internal_messages(msgs)
+        elif self.client is not None:
+            self.client.server_data(self, data, msgs)
+        else:
+            # An idle server may get a ParameterStatus or notice; an error means it is going away.
+            for mtype, body in msgs:
+                if mtype == m.B.ERROR_RESPONSE and body is not None:
+                    fields = m.parse_error_fields(body)
+                    self.fail(f"idle server sent error: {fields.get('M', '')}")
+                    return
+                if mtype == m.B.PARAMETER_STATUS and body is not None:
+                    name, value = m.parse_parameter_status(body)
+                    self.params[name] = value
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.state is not ServerState.CLOSED:
+            self._closed(self.closed_reason or "server closed the connection unexpectedly")
+
+    def pause_writing(self) -> None:
+        # The server cannot take more: stop reading from the client that feeds it.
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading()
+
+    # -- login ------------------------------------------------------------------------
+    def _login_messages(self, msgs: list[tuple[int, bytes | None]], data: bytes) -> None:
+        assert self._login is not None and self.transport is not None
+        for i, (mtype, body) in enumerate(msgs):
+            assert body is not None
+            try:
+                if mtype == m.B.AUTHENTICATION:
+                    reply = self._login.answer(m.parse_auth_request(body))
+                    if reply:
+                        self.transport.write(reply)
+                elif mtype == m.B.PARAMETER_STATUS:
+                    name, value = m.parse_parameter_status(body)
+                    self.params[name] = value
+                elif mtype == m.B.BACKEND_KEY_DATA:
+                    self.backend_pid, self.backend_key = m.parse_backend_key_data(body)
+                elif mtype == m.B.ERROR_RESPONSE:
+                    fields = m.parse_error_fields(body)
+                    self.fail(fields.get("M", "login failed"), fields.get("C", "08006"))
+                    return
+                elif mtype == m.B.READY_FOR_QUERY:
+                    self._reader = MessageReader(LINKED_TYPES)
+                    rest = msgs[i + 1:]
+                    if rest:
+                        self.fail("server sent data after ReadyForQuery during login")
+                        return
+                    self.last_used = time.monotonic()
+                    if not self.login_done.done():
+                        self.login_done.set_result(None)
+                    return
+                # NoticeResponse and NegotiateProtocolVersion need no answer.
+            except AuthFailed as exc:
+                self.fail(f"server login failed: {exc}", "28000")
+                return
+            except (ProtocolError, ValueError) as exc:
+                self.fail(f"server login failed: {exc}")
+                return
+
+    # -- internal queries (reset, check, parameter sync, rollback) --------------------
+    def run_internal(self, sql: str, callback: InternalCallback) -> None:
+        """Send ``sql`` (simple protocol); call ``callback(self, error_or_None)`` at its end."""
+        assert self.transport is not None and self.client is None
+        self._internal_cb = callback
+        self._internal_error = None
+        self._internal_pending = 1
+        self.transport.write(m.query(sql))
+
+    def _internal_messages(self, msgs: list[tuple[int, bytes | None]]) -> None:
+        for mtype, body in msgs:
+            if mtype == m.B.ERROR_RESPONSE and body is not None:
+                self._internal_error = m.parse_error_fields(body).get("M", "error")
+            elif mtype == m.B.PARAMETER_STATUS and body is not None:
+                name, value = m.parse_parameter_status(body)
+                self.params[name] = value
+            elif mtype == m.B.READY_FOR_QUERY and body is not None:
+                self._internal_pending -= 1
+                self.txn_status = chr(body[0])
+                if self._internal_pending == 0:
+                    cb, self._internal_cb = self._internal_cb, None
+                    if cb is not None:
+                        cb(self, self._internal_error)
+
+    @property
+    def busy_internal(self) -> bool:
+        return self._internal_cb is not None
+
+    # -- linking ------------------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._paused_by_client:
+            self._paused_by_client = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._paused_by_client:
+            self._paused_by_client = False
+            self.transport.resume_reading()
+
+    # -- ending -------------------------------------------------------------------------
+    def fail(self, reason: str, sqlstate: str = "08006") -> None:
+        """Close because something went wrong; a waiting login or linked client is told."""
+        if not self.login_done.done():
+            self.login_done.set_exception(ServerError(reason, sqlstate))
+            # Nobody may await it (e.g. a warm-up connection): mark the exception retrieved.
+            self.login_done.exception()
+        self.close(reason)
+
+    def close(self, reason: str, *, terminate: bool = True) -> None:
+        if self.state is ServerState.CLOSED:
+            return
+        self.closed_reason = reason
+        if self.transport is not None:
+            if terminate and self.state is not ServerState.LOGIN:
+                with contextlib.suppress(Exception):
+                    self.transport.write(m.terminate())
+            self.transport.close()
+        self._closed(reason)
+
+    def _closed(self, reason: str) -> None:
+        if self.state is ServerState.CLOSED:
+            return
+        if not self.login_done.done():
+            self.login_done.set_exception(ServerError(reason))
+            self.login_done.exception()
+        client = self.client
+        self.client = None
+        cb, self._internal_cb = self._internal_cb, None
+        self.set_state(ServerState.CLOSED)
+        log.debug("%r closed: %s", self, reason)
+        if client is not None:
+            client.server_lost(self, reason)
+        if cb is not None:
+            cb(self, reason or "server closed")
