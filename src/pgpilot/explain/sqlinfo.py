@@ -1,0 +1,344 @@
+"""What a statement's parse tree (pglast) says: its kind, its tables, and how it filters them.
+
+The advisor builds index candidates from this, and the rules use it to make fixes concrete
+(the columns of a plan node's ``Filter``, whether a statement modifies data). It also reads
+plan expressions (``Filter: ((status = 'open'::text) AND ...)``), which are valid SQL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pglast import ast, enums, parse_sql
+from pglast.parser import ParseError
+from pglast.stream import RawStream
+
+from pgpilot.explain.model import ExplainError
+
+EQUALITY_OPERATORS = {"="}
+RANGE_OPERATORS = {"<", ">", "<=", ">=", "~~", "~~*"}
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A table named in FROM: ``schema.name AS alias``."""
+
+    name: str
+    schema: str | None
+    alias: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """One AND-ed condition on one column of one table.
+
+    ``kind`` is ``eq`` (=, IN, = ANY), ``range`` (<, >, BETWEEN, LIKE 'prefix%'), ``null``
+    (IS [NOT] NULL) or ``bool`` (a boolean column alone). ``constant`` says the value is a
+    literal, so the condition can become a partial index's WHERE; ``sql`` is that condition
+    written against the bare column. ``cast`` says the column is wrapped in a cast.
+    """
+
+    table: str | None  # alias as written, or None when unqualified
+    column: str
+    kind: str
+    constant: bool
+    sql: str
+    cast: str | None = None
+
+
+@dataclass
+class QueryShape:
+    kind: str  # select | insert | update | delete | merge | other
+    modifies: bool
+    tables: list[TableRef] = field(default_factory=list)
+    predicates: list[Predicate] = field(default_factory=list)
+    join_columns: list[tuple[str | None, str]] = field(default_factory=list)
+    order_by: list[tuple[str | None, str, bool]] = field(default_factory=list)
+    selected: list[tuple[str | None, str]] = field(default_factory=list)
+    selects_star: bool = False
+    offset: int | None = None
+    limit: int | None = None
+
+
+def _names(fields: Any) -> list[str]:
+    return [str(f.sval) for f in fields if isinstance(f, ast.String)]
+
+
+def _column_of(node: Any) -> tuple[str | None, str, str | None] | None:
+    """``o.status`` -> ("o", "status", None); ``(o.id)::text`` -> ("o", "id", "text")."""
+    cast = None
+    if isinstance(node, ast.TypeCast):
+        type_name: Any = node.typeName
+        cast = ".".join(_names(type_name.names)).removeprefix("pg_catalog.")
+        node = node.arg
+    if isinstance(node, ast.ColumnRef):
+        names = _names(node.fields)
+        if not names:
+            return None
+        table = names[-2] if len(names) >= 2 else None
+        return table, names[-1], cast
+    return None
+
+
+def _is_value(node: Any) -> bool:
+    """A comparison value that does not depend on the row: literal, parameter, now() ..."""
+    if isinstance(node, ast.A_Const | ast.ParamRef):
+        return True
+    if isinstance(node, ast.TypeCast):
+        return _is_value(node.arg)
+    if isinstance(node, ast.A_Expr):
+        return all(_is_value(x) for x in (node.lexpr, node.rexpr) if x is not None)
+    if isinstance(node, ast.FuncCall):
+        return all(_is_value(a) for a in node.args or ())
+    if isinstance(node, ast.SQLValueFunction):
+        return True
+    if isinstance(node, ast.A_ArrayExpr):
+        return all(_is_value(a) for a in node.elements or ())
+    if isinstance(node, tuple | list):
+        return all(_is_value(a) for a in node)
+    return False
+
+
+def _is_literal(node: Any) -> bool:
+    if isinstance(node, ast.A_Const):
+        return True
+    if isinstance(node, ast.TypeCast):
+        return _is_literal(node.arg)
+    return False
+
+
+def _sql(node: Any) -> str:
+    return str(RawStream()(node))
+
+
+def conjuncts(expr: Any) -> list[Any]:
+    """The AND-ed parts of a WHERE clause."""
+    if expr is None:
+        return []
+    if isinstance(expr, ast.BoolExpr) and expr.boolop == enums.BoolExprType.AND_EXPR:
+        out: list[Any] = []
+        for arg in expr.args or ():
+            out.extend(conjuncts(arg))
+        return out
+    return [expr]
+
+
+def classify(expr: Any) -> tuple[list[Predicate], list[tuple[str | None, str]]]:
+    """Predicates on single columns, and columns compared to other tables' columns (joins)."""
+    predicates: list[Predicate] = []
+    joins: list[tuple[str | None, str]] = []
+    part: Any
+    for part in conjuncts(expr):
+        if isinstance(part, ast.A_Expr):
+            op = _names(part.name)[0] if part.name else ""
+            left, right = _column_of(part.lexpr), _column_of(part.rexpr)
+            kind_enum = enums.A_Expr_Kind
+            if part.kind == kind_enum.AEXPR_OP and op in EQUALITY_OPERATORS and left and right:
+                joins.extend([(left[0], left[1]), (right[0], right[1])])
+                continue
+            value: Any
+            column, value = (left, part.rexpr) if left else (right, part.lexpr)
+            if column is None or not _is_value(value):
+                continue
+            table, name, cast = column
+            constant = _is_literal(value) if not isinstance(value, tuple) else all(
+                _is_literal(v) for v in value
+            )
+            if part.kind in (kind_enum.AEXPR_IN, kind_enum.AEXPR_OP_ANY) or (
+                part.kind == kind_enum.AEXPR_OP and op in EQUALITY_OPERATORS
+            ):
+                if part.kind == kind_enum.AEXPR_IN:
+                    text = f"{name} IN ({', '.join(_sql(v) for v in value)})"
+                else:
+                    text = f"{name} = {_sql(value)}"
+                predicates.append(Predicate(table, name, "eq", constant, text, cast))
+            elif part.kind == kind_enum.AEXPR_BETWEEN or (
+                part.kind == kind_enum.AEXPR_OP and op in RANGE_OPERATORS
+            ):
+                if op in ("~~", "~~*"):
+                    pattern = value.val.sval if isinstance(value, ast.A_Const) and isinstance(
+                        value.val, ast.String) else ""
+                    if op == "~~*" or not pattern or pattern[0] in "%_":
+                        continue
+                text = (f"{name} BETWEEN {_sql(value[0])} AND {_sql(value[1])}"
+                        if isinstance(value, tuple) else f"{name} {op} {_sql(value)}")
+                predicates.append(Predicate(table, name, "range", constant, text, cast))
+        elif isinstance(part, ast.NullTest):
+            column = _column_of(part.arg)
+            if column:
+                negated = part.nulltesttype == enums.NullTestType.IS_NOT_NULL
+                text = f"{column[1]} IS {'NOT ' if negated else ''}NULL"
+                predicates.append(Predicate(column[0], column[1], "null", True, text))
+        elif isinstance(part, ast.ColumnRef):
+            column = _column_of(part)
+            if column:
+                predicates.append(Predicate(column[0], column[1], "bool", True, column[1]))
+        elif (isinstance(part, ast.BoolExpr) and part.boolop == enums.BoolExprType.NOT_EXPR
+              and isinstance((part.args or (None,))[0], ast.ColumnRef)):
+            args: Any = part.args
+            column = _column_of(args[0])
+            if column:
+                predicates.append(
+                    Predicate(column[0], column[1], "bool", True, f"NOT {column[1]}"))
+    return predicates, joins
+
+
+def parse_statement(sql: str) -> Any:
+    """The single statement in ``sql`` as a pglast node; ``ExplainError`` if it is not one."""
+    try:
+        statements = parse_sql(sql)
+    except ParseError as exc:
+        raise ExplainError(f"cannot parse the statement: {exc}") from None
+    if len(statements) != 1:
+        raise ExplainError(f"expected one SQL statement, got {len(statements)}")
+    return statements[0].stmt
+
+
+def _modifies(stmt: Any) -> bool:
+    if isinstance(stmt, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt):
+        return True
+    # A SELECT may still write through a data-modifying WITH.
+    with_clause = getattr(stmt, "withClause", None)
+    if with_clause is not None:
+        for cte in with_clause.ctes or ():
+            if _modifies(cte.ctequery):
+                return True
+    return False
+
+
+def _tables(from_items: Any, out: list[TableRef]) -> None:
+    for item in from_items or ():
+        if isinstance(item, ast.RangeVar):
+            alias = item.alias.aliasname if item.alias else item.relname
+            out.append(TableRef(str(item.relname), item.schemaname, str(alias)))
+        elif isinstance(item, ast.JoinExpr):
+            _tables((item.larg, item.rarg), out)
+
+
+def _join_quals(from_items: Any, out: list[Any]) -> None:
+    for item in from_items or ():
+        if isinstance(item, ast.JoinExpr):
+            if item.quals is not None:
+                out.append(item.quals)
+            _join_quals((item.larg, item.rarg), out)
+
+
+def _int_value(node: Any) -> int | None:
+    if isinstance(node, ast.A_Const) and isinstance(node.val, ast.Integer):
+        return int(node.val.ival or 0)
+    return None
+
+
+def statement_kind(sql: str) -> tuple[str, bool]:
+    """("select" | "insert" | ..., whether it modifies data)."""
+    stmt = parse_statement(sql)
+    return _kind(stmt), _modifies(stmt)
+
+
+def _kind(stmt: Any) -> str:
+    return {
+        ast.SelectStmt: "select",
+        ast.InsertStmt: "insert",
+        ast.UpdateStmt: "update",
+        ast.DeleteStmt: "delete",
+        ast.MergeStmt: "merge",
+    }.get(type(stmt), "other")
+
+
+def query_shape(sql: str) -> QueryShape:
+    """Tables, column predicates, ORDER BY and selected columns of a statement.
+
+    Conditions inside subqueries (a correlated ``WHERE o.customer_id = c.id``) count too:
+    they are where a missing index hurts most.
+    """
+    stmt: Any = parse_statement(sql)
+    shape = QueryShape(kind=_kind(stmt), modifies=_modifies(stmt))
+    wheres: list[Any] = []
+    if isinstance(stmt, ast.SelectStmt):
+        _tables(stmt.fromClause, shape.tables)
+        _join_quals(stmt.fromClause, wheres)
+        wheres.append(stmt.whereClause)
+        for sort in stmt.sortClause or ():
+            column = _column_of(sort.node)
+            if column:
+                desc = sort.sortby_dir == enums.SortByDir.SORTBY_DESC
+                shape.order_by.append((column[0], column[1], desc))
+        for target in stmt.targetList or ():
+            value: Any = target.val
+            if isinstance(value, ast.ColumnRef) and isinstance((value.fields or (None,))[-1], ast.A_Star):
+                shape.selects_star = True
+                continue
+            for ref in _column_refs(value):
+                shape.selected.append(ref)
+        shape.offset = _int_value(stmt.limitOffset)
+        shape.limit = _int_value(stmt.limitCount)
+    elif isinstance(stmt, ast.UpdateStmt | ast.DeleteStmt):
+        relation: Any = stmt.relation
+        alias = relation.alias.aliasname if relation.alias else relation.relname
+        shape.tables.append(TableRef(str(relation.relname), relation.schemaname, str(alias)))
+        _tables(getattr(stmt, "fromClause", None) or getattr(stmt, "usingClause", None),
+                shape.tables)
+        wheres.append(stmt.whereClause)
+    # Subqueries: their tables and conditions (correlated ones included).
+    for sub in _subselects(stmt):
+        _tables(sub.fromClause, shape.tables)
+        _join_quals(sub.fromClause, wheres)
+        wheres.append(sub.whereClause)
+    for where in wheres:
+        predicates, joins = classify(where)
+        shape.predicates.extend(predicates)
+        shape.join_columns.extend(joins)
+    return shape
+
+
+def _column_refs(node: Any) -> list[tuple[str | None, str]]:
+    refs: list[tuple[str | None, str]] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, ast.ColumnRef):
+            column = _column_of(value)
+            if column:
+                refs.append((column[0], column[1]))
+        elif isinstance(value, ast.SubLink):
+            return
+        elif isinstance(value, ast.Node):
+            for name in getattr(value, "__slots__", ()):
+                visit(getattr(value, name, None))
+        elif isinstance(value, tuple | list):
+            for item in value:
+                visit(item)
+
+    visit(node)
+    return refs
+
+
+def _subselects(stmt: Any) -> list[Any]:
+    found: list[Any] = []
+
+    def visit(value: Any, top: bool) -> None:
+        if isinstance(value, ast.SelectStmt) and not top:
+            found.append(value)
+        if isinstance(value, ast.Node):
+            for name in getattr(value, "__slots__", ()):
+                visit(getattr(value, name, None), False)
+        elif isinstance(value, tuple | list):
+            for item in value:
+                visit(item, False)
+
+    visit(stmt, True)
+    return found
+
+
+def expression_predicates(expression: str) -> tuple[list[Predicate], list[tuple[str | None, str]]]:
+    """Classify a plan expression such as ``((status = 'open'::text) AND (amount > 5))``."""
+    try:
+        statements = parse_sql(f"SELECT 1 WHERE {expression}")
+    except ParseError:
+        return [], []
+    stmt: Any = statements[0].stmt
+    return classify(stmt.whereClause)
