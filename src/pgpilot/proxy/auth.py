@@ -8,20 +8,33 @@ send next and whether it is over. Nothing here does I/O.
 
 Server side, :class:`ServerLogin` answers PostgreSQL's challenges (trust, cleartext, md5,
 SCRAM-SHA-256) with the password configured for that server.
+
+SCRAM-SHA-256 (RFC 5802 / RFC 7677) is done here as PostgreSQL does it rather than through
+scramp's state machines, whose checks are stricter than PostgreSQL's: libpq sends an empty
+user name (``n=,r=...``), which scramp's server refuses, and PostgreSQL allows iteration counts
+below 4096, which scramp's client refuses. scramp still provides SASLprep.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
 
-from scramp import ScramClient, ScramMechanism
+from scramp.utils import ScramException, saslprep
 
 from pgpilot.wire import messages as m
 from pgpilot.wire.errors import ProtocolError
+
+SCRAM_SHA_256 = "SCRAM-SHA-256"
+SCRAM_DEFAULT_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
+SCRAM_SALT_LENGTH = 16  # as PostgreSQL generates
+SCRAM_MAX_ITERATIONS = 10_000_000  # a server asking for more is refused (the loop would stall)
+_SCRAM_KEY_LENGTH = 32
+_SCRAM_NONCE_BYTES = 18  # as PostgreSQL: base64 of 18 random bytes
 
 
 class AuthFailed(Exception):
@@ -61,11 +74,61 @@ def parse_scram_secret(secret: str) -> ScramSecret | None:
         head, keys = secret[len("SCRAM-SHA-256$"):].split("$", 1)
         iterations, salt = head.split(":", 1)
         stored, server = keys.split(":", 1)
-        return ScramSecret(int(iterations), base64.b64decode(salt, validate=True),
-                           base64.b64decode(stored, validate=True),
-                           base64.b64decode(server, validate=True))
+        if not (iterations.isascii() and iterations.isdigit()):
+            return None
+        parsed = ScramSecret(int(iterations), base64.b64decode(salt, validate=True),
+                             base64.b64decode(stored, validate=True),
+                             base64.b64decode(server, validate=True))
     except ValueError:
         return None
+    # As PostgreSQL's parse_scram_secret: both keys are SHA-256 sized.
+    if (parsed.iterations < 1 or len(parsed.stored_key) != _SCRAM_KEY_LENGTH
+            or len(parsed.server_key) != _SCRAM_KEY_LENGTH):
+        return None
+    return parsed
+
+
+def _saslprep(password: str) -> str:
+    """SASLprep as PostgreSQL (pg_saslprep) and libpq apply it to a password.
+
+    ASCII passes unchanged; a password SASLprep refuses is used as it is.
+    """
+    if password.isascii():
+        return password
+    try:
+        return str(saslprep(password))
+    except ScramException:
+        return password
+
+
+def _hmac(key: bytes, msg: bytes) -> bytes:
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
+    """(ClientKey, StoredKey, ServerKey) of a password."""
+    salted = hashlib.pbkdf2_hmac("sha256", _saslprep(password).encode(), salt, iterations)
+    client_key = _hmac(salted, b"Client Key")
+    return client_key, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key")
+
+
+def _make_scram_secret(password: str, salt: bytes | None = None,
+                       iterations: int = SCRAM_DEFAULT_ITERATIONS) -> ScramSecret:
+    salt = secrets.token_bytes(SCRAM_SALT_LENGTH) if salt is None else salt
+    _, stored_key, server_key = _scram_keys(password, salt, iterations)
+    return ScramSecret(iterations, salt, stored_key, server_key)
+
+
+def scram_secret(password: str, *, salt: bytes | None = None,
+                 iterations: int = SCRAM_DEFAULT_ITERATIONS) -> str:
+    """The SCRAM-SHA-256 secret PostgreSQL would store for ``password`` (random salt if None)."""
+    s = _make_scram_secret(password, salt, iterations)
+    return (f"SCRAM-SHA-256${s.iterations}:{_b64(s.salt)}"
+            f"${_b64(s.stored_key)}:{_b64(s.server_key)}")
 
 
 def check_plain(user: str, given: str, secret: str) -> bool:
@@ -74,10 +137,18 @@ def check_plain(user: str, given: str, secret: str) -> bool:
         return hmac.compare_digest(md5_secret(user, given), secret)
     scram = parse_scram_secret(secret)
     if scram is not None:
-        salted = hashlib.pbkdf2_hmac("sha256", given.encode(), scram.salt, scram.iterations)
-        client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-        return hmac.compare_digest(hashlib.sha256(client_key).digest(), scram.stored_key)
+        _, stored_key, _ = _scram_keys(given, scram.salt, scram.iterations)
+        return hmac.compare_digest(stored_key, scram.stored_key)
     return hmac.compare_digest(given.encode(), secret.encode())
+
+
+def _scram_printable(text: str) -> bool:
+    """RFC 5802 ``printable``: %x21-2B / %x2D-7E (no comma), as PostgreSQL checks nonces."""
+    return bool(text) and all(0x21 <= ord(c) <= 0x7E and c != "," for c in text)
+
+
+def _is_attr(part: str) -> bool:
+    return len(part) >= 2 and part[1] == "=" and part[0].isascii() and part[0].isalpha()
 
 
 class ClientAuth:
@@ -111,6 +182,9 @@ class CleartextAuth(ClientAuth):
 
 class Md5Auth(ClientAuth):
     def __init__(self, user: str, secret: str) -> None:
+        if parse_scram_secret(secret) is not None:
+            # Taking it for a plain password would let the secret itself log in.
+            raise ValueError("a SCRAM secret cannot answer an md5 exchange; use ScramAuth")
         self.user = user
         self.salt = secrets.token_bytes(4)
         # The md5 exchange needs the md5 secret; a plain password gives it.
@@ -127,40 +201,107 @@ class Md5Auth(ClientAuth):
 
 
 class ScramAuth(ClientAuth):
-    """SCRAM-SHA-256 (RFC 7677) against a plain password or a stored SCRAM secret."""
+    """SCRAM-SHA-256 (RFC 7677) against a plain password or a stored SCRAM secret.
+
+    Parsed as PostgreSQL's auth-scram.c does: the user name inside SCRAM is ignored (libpq
+    sends none; the startup packet's counts), channel binding is not offered (flags ``n`` and
+    ``y`` only), extensions are skipped. A malformed message is a :class:`ProtocolError`, a
+    wrong proof :class:`AuthFailed`.
+    """
 
     def __init__(self, user: str, secret: str) -> None:
         self.user = user
-        mech = ScramMechanism("SCRAM-SHA-256")
         parsed = parse_scram_secret(secret)
-        if parsed is not None:
-            info = (parsed.salt, parsed.stored_key, parsed.server_key, parsed.iterations)
-        else:
-            info = mech.make_auth_info(secret, iteration_count=4096)
-        # The user name inside SCRAM is ignored, as PostgreSQL does: the startup packet's counts.
-        self.server = mech.make_server(lambda _username: info)
+        # A plain password gets a fresh secret, as PostgreSQL does for plaintext passwords.
+        self.secret = parsed if parsed is not None else _make_scram_secret(secret)
         self.stage = 0
+        self._server_nonce = _b64(secrets.token_bytes(_SCRAM_NONCE_BYTES))
+        self._gs2_header = ""
+        self._nonce = ""
+        self._client_first_bare = ""
+        self._server_first = ""
 
     def start(self) -> bytes:
-        return m.auth_sasl(["SCRAM-SHA-256"])
+        return m.auth_sasl([SCRAM_SHA_256])
+
+    def _malformed(self, detail: str) -> ProtocolError:
+        return ProtocolError(f"malformed SCRAM message: {detail}")
+
+    def _decode(self, data: bytes) -> str:
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise self._malformed("invalid UTF-8") from exc
+
+    def _client_first(self, data: bytes) -> None:
+        text = self._decode(data)
+        if text[:1] == "p":
+            raise ProtocolError("client requires SCRAM channel binding, which is not offered")
+        if text[:1] not in ("n", "y") or text[1:2] != ",":
+            raise self._malformed("unexpected channel-binding flag")
+        if text[2:3] == "a":
+            raise ProtocolError("client uses SCRAM authorization identity, which is not "
+                                "supported")
+        if text[2:3] != ",":
+            raise self._malformed("comma expected after channel-binding flag")
+        self._gs2_header = text[:3]
+        bare = text[3:]
+        parts = bare.split(",")
+        if len(parts) < 2 or not parts[0].startswith("n="):
+            raise self._malformed("user name attribute expected")
+        if parts[1].startswith("m="):
+            raise ProtocolError("client requires an unsupported SCRAM extension")
+        if not parts[1].startswith("r="):
+            raise self._malformed("nonce attribute expected")
+        client_nonce = parts[1][2:]
+        if not _scram_printable(client_nonce):
+            raise self._malformed("invalid nonce")
+        if not all(_is_attr(p) for p in parts[2:]):
+            raise self._malformed("invalid attribute")
+        self._client_first_bare = bare
+        self._nonce = client_nonce + self._server_nonce
+        self._server_first = (f"r={self._nonce},s={_b64(self.secret.salt)},"
+                              f"i={self.secret.iterations}")
+
+    def _client_final(self, data: bytes) -> bytes:
+        """Check client-final-message; the ServerSignature to send back."""
+        parts = self._decode(data).split(",")
+        expected_cbind = "c=" + _b64(self._gs2_header.encode())
+        if len(parts) < 3 or parts[0] != expected_cbind:
+            raise self._malformed("unexpected channel-binding attribute")
+        if parts[1] != "r=" + self._nonce:
+            raise self._malformed("nonce does not match")
+        if not all(_is_attr(p) for p in parts[2:]):
+            raise self._malformed("invalid attribute")
+        proof_at = next((i for i in range(2, len(parts)) if parts[i].startswith("p=")), -1)
+        if proof_at != len(parts) - 1:
+            raise self._malformed("proof expected as the last attribute")
+        try:
+            proof = base64.b64decode(parts[-1][2:], validate=True)
+        except binascii.Error as exc:
+            raise self._malformed("invalid proof encoding") from exc
+        if len(proof) != _SCRAM_KEY_LENGTH:
+            raise self._malformed("invalid proof length")
+        auth_message = ",".join(
+            (self._client_first_bare, self._server_first, ",".join(parts[:-1]))).encode()
+        client_signature = _hmac(self.secret.stored_key, auth_message)
+        client_key = bytes(a ^ b for a, b in zip(proof, client_signature, strict=True))
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.secret.stored_key):
+            raise AuthFailed(f'password authentication failed for user "{self.user}"')
+        return _hmac(self.secret.server_key, auth_message)
 
     def step(self, body: bytes) -> tuple[bytes, bool]:
-        try:
-            if self.stage == 0:
-                mech, data = m.parse_sasl_initial_response(body)
-                if mech != "SCRAM-SHA-256":
-                    raise ProtocolError(f"unsupported SASL mechanism {mech!r}")
-                self.server.set_client_first(data.decode())
-                self.stage = 1
-                return m.auth_sasl_continue(self.server.get_server_first().encode()), False
-            if self.stage == 1:
-                self.server.set_client_final(body.decode())
-                self.stage = 2
-                return m.auth_sasl_final(self.server.get_server_final().encode()), True
-        except ProtocolError:
-            raise
-        except Exception as exc:  # scramp raises ScramException on a bad proof
-            raise AuthFailed(f'password authentication failed for user "{self.user}"') from exc
+        if self.stage == 0:
+            mech, data = m.parse_sasl_initial_response(body)
+            if mech != SCRAM_SHA_256:
+                raise ProtocolError(f"unsupported SASL mechanism {mech!r}")
+            self._client_first(data)
+            self.stage = 1
+            return m.auth_sasl_continue(self._server_first.encode()), False
+        if self.stage == 1:
+            signature = self._client_final(body)
+            self.stage = 2
+            return m.auth_sasl_final(b"v=" + base64.b64encode(signature)), True
         raise ProtocolError("unexpected SASL message after authentication completed")
 
 
@@ -187,7 +328,11 @@ class ServerLogin:
     def __init__(self, user: str, password: str | None) -> None:
         self.user = user
         self.password = password
-        self._scram: ScramClient | None = None
+        # SCRAM state: set by SASL, SASLContinue and SASLFinal in turn.
+        self._scram_stage = 0  # 0 none, 1 first sent, 2 final sent, 3 server verified
+        self._client_nonce = ""
+        self._client_first_bare = ""
+        self._server_signature = b""
 
     def _need_password(self, method: str) -> str:
         if not self.password:
@@ -198,6 +343,10 @@ class ServerLogin:
     def answer(self, req: m.AuthRequest) -> bytes | None:
         """The reply to one Authentication message; None when nothing is to be sent."""
         if req.code == m.AUTH_OK:
+            if self._scram_stage in (1, 2):
+                # PostgreSQL always proves itself with SASLFinal before AuthenticationOk.
+                raise AuthFailed("server ended SCRAM authentication without proving that it "
+                                 "knows the password")
             return None
         if req.code == m.AUTH_CLEARTEXT:
             pw = self._need_password("cleartext password")
@@ -208,27 +357,77 @@ class ServerLogin:
             pw = self._need_password("md5")
             if parse_scram_secret(pw):
                 raise AuthFailed("server wants md5, only a SCRAM secret is known")
+            if len(req.data) != 4:
+                raise ProtocolError("malformed AuthenticationMD5Password: salt is not 4 bytes")
             secret = pw if is_md5_secret(pw) else md5_secret(self.user, pw)
-            return m.password_message(md5_response(secret, req.data[:4]))
+            return m.password_message(md5_response(secret, req.data))
         if req.code == m.AUTH_SASL:
             pw = self._need_password("SCRAM-SHA-256")
-            if "SCRAM-SHA-256" not in req.mechanisms:
+            if SCRAM_SHA_256 not in req.mechanisms:
                 raise AuthFailed(f"server offers no supported SASL mechanism: {req.mechanisms}")
             if is_md5_secret(pw) or parse_scram_secret(pw):
                 raise AuthFailed("server wants SCRAM-SHA-256; a plain password is needed")
-            self._scram = ScramClient(["SCRAM-SHA-256"], self.user, pw)
-            return m.sasl_initial_response("SCRAM-SHA-256", self._scram.get_client_first().encode())
+            if self._scram_stage:
+                raise ProtocolError("SASL authentication requested twice")
+            self._client_nonce = _b64(secrets.token_bytes(_SCRAM_NONCE_BYTES))
+            # PostgreSQL ignores the user name in SCRAM; it is sent (escaped) all the same.
+            name = self.user.replace("=", "=3D").replace(",", "=2C")
+            self._client_first_bare = f"n={name},r={self._client_nonce}"
+            self._scram_stage = 1
+            return m.sasl_initial_response(SCRAM_SHA_256,
+                                           ("n,," + self._client_first_bare).encode())
         if req.code == m.AUTH_SASL_CONTINUE:
-            if self._scram is None:
-                raise ProtocolError("SASLContinue without SASL")
-            self._scram.set_server_first(req.data.decode())
-            return m.sasl_response(self._scram.get_client_final().encode())
+            if self._scram_stage != 1:
+                raise ProtocolError("unexpected SASLContinue")
+            self._scram_stage = 2
+            return m.sasl_response(self._client_final(self._need_password("SCRAM-SHA-256"),
+                                                      req.data))
         if req.code == m.AUTH_SASL_FINAL:
-            if self._scram is None:
-                raise ProtocolError("SASLFinal without SASL")
-            try:
-                self._scram.set_server_final(req.data.decode())
-            except Exception as exc:
-                raise AuthFailed("server's SCRAM signature is wrong") from exc
+            if self._scram_stage != 2:
+                raise ProtocolError("unexpected SASLFinal")
+            self._check_server_final(req.data)
+            self._scram_stage = 3
             return None
         raise AuthFailed(f"unsupported authentication method {req.code} requested by server")
+
+    def _client_final(self, password: str, data: bytes) -> bytes:
+        """client-final-message for the server-first-message ``data``."""
+        try:
+            server_first = data.decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("malformed SCRAM server-first-message: invalid UTF-8") from exc
+        attrs = server_first.split(",")
+        if (len(attrs) < 3 or not attrs[0].startswith("r=") or not attrs[1].startswith("s=")
+                or not attrs[2].startswith("i=")):
+            raise ProtocolError("malformed SCRAM server-first-message")
+        nonce, salt_b64, iter_text = attrs[0][2:], attrs[1][2:], attrs[2][2:]
+        if (not nonce.startswith(self._client_nonce) or len(nonce) <= len(self._client_nonce)
+                or not _scram_printable(nonce)):
+            raise ProtocolError("SCRAM server nonce does not extend the client's nonce")
+        try:
+            salt = base64.b64decode(salt_b64, validate=True)
+        except binascii.Error as exc:
+            raise ProtocolError("malformed SCRAM server-first-message: salt") from exc
+        if not (iter_text.isascii() and iter_text.isdigit()) or not (
+                1 <= int(iter_text) <= SCRAM_MAX_ITERATIONS):
+            raise ProtocolError(f"SCRAM iteration count {iter_text[:20]!r} is not acceptable")
+        client_key, stored_key, server_key = _scram_keys(password, salt, int(iter_text))
+        without_proof = f"c=biws,r={nonce}"
+        auth_message = ",".join(
+            (self._client_first_bare, server_first, without_proof)).encode()
+        signature = _hmac(stored_key, auth_message)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        self._server_signature = _hmac(server_key, auth_message)
+        return f"{without_proof},p={_b64(proof)}".encode()
+
+    def _check_server_final(self, data: bytes) -> None:
+        if data.startswith(b"e="):
+            reason = data[2:].decode("ascii", "replace")
+            raise AuthFailed(f"server refused SCRAM authentication: {reason}")
+        try:
+            given = base64.b64decode(data.split(b",")[0].removeprefix(b"v="), validate=True)
+        except binascii.Error:
+            given = b""
+        if not data.startswith(b"v=") or not hmac.compare_digest(given,
+                                                                  self._server_signature):
+            raise AuthFailed("server's SCRAM signature is wrong")

@@ -99,14 +99,18 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
     if major != 3:
         raise ProtocolError(f"unsupported frontend protocol {major}.{code & 0xFFFF}: "
                             "server supports 3.0")
+    # name\0value\0 ... name\0value\0 then \0: as PostgreSQL reads it, an empty name ends
+    # the list, and that terminator must be the packet's last byte.
     body = packet[8:]
     if not body or body[-1] != 0:
         raise ProtocolError("startup packet is not terminated")
     parts = body[:-1].split(b"\x00")
-    if parts and parts[-1] == b"":
-        parts.pop()
+    if parts.pop() != b"":
+        raise ProtocolError("startup packet is not terminated")
     if len(parts) % 2:
         raise ProtocolError("startup packet has a parameter without a value")
+    if not all(parts[0::2]):
+        raise ProtocolError("invalid startup packet layout: terminator before the last byte")
     params: dict[str, str] = {}
     try:
         for i in range(0, len(parts), 2):

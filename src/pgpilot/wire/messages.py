@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pgpilot.wire.errors import ProtocolError
 from pgpilot.wire.framing import (
     CANCEL_REQUEST_CODE,
+    GSSENC_REQUEST_CODE,
     PROTOCOL_V3,
     SSL_REQUEST_CODE,
 )
@@ -85,6 +86,9 @@ def message(mtype: int, body: bytes = b"") -> bytes:
 
 
 def cstr(text: str) -> bytes:
+    """A NUL-terminated string; an embedded NUL would corrupt the message, so it is refused."""
+    if "\x00" in text:
+        raise ValueError(f"a protocol string cannot contain NUL: {text[:60]!r}")
     return text.encode() + b"\x00"
 
 
@@ -145,18 +149,36 @@ class _Cursor:
         self.pos = len(self.data)
         return value
 
+    def count(self) -> int:
+        """An int16 count of what follows, which cannot be negative."""
+        n = self.int16()
+        if n < 0:
+            raise self._fail(f"negative count {n}")
+        return n
+
+    def end(self) -> None:
+        """The body must end here (PostgreSQL rejects trailing bytes in what clients send)."""
+        if self.pos != len(self.data):
+            raise self._fail(f"{len(self.data) - self.pos} unexpected bytes at the end")
+
 
 # ---------------------------------------------------------------------------------------
 # Startup phase (untyped packets)
 # ---------------------------------------------------------------------------------------
 
 def startup_message(params: Mapping[str, str], protocol: int = PROTOCOL_V3) -> bytes:
+    if "" in params:
+        raise ValueError("a startup parameter name cannot be empty (it ends the list)")
     body = _I32.pack(protocol) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\x00"
     return _I32.pack(len(body) + 4) + body
 
 
 def ssl_request() -> bytes:
     return _I32.pack(8) + _I32.pack(SSL_REQUEST_CODE)
+
+
+def gssenc_request() -> bytes:
+    return _I32.pack(8) + _I32.pack(GSSENC_REQUEST_CODE)
 
 
 def cancel_request(pid: int, key: int) -> bytes:
@@ -201,7 +223,8 @@ class AuthRequest:
 
     @property
     def mechanisms(self) -> list[str]:
-        return [m.decode() for m in self.data.split(b"\x00") if m]
+        # Undecodable names cannot match a mechanism the pooler knows; they are not an error.
+        return [m.decode(errors="replace") for m in self.data.split(b"\x00") if m]
 
 
 def parse_auth_request(body: bytes) -> AuthRequest:
@@ -215,7 +238,10 @@ def password_message(password: str | bytes) -> bytes:
 
 
 def parse_password_message(body: bytes) -> str:
-    return _Cursor(body, "PasswordMessage").cstr()
+    cur = _Cursor(body, "PasswordMessage")
+    password = cur.cstr()
+    cur.end()
+    return password
 
 
 def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
@@ -227,6 +253,7 @@ def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
     mech = cur.cstr()
     length = cur.int32()
     data = b"" if length == -1 else cur.take(length)
+    cur.end()
     return mech, data
 
 
@@ -261,6 +288,13 @@ def ready_for_query(status: str = "I") -> bytes:
 
 
 READY_IDLE = ready_for_query("I")
+
+
+def parse_ready_for_query(body: bytes) -> str:
+    """The transaction status: 'I' idle, 'T' in a transaction, 'E' in a failed one."""
+    if len(body) != 1 or body not in (b"I", b"T", b"E"):
+        raise ProtocolError(f"malformed ReadyForQuery message: status {body[:8]!r}")
+    return chr(body[0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,7 +342,10 @@ def query(sql: str) -> bytes:
 
 
 def parse_query(body: bytes) -> str:
-    return _Cursor(body, "Query").cstr()
+    cur = _Cursor(body, "Query")
+    sql = cur.cstr()
+    cur.end()
+    return sql
 
 
 def terminate() -> bytes:
@@ -346,7 +383,7 @@ def row_description(columns: Sequence[tuple[str, int]]) -> bytes:
 def parse_row_description(body: bytes) -> list[tuple[str, int]]:
     cur = _Cursor(body, "RowDescription")
     cols = []
-    for _ in range(cur.int16()):
+    for _ in range(cur.count()):
         name = cur.cstr()
         cur.take(6)
         oid = cur.int32()
@@ -370,7 +407,7 @@ def data_row(values: Iterable[str | bytes | None]) -> bytes:
 def parse_data_row(body: bytes) -> list[bytes | None]:
     cur = _Cursor(body, "DataRow")
     out: list[bytes | None] = []
-    for _ in range(cur.int16()):
+    for _ in range(cur.count()):
         n = cur.int32()
         out.append(None if n == -1 else cur.take(n))
     return out
@@ -391,10 +428,8 @@ def parse_parse(body: bytes) -> Parse:
     cur = _Cursor(body, "Parse")
     name = cur.cstr()
     sql = cur.cstr()
-    n = cur.int16()
-    if n < 0:
-        raise ProtocolError("malformed Parse message: negative parameter count")
-    types = tuple(cur.int32() for _ in range(n))
+    types = tuple(cur.int32() for _ in range(cur.count()))
+    cur.end()
     return Parse(name, sql, types)
 
 
@@ -441,7 +476,9 @@ def parse_close_or_describe(body: bytes, what: str = "Close") -> tuple[str, str]
     kind = chr(cur.byte())
     if kind not in ("S", "P"):
         raise ProtocolError(f"malformed {what} message: unknown kind {kind!r}")
-    return kind, cur.cstr()
+    name = cur.cstr()
+    cur.end()
+    return kind, name
 
 
 def close_message(kind: str, name: str) -> bytes:
@@ -454,6 +491,15 @@ def describe_message(kind: str, name: str) -> bytes:
 
 def execute_message(portal: str = "", max_rows: int = 0) -> bytes:
     return message(F.EXECUTE, cstr(portal) + _I32.pack(max_rows))
+
+
+def parse_execute(body: bytes) -> tuple[str, int]:
+    """(portal, max_rows) of Execute; max_rows 0 means all."""
+    cur = _Cursor(body, "Execute")
+    portal = cur.cstr()
+    max_rows = cur.int32()
+    cur.end()
+    return portal, max_rows
 
 
 def parse_complete() -> bytes:
