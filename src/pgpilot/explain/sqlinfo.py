@@ -270,7 +270,8 @@ def query_shape(sql: str) -> QueryShape:
                 shape.order_by.append((column[0], column[1], desc))
         for target in stmt.targetList or ():
             value: Any = target.val
-            if isinstance(value, ast.ColumnRef) and isinstance((value.fields or (None,))[-1], ast.A_Star):
+            last_field = (value.fields or (None,))[-1] if isinstance(value, ast.ColumnRef) else None
+            if isinstance(last_field, ast.A_Star):
                 shape.selects_star = True
                 continue
             for ref in _column_refs(value):
