@@ -56,7 +56,8 @@ CLIENT_TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
 }
 
 SERVER_TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
-    ServerState.LOGIN: frozenset({ServerState.IDLE, ServerState.ACTIVE, ServerState.CLOSED}),
+    ServerState.LOGIN: frozenset({ServerState.IDLE, ServerState.ACTIVE, ServerState.TESTED,
+                                  ServerState.CLOSED}),
     ServerState.IDLE: frozenset({ServerState.ACTIVE, ServerState.TESTED, ServerState.CLOSED}),
     ServerState.ACTIVE: frozenset({ServerState.IDLE, ServerState.USED, ServerState.TESTED,
                                    ServerState.CLOSED}),

@@ -1,0 +1,155 @@
+"""Fixtures that run a real pgpilot pooler (in a background thread) in front of real PostgreSQL.
+
+``proxy_factory(**settings)`` starts a pooler whose ``[databases]`` points at the test
+PostgreSQL and whose ``[pgbouncer]`` section holds ``settings``; it returns a
+:class:`RunningProxy` with the port, a DSN builder and direct access to the ``Pooler`` (for
+assertions on its pools and states, always read through ``call()`` on the pooler's own loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgpilot.embedded import free_port
+from pgpilot.proxy.config import load_config
+from pgpilot.proxy.pooler import Pooler
+
+
+class RunningProxy:
+    def __init__(self, config_path: Path, port: int) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.loop = asyncio.new_event_loop()
+        self.pooler: Pooler | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def boot() -> None:
+            self.pooler = Pooler(load_config(self.config_path))
+            await self.pooler.start()
+
+        try:
+            self.loop.run_until_complete(boot())
+        except BaseException as exc:  # surfaced to the test
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> RunningProxy:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the pooler's loop and return its result (a safe read of its state)."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(10)
+
+    def reload(self) -> None:
+        assert self.pooler is not None
+        cfg = load_config(self.config_path)
+        self.call(lambda: self.pooler.reload(cfg))  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self.pooler is not None and self.loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(self.pooler.stop(timeout=2), self.loop)
+            try:
+                fut.result(15)
+            except Exception:
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def dsn(self, dbname: str = "test", user: str = "postgres", password: str | None = None,
+            **extra: str) -> str:
+        auth = f":{password}" if password else ""
+        query = "&".join(f"{k}={v}" for k, v in extra.items())
+        return (f"postgresql://{user}{auth}@127.0.0.1:{self.port}/{dbname}"
+                + (f"?{query}" if query else ""))
+
+    def conninfo(self, dbname: str = "test", user: str = "postgres", **extra: Any) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": self.port, "dbname": dbname, "user": user, **extra}
+
+    def server_count(self) -> int:
+        assert self.pooler is not None
+        return int(self.call(lambda: sum(p.server_count() for p in self.pooler.pools.values())))
+
+
+def write_config(tmp: Path, upstream: dict[str, str], settings: dict[str, Any],
+                 databases: dict[str, str] | None = None, users: dict[str, str] | None = None,
+                 userlist: dict[str, str] | None = None) -> tuple[Path, int]:
+    port = int(settings.pop("listen_port", 0)) or free_port()
+    if userlist is None:
+        userlist = {upstream["user"]: upstream.get("password", "")}
+    (tmp / "userlist.txt").write_text(
+        "".join(f'"{u}" "{p}"\n' for u, p in userlist.items()))
+    up = (f"host={upstream['host']} port={upstream['port']} dbname={upstream['dbname']}"
+          + (f" password={upstream['password']}" if upstream.get("password") else ""))
+    dbs = {"test": up, "*": f"host={upstream['host']} port={upstream['port']}"
+           + (f" password={upstream['password']}" if upstream.get("password") else "")}
+    dbs.update(databases or {})
+    base: dict[str, Any] = {
+        "listen_addr": "127.0.0.1", "listen_port": port, "unix_socket_dir": "",
+        "auth_type": "trust", "auth_file": str(tmp / "userlist.txt"),
+        "pool_mode": "transaction", "default_pool_size": 5, "max_client_conn": 1000,
+        "server_login_retry": 1, "admin_users": upstream["user"],
+    }
+    base.update(settings)
+    lines = ["[databases]"] + [f"{k} = {v}" for k, v in dbs.items()]
+    if users:
+        lines += ["[users]"] + [f"{k} = {v}" for k, v in users.items()]
+    lines += ["[pgbouncer]"] + [f"{k} = {v}" for k, v in base.items()]
+    path = tmp / "pgbouncer.ini"
+    path.write_text("\n".join(lines) + "\n")
+    return path, port
+
+
+@pytest.fixture
+def proxy_factory(pg_params: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
+    running: list[RunningProxy] = []
+    counter = [0]
+
+    def make(*, databases: dict[str, str] | None = None, users: dict[str, str] | None = None,
+             userlist: dict[str, str] | None = None, upstream: dict[str, str] | None = None,
+             **settings: Any) -> RunningProxy:
+        counter[0] += 1
+        folder = tmp_path / f"proxy{counter[0]}"
+        folder.mkdir()
+        path, port = write_config(folder, upstream or pg_params, settings, databases, users,
+                                  userlist)
+        proxy = RunningProxy(path, port).start()
+        running.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in running:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(proxy_factory: Callable[..., RunningProxy]) -> RunningProxy:
+    """A transaction-mode pooler, pool size 5, trust auth."""
+    return proxy_factory()
