@@ -251,12 +251,11 @@ def batch_rewrite(sql: str) -> tuple[str, str] | None:
     if not comparisons:
         return None
     column, comparison, param_side = comparisons[0]
-    param = getattr(comparison, param_side)
-    column_side = comparison.lexpr if param_side == "rexpr" else comparison.rexpr
-    marker = ast.ColumnRef(fields=(ast.String(sval="pgpilot_batch_ids"),))
+    column_side: Any = comparison.lexpr if param_side == "rexpr" else comparison.rexpr
+    # The loop's parameter becomes a marker column, deparsed and then renamed to ":ids".
+    marker: Any = ast.ColumnRef(fields=(ast.String(sval="pgpilot_batch_ids"),))
     comparison.kind = A_Expr_Kind.AEXPR_OP_ANY
     comparison.lexpr = column_side
-    comparison.rexpr = marker  # type: ignore[assignment]
-    del param  # the loop's parameter is what ":ids" replaces
+    comparison.rexpr = marker
     rewritten = RawStream()(select)
     return column, rewritten.replace("pgpilot_batch_ids", ":ids")
