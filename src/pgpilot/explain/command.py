@@ -15,6 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+import psycopg
+
+from pgpilot.explain.live import first_line
 from pgpilot.explain.model import ExplainError
 from pgpilot.explain.report import Report, analyze_plan
 
@@ -76,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
     except ExplainError as exc:
         print(f"pgpilot explain: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except psycopg.Error as exc:  # anything the specific handlers did not name
+        print(f"pgpilot explain: error: database error: {first_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
 
 
