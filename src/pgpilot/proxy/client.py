@@ -430,6 +430,13 @@ class ClientConnection(asyncio.Protocol):
                     self.params[name] = value
             elif mtype == m.B.ERROR_RESPONSE and stats is not None:
                 stats.errors += 1
+        if release and self.txn_status != "I" and self.pool is not None \
+                and self.pool.mode == "statement" and data[-6:-5] == b"Z":
+            # Refuse the transaction in place of the server's answer, so the client shows why.
+            self.expected_rfq = 0
+            self.fail("08P01", "transaction blocks not allowed in statement pooling mode",
+                      hint="Use autocommit statements, or a pool in transaction mode.")
+            return
         self.write(data)
         if stats is not None:
             stats.bytes_sent += len(data)
