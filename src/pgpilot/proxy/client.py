@@ -217,8 +217,13 @@ class ClientConnection(asyncio.Protocol):
             self.fail("3D000", f'no such database: "{self.database}"')
             return
         auth_type = cfg.auth_type
-        if auth_type in ("trust", "any"):
+        if auth_type == "any" or (auth_type == "trust" and (
+                not cfg.auth_file or self.user in cfg.auth_users)):
+            # As PgBouncer: with an auth_file, trust still needs the user to be listed.
             self.logged_in()
+            return
+        if auth_type == "trust":
+            self.fail("28000", f'no such user: "{self.user}"')
             return
         secret = self.pooler.client_secret_for(self.user)
         known = secret is not None

@@ -1,0 +1,109 @@
+"""``pgpilot proxy`` as a user runs it: --check, --config, and the zero-config embedded mode."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+from pgpilot.embedded import free_port
+
+
+def pgpilot(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pgpilot", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_check_accepts_a_valid_file(tmp_path: Path) -> None:
+    (tmp_path / "users.txt").write_text('"app" "secret"\n')
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text("[databases]\napp = host=127.0.0.1 dbname=app\n[pgbouncer]\n"
+                   "auth_file = users.txt\npool_mode = transaction\nfrobnicate = 1\n")
+    out = pgpilot("proxy", "--check", "--config", str(ini))
+    assert out.returncode == 0, out.stderr
+    assert "valid" in out.stdout
+    assert "frobnicate" in out.stderr  # unknown setting: a warning naming it
+
+
+def test_check_rejects_an_invalid_value_with_file_and_line(tmp_path: Path) -> None:
+    ini = tmp_path / "bad.ini"
+    ini.write_text("[databases]\n[pgbouncer]\nauth_type = trust\npool_mode = sometimes\n")
+    out = pgpilot("proxy", "--check", "--config", str(ini))
+    assert out.returncode == 1
+    assert f"{ini}:4" in out.stderr and "pool_mode" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_runs_from_config_and_stops_on_sigterm(tmp_path: Path, pg_params) -> None:
+    port = free_port()
+    pidfile = tmp_path / "pgpilot.pid"
+    (tmp_path / "users.txt").write_text(f'"{pg_params["user"]}" ""\n')
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text(
+        f"[databases]\n* = host={pg_params['host']} port={pg_params['port']}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = users.txt\npidfile = {pidfile}\n"
+        f"logfile = {tmp_path / 'pgpilot.log'}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pgpilot", "proxy", "--config", str(ini)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        dsn = f"postgresql://{pg_params['user']}@127.0.0.1:{port}/{pg_params['dbname']}"
+        conn = _connect_retry(dsn)
+        assert conn.execute("select 1").fetchone() == (1,)
+        conn.close()
+        assert pidfile.read_text().strip() == str(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert not pidfile.exists()
+        assert "listening on 127.0.0.1" in (tmp_path / "pgpilot.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _connect_retry(dsn: str, seconds: float = 60) -> psycopg.Connection:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return psycopg.connect(dsn, autocommit=True)
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_zero_config_starts_embedded_postgres_and_stops_it(tmp_path: Path) -> None:
+    data = tmp_path / "pgdata"
+    port = free_port()
+    env = dict(os.environ, PGPILOT_DATA_DIR=str(data))
+    proc = subprocess.Popen([sys.executable, "-m", "pgpilot", "proxy", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        dsn = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "pooling on postgresql://" in line:
+                dsn = line.split("pooling on ", 1)[1].strip()
+                break
+        assert dsn is not None, "".join(lines)
+        assert str(data) in "".join(lines)  # it names its data folder
+        assert f":{port}/" in dsn
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("select 6 * 7").fetchone() == (42,)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert not (data / "postmaster.pid").exists()  # the embedded PostgreSQL stopped too
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,156 @@
+"""Authentication both ways, with real PostgreSQL and real clients.
+
+Client side: auth_type scram-sha-256 / md5 / plain / trust against userlist.txt secrets.
+Server side: the pooler's own login to PostgreSQL servers whose pg_hba.conf requires
+SCRAM-SHA-256 or md5 (embedded servers the test starts with their own pg_hba.conf).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgpilot.embedded import EmbeddedPostgres
+from pgpilot.proxy.auth import md5_secret
+from tests.proxy.conftest import RunningProxy
+
+
+def scram_secret(password: str, iterations: int = 4096) -> str:
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    stored = hashlib.sha256(client_key).digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored)}:{b64(server_key)}"
+
+
+USERS = {
+    "alice": "alice-Secret1",   # stored plain
+    "bob": "bob-Secret2",       # stored md5
+    "carol": "carol-Secret3",   # stored SCRAM
+}
+
+
+def userlist(upstream_user: str) -> dict[str, str]:
+    return {
+        upstream_user: "",
+        "alice": USERS["alice"],
+        "bob": md5_secret("bob", USERS["bob"]),
+        "carol": scram_secret(USERS["carol"]),
+    }
+
+
+@pytest.fixture
+def auth_proxy_factory(proxy_factory, pg_params):
+    def make(auth_type: str) -> RunningProxy:
+        # Every client user is sent to the test server as the upstream user.
+        return proxy_factory(
+            auth_type=auth_type, userlist=userlist(pg_params["user"]),
+            databases={"test": f"host={pg_params['host']} port={pg_params['port']} "
+                               f"dbname={pg_params['dbname']} user={pg_params['user']}"
+                               + (f" password={pg_params['password']}"
+                                  if pg_params["password"] else "")})
+    return make
+
+
+@pytest.mark.parametrize("auth_type", ["scram-sha-256", "md5", "plain"])
+@pytest.mark.parametrize("user", ["alice", "bob", "carol"])
+def test_client_auth_right_password(auth_proxy_factory, auth_type: str, user: str) -> None:
+    if auth_type == "plain" and user != "alice":
+        # cleartext works against every kind of stored secret as well
+        pass
+    proxy = auth_proxy_factory(auth_type)
+    with psycopg.connect(proxy.dsn(user=user, password=USERS[user]), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("auth_type", ["scram-sha-256", "md5", "plain"])
+def test_wrong_password_28P01_no_server_no_password_in_log(
+        auth_proxy_factory, auth_type: str, caplog: pytest.LogCaptureFixture) -> None:
+    proxy = auth_proxy_factory(auth_type)
+    caplog.set_level(logging.DEBUG, logger="pgpilot")
+    wrong = "Wr0ng-Pa55word-xyzzy"
+    for user in ("alice", "carol", "nobody"):
+        with pytest.raises(psycopg.OperationalError) as err:
+            psycopg.connect(proxy.dsn(user=user, password=wrong))
+        assert err.value.sqlstate == "28P01" or "password authentication failed" in str(err.value)
+    assert proxy.server_count() == 0  # no server connection was spent on them
+    assert wrong not in caplog.text
+    assert "password authentication failed" in caplog.text
+
+
+async def test_asyncpg_scram_login(auth_proxy_factory) -> None:
+    proxy = auth_proxy_factory("scram-sha-256")
+    conn = await asyncpg.connect(proxy.dsn(user="carol", password=USERS["carol"]))
+    try:
+        assert await conn.fetchval("select 1") == 1
+    finally:
+        await conn.close()
+
+
+def test_trust_requires_listed_user_only_when_auth_file(auth_proxy_factory) -> None:
+    proxy = auth_proxy_factory("trust")
+    with psycopg.connect(proxy.dsn(user="alice"), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError) as err:
+        psycopg.connect(proxy.dsn(user="mallory"))
+    assert "no such user" in str(err.value)
+
+
+# -- server side: the pooler logging in to PostgreSQL ---------------------------------------
+
+@pytest.fixture(scope="module", params=["scram-sha-256", "md5"])
+def password_server(request, tmp_path_factory) -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pgauth") / "data", auth=request.param,
+                          password="Upstream-Pw-9")
+    try:
+        pg.start()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"embedded PostgreSQL unavailable: {exc}")
+    yield pg
+    pg.stop()
+
+
+def test_server_login_with_password_from_databases(proxy_factory, password_server) -> None:
+    up = {"host": "127.0.0.1", "port": str(password_server.port), "user": "postgres",
+          "password": "Upstream-Pw-9", "dbname": "postgres"}
+    proxy = proxy_factory(upstream=up, userlist={"postgres": ""})
+    with psycopg.connect(proxy.dsn(dbname="test"), autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == ("postgres",)
+        method = conn.execute(
+            "select setting from pg_settings where name = 'password_encryption'").fetchone()
+        assert method is not None
+
+
+def test_server_login_with_password_from_auth_file(proxy_factory, password_server,
+                                                   tmp_path: Path) -> None:
+    up = {"host": "127.0.0.1", "port": str(password_server.port), "user": "postgres",
+          "dbname": "postgres"}
+    # No password in [databases]: it comes from userlist.txt (plain, or md5 for md5 servers).
+    stored = "Upstream-Pw-9" if password_server.auth == "scram-sha-256" else \
+        md5_secret("postgres", "Upstream-Pw-9")
+    proxy = proxy_factory(upstream=up, userlist={"postgres": stored})
+    with psycopg.connect(proxy.dsn(dbname="test"), autocommit=True) as conn:
+        assert conn.execute("select 41 + 1").fetchone() == (42,)
+
+
+def test_server_login_failure_reaches_the_client(proxy_factory, password_server) -> None:
+    up = {"host": "127.0.0.1", "port": str(password_server.port), "user": "postgres",
+          "password": "not-the-password", "dbname": "postgres"}
+    proxy = proxy_factory(upstream=up, userlist={"postgres": ""})
+    with pytest.raises(psycopg.OperationalError) as err:
+        psycopg.connect(proxy.dsn(dbname="test"))
+    assert "password authentication failed" in str(err.value)
+    assert "not-the-password" not in str(err.value)
