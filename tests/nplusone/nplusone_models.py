@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, ForeignKey, String
+from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SCHEMA = f"pgp_nplusone_{os.getpid()}"
@@ -18,7 +19,7 @@ ORDERS_PER_CUSTOMER = 3
 ITEMS_PER_ORDER = 2
 
 
-class Base(DeclarativeBase):
+class Base(AsyncAttrs, DeclarativeBase):
     pass
 
 
