@@ -166,7 +166,7 @@ class MessageReader:
     for the others, whose bytes are counted past without being kept.
     """
 
-    __slots__ = ("_buf", "_interesting", "_max_body", "_skip_remaining", "_skip_type")
+    __slots__ = ("_buf", "_interesting", "_max_body", "_skip_remaining", "_skip_type", "ends")
 
     def __init__(self, interesting: Iterable[int] | None = None,
                  max_body: int = DEFAULT_MAX_BODY) -> None:
@@ -177,6 +177,9 @@ class MessageReader:
         self._buf = bytearray()
         self._skip_remaining = 0  # body bytes still to pass of a skipped message
         self._skip_type = 0
+        # After each feed(): where in the fed data each returned message ends. A proxy that
+        # must drop, insert or rewrite messages cuts the data at these offsets.
+        self.ends: list[int] = []
 
     @property
     def buffered(self) -> int:
@@ -190,6 +193,8 @@ class MessageReader:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         out: list[Message] = []
+        ends: list[int] = []
+        self.ends = ends
         view = memoryview(data)
         pos = 0
         end = len(view)
@@ -200,6 +205,7 @@ class MessageReader:
             if self._skip_remaining:
                 return out
             out.append((self._skip_type, None))
+            ends.append(pos)
         buf = self._buf
         interesting = self._interesting
         if buf:
@@ -221,6 +227,7 @@ class MessageReader:
                         self._skip_type = mtype
                         return out
                     out.append((mtype, None))
+                    ends.append(pos)
             if buf:
                 mtype, length = _HEADER.unpack_from(buf, 0)
                 total = length + 1
@@ -231,6 +238,7 @@ class MessageReader:
                 if take < need:
                     return out
                 out.append((mtype, bytes(buf[5:])))
+                ends.append(pos)
                 buf.clear()
         while pos < end:
             if end - pos < 5:
@@ -244,11 +252,13 @@ class MessageReader:
                     self._skip_type = mtype
                     return out
                 out.append((mtype, None))
+                ends.append(pos + total)
             else:
                 if end - pos < total:
                     buf += view[pos:end]
                     return out
                 out.append((mtype, bytes(view[pos + 5:pos + total])))
+                ends.append(pos + total)
             pos += total
         return out
 
