@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg  # noqa: F401 - see below
 import pytest
 import sqlalchemy.dialects.postgresql.asyncpg
-import sqlalchemy.dialects.postgresql.psycopg
+import sqlalchemy.dialects.postgresql.psycopg  # noqa: F401
 from nplusone_models import Database
 
 pytest_plugins = ["pytester"]
