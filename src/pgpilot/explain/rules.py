@@ -343,7 +343,9 @@ def nested_loop_many_loops(ctx: Context) -> Iterator[Finding | None]:
                     f"{fmt_rows(outer.actual_rows)}: {analyze} with a right estimate it "
                     "chooses a hash join")
             fix = f"{fix}; {note}" if fix else note
-        yield ctx.finding("nested_loop_many_loops", node, ctx.plan.inclusive_share(inner),
+        # The cost is the join as a whole: the inner work times the loops, plus the join
+        # filter evaluated for every pair, which EXPLAIN books on the join node itself.
+        yield ctx.finding("nested_loop_many_loops", node, ctx.plan.inclusive_share(node),
                           message, fix)
 
 
