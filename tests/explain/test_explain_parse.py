@@ -1,0 +1,158 @@
+"""Parsing: saved plans from PostgreSQL 13 to 18, psql's decorations, and input that is not
+a plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pgpilot.explain import ExplainError, analyze_plan, parse_plan
+from pgpilot.explain.parse import strip_psql_decoration
+
+PLANS = Path(__file__).parent / "plans"
+
+
+def load(name: str) -> str:
+    return (PLANS / name).read_text()
+
+
+# saved plan -> rules that must fire (and nothing else)
+SAVED: dict[str, set[str]] = {
+    "pg13_gather_jit.txt": {"workers_not_launched"},
+    "pg13_jit_small.txt": {"jit_overhead"},
+    "pg16_hash_spill.json": {"hash_spill"},
+    "pg17_jit_deform.txt": {"jit_overhead"},
+    "pg17_lossy_bitmap.txt": {"lossy_bitmap"},
+    "pg18_initplan_subplan.txt": {"correlated_subplan", "seq_scan_filter"},
+    "pg18_pk_lookup.txt": set(),
+    "pg18_seq_scan.json": {"seq_scan_filter"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED))
+def test_saved_plans(name: str) -> None:
+    report = analyze_plan(load(name))
+    assert report.rules_fired == SAVED[name], [f.to_dict() for f in report.findings]
+
+
+def test_pg13_parallel_plan_fields() -> None:
+    plan = parse_plan(load("pg13_gather_jit.txt"))
+    gather = plan.root.children[0]
+    assert gather.node_type == "Gather"
+    assert (gather.workers_planned, gather.workers_launched) == (4, 1)
+    scan = gather.children[0].children[0]
+    assert scan.display_type == "Parallel Seq Scan"
+    assert scan.relation == "measurements" and scan.alias == "m"
+    assert scan.shared_read_blocks == 81235
+    # Below a Gather the per-loop time is averaged over the processes: not counted twice.
+    assert scan.inclusive_time == pytest.approx(1139.771)
+    assert plan.jit is not None and plan.jit.total_time == pytest.approx(11.808)
+    assert plan.planning_time == pytest.approx(0.211)
+
+
+def test_pg17_jit_deform_and_storage_lines() -> None:
+    plan = parse_plan(load("pg17_jit_deform.txt"))
+    assert plan.jit is not None
+    assert plan.jit.generation_time == pytest.approx(0.512)
+    assert plan.jit.total_time == pytest.approx(40.162)
+    assert [n.node_type for n in plan.nodes] == ["Aggregate", "Materialize", "Seq Scan"]
+
+
+def test_pg18_fractional_rows_and_initplan() -> None:
+    plan = parse_plan(load("pg18_initplan_subplan.txt"))
+    init, sub = plan.root.children
+    assert (init.subplan_name, init.parent_relationship) == ("InitPlan 1", "InitPlan")
+    assert (sub.subplan_name, sub.parent_relationship) == ("SubPlan 2", "SubPlan")
+    assert sub.children[0].actual_rows == pytest.approx(2.5)
+    assert sub.children[0].rows_removed_by_filter == 4998
+    assert plan.root.filter == "(id <= (InitPlan 1).col1)"
+
+
+def test_pg18_pk_lookup_is_clean_and_parsed() -> None:
+    plan = parse_plan(load("pg18_pk_lookup.txt"))
+    assert plan.root.index_name == "orders_pkey"
+    assert plan.root.index_cond == "(id = 42)"
+    assert plan.root.actual_rows == 1.0
+    assert analyze_plan(load("pg18_pk_lookup.txt")).findings == []
+
+
+def test_hash_fields_from_json() -> None:
+    plan = parse_plan(load("pg16_hash_spill.json"))
+    hash_node = plan.root.children[1]
+    assert hash_node.hash_batches == 16 and hash_node.peak_memory_usage == 254
+    finding = analyze_plan(load("pg16_hash_spill.json")).findings[0]
+    assert "SET LOCAL work_mem = '8MB'" in finding.fix
+
+
+@pytest.mark.parametrize("name", ["pg17_lossy_bitmap.txt", "pg18_pk_lookup.txt"])
+def test_text_with_and_without_psql_decoration(name: str) -> None:
+    decorated = load(name)
+    bare = strip_psql_decoration(decorated)
+    assert "QUERY PLAN" not in bare and "rows)" not in bare
+    # Also the same lines without psql's one-space indent, and with CRLF line ends.
+    variants = [decorated, bare, "\n".join(line[1:] for line in decorated.splitlines()),
+                decorated.replace("\n", "\r\n")]
+    labels = {tuple(n.label for n in parse_plan(v).nodes) for v in variants}
+    assert len(labels) == 1
+
+
+def test_json_pasted_from_psql_with_plus_marks() -> None:
+    data = json.loads(load("pg18_seq_scan.json"))
+    lines = json.dumps(data, indent=2).splitlines()
+    width = max(len(line) for line in lines)
+    pasted = "       QUERY PLAN\n" + "-" * (width + 2) + "\n"
+    pasted += "\n".join(f" {line.ljust(width)}+" for line in lines[:-1])
+    pasted += f"\n {lines[-1]}\n(1 row)\n"
+    report = analyze_plan(pasted)
+    assert report.plan.source_format == "json"
+    assert report.rules_fired == {"seq_scan_filter"}
+
+
+def test_json_variants_accepted() -> None:
+    data = json.loads(load("pg18_seq_scan.json"))
+    for variant in (data, data[0], data[0]["Plan"], json.dumps(data), json.dumps(data).encode()):
+        assert parse_plan(variant).root.relation == "orders"
+
+
+def test_never_executed_node() -> None:
+    text = """Nested Loop  (cost=0.29..16.34 rows=1 width=8) (actual time=0.010..0.010 rows=0 loops=1)
+  ->  Seq Scan on a  (cost=0.00..8.00 rows=1 width=4) (actual time=0.009..0.009 rows=0 loops=1)
+        Filter: (x = 1)
+  ->  Index Scan using b_pkey on b  (cost=0.29..8.31 rows=1 width=4) (never executed)
+        Index Cond: (id = a.x)
+Planning Time: 0.100 ms
+Execution Time: 0.030 ms"""
+    plan = parse_plan(text)
+    assert plan.nodes[2].never_executed
+    assert analyze_plan(text).findings == []
+
+
+def test_costs_only_plan() -> None:
+    text = """ Sort  (cost=1023.84..1025.09 rows=502 width=35)
+   Sort Key: o.amount
+   ->  Seq Scan on orders o  (cost=0.00..944.00 rows=502 width=23)
+         Filter: (status = 'open'::text)"""
+    plan = parse_plan(text)
+    assert not plan.analyzed
+    assert plan.root.sort_key == ["o.amount"]
+    assert plan.share(plan.nodes[1]) > 0.9
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("", "empty input"),
+    ("   \n  \n", "empty input"),
+    ('{"Plan": ', "invalid JSON"),
+    ("[1, 2", "invalid JSON"),
+    ('{"hello": 1}', "not a plan"),
+    ("[]", "not a plan"),
+    ('{"Plan": {"Cost": 1}}', "not a plan"),
+    ("this is not a plan\nat all", "not a plan"),
+    ("ERROR:  relation \"x\" does not exist", "not a plan"),
+])
+def test_bad_input_raises_one_clear_error(bad: str, message: str) -> None:
+    with pytest.raises(ExplainError) as caught:
+        analyze_plan(bad)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
