@@ -35,6 +35,7 @@ from pgpilot.wire.framing import (
 )
 
 if TYPE_CHECKING:
+    from pgpilot.proxy.admin import AdminSession
     from pgpilot.proxy.pool import Pool
     from pgpilot.proxy.pooler import Pooler
 
@@ -92,7 +93,7 @@ class ClientConnection(asyncio.Protocol):
         self._pending = bytearray()  # bytes waiting for a server
         self._paused = False
         self._login_task: asyncio.Task[None] | None = None
-        self.admin = None  # set for admin console connections
+        self.admin: AdminSession | None = None  # set for admin console connections
 
     def __repr__(self) -> str:
         return f"C-{self.id}({self.database}/{self.user}@{self.addr}:{self.port})"
@@ -216,6 +217,11 @@ class ClientConnection(asyncio.Protocol):
         if db is None:
             self.fail("3D000", f'no such database: "{self.database}"')
             return
+        self.authenticate()
+
+    def authenticate(self) -> None:
+        """Check credentials as ``auth_type`` says (admin logins too); then ``logged_in``."""
+        cfg = self.pooler.config
         auth_type = cfg.auth_type
         if auth_type == "any" or (auth_type == "trust" and (
                 not cfg.auth_file or self.user in cfg.auth_users)):
@@ -266,6 +272,8 @@ class ClientConnection(asyncio.Protocol):
         if not auth_ok_sent:
             self.write(m.auth_ok())
         if self.is_admin:
+            if self.admin is not None:
+                self.admin.logged_in()
             return
         cfg = self.pooler.config
         db = cfg.database_for(self.database)
@@ -364,7 +372,7 @@ class ClientConnection(asyncio.Protocol):
         if self.gone:
             self.pool.give_out(server)
             return
-        self.pool.stats.wait_time += time.monotonic() - self.wait_started
+        self.pool.stats.record_wait(time.monotonic() - self.wait_started)
         diff = [(k, v) for k, v in self.params.items() if server.params.get(k) != v]
         if diff:
             from pgpilot.proxy.states import ServerState

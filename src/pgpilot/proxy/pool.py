@@ -11,6 +11,7 @@ admin console prints and the metrics count.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import time
@@ -27,11 +28,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgpilot.proxy")
 
 
+# Upper bounds (seconds) of the wait-time histogram's buckets (metrics.py); then +Inf.
+WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
+
+
 class PoolStats:
     """Running totals, as SHOW STATS reports them (PgBouncer's names)."""
 
     __slots__ = ("bytes_received", "bytes_sent", "errors", "query_count", "query_time",
-                 "server_assignment_count", "wait_time", "xact_count", "xact_time")
+                 "server_assignment_count", "wait_buckets", "wait_time", "xact_count",
+                 "xact_time")
 
     def __init__(self) -> None:
         self.xact_count = 0
@@ -43,6 +49,12 @@ class PoolStats:
         self.wait_time = 0.0
         self.server_assignment_count = 0
         self.errors = 0
+        self.wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)  # per bucket, not cumulative
+
+    def record_wait(self, seconds: float) -> None:
+        """A client got a server after ``seconds`` in line: total and histogram, O(1)."""
+        self.wait_time += seconds
+        self.wait_buckets[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
 
 
 class Pool:

@@ -54,6 +54,14 @@ class Pooler:
         self.parse_observers: list[Callable[[ClientConnection, bytes], None]] = []
         self.ssl_context: Any = None
         self.admin_handler: Callable[[ClientConnection], None] | None = None
+        # -- admin console, hazard detection, metrics (admin.py, hazards.py, metrics.py) --
+        from pgpilot.proxy.admin import AdminConsole
+        from pgpilot.proxy.hazards import HazardTracker
+
+        self.paused_databases: set[str] = set()  # PAUSE db / KILL db until RESUME
+        self.hazards = HazardTracker(self)
+        self.admin_console = AdminConsole(self)
+        self._metrics_server: asyncio.AbstractServer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -62,6 +70,11 @@ class Pooler:
 
         self._listeners = await start_listeners(self)
         self._janitor = asyncio.get_running_loop().create_task(Janitor(self).run())
+        self.admin_console.start()
+        if self.config.metrics_port:  # Prometheus /metrics (metrics.py)
+            from pgpilot.proxy.metrics import start_metrics_server
+
+            self._metrics_server = await start_metrics_server(self)
         # min_pool_size: pools with a fixed server user can be warmed before any client.
         for name, db in self.config.databases.items():
             if name != "*" and db.user and self.config.min_pool_size_for(db):
@@ -82,8 +95,10 @@ class Pooler:
             await self.stopped.wait()
             return
         self.stopping = True
-        for listener in self._listeners:
-            listener.close()
+        self.stop_listening()
+        self.admin_console.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if timeout is None:
             timeout = self.config.shutdown_timeout
         deadline = time.monotonic() + timeout
@@ -103,6 +118,11 @@ class Pooler:
                 await asyncio.wait_for(listener.wait_closed(), 2)
         await asyncio.sleep(0)
         self.stopped.set()
+
+    def stop_listening(self) -> None:
+        """Accept no new connections (SHUTDOWN WAIT_FOR_CLIENTS, then stop)."""
+        for listener in self._listeners:
+            listener.close()
 
     def reload(self, config: Config) -> None:
         """Apply a new configuration without dropping anyone (SIGHUP / RELOAD)."""
@@ -193,6 +213,7 @@ class Pooler:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(self, db, db_name, user)
+            pool.paused = self.paused or db_name in self.paused_databases
         return pool
 
     def servers_for_db(self, db_name: str) -> int:
