@@ -117,7 +117,8 @@ def test_json_variants_accepted() -> None:
 
 
 def test_never_executed_node() -> None:
-    text = """Nested Loop  (cost=0.29..16.34 rows=1 width=8) (actual time=0.010..0.010 rows=0 loops=1)
+    text = """\
+Nested Loop  (cost=0.29..16.34 rows=1 width=8) (actual time=0.010..0.010 rows=0 loops=1)
   ->  Seq Scan on a  (cost=0.00..8.00 rows=1 width=4) (actual time=0.009..0.009 rows=0 loops=1)
         Filter: (x = 1)
   ->  Index Scan using b_pkey on b  (cost=0.29..8.31 rows=1 width=4) (never executed)

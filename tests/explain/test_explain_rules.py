@@ -131,7 +131,7 @@ def test_same_findings_from_json_and_text(explain) -> None:
 def test_psql_decorated_output(fmt: str, psql_explain) -> None:
     sql, settings, _ = CASES["sort_spill"]
     raw = psql_explain(sql, fmt=fmt, settings=[*settings, NO_PARALLEL])
-    assert "QUERY PLAN" in raw and "row)" in raw or "rows)" in raw
+    assert "QUERY PLAN" in raw and ("row)" in raw or "rows)" in raw)
     report = analyze_plan(raw)
     assert "sort_spill" in report.rules_fired
 
@@ -145,7 +145,7 @@ def test_trivial_node_is_not_reported(explain) -> None:
 
 
 def test_severity_follows_share_of_time(explain) -> None:
-    sql, settings, _ = CASES["seq_scan_filter"]
+    sql, _, _ = CASES["seq_scan_filter"]
     report = analyze_plan(explain(sql, settings=[NO_PARALLEL]))
     finding = next(f for f in report.findings if f.rule == "seq_scan_filter")
     assert finding.impact > 0.5
