@@ -35,6 +35,9 @@ from pgpilot.explain.sqlinfo import Predicate, QueryShape, TableRef, query_shape
 PAYS_MIN_IMPROVEMENT = 0.30  # the plan's total cost must fall by at least this fraction
 MAX_INCLUDE_COLUMNS = 4  # beyond this an INCLUDE list makes the index too wide to pay
 MAX_CANDIDATES = 12
+# A constant equality goes into a partial index's WHERE only on a column with at most this
+# many distinct values (a status, a type); on anything more selective it belongs in the key.
+PARTIAL_MAX_DISTINCT = 20
 STATISTICS_MIN_GAIN = 2.0  # the estimate's error must shrink at least this many times
 
 VALIDATION_METHODS = ("auto", "hypopg", "real")
@@ -48,6 +51,7 @@ class TableInfo:
     name: str
     columns: list[str]
     indexes: list[tuple[str, list[str | None], list[str], bool]]  # name, keys, include, partial
+    n_distinct: dict[str, float] = field(default_factory=dict)  # pg_stats, negative = fraction
 
     @property
     def qualified(self) -> str:
@@ -312,7 +316,10 @@ def load_tables(conn: psycopg.Connection[Any], shape: QueryShape) -> dict[str, T
                 names = list(names)
                 indexes.append((str(index_name), names[:nkey], [str(n) for n in names[nkey:] if n],
                                 bool(partial)))
-            tables[ref.alias] = TableInfo(ref, oid, schema, name, columns, indexes)
+            cur.execute("SELECT attname::text, n_distinct FROM pg_stats "
+                        "WHERE schemaname = %s AND tablename = %s", (schema, name))
+            n_distinct = {str(r[0]): float(r[1]) for r in cur.fetchall() if r[1] is not None}
+            tables[ref.alias] = TableInfo(ref, oid, schema, name, columns, indexes, n_distinct)
     return tables
 
 
@@ -385,8 +392,7 @@ def build_candidates(shape: QueryShape, tables: dict[str, TableInfo]
                     table, shape, base.columns + include, tables):
                 found.append(IndexCandidate(table, base.columns, include=include,
                                             reason="INCLUDE selected columns: index-only scan"))
-        constants = [p for p in predicates if p.constant and p.kind in ("eq", "null", "bool")
-                     and " IN " not in p.sql]
+        constants = [p for p in predicates if _partial_condition(p, table)]
         if constants:
             constant_cols = {p.column for p in constants}
             rest = [c for c in _unique(eq + ranges[:1] + order_cols) if c not in constant_cols]
@@ -406,6 +412,17 @@ def build_candidates(shape: QueryShape, tables: dict[str, TableInfo]
             continue
         unique[candidate.key] = candidate
     return list(unique.values())[:MAX_CANDIDATES], skipped
+
+
+def _partial_condition(predicate: Predicate, table: TableInfo) -> bool:
+    """Whether a condition suits a partial index's WHERE: constant and not selective."""
+    if not predicate.constant:
+        return False
+    if predicate.kind in ("null", "bool"):
+        return True
+    distinct = table.n_distinct.get(predicate.column)
+    return (predicate.kind == "eq" and " IN " not in predicate.sql and distinct is not None
+            and 0 < distinct <= PARTIAL_MAX_DISTINCT)
 
 
 def _unique(items: list[str]) -> list[str]:
