@@ -25,7 +25,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = [
     "DEFAULT_DUPLICATE_THRESHOLD",
@@ -54,9 +54,12 @@ OTHER = "other"
 FindingKind = Literal["n_plus_one", "duplicate", "unused_eager_load"]
 
 
-@dataclass(frozen=True, slots=True)
-class QueryEvent:
-    """One statement executed, as seen by whichever side ran it."""
+class QueryEvent(NamedTuple):
+    """One statement executed, as seen by whichever side ran it.
+
+    A named tuple rather than a frozen dataclass: one is built per statement on the hot path,
+    and a tuple is built several times faster while being just as immutable.
+    """
 
     fingerprint: str
     """The statement's fingerprint (``insight.fingerprint.fingerprint``)."""
