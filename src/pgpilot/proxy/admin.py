@@ -486,11 +486,10 @@ class AdminSession:
         if not args:
             return None
         name = args[0]
-        if name in self.pooler.config.databases or any(
-                p.db_name == name for p in self.pooler.pools.values()):
+        # Configured, or served by the "*" fallback and in use (as PgBouncer's auto-databases).
+        if name != "*" and (name in self.pooler.config.databases or any(
+                p.db_name == name for p in self.pooler.pools.values())):
             return name
-        if name != "*" and self.pooler.config.database_for(name) is not None:
-            return name  # served by the "*" fallback, not yet used
         raise AdminError("3D000", f'no such database: "{name}"')
 
     # -- SHOW ---------------------------------------------------------------------------------
