@@ -35,7 +35,7 @@ from pgpilot.wire.framing import (
     parse_startup_packet,
 )
 
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=40, deadline=None)
 
 FRONTEND_TYPES = [v for k, v in vars(m.F).items() if k.isupper()]
 BACKEND_TYPES = [v for k, v in vars(m.B).items() if k.isupper()]
@@ -280,7 +280,7 @@ def test_huge_uninteresting_message_streams_with_constant_memory() -> None:
     assert not reader.mid_message
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.binary(max_size=400), interesting=st.sampled_from(FRONTEND_SUBSETS),
        cuts=st.lists(st.integers(0, 400), max_size=6))
 def test_garbage_only_ever_raises_protocol_error(data: bytes,
@@ -327,7 +327,7 @@ STARTUP_PACKETS: st.SearchStrategy[tuple[StartupPacket, bytes]] = st.one_of(
 )
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(packets=st.lists(STARTUP_PACKETS, min_size=1, max_size=4),
        rest=st.binary(max_size=50), data=st.data())
 def test_startup_packets_any_split(packets: list[tuple[StartupPacket, bytes]], rest: bytes,
@@ -425,7 +425,7 @@ def test_malformed_startup_packet_is_refused(raw: bytes) -> None:
         reader.next_packet()
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(data=st.binary(max_size=200), cuts=st.lists(st.integers(0, 200), max_size=5))
 def test_startup_garbage_only_ever_raises_protocol_error(data: bytes, cuts: list[int]) -> None:
     reader = StartupReader()

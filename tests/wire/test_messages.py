@@ -385,14 +385,14 @@ def test_every_truncation_is_parsed_or_refused(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", PARSERS)
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(data=st.binary(max_size=120))
 def test_random_bytes_only_ever_raise_protocol_error(name: str, data: bytes) -> None:
     parse_or_protocol_error(PARSERS[name], data)
 
 
 @pytest.mark.parametrize("name", PARSERS)
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_mutated_bodies_only_ever_raise_protocol_error(name: str, data: st.DataObject) -> None:
     body = bytearray(VALID_BODIES[name])
