@@ -80,29 +80,36 @@ def expected(msgs: Sequence[tuple[int, bytes]],
 
 
 def read_all(reader: MessageReader, chunks: Sequence[bytes], wrap: str = "bytes",
-             boundaries: set[int] | None = None) -> list[Message]:
-    """Feed every chunk; after each, check the reader's view of where it stands."""
+             boundaries: Sequence[int] | None = None) -> list[Message]:
+    """Feed every chunk; after each, check the reader's view of where it stands.
+
+    ``boundaries``: where each message of the stream ends; ``reader.ends`` (offsets in the
+    data just fed) must point at exactly those.
+    """
     out: list[Message] = []
     fed = 0
+    ends: list[int] = []
     for chunk in chunks:
         data: bytes | bytearray | memoryview = (
             bytearray(chunk) if wrap == "bytearray"
             else memoryview(chunk) if wrap == "memoryview" else chunk)
-        out.extend(reader.feed(data))
+        got = reader.feed(data)
+        out.extend(got)
+        assert len(reader.ends) == len(got)
+        assert all(0 < e <= len(chunk) for e in reader.ends)
+        ends.extend(fed + e for e in reader.ends)
         fed += len(chunk)
         if boundaries is not None:
-            assert reader.mid_message == (fed not in boundaries)
+            assert reader.mid_message == (fed not in {0, *boundaries})
+    if boundaries is not None:
+        assert ends == list(boundaries)
     return out
 
 
 def check_stream(msgs: list[tuple[int, bytes]], interesting: frozenset[int] | None,
                  data: st.DataObject) -> None:
     stream = b"".join(frame(t, b) for t, b in msgs)
-    boundaries = {0}
-    pos = 0
-    for t, b in msgs:
-        pos += len(frame(t, b))
-        boundaries.add(pos)
+    boundaries = list(itertools.accumulate(len(frame(t, b)) for t, b in msgs))
     chunks = data.draw(chunked(stream))
     wrap = data.draw(st.sampled_from(["bytes", "bytearray", "memoryview"]))
     reader = MessageReader(interesting)
