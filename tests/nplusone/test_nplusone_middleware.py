@@ -144,3 +144,29 @@ def test_wsgi_scope_covers_a_lazily_iterated_body(
     logged = [record.getMessage() for record in caplog.records if record.name == "pgpilot.nplusone"]
     assert len(logged) == 1
     assert "GET /lazy-body: N+1" in logged[0]
+
+
+async def test_asgi_logs_the_findings_of_a_failing_request(
+    async_engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        async with AsyncSession(async_engine) as session:
+            for customer in (await session.scalars(select(Customer))).all():
+                await customer.awaitable_attrs.orders
+        raise RuntimeError("the handler failed after its loop")
+
+    async def receive() -> MutableMapping[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        return None
+
+    request = {"type": "http", "method": "POST", "path": "/orders", "headers": []}
+    with (
+        caplog.at_level(logging.WARNING, logger="pgpilot.nplusone"),
+        pytest.raises(RuntimeError, match="after its loop"),
+    ):
+        await ASGIMiddleware(app)(request, receive, send)
+    logged = [record.getMessage() for record in caplog.records if record.name == "pgpilot.nplusone"]
+    assert len(logged) == 1
+    assert logged[0].startswith("POST /orders: N+1")

@@ -26,6 +26,7 @@ from pgpilot.nplusone.core import (
     NPlusOneError,
     NPlusOneWarning,
     Report,
+    detach,
     detect,
 )
 from pgpilot.nplusone.middleware import ASGIMiddleware, WSGIMiddleware
@@ -41,6 +42,7 @@ __all__ = [
     "NPlusOneWarning",
     "Report",
     "WSGIMiddleware",
+    "detach",
     "detect",
     "unwatch",
     "watch",

@@ -101,9 +101,14 @@ class ASGIMiddleware:
             await self.app(scope, receive, send)  # lifespan: not a request
             return
         request = f"{scope.get('method', 'WS')} {scope.get('path', '')}"
-        with self.options.detection() as report:
-            await self.app(scope, receive, send)
-        self.options.finish(request, report)
+        detection = self.options.detection()
+        try:
+            with detection:
+                await self.app(scope, receive, send)
+        finally:
+            # Log what the request did even when it failed: the failure may be the N+1's.
+            if detection.report is not None:
+                self.options.finish(request, detection.report)
 
 
 class WSGIMiddleware:
@@ -145,6 +150,7 @@ class WSGIMiddleware:
                 body = self.app(environ, start_response)
         except BaseException as exc:
             detection.finish(type(exc))
+            self.options.finish(request, report)
             raise
         return _ScopedBody(body, detection, lambda: self.options.finish(request, report))
 
