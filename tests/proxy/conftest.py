@@ -153,3 +153,27 @@ def proxy_factory(pg_params: dict[str, str], tmp_path: Path) -> Iterator[Callabl
 def proxy(proxy_factory: Callable[..., RunningProxy]) -> RunningProxy:
     """A transaction-mode pooler, pool size 5, trust auth."""
     return proxy_factory()
+
+
+PGBENCH_DB = "pgpilot_pgbench"
+
+
+@pytest.fixture(scope="session")
+def pgbench_db(pg_dsn: str) -> str:
+    """A database of its own holding pgbench's tables (scale 1), initialized once."""
+    import subprocess
+
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        exists = conn.execute("select 1 from pg_database where datname = %s",
+                              [PGBENCH_DB]).fetchone()
+        if not exists:
+            conn.execute(f'create database "{PGBENCH_DB}"')
+    params = conninfo_to_dict(pg_dsn)
+    params["dbname"] = PGBENCH_DB
+    init = subprocess.run(["pgbench", "-i", "-q", "-s", "1", make_conninfo(**params)],
+                          capture_output=True, text=True, timeout=300)
+    assert init.returncode == 0, init.stderr
+    return PGBENCH_DB

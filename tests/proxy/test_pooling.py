@@ -58,13 +58,10 @@ def test_psql(proxy_factory, mode: str) -> None:
                                            ("transaction", "extended"),
                                            ("statement", "simple"),
                                            ("session", "extended")])
-def test_pgbench(proxy_factory, pg_dsn: str, mode: str, protocol: str) -> None:
-    init = subprocess.run(["pgbench", "-i", "-q", "-s", "1", "--foreign-keys", pg_dsn],
-                          capture_output=True, text=True, timeout=120)
-    assert init.returncode == 0, init.stderr
+def test_pgbench(proxy_factory, pgbench_db: str, mode: str, protocol: str) -> None:
     proxy = proxy_factory(pool_mode=mode, default_pool_size=4)
     args = ["pgbench", "-n", "-c", "12", "-j", "2", "-t", "50", "-M", protocol,
-            "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "postgres", "test"]
+            "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "postgres", pgbench_db]
     if mode == "statement":
         args.insert(1, "-S")
     out = subprocess.run(args, capture_output=True, text=True, timeout=120)

@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pgpilot.proxy.auth import AuthFailed, ClientAuth, client_auth_for
+from pgpilot.proxy.prepared import StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.states import ClientState, check_client_move
 from pgpilot.wire import messages as m
@@ -47,6 +48,7 @@ CLIENT_TYPES = frozenset({F.QUERY, F.SYNC, F.PARSE, F.BIND, F.EXECUTE, F.DESCRIB
                           F.FLUSH, F.TERMINATE, F.FUNCTION_CALL, F.COPY_DONE, F.COPY_FAIL})
 # Messages of the extended protocol that leave work pending until the next Sync.
 UNSYNCED_TYPES = frozenset({F.PARSE, F.BIND, F.EXECUTE, F.DESCRIBE, F.CLOSE})
+TERMINATE = m.terminate()
 # Startup parameters every client may send without the pooler rejecting it.
 ALWAYS_ACCEPTED = frozenset({"user", "database"})
 
@@ -91,6 +93,8 @@ class ClientConnection(asyncio.Protocol):
         # Password messages are small; PostgreSQL caps SASL tokens at 64 kB.
         self._auth_reader = MessageReader(max_body=65_536)
         self._pending = bytearray()  # bytes waiting for a server
+        self._held = b""  # start of a message that may need rewriting once complete
+        self.router: StatementRouter | None = None
         self._paused = False
         self._login_task: asyncio.Task[None] | None = None
         self.admin: AdminSession | None = None  # set for admin console connections
@@ -280,6 +284,8 @@ class ClientConnection(asyncio.Protocol):
         assert db is not None
         self.pool = self.pooler.get_pool(db, self.database, self.user)
         self.pool.clients.add(self)
+        if self.pool.mode != "session" and cfg.max_prepared_statements > 0:
+            self.router = StatementRouter(cfg.max_prepared_statements)
         if self.pool.welcome_params is not None:
             self._welcome(self.pool.welcome_params)
             return
@@ -322,6 +328,22 @@ class ClientConnection(asyncio.Protocol):
 
     # -- queries ----------------------------------------------------------------------------
     def _query_data(self, data: bytes) -> None:
+        if self.server is None and self.admin is None:
+            # Nothing is read until a server is there to take it (the bytes are kept);
+            # a lone Terminate needs no server at all.
+            if not self._pending and data == TERMINATE:
+                self.close()
+                return
+            self._pending += data
+            if self.state is ClientState.ACTIVE:
+                assert self.pool is not None
+                self.pause_reading()
+                self.pool.request(self)
+            return
+        self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
+        """Read what matters of the client's bytes and send them to its server."""
         msgs = self._reader.feed(data)
         terminate = False
         for mtype, body in msgs:
@@ -344,22 +366,34 @@ class ClientConnection(asyncio.Protocol):
         if self.admin is not None:
             self.admin.handle(msgs)  # type: ignore[attr-defined]
             return
-        if terminate:
-            # Everything before Terminate still goes to the server (rarely anything).
-            if len(data) > 5 and self.server is not None:
-                self.server.write(data[:-5])
-            self.close()
-            return
         server = self.server
-        if server is not None:
-            server.write(data)
-            self._count_bytes(len(data), 0)
-            return
-        self._pending += data
-        if self.state is ClientState.ACTIVE:
-            assert self.pool is not None
-            self.pause_reading()
-            self.pool.request(self)
+        assert server is not None
+        if terminate:
+            # Terminate ends the stream: what came before it still goes to the server.
+            msgs = msgs[:-1]
+            data = data[:self._reader.ends[-2]] if len(self._reader.ends) > 1 else b""
+            self._reader.ends = self._reader.ends[:-1]
+        router = self.router
+        if router is None:
+            if data:
+                server.write(data)
+        else:
+            continued = self._held
+            out, tail = router.client_chunk(data, msgs, self._reader.ends, continued, server)
+            if not msgs:
+                tail = continued + tail
+            if tail and self._reader.skipping:
+                out += tail  # the body of a message nobody rewrites: let it stream
+                tail = b""
+            self._held = tail
+            if out:
+                server.write(out)
+            due = router.replies_due()
+            if due:
+                self.write(due)
+        self._count_bytes(len(data), 0)
+        if terminate:
+            self.close()
 
     def start_waiting(self) -> None:
         if self.state is ClientState.ACTIVE:
@@ -410,8 +444,7 @@ class ClientConnection(asyncio.Protocol):
         if self._pending:
             data = bytes(self._pending)
             self._pending.clear()
-            server.write(data)
-            self._count_bytes(len(data), 0)
+            self._forward(data)
         self.resume_reading()
 
     def _count_bytes(self, received: int, sent: int) -> None:
@@ -450,7 +483,12 @@ class ClientConnection(asyncio.Protocol):
             self.fail("08P01", "transaction blocks not allowed in statement pooling mode",
                       hint="Use autocommit statements, or a pool in transaction mode.")
             return
-        self.write(data)
+        if self.router is not None:
+            reader = server.reader
+            self.write(self.router.server_chunk(data, msgs, reader.ends, server,
+                                                reader.skipping))
+        else:
+            self.write(data)
         if stats is not None:
             stats.bytes_sent += len(data)
         if release:

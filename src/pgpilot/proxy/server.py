@@ -9,6 +9,7 @@ the pooler's own (reset, health check, parameter sync, rollback) whose results n
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -72,7 +73,11 @@ class ServerConnection(asyncio.Protocol):
         self.local_addr = ""
         self.local_port = 0
         self.close_needed = False  # RECONNECT / reload: close instead of reuse
-        self._reader = MessageReader()  # every body is read during login
+        # Server-side prepared statements (pgpilot_<hash> names), least recently used first,
+        # and those to close before the next use (their table changed under them).
+        self.prepared: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.stale_statements: set[str] = set()
+        self.reader = MessageReader()  # every body is read during login
         self._login: ServerLogin | None = None
         self.login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._internal_cb: InternalCallback | None = None
@@ -108,7 +113,7 @@ class ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            msgs = self._reader.feed(data)
+            msgs = self.reader.feed(data)
         except ProtocolError as exc:
             self.fail(f"server sent invalid data: {exc}")
             return
@@ -163,7 +168,7 @@ class ServerConnection(asyncio.Protocol):
                     self.fail(fields.get("M", "login failed"), fields.get("C", "08006"))
                     return
                 elif mtype == m.B.READY_FOR_QUERY:
-                    self._reader = MessageReader(LINKED_TYPES)
+                    self.reader = MessageReader(LINKED_TYPES)
                     rest = msgs[i + 1:]
                     if rest:
                         self.fail("server sent data after ReadyForQuery during login")
@@ -187,6 +192,10 @@ class ServerConnection(asyncio.Protocol):
         self._internal_cb = callback
         self._internal_error = None
         self._internal_pending = 1
+        lowered = sql.lower()
+        if "discard all" in lowered or "deallocate" in lowered:
+            self.prepared.clear()
+            self.stale_statements.clear()
         self.transport.write(m.query(sql))
 
     def _internal_messages(self, msgs: list[tuple[int, bytes | None]]) -> None:

@@ -191,6 +191,11 @@ class MessageReader:
         """True while a message has started but not ended."""
         return bool(self._buf) or self._skip_remaining > 0
 
+    @property
+    def skipping(self) -> bool:
+        """True while inside the body of a message that passes without being kept."""
+        return self._skip_remaining > 0
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         out: list[Message] = []
         ends: list[int] = []

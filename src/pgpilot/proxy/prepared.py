@@ -1,0 +1,292 @@
+"""Protocol-level prepared statements under transaction pooling.
+
+A client that prepares ``stmt1`` expects to find it on "its" connection, but in transaction
+mode each transaction may run on another server. So the pooler keeps, per client, what each of
+its statement names means (the Parse it sent), and gives every distinct statement (SQL text and
+parameter types) one server-side name, ``pgpilot_<hash>``, shared by all clients. Per server it
+remembers which of those names exist there (at most ``max_prepared_statements``, least recently
+used closed first).
+
+Then, message by message:
+
+- Parse "stmt1": remembered. Sent as Parse "pgpilot_<hash>" only if this server lacks it;
+  otherwise not sent at all and the client gets its ParseComplete from the pooler.
+- Bind / Describe of "stmt1": renamed; if the server lacks the statement, a Parse is slipped in
+  before, whose ParseComplete the client never sees.
+- Close "stmt1": forgotten and answered by the pooler (the server's copy stays for others).
+
+Answers the pooler makes up, or swallows, must sit exactly where the client expects them in the
+response stream, so the router keeps a queue of what each forwarded message will be answered
+with (PostgreSQL answers strictly in order, and after an error skips to the next Sync).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pgpilot.wire import messages as m
+
+if TYPE_CHECKING:
+    from pgpilot.proxy.server import ServerConnection
+
+F = m.F
+B = m.B
+
+# What a forwarded (or made-up) request is answered with.
+QUERY = 0  # simple Query or FunctionCall: everything up to ReadyForQuery
+PARSE = 1  # ParseComplete
+BIND = 2  # BindComplete
+DESCRIBE = 3  # [ParameterDescription] RowDescription | NoData
+EXECUTE = 4  # rows, then CommandComplete | EmptyQueryResponse | PortalSuspended
+CLOSE = 5  # CloseComplete
+SYNC = 6  # ReadyForQuery
+FAKE_PARSE = 7  # the pooler answers ParseComplete itself
+FAKE_CLOSE = 8  # the pooler answers CloseComplete itself
+SWALLOW_PARSE = 9  # the pooler's own Parse: its ParseComplete is dropped
+SWALLOW_CLOSE = 10  # the pooler's own Close: its CloseComplete is dropped
+
+_ENDS: dict[int, frozenset[int]] = {
+    QUERY: frozenset({B.READY_FOR_QUERY}),
+    PARSE: frozenset({B.PARSE_COMPLETE}),
+    SWALLOW_PARSE: frozenset({B.PARSE_COMPLETE}),
+    BIND: frozenset({B.BIND_COMPLETE}),
+    DESCRIBE: frozenset({B.ROW_DESCRIPTION, B.NO_DATA}),
+    EXECUTE: frozenset({B.COMMAND_COMPLETE, B.EMPTY_QUERY, B.PORTAL_SUSPENDED}),
+    CLOSE: frozenset({B.CLOSE_COMPLETE}),
+    SWALLOW_CLOSE: frozenset({B.CLOSE_COMPLETE}),
+    SYNC: frozenset({B.READY_FOR_QUERY}),
+}
+_FAKE_REPLY = {FAKE_PARSE: m.parse_complete(), FAKE_CLOSE: m.close_complete()}
+# Messages a server may send at any time, answering nothing.
+_ASYNC = frozenset({B.NOTICE_RESPONSE, B.NOTIFICATION, B.PARAMETER_STATUS})
+_RESULT_CHANGED = "cached plan must not change result type"
+
+
+@dataclass(slots=True)
+class ClientStatement:
+    server_name: str
+    server_parse: bytes  # the whole Parse message under the server-side name
+
+
+def server_statement_name(parse: m.Parse) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(parse.sql.encode())
+    digest.update(b"\x00" + ",".join(map(str, parse.param_types)).encode())
+    return "pgpilot_" + digest.hexdigest()
+
+
+Entry = tuple[int, str | None]  # (what answers it, server-side statement name or None)
+
+
+class StatementRouter:
+    """One client's statement names, and the answers owed to it on its current server."""
+
+    __slots__ = ("held", "max_prepared", "outstanding", "statements")
+
+    def __init__(self, max_prepared: int) -> None:
+        self.max_prepared = max_prepared
+        self.statements: dict[str, ClientStatement] = {}
+        self.outstanding: collections.deque[Entry] = collections.deque()
+        self.held = b""  # server bytes of a message not yet complete
+
+    # -- client to server -----------------------------------------------------------------
+    def client_chunk(self, data: bytes, msgs: list[tuple[int, bytes | None]],
+                     ends: list[int], continued: bytes, server: ServerConnection,
+                     ) -> tuple[bytes, bytes]:
+        """Rewrite a client chunk for ``server``.
+
+        ``continued`` holds the bytes of the first message that arrived in earlier chunks and
+        were not sent yet. Returns (bytes for the server, bytes held back: the start of a
+        message not complete yet).
+        """
+        out = bytearray()
+        outstanding = self.outstanding
+        prev = 0
+        for (mtype, body), end in zip(msgs, ends, strict=True):
+            raw = data[prev:end]
+            if prev == 0 and continued:
+                raw = continued + raw
+            prev = end
+            if mtype == F.SYNC:
+                outstanding.append((SYNC, None))
+                out += raw
+            elif mtype == F.BIND and body is not None:
+                bind = m.parse_bind(body)
+                stmt = self.statements.get(bind.statement) if bind.statement else None
+                if stmt is None:
+                    outstanding.append((BIND, None))
+                    out += raw
+                else:
+                    out += self._ensure_on_server(stmt, server)
+                    outstanding.append((BIND, stmt.server_name))
+                    out += m.bind_message(bind.portal, stmt.server_name, bind.rest)
+            elif mtype == F.EXECUTE:
+                outstanding.append((EXECUTE, None))
+                out += raw
+            elif mtype == F.PARSE and body is not None:
+                out += self._parse(body, raw, server)
+            elif mtype == F.DESCRIBE and body is not None:
+                kind, name = m.parse_close_or_describe(body, "Describe")
+                stmt = self.statements.get(name) if kind == "S" and name else None
+                if stmt is None:
+                    outstanding.append((DESCRIBE, None))
+                    out += raw
+                else:
+                    out += self._ensure_on_server(stmt, server)
+                    outstanding.append((DESCRIBE, stmt.server_name))
+                    out += m.describe_message("S", stmt.server_name)
+            elif mtype == F.CLOSE and body is not None:
+                kind, name = m.parse_close_or_describe(body, "Close")
+                if kind == "S" and name:
+                    # Answered here: the server's copy stays for the other clients.
+                    self.statements.pop(name, None)
+                    outstanding.append((FAKE_CLOSE, None))
+                else:
+                    outstanding.append((CLOSE, None))
+                    out += raw
+            elif mtype in (F.QUERY, F.FUNCTION_CALL):
+                outstanding.append((QUERY, None))
+                if mtype == F.QUERY and body is not None and _drops_statements(body):
+                    self.statements.clear()
+                    server.prepared.clear()
+                out += raw
+            else:
+                out += raw  # Flush, CopyData/Done/Fail: no answer of their own
+        return bytes(out), data[prev:] if prev < len(data) else b""
+
+    def _parse(self, body: bytes, raw: bytes, server: ServerConnection) -> bytes:
+        parse = m.parse_parse(body)
+        if not parse.name:
+            self.outstanding.append((PARSE, None))
+            return raw
+        server_name = server_statement_name(parse)
+        stmt = ClientStatement(server_name, m.parse_message(server_name, parse.sql,
+                                                            parse.param_types))
+        # PostgreSQL would refuse to redefine a name; the pooler lets the newest Parse win.
+        self.statements[parse.name] = stmt
+        if server_name in server.prepared:
+            server.prepared.move_to_end(server_name)
+            self.outstanding.append((FAKE_PARSE, None))
+            return b""
+        out = self._make_room(server)
+        server.prepared[server_name] = None
+        self.outstanding.append((PARSE, server_name))
+        return out + stmt.server_parse
+
+    def _ensure_on_server(self, stmt: ClientStatement, server: ServerConnection) -> bytes:
+        """The Parse to slip in first when ``server`` lacks the statement (else nothing)."""
+        if stmt.server_name in server.prepared:
+            server.prepared.move_to_end(stmt.server_name)
+            return b""
+        out = self._make_room(server)
+        server.prepared[stmt.server_name] = None
+        self.outstanding.append((SWALLOW_PARSE, stmt.server_name))
+        return out + stmt.server_parse
+
+    def _make_room(self, server: ServerConnection) -> bytes:
+        """Close statements the server must drop: stale ones, then the least recently used."""
+        out = b""
+        while server.stale_statements:
+            name = server.stale_statements.pop()
+            out += m.close_message("S", name)
+            self.outstanding.append((SWALLOW_CLOSE, name))
+        while self.max_prepared and len(server.prepared) >= self.max_prepared:
+            name, _ = server.prepared.popitem(last=False)
+            out += m.close_message("S", name)
+            self.outstanding.append((SWALLOW_CLOSE, name))
+        return out
+
+    def replies_due(self) -> bytes:
+        """Answers the pooler owes the client right now (nothing is pending before them)."""
+        out = b""
+        outstanding = self.outstanding
+        while outstanding and outstanding[0][0] in _FAKE_REPLY:
+            out += _FAKE_REPLY[outstanding.popleft()[0]]
+        return out
+
+    # -- server to client -----------------------------------------------------------------
+    def server_chunk(self, data: bytes, msgs: list[tuple[int, bytes | None]],
+                     ends: list[int], server: ServerConnection,
+                     streaming: bool) -> bytes:
+        """What the client gets of a server chunk: in order, with made-up answers added and
+        the pooler's own answers removed. ``streaming`` says the chunk ends inside a message
+        that passes without being kept (its bytes can go now)."""
+        outstanding = self.outstanding
+        if not outstanding and not self.held:
+            return data
+        out = bytearray()
+        prev = 0
+        for (mtype, body), end in zip(msgs, ends, strict=True):
+            raw = data[prev:end]
+            if prev == 0 and self.held:
+                raw = self.held + raw
+                self.held = b""
+            prev = end
+            if mtype == B.DATA_ROW or mtype in _ASYNC or not outstanding:
+                out += raw
+                continue
+            out += self.replies_due()
+            if not outstanding:
+                out += raw
+                continue
+            kind, name = outstanding[0]
+            if mtype == B.ERROR_RESPONSE:
+                out += self._error(kind, name, body, raw, server)
+                continue
+            if mtype in _ENDS.get(kind, ()):
+                outstanding.popleft()
+                if kind in (SWALLOW_PARSE, SWALLOW_CLOSE):
+                    continue
+            out += raw
+            out += self.replies_due()
+        tail = data[prev:]
+        if tail:
+            if streaming:
+                out += self.held + tail
+                self.held = b""
+            else:
+                self.held += tail
+        return bytes(out)
+
+    def _error(self, kind: int, name: str | None, body: bytes | None, raw: bytes,
+               server: ServerConnection) -> bytes:
+        outstanding = self.outstanding
+        text = body.decode(errors="replace") if body is not None else ""
+        if kind == QUERY:
+            if _RESULT_CHANGED in text:
+                server.prepared.clear()
+            return raw
+        # PostgreSQL skips everything up to the next Sync: so do the answers owed.
+        first = True
+        reply = raw
+        while outstanding and outstanding[0][0] not in (SYNC, QUERY):
+            k, n = outstanding.popleft()
+            if k in (PARSE, SWALLOW_PARSE) and n is not None:
+                server.prepared.pop(n, None)  # never created
+            elif k == SWALLOW_CLOSE and n is not None and not first:
+                server.prepared[n] = None  # never closed: still there
+            elif first and n is not None and k in (BIND, DESCRIBE, EXECUTE) \
+                    and _RESULT_CHANGED in text and body is not None:
+                # A table changed under the statement: drop the server's copy, so the
+                # client's next attempt re-prepares it, and say so.
+                server.prepared.pop(n, None)
+                server.stale_statements.add(n)
+                fields = m.parse_error_fields(body)
+                reply = m.error_response(
+                    fields.get("C", "0A000"), fields.get("M", _RESULT_CHANGED),
+                    severity=fields.get("S", "ERROR"),
+                    hint="A table used by this prepared statement changed since it was "
+                         "prepared. pgpilot has dropped the server's copy: run the statement "
+                         "again (or prepare it again) and it will be planned afresh.")
+            first = False
+        return reply
+
+
+def _drops_statements(query_body: bytes) -> bool:
+    """DEALLOCATE ALL / DISCARD ALL drop every prepared statement of the session."""
+    head = query_body[:40].lower()
+    return (head.lstrip().startswith((b"deallocate all", b"deallocate prepare all",
+                                      b"discard all")))

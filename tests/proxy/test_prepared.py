@@ -1,0 +1,150 @@
+"""Protocol-level prepared statements through transaction pooling, with real drivers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.proxy.conftest import RunningProxy
+
+
+async def test_asyncpg_statement_cache_many_clients_few_servers(proxy_factory) -> None:
+    proxy = proxy_factory(default_pool_size=3)
+
+    async def worker(n: int) -> int:
+        conn = await asyncpg.connect(proxy.dsn())  # default statement cache on
+        try:
+            total = 0
+            for i in range(20):
+                assert await conn.fetchval("select $1::int + $2::int", n, i) == n + i
+                row = await conn.fetchrow("select $1::text as t, $2::int as i", f"c{n}", i)
+                assert row is not None and row["t"] == f"c{n}" and row["i"] == i
+                async with conn.transaction():
+                    assert await conn.fetchval("select $1::int * 2", i) == 2 * i
+                total += 1
+            stmt = await conn.prepare("select $1::int - 1")
+            assert await stmt.fetchval(10) == 9
+            return total
+        finally:
+            await conn.close()
+
+    assert await asyncio.gather(*(worker(n) for n in range(24))) == [20] * 24
+    assert proxy.server_count() <= 3
+
+
+def test_pgbench_prepared(proxy_factory, pgbench_db: str) -> None:
+    proxy = proxy_factory(default_pool_size=3)
+    # One thread per client: pgbench prepares synchronously, so a single thread driving many
+    # clients would wait on itself (as through any transaction pooler).
+    for script in (["-S"], []):
+        out = subprocess.run(
+            ["pgbench", "-n", "-c", "10", "-j", "10", "-t", "30", "-M", "prepared", *script,
+             "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "postgres", pgbench_db],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert "actually processed: 300/300" in out.stdout
+        assert "failed transactions: 0" in out.stdout
+        assert "already exists" not in out.stderr
+    assert proxy.server_count() <= 3
+
+
+def server_statement_count(conn: psycopg.Connection) -> int:
+    row = conn.execute(
+        "select count(*) from pg_prepared_statements where name like 'pgpilot_%%'",
+        prepare=False).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_max_prepared_statements_evicts_least_recently_used(proxy_factory) -> None:
+    proxy = proxy_factory(default_pool_size=1, max_prepared_statements=3)
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for i in range(8):
+            assert conn.execute(f"select {i} + %s::int", [1]).fetchone() == (i + 1,)
+            assert server_statement_count(conn) <= 3
+        # statements evicted on the server are prepared again transparently
+        for i in range(8):
+            assert conn.execute(f"select {i} + %s::int", [2]).fetchone() == (i + 2,)
+
+
+def test_statements_shared_between_clients_on_one_server(proxy_factory) -> None:
+    proxy = proxy_factory(default_pool_size=1)
+    a = psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0)
+    b = psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0)
+    try:
+        assert a.execute("select 'shared', %s::int", [1]).fetchone() == ("shared", 1)
+        assert b.execute("select 'shared', %s::int", [2]).fetchone() == ("shared", 2)
+        assert a.execute("select 'shared', %s::int", [3]).fetchone() == ("shared", 3)
+        # one server-side statement (plus the counting query's own) serves both clients
+        names = a.execute("select name from pg_prepared_statements "
+                          "where statement like '%%shared%%' and name like 'pgpilot_%%' "
+                          "and statement not like '%%pg_prepared%%'"
+                          ).fetchall()
+        assert len(names) == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_close_is_answered_locally_and_name_can_be_reused(proxy: RunningProxy) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(proxy.dsn(), statement_cache_size=0)
+        try:
+            for i in range(3):
+                stmt = await conn.prepare(f"select {i}::int + $1::int")
+                assert await stmt.fetchval(1) == i + 1
+                del stmt
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_deallocate_all_and_discard_all(proxy_factory) -> None:
+    proxy = proxy_factory(default_pool_size=1)
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        conn.execute("select 101 + %s::int", [1])
+        assert server_statement_count(conn) >= 1
+        conn.execute("deallocate all")
+        assert server_statement_count(conn) == 0
+        # the client's statement is prepared again where needed
+        assert conn.execute("select 101 + %s::int", [1]).fetchone() == (102,)
+        conn.execute("discard all")
+        assert server_statement_count(conn) == 0
+        assert conn.execute("select 101 + %s::int", [2]).fetchone() == (103,)
+
+
+def test_ddl_changing_result_type_says_how_to_recover(proxy_factory, pg_dsn: str) -> None:
+    proxy = proxy_factory(default_pool_size=1)
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("drop table if exists pgp_ddl; create table pgp_ddl (a int)")
+        admin.execute("insert into pgp_ddl values (1)")
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        assert conn.execute("select * from pgp_ddl where a = %s", [1]).fetchall() == [(1,)]
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("alter table pgp_ddl add column b text default 'x'")
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+            conn.execute("select * from pgp_ddl where a = %s", [1])
+        assert "run the statement again" in (err.value.diag.message_hint or "")
+        # ... and running it again works
+        conn.execute("deallocate all")  # psycopg's own cache of the name
+        assert conn.execute("select * from pgp_ddl where a = %s", [1]).fetchall() == [(1, "x")]
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("drop table pgp_ddl")
+
+
+def test_errors_in_pipelines_keep_statements_consistent(proxy: RunningProxy) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        with pytest.raises(psycopg.errors.SyntaxError):
+            conn.execute("selec 1 + %s::int", [1])
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute("select * from no_such_table_pgp where x = %s", [1])
+        for i in range(5):
+            assert conn.execute("select %s::int * 3", [i]).fetchone() == (i * 3,)
+        with conn.pipeline():
+            curs = [conn.execute("select %s::int + 100", [i]) for i in range(10)]
+        assert [c.fetchone() for c in curs] == [(i + 100,) for i in range(10)]
