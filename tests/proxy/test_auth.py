@@ -439,6 +439,18 @@ def test_stored_secret_is_not_a_password() -> None:
                 drive(client_auth_for(auth_type, USER, SECRETS[form]), SECRETS[form])
 
 
+@pytest.mark.parametrize("auth_type", ["plain", "md5", "scram-sha-256"])
+def test_empty_password_never_logs_in(auth_type: str) -> None:
+    """As PgBouncer ("disallow empty passwords") and PostgreSQL."""
+    with pytest.raises(AuthFailed):
+        drive(client_auth_for(auth_type, USER, ""), "")
+    if auth_type != "plain":
+        with pytest.raises(AuthFailed):
+            run_libpq_scram(ScramAuth(USER, ""), "")
+    with pytest.raises(AuthFailed):
+        run_cleartext(CleartextAuth(USER, SECRETS["plain"]), "")
+
+
 def test_md5_exchange_refuses_a_scram_secret() -> None:
     with pytest.raises(ValueError):
         Md5Auth(USER, SECRETS["scram"])

@@ -152,7 +152,11 @@ def _is_attr(part: str) -> bool:
 
 
 class ClientAuth:
-    """One authentication exchange with a client."""
+    """One authentication exchange with a client.
+
+    As PgBouncer and PostgreSQL: an empty password never logs in, whether the client sends one
+    or the auth file holds one.
+    """
 
     def start(self) -> bytes:
         raise NotImplementedError
@@ -175,7 +179,7 @@ class CleartextAuth(ClientAuth):
 
     def step(self, body: bytes) -> tuple[bytes, bool]:
         given = m.parse_password_message(body)
-        if not check_plain(self.user, given, self.secret):
+        if not given or not self.secret or not check_plain(self.user, given, self.secret):
             raise AuthFailed(f'password authentication failed for user "{self.user}"')
         return b"", True
 
@@ -186,6 +190,7 @@ class Md5Auth(ClientAuth):
             # Taking it for a plain password would let the secret itself log in.
             raise ValueError("a SCRAM secret cannot answer an md5 exchange; use ScramAuth")
         self.user = user
+        self.empty = not secret
         self.salt = secrets.token_bytes(4)
         # The md5 exchange needs the md5 secret; a plain password gives it.
         self.secret = secret if is_md5_secret(secret) else md5_secret(user, secret)
@@ -195,7 +200,8 @@ class Md5Auth(ClientAuth):
 
     def step(self, body: bytes) -> tuple[bytes, bool]:
         given = m.parse_password_message(body)
-        if not hmac.compare_digest(given.encode(), md5_response(self.secret, self.salt).encode()):
+        if self.empty or not hmac.compare_digest(given.encode(),
+                                                 md5_response(self.secret, self.salt).encode()):
             raise AuthFailed(f'password authentication failed for user "{self.user}"')
         return b"", True
 
@@ -211,6 +217,7 @@ class ScramAuth(ClientAuth):
 
     def __init__(self, user: str, secret: str) -> None:
         self.user = user
+        self.empty = not secret
         parsed = parse_scram_secret(secret)
         # A plain password gets a fresh secret, as PostgreSQL does for plaintext passwords.
         self.secret = parsed if parsed is not None else _make_scram_secret(secret)
@@ -286,7 +293,8 @@ class ScramAuth(ClientAuth):
             (self._client_first_bare, self._server_first, ",".join(parts[:-1]))).encode()
         client_signature = _hmac(self.secret.stored_key, auth_message)
         client_key = bytes(a ^ b for a, b in zip(proof, client_signature, strict=True))
-        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.secret.stored_key):
+        if self.empty or not hmac.compare_digest(hashlib.sha256(client_key).digest(),
+                                                 self.secret.stored_key):
             raise AuthFailed(f'password authentication failed for user "{self.user}"')
         return _hmac(self.secret.server_key, auth_message)
 
