@@ -35,7 +35,7 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "correlated_subplan": (
         "SELECT c.id, (SELECT sum(p.amount) FROM payments p WHERE p.customer_id = c.id) "
         "FROM customers c WHERE c.id <= 150", [],
-        "LEFT JOIN (SELECT customer_id"),
+        "LEFT JOIN (SELECT p.customer_id"),
     "heap_fetches": (
         "SELECT v FROM unvacuumed WHERE v <= 5000",
         ["enable_seqscan = off", "enable_bitmapscan = off"],
@@ -157,3 +157,21 @@ def test_no_analyze_plan_has_costs_only(explain) -> None:
     assert not report.plan.analyzed
     assert report.summary()["analyzed"] is False
     assert "Estimated cost" in report.render()
+
+
+def test_correlated_subquery_fix_is_an_equivalent_join(explain, explain_dsn: str) -> None:
+    sql = ("SELECT c.id, (SELECT count(*) FROM payments p WHERE p.customer_id = c.id "
+           "AND p.amount > 100) AS n FROM customers c WHERE c.id <= 150 ORDER BY c.id")
+    report = analyze_plan(explain(sql, settings=[NO_PARALLEL]), sql=sql)
+    finding = next(f for f in report.findings if f.rule == "correlated_subplan")
+    assert finding.fix.startswith("rewrite it as a join, computed in one pass: SELECT")
+    rewritten = finding.fix.split(": ", 1)[1]
+    assert "LEFT JOIN (SELECT p.customer_id, count(*) AS value" in rewritten
+    assert "COALESCE(sub1.value, 0) AS n" in rewritten
+    with psycopg.connect(explain_dsn) as conn:
+        original_rows = conn.execute(sql.encode()).fetchall()
+        rewritten_rows = conn.execute(rewritten.encode()).fetchall()
+    assert original_rows == rewritten_rows
+    assert any(n == 0 for _, n in original_rows)  # rows without a match keep their 0
+    fixed = analyze_plan(explain(rewritten, settings=[NO_PARALLEL]), sql=rewritten)
+    assert "correlated_subplan" not in fixed.rules_fired

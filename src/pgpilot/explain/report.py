@@ -75,7 +75,7 @@ def analyze_plan(text_or_json: str | bytes | dict[str, Any] | list[Any], *,
             shape = query_shape(sql)
         except Exception:
             shape = None  # the plan alone still gives every finding
-    return Report(plan=plan, findings=run_rules(plan, shape), statement=sql)
+    return Report(plan=plan, findings=run_rules(plan, shape, sql), statement=sql)
 
 
 # ----------------------------------------------------------------------------------------------

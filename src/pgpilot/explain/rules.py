@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pgpilot.explain.model import Plan, PlanNode
-from pgpilot.explain.sqlinfo import Predicate, QueryShape, expression_predicates
+from pgpilot.explain.sqlinfo import Predicate, QueryShape, expression_predicates, join_rewrite
 
 # Severity by share of total time (cost without ANALYZE) of the place the finding concerns.
 CRITICAL_SHARE = 0.50
@@ -86,6 +86,7 @@ def severity_for(share: float) -> str | None:
 class Context:
     plan: Plan
     shape: QueryShape | None  # from the SQL text, when known
+    sql: str | None = None
 
     def finding(self, rule: str, node: PlanNode | None, share: float, message: str,
                 fix: str) -> Finding | None:
@@ -379,7 +380,11 @@ def correlated_subplan(ctx: Context) -> Iterator[Finding | None]:
         name = node.subplan_name or "SubPlan"
         message = (f"{name} ran {fmt_rows(loops)} times, once per outer row, "
                    f"{fmt_ms(node.inclusive_time)} in all")
-        fix = _join_rewrite(node, scan, correlation)
+        rewritten = join_rewrite(ctx.sql) if ctx.sql else None
+        if rewritten:
+            fix = f"rewrite it as a join, computed in one pass: {rewritten}"
+        else:
+            fix = _join_rewrite(node, scan, correlation)
         yield ctx.finding("correlated_subplan", node, ctx.plan.inclusive_share(node),
                           message, fix)
 
@@ -618,9 +623,10 @@ def join_filter_removed(ctx: Context) -> Iterator[Finding | None]:
 RULE_IDS: tuple[str, ...] = tuple(r.id for r in RULES)
 
 
-def run_rules(plan: Plan, shape: QueryShape | None = None) -> list[Finding]:
+def run_rules(plan: Plan, shape: QueryShape | None = None,
+              sql: str | None = None) -> list[Finding]:
     """All findings for ``plan``, most expensive first."""
-    ctx = Context(plan, shape)
+    ctx = Context(plan, shape, sql)
     findings = [f for r in RULES for f in r.check(ctx) if f is not None]
     findings.sort(key=lambda f: (-f.impact, f.node.node_id if f.node else 0))
     return findings

@@ -18,6 +18,7 @@ from pgpilot.explain.model import ExplainError
 
 EQUALITY_OPERATORS = {"="}
 RANGE_OPERATORS = {"<", ">", "<=", ">=", "~~", "~~*"}
+MAX_LISTED_VALUES = 20
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,11 @@ def classify(expr: Any) -> tuple[list[Predicate], list[tuple[str | None, str]]]:
             if part.kind in (kind_enum.AEXPR_IN, kind_enum.AEXPR_OP_ANY) or (
                 part.kind == kind_enum.AEXPR_OP and op in EQUALITY_OPERATORS
             ):
-                if part.kind == kind_enum.AEXPR_IN:
+                if part.kind == kind_enum.AEXPR_IN and len(value) > MAX_LISTED_VALUES:
+                    # Deparsing is per node and slow; a long IN list is never a partial
+                    # index's WHERE anyway, so it is only summarised.
+                    text = f"{name} IN (<{len(value)} values>)"
+                elif part.kind == kind_enum.AEXPR_IN:
                     text = f"{name} IN ({', '.join(_sql(v) for v in value)})"
                 else:
                     text = f"{name} = {_sql(value)}"
@@ -343,3 +348,109 @@ def expression_predicates(expression: str) -> tuple[list[Predicate], list[tuple[
         return [], []
     stmt: Any = statements[0].stmt
     return classify(stmt.whereClause)
+
+
+# Aggregates whose scalar subquery can move into a grouped LEFT JOIN; count needs a
+# coalesce to keep returning 0 for outer rows without a match.
+_MOVABLE_AGGREGATES = {"count", "sum", "min", "max", "avg", "bool_and", "bool_or",
+                       "string_agg", "array_agg", "every"}
+
+
+def join_rewrite(sql: str) -> str | None:
+    """``sql`` with its correlated scalar aggregate subqueries turned into LEFT JOINs.
+
+    ``SELECT c.id, (SELECT sum(p.amount) FROM payments p WHERE p.customer_id = c.id) FROM
+    customers c`` becomes ``SELECT c.id, sub1.value AS sum FROM customers c LEFT JOIN (SELECT
+    p.customer_id, sum(p.amount) AS value FROM payments p GROUP BY p.customer_id) AS sub1 ON
+    sub1.customer_id = c.id``: one pass over payments instead of one per customer. Only the
+    shapes where this is exactly equivalent are rewritten; None for anything else.
+    """
+    try:
+        stmt: Any = parse_statement(sql)
+    except ExplainError:
+        return None
+    if not isinstance(stmt, ast.SelectStmt) or len(stmt.fromClause or ()) != 1:
+        return None
+    outer: list[TableRef] = []
+    _tables(stmt.fromClause, outer)
+    outer_names = {t.alias for t in outer} | {t.name for t in outer}
+    from_item: Any = (stmt.fromClause or (None,))[0]
+    rewritten = 0
+    for target in stmt.targetList or ():
+        parts = _movable_subquery(target.val, outer_names)
+        if parts is None:
+            continue
+        inner_refs, outer_refs, aggregate, relation, local = parts
+        rewritten += 1
+        name = f"sub{rewritten}"
+        columns = ", ".join(_sql(ref) for ref in inner_refs)
+        derived = f"SELECT {columns}, {_sql(aggregate)} AS value FROM {_sql(relation)}"
+        if local:
+            derived += " WHERE " + " AND ".join(_sql(c) for c in local)
+        derived += f" GROUP BY {columns}"
+        on = " AND ".join(
+            f"{name}.{_names(i.fields)[-1]} = {_sql(o)}" for i, o in zip(inner_refs, outer_refs,
+                                                                          strict=True))
+        template: Any = parse_sql(f"SELECT 1 FROM x LEFT JOIN ({derived}) AS {name} ON {on}")
+        join = template[0].stmt.fromClause[0]
+        join.larg = from_item
+        from_item = join
+        function = _names(aggregate.funcname)[-1]
+        value = f"coalesce({name}.value, 0)" if function == "count" else f"{name}.value"
+        replacement: Any = parse_sql(f"SELECT {value}")
+        if target.name is None:
+            target.name = function  # the column keeps the name the subquery gave it
+        target.val = replacement[0].stmt.targetList[0].val
+    if not rewritten:
+        return None
+    stmt.fromClause = (from_item,)
+    return str(RawStream()(stmt))
+
+
+def _movable_subquery(value: Any, outer_names: set[str]) -> tuple[Any, ...] | None:
+    if not isinstance(value, ast.SubLink) or value.subLinkType != enums.SubLinkType.EXPR_SUBLINK:
+        return None
+    sub: Any = value.subselect
+    if (not isinstance(sub, ast.SelectStmt) or len(sub.fromClause or ()) != 1
+            or not isinstance((sub.fromClause or (None,))[0], ast.RangeVar) or sub.groupClause
+            or sub.havingClause or sub.limitCount or sub.limitOffset or sub.withClause
+            or len(sub.targetList or ()) != 1):
+        return None
+    first_target: Any = (sub.targetList or (None,))[0]
+    aggregate: Any = first_target.val
+    if (not isinstance(aggregate, ast.FuncCall) or aggregate.over is not None
+            or _names(aggregate.funcname)[-1] not in _MOVABLE_AGGREGATES):
+        return None
+    relation: Any = (sub.fromClause or (None,))[0]
+    inner_name = relation.alias.aliasname if relation.alias else relation.relname
+    inner_refs: list[Any] = []
+    outer_refs: list[Any] = []
+    local: list[Any] = []
+
+    def side(ref: Any) -> str | None:
+        if not isinstance(ref, ast.ColumnRef):
+            return None
+        names = _names(ref.fields)
+        if len(names) == 1 or names[-2] == inner_name:
+            return "inner"
+        return "outer" if names[-2] in outer_names else None
+
+    for condition in conjuncts(sub.whereClause):
+        if (isinstance(condition, ast.A_Expr) and condition.kind == enums.A_Expr_Kind.AEXPR_OP
+                and _names(condition.name) == ["="]):
+            sides = (side(condition.lexpr), side(condition.rexpr))
+            if sides == ("inner", "outer"):
+                inner_refs.append(condition.lexpr)
+                outer_refs.append(condition.rexpr)
+                continue
+            if sides == ("outer", "inner"):
+                inner_refs.append(condition.rexpr)
+                outer_refs.append(condition.lexpr)
+                continue
+        refs = _column_refs(condition)
+        if any(t is not None and t != inner_name for t, _ in refs):
+            return None  # another outer reference we cannot move into a join
+        local.append(condition)
+    if not inner_refs or any(r is not None for r in (aggregate.agg_filter,)):
+        return None
+    return inner_refs, outer_refs, aggregate, relation, local
