@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -14,6 +15,8 @@ import pytest
 from pgpilot.cli import main
 
 PLANS = Path(__file__).parent / "plans"
+
+ExplainFn = Callable[..., str]  # the conftest fixtures that return EXPLAIN output
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -109,7 +112,8 @@ def test_no_analyze(capsys: pytest.CaptureFixture[str], explain_dsn: str) -> Non
     assert data["summary"]["rolled_back"] is False
 
 
-def test_compare_two_plans(capsys: pytest.CaptureFixture[str], explain, tmp_path: Path) -> None:
+def test_compare_two_plans(capsys: pytest.CaptureFixture[str], explain: ExplainFn,
+                           tmp_path: Path) -> None:
     sql = "SELECT * FROM orders WHERE customer_id = 7 AND status = 'done'"
     before = tmp_path / "before.json"
     after = tmp_path / "after.txt"

@@ -3,6 +3,8 @@ stay clean."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg
 import pytest
 
@@ -82,6 +84,8 @@ HEALTHY = [
     "WHERE o.id BETWEEN 100 AND 110",
 ]
 
+ExplainFn = Callable[..., str]  # the conftest fixtures that return EXPLAIN output
+
 
 def test_every_rule_has_a_live_case() -> None:
     assert set(CASES) == set(RULE_IDS)
@@ -96,7 +100,8 @@ def _jit_available(dsn: str) -> bool:
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
 @pytest.mark.parametrize("rule_id", sorted(CASES))
-def test_rule_fires_on_live_plan(rule_id: str, fmt: str, explain, explain_dsn: str) -> None:
+def test_rule_fires_on_live_plan(rule_id: str, fmt: str, explain: ExplainFn,
+                                 explain_dsn: str) -> None:
     sql, settings, fix_fragment = CASES[rule_id]
     if rule_id == "jit_overhead" and not _jit_available(explain_dsn):
         pytest.skip("this server has no JIT provider (covered by the saved-plan test)")
@@ -114,12 +119,12 @@ def test_rule_fires_on_live_plan(rule_id: str, fmt: str, explain, explain_dsn: s
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
 @pytest.mark.parametrize("sql", HEALTHY)
-def test_healthy_plans_have_no_findings(sql: str, fmt: str, explain) -> None:
+def test_healthy_plans_have_no_findings(sql: str, fmt: str, explain: ExplainFn) -> None:
     report = analyze_plan(explain(sql, fmt=fmt, settings=[NO_PARALLEL]))
     assert report.findings == [], [f.to_dict() for f in report.findings]
 
 
-def test_same_findings_from_json_and_text(explain) -> None:
+def test_same_findings_from_json_and_text(explain: ExplainFn) -> None:
     sql, settings, _ = CASES["correlated_subplan"]
     from_json = analyze_plan(explain(sql, fmt="json", settings=[*settings, NO_PARALLEL]))
     from_text = analyze_plan(explain(sql, fmt="text", settings=[*settings, NO_PARALLEL]))
@@ -128,7 +133,7 @@ def test_same_findings_from_json_and_text(explain) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
-def test_psql_decorated_output(fmt: str, psql_explain) -> None:
+def test_psql_decorated_output(fmt: str, psql_explain: ExplainFn) -> None:
     sql, settings, _ = CASES["sort_spill"]
     raw = psql_explain(sql, fmt=fmt, settings=[*settings, NO_PARALLEL])
     assert "QUERY PLAN" in raw and ("row)" in raw or "rows)" in raw)
@@ -136,7 +141,7 @@ def test_psql_decorated_output(fmt: str, psql_explain) -> None:
     assert "sort_spill" in report.rules_fired
 
 
-def test_trivial_node_is_not_reported(explain) -> None:
+def test_trivial_node_is_not_reported(explain: ExplainFn) -> None:
     # The seq scan on the 5-row regions table filters rows, but costs nothing: no finding.
     sql = ("SELECT * FROM orders o JOIN regions r ON r.code = 'r1' "
            "WHERE o.id BETWEEN 1 AND 2000")
@@ -144,7 +149,7 @@ def test_trivial_node_is_not_reported(explain) -> None:
     assert not [f for f in report.findings if f.node and f.node.relation == "regions"]
 
 
-def test_severity_follows_share_of_time(explain) -> None:
+def test_severity_follows_share_of_time(explain: ExplainFn) -> None:
     sql, _, _ = CASES["seq_scan_filter"]
     report = analyze_plan(explain(sql, settings=[NO_PARALLEL]))
     finding = next(f for f in report.findings if f.rule == "seq_scan_filter")
@@ -152,14 +157,15 @@ def test_severity_follows_share_of_time(explain) -> None:
     assert finding.severity == "critical"
 
 
-def test_no_analyze_plan_has_costs_only(explain) -> None:
+def test_no_analyze_plan_has_costs_only(explain: ExplainFn) -> None:
     report = analyze_plan(explain("SELECT * FROM orders WHERE status = 'open'", analyze=False))
     assert not report.plan.analyzed
     assert report.summary()["analyzed"] is False
     assert "Estimated cost" in report.render()
 
 
-def test_correlated_subquery_fix_is_an_equivalent_join(explain, explain_dsn: str) -> None:
+def test_correlated_subquery_fix_is_an_equivalent_join(explain: ExplainFn,
+                                                       explain_dsn: str) -> None:
     sql = ("SELECT c.id, (SELECT count(*) FROM payments p WHERE p.customer_id = c.id "
            "AND p.amount > 100) AS n FROM customers c WHERE c.id <= 150 ORDER BY c.id")
     report = analyze_plan(explain(sql, settings=[NO_PARALLEL]), sql=sql)

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         advice = advise(args.dsn or "", args.sql, validate=args.validate,
-                        analyze=not args.no_analyze)
+                        analyze=not args.no_analyze,
+                        statement_timeout_ms=int(args.timeout * 1000) if args.timeout else None)
     except ExplainError as exc:
         print(f"pgpilot advise: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -295,7 +295,7 @@ def load_tables(conn: psycopg.Connection[Any], shape: QueryShape) -> dict[str, T
                 "SELECT c.oid::int, n.nspname, c.relname FROM pg_class c "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE c.oid = to_regclass(%s) AND c.relkind IN ('r', 'p', 'm')",
-                (ref.qualified,),
+                (".".join(quote_ident(part) for part in (ref.schema, ref.name) if part),),
             )
             row = cur.fetchone()
             if row is None:
@@ -507,7 +507,8 @@ def prove_with_hypopg(conn: psycopg.Connection[Any], sql: str, cost_before: floa
 
 def prove_for_real(conn: psycopg.Connection[Any], sql: str, cost_before: float,
                    time_before: float | None, candidates: list[IndexCandidate],
-                   analyze: bool) -> list[CandidateResult]:
+                   analyze: bool, statement_timeout_ms: int | None = None
+                   ) -> list[CandidateResult]:
     """Build each candidate inside a transaction, plan (and run) with it, roll back."""
     results = []
     for number, candidate in enumerate(candidates, 1):
@@ -519,7 +520,8 @@ def prove_for_real(conn: psycopg.Connection[Any], sql: str, cost_before: float,
             cost, plan = _plan_cost(explain_json(conn, sql, analyze=False))
             time_after = None
             if analyze:
-                _, run_plan = _plan_cost(explain_json(conn, sql, analyze=True))
+                _, run_plan = _plan_cost(explain_json(
+                    conn, sql, analyze=True, statement_timeout_ms=statement_timeout_ms))
                 time_after = run_plan.total_time
         except psycopg.Error as exc:
             raise statement_error(exc) from None
@@ -581,8 +583,13 @@ def propose_statistics(conn: psycopg.Connection[Any], sql: str, report: Report,
     return proposals
 
 
-def advise(dsn: str, sql: str, *, validate: str = "auto", analyze: bool = True) -> Advice:
-    """Propose indexes and statistics for ``sql`` and prove them on the database at ``dsn``."""
+def advise(dsn: str, sql: str, *, validate: str = "auto", analyze: bool = True,
+           statement_timeout_ms: int | None = None) -> Advice:
+    """Propose indexes and statistics for ``sql`` and prove them on the database at ``dsn``.
+
+    ``statement_timeout_ms`` bounds each run of the statement (the baseline EXPLAIN ANALYZE
+    and, with ``validate="real"``, the run with each candidate).
+    """
     if validate not in VALIDATION_METHODS:
         raise ExplainError(f"--validate must be one of {', '.join(VALIDATION_METHODS)}")
     shape = query_shape(sql)
@@ -591,7 +598,8 @@ def advise(dsn: str, sql: str, *, validate: str = "auto", analyze: bool = True) 
             tables = load_tables(conn, shape)
             cost_before, _ = _plan_cost(explain_json(conn, sql, analyze=False))
             if analyze:
-                plan_json = explain_json(conn, sql, analyze=True)
+                plan_json = explain_json(conn, sql, analyze=True,
+                                         statement_timeout_ms=statement_timeout_ms)
             else:
                 plan_json = explain_json(conn, sql, analyze=False)
         finally:
@@ -620,7 +628,7 @@ def advise(dsn: str, sql: str, *, validate: str = "auto", analyze: bool = True) 
         if method == "real":
             advice.results = prove_for_real(conn, sql, cost_before, baseline.plan.total_time
                                             if baseline.plan.analyzed else None,
-                                            candidates, analyze)
+                                            candidates, analyze, statement_timeout_ms)
         advice.validation = method
         if analyze:
             advice.statistics = propose_statistics(conn, sql, baseline, tables)

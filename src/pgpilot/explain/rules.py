@@ -59,7 +59,10 @@ class Finding:
 
     @property
     def node_label(self) -> str | None:
-        return None if self.node is None else f"#{self.node.node_id} {self.node.label}"
+        if self.node is None:
+            return None
+        prefix = f"{self.node.subplan_name}: " if self.node.subplan_name else ""
+        return f"#{self.node.node_id} {prefix}{self.node.label}"
 
     def to_dict(self) -> dict[str, str | None]:
         return {
