@@ -194,22 +194,25 @@ def run_variant(variant: str, dsn: str, requests: int, warmup: int) -> dict[str,
     from sqlalchemy import event
 
     event.listen(engine, "after_cursor_execute", count)
-    times: list[float] = []
+    wall: list[float] = []
+    cpu: list[float] = []
     pgpilot_findings: list[str] = []
     for n in range(warmup + requests):
         with Session(engine) as session:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             with enter() as report:
                 one_request(session, n)
-            elapsed = time.perf_counter() - start
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         if n >= warmup:
-            times.append(elapsed)
+            wall.append(elapsed)
+            cpu.append(elapsed_cpu)
         if n == warmup and variant == "pgpilot":
             pgpilot_findings = [f.describe() for f in report.findings]
     engine.dispose()
     return {
         "variant": variant,
-        "times": times,
+        "wall": wall,
+        "cpu": cpu,
         "queries_per_request": queries / (warmup + requests),
         "findings_first_request": sorted(set(pgpilot_findings or findings)),
     }
@@ -224,28 +227,29 @@ def run_paired(dsn: str, pairs: int, warmup: int) -> dict[str, Any]:
     from pgpilot.nplusone import detect
 
     engine = create_engine(sqlalchemy_url(dsn), pool_size=1)
-    ratios: list[float] = []
-    plain: list[float] = []
-    detected: list[float] = []
+    samples: dict[str, list[float]] = {
+        "wall_without": [],
+        "wall_with": [],
+        "cpu_without": [],
+        "cpu_with": [],
+    }
     for n in range(warmup + pairs):
-        pair: list[float] = []
         # alternate which goes first, so neither always runs on a warmer cache
         for with_detection in (n % 2 == 1, n % 2 == 0):
             with Session(engine) as session:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 if with_detection:
                     with detect():
                         one_request(session, n)
                 else:
                     one_request(session, n)
-                pair.append(time.perf_counter() - start)
-        without, with_ = (pair[0], pair[1]) if n % 2 == 0 else (pair[1], pair[0])
-        if n >= warmup:
-            plain.append(without)
-            detected.append(with_)
-            ratios.append(with_ / without)
+                elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if n >= warmup:
+                suffix = "with" if with_detection else "without"
+                samples[f"wall_{suffix}"].append(elapsed)
+                samples[f"cpu_{suffix}"].append(elapsed_cpu)
     engine.dispose()
-    return {"ratios": ratios, "plain": plain, "detected": detected}
+    return samples
 
 
 def record_query_cost(iterations: int = 20000) -> dict[str, float]:
@@ -312,9 +316,11 @@ def main() -> None:
         json.dump(run_variant(args.child, args.dsn, args.requests, args.warmup), sys.stdout)
         return
 
+    load_at_start = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
     seed(args.dsn)
     try:
-        samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
         details: dict[str, dict[str, Any]] = {}
         skipped: dict[str, str] = {}
         for variant in VARIANTS:
@@ -346,7 +352,8 @@ def main() -> None:
                     skipped[variant] = f"failed: {child.stderr.strip().splitlines()[-1:]}"
                     continue
                 result = json.loads(child.stdout)
-                samples[variant].extend(result["times"])
+                wall[variant].extend(result["wall"])
+                cpu[variant].extend(result["cpu"])
                 details[variant] = result
             active = [v for v in active if v not in skipped]
         paired_child = subprocess.run(
@@ -371,24 +378,39 @@ def main() -> None:
     finally:
         drop(args.dsn)
 
-    base = statistics.median(samples["baseline"])
+    median = statistics.median
+    base_wall, base_cpu = median(wall["baseline"]), median(cpu["baseline"])
     queries = details["baseline"]["queries_per_request"]
     rows: list[dict[str, Any]] = []
     for variant in VARIANTS:
-        if variant in skipped or not samples[variant]:
+        if variant in skipped or not wall[variant]:
             continue
-        median = statistics.median(samples[variant])
         rows.append(
             {
                 "variant": variant,
-                "median_request_ms": round(median * 1e3, 3),
-                "p90_request_ms": round(statistics.quantiles(samples[variant], n=10)[-1] * 1e3, 3),
-                "requests": len(samples[variant]),
-                "overhead_vs_baseline_pct": round((median / base - 1) * 100, 2),
-                "overhead_per_query_us": round((median - base) / queries * 1e6, 2),
+                "requests": len(wall[variant]),
+                "median_wall_ms": round(median(wall[variant]) * 1e3, 3),
+                "median_cpu_ms": round(median(cpu[variant]) * 1e3, 3),
+                "wall_overhead_pct": round((median(wall[variant]) / base_wall - 1) * 100, 2),
+                "cpu_overhead_pct": round((median(cpu[variant]) / base_cpu - 1) * 100, 2),
                 "findings": details[variant]["findings_first_request"],
             }
         )
+    wall_ratios = [
+        w / wo for w, wo in zip(paired["wall_with"], paired["wall_without"], strict=True)
+    ]
+    cpu_ratios = [c / co for c, co in zip(paired["cpu_with"], paired["cpu_without"], strict=True)]
+    cpu_deltas = [c - co for c, co in zip(paired["cpu_with"], paired["cpu_without"], strict=True)]
+    paired_summary = {
+        "pairs": len(wall_ratios),
+        "median_wall_without_ms": round(median(paired["wall_without"]) * 1e3, 3),
+        "median_wall_with_ms": round(median(paired["wall_with"]) * 1e3, 3),
+        "wall_overhead_pct": round((median(wall_ratios) - 1) * 100, 2),
+        "median_cpu_without_ms": round(median(paired["cpu_without"]) * 1e3, 3),
+        "median_cpu_with_ms": round(median(paired["cpu_with"]) * 1e3, 3),
+        "cpu_overhead_pct": round((median(cpu_ratios) - 1) * 100, 2),
+        "cpu_per_query_us": round(median(cpu_deltas) / queries * 1e6, 2),
+    }
     result = {
         "benchmark": "N+1 detection overhead on a SQLAlchemy ORM workload",
         "workload": (
@@ -398,21 +420,11 @@ def main() -> None:
         ),
         "machine": f"{platform.python_implementation()} {platform.python_version()} "
         f"on {platform.machine()}",
+        "load_average_at_start": load_at_start,
         "rounds": args.rounds,
         "requests_per_round": args.requests,
         "results": rows,
-        "paired": {
-            "pairs": len(paired["ratios"]),
-            "median_ratio_overhead_pct": round((statistics.median(paired["ratios"]) - 1) * 100, 2),
-            "median_without_ms": round(statistics.median(paired["plain"]) * 1e3, 3),
-            "median_with_ms": round(statistics.median(paired["detected"]) * 1e3, 3),
-            "overhead_per_query_us": round(
-                (statistics.median(paired["detected"]) - statistics.median(paired["plain"]))
-                / queries
-                * 1e6,
-                2,
-            ),
-        },
+        "paired": paired_summary,
         "skipped": skipped,
         **{key: round(value, 3) for key, value in micro.items()},
     }
@@ -424,39 +436,47 @@ def main() -> None:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
+    paired = result["paired"]
     lines = [
         "# N+1 detection overhead (bench/nplusone.py)",
         "",
-        f"Workload: {result['workload']}.",
-        f"{result['rounds']} rounds x {result['requests_per_round']} requests per variant, "
-        f"each variant in a fresh process, rounds alternating; {result['machine']}.",
+        f"Workload: {result['workload']}. {result['machine']}, 1-minute load average "
+        f"{result['load_average_at_start']} at the start (a shared machine: wall times are "
+        "noisy; client CPU time, which is where detection costs, much less so).",
         "",
-        "| variant | median request (ms) | p90 (ms) | overhead vs baseline | per query |",
+        f"## Paired, one process ({paired['pairs']} request pairs, without/with `detect()`)",
+        "",
+        "Neighbouring requests share the machine's state; the figure is the median of the "
+        "per-pair ratios.",
+        "",
+        "| | without | with detect() | overhead |",
+        "| --- | ---: | ---: | ---: |",
+        f"| wall time per request | {paired['median_wall_without_ms']:.3f} ms "
+        f"| {paired['median_wall_with_ms']:.3f} ms | **{paired['wall_overhead_pct']:+.2f}%** |",
+        f"| client CPU per request | {paired['median_cpu_without_ms']:.3f} ms "
+        f"| {paired['median_cpu_with_ms']:.3f} ms | **{paired['cpu_overhead_pct']:+.2f}%** |",
+        "",
+        f"Client CPU added per query: {paired['cpu_per_query_us']:+.1f} us. `record_query` alone "
+        f"(what each statement pays in an open scope, 25 frames deep): "
+        f"{result['record_query_in_scope_us']:.2f} us; with no scope open: "
+        f"{result['record_query_no_scope_us']:.2f} us.",
+        "",
+        f"## Side by side, fresh process per variant ({result['rounds']} alternating rounds x "
+        f"{result['requests_per_round']} requests)",
+        "",
+        "The `nplusone` package patches SQLAlchemy for the whole process on import, so each "
+        "variant runs in its own process.",
+        "",
+        "| variant | median wall (ms) | wall vs baseline | median client CPU (ms) "
+        "| CPU vs baseline |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for row in result["results"]:
         lines.append(
-            f"| {row['variant']} | {row['median_request_ms']:.3f} | {row['p90_request_ms']:.3f} "
-            f"| {row['overhead_vs_baseline_pct']:+.2f}% | {row['overhead_per_query_us']:+.1f} us |"
+            f"| {row['variant']} | {row['median_wall_ms']:.3f} | {row['wall_overhead_pct']:+.2f}% "
+            f"| {row['median_cpu_ms']:.3f} | {row['cpu_overhead_pct']:+.2f}% |"
         )
-    paired = result["paired"]
-    lines += [
-        "",
-        f"Paired in one process ({paired['pairs']} request pairs, without/with `detect()` "
-        f"alternating): median of per-pair ratios **{paired['median_ratio_overhead_pct']:+.2f}%**; "
-        f"median request {paired['median_without_ms']:.3f} ms without, "
-        f"{paired['median_with_ms']:.3f} ms with ({paired['overhead_per_query_us']:+.1f} us per "
-        "query).",
-    ]
-    lines += [
-        "",
-        f"`record_query` (what each statement pays in an open scope, 25 frames deep): "
-        f"{result['record_query_in_scope_us']:.2f} us; with no scope open: "
-        f"{result['record_query_no_scope_us']:.2f} us.",
-        "",
-        "What each detector reported for one request:",
-        "",
-    ]
+    lines += ["", "What each detector reported for one request:", ""]
     for row in result["results"]:
         if row["variant"] != "baseline":
             found = "; ".join(row["findings"]) or "nothing"

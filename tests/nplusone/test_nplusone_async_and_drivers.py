@@ -81,7 +81,7 @@ async def test_concurrent_tasks_keep_their_own_scopes(async_engine: AsyncEngine)
 
 def test_threads_keep_their_own_scopes(engine: Engine) -> None:
     reports: dict[str, Report] = {}
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(2, timeout=60)
 
     def run(name: str, loop: bool) -> None:
         with Session(engine) as session, detect() as report:
