@@ -80,8 +80,11 @@ def _before_cursor_execute(
             # of a selectinload does not, and is not the application's doing.
             load_options = context.execution_options.get("_sa_orm_load_options")
             lazy_state = getattr(load_options, "_lazy_loaded_from", None)
-            if lazy_state is not None:
-                path = (*getattr(lazy_state.load_path, "path", ()), current_path.path[-1])
+            loaded = current_path.path[-1]
+            if lazy_state is not None and isinstance(loaded, RelationshipProperty):
+                # The state's load_path is how the parent object itself was reached, so a
+                # loop inside a loop gets the whole chain of loader options.
+                path = (*getattr(lazy_state.load_path, "path", ()), loaded)
                 relationship, loader_option = loader_option_for_path(path)
         else:
             eager_options = getattr(invoked, "_with_options", ())
