@@ -10,16 +10,22 @@
 """
 
 from pgpilot.batch.errors import BatchLoadError, BatchResultError
+from pgpilot.batch.executor import BatchExecutor
 from pgpilot.batch.loader import DataLoader
 from pgpilot.batch.scope import RequestScope, current_scope, request_scope, scoped
 from pgpilot.batch.stats import LoaderStats
+from pgpilot.batch.sync import LoadHandle, ManyHandle, SyncDataLoader
 
 __all__ = [
+    "BatchExecutor",
     "BatchLoadError",
     "BatchResultError",
     "DataLoader",
+    "LoadHandle",
     "LoaderStats",
+    "ManyHandle",
     "RequestScope",
+    "SyncDataLoader",
     "current_scope",
     "request_scope",
     "scoped",
