@@ -439,3 +439,55 @@ def test_pause_from_one_console_while_another_watches(proxy: RunningProxy) -> No
         assert done.is_set()
         second.execute("RESUME")
         assert busy.execute("select 1").fetchone() == (1,)
+
+
+def test_shutdown_wait_for_servers(proxy: RunningProxy) -> None:
+    assert proxy.pooler is not None
+    pooler = proxy.pooler
+    with client(proxy) as busy:
+        busy.execute("begin")
+        busy.execute("select 1")
+        with admin(proxy) as console:
+            console.execute("SHUTDOWN WAIT_FOR_SERVERS")
+        assert not pooler.stopped.is_set()  # the open transaction holds the shutdown
+        busy.execute("commit")
+        wait_until(pooler.stopped.is_set)
+
+
+def test_kill_without_database_drops_every_client(proxy_factory: Callable[..., RunningProxy],
+                                                  pg_params: dict[str, str]) -> None:
+    upstream = f"host={pg_params['host']} port={pg_params['port']} dbname={pg_params['dbname']}"
+    proxy = proxy_factory(databases={"other": upstream})
+    first = client(proxy)
+    second = psycopg.connect(proxy.dsn(dbname="other"), autocommit=True)
+    try:
+        first.execute("select 1")
+        second.execute("select 1")
+        with admin(proxy) as console:
+            console.execute("KILL")
+            for victim in (first, second):
+                with pytest.raises(psycopg.OperationalError):
+                    victim.execute("select 1")
+            assert proxy.server_count() == 0
+            assert console.execute("SHOW STATE").fetchall()  # the console itself survives
+            console.execute("RESUME")
+        with client(proxy) as again:
+            assert again.execute("select 1").fetchone() == (1,)
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("command", [
+    "SHOW", "SHOW POOLS extra", "KILL_CLIENT abc", 'PAUSE "unterminated', "'", "RESUME a b",
+    "SHUTDOWN NOW", "SET pool_mode = session", "x" * 10_000, "KILL_CLIENT 99999999999999999999",
+])
+def test_bad_commands_get_errors_and_change_nothing(proxy: RunningProxy, command: str) -> None:
+    with admin(proxy) as console:
+        with pytest.raises(psycopg.errors.Error) as failure:
+            console.execute(command)
+        assert failure.value.sqlstate is not None
+        assert console.execute("SHOW STATE").fetchall()
+    assert proxy.call(lambda: not proxy.pooler.paused and not proxy.pooler.stopping)
+    with client(proxy) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
