@@ -161,3 +161,24 @@ def test_prefilter_lets_ordinary_traffic_through_without_parsing() -> None:
     for body in (b"SET search_path = a\x00", b"stmt1\x00LISTEN x\x00\x00\x00",
                  b"select 1; set x = 1\x00", b"SELECT pg_advisory_lock(1)\x00"):
         assert might_be_hazard(body), body
+
+
+def test_per_client_application_names_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from pgpilot.proxy import hazards as hazards_module
+
+    class FakeClient:
+        def __init__(self, app: str) -> None:
+            self.database, self.user, self.application_name = "db", "u", app
+            self.params = {"application_name": app}
+            self.pool = None
+
+    monkeypatch.setattr(hazards_module, "MAX_HAZARD_KEYS", 3)
+    tracker = hazards_module.HazardTracker(
+        SimpleNamespace(query_observers=[], parse_observers=[]))  # type: ignore[arg-type]
+    for n in range(10):
+        tracker.record(FakeClient(f"app - 10.0.0.1:{n}"), "listen", "LISTEN x")  # type: ignore[arg-type]
+    assert len(tracker.counts) == 4
+    assert tracker.counts[("db", "u", hazards_module.OTHER_APPLICATIONS, "listen")].count == 7
+    assert tracker.total() == 10

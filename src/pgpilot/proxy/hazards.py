@@ -93,6 +93,11 @@ _ONCOMMIT_DROP = 3  # PostgreSQL's ONCOMMIT_DROP (primnodes.h)
 _CLASSIFY_CACHE_SIZE = 2048
 _CACHE_MAX_TEXT = 8192  # longer texts are classified without caching (they rarely repeat)
 _EXAMPLE_LENGTH = 200
+# Distinct (database, user, application_name, kind) rows kept; past it, new application names
+# are counted under OTHER_APPLICATIONS (per-client names, e.g. application_name_add_host,
+# must not grow memory or metric labels without bound).
+MAX_HAZARD_KEYS = 5000
+OTHER_APPLICATIONS = "(other)"
 
 
 def might_be_hazard(body: bytes) -> bool:
@@ -255,8 +260,12 @@ class HazardTracker:
     def record(self, client: ClientConnection, kind: str, what: str) -> None:
         app = client.params.get("application_name", client.application_name)
         key = (client.database, client.user, app, kind)
+        what = what[:_EXAMPLE_LENGTH]
         now = time.time()
         entry = self.counts.get(key)
+        if entry is None and len(self.counts) >= MAX_HAZARD_KEYS:
+            key = (client.database, client.user, OTHER_APPLICATIONS, kind)
+            entry = self.counts.get(key)
         if entry is None:
             self.counts[key] = HazardCount(1, now, now, what)
         else:
