@@ -797,7 +797,8 @@ def render_markdown(report: dict[str, Any]) -> str:
            "Values are medians over the rounds; peak RSS is the maximum. Transaction pooling, "
            "pool of 20 unless noted. The poolers, pgbench and PostgreSQL share the same "
            f"{env['cpus']} cores, so pooler CPU also slows the database: compare ratios, "
-           "not absolute numbers.", "",
+           "not absolute numbers. Other work on the machine (see the load averages) adds "
+           "noise that the alternation spreads over both poolers.", "",
            "## Ratios (pgpilot / PgBouncer)", "",
            "tps: higher is better; p99, CPU and RSS: lower is better.", "",
            "| case | tps | p99 latency | CPU / tx | peak RSS |", "|---|---|---|---|---|"]
@@ -912,6 +913,7 @@ def environment(up: Upstream, rev: str | None) -> dict[str, str]:
         "pgbouncer": tool_version(["pgbouncer", "--version"]),
         "postgresql": up.psql("SHOW server_version"),
         "pgbench": tool_version(["pgbench", "--version"]),
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -976,6 +978,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp.chmod(0o755)
     src = str(ROOT / "src")
     if args.pgpilot_rev:
+        # Resolved once: the commit exported is the commit reported.
+        args.pgpilot_rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--verify", args.pgpilot_rev + "^{commit}"],
+            capture_output=True, text=True, check=True).stdout.strip()
         src = export_revision(args.pgpilot_rev, tmp / "pgpilot-src")
     os.environ["PYTHONPATH"] = src + os.pathsep + os.environ.get("PYTHONPATH", "")
     sys.path.insert(0, src)
@@ -1019,6 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
                         p["bytes_per_idle_client"], b["bytes_per_idle_client"])
             report["cases"].append(entry)
         report["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        report["environment"]["load average at end"] = " ".join(
+            f"{x:.2f}" for x in os.getloadavg())
     finally:
         if up is not None and up.embedded is not None:
             up.embedded.stop()
