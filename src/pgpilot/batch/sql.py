@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, TypeAlias
 
 from psycopg import sql as pgsql
@@ -202,10 +203,10 @@ class BatchQuery:
         def fetch(keys: list[Any]) -> Mapping[Any, Any]:
             if isinstance(bind, sa.Engine):
                 with bind.connect() as connection:
-                    rows = connection.execute(statement, {"keys": keys}).all()
+                    result = connection.execute(statement, {"keys": keys})
             else:
-                rows = bind.execute(statement, {"keys": keys}).all()
-            return self.shape(keys, rows, lambda row: row._mapping[key])
+                result = bind.execute(statement, {"keys": keys})
+            return self._shape_rows(keys, result, key)
 
         fetch.__qualname__ = f"{self._label()} via SQLAlchemy"
         return fetch
@@ -224,10 +225,15 @@ class BatchQuery:
                     result = await connection.execute(statement, {"keys": keys})
             else:
                 result = await bind.execute(statement, {"keys": keys})
-            return self.shape(keys, result.all(), lambda row: row._mapping[key])
+            return self._shape_rows(keys, result, key)
 
         fetch.__qualname__ = f"{self._label()} via SQLAlchemy async"
         return fetch
+
+    def _shape_rows(self, keys: list[Any], result: Any, key: str) -> dict[Any, Any]:
+        # Index the key column once: row._mapping would build a mapping object per row.
+        index = list(result.keys()).index(key)
+        return self.shape(keys, result.all(), itemgetter(index))
 
     def _label(self) -> str:
         kind = "rows_grouped_by_key" if self.many else "rows_by_key"
