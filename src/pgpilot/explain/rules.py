@@ -34,7 +34,7 @@ LOSSY_MIN_FRACTION = 0.10  # lossy heap blocks among all heap blocks of a bitmap
 JIT_MIN_FRACTION = 0.10  # JIT time as a share of execution time
 JIT_MIN_MS = 5.0
 LARGE_OFFSET_MIN_ROWS = 1000  # rows fetched then thrown away by LIMIT/OFFSET
-PLANNING_MIN_MS = 10.0
+PLANNING_MIN_MS = 30.0  # a cold or busy backend can take 10 ms for a simple plan
 PLANNING_MIN_FRACTION = 0.25  # of planning + execution time
 INDEX_FILTER_MIN_REMOVED = 1000
 INDEX_FILTER_MIN_REMOVED_FRACTION = 0.50  # of the rows the index returned
@@ -191,6 +191,15 @@ def join_columns_of(expression: str | None, node: PlanNode) -> list[str]:
     return [column for table, column in joins if table in names]
 
 
+def referenced_columns(expression: str | None, node: PlanNode) -> list[str]:
+    """Columns of ``node``'s table named (qualified) anywhere in ``expression``."""
+    if not expression:
+        return []
+    names = {node.alias, node.relation}
+    return list(dict.fromkeys(
+        m.group(2) for m in _OUTER_REFERENCE.finditer(expression) if m.group(1) in names))
+
+
 def has_cast(predicates: list[Predicate]) -> Predicate | None:
     return next((p for p in predicates if p.cast), None)
 
@@ -251,7 +260,12 @@ def row_misestimate(ctx: Context) -> Iterator[Finding | None]:
                 node, node.index_cond)
             columns = sorted({p.column for p in predicates if p.kind in ("eq", "range", "bool")})
             fix = f"ANALYZE {relation_name(node)};"
-            if len(columns) >= 2:
+            cast = has_cast(predicates)
+            if cast is not None:
+                fix = (f"the filter casts {cast.column} to {cast.cast}, for which PostgreSQL "
+                       "has no statistics and guesses: compare the bare column instead "
+                       "(see cast_prevents_index)")
+            elif len(columns) >= 2:
                 name = f"{node.relation}_{'_'.join(columns)}_stats"
                 fix += (f" If the estimate stays wrong the columns are correlated: CREATE "
                         f"STATISTICS {name} (dependencies, mcv) ON {', '.join(columns)} FROM "
@@ -282,6 +296,12 @@ def sort_spill(ctx: Context) -> Iterator[Finding | None]:
                    f"(Sort Key: {', '.join(node.sort_key) or '?'})")
         fix = (f"SET LOCAL work_mem = '{setting}'; in the transaction that runs this query "
                "(not globally: every sort and hash of every connection may use that much)")
+        scans = [n for n in node.walk() if n.relation]
+        keys = [re.sub(r"^[a-z_][a-z0-9_]*\.", "", k) for k in node.sort_key]
+        if len(scans) == 1 and keys and all(
+                re.fullmatch(r"[a-z_][a-z0-9_]*( DESC)?", k) for k in keys):
+            fix += (f"; or {create_index(scans[0], keys)} so the rows come out of the index "
+                    "already sorted")
         yield ctx.finding("sort_spill", node, ctx.plan.share(node), message, fix)
 
 
@@ -334,6 +354,8 @@ def nested_loop_many_loops(ctx: Context) -> Iterator[Finding | None]:
             columns = join_columns_of(node.join_filter, scan) + join_columns_of(
                 scan.filter, scan) + [p.column for p in own_predicates(scan, scan.filter)
                                       if p.kind == "eq"]
+            if not columns:
+                columns = referenced_columns(node.join_filter, scan)[:2]
             columns = list(dict.fromkeys(columns))
             if columns:
                 fix = create_index(scan, columns) + " so each loop is an index lookup"
@@ -465,7 +487,9 @@ def jit_overhead(ctx: Context) -> Iterator[Finding | None]:
     cost = ctx.plan.root.total_cost
     message = (f"JIT compiled {jit.functions or '?'} functions in {fmt_ms(jit.total_time)}, "
                f"{share:.0%} of the {fmt_ms(execution)} execution")
-    raise_to = f"{int(cost * 10):d}" if cost else "1000000"
+    # Never suggest less than PostgreSQL's default (100000): JIT fired below it, so the
+    # setting was lowered somewhere.
+    raise_to = f"{max(int((cost or 0) * 10), 100000):d}"
     fix = (f"SET LOCAL jit = off; for this query, or raise jit_above_cost above the plan's cost "
            f"{cost or 0:,.0f} (ALTER DATABASE ... SET jit_above_cost = {raise_to};)")
     yield ctx.finding("jit_overhead", None, share, message, fix)
@@ -581,10 +605,12 @@ def index_filter_inefficient(ctx: Context) -> Iterator[Finding | None]:
         columns = index_columns(filter_predicates, list(dict.fromkeys(leading)))
         ranges = [p.column for p in own_predicates(node, condition) if p.kind == "range"]
         columns += [c for c in ranges[:1] if c not in columns]
-        message = (f"the index ({node.index_name}) found {fmt_rows(removed + kept)} rows and the "
+        index_name = node.index_name or next(
+            (n.index_name for n in node.walk() if n.index_name), "?")
+        message = (f"the index {index_name} found {fmt_rows(removed + kept)} rows and the "
                    f"Filter {node.filter} discarded {fmt_rows(removed)} of them")
         fix = (create_index(node, columns) + " so the filter columns are in the index"
-               if columns else f"add the filter's columns to the index {node.index_name}")
+               if columns else f"add the filter's columns to the index {index_name}")
         yield ctx.finding("index_filter_inefficient", node, ctx.plan.share(node), message, fix)
 
 
@@ -606,10 +632,7 @@ def join_filter_removed(ctx: Context) -> Iterator[Finding | None]:
         columns = join_columns_of(node.join_filter, scan) if scan else []
         if scan is not None and not columns:
             # A range join (a.x BETWEEN b.lo AND b.hi): index the inner columns it reads.
-            names = {scan.alias, scan.relation}
-            columns = list(dict.fromkeys(
-                m.group(2) for m in _OUTER_REFERENCE.finditer(node.join_filter)
-                if m.group(1) in names))
+            columns = referenced_columns(node.join_filter, scan)
         if "::" in node.join_filter and "=" in node.join_filter:
             fix = ("the join condition compares columns of different types: make the types "
                    "match (or remove the cast) so it becomes a hash or merge join condition")
