@@ -99,6 +99,15 @@ def test_text_with_and_without_psql_decoration(name: str) -> None:
     assert len(labels) == 1
 
 
+def test_psql_chatter_before_the_plan_is_skipped() -> None:
+    echoed = ("SET\nEXPLAIN (ANALYZE, BUFFERS) SELECT count(*) FROM events WHERE k < 50;\n"
+              + load("pg17_lossy_bitmap.txt") + "Time: 97.412 ms\n")
+    report = analyze_plan(echoed)
+    assert report.rules_fired == {"lossy_bitmap"}
+    assert report.plan.execution_time == pytest.approx(96.877)
+    assert len(report.plan.nodes) == 3
+
+
 def test_json_pasted_from_psql_with_plus_marks() -> None:
     data = json.loads(load("pg18_seq_scan.json"))
     lines = json.dumps(data, indent=2).splitlines()

@@ -411,12 +411,21 @@ def plan_from_text(text: str) -> Plan:
     lines = [line for line in text.split("\n") if line.strip()]
     if not lines:
         raise ExplainError("empty input: expected an EXPLAIN plan")
-    root = _parse_header(lines[0].strip().removeprefix("->").strip())
+    # Whatever precedes the first node line is psql chatter (echoed commands, SET, BEGIN).
+    root = None
+    for start, line in enumerate(lines):
+        root = _parse_header(line.strip().removeprefix("->").strip())
+        if root is not None:
+            lines = lines[start:]
+            break
     if root is None:
         snippet = lines[0].strip()[:60]
-        raise ExplainError(f"not a plan: the first line is not a plan node: {snippet!r}")
+        raise ExplainError("not a plan: no plan node line such as 'Seq Scan on t  (cost=...)'; "
+                           f"the input starts with {snippet!r}")
+    # Lines indented no deeper than the root are statement-level (Planning Time, JIT ...).
+    base = len(lines[0]) - len(lines[0].lstrip())
     # Stack of (column where the node's label starts, node).
-    stack: list[tuple[int, PlanNode]] = [(len(lines[0]) - len(lines[0].lstrip()), root)]
+    stack: list[tuple[int, PlanNode]] = [(base, root)]
     pending_group: tuple[int, str] | None = None
     planning_time = execution_time = None
     jit: JitInfo | None = None
@@ -425,7 +434,7 @@ def plan_from_text(text: str) -> Plan:
     for line in lines[1:]:
         indent = len(line) - len(line.lstrip())
         body = line.strip()
-        if indent == 0:
+        if indent <= base:
             section = None
             key, _, value = body.partition(":")
             value = value.strip()

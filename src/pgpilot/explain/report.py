@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgpilot.explain.model import Plan, PlanNode
+from pgpilot.explain.model import ExplainError, Plan, PlanNode
 from pgpilot.explain.parse import parse_plan
 from pgpilot.explain.rules import Finding, fmt_ms, fmt_rows, run_rules
 from pgpilot.explain.sqlinfo import QueryShape, query_shape
@@ -73,8 +73,8 @@ def analyze_plan(text_or_json: str | bytes | dict[str, Any] | list[Any], *,
     if sql:
         try:
             shape = query_shape(sql)
-        except Exception:
-            shape = None  # the plan alone still gives every finding
+        except ExplainError:
+            shape = None  # SQL pglast cannot read: the plan alone still gives every finding
     return Report(plan=plan, findings=run_rules(plan, shape, sql), statement=sql)
 
 
