@@ -43,7 +43,9 @@ AsyncBatchFn: TypeAlias = Callable[[list[K]], Awaitable[BatchResult[K, V]]]
 # that loads something on every iteration of the loop still gets its batches.
 _MAX_HOPS = 16
 
-_MISSING: Any = object()
+# Mark the state of a cache entry (see DataLoader._entries).
+_WAITING: Any = object()
+_LOADED: Any = object()
 _get_running_loop = asyncio.get_running_loop
 
 
@@ -53,7 +55,10 @@ def _callable_name(fn: object) -> str:
 
 def result_values(result: object, keys: Sequence[Any], loader: str) -> Sequence[Any]:
     """The batch function's result as values aligned with ``keys``, or raise BatchResultError."""
-    if isinstance(result, Mapping):
+    if type(result) is list:  # the common case, without the ABC isinstance checks
+        if len(result) == len(keys):
+            return result
+    elif isinstance(result, Mapping):
         get = result.get
         return [get(key) for key in keys]
     if isinstance(result, Sequence) and not isinstance(result, str | bytes):
@@ -231,7 +236,8 @@ class AsyncBatcher(Generic[K, V]):
             self._forget(keys, entries, None)
             for entry in entries:
                 for future in entry:
-                    future.cancel()
+                    if future is not _WAITING:
+                        future.cancel()
             raise
         except BatchResultError as exc:
             self._fail(keys, entries, exc, exc)
@@ -264,7 +270,7 @@ class AsyncBatcher(Generic[K, V]):
         first = True
         for entry in entries:
             for future in entry:
-                if future.done():
+                if future is _WAITING or future.done():
                     continue
                 # One instance per waiter: an exception raised in many tasks would otherwise
                 # collect every task's traceback.
@@ -303,7 +309,7 @@ class DataLoader(AsyncBatcher[K, V]):
     per request (see :func:`pgpilot.batch.request_scope`) so cached values do not outlive it.
     """
 
-    __slots__ = ("_cache", "_cache_key_fn", "_n_hits", "_values", "_waiting")
+    __slots__ = ("_cache", "_cache_key_fn", "_entries", "_n_hits")
 
     _kind = "DataLoader"
 
@@ -320,30 +326,32 @@ class DataLoader(AsyncBatcher[K, V]):
         super().__init__(batch_fn, max_batch_size=max_batch_size, window=window, name=name)
         self._cache = cache
         self._cache_key_fn = cache_key_fn
-        # Loaded values (cache=True only), by cache key.
-        self._values: dict[Hashable, V] = {}
-        # Futures waiting for a key, by cache key: keys queued, and with cache=True also keys in
-        # flight, so that a second load of the key joins the first instead of fetching again.
-        # The list object is shared with the queue/batch; identity tells whether the entry is
-        # still the current one for its key (clear() detaches in-flight entries).
-        self._waiting: dict[Hashable, list[Future[V]]] = {}
+        # One entry per cache key, a list that is either
+        #   [future, _WAITING, future, ...]  the loads waiting for the key (queued or in
+        #                                    flight; more loads of the key append), or
+        #   [value, _LOADED]                 the cached value (cache=True only).
+        # Two slots from the start so that caching is two item assignments, no resize.
+        # The same list object sits in the queue and then in its batch, so resolving a batch
+        # turns waiting entries into cached ones in place, without touching this dict. A key
+        # whose entry is removed from the dict while in flight (clear) is therefore not cached.
+        # Without a cache the dict only de-duplicates the queue and is replaced at each flush.
+        self._entries: dict[Hashable, list[Any]] = {}
         self._n_hits = 0
 
     def load(self, key: K) -> Future[V]:
         """Return a future for the value of ``key``; await it (from the running event loop)."""
         future: Future[V] = _get_running_loop().create_future()
         cache_key: Hashable = key if self._cache_key_fn is None else self._cache_key_fn(key)  # type: ignore[assignment]
-        value = self._values.get(cache_key, _MISSING)
-        if value is not _MISSING:
-            self._n_hits += 1
-            future.set_result(value)
-            return future
-        entry = self._waiting.get(cache_key)
+        entry = self._entries.get(cache_key)
         if entry is not None:
-            self._n_shared += 1
-            entry.append(future)
+            if entry[1] is _LOADED:
+                self._n_hits += 1
+                future.set_result(entry[0])
+            else:
+                self._n_shared += 1
+                entry.append(future)
             return future
-        self._waiting[cache_key] = entry = [future]
+        self._entries[cache_key] = entry = [future, _WAITING]
         keys = self._queue_keys
         keys.append(key)
         self._queue_entries.append(entry)
@@ -363,15 +371,12 @@ class DataLoader(AsyncBatcher[K, V]):
         return _collect([self.load(key) for key in keys])
 
     def prime(self, key: K, value: V) -> None:
-        """Put ``value`` in the cache for ``key`` unless a value is already cached for it.
+        """Put ``value`` in the cache for ``key`` unless the key is cached or being loaded.
 
         Does nothing with ``cache=False``. To replace a cached value, ``clear`` it first.
         """
-        if not self._cache:
-            return
-        cache_key = self._cache_key(key)
-        if cache_key not in self._values:
-            self._values[cache_key] = value
+        if self._cache:
+            self._entries.setdefault(self._cache_key(key), [value, _LOADED])
 
     def clear(self, key: K) -> None:
         """Forget the cached value of ``key``: the next load fetches it again.
@@ -380,16 +385,14 @@ class DataLoader(AsyncBatcher[K, V]):
         not cached, and loads made after ``clear`` do not join it.
         """
         cache_key = self._cache_key(key)
-        self._values.pop(cache_key, None)
-        entry = self._waiting.get(cache_key)
+        entry = self._entries.get(cache_key)
         if entry is not None and not any(queued is entry for queued in self._queue_entries):
-            del self._waiting[cache_key]
+            del self._entries[cache_key]
 
     def clear_all(self) -> None:
         """Forget every cached value (loads in flight are detached as with ``clear``)."""
-        self._values.clear()
         queued = {id(entry) for entry in self._queue_entries}
-        self._waiting = {k: e for k, e in self._waiting.items() if id(e) in queued}
+        self._entries = {k: e for k, e in self._entries.items() if id(e) in queued}
 
     @property
     def stats(self) -> LoaderStats:
@@ -401,50 +404,55 @@ class DataLoader(AsyncBatcher[K, V]):
     def _after_flush(self) -> None:
         if not self._cache:
             # Without a cache, a key is shared only while it waits in the same queue.
-            self._waiting = {}
+            self._entries = {}
 
     def _forget(
         self, keys: list[K], entries: list[list[Future[V]]], values: Sequence[Any] | None
     ) -> None:
+        """Drop the entries of a failed batch, so that the next loads retry."""
         if not self._cache:
             return
-        waiting = self._waiting
+        current = self._entries
         key_fn = self._cache_key_fn
         for key, entry in zip(keys, entries, strict=True):
             cache_key: Hashable = key if key_fn is None else key_fn(key)  # type: ignore[assignment]
-            if waiting.get(cache_key) is entry:
-                del waiting[cache_key]
+            if current.get(cache_key) is entry:
+                del current[cache_key]
 
     def _resolve(
         self, keys: list[K], entries: list[list[Future[V]]], values: Sequence[Any]
     ) -> None:
-        if not self._cache:
-            for entry, value in zip(entries, values, strict=True):
-                _settle(entry, value)
-            return
-        # One pass: settle the waiters and move the key from "waiting" to the cache, unless
-        # it was cleared while in flight (then its entry is no longer the current one).
-        waiting = self._waiting
-        store = self._values
-        key_fn = self._cache_key_fn
-        for key, entry, value in zip(keys, entries, values, strict=True):
-            cache_key: Hashable = key if key_fn is None else key_fn(key)  # type: ignore[assignment]
-            if waiting.get(cache_key) is entry:
-                del waiting[cache_key]
-                if not isinstance(value, Exception):
-                    store[cache_key] = value
-            _settle(entry, value)
+        cache = self._cache
+        for index, (entry, value) in enumerate(zip(entries, values, strict=True)):
+            failed = isinstance(value, Exception)
+            # _settle, inlined: this loop runs once per key of every batch.
+            for future in entry:
+                if future is _WAITING or future.done():  # done: its task was cancelled
+                    continue
+                if failed:
+                    future.set_exception(value)
+                else:
+                    future.set_result(value)
+            if cache:
+                if failed:  # failures are not cached: the next load retries
+                    self._forget(keys[index : index + 1], [entry], None)
+                else:
+                    if len(entry) > 2:
+                        del entry[2:]
+                    entry[0] = value
+                    entry[1] = _LOADED
 
 
 def _settle(entry: list[Future[Any]], value: Any) -> None:
     """Give ``value`` (or raise it, if it is an Exception) to every future still waiting."""
     if isinstance(value, Exception):
         for future in entry:
-            if not future.done():
+            if future is not _WAITING and not future.done():
                 future.set_exception(value)
     else:
         for future in entry:
-            if not future.done():  # its task was cancelled while waiting
+            # A done future is one whose task was cancelled while waiting.
+            if future is not _WAITING and not future.done():
                 future.set_result(value)
 
 
