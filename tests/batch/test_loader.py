@@ -312,3 +312,13 @@ def test_invalid_arguments() -> None:
         DataLoader(Recorder(), window=-1)
     with pytest.raises(TypeError):
         DataLoader("not callable")  # type: ignore[arg-type]
+
+
+async def test_stats_as_dict_includes_derived_figures() -> None:
+    loader = DataLoader(Recorder())
+    await loader.load_many([1, 2, 1])
+    await loader.load(2)
+    figures = loader.stats.as_dict()
+    assert figures["loads"] == 4 and figures["batches"] == 1 and figures["cache_hits"] == 1
+    assert figures["keys_dispatched"] == 2 and figures["mean_batch_size"] == 2.0
+    assert figures["coalescing_rate"] == 0.75

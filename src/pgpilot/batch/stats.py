@@ -35,3 +35,15 @@ class LoaderStats:
     @property
     def coalescing_rate(self) -> float:
         return 1.0 - self.batches / self.loads if self.loads else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """Every figure, derived ones included (for logs and metrics exporters)."""
+        return {
+            "loads": self.loads,
+            "batches": self.batches,
+            "keys_dispatched": self.keys_dispatched,
+            "cache_hits": self.cache_hits,
+            "mean_batch_size": self.mean_batch_size,
+            "coalescing_rate": self.coalescing_rate,
+            "max_wait_ms": self.max_wait_ms,
+        }
