@@ -4,6 +4,7 @@ a plan."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,50 @@ def test_bad_input_raises_one_clear_error(bad: str, message: str) -> None:
         analyze_plan(bad)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+# Plans with many node kinds: the text parser must build the same tree as the JSON one.
+VARIED = [
+    ("WITH recent AS MATERIALIZED (SELECT * FROM orders WHERE created > '2024-10-01') "
+     "SELECT r.status, count(*), sum(r.amount) FROM recent r JOIN customers c "
+     "ON c.id = r.customer_id GROUP BY r.status ORDER BY 2 DESC", []),
+    ("SELECT id, amount, rank() OVER (PARTITION BY customer_id ORDER BY amount DESC) "
+     "FROM orders WHERE customer_id < 20", []),
+    ("SELECT * FROM customers c WHERE EXISTS (SELECT 1 FROM payments p "
+     "WHERE p.customer_id = c.id AND p.amount > 400) AND c.id NOT IN (SELECT lo FROM tiers)", []),
+    ("SELECT region, count(*) FROM customers GROUP BY region UNION ALL "
+     "SELECT code, 1 FROM regions", []),
+    ("SELECT o.id, (SELECT max(amount) FROM payments) AS top FROM orders o "
+     "ORDER BY o.created, o.id LIMIT 5", []),
+    ("SELECT count(*) FROM orders o JOIN payments p ON p.customer_id = o.customer_id "
+     "WHERE o.id < 3000", ["enable_hashjoin = off", "enable_mergejoin = off"]),
+    ("SELECT created, count(*) FROM orders GROUP BY created ORDER BY created",
+     ["max_parallel_workers_per_gather = 2", "parallel_setup_cost = 0",
+      "parallel_tuple_cost = 0", "min_parallel_table_scan_size = 0"]),
+]
+
+
+def _shape_of(plan_text: str) -> list[tuple[object, ...]]:
+    plan = parse_plan(plan_text)
+    rows = []
+    for node in plan.nodes:
+        relationship = node.parent_relationship if node.parent_relationship in (
+            "InitPlan", "SubPlan") else None
+        rows.append((node.depth, node.label, node.subplan_name, relationship, node.plan_rows,
+                     node.actual_rows, node.actual_loops, node.filter, node.index_cond,
+                     node.join_filter, node.hash_cond, tuple(node.sort_key),
+                     node.workers_planned, node.hash_batches))
+    return rows
+
+
+@pytest.mark.parametrize("sql, settings", VARIED)
+def test_text_and_json_parse_to_the_same_tree(sql: str, settings: list[str],
+                                              explain: Callable[..., str]) -> None:
+    settings = settings or ["max_parallel_workers_per_gather = 0"]
+    from_json = _shape_of(explain(sql, fmt="json", settings=settings))
+    from_text = _shape_of(explain(sql, fmt="text", settings=settings))
+    assert len(from_json) >= 3
+    for json_row, text_row in zip(from_json, from_text, strict=True):
+        # Times differ run to run; actual rows of parallel nodes can too.
+        assert json_row[:5] == text_row[:5]
+        assert json_row[7:] == text_row[7:]

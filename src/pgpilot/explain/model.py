@@ -19,12 +19,21 @@ class ExplainError(Exception):
     """
 
 
+# Scans that read something other than a table: "on X" names a CTE or a function ...
+NAMED_SCANS = ("CTE Scan", "Function Scan", "WorkTable Scan", "Named Tuplestore Scan",
+               "Table Function Scan")
+# ... or only an alias (a subquery, a VALUES list).
+ALIAS_ONLY_SCANS = ("Subquery Scan", "Values Scan")
+
+
 @dataclass
 class PlanNode:
     """One node of a plan tree, with the fields the rules read."""
 
     node_type: str
     relation: str | None = None
+    # What a non-table scan reads: the CTE of a CTE Scan, the function of a Function Scan.
+    object_name: str | None = None
     schema: str | None = None
     alias: str | None = None
     index_name: str | None = None
@@ -115,6 +124,12 @@ class PlanNode:
             text += f" on {self.relation}"
             if self.alias and self.alias != self.relation:
                 text += f" {self.alias}"
+        elif self.object_name:
+            text += f" on {self.object_name}"
+            if self.alias and self.alias != self.object_name:
+                text += f" {self.alias}"
+        elif self.alias and self.node_type in ALIAS_ONLY_SCANS:
+            text += f" on {self.alias}"
         return text
 
     @property

@@ -13,7 +13,14 @@ import json
 import re
 from typing import Any
 
-from pgpilot.explain.model import ExplainError, JitInfo, Plan, PlanNode
+from pgpilot.explain.model import (
+    ALIAS_ONLY_SCANS,
+    NAMED_SCANS,
+    ExplainError,
+    JitInfo,
+    Plan,
+    PlanNode,
+)
 
 
 def parse_plan(source: str | bytes | dict[str, Any] | list[Any]) -> Plan:
@@ -183,6 +190,12 @@ def _node_from_json(data: dict[str, Any]) -> PlanNode:
     for key, attr in _JSON_INTS.items():
         setattr(node, attr, _as_int(data.get(key)))
     node.parallel_aware = bool(data.get("Parallel Aware"))
+    for key in ("CTE Name", "Function Name", "Tuplestore Name", "Table Function Name"):
+        if data.get(key) is not None:
+            node.object_name = str(data[key])
+    if node.subplan_name:
+        # "InitPlan 1 (returns $0)" in JSON up to PostgreSQL 17; text prints "InitPlan 1".
+        node.subplan_name = re.sub(r" \(returns .*\)$", "", node.subplan_name)
     if isinstance(data.get("Sort Key"), list):
         node.sort_key = [str(k) for k in data["Sort Key"]]
     if node.actual_loops == 0:
@@ -232,15 +245,23 @@ _JOIN = re.compile(
 _MODIFY = ("Insert", "Update", "Delete", "Merge")
 
 
+_IDENT = r'(?:"(?:[^"]|"")*"|[^\s."]+)'
+_RELATION = re.compile(rf"^(?:(?P<schema>{_IDENT})\.)?(?P<name>{_IDENT})(?: (?P<alias>{_IDENT}))?$")
+
+
+def _unquote(identifier: str | None) -> str | None:
+    if identifier and identifier.startswith('"') and identifier.endswith('"'):
+        return identifier[1:-1].replace('""', '"')
+    return identifier
+
+
 def _split_relation(rest: str) -> tuple[str | None, str, str | None]:
-    """``public.orders o`` -> (schema, relation, alias)."""
-    parts = rest.split(" ")
-    name = parts[0]
-    alias = parts[1] if len(parts) > 1 else None
-    schema = None
-    if "." in name and not name.startswith('"'):
-        schema, name = name.split(".", 1)
-    return schema, name, alias
+    """``public.orders o`` -> (schema, relation, alias); quoted names are unquoted."""
+    match = _RELATION.match(rest)
+    if match is None:
+        return None, rest, None
+    return (_unquote(match["schema"]), _unquote(match["name"]) or rest,
+            _unquote(match["alias"]))
 
 
 def _node_from_label(label: str) -> PlanNode:
@@ -257,18 +278,22 @@ def _node_from_label(label: str) -> PlanNode:
     using = re.match(r"^(?P<type>.+?)(?: (?P<dir>Backward))? using (?P<idx>\S+) on (?P<rest>.+)$",
                      text)
     if using:
-        text, node.index_name, on_part = using["type"], using["idx"], using["rest"]
+        text, node.index_name, on_part = using["type"], _unquote(using["idx"]), using["rest"]
         if using["dir"]:
             node.scan_direction = "Backward"
     elif text.startswith("Bitmap Index Scan on "):
-        node.index_name = text[len("Bitmap Index Scan on "):].strip()
+        node.index_name = _unquote(text[len("Bitmap Index Scan on "):].strip())
         text = "Bitmap Index Scan"
     elif " on " in text:
         text, on_part = text.split(" on ", 1)
     if on_part:
-        node.schema, node.relation, node.alias = _split_relation(on_part.strip())
-        if node.alias is None:
-            node.alias = node.relation
+        schema, name, alias = _split_relation(on_part.strip())
+        if text in NAMED_SCANS:
+            node.object_name, node.alias = name, alias or name
+        elif text in ALIAS_ONLY_SCANS:
+            node.alias = name
+        else:
+            node.schema, node.relation, node.alias = schema, name, alias or name
     if text in _AGGREGATES:
         node.node_type = "Aggregate"
         node.strategy = _AGGREGATES[text]
