@@ -126,8 +126,8 @@ def test_client_killed_mid_transaction_leaves_nothing_behind(proxy_factory, pg_d
     conn.execute("lock table pgp_locktest in access exclusive mode")
     pid = conn.execute("select pg_backend_pid()").fetchone()[0]
     assert admin_count(pg_dsn, "select count(*) from pg_locks where pid = %s", pid) > 0
-    # Kill the client's socket without a Terminate message.
-    conn.pgconn.socket and socket.socket(fileno=conn.pgconn.socket).close()
+    # Kill the client's connection without a Terminate message.
+    kill_socket(conn)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if admin_count(pg_dsn, "select count(*) from pg_locks l join pg_class c "
@@ -149,7 +149,7 @@ def test_client_killed_mid_query_cancels_it(proxy_factory, pg_dsn) -> None:
     t = threading.Thread(target=lambda: _swallow(conn.execute, "select pg_sleep(60)"))
     t.start()
     time.sleep(0.5)
-    socket.socket(fileno=conn.pgconn.socket).close()
+    kill_socket(conn)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and admin_count(
             pg_dsn, "select count(*) from pg_stat_activity where pid = %s and state = 'active'",
@@ -158,6 +158,15 @@ def test_client_killed_mid_query_cancels_it(proxy_factory, pg_dsn) -> None:
     assert admin_count(pg_dsn, "select count(*) from pg_stat_activity where pid = %s "
                        "and state = 'active'", pid) == 0
     t.join(5)
+
+
+def kill_socket(conn: psycopg.Connection) -> None:
+    """Cut the TCP connection under a client (as a crash would), keeping its fd number
+    reserved: closing the fd while another thread still polls it could hand the number, and
+    that thread's reads, to the next connection the test opens."""
+    sock = socket.socket(fileno=conn.pgconn.socket)
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.detach()
 
 
 def _swallow(fn, *args) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,13 @@ TERMINATE = m.terminate()
 ALWAYS_ACCEPTED = frozenset({"user", "database"})
 
 
+def set_keepalive(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
 def sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -81,6 +89,7 @@ class ClientConnection(asyncio.Protocol):
         self.wait_started = 0.0
         self.last_activity = time.monotonic()
         self.idle_in_txn_since = 0.0
+        self.query_started = 0.0  # when the oldest unanswered request was sent (query_timeout)
         self.expected_rfq = 0  # ReadyForQuery messages still owed by the server
         self.unsynced = False  # extended-protocol messages sent since the last Sync
         self.txn_status = "I"
@@ -121,6 +130,8 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
             self.local_addr, self.local_port = str(sock[0]), int(sock[1])
+        if self.pooler.config.tcp_keepalive and isinstance(peer, tuple):
+            set_keepalive(transport)
         self.pooler.client_connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -211,6 +222,10 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.fail("08P01", f"unsupported startup parameter: {name}")
                 return
+        if cfg.application_name_add_host:
+            # As PgBouncer: make the client's address visible in pg_stat_activity.
+            app = self.params.get("application_name", "")
+            self.params["application_name"] = f"{app} - {self.addr}:{self.port}"
         self.application_name = self.params.get("application_name", "")
         if not self.pooler.admit(self):
             return
@@ -282,6 +297,8 @@ class ClientConnection(asyncio.Protocol):
         cfg = self.pooler.config
         db = cfg.database_for(self.database)
         assert db is not None
+        if not self.pooler.admit_to_pool(self, db):
+            return
         self.pool = self.pooler.get_pool(db, self.database, self.user)
         self.pool.clients.add(self)
         if self.pool.mode != "session" and cfg.max_prepared_statements > 0:
@@ -320,7 +337,8 @@ class ClientConnection(asyncio.Protocol):
         self.write(out)
         self.set_state(ClientState.ACTIVE)
         self._login_task = None
-        log.info("%r login ok", self)
+        if self.pooler.config.log_connections:
+            log.info("%r login ok", self)
         if self._pending:
             pending = bytes(self._pending)
             self._pending.clear()
@@ -348,9 +366,13 @@ class ClientConnection(asyncio.Protocol):
         terminate = False
         for mtype, body in msgs:
             if mtype == F.SYNC:
+                if not self.expected_rfq:
+                    self.query_started = time.monotonic()
                 self.expected_rfq += 1
                 self.unsynced = False
             elif mtype == F.QUERY:
+                if not self.expected_rfq:
+                    self.query_started = time.monotonic()
                 self.expected_rfq += 1
                 self.request_time = time.time()
                 if body is not None:
@@ -567,4 +589,7 @@ class ClientConnection(asyncio.Protocol):
                 server.close("client disconnected with a query in progress")
         self.pooler.unregister_cancel_key(self)
         self.set_state(ClientState.CLOSED)
-        log.debug("%r disconnected: %s", self, reason)
+        if self.pooler.config.log_disconnections and self.state is not ClientState.LOGIN:
+            log.info("%r closing: %s", self, reason)
+        else:
+            log.debug("%r disconnected: %s", self, reason)

@@ -60,8 +60,19 @@ class Janitor:
                   and now - client.idle_in_txn_since > cfg.idle_transaction_timeout):
                 client.fail("25P03", f"idle_transaction_timeout: idle in transaction for more "
                             f"than {cfg.idle_transaction_timeout:g} s")
+        if cfg.query_timeout:
+            self._query_timeouts(now, cfg.query_timeout)
         for pool in list(self.pooler.pools.values()):
             self._pool_upkeep(pool, now)
+
+    def _query_timeouts(self, now: float, limit: float) -> None:
+        """query_timeout: cancel what runs too long, and tell its client (as PgBouncer)."""
+        for client in list(self.pooler.clients[ClientState.ACTIVE]):
+            server = client.server
+            if server is not None and client.expected_rfq > 0 and client.query_started \
+                    and now - client.query_started > limit:
+                self.pooler.cancel_server(server)
+                client.fail("57014", f"query_timeout: query ran longer than {limit:g} s")
 
     def _pool_upkeep(self, pool, now: float) -> None:  # type: ignore[no-untyped-def]
         cfg = self.pooler.config

@@ -266,7 +266,9 @@ class Pool:
     def _take_idle(self) -> ServerConnection | None:
         idle = self.idle
         while idle:
-            server = idle.pop()  # LIFO: the most recently used connection is the warmest
+            # LIFO by default: the most recently used connection is the warmest;
+            # server_round_robin spreads the load evenly instead (FIFO).
+            server = idle.popleft() if self.pooler.config.server_round_robin else idle.pop()
             if server.close_needed:
                 server.close("reconnect requested")
                 continue

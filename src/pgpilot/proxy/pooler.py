@@ -175,6 +175,29 @@ class Pooler:
             return False
         return True
 
+    def admit_to_pool(self, client: ClientConnection, db: DatabaseConfig) -> bool:
+        """max_db_client_connections / max_user_client_connections, as PgBouncer."""
+        cfg = self.config
+        max_db = db.max_db_client_connections or cfg.max_db_client_connections
+        if max_db:
+            count = sum(len(p.clients) for (name, _u), p in self.pools.items()
+                        if name == client.database)
+            if count >= max_db:
+                client.fail("53300", "no more connections allowed (max_db_client_connections)")
+                return False
+        user_cfg = cfg.users.get(client.user)
+        max_user = (user_cfg.max_user_client_connections if user_cfg is not None
+                    and user_cfg.max_user_client_connections else
+                    cfg.max_user_client_connections)
+        if max_user:
+            count = sum(len(p.clients) for (_d, user), p in self.pools.items()
+                        if user == client.user)
+            if count >= max_user:
+                client.fail("53300",
+                            "no more connections allowed (max_user_client_connections)")
+                return False
+        return True
+
     def is_admin_db(self, name: str) -> bool:
         return name in ADMIN_DATABASES
 

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -103,6 +104,11 @@ class ServerConnection(asyncio.Protocol):
         sockname = transport.get_extra_info("sockname")
         if isinstance(sockname, tuple):
             self.local_addr, self.local_port = str(sockname[0]), int(sockname[1])
+            if self.pool.pooler.config.tcp_keepalive:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         else:
             self.local_addr = "unix"
         login_user, password = self.pool.server_credentials()
