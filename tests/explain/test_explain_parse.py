@@ -25,6 +25,7 @@ SAVED: dict[str, set[str]] = {
     "pg13_jit_small.txt": {"jit_overhead"},
     "pg15_trivial_filter.txt": set(),  # the filtering scan is 0.1% of the time: not noise
     "pg16_hash_spill.json": {"hash_spill"},
+    "pg17_jit.json": {"jit_overhead"},
     "pg17_jit_deform.txt": {"jit_overhead"},
     "pg17_lossy_bitmap.txt": {"lossy_bitmap"},
     "pg18_initplan_subplan.txt": {"correlated_subplan", "seq_scan_filter"},
@@ -60,6 +61,14 @@ def test_pg17_jit_deform_and_storage_lines() -> None:
     assert plan.jit.generation_time == pytest.approx(0.512)
     assert plan.jit.total_time == pytest.approx(40.162)
     assert [n.node_type for n in plan.nodes] == ["Aggregate", "Materialize", "Seq Scan"]
+
+
+def test_pg17_json_jit_generation_object() -> None:
+    plan = parse_plan(load("pg17_jit.json"))
+    assert plan.jit is not None
+    assert plan.jit.generation_time == pytest.approx(0.511)
+    assert plan.jit.total_time == pytest.approx(36.418)
+    assert plan.root.display_type == "Aggregate"
 
 
 def test_pg18_fractional_rows_and_initplan() -> None:

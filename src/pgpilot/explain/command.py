@@ -37,6 +37,8 @@ def add_dsn_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("A statement is explained inside BEGIN ... ROLLBACK. Exit status: 0 no "
+                     "finding, 1 findings, 2 error.")
     parser.add_argument("sql", nargs="?", help="the statement to explain (needs --dsn)")
     parser.add_argument("--plan", metavar="FILE",
                         help="read a saved plan (JSON or psql text) from FILE, '-' for stdin")
