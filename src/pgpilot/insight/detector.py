@@ -36,6 +36,7 @@ __all__ = [
     "FindingKind",
     "QueryEvent",
     "ScopeDetector",
+    "check_thresholds",
 ]
 
 DEFAULT_THRESHOLD = 3
@@ -45,6 +46,10 @@ DEFAULT_DUPLICATE_THRESHOLD = 2
 # stays small: distinct parameter sets per fingerprint, and call sites per fingerprint.
 MAX_DISTINCT_PARAMS = 10_000
 MAX_CALLSITES = 8
+# Call sites are looked for in the first executions of a fingerprint only: finding one walks
+# the stack (the costliest part of recording a query), and the hundredth iteration of a loop
+# is at the same line as the first.
+CALLSITE_SAMPLES = 16
 
 # The command classes the detector tells apart (same strings as insight.fingerprint).
 READ = "read"
@@ -100,7 +105,7 @@ class Finding:
     distinct_params: int = 0
     """How many different parameter sets the group ran with."""
     callsites: tuple[str, ...] = ()
-    """Every call site seen for the group (bounded), the first one first."""
+    """The call sites of the group's first executions (bounded), the first one first."""
 
     def describe(self) -> str:
         """One line for a log, a warning or an assertion message."""
@@ -146,6 +151,14 @@ class Allowlist:
         return bool(self.callsites or self.fingerprints or self.relationships)
 
 
+def check_thresholds(threshold: int, duplicate_threshold: int) -> None:
+    """Refuse thresholds that would report every statement."""
+    if threshold < 2:
+        raise ValueError(f"threshold must be at least 2, not {threshold}")
+    if duplicate_threshold < 2:
+        raise ValueError(f"duplicate_threshold must be at least 2, not {duplicate_threshold}")
+
+
 Suggest = Callable[[FindingKind, QueryEvent], str]
 """Turns a finding's kind and its example event into the fix to print."""
 
@@ -185,10 +198,7 @@ class ScopeDetector:
         allowlist: Allowlist | None = None,
         suggest: Suggest | None = None,
     ) -> None:
-        if threshold < 2:
-            raise ValueError(f"threshold must be at least 2, not {threshold}")
-        if duplicate_threshold < 2:
-            raise ValueError(f"duplicate_threshold must be at least 2, not {duplicate_threshold}")
+        check_thresholds(threshold, duplicate_threshold)
         self.threshold = threshold
         self.duplicate_threshold = duplicate_threshold
         self.allowlist = allowlist or Allowlist()
@@ -196,6 +206,11 @@ class ScopeDetector:
         self._suggest = suggest
         self._groups: dict[str, _Group] = {}
         self._write_epoch = 0
+
+    def wants_callsite(self, fingerprint: str) -> bool:
+        """Whether the next execution of ``fingerprint`` should carry its call site."""
+        group = self._groups.get(fingerprint)
+        return group is None or group.count < CALLSITE_SAMPLES
 
     def add(self, event: QueryEvent) -> bool:
         """Count one statement. True when it makes its group an N+1 (the threshold just met)."""
@@ -303,8 +318,7 @@ class Detector:
         self.allowlist = allowlist or Allowlist()
         self._suggest = suggest
         self._scopes: dict[Hashable, _OpenScope] = {}
-        # Validate the thresholds now rather than on the first event.
-        ScopeDetector(threshold, duplicate_threshold)
+        check_thresholds(threshold, duplicate_threshold)  # now, not at the first event
 
     def feed(self, event: QueryEvent) -> Finding | None:
         """Count one event; return an ``n_plus_one`` finding when it just crossed the threshold."""

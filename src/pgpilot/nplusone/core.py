@@ -27,6 +27,7 @@ from pgpilot.insight.detector import (
     Finding,
     QueryEvent,
     ScopeDetector,
+    check_thresholds,
 )
 from pgpilot.insight.fingerprint import describe
 from pgpilot.insight.suggest import suggest_fix
@@ -106,6 +107,8 @@ class _Scope:
         return found
 
 
+_NO_ALLOWLIST = Allowlist()
+
 _current_scope: ContextVar[_Scope | None] = ContextVar("pgpilot_nplusone_scope", default=None)
 
 # The SQLAlchemy listener is put on the Engine class by the first scope and then stays:
@@ -159,13 +162,14 @@ def record_query(
     if scope is None:
         return None
     statement = describe(sql)
+    fingerprint = statement.fingerprint
     # positional: keyword arguments make a named tuple noticeably slower to build
     event = QueryEvent(
-        statement.fingerprint,
+        fingerprint,
         sql,
         _params_key(sql, params, executemany),
         id(scope),
-        find_callsite(),
+        find_callsite() if scope.detector.wants_callsite(fingerprint) else "",
         time.monotonic(),
         statement.command,
         relationship,
@@ -275,8 +279,7 @@ class Detection:
         self.mode = mode
         self.duplicate_threshold = duplicate_threshold
         self.allowlist = allowlist
-        # Fail on bad thresholds when detect() is called, not at the first query.
-        ScopeDetector(self.threshold, duplicate_threshold)
+        check_thresholds(self.threshold, duplicate_threshold)  # at detect(), not at a query
         self._token: Token[_Scope | None] | None = None
         self._scope: _Scope | None = None
         self.report: Report | None = None
@@ -382,9 +385,13 @@ def detect(
     ``NPlusOneError`` at the end of the block. The allowlists take call site globs
     (``"app/reports.py:*"``), fingerprints, and relationship globs (``"Customer.orders"``).
     """
-    allowlist = Allowlist(
-        callsites=tuple(allow_callsites),
-        fingerprints=frozenset(allow_fingerprints),
-        relationships=tuple(allow_relationships),
+    callsites, fingerprints, relationships = (
+        tuple(allow_callsites),
+        frozenset(allow_fingerprints),
+        tuple(allow_relationships),
     )
+    if callsites or fingerprints or relationships:
+        allowlist = Allowlist(callsites, fingerprints, relationships)
+    else:
+        allowlist = _NO_ALLOWLIST  # the common case: no allowlist object built per scope
     return Detection(threshold, mode, duplicate_threshold, allowlist)
