@@ -19,8 +19,10 @@ from pgpilot.explain.model import ExplainError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pgpilot.explain.advisor import PAYS_MIN_IMPROVEMENT
+
     parser.epilog = ("An index is recommended only when the planner uses it and the plan's cost "
-                     "falls by at least 30%. Exit status: 0 done, 2 error.")
+                     f"falls by at least {PAYS_MIN_IMPROVEMENT:.0%}. Exit status: 0 done, 2 error.")
     parser.add_argument("sql", help="the statement to find indexes for")
     parser.add_argument("--validate", choices=("auto", "hypopg", "real"), default="auto",
                         help="prove candidates with HypoPG (auto: when installed) or by building "
