@@ -332,3 +332,27 @@ def test_bad_arguments_are_refused_up_front() -> None:
         detect(mode="loud")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threshold"):
         detect(threshold=1)
+
+
+def test_the_report_is_live_inside_the_scope(session: Session) -> None:
+    with detect() as report:
+        lazy_loop(session)
+        inside = [finding.kind for finding in report.findings]
+        assert report.queries == CUSTOMERS + 1
+    assert inside == ["n_plus_one"]
+    assert "N+1: 6 executions" in report.summary()
+
+
+def test_detach_removes_the_listener_and_detect_puts_it_back(session: Session) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from pgpilot.nplusone import detach
+    from pgpilot.nplusone.sqlalchemy_feed import _before_cursor_execute
+
+    detach()
+    assert not event.contains(Engine, "before_cursor_execute", _before_cursor_execute)
+    with detect() as report:
+        assert event.contains(Engine, "before_cursor_execute", _before_cursor_execute)
+        lazy_loop(session)
+    assert [finding.kind for finding in report.findings] == ["n_plus_one"]
