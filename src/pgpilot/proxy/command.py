@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from pgpilot.proxy.config import Config, ConfigError, DatabaseConfig, default_config, load_config
+from pgpilot.proxy.workers import WorkerIdentity
 
 log = logging.getLogger("pgpilot.proxy")
 
@@ -116,20 +117,38 @@ def serve(config: Config, config_path: str | None = None,
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if config.workers > 1:
+        from pgpilot.proxy.workers import supervise
+
+        def run_worker(worker_cfg: Config, identity: WorkerIdentity) -> int:
+            return asyncio.run(_serve(worker_cfg, config_path, None, identity))
+
+        if embedded_dsn_port is not None:
+            print(f"pgpilot: pooling on postgresql://postgres@127.0.0.1:{embedded_dsn_port}"
+                  "/postgres", flush=True)
+        log.info("starting %d workers", config.workers)
+        if config.pidfile:
+            Path(config.pidfile).write_text(f"{os.getpid()}\n")
+        try:
+            return supervise(config, run_worker)
+        finally:
+            if config.pidfile:
+                with contextlib.suppress(OSError):
+                    os.unlink(config.pidfile)
     return asyncio.run(_serve(config, config_path, embedded_dsn_port))
 
 
 async def _serve(config: Config, config_path: str | None,
-                 embedded_dsn_port: int | None) -> int:
+                 embedded_dsn_port: int | None, worker: WorkerIdentity | None = None) -> int:
     from pgpilot.proxy.pooler import Pooler
 
-    pooler = Pooler(config)
+    pooler = Pooler(config, worker)
     try:
         await pooler.start()
     except OSError as exc:
         log.error("could not start: %s", exc)
         return 1
-    if config.pidfile:
+    if config.pidfile and worker is None:
         Path(config.pidfile).write_text(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -143,7 +162,14 @@ async def _serve(config: Config, config_path: str | None,
             log.info("SIGHUP: no configuration file to reload")
             return
         try:
-            pooler.reload(load_config(config_path))
+            new_config = load_config(config_path)
+            if worker is not None:
+                from pgpilot.proxy.workers import worker_config
+
+                if new_config.workers != worker.count:
+                    log.warning("a change of 'workers' needs a restart")
+                new_config = worker_config(new_config, worker.index, worker.count)
+            pooler.reload(new_config)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
 
@@ -162,7 +188,7 @@ async def _serve(config: Config, config_path: str | None,
     await asyncio.wait({stop_task, stopped_task}, return_when=asyncio.FIRST_COMPLETED)
     await pooler.stop()
     stop_task.cancel()
-    if config.pidfile:
+    if config.pidfile and worker is None:
         with contextlib.suppress(OSError):
             os.unlink(config.pidfile)
     log.info("pgpilot stopped")

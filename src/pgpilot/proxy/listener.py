@@ -14,6 +14,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from pgpilot.proxy.client import ClientConnection
+from pgpilot.proxy.workers import cancel_socket_path
 
 if TYPE_CHECKING:
     from pgpilot.proxy.pooler import Pooler
@@ -39,7 +40,17 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         servers.append(server)
         log.info("listening on %s:%d", addr, cfg.listen_port)
-    if cfg.unix_socket_dir and cfg.workers <= 1:
+    worker = pooler.worker
+    if worker is not None:
+        if worker.unix_socket is not None:
+            servers.append(await loop.create_unix_server(factory, sock=worker.unix_socket))
+        # Cancel requests other workers pass on to this one.
+        cancel_path = cancel_socket_path(worker.run_dir, worker.index)
+        if os.path.exists(cancel_path):
+            os.unlink(cancel_path)
+        servers.append(await loop.create_unix_server(factory, path=cancel_path))
+        os.chmod(cancel_path, 0o600)
+    elif cfg.unix_socket_dir:
         path = os.path.join(cfg.unix_socket_dir, f".s.PGSQL.{cfg.listen_port}")
         try:
             if os.path.exists(path):
@@ -58,14 +69,15 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
 async def upgrade_client_tls(pooler: Pooler, client: ClientConnection) -> None:
     """Answer 'S' to an SSLRequest and switch the client's transport to TLS."""
     transport = client.transport
-    if transport is None:
+    context = pooler.ssl_context
+    if transport is None or context is None:
         return
     client.pause_reading()
     transport.write(b"S")
     loop = asyncio.get_running_loop()
     try:
-        new_transport = await loop.start_tls(transport, client, pooler.ssl_context,
-                                             server_side=True, ssl_handshake_timeout=10)
+        new_transport = await loop.start_tls(transport, client, context, server_side=True,
+                                             ssl_handshake_timeout=10)
     except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
         log.warning("%r TLS handshake failed: %s", client, exc)
         client.close()

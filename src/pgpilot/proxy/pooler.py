@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
 import secrets
+import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pgpilot.proxy.config import Config, DatabaseConfig
 from pgpilot.proxy.pool import Pool
 from pgpilot.proxy.states import ClientState
+from pgpilot.proxy.workers import WORKER_SHIFT, WorkerIdentity, cancel_socket_path
 from pgpilot.wire import messages as m
 
 if TYPE_CHECKING:
@@ -35,8 +38,9 @@ ADMIN_DATABASES = ("pgbouncer", "pgpilot")
 
 
 class Pooler:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: WorkerIdentity | None = None) -> None:
         self.config = config
+        self.worker = worker  # set when this process is one of several (workers = N)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: dict[ClientState, set[ClientConnection]] = {s: set() for s in ClientState}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
@@ -52,7 +56,8 @@ class Pooler:
         # Hooks for the traffic observers (stats, hazards, admin console); set by their modules.
         self.query_observers: list[Callable[[ClientConnection, bytes], None]] = []
         self.parse_observers: list[Callable[[ClientConnection, bytes], None]] = []
-        self.ssl_context: Any = None
+        self.ssl_context: ssl.SSLContext | None = None  # client side (client_tls_*)
+        self.server_ssl_context: ssl.SSLContext | None = None  # server side (server_tls_*)
         self.admin_handler: Callable[[ClientConnection], None] | None = None
         # -- admin console, hazard detection, metrics (admin.py, hazards.py, metrics.py) --
         from pgpilot.proxy.admin import AdminConsole
@@ -67,7 +72,11 @@ class Pooler:
     async def start(self) -> None:
         from pgpilot.proxy.janitor import Janitor
         from pgpilot.proxy.listener import start_listeners
+        from pgpilot.proxy.tls import client_ssl_context, server_ssl_context
 
+        # An unusable key or certificate stops the start (ssl.SSLError / OSError).
+        self.ssl_context = client_ssl_context(self.config)
+        self.server_ssl_context = server_ssl_context(self.config)
         self._listeners = await start_listeners(self)
         self._janitor = asyncio.get_running_loop().create_task(Janitor(self).run())
         self.admin_console.start()
@@ -84,7 +93,7 @@ class Pooler:
     def listen_addresses(self) -> list[tuple[str, int] | str]:
         out: list[tuple[str, int] | str] = []
         for server in self._listeners:
-            for sock in server.sockets:
+            for sock in cast(asyncio.Server, server).sockets:
                 name = sock.getsockname()
                 out.append((name[0], name[1]) if isinstance(name, tuple) else str(name))
         return out
@@ -101,6 +110,10 @@ class Pooler:
             self._metrics_server.close()
         if timeout is None:
             timeout = self.config.shutdown_timeout
+        # As PgBouncer's safe shutdown (PAUSE, then exit): running transactions finish, but
+        # a client between transactions gets no server any more, so the drain ends.
+        for pool in self.pools.values():
+            pool.paused = True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(
                 c.server is not None for c in self.all_clients()):
@@ -126,18 +139,39 @@ class Pooler:
 
     def reload(self, config: Config) -> None:
         """Apply a new configuration without dropping anyone (SIGHUP / RELOAD)."""
+        from pgpilot.proxy.tls import client_ssl_context, server_ssl_context, server_tls_settings
+
         old = self.config
+        try:
+            client_ctx, server_ctx = client_ssl_context(config), server_ssl_context(config)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            # New clients keep the TLS settings that work; the rest of the reload applies.
+            log.error("reload: TLS settings not applied, keeping the previous ones: %s", exc)
+            client_ctx, server_ctx = self.ssl_context, self.server_ssl_context
+            config = dataclasses.replace(config, **{
+                name: getattr(old, name) for name in _TLS_SETTINGS})
+        tls_changed = server_tls_settings(old) != server_tls_settings(config)
         self.config = config
+        self.ssl_context, self.server_ssl_context = client_ctx, server_ctx
         for (db_name, _user), pool in list(self.pools.items()):
             new_db = config.database_for(db_name)
-            if new_db is None or _server_side(new_db) != _server_side(pool.db):
-                # Where servers live changed: existing connections are closed once free.
+            if new_db is None or tls_changed or _server_side(new_db) != _server_side(pool.db):
+                # Where (or how) servers are reached changed: existing connections are closed
+                # once free, as PgBouncer's RELOAD does; running transactions are not cut.
                 for server in pool.all_servers():
                     server.close_needed = True
                 for server in list(pool.idle):
                     server.close("database definition changed")
+                pool.welcome_params = None
             if new_db is not None:
                 pool.db = new_db
+                pool.server_dbname = new_db.dbname or db_name
+                pool.server_user = new_db.user or pool.user
+            if pool.waiting and not pool.paused:
+                pool.launch_if_needed()  # a larger pool_size applies to those waiting now
+        for name, db in config.databases.items():
+            if name != "*" and db.user and config.min_pool_size_for(db):
+                self.get_pool(db, name, db.user)  # min_pool_size: the janitor warms it
         if (old.listen_addr, old.listen_port) != (config.listen_addr, config.listen_port):
             log.warning("listen_addr/listen_port changes need a restart")
         log.info("configuration reloaded")
@@ -214,7 +248,11 @@ class Pooler:
         return self.config.auth_users.get(user)
 
     def handle_ssl_request(self, client: ClientConnection) -> None:
-        if self.ssl_context is None or self.config.client_tls_sslmode == "disable":
+        if client.tls:
+            client.fail("08P01", "protocol violation: SSLRequest on an encrypted connection")
+            return
+        if self.ssl_context is None or self.config.client_tls_sslmode == "disable" \
+                or client.addr == "unix":
             client.write(b"N")
             return
         from pgpilot.proxy.listener import upgrade_client_tls
@@ -262,7 +300,11 @@ class Pooler:
     # -- cancel -------------------------------------------------------------------------
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         while True:
-            pid = secrets.randbelow(0x7FFF_FFFF) + 1
+            if self.worker is None:
+                pid = secrets.randbelow(0x7FFF_FFFF) + 1
+            else:
+                # The owning worker's index rides in the top bits (cancel routing).
+                pid = (self.worker.index << WORKER_SHIFT) | (secrets.randbits(WORKER_SHIFT) | 1)
             key = secrets.randbits(31)
             if (pid, key) not in self.cancel_keys:
                 self.cancel_keys[(pid, key)] = client
@@ -273,11 +315,34 @@ class Pooler:
 
     def cancel(self, pid: int, key: int) -> None:
         """A CancelRequest with a key we gave out: cancel that client's current query only."""
+        worker = self.worker
+        if worker is not None and worker.owner_of(pid) != worker.index:
+            self._forward_cancel(worker.owner_of(pid), pid, key)
+            return
         client = self.cancel_keys.get((pid, key))
         if client is None or client.server is None:
             log.debug("cancel request for unknown or idle client ignored")
             return
         self.cancel_server(client.server)
+
+    def _forward_cancel(self, owner: int, pid: int, key: int) -> None:
+        """Pass a CancelRequest to the worker that gave out its key."""
+        assert self.worker is not None
+        if owner >= self.worker.count:
+            return
+        path = cancel_socket_path(self.worker.run_dir, owner)
+
+        async def send() -> None:
+            try:
+                async with asyncio.timeout(5):
+                    _r, writer = await asyncio.open_unix_connection(path)
+                    writer.write(m.cancel_request(pid, key))
+                    await writer.drain()
+                    writer.close()
+            except (OSError, TimeoutError) as exc:
+                log.warning("could not pass a cancel request to worker %d: %s", owner, exc)
+
+        self.track_task(asyncio.get_running_loop().create_task(send()))
 
     def cancel_server(self, server: ServerConnection) -> None:
         if not server.backend_pid:
@@ -302,6 +367,11 @@ class Pooler:
                 log.warning("could not send cancel request to %s:%s: %s", host, port, exc)
 
         self.track_task(asyncio.get_running_loop().create_task(send()))
+
+
+_TLS_SETTINGS = ("client_tls_sslmode", "client_tls_key_file", "client_tls_cert_file",
+                 "client_tls_ca_file", "server_tls_sslmode", "server_tls_ca_file",
+                 "server_tls_key_file", "server_tls_cert_file")
 
 
 def _server_side(db: DatabaseConfig) -> tuple[object, ...]:
