@@ -115,7 +115,7 @@ class ServerConnection(asyncio.Protocol):
         self._login = ServerLogin(login_user, password)
         params = {"user": login_user, "database": self.pool.server_dbname}
         params.update(self.pool.server_startup_params())
-        transport.write(m.startup_message(params))
+        self.transport.write(m.startup_message(params))  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -15,6 +15,7 @@ is a whole pooler of its own:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -151,10 +152,8 @@ def supervise(config: Config, run_worker: Callable[[Config, WorkerIdentity], int
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
         for pid in list(children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
@@ -169,9 +168,9 @@ def supervise(config: Config, run_worker: Callable[[Config, WorkerIdentity], int
             break
         except InterruptedError:  # pragma: no cover - PEP 475 retries os.wait
             continue
-        index = children.pop(pid, None)
-        if index is None:
+        if pid not in children:
             continue
+        index = children.pop(pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             status = status or (code if code > 0 else 0)
@@ -192,13 +191,9 @@ def supervise(config: Config, run_worker: Callable[[Config, WorkerIdentity], int
         if isinstance(path, str) and os.path.exists(path):
             os.unlink(path)
     for index in range(count):
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(cancel_socket_path(run_dir, index))
-        except OSError:
-            pass
-    try:
+    with contextlib.suppress(OSError):
         os.rmdir(run_dir)
-    except OSError:
-        pass
     return status
 
