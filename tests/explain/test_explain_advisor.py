@@ -159,3 +159,11 @@ def test_advise_cli_errors(explain_dsn: str, capsys: pytest.CaptureFixture[str])
     assert main(["advise", "not sql at all", "--dsn", explain_dsn]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot parse" in err[0]
+
+
+def test_like_prefix_candidate_uses_text_pattern_ops(explain_dsn: str) -> None:
+    advice = advise(explain_dsn, "SELECT id FROM orders WHERE note LIKE 'note 4242%'",
+                    validate="real", analyze=False)
+    ddls = [r.candidate.ddl(concurrently=False) for r in advice.results]
+    assert "CREATE INDEX ON pgp_explain.orders (note text_pattern_ops)" in ddls
+    assert advice.recommendations  # 1 row in 50000: the pattern index pays

@@ -71,6 +71,9 @@ class IndexCandidate:
     include: list[str] = field(default_factory=list)
     where: list[str] = field(default_factory=list)
     reason: str = ""
+    # Columns filtered with LIKE 'prefix%': under a non-C collation only text_pattern_ops
+    # lets a btree serve that.
+    pattern_columns: frozenset[str] = frozenset()
 
     @property
     def key(self) -> tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -85,7 +88,9 @@ class IndexCandidate:
         return re.sub(r"[^a-z0-9_]", "_", name.lower())[:63]
 
     def ddl(self, *, concurrently: bool = True, name: str | None = None) -> str:
-        columns = ", ".join(quote_ident(c) for c in self.columns)
+        columns = ", ".join(
+            quote_ident(c) + (" text_pattern_ops" if c in self.pattern_columns else "")
+            for c in self.columns)
         text = "CREATE INDEX "
         if concurrently:
             text += "CONCURRENTLY "
@@ -399,6 +404,9 @@ def build_candidates(shape: QueryShape, tables: dict[str, TableInfo]
             rest = rest or join_cols[:1] or [constants[0].column]
             found.append(IndexCandidate(table, rest, where=[p.sql for p in constants],
                                         reason="partial index: constant filters in WHERE"))
+        patterns = frozenset(p.column for p in predicates if p.pattern)
+        for candidate in found:
+            candidate.pattern_columns = patterns & set(candidate.columns)
         candidates.extend(found)
     unique: dict[Any, IndexCandidate] = {}
     skipped: list[dict[str, str]] = []
@@ -440,6 +448,8 @@ def _only_columns_of(table: TableInfo, shape: QueryShape, columns: list[str],
 
 def _covered_by(candidate: IndexCandidate) -> str | None:
     """An existing index that already serves this candidate, if any."""
+    if candidate.pattern_columns:
+        return None  # the operator class matters; let the planner decide
     for name, keys, include, partial in candidate.table.indexes:
         # An existing partial index serves only its own WHERE; comparing predicates is
         # not worth the risk of skipping a good candidate, so it never counts as covering.

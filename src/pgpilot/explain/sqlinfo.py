@@ -50,6 +50,7 @@ class Predicate:
     constant: bool
     sql: str
     cast: str | None = None
+    pattern: bool = False  # a LIKE 'prefix%': the index needs text_pattern_ops
 
 
 @dataclass
@@ -162,17 +163,26 @@ def classify(expr: Any) -> tuple[list[Predicate], list[tuple[str | None, str]]]:
                 else:
                     text = f"{name} = {_sql(value)}"
                 predicates.append(Predicate(table, name, "eq", constant, text, cast))
-            elif part.kind == kind_enum.AEXPR_BETWEEN or (
+            elif part.kind in (kind_enum.AEXPR_BETWEEN, kind_enum.AEXPR_LIKE) or (
                 part.kind == kind_enum.AEXPR_OP and op in RANGE_OPERATORS
             ):
-                if op in ("~~", "~~*"):
+                is_like = part.kind == kind_enum.AEXPR_LIKE or op in ("~~", "~~*")
+                if is_like:
+                    # Only a case-sensitive LIKE with a fixed prefix is a btree range scan.
                     pattern = value.val.sval if isinstance(value, ast.A_Const) and isinstance(
                         value.val, ast.String) else ""
-                    if op == "~~*" or not pattern or pattern[0] in "%_":
+                    if op != "~~" or not pattern or pattern[0] in "%_":
                         continue
                 text = (f"{name} BETWEEN {_sql(value[0])} AND {_sql(value[1])}"
                         if isinstance(value, tuple) else f"{name} {op} {_sql(value)}")
-                predicates.append(Predicate(table, name, "range", constant, text, cast))
+                predicates.append(Predicate(table, name, "range", constant, text, cast,
+                                            pattern=is_like))
+        elif (isinstance(part, ast.SubLink)
+              and part.subLinkType == enums.SubLinkType.ANY_SUBLINK):
+            # col IN (SELECT ...): a semi-join on col.
+            column = _column_of(part.testexpr)
+            if column:
+                joins.append((column[0], column[1]))
         elif isinstance(part, ast.NullTest):
             column = _column_of(part.arg)
             if column:
