@@ -491,3 +491,34 @@ def test_bad_commands_get_errors_and_change_nothing(proxy: RunningProxy, command
     assert proxy.call(lambda: not proxy.pooler.paused and not proxy.pooler.stopping)
     with client(proxy) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_paused_pooler_keeps_no_servers_for_new_pools(
+        proxy: RunningProxy, executor: concurrent.futures.Executor) -> None:
+    """A database first used while paused gets its login, but no server stays open."""
+    with admin(proxy) as console:
+        console.execute("PAUSE")
+        with psycopg.connect(proxy.dsn(dbname="postgres"), autocommit=True) as newcomer:
+            blocked = executor.submit(lambda: newcomer.execute("select 5").fetchone())
+            wait_until(lambda: proxy.server_count() == 0)
+            assert not blocked.done()
+            console.execute("RESUME")
+            assert blocked.result(10) == (5,)
+
+
+def test_pause_completes_while_clients_keep_waiting(
+        proxy_factory: Callable[..., RunningProxy],
+        executor: concurrent.futures.Executor) -> None:
+    proxy = proxy_factory(default_pool_size=1)
+    with client(proxy) as holder, client(proxy) as waiter, admin(proxy) as console:
+        holder.execute("begin")
+        holder.execute("select 1")
+        blocked = executor.submit(lambda: waiter.execute("select 3").fetchone())
+        wait_until(lambda: pool_row(proxy)["cl_waiting"] == 1)
+        pausing = executor.submit(console.execute, "PAUSE")
+        wait_until(lambda: proxy.call(lambda: proxy.pooler.paused))
+        holder.execute("commit")  # its server goes back, is closed, and no new one opens
+        pausing.result(10)
+        assert proxy.server_count() == 0 and not blocked.done()
+        console.execute("RESUME")
+        assert blocked.result(10) == (3,)

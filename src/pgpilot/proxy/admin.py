@@ -59,6 +59,7 @@ PGBOUNCER_COMPAT_VERSION = "1.23.1"  # the PgBouncer whose console columns these
 VERSION_STRING = f"pgpilot {pgpilot.__version__} (PgBouncer {PGBOUNCER_COMPAT_VERSION} compatible)"
 
 PAUSE_POLL = 0.05  # seconds between checks while PAUSE / SHUTDOWN wait for servers
+PAUSE_KEEPER_TICK = 0.2  # seconds between sweeps of paused pools' idle servers
 # Startup-style parameters a driver may SET on connect; the console accepts and ignores them.
 IGNORED_SETTINGS = frozenset({"application_name", "client_encoding", "datestyle", "timezone",
                               "extra_float_digits", "standard_conforming_strings",
@@ -218,21 +219,39 @@ class AdminConsole:
         # Console command runners and shutdowns; kept apart from the pooler's tasks, which
         # Pooler.stop cancels (a SHUTDOWN must not cancel itself).
         self.tasks: set[asyncio.Task[Any]] = set()
+        self._pause_keeper: asyncio.Task[None] | None = None
         pooler.admin_handler = self.login
 
     def start(self) -> None:
         self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
 
     def stop(self) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            self._stats_task = None
+        for task in (self._stats_task, self._pause_keeper):
+            if task is not None:
+                task.cancel()
+        self._stats_task = self._pause_keeper = None
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def keep_paused_pools_empty(self) -> None:
+        """After PAUSE / KILL: servers a paused pool opens anyway (a new pool's first login)
+        are closed once idle, until RESUME."""
+        if self._pause_keeper is None or self._pause_keeper.done():
+            self._pause_keeper = self.spawn(self._pause_keeper_loop())
+
+    async def _pause_keeper_loop(self) -> None:
+        while not self.pooler.stopping:
+            paused = [p for p in self.pooler.pools.values() if p.paused]
+            if not paused and not self.pooler.paused and not self.pooler.paused_databases:
+                return
+            for pool in paused:
+                for server in list(pool.idle):
+                    server.close("paused")
+            await asyncio.sleep(PAUSE_KEEPER_TICK)
 
     def login(self, client: ClientConnection) -> None:
         """Pooler.admin_handler: authenticate as usual; AdminSession.logged_in follows."""
@@ -726,6 +745,7 @@ class AdminSession:
             pool.paused = True
         await self._drain(db, lambda: self.pooler.paused if db is None
                           else db in self.pooler.paused_databases)
+        self.console.keep_paused_pools_empty()
         return Result("PAUSE")
 
     async def _drain(self, db: str | None, still_wanted: Callable[[], bool]) -> None:
@@ -768,6 +788,7 @@ class AdminSession:
         for pool in self._pools_of(db):
             pool.paused = True
             pool.close_all("KILL")
+        self.console.keep_paused_pools_empty()
         return Result("KILL")
 
     async def kill_client(self, args: list[str]) -> Result:

@@ -155,8 +155,8 @@ class Pool:
         return not (max_user and self.pooler.servers_for_user(self.server_user) >= max_user)
 
     def launch_if_needed(self, use_reserve: bool = False) -> None:
-        """Open servers for waiting clients, as far as the limits allow."""
-        if time.monotonic() < self.login_failed_until:
+        """Open servers for waiting clients, as far as the limits allow (none while paused)."""
+        if self.paused or time.monotonic() < self.login_failed_until:
             return
         logging_in = len(self.servers[ServerState.LOGIN])
         while len(self.waiting) > logging_in and self.can_open(use_reserve):
