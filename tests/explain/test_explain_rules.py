@@ -188,3 +188,14 @@ def test_correlated_subquery_fix_is_an_equivalent_join(explain: ExplainFn,
     assert any(n == 0 for _, n in original_rows)  # rows without a match keep their 0
     fixed = analyze_plan(explain(rewritten, settings=[NO_PARALLEL]), sql=rewritten)
     assert "correlated_subplan" not in fixed.rules_fired
+
+
+def test_timing_off_plan_weighs_by_cost(explain_dsn: str) -> None:
+    sql = "EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) SELECT * FROM orders WHERE status = 'open'"
+    with psycopg.connect(explain_dsn) as conn:
+        row = conn.execute(sql.encode()).fetchone()
+    assert row is not None
+    report = analyze_plan(row[0])
+    assert report.plan.analyzed and not report.plan.timed
+    assert "seq_scan_filter" in report.rules_fired
+    assert "Analyzed without timing" in report.render()

@@ -203,9 +203,14 @@ class Plan:
     def nodes(self) -> list[PlanNode]:
         return list(self.root.walk())
 
+    @property
+    def timed(self) -> bool:
+        """Whether node times are known (not so without ANALYZE, or with TIMING OFF)."""
+        return bool(self.root.inclusive_time)
+
     def share(self, node: PlanNode) -> float:
-        """The node's own share (0..1) of the plan's time, or of its cost when not analyzed."""
-        if self.analyzed:
+        """The node's own share (0..1) of the plan's time, or of its cost when not timed."""
+        if self.timed:
             total = self.root.inclusive_time or self.total_time or 0.0
             if total <= 0 or node.exclusive_time is None:
                 return 0.0
@@ -217,7 +222,7 @@ class Plan:
 
     def inclusive_share(self, node: PlanNode) -> float:
         """Share of the node together with everything below it."""
-        if self.analyzed:
+        if self.timed:
             total = self.root.inclusive_time or 0.0
             if total <= 0 or node.inclusive_time is None:
                 return 0.0

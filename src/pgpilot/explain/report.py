@@ -82,14 +82,15 @@ def analyze_plan(text_or_json: str | bytes | dict[str, Any] | list[Any], *,
 # text rendering
 
 SEVERITY_MARK = {"critical": "!!", "warning": "! ", "info": "i "}
+MAX_STATEMENT_SHOWN = 500  # characters of the statement echoed at the top of the report
 
 
 def _node_line(report: Report, node: PlanNode) -> str:
     plan = report.plan
     indent = "  " * node.depth
     prefix = f"{node.subplan_name}: " if node.subplan_name else ""
+    share = f"{plan.share(node) * 100:5.1f}%"
     if plan.analyzed:
-        share = f"{plan.share(node) * 100:5.1f}%"
         if node.never_executed:
             figures = "never executed"
         else:
@@ -97,9 +98,9 @@ def _node_line(report: Report, node: PlanNode) -> str:
                        f"actual")
             if node.loops > 1:
                 figures += f" x{fmt_rows(node.loops)} loops"
-            figures += f", {fmt_ms(node.exclusive_time)} self"
+            if node.exclusive_time is not None:
+                figures += f", {fmt_ms(node.exclusive_time)} self"
     else:
-        share = f"{plan.share(node) * 100:5.1f}%"
         figures = f"rows {fmt_rows(node.plan_rows)} est, cost {node.total_cost or 0:,.0f}"
     return f"{share}  {indent}{prefix}{node.label}  ({figures})"
 
@@ -107,7 +108,9 @@ def _node_line(report: Report, node: PlanNode) -> str:
 def render_report(report: Report) -> str:
     plan = report.plan
     lines: list[str] = []
-    if plan.analyzed:
+    if plan.analyzed and not plan.timed:
+        head = "Analyzed without timing (TIMING OFF); % is each node's own share of the cost"
+    elif plan.analyzed:
         head = f"Execution {fmt_ms(plan.total_time)}"
         if plan.planning_time is not None:
             head += f", planning {fmt_ms(plan.planning_time)}"
@@ -117,7 +120,10 @@ def render_report(report: Report) -> str:
                 "times); % is each node's own share of the cost")
     lines.append(head)
     if report.statement:
-        lines.append(f"Statement: {' '.join(report.statement.split())}")
+        statement = " ".join(report.statement.split())
+        if len(statement) > MAX_STATEMENT_SHOWN:
+            statement = statement[:MAX_STATEMENT_SHOWN] + " ..."
+        lines.append(f"Statement: {statement}")
     for note in report.notes:
         lines.append(f"Note: {note}")
     lines.append("")
