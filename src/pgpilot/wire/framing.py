@@ -197,30 +197,73 @@ class MessageReader:
         return self._skip_remaining > 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        # The hot path of the pooler (every chunk either way goes through here): locals
+        # only, the header checked inline, and ``bytes`` input sliced directly (one copy
+        # per kept body, no memoryview objects).
         out: list[Message] = []
         ends: list[int] = []
         self.ends = ends
-        view = memoryview(data)
+        src: bytes | memoryview = data if type(data) is bytes else memoryview(data)
         pos = 0
-        end = len(view)
+        end = len(src)
+        if self._skip_remaining or self._buf:
+            pos = self._feed_carried(src, end, out, ends)
+            if pos < 0:
+                return out
+        buf = self._buf
+        interesting = self._interesting
+        unpack = _HEADER.unpack_from
+        append = out.append
+        append_end = ends.append
+        copy = type(src) is not bytes
+        while pos < end:
+            if end - pos < 5:
+                buf += src[pos:end]
+                return out
+            mtype, length = unpack(src, pos)
+            total = length + 1
+            if interesting is not None and mtype not in interesting:
+                if length < 4 or length > MAX_MESSAGE_LENGTH + 4:
+                    self._check_header(src, pos)  # raises, naming the problem
+                if end - pos < total:
+                    self._skip_remaining = total - (end - pos)
+                    self._skip_type = mtype
+                    return out
+                append((mtype, None))
+            else:
+                if length < 4 or length > self._max_body + 4:
+                    self._check_header(src, pos)
+                if end - pos < total:
+                    buf += src[pos:end]
+                    return out
+                body = src[pos + 5:pos + total]
+                append((mtype, bytes(body) if copy else body))  # type: ignore[arg-type]
+            pos += total
+            append_end(pos)
+        return out
+
+    def _feed_carried(self, src: bytes | memoryview, end: int, out: list[Message],
+                      ends: list[int]) -> int:
+        """Finish what the previous chunk left open (a skipped body, a partial header or a
+        kept body); the position to go on from, or -1 if ``src`` is used up."""
+        pos = 0
         if self._skip_remaining:
             take = min(self._skip_remaining, end)
             self._skip_remaining -= take
             pos = take
             if self._skip_remaining:
-                return out
+                return -1
             out.append((self._skip_type, None))
             ends.append(pos)
         buf = self._buf
         interesting = self._interesting
         if buf:
-            # Finish the partial message first (header or kept body).
             need = 5 - len(buf)
             if need > 0:
-                buf += view[pos:pos + need]
+                buf += src[pos:pos + need]
                 pos += min(need, end - pos)
                 if len(buf) < 5:
-                    return out
+                    return -1
                 mtype, length = self._check_header(buf, 0)
                 if interesting is not None and mtype not in interesting:
                     buf.clear()
@@ -230,42 +273,21 @@ class MessageReader:
                     if take < remaining:
                         self._skip_remaining = remaining - take
                         self._skip_type = mtype
-                        return out
+                        return -1
                     out.append((mtype, None))
                     ends.append(pos)
             if buf:
                 mtype, length = _HEADER.unpack_from(buf, 0)
-                total = length + 1
-                need = total - len(buf)
+                need = length + 1 - len(buf)
                 take = min(need, end - pos)
-                buf += view[pos:pos + take]
+                buf += src[pos:pos + take]
                 pos += take
                 if take < need:
-                    return out
+                    return -1
                 out.append((mtype, bytes(buf[5:])))
                 ends.append(pos)
                 buf.clear()
-        while pos < end:
-            if end - pos < 5:
-                buf += view[pos:end]
-                return out
-            mtype, length = self._check_header(view, pos)
-            total = length + 1
-            if interesting is not None and mtype not in interesting:
-                if end - pos < total:
-                    self._skip_remaining = total - (end - pos)
-                    self._skip_type = mtype
-                    return out
-                out.append((mtype, None))
-                ends.append(pos + total)
-            else:
-                if end - pos < total:
-                    buf += view[pos:end]
-                    return out
-                out.append((mtype, bytes(view[pos + 5:pos + total])))
-                ends.append(pos + total)
-            pos += total
-        return out
+        return pos
 
     def _check_header(self, data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
         mtype, length = _HEADER.unpack_from(data, pos)
