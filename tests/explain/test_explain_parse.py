@@ -150,6 +150,27 @@ Execution Time: 0.030 ms"""
     assert analyze_plan(text).findings == []
 
 
+def test_per_worker_lines_do_not_overwrite_the_node() -> None:
+    text = """\
+Gather  (cost=1000.00..2000.00 rows=100 width=8) (actual time=1.0..50.0 rows=100 loops=1)
+  Workers Planned: 1
+  Workers Launched: 1
+  ->  Sort  (cost=900.00..901.00 rows=50 width=8) (actual time=40.0..41.0 rows=50 loops=2)
+        Sort Key: t.x
+        Sort Method: quicksort  Memory: 25kB
+        Worker 0:  actual time=39.0..40.0 rows=50 loops=1
+          Sort Method: external merge  Disk: 4096kB
+          Buffers: shared hit=10
+        ->  Parallel Seq Scan on t  (cost=0.00..80.00 rows=50 width=8) (actual rows=50 loops=2)
+Planning Time: 0.1 ms
+Execution Time: 50.5 ms"""
+    plan = parse_plan(text)
+    sort = plan.nodes[1]
+    assert (sort.sort_method, sort.sort_space_type, sort.sort_space_used) == (
+        "quicksort", "Memory", 25.0)
+    assert [n.display_type for n in plan.nodes] == ["Gather", "Sort", "Parallel Seq Scan"]
+
+
 def test_costs_only_plan() -> None:
     text = """ Sort  (cost=1023.84..1025.09 rows=502 width=35)
    Sort Key: o.amount

@@ -456,9 +456,14 @@ def plan_from_text(text: str) -> Plan:
     jit: JitInfo | None = None
     triggers: list[dict[str, Any]] = []
     section: str | None = None  # a statement-level block such as "JIT:" or "Planning:"
+    worker_indent: int | None = None  # inside a "Worker N:" block of per-worker figures
     for line in lines[1:]:
         indent = len(line) - len(line.lstrip())
         body = line.strip()
+        if worker_indent is not None:
+            if indent > worker_indent:
+                continue  # one worker's own Sort Method, Buffers ...: the node's are above
+            worker_indent = None
         if indent <= base:
             section = None
             key, _, value = body.partition(":")
@@ -513,7 +518,9 @@ def plan_from_text(text: str) -> Plan:
         while len(stack) > 1 and stack[-1][0] >= indent:
             stack.pop()
         key, sep, value = body.partition(":")
-        if sep and not key.startswith("Worker "):
+        if key.startswith("Worker ") and sep:
+            worker_indent = indent
+        elif sep:
             _apply_property(stack[-1][1], key.strip(), value.strip())
     return Plan(
         root=root,
