@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -267,6 +268,7 @@ async def one_run(
     make: Callable[[], Any], loads: int, per_tick: int, shape: str
 ) -> tuple[float, float]:
     loader = make()
+    gc.collect()  # every run starts with the same (empty) garbage
     cpu, wall = time.process_time(), time.perf_counter()
     if shape == "futures":
         # Loads issued in bulk, then awaited: the loader's own cost, little else.
@@ -380,7 +382,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     repeats_db = 3 if args.quick else 15
-    repeats_overhead = 2 if args.quick else 7
+    repeats_overhead = 2 if args.quick else 9
     loads = 20_000 if args.quick else 100_000
 
     print("customers with orders:")
