@@ -131,3 +131,35 @@ def test_stop_signal_lets_running_transactions_finish(proxy_process: ProxyProces
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as direct:
             direct.execute(f"drop table if exists {table}")
+
+
+def test_each_worker_serves_its_own_metrics(pg_params: dict[str, str], tmp_path: Path) -> None:
+    """workers = 2: worker i exports on metrics_port + i, and each counts its own traffic."""
+    import urllib.request
+
+    from pgpilot.embedded import free_port
+
+    metrics_port = free_port()
+    settings = {"workers": 2, "metrics_port": metrics_port, "unix_socket_dir": ""}
+    path, port = write_config(tmp_path, pg_params, settings)
+    process = ProxyProcess(path, port, tmp_path)
+
+    def scrape(n: int) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + n}/metrics",
+                                        timeout=5) as response:
+                return str(response.read().decode())
+        except OSError:
+            return None
+
+    try:
+        for _ in range(6):
+            with psycopg.connect(process.dsn(), autocommit=True) as conn:
+                conn.execute("select 1")
+        texts = [wait_until(lambda n=n: scrape(n)) for n in range(2)]
+        assert all("pgpilot_start_time_seconds" in text for text in texts)
+        assert any('pgpilot_queries_total{database="test",user="postgres"}' in text
+                   for text in texts)
+    finally:
+        process.proc.send_signal(signal.SIGTERM)
+        process.proc.wait(30)

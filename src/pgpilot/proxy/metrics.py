@@ -160,9 +160,14 @@ def registry_for(pooler: Pooler) -> CollectorRegistry:
 
 
 async def start_metrics_server(pooler: Pooler) -> asyncio.AbstractServer:
-    """Serve ``/metrics`` on the pooler's loop, on its first listen address."""
+    """Serve ``/metrics`` on the pooler's loop, on its first listen address.
+
+    With ``workers = N`` each worker is a pooler of its own and serves its own metrics on
+    ``metrics_port + index`` (its config says so: workers.worker_config); scrape them all.
+    """
     cfg = pooler.config
     registry = registry_for(pooler)
+    port = cfg.metrics_port
     addresses = cfg.listen_addresses
     host: str | None = "127.0.0.1" if not addresses else None if addresses[0] == "*" \
         else addresses[0]
@@ -187,9 +192,9 @@ async def start_metrics_server(pooler: Pooler) -> asyncio.AbstractServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(handle, host=host, port=cfg.metrics_port,
+    server = await asyncio.start_server(handle, host=host, port=port,
                                         limit=MAX_REQUEST_HEAD, reuse_address=True)
-    log.info("metrics on http://%s:%d/metrics", host or "*", cfg.metrics_port)
+    log.info("metrics on http://%s:%d/metrics", host or "*", port)
     return server
 
 
