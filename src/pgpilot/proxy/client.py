@@ -25,6 +25,7 @@ from pgpilot.proxy.auth import AuthFailed, ClientAuth, client_auth_for
 from pgpilot.proxy.prepared import StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.states import ClientState, check_client_move
+from pgpilot.proxy.tls import CLIENT_TLS_REQUIRED
 from pgpilot.wire import messages as m
 from pgpilot.wire.errors import ProtocolError
 from pgpilot.wire.framing import (
@@ -79,6 +80,7 @@ class ClientConnection(asyncio.Protocol):
         self.database = ""
         self.application_name = ""
         self.params: dict[str, str] = {}  # tracked parameters, canonical names
+        self.params_version = 0  # bumped when a tracked parameter changes
         self.pool: Pool | None = None
         self.server: ServerConnection | None = None
         self.cancel_pid = 0
@@ -95,6 +97,7 @@ class ClientConnection(asyncio.Protocol):
         self.txn_status = "I"
         self.gone = False
         self.is_admin = False
+        self.tls = False  # upgraded after an SSLRequest (listener.upgrade_client_tls)
         self._startup: StartupReader | None = StartupReader()
         self._reader = MessageReader(CLIENT_TYPES)
         self._auth: ClientAuth | None = None
@@ -198,6 +201,11 @@ class ClientConnection(asyncio.Protocol):
         assert isinstance(packet, StartupMessage)
         rest = self._startup.take_rest()
         self._startup = None
+        tls_mode = self.pooler.config.client_tls_sslmode
+        if not self.tls and self.addr != "unix" and tls_mode in CLIENT_TLS_REQUIRED:
+            self.fail("28000", "SSL required", hint=f"The pooler has client_tls_sslmode = "
+                      f"{tls_mode}: connect with sslmode=require (or verify-ca/verify-full).")
+            return
         self._startup_message(packet)
         if rest:
             self.data_received(rest)
@@ -355,7 +363,8 @@ class ClientConnection(asyncio.Protocol):
             self._pending += data
             if self.state is ClientState.ACTIVE:
                 assert self.pool is not None
-                self.pause_reading()
+                # Usually a server is free and linked at once; reading pauses only when the
+                # client really has to wait (start_waiting), saving two epoll calls a turn.
                 self.pool.request(self)
             return
         self._forward(data)
@@ -429,7 +438,12 @@ class ClientConnection(asyncio.Protocol):
             self.pool.give_out(server)
             return
         self.pool.stats.record_wait(time.monotonic() - self.wait_started)
-        diff = [(k, v) for k, v in self.params.items() if server.params.get(k) != v]
+        params = self.params
+        if server.synced_for is params and server.synced_version == self.params_version:
+            diff = None  # this server last ran for us, with these values
+        else:
+            server_params = server.params
+            diff = [(k, v) for k, v in params.items() if server_params.get(k) != v]
         if diff:
             from pgpilot.proxy.states import ServerState
 
@@ -457,6 +471,8 @@ class ClientConnection(asyncio.Protocol):
     def _link(self, server: ServerConnection) -> None:
         from pgpilot.proxy.states import ServerState
 
+        server.synced_for = self.params
+        server.synced_version = self.params_version
         self.server = server
         server.client = self
         server.link_time = time.monotonic()
@@ -494,8 +510,9 @@ class ClientConnection(asyncio.Protocol):
             elif mtype == m.B.PARAMETER_STATUS and body is not None:
                 name, value = m.parse_parameter_status(body)
                 server.params[name] = value
-                if name in TRACKED_PARAMS:
+                if name in TRACKED_PARAMS and self.params.get(name) != value:
                     self.params[name] = value
+                    self.params_version += 1
             elif mtype == m.B.ERROR_RESPONSE and stats is not None:
                 stats.errors += 1
         if release and self.txn_status != "I" and self.pool is not None \

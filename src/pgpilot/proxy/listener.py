@@ -66,6 +66,26 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     return servers
 
 
+class _HeldDuringHandshake(asyncio.Protocol):
+    """Takes what arrives over TLS until the client's protocol is switched to the new
+    transport, so nothing it answers can go out on the old, clear-text one."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost = False
+        self.error: Exception | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.error = exc
+
+
 async def upgrade_client_tls(pooler: Pooler, client: ClientConnection) -> None:
     """Answer 'S' to an SSLRequest and switch the client's transport to TLS."""
     transport = client.transport
@@ -75,17 +95,23 @@ async def upgrade_client_tls(pooler: Pooler, client: ClientConnection) -> None:
     client.pause_reading()
     transport.write(b"S")
     loop = asyncio.get_running_loop()
+    held = _HeldDuringHandshake()
     try:
-        new_transport = await loop.start_tls(transport, client, context, server_side=True,
+        new_transport = await loop.start_tls(transport, held, context, server_side=True,
                                              ssl_handshake_timeout=10)
-    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, ConnectionError) as exc:
         log.warning("%r TLS handshake failed: %s", client, exc)
         client.close()
         return
-    if new_transport is None:
+    if new_transport is None or client.gone:
         client.close()
         return
     client.transport = new_transport  # type: ignore[assignment]
     client.tls = True
     client.restart_startup()
     client._paused = False
+    new_transport.set_protocol(client)
+    if held.data:
+        client.data_received(bytes(held.data))
+    if held.lost:
+        client.connection_lost(held.error)

@@ -14,11 +14,13 @@ import asyncio
 import bisect
 import collections
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING
 
 from pgpilot.proxy.server import ServerConnection, ServerError
 from pgpilot.proxy.states import ServerState
+from pgpilot.proxy.tls import TLSNegotiationError, negotiate_server_tls
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
@@ -74,6 +76,7 @@ class Pool:
         self.welcome_params: dict[str, str] | None = None
         self._welcome_waiters: list[asyncio.Future[None]] = []
         self.paused = False
+        self._mode: str | None = None
         self.login_failed_until = 0.0
         self.last_login_error: ServerError | None = None
         self.stats = PoolStats()
@@ -85,7 +88,14 @@ class Pool:
     # -- settings, read live so RELOAD applies ---------------------------------------
     @property
     def mode(self) -> str:
-        return self.pooler.config.pool_mode_for(self.db, self.user)
+        mode = self._mode
+        if mode is None:
+            mode = self._mode = self.pooler.config.pool_mode_for(self.db, self.user)
+        return mode
+
+    def config_changed(self) -> None:
+        """Forget what was derived from the configuration (RELOAD)."""
+        self._mode = None
 
     @property
     def size(self) -> int:
@@ -125,7 +135,7 @@ class Pool:
                      new: ServerState) -> None:
         self.servers[old].discard(server)
         if old is ServerState.IDLE:
-            try:
+            try:  # noqa: SIM105 - hot path: cheaper than contextlib.suppress
                 self.idle.remove(server)
             except ValueError:
                 pass
@@ -180,11 +190,21 @@ class Pool:
                     await loop.create_unix_connection(
                         lambda: server, path=f"{host}/.s.PGSQL.{self.db.port}")
                 else:
-                    await loop.create_connection(lambda: server, host, self.db.port)
+                    await negotiate_server_tls(server, host=host, port=self.db.port, config=cfg,
+                                               context=self.pooler.server_ssl_context)
                 await server.login_done
-        except (OSError, TimeoutError, ServerError) as exc:
+        except (OSError, TimeoutError, ServerError, TLSNegotiationError) as exc:
             if isinstance(exc, ServerError):
                 error = exc
+            elif isinstance(exc, TLSNegotiationError):
+                error = ServerError(str(exc))
+            elif isinstance(exc, ssl.SSLCertVerificationError):
+                error = ServerError(f"TLS with server {host}:{self.db.port} failed: "
+                                    f"certificate verify failed: {exc.verify_message} "
+                                    f"(server_tls_sslmode = {cfg.server_tls_sslmode})")
+            elif isinstance(exc, ssl.SSLError):
+                error = ServerError(f"TLS with server {host}:{self.db.port} failed: "
+                                    f"{exc.reason or exc}")
             elif isinstance(exc, TimeoutError):
                 error = ServerError(f"server_connect_timeout: could not connect to "
                                     f"{host}:{self.db.port} within "
@@ -230,9 +250,9 @@ class Pool:
                               self.last_login_error.sqlstate)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._welcome_waiters.append(fut)
-        if not self.servers[ServerState.LOGIN]:
-            if self.can_open(use_reserve=True) or self.server_count() == 0:
-                self.open_server()
+        if not self.servers[ServerState.LOGIN] and (
+                self.can_open(use_reserve=True) or self.server_count() == 0):
+            self.open_server()
         await fut
         assert self.welcome_params is not None
         return self.welcome_params
@@ -258,7 +278,7 @@ class Pool:
             self.launch_if_needed()
 
     def cancel_wait(self, client: ClientConnection) -> None:
-        try:
+        try:  # noqa: SIM105 - hot path: cheaper than contextlib.suppress
             self.waiting.remove(client)
         except ValueError:
             pass
