@@ -167,6 +167,7 @@ class Pooler:
                 pool.db = new_db
                 pool.server_dbname = new_db.dbname or db_name
                 pool.server_user = new_db.user or pool.user
+            pool.config_changed()
             if pool.waiting and not pool.paused:
                 pool.launch_if_needed()  # a larger pool_size applies to those waiting now
         for name, db in config.databases.items():

@@ -74,6 +74,10 @@ class ServerConnection(asyncio.Protocol):
         self.local_addr = ""
         self.local_port = 0
         self.close_needed = False  # RECONNECT / reload: close instead of reuse
+        # Whose parameters this server last carried (a client's params dict and version):
+        # when the same client comes back unchanged, no comparison is needed.
+        self.synced_for: dict[str, str] | None = None
+        self.synced_version = -1
         # Server-side prepared statements (pgpilot_<hash> names), least recently used first,
         # and those to close before the next use (their table changed under them).
         self.prepared: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -195,6 +199,7 @@ class ServerConnection(asyncio.Protocol):
     def run_internal(self, sql: str, callback: InternalCallback) -> None:
         """Send ``sql`` (simple protocol); call ``callback(self, error_or_None)`` at its end."""
         assert self.transport is not None and self.client is None
+        self.synced_for = None  # a reset or SET may change what the server carries
         self._internal_cb = callback
         self._internal_error = None
         self._internal_pending = 1
