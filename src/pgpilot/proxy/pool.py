@@ -183,6 +183,7 @@ class Pool:
     async def _connect(self, server: ServerConnection) -> None:
         cfg = self.pooler.config
         host = self.db.host or self.pooler.default_socket_dir()
+        server.address = (host, self.db.port)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(cfg.server_connect_timeout or None):
@@ -333,6 +334,9 @@ class Pool:
     def give_out(self, server: ServerConnection) -> None:
         """A clean server: to the first waiting client, else to the idle list."""
         if server.state is ServerState.CLOSED:
+            return
+        if server.cancels_pending:
+            server.give_out_after_cancel = True  # Pooler.cancel_server gives it out later
             return
         if server.close_needed or self._too_old(server):
             server.close("server_lifetime reached" if not server.close_needed

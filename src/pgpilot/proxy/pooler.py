@@ -346,26 +346,42 @@ class Pooler:
         self.track_task(asyncio.get_running_loop().create_task(send()))
 
     def cancel_server(self, server: ServerConnection) -> None:
+        """Send PostgreSQL a CancelRequest for ``server``'s current query.
+
+        Until PostgreSQL has taken the request (it closes the cancel connection once the
+        signal is sent, or ``cancel_wait_timeout`` passes), the server is not given to anyone
+        else: a cancel that arrives late must find nothing, or its own client's query, to hit.
+        """
         if not server.backend_pid:
             return
-        pool = server.pool
-        host = pool.db.host or self.default_socket_dir()
-        port = pool.db.port
+        host, port = server.address
+        if not host:
+            return
         packet = m.cancel_request(server.backend_pid, server.backend_key)
+        server.cancels_pending += 1
+        wait = self.config.cancel_wait_timeout or 10.0
 
         async def send() -> None:
+            writer: asyncio.StreamWriter | None = None
             try:
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(wait):
                     if host.startswith("/"):
-                        _r, writer = await asyncio.open_unix_connection(
+                        reader, writer = await asyncio.open_unix_connection(
                             f"{host}/.s.PGSQL.{port}")
                     else:
-                        _r, writer = await asyncio.open_connection(host, port)
+                        reader, writer = await asyncio.open_connection(host, port)
                     writer.write(packet)
                     await writer.drain()
-                    writer.close()
+                    await reader.read()  # PostgreSQL answers nothing and closes when done
             except (OSError, TimeoutError) as exc:
                 log.warning("could not send cancel request to %s:%s: %s", host, port, exc)
+            finally:
+                if writer is not None:
+                    writer.close()
+                server.cancels_pending -= 1
+                if not server.cancels_pending and server.give_out_after_cancel:
+                    server.give_out_after_cancel = False
+                    server.pool.give_out(server)
 
         self.track_task(asyncio.get_running_loop().create_task(send()))
 

@@ -59,6 +59,10 @@ _ENDS: dict[int, frozenset[int]] = {
     SWALLOW_CLOSE: frozenset({B.CLOSE_COMPLETE}),
     SYNC: frozenset({B.READY_FOR_QUERY}),
 }
+# Client messages the router may rename or answer itself, and what the others are owed.
+_REWRITTEN = frozenset({F.PARSE, F.BIND, F.DESCRIBE, F.CLOSE})
+_OWED = {F.QUERY: QUERY, F.FUNCTION_CALL: QUERY, F.SYNC: SYNC, F.EXECUTE: EXECUTE}
+_SPECIAL = frozenset({FAKE_PARSE, FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE})
 _FAKE_REPLY = {FAKE_PARSE: m.parse_complete(), FAKE_CLOSE: m.close_complete()}
 # Messages a server may send at any time, answering nothing.
 _ASYNC = frozenset({B.NOTICE_RESPONSE, B.NOTIFICATION, B.PARAMETER_STATUS})
@@ -102,8 +106,19 @@ class StatementRouter:
         were not sent yet. Returns (bytes for the server, bytes held back: the start of a
         message not complete yet).
         """
-        out = bytearray()
         outstanding = self.outstanding
+        if not continued and ends and ends[-1] == len(data) \
+                and not any(mtype in _REWRITTEN for mtype, _ in msgs):
+            # Nothing to rename (the common case): only note what each message is owed.
+            for mtype, body in msgs:
+                owed = _OWED.get(mtype)
+                if owed is not None:
+                    outstanding.append((owed, None))
+                    if mtype == F.QUERY and body is not None and _drops_statements(body):
+                        self.statements.clear()
+                        server.prepared.clear()
+            return data, b""
+        out = bytearray()
         prev = 0
         for (mtype, body), end in zip(msgs, ends, strict=True):
             raw = data[prev:end]
@@ -129,8 +144,8 @@ class StatementRouter:
             elif mtype == F.PARSE and body is not None:
                 out += self._parse(body, raw, server)
             elif mtype == F.DESCRIBE and body is not None:
-                kind, name = m.parse_close_or_describe(body, "Describe")
-                stmt = self.statements.get(name) if kind == "S" and name else None
+                target, name = m.parse_close_or_describe(body, "Describe")
+                stmt = self.statements.get(name) if target == "S" and name else None
                 if stmt is None:
                     outstanding.append((DESCRIBE, None))
                     out += raw
@@ -139,8 +154,8 @@ class StatementRouter:
                     outstanding.append((DESCRIBE, stmt.server_name))
                     out += m.describe_message("S", stmt.server_name)
             elif mtype == F.CLOSE and body is not None:
-                kind, name = m.parse_close_or_describe(body, "Close")
-                if kind == "S" and name:
+                target, name = m.parse_close_or_describe(body, "Close")
+                if target == "S" and name:
                     # Answered here: the server's copy stays for the other clients.
                     self.statements.pop(name, None)
                     outstanding.append((FAKE_CLOSE, None))
@@ -217,6 +232,11 @@ class StatementRouter:
         outstanding = self.outstanding
         if not outstanding and not self.held:
             return data
+        if not self.held and not any(entry[0] in _SPECIAL for entry in outstanding) \
+                and not any(mtype == B.ERROR_RESPONSE for mtype, _ in msgs):
+            # No answer to add or drop: pass the bytes as they are and only keep count.
+            self._count_only(msgs)
+            return data
         out = bytearray()
         prev = 0
         for (mtype, body), end in zip(msgs, ends, strict=True):
@@ -250,6 +270,15 @@ class StatementRouter:
             else:
                 self.held += tail
         return bytes(out)
+
+    def _count_only(self, msgs: list[tuple[int, bytes | None]]) -> None:
+        """Advance the queue over ``msgs`` (no errors among them, nothing to add or drop)."""
+        outstanding = self.outstanding
+        for mtype, _body in msgs:
+            if mtype == B.DATA_ROW or mtype in _ASYNC or not outstanding:
+                continue
+            if mtype in _ENDS[outstanding[0][0]]:
+                outstanding.popleft()
 
     def _error(self, kind: int, name: str | None, body: bytes | None, raw: bytes,
                server: ServerConnection) -> bytes:

@@ -74,6 +74,11 @@ class ServerConnection(asyncio.Protocol):
         self.local_addr = ""
         self.local_port = 0
         self.close_needed = False  # RECONNECT / reload: close instead of reuse
+        self.address: tuple[str, int] = ("", 0)  # host (or socket dir) and port it went to
+        # Cancel requests sent for it and not yet done: it is not lent again until they are,
+        # so a late cancel cannot hit the next client's query (PgBouncer's being_canceled).
+        self.cancels_pending = 0
+        self.give_out_after_cancel = False
         # Whose parameters this server last carried (a client's params dict and version):
         # when the same client comes back unchanged, no comparison is needed.
         self.synced_for: dict[str, str] | None = None
