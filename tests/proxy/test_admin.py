@@ -522,3 +522,39 @@ def test_pause_completes_while_clients_keep_waiting(
         assert proxy.server_count() == 0 and not blocked.done()
         console.execute("RESUME")
         assert blocked.result(10) == (3,)
+
+
+def test_raw_protocol_sync_and_extended_messages(proxy: RunningProxy) -> None:
+    """Every Sync gets a ReadyForQuery; extended messages are refused up to the Sync."""
+    import socket
+
+    from pgpilot.wire import messages as m
+    from pgpilot.wire.framing import MessageReader
+
+    reader = MessageReader()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+
+        def until_ready() -> list[tuple[int, bytes]]:
+            got: list[tuple[int, bytes]] = []
+            while not got or got[-1][0] != m.B.READY_FOR_QUERY:
+                data = sock.recv(65536)
+                assert data, "connection closed"
+                got += [(t, b or b"") for t, b in reader.feed(data)]
+            return got
+
+        sock.sendall(m.startup_message({"user": "postgres", "database": "pgbouncer"}))
+        assert until_ready()[0] == (m.B.AUTHENTICATION, b"\x00\x00\x00\x00")
+        sock.sendall(m.sync())
+        assert [t for t, _ in until_ready()] == [m.B.READY_FOR_QUERY]
+        sock.sendall(m.parse_message("", "SHOW POOLS") + m.bind_simple("", "")
+                     + m.execute_message() + m.sync())
+        replies = until_ready()
+        assert [t for t, _ in replies] == [m.B.ERROR_RESPONSE, m.B.READY_FOR_QUERY]
+        assert m.parse_error_fields(replies[0][1])["C"] == "0A000"
+        sock.sendall(m.query("SHOW VERSION"))
+        replies = until_ready()
+        assert [t for t, _ in replies] == [m.B.ROW_DESCRIPTION, m.B.DATA_ROW,
+                                           m.B.COMMAND_COMPLETE, m.B.READY_FOR_QUERY]
+        sock.sendall(m.query(""))
+        assert [t for t, _ in until_ready()] == [m.B.EMPTY_QUERY, m.B.READY_FOR_QUERY]
+        sock.sendall(m.terminate())

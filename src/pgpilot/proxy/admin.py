@@ -59,6 +59,7 @@ PGBOUNCER_COMPAT_VERSION = "1.23.1"  # the PgBouncer whose console columns these
 VERSION_STRING = f"pgpilot {pgpilot.__version__} (PgBouncer {PGBOUNCER_COMPAT_VERSION} compatible)"
 
 PAUSE_POLL = 0.05  # seconds between checks while PAUSE / SHUTDOWN wait for servers
+MAX_QUEUED_MESSAGES = 64  # per console connection, before its socket stops being read
 PAUSE_KEEPER_TICK = 0.2  # seconds between sweeps of paused pools' idle servers
 # Startup-style parameters a driver may SET on connect; the console accepts and ignores them.
 IGNORED_SETTINGS = frozenset({"application_name", "client_encoding", "datestyle", "timezone",
@@ -391,6 +392,8 @@ class AdminSession:
             if mtype == F.FLUSH:
                 continue
             self._queue.append((mtype, body))
+        if len(self._queue) > MAX_QUEUED_MESSAGES:
+            self.client.pause_reading()  # a command (PAUSE) is waiting: read no more for now
         if self._queue and self._runner is None and not self.client.gone:
             self._runner = self.console.spawn(self._run())
 
@@ -401,13 +404,14 @@ class AdminSession:
                 await self._message(mtype, body)
         finally:
             self._runner = None
+            if not self.client.gone:
+                self.client.resume_reading()
 
     async def _message(self, mtype: int, body: bytes | None) -> None:
         client = self.client
         if mtype == F.SYNC:
-            if self._skip_to_sync:
-                self._skip_to_sync = False
-                client.write(m.READY_IDLE)
+            self._skip_to_sync = False
+            client.write(m.READY_IDLE)  # every Sync is answered, as PostgreSQL does
             return
         if self._skip_to_sync:
             return
