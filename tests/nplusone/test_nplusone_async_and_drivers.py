@@ -195,3 +195,25 @@ async def test_asyncpg_connections_not_watched_are_not_counted(database: Databas
 def test_watch_refuses_what_it_cannot_watch(engine: Engine) -> None:
     with pytest.raises(TypeError, match="SQLAlchemy engines are watched without it"):
         watch(engine)
+
+
+def test_a_long_loop_is_counted_whole_across_buffer_flushes(database: Database) -> None:
+    from pgpilot.nplusone.core import CALLSITE_SAMPLES, FLUSH_EVERY
+
+    executions = FLUSH_EVERY + 40
+    with psycopg.connect(database.dsn) as conn:
+        watch(conn)
+        with detect() as report:
+            for n in range(executions):
+                line = next_line()
+                conn.execute(
+                    f"SELECT name FROM {database.schema}.customers WHERE id = %s",
+                    (n % CUSTOMERS + 1,),
+                ).fetchone()
+    assert executions > CALLSITE_SAMPLES
+    [finding] = report.findings
+    assert finding.kind == "n_plus_one"
+    assert finding.count == executions
+    assert finding.distinct_params == CUSTOMERS
+    assert finding.callsite.endswith(f"{THIS_FILE}:{line}")
+    assert report.queries == executions

@@ -46,10 +46,6 @@ DEFAULT_DUPLICATE_THRESHOLD = 2
 # stays small: distinct parameter sets per fingerprint, and call sites per fingerprint.
 MAX_DISTINCT_PARAMS = 10_000
 MAX_CALLSITES = 8
-# Call sites are looked for in the first executions of a fingerprint only: finding one walks
-# the stack (the costliest part of recording a query), and the hundredth iteration of a loop
-# is at the same line as the first.
-CALLSITE_SAMPLES = 16
 
 # The command classes the detector tells apart (same strings as insight.fingerprint).
 READ = "read"
@@ -206,11 +202,6 @@ class ScopeDetector:
         self._suggest = suggest
         self._groups: dict[str, _Group] = {}
         self._write_epoch = 0
-
-    def wants_callsite(self, fingerprint: str) -> bool:
-        """Whether the next execution of ``fingerprint`` should carry its call site."""
-        group = self._groups.get(fingerprint)
-        return group is None or group.count < CALLSITE_SAMPLES
 
     def add(self, event: QueryEvent) -> bool:
         """Count one statement. True when it makes its group an N+1 (the threshold just met)."""

@@ -6,6 +6,12 @@ request inside a test): a query counts in the innermost scope and every scope ar
 
 The feeds (SQLAlchemy, psycopg, asyncpg) call :func:`record_query`; when no scope is open in the
 calling context it returns at once, so an application can leave the feeds installed.
+
+Recording is split in two to keep the cost inside the application's query path small: while
+the query runs, only what cannot wait is taken (the parameters' key, the call site, the time)
+and appended to the scope's buffer; parsing, fingerprinting and grouping happen when the
+buffer is flushed (at the end of the scope, when the report is read, or every
+``FLUSH_EVERY`` statements), in one tight loop.
 """
 
 from __future__ import annotations
@@ -62,6 +68,19 @@ class NPlusOneWarning(UserWarning):
     """Emitted once per finding, at the finding's call site, by ``detect(mode="warn")``."""
 
 
+# Statements buffered before they are grouped (bounds a long scope's buffer).
+FLUSH_EVERY = 512
+# Call sites are looked for in the first executions of a statement text only: finding one
+# walks the stack, the costliest part of recording, and the hundredth iteration of a loop is
+# at the same line as the first.
+CALLSITE_SAMPLES = 16
+MAX_TEXTS_SEEN = 10_000
+
+# A statement waiting in a scope's buffer:
+# (sql, params key, call site, time, relationship, loader option)
+_Pending = tuple[str, Hashable, str, float, "str | None", "str | None"]
+
+
 @dataclass
 class _EagerLoad:
     """An eager loader option seen in a scope, and how many queries asked for it."""
@@ -69,24 +88,57 @@ class _EagerLoad:
     relationship: str
     option: str
     step: str
-    example: QueryEvent
+    sql: str
+    callsite: str
     count: int = 0
 
 
 class _Scope:
     """One open ``detect()`` block."""
 
-    __slots__ = ("allowlist", "detector", "eager_loads", "parent", "relationship_reads")
+    __slots__ = (
+        "allowlist",
+        "detector",
+        "eager_loads",
+        "parent",
+        "pending",
+        "relationship_reads",
+        "texts_seen",
+    )
 
     def __init__(self, detector: ScopeDetector, allowlist: Allowlist, parent: _Scope | None):
         self.detector = detector
         self.allowlist = allowlist
         self.parent = parent
+        self.pending: list[_Pending] = []
+        self.texts_seen: dict[str, int] = {}  # statement text -> executions, for sampling
         # keyed by the relationship property object (hashable, one per mapped attribute)
         self.eager_loads: dict[Hashable, _EagerLoad] = {}
         self.relationship_reads: set[Hashable] = set()
 
+    def flush(self) -> None:
+        """Fingerprint and group the buffered statements."""
+        pending, self.pending = self.pending, []
+        add = self.detector.add
+        scope_id = id(self)
+        for sql, key, callsite, at, relationship, loader_option in pending:
+            statement = describe(sql)
+            add(
+                QueryEvent(
+                    statement.fingerprint,
+                    sql,
+                    key,
+                    scope_id,
+                    callsite,
+                    at,
+                    statement.command,
+                    relationship,
+                    loader_option,
+                )
+            )
+
     def findings(self) -> list[Finding]:
+        self.flush()
         found = self.detector.findings()
         for key, eager in self.eager_loads.items():
             if key in self.relationship_reads:
@@ -94,13 +146,13 @@ class _Scope:
             finding = Finding(
                 kind="unused_eager_load",
                 count=eager.count,
-                sql=eager.example.sql,
-                fingerprint=eager.example.fingerprint,
-                callsite=eager.example.callsite,
+                sql=eager.sql,
+                fingerprint=describe(eager.sql).fingerprint,
+                callsite=eager.callsite,
                 suggestion=f"drop {eager.step} from {eager.option}: "
                 f"nothing in this scope reads {eager.relationship}",
                 relationship=eager.relationship,
-                callsites=(eager.example.callsite,) if eager.example.callsite else (),
+                callsites=(eager.callsite,) if eager.callsite else (),
             )
             if not self.allowlist.allows(finding):
                 found.append(finding)
@@ -156,40 +208,45 @@ def record_query(
     executemany: bool = False,
     relationship: str | None = None,
     loader_option: str | None = None,
-) -> QueryEvent | None:
-    """Count one statement in the calling context's scopes; None when no scope is open."""
+) -> str | None:
+    """Count one statement in the calling context's scopes.
+
+    Returns the statement's call site (``""`` when not looked for), None when no scope is open.
+    """
     scope = _current_scope.get()
     if scope is None:
         return None
-    statement = describe(sql)
-    fingerprint = statement.fingerprint
-    # positional: keyword arguments make a named tuple noticeably slower to build
-    event = QueryEvent(
-        fingerprint,
+    texts_seen = scope.texts_seen
+    seen = texts_seen.get(sql, 0)
+    if seen == 0 and len(texts_seen) >= MAX_TEXTS_SEEN:
+        texts_seen.clear()  # statements with their values inlined: bound the memory
+    texts_seen[sql] = seen + 1
+    callsite = find_callsite() if seen < CALLSITE_SAMPLES else ""
+    entry = (
         sql,
         _params_key(sql, params, executemany),
-        id(scope),
-        find_callsite() if scope.detector.wants_callsite(fingerprint) else "",
+        callsite,
         time.monotonic(),
-        statement.command,
         relationship,
         loader_option,
     )
     while scope is not None:
-        scope.detector.add(event)
+        scope.pending.append(entry)
+        if len(scope.pending) >= FLUSH_EVERY:
+            scope.flush()
         scope = scope.parent
-    return event
+    return callsite
 
 
 def note_eager_load(
-    key: Hashable, relationship: str, option: str, step: str, example: QueryEvent
+    key: Hashable, relationship: str, option: str, step: str, sql: str, callsite: str
 ) -> None:
     """An executed query asked for ``relationship`` to be loaded eagerly by ``option``."""
     scope = _current_scope.get()
     while scope is not None:
         eager = scope.eager_loads.get(key)
         if eager is None:
-            eager = scope.eager_loads[key] = _EagerLoad(relationship, option, step, example)
+            eager = scope.eager_loads[key] = _EagerLoad(relationship, option, step, sql, callsite)
         eager.count += 1
         scope = scope.parent
 
@@ -242,7 +299,7 @@ class Report:
     @property
     def queries(self) -> int:
         """Statements counted in the scope."""
-        return self._scope.detector.queries
+        return self._scope.detector.queries + len(self._scope.pending)
 
     def of_kind(self, kind: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.kind == kind]

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import RelationshipProperty
 from sqlalchemy.orm.attributes import InstrumentedAttribute
 
+from pgpilot.nplusone.callsite import find_callsite
 from pgpilot.nplusone.core import (
     _current_scope,
     note_eager_load,
@@ -88,17 +89,19 @@ def _before_cursor_execute(
                 relationship, loader_option = loader_option_for_path(path)
         else:
             eager_options = getattr(invoked, "_with_options", ())
-    recorded = record_query(
+    callsite = record_query(
         statement,
         parameters,
         executemany=executemany,
         relationship=relationship,
         loader_option=loader_option,
     )
-    if eager_options and recorded is not None:
+    if eager_options and callsite is not None:
+        if not callsite:  # past the sampled executions, but an unused load needs its line
+            callsite = find_callsite()
         for key, name, option, step in _eager_loads(eager_options):
             _track_reads(key)
-            note_eager_load(key, name, option, step, recorded)
+            note_eager_load(key, name, option, step, statement, callsite)
 
 
 def _relationships(path: tuple[Any, ...]) -> list[tuple[Any, RelationshipProperty[Any]]]:
