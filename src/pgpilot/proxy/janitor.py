@@ -41,25 +41,33 @@ class Janitor:
             if cfg.query_wait_timeout and waited > cfg.query_wait_timeout:
                 client.fail("08P01", f"query_wait_timeout: no server connection became free "
                             f"within {cfg.query_wait_timeout:g} s")
-            elif cfg.reserve_pool_timeout >= 0 and waited > cfg.reserve_pool_timeout \
-                    and client.pool is not None:
+            elif cfg.reserve_pool_timeout > 0 and waited > cfg.reserve_pool_timeout \
+                    and client.pool is not None:  # reserve_pool_timeout = 0 disables
                 client.pool.launch_if_needed(use_reserve=True)
         if cfg.client_login_timeout:
             for client in list(self.pooler.clients[ClientState.LOGIN]):
                 if now - client.last_activity > cfg.client_login_timeout:
                     client.fail("08P01", "client_login_timeout: login took too long")
+        users = cfg.users
         for client in list(self.pooler.clients[ClientState.ACTIVE]):
             if client.is_admin:
                 continue
+            user = users.get(client.user) if users else None  # [users] overrides
             if client.server is None:
-                if cfg.client_idle_timeout and now - client.last_activity > cfg.client_idle_timeout:
-                    client.fail("08P01", f"client_idle_timeout: no activity for "
-                                f"{cfg.client_idle_timeout:g} s")
-            elif (cfg.idle_transaction_timeout and client.idle_in_txn_since
-                  and client.expected_rfq <= 0
-                  and now - client.idle_in_txn_since > cfg.idle_transaction_timeout):
-                client.fail("25P03", f"idle_transaction_timeout: idle in transaction for more "
-                            f"than {cfg.idle_transaction_timeout:g} s")
+                limit = cfg.client_idle_timeout
+                if user is not None and user.client_idle_timeout is not None:
+                    limit = user.client_idle_timeout
+                if limit and now - client.last_activity > limit:
+                    client.fail("08P01", f"client_idle_timeout: no activity for {limit:g} s")
+            elif client.idle_in_txn_since and client.expected_rfq <= 0:
+                limit = cfg.idle_transaction_timeout
+                if user is not None and user.idle_transaction_timeout is not None:
+                    limit = user.idle_transaction_timeout
+                if limit and now - client.idle_in_txn_since > limit:
+                    # The client is closed; its server's transaction is rolled back and the
+                    # server goes back to the pool (Pool.release).
+                    client.fail("25P03", f"idle_transaction_timeout: idle in transaction for "
+                                f"more than {limit:g} s")
         if cfg.query_timeout:
             self._query_timeouts(now, cfg.query_timeout)
         for pool in list(self.pooler.pools.values()):
@@ -76,11 +84,10 @@ class Janitor:
 
     def _pool_upkeep(self, pool, now: float) -> None:  # type: ignore[no-untyped-def]
         cfg = self.pooler.config
-        lifetime = cfg.server_lifetime_for(pool.db)
         min_size = pool.min_size
         for server in list(pool.idle):
             idle_for = now - server.last_used
-            if lifetime and now - server.created_at > lifetime:
+            if pool._too_old(server):
                 server.close("server_lifetime reached")
             elif (cfg.server_idle_timeout and idle_for > cfg.server_idle_timeout
                   and pool.server_count() > min_size):

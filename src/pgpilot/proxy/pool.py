@@ -78,6 +78,7 @@ class Pool:
         self.paused = False
         self._mode: str | None = None
         self.login_failed_until = 0.0
+        self.last_lifetime_close = 0.0  # server_lifetime closes are spread out (_too_old)
         self.last_login_error: ServerError | None = None
         self.stats = PoolStats()
         self.max_wait_started: float | None = None
@@ -251,12 +252,18 @@ class Pool:
                               self.last_login_error.sqlstate)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._welcome_waiters.append(fut)
-        if not self.servers[ServerState.LOGIN] and (
-                self.can_open(use_reserve=True) or self.server_count() == 0):
-            self.open_server()
+        self.open_for_welcome()
         await fut
         assert self.welcome_params is not None
         return self.welcome_params
+
+    def open_for_welcome(self) -> None:
+        """Clients logging in need a first server's parameters: open it if the limits allow
+        (max_db_connections / max_user_connections may hold it back until a server of
+        another pool closes: Pooler.server_closed calls again)."""
+        if (not self.servers[ServerState.LOGIN] and self.can_open(use_reserve=True)
+                and any(not fut.done() for fut in self._welcome_waiters)):
+            self.open_server()
 
     # -- handing out and taking back ------------------------------------------------
     def request(self, client: ClientConnection) -> None:
@@ -352,8 +359,18 @@ class Pool:
         server.set_state(ServerState.IDLE)
 
     def _too_old(self, server: ServerConnection) -> bool:
+        """server_lifetime as PgBouncer's life_over: reached (0 = use once), and not within
+        lifetime / pool_size of the pool's last such close, so old servers are not all
+        replaced at once. A True answer counts as a close."""
+        now = time.monotonic()
         lifetime = self.pooler.config.server_lifetime_for(self.db)
-        return bool(lifetime) and time.monotonic() - server.created_at > lifetime
+        if now - server.created_at < lifetime:
+            return False
+        size = self.size
+        if size and now - self.last_lifetime_close < lifetime / size:
+            return False
+        self.last_lifetime_close = now
+        return True
 
     def release(self, server: ServerConnection, *, client_closed: bool) -> None:
         """A client is done with ``server``; reset it if needed and give it out again."""

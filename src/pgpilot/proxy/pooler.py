@@ -162,7 +162,6 @@ class Pooler:
                     server.close_needed = True
                 for server in list(pool.idle):
                     server.close("database definition changed")
-                pool.welcome_params = None
             if new_db is not None:
                 pool.db = new_db
                 pool.server_dbname = new_db.dbname or db_name
@@ -288,9 +287,15 @@ class Pooler:
         """A server of some pool closed: other pools of the same database may now open one."""
         if self.stopping:
             return
+        closed_pool = server.pool
         for pool in self.pools.values():
-            if pool is not server.pool and pool.waiting and pool.db_name == server.pool.db_name:
-                pool.launch_if_needed()
+            if pool is not closed_pool and (
+                    pool.db_name == closed_pool.db_name  # max_db_connections
+                    or pool.server_user == closed_pool.server_user):  # max_user_connections
+                if pool.welcome_params is None:
+                    pool.open_for_welcome()
+                if pool.waiting:
+                    pool.launch_if_needed()
 
     def default_socket_dir(self) -> str:
         for candidate in ("/var/run/postgresql", "/tmp"):
