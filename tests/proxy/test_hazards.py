@@ -154,13 +154,18 @@ def test_classify(sql: str, expected: list[str]) -> None:
 
 
 def test_prefilter_lets_ordinary_traffic_through_without_parsing() -> None:
-    for body in (b"select * from users where id = $1\x00", b"UPDATE t SET x = 1\x00",
-                 b"INSERT INTO settings (k) VALUES ('set')\x00",
-                 b"SELECT pg_advisory_xact_lock(1)\x00", b"BEGIN\x00", b"COMMIT\x00"):
-        assert not might_be_hazard(body), body
-    for body in (b"SET search_path = a\x00", b"stmt1\x00LISTEN x\x00\x00\x00",
-                 b"select 1; set x = 1\x00", b"SELECT pg_advisory_lock(1)\x00"):
-        assert might_be_hazard(body), body
+    for sql in (b"select * from users where id = $1", b"UPDATE t SET x = 1",
+                b"INSERT INTO settings (k) VALUES ('set') ON CONFLICT (k) DO UPDATE SET k = 1",
+                b"SELECT pg_advisory_xact_lock(1)", b"BEGIN", b"COMMIT", b"",
+                b"select 1; select 2; update t\nset a = 1", b"/* app */ SELECT 1",
+                b"SELECT 1 OFFSET 10", b"select settings from t; reset all"):
+        assert not might_be_hazard(sql), sql
+    for sql in (b"SET search_path = a", b"LISTEN x", b"select 1; set x = 1",
+                b"SELECT pg_advisory_lock(1)", b"/* a */ -- b\n SeT x = 1",
+                b"create temp table t (x int)", b"declare c cursor with hold for select 1",
+                b"select set_config('a', 'b', false)", b"PREPARE p AS SELECT 1",
+                b"set"):
+        assert might_be_hazard(sql), sql
 
 
 def test_per_client_application_names_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
