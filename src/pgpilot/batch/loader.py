@@ -9,8 +9,8 @@ that added nothing. With ``window=0.005`` the batch waits that long instead (or 
 ``max_batch_size`` keys). A dispatched queue longer than ``max_batch_size`` is split into chunks,
 each its own call to the batch function, run concurrently.
 
-The hot path is ``load``: one dict lookup for the cache, one for keys already queued, one
-``loop.create_future()`` and two list appends. No Task is created per load; one Task runs each
+The hot path is ``load``: one dict lookup (cached, queued or in flight: one dict says which),
+one future and two list appends. No Task is created per load; one Task schedules and runs each
 batch. Every call to ``load`` gets its own future, even for a key already queued or cached, so
 that cancelling one waiting task cancels only that task's future and never the batch or another
 task waiting for the same key.
