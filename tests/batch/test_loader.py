@@ -322,3 +322,15 @@ async def test_stats_as_dict_includes_derived_figures() -> None:
     assert figures["loads"] == 4 and figures["batches"] == 1 and figures["cache_hits"] == 1
     assert figures["keys_dispatched"] == 2 and figures["mean_batch_size"] == 2.0
     assert figures["coalescing_rate"] == 0.75
+
+
+def test_a_batch_cut_short_by_the_loop_ending_does_not_wedge_the_loader() -> None:
+    fetch = Recorder()
+    loader = DataLoader(fetch)
+
+    async def leave_a_load_behind() -> None:
+        loader.load(1)  # queued, never awaited: asyncio.run() ends before the dispatch
+
+    asyncio.run(leave_a_load_behind())
+    assert asyncio.run(_gather(loader, [2, 3])) == [20, 30]
+    assert fetch.calls == [[2, 3]]

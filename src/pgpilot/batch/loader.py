@@ -164,12 +164,26 @@ class AsyncBatcher(Generic[K, V]):
         iteration added loads. The first chunk runs in this task; no second task is needed.
         """
         queued = len(self._queue_keys)
-        for _ in range(_MAX_HOPS):
-            await asyncio.sleep(0)
-            now = len(self._queue_keys)
-            if now == queued:
-                break
-            queued = now
+        try:
+            for _ in range(_MAX_HOPS):
+                await asyncio.sleep(0)
+                now = len(self._queue_keys)
+                if now == queued:
+                    break
+                queued = now
+        except asyncio.CancelledError:
+            # Cancelled before dispatch (e.g. asyncio.run() ending): cancel the queued loads
+            # and leave an empty queue, so that the next load, maybe in another loop, opens a
+            # new batch instead of joining one that will never run.
+            keys, entries = self._queue_keys, self._queue_entries
+            self._queue_keys, self._queue_entries = [], []
+            self._after_flush()
+            self._forget(keys, entries, None)
+            for entry in entries:
+                for future in entry:
+                    if future is not _WAITING:
+                        future.cancel()
+            raise
         chunks = self._take_queue(loop)
         if not chunks:
             return
