@@ -186,6 +186,20 @@ def test_show_stats_totals_and_averages(proxy_factory: Callable[..., RunningProx
         assert "avg_query_count" in averages and "total_query_count" not in averages
 
 
+def test_show_stats_times_transactions_and_queries(proxy: RunningProxy) -> None:
+    with client(proxy) as conn:
+        conn.execute("select pg_sleep(0.2)")  # one autocommit statement: 0.2 s
+        with conn.transaction():  # one transaction of two statements: 0.3 s in all
+            conn.execute("select pg_sleep(0.1)")
+            conn.execute("select pg_sleep(0.1)")
+            time.sleep(0.1)  # the client thinks inside its transaction
+    row = next(r for r in show(proxy, "STATS") if r["database"] == "test")
+    # microseconds, as PgBouncer: queries ran >= 0.4 s, transactions lasted >= 0.5 s
+    assert row["total_query_time"] >= 400_000
+    assert row["total_xact_time"] >= 500_000
+    assert row["total_xact_time"] > row["total_query_time"]
+
+
 def test_show_databases_users_config_lists(proxy_factory: Callable[..., RunningProxy],
                                            pg_params: dict[str, str]) -> None:
     upstream = f"host={pg_params['host']} port={pg_params['port']} dbname={pg_params['dbname']}"

@@ -92,6 +92,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.idle_in_txn_since = 0.0
         self.query_started = 0.0  # when the oldest unanswered request was sent (query_timeout)
+        self.xact_started = 0.0  # when the current transaction's first request was sent
         self.expected_rfq = 0  # ReadyForQuery messages still owed by the server
         self.unsynced = False  # extended-protocol messages sent since the last Sync
         self.txn_status = "I"
@@ -377,11 +378,15 @@ class ClientConnection(asyncio.Protocol):
             if mtype == F.SYNC:
                 if not self.expected_rfq:
                     self.query_started = time.monotonic()
+                    if not self.xact_started:
+                        self.xact_started = self.query_started
                 self.expected_rfq += 1
                 self.unsynced = False
             elif mtype == F.QUERY:
                 if not self.expected_rfq:
                     self.query_started = time.monotonic()
+                    if not self.xact_started:
+                        self.xact_started = self.query_started
                 self.expected_rfq += 1
                 self.request_time = time.time()
                 if body is not None:
@@ -501,8 +506,18 @@ class ClientConnection(asyncio.Protocol):
                 self.expected_rfq -= 1
                 status = chr(body[0])
                 self.txn_status = server.txn_status = status
-                if status == "I" and stats is not None:
-                    stats.xact_count += 1
+                if stats is not None:
+                    # SHOW STATS: time from a request to its ReadyForQuery, and from the
+                    # first request of a transaction to the ReadyForQuery that ends it.
+                    now = time.monotonic()
+                    if self.query_started:
+                        stats.query_time += now - self.query_started
+                        self.query_started = now if self.expected_rfq > 0 else 0.0
+                    if status == "I":
+                        stats.xact_count += 1
+                        if self.xact_started:
+                            stats.xact_time += now - self.xact_started
+                            self.xact_started = 0.0
                 release = self.expected_rfq <= 0
             elif mtype == m.B.COMMAND_COMPLETE:
                 if stats is not None:
