@@ -131,8 +131,9 @@ def test_cancel_right_after_the_query_ends_spares_the_next_client(
         thread = threading.Thread(target=b_loop, daemon=True)
         thread.start()
         try:
-            for _ in range(20):
-                running = Running(a, "select pg_sleep(0.01)")
+            for i in range(60):
+                running = Running(a, "select pg_sleep(0.02)")
+                time.sleep((i % 12) * 0.004)  # cancels landing before, at and after its end
                 a.cancel_safe()
                 outcome = running.outcome(15)
                 assert outcome == [("",)] or isinstance(outcome, psycopg.errors.QueryCanceled)

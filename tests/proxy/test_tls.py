@@ -288,8 +288,8 @@ def test_server_verify_ca_refuses_an_untrusted_certificate(
 
 
 def test_server_require_without_tls_on_the_server_fails_clearly(
-        proxy_factory: Any, pg_params: dict[str, str]) -> None:
-    with psycopg.connect(**{k: v for k, v in pg_params.items() if v}, autocommit=True) as c:
+        proxy_factory: Any, pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
         if c.execute("show ssl").fetchone() == ("on",):
             pytest.skip("the test PostgreSQL has ssl = on")
     proxy = proxy_factory(server_tls_sslmode="require")
