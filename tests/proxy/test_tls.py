@@ -301,3 +301,27 @@ def test_server_require_without_tls_on_the_server_fails_clearly(
     proxy = proxy_factory(server_tls_sslmode="prefer")
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         assert conn.execute(SSL_IN_USE).fetchone() == (False,)
+
+
+def test_tls_both_sides_in_the_real_process(tmp_path: Path, certs: Certs,
+                                            tls_postgres: dict[str, str]) -> None:
+    """``pgpilot proxy`` runs on uvloop (the in-thread test pooler on asyncio's loop): both
+    TLS upgrades work there too."""
+    import signal
+
+    from tests.proxy.conftest import write_config
+    from tests.proxy.test_operations import ProxyProcess
+
+    path, port = write_config(tmp_path, tls_postgres, {
+        "server_tls_sslmode": "verify-full", "server_tls_ca_file": str(certs.ca),
+        "client_tls_sslmode": "require", "client_tls_cert_file": str(certs.cert),
+        "client_tls_key_file": str(certs.key)})
+    process = ProxyProcess(path, port, tmp_path)
+    try:
+        with psycopg.connect(process.dsn() + "?sslmode=verify-full&sslrootcert="
+                             + str(certs.ca), autocommit=True) as conn:
+            assert _ssl_in_use(conn)
+            assert conn.execute(SSL_IN_USE).fetchone() == (True,)
+    finally:
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(30) == 0
