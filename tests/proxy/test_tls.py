@@ -325,3 +325,19 @@ def test_tls_both_sides_in_the_real_process(tmp_path: Path, certs: Certs,
     finally:
         process.proc.send_signal(signal.SIGTERM)
         assert process.proc.wait(30) == 0
+
+
+def test_auth_type_cert(proxy_factory: Any, certs: Certs) -> None:
+    """auth_type = cert: the client certificate's CommonName must be the user name."""
+    proxy = _tls_proxy(proxy_factory, certs, "verify-ca", client_tls_ca_file=str(certs.ca),
+                       auth_type="cert")
+    with_cert = {"sslmode": "verify-ca", "sslrootcert": str(certs.ca),
+                 "sslcert": str(certs.client_cert), "sslkey": str(certs.client_key)}
+    with psycopg.connect(proxy.dsn(**with_cert), autocommit=True) as conn:  # CN = postgres
+        assert conn.execute("select current_user").fetchone() == ("postgres",)
+    with pytest.raises(psycopg.OperationalError, match="CommonName does not match"):
+        psycopg.connect(proxy.dsn(user="someone_else", **with_cert))
+    # Without a verified certificate (require does not ask for one) nobody logs in.
+    proxy = _tls_proxy(proxy_factory, certs, "require", auth_type="cert")
+    with pytest.raises(psycopg.OperationalError, match="no verified client certificate"):
+        psycopg.connect(proxy.dsn(**with_cert))

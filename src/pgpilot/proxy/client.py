@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pgpilot.proxy.auth import AuthFailed, ClientAuth, client_auth_for
 from pgpilot.proxy.prepared import StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
-from pgpilot.proxy.states import ClientState, check_client_move
+from pgpilot.proxy.states import ClientState, ServerState, check_client_move
 from pgpilot.proxy.tls import CLIENT_TLS_REQUIRED
 from pgpilot.wire import messages as m
 from pgpilot.wire.errors import ProtocolError
@@ -259,6 +259,9 @@ class ClientConnection(asyncio.Protocol):
         if auth_type == "trust":
             self.fail("28000", f'no such user: "{self.user}"')
             return
+        if auth_type == "cert":
+            self._cert_login()
+            return
         secret = self.pooler.client_secret_for(self.user)
         known = secret is not None
         if secret is None:
@@ -272,6 +275,25 @@ class ClientConnection(asyncio.Protocol):
             return
         self._auth_known_user = known
         self.write(self._auth.start())
+
+    def _cert_login(self) -> None:
+        """auth_type = cert: a verified TLS client certificate whose CommonName is the user
+        name (as PgBouncer; client_tls_sslmode verify-ca/verify-full asks for the cert)."""
+        cert = self.transport.get_extra_info("peercert") if self.tls and self.transport else None
+        if not cert:
+            self.fail("28000", f'certificate authentication failed for user "{self.user}": '
+                      "no verified client certificate",
+                      hint="auth_type = cert needs TLS with a client certificate "
+                      "(client_tls_sslmode = verify-ca or verify-full).")
+            return
+        names = [value for rdn in cert.get("subject", ()) for key, value in rdn
+                 if key == "commonName"]
+        if self.user not in names:
+            self.pooler.auth_failures += 1
+            self.fail("28000", f'certificate authentication failed for user "{self.user}": '
+                      "the certificate's CommonName does not match")
+            return
+        self.logged_in()
 
     def _auth_data(self, data: bytes) -> None:
         assert self._auth is not None
@@ -450,8 +472,6 @@ class ClientConnection(asyncio.Protocol):
             server_params = server.params
             diff = [(k, v) for k, v in params.items() if server_params.get(k) != v]
         if diff:
-            from pgpilot.proxy.states import ServerState
-
             server.set_state(ServerState.TESTED)
             sql = "; ".join(f"SET {k} TO {sql_literal(v)}" for k, v in diff)
 
@@ -474,8 +494,6 @@ class ClientConnection(asyncio.Protocol):
         self._link(server)
 
     def _link(self, server: ServerConnection) -> None:
-        from pgpilot.proxy.states import ServerState
-
         server.synced_for = self.params
         server.synced_version = self.params_version
         self.server = server
