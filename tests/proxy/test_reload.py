@@ -191,3 +191,18 @@ def test_client_between_transactions_gets_no_new_one_during_shutdown(
     assert "shutting down" in str(outcome[0])
     running.close()
     idle.close()
+
+
+def test_second_stop_signal_stops_at_once(start: Callable[..., ProxyProcess]) -> None:
+    process = start(shutdown_timeout=60)
+    stuck = connect(process)
+    stuck.execute("begin")
+    stuck.execute("select 1")
+    process.proc.send_signal(signal.SIGTERM)
+    wait_until(process.refuses)
+    assert process.proc.poll() is None  # waiting for the transaction
+    process.proc.send_signal(signal.SIGINT)
+    assert process.proc.wait(15) == 0  # well before shutdown_timeout
+    with pytest.raises(psycopg.OperationalError):
+        stuck.execute("select 1")
+    stuck.close()

@@ -154,7 +154,12 @@ async def _serve(config: Config, config_path: str | None,
     stop_requested = asyncio.Event()
 
     def request_stop() -> None:
-        log.info("stop requested: letting running transactions finish")
+        if stop_requested.is_set():
+            log.info("second stop signal: closing without waiting for running transactions")
+            pooler.hurry_stop()
+            return
+        log.info("stop requested: letting running transactions finish "
+                 "(up to shutdown_timeout; a second signal stops at once)")
         stop_requested.set()
 
     def reload() -> None:

@@ -45,6 +45,7 @@ class Pooler:
         self.clients: dict[ClientState, set[ClientConnection]] = {s: set() for s in ClientState}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.stopping = False
+        self._stop_now = False  # hurry_stop: a second signal ends the wait for transactions
         self.paused = False
         self.auth_failures = 0
         self.started_at = time.time()
@@ -115,7 +116,7 @@ class Pooler:
         for pool in self.pools.values():
             pool.paused = True
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(
+        while time.monotonic() < deadline and not self._stop_now and any(
                 c.server is not None for c in self.all_clients()):
             await asyncio.sleep(0.05)
         for client in list(self.all_clients()):
@@ -131,6 +132,10 @@ class Pooler:
                 await asyncio.wait_for(listener.wait_closed(), 2)
         await asyncio.sleep(0)
         self.stopped.set()
+
+    def hurry_stop(self) -> None:
+        """A second stop signal: stop waiting for running transactions (as PgBouncer)."""
+        self._stop_now = True
 
     def stop_listening(self) -> None:
         """Accept no new connections (SHUTDOWN WAIT_FOR_CLIENTS, then stop)."""
