@@ -163,6 +163,7 @@ async def negotiate_server_tls(
         raise TLSNegotiationError(
             f"server {host}:{port} gave an invalid answer to the SSL request")
     except BaseException:
+        negotiation.answer.cancel()  # a late connection_lost must not leave an unread error
         with contextlib.suppress(Exception):
             raw.close()
         raise
