@@ -173,6 +173,14 @@ def pgbench_db(pg_dsn: str) -> str:
             conn.execute(f'create database "{PGBENCH_DB}"')
     params = conninfo_to_dict(pg_dsn)
     params["dbname"] = PGBENCH_DB
+    with psycopg.connect(make_conninfo(**params), autocommit=True) as conn:
+        ready = conn.execute(
+            "select count(*) = 4 from pg_tables where tablename in "
+            "('pgbench_accounts', 'pgbench_branches', 'pgbench_tellers', 'pgbench_history')"
+        ).fetchone()
+    if ready and ready[0]:
+        # Already there: re-initializing would drop the tables under a concurrent run.
+        return PGBENCH_DB
     init = subprocess.run(["pgbench", "-i", "-q", "-s", "1", make_conninfo(**params)],
                           capture_output=True, text=True, timeout=300)
     assert init.returncode == 0, init.stderr

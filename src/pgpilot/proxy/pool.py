@@ -76,7 +76,8 @@ class Pool:
         self.welcome_params: dict[str, str] | None = None
         self._welcome_waiters: list[asyncio.Future[None]] = []
         self.paused = False
-        self._mode: str | None = None
+        self._mode: str | None = None  # derived from the configuration, until RELOAD
+        self._lifetime: float | None = None
         self.login_failed_until = 0.0
         self.last_lifetime_close = 0.0  # server_lifetime closes are spread out (_too_old)
         self.last_login_error: ServerError | None = None
@@ -94,9 +95,17 @@ class Pool:
             mode = self._mode = self.pooler.config.pool_mode_for(self.db, self.user)
         return mode
 
+    @property
+    def lifetime(self) -> float:
+        lifetime = self._lifetime
+        if lifetime is None:
+            lifetime = self._lifetime = self.pooler.config.server_lifetime_for(self.db)
+        return lifetime
+
     def config_changed(self) -> None:
         """Forget what was derived from the configuration (RELOAD)."""
         self._mode = None
+        self._lifetime = None
 
     @property
     def size(self) -> int:
@@ -323,7 +332,8 @@ class Pool:
                 self.stats.server_assignment_count += 1
                 client.attach(srv)
 
-            server.run_internal(check, checked)
+            # "<empty>" (PgBouncer's default) sends an empty query: the cheapest round trip.
+            server.run_internal("" if check == "<empty>" else check, checked)
             return
         self.stats.server_assignment_count += 1
         client.attach(server)
@@ -363,7 +373,7 @@ class Pool:
         lifetime / pool_size of the pool's last such close, so old servers are not all
         replaced at once. A True answer counts as a close."""
         now = time.monotonic()
-        lifetime = self.pooler.config.server_lifetime_for(self.db)
+        lifetime = self.lifetime
         if now - server.created_at < lifetime:
             return False
         size = self.size

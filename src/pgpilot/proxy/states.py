@@ -29,6 +29,9 @@ import enum
 
 
 class ClientState(enum.Enum):
+    # Members are singletons: identity hashing skips Enum's Python-level __hash__, which the
+    # per-state sets would otherwise call on every transition.
+    __hash__ = object.__hash__
     LOGIN = "login"
     WAITING = "waiting"
     ACTIVE = "active"
@@ -36,6 +39,7 @@ class ClientState(enum.Enum):
 
 
 class ServerState(enum.Enum):
+    __hash__ = object.__hash__
     LOGIN = "login"
     IDLE = "idle"
     ACTIVE = "active"
