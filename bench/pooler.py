@@ -890,7 +890,7 @@ def export_revision(rev: str, dest: Path) -> str:
     return str(dest / "src")
 
 
-def environment(up: Upstream, rev: str | None) -> dict[str, str]:
+def environment(up: Upstream, rev: str | None, src_dir: str | None = None) -> dict[str, str]:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
         for line in fh:
@@ -900,6 +900,8 @@ def environment(up: Upstream, rev: str | None) -> dict[str, str]:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev or "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     dirty = "" if rev else " + working tree"
+    if src_dir:
+        dirty = f" (package from {src_dir})"
     try:
         import uvloop
 
@@ -944,6 +946,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pgpilot-rev", metavar="REV",
                         help="benchmark this git revision of pgpilot (exported with git "
                         "archive) instead of the working tree's src/")
+    parser.add_argument("--pgpilot-src", metavar="DIR",
+                        help="benchmark the pgpilot package under DIR (a src/ folder, e.g. a "
+                        "scratch copy with a proposed change)")
     parser.add_argument("--output", default=str(RESULTS),
                         help="folder for pooler.json and pooler.md")
     # The load generator of the scale case runs as its own process: this file, --loadgen.
@@ -976,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="pgpilot-bench-"))
     tmp.chmod(0o755)
-    src = str(ROOT / "src")
+    src = str(Path(args.pgpilot_src).resolve()) if args.pgpilot_src else str(ROOT / "src")
     if args.pgpilot_rev:
         # Resolved once: the commit exported is the commit reported.
         args.pgpilot_rev = subprocess.run(
@@ -995,7 +1000,8 @@ def main(argv: list[str] | None = None) -> int:
             "started": started,
             "command": "python bench/pooler.py " + " ".join(sys.argv[1:] if argv is None
                                                              else argv),
-            "environment": environment(up, args.pgpilot_rev), "settings": asdict(st), "cases": [],
+            "environment": environment(up, args.pgpilot_rev, args.pgpilot_src),
+            "settings": asdict(st), "cases": [],
         }
         log("environment: " + json.dumps(report["environment"]))
         for case in cases:
