@@ -347,3 +347,12 @@ def test_idle_transaction_timeout_rolls_back(proxy_factory: Any,
             assert other.execute("select pg_backend_pid()").fetchone() == (pid,)
     finally:
         direct.execute("drop table if exists pgpilot_idle_txn")
+
+
+def test_server_check_query_empty(proxy_factory: Any) -> None:
+    """``<empty>`` (PgBouncer's default) sends an empty query; the server passes its check."""
+    proxy = proxy_factory(server_check_delay=0, server_check_query="<empty>")
+    with connect(proxy) as conn:
+        first = conn.execute("select pg_backend_pid()").fetchone()
+        for _ in range(3):
+            assert conn.execute("select pg_backend_pid()").fetchone() == first
