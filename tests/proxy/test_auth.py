@@ -799,3 +799,27 @@ def test_server_login_sends_an_escaped_user_name() -> None:
     assert first is not None
     data = m.parse_sasl_initial_response(first[5:])[1]
     assert data.startswith(b"n,,n=we=2Cird=3Duser,r=")
+
+
+def _server_first_salt(auth: ScramAuth) -> bytes:
+    import base64 as b64
+
+    client_first = b"n,,n=,r=" + b"clientnonce123456789012"
+    reply, done = auth.step(m.sasl_initial_response("SCRAM-SHA-256", client_first)[5:])
+    assert not done
+    text = reply[9:].decode()  # after 'R', length and the SASLContinue code
+    fields = dict(part.split("=", 1) for part in text.split(","))
+    return b64.b64decode(fields["s"])
+
+
+def test_plain_password_secret_is_derived_once_and_unknown_users_look_real() -> None:
+    from pgpilot.proxy.auth import mock_scram_secret
+
+    # The same plain password gives the same salt at every login (derived once, cached) ...
+    assert _server_first_salt(ScramAuth("alice", "pw-1")) == \
+        _server_first_salt(ScramAuth("alice", "pw-1"))
+    # ... and a made-up user gets a salt of its own, stable, unlike other names'.
+    ghost = _server_first_salt(ScramAuth("ghost", mock_scram_secret("ghost")))
+    assert ghost == _server_first_salt(ScramAuth("ghost", mock_scram_secret("ghost")))
+    assert ghost != _server_first_salt(ScramAuth("other", mock_scram_secret("other")))
+    assert len(ghost) == 16

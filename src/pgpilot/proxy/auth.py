@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import secrets
@@ -123,6 +124,24 @@ def _make_scram_secret(password: str, salt: bytes | None = None,
     return ScramSecret(iterations, salt, stored_key, server_key)
 
 
+@functools.lru_cache(maxsize=4096)
+def _derived_scram_secret(password: str) -> ScramSecret:
+    return _make_scram_secret(password)
+
+
+_MOCK_KEY = secrets.token_bytes(32)
+
+
+def mock_scram_secret(user: str) -> str:
+    """A SCRAM secret for a user who does not exist: costs nothing to make, always fails, and
+    shows each name a salt of its own that stays the same (as PostgreSQL's mock
+    authentication), so neither timing nor salts tell which users exist."""
+    salt = hmac.new(_MOCK_KEY, user.encode(), "sha256").digest()[:SCRAM_SALT_LENGTH]
+    keys = hmac.new(_MOCK_KEY, b"keys:" + user.encode(), "sha512").digest()
+    return (f"SCRAM-SHA-256${SCRAM_DEFAULT_ITERATIONS}:{_b64(salt)}"
+            f"${_b64(keys[:32])}:{_b64(keys[32:])}")
+
+
 def scram_secret(password: str, *, salt: bytes | None = None,
                  iterations: int = SCRAM_DEFAULT_ITERATIONS) -> str:
     """The SCRAM-SHA-256 secret PostgreSQL would store for ``password`` (random salt if None)."""
@@ -219,8 +238,10 @@ class ScramAuth(ClientAuth):
         self.user = user
         self.empty = not secret
         parsed = parse_scram_secret(secret)
-        # A plain password gets a fresh secret, as PostgreSQL does for plaintext passwords.
-        self.secret = parsed if parsed is not None else _make_scram_secret(secret)
+        # A plain password is turned into a SCRAM secret once per process (what PostgreSQL
+        # stores when the password is set), not at every login: PBKDF2's 4096 rounds
+        # would otherwise cost each new connection a millisecond or more of CPU.
+        self.secret = parsed if parsed is not None else _derived_scram_secret(secret)
         self.stage = 0
         self._server_nonce = _b64(secrets.token_bytes(_SCRAM_NONCE_BYTES))
         self._gs2_header = ""

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pgpilot.proxy.auth import AuthFailed, ClientAuth, client_auth_for
+from pgpilot.proxy.auth import AuthFailed, ClientAuth, client_auth_for, mock_scram_secret
 from pgpilot.proxy.prepared import StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.states import ClientState, ServerState, check_client_move
@@ -265,9 +265,10 @@ class ClientConnection(asyncio.Protocol):
         secret = self.pooler.client_secret_for(self.user)
         known = secret is not None
         if secret is None:
-            # Run the same exchange against a random secret so an unknown user looks just
+            # Run the same exchange against a made-up secret so an unknown user looks just
             # like a wrong password (no user enumeration).
-            secret = secrets.token_hex(16)
+            secret = (mock_scram_secret(self.user) if auth_type == "scram-sha-256"
+                      else secrets.token_hex(16))
         try:
             self._auth = client_auth_for(auth_type, self.user, secret)
         except ValueError:
