@@ -42,6 +42,7 @@ async def test_async_sqlalchemy_n_plus_one_with_callsite(async_engine: AsyncEngi
 
 async def test_async_sqlalchemy_fix_removes_the_finding(async_engine: AsyncEngine) -> None:
     async with AsyncSession(async_engine) as session:
+        await session.connection()  # connect (and let the dialect initialize) first
         with detect() as report:
             query = select(Customer).options(selectinload(Customer.orders))
             for customer in (await session.scalars(query)).all():
@@ -51,6 +52,8 @@ async def test_async_sqlalchemy_fix_removes_the_finding(async_engine: AsyncEngin
 
 
 async def test_concurrent_tasks_keep_their_own_scopes(async_engine: AsyncEngine) -> None:
+    async with async_engine.connect():
+        pass  # the dialect's first-connect queries, before any scope
     started = asyncio.Event()
     release = asyncio.Event()
 

@@ -348,11 +348,11 @@ def test_detach_removes_the_listener_and_detect_puts_it_back(session: Session) -
     from sqlalchemy.engine import Engine
 
     from pgpilot.nplusone import detach
-    from pgpilot.nplusone.sqlalchemy_feed import _before_cursor_execute
+    from pgpilot.nplusone.sqlalchemy_feed import _on_execute
 
     detach()
-    assert not event.contains(Engine, "before_cursor_execute", _before_cursor_execute)
+    assert not event.contains(Engine, "do_execute", _on_execute)
     with detect() as report:
-        assert event.contains(Engine, "before_cursor_execute", _before_cursor_execute)
+        assert event.contains(Engine, "do_execute", _on_execute)
         lazy_loop(session)
     assert [finding.kind for finding in report.findings] == ["n_plus_one"]

@@ -163,9 +163,9 @@ _NO_ALLOWLIST = Allowlist()
 
 _current_scope: ContextVar[_Scope | None] = ContextVar("pgpilot_nplusone_scope", default=None)
 
-# The SQLAlchemy listener is put on the Engine class by the first scope and then stays:
-# adding and removing a class-level listener costs ~50-100 us, which a scope per request
-# would pay twice; left in place, it returns at its first line when no scope is open.
+# The SQLAlchemy listeners are put on the Engine class by the first scope and then stay:
+# adding and removing class-level listeners costs ~100 us, which a scope per request would
+# pay twice; left in place, they return at their first line when no scope is open.
 _feeds_lock = threading.Lock()
 _feeds_installed = False
 
@@ -272,8 +272,9 @@ def _install_feeds() -> None:
 
 
 def detach() -> None:
-    """Take the SQLAlchemy listener off the ``Engine`` class (the next ``detect()`` puts it
-    back). For applications that open a scope once, at start-up, and want no trace after."""
+    """Take the SQLAlchemy listeners off the ``Engine`` class and give relationship attributes
+    their own class back (the next ``detect()`` installs them again). For applications that
+    open a scope once, at start-up, and want no trace after."""
     global _feeds_installed
     with _feeds_lock:
         from pgpilot.nplusone import sqlalchemy_feed
