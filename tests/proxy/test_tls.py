@@ -341,3 +341,18 @@ def test_auth_type_cert(proxy_factory: Any, certs: Certs) -> None:
     proxy = _tls_proxy(proxy_factory, certs, "require", auth_type="cert")
     with pytest.raises(psycopg.OperationalError, match="no verified client certificate"):
         psycopg.connect(proxy.dsn(**with_cert))
+
+
+def test_data_pipelined_after_ssl_request_is_refused(proxy_factory: Any, certs: Certs) -> None:
+    """Bytes sent with the SSLRequest, before the pooler answered, could be a MITM's
+    injection (CVE-2021-23214): refused as PostgreSQL does, never run."""
+    proxy = _tls_proxy(proxy_factory, certs, "prefer")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(struct.pack("!ii", 8, 80877103)
+                     + m.startup_message({"user": "postgres", "database": "test"}))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data[:1] == b"E"
+    fields = m.parse_error_fields(data[5:])
+    assert fields["C"] == "08P01" and "unencrypted data after SSL request" in fields["M"]

@@ -189,11 +189,17 @@ class ClientConnection(asyncio.Protocol):
         packet = self._startup.next_packet()
         if packet is None:
             return
-        if isinstance(packet, SSLRequest):
-            self.pooler.handle_ssl_request(self)
-            return
-        if isinstance(packet, GSSENCRequest):
-            self.write(b"N")
+        if isinstance(packet, SSLRequest | GSSENCRequest):
+            if self._startup.take_rest():
+                # Bytes sent before our answer could have been injected by someone in between
+                # (CVE-2021-23214): refuse, as PostgreSQL does.
+                what = "SSL" if isinstance(packet, SSLRequest) else "GSSAPI encryption"
+                self.fail("08P01", f"received unencrypted data after {what} request")
+                return
+            if isinstance(packet, SSLRequest):
+                self.pooler.handle_ssl_request(self)
+            else:
+                self.write(b"N")
             return
         if isinstance(packet, CancelRequest):
             self.pooler.cancel(packet.pid, packet.key)

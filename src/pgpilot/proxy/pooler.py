@@ -262,6 +262,7 @@ class Pooler:
             return
         from pgpilot.proxy.listener import upgrade_client_tls
 
+        client.pause_reading()  # nothing more is read in clear text before the handshake
         self.track_task(asyncio.get_running_loop().create_task(upgrade_client_tls(self, client)))
 
     # -- traffic observers ----------------------------------------------------------------
