@@ -101,27 +101,22 @@ async def test_sequential_ticks_make_separate_batches() -> None:
 
 
 async def test_window_coalesces_staggered_loads() -> None:
-    fetch = Recorder()
-    loader = DataLoader(fetch, window=0.05)
-
-    async def staggered(key: int) -> object:
-        await asyncio.sleep(0.002 * key)  # each task arrives a few ms after the previous one
+    async def staggered(loader: DataLoader[int, object], key: int) -> object:
+        # Task k loads 20*k loop iterations after task 0: never in the same tick.
+        for _ in range(20 * key):
+            await asyncio.sleep(0)
         return await loader.load(key)
 
-    values = await asyncio.gather(*(staggered(k) for k in range(5)))
-    assert values == [0, 10, 20, 30, 40]
-    assert fetch.calls == [[0, 1, 2, 3, 4]]
-
-    # Without a window the same staggered loads are separate batches.
     tick_fetch = Recorder()
     tick_loader = DataLoader(tick_fetch)
+    await asyncio.gather(*(staggered(tick_loader, k) for k in range(5)))
+    assert len(tick_fetch.calls) == 5  # without a window: one batch per arrival
 
-    async def staggered_tick(key: int) -> object:
-        await asyncio.sleep(0.002 * key)
-        return await tick_loader.load(key)
-
-    await asyncio.gather(*(staggered_tick(k) for k in range(5)))
-    assert len(tick_fetch.calls) > 1
+    fetch = Recorder()
+    loader = DataLoader(fetch, window=0.5)  # generous: the machine may be busy
+    values = await asyncio.gather(*(staggered(loader, k) for k in range(5)))
+    assert values == [0, 10, 20, 30, 40]
+    assert fetch.calls == [[0, 1, 2, 3, 4]]  # the bus waited at the stop
 
 
 async def test_window_dispatches_a_full_batch_without_waiting_out_the_window() -> None:
