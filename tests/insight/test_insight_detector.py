@@ -200,3 +200,21 @@ def test_allowlisted_crossings_are_not_reported_online() -> None:
     detector = Detector(allowlist=Allowlist(fingerprints=frozenset({fingerprint(BY_ID)})))
     results = [detector.feed(event(BY_ID, value)) for value in range(5)]
     assert results == [None] * 5
+
+
+def test_unhashable_parameters_are_compared_by_value() -> None:
+    detector = ScopeDetector()
+    for _ in range(2):
+        detector.add(event(BY_CUSTOMER, [1, 2]))  # an array parameter, as a list
+    detector.add(event(BY_CUSTOMER, {"doc": [3]}))
+    [finding] = detector.findings()
+    assert (finding.kind, finding.count, finding.distinct_params) == ("duplicate", 2, 2)
+
+
+def test_plain_tuples_of_the_event_fields_are_accepted() -> None:
+    detector = ScopeDetector()
+    fp = fingerprint(BY_CUSTOMER)
+    for value in range(3):
+        detector.add((fp, BY_CUSTOMER, value, "s", "a.py:3", 0.0, "read", None, None))
+    [finding] = detector.findings()
+    assert (finding.kind, finding.callsite, finding.sql) == ("n_plus_one", "a.py:3", BY_CUSTOMER)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
     "DEFAULT_DUPLICATE_THRESHOLD",
     "DEFAULT_THRESHOLD",
     "Allowlist",
     "Detector",
+    "EventFields",
     "Finding",
     "FindingKind",
     "QueryEvent",
@@ -159,12 +160,24 @@ Suggest = Callable[[FindingKind, QueryEvent], str]
 """Turns a finding's kind and its example event into the fix to print."""
 
 
+# Field positions in a QueryEvent (and in a plain tuple standing for one).
+_FINGERPRINT, _SQL, _PARAMS_KEY, _SCOPE_ID, _CALLSITE, _TIMESTAMP, _COMMAND = range(7)
+
+EventFields = QueryEvent | tuple[Any, ...]
+"""A QueryEvent, or a plain tuple of its nine fields in the same order (what a feed on a hot
+path passes to avoid building the named tuple for every statement)."""
+
+
+def _as_event(fields: EventFields) -> QueryEvent:
+    return fields if isinstance(fields, QueryEvent) else QueryEvent(*fields)
+
+
 class _Group:
     """Everything remembered about one fingerprint in one scope."""
 
     __slots__ = ("callsites", "count", "first", "params", "repeat_event", "repeats")
 
-    def __init__(self, first: QueryEvent) -> None:
+    def __init__(self, first: EventFields) -> None:
         self.first = first
         self.count = 0
         # params_key -> [write epoch when last seen, executions since that write]
@@ -203,21 +216,22 @@ class ScopeDetector:
         self._groups: dict[str, _Group] = {}
         self._write_epoch = 0
 
-    def add(self, event: QueryEvent) -> bool:
+    def add(self, event: EventFields) -> bool:
         """Count one statement. True when it makes its group an N+1 (the threshold just met)."""
+        fields: tuple[Any, ...] = event
         self.queries += 1
-        command = event.command
+        command = fields[_COMMAND]
         if command == OTHER:
             return False
         if command == WRITE:
             # A write may change what any read returns: a read repeated after it is not
             # redundant, so duplicate counting starts again.
             self._write_epoch += 1
-        group = self._groups.get(event.fingerprint)
+        group = self._groups.get(fields[_FINGERPRINT])
         if group is None:
-            group = self._groups[event.fingerprint] = _Group(event)
+            group = self._groups[fields[_FINGERPRINT]] = _Group(event)
         group.count += 1
-        callsite = event.callsite
+        callsite = fields[_CALLSITE]
         if callsite:
             seen = group.callsites.get(callsite)
             if seen is not None:
@@ -225,10 +239,15 @@ class ScopeDetector:
             elif len(group.callsites) < MAX_CALLSITES:
                 group.callsites[callsite] = 1
         params = group.params
-        entry = params.get(event.params_key)
+        key = fields[_PARAMS_KEY]
+        try:
+            entry = params.get(key)
+        except TypeError:  # an unhashable parameter (a list, a dict): equal values print equally
+            key = repr(key)
+            entry = params.get(key)
         if entry is None:
             if len(params) < MAX_DISTINCT_PARAMS:
-                params[event.params_key] = [self._write_epoch, 1]
+                params[key] = [self._write_epoch, 1]
             return len(params) == self.threshold
         if command == READ:
             if entry[0] == self._write_epoch:
@@ -244,9 +263,10 @@ class ScopeDetector:
     def findings(self) -> list[Finding]:
         """The N+1s and duplicates so far, most executions first, allowlisted ones left out."""
         found: list[Finding] = []
+        allowlist = self.allowlist if self.allowlist else None
         for group in self._groups.values():
             finding = self._finding_for(group)
-            if finding is not None and not self.allowlist.allows(finding):
+            if finding is not None and (allowlist is None or not allowlist.allows(finding)):
                 found.append(finding)
         found.sort(key=lambda finding: -finding.count)
         return found
@@ -265,15 +285,17 @@ class ScopeDetector:
         return None
 
     def _make(
-        self, kind: FindingKind, example: QueryEvent, count: int, distinct: int, group: _Group
+        self, kind: FindingKind, fields: EventFields, count: int, distinct: int, group: _Group
     ) -> Finding:
+        example = _as_event(fields)
+        first: tuple[Any, ...] = group.first
         suggestion = self._suggest(kind, example) if self._suggest is not None else ""
         return Finding(
             kind=kind,
             count=count,
             sql=example.sql,
             fingerprint=example.fingerprint,
-            callsite=group.first.callsite or next(iter(group.callsites), ""),
+            callsite=first[_CALLSITE] or next(iter(group.callsites), ""),
             suggestion=suggestion,
             relationship=example.relationship,
             distinct_params=distinct,

@@ -31,7 +31,6 @@ from pgpilot.insight.detector import (
     DEFAULT_THRESHOLD,
     Allowlist,
     Finding,
-    QueryEvent,
     ScopeDetector,
     check_thresholds,
 )
@@ -73,7 +72,7 @@ FLUSH_EVERY = 512
 # Call sites are looked for in the first executions of a statement text only: finding one
 # walks the stack, the costliest part of recording, and the hundredth iteration of a loop is
 # at the same line as the first.
-CALLSITE_SAMPLES = 16
+CALLSITE_SAMPLES = 4
 MAX_TEXTS_SEEN = 10_000
 
 # A statement waiting in a scope's buffer:
@@ -123,8 +122,10 @@ class _Scope:
         scope_id = id(self)
         for sql, key, callsite, at, relationship, loader_option in pending:
             statement = describe(sql)
+            # QueryEvent's fields as a plain tuple: the detector makes the named tuple only
+            # for the few executions a finding will show
             add(
-                QueryEvent(
+                (
                     statement.fingerprint,
                     sql,
                     key,
@@ -176,29 +177,24 @@ def current_scope() -> _Scope | None:
 
 
 def _params_key(sql: str, params: Any, executemany: bool) -> Hashable:
-    """Equal for equal (text, values); cheap for the common shapes drivers pass."""
+    """Equal for equal (text, values); cheap for the common shapes drivers pass. Unhashable
+    values (lists, dicts) are left as they are: the detector falls back to their repr."""
     if params is None:
         return sql
     if executemany:
         if isinstance(params, list | tuple):
-            return (sql, "many", len(params), _freeze(params[0]) if params else None)
+            return (sql, "many", len(params), _values(params[0]) if params else None)
         return (sql, "many", id(params))
-    return (sql, _freeze(params))
+    return (sql, _values(params))
 
 
-def _freeze(params: Any) -> Hashable:
+def _values(params: Any) -> Any:
+    # a copy: the caller may reuse and change its parameters object after the query
     if isinstance(params, dict):
-        values: Any = tuple(params.values())
-    elif isinstance(params, list | tuple):
-        values = tuple(params)
-    else:
-        values = params
-    try:
-        hash(values)
-    except TypeError:
-        # JSON documents, arrays as lists: equal values print equally.
-        return repr(values)
-    return values  # type: ignore[no-any-return]
+        return tuple(params.values())
+    if isinstance(params, list | tuple):
+        return tuple(params)
+    return params
 
 
 def record_query(
