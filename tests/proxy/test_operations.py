@@ -137,9 +137,22 @@ def test_each_worker_serves_its_own_metrics(pg_params: dict[str, str], tmp_path:
     """workers = 2: worker i exports on metrics_port + i, and each counts its own traffic."""
     import urllib.request
 
+    import socket
+
     from pgpilot.embedded import free_port
 
-    metrics_port = free_port()
+    def two_free_ports() -> int:
+        """A port p with p + 1 free as well (both workers' exporters need theirs)."""
+        while True:
+            port = free_port()
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+
+    metrics_port = two_free_ports()
     settings = {"workers": 2, "metrics_port": metrics_port, "unix_socket_dir": ""}
     path, port = write_config(tmp_path, pg_params, settings)
     process = ProxyProcess(path, port, tmp_path)
