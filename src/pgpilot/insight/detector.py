@@ -210,7 +210,7 @@ class ScopeDetector:
         check_thresholds(threshold, duplicate_threshold)
         self.threshold = threshold
         self.duplicate_threshold = duplicate_threshold
-        self.allowlist = allowlist or Allowlist()
+        self.allowlist = allowlist if allowlist is not None else Allowlist()
         self.queries = 0
         self._suggest = suggest
         self._groups: dict[str, _Group] = {}
@@ -328,7 +328,7 @@ class Detector:
     ) -> None:
         self.threshold = threshold
         self.duplicate_threshold = duplicate_threshold
-        self.allowlist = allowlist or Allowlist()
+        self.allowlist = allowlist if allowlist is not None else Allowlist()
         self._suggest = suggest
         self._scopes: dict[Hashable, _OpenScope] = {}
         check_thresholds(threshold, duplicate_threshold)  # now, not at the first event
