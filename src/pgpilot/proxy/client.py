@@ -403,6 +403,7 @@ class ClientConnection(asyncio.Protocol):
         """Read what matters of the client's bytes and send them to its server."""
         msgs = self._reader.feed(data)
         terminate = False
+        renamable = False  # a Parse, Bind, Describe or Close the statement router may rename
         for mtype, body in msgs:
             if mtype == F.SYNC:
                 if not self.expected_rfq:
@@ -422,6 +423,8 @@ class ClientConnection(asyncio.Protocol):
                     self.pooler.observe_query(self, body)
             elif mtype in UNSYNCED_TYPES:
                 self.unsynced = True
+                if mtype != F.EXECUTE:
+                    renamable = True
                 if mtype == F.PARSE and body is not None:
                     self.pooler.observe_parse(self, body)
             elif mtype == F.FUNCTION_CALL:
@@ -444,7 +447,8 @@ class ClientConnection(asyncio.Protocol):
                 server.write(data)
         else:
             continued = self._held
-            out, tail = router.client_chunk(data, msgs, self._reader.ends, continued, server)
+            out, tail = router.client_chunk(data, msgs, self._reader.ends, continued, server,
+                                            renamable)
             if not msgs:
                 tail = continued + tail
             if tail and self._reader.skipping:
@@ -525,6 +529,7 @@ class ClientConnection(asyncio.Protocol):
                     msgs: list[tuple[int, bytes | None]]) -> None:
         """Bytes from our server: read what matters, forward them all."""
         release = False
+        error_seen = False
         stats = self.pool.stats if self.pool is not None else None
         for mtype, body in msgs:
             if mtype == m.B.READY_FOR_QUERY and body:
@@ -553,8 +558,10 @@ class ClientConnection(asyncio.Protocol):
                 if name in TRACKED_PARAMS and self.params.get(name) != value:
                     self.params[name] = value
                     self.params_version += 1
-            elif mtype == m.B.ERROR_RESPONSE and stats is not None:
-                stats.errors += 1
+            elif mtype == m.B.ERROR_RESPONSE:
+                error_seen = True
+                if stats is not None:
+                    stats.errors += 1
         if release and self.txn_status != "I" and self.pool is not None \
                 and self.pool.mode == "statement" and data[-6:-5] == b"Z":
             # Refuse the transaction in place of the server's answer, so the client shows why.
@@ -565,7 +572,7 @@ class ClientConnection(asyncio.Protocol):
         if self.router is not None:
             reader = server.reader
             self.write(self.router.server_chunk(data, msgs, reader.ends, server,
-                                                reader.skipping))
+                                                reader.skipping, error_seen))
         else:
             self.write(data)
         if stats is not None:

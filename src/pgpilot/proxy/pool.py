@@ -144,11 +144,10 @@ class Pool:
     def server_moved(self, server: ServerConnection, old: ServerState,
                      new: ServerState) -> None:
         self.servers[old].discard(server)
-        if old is ServerState.IDLE:
-            try:  # noqa: SIM105 - hot path: cheaper than contextlib.suppress
-                self.idle.remove(server)
-            except ValueError:
-                pass
+        if old is ServerState.IDLE and server.in_idle:
+            # Only servers closed while idle are still in the list (handing out pops them).
+            server.in_idle = False
+            self.idle.remove(server)
         if new is ServerState.CLOSED:
             self.pooler.server_closed(server)
             # Capacity freed: a waiting client may now get a new server.
@@ -157,6 +156,7 @@ class Pool:
             return
         self.servers[new].add(server)
         if new is ServerState.IDLE:
+            server.in_idle = True
             self.idle.append(server)
 
     def add_server(self, server: ServerConnection) -> None:
@@ -306,6 +306,7 @@ class Pool:
             # LIFO by default: the most recently used connection is the warmest;
             # server_round_robin spreads the load evenly instead (FIFO).
             server = idle.popleft() if self.pooler.config.server_round_robin else idle.pop()
+            server.in_idle = False
             if server.close_needed:
                 server.close("reconnect requested")
                 continue

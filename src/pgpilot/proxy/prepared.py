@@ -59,8 +59,7 @@ _ENDS: dict[int, frozenset[int]] = {
     SWALLOW_CLOSE: frozenset({B.CLOSE_COMPLETE}),
     SYNC: frozenset({B.READY_FOR_QUERY}),
 }
-# Client messages the router may rename or answer itself, and what the others are owed.
-_REWRITTEN = frozenset({F.PARSE, F.BIND, F.DESCRIBE, F.CLOSE})
+# What the messages the router never renames are owed.
 _OWED = {F.QUERY: QUERY, F.FUNCTION_CALL: QUERY, F.SYNC: SYNC, F.EXECUTE: EXECUTE}
 _SPECIAL = frozenset({FAKE_PARSE, FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE})
 _FAKE_REPLY = {FAKE_PARSE: m.parse_complete(), FAKE_CLOSE: m.close_complete()}
@@ -88,27 +87,30 @@ Entry = tuple[int, str | None]  # (what answers it, server-side statement name o
 class StatementRouter:
     """One client's statement names, and the answers owed to it on its current server."""
 
-    __slots__ = ("held", "max_prepared", "outstanding", "statements")
+    __slots__ = ("held", "max_prepared", "outstanding", "statements", "surgery")
 
     def __init__(self, max_prepared: int) -> None:
         self.max_prepared = max_prepared
         self.statements: dict[str, ClientStatement] = {}
         self.outstanding: collections.deque[Entry] = collections.deque()
         self.held = b""  # server bytes of a message not yet complete
+        # True from the first made-up or swallowed answer queued until the queue empties:
+        # until then server bytes must be cut and pieced, otherwise they pass untouched.
+        self.surgery = False
 
     # -- client to server -----------------------------------------------------------------
     def client_chunk(self, data: bytes, msgs: list[tuple[int, bytes | None]],
                      ends: list[int], continued: bytes, server: ServerConnection,
-                     ) -> tuple[bytes, bytes]:
+                     renamable: bool = True) -> tuple[bytes, bytes]:
         """Rewrite a client chunk for ``server``.
 
         ``continued`` holds the bytes of the first message that arrived in earlier chunks and
-        were not sent yet. Returns (bytes for the server, bytes held back: the start of a
-        message not complete yet).
+        were not sent yet; ``renamable`` is False when ``msgs`` hold no Parse, Bind, Describe
+        or Close. Returns (bytes for the server, bytes held back: the start of a message not
+        complete yet).
         """
         outstanding = self.outstanding
-        if not continued and ends and ends[-1] == len(data) \
-                and not any(mtype in _REWRITTEN for mtype, _ in msgs):
+        if not renamable and not continued and ends and ends[-1] == len(data):
             # Nothing to rename (the common case): only note what each message is owed.
             for mtype, body in msgs:
                 owed = _OWED.get(mtype)
@@ -159,6 +161,7 @@ class StatementRouter:
                     # Answered here: the server's copy stays for the other clients.
                     self.statements.pop(name, None)
                     outstanding.append((FAKE_CLOSE, None))
+                    self.surgery = True
                 else:
                     outstanding.append((CLOSE, None))
                     out += raw
@@ -185,6 +188,7 @@ class StatementRouter:
         if server_name in server.prepared:
             server.prepared.move_to_end(server_name)
             self.outstanding.append((FAKE_PARSE, None))
+            self.surgery = True
             return b""
         out = self._make_room(server)
         server.prepared[server_name] = None
@@ -199,6 +203,7 @@ class StatementRouter:
         out = self._make_room(server)
         server.prepared[stmt.server_name] = None
         self.outstanding.append((SWALLOW_PARSE, stmt.server_name))
+        self.surgery = True
         return out + stmt.server_parse
 
     def _make_room(self, server: ServerConnection) -> bytes:
@@ -208,10 +213,12 @@ class StatementRouter:
             name = server.stale_statements.pop()
             out += m.close_message("S", name)
             self.outstanding.append((SWALLOW_CLOSE, name))
+            self.surgery = True
         while self.max_prepared and len(server.prepared) >= self.max_prepared:
             name, _ = server.prepared.popitem(last=False)
             out += m.close_message("S", name)
             self.outstanding.append((SWALLOW_CLOSE, name))
+            self.surgery = True
         return out
 
     def replies_due(self) -> bytes:
@@ -225,15 +232,15 @@ class StatementRouter:
     # -- server to client -----------------------------------------------------------------
     def server_chunk(self, data: bytes, msgs: list[tuple[int, bytes | None]],
                      ends: list[int], server: ServerConnection,
-                     streaming: bool) -> bytes:
+                     streaming: bool, error_seen: bool) -> bytes:
         """What the client gets of a server chunk: in order, with made-up answers added and
         the pooler's own answers removed. ``streaming`` says the chunk ends inside a message
-        that passes without being kept (its bytes can go now)."""
+        that passes without being kept (its bytes can go now); ``error_seen`` that ``msgs``
+        hold an ErrorResponse."""
         outstanding = self.outstanding
         if not outstanding and not self.held:
             return data
-        if not self.held and not any(entry[0] in _SPECIAL for entry in outstanding) \
-                and not any(mtype == B.ERROR_RESPONSE for mtype, _ in msgs):
+        if not self.held and not self.surgery and not error_seen:
             # No answer to add or drop: pass the bytes as they are and only keep count.
             self._count_only(msgs)
             return data
@@ -269,6 +276,8 @@ class StatementRouter:
                 self.held = b""
             else:
                 self.held += tail
+        if not outstanding:
+            self.surgery = False
         return bytes(out)
 
     def _count_only(self, msgs: list[tuple[int, bytes | None]]) -> None:

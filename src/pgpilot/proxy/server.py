@@ -74,6 +74,7 @@ class ServerConnection(asyncio.Protocol):
         self.local_addr = ""
         self.local_port = 0
         self.close_needed = False  # RECONNECT / reload: close instead of reuse
+        self.in_idle = False  # in its pool's idle list right now
         self.address: tuple[str, int] = ("", 0)  # host (or socket dir) and port it went to
         # Cancel requests sent for it and not yet done: it is not lent again until they are,
         # so a late cancel cannot hit the next client's query (PgBouncer's being_canceled).
