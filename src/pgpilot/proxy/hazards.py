@@ -99,6 +99,9 @@ MAX_HAZARD_KEYS = 5000
 OTHER_APPLICATIONS = "(other)"
 
 
+_TRAILING = " \t\r\n;"
+
+
 def might_be_hazard(sql: bytes) -> bool:
     """The cheap test on a statement text: False means it certainly holds no hazard."""
     low = sql.decode("latin-1").lower()  # latin-1: any bytes, no validation cost
@@ -107,7 +110,8 @@ def might_be_hazard(sql: bytes) -> bool:
             return True
     if _starts_with_set(low):
         return True
-    if ";" not in low:
+    # A single statement's own terminator (pgbench, most drivers) starts nothing new.
+    if ";" not in low.rstrip(_TRAILING):
         return False
     pieces = low.split(";", _MAX_STATEMENT_STARTS)
     if len(pieces) > _MAX_STATEMENT_STARTS:
