@@ -83,6 +83,7 @@ class Case:
     poolers: tuple[str, ...] = POOLERS
     direct: bool = True
     note: str = ""
+    workers: int = 1  # pgpilot's workers = N (PgBouncer stays one process)
 
 
 CASES: tuple[Case, ...] = (
@@ -103,6 +104,10 @@ CASES: tuple[Case, ...] = (
     Case("select-prepared-100", "pgbench -S -M prepared, 100 clients",
          args=("-S", "-M", "prepared"), clients=100, poolers=("pgpilot",),
          note="PgBouncer 1.18 cannot pool named prepared statements in transaction mode"),
+    Case("select-simple-100-w2", "pgbench -S -M simple, 100 clients, pgpilot workers = 2",
+         args=("-S", "-M", "simple"), clients=100, workers=2, direct=False,
+         note="pgpilot with workers = 2 (two processes, pool and limits split between them); "
+              "PgBouncer as always one process; CPU and RSS summed over the pooler's processes"),
     Case("churn-scram-10", "pgbench -S -C (new connection per transaction), SCRAM, 10 clients",
          args=("-S", "-M", "simple", "-C"), clients=10, auth="scram-sha-256"),
     Case("scale-10k", "10,000 clients held open, 100 running queries, <= 100 server conns",
@@ -145,21 +150,41 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (pgpilot's workers = N forks worker processes)."""
+    out = [pid]
+    i = 0
+    while i < len(out):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{out[i]}/task"):
+                with open(f"/proc/{out[i]}/task/{task}/children") as fh:
+                    out.extend(int(c) for c in fh.read().split())
+        i += 1
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
-        stat = fh.read()
-    fields = stat[stat.rindex(")") + 2:].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    """utime + stime of a process and its live descendants (all threads), in seconds."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as fh:
+            stat = fh.read()
+            fields = stat[stat.rindex(")") + 2:].split()
+            # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+            total += int(fields[11]) + int(fields[12])
+    return total / TICKS
 
 
 def proc_status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
+    """A /proc/<pid>/status value in kB (VmRSS, VmHWM), summed over the process tree."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+                    break
+    return total
 
 
 def wait_port(port: int, proc: subprocess.Popen[Any] | None, timeout: float = 30) -> None:
@@ -345,6 +370,8 @@ def pooler_ini(kind: str, case: Case, port: int, up: Upstream, userlist: Path) -
     ]
     if kind == "pgbouncer":
         lines += ["pidfile =", "logfile ="]
+    elif case.workers > 1:
+        lines.append(f"workers = {case.workers}")
     return "\n".join(lines) + "\n"
 
 
