@@ -18,10 +18,10 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
+from tests.proxy.conftest import RunningProxy
 
 from pgpilot.embedded import EmbeddedPostgres
 from pgpilot.proxy.auth import md5_secret
-from tests.proxy.conftest import RunningProxy
 
 
 def scram_secret(password: str, iterations: int = 4096) -> str:
@@ -154,3 +154,44 @@ def test_server_login_failure_reaches_the_client(proxy_factory, password_server)
         psycopg.connect(proxy.dsn(dbname="test"))
     assert "password authentication failed" in str(err.value)
     assert "not-the-password" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def scram_server(tmp_path_factory) -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pgscram") / "data", auth="scram-sha-256",
+                          password="Upstream-Pw-9")
+    pg.start()
+    yield pg
+    pg.stop()
+
+
+def test_scram_pass_through_with_only_the_secret(proxy_factory, scram_server) -> None:
+    """auth_file holds the server's SCRAM secret, not the password: the key a client reveals
+    when it logs in with SCRAM is what the pooler logs in to the server with (PgBouncer's
+    SCRAM pass-through)."""
+    secret = scram_server.psql(
+        "select rolpassword from pg_authid where rolname = 'postgres'").split("\n")[2].strip()
+    assert secret.startswith("SCRAM-SHA-256$")
+    up = {"host": "127.0.0.1", "port": str(scram_server.port), "user": "postgres",
+          "dbname": "postgres"}
+    proxy = proxy_factory(upstream=up, userlist={"postgres": secret},
+                          auth_type="scram-sha-256")
+    dsn = proxy.dsn(dbname="test", password="Upstream-Pw-9")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == ("postgres",)
+    # A wrong password never gets that far: 28P01 from the pooler itself.
+    with pytest.raises(psycopg.OperationalError) as err:
+        psycopg.connect(proxy.dsn(dbname="test", password="wrong-one"))
+    assert "password authentication failed" in str(err.value)
+
+
+def test_scram_secret_without_a_client_key_fails_clearly(proxy_factory, scram_server) -> None:
+    secret = scram_server.psql(
+        "select rolpassword from pg_authid where rolname = 'postgres'").split("\n")[2].strip()
+    up = {"host": "127.0.0.1", "port": str(scram_server.port), "user": "postgres",
+          "dbname": "postgres"}
+    # trust for clients: nobody proves the password, so there is no key to pass through.
+    proxy = proxy_factory(upstream=up, userlist={"postgres": secret}, auth_type="trust")
+    with pytest.raises(psycopg.OperationalError) as err:
+        psycopg.connect(proxy.dsn(dbname="test"))
+    assert "only a SCRAM secret" in str(err.value)

@@ -110,8 +110,9 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+@functools.lru_cache(maxsize=1024)
 def _scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
-    """(ClientKey, StoredKey, ServerKey) of a password."""
+    """(ClientKey, StoredKey, ServerKey) of a password (PBKDF2 is costly: kept per process)."""
     salted = hashlib.pbkdf2_hmac("sha256", _saslprep(password).encode(), salt, iterations)
     client_key = _hmac(salted, b"Client Key")
     return client_key, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key")
@@ -244,6 +245,7 @@ class ScramAuth(ClientAuth):
         self.secret = parsed if parsed is not None else _derived_scram_secret(secret)
         self.stage = 0
         self._server_nonce = _b64(secrets.token_bytes(_SCRAM_NONCE_BYTES))
+        self.client_key: bytes | None = None  # known once the client has proved itself
         self._gs2_header = ""
         self._nonce = ""
         self._client_first_bare = ""
@@ -317,6 +319,9 @@ class ScramAuth(ClientAuth):
         if self.empty or not hmac.compare_digest(hashlib.sha256(client_key).digest(),
                                                  self.secret.stored_key):
             raise AuthFailed(f'password authentication failed for user "{self.user}"')
+        # The proof gave away ClientKey: with the stored secret it lets the pooler log in to a
+        # server that stores the same secret (PgBouncer's SCRAM pass-through).
+        self.client_key = client_key
         return _hmac(self.secret.server_key, auth_message)
 
     def step(self, body: bytes) -> tuple[bytes, bool]:
@@ -354,9 +359,13 @@ def client_auth_for(auth_type: str, user: str, secret: str) -> ClientAuth:
 class ServerLogin:
     """Answers a PostgreSQL server's authentication requests for one login."""
 
-    def __init__(self, user: str, password: str | None) -> None:
+    def __init__(self, user: str, password: str | None,
+                 client_key: bytes | None = None) -> None:
         self.user = user
         self.password = password
+        # With only a SCRAM secret as "password": the ClientKey a client of this user revealed
+        # when it logged in to the pooler with SCRAM (pass-through, as PgBouncer).
+        self.client_key = client_key
         # SCRAM state: set by SASL, SASLContinue and SASLFinal in turn.
         self._scram_stage = 0  # 0 none, 1 first sent, 2 final sent, 3 server verified
         self._client_nonce = ""
@@ -394,8 +403,13 @@ class ServerLogin:
             pw = self._need_password("SCRAM-SHA-256")
             if SCRAM_SHA_256 not in req.mechanisms:
                 raise AuthFailed(f"server offers no supported SASL mechanism: {req.mechanisms}")
-            if is_md5_secret(pw) or parse_scram_secret(pw):
-                raise AuthFailed("server wants SCRAM-SHA-256; a plain password is needed")
+            if is_md5_secret(pw):
+                raise AuthFailed("server wants SCRAM-SHA-256; an md5 hash cannot answer it")
+            if parse_scram_secret(pw) is not None and self.client_key is None:
+                raise AuthFailed(
+                    "server wants SCRAM-SHA-256 and auth_file holds only a SCRAM secret for "
+                    f'"{self.user}": a client must first log in as that user with SCRAM '
+                    "(so its key can be passed through), or configure the plain password")
             if self._scram_stage:
                 raise ProtocolError("SASL authentication requested twice")
             self._client_nonce = _b64(secrets.token_bytes(_SCRAM_NONCE_BYTES))
@@ -440,7 +454,15 @@ class ServerLogin:
         if not (iter_text.isascii() and iter_text.isdigit()) or not (
                 1 <= int(iter_text) <= SCRAM_MAX_ITERATIONS):
             raise ProtocolError(f"SCRAM iteration count {iter_text[:20]!r} is not acceptable")
-        client_key, stored_key, server_key = _scram_keys(password, salt, int(iter_text))
+        secret = parse_scram_secret(password)
+        if secret is not None and self.client_key is not None:
+            if (salt, int(iter_text)) != (secret.salt, secret.iterations):
+                raise AuthFailed(f'the SCRAM secret in auth_file for "{self.user}" is not the '
+                                 "server's (its salt or iteration count differs)")
+            client_key, stored_key, server_key = (self.client_key, secret.stored_key,
+                                                  secret.server_key)
+        else:
+            client_key, stored_key, server_key = _scram_keys(password, salt, int(iter_text))
         without_proof = f"c=biws,r={nonce}"
         auth_message = ",".join(
             (self._client_first_bare, server_first, without_proof)).encode()

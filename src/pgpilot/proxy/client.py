@@ -320,6 +320,9 @@ class ClientConnection(asyncio.Protocol):
             if reply:
                 self.write(reply)
             if done:
+                client_key = getattr(self._auth, "client_key", None)
+                if client_key is not None:
+                    self.pooler.scram_client_keys[self.user] = client_key
                 self._auth = None
                 self.logged_in()
                 return

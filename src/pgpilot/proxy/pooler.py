@@ -44,6 +44,9 @@ class Pooler:
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: dict[ClientState, set[ClientConnection]] = {s: set() for s in ClientState}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        # SCRAM ClientKeys clients revealed by logging in (user -> key), for server logins
+        # where auth_file holds only the SCRAM secret (pass-through, as PgBouncer).
+        self.scram_client_keys: dict[str, bytes] = {}
         self.stopping = False
         self._stop_now = False  # hurry_stop: a second signal ends the wait for transactions
         self.paused = False

@@ -122,7 +122,8 @@ class ServerConnection(asyncio.Protocol):
         else:
             self.local_addr = "unix"
         login_user, password = self.pool.server_credentials()
-        self._login = ServerLogin(login_user, password)
+        self._login = ServerLogin(login_user, password,
+                                  self.pool.pooler.scram_client_keys.get(login_user))
         params = {"user": login_user, "database": self.pool.server_dbname}
         params.update(self.pool.server_startup_params())
         self.transport.write(m.startup_message(params))  # type: ignore[union-attr]
