@@ -120,3 +120,9 @@ def test_threshold_option(inner_suite: pytest.Pytester) -> None:
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(*INNER_OPTIONS, "--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.allow_nplusone*"])
+
+
+def test_ini_allowlist_lets_a_known_relationship_pass(inner_suite: pytest.Pytester) -> None:
+    inner_suite.makeini("[pytest]\nnplusone_allow_relationships =\n    Customer.orders\n")
+    result = inner_suite.runpytest(*INNER_OPTIONS, "--nplusone=raise")
+    result.assert_outcomes(passed=5)
