@@ -392,8 +392,8 @@ def start_pooler(kind: str, case: Case, up: Upstream, secret: str, base: Path) -
         cmd = ["pgbouncer", str(ini)]
     else:
         kwargs = {}
-        # -q: pgpilot logs each login at INFO whatever log_connections says; PgBouncer is
-        # told log_connections = 0, so both run without per-connection logging.
+        # -q: warnings only, as PgBouncer's log_connections = 0 / log_disconnections = 0
+        # (set for both in the ini): no per-connection logging on either side.
         cmd = [sys.executable, "-m", "pgpilot", "proxy", "--config", str(ini), "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir,
                             **kwargs)
