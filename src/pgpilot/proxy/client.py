@@ -55,6 +55,19 @@ TERMINATE = m.terminate()
 ALWAYS_ACCEPTED = frozenset({"user", "database"})
 
 
+def names_a_statement(mtype: int, body: bytes) -> bool:
+    """Does this Parse, Bind, Describe or Close name a prepared statement (not the unnamed
+    one)? Only those may need the statement router's renaming."""
+    if mtype == F.PARSE:
+        return body[:1] != b"\x00"
+    if mtype == F.BIND:
+        end = body.find(b"\x00")  # after the portal's name comes the statement's
+        return end >= 0 and body[end + 1:end + 2] not in (b"\x00", b"")
+    if mtype in (F.DESCRIBE, F.CLOSE):
+        return body[:1] == b"S" and body[1:2] not in (b"\x00", b"")
+    return False
+
+
 def set_keepalive(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -67,6 +80,18 @@ def sql_literal(value: str) -> str:
 
 
 class ClientConnection(asyncio.Protocol):
+    # Slots: with 10,000 mostly idle clients, a per-instance dict (past CPython's shared-key
+    # limit) would cost about 1.5 KB each.
+    __slots__ = (
+        "_auth", "_auth_known_user", "_auth_reader", "_held", "_login_task", "_paused",
+        "_pending", "_reader", "_startup", "addr", "admin", "application_name", "cancel_key",
+        "cancel_pid", "connect_time", "database", "expected_rfq", "gone", "id",
+        "idle_in_txn_since", "is_admin", "last_activity", "local_addr", "local_port", "params",
+        "params_version", "pool", "pooler", "port", "query_started", "request_time", "router",
+        "server", "state", "tls", "transport", "txn_status", "unsynced", "user",
+        "wait_started", "xact_started", "__weakref__",  # hazards keeps weak references
+    )
+
     def __init__(self, pooler: Pooler) -> None:
         self.pooler = pooler
         self.id = pooler.next_client_id()
@@ -426,7 +451,7 @@ class ClientConnection(asyncio.Protocol):
                     self.pooler.observe_query(self, body)
             elif mtype in UNSYNCED_TYPES:
                 self.unsynced = True
-                if mtype != F.EXECUTE:
+                if not renamable and body is not None and names_a_statement(mtype, body):
                     renamable = True
                 if mtype == F.PARSE and body is not None:
                     self.pooler.observe_parse(self, body)

@@ -60,7 +60,8 @@ _ENDS: dict[int, frozenset[int]] = {
     SYNC: frozenset({B.READY_FOR_QUERY}),
 }
 # What the messages the router never renames are owed.
-_OWED = {F.QUERY: QUERY, F.FUNCTION_CALL: QUERY, F.SYNC: SYNC, F.EXECUTE: EXECUTE}
+_OWED = {F.QUERY: QUERY, F.FUNCTION_CALL: QUERY, F.SYNC: SYNC, F.EXECUTE: EXECUTE,
+         F.PARSE: PARSE, F.BIND: BIND, F.DESCRIBE: DESCRIBE, F.CLOSE: CLOSE}
 _SPECIAL = frozenset({FAKE_PARSE, FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE})
 _FAKE_REPLY = {FAKE_PARSE: m.parse_complete(), FAKE_CLOSE: m.close_complete()}
 # Messages a server may send at any time, answering nothing.
@@ -105,8 +106,8 @@ class StatementRouter:
         """Rewrite a client chunk for ``server``.
 
         ``continued`` holds the bytes of the first message that arrived in earlier chunks and
-        were not sent yet; ``renamable`` is False when ``msgs`` hold no Parse, Bind, Describe
-        or Close. Returns (bytes for the server, bytes held back: the start of a message not
+        were not sent yet; ``renamable`` is False when no Parse, Bind, Describe or Close in
+        ``msgs`` names a statement (unnamed ones pass as they are). Returns (bytes for the server, bytes held back: the start of a message not
         complete yet).
         """
         outstanding = self.outstanding
