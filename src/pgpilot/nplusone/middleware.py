@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pgpilot.insight.detector import DEFAULT_DUPLICATE_THRESHOLD, Finding
 from pgpilot.nplusone.core import Detection, Report, detect
@@ -70,12 +70,15 @@ class _Options:
             self.on_findings(request, findings)
 
 
-class ASGIMiddleware:
-    """Wrap an ASGI application: ``app = ASGIMiddleware(app)``."""
+AppT = TypeVar("AppT")
+
+
+class _Middleware(Generic[AppT]):
+    """What both middlewares take: the application and the detection settings."""
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AppT,
         *,
         threshold: int | None = None,
         duplicate_threshold: int = DEFAULT_DUPLICATE_THRESHOLD,
@@ -95,6 +98,10 @@ class ASGIMiddleware:
             on_findings,
             log_level,
         )
+
+
+class ASGIMiddleware(_Middleware[ASGIApp]):
+    """Wrap an ASGI application: ``app = ASGIMiddleware(app)``."""
 
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope.get("type") not in ("http", "websocket"):
@@ -111,35 +118,12 @@ class ASGIMiddleware:
                 self.options.finish(request, detection.report)
 
 
-class WSGIMiddleware:
+class WSGIMiddleware(_Middleware[WSGIApp]):
     """Wrap a WSGI application: ``app.wsgi_app = WSGIMiddleware(app.wsgi_app)``.
 
     A WSGI response body may be produced lazily, while the server iterates it; the scope is
     re-entered around each chunk and closed when the server closes the response.
     """
-
-    def __init__(
-        self,
-        app: WSGIApp,
-        *,
-        threshold: int | None = None,
-        duplicate_threshold: int = DEFAULT_DUPLICATE_THRESHOLD,
-        allow_callsites: Iterable[str] = (),
-        allow_fingerprints: Iterable[str] = (),
-        allow_relationships: Iterable[str] = (),
-        on_findings: OnFindings | None = None,
-        log_level: int = logging.WARNING,
-    ) -> None:
-        self.app = app
-        self.options = _Options(
-            threshold,
-            duplicate_threshold,
-            allow_callsites,
-            allow_fingerprints,
-            allow_relationships,
-            on_findings,
-            log_level,
-        )
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         request = f"{environ.get('REQUEST_METHOD', '')} {environ.get('PATH_INFO', '')}"
