@@ -217,24 +217,34 @@ def test_waiting_clients_are_served_in_order(proxy_factory) -> None:
     proxy = proxy_factory(default_pool_size=1)
     holder = connect(proxy, autocommit=False)
     holder.execute("select 1")
-    order: list[int] = []
+    served: list[tuple[object, int]] = []
 
     def worker(n: int) -> None:
         with connect(proxy) as c:
-            c.execute("select %s", [n])
-            order.append(n)
+            # When the one server ran it (the threads may wake in any order afterwards).
+            row = c.execute("select clock_timestamp()").fetchone()
+            assert row is not None
+            served.append((row[0], n))
+
+    def waiting() -> int:
+        assert proxy.pooler is not None
+        return int(proxy.call(lambda: sum(len(p.waiting) for p in proxy.pooler.pools.values())))
 
     threads = []
     for n in range(4):
         t = threading.Thread(target=worker, args=(n,))
         t.start()
         threads.append(t)
-        time.sleep(0.3)
+        # The next client may only ask once this one stands in line.
+        deadline = time.monotonic() + 20
+        while waiting() < n + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert waiting() == n + 1
     holder.commit()
     holder.close()
     for t in threads:
         t.join(10)
-    assert order == [0, 1, 2, 3]
+    assert [n for _when, n in sorted(served, key=lambda item: item[0])] == [0, 1, 2, 3]
 
 
 def test_server_death_gives_08006_and_pool_recovers(proxy_factory, pg_dsn) -> None:
