@@ -135,9 +135,8 @@ def test_stop_signal_lets_running_transactions_finish(proxy_process: ProxyProces
 
 def test_each_worker_serves_its_own_metrics(pg_params: dict[str, str], tmp_path: Path) -> None:
     """workers = 2: worker i exports on metrics_port + i, and each counts its own traffic."""
-    import urllib.request
-
     import socket
+    import urllib.request
 
     from pgpilot.embedded import free_port
 

@@ -8,7 +8,6 @@ import subprocess
 import asyncpg
 import psycopg
 import pytest
-
 from tests.proxy.conftest import RunningProxy
 
 

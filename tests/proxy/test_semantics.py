@@ -10,9 +10,9 @@ import time
 
 import psycopg
 import pytest
+from tests.proxy.conftest import RunningProxy
 
 from pgpilot.wire import messages as m
-from tests.proxy.conftest import RunningProxy
 
 
 def connect(proxy: RunningProxy, **kw) -> psycopg.Connection:
