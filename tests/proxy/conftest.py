@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,16 @@ import pytest
 from pgpilot.embedded import free_port
 from pgpilot.proxy.config import load_config
 from pgpilot.proxy.pooler import Pooler
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``condition`` until it returns something true (and return that), or fail."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.05)
+    return value
 
 
 class RunningProxy:

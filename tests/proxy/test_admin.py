@@ -16,9 +16,8 @@ import asyncpg
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-from tests.proxy.conftest import RunningProxy
+from tests.proxy.conftest import RunningProxy, wait_until
 
-POLL = 0.05
 
 
 def admin(proxy: RunningProxy, user: str = "postgres", **kwargs: Any) -> psycopg.Connection[Any]:
@@ -40,17 +39,6 @@ def psql(proxy: RunningProxy, command: str, db: str = "pgbouncer",
     return subprocess.run(
         ["psql", "-X", "-A", "-F", "|", "-h", "127.0.0.1", "-p", str(proxy.port), "-U", user,
          "-d", db, "-c", command], capture_output=True, text=True, timeout=30)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(POLL)
 
 
 def pool_row(proxy: RunningProxy, db: str = "test") -> dict[str, Any]:

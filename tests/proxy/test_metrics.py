@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.proxy.conftest import RunningProxy
+from tests.proxy.conftest import RunningProxy, wait_until
 
 from pgpilot.embedded import free_port
 
@@ -39,15 +38,6 @@ def scrape(port: int, path: str = "/metrics") -> Scrape:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
         return Scrape(response.read().decode())
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture

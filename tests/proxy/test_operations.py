@@ -9,15 +9,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-from tests.proxy.conftest import write_config
+from tests.proxy.conftest import wait_until, write_config
 
 
 class ProxyProcess:
@@ -54,15 +53,6 @@ class ProxyProcess:
         return psycopg.connect(self.dsn("pgbouncer"), autocommit=True, row_factory=dict_row)
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
-    return value
-
-
 @pytest.fixture
 def proxy_process(pg_params: dict[str, str], tmp_path: Path) -> Iterator[ProxyProcess]:
     settings = {"pidfile": str(tmp_path / "pgpilot.pid"), "logfile": str(tmp_path / "pgpilot.log"),
@@ -79,7 +69,8 @@ def test_pidfile_and_logfile(proxy_process: ProxyProcess) -> None:
     assert proxy_process.pidfile.read_text().strip() == str(proxy_process.proc.pid)
     with psycopg.connect(proxy_process.dsn(), autocommit=True) as conn:
         conn.execute("select 1")
-    wait_until(lambda: "listening on 127.0.0.1" in proxy_process.logfile.read_text())
+    wait_until(lambda: "listening on 127.0.0.1" in proxy_process.logfile.read_text(),
+               timeout=15.0)
     proxy_process.proc.send_signal(signal.SIGTERM)
     assert proxy_process.proc.wait(30) == 0
     assert not proxy_process.pidfile.exists()
@@ -100,7 +91,7 @@ def test_sighup_reloads_without_dropping_anyone(proxy_process: ProxyProcess) -> 
             rows = console.execute("SHOW DATABASES").fetchall()
             return {r["name"]: r["pool_size"] for r in rows}["test"] == 2
 
-        wait_until(reloaded)
+        wait_until(reloaded, timeout=15.0)
         # The open transaction went on, on the same server connection.
         assert conn.execute("select pg_backend_pid()").fetchone() == pid
         conn.execute("commit")
@@ -120,7 +111,7 @@ def test_stop_signal_lets_running_transactions_finish(proxy_process: ProxyProces
         conn.execute("begin")
         conn.execute(f"insert into {table} values (1)")
         proxy_process.proc.send_signal(signum)
-        wait_until(proxy_process.refuses)  # no new clients
+        wait_until(proxy_process.refuses, timeout=15.0)  # no new clients
         assert proxy_process.proc.poll() is None  # still waiting for the transaction
         conn.execute(f"insert into {table} values (2)")
         conn.execute("commit")
@@ -168,7 +159,7 @@ def test_each_worker_serves_its_own_metrics(pg_params: dict[str, str], tmp_path:
         for _ in range(6):
             with psycopg.connect(process.dsn(), autocommit=True) as conn:
                 conn.execute("select 1")
-        texts = [wait_until(lambda n=n: scrape(n)) for n in range(2)]
+        texts = [wait_until(lambda n=n: scrape(n), timeout=15.0) for n in range(2)]
         assert all("pgpilot_start_time_seconds" in text for text in texts)
         assert any('pgpilot_queries_total{database="test",user="postgres"}' in text
                    for text in texts)
