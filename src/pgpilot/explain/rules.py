@@ -208,6 +208,12 @@ def has_cast(predicates: list[Predicate]) -> Predicate | None:
 # rules, in the order of the README
 
 
+def discards_most(removed: float, kept: float, min_removed: float,
+                  min_fraction: float) -> bool:
+    """At least ``min_removed`` rows thrown away, and at least ``min_fraction`` of those read."""
+    return removed >= min_removed and removed / (removed + kept) >= min_fraction
+
+
 @rule("seq_scan_filter", "a sequential scan reads many rows to keep few")
 def seq_scan_filter(ctx: Context) -> Iterator[Finding | None]:
     for node in ctx.plan.nodes:
@@ -215,9 +221,7 @@ def seq_scan_filter(ctx: Context) -> Iterator[Finding | None]:
             continue
         removed = node.total_removed(node.rows_removed_by_filter)
         kept = total_rows(node)
-        if removed < SEQ_SCAN_MIN_REMOVED or removed / (removed + kept) < (
-            SEQ_SCAN_MIN_REMOVED_FRACTION
-        ):
+        if not discards_most(removed, kept, SEQ_SCAN_MIN_REMOVED, SEQ_SCAN_MIN_REMOVED_FRACTION):
             continue
         predicates = own_predicates(node, node.filter)
         if has_cast(predicates):
@@ -592,9 +596,8 @@ def index_filter_inefficient(ctx: Context) -> Iterator[Finding | None]:
             continue
         removed = node.total_removed(node.rows_removed_by_filter)
         kept = total_rows(node)
-        if removed < INDEX_FILTER_MIN_REMOVED or removed / (removed + kept) < (
-            INDEX_FILTER_MIN_REMOVED_FRACTION
-        ):
+        if not discards_most(removed, kept, INDEX_FILTER_MIN_REMOVED,
+                             INDEX_FILTER_MIN_REMOVED_FRACTION):
             continue
         condition = node.index_cond or node.recheck_cond
         leading = [p.column for p in own_predicates(node, condition) if p.kind == "eq"]
@@ -621,9 +624,8 @@ def join_filter_removed(ctx: Context) -> Iterator[Finding | None]:
             continue
         removed = node.total_removed(node.rows_removed_by_join_filter)
         kept = total_rows(node)
-        if removed < JOIN_FILTER_MIN_REMOVED or removed / (removed + kept) < (
-            JOIN_FILTER_MIN_REMOVED_FRACTION
-        ):
+        if not discards_most(removed, kept, JOIN_FILTER_MIN_REMOVED,
+                             JOIN_FILTER_MIN_REMOVED_FRACTION):
             continue
         message = (f"the join checked {fmt_rows(removed + kept)} row pairs against "
                    f"Join Filter {node.join_filter} and discarded {fmt_rows(removed)}")
