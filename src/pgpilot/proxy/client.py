@@ -81,15 +81,50 @@ def sql_literal(value: str) -> str:
 
 class ClientConnection(asyncio.Protocol):
     # Slots: with 10,000 mostly idle clients, a per-instance dict (past CPython's shared-key
-    # limit) would cost about 1.5 KB each.
+    # limit) would cost about 1.5 KB each. __weakref__: the hazard tracker holds weak ones.
     __slots__ = (
-        "_auth", "_auth_known_user", "_auth_reader", "_held", "_login_task", "_paused",
-        "_pending", "_reader", "_startup", "addr", "admin", "application_name", "cancel_key",
-        "cancel_pid", "connect_time", "database", "expected_rfq", "gone", "id",
-        "idle_in_txn_since", "is_admin", "last_activity", "local_addr", "local_port", "params",
-        "params_version", "pool", "pooler", "port", "query_started", "request_time", "router",
-        "server", "state", "tls", "transport", "txn_status", "unsynced", "user",
-        "wait_started", "xact_started", "__weakref__",  # hazards keeps weak references
+        "__weakref__",
+        "_auth",
+        "_auth_known_user",
+        "_auth_reader",
+        "_held",
+        "_login_task",
+        "_paused",
+        "_pending",
+        "_reader",
+        "_startup",
+        "addr",
+        "admin",
+        "application_name",
+        "cancel_key",
+        "cancel_pid",
+        "connect_time",
+        "database",
+        "expected_rfq",
+        "gone",
+        "id",
+        "idle_in_txn_since",
+        "is_admin",
+        "last_activity",
+        "local_addr",
+        "local_port",
+        "params",
+        "params_version",
+        "pool",
+        "pooler",
+        "port",
+        "query_started",
+        "request_time",
+        "router",
+        "server",
+        "state",
+        "tls",
+        "transport",
+        "txn_status",
+        "unsynced",
+        "user",
+        "wait_started",  # hazards keeps weak references
+        "xact_started",
     )
 
     def __init__(self, pooler: Pooler) -> None:

@@ -107,8 +107,8 @@ class StatementRouter:
 
         ``continued`` holds the bytes of the first message that arrived in earlier chunks and
         were not sent yet; ``renamable`` is False when no Parse, Bind, Describe or Close in
-        ``msgs`` names a statement (unnamed ones pass as they are). Returns (bytes for the server, bytes held back: the start of a message not
-        complete yet).
+        ``msgs`` names a statement (unnamed ones pass as they are). Returns (bytes for the
+        server, bytes held back: the start of a message not complete yet).
         """
         outstanding = self.outstanding
         if not renamable and not continued and ends and ends[-1] == len(data):
