@@ -459,6 +459,18 @@ class AdminSession:
 
     # -- commands ---------------------------------------------------------------------------
     async def execute(self, command: str) -> Result:
+        # The console reads and changes the pooler as a whole: pairs on the compiled fast path
+        # come back to Python first, so what it prints and does is exact.
+        fast = self.pooler.fast
+        if fast is None:
+            return await self._execute(command)
+        fast.settle()
+        try:
+            return await self._execute(command)
+        finally:
+            fast.refill()
+
+    async def _execute(self, command: str) -> Result:
         words = tokenize(command)
         if not words:
             raise AdminError("42601", "empty command")

@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pgpilot.proxy.auth import AuthFailed, ClientAuth, client_auth_for, mock_scram_secret
+from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.prepared import StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.states import ClientState, ServerState, check_client_move
@@ -98,6 +99,7 @@ class ClientConnection(asyncio.Protocol):
         "application_name",
         "cancel_key",
         "cancel_pid",
+        "closing",
         "connect_time",
         "database",
         "expected_rfq",
@@ -157,6 +159,7 @@ class ClientConnection(asyncio.Protocol):
         self.unsynced = False  # extended-protocol messages sent since the last Sync
         self.txn_status = "I"
         self.gone = False
+        self.closing = False  # fail() / close() under way: bytes handed back are dropped
         self.is_admin = False
         self.tls = False  # upgraded after an SSLRequest (listener.upgrade_client_tls)
         self._startup: StartupReader | None = StartupReader()
@@ -444,6 +447,30 @@ class ClientConnection(asyncio.Protocol):
             pending = bytes(self._pending)
             self._pending.clear()
             self.data_received(pending)
+        self.enter_fast()
+
+    def enter_fast(self) -> None:
+        """Between transactions, hand this client to the compiled fast path if it can take it
+        (fastpath.py): a transaction or statement pool, no bytes half-read, no named prepared
+        statements (the router renames those in Python), no TLS."""
+        pool = self.pool
+        if pool is None or pool.lane is None or self.server is not None or self.gone \
+                or self.state is not ClientState.ACTIVE or self._pending or self._held \
+                or self._reader.mid_message or self.closing:
+            return
+        router = self.router
+        if router is not None and (router.statements or router.outstanding or router.held):
+            return
+        transport = self.transport
+        if transport is None or self.tls:
+            return
+        if not is_fast_conn(transport):
+            if not pool.lane.fast.adopt(self, False):
+                return
+            transport = self.transport
+        if transport.fast:  # type: ignore[union-attr]
+            return
+        transport.set_fast(pool.lane.fp, pool.lane.client_params_id(self))  # type: ignore[union-attr]
 
     # -- queries ----------------------------------------------------------------------------
     def _query_data(self, data: bytes) -> None:
@@ -671,6 +698,8 @@ class ClientConnection(asyncio.Protocol):
         server.resume_reading()
         assert self.pool is not None
         self.pool.release(server, client_closed=client_closed)
+        if not client_closed and self.pool.lane is not None:
+            self.enter_fast()
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         """Our server went away under us: the client cannot continue its session."""
@@ -682,11 +711,13 @@ class ClientConnection(asyncio.Protocol):
     def fail(self, sqlstate: str, text: str, *, fatal: bool = True,
              hint: str | None = None) -> None:
         """Tell the client what went wrong (as PostgreSQL would) and close."""
+        self.closing = True
         self.write(m.error_response(sqlstate, text, severity="FATAL" if fatal else "ERROR",
                                     hint=hint))
         self.close()
 
     def close(self) -> None:
+        self.closing = True
         if self.transport is not None:
             transport, self.transport = self.transport, None
             transport.close()

@@ -258,6 +258,9 @@ class Config:
     metrics_port: int = 0  # 0 = no Prometheus exporter
     workers: int = 1
     shutdown_timeout: float = 30.0
+    # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
+    # the pure-Python pooler (also what runs when the extension was not built)
+    fast_path: bool = True
     # sections
     databases: Mapping[str, DatabaseConfig] = field(default_factory=_empty_mapping)
     users: Mapping[str, UserConfig] = field(default_factory=_empty_mapping)
@@ -514,6 +517,7 @@ _SETTINGS: dict[str, _Setting] = {
     "metrics_port": _Setting(_port),
     "workers": _Setting(_positive),
     "shutdown_timeout": _Setting(_seconds),
+    "fast_path": _Setting(_bool),
 }
 
 # PgBouncer settings pgpilot accepts but does not act on: a warning says so.

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from pgpilot.proxy.fastpath import fast_client_overdue, is_fast_conn
 from pgpilot.proxy.states import ClientState, ServerState
 
 if TYPE_CHECKING:
@@ -53,6 +54,16 @@ class Janitor:
             if client.is_admin:
                 continue
             user = users.get(client.user) if users else None  # [users] overrides
+            if is_fast_conn(client.transport) and client.transport.fast:  # type: ignore[union-attr]
+                idle_limit, txn_limit = cfg.client_idle_timeout, cfg.idle_transaction_timeout
+                if user is not None and user.client_idle_timeout is not None:
+                    idle_limit = user.client_idle_timeout
+                if user is not None and user.idle_transaction_timeout is not None:
+                    txn_limit = user.idle_transaction_timeout
+                if not fast_client_overdue(client, now, idle_limit, txn_limit, cfg.query_timeout):
+                    continue
+                # A timeout fires: Python takes the pair back, then judges it as always.
+                client.transport.eject()  # type: ignore[union-attr]
             if client.server is None:
                 limit = cfg.client_idle_timeout
                 if user is not None and user.client_idle_timeout is not None:
@@ -85,6 +96,9 @@ class Janitor:
     def _pool_upkeep(self, pool, now: float) -> None:  # type: ignore[no-untyped-def]
         cfg = self.pooler.config
         min_size = pool.min_size
+        lane = pool.lane
+        if lane is not None:
+            self._lane_upkeep(pool, lane)
         for server in list(pool.idle):
             idle_for = now - server.last_used
             if pool._too_old(server):
@@ -97,3 +111,22 @@ class Janitor:
                 and not pool.servers[ServerState.LOGIN]
                 and now >= pool.login_failed_until):
             pool.open_server()
+
+    def _lane_upkeep(self, pool, lane) -> None:  # type: ignore[no-untyped-def]
+        """The fast path's share: counters, servers idle there, clients waiting there."""
+        cfg = self.pooler.config
+        lane.fold_stats()
+        # Servers idle past a check or idle timeout come back to Python's idle list, where the
+        # loop below closes them, or the next hand-over checks them first (Pool.hand_to_lane).
+        limits = [x for x in (cfg.server_idle_timeout, cfg.server_check_delay
+                              if cfg.server_check_query else 0.0) if x > 0]
+        lane.recall(min(limits) if limits else 60.0)
+        if lane.waiting_count():
+            oldest = lane.fp.oldest_wait()
+            if cfg.query_wait_timeout and oldest > cfg.query_wait_timeout:
+                for client in lane.fp.drop_waiters(cfg.query_wait_timeout):
+                    client.fail("08P01", f"query_wait_timeout: no server connection became "
+                                f"free within {cfg.query_wait_timeout:g} s")
+            elif cfg.reserve_pool_timeout > 0 and oldest > cfg.reserve_pool_timeout:
+                pool.launch_if_needed(use_reserve=True)
+        lane.update_assist()

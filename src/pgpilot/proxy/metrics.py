@@ -67,6 +67,8 @@ class PoolerCollector:
 
     def collect(self) -> Iterator[Any]:
         pooler = self.pooler
+        if pooler.fast is not None:
+            pooler.fast.settle()  # exact counts: fast-path pairs come back to Python
         now = time.monotonic()
         clients = GaugeMetricFamily("pgpilot_clients", "Logged-in client connections by state "
                                     "(active: linked to a server, idle, waiting for one)",
@@ -123,6 +125,8 @@ class PoolerCollector:
                 cumulative += count
                 buckets.append((_bucket_label(bound), cumulative))
             wait_hist.add_metric(labels, buckets, stats.wait_time)
+        if pooler.fast is not None:
+            pooler.fast.refill()
         yield clients
         yield GaugeMetricFamily("pgpilot_clients_login", "Clients still logging in",
                                 value=len(pooler.clients[ClientState.LOGIN]))

@@ -24,6 +24,7 @@ from pgpilot.proxy.tls import TLSNegotiationError, negotiate_server_tls
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
+    from pgpilot.proxy.fastpath import Lane
     from pgpilot.proxy.config import DatabaseConfig
     from pgpilot.proxy.pooler import Pooler
 
@@ -75,7 +76,7 @@ class Pool:
         self.clients: set[ClientConnection] = set()
         self.welcome_params: dict[str, str] | None = None
         self._welcome_waiters: list[asyncio.Future[None]] = []
-        self.paused = False
+        self._paused = False
         self._mode: str | None = None  # derived from the configuration, until RELOAD
         self._lifetime: float | None = None
         self.login_failed_until = 0.0
@@ -83,6 +84,14 @@ class Pool:
         self.last_login_error: ServerError | None = None
         self.stats = PoolStats()
         self.max_wait_started: float | None = None
+        # The compiled fast path's side of this pool (fastpath.Lane), for transaction and
+        # statement pools when the engine runs; servers it holds are IDLE with in_engine set.
+        self.lane: Lane | None = None
+        fast = pooler.fast
+        if fast is not None and self.mode != "session":
+            from pgpilot.proxy.fastpath import Lane
+
+            self.lane = Lane(fast, self)
 
     def __repr__(self) -> str:
         return f"Pool({self.name})"
@@ -106,6 +115,31 @@ class Pool:
         """Forget what was derived from the configuration (RELOAD)."""
         self._mode = None
         self._lifetime = None
+        if self.lane is not None:
+            self.lane.fp.statement_mode = int(self.mode == "statement")
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self._paused = value
+        lane = self.lane
+        if lane is not None:
+            lane.fp.paused = int(value)
+            if not value:
+                lane.fp.kick()
+
+    def waiting_count(self) -> int:
+        """Clients waiting for a server, in Python's line and the fast path's."""
+        lane = self.lane
+        return len(self.waiting) + (lane.waiting_count() if lane is not None else 0)
+
+    def _waiting_changed(self) -> None:
+        lane = self.lane
+        if lane is not None:
+            lane.fp.py_waiters = len(self.waiting)
 
     @property
     def size(self) -> int:
@@ -151,11 +185,13 @@ class Pool:
         if new is ServerState.CLOSED:
             self.pooler.server_closed(server)
             # Capacity freed: a waiting client may now get a new server.
-            if self.waiting and not self.pooler.stopping:
+            if self.waiting_count() and not self.pooler.stopping:
                 self.launch_if_needed()
+            if self.lane is not None:
+                self.lane.update_assist()
             return
         self.servers[new].add(server)
-        if new is ServerState.IDLE:
+        if new is ServerState.IDLE and not server.in_engine:
             server.in_idle = True
             self.idle.append(server)
 
@@ -179,7 +215,8 @@ class Pool:
         if self.paused or time.monotonic() < self.login_failed_until:
             return
         logging_in = len(self.servers[ServerState.LOGIN])
-        while len(self.waiting) > logging_in and self.can_open(use_reserve):
+        waiting = self.waiting_count()
+        while waiting > logging_in and self.can_open(use_reserve):
             self.open_server()
             logging_in += 1
 
@@ -250,6 +287,10 @@ class Pool:
         if self.server_count() == 0:
             while self.waiting:
                 self.waiting.popleft().fail(error.sqlstate, str(error))
+            self._waiting_changed()
+            if self.lane is not None:
+                for client in self.lane.fp.drop_waiters(0.0):
+                    client.fail(error.sqlstate, str(error))
 
     async def welcome(self) -> dict[str, str]:
         """The server's ParameterStatus values, opening a first server if none is known."""
@@ -280,6 +321,8 @@ class Pool:
         client.wait_started = time.monotonic()
         if not self.paused and not self.waiting:
             server = self._take_idle()
+            if server is None and self.lane is not None:
+                server = self._take_lane_idle()
             if server is not None:
                 self._hand_to(server, client)
                 return
@@ -290,6 +333,7 @@ class Pool:
                         "try again later: server_login_retry)")
             return
         self.waiting.append(client)
+        self._waiting_changed()
         client.start_waiting()
         if not self.paused:
             self.launch_if_needed()
@@ -298,7 +342,44 @@ class Pool:
         try:  # noqa: SIM105 - hot path: cheaper than contextlib.suppress
             self.waiting.remove(client)
         except ValueError:
-            pass
+            return
+        self._waiting_changed()
+
+    def _take_lane_idle(self) -> ServerConnection | None:
+        """An idle server the fast path holds, taken back for a client Python serves."""
+        assert self.lane is not None
+        while True:
+            server = self.lane.fp.take_idle()
+            if server is None:
+                return None
+            server.in_engine = False
+            if server.close_needed:
+                server.close("reconnect requested")
+                continue
+            return server  # type: ignore[no-any-return]
+
+    def take_python_idle(self) -> ServerConnection | None:
+        """An idle server from Python's own list (the fast path asks: Lane.starved)."""
+        return self._take_idle()
+
+    def hand_to_lane(self, server: ServerConnection) -> None:
+        """Give an idle server to the fast path, after a health check if it sat too long."""
+        cfg = self.pooler.config
+        check = cfg.server_check_query
+        if (check and cfg.server_check_delay >= 0
+                and time.monotonic() - server.last_used > cfg.server_check_delay):
+            server.set_state(ServerState.TESTED)
+
+            def checked(srv: ServerConnection, error: str | None) -> None:
+                if error is not None or srv.state is ServerState.CLOSED:
+                    srv.close(f"server_check_query failed: {error}")
+                    return
+                srv.last_used = time.monotonic()
+                self.give_out(srv)
+
+            server.run_internal("" if check == "<empty>" else check, checked)
+            return
+        self.give_out(server)
 
     def _take_idle(self) -> ServerConnection | None:
         idle = self.idle
@@ -346,6 +427,7 @@ class Pool:
             self._hand_to(server, client)
             return
         self.waiting.appendleft(client)
+        self._waiting_changed()
         client.start_waiting()
         self.launch_if_needed()
 
@@ -362,12 +444,21 @@ class Pool:
             return
         while self.waiting and not self.paused:
             client = self.waiting.popleft()
+            self._waiting_changed()
             if client.gone:
                 continue
             self._hand_to(server, client)
             return
+        lane = self.lane
+        if lane is not None and lane.take_server(server):
+            return
         server.last_used = time.monotonic()
-        server.set_state(ServerState.IDLE)
+        if server.state is ServerState.IDLE:
+            if not server.in_idle:  # back from the fast path: already IDLE, not listed
+                server.in_idle = True
+                self.idle.append(server)
+        else:
+            server.set_state(ServerState.IDLE)
 
     def _too_old(self, server: ServerConnection) -> bool:
         """server_lifetime as PgBouncer's life_over: reached (0 = use once), and not within

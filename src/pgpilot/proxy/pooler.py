@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pgpilot.proxy.config import Config, DatabaseConfig
+from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.pool import Pool
 from pgpilot.proxy.states import ClientState
 from pgpilot.proxy.workers import WORKER_SHIFT, WorkerIdentity, cancel_socket_path
@@ -30,6 +31,7 @@ from pgpilot.wire import messages as m
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
+    from pgpilot.proxy.fastpath import FastPath
     from pgpilot.proxy.server import ServerConnection
 
 log = logging.getLogger("pgpilot.proxy")
@@ -71,6 +73,8 @@ class Pooler:
         self.hazards = HazardTracker(self)
         self.admin_console = AdminConsole(self)
         self._metrics_server: asyncio.AbstractServer | None = None
+        # The compiled fast path (fastpath.py), started with the pooler when enabled and built.
+        self.fast: FastPath | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -81,6 +85,10 @@ class Pooler:
         # An unusable key or certificate stops the start (ssl.SSLError / OSError).
         self.ssl_context = client_ssl_context(self.config)
         self.server_ssl_context = server_ssl_context(self.config)
+        from pgpilot.proxy import fastpath
+
+        if self.config.fast_path and fastpath.available() and self.fast is None:
+            self.fast = fastpath.FastPath(self, asyncio.get_running_loop())
         self._listeners = await start_listeners(self)
         self._janitor = asyncio.get_running_loop().create_task(Janitor(self).run())
         self.admin_console.start()
@@ -108,6 +116,8 @@ class Pooler:
             await self.stopped.wait()
             return
         self.stopping = True
+        if self.fast is not None:
+            self.fast.settle()
         self.stop_listening()
         self.admin_console.stop()
         if self._metrics_server is not None:
@@ -122,6 +132,8 @@ class Pooler:
         while time.monotonic() < deadline and not self._stop_now and any(
                 c.server is not None for c in self.all_clients()):
             await asyncio.sleep(0.05)
+        if self.fast is not None:
+            self.fast.settle()
         for client in list(self.all_clients()):
             client.fail("57P01", "pgpilot is shutting down")
         for pool in self.pools.values():
@@ -134,6 +146,8 @@ class Pooler:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(listener.wait_closed(), 2)
         await asyncio.sleep(0)
+        if self.fast is not None:
+            self.fast.close()
         self.stopped.set()
 
     def hurry_stop(self) -> None:
@@ -335,6 +349,8 @@ class Pooler:
             self._forward_cancel(worker.owner_of(pid), pid, key)
             return
         client = self.cancel_keys.get((pid, key))
+        if client is not None and client.server is None and is_fast_conn(client.transport):
+            client.transport.eject()  # type: ignore[union-attr]  # Python holds the pair now
         if client is None or client.server is None:
             log.debug("cancel request for unknown or idle client ignored")
             return

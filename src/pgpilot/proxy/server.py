@@ -73,8 +73,9 @@ class ServerConnection(asyncio.Protocol):
         self.link_time = 0.0
         self.local_addr = ""
         self.local_port = 0
-        self.close_needed = False  # RECONNECT / reload: close instead of reuse
+        self._close_needed = False
         self.in_idle = False  # in its pool's idle list right now
+        self.in_engine = False  # held by the compiled fast path (fastpath.Lane): idle or lent
         self.address: tuple[str, int] = ("", 0)  # host (or socket dir) and port it went to
         # Cancel requests sent for it and not yet done: it is not lent again until they are,
         # so a late cancel cannot hit the next client's query (PgBouncer's being_canceled).
@@ -98,6 +99,20 @@ class ServerConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"S-{self.id}({self.pool.name} {self.state.name})"
+
+    @property
+    def close_needed(self) -> bool:
+        """RECONNECT / reload: close instead of reuse."""
+        return self._close_needed
+
+    @close_needed.setter
+    def close_needed(self, value: bool) -> None:
+        self._close_needed = value
+        if value and self.in_engine and self.transport is not None:
+            # The fast path must not lend it again: hold it, and take it back now if idle.
+            self.transport.set_hold(True)  # type: ignore[attr-defined]
+            if self.client is None and self.transport.peer is None:  # type: ignore[attr-defined]
+                self.transport.eject()  # type: ignore[attr-defined]
 
     # -- state ----------------------------------------------------------------------
     def set_state(self, new: ServerState) -> None:

@@ -1,0 +1,1519 @@
+/* The pooler's compiled fast path: socket I/O and transaction-pooling hand-over in C.
+ *
+ * An Engine owns an epoll set that the asyncio loop watches (loop.add_reader on its fd). After
+ * login, plain-TCP client and server sockets move from asyncio transports into the engine; a
+ * Conn then serves as the protocol object's transport (write, close, pause_reading ...).
+ *
+ * A Conn is SLOW or FAST. SLOW: every byte read goes to protocol.data_received(), as with any
+ * asyncio transport; all pooling logic stays in Python. FAST (transaction and statement pools):
+ * the engine itself reads message headers, forwards the bytes, lends an idle server of the
+ * FastPool to a client whose request arrives, and takes it back at ReadyForQuery 'I' with
+ * nothing outstanding. Python is not called at all on that path.
+ *
+ * Whatever the fast path does not handle (a named prepared statement, a query the hazard
+ * pre-filter flags, Terminate, COPY, ParameterStatus, a lost connection ...) makes the engine
+ * "eject" the client and its server back to Python at a message boundary: handler.ejected()
+ * gets the pair, the protocol state (ReadyForQuery still owed, transaction status, timings) and
+ * the bytes not yet forwarded, and Python carries on exactly as if it had handled everything.
+ *
+ * Rules kept here: a server is lent only at ReadyForQuery 'I' with nothing outstanding and no
+ * client bytes mid-message (never dirty); a client is only ever linked to one server and a
+ * server to one client; bytes are forwarded unchanged and in order.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define KIND_CLIENT 0
+#define KIND_SERVER 1
+#define MODE_SLOW 0
+#define MODE_FAST 1
+#define AT_NONE 0
+#define AT_WAITING 1 /* client in its pool's wait queue */
+#define AT_IDLE 2    /* server in its pool's idle list */
+
+#define F_READ_PAUSED 0x01 /* Python asked pause_reading() */
+#define F_CLOSED 0x02      /* fd closed */
+#define F_CLOSING 0x04     /* close() asked: the fd closes once the write buffer is empty */
+#define F_WRITE_PAUSED 0x08 /* protocol.pause_writing() was called */
+#define F_THROTTLED 0x10   /* fast: peer cannot take more, reading stopped */
+#define F_HOLD 0x20        /* server: give back to Python at release, never lend in C */
+#define F_EJECT_WANTED 0x40 /* client: bytes the fast path will not carry, wait for quiet */
+
+#define READ_CHUNK 65536
+#define HIGH_WATER (256 * 1024)
+#define LOW_WATER (64 * 1024)
+#define MAX_FAST_MESSAGE (1024 * 1024)
+#define N_BUCKETS 12
+
+/* ReadyForQuery's one-byte status, the last message of every answer. */
+#define EJECT_UNLINKED 0
+#define EJECT_LINKED 1
+#define EJECT_ATTACH 2 /* server chosen, parameters differ: Python runs attach() */
+#define EJECT_WAITING 3
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline uint32_t be32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* -- byte buffers ------------------------------------------------------------------------ */
+typedef struct {
+    char *p;
+    size_t start, end, cap;
+} Buf;
+
+static inline size_t buf_len(const Buf *b) { return b->end - b->start; }
+
+static int buf_reserve(Buf *b, size_t extra) {
+    if (b->start && b->start == b->end) b->start = b->end = 0;
+    if (b->cap - b->end >= extra) return 0;
+    if (b->start) {
+        memmove(b->p, b->p + b->start, b->end - b->start);
+        b->end -= b->start;
+        b->start = 0;
+        if (b->cap - b->end >= extra) return 0;
+    }
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap - b->end < extra) cap *= 2;
+    char *p = PyMem_Realloc(b->p, cap);
+    if (!p) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_append(Buf *b, const char *data, size_t n) {
+    if (buf_reserve(b, n) < 0) return -1;
+    memcpy(b->p + b->end, data, n);
+    b->end += n;
+    return 0;
+}
+
+static void buf_free(Buf *b) {
+    PyMem_Free(b->p);
+    b->p = NULL;
+    b->start = b->end = b->cap = 0;
+}
+
+/* Idle connections keep no buffer: 10,000 mostly idle clients must stay small. */
+static void buf_shrink(Buf *b) {
+    if (b->start == b->end && b->cap > 16384) buf_free(b);
+}
+
+/* -- objects ----------------------------------------------------------------------------- */
+typedef struct EngineObject EngineObject;
+typedef struct PoolObject PoolObject;
+typedef struct ConnObject ConnObject;
+
+struct ConnObject {
+    PyObject_HEAD
+    EngineObject *engine;
+    PyObject *protocol;
+    PyObject *extra;
+    int fd;
+    int kind;
+    int mode;
+    int at;
+    unsigned flags;
+    uint32_t events;
+    int registered;
+    Buf rb, wb;
+    ConnObject *peer;
+    PoolObject *pool;
+    ConnObject *prev, *next; /* wait queue or idle list */
+    /* client protocol state while fast */
+    int expected_rfq;
+    int unsynced;
+    char txn;
+    int64_t query_started, xact_started, wait_started, last_activity, idle_in_txn_since;
+    /* server stream: body bytes of the current message still to pass */
+    size_t skip;
+    long long params_id;
+    int64_t expires;
+    int64_t idle_since;
+    PyObject *weakreflist;
+};
+
+struct PoolObject {
+    PyObject_HEAD
+    EngineObject *engine;
+    PyObject *handler;
+    ConnObject *idle_head; /* most recently used first */
+    ConnObject *wait_head, *wait_tail;
+    long n_idle, n_waiting, n_linked;
+    int paused, statement_mode, assist, py_waiters;
+    long long xact_count, query_count, errors, bytes_in, bytes_out, assignments, wait_count;
+    int64_t xact_ns, query_ns, wait_ns;
+    long long buckets[N_BUCKETS + 1];
+    int64_t bounds[N_BUCKETS];
+};
+
+struct EngineObject {
+    PyObject_HEAD
+    int epfd;
+    PyObject *error_handler; /* called with an exception a callback raised */
+    PyObject *call_soon;
+    long n_conns;
+};
+
+static PyTypeObject ConnType, PoolType, EngineType;
+
+static void report_error(EngineObject *e) {
+    /* An exception from a Python callback: log it through Python, never let it unwind C. */
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    if (!type) return;
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb && exc) PyException_SetTraceback(exc, tb);
+    if (e && e->error_handler && e->error_handler != Py_None && exc) {
+        PyObject *r = PyObject_CallOneArg(e->error_handler, exc);
+        if (!r) PyErr_WriteUnraisable(e->error_handler);
+        Py_XDECREF(r);
+        Py_XDECREF(type);
+        Py_XDECREF(exc);
+        Py_XDECREF(tb);
+    } else {
+        PyErr_Restore(type, exc, tb);
+        PyErr_WriteUnraisable(NULL);
+    }
+}
+
+/* -- epoll interest ---------------------------------------------------------------------- */
+static int wants_read(ConnObject *c) {
+    if (c->flags & (F_CLOSED | F_CLOSING | F_READ_PAUSED | F_THROTTLED)) return 0;
+    if (c->mode == MODE_FAST) {
+        if (c->at == AT_WAITING) return 0;
+        if (c->flags & F_EJECT_WANTED) return 0;
+    }
+    return 1;
+}
+
+static void update_events(ConnObject *c) {
+    if (c->flags & F_CLOSED) return;
+    uint32_t ev = 0;
+    if (wants_read(c)) ev |= EPOLLIN;
+    if (buf_len(&c->wb)) ev |= EPOLLOUT;
+    if (ev == c->events && c->registered) return;
+    struct epoll_event e;
+    e.events = ev;
+    e.data.ptr = c;
+    if (!c->registered) {
+        if (epoll_ctl(c->engine->epfd, EPOLL_CTL_ADD, c->fd, &e) == 0) c->registered = 1;
+    } else {
+        epoll_ctl(c->engine->epfd, EPOLL_CTL_MOD, c->fd, &e);
+    }
+    c->events = ev;
+}
+
+/* -- queues ------------------------------------------------------------------------------ */
+static void queue_remove(ConnObject *c) {
+    PoolObject *p = c->pool;
+    if (!p || c->at == AT_NONE) return;
+    if (c->at == AT_WAITING) {
+        if (c->prev) c->prev->next = c->next; else p->wait_head = c->next;
+        if (c->next) c->next->prev = c->prev; else p->wait_tail = c->prev;
+        p->n_waiting--;
+    } else {
+        if (c->prev) c->prev->next = c->next; else p->idle_head = c->next;
+        if (c->next) c->next->prev = c->prev;
+        p->n_idle--;
+    }
+    c->prev = c->next = NULL;
+    c->at = AT_NONE;
+    Py_DECREF(c); /* the queue's reference */
+}
+
+static void wait_push(PoolObject *p, ConnObject *c) {
+    Py_INCREF(c);
+    c->at = AT_WAITING;
+    c->next = NULL;
+    c->prev = p->wait_tail;
+    if (p->wait_tail) p->wait_tail->next = c; else p->wait_head = c;
+    p->wait_tail = c;
+    p->n_waiting++;
+}
+
+static void idle_push(PoolObject *p, ConnObject *s) {
+    Py_INCREF(s);
+    s->at = AT_IDLE;
+    s->prev = NULL;
+    s->next = p->idle_head;
+    if (p->idle_head) p->idle_head->prev = s;
+    p->idle_head = s;
+    p->n_idle++;
+}
+
+/* -- writing ----------------------------------------------------------------------------- */
+static void conn_lost(ConnObject *c, PyObject *exc);
+
+static void write_pressure(ConnObject *c) {
+    size_t pending = buf_len(&c->wb);
+    if (c->mode == MODE_FAST) {
+        ConnObject *peer = c->peer;
+        if (peer && pending > HIGH_WATER && !(peer->flags & F_THROTTLED)) {
+            peer->flags |= F_THROTTLED;
+            update_events(peer);
+        }
+        return;
+    }
+    if (pending > HIGH_WATER && !(c->flags & F_WRITE_PAUSED)) {
+        c->flags |= F_WRITE_PAUSED;
+        PyObject *r = PyObject_CallMethod(c->protocol, "pause_writing", NULL);
+        if (!r) report_error(c->engine);
+        Py_XDECREF(r);
+    }
+}
+
+/* Send now what the socket takes; keep the rest. Returns -1 when the connection broke. */
+static int conn_send(ConnObject *c, const char *data, size_t n) {
+    if (c->flags & F_CLOSED) return 0;
+    if (!n) return 0;
+    size_t sent = 0;
+    if (!buf_len(&c->wb)) {
+        ssize_t r = send(c->fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
+            r = 0;
+        }
+        sent = (size_t)r;
+        if (sent == n) return 0;
+    }
+    if (buf_append(&c->wb, data + sent, n - sent) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    update_events(c);
+    write_pressure(c);
+    return 0;
+}
+
+/* -- the fast path: pre-filter ----------------------------------------------------------- */
+static int is_ident(unsigned char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           ch == '_' || ch >= 0x80;
+}
+
+static int contains_ci(const unsigned char *s, size_t n, const char *word) {
+    size_t w = strlen(word);
+    if (w > n) return 0;
+    unsigned char first = (unsigned char)word[0];
+    for (size_t i = 0; i + w <= n; i++) {
+        unsigned char ch = s[i] | 0x20;
+        if (ch != first) continue;
+        size_t k = 1;
+        while (k < w && (unsigned char)(s[i + k] | 0x20) == (unsigned char)word[k]) k++;
+        if (k == w) return 1;
+    }
+    return 0;
+}
+
+/* The same test as hazards.might_be_hazard plus what the prepared-statement router must see
+ * (DISCARD / DEALLOCATE), a little more cautious: a text that is not a single plain statement
+ * goes to Python. 0 means the fast path may carry it. */
+static int sql_needs_python(const unsigned char *s, size_t n) {
+    static const char *anywhere[] = {"advisory_lock", "set_config", "temp", "hold", "listen",
+                                     "prepare", "discard", "deallocate", NULL};
+    for (int i = 0; anywhere[i]; i++)
+        if (contains_ci(s, n, anywhere[i])) return 1;
+    size_t i = 0;
+    while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\r' || s[i] == '\n')) i++;
+    if (i + 1 < n && ((s[i] == '-' && s[i + 1] == '-') || (s[i] == '/' && s[i + 1] == '*')))
+        return 1; /* a leading comment may hide a SET */
+    if (i + 3 <= n && (s[i] | 0x20) == 's' && (s[i + 1] | 0x20) == 'e' &&
+        (s[i + 2] | 0x20) == 't' && (i + 3 == n || !is_ident(s[i + 3])))
+        return 1;
+    if (i + 5 <= n && (s[i] | 0x20) == 'r' && (s[i + 1] | 0x20) == 'e' &&
+        (s[i + 2] | 0x20) == 's' && (s[i + 3] | 0x20) == 'e' && (s[i + 4] | 0x20) == 't')
+        return 1;
+    /* More than one statement: Python reads them all. */
+    size_t end = n;
+    while (end > 0 && (s[end - 1] == ' ' || s[end - 1] == '\t' || s[end - 1] == '\r' ||
+                       s[end - 1] == '\n' || s[end - 1] == ';' || s[end - 1] == 0))
+        end--;
+    if (memchr(s, ';', end)) return 1;
+    return 0;
+}
+
+static int type_maybe_fast(unsigned char t) {
+    return t == 'Q' || t == 'P' || t == 'B' || t == 'D' || t == 'C' || t == 'E' || t == 'S' ||
+           t == 'H';
+}
+
+/* A complete client message: may the fast path carry it? */
+static int message_fast(unsigned char t, const unsigned char *body, size_t n) {
+    switch (t) {
+    case 'Q':
+        return !sql_needs_python(body, n);
+    case 'P': {
+        if (n < 2 || body[0] != 0) return 0; /* named statement: the router renames it */
+        const unsigned char *sql = body + 1;
+        const unsigned char *nul = memchr(sql, 0, n - 1);
+        if (!nul) return 0;
+        return !sql_needs_python(sql, (size_t)(nul - sql));
+    }
+    case 'B': {
+        const unsigned char *nul = memchr(body, 0, n);
+        if (!nul || (size_t)(nul - body) + 1 >= n) return 0;
+        return nul[1] == 0; /* the unnamed statement */
+    }
+    case 'D':
+    case 'C':
+        if (n < 2) return 0;
+        if (body[0] == 'P') return 1;
+        return body[0] == 'S' && body[1] == 0;
+    case 'E':
+    case 'S':
+    case 'H':
+        return 1;
+    }
+    return 0;
+}
+
+/* -- linking ----------------------------------------------------------------------------- */
+static void link_pair(ConnObject *c, ConnObject *s) {
+    PoolObject *p = c->pool;
+    Py_INCREF(s);
+    Py_INCREF(c);
+    c->peer = s;
+    s->peer = c;
+    p->n_linked++;
+    p->assignments++;
+    if (c->wait_started) {
+        int64_t waited = now_ns() - c->wait_started;
+        p->wait_ns += waited;
+        p->wait_count++;
+        int b = 0;
+        while (b < N_BUCKETS && waited > p->bounds[b]) b++;
+        p->buckets[b]++;
+        c->wait_started = 0;
+    }
+}
+
+static void unlink_pair(ConnObject *c) {
+    ConnObject *s = c->peer;
+    if (!s) return;
+    c->peer = NULL;
+    s->peer = NULL;
+    if (c->pool) c->pool->n_linked--;
+    c->flags &= ~F_THROTTLED;
+    s->flags &= ~F_THROTTLED;
+    Py_DECREF(c);
+    Py_DECREF(s);
+}
+
+/* -- ejecting to Python ------------------------------------------------------------------ */
+static PyObject *take_bytes(Buf *b) {
+    PyObject *out = PyBytes_FromStringAndSize(b->p + b->start, (Py_ssize_t)buf_len(b));
+    b->start = b->end = 0;
+    buf_shrink(b);
+    return out;
+}
+
+static double secs(int64_t ns) { return ns ? (double)ns / 1e9 : 0.0; }
+
+static void leave_fast(ConnObject *c) {
+    queue_remove(c);
+    c->mode = MODE_SLOW;
+    c->flags &= ~(F_THROTTLED | F_EJECT_WANTED);
+    c->skip = 0;
+    PoolObject *p = c->pool;
+    c->pool = NULL;
+    Py_XDECREF(p);
+}
+
+/* Hand ``c`` (a client) and its server, if any, back to Python with their state. */
+static void eject_client(ConnObject *c, ConnObject *server, int how) {
+    PyObject *cb = NULL, *sb = NULL, *r = NULL;
+    PoolObject *p = c->pool;
+    if (!p) return;
+    Py_INCREF(c);
+    Py_INCREF(p);
+    if (server) Py_INCREF(server);
+    if (c->peer) unlink_pair(c);
+    int was_waiting = c->at == AT_WAITING;
+    leave_fast(c);
+    if (server && server->mode == MODE_FAST) leave_fast(server);
+    if (was_waiting && how == EJECT_UNLINKED) how = EJECT_WAITING;
+    cb = take_bytes(&c->rb);
+    sb = server ? take_bytes(&server->rb) : PyBytes_FromStringAndSize(NULL, 0);
+    if (!cb || !sb) {
+        report_error(c->engine);
+        goto done;
+    }
+    char txn[2] = {c->txn ? c->txn : 'I', 0};
+    r = PyObject_CallMethod(p->handler, "ejected", "OOiiisdddOO", c->protocol,
+                            server ? server->protocol : Py_None, how, c->expected_rfq,
+                            c->unsynced, txn, secs(c->query_started), secs(c->xact_started),
+                            secs(c->idle_in_txn_since), cb, sb);
+    if (!r) report_error(c->engine);
+    c->expected_rfq = 0;
+    c->unsynced = 0;
+    c->query_started = c->xact_started = c->idle_in_txn_since = 0;
+    update_events(c);
+    if (server) update_events(server);
+done:
+    Py_XDECREF(r);
+    Py_XDECREF(cb);
+    Py_XDECREF(sb);
+    if (server) Py_DECREF(server);
+    Py_DECREF(p);
+    Py_DECREF(c);
+}
+
+/* A server the fast path cannot keep (held, too old, wanted by Python, unexpected bytes). */
+static void return_server(ConnObject *s) {
+    PoolObject *p = s->pool;
+    if (!p) return;
+    Py_INCREF(s);
+    Py_INCREF(p);
+    leave_fast(s);
+    PyObject *sb = take_bytes(&s->rb);
+    PyObject *r = sb ? PyObject_CallMethod(p->handler, "server_returned", "OO", s->protocol, sb)
+                     : NULL;
+    if (!r) report_error(s->engine);
+    Py_XDECREF(r);
+    Py_XDECREF(sb);
+    update_events(s);
+    Py_DECREF(p);
+    Py_DECREF(s);
+}
+
+/* -- the fast path: clients -------------------------------------------------------------- */
+static void client_pump(ConnObject *c);
+static void server_free(ConnObject *s);
+
+static ConnObject *take_idle(PoolObject *p, long long params_id, int *exact) {
+    ConnObject *s = p->idle_head;
+    for (ConnObject *x = s; x; x = x->next) {
+        if (x->params_id == params_id) {
+            *exact = 1;
+            return x;
+        }
+    }
+    *exact = 0;
+    return s;
+}
+
+static void call_starved(PoolObject *p) {
+    if (!p->assist) return;
+    PyObject *r = PyObject_CallMethod(p->handler, "starved", NULL);
+    if (!r) report_error(p->engine);
+    Py_XDECREF(r);
+}
+
+/* Scan the client's complete messages. Returns the bytes that may be forwarded; *bad is set
+ * when a message the fast path will not carry starts within the buffer. */
+static size_t client_scan(ConnObject *c, int *bad) {
+    const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
+    size_t avail = buf_len(&c->rb), pos = 0;
+    *bad = 0;
+    while (avail - pos >= 5) {
+        unsigned char t = base[pos];
+        uint32_t len = be32(base + pos + 1);
+        if (len < 4 || len > MAX_FAST_MESSAGE || !type_maybe_fast(t)) {
+            *bad = 1;
+            break;
+        }
+        if (avail - pos < (size_t)len + 1) break;
+        if (!message_fast(t, base + pos + 5, len - 4)) {
+            *bad = 1;
+            break;
+        }
+        pos += (size_t)len + 1;
+    }
+    return pos;
+}
+
+static void client_account(ConnObject *c, size_t n) {
+    const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
+    size_t pos = 0;
+    int64_t now = 0;
+    while (pos < n) {
+        unsigned char t = base[pos];
+        uint32_t len = be32(base + pos + 1);
+        if (t == 'Q' || t == 'S') {
+            if (!c->expected_rfq) {
+                if (!now) now = now_ns();
+                c->query_started = now;
+                if (!c->xact_started) c->xact_started = now;
+            }
+            c->expected_rfq++;
+            if (t == 'S') c->unsynced = 0;
+        } else if (t != 'H') {
+            c->unsynced = 1;
+        }
+        pos += (size_t)len + 1;
+    }
+    c->idle_in_txn_since = 0;
+}
+
+static void client_pump(ConnObject *c) {
+    if (c->mode != MODE_FAST || (c->flags & F_CLOSED)) return;
+    PoolObject *p = c->pool;
+    int bad;
+    size_t n = client_scan(c, &bad);
+    if (bad) {
+        ConnObject *s = c->peer;
+        if (!s) {
+            eject_client(c, NULL, EJECT_UNLINKED);
+            return;
+        }
+        if ((c->expected_rfq <= 0 && !c->unsynced) || c->unsynced) {
+            /* Quiet (or unsynced, where waiting could deadlock): Python takes over now. */
+            eject_client(c, s, EJECT_LINKED);
+            return;
+        }
+        /* Answers are still owed on this server: Python takes over once they are in. */
+        c->flags |= F_EJECT_WANTED;
+        update_events(c);
+        return;
+    }
+    if (!n) return;
+    if (!c->peer) {
+        if (c->at == AT_WAITING) return;
+        int exact = 0;
+        ConnObject *s = p->paused ? NULL : take_idle(p, c->params_id, &exact);
+        if (!s) {
+            c->wait_started = now_ns();
+            wait_push(p, c);
+            update_events(c);
+            call_starved(p);
+            return;
+        }
+        Py_INCREF(s);
+        queue_remove(s);
+        if (!exact) {
+            eject_client(c, s, EJECT_ATTACH);
+            Py_DECREF(s);
+            return;
+        }
+        c->wait_started = 0;
+        link_pair(c, s);
+        Py_DECREF(s);
+    }
+    ConnObject *s = c->peer;
+    client_account(c, n);
+    p->bytes_in += (long long)n;
+    if (conn_send(s, c->rb.p + c->rb.start, n) < 0) {
+        c->rb.start += n;
+        Py_INCREF(s);
+        conn_lost(s, NULL);
+        Py_DECREF(s);
+        return;
+    }
+    c->rb.start += n;
+    buf_shrink(&c->rb);
+}
+
+/* -- the fast path: servers -------------------------------------------------------------- */
+static void server_pump(ConnObject *s) {
+    ConnObject *c = s->peer;
+    if (!c) {
+        /* Bytes from a server nobody is using (a notice, an error before it closes). */
+        return_server(s);
+        return;
+    }
+    PoolObject *p = s->pool;
+    const unsigned char *base = (const unsigned char *)s->rb.p + s->rb.start;
+    size_t avail = buf_len(&s->rb), pos = 0;
+    int eject = 0, release = 0;
+    while (pos < avail) {
+        if (s->skip) {
+            size_t take = avail - pos < s->skip ? avail - pos : s->skip;
+            pos += take;
+            s->skip -= take;
+            continue;
+        }
+        if (avail - pos < 5) break;
+        unsigned char t = base[pos];
+        uint32_t len = be32(base + pos + 1);
+        if (len < 4 || t == 'S' || t == 'G' || t == 'H' || t == 'W') {
+            eject = 1;
+            break;
+        }
+        if (t == 'Z' && len == 5) {
+            if (avail - pos < 6) break;
+            char status = (char)base[pos + 5];
+            if (p->statement_mode && status != 'I') {
+                eject = 1;
+                break;
+            }
+            pos += 6;
+            int64_t now = now_ns();
+            if (c->expected_rfq > 0) c->expected_rfq--;
+            c->txn = status;
+            if (c->query_started) {
+                p->query_ns += now - c->query_started;
+                c->query_started = c->expected_rfq > 0 ? now : 0;
+            }
+            if (status == 'I') {
+                p->xact_count++;
+                if (c->xact_started) {
+                    p->xact_ns += now - c->xact_started;
+                    c->xact_started = 0;
+                }
+            }
+            if (c->expected_rfq <= 0) {
+                if (status != 'I') {
+                    c->idle_in_txn_since = now;
+                } else if (!c->unsynced) {
+                    release = 1;
+                    break;
+                }
+                if (c->flags & F_EJECT_WANTED) break;
+            }
+            continue;
+        }
+        if (t == 'C') p->query_count++;
+        else if (t == 'E') p->errors++;
+        pos += 5;
+        s->skip = (size_t)len - 4;
+    }
+    if (pos) {
+        p->bytes_out += (long long)pos;
+        if (conn_send(c, s->rb.p + s->rb.start, pos) < 0) {
+            s->rb.start += pos;
+            Py_INCREF(c);
+            conn_lost(c, NULL);
+            Py_DECREF(c);
+            return;
+        }
+        s->rb.start += pos;
+    }
+    buf_shrink(&s->rb);
+    if (eject) {
+        eject_client(c, s, EJECT_LINKED);
+        return;
+    }
+    if (c->flags & F_EJECT_WANTED) {
+        if (c->expected_rfq <= 0) eject_client(c, s, EJECT_LINKED);
+        return;
+    }
+    if (!release) return;
+    if (buf_len(&c->rb)) {
+        /* The client has begun its next message: keep the server until it is complete. */
+        return;
+    }
+    Py_INCREF(c);
+    Py_INCREF(s);
+    unlink_pair(c);
+    c->txn = 'I';
+    update_events(c);
+    server_free(s);
+    Py_DECREF(s);
+    Py_DECREF(c);
+}
+
+/* A server just released in C: to the next waiting client, else idle. */
+static void server_free(ConnObject *s) {
+    PoolObject *p = s->pool;
+    if (!p || s->mode != MODE_FAST) return;
+    if ((s->flags & F_HOLD) || p->py_waiters > 0 || buf_len(&s->rb) ||
+        (s->expires && now_ns() > s->expires)) {
+        return_server(s);
+        return;
+    }
+    while (p->wait_head && !p->paused) {
+        ConnObject *c = p->wait_head;
+        Py_INCREF(c);
+        queue_remove(c);
+        if (c->params_id != s->params_id) {
+            eject_client(c, s, EJECT_ATTACH);
+            Py_DECREF(c);
+            return;
+        }
+        link_pair(c, s);
+        update_events(c);
+        client_pump(c);
+        Py_DECREF(c);
+        return;
+    }
+    s->idle_since = now_ns();
+    idle_push(p, s);
+    update_events(s);
+}
+
+/* -- reading ----------------------------------------------------------------------------- */
+static void conn_close_fd(ConnObject *c) {
+    if (c->flags & F_CLOSED) return;
+    c->flags |= F_CLOSED;
+    if (c->registered) {
+        epoll_ctl(c->engine->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        c->registered = 0;
+    }
+    close(c->fd);
+    c->fd = -1;
+    buf_free(&c->rb);
+    buf_free(&c->wb);
+    c->engine->n_conns--;
+}
+
+/* The connection broke or the peer closed it: Python is told, as by an asyncio transport. */
+static void conn_lost(ConnObject *c, PyObject *exc) {
+    if (c->flags & F_CLOSED) return;
+    Py_INCREF(c);
+    if (c->mode == MODE_FAST) {
+        if (c->kind == KIND_CLIENT) {
+            eject_client(c, c->peer, c->peer ? EJECT_LINKED : EJECT_UNLINKED);
+        } else if (c->peer) {
+            eject_client(c->peer, c, EJECT_LINKED);
+        } else {
+            /* An idle server: no bytes to pass on; Python gets it back, then hears it died. */
+            PoolObject *p = c->pool;
+            Py_INCREF(p);
+            leave_fast(c);
+            PyObject *r = PyObject_CallMethod(p->handler, "server_returned", "Oy#", c->protocol,
+                                              "", (Py_ssize_t)0);
+            if (!r) report_error(c->engine);
+            Py_XDECREF(r);
+            Py_DECREF(p);
+        }
+    }
+    if (!(c->flags & F_CLOSED)) {
+        conn_close_fd(c);
+        PyObject *r = PyObject_CallMethod(c->protocol, "connection_lost", "O",
+                                          exc ? exc : Py_None);
+        if (!r) report_error(c->engine);
+        Py_XDECREF(r);
+        Py_DECREF(c); /* the engine's reference */
+    }
+    Py_DECREF(c);
+}
+
+static void lost_errno(ConnObject *c, int err) {
+    PyObject *exc = PyObject_CallFunction(PyExc_ConnectionError, "is", err, strerror(err));
+    if (!exc) PyErr_Clear();
+    conn_lost(c, exc);
+    Py_XDECREF(exc);
+}
+
+static void on_readable(ConnObject *c) {
+    if (c->mode == MODE_SLOW) {
+        char chunk[READ_CHUNK];
+        ssize_t n = recv(c->fd, chunk, sizeof chunk, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+            lost_errno(c, errno);
+            return;
+        }
+        if (n == 0) {
+            conn_lost(c, NULL);
+            return;
+        }
+        PyObject *data = PyBytes_FromStringAndSize(chunk, n);
+        PyObject *r = data ? PyObject_CallMethod(c->protocol, "data_received", "O", data) : NULL;
+        if (!r) {
+            report_error(c->engine);
+            /* As asyncio: a protocol that raised is cut off. */
+            conn_lost(c, NULL);
+        }
+        Py_XDECREF(r);
+        Py_XDECREF(data);
+        return;
+    }
+    if (buf_reserve(&c->rb, 16384) < 0) {
+        PyErr_Clear();
+        conn_lost(c, NULL);
+        return;
+    }
+    ssize_t n = recv(c->fd, c->rb.p + c->rb.end, c->rb.cap - c->rb.end, MSG_DONTWAIT);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+        lost_errno(c, errno);
+        return;
+    }
+    if (n == 0) {
+        conn_lost(c, NULL);
+        return;
+    }
+    c->rb.end += (size_t)n;
+    if (c->kind == KIND_CLIENT) {
+        c->last_activity = now_ns();
+        client_pump(c);
+    } else {
+        server_pump(c);
+    }
+}
+
+static void on_writable(ConnObject *c) {
+    Buf *b = &c->wb;
+    while (buf_len(b)) {
+        ssize_t r = send(c->fd, b->p + b->start, buf_len(b), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            if (errno == EINTR) continue;
+            lost_errno(c, errno);
+            return;
+        }
+        b->start += (size_t)r;
+    }
+    size_t pending = buf_len(b);
+    if (!pending) {
+        b->start = b->end = 0;
+        buf_shrink(b);
+    }
+    if (c->flags & F_CLOSING) {
+        if (!pending) {
+            conn_close_fd(c);
+            if (c->engine->call_soon) {
+                PyObject *lost = PyObject_GetAttrString(c->protocol, "connection_lost");
+                PyObject *r = lost ? PyObject_CallFunctionObjArgs(c->engine->call_soon, lost,
+                                                                  Py_None, NULL)
+                                   : NULL;
+                if (!r) report_error(c->engine);
+                Py_XDECREF(r);
+                Py_XDECREF(lost);
+            }
+            Py_DECREF(c); /* the engine's reference */
+        }
+        return;
+    }
+    if (pending <= LOW_WATER) {
+        if (c->mode == MODE_FAST) {
+            ConnObject *peer = c->peer;
+            if (peer && (peer->flags & F_THROTTLED)) {
+                peer->flags &= ~F_THROTTLED;
+                update_events(peer);
+            }
+        } else if (c->flags & F_WRITE_PAUSED) {
+            c->flags &= ~F_WRITE_PAUSED;
+            PyObject *r = PyObject_CallMethod(c->protocol, "resume_writing", NULL);
+            if (!r) report_error(c->engine);
+            Py_XDECREF(r);
+        }
+    }
+    update_events(c);
+}
+
+/* ==================================================================== Conn (the transport) */
+static int conn_traverse(ConnObject *c, visitproc visit, void *arg) {
+    Py_VISIT(c->protocol);
+    Py_VISIT(c->extra);
+    return 0;
+}
+
+static int conn_clear(ConnObject *c) {
+    Py_CLEAR(c->protocol);
+    Py_CLEAR(c->extra);
+    return 0;
+}
+
+static void conn_dealloc(ConnObject *c) {
+    PyObject_GC_UnTrack(c);
+    if (c->weakreflist) PyObject_ClearWeakRefs((PyObject *)c);
+    if (!(c->flags & F_CLOSED) && c->fd >= 0) {
+        if (c->registered) epoll_ctl(c->engine->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->engine->n_conns--;
+    }
+    buf_free(&c->rb);
+    buf_free(&c->wb);
+    conn_clear(c);
+    Py_XDECREF(c->pool);
+    Py_XDECREF(c->engine);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+/* Python touches a fast connection (writes, closes, pauses): it takes the pair back first. */
+static void make_slow(ConnObject *c) {
+    if (c->mode != MODE_FAST) return;
+    if (c->kind == KIND_CLIENT) {
+        eject_client(c, c->peer, c->peer ? EJECT_LINKED : EJECT_UNLINKED);
+    } else if (c->peer) {
+        eject_client(c->peer, c, EJECT_LINKED);
+    } else {
+        return_server(c);
+    }
+}
+
+static PyObject *conn_write(ConnObject *c, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (c->flags & (F_CLOSED | F_CLOSING)) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    make_slow(c);
+    int r = conn_send(c, view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    if (r < 0) {
+        /* As asyncio: the break is reported through connection_lost, soon. */
+        int err = errno;
+        c->flags |= F_CLOSING;
+        buf_free(&c->wb);
+        conn_close_fd(c);
+        PyObject *exc = PyObject_CallFunction(PyExc_ConnectionError, "is", err, strerror(err));
+        PyObject *lost = PyObject_GetAttrString(c->protocol, "connection_lost");
+        if (lost && exc && c->engine->call_soon) {
+            PyObject *rr = PyObject_CallFunctionObjArgs(c->engine->call_soon, lost, exc, NULL);
+            Py_XDECREF(rr);
+        }
+        Py_XDECREF(lost);
+        Py_XDECREF(exc);
+        PyErr_Clear();
+        Py_DECREF(c); /* the engine's reference */
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *conn_close(ConnObject *c, PyObject *unused) {
+    if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_NONE;
+    make_slow(c);
+    if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_NONE;
+    c->flags |= F_CLOSING;
+    if (!buf_len(&c->wb)) {
+        on_writable(c);
+    } else {
+        update_events(c);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *conn_abort(ConnObject *c, PyObject *unused) {
+    if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_NONE;
+    make_slow(c);
+    if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_NONE;
+    c->flags |= F_CLOSING;
+    c->wb.start = c->wb.end = 0;
+    on_writable(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *conn_pause_reading(ConnObject *c, PyObject *unused) {
+    make_slow(c);
+    c->flags |= F_READ_PAUSED;
+    update_events(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *conn_resume_reading(ConnObject *c, PyObject *unused) {
+    c->flags &= ~F_READ_PAUSED;
+    update_events(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *conn_is_closing(ConnObject *c, PyObject *unused) {
+    return PyBool_FromLong((c->flags & (F_CLOSED | F_CLOSING)) != 0);
+}
+
+static PyObject *conn_is_reading(ConnObject *c, PyObject *unused) {
+    return PyBool_FromLong(wants_read(c));
+}
+
+static PyObject *conn_get_write_buffer_size(ConnObject *c, PyObject *unused) {
+    return PyLong_FromSize_t(buf_len(&c->wb));
+}
+
+static PyObject *conn_get_extra_info(ConnObject *c, PyObject *args) {
+    PyObject *name, *dflt = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O", &name, &dflt)) return NULL;
+    if (c->extra) {
+        PyObject *v = PyDict_GetItemWithError(c->extra, name);
+        if (v) return Py_NewRef(v);
+        if (PyErr_Occurred()) return NULL;
+    }
+    return Py_NewRef(dflt);
+}
+
+/* Enter the fast path: a client of ``pool`` (its parameters' id), or a server given to it. */
+static PyObject *conn_set_fast(ConnObject *c, PyObject *args) {
+    PoolObject *p;
+    long long params_id;
+    double expires = 0;
+    if (!PyArg_ParseTuple(args, "O!L|d", &PoolType, &p, &params_id, &expires)) return NULL;
+    if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_FALSE;
+    if (c->mode == MODE_FAST) {
+        PyErr_SetString(PyExc_RuntimeError, "connection is already on the fast path");
+        return NULL;
+    }
+    c->mode = MODE_FAST;
+    c->pool = (PoolObject *)Py_NewRef(p);
+    c->params_id = params_id;
+    c->flags &= ~(F_READ_PAUSED | F_HOLD);
+    c->expected_rfq = 0;
+    c->unsynced = 0;
+    c->txn = 'I';
+    c->skip = 0;
+    c->expires = expires > 0 ? (int64_t)(expires * 1e9) : 0;
+    if (c->kind == KIND_SERVER) {
+        server_free(c);
+    } else {
+        c->last_activity = now_ns();
+        update_events(c);
+        if (buf_len(&c->rb)) client_pump(c);
+    }
+    Py_RETURN_TRUE;
+}
+
+/* Python wants the pair back now (a timeout, an admin command, a cancel). */
+static PyObject *conn_eject(ConnObject *c, PyObject *unused) {
+    int was = c->mode == MODE_FAST;
+    make_slow(c);
+    return PyBool_FromLong(was);
+}
+
+static PyObject *conn_set_hold(ConnObject *c, PyObject *arg) {
+    if (PyObject_IsTrue(arg)) c->flags |= F_HOLD; else c->flags &= ~F_HOLD;
+    Py_RETURN_NONE;
+}
+
+static PyObject *conn_get_fast(ConnObject *c, void *unused) {
+    return PyBool_FromLong(c->mode == MODE_FAST);
+}
+
+static PyObject *conn_get_peer(ConnObject *c, void *unused) {
+    if (c->peer && c->peer->protocol) return Py_NewRef(c->peer->protocol);
+    Py_RETURN_NONE;
+}
+
+static PyObject *conn_get_waiting(ConnObject *c, void *unused) {
+    return PyBool_FromLong(c->at == AT_WAITING);
+}
+
+static PyObject *conn_get_state(ConnObject *c, void *unused) {
+    /* (linked, waiting, expected_rfq, txn status, query_started, idle_in_txn_since,
+     *  last_activity, wait_started), times in time.monotonic() seconds */
+    char txn[2] = {c->txn ? c->txn : 'I', 0};
+    return Py_BuildValue("(iiisdddd)", c->peer != NULL, c->at == AT_WAITING, c->expected_rfq,
+                         txn, secs(c->query_started), secs(c->idle_in_txn_since),
+                         secs(c->last_activity), secs(c->wait_started));
+}
+
+static PyObject *conn_get_fileno(ConnObject *c, void *unused) { return PyLong_FromLong(c->fd); }
+
+static PyMethodDef conn_methods[] = {
+    {"write", (PyCFunction)conn_write, METH_O, "Send bytes (as asyncio.Transport.write)."},
+    {"close", (PyCFunction)conn_close, METH_NOARGS, "Close once written out."},
+    {"abort", (PyCFunction)conn_abort, METH_NOARGS, "Close now, dropping unsent bytes."},
+    {"pause_reading", (PyCFunction)conn_pause_reading, METH_NOARGS, NULL},
+    {"resume_reading", (PyCFunction)conn_resume_reading, METH_NOARGS, NULL},
+    {"is_closing", (PyCFunction)conn_is_closing, METH_NOARGS, NULL},
+    {"is_reading", (PyCFunction)conn_is_reading, METH_NOARGS, NULL},
+    {"get_write_buffer_size", (PyCFunction)conn_get_write_buffer_size, METH_NOARGS, NULL},
+    {"get_extra_info", (PyCFunction)conn_get_extra_info, METH_VARARGS, NULL},
+    {"set_fast", (PyCFunction)conn_set_fast, METH_VARARGS,
+     "set_fast(pool, params_id, expires=0): enter the fast path."},
+    {"eject", (PyCFunction)conn_eject, METH_NOARGS, "Take the connection back from the fast path."},
+    {"set_hold", (PyCFunction)conn_set_hold, METH_O,
+     "A held server goes back to Python when released instead of being lent again."},
+    {NULL}};
+
+static PyGetSetDef conn_getset[] = {
+    {"fast", (getter)conn_get_fast, NULL, "On the fast path?", NULL},
+    {"peer", (getter)conn_get_peer, NULL, "The linked connection's protocol, if linked in C.",
+     NULL},
+    {"waiting", (getter)conn_get_waiting, NULL, "Waiting in the fast pool's queue?", NULL},
+    {"fast_state", (getter)conn_get_state, NULL, "The fast path's view of a client.", NULL},
+    {"fd", (getter)conn_get_fileno, NULL, NULL, NULL},
+    {NULL}};
+
+static PyTypeObject ConnType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgpilot.proxy._fastpath.Conn",
+    .tp_basicsize = sizeof(ConnObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A socket owned by the engine; the transport of a client or server protocol.",
+    .tp_traverse = (traverseproc)conn_traverse,
+    .tp_clear = (inquiry)conn_clear,
+    .tp_dealloc = (destructor)conn_dealloc,
+    .tp_methods = conn_methods,
+    .tp_getset = conn_getset,
+    .tp_weaklistoffset = offsetof(ConnObject, weakreflist),
+};
+
+/* ==================================================================== FastPool */
+static int pool_traverse(PoolObject *p, visitproc visit, void *arg) {
+    Py_VISIT(p->handler);
+    return 0;
+}
+
+static int pool_clear(PoolObject *p) {
+    Py_CLEAR(p->handler);
+    return 0;
+}
+
+static void pool_dealloc(PoolObject *p) {
+    PyObject_GC_UnTrack(p);
+    pool_clear(p);
+    Py_XDECREF(p->engine);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *pool_take_idle(PoolObject *p, PyObject *unused) {
+    ConnObject *s = p->idle_head;
+    if (!s) Py_RETURN_NONE;
+    Py_INCREF(s);
+    leave_fast(s);
+    update_events(s);
+    PyObject *proto = Py_NewRef(s->protocol);
+    Py_DECREF(s);
+    return proto;
+}
+
+/* Servers idle in C longer than ``age`` seconds go back to Python (checks, idle timeouts). */
+static PyObject *pool_recall_idle(PoolObject *p, PyObject *arg) {
+    double age = PyFloat_AsDouble(arg);
+    if (age == -1.0 && PyErr_Occurred()) return NULL;
+    int64_t cutoff = now_ns() - (int64_t)(age * 1e9);
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    ConnObject *s = p->idle_head;
+    while (s) {
+        ConnObject *next = s->next;
+        if (s->idle_since <= cutoff) {
+            PyObject *item = Py_BuildValue("(Od)", s->protocol, secs(s->idle_since));
+            Py_INCREF(s);
+            leave_fast(s);
+            update_events(s);
+            Py_DECREF(s);
+            if (!item || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+        s = next;
+    }
+    return out;
+}
+
+/* Waiting clients older than ``age`` seconds leave the queue (query_wait_timeout). */
+static PyObject *pool_drop_waiters(PoolObject *p, PyObject *arg) {
+    double age = PyFloat_AsDouble(arg);
+    if (age == -1.0 && PyErr_Occurred()) return NULL;
+    int64_t cutoff = now_ns() - (int64_t)(age * 1e9);
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    ConnObject *c = p->wait_head;
+    while (c) {
+        ConnObject *next = c->next;
+        if (c->wait_started <= cutoff) {
+            Py_INCREF(c);
+            leave_fast(c);
+            c->rb.start = c->rb.end = 0;
+            update_events(c);
+            int bad = PyList_Append(out, c->protocol);
+            Py_DECREF(c);
+            if (bad < 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+        c = next;
+    }
+    return out;
+}
+
+/* Hand idle servers to waiting clients (after RESUME, or when Python added servers). */
+static PyObject *pool_kick(PoolObject *p, PyObject *unused) {
+    while (p->wait_head && p->idle_head && !p->paused) {
+        ConnObject *s = p->idle_head;
+        Py_INCREF(s);
+        queue_remove(s);
+        server_free(s);
+        Py_DECREF(s);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *pool_take_stats(PoolObject *p, PyObject *unused) {
+    PyObject *buckets = PyTuple_New(N_BUCKETS + 1);
+    if (!buckets) return NULL;
+    for (int i = 0; i <= N_BUCKETS; i++) {
+        PyTuple_SET_ITEM(buckets, i, PyLong_FromLongLong(p->buckets[i]));
+        p->buckets[i] = 0;
+    }
+    PyObject *r = Py_BuildValue("{sLsLsLsLsLsLsLsdsdsdsN}", "xact_count", p->xact_count,
+                                "query_count", p->query_count, "errors", p->errors,
+                                "bytes_received", p->bytes_in, "bytes_sent", p->bytes_out,
+                                "server_assignment_count", p->assignments, "wait_count",
+                                p->wait_count, "xact_time", p->xact_ns / 1e9, "query_time",
+                                p->query_ns / 1e9, "wait_time", p->wait_ns / 1e9, "buckets",
+                                buckets);
+    p->xact_count = p->query_count = p->errors = p->bytes_in = p->bytes_out = 0;
+    p->assignments = p->wait_count = 0;
+    p->xact_ns = p->query_ns = p->wait_ns = 0;
+    return r;
+}
+
+static PyObject *pool_oldest_wait(PoolObject *p, PyObject *unused) {
+    if (!p->wait_head) return PyFloat_FromDouble(0.0);
+    return PyFloat_FromDouble((now_ns() - p->wait_head->wait_started) / 1e9);
+}
+
+static PyObject *pool_get_counts(PoolObject *p, void *unused) {
+    return Py_BuildValue("(lll)", p->n_linked, p->n_waiting, p->n_idle);
+}
+
+static PyObject *pool_get_int(PoolObject *p, void *which) {
+    int *field = (int *)((char *)p + (size_t)which);
+    return PyLong_FromLong(*field);
+}
+
+static int pool_set_int(PoolObject *p, PyObject *value, void *which) {
+    if (!value) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete");
+        return -1;
+    }
+    long v = PyLong_AsLong(value);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *(int *)((char *)p + (size_t)which) = (int)v;
+    return 0;
+}
+
+static PyMethodDef pool_methods[] = {
+    {"take_idle", (PyCFunction)pool_take_idle, METH_NOARGS,
+     "The most recently used idle server's protocol, taken out of the fast path, or None."},
+    {"recall_idle", (PyCFunction)pool_recall_idle, METH_O,
+     "[(server protocol, idle since)] for servers idle longer than the given seconds."},
+    {"drop_waiters", (PyCFunction)pool_drop_waiters, METH_O,
+     "Client protocols that waited longer than the given seconds, taken off the queue."},
+    {"kick", (PyCFunction)pool_kick, METH_NOARGS, "Lend idle servers to waiting clients."},
+    {"take_stats", (PyCFunction)pool_take_stats, METH_NOARGS,
+     "Counters since the last call (SHOW STATS names), then reset."},
+    {"oldest_wait", (PyCFunction)pool_oldest_wait, METH_NOARGS,
+     "Seconds the first waiting client has waited."},
+    {NULL}};
+
+#define INT_FIELD(name, doc) \
+    {#name, (getter)pool_get_int, (setter)pool_set_int, doc, (void *)offsetof(PoolObject, name)}
+
+static PyGetSetDef pool_getset[] = {
+    {"counts", (getter)pool_get_counts, NULL, "(linked clients, waiting clients, idle servers)",
+     NULL},
+    INT_FIELD(paused, "Lend nothing (PAUSE)."),
+    INT_FIELD(statement_mode, "Statement pooling: a transaction block goes to Python."),
+    INT_FIELD(assist, "Call handler.starved() when a client has to wait."),
+    INT_FIELD(py_waiters, "Clients waiting in Python: released servers go to Python first."),
+    {NULL}};
+
+static PyObject *pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyErr_SetString(PyExc_TypeError, "use Engine.pool(handler, buckets)");
+    return NULL;
+}
+
+static PyTypeObject PoolType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgpilot.proxy._fastpath.FastPool",
+    .tp_basicsize = sizeof(PoolObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One pool's idle servers and waiting clients on the fast path.",
+    .tp_traverse = (traverseproc)pool_traverse,
+    .tp_clear = (inquiry)pool_clear,
+    .tp_dealloc = (destructor)pool_dealloc,
+    .tp_methods = pool_methods,
+    .tp_getset = pool_getset,
+    .tp_new = pool_new,
+};
+
+/* ==================================================================== Engine */
+static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *call_soon, *error_handler;
+    if (!PyArg_ParseTuple(args, "OO", &call_soon, &error_handler)) return NULL;
+    EngineObject *e = (EngineObject *)type->tp_alloc(type, 0);
+    if (!e) return NULL;
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (e->epfd < 0) {
+        Py_DECREF(e);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    e->call_soon = Py_NewRef(call_soon);
+    e->error_handler = Py_NewRef(error_handler);
+    return (PyObject *)e;
+}
+
+static int engine_traverse(EngineObject *e, visitproc visit, void *arg) {
+    Py_VISIT(e->call_soon);
+    Py_VISIT(e->error_handler);
+    return 0;
+}
+
+static int engine_clear(EngineObject *e) {
+    Py_CLEAR(e->call_soon);
+    Py_CLEAR(e->error_handler);
+    return 0;
+}
+
+static void engine_dealloc(EngineObject *e) {
+    PyObject_GC_UnTrack(e);
+    if (e->epfd >= 0) close(e->epfd);
+    engine_clear(e);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyObject *engine_fileno(EngineObject *e, PyObject *unused) {
+    return PyLong_FromLong(e->epfd);
+}
+
+/* Adopt a connected socket (the engine owns ``fd`` from now on). */
+static PyObject *engine_connection(EngineObject *e, PyObject *args) {
+    int fd, kind;
+    PyObject *protocol, *extra;
+    if (!PyArg_ParseTuple(args, "iOO!p", &fd, &protocol, &PyDict_Type, &extra, &kind)) return NULL;
+    ConnObject *c = PyObject_GC_New(ConnObject, &ConnType);
+    if (!c) return NULL;
+    memset((char *)c + sizeof(PyObject), 0, sizeof(ConnObject) - sizeof(PyObject));
+    c->engine = (EngineObject *)Py_NewRef(e);
+    c->protocol = Py_NewRef(protocol);
+    c->extra = Py_NewRef(extra);
+    c->fd = fd;
+    c->kind = kind ? KIND_SERVER : KIND_CLIENT;
+    c->mode = MODE_SLOW;
+    c->txn = 'I';
+    e->n_conns++;
+    PyObject_GC_Track(c);
+    Py_INCREF(c); /* the engine's reference, dropped when the fd closes */
+    update_events(c);
+    if (!c->registered) {
+        int err = errno;
+        conn_close_fd(c);
+        Py_DECREF(c);
+        Py_DECREF(c);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return (PyObject *)c;
+}
+
+static PyObject *engine_pool(EngineObject *e, PyObject *args) {
+    PyObject *handler, *bounds;
+    if (!PyArg_ParseTuple(args, "OO", &handler, &bounds)) return NULL;
+    PyObject *seq = PySequence_Fast(bounds, "bounds must be a sequence");
+    if (!seq) return NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != N_BUCKETS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "need %d bucket bounds", N_BUCKETS);
+        return NULL;
+    }
+    PoolObject *p = PyObject_GC_New(PoolObject, &PoolType);
+    if (!p) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    memset((char *)p + sizeof(PyObject), 0, sizeof(PoolObject) - sizeof(PyObject));
+    for (int i = 0; i < N_BUCKETS; i++) {
+        double b = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        p->bounds[i] = (int64_t)(b * 1e9);
+    }
+    Py_DECREF(seq);
+    p->engine = (EngineObject *)Py_NewRef(e);
+    p->handler = Py_NewRef(handler);
+    PyObject_GC_Track(p);
+    return (PyObject *)p;
+}
+
+/* Called by the event loop when the epoll fd is readable: serve every ready socket. */
+static PyObject *engine_run(EngineObject *e, PyObject *unused) {
+    struct epoll_event events[128];
+    for (int round = 0; round < 8; round++) {
+        int n = epoll_wait(e->epfd, events, 128, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        for (int i = 0; i < n; i++) {
+            ConnObject *c = events[i].data.ptr;
+            Py_INCREF(c);
+            uint32_t ev = events[i].events;
+            if (!(c->flags & F_CLOSED) && (ev & EPOLLOUT)) on_writable(c);
+            if (!(c->flags & F_CLOSED) && (ev & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+                if (wants_read(c) || (c->flags & F_CLOSING)) {
+                    if (c->flags & F_CLOSING) {
+                        /* Reading stopped for a closing socket: only a broken peer matters. */
+                        if (ev & (EPOLLHUP | EPOLLERR)) {
+                            c->wb.start = c->wb.end = 0;
+                            on_writable(c);
+                        }
+                    } else {
+                        on_readable(c);
+                    }
+                } else if (ev & (EPOLLHUP | EPOLLERR)) {
+                    conn_lost(c, NULL);
+                }
+            }
+            Py_DECREF(c);
+        }
+        if (n < 128) break;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_get_n_conns(EngineObject *e, void *unused) {
+    return PyLong_FromLong(e->n_conns);
+}
+
+static PyMethodDef engine_methods[] = {
+    {"fileno", (PyCFunction)engine_fileno, METH_NOARGS, "The epoll fd the event loop watches."},
+    {"connection", (PyCFunction)engine_connection, METH_VARARGS,
+     "connection(fd, protocol, extra_info, is_server) -> Conn: adopt a connected socket."},
+    {"pool", (PyCFunction)engine_pool, METH_VARARGS,
+     "pool(handler, wait_bucket_bounds) -> FastPool."},
+    {"run", (PyCFunction)engine_run, METH_NOARGS, "Serve the sockets that are ready."},
+    {NULL}};
+
+static PyGetSetDef engine_getset[] = {
+    {"connections", (getter)engine_get_n_conns, NULL, "Open sockets.", NULL}, {NULL}};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgpilot.proxy._fastpath.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Engine(call_soon, error_handler): the epoll set of adopted sockets.",
+    .tp_new = engine_new,
+    .tp_traverse = (traverseproc)engine_traverse,
+    .tp_clear = (inquiry)engine_clear,
+    .tp_dealloc = (destructor)engine_dealloc,
+    .tp_methods = engine_methods,
+    .tp_getset = engine_getset,
+};
+
+static PyObject *mod_needs_python(PyObject *mod, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    int r = sql_needs_python(view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(r);
+}
+
+static PyMethodDef module_methods[] = {
+    {"sql_needs_python", mod_needs_python, METH_O,
+     "The fast path's pre-filter: does this SQL text have to go through Python?"},
+    {NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath",
+                                    "The pooler's compiled fast path (see _fastpath.c).", -1,
+                                    module_methods};
+
+PyMODINIT_FUNC PyInit__fastpath(void) {
+    if (PyType_Ready(&ConnType) < 0 || PyType_Ready(&PoolType) < 0 ||
+        PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObjectRef(m, "Conn", (PyObject *)&ConnType) < 0 ||
+        PyModule_AddObjectRef(m, "FastPool", (PyObject *)&PoolType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "EJECT_UNLINKED", EJECT_UNLINKED);
+    PyModule_AddIntConstant(m, "EJECT_LINKED", EJECT_LINKED);
+    PyModule_AddIntConstant(m, "EJECT_ATTACH", EJECT_ATTACH);
+    PyModule_AddIntConstant(m, "EJECT_WAITING", EJECT_WAITING);
+    return m;
+}

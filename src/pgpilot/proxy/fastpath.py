@@ -1,0 +1,301 @@
+"""The bridge between the pooler's Python objects and its compiled fast path (``_fastpath.c``).
+
+After login, plain-TCP client and server sockets leave their asyncio transports for the C
+engine (:func:`FastPath.adopt`); the engine's ``Conn`` becomes the protocol's ``transport``, so
+everything in ``client.py`` / ``server.py`` works unchanged on it. In transaction and statement
+pools a :class:`Lane` lets the engine do the common work itself: forward simple-protocol and
+unnamed extended-protocol traffic, lend an idle server at a client's request and take it back
+at ReadyForQuery 'I'. Python's objects are not touched on that path; what it does not handle is
+handed back ("ejected") with its exact state, through the callbacks below.
+
+While a pair is on the fast path, the Python view lags behind: the client's ``server`` is None
+and the server sits in state IDLE. :meth:`FastPath.settle` brings every pair back before
+anything that reads that view as a whole (the admin console, /metrics, shutdown), and
+:meth:`FastPath.refill` lets them go again. The janitor reads the engine's own timestamps.
+
+Without a compiler (no ``_fastpath`` extension) or with ``fast_path = off``, none of this runs
+and the pooler is the pure-Python one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from pgpilot.proxy.states import ClientState, ServerState
+
+try:
+    from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - built without a C compiler
+    _fastpath = None
+
+if TYPE_CHECKING:
+    from pgpilot.proxy.client import ClientConnection
+    from pgpilot.proxy.pool import Pool
+    from pgpilot.proxy.pooler import Pooler
+    from pgpilot.proxy.server import ServerConnection
+
+log = logging.getLogger("pgpilot.proxy")
+
+EJECT_LINKED = 1
+EJECT_ATTACH = 2
+# The parameters a pair must share for the engine to link it without a SET (attach()).
+_PARAM_NAMES = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
+                "standard_conforming_strings", "application_name")
+
+
+def available() -> bool:
+    return _fastpath is not None
+
+
+def is_fast_conn(transport: object) -> bool:
+    return _fastpath is not None and type(transport) is _fastpath.Conn
+
+
+class _Detached(asyncio.Protocol):
+    """Takes the old transport's last callbacks once the engine owns the socket."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+class FastPath:
+    """One per pooler process: the engine and its registration with the event loop."""
+
+    def __init__(self, pooler: Pooler, loop: asyncio.AbstractEventLoop) -> None:
+        assert _fastpath is not None
+        self.pooler = pooler
+        self.loop = loop
+        self.engine = _fastpath.Engine(loop.call_soon, self._callback_failed)
+        loop.add_reader(self.engine.fileno(), self.engine.run)
+        self._params_ids: dict[tuple[str | None, ...], int] = {}
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.engine.fileno())
+
+    def _callback_failed(self, exc: BaseException) -> None:
+        log.error("fast path callback failed", exc_info=exc)
+
+    def params_id(self, params: dict[str, str]) -> int:
+        """A small number per distinct set of tracked parameter values."""
+        key = tuple(params.get(name) for name in _PARAM_NAMES)
+        found = self._params_ids.get(key)
+        if found is None:
+            found = self._params_ids[key] = len(self._params_ids) + 1
+        return found
+
+    def adopt(self, proto: ClientConnection | ServerConnection, is_server: bool) -> bool:
+        """Move ``proto``'s socket from its asyncio transport into the engine."""
+        transport = proto.transport
+        if transport is None or is_fast_conn(transport) or transport.is_closing():
+            return False
+        if transport.get_extra_info("ssl_object") is not None:
+            return False  # TLS stays with asyncio's SSL transport
+        if transport.get_write_buffer_size():
+            return False  # bytes still queued there: try again later
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        extra: dict[str, Any] = {name: transport.get_extra_info(name)
+                                 for name in ("peername", "sockname")}
+        fd = os.dup(sock.fileno())
+        try:
+            transport.pause_reading()
+            transport.set_protocol(_Detached())
+            transport.abort()  # closes the old descriptor only: the socket lives on in ``fd``
+            conn = self.engine.connection(fd, proto, extra, is_server)
+        except BaseException:
+            os.close(fd)
+            raise
+        proto.transport = conn
+        return True
+
+    # -- a consistent Python view -------------------------------------------------------
+    def settle(self) -> None:
+        """Bring every pair and idle server back to Python, and fold in the counters."""
+        for pool in list(self.pooler.pools.values()):
+            lane = pool.lane
+            if lane is None:
+                continue
+            for client in list(pool.clients):
+                transport = client.transport
+                if is_fast_conn(transport) and transport.fast:  # type: ignore[union-attr]
+                    transport.eject()  # type: ignore[union-attr]
+            lane.recall(0.0)
+            lane.fold_stats()
+
+    def refill(self) -> None:
+        """Let settled pairs go back to the fast path."""
+        for pool in list(self.pooler.pools.values()):
+            if pool.lane is None:
+                continue
+            for server in list(pool.idle):
+                if not pool.waiting and pool.lane.take_server(server):
+                    pool.idle.remove(server)
+            for client in list(pool.clients):
+                client.enter_fast()
+
+
+class Lane:
+    """One pool's side of the fast path: the C pool and the callbacks it makes."""
+
+    def __init__(self, fast: FastPath, pool: Pool) -> None:
+        from pgpilot.proxy.pool import WAIT_BUCKETS
+
+        assert _fastpath is not None
+        self.fast = fast
+        self.pool = pool
+        self.fp = fast.engine.pool(self, WAIT_BUCKETS)
+        self.fp.statement_mode = int(pool.mode == "statement")
+
+    # -- Python -> engine ------------------------------------------------------------------
+    def take_server(self, server: ServerConnection) -> bool:
+        """Give a clean server to the engine (idle there, or straight to a waiting client)."""
+        if self.pool.mode == "session" or server.close_needed or server.cancels_pending:
+            return False
+        conn = server.transport
+        if not is_fast_conn(conn) and not self.fast.adopt(server, True):
+            return False
+        conn = server.transport
+        server.in_engine = True
+        server.last_used = time.monotonic()
+        if server.state is not ServerState.IDLE:
+            server.set_state(ServerState.IDLE)
+        expires = server.created_at + self.pool.lifetime
+        return bool(conn.set_fast(self.fp, self.fast.params_id(server.params),  # type: ignore[union-attr]
+                                  expires))
+
+    def client_params_id(self, client: ClientConnection) -> int:
+        return self.fast.params_id(client.params)
+
+    def recall(self, idle_for: float) -> None:
+        """Servers idle in the engine for ``idle_for`` seconds come back to the idle list."""
+        pool = self.pool
+        for server, idle_since in self.fp.recall_idle(idle_for):
+            server.in_engine = False
+            if server.state is ServerState.CLOSED:
+                continue
+            server.last_used = idle_since or server.last_used
+            server.in_idle = True
+            pool.idle.append(server)
+        self.update_assist()
+
+    def fold_stats(self) -> None:
+        """Add the engine's counters to the pool's (SHOW STATS, /metrics)."""
+        got = self.fp.take_stats()
+        st = self.pool.stats
+        st.xact_count += got["xact_count"]
+        st.query_count += got["query_count"]
+        st.errors += got["errors"]
+        st.bytes_received += got["bytes_received"]
+        st.bytes_sent += got["bytes_sent"]
+        st.server_assignment_count += got["server_assignment_count"]
+        st.xact_time += got["xact_time"]
+        st.query_time += got["query_time"]
+        st.wait_time += got["wait_time"]
+        for i, count in enumerate(got["buckets"]):
+            st.wait_buckets[i] += count
+
+    def update_assist(self) -> None:
+        """The engine asks for help (starved) only when Python can give some."""
+        pool = self.pool
+        self.fp.assist = int(bool(pool.idle) or pool.can_open())
+
+    def waiting_count(self) -> int:
+        return int(self.fp.counts[1])
+
+    # -- engine -> Python ------------------------------------------------------------------
+    def ejected(self, client: ClientConnection, server: ServerConnection | None, how: int,
+                expected_rfq: int, unsynced: int, txn: str, query_started: float,
+                xact_started: float, idle_in_txn_since: float, client_bytes: bytes,
+                server_bytes: bytes) -> None:
+        """The engine hands a client (and its server) back, with their exact state."""
+        closing = client.closing or client.gone
+        if server is not None:
+            server.in_engine = False
+        if how == EJECT_LINKED and server is not None:
+            client.server = server
+            server.client = client
+            server.synced_for = client.params
+            server.synced_version = client.params_version
+            server.link_time = time.monotonic()
+            if server.state is not ServerState.ACTIVE:
+                server.set_state(ServerState.ACTIVE)
+            client.expected_rfq = expected_rfq
+            client.unsynced = bool(unsynced)
+            client.txn_status = server.txn_status = txn
+            client.query_started = query_started
+            client.xact_started = xact_started
+            client.idle_in_txn_since = idle_in_txn_since
+            if server.closed_reason:
+                client._pending += client_bytes
+            elif client_bytes and not closing:
+                client.data_received(client_bytes)
+            if server_bytes and server.state is not ServerState.CLOSED:
+                server.data_received(server_bytes)
+            return
+        if how == EJECT_ATTACH and server is not None:
+            if closing or server.closed_reason:
+                if not server.closed_reason:
+                    self.pool.give_out(server)
+                return
+            client._pending += client_bytes
+            client.wait_started = time.monotonic()
+            client.attach(server)
+            return
+        if client_bytes and not closing:
+            client.data_received(client_bytes)
+
+    def server_returned(self, server: ServerConnection, data: bytes) -> None:
+        """A server the engine will not keep: it is Python's again (and idle)."""
+        server.in_engine = False
+        if server.closed_reason or server.state is ServerState.CLOSED:
+            return
+        if data:
+            server.data_received(data)
+            if server.state is ServerState.CLOSED:
+                return
+        self.pool.give_out(server)
+
+    def starved(self) -> None:
+        """Clients wait in the engine and no server is idle there."""
+        pool = self.pool
+        while pool.idle and self.fp.counts[1] and not pool.paused:
+            server = pool.take_python_idle()
+            if server is None:
+                break
+            pool.hand_to_lane(server)
+        pool.launch_if_needed()
+        self.update_assist()
+
+
+def client_linked_server(client: ClientConnection) -> ServerConnection | None:
+    """The server a client uses right now, whether Python or the engine linked them."""
+    if client.server is not None:
+        return client.server
+    transport = client.transport
+    if is_fast_conn(transport):
+        return transport.peer  # type: ignore[union-attr, no-any-return]
+    return None
+
+
+def fast_client_overdue(client: ClientConnection, now: float, idle_limit: float,
+                        txn_limit: float, query_limit: float) -> bool:
+    """Would one of the client timeouts fire, by the engine's own clock of this client?"""
+    linked, waiting, expected, _txn, query_started, idle_in_txn, last_activity, _ws = \
+        client.transport.fast_state  # type: ignore[union-attr]
+    if waiting:
+        return False
+    if not linked:
+        return bool(idle_limit and now - last_activity > idle_limit)
+    if txn_limit and idle_in_txn and expected <= 0 and now - idle_in_txn > txn_limit:
+        return True
+    return bool(query_limit and expected > 0 and query_started
+                and now - query_started > query_limit)
+
+
+__all__ = ["ClientState", "FastPath", "Lane", "available", "client_linked_server",
+           "fast_client_overdue", "is_fast_conn"]
