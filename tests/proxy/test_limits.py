@@ -52,7 +52,8 @@ def pool_servers(proxy: RunningProxy, db: str, user: str = "postgres") -> int:
 def waiting_clients(proxy: RunningProxy) -> int:
     pooler = proxy.pooler
     assert pooler is not None
-    return int(proxy.call(lambda: len(pooler.clients[ClientState.WAITING])))
+    # Python's line and the fast path's (fastpath.py).
+    return int(proxy.call(lambda: sum(p.waiting_count() for p in pooler.pools.values())))
 
 
 def startup_error(port: int, dbname: str = "test") -> dict[str, str]:

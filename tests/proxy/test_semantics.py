@@ -228,7 +228,7 @@ def test_waiting_clients_are_served_in_order(proxy_factory) -> None:
 
     def waiting() -> int:
         assert proxy.pooler is not None
-        return int(proxy.call(lambda: sum(len(p.waiting) for p in proxy.pooler.pools.values())))
+        return int(proxy.call(lambda: sum(p.waiting_count() for p in proxy.pooler.pools.values())))
 
     threads = []
     for n in range(4):

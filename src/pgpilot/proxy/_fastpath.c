@@ -394,15 +394,14 @@ static void link_pair(ConnObject *c, ConnObject *s) {
     s->peer = c;
     p->n_linked++;
     p->assignments++;
-    if (c->wait_started) {
-        int64_t waited = now_ns() - c->wait_started;
-        p->wait_ns += waited;
-        p->wait_count++;
-        int b = 0;
-        while (b < N_BUCKETS && waited > p->bounds[b]) b++;
-        p->buckets[b]++;
-        c->wait_started = 0;
-    }
+    /* Every hand-over counts as a wait, 0 when a server was free (as Pool.record_wait). */
+    int64_t waited = c->wait_started ? now_ns() - c->wait_started : 0;
+    p->wait_ns += waited;
+    p->wait_count++;
+    int b = 0;
+    while (b < N_BUCKETS && waited > p->bounds[b]) b++;
+    p->buckets[b]++;
+    c->wait_started = 0;
 }
 
 static void unlink_pair(ConnObject *c) {
@@ -633,6 +632,11 @@ static void server_pump(ConnObject *s) {
     const unsigned char *base = (const unsigned char *)s->rb.p + s->rb.start;
     size_t avail = buf_len(&s->rb), pos = 0;
     int eject = 0, release = 0;
+    /* Where this chunk's first whole message starts: statement mode may give Python the
+     * chunk from there (as the Python path refuses a transaction before forwarding any of
+     * the answer that opened it). */
+    size_t first_boundary = s->skip < avail ? s->skip : avail;
+    long long queries = 0, errors = 0;
     while (pos < avail) {
         if (s->skip) {
             size_t take = avail - pos < s->skip ? avail - pos : s->skip;
@@ -652,6 +656,9 @@ static void server_pump(ConnObject *s) {
             char status = (char)base[pos + 5];
             if (p->statement_mode && status != 'I') {
                 eject = 1;
+                pos = first_boundary;
+                s->skip = 0;
+                queries = errors = 0;
                 break;
             }
             pos += 6;
@@ -680,11 +687,13 @@ static void server_pump(ConnObject *s) {
             }
             continue;
         }
-        if (t == 'C') p->query_count++;
-        else if (t == 'E') p->errors++;
+        if (t == 'C') queries++;
+        else if (t == 'E') errors++;
         pos += 5;
         s->skip = (size_t)len - 4;
     }
+    p->query_count += queries;
+    p->errors += errors;
     if (pos) {
         p->bytes_out += (long long)pos;
         if (conn_send(c, s->rb.p + s->rb.start, pos) < 0) {
@@ -1232,6 +1241,15 @@ static PyObject *pool_kick(PoolObject *p, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* The first waiting client goes back to Python with its bytes (a server only Python can
+ * lend, such as one behind TLS, is free). */
+static PyObject *pool_eject_waiter(PoolObject *p, PyObject *unused) {
+    ConnObject *c = p->wait_head;
+    if (!c) Py_RETURN_FALSE;
+    eject_client(c, NULL, EJECT_UNLINKED);
+    Py_RETURN_TRUE;
+}
+
 static PyObject *pool_take_stats(PoolObject *p, PyObject *unused) {
     PyObject *buckets = PyTuple_New(N_BUCKETS + 1);
     if (!buckets) return NULL;
@@ -1285,6 +1303,8 @@ static PyMethodDef pool_methods[] = {
     {"drop_waiters", (PyCFunction)pool_drop_waiters, METH_O,
      "Client protocols that waited longer than the given seconds, taken off the queue."},
     {"kick", (PyCFunction)pool_kick, METH_NOARGS, "Lend idle servers to waiting clients."},
+    {"eject_waiter", (PyCFunction)pool_eject_waiter, METH_NOARGS,
+     "Hand the first waiting client back to Python (True if there was one)."},
     {"take_stats", (PyCFunction)pool_take_stats, METH_NOARGS,
      "Counters since the last call (SHOW STATS names), then reset."},
     {"oldest_wait", (PyCFunction)pool_oldest_wait, METH_NOARGS,

@@ -133,8 +133,13 @@ class FastPath:
             if pool.lane is None:
                 continue
             for server in list(pool.idle):
-                if not pool.waiting and pool.lane.take_server(server):
-                    pool.idle.remove(server)
+                if pool.waiting:
+                    break
+                pool.idle.remove(server)
+                server.in_idle = False
+                if not pool.lane.take_server(server):
+                    server.in_idle = True
+                    pool.idle.append(server)
             for client in list(pool.clients):
                 client.enter_fast()
 
@@ -154,8 +159,10 @@ class Lane:
     # -- Python -> engine ------------------------------------------------------------------
     def take_server(self, server: ServerConnection) -> bool:
         """Give a clean server to the engine (idle there, or straight to a waiting client)."""
-        if self.pool.mode == "session" or server.close_needed or server.cancels_pending:
-            return False
+        pool = self.pool
+        if pool.paused or pool.mode == "session" or server.close_needed \
+                or server.cancels_pending or pool.pooler.stopping:
+            return False  # PAUSE and shutdown close idle servers from Python's list
         conn = server.transport
         if not is_fast_conn(conn) and not self.fast.adopt(server, True):
             return False
@@ -263,7 +270,9 @@ class Lane:
     def starved(self) -> None:
         """Clients wait in the engine and no server is idle there."""
         pool = self.pool
-        while pool.idle and self.fp.counts[1] and not pool.paused:
+        for _ in range(len(pool.idle)):
+            if not self.fp.counts[1] or pool.paused:
+                break
             server = pool.take_python_idle()
             if server is None:
                 break

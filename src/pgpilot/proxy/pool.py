@@ -88,7 +88,9 @@ class Pool:
         # statement pools when the engine runs; servers it holds are IDLE with in_engine set.
         self.lane: Lane | None = None
         fast = pooler.fast
-        if fast is not None and self.mode != "session":
+        # Servers behind TLS stay on asyncio's SSL transport, out of the engine's reach.
+        if fast is not None and self.mode != "session" \
+                and pooler.config.server_tls_sslmode == "disable":
             from pgpilot.proxy.fastpath import Lane
 
             self.lane = Lane(fast, self)
@@ -459,6 +461,10 @@ class Pool:
                 self.idle.append(server)
         else:
             server.set_state(ServerState.IDLE)
+        if lane is not None and lane.waiting_count() and not self.paused:
+            # A server the engine cannot carry (TLS, say): the engine's first waiting client
+            # comes to Python, whose request finds this server idle.
+            lane.fp.eject_waiter()
 
     def _too_old(self, server: ServerConnection) -> bool:
         """server_lifetime as PgBouncer's life_over: reached (0 = use once), and not within
