@@ -199,7 +199,8 @@ static int wants_read(ConnObject *c) {
     if (c->flags & (F_CLOSED | F_CLOSING | F_READ_PAUSED | F_THROTTLED)) return 0;
     if (c->mode == MODE_FAST) {
         if (c->at == AT_WAITING) return 0;
-        if (c->flags & F_EJECT_WANTED) return 0;
+        /* Waiting for quiet to hand over: keep reading (a close must be seen), up to a cap. */
+        if ((c->flags & F_EJECT_WANTED) && buf_len(&c->rb) > MAX_FAST_MESSAGE) return 0;
     }
     return 1;
 }
@@ -518,15 +519,17 @@ static void call_starved(PoolObject *p) {
 
 /* Scan the client's complete messages. Returns the bytes that may be forwarded; *bad is set
  * when a message the fast path will not carry starts within the buffer. */
-static size_t client_scan(ConnObject *c, int *bad) {
+static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
     const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t avail = buf_len(&c->rb), pos = 0;
     *bad = 0;
+    *terminate = 0;
     while (avail - pos >= 5) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
         if (len < 4 || len > MAX_FAST_MESSAGE || !type_maybe_fast(t)) {
             *bad = 1;
+            *terminate = t == 'X';
             break;
         }
         if (avail - pos < (size_t)len + 1) break;
@@ -565,16 +568,18 @@ static void client_account(ConnObject *c, size_t n) {
 static void client_pump(ConnObject *c) {
     if (c->mode != MODE_FAST || (c->flags & F_CLOSED)) return;
     PoolObject *p = c->pool;
-    int bad;
-    size_t n = client_scan(c, &bad);
+    if (c->flags & F_EJECT_WANTED) return; /* bytes wait for the server to be quiet */
+    int bad, terminate;
+    size_t n = client_scan(c, &bad, &terminate);
     if (bad) {
         ConnObject *s = c->peer;
         if (!s) {
             eject_client(c, NULL, EJECT_UNLINKED);
             return;
         }
-        if ((c->expected_rfq <= 0 && !c->unsynced) || c->unsynced) {
-            /* Quiet (or unsynced, where waiting could deadlock): Python takes over now. */
+        if ((c->expected_rfq <= 0 && !c->unsynced) || c->unsynced || terminate) {
+            /* Quiet, or unsynced (waiting could deadlock), or the client is leaving (Python
+             * cancels what runs): Python takes over now. */
             eject_client(c, s, EJECT_LINKED);
             return;
         }

@@ -454,7 +454,8 @@ class ClientConnection(asyncio.Protocol):
         (fastpath.py): a transaction or statement pool, no bytes half-read, no named prepared
         statements (the router renames those in Python), no TLS."""
         pool = self.pool
-        if pool is None or pool.lane is None or self.server is not None or self.gone \
+        if pool is None or pool.lane is None or not pool.lane.usable or self.server is not None \
+                or self.gone \
                 or self.state is not ClientState.ACTIVE or self._pending or self._held \
                 or self._reader.mid_message or self.closing:
             return

@@ -155,6 +155,20 @@ class Lane:
         self.pool = pool
         self.fp = fast.engine.pool(self, WAIT_BUCKETS)
         self.fp.statement_mode = int(pool.mode == "statement")
+        # False once a server turned out to need TLS (server_tls_sslmode): those stay on
+        # asyncio's SSL transport, so this pool's clients stay with Python too.
+        self.usable = True
+
+    def give_up(self) -> None:
+        """This pool's servers cannot go on the engine: everything goes back to Python."""
+        self.usable = False
+        while self.fp.eject_waiter():
+            pass
+        for client in list(self.pool.clients):
+            transport = client.transport
+            if is_fast_conn(transport) and transport.fast:  # type: ignore[union-attr]
+                transport.eject()  # type: ignore[union-attr]
+        self.recall(0.0)
 
     # -- Python -> engine ------------------------------------------------------------------
     def take_server(self, server: ServerConnection) -> bool:
@@ -164,7 +178,11 @@ class Lane:
                 or server.cancels_pending or pool.pooler.stopping:
             return False  # PAUSE and shutdown close idle servers from Python's list
         conn = server.transport
-        if not is_fast_conn(conn) and not self.fast.adopt(server, True):
+        if conn is not None and not is_fast_conn(conn) \
+                and conn.get_extra_info("ssl_object") is not None:
+            self.give_up()
+            return False
+        if not self.usable or (not is_fast_conn(conn) and not self.fast.adopt(server, True)):
             return False
         conn = server.transport
         server.in_engine = True

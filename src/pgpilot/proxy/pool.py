@@ -88,9 +88,7 @@ class Pool:
         # statement pools when the engine runs; servers it holds are IDLE with in_engine set.
         self.lane: Lane | None = None
         fast = pooler.fast
-        # Servers behind TLS stay on asyncio's SSL transport, out of the engine's reach.
-        if fast is not None and self.mode != "session" \
-                and pooler.config.server_tls_sslmode == "disable":
+        if fast is not None and self.mode != "session":
             from pgpilot.proxy.fastpath import Lane
 
             self.lane = Lane(fast, self)

@@ -1,0 +1,258 @@
+"""The compiled fast path (proxy/_fastpath.c + fastpath.py) against real PostgreSQL.
+
+The rest of the proxy suite already runs on it (it is on by default); these tests check that
+the engine really carries the traffic, and each way a pair leaves it for Python and comes back:
+named prepared statements, hazards, COPY, parameter changes, differing startup parameters, a
+server dying while idle in the engine, a client leaving mid-query, big results, pipelines.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgpilot.proxy import fastpath
+from pgpilot.proxy.states import ServerState
+from tests.proxy.conftest import RunningProxy, wait_until
+
+pytestmark = pytest.mark.skipif(not fastpath.available(), reason="fast path not built")
+
+
+def connect(proxy: RunningProxy, **kw: Any) -> psycopg.Connection[Any]:
+    kw.setdefault("autocommit", True)
+    kw.setdefault("prepare_threshold", None)
+    return psycopg.connect(proxy.dsn(), **kw)
+
+
+def transports(proxy: RunningProxy) -> list[tuple[bool, bool]]:
+    """(on the engine, on the fast path) for each client of the test pool."""
+    def read() -> list[tuple[bool, bool]]:
+        assert proxy.pooler is not None
+        out = []
+        for pool in proxy.pooler.pools.values():
+            for client in pool.clients:
+                conn = client.transport
+                engine = fastpath.is_fast_conn(conn)
+                out.append((engine, bool(engine and conn.fast)))  # type: ignore[union-attr]
+        return out
+    return list(proxy.call(read))
+
+
+def engine_xacts(proxy: RunningProxy) -> int:
+    """Transactions the engine itself carried since the last fold (not yet in SHOW STATS)."""
+    def read() -> int:
+        assert proxy.pooler is not None
+        total = 0
+        for pool in proxy.pooler.pools.values():
+            if pool.lane is not None:
+                got = pool.lane.fp.take_stats()
+                total += got["xact_count"]
+                pool.stats.xact_count += got["xact_count"]
+        return total
+    return int(proxy.call(read))
+
+
+@pytest.fixture
+def tx_proxy(proxy_factory: Any) -> RunningProxy:
+    # Janitor folding is what SHOW STATS relies on; a long tick keeps these counts readable.
+    return proxy_factory(default_pool_size=2, pool_mode="transaction")  # type: ignore[no-any-return]
+
+
+def test_engine_carries_simple_and_extended_traffic(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy) as conn:
+        engine_xacts(tx_proxy)  # start from zero
+        for i in range(200):
+            assert conn.execute("select %s::int", [i]).fetchone() == (i,)  # extended, unnamed
+        for i in range(100):
+            assert conn.execute(f"select {i}").fetchone() == (i,)  # psycopg: extended too
+        assert transports(tx_proxy) == [(True, True)]
+        carried = engine_xacts(tx_proxy)
+    # The janitor may have folded some into SHOW STATS meanwhile; the engine carried most.
+    assert carried > 0
+    totals = tx_proxy.call(lambda: sum(p.stats.xact_count for p in tx_proxy.pooler.pools.values()))
+    assert totals >= 300
+
+
+def test_fast_path_off_is_the_python_pooler(proxy_factory: Any) -> None:
+    proxy = proxy_factory(fast_path="off")
+    with connect(proxy) as conn:
+        assert conn.execute("select 41 + 1").fetchone() == (42,)
+        assert transports(proxy) == [(False, False)]
+        assert proxy.call(lambda: proxy.pooler.fast) is None
+
+
+def test_named_prepared_statements_leave_the_fast_path_and_work(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy, prepare_threshold=0) as a, connect(tx_proxy, prepare_threshold=0) as b:
+        for i in range(20):
+            assert a.execute("select %s::int * 2", [i]).fetchone() == (i * 2,)
+            assert b.execute("select %s::text || 'x'", [str(i)]).fetchone() == (f"{i}x",)
+        # Clients with named statements stay with the Python router, which renames them.
+        assert (True, False) in transports(tx_proxy)
+
+
+def test_session_state_statements_go_through_python(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy) as conn:
+        conn.execute("select 1")
+        conn.execute("set statement_timeout = '5s'")  # a hazard in transaction pooling
+        rows = tx_proxy.call(lambda: [
+            (kind, entry.count) for (_d, _u, _a, kind), entry
+            in tx_proxy.pooler.hazards.counts.items()])
+        assert any(kind == "session_set" for kind, _count in rows), rows
+        assert conn.execute("select 2").fetchone() == (2,)
+
+
+def test_transaction_mixes_fast_and_python_messages(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy, autocommit=False, prepare_threshold=0) as conn:
+        conn.execute("create temp table if not exists t_mix (n int) on commit drop")
+        conn.execute("insert into t_mix select generate_series(1, 10)")
+        assert conn.execute("select count(*) from t_mix").fetchone() == (10,)
+        conn.commit()
+
+
+def test_copy_in_and_out_through_the_engine(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy) as conn:
+        conn.execute("select 1")
+        conn.execute("drop table if exists fp_copy")
+        conn.execute("create table fp_copy (n int, s text)")
+        try:
+            with conn.cursor() as cur:
+                with cur.copy("copy fp_copy from stdin") as copy:
+                    for i in range(5000):
+                        copy.write_row((i, f"row {i}"))
+                assert cur.execute("select count(*), sum(n) from fp_copy").fetchone() == (
+                    5000, sum(range(5000)))
+                out = bytearray()
+                with cur.copy("copy (select * from fp_copy order by n limit 3) to stdout") as copy:
+                    for chunk in copy:
+                        out += chunk
+                assert bytes(out) == b"0\trow 0\n1\trow 1\n2\trow 2\n"
+        finally:
+            conn.execute("drop table fp_copy")
+        assert conn.execute("select 3").fetchone() == (3,)
+
+
+def test_parameter_changes_reach_the_client_and_stay_its_own(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy) as a, connect(tx_proxy) as b:
+        a.execute("select 1")
+        b.execute("select 1")
+        a.execute("set application_name = 'client-a'")
+        for _ in range(10):
+            assert a.execute("show application_name").fetchone() == ("client-a",)
+            assert b.execute("show application_name").fetchone() != ("client-a",)
+        assert a.info.parameter_status("application_name") == "client-a"
+
+
+def test_clients_with_different_startup_parameters_share_one_server(
+        proxy_factory: Any) -> None:
+    proxy = proxy_factory(default_pool_size=1)
+    with psycopg.connect(proxy.dsn(), autocommit=True, application_name="app-one") as one, \
+            psycopg.connect(proxy.dsn(), autocommit=True, application_name="app-two") as two, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as tz:
+        tz.execute("set timezone = 'Asia/Tokyo'")
+        for _ in range(10):
+            assert one.execute("show application_name").fetchone() == ("app-one",)
+            assert two.execute("show application_name").fetchone() == ("app-two",)
+            assert tz.execute("show timezone").fetchone() == ("Asia/Tokyo",)
+        assert proxy.server_count() == 1
+
+
+def test_server_dying_while_idle_in_the_engine_is_replaced(tx_proxy: RunningProxy,
+                                                           pg_dsn: str) -> None:
+    with connect(tx_proxy) as conn:
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+
+        def idle_in_engine() -> bool:
+            assert tx_proxy.pooler is not None
+            return any(s.in_engine and s.transport.peer is None  # type: ignore[union-attr]
+                       for p in tx_proxy.pooler.pools.values()
+                       for s in p.servers[ServerState.IDLE])
+        wait_until(lambda: tx_proxy.call(idle_in_engine))
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", [pid])
+        wait_until(lambda: tx_proxy.server_count() == 0)
+        new_pid = conn.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        assert new_pid != pid
+
+
+def test_client_leaving_mid_query_never_hands_on_its_server(tx_proxy: RunningProxy,
+                                                            pg_dsn: str) -> None:
+    conn = connect(tx_proxy)
+    conn.execute("select 1")
+    pid = conn.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+    done = threading.Event()
+
+    def sleeper() -> None:
+        try:
+            conn.execute("select pg_sleep(30)")
+        except psycopg.Error:
+            pass
+        done.set()
+
+    threading.Thread(target=sleeper, daemon=True).start()
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        wait_until(lambda: admin.execute(
+            "select 1 from pg_stat_activity where pid = %s and query like 'select pg_sleep%%'",
+            [pid]).fetchone())
+        conn.pgconn.finish()  # the socket closes under the running query
+        # The server was cancelled and closed: its backend goes away, nobody else gets it.
+        wait_until(lambda: admin.execute(
+            "select count(*) from pg_stat_activity where pid = %s", [pid]).fetchone() == (0,),
+            timeout=15)
+    with connect(tx_proxy) as other:
+        assert other.execute("select pg_backend_pid()").fetchone() != (pid,)
+
+
+def test_big_results_stream_to_a_slow_reader(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy) as conn, conn.cursor("big") as named, \
+            connect(tx_proxy) as other:
+        conn.autocommit = False
+        named.itersize = 10
+        named.execute("select n, repeat('x', 100000) from generate_series(1, 200) n")
+        seen = 0
+        for n, text in named:
+            seen += 1
+            assert len(text) == 100000 and n == seen
+            if seen % 50 == 0:  # others keep being served meanwhile
+                assert other.execute("select 5").fetchone() == (5,)
+        conn.commit()
+    with connect(tx_proxy) as conn:
+        rows = conn.execute("select repeat('y', 1000000) from generate_series(1, 20)").fetchall()
+        assert len(rows) == 20 and all(len(r[0]) == 1000000 for r in rows)
+
+
+def test_pipeline_of_many_queries(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy) as conn:
+        with conn.pipeline():
+            cursors = [conn.execute("select %s::int + 1", [i]) for i in range(300)]
+        assert [c.fetchone() for c in cursors] == [(i + 1,) for i in range(300)]
+
+
+def test_many_clients_few_servers_no_crosstalk(proxy_factory: Any) -> None:
+    proxy = proxy_factory(default_pool_size=3, max_client_conn=500)
+
+    def worker(n: int) -> list[int]:
+        with connect(proxy) as conn:
+            return [conn.execute("select %s::int", [n * 1000 + i]).fetchone()[0]  # type: ignore[index]
+                    for i in range(30)]
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(worker, range(120)))
+    assert results == [[n * 1000 + i for i in range(30)] for n in range(120)]
+    assert proxy.server_count() <= 3
+
+
+def test_admin_console_sees_pairs_the_engine_linked(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy, autocommit=False) as busy, \
+            psycopg.connect(tx_proxy.dsn(dbname="pgbouncer"), autocommit=True) as console:
+        busy.execute("select 1")  # a transaction is open: the server stays linked in C
+        pools = {r[0]: r for r in console.execute("show pools").fetchall()}
+        cur = console.execute("show pools")
+        names = [d.name for d in cur.description]
+        row = dict(zip(names, cur.fetchall()[0], strict=True))
+        assert row["cl_active"] == 1 and row["sv_active"] == 1, (row, pools)
+        busy.commit()
+        assert busy.execute("select 2").fetchone() == (2,)
