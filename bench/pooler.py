@@ -917,6 +917,26 @@ def export_revision(rev: str, dest: Path) -> str:
     return str(dest / "src")
 
 
+def build_fast_path(src: str) -> str:
+    """Compile the pooler's C fast path in ``src`` if the revision has one and it is missing
+    or older than its source (as ``pip install`` would). Returns "on", "off" or "absent"."""
+    import sysconfig
+
+    c_file = Path(src) / "pgpilot" / "proxy" / "_fastpath.c"
+    if not c_file.exists():
+        return "absent"
+    target = c_file.with_name("_fastpath" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if not target.exists() or target.stat().st_mtime < c_file.stat().st_mtime:
+        cc = os.environ.get("CC", "cc")
+        done = subprocess.run([cc, "-O2", "-shared", "-fPIC",
+                               f"-I{sysconfig.get_paths()['include']}", str(c_file),
+                               "-o", str(target)], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"warning: the C fast path did not compile:\n{done.stderr[-2000:]}")
+            return "off"
+    return "on"
+
+
 def environment(up: Upstream, rev: str | None, src_dir: str | None = None) -> dict[str, str]:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
@@ -1015,6 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
             ["git", "-C", str(ROOT), "rev-parse", "--verify", args.pgpilot_rev + "^{commit}"],
             capture_output=True, text=True, check=True).stdout.strip()
         src = export_revision(args.pgpilot_rev, tmp / "pgpilot-src")
+    fast_path = build_fast_path(src)
     os.environ["PYTHONPATH"] = src + os.pathsep + os.environ.get("PYTHONPATH", "")
     sys.path.insert(0, src)
     up: Upstream | None = None
@@ -1027,7 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
             "started": started,
             "command": "python bench/pooler.py " + " ".join(sys.argv[1:] if argv is None
                                                              else argv),
-            "environment": environment(up, args.pgpilot_rev, args.pgpilot_src),
+            "environment": {**environment(up, args.pgpilot_rev, args.pgpilot_src),
+                            "pgpilot fast path (C)": fast_path},
             "settings": asdict(st), "cases": [],
         }
         log("environment: " + json.dumps(report["environment"]))

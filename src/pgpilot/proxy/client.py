@@ -447,7 +447,8 @@ class ClientConnection(asyncio.Protocol):
             pending = bytes(self._pending)
             self._pending.clear()
             self.data_received(pending)
-        self.enter_fast()
+        # The fast path takes the client after its first transaction (_detach), so a
+        # connection used once (pgbench -C, scripts) never pays for the move to the engine.
 
     def enter_fast(self) -> None:
         """Between transactions, hand this client to the compiled fast path if it can take it
