@@ -167,6 +167,8 @@ struct PoolObject {
 struct EngineObject {
     PyObject_HEAD
     int epfd;
+    int running;          /* inside run(): events of this batch may still name closed conns */
+    PyObject *graveyard;  /* conns closed during run(), freed when the batch is done */
     PyObject *error_handler; /* called with an exception a callback raised */
     PyObject *call_soon;
     long n_conns;
@@ -258,6 +260,16 @@ static void idle_push(PoolObject *p, ConnObject *s) {
     if (p->idle_head) p->idle_head->prev = s;
     p->idle_head = s;
     p->n_idle++;
+}
+
+/* The engine's own reference goes when the fd closes; during run() the conn is kept until
+ * the batch ends, since a later event of the same epoll_wait may still point at it. */
+static void drop_engine_ref(ConnObject *c) {
+    EngineObject *e = c->engine;
+    if (e->running && e->graveyard) {
+        if (PyList_Append(e->graveyard, (PyObject *)c) < 0) PyErr_Clear();
+    }
+    Py_DECREF(c);
 }
 
 /* -- writing ----------------------------------------------------------------------------- */
@@ -805,7 +817,7 @@ static void conn_lost(ConnObject *c, PyObject *exc) {
                                           exc ? exc : Py_None);
         if (!r) report_error(c->engine);
         Py_XDECREF(r);
-        Py_DECREF(c); /* the engine's reference */
+        drop_engine_ref(c);
     }
     Py_DECREF(c);
 }
@@ -894,7 +906,7 @@ static void on_writable(ConnObject *c) {
                 Py_XDECREF(r);
                 Py_XDECREF(lost);
             }
-            Py_DECREF(c); /* the engine's reference */
+            drop_engine_ref(c);
         }
         return;
     }
@@ -981,7 +993,7 @@ static PyObject *conn_write(ConnObject *c, PyObject *arg) {
         Py_XDECREF(lost);
         Py_XDECREF(exc);
         PyErr_Clear();
-        Py_DECREF(c); /* the engine's reference */
+        drop_engine_ref(c);
     }
     Py_RETURN_NONE;
 }
@@ -1359,18 +1371,25 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     }
     e->call_soon = Py_NewRef(call_soon);
     e->error_handler = Py_NewRef(error_handler);
+    e->graveyard = PyList_New(0);
+    if (!e->graveyard) {
+        Py_DECREF(e);
+        return NULL;
+    }
     return (PyObject *)e;
 }
 
 static int engine_traverse(EngineObject *e, visitproc visit, void *arg) {
     Py_VISIT(e->call_soon);
     Py_VISIT(e->error_handler);
+    Py_VISIT(e->graveyard);
     return 0;
 }
 
 static int engine_clear(EngineObject *e) {
     Py_CLEAR(e->call_soon);
     Py_CLEAR(e->error_handler);
+    Py_CLEAR(e->graveyard);
     return 0;
 }
 
@@ -1445,10 +1464,14 @@ static PyObject *engine_pool(EngineObject *e, PyObject *args) {
 /* Called by the event loop when the epoll fd is readable: serve every ready socket. */
 static PyObject *engine_run(EngineObject *e, PyObject *unused) {
     struct epoll_event events[128];
+    Py_INCREF(e);
+    e->running++;
     for (int round = 0; round < 8; round++) {
         int n = epoll_wait(e->epfd, events, 128, 0);
         if (n < 0) {
             if (errno == EINTR) continue;
+            e->running--;
+            Py_DECREF(e);
             return PyErr_SetFromErrno(PyExc_OSError);
         }
         for (int i = 0; i < n; i++) {
@@ -1473,8 +1496,15 @@ static PyObject *engine_run(EngineObject *e, PyObject *unused) {
             }
             Py_DECREF(c);
         }
+        /* The batch is done: conns closed during it may go now. */
+        if (e->graveyard && PyList_GET_SIZE(e->graveyard)) {
+            if (PyList_SetSlice(e->graveyard, 0, PyList_GET_SIZE(e->graveyard), NULL) < 0)
+                PyErr_Clear();
+        }
         if (n < 128) break;
     }
+    e->running--;
+    Py_DECREF(e);
     Py_RETURN_NONE;
 }
 
