@@ -9,6 +9,8 @@ server dying while idle in the engine, a client leaving mid-query, big results, 
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import socket
 import threading
 from typing import Any
 
@@ -197,7 +199,9 @@ def test_client_leaving_mid_query_never_hands_on_its_server(tx_proxy: RunningPro
         wait_until(lambda: admin.execute(
             "select 1 from pg_stat_activity where pid = %s and query like 'select pg_sleep%%'",
             [pid]).fetchone())
-        conn.pgconn.finish()  # the socket closes under the running query
+        # The socket closes under the running query (shutdown: libpq is busy in the thread).
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
         # The server was cancelled and closed: its backend goes away, nobody else gets it.
         wait_until(lambda: admin.execute(
             "select count(*) from pg_stat_activity where pid = %s", [pid]).fetchone() == (0,),

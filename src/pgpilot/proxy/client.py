@@ -455,10 +455,10 @@ class ClientConnection(asyncio.Protocol):
         (fastpath.py): a transaction or statement pool, no bytes half-read, no named prepared
         statements (the router renames those in Python), no TLS."""
         pool = self.pool
-        if pool is None or pool.lane is None or not pool.lane.usable or self.server is not None \
-                or self.gone \
-                or self.state is not ClientState.ACTIVE or self._pending or self._held \
-                or self._reader.mid_message or self.closing:
+        lane = pool.lane if pool is not None else None
+        if pool is None or lane is None or not lane.usable or self.server is not None or self.gone \
+                or self.closing or self.state is not ClientState.ACTIVE or self._pending \
+                or self._held or self._reader.mid_message or pool.mode == "session":
             return
         router = self.router
         if router is not None and (router.statements or router.outstanding or router.held):
@@ -467,12 +467,12 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or self.tls:
             return
         if not is_fast_conn(transport):
-            if not pool.lane.fast.adopt(self, False):
+            if not lane.fast.adopt(self, False):
                 return
             transport = self.transport
         if transport.fast:  # type: ignore[union-attr]
             return
-        transport.set_fast(pool.lane.fp, pool.lane.client_params_id(self))  # type: ignore[union-attr]
+        transport.set_fast(lane.fp, lane.client_params_id(self))  # type: ignore[union-attr]
 
     # -- queries ----------------------------------------------------------------------------
     def _query_data(self, data: bytes) -> None:

@@ -280,9 +280,9 @@ class Lane:
         if server.closed_reason or server.state is ServerState.CLOSED:
             return
         if data:
-            server.data_received(data)
-            if server.state is ServerState.CLOSED:
-                return
+            server.data_received(data)  # an idle server's notice, or its last error
+            if server.state is not ServerState.IDLE:
+                return  # it closed
         self.pool.give_out(server)
 
     def starved(self) -> None:

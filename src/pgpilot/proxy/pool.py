@@ -24,8 +24,8 @@ from pgpilot.proxy.tls import TLSNegotiationError, negotiate_server_tls
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
-    from pgpilot.proxy.fastpath import Lane
     from pgpilot.proxy.config import DatabaseConfig
+    from pgpilot.proxy.fastpath import Lane
     from pgpilot.proxy.pooler import Pooler
 
 log = logging.getLogger("pgpilot.proxy")
@@ -339,7 +339,7 @@ class Pool:
             self.launch_if_needed()
 
     def cancel_wait(self, client: ClientConnection) -> None:
-        try:  # noqa: SIM105 - hot path: cheaper than contextlib.suppress
+        try:
             self.waiting.remove(client)
         except ValueError:
             return
