@@ -88,6 +88,7 @@ class ClientConnection(asyncio.Protocol):
         "_auth",
         "_auth_known_user",
         "_auth_reader",
+        "_cork",
         "_held",
         "_login_task",
         "_paused",
@@ -172,6 +173,9 @@ class ClientConnection(asyncio.Protocol):
         self._held = b""  # start of a message that may need rewriting once complete
         self.router: StatementRouter | None = None
         self._paused = False
+        # While a login step runs, its answers are gathered and sent in one write (SASL final,
+        # AuthenticationOk, ParameterStatus ..., ReadyForQuery: one packet, not five).
+        self._cork: bytearray | None = None
         self._login_task: asyncio.Task[None] | None = None
         self.admin: AdminSession | None = None  # set for admin console connections
 
@@ -205,7 +209,11 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         try:
             if self.state is ClientState.LOGIN:
-                self._login_data(data)
+                self._cork = bytearray()
+                try:
+                    self._login_data(data)
+                finally:
+                    self._uncork()
             else:
                 self._query_data(data)
         except ProtocolError as exc:
@@ -236,8 +244,16 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.transport is not None:
+        cork = self._cork
+        if cork is not None:
+            cork += data
+        elif self.transport is not None:
             self.transport.write(data)
+
+    def _uncork(self) -> None:
+        cork, self._cork = self._cork, None
+        if cork and self.transport is not None:
+            self.transport.write(cork)
 
     # -- login ------------------------------------------------------------------------------
     def _login_data(self, data: bytes) -> None:
@@ -447,8 +463,7 @@ class ClientConnection(asyncio.Protocol):
             pending = bytes(self._pending)
             self._pending.clear()
             self.data_received(pending)
-        # The fast path takes the client after its first transaction (_detach), so a
-        # connection used once (pgbench -C, scripts) never pays for the move to the engine.
+        self.enter_fast()
 
     def enter_fast(self) -> None:
         """Between transactions, hand this client to the compiled fast path if it can take it
@@ -720,6 +735,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
+        self._uncork()
         if self.transport is not None:
             transport, self.transport = self.transport, None
             transport.close()
