@@ -260,3 +260,68 @@ def test_admin_console_sees_pairs_the_engine_linked(tx_proxy: RunningProxy) -> N
         assert row["cl_active"] == 1 and row["sv_active"] == 1, (row, pools)
         busy.commit()
         assert busy.execute("select 2").fetchone() == (2,)
+
+
+def test_pipeline_that_turns_to_named_statements_midway(tx_proxy: RunningProxy) -> None:
+    """psycopg prepares a statement on its 6th run: in one pipeline (no Sync between), the
+    engine has forwarded unnamed requests still unanswered when the first named Parse comes;
+    Python's router takes over knowing which answers are still owed."""
+    with connect(tx_proxy, prepare_threshold=5) as conn:
+        for _round in range(3):
+            with conn.pipeline():
+                cursors = [conn.execute("select %s::int * 3", [i]) for i in range(40)]
+                more = [conn.execute("select %s::text", [f"t{i}"]) for i in range(10)]
+            assert [c.fetchone() for c in cursors] == [(i * 3,) for i in range(40)]
+            assert [c.fetchone() for c in more] == [(f"t{i}",) for i in range(10)]
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_error_inside_a_pipeline_then_named_statements(tx_proxy: RunningProxy) -> None:
+    with connect(tx_proxy, prepare_threshold=2) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():
+            conn.execute("select 1 / %s::int", [1])
+            conn.execute("select 1 / %s::int", [0])
+            conn.execute("select 1 / %s::int", [2])
+        for i in range(1, 8):
+            assert conn.execute("select 10 / %s::int", [i]).fetchone() == (10 // i,)
+
+
+def _read_until_ready(sock: socket.socket) -> list[str]:
+    """Message types from the socket up to and including ReadyForQuery."""
+    data, types = b"", []
+    while True:
+        while len(data) >= 5 and len(data) >= 1 + int.from_bytes(data[1:5], "big"):
+            size = 1 + int.from_bytes(data[1:5], "big")
+            types.append(chr(data[0]))
+            data = data[size:]
+            if types[-1] == "Z":
+                return types
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {types}"
+        data += chunk
+
+
+def test_named_statement_after_unanswered_unnamed_requests(proxy_factory: Any) -> None:
+    """Raw protocol, no Sync between: unnamed Parse/Bind/Execute go through the engine; then a
+    named Parse whose statement the server already has (the router answers ParseComplete
+    itself). The answers must come back in request order."""
+    from pgpilot.wire import messages as m
+
+    proxy = proxy_factory(default_pool_size=1)
+    # Puts the statement on the one server (prepare_threshold=None would turn prepare off).
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        other.execute("select 2::int", prepare=True)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
+        assert _read_until_ready(sock)[-1] == "Z"
+        # Still running (no answer yet) when the named Parse comes.
+        sock.sendall(m.parse_message("", "select pg_sleep(0.5)") + m.bind_simple("", "")
+                     + m.execute_message())
+        wait_until(lambda: proxy.call(lambda: any(
+            fastpath.is_fast_conn(c.transport) and c.transport.peer is not None
+            for p in proxy.pooler.pools.values() for c in p.clients)))
+        sock.sendall(m.parse_message("mine", "select 2::int") + m.bind_simple("", "mine")
+                     + m.execute_message() + m.sync())
+        assert _read_until_ready(sock) == ["1", "2", "D", "C", "1", "2", "D", "C", "Z"]
+        sock.sendall(m.query("select 3"))
+        assert _read_until_ready(sock) == ["T", "D", "C", "Z"]

@@ -52,6 +52,7 @@
 #define LOW_WATER (64 * 1024)
 #define MAX_FAST_MESSAGE (1024 * 1024)
 #define N_BUCKETS 12
+#define OWED_MAX 64
 
 /* ReadyForQuery's one-byte status, the last message of every answer. */
 #define EJECT_UNLINKED 0
@@ -113,7 +114,7 @@ static void buf_free(Buf *b) {
 
 /* Idle connections keep no buffer: 10,000 mostly idle clients must stay small. */
 static void buf_shrink(Buf *b) {
-    if (b->start == b->end && b->cap > 16384) buf_free(b);
+    if (b->start == b->end && b->cap) buf_free(b);
 }
 
 /* -- objects ----------------------------------------------------------------------------- */
@@ -147,6 +148,13 @@ struct ConnObject {
     long long params_id;
     int64_t expires;
     int64_t idle_since;
+    /* client: the answers the server still owes for what the fast path forwarded, one letter
+     * per request (Q S P B D E C), oldest first, so that Python's statement router can take
+     * over mid-pipeline knowing exactly what comes back */
+    char owed[OWED_MAX];
+    int owed_start, owed_end;
+    int owed_lost;  /* more than OWED_MAX outstanding: the record is incomplete */
+    int owed_skip;  /* an error came back: the server ignores requests until the next Sync */
     PyObject *weakreflist;
 };
 
@@ -398,6 +406,57 @@ static int message_fast(unsigned char t, const unsigned char *body, size_t n) {
     return 0;
 }
 
+/* -- answers owed ------------------------------------------------------------------------- */
+static void owed_push(ConnObject *c, char kind) {
+    if (c->owed_skip && kind != 'S') return; /* the server will not answer it */
+    if (kind == 'S') c->owed_skip = 0;
+    if (c->owed_end == OWED_MAX) {
+        if (c->owed_start) {
+            memmove(c->owed, c->owed + c->owed_start, (size_t)(c->owed_end - c->owed_start));
+            c->owed_end -= c->owed_start;
+            c->owed_start = 0;
+        } else {
+            c->owed_lost = 1;
+            return;
+        }
+    }
+    c->owed[c->owed_end++] = kind;
+}
+
+static int owed_ends(char kind, unsigned char t) {
+    switch (kind) {
+    case 'Q':
+    case 'S': return t == 'Z';
+    case 'P': return t == '1';
+    case 'B': return t == '2';
+    case 'D': return t == 'T' || t == 'n';
+    case 'E': return t == 'C' || t == 'I' || t == 's';
+    case 'C': return t == '3';
+    }
+    return 0;
+}
+
+/* A server message: pop what it answers (as the router's own bookkeeping does). */
+static void owed_answer(ConnObject *c, unsigned char t) {
+    if (c->owed_start == c->owed_end) {
+        c->owed_start = c->owed_end = 0;
+        return;
+    }
+    if (t == 'D' || t == 'N' || t == 'A' || t == 'S') return;
+    char head = c->owed[c->owed_start];
+    if (t == 'E') {
+        if (head == 'Q') return; /* a Query's error ends at its ReadyForQuery */
+        /* The extended protocol skips to the next Sync: nothing before it is answered. */
+        while (c->owed_start < c->owed_end && c->owed[c->owed_start] != 'S' &&
+               c->owed[c->owed_start] != 'Q')
+            c->owed_start++;
+        if (c->owed_start == c->owed_end) c->owed_skip = 1;
+        return;
+    }
+    if (owed_ends(head, t)) c->owed_start++;
+    if (c->owed_start == c->owed_end) c->owed_start = c->owed_end = 0;
+}
+
 /* -- linking ----------------------------------------------------------------------------- */
 static void link_pair(ConnObject *c, ConnObject *s) {
     PoolObject *p = c->pool;
@@ -469,14 +528,24 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
         goto done;
     }
     char txn[2] = {c->txn ? c->txn : 'I', 0};
-    r = PyObject_CallMethod(p->handler, "ejected", "OOiiisdddOO", c->protocol,
+    /* What the server still owes, for Python's statement router (None: not known). */
+    PyObject *owed = c->owed_lost ? Py_NewRef(Py_None)
+                                  : PyBytes_FromStringAndSize(c->owed + c->owed_start,
+                                                              c->owed_end - c->owed_start);
+    if (!owed) {
+        report_error(c->engine);
+        goto done;
+    }
+    r = PyObject_CallMethod(p->handler, "ejected", "OOiiisdddOOO", c->protocol,
                             server ? server->protocol : Py_None, how, c->expected_rfq,
                             c->unsynced, txn, secs(c->query_started), secs(c->xact_started),
-                            secs(c->idle_in_txn_since), cb, sb);
+                            secs(c->idle_in_txn_since), cb, sb, owed);
+    Py_DECREF(owed);
     if (!r) report_error(c->engine);
     c->expected_rfq = 0;
     c->unsynced = 0;
     c->query_started = c->xact_started = c->idle_in_txn_since = 0;
+    c->owed_start = c->owed_end = c->owed_lost = c->owed_skip = 0;
     update_events(c);
     if (server) update_events(server);
 done:
@@ -561,6 +630,7 @@ static void client_account(ConnObject *c, size_t n) {
     while (pos < n) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
+        if (t != 'H') owed_push(c, (char)t);
         if (t == 'Q' || t == 'S') {
             if (!c->expected_rfq) {
                 if (!now) now = now_ns();
@@ -670,6 +740,7 @@ static void server_pump(ConnObject *s) {
         }
         if (t == 'Z' && len == 5) {
             if (avail - pos < 6) break;
+            owed_answer(c, t);
             char status = (char)base[pos + 5];
             if (p->statement_mode && status != 'I') {
                 eject = 1;
@@ -706,6 +777,7 @@ static void server_pump(ConnObject *s) {
         }
         if (t == 'C') queries++;
         else if (t == 'E') errors++;
+        owed_answer(c, t);
         pos += 5;
         s->skip = (size_t)len - 4;
     }
@@ -1076,6 +1148,7 @@ static PyObject *conn_set_fast(ConnObject *c, PyObject *args) {
     c->unsynced = 0;
     c->txn = 'I';
     c->skip = 0;
+    c->owed_start = c->owed_end = c->owed_lost = c->owed_skip = 0;
     c->expires = expires > 0 ? (int64_t)(expires * 1e9) : 0;
     if (c->kind == KIND_SERVER) {
         server_free(c);

@@ -481,6 +481,9 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.tls:
             return
+        # What login gathered goes out now, on this transport: a write on the fast path
+        # would hand the client straight back to Python.
+        self._uncork()
         if not is_fast_conn(transport):
             if not lane.fast.adopt(self, False):
                 return

@@ -25,6 +25,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from pgpilot.proxy import prepared
 from pgpilot.proxy.states import ClientState, ServerState
 
 try:
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgpilot.proxy")
 
+# The engine's letters for requests still owed an answer -> the router's kinds (prepared.py).
+_OWED_KIND = {ord("Q"): prepared.QUERY, ord("P"): prepared.PARSE, ord("B"): prepared.BIND,
+              ord("D"): prepared.DESCRIBE, ord("E"): prepared.EXECUTE, ord("C"): prepared.CLOSE,
+              ord("S"): prepared.SYNC}
 EJECT_LINKED = 1
 EJECT_ATTACH = 2
 # The parameters a pair must share for the engine to link it without a SET (attach()).
@@ -236,8 +241,10 @@ class Lane:
     def ejected(self, client: ClientConnection, server: ServerConnection | None, how: int,
                 expected_rfq: int, unsynced: int, txn: str, query_started: float,
                 xact_started: float, idle_in_txn_since: float, client_bytes: bytes,
-                server_bytes: bytes) -> None:
-        """The engine hands a client (and its server) back, with their exact state."""
+                server_bytes: bytes, owed: bytes | None) -> None:
+        """The engine hands a client (and its server) back, with their exact state; ``owed``
+        names, one letter per request, the answers the server still owes for what the engine
+        forwarded (None if it lost count)."""
         closing = client.closing or client.gone
         if server is not None:
             server.in_engine = False
@@ -255,6 +262,10 @@ class Lane:
             client.query_started = query_started
             client.xact_started = xact_started
             client.idle_in_txn_since = idle_in_txn_since
+            router = client.router
+            if router is not None and owed:
+                # The router takes over mid-pipeline: it must know what comes back first.
+                router.outstanding.extend((_OWED_KIND[kind], None) for kind in owed)
             if server.closed_reason:
                 client._pending += client_bytes
             elif client_bytes and not closing:
