@@ -655,6 +655,13 @@ static void client_pump(ConnObject *c) {
     size_t n = client_scan(c, &bad, &terminate);
     if (bad) {
         ConnObject *s = c->peer;
+        if (!s && terminate && n == 0 && c->at == AT_NONE) {
+            /* Terminate between transactions: the client is done; Python hears it as a close
+             * (as it would treat a lone Terminate), without a hand-back first. */
+            leave_fast(c);
+            conn_lost(c, NULL);
+            return;
+        }
         if (!s) {
             eject_client(c, NULL, EJECT_UNLINKED);
             return;

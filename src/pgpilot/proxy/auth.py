@@ -22,6 +22,7 @@ import binascii
 import functools
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -103,7 +104,7 @@ def _saslprep(password: str) -> str:
 
 
 def _hmac(key: bytes, msg: bytes) -> bytes:
-    return hmac.new(key, msg, hashlib.sha256).digest()
+    return hmac.digest(key, msg, "sha256")  # one C call (hmac.new builds Python objects)
 
 
 def _b64(data: bytes) -> str:
@@ -164,7 +165,10 @@ def check_plain(user: str, given: str, secret: str) -> bool:
 
 def _scram_printable(text: str) -> bool:
     """RFC 5802 ``printable``: %x21-2B / %x2D-7E (no comma), as PostgreSQL checks nonces."""
-    return bool(text) and all(0x21 <= ord(c) <= 0x7E and c != "," for c in text)
+    return _PRINTABLE.fullmatch(text) is not None
+
+
+_PRINTABLE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 
 
 def _is_attr(part: str) -> bool:
@@ -315,7 +319,8 @@ class ScramAuth(ClientAuth):
         auth_message = ",".join(
             (self._client_first_bare, self._server_first, ",".join(parts[:-1]))).encode()
         client_signature = _hmac(self.secret.stored_key, auth_message)
-        client_key = bytes(a ^ b for a, b in zip(proof, client_signature, strict=True))
+        client_key = (int.from_bytes(proof, "big") ^ int.from_bytes(client_signature, "big")
+                      ).to_bytes(_SCRAM_KEY_LENGTH, "big")
         if self.empty or not hmac.compare_digest(hashlib.sha256(client_key).digest(),
                                                  self.secret.stored_key):
             raise AuthFailed(f'password authentication failed for user "{self.user}"')
