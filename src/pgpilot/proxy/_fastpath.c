@@ -623,6 +623,19 @@ static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
     return pos;
 }
 
+/* Forward the first ``n`` bytes read from ``from`` to ``to``; if ``to`` broke, it is lost. */
+static int pass_on(ConnObject *from, ConnObject *to, size_t n) {
+    int broke = conn_send(to, from->rb.p + from->rb.start, n) < 0;
+    from->rb.start += n;
+    if (broke) {
+        Py_INCREF(to);
+        conn_lost(to, NULL);
+        Py_DECREF(to);
+        return -1;
+    }
+    return 0;
+}
+
 static void client_account(ConnObject *c, size_t n) {
     const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t pos = 0;
@@ -700,17 +713,9 @@ static void client_pump(ConnObject *c) {
         link_pair(c, s);
         Py_DECREF(s);
     }
-    ConnObject *s = c->peer;
     client_account(c, n);
     p->bytes_in += (long long)n;
-    if (conn_send(s, c->rb.p + c->rb.start, n) < 0) {
-        c->rb.start += n;
-        Py_INCREF(s);
-        conn_lost(s, NULL);
-        Py_DECREF(s);
-        return;
-    }
-    c->rb.start += n;
+    if (pass_on(c, c->peer, n) < 0) return;
     buf_shrink(&c->rb);
 }
 
@@ -792,14 +797,7 @@ static void server_pump(ConnObject *s) {
     p->errors += errors;
     if (pos) {
         p->bytes_out += (long long)pos;
-        if (conn_send(c, s->rb.p + s->rb.start, pos) < 0) {
-            s->rb.start += pos;
-            Py_INCREF(c);
-            conn_lost(c, NULL);
-            Py_DECREF(c);
-            return;
-        }
-        s->rb.start += pos;
+        if (pass_on(s, c, pos) < 0) return;
     }
     buf_shrink(&s->rb);
     if (eject) {
@@ -1077,11 +1075,13 @@ static PyObject *conn_write(ConnObject *c, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *conn_close(ConnObject *c, PyObject *unused) {
+/* close(): the fd closes once the write buffer is out; abort(): now, dropping it. */
+static PyObject *conn_shut(ConnObject *c, int drop_unsent) {
     if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_NONE;
     make_slow(c);
     if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_NONE;
     c->flags |= F_CLOSING;
+    if (drop_unsent) c->wb.start = c->wb.end = 0;
     if (!buf_len(&c->wb)) {
         on_writable(c);
     } else {
@@ -1090,15 +1090,9 @@ static PyObject *conn_close(ConnObject *c, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *conn_abort(ConnObject *c, PyObject *unused) {
-    if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_NONE;
-    make_slow(c);
-    if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_NONE;
-    c->flags |= F_CLOSING;
-    c->wb.start = c->wb.end = 0;
-    on_writable(c);
-    Py_RETURN_NONE;
-}
+static PyObject *conn_close(ConnObject *c, PyObject *unused) { return conn_shut(c, 0); }
+
+static PyObject *conn_abort(ConnObject *c, PyObject *unused) { return conn_shut(c, 1); }
 
 static PyObject *conn_pause_reading(ConnObject *c, PyObject *unused) {
     make_slow(c);
@@ -1271,11 +1265,18 @@ static PyObject *pool_take_idle(PoolObject *p, PyObject *unused) {
     return proto;
 }
 
+/* "Older than ``age`` seconds": the monotonic time before which a start counts. */
+static int age_cutoff(PyObject *age_arg, int64_t *cutoff) {
+    double age = PyFloat_AsDouble(age_arg);
+    if (age == -1.0 && PyErr_Occurred()) return -1;
+    *cutoff = now_ns() - (int64_t)(age * 1e9);
+    return 0;
+}
+
 /* Servers idle in C longer than ``age`` seconds go back to Python (checks, idle timeouts). */
 static PyObject *pool_recall_idle(PoolObject *p, PyObject *arg) {
-    double age = PyFloat_AsDouble(arg);
-    if (age == -1.0 && PyErr_Occurred()) return NULL;
-    int64_t cutoff = now_ns() - (int64_t)(age * 1e9);
+    int64_t cutoff;
+    if (age_cutoff(arg, &cutoff) < 0) return NULL;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     ConnObject *s = p->idle_head;
@@ -1301,9 +1302,8 @@ static PyObject *pool_recall_idle(PoolObject *p, PyObject *arg) {
 
 /* Waiting clients older than ``age`` seconds leave the queue (query_wait_timeout). */
 static PyObject *pool_drop_waiters(PoolObject *p, PyObject *arg) {
-    double age = PyFloat_AsDouble(arg);
-    if (age == -1.0 && PyErr_Occurred()) return NULL;
-    int64_t cutoff = now_ns() - (int64_t)(age * 1e9);
+    int64_t cutoff;
+    if (age_cutoff(arg, &cutoff) < 0) return NULL;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     ConnObject *c = p->wait_head;

@@ -445,12 +445,8 @@ class ClientConnection(asyncio.Protocol):
         for name in TRACKED_PARAMS:
             if name not in self.params and name in server_params:
                 self.params[name] = server_params[name]
-        out = bytearray()
-        for name, value in server_params.items():
-            out += m.parameter_status(name, self.params.get(name, value))
-        for name, value in self.params.items():
-            if name not in server_params:
-                out += m.parameter_status(name, value)
+        assert self.pool is not None
+        out = bytearray(self.pool.parameter_statuses(server_params, self.params))
         self.cancel_pid, self.cancel_key = self.pooler.register_cancel_key(self)
         out += m.backend_key_data(self.cancel_pid, self.cancel_key)
         out += m.READY_IDLE

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from pgpilot.proxy.server import ServerConnection, ServerError
 from pgpilot.proxy.states import ServerState
 from pgpilot.proxy.tls import TLSNegotiationError, negotiate_server_tls
+from pgpilot.wire import messages as m
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
@@ -75,6 +76,7 @@ class Pool:
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.clients: set[ClientConnection] = set()
         self.welcome_params: dict[str, str] | None = None
+        self._welcome_bytes: dict[tuple[object, ...], tuple[dict[str, str], bytes]] = {}
         self._welcome_waiters: list[asyncio.Future[None]] = []
         self._paused = False
         self._mode: str | None = None  # derived from the configuration, until RELOAD
@@ -152,6 +154,25 @@ class Pool:
     @property
     def reserve_size(self) -> int:
         return self.pooler.config.reserve_pool_size_for(self.db, self.user)
+
+    def parameter_statuses(self, server_params: dict[str, str],
+                           client_params: dict[str, str]) -> bytes:
+        """The ParameterStatus messages of a welcome: the server's values, except what the
+        client asked for itself. Clients mostly ask the same, so the bytes are kept."""
+        key = (id(server_params), tuple(client_params.items()))
+        cached = self._welcome_bytes.get(key)
+        if cached is not None and cached[0] is server_params:
+            return cached[1]
+        out = bytearray()
+        for name, value in server_params.items():
+            out += m.parameter_status(name, client_params.get(name, value))
+        for name, value in client_params.items():
+            if name not in server_params:
+                out += m.parameter_status(name, value)
+        if len(self._welcome_bytes) >= 64:  # per-client application names: stay bounded
+            self._welcome_bytes.clear()
+        self._welcome_bytes[key] = (server_params, bytes(out))
+        return bytes(out)
 
     def server_credentials(self) -> tuple[str, str | None]:
         password = self.db.password
