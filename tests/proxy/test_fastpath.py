@@ -16,8 +16,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgpilot.proxy import fastpath
+from pgpilot.proxy.hazards import might_be_hazard
 from pgpilot.proxy.states import ServerState
 from tests.proxy.conftest import RunningProxy, wait_until
 
@@ -332,3 +335,38 @@ def test_named_statement_after_unanswered_unnamed_requests(proxy_factory: Any) -
         assert _read_until_ready(sock) == ["1", "2", "D", "C", "1", "2", "D", "C", "Z"]
         sock.sendall(m.query("select 3"))
         assert _read_until_ready(sock) == ["T", "D", "C", "Z"]
+
+
+@pytest.mark.parametrize("sql", [
+    "SET search_path = app", "  set TimeZone to 'UTC'", "select 1; SET x = 1",
+    "/* hi */ SET statement_timeout = 0", "-- note\nset x = 1", "RESET ALL",
+    "LISTEN jobs", "create temp table t (n int)", "select pg_advisory_lock(1)",
+    "declare c cursor with hold for select 1", "PREPARE p AS select 1", "DISCARD ALL",
+    "DEALLOCATE ALL", "select set_config('x', 'y', false)", "select 1; select 2",
+])
+def test_prefilter_sends_session_state_to_python(sql: str) -> None:
+    assert _fastpath_module().sql_needs_python(sql.encode())
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 1",
+    "insert into t values ($1, $2)", "select settings from app_config",
+])
+def test_prefilter_lets_plain_statements_through(sql: str) -> None:
+    assert not _fastpath_module().sql_needs_python(sql.encode())
+
+
+def _fastpath_module() -> Any:
+    from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
+
+    return _fastpath
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("selctSETmpoaryhdiun_;- /*\n'vkfgRAL")), max_size=60))
+def test_prefilter_is_never_laxer_than_the_hazard_check(sql: str) -> None:
+    """Whatever the Python hazard check would look at, the C pre-filter sends to Python."""
+    data = sql.encode()
+    if might_be_hazard(data):
+        assert _fastpath_module().sql_needs_python(data)

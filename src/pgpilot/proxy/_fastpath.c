@@ -330,15 +330,20 @@ static int is_ident(unsigned char ch) {
            ch == '_' || ch >= 0x80;
 }
 
+/* ASCII lower case; other bytes as they are ("_" must stay "_"). */
+static inline unsigned char fold(unsigned char ch) {
+    return (ch >= 'A' && ch <= 'Z') ? (unsigned char)(ch | 0x20) : ch;
+}
+
+/* Does ``word`` (lower case) occur in ``s``, ignoring ASCII case? */
 static int contains_ci(const unsigned char *s, size_t n, const char *word) {
     size_t w = strlen(word);
     if (w > n) return 0;
     unsigned char first = (unsigned char)word[0];
     for (size_t i = 0; i + w <= n; i++) {
-        unsigned char ch = s[i] | 0x20;
-        if (ch != first) continue;
+        if (fold(s[i]) != first) continue;
         size_t k = 1;
-        while (k < w && (unsigned char)(s[i + k] | 0x20) == (unsigned char)word[k]) k++;
+        while (k < w && fold(s[i + k]) == (unsigned char)word[k]) k++;
         if (k == w) return 1;
     }
     return 0;
@@ -356,12 +361,10 @@ static int sql_needs_python(const unsigned char *s, size_t n) {
     while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\r' || s[i] == '\n')) i++;
     if (i + 1 < n && ((s[i] == '-' && s[i + 1] == '-') || (s[i] == '/' && s[i + 1] == '*')))
         return 1; /* a leading comment may hide a SET */
-    if (i + 3 <= n && (s[i] | 0x20) == 's' && (s[i + 1] | 0x20) == 'e' &&
-        (s[i + 2] | 0x20) == 't' && (i + 3 == n || !is_ident(s[i + 3])))
+    if (i + 3 <= n && fold(s[i]) == 's' && fold(s[i + 1]) == 'e' && fold(s[i + 2]) == 't' &&
+        (i + 3 == n || !is_ident(s[i + 3])))
         return 1;
-    if (i + 5 <= n && (s[i] | 0x20) == 'r' && (s[i + 1] | 0x20) == 'e' &&
-        (s[i + 2] | 0x20) == 's' && (s[i + 3] | 0x20) == 'e' && (s[i + 4] | 0x20) == 't')
-        return 1;
+    if (i + 5 <= n && contains_ci(s + i, 5, "reset")) return 1;
     /* More than one statement: Python reads them all. */
     size_t end = n;
     while (end > 0 && (s[end - 1] == ' ' || s[end - 1] == '\t' || s[end - 1] == '\r' ||
@@ -1182,10 +1185,6 @@ static PyObject *conn_get_peer(ConnObject *c, void *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *conn_get_waiting(ConnObject *c, void *unused) {
-    return PyBool_FromLong(c->at == AT_WAITING);
-}
-
 static PyObject *conn_get_state(ConnObject *c, void *unused) {
     /* (linked, waiting, expected_rfq, txn status, query_started, idle_in_txn_since,
      *  last_activity, wait_started), times in time.monotonic() seconds */
@@ -1194,8 +1193,6 @@ static PyObject *conn_get_state(ConnObject *c, void *unused) {
                          txn, secs(c->query_started), secs(c->idle_in_txn_since),
                          secs(c->last_activity), secs(c->wait_started));
 }
-
-static PyObject *conn_get_fileno(ConnObject *c, void *unused) { return PyLong_FromLong(c->fd); }
 
 static PyMethodDef conn_methods[] = {
     {"write", (PyCFunction)conn_write, METH_O, "Send bytes (as asyncio.Transport.write)."},
@@ -1218,9 +1215,7 @@ static PyGetSetDef conn_getset[] = {
     {"fast", (getter)conn_get_fast, NULL, "On the fast path?", NULL},
     {"peer", (getter)conn_get_peer, NULL, "The linked connection's protocol, if linked in C.",
      NULL},
-    {"waiting", (getter)conn_get_waiting, NULL, "Waiting in the fast pool's queue?", NULL},
     {"fast_state", (getter)conn_get_state, NULL, "The fast path's view of a client.", NULL},
-    {"fd", (getter)conn_get_fileno, NULL, NULL, NULL},
     {NULL}};
 
 static PyTypeObject ConnType = {

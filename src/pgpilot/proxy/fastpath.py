@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pgpilot.proxy import prepared
-from pgpilot.proxy.states import ClientState, ServerState
+from pgpilot.proxy.states import ServerState
 
 try:
     from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
@@ -310,16 +310,6 @@ class Lane:
         self.update_assist()
 
 
-def client_linked_server(client: ClientConnection) -> ServerConnection | None:
-    """The server a client uses right now, whether Python or the engine linked them."""
-    if client.server is not None:
-        return client.server
-    transport = client.transport
-    if is_fast_conn(transport):
-        return transport.peer  # type: ignore[union-attr, no-any-return]
-    return None
-
-
 def fast_client_overdue(client: ClientConnection, now: float, idle_limit: float,
                         txn_limit: float, query_limit: float) -> bool:
     """Would one of the client timeouts fire, by the engine's own clock of this client?"""
@@ -335,5 +325,4 @@ def fast_client_overdue(client: ClientConnection, now: float, idle_limit: float,
                 and now - query_started > query_limit)
 
 
-__all__ = ["ClientState", "FastPath", "Lane", "available", "client_linked_server",
-           "fast_client_overdue", "is_fast_conn"]
+__all__ = ["FastPath", "Lane", "available", "fast_client_overdue", "is_fast_conn"]
