@@ -166,6 +166,9 @@ struct PoolObject {
     ConnObject *wait_head, *wait_tail;
     long n_idle, n_waiting, n_linked;
     int paused, statement_mode, assist, py_waiters;
+    /* server_check_delay: an idle server unused for longer is checked by Python before it is
+     * lent again; negative: never */
+    int64_t check_after;
     long long xact_count, query_count, errors, bytes_in, bytes_out, assignments, wait_count;
     int64_t xact_ns, query_ns, wait_ns;
     long long buckets[N_BUCKETS + 1];
@@ -467,6 +470,7 @@ static void link_pair(ConnObject *c, ConnObject *s) {
     Py_INCREF(c);
     c->peer = s;
     s->peer = c;
+    s->idle_since = 0; /* in use: not idle until its next release */
     p->n_linked++;
     p->assignments++;
     /* Every hand-over counts as a wait, 0 when a server was free (as Pool.record_wait). */
@@ -560,7 +564,8 @@ done:
     Py_DECREF(c);
 }
 
-/* A server the fast path cannot keep (held, too old, wanted by Python, unexpected bytes). */
+/* A server the fast path cannot keep (held, too old, wanted by Python, unexpected bytes, due
+ * for its health check). */
 static void return_server(ConnObject *s) {
     PoolObject *p = s->pool;
     if (!p) return;
@@ -568,7 +573,8 @@ static void return_server(ConnObject *s) {
     Py_INCREF(p);
     leave_fast(s);
     PyObject *sb = take_bytes(&s->rb);
-    PyObject *r = sb ? PyObject_CallMethod(p->handler, "server_returned", "OO", s->protocol, sb)
+    PyObject *r = sb ? PyObject_CallMethod(p->handler, "server_returned", "OOd", s->protocol, sb,
+                                           secs(s->idle_since))
                      : NULL;
     if (!r) report_error(s->engine);
     Py_XDECREF(r);
@@ -698,6 +704,16 @@ static void client_pump(ConnObject *c) {
         if (c->at == AT_WAITING) return;
         int exact = 0;
         ConnObject *s = p->paused ? NULL : take_idle(p, c->params_id, &exact);
+        while (s && p->check_after >= 0 && now_ns() - s->idle_since > p->check_after) {
+            /* Idle past server_check_delay: Python checks it (the client waits meanwhile). */
+            Py_INCREF(s);
+            queue_remove(s);
+            return_server(s);
+            Py_DECREF(s);
+            if (c->mode != MODE_FAST || (c->flags & F_CLOSED)) return;
+            s = p->paused ? NULL : take_idle(p, c->params_id, &exact);
+        }
+        if (c->peer) return; /* a server Python gave back meanwhile went to this client */
         if (!s) {
             c->wait_started = now_ns();
             wait_push(p, c);
@@ -884,8 +900,8 @@ static void conn_lost(ConnObject *c, PyObject *exc) {
             PoolObject *p = c->pool;
             Py_INCREF(p);
             leave_fast(c);
-            PyObject *r = PyObject_CallMethod(p->handler, "server_returned", "Oy#", c->protocol,
-                                              "", (Py_ssize_t)0);
+            PyObject *r = PyObject_CallMethod(p->handler, "server_returned", "Oy#d", c->protocol,
+                                              "", (Py_ssize_t)0, 0.0);
             if (!r) report_error(c->engine);
             Py_XDECREF(r);
             Py_DECREF(p);
@@ -1371,6 +1387,17 @@ static PyObject *pool_get_counts(PoolObject *p, void *unused) {
     return Py_BuildValue("(lll)", p->n_linked, p->n_waiting, p->n_idle);
 }
 
+static PyObject *pool_get_check_after(PoolObject *p, void *unused) {
+    return PyFloat_FromDouble(p->check_after < 0 ? -1.0 : p->check_after / 1e9);
+}
+
+static int pool_set_check_after(PoolObject *p, PyObject *value, void *unused) {
+    double v = value ? PyFloat_AsDouble(value) : -1.0;
+    if (v == -1.0 && PyErr_Occurred()) return -1;
+    p->check_after = v < 0 ? -1 : (int64_t)(v * 1e9);
+    return 0;
+}
+
 static PyObject *pool_get_int(PoolObject *p, void *which) {
     int *field = (int *)((char *)p + (size_t)which);
     return PyLong_FromLong(*field);
@@ -1410,6 +1437,9 @@ static PyGetSetDef pool_getset[] = {
     {"counts", (getter)pool_get_counts, NULL, "(linked clients, waiting clients, idle servers)",
      NULL},
     INT_FIELD(paused, "Lend nothing (PAUSE)."),
+    {"check_after", (getter)pool_get_check_after, (setter)pool_set_check_after,
+     "Seconds idle after which Python checks a server before it is lent (negative: never).",
+     NULL},
     INT_FIELD(statement_mode, "Statement pooling: a transaction block goes to Python."),
     INT_FIELD(assist, "Call handler.starved() when a client has to wait."),
     INT_FIELD(py_waiters, "Clients waiting in Python: released servers go to Python first."),
@@ -1532,6 +1562,7 @@ static PyObject *engine_pool(EngineObject *e, PyObject *args) {
     Py_DECREF(seq);
     p->engine = (EngineObject *)Py_NewRef(e);
     p->handler = Py_NewRef(handler);
+    p->check_after = -1;
     PyObject_GC_Track(p);
     return (PyObject *)p;
 }

@@ -159,10 +159,18 @@ class Lane:
         self.fast = fast
         self.pool = pool
         self.fp = fast.engine.pool(self, WAIT_BUCKETS)
-        self.fp.statement_mode = int(pool.mode == "statement")
+        self.configure()
         # False once a server turned out to need TLS (server_tls_sslmode): those stay on
         # asyncio's SSL transport, so this pool's clients stay with Python too.
         self.usable = True
+
+    def configure(self) -> None:
+        """Settings the engine applies itself (again after RELOAD)."""
+        pool = self.pool
+        cfg = pool.pooler.config
+        self.fp.statement_mode = int(pool.mode == "statement")
+        checked = bool(cfg.server_check_query) and cfg.server_check_delay >= 0
+        self.fp.check_after = cfg.server_check_delay if checked else -1.0
 
     def give_up(self) -> None:
         """This pool's servers cannot go on the engine: everything goes back to Python."""
@@ -285,8 +293,10 @@ class Lane:
         if client_bytes and not closing:
             client.data_received(client_bytes)
 
-    def server_returned(self, server: ServerConnection, data: bytes) -> None:
-        """A server the engine will not keep: it is Python's again (and idle)."""
+    def server_returned(self, server: ServerConnection, data: bytes,
+                        idle_since: float) -> None:
+        """A server the engine will not keep: it is Python's again (and idle). One that sat
+        idle past server_check_delay gets its check first (Pool.hand_to_lane)."""
         server.in_engine = False
         if server.closed_reason or server.state is ServerState.CLOSED:
             return
@@ -294,7 +304,9 @@ class Lane:
             server.data_received(data)  # an idle server's notice, or its last error
             if server.state is not ServerState.IDLE:
                 return  # it closed
-        self.pool.give_out(server)
+        # Idle in the engine since then, or (0) given back as it was released: just used.
+        server.last_used = idle_since or time.monotonic()
+        self.pool.hand_to_lane(server)
 
     def starved(self) -> None:
         """Clients wait in the engine and no server is idle there."""

@@ -118,7 +118,7 @@ class Pool:
         self._mode = None
         self._lifetime = None
         if self.lane is not None:
-            self.lane.fp.statement_mode = int(self.mode == "statement")
+            self.lane.configure()
 
     @property
     def paused(self) -> bool:
