@@ -107,11 +107,16 @@ class FastPath:
         extra: dict[str, Any] = {name: transport.get_extra_info(name)
                                  for name in ("peername", "sockname")}
         fd = os.dup(sock.fileno())
+        transport.pause_reading()
+        transport.set_protocol(_Detached())
+        transport.abort()  # closes the old descriptor only: the socket lives on in ``fd``
         try:
-            transport.pause_reading()
-            transport.set_protocol(_Detached())
-            transport.abort()  # closes the old descriptor only: the socket lives on in ``fd``
             conn = self.engine.connection(fd, proto, extra, is_server)
+        except OSError as exc:  # epoll refused it (the engine has closed ``fd``)
+            log.warning("%r could not move to the fast path: %s", proto, exc)
+            proto.transport = None
+            proto.connection_lost(exc)
+            return False
         except BaseException:
             os.close(fd)
             raise
@@ -195,8 +200,11 @@ class Lane:
                 and conn.get_extra_info("ssl_object") is not None:
             self.give_up()
             return False
-        if not self.usable or (not is_fast_conn(conn) and not self.fast.adopt(server, True)):
+        if not self.usable:
             return False
+        if not is_fast_conn(conn) and not self.fast.adopt(server, True):
+            # Lost while moving (it is closed now): nothing more to do with it.
+            return server.transport is None
         conn = server.transport
         server.in_engine = True
         server.last_used = time.monotonic()
