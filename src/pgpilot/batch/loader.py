@@ -178,11 +178,7 @@ class AsyncBatcher(Generic[K, V]):
             keys, entries = self._queue_keys, self._queue_entries
             self._queue_keys, self._queue_entries = [], []
             self._after_flush()
-            self._forget(keys, entries, None)
-            for entry in entries:
-                for future in entry:
-                    if future is not _WAITING:
-                        future.cancel()
+            self._cancel(keys, entries)
             raise
         chunks = self._take_queue(loop)
         if not chunks:
@@ -250,11 +246,7 @@ class AsyncBatcher(Generic[K, V]):
         except asyncio.CancelledError:
             # The batch itself was cancelled (e.g. the loop is shutting down): its waiters
             # cannot get a value, so they are cancelled too rather than left hanging.
-            self._forget(keys, entries, None)
-            for entry in entries:
-                for future in entry:
-                    if future is not _WAITING:
-                        future.cancel()
+            self._cancel(keys, entries)
             raise
         except BatchResultError as exc:
             self._fail(keys, entries, exc, exc)
@@ -269,6 +261,14 @@ class AsyncBatcher(Generic[K, V]):
             self._fail(keys, entries, error, exc)
             return
         self._resolve(keys, entries, values)
+
+    def _cancel(self, keys: list[K], entries: list[list[Future[V]]]) -> None:
+        """A batch that will never run or finish: forget its keys, cancel its waiters."""
+        self._forget(keys, entries, None)
+        for entry in entries:
+            for future in entry:
+                if future is not _WAITING:
+                    future.cancel()
 
     def _resolve(
         self, keys: list[K], entries: list[list[Future[V]]], values: Sequence[Any]
@@ -435,6 +435,14 @@ class DataLoader(AsyncBatcher[K, V]):
             cache_key: Hashable = key if key_fn is None else key_fn(key)  # type: ignore[assignment]
             if current.get(cache_key) is entry:
                 del current[cache_key]
+
+    def _cancel(self, keys: list[K], entries: list[list[Future[V]]]) -> None:
+        """A batch that will never run or finish: forget its keys, cancel its waiters."""
+        self._forget(keys, entries, None)
+        for entry in entries:
+            for future in entry:
+                if future is not _WAITING:
+                    future.cancel()
 
     def _resolve(
         self, keys: list[K], entries: list[list[Future[V]]], values: Sequence[Any]
