@@ -61,6 +61,14 @@ def connect(process: ProxyProcess, dbname: str = "test", **kw: Any) -> psycopg.C
     return psycopg.connect(process.dsn(dbname), **kw)
 
 
+def in_transaction(process: ProxyProcess) -> psycopg.Connection[Any]:
+    """A client holding a server: its transaction is open after a first statement."""
+    conn = connect(process)
+    conn.execute("begin")
+    conn.execute("select 1")
+    return conn
+
+
 def backend_alive(pg_dsn: str, pid: int) -> bool:
     with psycopg.connect(pg_dsn, autocommit=True) as direct:
         return direct.execute("select count(*) from pg_stat_activity where pid = %s",
@@ -70,9 +78,7 @@ def backend_alive(pg_dsn: str, pid: int) -> bool:
 def test_larger_pool_size_serves_clients_already_waiting(start: Callable[..., ProxyProcess]
                                                          ) -> None:
     process = start(default_pool_size=1, query_wait_timeout=30)
-    holder = connect(process)
-    holder.execute("begin")
-    holder.execute("select 1")  # the pool's only server is held
+    holder = in_transaction(process)  # the pool's only server is held
     result: list[Any] = []
     waiter = threading.Thread(
         target=lambda: result.append(connect(process).execute("select 2").fetchone()),
@@ -150,9 +156,7 @@ def test_broken_config_on_reload_keeps_the_running_one(start: Callable[..., Prox
 
 def test_shutdown_timeout_bounds_the_wait(start: Callable[..., ProxyProcess]) -> None:
     process = start(shutdown_timeout=1)
-    stuck = connect(process)
-    stuck.execute("begin")
-    stuck.execute("select 1")
+    stuck = in_transaction(process)
     process.proc.send_signal(signal.SIGTERM)
     assert process.proc.wait(20) == 0  # did not wait for the transaction past the timeout
     with pytest.raises(psycopg.OperationalError):
@@ -166,9 +170,7 @@ def test_client_between_transactions_gets_no_new_one_during_shutdown(
     """Transaction mode: while the drain waits for a running transaction, an idle client's new
     transaction is not started (it waits, then is told the pooler is shutting down)."""
     process = start(shutdown_timeout=20)
-    running, idle = connect(process), connect(process)
-    running.execute("begin")
-    running.execute("select 1")
+    running, idle = in_transaction(process), connect(process)
     idle.execute("select 1")
     process.proc.send_signal(signal.SIGTERM)
     wait_until(process.refuses)
@@ -195,9 +197,7 @@ def test_client_between_transactions_gets_no_new_one_during_shutdown(
 
 def test_second_stop_signal_stops_at_once(start: Callable[..., ProxyProcess]) -> None:
     process = start(shutdown_timeout=60)
-    stuck = connect(process)
-    stuck.execute("begin")
-    stuck.execute("select 1")
+    stuck = in_transaction(process)
     process.proc.send_signal(signal.SIGTERM)
     wait_until(process.refuses)
     assert process.proc.poll() is None  # waiting for the transaction
