@@ -436,14 +436,6 @@ class DataLoader(AsyncBatcher[K, V]):
             if current.get(cache_key) is entry:
                 del current[cache_key]
 
-    def _cancel(self, keys: list[K], entries: list[list[Future[V]]]) -> None:
-        """A batch that will never run or finish: forget its keys, cancel its waiters."""
-        self._forget(keys, entries, None)
-        for entry in entries:
-            for future in entry:
-                if future is not _WAITING:
-                    future.cancel()
-
     def _resolve(
         self, keys: list[K], entries: list[list[Future[V]]], values: Sequence[Any]
     ) -> None:
