@@ -22,17 +22,23 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #define KIND_CLIENT 0
 #define KIND_SERVER 1
+#define KIND_LISTENER 2 /* a listening socket: new clients are accepted here, no uvloop transport */
+#define ACCEPTS_PER_WAKE 64
 #define MODE_SLOW 0
 #define MODE_FAST 1
 #define AT_NONE 0
@@ -46,6 +52,11 @@
 #define F_THROTTLED 0x10   /* fast: peer cannot take more, reading stopped */
 #define F_HOLD 0x20        /* server: give back to Python at release, never lend in C */
 #define F_EJECT_WANTED 0x40 /* client: bytes the fast path will not carry, wait for quiet */
+#define F_KEEPALIVE 0x80    /* listener: set SO_KEEPALIVE on the clients it accepts */
+#define F_STARTUP 0x100     /* client of an engine listener: its startup packet not seen yet */
+#define SSL_REQUEST_CODE 80877103
+#define GSSENC_REQUEST_CODE 80877104
+#define MAX_STARTUP_LENGTH 10000 /* as wire/framing.py */
 
 #define READ_CHUNK 65536
 #define HIGH_WATER (256 * 1024)
@@ -121,6 +132,7 @@ static void buf_shrink(Buf *b) {
 typedef struct EngineObject EngineObject;
 typedef struct PoolObject PoolObject;
 typedef struct ConnObject ConnObject;
+typedef struct Scram Scram;
 
 struct ConnObject {
     PyObject_HEAD
@@ -155,6 +167,7 @@ struct ConnObject {
     int owed_start, owed_end;
     int owed_lost;  /* more than OWED_MAX outstanding: the record is incomplete */
     int owed_skip;  /* an error came back: the server ignores requests until the next Sync */
+    Scram *scram;   /* client: a SCRAM-SHA-256 login the engine is running (scram_login) */
     PyObject *weakreflist;
 };
 
@@ -285,6 +298,7 @@ static void drop_engine_ref(ConnObject *c) {
 
 /* -- writing ----------------------------------------------------------------------------- */
 static void conn_lost(ConnObject *c, PyObject *exc);
+static void lost_errno(ConnObject *c, int err);
 
 static void write_pressure(ConnObject *c) {
     size_t pending = buf_len(&c->wb);
@@ -871,6 +885,494 @@ static void server_free(ConnObject *s) {
     update_events(s);
 }
 
+/* -- login: SCRAM-SHA-256 in the engine ------------------------------------------------------
+ * The client side of a SCRAM login (RFC 5802 / 7677), as PostgreSQL's auth-scram.c and the
+ * Python ScramAuth in auth.py parse it: no channel binding (flags n and y only), no
+ * authorization identity, the user name inside SCRAM ignored, extensions refused in the first
+ * message. Python decides who may log in and with which secret (scram_login); the engine runs
+ * the two round trips and calls protocol.scram_passed(final_message, client_key, rest) or
+ * protocol.scram_failed(kind, text); a malformed first message goes back to Python's parser
+ * (protocol.scram_first_refused), which words the refusal. Hashing goes through Python's hmac and
+ * hashlib (OpenSSL): three calls per login. */
+#define SCRAM_KEY_LEN 32
+#define SCRAM_NONCE_BYTES 18 /* as PostgreSQL: base64 of 18 random bytes */
+#define SASL_MAX_BODY 65536  /* as PostgreSQL's cap on SASL tokens */
+
+struct Scram {
+    int stage; /* 1: waiting for SASLInitialResponse, 2: for the SASLResponse */
+    int valid; /* 0: the exchange runs to its end, then fails (unknown user, empty secret) */
+    unsigned char stored_key[SCRAM_KEY_LEN], server_key[SCRAM_KEY_LEN];
+    PyObject *salt_b64; /* bytes */
+    long iterations;
+    char gs2[4];
+    PyObject *client_first_bare, *server_first, *nonce; /* bytes */
+};
+
+static PyObject *py_hmac_digest, *py_sha256, *py_b64encode, *py_b64decode;
+static PyObject *kw_no_newline, *kw_strict; /* {"newline": False}, {"strict_mode": True} */
+
+/* The concatenation of ``k`` byte strings, as a bytes object. */
+static PyObject *join_bytes(int k, const char *const *parts, const size_t *lens) {
+    size_t total = 0;
+    for (int i = 0; i < k; i++) total += lens[i];
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!out) return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    for (int i = 0; i < k; i++) {
+        memcpy(p, parts[i], lens[i]);
+        p += lens[i];
+    }
+    return out;
+}
+
+#define BYTES_PART(o) PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o)
+
+static void scram_free(ConnObject *c) {
+    Scram *sc = c->scram;
+    if (!sc) return;
+    c->scram = NULL;
+    Py_XDECREF(sc->salt_b64);
+    Py_XDECREF(sc->client_first_bare);
+    Py_XDECREF(sc->server_first);
+    Py_XDECREF(sc->nonce);
+    PyMem_Free(sc);
+}
+
+/* base64 of ``n`` bytes as a bytes object (no newline). */
+static PyObject *b64encode(const unsigned char *data, size_t n) {
+    PyObject *args = Py_BuildValue("(y#)", (const char *)data, (Py_ssize_t)n);
+    if (!args) return NULL;
+    PyObject *out = PyObject_Call(py_b64encode, args, kw_no_newline);
+    Py_DECREF(args);
+    return out;
+}
+
+/* HMAC-SHA-256(key, msg) into out; -1 with an exception. */
+static int hmac_sha256(const unsigned char *key, PyObject *msg, unsigned char *out) {
+    PyObject *k = PyBytes_FromStringAndSize((const char *)key, SCRAM_KEY_LEN);
+    PyObject *r = k ? PyObject_CallFunction(py_hmac_digest, "OOs", k, msg, "sha256") : NULL;
+    Py_XDECREF(k);
+    if (!r) return -1;
+    if (!PyBytes_Check(r) || PyBytes_GET_SIZE(r) != SCRAM_KEY_LEN) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_RuntimeError, "unexpected HMAC size");
+        return -1;
+    }
+    memcpy(out, PyBytes_AS_STRING(r), SCRAM_KEY_LEN);
+    Py_DECREF(r);
+    return 0;
+}
+
+static int is_scram_printable(const char *s, size_t n) {
+    if (!n) return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch < 0x21 || ch > 0x7e || ch == ',') return 0;
+    }
+    return 1;
+}
+
+/* An attribute "x=..." with x an ASCII letter (auth.py's _is_attr). */
+static int is_attr(const char *s, size_t n) {
+    return n >= 2 && s[1] == '=' &&
+           ((s[0] >= 'a' && s[0] <= 'z') || (s[0] >= 'A' && s[0] <= 'Z'));
+}
+
+static int valid_utf8(const char *s, size_t n) {
+    PyObject *u = PyUnicode_DecodeUTF8(s, (Py_ssize_t)n, "strict");
+    if (!u) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(u);
+    return 1;
+}
+
+/* How a login failed, for protocol.scram_failed(kind, text). */
+#define SCRAM_WRONG 0     /* wrong proof, unknown user: 28P01 */
+#define SCRAM_MALFORMED 1 /* 08P01, "protocol violation: " + text */
+#define SCRAM_VERBATIM 2  /* 08P01, the text as it is */
+#define SCRAM_INTERNAL 3  /* the engine could not go on (no memory, no randomness) */
+
+/* Tell Python the login failed; the engine's part of it is over. ``text`` may be NULL
+ * (SCRAM_WRONG: Python words it) or, if building it failed, an exception is pending. */
+static void scram_failed_text(ConnObject *c, int kind, PyObject *text) {
+    if (!text && PyErr_Occurred()) {
+        report_error(c->engine);
+        kind = SCRAM_INTERNAL;
+    }
+    scram_free(c);
+    Py_INCREF(c);
+    PyObject *r = PyObject_CallMethod(c->protocol, "scram_failed", "iO", kind,
+                                      text ? text : Py_None);
+    if (!r) report_error(c->engine);
+    Py_XDECREF(r);
+    Py_DECREF(c);
+}
+
+static void scram_failed(ConnObject *c, int kind, const char *message) {
+    PyObject *text = message ? PyUnicode_FromString(message) : NULL;
+    scram_failed_text(c, kind, text);
+    Py_XDECREF(text);
+}
+
+/* A SASLInitialResponse the engine will not take: Python's own parser (auth.ScramAuth) reads
+ * it again and says what is wrong, so both paths refuse it in the same words. */
+static void scram_refuse_first(ConnObject *c, const char *body, size_t n) {
+    scram_free(c);
+    Py_INCREF(c);
+    PyObject *r = PyObject_CallMethod(c->protocol, "scram_first_refused", "y#", body,
+                                      (Py_ssize_t)n);
+    if (!r) report_error(c->engine);
+    Py_XDECREF(r);
+    Py_DECREF(c);
+}
+
+static PyObject *auth_message(int code, const char *data, size_t n) {
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(9 + n));
+    if (!out) return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    uint32_t len = (uint32_t)(8 + n);
+    p[0] = 'R';
+    p[1] = len >> 24, p[2] = len >> 16, p[3] = len >> 8, p[4] = len;
+    p[5] = 0, p[6] = 0, p[7] = 0, p[8] = (unsigned char)code;
+    memcpy(p + 9, data, n);
+    return out;
+}
+
+/* SASLInitialResponse: answer with server-first-message. 0, or -1 once failed (reported). */
+static int scram_first(ConnObject *c, const char *body, size_t n) {
+    Scram *sc = c->scram;
+    const char *mech_end = memchr(body, 0, n);
+    if (!mech_end || (size_t)(mech_end - body) + 5 > n) {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    if (strcmp(body, "SCRAM-SHA-256") != 0) {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    const unsigned char *lp = (const unsigned char *)mech_end + 1;
+    int32_t dlen = (int32_t)be32(lp);
+    const char *data = (const char *)lp + 4;
+    size_t avail = n - (size_t)(data - body);
+    if (dlen == -1) dlen = 0;
+    if (dlen < 0 || (size_t)dlen != avail) {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    size_t len = (size_t)dlen;
+    if (!valid_utf8(data, len)) {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    if (len && data[0] == 'p') {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    if (len < 2 || (data[0] != 'n' && data[0] != 'y') || data[1] != ',') {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    if (len >= 3 && data[2] == 'a') {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    if (len < 3 || data[2] != ',') {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    memcpy(sc->gs2, data, 3);
+    sc->gs2[3] = 0;
+    const char *bare = data + 3, *end = data + len;
+    /* bare: n=<user>,r=<nonce>[,attr...] */
+    const char *comma = memchr(bare, ',', (size_t)(end - bare));
+    if (!comma || comma - bare < 2 || bare[0] != 'n' || bare[1] != '=') {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    const char *r = comma + 1;
+    const char *r_end = memchr(r, ',', (size_t)(end - r));
+    if (!r_end) r_end = end;
+    if (r_end - r >= 2 && r[0] == 'm' && r[1] == '=') {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    if (r_end - r < 2 || r[0] != 'r' || r[1] != '=') {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    if (!is_scram_printable(r + 2, (size_t)(r_end - r - 2))) {
+        scram_refuse_first(c, body, n);
+        return -1;
+    }
+    for (const char *a = r_end; a < end;) {
+        const char *start = a + 1, *stop = memchr(start, ',', (size_t)(end - start));
+        if (!stop) stop = end;
+        if (!is_attr(start, (size_t)(stop - start))) {
+            scram_refuse_first(c, body, n);
+            return -1;
+        }
+        a = stop;
+    }
+    unsigned char random[SCRAM_NONCE_BYTES];
+    size_t got = 0;
+    while (got < sizeof random) {
+        ssize_t k = getrandom(random + got, sizeof random - got, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            PyErr_SetFromErrno(PyExc_OSError);
+            report_error(c->engine);
+            scram_failed(c, SCRAM_INTERNAL, "no random bytes for the SCRAM nonce");
+            return -1;
+        }
+        got += (size_t)k;
+    }
+    PyObject *server_nonce = b64encode(random, sizeof random);
+    if (!server_nonce) goto error;
+    sc->client_first_bare = PyBytes_FromStringAndSize(bare, end - bare);
+    {
+        const char *parts[] = {r + 2, PyBytes_AS_STRING(server_nonce)};
+        size_t lens[] = {(size_t)(r_end - r - 2), (size_t)PyBytes_GET_SIZE(server_nonce)};
+        sc->nonce = join_bytes(2, parts, lens);
+    }
+    Py_DECREF(server_nonce);
+    if (!sc->client_first_bare || !sc->nonce) goto error;
+    {
+        char iters[32];
+        int il = snprintf(iters, sizeof iters, "%ld", sc->iterations);
+        const char *parts[] = {"r=", PyBytes_AS_STRING(sc->nonce), ",s=",
+                               PyBytes_AS_STRING(sc->salt_b64), ",i=", iters};
+        size_t lens[] = {2, (size_t)PyBytes_GET_SIZE(sc->nonce), 3,
+                         (size_t)PyBytes_GET_SIZE(sc->salt_b64), 3, (size_t)il};
+        sc->server_first = join_bytes(6, parts, lens);
+    }
+    if (!sc->server_first) goto error;
+    PyObject *msg = auth_message(11, BYTES_PART(sc->server_first));
+    if (!msg) goto error;
+    sc->stage = 2;
+    int sent = conn_send(c, PyBytes_AS_STRING(msg), (size_t)PyBytes_GET_SIZE(msg));
+    Py_DECREF(msg);
+    if (sent < 0) {
+        lost_errno(c, errno);
+        return -1;
+    }
+    return 0;
+error:
+    report_error(c->engine);
+    scram_failed(c, SCRAM_INTERNAL, "SCRAM exchange failed");
+    return -1;
+}
+
+/* SASLResponse (client-final-message): check the proof. Always ends the engine's part. */
+static void scram_final(ConnObject *c, const char *data, size_t len) {
+    Scram *sc = c->scram;
+    PyObject *cbind = NULL, *authmsg = NULL, *proof = NULL, *key = NULL, *digest = NULL;
+    PyObject *final = NULL, *sig_b64 = NULL, *r = NULL;
+    if (!valid_utf8(data, len)) {
+        scram_failed(c, SCRAM_MALFORMED, "malformed SCRAM message: invalid UTF-8");
+        return;
+    }
+    const char *end = data + len;
+    /* c=<b64(gs2)>,r=<nonce>[,attr...],p=<proof>: the proof last, nothing after it */
+    cbind = b64encode((const unsigned char *)sc->gs2, 3);
+    if (!cbind) goto error;
+    const char *p0_end = memchr(data, ',', len);
+    size_t cb_len = (size_t)PyBytes_GET_SIZE(cbind);
+    if (!p0_end || (size_t)(p0_end - data) != cb_len + 2 || data[0] != 'c' || data[1] != '=' ||
+        memcmp(data + 2, PyBytes_AS_STRING(cbind), cb_len) != 0) {
+        scram_failed(c, SCRAM_MALFORMED, "malformed SCRAM message: unexpected channel-binding attribute");
+        goto done;
+    }
+    const char *p1 = p0_end + 1, *p1_end = memchr(p1, ',', (size_t)(end - p1));
+    size_t nonce_len = (size_t)PyBytes_GET_SIZE(sc->nonce);
+    if (!p1_end || (size_t)(p1_end - p1) != nonce_len + 2 || p1[0] != 'r' || p1[1] != '=' ||
+        memcmp(p1 + 2, PyBytes_AS_STRING(sc->nonce), nonce_len) != 0) {
+        scram_failed(c, SCRAM_MALFORMED, p1_end ? "malformed SCRAM message: nonce does not match"
+                                  : "malformed SCRAM message: unexpected channel-binding "
+                                    "attribute");
+        goto done;
+    }
+    const char *proof_at = NULL, *without_proof_end = NULL;
+    for (const char *a = p1_end; a < end;) {
+        const char *start = a + 1, *stop = memchr(start, ',', (size_t)(end - start));
+        if (!stop) stop = end;
+        if (!is_attr(start, (size_t)(stop - start))) {
+            scram_failed(c, SCRAM_MALFORMED, "malformed SCRAM message: invalid attribute");
+            goto done;
+        }
+        if (!proof_at && start[0] == 'p') {
+            proof_at = start;
+            without_proof_end = a;
+        }
+        a = stop;
+    }
+    if (!proof_at || memchr(proof_at, ',', (size_t)(end - proof_at))) {
+        scram_failed(c, SCRAM_MALFORMED, "malformed SCRAM message: proof expected as the last attribute");
+        goto done;
+    }
+    PyObject *dargs = Py_BuildValue("(y#)", proof_at + 2, (Py_ssize_t)(end - proof_at - 2));
+    proof = dargs ? PyObject_Call(py_b64decode, dargs, kw_strict) : NULL;
+    Py_XDECREF(dargs);
+    if (!proof) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) goto error;
+        PyErr_Clear(); /* binascii.Error */
+        scram_failed(c, SCRAM_MALFORMED, "malformed SCRAM message: invalid proof encoding");
+        goto done;
+    }
+    if (PyBytes_GET_SIZE(proof) != SCRAM_KEY_LEN) {
+        scram_failed(c, SCRAM_MALFORMED, "malformed SCRAM message: invalid proof length");
+        goto done;
+    }
+    {
+        const char *parts[] = {PyBytes_AS_STRING(sc->client_first_bare), ",",
+                               PyBytes_AS_STRING(sc->server_first), ",", data};
+        size_t lens[] = {(size_t)PyBytes_GET_SIZE(sc->client_first_bare), 1,
+                         (size_t)PyBytes_GET_SIZE(sc->server_first), 1,
+                         (size_t)(without_proof_end - data)};
+        authmsg = join_bytes(5, parts, lens);
+    }
+    if (!authmsg) goto error;
+    unsigned char client_sig[SCRAM_KEY_LEN], client_key[SCRAM_KEY_LEN], server_sig[SCRAM_KEY_LEN];
+    if (hmac_sha256(sc->stored_key, authmsg, client_sig) < 0) goto error;
+    const unsigned char *pr = (const unsigned char *)PyBytes_AS_STRING(proof);
+    for (int i = 0; i < SCRAM_KEY_LEN; i++) client_key[i] = pr[i] ^ client_sig[i];
+    key = PyBytes_FromStringAndSize((const char *)client_key, SCRAM_KEY_LEN);
+    PyObject *h = key ? PyObject_CallFunctionObjArgs(py_sha256, key, NULL) : NULL;
+    digest = h ? PyObject_CallMethod(h, "digest", NULL) : NULL;
+    Py_XDECREF(h);
+    if (!digest || !PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != SCRAM_KEY_LEN) goto error;
+    /* Constant time, as hmac.compare_digest. */
+    unsigned char diff = 0;
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(digest);
+    for (int i = 0; i < SCRAM_KEY_LEN; i++) diff |= d[i] ^ sc->stored_key[i];
+    if (diff || !sc->valid) {
+        scram_failed(c, SCRAM_WRONG, NULL);
+        goto done;
+    }
+    if (hmac_sha256(sc->server_key, authmsg, server_sig) < 0) goto error;
+    sig_b64 = b64encode(server_sig, SCRAM_KEY_LEN);
+    if (!sig_b64) goto error;
+    {
+        const char *parts[] = {"v=", PyBytes_AS_STRING(sig_b64)};
+        size_t lens[] = {2, (size_t)PyBytes_GET_SIZE(sig_b64)};
+        PyObject *v = join_bytes(2, parts, lens);
+        final = v ? auth_message(12, BYTES_PART(v)) : NULL;
+        Py_XDECREF(v);
+    }
+    if (!final) goto error;
+    scram_free(c);
+    /* What the client sent behind its last SASL message is its first query: Python keeps
+     * it for after the welcome. */
+    PyObject *rest = take_bytes(&c->rb);
+    r = rest ? PyObject_CallMethod(c->protocol, "scram_passed", "OOO", final, key, rest) : NULL;
+    Py_XDECREF(rest);
+    if (!r) report_error(c->engine);
+    goto done;
+error:
+    report_error(c->engine);
+    scram_failed(c, SCRAM_INTERNAL, "SCRAM exchange failed");
+done:
+    Py_XDECREF(cbind);
+    Py_XDECREF(authmsg);
+    Py_XDECREF(proof);
+    Py_XDECREF(key);
+    Py_XDECREF(digest);
+    Py_XDECREF(final);
+    Py_XDECREF(sig_b64);
+    Py_XDECREF(r);
+}
+
+/* Bytes of a client in a SCRAM login: whole password messages are answered here. */
+static void scram_pump(ConnObject *c) {
+    Py_INCREF(c);
+    while (c->scram && !(c->flags & (F_CLOSED | F_CLOSING)) && buf_len(&c->rb) >= 5) {
+        const unsigned char *p = (const unsigned char *)c->rb.p + c->rb.start;
+        uint32_t len = be32(p + 1);
+        /* Checked in the order, and told in the words, of Python's MessageReader. */
+        if ((int32_t)len < 4 || len > SASL_MAX_BODY + 4) {
+            PyObject *t = PyUnicode_FromOrdinal(p[0]);
+            PyObject *text =
+                !t ? NULL
+                : (int32_t)len < 4
+                    ? PyUnicode_FromFormat("invalid message length %d for message type %R",
+                                           (int)(int32_t)len, t)
+                    : PyUnicode_FromFormat("message type %R of %d bytes exceeds the limit of "
+                                           "%d bytes", t, (int)(len - 4), SASL_MAX_BODY);
+            Py_XDECREF(t);
+            scram_failed_text(c, SCRAM_MALFORMED, text);
+            Py_XDECREF(text);
+            break;
+        }
+        if (p[0] != 'p') {
+            scram_failed(c, SCRAM_VERBATIM, "expected a password message during authentication");
+            break;
+        }
+        if (buf_len(&c->rb) < 1 + (size_t)len) break;
+        size_t blen = len - 4;
+        char *body = PyMem_Malloc(blen + 1);
+        if (!body) {
+            PyErr_NoMemory();
+            report_error(c->engine);
+            scram_failed(c, SCRAM_INTERNAL, "out of memory");
+            break;
+        }
+        memcpy(body, p + 5, blen);
+        body[blen] = 0;
+        c->rb.start += 1 + (size_t)len;
+        if (c->scram->stage == 1)
+            scram_first(c, body, blen);
+        else
+            scram_final(c, body, blen);
+        PyMem_Free(body);
+    }
+    /* Failed: the client is being closed; nothing it sent after matters. */
+    if (!c->scram && (c->flags & (F_CLOSED | F_CLOSING))) {
+        c->rb.start = c->rb.end = 0;
+        buf_shrink(&c->rb);
+    }
+    Py_DECREF(c);
+}
+
+/* Answer a client's SCRAM login in the engine (see above); returns the AuthenticationSASL
+ * message for Python to send. */
+static PyObject *conn_scram_login(ConnObject *c, PyObject *args) {
+    Py_buffer stored, server;
+    PyObject *salt_b64;
+    long iterations;
+    int valid;
+    if (!PyArg_ParseTuple(args, "y*y*O!lp", &stored, &server, &PyBytes_Type, &salt_b64,
+                          &iterations, &valid))
+        return NULL;
+    PyObject *out = NULL;
+    if (stored.len != SCRAM_KEY_LEN || server.len != SCRAM_KEY_LEN) {
+        PyErr_SetString(PyExc_ValueError, "SCRAM keys are 32 bytes");
+        goto done;
+    }
+    if (c->kind != KIND_CLIENT || c->mode != MODE_SLOW || c->scram) {
+        PyErr_SetString(PyExc_RuntimeError, "not a client connection waiting for its login");
+        goto done;
+    }
+    Scram *sc = PyMem_Calloc(1, sizeof(Scram));
+    if (!sc) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    sc->stage = 1;
+    sc->valid = valid;
+    memcpy(sc->stored_key, stored.buf, SCRAM_KEY_LEN);
+    memcpy(sc->server_key, server.buf, SCRAM_KEY_LEN);
+    sc->salt_b64 = Py_NewRef(salt_b64);
+    sc->iterations = iterations;
+    c->scram = sc;
+    static const char mechanisms[] = "SCRAM-SHA-256\0";
+    out = auth_message(10, mechanisms, sizeof mechanisms); /* the list ends with an empty name */
+done:
+    PyBuffer_Release(&stored);
+    PyBuffer_Release(&server);
+    return out;
+}
+
 /* -- reading ----------------------------------------------------------------------------- */
 static void conn_close_fd(ConnObject *c) {
     if (c->flags & F_CLOSED) return;
@@ -883,6 +1385,7 @@ static void conn_close_fd(ConnObject *c) {
     c->fd = -1;
     buf_free(&c->rb);
     buf_free(&c->wb);
+    scram_free(c);
     c->engine->n_conns--;
 }
 
@@ -925,7 +1428,153 @@ static void lost_errno(ConnObject *c, int err) {
     Py_XDECREF(exc);
 }
 
+static ConnObject *new_conn(EngineObject *e, int fd, PyObject *protocol, PyObject *extra,
+                            int kind);
+
+/* An address as asyncio gives it: (host, port) for IPv4, (host, port, flowinfo, scope_id) for
+ * IPv6, "" for a unix socket. */
+static PyObject *address_tuple(const struct sockaddr_storage *a) {
+    char host[INET6_ADDRSTRLEN];
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)a;
+        if (!inet_ntop(AF_INET, &in->sin_addr, host, sizeof host)) host[0] = 0;
+        return Py_BuildValue("(si)", host, (int)ntohs(in->sin_port));
+    }
+    if (a->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)a;
+        if (!inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host)) host[0] = 0;
+        return Py_BuildValue("(siII)", host, (int)ntohs(in6->sin6_port),
+                             (unsigned)ntohl(in6->sin6_flowinfo), (unsigned)in6->sin6_scope_id);
+    }
+    return PyUnicode_FromString("");
+}
+
+/* A new client on a listening socket: its own Conn in SLOW mode, the protocol from
+ * handler.new_client(), then protocol.connection_made(conn), as an asyncio server does. */
+static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *peer) {
+    EngineObject *e = l->engine;
+    int one = 1;
+    if (peer->ss_family == AF_INET || peer->ss_family == AF_INET6) {
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (l->flags & F_KEEPALIVE) setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    }
+    struct sockaddr_storage local;
+    socklen_t llen = sizeof local;
+    if (getsockname(fd, (struct sockaddr *)&local, &llen) < 0) local.ss_family = AF_UNSPEC;
+    PyObject *extra = PyDict_New(), *pv = address_tuple(peer), *lv = address_tuple(&local);
+    PyObject *proto = NULL;
+    ConnObject *c = NULL;
+    if (!extra || !pv || !lv || PyDict_SetItemString(extra, "peername", pv) < 0 ||
+        PyDict_SetItemString(extra, "sockname", lv) < 0)
+        goto fail;
+    proto = PyObject_CallMethod(l->protocol, "new_client", NULL);
+    if (!proto) goto fail;
+    c = new_conn(e, fd, proto, extra, KIND_CLIENT);
+    fd = -1; /* new_conn owns it, even when it fails */
+    if (!c) goto fail;
+    c->flags |= F_STARTUP;
+    PyObject *r = PyObject_CallMethod(proto, "connection_made", "O", (PyObject *)c);
+    if (!r) {
+        report_error(e);
+        conn_lost(c, NULL);
+    }
+    Py_XDECREF(r);
+    goto done;
+fail:
+    report_error(e);
+    if (fd >= 0) close(fd);
+done:
+    Py_XDECREF(c);
+    Py_XDECREF(proto);
+    Py_XDECREF(extra);
+    Py_XDECREF(pv);
+    Py_XDECREF(lv);
+}
+
+static void listener_accept(ConnObject *l) {
+    for (int i = 0; i < ACCEPTS_PER_WAKE; i++) {
+        if (l->flags & (F_CLOSED | F_READ_PAUSED)) return;
+        struct sockaddr_storage peer;
+        socklen_t plen = sizeof peer;
+        memset(&peer, 0, sizeof peer);
+        int fd = accept4(l->fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            int err = errno;
+            if (err == EAGAIN || err == EWOULDBLOCK) return;
+            if (err == EINTR || err == ECONNABORTED || err == EPROTO) continue;
+            /* Out of descriptors or memory: stop accepting; Python resumes in a moment (as
+             * asyncio's accept_retry_delay), instead of epoll waking us in a tight loop. */
+            l->flags |= F_READ_PAUSED;
+            update_events(l);
+            PyObject *r = PyObject_CallMethod(l->protocol, "accept_failed", "i", err);
+            if (!r) report_error(l->engine);
+            Py_XDECREF(r);
+            return;
+        }
+        Py_INCREF(l);
+        accept_one(l, fd, &peer);
+        Py_DECREF(l);
+    }
+}
+
+/* A StartupMessage (protocol 3.x) read whole and alone, as a dict of its parameters; NULL
+ * (no exception) for anything else, which Python's StartupReader then reads and, if need be,
+ * refuses with the right message. Same rules as framing.parse_startup_packet. */
+static PyObject *startup_params(const unsigned char *p, size_t n) {
+    if (n < 9 || be32(p) != n || n > MAX_STARTUP_LENGTH || (be32(p + 4) >> 16) != 3) return NULL;
+    const char *body = (const char *)p + 8, *end = (const char *)p + n - 1;
+    if (*end != 0) return NULL;
+    PyObject *params = PyDict_New();
+    if (!params) return NULL;
+    while (body < end) {
+        size_t klen = strlen(body);
+        if (!klen || body + klen + 1 >= end + 1) goto bad;
+        const char *value = body + klen + 1;
+        if (value >= end) goto bad;
+        size_t vlen = strlen(value);
+        PyObject *k = PyUnicode_DecodeUTF8(body, (Py_ssize_t)klen, "strict");
+        PyObject *v = k ? PyUnicode_DecodeUTF8(value, (Py_ssize_t)vlen, "strict") : NULL;
+        int bad_item = !v || PyDict_SetItem(params, k, v) < 0;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (bad_item) goto bad;
+        body = value + vlen + 1;
+    }
+    if (body != end) goto bad;
+    PyObject *user = PyDict_GetItemString(params, "user"); /* the last one counts */
+    if (!user || !PyUnicode_GET_LENGTH(user)) goto bad;
+    return params;
+bad:
+    PyErr_Clear();
+    Py_DECREF(params);
+    return NULL;
+}
+
 static void on_readable(ConnObject *c) {
+    if (c->kind == KIND_LISTENER) {
+        listener_accept(c);
+        return;
+    }
+    if (c->scram) {
+        if (buf_reserve(&c->rb, 4096) < 0) {
+            PyErr_Clear();
+            conn_lost(c, NULL);
+            return;
+        }
+        ssize_t n = recv(c->fd, c->rb.p + c->rb.end, c->rb.cap - c->rb.end, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+            lost_errno(c, errno);
+            return;
+        }
+        if (n == 0) {
+            conn_lost(c, NULL);
+            return;
+        }
+        c->rb.end += (size_t)n;
+        scram_pump(c);
+        return;
+    }
     if (c->mode == MODE_SLOW) {
         char chunk[READ_CHUNK];
         ssize_t n = recv(c->fd, chunk, sizeof chunk, MSG_DONTWAIT);
@@ -937,6 +1586,31 @@ static void on_readable(ConnObject *c) {
         if (n == 0) {
             conn_lost(c, NULL);
             return;
+        }
+        if (c->flags & F_STARTUP) {
+            /* An engine listener serves no TLS (with client TLS configured the pooler keeps
+             * asyncio's listeners), so an SSLRequest or GSSENCRequest gets 'N' here, as
+             * Python would answer it. Only a packet read whole and alone: bytes behind it
+             * (CVE-2021-23214) or a split read go to Python, which knows what to do. */
+            if (n == 8 && be32((unsigned char *)chunk) == 8 &&
+                (be32((unsigned char *)chunk + 4) == SSL_REQUEST_CODE ||
+                 be32((unsigned char *)chunk + 4) == GSSENC_REQUEST_CODE)) {
+                if (conn_send(c, "N", 1) < 0) lost_errno(c, errno);
+                return;
+            }
+            c->flags &= ~F_STARTUP;
+            PyObject *params = startup_params((unsigned char *)chunk, (size_t)n);
+            if (params) {
+                PyObject *r = PyObject_CallMethod(c->protocol, "startup_received", "iO",
+                                                  (int)be32((unsigned char *)chunk + 4), params);
+                Py_DECREF(params);
+                if (!r) {
+                    report_error(c->engine);
+                    conn_lost(c, NULL);
+                }
+                Py_XDECREF(r);
+                return;
+            }
         }
         PyObject *data = PyBytes_FromStringAndSize(chunk, n);
         PyObject *r = data ? PyObject_CallMethod(c->protocol, "data_received", "O", data) : NULL;
@@ -1046,6 +1720,7 @@ static void conn_dealloc(ConnObject *c) {
     }
     buf_free(&c->rb);
     buf_free(&c->wb);
+    scram_free(c);
     conn_clear(c);
     Py_XDECREF(c->pool);
     Py_XDECREF(c->engine);
@@ -1223,6 +1898,9 @@ static PyMethodDef conn_methods[] = {
     {"set_fast", (PyCFunction)conn_set_fast, METH_VARARGS,
      "set_fast(pool, params_id, expires=0): enter the fast path."},
     {"eject", (PyCFunction)conn_eject, METH_NOARGS, "Take the connection back from the fast path."},
+    {"scram_login", (PyCFunction)conn_scram_login, METH_VARARGS,
+     "scram_login(stored_key, server_key, salt_b64, iterations, valid) -> bytes: run this "
+     "client's SCRAM-SHA-256 exchange in the engine; returns the AuthenticationSASL message."},
     {"set_hold", (PyCFunction)conn_set_hold, METH_O,
      "A held server goes back to Python when released instead of being lent again."},
     {NULL}};
@@ -1509,19 +2187,20 @@ static PyObject *engine_fileno(EngineObject *e, PyObject *unused) {
     return PyLong_FromLong(e->epfd);
 }
 
-/* Adopt a connected socket (the engine owns ``fd`` from now on). */
-static PyObject *engine_connection(EngineObject *e, PyObject *args) {
-    int fd, kind;
-    PyObject *protocol, *extra;
-    if (!PyArg_ParseTuple(args, "iOO!p", &fd, &protocol, &PyDict_Type, &extra, &kind)) return NULL;
+/* A Conn for ``fd``, registered with epoll; NULL with an exception (``fd`` is closed then). */
+static ConnObject *new_conn(EngineObject *e, int fd, PyObject *protocol, PyObject *extra,
+                            int kind) {
     ConnObject *c = PyObject_GC_New(ConnObject, &ConnType);
-    if (!c) return NULL;
+    if (!c) {
+        close(fd);
+        return NULL;
+    }
     memset((char *)c + sizeof(PyObject), 0, sizeof(ConnObject) - sizeof(PyObject));
     c->engine = (EngineObject *)Py_NewRef(e);
     c->protocol = Py_NewRef(protocol);
-    c->extra = Py_NewRef(extra);
+    c->extra = Py_XNewRef(extra);
     c->fd = fd;
-    c->kind = kind ? KIND_SERVER : KIND_CLIENT;
+    c->kind = kind;
     c->mode = MODE_SLOW;
     c->txn = 'I';
     e->n_conns++;
@@ -1534,9 +2213,28 @@ static PyObject *engine_connection(EngineObject *e, PyObject *args) {
         Py_DECREF(c);
         Py_DECREF(c);
         errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
     }
-    return (PyObject *)c;
+    return c;
+}
+
+/* Adopt a connected socket (the engine owns ``fd`` from now on). */
+static PyObject *engine_connection(EngineObject *e, PyObject *args) {
+    int fd, kind;
+    PyObject *protocol, *extra;
+    if (!PyArg_ParseTuple(args, "iOO!p", &fd, &protocol, &PyDict_Type, &extra, &kind)) return NULL;
+    return (PyObject *)new_conn(e, fd, protocol, extra, kind ? KIND_SERVER : KIND_CLIENT);
+}
+
+/* Accept clients on a listening socket (the engine owns ``fd``; close() stops it). */
+static PyObject *engine_listen(EngineObject *e, PyObject *args) {
+    int fd, keepalive;
+    PyObject *handler;
+    if (!PyArg_ParseTuple(args, "iOp", &fd, &handler, &keepalive)) return NULL;
+    ConnObject *l = new_conn(e, fd, handler, NULL, KIND_LISTENER);
+    if (l && keepalive) l->flags |= F_KEEPALIVE;
+    return (PyObject *)l;
 }
 
 static PyObject *engine_pool(EngineObject *e, PyObject *args) {
@@ -1622,6 +2320,9 @@ static PyMethodDef engine_methods[] = {
     {"fileno", (PyCFunction)engine_fileno, METH_NOARGS, "The epoll fd the event loop watches."},
     {"connection", (PyCFunction)engine_connection, METH_VARARGS,
      "connection(fd, protocol, extra_info, is_server) -> Conn: adopt a connected socket."},
+    {"listen", (PyCFunction)engine_listen, METH_VARARGS,
+     "listen(fd, handler, keepalive) -> Conn: accept clients on a listening socket; for each, "
+     "handler.new_client() gives the protocol, then protocol.connection_made(conn)."},
     {"pool", (PyCFunction)engine_pool, METH_VARARGS,
      "pool(handler, wait_bucket_bounds) -> FastPool."},
     {"run", (PyCFunction)engine_run, METH_NOARGS, "Serve the sockets that are ready."},
@@ -1664,6 +2365,22 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     if (PyType_Ready(&ConnType) < 0 || PyType_Ready(&PoolType) < 0 ||
         PyType_Ready(&EngineType) < 0)
         return NULL;
+    PyObject *hmac_mod = PyImport_ImportModule("hmac");
+    PyObject *hashlib_mod = hmac_mod ? PyImport_ImportModule("hashlib") : NULL;
+    PyObject *binascii_mod = hashlib_mod ? PyImport_ImportModule("binascii") : NULL;
+    if (binascii_mod) {
+        py_hmac_digest = PyObject_GetAttrString(hmac_mod, "digest");
+        py_sha256 = PyObject_GetAttrString(hashlib_mod, "sha256");
+        py_b64encode = PyObject_GetAttrString(binascii_mod, "b2a_base64");
+        py_b64decode = PyObject_GetAttrString(binascii_mod, "a2b_base64");
+    }
+    Py_XDECREF(hmac_mod);
+    Py_XDECREF(hashlib_mod);
+    Py_XDECREF(binascii_mod);
+    if (!py_hmac_digest || !py_sha256 || !py_b64encode || !py_b64decode) return NULL;
+    kw_no_newline = Py_BuildValue("{sO}", "newline", Py_False);
+    kw_strict = Py_BuildValue("{sO}", "strict_mode", Py_True);
+    if (!kw_no_newline || !kw_strict) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||

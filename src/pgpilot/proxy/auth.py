@@ -68,6 +68,7 @@ class ScramSecret:
     server_key: bytes
 
 
+@functools.lru_cache(maxsize=4096)  # read at every login of the user: decoded once
 def parse_scram_secret(secret: str) -> ScramSecret | None:
     """``SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>``, or None if not that form."""
     if not secret.startswith("SCRAM-SHA-256$"):
@@ -109,6 +110,12 @@ def _hmac(key: bytes, msg: bytes) -> bytes:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+@functools.lru_cache(maxsize=1024)
+def scram_salt_b64(salt: bytes) -> bytes:
+    """A salt as server-first-message shows it (base64); kept, since a user's salt stays."""
+    return base64.b64encode(salt)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -342,6 +349,20 @@ class ScramAuth(ClientAuth):
             self.stage = 2
             return m.auth_sasl_final(b"v=" + base64.b64encode(signature)), True
         raise ProtocolError("unexpected SASL message after authentication completed")
+
+
+def scram_secret_for(auth_type: str, secret: str) -> ScramSecret | None:
+    """The SCRAM secret :func:`client_auth_for` would check a login against, or None when its
+    exchange is not SCRAM or cannot succeed (an empty secret): what the fast path's engine
+    needs to run the exchange itself."""
+    if not secret:
+        return None
+    parsed = parse_scram_secret(secret)
+    if auth_type == "md5":
+        return parsed
+    if auth_type == "scram-sha-256" and not is_md5_secret(secret):
+        return parsed if parsed is not None else _derived_scram_secret(secret)
+    return None
 
 
 def client_auth_for(auth_type: str, user: str, secret: str) -> ClientAuth:

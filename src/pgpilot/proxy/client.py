@@ -21,7 +21,15 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pgpilot.proxy.auth import AuthFailed, ClientAuth, client_auth_for, mock_scram_secret
+from pgpilot.proxy.auth import (
+    AuthFailed,
+    ClientAuth,
+    ScramAuth,
+    client_auth_for,
+    mock_scram_secret,
+    scram_salt_b64,
+    scram_secret_for,
+)
 from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.prepared import StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
@@ -52,6 +60,8 @@ CLIENT_TYPES = frozenset({F.QUERY, F.SYNC, F.PARSE, F.BIND, F.EXECUTE, F.DESCRIB
 # Messages of the extended protocol that leave work pending until the next Sync.
 UNSYNCED_TYPES = frozenset({F.PARSE, F.BIND, F.EXECUTE, F.DESCRIBE, F.CLOSE})
 TERMINATE = m.terminate()
+# Any secret: a ScramAuth made only to word the refusal of a malformed message.
+_REFUSAL_SECRET = mock_scram_secret("")
 # Startup parameters every client may send without the pooler rejecting it.
 ALWAYS_ACCEPTED = frozenset({"user", "database"})
 
@@ -167,8 +177,7 @@ class ClientConnection(asyncio.Protocol):
         self._reader = MessageReader(CLIENT_TYPES)
         self._auth: ClientAuth | None = None
         self._auth_known_user = False
-        # Password messages are small; PostgreSQL caps SASL tokens at 64 kB.
-        self._auth_reader = MessageReader(max_body=65_536)
+        self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
         self._held = b""  # start of a message that may need rewriting once complete
         self.router: StatementRouter | None = None
@@ -287,14 +296,35 @@ class ClientConnection(asyncio.Protocol):
         assert isinstance(packet, StartupMessage)
         rest = self._startup.take_rest()
         self._startup = None
-        tls_mode = self.pooler.config.client_tls_sslmode
-        if not self.tls and self.addr != "unix" and tls_mode in CLIENT_TLS_REQUIRED:
-            self.fail("28000", "SSL required", hint=f"The pooler has client_tls_sslmode = "
-                      f"{tls_mode}: connect with sslmode=require (or verify-ca/verify-full).")
+        if self._tls_refused():
             return
         self._startup_message(packet)
         if rest:
             self.data_received(rest)
+
+    def _tls_refused(self) -> bool:
+        """client_tls_sslmode requires TLS and this client came without: refuse it."""
+        tls_mode = self.pooler.config.client_tls_sslmode
+        if not self.tls and self.addr != "unix" and tls_mode in CLIENT_TLS_REQUIRED:
+            self.fail("28000", "SSL required", hint=f"The pooler has client_tls_sslmode = "
+                      f"{tls_mode}: connect with sslmode=require (or verify-ca/verify-full).")
+            return True
+        return False
+
+    def startup_received(self, protocol: int, params: dict[str, str]) -> None:
+        """The fast path's engine read this client's StartupMessage, whole and with nothing
+        behind it, and checked it as ``parse_startup_packet`` does."""
+        self.last_activity = time.monotonic()
+        self._startup = None
+        self._cork = bytearray()
+        try:
+            if not self._tls_refused():
+                self._startup_message(StartupMessage(protocol, params))
+        except ProtocolError as exc:
+            log.warning("%r protocol violation: %s", self, exc)
+            self.fail(exc.sqlstate, f"protocol violation: {exc.message}")
+        finally:
+            self._uncork()
 
     def restart_startup(self) -> None:
         """After a TLS upgrade, the startup packet comes again over the encrypted stream."""
@@ -354,13 +384,24 @@ class ClientConnection(asyncio.Protocol):
             # like a wrong password (no user enumeration).
             secret = (mock_scram_secret(self.user) if auth_type == "scram-sha-256"
                       else secrets.token_hex(16))
+        transport = self.transport
+        if is_fast_conn(transport):
+            key = scram_secret_for(auth_type, secret)
+            if key is not None:
+                # The engine runs the two SCRAM round trips itself (_fastpath.c), then calls
+                # scram_passed() or scram_failed().
+                self.write(transport.scram_login(  # type: ignore[union-attr]
+                    key.stored_key, key.server_key, scram_salt_b64(key.salt), key.iterations,
+                    known))
+                return
         try:
-            self._auth = client_auth_for(auth_type, self.user, secret)
+            auth = client_auth_for(auth_type, self.user, secret)
         except ValueError:
             self.fail("28000", f"auth_type {auth_type} is not supported")
             return
+        self._auth = auth
         self._auth_known_user = known
-        self.write(self._auth.start())
+        self.write(auth.start())
 
     def _cert_login(self) -> None:
         """auth_type = cert: a verified TLS client certificate whose CommonName is the user
@@ -383,7 +424,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _auth_data(self, data: bytes) -> None:
         assert self._auth is not None
-        for mtype, body in self._auth_reader.feed(data):
+        if self._auth_reader is None:
+            # Password messages are small; PostgreSQL caps SASL tokens at 64 kB.
+            self._auth_reader = MessageReader(max_body=65_536)
+        reader = self._auth_reader
+        for index, (mtype, body) in enumerate(reader.feed(data)):
             if mtype != F.PASSWORD or body is None:
                 self.fail("08P01", "expected a password message during authentication")
                 return
@@ -403,8 +448,51 @@ class ClientConnection(asyncio.Protocol):
                 if client_key is not None:
                     self.pooler.scram_client_keys[self.user] = client_key
                 self._auth = None
+                # What came behind the last password message is the first query: kept for
+                # after the welcome, not dropped with the reader.
+                self._pending += data[reader.ends[index]:]
                 self.logged_in()
                 return
+
+    def scram_passed(self, final_message: bytes, client_key: bytes, rest: bytes) -> None:
+        """The engine checked this client's SCRAM proof: log it in. ``rest``: what the client
+        sent behind its proof, served after the welcome."""
+        self._cork = bytearray(final_message)
+        self._pending += rest
+        try:
+            # The proof gave away ClientKey (SCRAM pass-through, see ScramAuth).
+            self.pooler.scram_client_keys[self.user] = client_key
+            self.logged_in()
+        finally:
+            self._uncork()
+
+    def scram_failed(self, kind: int, text: str | None) -> None:
+        """The engine's SCRAM exchange ended in a wrong proof (kind 0), a malformed message
+        (1: a protocol violation, 2: told as it is) or an error of its own (3)."""
+        if kind == 0:
+            text = f'password authentication failed for user "{self.user}"'
+            log.warning("%r login failed: %s", self, text)
+            self.pooler.auth_failures += 1
+            self.fail("28P01", text)
+        elif kind == 3:
+            log.error("%r login failed in the fast path: %s", self, text)
+            self.fail("XX000", f"internal error during authentication: {text}")
+        else:
+            if kind == 1:
+                text = f"protocol violation: {text}"
+            log.warning("%r %s", self, text)
+            self.fail("08P01", text or "protocol violation")
+
+    def scram_first_refused(self, body: bytes) -> None:
+        """The engine will not take this SASLInitialResponse: Python's parser reads it again
+        to say why, in the words of the Python path."""
+        try:
+            ScramAuth(self.user, _REFUSAL_SECRET).step(body)
+        except ProtocolError as exc:
+            text = exc.message
+        else:  # the two parsers disagree: refuse, as the engine did
+            text = "malformed SCRAM message"
+        self.scram_failed(1, text)
 
     def logged_in(self, auth_ok_sent: bool = False) -> None:
         """Credentials are good: tell the client and prepare its welcome."""

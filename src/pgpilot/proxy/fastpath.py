@@ -1,7 +1,9 @@
 """The bridge between the pooler's Python objects and its compiled fast path (``_fastpath.c``).
 
-After login, plain-TCP client and server sockets leave their asyncio transports for the C
-engine (:func:`FastPath.adopt`); the engine's ``Conn`` becomes the protocol's ``transport``, so
+Plain-TCP clients are accepted by the engine itself (:class:`Listener`), so their whole login
+runs on an engine ``Conn`` and no asyncio transport is ever made for them; servers (and
+clients of listeners the engine does not serve) leave their asyncio transports for the engine
+after login (:func:`FastPath.adopt`). The ``Conn`` is the protocol's ``transport``, so
 everything in ``client.py`` / ``server.py`` works unchanged on it. In transaction and statement
 pools a :class:`Lane` lets the engine do the common work itself: forward simple-protocol and
 unnamed extended-protocol traffic, lend an idle server at a client's request and take it back
@@ -22,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pgpilot.proxy import prepared
@@ -47,9 +51,6 @@ _OWED_KIND = {ord("Q"): prepared.QUERY, ord("P"): prepared.PARSE, ord("B"): prep
               ord("S"): prepared.SYNC}
 EJECT_LINKED = 1
 EJECT_ATTACH = 2
-# The parameters a pair must share for the engine to link it without a SET (attach()).
-_PARAM_NAMES = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
-                "standard_conforming_strings", "application_name")
 
 
 def available() -> bool:
@@ -85,8 +86,11 @@ class FastPath:
         log.error("fast path callback failed", exc_info=exc)
 
     def params_id(self, params: dict[str, str]) -> int:
-        """A small number per distinct set of tracked parameter values."""
-        key = tuple(params.get(name) for name in _PARAM_NAMES)
+        """A small number per distinct set of the tracked parameter values a pair must share
+        for the engine to link it without a SET (attach())."""
+        get = params.get
+        key = (get("client_encoding"), get("DateStyle"), get("TimeZone"), get("IntervalStyle"),
+               get("standard_conforming_strings"), get("application_name"))
         found = self._params_ids.get(key)
         if found is None:
             found = self._params_ids[key] = len(self._params_ids) + 1
@@ -123,6 +127,11 @@ class FastPath:
         proto.transport = conn
         return True
 
+    def listen(self, sock: socket.socket, new_client: Callable[[], asyncio.Protocol],
+               keepalive: bool) -> Listener:
+        """Accept clients on ``sock`` (bound and listening) in the engine."""
+        return Listener(self, sock, new_client, keepalive)
+
     # -- a consistent Python view -------------------------------------------------------
     def settle(self) -> None:
         """Bring every pair and idle server back to Python, and fold in the counters."""
@@ -152,6 +161,68 @@ class FastPath:
                     pool.idle.append(server)
             for client in list(pool.clients):
                 client.enter_fast()
+
+
+class Listener(asyncio.AbstractServer):
+    """A listening socket served by the engine: it accepts, and makes each client's ``Conn``
+    and protocol, with no asyncio transport in between. Looks like the asyncio server it
+    replaces to the rest of the pooler (``sockets``, ``close``, ``wait_closed``)."""
+
+    # As asyncio's accept_retry_delay: after EMFILE and the like, try again in a second.
+    ACCEPT_RETRY_DELAY = 1.0
+
+    def __init__(self, fast: FastPath, sock: socket.socket,
+                 new_client: Callable[[], asyncio.Protocol], keepalive: bool) -> None:
+        self.fast = fast
+        self.sock = sock
+        self.new_client = new_client
+        self._closed = asyncio.Event()
+        # The engine owns a duplicate; ``sock`` stays open for getsockname() until close().
+        self._conn = fast.engine.listen(os.dup(sock.fileno()), self, keepalive)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return () if self._closed.is_set() else (self.sock,)
+
+    def accept_failed(self, err: int) -> None:
+        log.error("accept failed: %s; retrying in %.0f s", os.strerror(err),
+                  self.ACCEPT_RETRY_DELAY)
+        self.fast.loop.call_later(self.ACCEPT_RETRY_DELAY, self._resume)
+
+    def _resume(self) -> None:
+        if not self._closed.is_set():
+            self._conn.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass  # the engine closed its copy of the socket after close()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._conn.close()
+        self.sock.close()
+
+    def detach(self) -> socket.socket:
+        """Stop accepting here and give the listening socket (still open) to the caller."""
+        self._closed.set()
+        self._conn.close()
+        return self.sock
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.fast.loop
+
+    def is_serving(self) -> bool:
+        return not self._closed.is_set()
+
+    async def start_serving(self) -> None:
+        pass  # serving from the start
+
+    async def serve_forever(self) -> None:
+        await self._closed.wait()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
 
 
 class Lane:
@@ -345,4 +416,4 @@ def fast_client_overdue(client: ClientConnection, now: float, idle_limit: float,
                 and now - query_started > query_limit)
 
 
-__all__ = ["FastPath", "Lane", "available", "fast_client_overdue", "is_fast_conn"]
+__all__ = ["FastPath", "Lane", "Listener", "available", "fast_client_overdue", "is_fast_conn"]

@@ -3,6 +3,11 @@
 Each accepted connection becomes a :class:`ClientConnection`, which handles the startup packet
 itself (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage); cancel requests are routed by
 the pooler to the one server the named client is using.
+
+With the compiled fast path and no client TLS, the TCP sockets are served by the fast path's
+engine (:class:`pgpilot.proxy.fastpath.Listener`): a client then never gets an asyncio
+transport, which makes a new connection much cheaper (``pgbench -C``). With client TLS the
+asyncio servers stay, since the TLS upgrade needs an asyncio transport.
 """
 
 from __future__ import annotations
@@ -30,11 +35,17 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     def factory() -> ClientConnection:
         return ClientConnection(pooler)
 
+    reuse_port = cfg.so_reuseport or cfg.workers > 1
     for addr in cfg.listen_addresses:
         host: str | None = None if addr == "*" else addr
+        if pooler.fast is not None and pooler.ssl_context is None:
+            for sock in await bind_tcp(host, cfg.listen_port, cfg.listen_backlog, reuse_port):
+                servers.append(pooler.fast.listen(sock, factory, cfg.tcp_keepalive))
+            log.info("listening on %s:%d", addr, cfg.listen_port)
+            continue
         server = await loop.create_server(
             factory, host=host, port=cfg.listen_port, backlog=cfg.listen_backlog,
-            reuse_address=True, reuse_port=cfg.so_reuseport or cfg.workers > 1)
+            reuse_address=True, reuse_port=reuse_port)
         for sock in server.sockets:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -64,6 +75,49 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     if not servers:
         raise OSError("no listening socket: set listen_addr or unix_socket_dir")
     return servers
+
+
+async def serve_socket(pooler: Pooler, sock: socket.socket) -> asyncio.AbstractServer:
+    """An asyncio server on a listening socket the fast path's engine served until now."""
+    def factory() -> ClientConnection:
+        return ClientConnection(pooler)
+
+    return await asyncio.get_running_loop().create_server(factory, sock=sock)
+
+
+async def bind_tcp(host: str | None, port: int, backlog: int,
+                   reuse_port: bool) -> list[socket.socket]:
+    """Listening TCP sockets for ``host`` (None: every interface), as loop.create_server
+    binds them: one per address family, IPv6 sockets IPv6-only, non-blocking."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, family=socket.AF_UNSPEC,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _name, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(exc.errno, f"error while attempting to bind on address "
+                              f"{address!r}: {exc.strerror}") from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class _HeldDuringHandshake(asyncio.Protocol):

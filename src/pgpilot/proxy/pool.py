@@ -360,6 +360,8 @@ class Pool:
             self.launch_if_needed()
 
     def cancel_wait(self, client: ClientConnection) -> None:
+        if not self.waiting:
+            return  # (deque.remove of a missing client would build an error, repr and all)
         try:
             self.waiting.remove(client)
         except ValueError:

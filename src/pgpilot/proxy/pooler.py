@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
-import secrets
 import ssl
 import time
 from collections.abc import Callable
@@ -159,6 +159,27 @@ class Pooler:
         for listener in self._listeners:
             listener.close()
 
+    def _listeners_to_asyncio(self) -> None:
+        """Client TLS is on now: the fast path's listeners (which serve no TLS) hand their
+        sockets to asyncio servers, which can upgrade a connection after SSLRequest. The
+        listening sockets stay open throughout: no client is refused meanwhile."""
+        from pgpilot.proxy.fastpath import Listener
+        from pgpilot.proxy.listener import serve_socket
+
+        for index, listener in enumerate(self._listeners):
+            if isinstance(listener, Listener):
+                sock = listener.detach()
+                task = asyncio.get_running_loop().create_task(serve_socket(self, sock))
+                self.track_task(task)
+                task.add_done_callback(functools.partial(self._listener_replaced, index))
+
+    def _listener_replaced(self, index: int, task: asyncio.Task[asyncio.AbstractServer]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            log.error("could not serve a listening socket with TLS: %s",
+                      "cancelled" if task.cancelled() else task.exception())
+            return
+        self._listeners[index] = task.result()
+
     def reload(self, config: Config) -> None:
         """Apply a new configuration without dropping anyone (SIGHUP / RELOAD)."""
         from pgpilot.proxy.tls import client_ssl_context, server_ssl_context, server_tls_settings
@@ -175,6 +196,8 @@ class Pooler:
         tls_changed = server_tls_settings(old) != server_tls_settings(config)
         self.config = config
         self.ssl_context, self.server_ssl_context = client_ctx, server_ctx
+        if client_ctx is not None:
+            self._listeners_to_asyncio()
         for (db_name, _user), pool in list(self.pools.items()):
             new_db = config.database_for(db_name)
             if new_db is None or tls_changed or _server_side(new_db) != _server_side(pool.db):
@@ -223,7 +246,9 @@ class Pooler:
         if self.stopping:
             client.fail("57P03", "pgpilot is shutting down")
             return False
-        count = sum(len(g) for s, g in self.clients.items() if s is not ClientState.CLOSED)
+        clients = self.clients
+        count = (len(clients[ClientState.LOGIN]) + len(clients[ClientState.ACTIVE])
+                 + len(clients[ClientState.WAITING]))
         if count > self.config.max_client_conn:
             log.warning("%r refused: max_client_conn (%d) reached", client,
                         self.config.max_client_conn)
@@ -274,7 +299,9 @@ class Pooler:
             client.fail("08P01", "protocol violation: SSLRequest on an encrypted connection")
             return
         if self.ssl_context is None or self.config.client_tls_sslmode == "disable" \
-                or client.addr == "unix":
+                or client.addr == "unix" or is_fast_conn(client.transport):
+            # (A client the fast path accepted before a RELOAD turned TLS on: its socket is
+            # the engine's, which speaks no TLS.)
             client.write(b"N")
             return
         from pgpilot.proxy.listener import upgrade_client_tls
@@ -329,12 +356,15 @@ class Pooler:
     # -- cancel -------------------------------------------------------------------------
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         while True:
+            # One read of the system's CSPRNG for both numbers.
+            bits = int.from_bytes(os.urandom(8), "big")
             if self.worker is None:
-                pid = secrets.randbelow(0x7FFF_FFFF) + 1
+                pid = (bits >> 32) % 0x7FFF_FFFF + 1
             else:
                 # The owning worker's index rides in the top bits (cancel routing).
-                pid = (self.worker.index << WORKER_SHIFT) | (secrets.randbits(WORKER_SHIFT) | 1)
-            key = secrets.randbits(31)
+                pid = (self.worker.index << WORKER_SHIFT) | (
+                    (bits >> 32) & ((1 << WORKER_SHIFT) - 1) | 1)
+            key = bits & 0x7FFF_FFFF
             if (pid, key) not in self.cancel_keys:
                 self.cancel_keys[(pid, key)] = client
                 return pid, key

@@ -1,0 +1,459 @@
+"""Logins served by the fast path's engine: its listener, its SSLRequest answer, its SCRAM.
+
+With the extension built and no client TLS, the engine accepts clients itself and runs the
+SCRAM-SHA-256 exchange in C (``_fastpath.c``); with ``fast_path = 0`` the same logins go through
+asyncio and ``auth.ScramAuth``. These tests drive both with raw protocol bytes, good and
+malformed, and require the same answers from each: the same messages, the same SQLSTATEs and
+texts for every refusal, a ServerSignature that proves the pooler holds the secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgpilot.proxy import fastpath
+from pgpilot.proxy.auth import ScramAuth
+from pgpilot.proxy.client import ClientConnection
+from pgpilot.proxy.states import ClientState
+from tests.proxy.conftest import RunningProxy, wait_until
+
+pytestmark = pytest.mark.skipif(not fastpath.available() and os.environ.get("CI") != "true",
+                                reason="fast path not built (no C compiler at install)")
+
+PASSWORD = "carol-Secret3"
+SALT = b"0123456789abcdef"
+
+
+def scram_secret(password: str, salt: bytes = SALT, iterations: int = 4096) -> str:
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    stored = hashlib.sha256(client_key).digest()
+    return (f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored)}:{b64(server_key)}")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def proxies(proxy_factory: Callable[..., RunningProxy],
+            pg_params: dict[str, str]) -> dict[str, RunningProxy]:
+    """The same SCRAM setup twice: served by the engine, and by Python (fast_path = 0)."""
+    made = {}
+    for name, fast in (("engine", 1), ("python", 0)):
+        made[name] = proxy_factory(
+            auth_type="scram-sha-256", fast_path=fast,
+            userlist={pg_params["user"]: "", "carol": scram_secret(PASSWORD),
+                      "plainpw": PASSWORD, "empty": ""},
+            databases={"test": f"host={pg_params['host']} port={pg_params['port']} "
+                               f"dbname={pg_params['dbname']} user={pg_params['user']}"})
+    return made
+
+
+# -- a raw client ---------------------------------------------------------------------------
+
+def startup_packet(user: str, database: str = "test") -> bytes:
+    body = struct.pack("!I", 196608) + b"".join(
+        k.encode() + b"\0" + v.encode() + b"\0" for k, v in (("user", user),
+                                                             ("database", database))) + b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def sasl_initial(data: bytes, mech: bytes = b"SCRAM-SHA-256") -> bytes:
+    return message(b"p", mech + b"\0" + struct.pack("!i", len(data)) + data)
+
+
+class Raw:
+    """A protocol-level client: sends bytes, reads whole messages."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read(self) -> tuple[bytes, bytes]:
+        head = self.read_exact(5)
+        return head[:1], self.read_exact(struct.unpack("!I", head[1:])[0] - 4)
+
+    def read_until_end(self) -> list[tuple[bytes, bytes]]:
+        """Messages until ReadyForQuery or an ErrorResponse followed by the close."""
+        out = []
+        while True:
+            try:
+                kind, body = self.read()
+            except (EOFError, ConnectionResetError):
+                return out
+            out.append((kind, body))
+            if kind == b"Z":
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def error_fields(body: bytes) -> dict[str, str]:
+    return {part[:1].decode(): part[1:].decode() for part in body.split(b"\0") if part}
+
+
+def auth_code(body: bytes) -> int:
+    return int(struct.unpack("!I", body[:4])[0])
+
+
+class Scram:
+    """The client side of SCRAM-SHA-256, with hooks to break each message."""
+
+    def __init__(self, password: str = PASSWORD, flag: str = "n") -> None:
+        self.password = password
+        self.gs2 = f"{flag},,"
+        self.nonce = b64(os.urandom(18))
+        self.first_bare = f"n=,r={self.nonce}"
+        self.server_signature = b""
+        self.server_first = ""
+
+    def first(self, extra: str = "") -> bytes:
+        self.first_bare += extra  # extensions are part of AuthMessage
+        return (self.gs2 + self.first_bare).encode()
+
+    def final(self, server_first: bytes, extension: str = "") -> bytes:
+        self.server_first = server_first.decode()
+        attrs = dict(a.split("=", 1) for a in self.server_first.split(","))
+        salted = hashlib.pbkdf2_hmac("sha256", self.password.encode(),
+                                     base64.b64decode(attrs["s"]), int(attrs["i"]))
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        without_proof = f"c={b64(self.gs2.encode())},r={attrs['r']}{extension}"
+        auth_message = f"{self.first_bare},{self.server_first},{without_proof}".encode()
+        signature = hmac.digest(hashlib.sha256(client_key).digest(), auth_message, "sha256")
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        self.server_signature = hmac.digest(hmac.digest(salted, b"Server Key", "sha256"),
+                                            auth_message, "sha256")
+        return f"{without_proof},p={b64(proof)}".encode()
+
+
+def outcome(messages: list[tuple[bytes, bytes]]) -> list[tuple[str, ...]]:
+    """What a login ended with, comparable between the two proxies (no keys, no nonces)."""
+    out: list[tuple[str, ...]] = []
+    for kind, body in messages:
+        if kind == b"E":
+            f = error_fields(body)
+            out.append(("E", f["S"], f["C"], f["M"]))
+        elif kind == b"R":
+            out.append(("R", str(auth_code(body))))
+        elif kind in (b"S", b"Z"):
+            out.append((kind.decode(), body.decode()))
+        else:
+            out.append((kind.decode(),))
+    return out
+
+
+def login(port: int, user: str = "carol", *, scram: Scram | None = None,
+          first_extra: str = "", mangle_first: bytes | None = None,
+          mangle_final: Callable[[bytes], bytes] | None = None, final_extension: str = "",
+          mech: bytes = b"SCRAM-SHA-256", ssl_request: bool = False,
+          chunked: bool = False, after_final: bytes = b"") -> list[tuple[bytes, bytes]]:
+    """One login, broken where asked; every message the pooler answered with."""
+    scram = scram or Scram()
+    raw = Raw(port)
+    send = (lambda data: [raw.send(data[i:i + 1]) for i in range(len(data))]) if chunked \
+        else raw.send
+    try:
+        if ssl_request:
+            send(struct.pack("!II", 8, 80877103))
+            assert raw.read_exact(1) == b"N"
+        send(startup_packet(user))
+        kind, body = raw.read()
+        got = [(kind, body)]
+        if kind != b"R" or auth_code(body) != 10:
+            return got + raw.read_until_end()
+        assert body[4:] == b"SCRAM-SHA-256\0\0"
+        send(sasl_initial(mangle_first if mangle_first is not None
+                          else scram.first(first_extra), mech))
+        kind, body = raw.read()
+        got.append((kind, body))
+        if kind != b"R":
+            return got + raw.read_until_end()
+        final = scram.final(body[4:], final_extension)
+        if mangle_final is not None:
+            final = mangle_final(final)
+        send(message(b"p", final) + after_final)
+        return got + raw.read_until_end()
+    finally:
+        raw.close()
+
+
+def both(proxies: dict[str, RunningProxy], **kw: Any) -> list[tuple[str, ...]]:
+    """The login's outcome, which must be the same from the engine and from Python."""
+    engine = outcome(login(proxies["engine"].port, **kw))
+    python = outcome(login(proxies["python"].port, **kw))
+    assert engine == python
+    return engine
+
+
+# -- the tests ------------------------------------------------------------------------------
+
+def test_engine_listener_runs_the_exchange_itself(proxies: dict[str, RunningProxy]) -> None:
+    """Mid-login, the engine's client has a Conn for transport and no Python exchange; the
+    Python pooler's has an asyncio transport and a ScramAuth."""
+    seen = {}
+    for name, proxy in proxies.items():
+        raw = Raw(proxy.port)
+        raw.send(startup_packet("carol"))
+        kind, body = raw.read()
+        assert kind == b"R" and auth_code(body) == 10
+
+        def login_client(proxy: RunningProxy = proxy) -> ClientConnection | None:
+            assert proxy.pooler is not None
+            group = proxy.pooler.clients[ClientState.LOGIN]
+            return next(iter(group)) if group else None
+
+        client = wait_until(lambda p=proxy: p.call(lambda: login_client(p)))
+        seen[name] = (fastpath.is_fast_conn(client.transport),
+                      isinstance(client._auth, ScramAuth))
+        raw.close()
+    assert seen == {"engine": (True, False), "python": (False, True)}
+
+
+@pytest.mark.parametrize("flag", ["n", "y"])
+@pytest.mark.parametrize("ssl_request", [False, True])
+def test_good_login(proxies: dict[str, RunningProxy], flag: str, ssl_request: bool) -> None:
+    for proxy in proxies.values():
+        scram = Scram(flag=flag)
+        got = login(proxy.port, scram=scram, ssl_request=ssl_request)
+        kinds = [k for k, _ in got]
+        assert kinds[:4] == [b"R", b"R", b"R", b"R"] and kinds[-1] == b"Z", got
+        assert [auth_code(b) for _, b in got[:4]] == [10, 11, 12, 0]
+        # SASLFinal proves the pooler holds the secret: the client checks it.
+        assert got[2][1][4:] == b"v=" + base64.b64encode(scram.server_signature)
+        assert b"K" in kinds and b"E" not in kinds
+
+
+def test_stored_plain_password_logs_in(proxies: dict[str, RunningProxy]) -> None:
+    """auth_file holds the password itself: the SCRAM secret is derived from it."""
+    result = both(proxies, user="plainpw")
+    assert result[:4] == [("R", "10"), ("R", "11"), ("R", "12"), ("R", "0")]
+    assert result[-1] == ("Z", "I")
+
+
+def test_extensions_are_accepted(proxies: dict[str, RunningProxy]) -> None:
+    result = both(proxies, first_extra=",x=ext", final_extension=",y=ext")
+    assert result[-1] == ("Z", "I")
+
+
+def test_login_sent_one_byte_at_a_time(proxies: dict[str, RunningProxy]) -> None:
+    result = both(proxies, chunked=True, ssl_request=True)
+    assert result[-1] == ("Z", "I")
+
+
+def test_query_behind_final_message_gets_its_rows(proxies: dict[str, RunningProxy]) -> None:
+    for proxy in proxies.values():
+        scram = Scram()
+        raw = Raw(proxy.port)
+        try:
+            raw.send(startup_packet("carol"))
+            raw.read()
+            raw.send(sasl_initial(scram.first()))
+            _, body = raw.read()
+            raw.send(message(b"p", scram.final(body[4:])) + message(b"Q", b"SELECT 41 + 1\0"))
+            first = raw.read_until_end()
+            assert first[-1] == (b"Z", b"I") and not any(k == b"E" for k, _ in first)
+            second = raw.read_until_end()
+            rows = [b for k, b in second if k == b"D"]
+            assert len(rows) == 1 and rows[0].endswith(b"42"), second
+        finally:
+            raw.close()
+
+
+@pytest.mark.parametrize("user", ["carol", "nobody-here", "empty"])
+def test_wrong_password_is_28P01_for_every_user(proxies: dict[str, RunningProxy],
+                                               user: str) -> None:
+    """A wrong password, a user who does not exist, an empty secret: the same refusal, after
+    the same exchange (no user enumeration)."""
+    result = both(proxies, user=user, scram=Scram(password="wrong-password"))
+    assert result == [("R", "10"), ("R", "11"), ("E", "FATAL", "28P01",
+                                                 f'password authentication failed for user '
+                                                 f'"{user}"')]
+
+
+def test_failures_are_counted(proxies: dict[str, RunningProxy]) -> None:
+    proxy = proxies["engine"]
+    login(proxy.port, scram=Scram(password="nope"))
+    assert proxy.call(lambda: proxy.pooler.auth_failures) == 1  # type: ignore[union-attr]
+
+
+NONCE = "rOprNGfwEbeRWgbNEkqO"
+BAD_CLIENT_FIRST = {
+    "channel binding required": b"p=tls-server-end-point,,n=,r=" + NONCE.encode(),
+    "unknown flag": b"x,,n=,r=" + NONCE.encode(),
+    "authzid": b"n,a=someone,n=,r=" + NONCE.encode(),
+    "no comma after flag": b"n;,n=,r=" + NONCE.encode(),
+    "no user attribute": b"n,,r=" + NONCE.encode(),
+    "mandatory extension": b"n,,n=,m=ext,r=" + NONCE.encode(),
+    "no nonce": b"n,,n=",
+    "empty nonce": b"n,,n=,r=",
+    "nonce not printable": b"n,,n=,r=ab\x7fcd",
+    "bad extension": b"n,,n=,r=abc,garbage",
+    "not UTF-8": b"n,,n=\xff,r=abc",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("data", BAD_CLIENT_FIRST.values(), ids=BAD_CLIENT_FIRST.keys())
+def test_malformed_client_first(proxies: dict[str, RunningProxy], data: bytes) -> None:
+    result = both(proxies, mangle_first=data)
+    assert result[-1][:3] == ("E", "FATAL", "08P01")
+    assert result[-1][3].startswith("protocol violation: ")
+
+
+def test_unknown_mechanism(proxies: dict[str, RunningProxy]) -> None:
+    result = both(proxies, mech=b"SCRAM-SHA-256-PLUS")
+    assert result[-1][:3] == ("E", "FATAL", "08P01")
+
+
+def break_final(name: str) -> Callable[[bytes], bytes]:
+    def mangle(good: bytes) -> bytes:
+        text = good.decode()
+        without_proof, proof = text.rsplit(",p=", 1)
+        cbind, nonce = without_proof.split(",", 1)
+        return {
+            "cbind of another flag": f"c=eSws,{nonce},p={proof}".encode(),
+            "cbind garbage": f"c=Zm9v,{nonce},p={proof}".encode(),
+            "wrong nonce": f"{cbind},r={NONCE}xyz,p={proof}".encode(),
+            "no proof": without_proof.encode(),
+            "proof not last": f"{without_proof},p={proof},x=1".encode(),
+            "proof not base64": f"{without_proof},p=!!!!".encode(),
+            "proof too short": f"{without_proof},p={b64(b'short')}".encode(),
+            "proof flipped": f"{without_proof},p={b64(bytes(32))}".encode(),
+            "not UTF-8": good + b"\xff",
+            "only a comma": b",",
+            "empty": b"",
+        }[name]
+    return mangle
+
+
+@pytest.mark.parametrize("name", ["cbind of another flag", "cbind garbage", "wrong nonce",
+                                  "no proof", "proof not last", "proof not base64",
+                                  "proof too short", "not UTF-8", "only a comma", "empty"])
+def test_malformed_client_final(proxies: dict[str, RunningProxy], name: str) -> None:
+    result = both(proxies, mangle_final=break_final(name))
+    assert result[-1][:3] == ("E", "FATAL", "08P01")
+
+
+def test_wrong_proof_is_an_auth_failure(proxies: dict[str, RunningProxy]) -> None:
+    result = both(proxies, mangle_final=break_final("proof flipped"))
+    assert result[-1] == ("E", "FATAL", "28P01", 'password authentication failed for user '
+                                                 '"carol"')
+
+
+@pytest.mark.parametrize("what", ["query instead of SASL", "huge length", "tiny length"])
+def test_wrong_message_during_the_exchange(proxies: dict[str, RunningProxy], what: str) -> None:
+    outcomes = []
+    for proxy in proxies.values():
+        raw = Raw(proxy.port)
+        try:
+            raw.send(startup_packet("carol"))
+            raw.read()
+            if what == "query instead of SASL":
+                raw.send(message(b"Q", b"SELECT 1\0"))
+            elif what == "huge length":
+                raw.send(b"p" + struct.pack("!I", 70_000) + b"x" * 100)
+            else:
+                raw.send(b"p" + struct.pack("!I", 3))
+            outcomes.append(outcome(raw.read_until_end()))
+        finally:
+            raw.close()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][-1][:3] == ("E", "FATAL", "08P01")
+
+
+def test_ssl_request_with_bytes_behind_it_is_refused(proxies: dict[str, RunningProxy]) -> None:
+    """CVE-2021-23214: bytes sent before the answer to SSLRequest could be injected."""
+    outcomes = []
+    for proxy in proxies.values():
+        raw = Raw(proxy.port)
+        try:
+            raw.send(struct.pack("!II", 8, 80877103) + startup_packet("carol"))
+            outcomes.append(outcome(raw.read_until_end()))
+        finally:
+            raw.close()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0] == [("E", "FATAL", "08P01",
+                            "received unencrypted data after SSL request")]
+
+
+def test_gssenc_request_is_refused_then_login_goes_on(proxies: dict[str, RunningProxy]) -> None:
+    for proxy in proxies.values():
+        raw = Raw(proxy.port)
+        try:
+            raw.send(struct.pack("!II", 8, 80877104))
+            assert raw.read_exact(1) == b"N"
+            raw.send(startup_packet("carol"))
+            kind, body = raw.read()
+            assert kind == b"R" and auth_code(body) == 10
+        finally:
+            raw.close()
+
+
+def test_client_leaving_mid_exchange_leaves_nothing(proxies: dict[str, RunningProxy]) -> None:
+    proxy = proxies["engine"]
+    for _ in range(20):
+        raw = Raw(proxy.port)
+        raw.send(startup_packet("carol"))
+        raw.read()
+        raw.send(sasl_initial(Scram().first()))
+        raw.read()
+        raw.close()  # gone before the final message
+    assert proxy.pooler is not None
+    wait_until(lambda: proxy.call(lambda: sum(
+        len(g) for s, g in proxy.pooler.clients.items()  # type: ignore[union-attr]
+        if s is not ClientState.CLOSED)) == 0)
+    # And the pooler still logs clients in.
+    with psycopg.connect(proxy.dsn(user="carol", password=PASSWORD)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_drivers_log_in_through_the_engine(proxies: dict[str, RunningProxy]) -> None:
+    """libpq (psycopg) with its SSLRequest and SCRAM, many times over, on one pool."""
+    proxy = proxies["engine"]
+    for _ in range(30):
+        with psycopg.connect(proxy.dsn(user="carol", password=PASSWORD)) as conn:
+            assert conn.execute("SELECT current_user").fetchone() is not None
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(proxy.dsn(user="carol", password="wrong"))
+
+
+def test_password_never_in_the_log(proxies: dict[str, RunningProxy],
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="pgpilot")
+    proxy = proxies["engine"]
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(proxy.dsn(user="carol", password="hunter2-wrong"))
+    with psycopg.connect(proxy.dsn(user="carol", password=PASSWORD)):
+        pass
+    for text in (record.getMessage() for record in caplog.records):
+        assert "hunter2-wrong" not in text and PASSWORD not in text
