@@ -20,12 +20,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.proxy.conftest import RunningProxy, wait_until
 
 from pgpilot.proxy import fastpath
 from pgpilot.proxy.auth import ScramAuth
 from pgpilot.proxy.client import ClientConnection
 from pgpilot.proxy.states import ClientState
-from tests.proxy.conftest import RunningProxy, wait_until
 
 pytestmark = pytest.mark.skipif(not fastpath.available() and os.environ.get("CI") != "true",
                                 reason="fast path not built (no C compiler at install)")
@@ -457,3 +459,10 @@ def test_password_never_in_the_log(proxies: dict[str, RunningProxy],
         pass
     for text in (record.getMessage() for record in caplog.records):
         assert "hunter2-wrong" not in text and PASSWORD not in text
+
+
+@given(data=st.binary(max_size=600))
+@settings(max_examples=300, deadline=None)
+def test_engine_base64_matches_the_standard_one(data: bytes) -> None:
+    """The engine's own base64 (salts, nonces, signatures in SCRAM messages)."""
+    assert fastpath._fastpath.b64encode(data) == base64.b64encode(data)
