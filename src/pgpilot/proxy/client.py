@@ -60,6 +60,7 @@ CLIENT_TYPES = frozenset({F.QUERY, F.SYNC, F.PARSE, F.BIND, F.EXECUTE, F.DESCRIB
 # Messages of the extended protocol that leave work pending until the next Sync.
 UNSYNCED_TYPES = frozenset({F.PARSE, F.BIND, F.EXECUTE, F.DESCRIBE, F.CLOSE})
 TERMINATE = m.terminate()
+AUTH_OK = m.auth_ok()
 # Any secret: a ScramAuth made only to word the refusal of a malformed message.
 _REFUSAL_SECRET = mock_scram_secret("")
 # Startup parameters every client may send without the pooler rejecting it.
@@ -334,14 +335,15 @@ class ClientConnection(asyncio.Protocol):
         cfg = self.pooler.config
         self.user = msg.user
         self.database = msg.database
-        ignored = {p.lower() for p in cfg.ignore_startup_parameters}
+        params = self.params
         for name, value in msg.params.items():
-            key = name.lower()
             if name in ALWAYS_ACCEPTED:
                 continue
-            if key in TRACKED_BY_LOWER:
-                self.params[TRACKED_BY_LOWER[key]] = value
-            elif key in ignored:
+            key = name.lower()
+            canonical = TRACKED_BY_LOWER.get(key)
+            if canonical is not None:
+                params[canonical] = value
+            elif key in {p.lower() for p in cfg.ignore_startup_parameters}:
                 continue
             else:
                 self.fail("08P01", f"unsupported startup parameter: {name}")
@@ -497,7 +499,7 @@ class ClientConnection(asyncio.Protocol):
     def logged_in(self, auth_ok_sent: bool = False) -> None:
         """Credentials are good: tell the client and prepare its welcome."""
         if not auth_ok_sent:
-            self.write(m.auth_ok())
+            self.write(AUTH_OK)
         if self.is_admin:
             if self.admin is not None:
                 self.admin.logged_in()
@@ -530,9 +532,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _welcome(self, server_params: dict[str, str]) -> None:
         # The client sees the server's values, except what it asked for itself.
+        params = self.params
         for name in TRACKED_PARAMS:
-            if name not in self.params and name in server_params:
-                self.params[name] = server_params[name]
+            if name not in params:
+                value = server_params.get(name)
+                if value is not None:
+                    params[name] = value
         assert self.pool is not None
         out = bytearray(self.pool.parameter_statuses(server_params, self.params))
         self.cancel_pid, self.cancel_key = self.pooler.register_cancel_key(self)
