@@ -13,16 +13,19 @@ import base64
 import hashlib
 import hmac
 import os
+import resource
 import socket
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.proxy.conftest import RunningProxy, wait_until
+from tests.proxy.conftest import RunningProxy, wait_until, write_config
+from tests.proxy.test_operations import ProxyProcess
 
 from pgpilot.proxy import fastpath
 from pgpilot.proxy.auth import ScramAuth
@@ -349,6 +352,7 @@ def break_final(name: str) -> Callable[[bytes], bytes]:
             "no proof": without_proof.encode(),
             "proof not last": f"{without_proof},p={proof},x=1".encode(),
             "proof not base64": f"{without_proof},p=!!!!".encode(),
+            "proof with excess padding": f"{without_proof},p={proof}=".encode(),
             "proof too short": f"{without_proof},p={b64(b'short')}".encode(),
             "proof flipped": f"{without_proof},p={b64(bytes(32))}".encode(),
             "not UTF-8": good + b"\xff",
@@ -360,7 +364,8 @@ def break_final(name: str) -> Callable[[bytes], bytes]:
 
 @pytest.mark.parametrize("name", ["cbind of another flag", "cbind garbage", "wrong nonce",
                                   "no proof", "proof not last", "proof not base64",
-                                  "proof too short", "not UTF-8", "only a comma", "empty"])
+                                  "proof with excess padding", "proof too short", "not UTF-8",
+                                  "only a comma", "empty"])
 def test_malformed_client_final(proxies: dict[str, RunningProxy], name: str) -> None:
     result = both(proxies, mangle_final=break_final(name))
     assert result[-1][:3] == ("E", "FATAL", "08P01")
@@ -466,3 +471,33 @@ def test_password_never_in_the_log(proxies: dict[str, RunningProxy],
 def test_engine_base64_matches_the_standard_one(data: bytes) -> None:
     """The engine's own base64 (salts, nonces, signatures in SCRAM messages)."""
     assert fastpath._fastpath.b64encode(data) == base64.b64encode(data)
+
+
+def test_out_of_descriptors_pauses_accepting_then_recovers(pg_params: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    """accept() failing with EMFILE must neither spin nor stop the pooler: the engine's
+    listener pauses, says so in the log, serves the clients it has, and accepts again once
+    descriptors are free."""
+    path, port = write_config(tmp_path, pg_params, {"logfile": str(tmp_path / "pgpilot.log")})
+    process = ProxyProcess(path, port, tmp_path)
+    pid = process.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        with psycopg.connect(process.dsn(), autocommit=True) as first:
+            assert first.execute("SELECT 1").fetchone() == (1,)
+            in_use = len(os.listdir(f"/proc/{pid}/fd"))
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 1, hard))
+            waiting = [socket.create_connection(("127.0.0.1", port), timeout=5)
+                       for _ in range(4)]  # the kernel accepts; the pooler's accept() cannot
+            wait_until(lambda: "accept failed" in process.logfile.read_text())
+            assert first.execute("SELECT 2").fetchone() == (2,)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            for sock in waiting:
+                sock.close()
+        wait_until(process.accepts)
+        with psycopg.connect(process.dsn(), autocommit=True) as later:
+            assert later.execute("SELECT 3").fetchone() == (3,)
+        assert process.proc.poll() is None
+    finally:
+        process.proc.kill()
+        process.proc.wait(10)

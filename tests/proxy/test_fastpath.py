@@ -272,6 +272,48 @@ def test_admin_console_sees_pairs_the_engine_linked(tx_proxy: RunningProxy) -> N
         assert busy.execute("select 2").fetchone() == (2,)
 
 
+def test_console_leaves_idle_clients_on_the_engine_and_counts_waiters(
+        tx_proxy: RunningProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SHOW takes back only what Python's view lacks (linked pairs, clients the engine
+    queues): idle clients stay on the fast path, and the counts are still exact."""
+    taken_back: list[object] = []
+    original = fastpath.Lane.ejected
+
+    def counting(self: fastpath.Lane, client: Any, *rest: Any) -> None:
+        taken_back.append(client)
+        original(self, client, *rest)
+
+    monkeypatch.setattr(fastpath.Lane, "ejected", counting)
+    idle = [connect(tx_proxy) for _ in range(3)]
+    try:
+        for conn in idle:
+            assert conn.execute("select 1").fetchone() == (1,)
+        with connect(tx_proxy, autocommit=False) as a, connect(tx_proxy, autocommit=False) as b:
+            a.execute("select 1")
+            b.execute("select 1")  # both servers of the pool of 2 are in transactions
+            blocked = threading.Thread(target=lambda: idle[0].execute("select 2"))
+            blocked.start()  # queued in the engine: no server free
+            wait_until(lambda: tx_proxy.call(lambda: sum(
+                p.lane.waiting_count() for p in tx_proxy.pooler.pools.values()  # type: ignore[union-attr]
+                if p.lane is not None)) == 1)
+            with psycopg.connect(tx_proxy.dsn(dbname="pgbouncer"), autocommit=True) as console:
+                taken_back.clear()
+                cur = console.execute("show pools")
+                names = [d.name for d in cur.description]
+                row = dict(zip(names, cur.fetchall()[0], strict=True))
+                assert (row["cl_active"], row["cl_waiting"], row["sv_active"]) == (4, 1, 2), row
+                # Taken back: the two linked pairs and the queued client, not the idle two.
+                assert len(taken_back) == 3, taken_back
+            a.commit()
+            blocked.join(10)
+            assert not blocked.is_alive()
+        for conn in idle:
+            assert conn.execute("select 3").fetchone() == (3,)
+    finally:
+        for conn in idle:
+            conn.close()
+
+
 def test_pipeline_that_turns_to_named_statements_midway(tx_proxy: RunningProxy) -> None:
     """psycopg prepares a statement on its 6th run: in one pipeline (no Sync between), the
     engine has forwarded unnamed requests still unanswered when the first named Parse comes;

@@ -909,7 +909,7 @@ struct Scram {
 };
 
 static PyObject *py_hmac_digest, *py_sha256, *py_b64decode; /* hmac.digest ... */
-static PyObject *kw_strict; /* {"strict_mode": True} */
+static PyObject *kw_validate; /* {"validate": True}: base64.b64decode as auth.py calls it */
 
 /* HMAC-SHA-256(key, msg) into out, through Python's hmac (OpenSSL). */
 static int hmac_sha256(const unsigned char *key, PyObject *msg, unsigned char *out) {
@@ -1233,7 +1233,7 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
         goto done;
     }
     PyObject *dargs = Py_BuildValue("(y#)", proof_at + 2, (Py_ssize_t)(end - proof_at - 2));
-    proof = dargs ? PyObject_Call(py_b64decode, dargs, kw_strict) : NULL;
+    proof = dargs ? PyObject_Call(py_b64decode, dargs, kw_validate) : NULL;
     Py_XDECREF(dargs);
     if (!proof) {
         if (!PyErr_ExceptionMatches(PyExc_ValueError)) goto error;
@@ -2389,18 +2389,18 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
         return NULL;
     PyObject *hmac_mod = PyImport_ImportModule("hmac");
     PyObject *hashlib_mod = hmac_mod ? PyImport_ImportModule("hashlib") : NULL;
-    PyObject *binascii_mod = hashlib_mod ? PyImport_ImportModule("binascii") : NULL;
-    if (binascii_mod) {
+    PyObject *base64_mod = hashlib_mod ? PyImport_ImportModule("base64") : NULL;
+    if (base64_mod) {
         py_hmac_digest = PyObject_GetAttrString(hmac_mod, "digest");
         py_sha256 = PyObject_GetAttrString(hashlib_mod, "sha256");
-        py_b64decode = PyObject_GetAttrString(binascii_mod, "a2b_base64");
+        py_b64decode = PyObject_GetAttrString(base64_mod, "b64decode");
     }
     Py_XDECREF(hmac_mod);
     Py_XDECREF(hashlib_mod);
-    Py_XDECREF(binascii_mod);
+    Py_XDECREF(base64_mod);
     if (!py_hmac_digest || !py_sha256 || !py_b64decode) return NULL;
-    kw_strict = Py_BuildValue("{sO}", "strict_mode", Py_True);
-    if (!kw_strict) return NULL;
+    kw_validate = Py_BuildValue("{sO}", "validate", Py_True);
+    if (!kw_validate) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||

@@ -78,6 +78,7 @@ class FastPath:
         self.engine = _fastpath.Engine(loop.call_soon, self._callback_failed)
         loop.add_reader(self.engine.fileno(), self.engine.run)
         self._params_ids: dict[tuple[str | None, ...], int] = {}
+        self._settled: list[ClientConnection] = []  # taken back by settle(), for refill()
 
     def close(self) -> None:
         self.loop.remove_reader(self.engine.fileno())
@@ -133,16 +134,35 @@ class FastPath:
         return Listener(self, sock, new_client, keepalive)
 
     # -- a consistent Python view -------------------------------------------------------
-    def settle(self) -> None:
-        """Bring every pair and idle server back to Python, and fold in the counters."""
+    def settle(self, everyone: bool = False) -> None:
+        """Bring back to Python what its view lacks: the pairs the engine has linked, the
+        clients it queues, its idle servers; and fold in the counters.
+
+        A client idle in the engine (no server, nothing owed) stays there: Python's view of
+        it is already exact, and with thousands of idle clients taking each one back and
+        forth would stall every SHOW and /metrics scrape. ``everyone`` (shutdown) takes
+        those back too.
+        """
         for pool in list(self.pooler.pools.values()):
             lane = pool.lane
             if lane is None:
                 continue
-            for client in list(pool.clients):
-                transport = client.transport
-                if is_fast_conn(transport) and transport.fast:  # type: ignore[union-attr]
-                    transport.eject()  # type: ignore[union-attr]
+            while lane.fp.eject_waiter():
+                pass
+            if everyone:
+                for client in list(pool.clients):
+                    transport = client.transport
+                    if is_fast_conn(transport) and transport.fast:  # type: ignore[union-attr]
+                        transport.eject()  # type: ignore[union-attr]
+            else:
+                # Linked pairs, found from their servers: a pool has few of those.
+                for server in pool.all_servers():
+                    conn: Any = server.transport
+                    if is_fast_conn(conn) and conn.fast:
+                        client = conn.peer
+                        if client is not None:
+                            conn.eject()
+                            self._settled.append(client)
             lane.recall(0.0)
             lane.fold_stats()
 
@@ -159,8 +179,11 @@ class FastPath:
                 if not pool.lane.take_server(server):
                     server.in_idle = True
                     pool.idle.append(server)
-            for client in list(pool.clients):
-                client.enter_fast()
+        # Clients taken back re-enter on their own after their transaction (_detach); one
+        # that was quiet when taken back would otherwise wait for its next request.
+        settled, self._settled = self._settled, []
+        for client in settled:
+            client.enter_fast()
 
 
 class Listener(asyncio.AbstractServer):
@@ -194,7 +217,12 @@ class Listener(asyncio.AbstractServer):
             self._conn.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        pass  # the engine closed its copy of the socket after close()
+        # After close() or detach(): the engine closed its copy of the socket. Otherwise
+        # epoll reported the listening socket broken, and it is gone.
+        if not self._closed.is_set():
+            log.error("listening socket %s failed: no more clients are accepted on it",
+                      self.sock.getsockname())
+            self.close()
 
     def close(self) -> None:
         if self._closed.is_set():

@@ -117,7 +117,7 @@ class Pooler:
             return
         self.stopping = True
         if self.fast is not None:
-            self.fast.settle()
+            self.fast.settle(everyone=True)
         self.stop_listening()
         self.admin_console.stop()
         if self._metrics_server is not None:
@@ -133,7 +133,7 @@ class Pooler:
                 c.server is not None for c in self.all_clients()):
             await asyncio.sleep(0.05)
         if self.fast is not None:
-            self.fast.settle()
+            self.fast.settle(everyone=True)
         for client in list(self.all_clients()):
             client.fail("57P01", "pgpilot is shutting down")
         for pool in self.pools.values():
