@@ -1065,75 +1065,36 @@ static PyObject *auth_message(int code, const char *data, size_t n) {
 static int scram_first(ConnObject *c, const char *body, size_t n) {
     Scram *sc = c->scram;
     const char *mech_end = memchr(body, 0, n);
-    if (!mech_end || (size_t)(mech_end - body) + 5 > n) {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
-    if (strcmp(body, "SCRAM-SHA-256") != 0) {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
+    if (!mech_end || (size_t)(mech_end - body) + 5 > n) goto refuse;
+    if (strcmp(body, "SCRAM-SHA-256") != 0) goto refuse;
     const unsigned char *lp = (const unsigned char *)mech_end + 1;
     int32_t dlen = (int32_t)be32(lp);
     const char *data = (const char *)lp + 4;
     size_t avail = n - (size_t)(data - body);
     if (dlen == -1) dlen = 0;
-    if (dlen < 0 || (size_t)dlen != avail) {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
+    if (dlen < 0 || (size_t)dlen != avail) goto refuse;
     size_t len = (size_t)dlen;
-    if (!valid_utf8(data, len)) {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
-    if (len && data[0] == 'p') {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
-    if (len < 2 || (data[0] != 'n' && data[0] != 'y') || data[1] != ',') {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
-    if (len >= 3 && data[2] == 'a') {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
-    if (len < 3 || data[2] != ',') {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
+    if (!valid_utf8(data, len)) goto refuse;
+    if (len && data[0] == 'p') goto refuse;
+    if (len < 2 || (data[0] != 'n' && data[0] != 'y') || data[1] != ',') goto refuse;
+    if (len >= 3 && data[2] == 'a') goto refuse;
+    if (len < 3 || data[2] != ',') goto refuse;
     memcpy(sc->gs2, data, 3);
     sc->gs2[3] = 0;
     const char *bare = data + 3, *end = data + len;
     /* bare: n=<user>,r=<nonce>[,attr...] */
     const char *comma = memchr(bare, ',', (size_t)(end - bare));
-    if (!comma || comma - bare < 2 || bare[0] != 'n' || bare[1] != '=') {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
+    if (!comma || comma - bare < 2 || bare[0] != 'n' || bare[1] != '=') goto refuse;
     const char *r = comma + 1;
     const char *r_end = memchr(r, ',', (size_t)(end - r));
     if (!r_end) r_end = end;
-    if (r_end - r >= 2 && r[0] == 'm' && r[1] == '=') {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
-    if (r_end - r < 2 || r[0] != 'r' || r[1] != '=') {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
-    if (!is_scram_printable(r + 2, (size_t)(r_end - r - 2))) {
-        scram_refuse_first(c, body, n);
-        return -1;
-    }
+    if (r_end - r >= 2 && r[0] == 'm' && r[1] == '=') goto refuse;
+    if (r_end - r < 2 || r[0] != 'r' || r[1] != '=') goto refuse;
+    if (!is_scram_printable(r + 2, (size_t)(r_end - r - 2))) goto refuse;
     for (const char *a = r_end; a < end;) {
         const char *start = a + 1, *stop = memchr(start, ',', (size_t)(end - start));
         if (!stop) stop = end;
-        if (!is_attr(start, (size_t)(stop - start))) {
-            scram_refuse_first(c, body, n);
-            return -1;
-        }
+        if (!is_attr(start, (size_t)(stop - start))) goto refuse;
         a = stop;
     }
     unsigned char random[SCRAM_NONCE_BYTES];
@@ -1182,6 +1143,9 @@ static int scram_first(ConnObject *c, const char *body, size_t n) {
 error:
     report_error(c->engine);
     scram_failed(c, SCRAM_INTERNAL, "SCRAM exchange failed");
+    return -1;
+refuse:
+    scram_refuse_first(c, body, n);
     return -1;
 }
 
