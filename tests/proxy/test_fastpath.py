@@ -379,6 +379,44 @@ def test_named_statement_after_unanswered_unnamed_requests(proxy_factory: Any) -
         assert _read_until_ready(sock) == ["T", "D", "C", "Z"]
 
 
+def test_named_statements_after_an_error_the_engine_saw(proxy_factory: Any) -> None:
+    """An unnamed request fails on the engine's path, the client has not sent its Sync: the
+    server skips what follows until it, named Parse included. Python's router, taking over
+    there, must know (or it would count the skipped statement as prepared on the server)."""
+    from pgpilot.wire import messages as m
+
+    proxy = proxy_factory(default_pool_size=1)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
+        assert _read_until_ready(sock)[-1] == "Z"
+        sock.sendall(m.parse_message("", "select 1 / 0") + m.bind_simple("", "")
+                     + m.execute_message() + m.flush())
+        # The error (division by zero: at Parse, Bind or Execute, as the planner folds it).
+        seen: list[str] = []
+        while "E" not in seen:
+            seen += _read_types(sock, 1)
+        sock.sendall(m.parse_message("mine", "select 7::int") + m.bind_simple("", "mine")
+                     + m.execute_message() + m.sync())
+        assert _read_until_ready(sock) == ["Z"]
+        sock.sendall(m.parse_message("mine", "select 7::int") + m.bind_simple("", "mine")
+                     + m.execute_message() + m.sync())
+        assert _read_until_ready(sock) == ["1", "2", "D", "C", "Z"]
+
+
+def _read_types(sock: socket.socket, count: int) -> list[str]:
+    """The types of the next ``count`` messages."""
+    types = []
+    for _ in range(count):
+        head = b""
+        while len(head) < 5:
+            head += sock.recv(5 - len(head))
+        rest = int.from_bytes(head[1:5], "big") - 4
+        while rest:
+            rest -= len(sock.recv(rest))
+        types.append(chr(head[0]))
+    return types
+
+
 @pytest.mark.parametrize("sql", [
     "SET search_path = app", "  set TimeZone to 'UTC'", "select 1; SET x = 1",
     "/* hi */ SET statement_timeout = 0", "-- note\nset x = 1", "RESET ALL",

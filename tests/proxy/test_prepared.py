@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 
 import asyncpg
 import psycopg
 import pytest
 from tests.proxy.conftest import RunningProxy
+
+from pgpilot.wire import messages as m
 
 
 async def test_asyncpg_statement_cache_many_clients_few_servers(proxy_factory) -> None:
@@ -147,3 +150,58 @@ def test_errors_in_pipelines_keep_statements_consistent(proxy: RunningProxy) -> 
         with conn.pipeline():
             curs = [conn.execute("select %s::int + 100", [i]) for i in range(10)]
         assert [c.fetchone() for c in curs] == [(i + 100,) for i in range(10)]
+
+
+def _read_until_ready(sock: socket.socket) -> list[str]:
+    """Message types from the socket up to and including ReadyForQuery."""
+    data, types = b"", []
+    while True:
+        while len(data) >= 5 and len(data) >= 1 + int.from_bytes(data[1:5], "big"):
+            types.append(chr(data[0]))
+            data = data[1 + int.from_bytes(data[1:5], "big"):]
+            if types[-1] == "Z":
+                return types
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {types}"
+        data += chunk
+
+
+def _read_one(sock: socket.socket) -> str:
+    head = b""
+    while len(head) < 5:
+        head += sock.recv(5 - len(head))
+    rest = int.from_bytes(head[1:5], "big") - 4
+    while rest:
+        rest -= len(sock.recv(rest))
+    return chr(head[0])
+
+
+def test_requests_sent_after_an_error_before_sync(proxy_factory) -> None:
+    """After an error PostgreSQL skips every request up to the next Sync. Requests the client
+    sends once the error has come back, still before its Sync, are skipped too: they are owed
+    nothing, and the statement router must not wait for their answers (which would shift every
+    later answer of this client)."""
+    proxy = proxy_factory(default_pool_size=1)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
+        assert _read_until_ready(sock)[-1] == "Z"
+        sock.sendall(m.parse_message("good", "select 2::int")
+                     + m.parse_message("bad", "select 1 / $1::int")
+                     + m.bind_simple("", "bad", ["0"]) + m.execute_message()
+                     + m.flush())
+        # (The division is folded when the Bind plans it: the Bind fails.)
+        assert [_read_one(sock) for _ in range(3)] == ["1", "1", "E"]
+        # The error is in; the client goes on before its Sync (pipelined requests).
+        sock.sendall(m.bind_simple("", "good") + m.execute_message()
+                     + m.parse_message("late", "select 3::int") + m.sync())
+        assert _read_until_ready(sock) == ["Z"]
+        # The server has "good" already: the router answers this Parse itself, which only
+        # works if its queue of owed answers is right.
+        sock.sendall(m.parse_message("good", "select 2::int") + m.bind_simple("", "good")
+                     + m.execute_message() + m.sync())
+        assert _read_until_ready(sock) == ["1", "2", "D", "C", "Z"]
+        sock.sendall(m.parse_message("again", "select 4::int") + m.bind_simple("", "again")
+                     + m.execute_message() + m.sync())
+        assert _read_until_ready(sock) == ["1", "2", "D", "C", "Z"]
+        sock.sendall(m.query("select 5"))
+        assert _read_until_ready(sock) == ["T", "D", "C", "Z"]

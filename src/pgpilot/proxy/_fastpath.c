@@ -549,10 +549,12 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
         goto done;
     }
     char txn[2] = {c->txn ? c->txn : 'I', 0};
-    /* What the server still owes, for Python's statement router (None: not known). */
+    /* What the server still owes, for Python's statement router (None: not known; "!": an
+     * error came back before the client's Sync, and the server skips what comes until it). */
     PyObject *owed = c->owed_lost ? Py_NewRef(Py_None)
-                                  : PyBytes_FromStringAndSize(c->owed + c->owed_start,
-                                                              c->owed_end - c->owed_start);
+                     : c->owed_skip ? PyBytes_FromString("!")
+                                    : PyBytes_FromStringAndSize(c->owed + c->owed_start,
+                                                                c->owed_end - c->owed_start);
     if (!owed) {
         report_error(c->engine);
         goto done;

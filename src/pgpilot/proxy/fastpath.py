@@ -359,7 +359,8 @@ class Lane:
                 server_bytes: bytes, owed: bytes | None) -> None:
         """The engine hands a client (and its server) back, with their exact state; ``owed``
         names, one letter per request, the answers the server still owes for what the engine
-        forwarded (None if it lost count)."""
+        forwarded (None if it lost count, ``b"!"`` if an error came back before the client's
+        Sync: the server skips what comes until then)."""
         closing = client.closing or client.gone
         if server is not None:
             server.in_engine = False
@@ -378,7 +379,9 @@ class Lane:
             client.xact_started = xact_started
             client.idle_in_txn_since = idle_in_txn_since
             router = client.router
-            if router is not None and owed:
+            if router is not None and owed == b"!":
+                router.skipping = True  # an error came back, the client's Sync has not
+            elif router is not None and owed:
                 # The router takes over mid-pipeline: it must know what comes back first.
                 router.outstanding.extend((_OWED_KIND[kind], None) for kind in owed)
             if server.closed_reason:

@@ -88,7 +88,7 @@ Entry = tuple[int, str | None]  # (what answers it, server-side statement name o
 class StatementRouter:
     """One client's statement names, and the answers owed to it on its current server."""
 
-    __slots__ = ("held", "max_prepared", "outstanding", "statements", "surgery")
+    __slots__ = ("held", "max_prepared", "outstanding", "skipping", "statements", "surgery")
 
     def __init__(self, max_prepared: int) -> None:
         self.max_prepared = max_prepared
@@ -98,6 +98,10 @@ class StatementRouter:
         # True from the first made-up or swallowed answer queued until the queue empties:
         # until then server bytes must be cut and pieced, otherwise they pass untouched.
         self.surgery = False
+        # True from an error in the extended protocol, when the client had not sent its Sync
+        # yet, until it does: PostgreSQL skips what comes in between, so nothing is owed for
+        # it and nothing it would have prepared exists.
+        self.skipping = False
 
     # -- client to server -----------------------------------------------------------------
     def client_chunk(self, data: bytes, msgs: list[tuple[int, bytes | None]],
@@ -111,7 +115,8 @@ class StatementRouter:
         server, bytes held back: the start of a message not complete yet).
         """
         outstanding = self.outstanding
-        if not renamable and not continued and ends and ends[-1] == len(data):
+        if not renamable and not continued and ends and ends[-1] == len(data) \
+                and not self.skipping:
             # Nothing to rename (the common case): only note what each message is owed.
             for mtype, body in msgs:
                 owed = _OWED.get(mtype)
@@ -128,6 +133,11 @@ class StatementRouter:
             if prev == 0 and continued:
                 raw = continued + raw
             prev = end
+            if self.skipping:
+                if mtype != F.SYNC:
+                    out += raw  # skipped by the server as well: owed nothing
+                    continue
+                self.skipping = False
             if mtype == F.SYNC:
                 outstanding.append((SYNC, None))
                 out += raw
@@ -321,6 +331,9 @@ class StatementRouter:
                          "prepared. pgpilot has dropped the server's copy: run the statement "
                          "again (or prepare it again) and it will be planned afresh.")
             first = False
+        if not outstanding:
+            # No Sync sent yet: what the client sends until it is skipped too.
+            self.skipping = True
         return reply
 
 
