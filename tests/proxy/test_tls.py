@@ -232,7 +232,7 @@ def _bin_dir_with_tls() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def tls_postgres(certs: Certs) -> Iterator[dict[str, str]]:
+def tls_pg(certs: Certs) -> Iterator[EmbeddedPostgres]:
     """A PostgreSQL of its own with ssl = on and our server certificate."""
     # Outside pytest's numbered temp folders, which concurrent pytest runs may prune.
     folder = tempfile.TemporaryDirectory(prefix="pgpilot-tls-pg-")
@@ -251,11 +251,16 @@ def tls_postgres(certs: Certs) -> Iterator[dict[str, str]]:
     except EmbeddedPostgresError as exc:
         pytest.fail(f"embedded PostgreSQL with ssl = on did not start: {exc}")
     try:
-        yield {"host": "127.0.0.1", "port": str(pg.port), "user": "postgres", "password": "",
-               "dbname": "postgres"}
+        yield pg
     finally:
         pg.stop()
         folder.cleanup()
+
+
+@pytest.fixture(scope="module")
+def tls_postgres(tls_pg: EmbeddedPostgres) -> dict[str, str]:
+    return {"host": "127.0.0.1", "port": str(tls_pg.port), "user": "postgres", "password": "",
+            "dbname": "postgres"}
 
 
 SSL_IN_USE = "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
@@ -270,6 +275,28 @@ def test_server_tls_modes_encrypt(proxy_factory: Any, certs: Certs,
         assert conn.execute(SSL_IN_USE).fetchone() == (True,)
         # Cancel requests still reach a TLS server (sent in clear, as libpq does).
         assert conn.execute("select 5").fetchone() == (5,)
+
+
+def test_server_allow_retries_with_tls_when_clear_text_is_refused(
+        proxy_factory: Any, tls_pg: EmbeddedPostgres, tls_postgres: dict[str, str]) -> None:
+    """server_tls_sslmode = allow, as libpq's sslmode=allow: clear text first, and TLS when
+    PostgreSQL refuses the clear-text login (here: pg_hba.conf has only hostssl lines)."""
+    hba = tls_pg.data_dir / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text("local all all trust\nhostssl all all 127.0.0.1/32 trust\n"
+                   "hostnossl all all 127.0.0.1/32 reject\n")
+    tls_pg.psql("select pg_reload_conf()")
+    try:
+        proxy = proxy_factory(upstream=tls_postgres, server_tls_sslmode="allow")
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            assert conn.execute(SSL_IN_USE).fetchone() == (True,)
+    finally:
+        hba.write_text(original)
+        tls_pg.psql("select pg_reload_conf()")
+    # Where clear text is accepted, allow stays in clear text.
+    proxy = proxy_factory(upstream=tls_postgres, server_tls_sslmode="allow")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute(SSL_IN_USE).fetchone() == (False,)
 
 
 def test_server_tls_disable_stays_clear(proxy_factory: Any,

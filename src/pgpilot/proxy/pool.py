@@ -248,7 +248,9 @@ class Pool:
         task = asyncio.get_running_loop().create_task(self._connect(server))
         self.pooler.track_task(task)
 
-    async def _connect(self, server: ServerConnection) -> None:
+    async def _connect(self, server: ServerConnection, tls_retry: bool = False) -> None:
+        """Connect ``server`` and log it in. ``tls_retry``: the second attempt of
+        server_tls_sslmode = allow, with TLS, after PostgreSQL refused the clear-text one."""
         cfg = self.pooler.config
         host = self.db.host or self.pooler.default_socket_dir()
         server.address = (host, self.db.port)
@@ -260,7 +262,8 @@ class Pool:
                         lambda: server, path=f"{host}/.s.PGSQL.{self.db.port}")
                 else:
                     await negotiate_server_tls(server, host=host, port=self.db.port, config=cfg,
-                                               context=self.pooler.server_ssl_context)
+                                               context=self.pooler.server_ssl_context,
+                                               mode="require" if tls_retry else None)
                 await server.login_done
         except (OSError, TimeoutError, ServerError, TLSNegotiationError) as exc:
             if isinstance(exc, ServerError):
@@ -282,6 +285,16 @@ class Pool:
                 error = ServerError(f"could not connect to server {host}:{self.db.port}: "
                                     f"{exc.strerror or exc}")
             server.close(str(error), terminate=False)
+            if (cfg.server_tls_sslmode == "allow" and not tls_retry and error.from_server
+                    and not host.startswith("/") and self.pooler.server_ssl_context is not None):
+                # As libpq's sslmode=allow: refused in clear text, try once more with TLS.
+                log.info("%s: server %s:%d refused a clear-text login (%s); retrying with TLS "
+                         "(server_tls_sslmode = allow)", self.name, host, self.db.port, error)
+                retry = ServerConnection(self)
+                self.add_server(retry)
+                task = asyncio.get_running_loop().create_task(self._connect(retry, True))
+                self.pooler.track_task(task)
+                return
             self._login_failed(error)
             return
         self.last_login_error = None

@@ -43,11 +43,13 @@ _ids = itertools.count(1)
 
 
 class ServerError(Exception):
-    """A server failed to log in or broke off; ``sqlstate`` is what the client is told."""
+    """A server failed to log in or broke off; ``sqlstate`` is what the client is told;
+    ``from_server``: PostgreSQL itself refused the login (an ErrorResponse)."""
 
-    def __init__(self, message: str, sqlstate: str = "08006") -> None:
+    def __init__(self, message: str, sqlstate: str = "08006", from_server: bool = False) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+        self.from_server = from_server
 
 
 InternalCallback = Callable[["ServerConnection", "str | None"], None]
@@ -197,7 +199,8 @@ class ServerConnection(asyncio.Protocol):
                     self.backend_pid, self.backend_key = m.parse_backend_key_data(body)
                 elif mtype == m.B.ERROR_RESPONSE:
                     fields = m.parse_error_fields(body)
-                    self.fail(fields.get("M", "login failed"), fields.get("C", "08006"))
+                    self.fail(fields.get("M", "login failed"), fields.get("C", "08006"),
+                              from_server=True)
                     return
                 elif mtype == m.B.READY_FOR_QUERY:
                     self.reader = MessageReader(LINKED_TYPES)
@@ -266,10 +269,10 @@ class ServerConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     # -- ending -------------------------------------------------------------------------
-    def fail(self, reason: str, sqlstate: str = "08006") -> None:
+    def fail(self, reason: str, sqlstate: str = "08006", from_server: bool = False) -> None:
         """Close because something went wrong; a waiting login or linked client is told."""
         if not self.login_done.done():
-            self.login_done.set_exception(ServerError(reason, sqlstate))
+            self.login_done.set_exception(ServerError(reason, sqlstate, from_server))
             # Nobody may await it (e.g. a warm-up connection): mark the exception retrieved.
             self.login_done.exception()
         self.close(reason)

@@ -15,7 +15,9 @@ connection sends SSLRequest (except in ``disable`` and ``allow`` modes and over 
 ``S`` upgrades the connection; ``N`` continues in clear text unless the mode needs TLS
 (``require``, ``verify-ca``, ``verify-full``), in which case the login fails with a message
 saying so. ``verify-ca`` checks the server's certificate against ``server_tls_ca_file`` (or the
-system's roots); ``verify-full`` also checks that it names the host connected to.
+system's roots); ``verify-full`` also checks that it names the host connected to. ``allow``
+starts in clear text and, when PostgreSQL refuses that login, tries once more with TLS
+(``Pool._connect``), as libpq does.
 ``server_tls_cert_file`` / ``server_tls_key_file`` present a client certificate to PostgreSQL.
 """
 
@@ -123,16 +125,17 @@ class _SSLAnswer(asyncio.Protocol):
 
 async def negotiate_server_tls(
     protocol: asyncio.Protocol, *, host: str, port: int, config: Config,
-    context: ssl.SSLContext | None,
+    context: ssl.SSLContext | None, mode: str | None = None,
 ) -> asyncio.BaseTransport:
     """Connect to ``host:port``, do the SSLRequest exchange ``server_tls_sslmode`` asks for,
     and hand the (possibly TLS) transport to ``protocol`` (its ``connection_made`` is called).
 
+    ``mode`` overrides ``server_tls_sslmode`` (``allow``'s second attempt asks for TLS).
     Raises ``TLSNegotiationError`` (TLS needed but refused, or a broken answer), ``OSError``
     or ``ssl.SSLError`` (handshake or certificate check failed).
     """
     loop = asyncio.get_running_loop()
-    mode = config.server_tls_sslmode
+    mode = mode or config.server_tls_sslmode
     if context is None or mode not in SERVER_TLS_ATTEMPTED:
         transport, _ = await loop.create_connection(lambda: protocol, host, port)
         return transport
