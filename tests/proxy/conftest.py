@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,27 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
             raise AssertionError("condition not reached")
         time.sleep(0.05)
     return value
+
+
+def read_types(sock: socket.socket, count: int | None = None) -> list[str]:
+    """Raw protocol: the types of the next ``count`` messages from ``sock``, or (None) of
+    those up to and including ReadyForQuery. Bodies are read and dropped."""
+    types: list[str] = []
+    while count is None or len(types) < count:
+        head = b""
+        while len(head) < 5:
+            chunk = sock.recv(5 - len(head))
+            assert chunk, f"connection closed after {types}"
+            head += chunk
+        rest = int.from_bytes(head[1:5], "big") - 4
+        while rest:
+            chunk = sock.recv(min(rest, 65536))
+            assert chunk, f"connection closed after {types}"
+            rest -= len(chunk)
+        types.append(chr(head[0]))
+        if count is None and types[-1] == "Z":
+            break
+    return types
 
 
 class RunningProxy:

@@ -363,8 +363,10 @@ def bad_finals(good: bytes) -> dict[str, bytes]:
         "no proof": without_proof.encode(),
         "proof not last": f"{without_proof},p={proof},x=1".encode(),
         "proof not base64": f"{without_proof},p=!!!!".encode(),
+        "proof with excess padding": f"{without_proof},p={proof}=".encode(),
         "proof too short": f"{without_proof},p={b64(b'short')}".encode(),
         "not UTF-8": good + b"\xff",
+        "only a comma": b",",
         "empty": b"",
     }
 

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.proxy.conftest import RunningProxy, wait_until, write_config
+from tests.proxy.test_auth import BAD_CLIENT_FIRST, bad_finals
 from tests.proxy.test_operations import ProxyProcess
 
 from pgpilot.proxy import fastpath
@@ -311,23 +312,6 @@ def test_failures_are_counted(proxies: dict[str, RunningProxy]) -> None:
     assert proxy.call(lambda: proxy.pooler.auth_failures) == 1  # type: ignore[union-attr]
 
 
-NONCE = "rOprNGfwEbeRWgbNEkqO"
-BAD_CLIENT_FIRST = {
-    "channel binding required": b"p=tls-server-end-point,,n=,r=" + NONCE.encode(),
-    "unknown flag": b"x,,n=,r=" + NONCE.encode(),
-    "authzid": b"n,a=someone,n=,r=" + NONCE.encode(),
-    "no comma after flag": b"n;,n=,r=" + NONCE.encode(),
-    "no user attribute": b"n,,r=" + NONCE.encode(),
-    "mandatory extension": b"n,,n=,m=ext,r=" + NONCE.encode(),
-    "no nonce": b"n,,n=",
-    "empty nonce": b"n,,n=,r=",
-    "nonce not printable": b"n,,n=,r=ab\x7fcd",
-    "bad extension": b"n,,n=,r=abc,garbage",
-    "not UTF-8": b"n,,n=\xff,r=abc",
-    "empty": b"",
-}
-
-
 @pytest.mark.parametrize("data", BAD_CLIENT_FIRST.values(), ids=BAD_CLIENT_FIRST.keys())
 def test_malformed_client_first(proxies: dict[str, RunningProxy], data: bytes) -> None:
     result = both(proxies, mangle_first=data)
@@ -341,31 +325,16 @@ def test_unknown_mechanism(proxies: dict[str, RunningProxy]) -> None:
 
 
 def break_final(name: str) -> Callable[[bytes], bytes]:
+    """One of test_auth's malformed finals, or a well-formed one with a wrong proof."""
     def mangle(good: bytes) -> bytes:
-        text = good.decode()
-        without_proof, proof = text.rsplit(",p=", 1)
-        cbind, nonce = without_proof.split(",", 1)
-        return {
-            "cbind of another flag": f"c=eSws,{nonce},p={proof}".encode(),
-            "cbind garbage": f"c=Zm9v,{nonce},p={proof}".encode(),
-            "wrong nonce": f"{cbind},r={NONCE}xyz,p={proof}".encode(),
-            "no proof": without_proof.encode(),
-            "proof not last": f"{without_proof},p={proof},x=1".encode(),
-            "proof not base64": f"{without_proof},p=!!!!".encode(),
-            "proof with excess padding": f"{without_proof},p={proof}=".encode(),
-            "proof too short": f"{without_proof},p={b64(b'short')}".encode(),
-            "proof flipped": f"{without_proof},p={b64(bytes(32))}".encode(),
-            "not UTF-8": good + b"\xff",
-            "only a comma": b",",
-            "empty": b"",
-        }[name]
+        if name == "proof flipped":
+            without_proof = good.decode().rsplit(",p=", 1)[0]
+            return f"{without_proof},p={b64(bytes(32))}".encode()
+        return bad_finals(good)[name]
     return mangle
 
 
-@pytest.mark.parametrize("name", ["cbind of another flag", "cbind garbage", "wrong nonce",
-                                  "no proof", "proof not last", "proof not base64",
-                                  "proof with excess padding", "proof too short", "not UTF-8",
-                                  "only a comma", "empty"])
+@pytest.mark.parametrize("name", bad_finals(b"c=biws,r=x,p=" + base64.b64encode(bytes(32))).keys())
 def test_malformed_client_final(proxies: dict[str, RunningProxy], name: str) -> None:
     result = both(proxies, mangle_final=break_final(name))
     assert result[-1][:3] == ("E", "FATAL", "08P01")

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pgpilot.proxy import fastpath
 from pgpilot.proxy.hazards import might_be_hazard
 from pgpilot.proxy.states import ServerState
-from tests.proxy.conftest import RunningProxy, wait_until
+from tests.proxy.conftest import RunningProxy, read_types, wait_until
 
 # Without a C compiler pgpilot installs without the extension; CI has one, so there its absence
 # is a failure (the build broke), not a skip.
@@ -338,21 +338,6 @@ def test_error_inside_a_pipeline_then_named_statements(tx_proxy: RunningProxy) -
             assert conn.execute("select 10 / %s::int", [i]).fetchone() == (10 // i,)
 
 
-def _read_until_ready(sock: socket.socket) -> list[str]:
-    """Message types from the socket up to and including ReadyForQuery."""
-    data, types = b"", []
-    while True:
-        while len(data) >= 5 and len(data) >= 1 + int.from_bytes(data[1:5], "big"):
-            size = 1 + int.from_bytes(data[1:5], "big")
-            types.append(chr(data[0]))
-            data = data[size:]
-            if types[-1] == "Z":
-                return types
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {types}"
-        data += chunk
-
-
 def test_named_statement_after_unanswered_unnamed_requests(proxy_factory: Any) -> None:
     """Raw protocol, no Sync between: unnamed Parse/Bind/Execute go through the engine; then a
     named Parse whose statement the server already has (the router answers ParseComplete
@@ -365,7 +350,7 @@ def test_named_statement_after_unanswered_unnamed_requests(proxy_factory: Any) -
         other.execute("select 2::int", prepare=True)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
-        assert _read_until_ready(sock)[-1] == "Z"
+        assert read_types(sock)[-1] == "Z"
         # Still running (no answer yet) when the named Parse comes.
         sock.sendall(m.parse_message("", "select pg_sleep(0.5)") + m.bind_simple("", "")
                      + m.execute_message())
@@ -374,9 +359,9 @@ def test_named_statement_after_unanswered_unnamed_requests(proxy_factory: Any) -
             for p in proxy.pooler.pools.values() for c in p.clients)))
         sock.sendall(m.parse_message("mine", "select 2::int") + m.bind_simple("", "mine")
                      + m.execute_message() + m.sync())
-        assert _read_until_ready(sock) == ["1", "2", "D", "C", "1", "2", "D", "C", "Z"]
+        assert read_types(sock) == ["1", "2", "D", "C", "1", "2", "D", "C", "Z"]
         sock.sendall(m.query("select 3"))
-        assert _read_until_ready(sock) == ["T", "D", "C", "Z"]
+        assert read_types(sock) == ["T", "D", "C", "Z"]
 
 
 def test_named_statements_after_an_error_the_engine_saw(proxy_factory: Any) -> None:
@@ -388,33 +373,19 @@ def test_named_statements_after_an_error_the_engine_saw(proxy_factory: Any) -> N
     proxy = proxy_factory(default_pool_size=1)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
-        assert _read_until_ready(sock)[-1] == "Z"
+        assert read_types(sock)[-1] == "Z"
         sock.sendall(m.parse_message("", "select 1 / 0") + m.bind_simple("", "")
                      + m.execute_message() + m.flush())
         # The error (division by zero: at Parse, Bind or Execute, as the planner folds it).
         seen: list[str] = []
         while "E" not in seen:
-            seen += _read_types(sock, 1)
+            seen += read_types(sock, 1)
         sock.sendall(m.parse_message("mine", "select 7::int") + m.bind_simple("", "mine")
                      + m.execute_message() + m.sync())
-        assert _read_until_ready(sock) == ["Z"]
+        assert read_types(sock) == ["Z"]
         sock.sendall(m.parse_message("mine", "select 7::int") + m.bind_simple("", "mine")
                      + m.execute_message() + m.sync())
-        assert _read_until_ready(sock) == ["1", "2", "D", "C", "Z"]
-
-
-def _read_types(sock: socket.socket, count: int) -> list[str]:
-    """The types of the next ``count`` messages."""
-    types = []
-    for _ in range(count):
-        head = b""
-        while len(head) < 5:
-            head += sock.recv(5 - len(head))
-        rest = int.from_bytes(head[1:5], "big") - 4
-        while rest:
-            rest -= len(sock.recv(rest))
-        types.append(chr(head[0]))
-    return types
+        assert read_types(sock) == ["1", "2", "D", "C", "Z"]
 
 
 @pytest.mark.parametrize("sql", [

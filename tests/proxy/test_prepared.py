@@ -9,7 +9,7 @@ import subprocess
 import asyncpg
 import psycopg
 import pytest
-from tests.proxy.conftest import RunningProxy
+from tests.proxy.conftest import RunningProxy, read_types
 
 from pgpilot.wire import messages as m
 
@@ -152,30 +152,6 @@ def test_errors_in_pipelines_keep_statements_consistent(proxy: RunningProxy) -> 
         assert [c.fetchone() for c in curs] == [(i + 100,) for i in range(10)]
 
 
-def _read_until_ready(sock: socket.socket) -> list[str]:
-    """Message types from the socket up to and including ReadyForQuery."""
-    data, types = b"", []
-    while True:
-        while len(data) >= 5 and len(data) >= 1 + int.from_bytes(data[1:5], "big"):
-            types.append(chr(data[0]))
-            data = data[1 + int.from_bytes(data[1:5], "big"):]
-            if types[-1] == "Z":
-                return types
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {types}"
-        data += chunk
-
-
-def _read_one(sock: socket.socket) -> str:
-    head = b""
-    while len(head) < 5:
-        head += sock.recv(5 - len(head))
-    rest = int.from_bytes(head[1:5], "big") - 4
-    while rest:
-        rest -= len(sock.recv(rest))
-    return chr(head[0])
-
-
 def test_requests_sent_after_an_error_before_sync(proxy_factory) -> None:
     """After an error PostgreSQL skips every request up to the next Sync. Requests the client
     sends once the error has come back, still before its Sync, are skipped too: they are owed
@@ -184,24 +160,24 @@ def test_requests_sent_after_an_error_before_sync(proxy_factory) -> None:
     proxy = proxy_factory(default_pool_size=1)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
-        assert _read_until_ready(sock)[-1] == "Z"
+        assert read_types(sock)[-1] == "Z"
         sock.sendall(m.parse_message("good", "select 2::int")
                      + m.parse_message("bad", "select 1 / $1::int")
                      + m.bind_simple("", "bad", ["0"]) + m.execute_message()
                      + m.flush())
         # (The division is folded when the Bind plans it: the Bind fails.)
-        assert [_read_one(sock) for _ in range(3)] == ["1", "1", "E"]
+        assert read_types(sock, 3) == ["1", "1", "E"]
         # The error is in; the client goes on before its Sync (pipelined requests).
         sock.sendall(m.bind_simple("", "good") + m.execute_message()
                      + m.parse_message("late", "select 3::int") + m.sync())
-        assert _read_until_ready(sock) == ["Z"]
+        assert read_types(sock) == ["Z"]
         # The server has "good" already: the router answers this Parse itself, which only
         # works if its queue of owed answers is right.
         sock.sendall(m.parse_message("good", "select 2::int") + m.bind_simple("", "good")
                      + m.execute_message() + m.sync())
-        assert _read_until_ready(sock) == ["1", "2", "D", "C", "Z"]
+        assert read_types(sock) == ["1", "2", "D", "C", "Z"]
         sock.sendall(m.parse_message("again", "select 4::int") + m.bind_simple("", "again")
                      + m.execute_message() + m.sync())
-        assert _read_until_ready(sock) == ["1", "2", "D", "C", "Z"]
+        assert read_types(sock) == ["1", "2", "D", "C", "Z"]
         sock.sendall(m.query("select 5"))
-        assert _read_until_ready(sock) == ["T", "D", "C", "Z"]
+        assert read_types(sock) == ["T", "D", "C", "Z"]

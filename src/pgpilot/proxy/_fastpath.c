@@ -1537,29 +1537,34 @@ bad:
     return NULL;
 }
 
+/* Read what the socket has into the connection's buffer (room for ``want`` more bytes):
+ * 1 if bytes came, 0 if none yet or the connection is gone (Python was told). */
+static int read_buffered(ConnObject *c, size_t want) {
+    if (buf_reserve(&c->rb, want) < 0) {
+        PyErr_Clear();
+        conn_lost(c, NULL);
+        return 0;
+    }
+    ssize_t n = recv(c->fd, c->rb.p + c->rb.end, c->rb.cap - c->rb.end, MSG_DONTWAIT);
+    if (n < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) lost_errno(c, errno);
+        return 0;
+    }
+    if (n == 0) {
+        conn_lost(c, NULL);
+        return 0;
+    }
+    c->rb.end += (size_t)n;
+    return 1;
+}
+
 static void on_readable(ConnObject *c) {
     if (c->kind == KIND_LISTENER) {
         listener_accept(c);
         return;
     }
     if (c->scram) {
-        if (buf_reserve(&c->rb, 4096) < 0) {
-            PyErr_Clear();
-            conn_lost(c, NULL);
-            return;
-        }
-        ssize_t n = recv(c->fd, c->rb.p + c->rb.end, c->rb.cap - c->rb.end, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
-            lost_errno(c, errno);
-            return;
-        }
-        if (n == 0) {
-            conn_lost(c, NULL);
-            return;
-        }
-        c->rb.end += (size_t)n;
-        scram_pump(c);
+        if (read_buffered(c, 4096)) scram_pump(c);
         return;
     }
     if (c->mode == MODE_SLOW) {
@@ -1610,22 +1615,7 @@ static void on_readable(ConnObject *c) {
         Py_XDECREF(data);
         return;
     }
-    if (buf_reserve(&c->rb, 16384) < 0) {
-        PyErr_Clear();
-        conn_lost(c, NULL);
-        return;
-    }
-    ssize_t n = recv(c->fd, c->rb.p + c->rb.end, c->rb.cap - c->rb.end, MSG_DONTWAIT);
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
-        lost_errno(c, errno);
-        return;
-    }
-    if (n == 0) {
-        conn_lost(c, NULL);
-        return;
-    }
-    c->rb.end += (size_t)n;
+    if (!read_buffered(c, 16384)) return;
     if (c->kind == KIND_CLIENT) {
         c->last_activity = now_ns();
         client_pump(c);
