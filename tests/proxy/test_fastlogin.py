@@ -470,3 +470,27 @@ def test_out_of_descriptors_pauses_accepting_then_recovers(pg_params: dict[str, 
     finally:
         process.proc.kill()
         process.proc.wait(10)
+
+
+def test_login_timeout_cuts_a_client_stalled_in_the_engine_exchange(
+        proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str]) -> None:
+    """client_login_timeout applies while the engine runs the SCRAM exchange: a client that
+    stops answering after server-first-message is closed, and nothing of it is left."""
+    proxy = proxy_factory(auth_type="scram-sha-256", client_login_timeout=1,
+                          userlist={pg_params["user"]: "", "carol": scram_secret(PASSWORD)})
+    raw = Raw(proxy.port)
+    try:
+        raw.send(startup_packet("carol"))
+        raw.read()
+        raw.send(sasl_initial(Scram().first()))
+        kind, body = raw.read()
+        assert kind == b"R" and auth_code(body) == 11
+        raw.sock.settimeout(15)
+        rest = raw.read_until_end()  # the pooler's refusal, then the close
+        assert rest and rest[-1][0] == b"E" and error_fields(rest[-1][1])["C"] == "08P01", rest
+    finally:
+        raw.close()
+    assert proxy.pooler is not None
+    wait_until(lambda: proxy.call(lambda: sum(
+        len(g) for s, g in proxy.pooler.clients.items()  # type: ignore[union-attr]
+        if s is not ClientState.CLOSED)) == 0)
