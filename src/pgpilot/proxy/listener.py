@@ -13,6 +13,7 @@ asyncio servers stay, since the TLS upgrade needs an asyncio transport.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -32,9 +33,7 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer] = []
 
-    def factory() -> ClientConnection:
-        return ClientConnection(pooler)
-
+    factory = functools.partial(ClientConnection, pooler)
     reuse_port = cfg.so_reuseport or cfg.workers > 1
     for addr in cfg.listen_addresses:
         host: str | None = None if addr == "*" else addr
@@ -79,10 +78,8 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
 
 async def serve_socket(pooler: Pooler, sock: socket.socket) -> asyncio.AbstractServer:
     """An asyncio server on a listening socket the fast path's engine served until now."""
-    def factory() -> ClientConnection:
-        return ClientConnection(pooler)
-
-    return await asyncio.get_running_loop().create_server(factory, sock=sock)
+    return await asyncio.get_running_loop().create_server(
+        functools.partial(ClientConnection, pooler), sock=sock)
 
 
 async def bind_tcp(host: str | None, port: int, backlog: int,
