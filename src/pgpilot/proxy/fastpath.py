@@ -421,6 +421,7 @@ class Lane:
     def starved(self) -> None:
         """Clients wait in the engine and no server is idle there."""
         pool = self.pool
+        pool.python_demand = False  # released servers go to the engine again
         for _ in range(len(pool.idle)):
             if not self.fp.counts[1] or pool.paused:
                 break

@@ -89,6 +89,8 @@ class Pool:
         # The compiled fast path's side of this pool (fastpath.Lane), for transaction and
         # statement pools when the engine runs; servers it holds are IDLE with in_engine set.
         self.lane: Lane | None = None
+        # The last request for a server came from Python rather than the engine (give_out).
+        self.python_demand = False
         fast = pooler.fast
         if fast is not None and self.mode != "session":
             from pgpilot.proxy.fastpath import Lane
@@ -353,6 +355,7 @@ class Pool:
     def request(self, client: ClientConnection) -> None:
         """``client`` needs a server: it gets one now (client.attach) or waits in line."""
         client.wait_started = time.monotonic()
+        self.python_demand = True
         if not self.paused and not self.waiting:
             server = self._take_idle()
             if server is None and self.lane is not None:
@@ -486,7 +489,12 @@ class Pool:
             self._hand_to(server, client)
             return
         lane = self.lane
-        if lane is not None and lane.take_server(server):
+        # A server goes to the fast path's engine unless Python asked for servers last: then
+        # the next request is likely Python's again (clients with named statements, say), and
+        # a trip into the engine and back would cost two hand-overs for nothing. The engine
+        # asks when it runs short (Lane.starved), which turns this the other way.
+        if lane is not None and not (self.python_demand and not lane.waiting_count()) \
+                and lane.take_server(server):
             return
         server.last_used = time.monotonic()
         if server.state is ServerState.IDLE:
@@ -495,10 +503,12 @@ class Pool:
                 self.idle.append(server)
         else:
             server.set_state(ServerState.IDLE)
-        if lane is not None and lane.waiting_count() and not self.paused:
-            # A server the engine cannot carry (TLS, say): the engine's first waiting client
-            # comes to Python, whose request finds this server idle.
-            lane.fp.eject_waiter()
+        if lane is not None:
+            if lane.waiting_count() and not self.paused:
+                # A server the engine cannot carry (TLS, say): the engine's first waiting
+                # client comes to Python, whose request finds this server idle.
+                lane.fp.eject_waiter()
+            lane.update_assist()  # an idle server here: the engine may ask for it
 
     def _too_old(self, server: ServerConnection) -> bool:
         """server_lifetime as PgBouncer's life_over: reached (0 = use once), and not within
