@@ -10,6 +10,7 @@ texts for every refusal, a ServerSignature that proves the pooler holds the secr
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -22,7 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.proxy.conftest import RunningProxy, wait_until, write_config
 from tests.proxy.test_auth import BAD_CLIENT_FIRST, bad_finals
@@ -494,3 +495,54 @@ def test_login_timeout_cuts_a_client_stalled_in_the_engine_exchange(
     wait_until(lambda: proxy.call(lambda: sum(
         len(g) for s, g in proxy.pooler.clients.items()  # type: ignore[union-attr]
         if s is not ClientState.CLOSED)) == 0)
+
+
+@given(first=st.binary(max_size=300), final=st.binary(max_size=300),
+       startup_body=st.binary(min_size=4, max_size=64))
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # one pooler for all
+def test_garbage_from_clients_harms_nobody(proxies: dict[str, RunningProxy], first: bytes,
+                                           final: bytes, startup_body: bytes) -> None:
+    """Whatever a client sends as its startup packet or its SCRAM messages, the engine answers
+    with an error or closes that one connection, and the next client logs in."""
+    port = proxies["engine"].port
+    attempts = [
+        [startup_packet("carol") + message(b"p", first), message(b"p", final)],
+        [startup_packet("carol") + sasl_initial(first), message(b"p", final)],
+        [struct.pack("!I", len(startup_body) + 4) + startup_body],  # a whole, odd packet
+    ]
+    for sends in attempts:
+        raw = Raw(port)
+        raw.sock.settimeout(5)
+        got: list[tuple[bytes, bytes]] = []
+        try:
+            with contextlib.suppress(OSError):  # the pooler may close before the next send
+                for data in sends:
+                    raw.send(data)
+                got = raw.read_until_end()
+        finally:
+            raw.close()
+        assert all(kind in (b"R", b"E", b"Z", b"S", b"K") for kind, _ in got), got
+    assert login(port)[-1] == (b"Z", b"I")
+
+
+def test_sasl_response_sent_with_the_startup_packet(proxies: dict[str, RunningProxy]) -> None:
+    """A client that sends its SASLInitialResponse in the same packet as its StartupMessage
+    (Python reads both) still gets AuthenticationSASL first, then the exchange goes on."""
+    outcomes = []
+    for proxy in proxies.values():
+        scram = Scram()
+        raw = Raw(proxy.port)
+        try:
+            raw.send(startup_packet("carol") + sasl_initial(scram.first()))
+            kind, body = raw.read()
+            assert kind == b"R" and auth_code(body) == 10
+            kind, body = raw.read()
+            assert kind == b"R" and auth_code(body) == 11
+            raw.send(message(b"p", scram.final(body[4:])))
+            got = raw.read_until_end()
+            assert got[0][1][4:] == b"v=" + base64.b64encode(scram.server_signature)
+            outcomes.append(outcome(got))
+        finally:
+            raw.close()
+    assert outcomes[0] == outcomes[1] and outcomes[0][-1] == ("Z", "I")

@@ -1321,6 +1321,23 @@ static void scram_pump(ConnObject *c) {
     Py_DECREF(c);
 }
 
+/* Bytes of the exchange that reached Python first (sent behind the StartupMessage, which
+ * Python read): the engine takes them as if read from the socket. */
+static PyObject *conn_scram_feed(ConnObject *c, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    int ok = c->scram && !(c->flags & (F_CLOSED | F_CLOSING));
+    int appended = ok && buf_append(&c->rb, view.buf, (size_t)view.len) == 0;
+    PyBuffer_Release(&view);
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "no SCRAM exchange under way on this connection");
+        return NULL;
+    }
+    if (!appended) return NULL;
+    scram_pump(c);
+    Py_RETURN_NONE;
+}
+
 /* Answer a client's SCRAM login in the engine (see above); returns the AuthenticationSASL
  * message for Python to send. */
 static PyObject *conn_scram_login(ConnObject *c, PyObject *args) {
@@ -1878,6 +1895,8 @@ static PyMethodDef conn_methods[] = {
     {"scram_login", (PyCFunction)conn_scram_login, METH_VARARGS,
      "scram_login(stored_key, server_key, salt_b64, iterations, valid) -> bytes: run this "
      "client's SCRAM-SHA-256 exchange in the engine; returns the AuthenticationSASL message."},
+    {"scram_feed", (PyCFunction)conn_scram_feed, METH_O,
+     "scram_feed(data): bytes of the SCRAM exchange that reached Python first."},
     {"set_hold", (PyCFunction)conn_set_hold, METH_O,
      "A held server goes back to Python when released instead of being lent again."},
     {NULL}};

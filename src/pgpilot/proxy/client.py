@@ -100,6 +100,7 @@ class ClientConnection(asyncio.Protocol):
         "_auth_known_user",
         "_auth_reader",
         "_cork",
+        "_engine_auth",
         "_held",
         "_login_task",
         "_paused",
@@ -178,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self._reader = MessageReader(CLIENT_TYPES)
         self._auth: ClientAuth | None = None
         self._auth_known_user = False
+        self._engine_auth = False  # the fast path's engine runs this client's SCRAM exchange
         self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
         self._held = b""  # start of a message that may need rewriting once complete
@@ -219,6 +221,11 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         try:
             if self.state is ClientState.LOGIN:
+                if self._cork is not None:
+                    # Within a login step (bytes that came behind the startup packet): the
+                    # outer call sends what both gather, in order.
+                    self._login_data(data)
+                    return
                 self._cork = bytearray()
                 try:
                     self._login_data(data)
@@ -267,6 +274,11 @@ class ClientConnection(asyncio.Protocol):
 
     # -- login ------------------------------------------------------------------------------
     def _login_data(self, data: bytes) -> None:
+        if self._engine_auth:
+            # Sent behind the StartupMessage, so Python read them: the engine's exchange.
+            self._uncork()  # its AuthenticationSASL goes first
+            self.transport.scram_feed(data)  # type: ignore[union-attr]
+            return
         if self._auth is not None:
             self._auth_data(data)
             return
@@ -395,6 +407,7 @@ class ClientConnection(asyncio.Protocol):
                 self.write(transport.scram_login(  # type: ignore[union-attr]
                     key.stored_key, key.server_key, scram_salt_b64(key.salt), key.iterations,
                     known))
+                self._engine_auth = True
                 return
         try:
             auth = client_auth_for(auth_type, self.user, secret)
@@ -459,6 +472,7 @@ class ClientConnection(asyncio.Protocol):
     def scram_passed(self, final_message: bytes, client_key: bytes, rest: bytes) -> None:
         """The engine checked this client's SCRAM proof: log it in. ``rest``: what the client
         sent behind its proof, served after the welcome."""
+        self._engine_auth = False
         self._cork = bytearray(final_message)
         self._pending += rest
         try:
@@ -471,6 +485,7 @@ class ClientConnection(asyncio.Protocol):
     def scram_failed(self, kind: int, text: str | None) -> None:
         """The engine's SCRAM exchange ended in a wrong proof (kind 0), a malformed message
         (1: a protocol violation, 2: told as it is) or an error of its own (3)."""
+        self._engine_auth = False
         if kind == 0:
             text = f'password authentication failed for user "{self.user}"'
             log.warning("%r login failed: %s", self, text)
