@@ -234,8 +234,11 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._query_data(data)
         except ProtocolError as exc:
-            log.warning("%r protocol violation: %s", self, exc)
-            self.fail(exc.sqlstate, f"protocol violation: {exc.message}")
+            self._protocol_violation(exc)
+
+    def _protocol_violation(self, exc: ProtocolError) -> None:
+        log.warning("%r protocol violation: %s", self, exc)
+        self.fail(exc.sqlstate, f"protocol violation: {exc.message}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -334,8 +337,7 @@ class ClientConnection(asyncio.Protocol):
             if not self._tls_refused():
                 self._startup_message(StartupMessage(protocol, params))
         except ProtocolError as exc:
-            log.warning("%r protocol violation: %s", self, exc)
-            self.fail(exc.sqlstate, f"protocol violation: {exc.message}")
+            self._protocol_violation(exc)
         finally:
             self._uncork()
 

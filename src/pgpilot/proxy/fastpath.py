@@ -147,14 +147,11 @@ class FastPath:
             lane = pool.lane
             if lane is None:
                 continue
-            while lane.fp.eject_waiter():
-                pass
             if everyone:
-                for client in list(pool.clients):
-                    transport = client.transport
-                    if is_fast_conn(transport) and transport.fast:  # type: ignore[union-attr]
-                        transport.eject()  # type: ignore[union-attr]
+                lane.take_back_clients()
             else:
+                while lane.fp.eject_waiter():
+                    pass
                 # Linked pairs, found from their servers: a pool has few of those.
                 for server in pool.all_servers():
                     conn: Any = server.transport
@@ -279,13 +276,17 @@ class Lane:
     def give_up(self) -> None:
         """This pool's servers cannot go on the engine: everything goes back to Python."""
         self.usable = False
+        self.take_back_clients()
+        self.recall(0.0)
+
+    def take_back_clients(self) -> None:
+        """Every client the engine holds (queued, linked or idle) goes back to Python."""
         while self.fp.eject_waiter():
             pass
         for client in list(self.pool.clients):
             transport = client.transport
             if is_fast_conn(transport) and transport.fast:  # type: ignore[union-attr]
                 transport.eject()  # type: ignore[union-attr]
-        self.recall(0.0)
 
     # -- Python -> engine ------------------------------------------------------------------
     def take_server(self, server: ServerConnection) -> bool:

@@ -243,11 +243,11 @@ class Pool:
             self.open_server()
             logging_in += 1
 
-    def open_server(self) -> None:
+    def open_server(self, tls_retry: bool = False) -> None:
         # Counted in LOGIN at once, so limits hold while the connection is being made.
         server = ServerConnection(self)
         self.add_server(server)
-        task = asyncio.get_running_loop().create_task(self._connect(server))
+        task = asyncio.get_running_loop().create_task(self._connect(server, tls_retry))
         self.pooler.track_task(task)
 
     async def _connect(self, server: ServerConnection, tls_retry: bool = False) -> None:
@@ -292,10 +292,7 @@ class Pool:
                 # As libpq's sslmode=allow: refused in clear text, try once more with TLS.
                 log.info("%s: server %s:%d refused a clear-text login (%s); retrying with TLS "
                          "(server_tls_sslmode = allow)", self.name, host, self.db.port, error)
-                retry = ServerConnection(self)
-                self.add_server(retry)
-                task = asyncio.get_running_loop().create_task(self._connect(retry, True))
-                self.pooler.track_task(task)
+                self.open_server(tls_retry=True)
                 return
             self._login_failed(error)
             return
