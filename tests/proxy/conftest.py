@@ -21,6 +21,7 @@ import pytest
 
 from pgpilot.embedded import free_port
 from pgpilot.proxy.config import load_config
+from pgpilot.proxy.fastpath import new_event_loop
 from pgpilot.proxy.pooler import Pooler
 
 
@@ -56,10 +57,12 @@ def read_types(sock: socket.socket, count: int | None = None) -> list[str]:
 
 
 class RunningProxy:
-    def __init__(self, config_path: Path, port: int) -> None:
+    def __init__(self, config_path: Path, port: int,
+                 loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop) -> None:
         self.config_path = config_path
         self.port = port
-        self.loop = asyncio.new_event_loop()
+        # The pooler's own loop (command.serve): asyncio's, on the engine's selector.
+        self.loop = loop_factory()
         self.pooler: Pooler | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._ready = threading.Event()
@@ -167,13 +170,14 @@ def proxy_factory(pg_params: dict[str, str], tmp_path: Path) -> Iterator[Callabl
 
     def make(*, databases: dict[str, str] | None = None, users: dict[str, str] | None = None,
              userlist: dict[str, str] | None = None, upstream: dict[str, str] | None = None,
+             loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop,
              **settings: Any) -> RunningProxy:
         counter[0] += 1
         folder = tmp_path / f"proxy{counter[0]}"
         folder.mkdir()
         path, port = write_config(folder, upstream or pg_params, settings, databases, users,
                                   userlist)
-        proxy = RunningProxy(path, port).start()
+        proxy = RunningProxy(path, port, loop_factory).start()
         running.append(proxy)
         return proxy
 

@@ -1,8 +1,12 @@
 /* The pooler's compiled fast path: socket I/O and transaction-pooling hand-over in C.
  *
- * An Engine owns an epoll set that the asyncio loop watches (loop.add_reader on its fd). After
- * login, plain-TCP client and server sockets move from asyncio transports into the engine; a
- * Conn then serves as the protocol object's transport (write, close, pause_reading ...).
+ * An Engine owns an epoll set. The pooler's event loop waits on that set itself: asyncio's
+ * descriptors are watched in it too (Engine.watch), and Engine.select serves the engine's
+ * sockets in C until something of Python's is due (fastpath.EngineSelector). On a loop it did
+ * not make, the loop watches the set's fd instead (add_reader -> Engine.run). Plain-TCP clients
+ * are accepted here; after login, server sockets (and clients of other listeners) move from
+ * asyncio transports into the engine; a Conn then serves as the protocol object's transport
+ * (write, close, pause_reading ...).
  *
  * A Conn is SLOW or FAST. SLOW: every byte read goes to protocol.data_received(), as with any
  * asyncio transport; all pooling logic stays in Python. FAST (transaction and statement pools):
@@ -200,6 +204,13 @@ struct EngineObject {
 
 static PyTypeObject ConnType, PoolType, EngineType;
 
+/* Calls into Python's protocol and handler objects, counted: Engine.select() goes back to the
+ * event loop after a batch that made any, since they may have scheduled work there. */
+static unsigned long python_calls;
+#define py_method(...) (python_calls++, PyObject_CallMethod(__VA_ARGS__))
+#define py_call_soon(e, fn, arg) \
+    (python_calls++, PyObject_CallFunctionObjArgs((e)->call_soon, (fn), (arg), NULL))
+
 static void report_error(EngineObject *e) {
     /* An exception from a Python callback: log it through Python, never let it unwind C. */
     PyObject *type, *exc, *tb;
@@ -312,7 +323,7 @@ static void write_pressure(ConnObject *c) {
     }
     if (pending > HIGH_WATER && !(c->flags & F_WRITE_PAUSED)) {
         c->flags |= F_WRITE_PAUSED;
-        PyObject *r = PyObject_CallMethod(c->protocol, "pause_writing", NULL);
+        PyObject *r = py_method(c->protocol, "pause_writing", NULL);
         if (!r) report_error(c->engine);
         Py_XDECREF(r);
     }
@@ -559,7 +570,7 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
         report_error(c->engine);
         goto done;
     }
-    r = PyObject_CallMethod(p->handler, "ejected", "OOiiisdddOOO", c->protocol,
+    r = py_method(p->handler, "ejected", "OOiiisdddOOO", c->protocol,
                             server ? server->protocol : Py_None, how, c->expected_rfq,
                             c->unsynced, txn, secs(c->query_started), secs(c->xact_started),
                             secs(c->idle_in_txn_since), cb, sb, owed);
@@ -589,7 +600,7 @@ static void return_server(ConnObject *s) {
     Py_INCREF(p);
     leave_fast(s);
     PyObject *sb = take_bytes(&s->rb);
-    PyObject *r = sb ? PyObject_CallMethod(p->handler, "server_returned", "OOd", s->protocol, sb,
+    PyObject *r = sb ? py_method(p->handler, "server_returned", "OOd", s->protocol, sb,
                                            secs(s->idle_since))
                      : NULL;
     if (!r) report_error(s->engine);
@@ -618,7 +629,7 @@ static ConnObject *take_idle(PoolObject *p, long long params_id, int *exact) {
 
 static void call_starved(PoolObject *p) {
     if (!p->assist) return;
-    PyObject *r = PyObject_CallMethod(p->handler, "starved", NULL);
+    PyObject *r = py_method(p->handler, "starved", NULL);
     if (!r) report_error(p->engine);
     Py_XDECREF(r);
 }
@@ -1026,7 +1037,7 @@ static void scram_failed_text(ConnObject *c, int kind, PyObject *text) {
     }
     scram_free(c);
     Py_INCREF(c);
-    PyObject *r = PyObject_CallMethod(c->protocol, "scram_failed", "iO", kind,
+    PyObject *r = py_method(c->protocol, "scram_failed", "iO", kind,
                                       text ? text : Py_None);
     if (!r) report_error(c->engine);
     Py_XDECREF(r);
@@ -1044,7 +1055,7 @@ static void scram_failed(ConnObject *c, int kind, const char *message) {
 static void scram_refuse_first(ConnObject *c, const char *body, size_t n) {
     scram_free(c);
     Py_INCREF(c);
-    PyObject *r = PyObject_CallMethod(c->protocol, "scram_first_refused", "y#", body,
+    PyObject *r = py_method(c->protocol, "scram_first_refused", "y#", body,
                                       (Py_ssize_t)n);
     if (!r) report_error(c->engine);
     Py_XDECREF(r);
@@ -1252,7 +1263,7 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
     /* What the client sent behind its last SASL message is its first query: Python keeps
      * it for after the welcome. */
     PyObject *rest = take_bytes(&c->rb);
-    r = rest ? PyObject_CallMethod(c->protocol, "scram_passed", "OOO", final, key, rest) : NULL;
+    r = rest ? py_method(c->protocol, "scram_passed", "OOO", final, key, rest) : NULL;
     Py_XDECREF(rest);
     if (!r) report_error(c->engine);
     goto done;
@@ -1407,7 +1418,7 @@ static void conn_lost(ConnObject *c, PyObject *exc) {
             PoolObject *p = c->pool;
             Py_INCREF(p);
             leave_fast(c);
-            PyObject *r = PyObject_CallMethod(p->handler, "server_returned", "Oy#d", c->protocol,
+            PyObject *r = py_method(p->handler, "server_returned", "Oy#d", c->protocol,
                                               "", (Py_ssize_t)0, 0.0);
             if (!r) report_error(c->engine);
             Py_XDECREF(r);
@@ -1416,7 +1427,7 @@ static void conn_lost(ConnObject *c, PyObject *exc) {
     }
     if (!(c->flags & F_CLOSED)) {
         conn_close_fd(c);
-        PyObject *r = PyObject_CallMethod(c->protocol, "connection_lost", "O",
+        PyObject *r = py_method(c->protocol, "connection_lost", "O",
                                           exc ? exc : Py_None);
         if (!r) report_error(c->engine);
         Py_XDECREF(r);
@@ -1471,13 +1482,13 @@ static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *pee
     if (!extra || !pv || !lv || PyDict_SetItemString(extra, "peername", pv) < 0 ||
         PyDict_SetItemString(extra, "sockname", lv) < 0)
         goto fail;
-    proto = PyObject_CallMethod(l->protocol, "new_client", NULL);
+    proto = py_method(l->protocol, "new_client", NULL);
     if (!proto) goto fail;
     c = new_conn(e, fd, proto, extra, KIND_CLIENT);
     fd = -1; /* new_conn owns it, even when it fails */
     if (!c) goto fail;
     c->flags |= F_STARTUP;
-    PyObject *r = PyObject_CallMethod(proto, "connection_made", "O", (PyObject *)c);
+    PyObject *r = py_method(proto, "connection_made", "O", (PyObject *)c);
     if (!r) {
         report_error(e);
         conn_lost(c, NULL);
@@ -1510,7 +1521,7 @@ static void listener_accept(ConnObject *l) {
              * asyncio's accept_retry_delay), instead of epoll waking us in a tight loop. */
             l->flags |= F_READ_PAUSED;
             update_events(l);
-            PyObject *r = PyObject_CallMethod(l->protocol, "accept_failed", "i", err);
+            PyObject *r = py_method(l->protocol, "accept_failed", "i", err);
             if (!r) report_error(l->engine);
             Py_XDECREF(r);
             return;
@@ -1610,7 +1621,7 @@ static void on_readable(ConnObject *c) {
             c->flags &= ~F_STARTUP;
             PyObject *params = startup_params((unsigned char *)chunk, (size_t)n);
             if (params) {
-                PyObject *r = PyObject_CallMethod(c->protocol, "startup_received", "iO",
+                PyObject *r = py_method(c->protocol, "startup_received", "iO",
                                                   (int)be32((unsigned char *)chunk + 4), params);
                 Py_DECREF(params);
                 if (!r) {
@@ -1622,7 +1633,7 @@ static void on_readable(ConnObject *c) {
             }
         }
         PyObject *data = PyBytes_FromStringAndSize(chunk, n);
-        PyObject *r = data ? PyObject_CallMethod(c->protocol, "data_received", "O", data) : NULL;
+        PyObject *r = data ? py_method(c->protocol, "data_received", "O", data) : NULL;
         if (!r) {
             report_error(c->engine);
             /* As asyncio: a protocol that raised is cut off. */
@@ -1663,9 +1674,7 @@ static void on_writable(ConnObject *c) {
             conn_close_fd(c);
             if (c->engine->call_soon) {
                 PyObject *lost = PyObject_GetAttrString(c->protocol, "connection_lost");
-                PyObject *r = lost ? PyObject_CallFunctionObjArgs(c->engine->call_soon, lost,
-                                                                  Py_None, NULL)
-                                   : NULL;
+                PyObject *r = lost ? py_call_soon(c->engine, lost, Py_None) : NULL;
                 if (!r) report_error(c->engine);
                 Py_XDECREF(r);
                 Py_XDECREF(lost);
@@ -1683,7 +1692,7 @@ static void on_writable(ConnObject *c) {
             }
         } else if (c->flags & F_WRITE_PAUSED) {
             c->flags &= ~F_WRITE_PAUSED;
-            PyObject *r = PyObject_CallMethod(c->protocol, "resume_writing", NULL);
+            PyObject *r = py_method(c->protocol, "resume_writing", NULL);
             if (!r) report_error(c->engine);
             Py_XDECREF(r);
         }
@@ -1752,7 +1761,7 @@ static PyObject *conn_write(ConnObject *c, PyObject *arg) {
         PyObject *exc = PyObject_CallFunction(PyExc_ConnectionError, "is", err, strerror(err));
         PyObject *lost = PyObject_GetAttrString(c->protocol, "connection_lost");
         if (lost && exc && c->engine->call_soon) {
-            PyObject *rr = PyObject_CallFunctionObjArgs(c->engine->call_soon, lost, exc, NULL);
+            PyObject *rr = py_call_soon(c->engine, lost, exc);
             Py_XDECREF(rr);
         }
         Py_XDECREF(lost);
@@ -2148,7 +2157,7 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         Py_DECREF(e);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    e->call_soon = Py_NewRef(call_soon);
+    e->call_soon = call_soon == Py_None ? NULL : Py_NewRef(call_soon);
     e->error_handler = Py_NewRef(error_handler);
     e->graveyard = PyList_New(0);
     if (!e->graveyard) {
@@ -2177,6 +2186,16 @@ static void engine_dealloc(EngineObject *e) {
     if (e->epfd >= 0) close(e->epfd);
     engine_clear(e);
     Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+/* bind(call_soon, error_handler): the loop's call_soon, once the loop exists (an engine made
+ * for the loop's selector comes first). */
+static PyObject *engine_bind(EngineObject *e, PyObject *args) {
+    PyObject *call_soon, *error_handler;
+    if (!PyArg_ParseTuple(args, "OO", &call_soon, &error_handler)) return NULL;
+    Py_XSETREF(e->call_soon, call_soon == Py_None ? NULL : Py_NewRef(call_soon));
+    Py_XSETREF(e->error_handler, Py_NewRef(error_handler));
+    Py_RETURN_NONE;
 }
 
 static PyObject *engine_fileno(EngineObject *e, PyObject *unused) {
@@ -2261,6 +2280,43 @@ static PyObject *engine_pool(EngineObject *e, PyObject *args) {
     return (PyObject *)p;
 }
 
+/* One event of an engine socket. */
+static void serve_event(ConnObject *c, uint32_t ev) {
+    Py_INCREF(c);
+    if (!(c->flags & F_CLOSED) && (ev & EPOLLOUT)) on_writable(c);
+    if (!(c->flags & F_CLOSED) && (ev & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+        if (wants_read(c) || (c->flags & F_CLOSING)) {
+            if (c->flags & F_CLOSING) {
+                /* Reading stopped for a closing socket: only a broken peer matters. */
+                if (ev & (EPOLLHUP | EPOLLERR)) {
+                    c->wb.start = c->wb.end = 0;
+                    on_writable(c);
+                }
+            } else {
+                on_readable(c);
+            }
+        } else if (ev & (EPOLLHUP | EPOLLERR)) {
+            conn_lost(c, NULL);
+        }
+    }
+    Py_DECREF(c);
+}
+
+/* The batch is done: conns closed during it may go now. */
+static void bury(EngineObject *e) {
+    if (e->graveyard && PyList_GET_SIZE(e->graveyard)) {
+        if (PyList_SetSlice(e->graveyard, 0, PyList_GET_SIZE(e->graveyard), NULL) < 0)
+            PyErr_Clear();
+    }
+}
+
+/* Python's own descriptors (Engine.watch) share the epoll set, tagged in the event data: an
+ * engine Conn's pointer is even, a watched fd is stored as (fd << 1) | 1. */
+#define WATCHED(u64) ((u64) & 1)
+#define WATCHED_FD(u64) ((int)((u64) >> 1))
+#define SELECT_READ 1 /* selectors.EVENT_READ */
+#define SELECT_WRITE 2 /* selectors.EVENT_WRITE */
+
 /* Called by the event loop when the epoll fd is readable: serve every ready socket. */
 static PyObject *engine_run(EngineObject *e, PyObject *unused) {
     struct epoll_event events[128];
@@ -2274,38 +2330,110 @@ static PyObject *engine_run(EngineObject *e, PyObject *unused) {
             Py_DECREF(e);
             return PyErr_SetFromErrno(PyExc_OSError);
         }
-        for (int i = 0; i < n; i++) {
-            ConnObject *c = events[i].data.ptr;
-            Py_INCREF(c);
-            uint32_t ev = events[i].events;
-            if (!(c->flags & F_CLOSED) && (ev & EPOLLOUT)) on_writable(c);
-            if (!(c->flags & F_CLOSED) && (ev & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
-                if (wants_read(c) || (c->flags & F_CLOSING)) {
-                    if (c->flags & F_CLOSING) {
-                        /* Reading stopped for a closing socket: only a broken peer matters. */
-                        if (ev & (EPOLLHUP | EPOLLERR)) {
-                            c->wb.start = c->wb.end = 0;
-                            on_writable(c);
-                        }
-                    } else {
-                        on_readable(c);
-                    }
-                } else if (ev & (EPOLLHUP | EPOLLERR)) {
-                    conn_lost(c, NULL);
-                }
-            }
-            Py_DECREF(c);
-        }
-        /* The batch is done: conns closed during it may go now. */
-        if (e->graveyard && PyList_GET_SIZE(e->graveyard)) {
-            if (PyList_SetSlice(e->graveyard, 0, PyList_GET_SIZE(e->graveyard), NULL) < 0)
-                PyErr_Clear();
-        }
+        for (int i = 0; i < n; i++) serve_event(events[i].data.ptr, events[i].events);
+        bury(e);
         if (n < 128) break;
     }
     e->running--;
     Py_DECREF(e);
     Py_RETURN_NONE;
+}
+
+static int epoll_mask(int select_events) {
+    return ((select_events & SELECT_READ) ? EPOLLIN : 0) |
+           ((select_events & SELECT_WRITE) ? EPOLLOUT : 0);
+}
+
+/* watch(fd, events, is_new): Python's selector registers a descriptor in the engine's set. */
+static PyObject *engine_watch(EngineObject *e, PyObject *args) {
+    int fd, events, is_new;
+    if (!PyArg_ParseTuple(args, "iip", &fd, &events, &is_new)) return NULL;
+    if (fd < 0) return PyErr_Format(PyExc_ValueError, "invalid file descriptor %d", fd);
+    struct epoll_event ev;
+    ev.events = epoll_mask(events);
+    ev.data.u64 = ((uint64_t)fd << 1) | 1;
+    if (epoll_ctl(e->epfd, is_new ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_unwatch(EngineObject *e, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    /* As selectors.EpollSelector: a descriptor closed before it was unregistered is gone
+     * from the set already. */
+    if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, (int)fd, NULL) < 0 && errno != EBADF && errno != ENOENT)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* select(timeout) -> [(fd, events)]: the event loop's wait. Engine sockets are served here, in
+ * C, for as long as none of Python's descriptors is ready, no callback into Python was made
+ * and the timeout (seconds; None: none) has not passed: traffic the fast path carries alone
+ * costs one epoll_wait per batch and no turn of the Python event loop. */
+static PyObject *engine_select(EngineObject *e, PyObject *arg) {
+    int64_t deadline = -1;
+    if (arg != Py_None) {
+        double t = PyFloat_AsDouble(arg);
+        if (t == -1.0 && PyErr_Occurred()) return NULL;
+        deadline = now_ns() + (t > 0 ? (int64_t)(t * 1e9) : 0);
+    }
+    PyObject *ready = PyList_New(0);
+    if (!ready) return NULL;
+    struct epoll_event events[128];
+    unsigned long calls_before = python_calls;
+    Py_INCREF(e);
+    e->running++;
+    for (;;) {
+        int ms = -1;
+        if (deadline >= 0) {
+            int64_t left = deadline - now_ns();
+            /* rounded up, as selectors.EpollSelector, so a timer is never woken for early */
+            ms = left <= 0 ? 0 : (int)((left + 999999) / 1000000);
+        }
+        int n;
+        if (ms == 0) {
+            n = epoll_wait(e->epfd, events, 128, 0);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            n = epoll_wait(e->epfd, events, 128, ms);
+            Py_END_ALLOW_THREADS
+        }
+        if (n < 0) {
+            if (errno != EINTR) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                Py_CLEAR(ready);
+            } else if (PyErr_CheckSignals() < 0) {
+                Py_CLEAR(ready);
+            }
+            break; /* a signal: its Python handler may have work for the loop */
+        }
+        for (int i = 0; i < n; i++) {
+            uint64_t tag = events[i].data.u64;
+            if (!WATCHED(tag)) {
+                serve_event(events[i].data.ptr, events[i].events);
+                continue;
+            }
+            uint32_t ev = events[i].events;
+            int mask = 0;
+            if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) mask |= SELECT_READ;
+            if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) mask |= SELECT_WRITE;
+            PyObject *item = Py_BuildValue("(ii)", WATCHED_FD(tag), mask);
+            if (!item || PyList_Append(ready, item) < 0) {
+                Py_XDECREF(item);
+                Py_CLEAR(ready);
+                break;
+            }
+            Py_DECREF(item);
+        }
+        bury(e);
+        if (!ready || PyList_GET_SIZE(ready) || python_calls != calls_before || ms == 0 ||
+            n == 0)
+            break;
+    }
+    e->running--;
+    Py_DECREF(e);
+    return ready;
 }
 
 static PyObject *engine_get_n_conns(EngineObject *e, void *unused) {
@@ -2321,7 +2449,16 @@ static PyMethodDef engine_methods[] = {
      "handler.new_client() gives the protocol, then protocol.connection_made(conn)."},
     {"pool", (PyCFunction)engine_pool, METH_VARARGS,
      "pool(handler, wait_bucket_bounds) -> FastPool."},
+    {"bind", (PyCFunction)engine_bind, METH_VARARGS,
+     "bind(call_soon, error_handler): set what the constructor was given."},
     {"run", (PyCFunction)engine_run, METH_NOARGS, "Serve the sockets that are ready."},
+    {"select", (PyCFunction)engine_select, METH_O,
+     "select(timeout) -> [(fd, events)]: serve engine sockets until one of the watched "
+     "descriptors is ready (selectors' EVENT_READ / EVENT_WRITE), Python was called or the "
+     "timeout (seconds, None for none) passed."},
+    {"watch", (PyCFunction)engine_watch, METH_VARARGS,
+     "watch(fd, events, is_new): add (or change) a descriptor of Python's in the set."},
+    {"unwatch", (PyCFunction)engine_unwatch, METH_O, "unwatch(fd): take it out again."},
     {NULL}};
 
 static PyGetSetDef engine_getset[] = {

@@ -15,8 +15,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from pgpilot.proxy import fastpath
 from pgpilot.proxy.config import Config, ConfigError, DatabaseConfig, default_config, load_config
 from pgpilot.proxy.workers import WorkerIdentity
 
@@ -113,15 +115,13 @@ def run(args: argparse.Namespace) -> int:
 def serve(config: Config, config_path: str | None = None,
           embedded_dsn_port: int | None = None) -> int:
     """Run the pooler until a stop signal; returns the exit status."""
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    loop_factory = _loop_factory(config)
     if config.workers > 1:
         from pgpilot.proxy.workers import supervise
 
         def run_worker(worker_cfg: Config, identity: WorkerIdentity) -> int:
-            return asyncio.run(_serve(worker_cfg, config_path, None, identity))
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                return runner.run(_serve(worker_cfg, config_path, None, identity))
 
         if embedded_dsn_port is not None:
             print(f"pgpilot: pooling on postgresql://postgres@127.0.0.1:{embedded_dsn_port}"
@@ -135,7 +135,21 @@ def serve(config: Config, config_path: str | None = None,
             if config.pidfile:
                 with contextlib.suppress(OSError):
                     os.unlink(config.pidfile)
-    return asyncio.run(_serve(config, config_path, embedded_dsn_port))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve(config, config_path, embedded_dsn_port))
+
+
+def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to serve on. With the compiled fast path, asyncio's loop on the engine's
+    selector: the engine then serves its sockets in the loop's own wait (fastpath.py).
+    Without it, uvloop where installed."""
+    if config.fast_path and fastpath.available():
+        return fastpath.new_event_loop
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return None
 
 
 async def _serve(config: Config, config_path: str | None,

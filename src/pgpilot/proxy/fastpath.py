@@ -1,6 +1,8 @@
 """The bridge between the pooler's Python objects and its compiled fast path (``_fastpath.c``).
 
-Plain-TCP clients are accepted by the engine itself (:class:`Listener`), so their whole login
+The pooler's event loop runs on the engine's epoll set (:class:`EngineSelector`), so traffic
+the engine carries alone never turns the Python loop. Plain-TCP clients are accepted by the
+engine itself (:class:`Listener`), so their whole login
 runs on an engine ``Conn`` and no asyncio transport is ever made for them; servers (and
 clients of listeners the engine does not serve) leave their asyncio transports for the engine
 after login (:func:`FastPath.adopt`). The ``Conn`` is the protocol's ``transport``, so
@@ -24,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import selectors
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pgpilot.proxy import prepared
@@ -68,6 +71,102 @@ class _Detached(asyncio.Protocol):
         pass
 
 
+class _KeyMap(Mapping[Any, selectors.SelectorKey]):
+    """``EngineSelector.get_map()``: the registered keys by file object or descriptor."""
+
+    def __init__(self, selector: EngineSelector) -> None:
+        self._selector = selector
+
+    def __len__(self) -> int:
+        return len(self._selector.keys)
+
+    def __getitem__(self, fileobj: Any) -> selectors.SelectorKey:
+        try:
+            return self._selector.keys[_fd_of(fileobj)]
+        except (KeyError, ValueError):
+            raise KeyError(f"{fileobj!r} is not registered") from None
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._selector.keys)
+
+
+def _fd_of(fileobj: Any) -> int:
+    fd = fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
+    if fd < 0:
+        raise ValueError(f"invalid file descriptor: {fd}")
+    return fd
+
+
+class EngineSelector(selectors.BaseSelector):
+    """The event loop's selector, on the engine's own epoll set.
+
+    asyncio's descriptors and the engine's sockets wait in one ``epoll_wait``, and the engine
+    serves its sockets inside :meth:`select` until something of Python's is due (a watched
+    descriptor is ready, a callback into Python was made, the timeout passed). Traffic the
+    fast path carries alone then costs no turn of the event loop and no second epoll: the
+    loop made by :func:`new_event_loop` is the pooler's default. On any other loop the engine's
+    epoll fd is watched with ``add_reader`` instead (:class:`FastPath`)."""
+
+    def __init__(self) -> None:
+        assert _fastpath is not None
+        self.engine = _fastpath.Engine(None, None)
+        self.keys: dict[int, selectors.SelectorKey] = {}
+        self._map = _KeyMap(self)
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
+            raise ValueError(f"invalid events: {events!r}")
+        fd = _fd_of(fileobj)
+        if fd in self.keys:
+            raise KeyError(f"{fileobj!r} (FD {fd}) is already registered")
+        self.engine.watch(fd, events, True)
+        key = self.keys[fd] = selectors.SelectorKey(fileobj, fd, events, data)
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        key = self._map[fileobj]
+        del self.keys[key.fd]
+        self.engine.unwatch(key.fd)
+        return key
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = self._map[fileobj]
+        if events != key.events:
+            if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
+                raise ValueError(f"invalid events: {events!r}")
+            self.engine.watch(key.fd, events, False)
+        if events != key.events or data is not key.data:
+            key = self.keys[key.fd] = key._replace(events=events, data=data)
+        return key
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is not None and timeout < 0:
+            timeout = 0.0
+        keys = self.keys
+        ready = []
+        for fd, mask in self.engine.select(timeout):
+            key = keys.get(fd)
+            if key is not None:
+                ready.append((key, mask & key.events))
+        return ready
+
+    def close(self) -> None:
+        for fd in list(self.keys):
+            self.engine.unwatch(fd)
+        self.keys.clear()
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self._map
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The pooler's event loop: asyncio's, on an :class:`EngineSelector` when the engine is
+    built (a plain one otherwise)."""
+    if _fastpath is None:
+        return asyncio.new_event_loop()
+    return asyncio.SelectorEventLoop(EngineSelector())
+
+
 class FastPath:
     """One per pooler process: the engine and its registration with the event loop."""
 
@@ -75,13 +174,20 @@ class FastPath:
         assert _fastpath is not None
         self.pooler = pooler
         self.loop = loop
-        self.engine = _fastpath.Engine(loop.call_soon, self._callback_failed)
-        loop.add_reader(self.engine.fileno(), self.engine.run)
+        selector = getattr(loop, "_selector", None)
+        self._watched_by_loop = not isinstance(selector, EngineSelector)
+        if isinstance(selector, EngineSelector):
+            self.engine = selector.engine
+            self.engine.bind(loop.call_soon, self._callback_failed)
+        else:
+            self.engine = _fastpath.Engine(loop.call_soon, self._callback_failed)
+            loop.add_reader(self.engine.fileno(), self.engine.run)
         self._params_ids: dict[tuple[str | None, ...], int] = {}
         self._settled: list[ClientConnection] = []  # taken back by settle(), for refill()
 
     def close(self) -> None:
-        self.loop.remove_reader(self.engine.fileno())
+        if self._watched_by_loop:
+            self.loop.remove_reader(self.engine.fileno())
 
     def _callback_failed(self, exc: BaseException) -> None:
         log.error("fast path callback failed", exc_info=exc)
