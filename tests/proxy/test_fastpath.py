@@ -408,6 +408,18 @@ def test_prefilter_lets_plain_statements_through(sql: str) -> None:
     assert not _fastpath_module().sql_needs_python(sql.encode())
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("tempholdisrcavyngTEMPHOLDx_ ")), max_size=40))
+def test_prefilter_finds_its_words_anywhere(text: str) -> None:
+    """The one-pass word search agrees with a plain substring search, at every position
+    including the very end of the text, in any case."""
+    words = ("advisory_lock", "set_config", "temp", "hold", "listen", "prepare", "discard",
+             "deallocate")
+    sql = "select " + text.replace(";", "")
+    expected = any(w in sql.lower() for w in words)
+    assert _fastpath_module().sql_needs_python(sql.encode()) == expected
+
+
 def _fastpath_module() -> Any:
     from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
 

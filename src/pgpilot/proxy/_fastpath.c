@@ -93,9 +93,22 @@ typedef struct {
 
 static inline size_t buf_len(const Buf *b) { return b->end - b->start; }
 
+/* Buffers of the first size given back by idle connections, for the next to take: a busy
+ * connection empties and refills its buffers on every message, and malloc + free each time
+ * showed in profiles. A few dozen are kept (engine sockets are served under the GIL). */
+#define SPARE_SIZE 16384 /* what a fast-path read asks for */
+#define SPARE_MAX 64
+static char *spare_buffers[SPARE_MAX];
+static int n_spare_buffers;
+
 static int buf_reserve(Buf *b, size_t extra) {
     if (b->start && b->start == b->end) b->start = b->end = 0;
     if (b->cap - b->end >= extra) return 0;
+    if (!b->cap && extra <= SPARE_SIZE && n_spare_buffers) {
+        b->p = spare_buffers[--n_spare_buffers];
+        b->cap = SPARE_SIZE;
+        return 0;
+    }
     if (b->start) {
         memmove(b->p, b->p + b->start, b->end - b->start);
         b->end -= b->start;
@@ -122,7 +135,10 @@ static int buf_append(Buf *b, const char *data, size_t n) {
 }
 
 static void buf_free(Buf *b) {
-    PyMem_Free(b->p);
+    if (b->cap == SPARE_SIZE && n_spare_buffers < SPARE_MAX)
+        spare_buffers[n_spare_buffers++] = b->p;
+    else
+        PyMem_Free(b->p);
     b->p = NULL;
     b->start = b->end = b->cap = 0;
 }
@@ -377,14 +393,38 @@ static int contains_ci(const unsigned char *s, size_t n, const char *word) {
     return 0;
 }
 
+/* Does one of the words that send a text to Python occur anywhere in it, in any case? One
+ * pass over the text (it runs on every query the fast path carries): only a position whose
+ * letter starts one of the words is looked at further. */
+static int hazard_word_at_any(const unsigned char *s, size_t n) {
+    static const char *const words[] = {"advisory_lock", "set_config", "temp", "hold", "listen",
+                                        "prepare", "discard", "deallocate", NULL};
+    static unsigned char starts[256]; /* letter -> 1 + index of its first word, 0: none */
+    static size_t lengths[8];
+    if (!starts['t']) {
+        for (int w = 0; words[w]; w++) {
+            lengths[w] = strlen(words[w]);
+            unsigned char first = (unsigned char)words[w][0];
+            if (!starts[first]) starts[first] = (unsigned char)(w + 1);
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char at = starts[fold(s[i])];
+        if (!at) continue;
+        for (int w = at - 1; words[w]; w++) {
+            if ((unsigned char)words[w][0] != fold(s[i])) continue;
+            size_t len = lengths[w];
+            if (len <= n - i && contains_ci(s + i, len, words[w])) return 1;
+        }
+    }
+    return 0;
+}
+
 /* The same test as hazards.might_be_hazard plus what the prepared-statement router must see
  * (DISCARD / DEALLOCATE), a little more cautious: a text that is not a single plain statement
  * goes to Python. 0 means the fast path may carry it. */
 static int sql_needs_python(const unsigned char *s, size_t n) {
-    static const char *anywhere[] = {"advisory_lock", "set_config", "temp", "hold", "listen",
-                                     "prepare", "discard", "deallocate", NULL};
-    for (int i = 0; anywhere[i]; i++)
-        if (contains_ci(s, n, anywhere[i])) return 1;
+    if (hazard_word_at_any(s, n)) return 1;
     size_t i = 0;
     while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\r' || s[i] == '\n')) i++;
     if (i + 1 < n && ((s[i] == '-' && s[i + 1] == '-') || (s[i] == '/' && s[i + 1] == '*')))
