@@ -56,16 +56,30 @@ def b64(data: bytes) -> str:
 @pytest.fixture
 def proxies(proxy_factory: Callable[..., RunningProxy],
             pg_params: dict[str, str]) -> dict[str, RunningProxy]:
-    """The same SCRAM setup twice: served by the engine, and by Python (fast_path = 0)."""
+    """The same SCRAM setup three times: served by the engine, by the engine along login
+    routes (no connection logging, so the engine may log clients in alone, see
+    fastpath.LoginRoute), and by Python (fast_path = 0)."""
     made = {}
-    for name, fast in (("engine", 1), ("python", 0)):
+    for name, fast, logging in (("engine", 1, 1), ("routed", 1, 0), ("python", 0, 1)):
         made[name] = proxy_factory(
-            auth_type="scram-sha-256", fast_path=fast,
+            auth_type="scram-sha-256", fast_path=fast, log_connections=logging,
+            log_disconnections=logging,
             userlist={pg_params["user"]: "", "carol": scram_secret(PASSWORD),
                       "plainpw": PASSWORD, "empty": ""},
             databases={"test": f"host={pg_params['host']} port={pg_params['port']} "
                                f"dbname={pg_params['dbname']} user={pg_params['user']}"})
+    warm_routes(made["routed"], "carol", "plainpw")
     return made
+
+
+def warm_routes(proxy: RunningProxy, *users: str) -> None:
+    """Log each user in once through Python, so that the engine has a route for the same
+    StartupMessage (this module's startup_packet(user)) from then on."""
+    for user in users:
+        assert login(proxy.port, user)[-1] == (b"Z", b"I")
+    assert proxy.pooler is not None and proxy.pooler.fast is not None
+    fast = proxy.pooler.fast
+    assert proxy.call(lambda: {startup_packet(u) for u in users} <= set(fast.routes))
 
 
 # -- a raw client ---------------------------------------------------------------------------
@@ -215,10 +229,12 @@ def login(port: int, user: str = "carol", *, scram: Scram | None = None,
 
 
 def both(proxies: dict[str, RunningProxy], **kw: Any) -> list[tuple[str, ...]]:
-    """The login's outcome, which must be the same from the engine and from Python."""
+    """The login's outcome, which must be the same from the engine (with and without a
+    login route) and from Python."""
     engine = outcome(login(proxies["engine"].port, **kw))
+    routed = outcome(login(proxies["routed"].port, **kw))
     python = outcome(login(proxies["python"].port, **kw))
-    assert engine == python
+    assert engine == routed == python
     return engine
 
 
@@ -239,6 +255,13 @@ def test_engine_listener_runs_the_exchange_itself(proxies: dict[str, RunningProx
             group = proxy.pooler.clients[ClientState.LOGIN]
             return next(iter(group)) if group else None
 
+        if name == "routed":
+            # Along a route the client has no Python object at all: the engine holds it.
+            assert proxy.pooler is not None and proxy.pooler.fast is not None
+            engine = proxy.pooler.fast.engine
+            assert proxy.call(lambda e=engine: (e.phantoms, login_client(proxy))) == (1, None)
+            raw.close()
+            continue
         client = wait_until(lambda p=proxy: p.call(lambda: login_client(p)))
         seen[name] = (fastpath.is_fast_conn(client.transport),
                       isinstance(client._auth, ScramAuth))
@@ -307,8 +330,9 @@ def test_wrong_password_is_28P01_for_every_user(proxies: dict[str, RunningProxy]
                                                  f'"{user}"')]
 
 
-def test_failures_are_counted(proxies: dict[str, RunningProxy]) -> None:
-    proxy = proxies["engine"]
+@pytest.mark.parametrize("name", ["engine", "routed"])
+def test_failures_are_counted(proxies: dict[str, RunningProxy], name: str) -> None:
+    proxy = proxies[name]
     login(proxy.port, scram=Scram(password="nope"))
     assert proxy.call(lambda: proxy.pooler.auth_failures) == 1  # type: ignore[union-attr]
 
@@ -396,8 +420,10 @@ def test_gssenc_request_is_refused_then_login_goes_on(proxies: dict[str, Running
             raw.close()
 
 
-def test_client_leaving_mid_exchange_leaves_nothing(proxies: dict[str, RunningProxy]) -> None:
-    proxy = proxies["engine"]
+@pytest.mark.parametrize("name", ["engine", "routed"])
+def test_client_leaving_mid_exchange_leaves_nothing(proxies: dict[str, RunningProxy],
+                                                    name: str) -> None:
+    proxy = proxies[name]
     for _ in range(20):
         raw = Raw(proxy.port)
         raw.send(startup_packet("carol"))
@@ -408,15 +434,16 @@ def test_client_leaving_mid_exchange_leaves_nothing(proxies: dict[str, RunningPr
     assert proxy.pooler is not None
     wait_until(lambda: proxy.call(lambda: sum(
         len(g) for s, g in proxy.pooler.clients.items()  # type: ignore[union-attr]
-        if s is not ClientState.CLOSED)) == 0)
+        if s is not ClientState.CLOSED) + proxy.pooler.fast.engine.phantoms) == 0)
     # And the pooler still logs clients in.
     with psycopg.connect(proxy.dsn(user="carol", password=PASSWORD)) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_drivers_log_in_through_the_engine(proxies: dict[str, RunningProxy]) -> None:
+@pytest.mark.parametrize("name", ["engine", "routed"])
+def test_drivers_log_in_through_the_engine(proxies: dict[str, RunningProxy], name: str) -> None:
     """libpq (psycopg) with its SSLRequest and SCRAM, many times over, on one pool."""
-    proxy = proxies["engine"]
+    proxy = proxies[name]
     for _ in range(30):
         with psycopg.connect(proxy.dsn(user="carol", password=PASSWORD)) as conn:
             assert conn.execute("SELECT current_user").fetchone() is not None
@@ -424,10 +451,11 @@ def test_drivers_log_in_through_the_engine(proxies: dict[str, RunningProxy]) -> 
         psycopg.connect(proxy.dsn(user="carol", password="wrong"))
 
 
-def test_password_never_in_the_log(proxies: dict[str, RunningProxy],
+@pytest.mark.parametrize("name", ["engine", "routed"])
+def test_password_never_in_the_log(proxies: dict[str, RunningProxy], name: str,
                                    caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("DEBUG", logger="pgpilot")
-    proxy = proxies["engine"]
+    proxy = proxies[name]
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(proxy.dsn(user="carol", password="hunter2-wrong"))
     with psycopg.connect(proxy.dsn(user="carol", password=PASSWORD)):
@@ -504,26 +532,33 @@ def test_login_timeout_cuts_a_client_stalled_in_the_engine_exchange(
 def test_garbage_from_clients_harms_nobody(proxies: dict[str, RunningProxy], first: bytes,
                                            final: bytes, startup_body: bytes) -> None:
     """Whatever a client sends as its startup packet or its SCRAM messages, the engine answers
-    with an error or closes that one connection, and the next client logs in."""
-    port = proxies["engine"].port
-    attempts = [
-        [startup_packet("carol") + message(b"p", first), message(b"p", final)],
-        [startup_packet("carol") + sasl_initial(first), message(b"p", final)],
-        [struct.pack("!I", len(startup_body) + 4) + startup_body],  # a whole, odd packet
-    ]
-    for sends in attempts:
-        raw = Raw(port)
-        raw.sock.settimeout(5)
-        got: list[tuple[bytes, bytes]] = []
-        try:
-            with contextlib.suppress(OSError):  # the pooler may close before the next send
-                for data in sends:
-                    raw.send(data)
-                got = raw.read_until_end()
-        finally:
-            raw.close()
-        assert all(kind in (b"R", b"E", b"Z", b"S", b"K") for kind, _ in got), got
-    assert login(port)[-1] == (b"Z", b"I")
+    with an error or closes that one connection, and the next client logs in (along a login
+    route: the same startup packet, garbage SCRAM messages)."""
+    for port in (proxies["engine"].port, proxies["routed"].port):
+        attempts = [
+            [startup_packet("carol") + message(b"p", first), message(b"p", final)],
+            [startup_packet("carol") + sasl_initial(first), message(b"p", final)],
+            [struct.pack("!I", len(startup_body) + 4) + startup_body],  # a whole, odd packet
+            # The startup packet alone first (the engine's route login, if it has a route),
+            # its AuthenticationSASL read (None), then the garbage.
+            [startup_packet("carol"), None, sasl_initial(first), message(b"p", final)],
+        ]
+        for sends in attempts:
+            raw = Raw(port)
+            raw.sock.settimeout(5)
+            got: list[tuple[bytes, bytes]] = []
+            try:
+                with contextlib.suppress(OSError, EOFError):  # the pooler may close first
+                    for data in sends:
+                        if data is None:
+                            got.append(raw.read())
+                        else:
+                            raw.send(data)
+                    got += raw.read_until_end()
+            finally:
+                raw.close()
+            assert all(kind in (b"R", b"E", b"Z", b"S", b"K") for kind, _ in got), got
+        assert login(port)[-1] == (b"Z", b"I")
 
 
 def test_sasl_response_sent_with_the_startup_packet(proxies: dict[str, RunningProxy]) -> None:

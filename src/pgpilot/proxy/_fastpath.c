@@ -58,6 +58,9 @@
 #define F_EJECT_WANTED 0x40 /* client: bytes the fast path will not carry, wait for quiet */
 #define F_KEEPALIVE 0x80    /* listener: set SO_KEEPALIVE on the clients it accepts */
 #define F_STARTUP 0x100     /* client of an engine listener: its startup packet not seen yet */
+#define F_PHANTOM 0x200     /* client with no Python object yet: ``protocol`` is its listener's
+                             * handler (see "engine logins") */
+#define F_WELCOMED 0x400    /* phantom: logged in by a login route, welcome sent */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104
 #define MAX_STARTUP_LENGTH 10000 /* as wire/framing.py */
@@ -188,6 +191,19 @@ struct ConnObject {
     int owed_lost;  /* more than OWED_MAX outstanding: the record is incomplete */
     int owed_skip;  /* an error came back: the server ignores requests until the next Sync */
     Scram *scram;   /* client: a SCRAM-SHA-256 login the engine is running (scram_login) */
+    /* phantom clients (F_PHANTOM): the login route followed, the cancel key given, when the
+     * connection was accepted (monotonic ns), the engine's list of phantoms */
+    PyObject *route;
+    /* client of an engine listener: its address, made into peername/sockname only when
+     * asked (get_extra_info), so that a phantom costs no Python objects for it */
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in in4;
+        struct sockaddr_in6 in6;
+    } peer_addr;
+    uint32_t cancel_pid, cancel_key;
+    int64_t accepted;
+    ConnObject *ph_prev, *ph_next;
     PyObject *weakreflist;
 };
 
@@ -216,6 +232,12 @@ struct EngineObject {
     PyObject *error_handler; /* called with an exception a callback raised */
     PyObject *call_soon;
     long n_conns;
+    /* engine logins: startup packet -> route (dict, set by Python), the pooler's cancel keys
+     * (dict (pid, key) -> client or phantom Conn), how cancel pids are made, the phantoms */
+    PyObject *routes, *cancel_keys;
+    uint32_t pid_base, pid_mask;
+    long phantoms, phantom_cap;
+    ConnObject *phantom_head;
 };
 
 static PyTypeObject ConnType, PoolType, EngineType;
@@ -224,6 +246,8 @@ static PyTypeObject ConnType, PoolType, EngineType;
  * event loop after a batch that made any, since they may have scheduled work there. */
 static unsigned long python_calls;
 #define py_method(...) (python_calls++, PyObject_CallMethod(__VA_ARGS__))
+static int claim(ConnObject *c);
+static void route_welcome(ConnObject *c, PyObject *final);
 #define py_call_soon(e, fn, arg) \
     (python_calls++, PyObject_CallFunctionObjArgs((e)->call_soon, (fn), (arg), NULL))
 
@@ -337,7 +361,7 @@ static void write_pressure(ConnObject *c) {
         }
         return;
     }
-    if (pending > HIGH_WATER && !(c->flags & F_WRITE_PAUSED)) {
+    if (pending > HIGH_WATER && !(c->flags & (F_WRITE_PAUSED | F_PHANTOM))) {
         c->flags |= F_WRITE_PAUSED;
         PyObject *r = py_method(c->protocol, "pause_writing", NULL);
         if (!r) report_error(c->engine);
@@ -583,6 +607,7 @@ static void leave_fast(ConnObject *c) {
 /* Hand ``c`` (a client) and its server, if any, back to Python with their state. */
 static void eject_client(ConnObject *c, ConnObject *server, int how) {
     PyObject *cb = NULL, *sb = NULL, *r = NULL;
+    if (!c->pool || claim(c) < 0) return;
     PoolObject *p = c->pool;
     if (!p) return;
     Py_INCREF(c);
@@ -961,8 +986,12 @@ struct Scram {
     PyObject *client_first_bare, *server_first, *nonce; /* bytes */
 };
 
-static PyObject *py_hmac_digest, *py_sha256, *py_b64decode; /* hmac.digest ... */
-static PyObject *kw_validate; /* {"validate": True}: base64.b64decode as auth.py calls it */
+/* OpenSSL's HMAC and SHA-256 and the strict base64 decoder, called as C functions:
+ * _hashlib.hmac_digest is what hmac.digest runs, binascii.a2b_base64(strict_mode=True) what
+ * base64.b64decode(validate=True) runs for bytes (auth.py's calls), without their Python frames
+ * on every login. */
+static PyObject *py_hmac_digest, *py_sha256, *py_b64decode;
+static PyObject *kw_validate; /* {"strict_mode": True} */
 
 /* HMAC-SHA-256(key, msg) into out, through Python's hmac (OpenSSL). */
 static int hmac_sha256(const unsigned char *key, PyObject *msg, unsigned char *out) {
@@ -1076,6 +1105,7 @@ static void scram_failed_text(ConnObject *c, int kind, PyObject *text) {
         kind = SCRAM_INTERNAL;
     }
     scram_free(c);
+    if (claim(c) < 0) return;
     Py_INCREF(c);
     PyObject *r = py_method(c->protocol, "scram_failed", "iO", kind,
                                       text ? text : Py_None);
@@ -1094,6 +1124,7 @@ static void scram_failed(ConnObject *c, int kind, const char *message) {
  * it again and says what is wrong, so both paths refuse it in the same words. */
 static void scram_refuse_first(ConnObject *c, const char *body, size_t n) {
     scram_free(c);
+    if (claim(c) < 0) return;
     Py_INCREF(c);
     PyObject *r = py_method(c->protocol, "scram_first_refused", "y#", body,
                                       (Py_ssize_t)n);
@@ -1300,6 +1331,10 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
     }
     if (!final) goto error;
     scram_free(c);
+    if (c->flags & F_PHANTOM) {
+        route_welcome(c, final);
+        goto done;
+    }
     /* What the client sent behind its last SASL message is its first query: Python keeps
      * it for after the welcome. */
     PyObject *rest = take_bytes(&c->rb);
@@ -1389,6 +1424,32 @@ static PyObject *conn_scram_feed(ConnObject *c, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* Start the engine's SCRAM exchange for client ``c``: the AuthenticationSASL message to send,
+ * or NULL with an exception. */
+static PyObject *scram_start(ConnObject *c, const void *stored, Py_ssize_t stored_len,
+                             const void *server, Py_ssize_t server_len, PyObject *salt_b64,
+                             long iterations, int valid) {
+    if (stored_len != SCRAM_KEY_LEN || server_len != SCRAM_KEY_LEN) {
+        PyErr_SetString(PyExc_ValueError, "SCRAM keys are 32 bytes");
+        return NULL;
+    }
+    if (c->kind != KIND_CLIENT || c->mode != MODE_SLOW || c->scram) {
+        PyErr_SetString(PyExc_RuntimeError, "not a client connection waiting for its login");
+        return NULL;
+    }
+    Scram *sc = PyMem_Calloc(1, sizeof(Scram));
+    if (!sc) return PyErr_NoMemory();
+    sc->stage = 1;
+    sc->valid = valid;
+    memcpy(sc->stored_key, stored, SCRAM_KEY_LEN);
+    memcpy(sc->server_key, server, SCRAM_KEY_LEN);
+    sc->salt_b64 = Py_NewRef(salt_b64);
+    sc->iterations = iterations;
+    c->scram = sc;
+    static const char mechanisms[] = "SCRAM-SHA-256\0";
+    return auth_message(10, mechanisms, sizeof mechanisms); /* the list ends with an empty name */
+}
+
 /* Answer a client's SCRAM login in the engine (see above); returns the AuthenticationSASL
  * message for Python to send. */
 static PyObject *conn_scram_login(ConnObject *c, PyObject *args) {
@@ -1399,33 +1460,191 @@ static PyObject *conn_scram_login(ConnObject *c, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*y*O!lp", &stored, &server, &PyBytes_Type, &salt_b64,
                           &iterations, &valid))
         return NULL;
-    PyObject *out = NULL;
-    if (stored.len != SCRAM_KEY_LEN || server.len != SCRAM_KEY_LEN) {
-        PyErr_SetString(PyExc_ValueError, "SCRAM keys are 32 bytes");
-        goto done;
-    }
-    if (c->kind != KIND_CLIENT || c->mode != MODE_SLOW || c->scram) {
-        PyErr_SetString(PyExc_RuntimeError, "not a client connection waiting for its login");
-        goto done;
-    }
-    Scram *sc = PyMem_Calloc(1, sizeof(Scram));
-    if (!sc) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    sc->stage = 1;
-    sc->valid = valid;
-    memcpy(sc->stored_key, stored.buf, SCRAM_KEY_LEN);
-    memcpy(sc->server_key, server.buf, SCRAM_KEY_LEN);
-    sc->salt_b64 = Py_NewRef(salt_b64);
-    sc->iterations = iterations;
-    c->scram = sc;
-    static const char mechanisms[] = "SCRAM-SHA-256\0";
-    out = auth_message(10, mechanisms, sizeof mechanisms); /* the list ends with an empty name */
-done:
+    PyObject *out = scram_start(c, stored.buf, stored.len, server.buf, server.len, salt_b64,
+                                iterations, valid);
     PyBuffer_Release(&stored);
     PyBuffer_Release(&server);
     return out;
+}
+
+/* -- engine logins ------------------------------------------------------------------------
+ * A login route (Engine.configure_logins; built by fastpath.LoginRoute after a login Python
+ * ran itself) says everything a StartupMessage -- byte for byte the same -- leads to: the pool,
+ * the parameters' id, the user's SCRAM secret and the welcome. With routes known, a client an
+ * engine listener accepts gets no Python object ("phantom"): the engine reads its
+ * StartupMessage, runs the SCRAM exchange against the route's secret, sends the welcome with
+ * a cancel key of its own (entered in the pooler's cancel_keys dict) and puts the client on
+ * the fast path. The Python object is made ("claimed") only when Python has to see the client:
+ * a packet with no route, a failed login, a hand-back to Python, a CancelRequest for its key,
+ * a login timeout, an admin command. A phantom that just leaves costs Python nothing. */
+#define ROUTE_ITEMS 8 /* (route, FastPool, params_id, stored_key, server_key, salt_b64,
+                       *  iterations, welcome) */
+
+static void conn_close_fd(ConnObject *c);
+static void lost_errno(ConnObject *c, int err);
+static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, double expires);
+
+static void phantom_unlist(ConnObject *c) {
+    EngineObject *e = c->engine;
+    if (!(c->flags & F_PHANTOM)) return;
+    c->flags &= ~F_PHANTOM;
+    if (c->ph_prev) c->ph_prev->ph_next = c->ph_next; else e->phantom_head = c->ph_next;
+    if (c->ph_next) c->ph_next->ph_prev = c->ph_prev;
+    c->ph_prev = c->ph_next = NULL;
+    e->phantoms--;
+}
+
+static void forget_cancel_key(ConnObject *c) {
+    EngineObject *e = c->engine;
+    if (!e->cancel_keys || !c->cancel_pid) return;
+    PyObject *k = Py_BuildValue("(II)", c->cancel_pid, c->cancel_key);
+    PyObject *v = k ? PyDict_GetItemWithError(e->cancel_keys, k) : NULL;
+    if (v == (PyObject *)c && PyDict_DelItem(e->cancel_keys, k) < 0) PyErr_Clear();
+    PyErr_Clear();
+    Py_XDECREF(k);
+    c->cancel_pid = c->cancel_key = 0;
+}
+
+/* A phantom leaves (it closed, or could not be claimed): nothing of it reaches Python. */
+static void phantom_drop(ConnObject *c) {
+    Py_INCREF(c);
+    leave_fast(c);
+    forget_cancel_key(c);
+    phantom_unlist(c);
+    Py_CLEAR(c->route);
+    if (!(c->flags & F_CLOSED)) {
+        conn_close_fd(c);
+        drop_engine_ref(c);
+    }
+    Py_DECREF(c);
+}
+
+/* Give a phantom its Python object: the listener's handler makes it before the startup packet
+ * has a route, the route's object during the route's SCRAM exchange or after the welcome.
+ * 0, or -1: the phantom could not be claimed and is gone. */
+static int claim(ConnObject *c) {
+    if (!(c->flags & F_PHANTOM)) return 0;
+    double accepted = secs(c->accepted);
+    PyObject *proto;
+    Py_INCREF(c);
+    if (c->flags & F_WELCOMED)
+        proto = py_method(PyTuple_GET_ITEM(c->route, 0), "materialize", "Okkd", (PyObject *)c,
+                          (unsigned long)c->cancel_pid, (unsigned long)c->cancel_key, accepted);
+    else if (c->route)
+        proto = py_method(PyTuple_GET_ITEM(c->route, 0), "claim_login", "Od", (PyObject *)c,
+                          accepted);
+    else
+        proto = py_method(c->protocol, "claim", "Od", (PyObject *)c, accepted);
+    int ok = proto != NULL;
+    if (!ok) {
+        report_error(c->engine);
+        if (c->peer) {
+            /* Its server is mid-transaction: Python closes it (it never lends a dirty one). */
+            ConnObject *s = c->peer;
+            Py_INCREF(s);
+            unlink_pair(c);
+            conn_lost(s, NULL);
+            Py_DECREF(s);
+        }
+        phantom_drop(c);
+    } else {
+        phantom_unlist(c);
+        Py_CLEAR(c->route);
+        Py_SETREF(c->protocol, proto);
+    }
+    Py_DECREF(c);
+    return ok ? 0 : -1;
+}
+
+/* A StartupMessage with a route: the SCRAM exchange starts here. 1 if it did, 0 if Python
+ * has to handle this client (no route, or the route is unusable). */
+static int route_login(ConnObject *c, const char *packet, size_t n) {
+    EngineObject *e = c->engine;
+    if (!e->routes || !PyDict_GET_SIZE(e->routes)) return 0;
+    PyObject *key = PyBytes_FromStringAndSize(packet, (Py_ssize_t)n);
+    PyObject *route = key ? PyDict_GetItemWithError(e->routes, key) : NULL;
+    Py_XDECREF(key);
+    if (!route || !PyTuple_Check(route) || PyTuple_GET_SIZE(route) != ROUTE_ITEMS ||
+        !PyBytes_Check(PyTuple_GET_ITEM(route, 3)) || !PyBytes_Check(PyTuple_GET_ITEM(route, 4)) ||
+        !PyBytes_Check(PyTuple_GET_ITEM(route, 5)) || !PyBytes_Check(PyTuple_GET_ITEM(route, 7)) ||
+        !PyObject_TypeCheck(PyTuple_GET_ITEM(route, 1), &PoolType)) {
+        PyErr_Clear();
+        return 0;
+    }
+    long iterations = PyLong_AsLong(PyTuple_GET_ITEM(route, 6));
+    PyObject *stored = PyTuple_GET_ITEM(route, 3), *server = PyTuple_GET_ITEM(route, 4);
+    PyObject *sasl = iterations > 0 ? scram_start(c, PyBytes_AS_STRING(stored),
+                                                  PyBytes_GET_SIZE(stored),
+                                                  PyBytes_AS_STRING(server),
+                                                  PyBytes_GET_SIZE(server),
+                                                  PyTuple_GET_ITEM(route, 5), iterations, 1)
+                                    : NULL;
+    if (!sasl) {
+        PyErr_Clear();
+        return 0;
+    }
+    c->route = Py_NewRef(route);
+    if (conn_send(c, PyBytes_AS_STRING(sasl), (size_t)PyBytes_GET_SIZE(sasl)) < 0)
+        lost_errno(c, errno);
+    Py_DECREF(sasl);
+    return 1;
+}
+
+/* The route's SCRAM exchange passed: send SASL final + the welcome + BackendKeyData +
+ * ReadyForQuery in one write and enter the fast path, all without Python. */
+static void route_welcome(ConnObject *c, PyObject *final) {
+    EngineObject *e = c->engine;
+    PyObject *route = c->route, *welcome = PyTuple_GET_ITEM(route, 7);
+    uint32_t pid = 0, key = 0;
+    for (int tries = 0; tries < 16 && !pid && e->cancel_keys; tries++) {
+        uint32_t r[2];
+        if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r) break;
+        uint32_t candidate = e->pid_base | (r[0] & e->pid_mask) | (e->pid_base ? 1 : 0);
+        if (!candidate) continue;
+        PyObject *k = Py_BuildValue("(II)", candidate, r[1] & 0x7FFFFFFF);
+        int taken = k ? PyDict_Contains(e->cancel_keys, k) : -1;
+        if (taken == 0 && PyDict_SetItem(e->cancel_keys, k, (PyObject *)c) == 0) {
+            pid = candidate;
+            key = r[1] & 0x7FFFFFFF;
+        }
+        Py_XDECREF(k);
+        if (taken < 0) break;
+    }
+    if (!pid) {
+        /* No randomness or no memory: Python says so, in its words. */
+        PyErr_Clear();
+        if (claim(c) == 0) scram_failed(c, SCRAM_INTERNAL, "no cancel key");
+        return;
+    }
+    c->cancel_pid = pid;
+    c->cancel_key = key;
+    size_t fl = (size_t)PyBytes_GET_SIZE(final), wl = (size_t)PyBytes_GET_SIZE(welcome);
+    size_t total = fl + wl + 13 + 6;
+    char *out = PyMem_Malloc(total);
+    if (!out) {
+        PyErr_Clear();
+        phantom_drop(c);
+        return;
+    }
+    memcpy(out, PyBytes_AS_STRING(final), fl);
+    memcpy(out + fl, PyBytes_AS_STRING(welcome), wl);
+    unsigned char *k = (unsigned char *)out + fl + wl;
+    k[0] = 'K';
+    k[1] = 0, k[2] = 0, k[3] = 0, k[4] = 12;
+    k[5] = pid >> 24, k[6] = pid >> 16, k[7] = pid >> 8, k[8] = pid;
+    k[9] = key >> 24, k[10] = key >> 16, k[11] = key >> 8, k[12] = key;
+    memcpy(k + 13, "Z\0\0\0\5I", 6);
+    c->flags |= F_WELCOMED;
+    int broke = conn_send(c, out, total) < 0;
+    PyMem_Free(out);
+    if (broke) {
+        lost_errno(c, errno);
+        return;
+    }
+    /* Bytes sent behind the last SASL message are its first query: the fast path reads them
+     * from the buffer they are in. */
+    enter_fast_mode(c, (PoolObject *)PyTuple_GET_ITEM(route, 1),
+                    PyLong_AsLongLong(PyTuple_GET_ITEM(route, 2)), 0);
 }
 
 /* -- reading ----------------------------------------------------------------------------- */
@@ -1447,6 +1666,16 @@ static void conn_close_fd(ConnObject *c) {
 /* The connection broke or the peer closed it: Python is told, as by an asyncio transport. */
 static void conn_lost(ConnObject *c, PyObject *exc) {
     if (c->flags & F_CLOSED) return;
+    if (c->flags & F_PHANTOM) {
+        /* A phantom that leaves between transactions (the usual way: Terminate) is gone
+         * without Python; one that leaves a server mid-transaction is claimed first, so that
+         * Python takes the server back as for any client. */
+        if (!c->peer) {
+            phantom_drop(c);
+            return;
+        }
+        if (claim(c) < 0) return;
+    }
     Py_INCREF(c);
     if (c->mode == MODE_FAST) {
         if (c->kind == KIND_CLIENT) {
@@ -1488,20 +1717,27 @@ static ConnObject *new_conn(EngineObject *e, int fd, PyObject *protocol, PyObjec
 
 /* An address as asyncio gives it: (host, port) for IPv4, (host, port, flowinfo, scope_id) for
  * IPv6, "" for a unix socket. */
-static PyObject *address_tuple(const struct sockaddr_storage *a) {
+static PyObject *address_tuple(const struct sockaddr *a) {
     char host[INET6_ADDRSTRLEN];
-    if (a->ss_family == AF_INET) {
+    if (a->sa_family == AF_INET) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)a;
         if (!inet_ntop(AF_INET, &in->sin_addr, host, sizeof host)) host[0] = 0;
         return Py_BuildValue("(si)", host, (int)ntohs(in->sin_port));
     }
-    if (a->ss_family == AF_INET6) {
+    if (a->sa_family == AF_INET6) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)a;
         if (!inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host)) host[0] = 0;
         return Py_BuildValue("(siII)", host, (int)ntohs(in6->sin6_port),
                              (unsigned)ntohl(in6->sin6_flowinfo), (unsigned)in6->sin6_scope_id);
     }
     return PyUnicode_FromString("");
+}
+
+static void keep_address(ConnObject *c, const struct sockaddr_storage *peer) {
+    if (peer->ss_family == AF_INET)
+        memcpy(&c->peer_addr.in4, peer, sizeof c->peer_addr.in4);
+    else if (peer->ss_family == AF_INET6)
+        memcpy(&c->peer_addr.in6, peer, sizeof c->peer_addr.in6);
 }
 
 /* A new client on a listening socket: its own Conn in SLOW mode, the protocol from
@@ -1513,20 +1749,28 @@ static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *pee
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         if (l->flags & F_KEEPALIVE) setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
     }
-    struct sockaddr_storage local;
-    socklen_t llen = sizeof local;
-    if (getsockname(fd, (struct sockaddr *)&local, &llen) < 0) local.ss_family = AF_UNSPEC;
-    PyObject *extra = PyDict_New(), *pv = address_tuple(peer), *lv = address_tuple(&local);
     PyObject *proto = NULL;
     ConnObject *c = NULL;
-    if (!extra || !pv || !lv || PyDict_SetItemString(extra, "peername", pv) < 0 ||
-        PyDict_SetItemString(extra, "sockname", lv) < 0)
-        goto fail;
+    if (e->routes && PyDict_GET_SIZE(e->routes) && e->phantoms < e->phantom_cap) {
+        /* A login route may serve it: no Python object until one is needed (claim()). */
+        c = new_conn(e, fd, l->protocol, NULL, KIND_CLIENT);
+        fd = -1;
+        if (!c) goto fail;
+        keep_address(c, peer);
+        c->flags |= F_STARTUP | F_PHANTOM;
+        c->accepted = now_ns();
+        c->ph_next = e->phantom_head;
+        if (e->phantom_head) e->phantom_head->ph_prev = c;
+        e->phantom_head = c;
+        e->phantoms++;
+        goto done;
+    }
     proto = py_method(l->protocol, "new_client", NULL);
     if (!proto) goto fail;
-    c = new_conn(e, fd, proto, extra, KIND_CLIENT);
+    c = new_conn(e, fd, proto, NULL, KIND_CLIENT);
     fd = -1; /* new_conn owns it, even when it fails */
     if (!c) goto fail;
+    keep_address(c, peer);
     c->flags |= F_STARTUP;
     PyObject *r = py_method(proto, "connection_made", "O", (PyObject *)c);
     if (!r) {
@@ -1541,9 +1785,6 @@ fail:
 done:
     Py_XDECREF(c);
     Py_XDECREF(proto);
-    Py_XDECREF(extra);
-    Py_XDECREF(pv);
-    Py_XDECREF(lv);
 }
 
 static void listener_accept(ConnObject *l) {
@@ -1659,10 +1900,18 @@ static void on_readable(ConnObject *c) {
                 return;
             }
             c->flags &= ~F_STARTUP;
+            /* A route's key is a packet Python took whole and alone: the same bytes need no
+             * second reading. */
+            if ((c->flags & F_PHANTOM) && route_login(c, chunk, (size_t)n)) return;
             PyObject *params = startup_params((unsigned char *)chunk, (size_t)n);
+            if ((c->flags & F_PHANTOM) && claim(c) < 0) {
+                Py_XDECREF(params);
+                return;
+            }
             if (params) {
-                PyObject *r = py_method(c->protocol, "startup_received", "iO",
-                                                  (int)be32((unsigned char *)chunk + 4), params);
+                PyObject *r = py_method(c->protocol, "startup_received", "iOy#",
+                                        (int)be32((unsigned char *)chunk + 4), params, chunk,
+                                        (Py_ssize_t)n);
                 Py_DECREF(params);
                 if (!r) {
                     report_error(c->engine);
@@ -1672,6 +1921,7 @@ static void on_readable(ConnObject *c) {
                 return;
             }
         }
+        if (claim(c) < 0) return;
         PyObject *data = PyBytes_FromStringAndSize(chunk, n);
         PyObject *r = data ? py_method(c->protocol, "data_received", "O", data) : NULL;
         if (!r) {
@@ -1744,12 +1994,14 @@ static void on_writable(ConnObject *c) {
 static int conn_traverse(ConnObject *c, visitproc visit, void *arg) {
     Py_VISIT(c->protocol);
     Py_VISIT(c->extra);
+    Py_VISIT(c->route);
     return 0;
 }
 
 static int conn_clear(ConnObject *c) {
     Py_CLEAR(c->protocol);
     Py_CLEAR(c->extra);
+    Py_CLEAR(c->route);
     return 0;
 }
 
@@ -1863,6 +2115,16 @@ static PyObject *conn_get_extra_info(ConnObject *c, PyObject *args) {
         PyObject *v = PyDict_GetItemWithError(c->extra, name);
         if (v) return Py_NewRef(v);
         if (PyErr_Occurred()) return NULL;
+    } else if (c->peer_addr.sa.sa_family != AF_UNSPEC && PyUnicode_Check(name)) {
+        /* An engine listener's client: its addresses, made now. */
+        if (PyUnicode_CompareWithASCIIString(name, "peername") == 0)
+            return address_tuple(&c->peer_addr.sa);
+        if (PyUnicode_CompareWithASCIIString(name, "sockname") == 0 && c->fd >= 0) {
+            struct sockaddr_storage local;
+            socklen_t llen = sizeof local;
+            if (getsockname(c->fd, (struct sockaddr *)&local, &llen) == 0)
+                return address_tuple((struct sockaddr *)&local);
+        }
     }
     return Py_NewRef(dflt);
 }
@@ -1878,6 +2140,11 @@ static PyObject *conn_set_fast(ConnObject *c, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "connection is already on the fast path");
         return NULL;
     }
+    enter_fast_mode(c, p, params_id, expires);
+    Py_RETURN_TRUE;
+}
+
+static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, double expires) {
     c->mode = MODE_FAST;
     c->pool = (PoolObject *)Py_NewRef(p);
     c->params_id = params_id;
@@ -1895,7 +2162,12 @@ static PyObject *conn_set_fast(ConnObject *c, PyObject *args) {
         update_events(c);
         if (buf_len(&c->rb)) client_pump(c);
     }
-    Py_RETURN_TRUE;
+}
+
+/* claim(): the client's Python object, made now if it is a phantom (None if that failed). */
+static PyObject *conn_claim(ConnObject *c, PyObject *unused) {
+    if (claim(c) < 0 || (c->flags & F_PHANTOM)) Py_RETURN_NONE;
+    return Py_NewRef(c->protocol);
 }
 
 /* Python wants the pair back now (a timeout, an admin command, a cancel). */
@@ -1915,6 +2187,7 @@ static PyObject *conn_get_fast(ConnObject *c, void *unused) {
 }
 
 static PyObject *conn_get_peer(ConnObject *c, void *unused) {
+    if (c->peer && claim(c->peer) < 0) Py_RETURN_NONE;
     if (c->peer && c->peer->protocol) return Py_NewRef(c->peer->protocol);
     Py_RETURN_NONE;
 }
@@ -1929,6 +2202,8 @@ static PyObject *conn_get_state(ConnObject *c, void *unused) {
 }
 
 static PyMethodDef conn_methods[] = {
+    {"claim", (PyCFunction)conn_claim, METH_NOARGS,
+     "The client's protocol object, made now if the engine logged it in alone."},
     {"write", (PyCFunction)conn_write, METH_O, "Send bytes (as asyncio.Transport.write)."},
     {"close", (PyCFunction)conn_close, METH_NOARGS, "Close once written out."},
     {"abort", (PyCFunction)conn_abort, METH_NOARGS, "Close now, dropping unsent bytes."},
@@ -2045,6 +2320,11 @@ static PyObject *pool_drop_waiters(PoolObject *p, PyObject *arg) {
         ConnObject *next = c->next;
         if (c->wait_started <= cutoff) {
             Py_INCREF(c);
+            if (claim(c) < 0) {
+                Py_DECREF(c);
+                c = next;
+                continue;
+            }
             leave_fast(c);
             c->rb.start = c->rb.end = 0;
             update_events(c);
@@ -2211,6 +2491,8 @@ static int engine_traverse(EngineObject *e, visitproc visit, void *arg) {
     Py_VISIT(e->call_soon);
     Py_VISIT(e->error_handler);
     Py_VISIT(e->graveyard);
+    Py_VISIT(e->routes);
+    Py_VISIT(e->cancel_keys);
     return 0;
 }
 
@@ -2218,6 +2500,8 @@ static int engine_clear(EngineObject *e) {
     Py_CLEAR(e->call_soon);
     Py_CLEAR(e->error_handler);
     Py_CLEAR(e->graveyard);
+    Py_CLEAR(e->routes);
+    Py_CLEAR(e->cancel_keys);
     return 0;
 }
 
@@ -2480,6 +2764,66 @@ static PyObject *engine_get_n_conns(EngineObject *e, void *unused) {
     return PyLong_FromLong(e->n_conns);
 }
 
+/* configure_logins(routes, cancel_keys, pid_base, pid_mask): engine logins (see above). */
+static PyObject *engine_configure_logins(EngineObject *e, PyObject *args) {
+    PyObject *routes, *cancel_keys;
+    unsigned long base, mask;
+    if (!PyArg_ParseTuple(args, "O!O!kk", &PyDict_Type, &routes, &PyDict_Type, &cancel_keys,
+                          &base, &mask))
+        return NULL;
+    Py_XSETREF(e->routes, Py_NewRef(routes));
+    Py_XSETREF(e->cancel_keys, Py_NewRef(cancel_keys));
+    e->pid_base = (uint32_t)base;
+    e->pid_mask = (uint32_t)mask & 0x7FFFFFFF;
+    Py_RETURN_NONE;
+}
+
+/* Claim phantoms: all of them, or (stale) those still logging in that were accepted at
+ * least ``age`` seconds ago. Returns how many. */
+static PyObject *claim_phantoms(EngineObject *e, int stale_only, double age) {
+    int64_t cutoff = now_ns() - (int64_t)(age * 1e9);
+    long n = 0;
+    ConnObject *c = e->phantom_head;
+    while (c) {
+        if (stale_only && ((c->flags & F_WELCOMED) || c->accepted > cutoff)) {
+            c = c->ph_next;
+            continue;
+        }
+        claim(c); /* unlists it, claimed or dropped */
+        n++;
+        c = e->phantom_head; /* Python ran: the list may have changed */
+        if (stale_only) {
+            while (c && ((c->flags & F_WELCOMED) || c->accepted > cutoff)) c = c->ph_next;
+        }
+    }
+    return PyLong_FromLong(n);
+}
+
+static PyObject *engine_claim_all(EngineObject *e, PyObject *unused) {
+    return claim_phantoms(e, 0, 0);
+}
+
+static PyObject *engine_claim_stale(EngineObject *e, PyObject *arg) {
+    double age = PyFloat_AsDouble(arg);
+    if (age == -1.0 && PyErr_Occurred()) return NULL;
+    return claim_phantoms(e, 1, age);
+}
+
+static PyObject *engine_get_phantoms(EngineObject *e, void *unused) {
+    return PyLong_FromLong(e->phantoms);
+}
+
+static PyObject *engine_get_phantom_cap(EngineObject *e, void *unused) {
+    return PyLong_FromLong(e->phantom_cap);
+}
+
+static int engine_set_phantom_cap(EngineObject *e, PyObject *value, void *unused) {
+    long v = value ? PyLong_AsLong(value) : 0;
+    if (v == -1 && PyErr_Occurred()) return -1;
+    e->phantom_cap = v;
+    return 0;
+}
+
 static PyMethodDef engine_methods[] = {
     {"fileno", (PyCFunction)engine_fileno, METH_NOARGS, "The epoll fd the event loop watches."},
     {"connection", (PyCFunction)engine_connection, METH_VARARGS,
@@ -2496,13 +2840,24 @@ static PyMethodDef engine_methods[] = {
      "select(timeout) -> [(fd, events)]: serve engine sockets until one of the watched "
      "descriptors is ready (selectors' EVENT_READ / EVENT_WRITE), Python was called or the "
      "timeout (seconds, None for none) passed."},
+    {"configure_logins", (PyCFunction)engine_configure_logins, METH_VARARGS,
+     "configure_logins(routes, cancel_keys, pid_base, pid_mask): the login routes (dict: "
+     "startup packet -> route tuple), the pooler's cancel-key dict, how cancel pids are made."},
+    {"claim_all", (PyCFunction)engine_claim_all, METH_NOARGS,
+     "Give every phantom client its Python object; returns how many."},
+    {"claim_stale", (PyCFunction)engine_claim_stale, METH_O,
+     "claim_stale(age): the same for phantoms still logging in after ``age`` seconds."},
     {"watch", (PyCFunction)engine_watch, METH_VARARGS,
      "watch(fd, events, is_new): add (or change) a descriptor of Python's in the set."},
     {"unwatch", (PyCFunction)engine_unwatch, METH_O, "unwatch(fd): take it out again."},
     {NULL}};
 
 static PyGetSetDef engine_getset[] = {
-    {"connections", (getter)engine_get_n_conns, NULL, "Open sockets.", NULL}, {NULL}};
+    {"connections", (getter)engine_get_n_conns, NULL, "Open sockets.", NULL},
+    {"phantoms", (getter)engine_get_phantoms, NULL, "Clients with no Python object yet.", NULL},
+    {"phantom_cap", (getter)engine_get_phantom_cap, (setter)engine_set_phantom_cap,
+     "How many phantoms there may be (a new client past it gets its object at once).", NULL},
+    {NULL}};
 
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgpilot.proxy._fastpath.Engine",
@@ -2539,19 +2894,24 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     if (PyType_Ready(&ConnType) < 0 || PyType_Ready(&PoolType) < 0 ||
         PyType_Ready(&EngineType) < 0)
         return NULL;
-    PyObject *hmac_mod = PyImport_ImportModule("hmac");
+    PyObject *hmac_mod = PyImport_ImportModule("_hashlib");
+    if (!hmac_mod) { /* a Python built without OpenSSL's module: the pure-Python wrapper */
+        PyErr_Clear();
+        hmac_mod = PyImport_ImportModule("hmac");
+    }
     PyObject *hashlib_mod = hmac_mod ? PyImport_ImportModule("hashlib") : NULL;
-    PyObject *base64_mod = hashlib_mod ? PyImport_ImportModule("base64") : NULL;
-    if (base64_mod) {
-        py_hmac_digest = PyObject_GetAttrString(hmac_mod, "digest");
+    PyObject *binascii_mod = hashlib_mod ? PyImport_ImportModule("binascii") : NULL;
+    if (binascii_mod) {
+        py_hmac_digest = PyObject_GetAttrString(
+            hmac_mod, PyObject_HasAttrString(hmac_mod, "hmac_digest") ? "hmac_digest" : "digest");
         py_sha256 = PyObject_GetAttrString(hashlib_mod, "sha256");
-        py_b64decode = PyObject_GetAttrString(base64_mod, "b64decode");
+        py_b64decode = PyObject_GetAttrString(binascii_mod, "a2b_base64");
     }
     Py_XDECREF(hmac_mod);
     Py_XDECREF(hashlib_mod);
-    Py_XDECREF(base64_mod);
+    Py_XDECREF(binascii_mod);
     if (!py_hmac_digest || !py_sha256 || !py_b64decode) return NULL;
-    kw_validate = Py_BuildValue("{sO}", "validate", Py_True);
+    kw_validate = Py_BuildValue("{sO}", "strict_mode", Py_True);
     if (!kw_validate) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;

@@ -464,6 +464,8 @@ class AdminSession:
         fast = self.pooler.fast
         if fast is None:
             return await self._execute(command)
+        if not command.lstrip().upper().startswith("SHOW"):
+            fast.forget_routes()  # PAUSE, DISABLE, KILL ... may change where logins lead
         fast.settle()
         try:
             return await self._execute(command)

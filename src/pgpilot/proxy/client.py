@@ -25,6 +25,7 @@ from pgpilot.proxy.auth import (
     AuthFailed,
     ClientAuth,
     ScramAuth,
+    ScramSecret,
     client_auth_for,
     mock_scram_secret,
     scram_salt_b64,
@@ -48,6 +49,7 @@ from pgpilot.wire.framing import (
 
 if TYPE_CHECKING:
     from pgpilot.proxy.admin import AdminSession
+    from pgpilot.proxy.fastpath import LoginRoute
     from pgpilot.proxy.pool import Pool
     from pgpilot.proxy.pooler import Pooler
 
@@ -106,6 +108,8 @@ class ClientConnection(asyncio.Protocol):
         "_paused",
         "_pending",
         "_reader",
+        "_route_packet",
+        "_route_secret",
         "_startup",
         "addr",
         "admin",
@@ -180,6 +184,10 @@ class ClientConnection(asyncio.Protocol):
         self._auth: ClientAuth | None = None
         self._auth_known_user = False
         self._engine_auth = False  # the fast path's engine runs this client's SCRAM exchange
+        # For a login route (fastpath.LoginRoute): the StartupMessage as the engine read it,
+        # and the SCRAM secret the engine checked; dropped once the welcome is out.
+        self._route_packet: bytes | None = None
+        self._route_secret: ScramSecret | None = None
         self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
         self._held = b""  # start of a message that may need rewriting once complete
@@ -327,11 +335,13 @@ class ClientConnection(asyncio.Protocol):
             return True
         return False
 
-    def startup_received(self, protocol: int, params: dict[str, str]) -> None:
-        """The fast path's engine read this client's StartupMessage, whole and with nothing
-        behind it, and checked it as ``parse_startup_packet`` does."""
+    def startup_received(self, protocol: int, params: dict[str, str],
+                         packet: bytes | None = None) -> None:
+        """The fast path's engine read this client's StartupMessage (``packet``), whole and
+        with nothing behind it, and checked it as ``parse_startup_packet`` does."""
         self.last_activity = time.monotonic()
         self._startup = None
+        self._route_packet = packet
         self._cork = bytearray()
         try:
             if not self._tls_refused():
@@ -410,6 +420,8 @@ class ClientConnection(asyncio.Protocol):
                     key.stored_key, key.server_key, scram_salt_b64(key.salt), key.iterations,
                     known))
                 self._engine_auth = True
+                if known:
+                    self._route_secret = key
                 return
         try:
             auth = client_auth_for(auth_type, self.user, secret)
@@ -556,7 +568,8 @@ class ClientConnection(asyncio.Protocol):
                 if value is not None:
                     params[name] = value
         assert self.pool is not None
-        out = bytearray(self.pool.parameter_statuses(server_params, self.params))
+        statuses = self.pool.parameter_statuses(server_params, self.params)
+        out = bytearray(statuses)
         self.cancel_pid, self.cancel_key = self.pooler.register_cancel_key(self)
         out += m.backend_key_data(self.cancel_pid, self.cancel_key)
         out += m.READY_IDLE
@@ -570,6 +583,40 @@ class ClientConnection(asyncio.Protocol):
             self._pending.clear()
             self.data_received(pending)
         self.enter_fast()
+        packet, secret = self._route_packet, self._route_secret
+        self._route_packet = self._route_secret = None
+        fast = self.pooler.fast
+        if packet is not None and secret is not None and fast is not None:
+            fast.offer_route(self, packet, secret, AUTH_OK + statuses)
+
+    @classmethod
+    def engine_claimed(cls, route: LoginRoute, conn: asyncio.BaseTransport, accepted: float,
+                       cancel: tuple[int, int] | None) -> ClientConnection:
+        """The object of a client the engine took in alone along ``route`` (fastpath.py,
+        "engine logins"): logged in, with the cancel key the engine gave it, or (``cancel``
+        None) still in the SCRAM exchange the engine runs. ``accepted``: time.monotonic()
+        when its connection was accepted."""
+        client = cls(route.pooler)
+        client.connection_made(conn)
+        now = time.monotonic()
+        client.connect_time = client.request_time = time.time() - (now - accepted)
+        client._startup = None
+        client.user, client.database = route.user, route.database
+        client.application_name = route.application_name
+        client.params = dict(route.params)
+        if cancel is None:
+            client.last_activity = accepted  # client_login_timeout counts from the accept
+            client._engine_auth = True
+            return client
+        pool = client.pool = route.pool
+        pool.clients.add(client)
+        max_prepared = route.pooler.config.max_prepared_statements
+        if pool.mode != "session" and max_prepared > 0:
+            client.router = StatementRouter(max_prepared)
+        client.cancel_pid, client.cancel_key = cancel
+        route.pooler.cancel_keys[cancel] = client
+        client.set_state(ClientState.ACTIVE)
+        return client
 
     def enter_fast(self) -> None:
         """Between transactions, hand this client to the compiled fast path if it can take it

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pgpilot.proxy import prepared
-from pgpilot.proxy.states import ServerState
+from pgpilot.proxy.auth import ScramSecret, scram_salt_b64
+from pgpilot.proxy.states import ClientState, ServerState
 
 try:
     from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
@@ -182,12 +183,62 @@ class FastPath:
         else:
             self.engine = _fastpath.Engine(loop.call_soon, self._callback_failed)
             loop.add_reader(self.engine.fileno(), self.engine.run)
+        # Engine logins (LoginRoute): the routes, by StartupMessage, live in this dict.
+        self.routes: dict[bytes, tuple[Any, ...]] = {}
+        worker = pooler.worker
+        if worker is None:
+            pid_base, pid_mask = 0, 0x7FFF_FFFF
+        else:  # the owning worker's index rides in the top bits, as register_cancel_key
+            from pgpilot.proxy.workers import WORKER_SHIFT
+
+            pid_base, pid_mask = worker.index << WORKER_SHIFT, (1 << WORKER_SHIFT) - 1
+        self.engine.configure_logins(self.routes, pooler.cancel_keys, pid_base, pid_mask)
+        self.client_count_changed()
         self._params_ids: dict[tuple[str | None, ...], int] = {}
         self._settled: list[ClientConnection] = []  # taken back by settle(), for refill()
 
     def close(self) -> None:
+        self.forget_routes()
+        self.engine.claim_all()
         if self._watched_by_loop:
             self.loop.remove_reader(self.engine.fileno())
+
+    # -- engine logins ------------------------------------------------------------------
+    def offer_route(self, client: ClientConnection, packet: bytes, secret: ScramSecret,
+                    welcome: bytes) -> None:
+        """``client`` has just logged in through Python after the engine checked its SCRAM
+        proof: let the engine log in later clients that send the same StartupMessage alone
+        (LoginRoute), if nothing about such a client needs Python before its first hand-back.
+        """
+        pool = client.pool
+        conn: Any = client.transport
+        if pool is None or len(self.routes) >= MAX_ROUTES or packet in self.routes \
+                or not routes_allowed(self.pooler, client) or pool.lane is None \
+                or not pool.lane.usable or not is_fast_conn(conn) or not conn.fast:
+            return
+        route = LoginRoute(self.pooler, pool, client, type(client))
+        self.routes[packet] = (route, pool.lane.fp, pool.lane.client_params_id(client),
+                               secret.stored_key, secret.server_key, scram_salt_b64(secret.salt),
+                               secret.iterations, welcome)
+
+    def forget_routes(self) -> None:
+        """After anything that may change where a StartupMessage leads or how it is welcomed
+        (RELOAD, an admin command, shutdown): the next login of each kind goes through Python
+        again and makes a new route."""
+        self.routes.clear()
+
+    def claim_all(self) -> None:
+        """Every client the engine logged in alone gets its Python object now."""
+        if self.engine.phantoms:
+            self.engine.claim_all()
+
+    def client_count_changed(self) -> None:
+        """max_client_conn holds for the clients Python knows and the engine's phantoms
+        together: the engine may take in as many as are left."""
+        clients = self.pooler.clients
+        known = (len(clients[ClientState.LOGIN]) + len(clients[ClientState.ACTIVE])
+                 + len(clients[ClientState.WAITING]))
+        self.engine.phantom_cap = self.pooler.config.max_client_conn - known
 
     def _callback_failed(self, exc: BaseException) -> None:
         log.error("fast path callback failed", exc_info=exc)
@@ -247,8 +298,10 @@ class FastPath:
         A client idle in the engine (no server, nothing owed) stays there: Python's view of
         it is already exact, and with thousands of idle clients taking each one back and
         forth would stall every SHOW and /metrics scrape. ``everyone`` (shutdown) takes
-        those back too.
+        those back too. Clients the engine logged in alone get their Python objects first
+        (once: they are ordinary clients after that).
         """
+        self.claim_all()
         for pool in list(self.pooler.pools.values()):
             lane = pool.lane
             if lane is None:
@@ -289,6 +342,59 @@ class FastPath:
             client.enter_fast()
 
 
+# Login routes kept at most: one per distinct StartupMessage (per application_name, say).
+MAX_ROUTES = 256
+
+
+def routes_allowed(pooler: Pooler, client: ClientConnection) -> bool:
+    """May clients like ``client`` be logged in by the engine alone? Not when the pooler has
+    to see each login or each client on its own: connection logging, per-client timeouts,
+    client limits per database or user, host-based rules, the address in application_name."""
+    cfg = pooler.config
+    if pooler.stopping or client.is_admin or client.tls or cfg.log_connections \
+            or cfg.log_disconnections or cfg.application_name_add_host or cfg.auth_hba_file \
+            or cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout \
+            or cfg.max_db_client_connections or cfg.max_user_client_connections:
+        return False
+    db = cfg.database_for(client.database)
+    if db is None or db.max_db_client_connections:
+        return False
+    user = cfg.users.get(client.user) if cfg.users else None
+    return user is None or not (user.max_user_client_connections or user.client_idle_timeout
+                                or user.idle_transaction_timeout or user.query_timeout)
+
+
+class LoginRoute:
+    """Where one exact StartupMessage leads, learnt from a client Python logged in with it.
+
+    The engine logs in later clients that send the same bytes by itself (``_fastpath.c``,
+    "engine logins"): the same SCRAM secret, the same pool and parameters, the same welcome,
+    a cancel key of its own. Such a client has no Python object until Python has to see it;
+    then the engine calls :meth:`materialize` (logged in) or :meth:`claim_login` (its SCRAM
+    exchange still under way)."""
+
+    __slots__ = ("application_name", "client_type", "database", "params", "pool", "pooler",
+                 "user")
+
+    def __init__(self, pooler: Pooler, pool: Pool, client: ClientConnection,
+                 client_type: type[ClientConnection]) -> None:
+        self.pooler = pooler
+        self.pool = pool
+        self.client_type = client_type
+        self.user = client.user
+        self.database = client.database
+        self.application_name = client.application_name
+        # As welcomed (the server's values filled in); a client claimed during its login
+        # starts with them too: its welcome fills in nothing more, so it ends the same.
+        self.params = dict(client.params)
+
+    def materialize(self, conn: Any, pid: int, key: int, accepted: float) -> ClientConnection:
+        return self.client_type.engine_claimed(self, conn, accepted, (pid, key))
+
+    def claim_login(self, conn: Any, accepted: float) -> ClientConnection:
+        return self.client_type.engine_claimed(self, conn, accepted, None)
+
+
 class Listener(asyncio.AbstractServer):
     """A listening socket served by the engine: it accepts, and makes each client's ``Conn``
     and protocol, with no asyncio transport in between. Looks like the asyncio server it
@@ -309,6 +415,15 @@ class Listener(asyncio.AbstractServer):
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
         return () if self._closed.is_set() else (self.sock,)
+
+    def claim(self, conn: Any, accepted: float) -> asyncio.Protocol:
+        """A client accepted with no Python object (LoginRoute) needs one before its
+        StartupMessage was read (it has no route, or the pooler wants to see it)."""
+        proto = self.new_client()
+        proto.connection_made(conn)
+        if hasattr(proto, "last_activity"):
+            proto.last_activity = accepted  # client_login_timeout counts from the accept
+        return proto
 
     def accept_failed(self, err: int) -> None:
         log.error("accept failed: %s; retrying in %.0f s", os.strerror(err),
@@ -387,6 +502,9 @@ class Lane:
 
     def take_back_clients(self) -> None:
         """Every client the engine holds (queued, linked or idle) goes back to Python."""
+        if not self.usable:
+            self.fast.forget_routes()  # no more clients for this pool's engine side
+        self.fast.claim_all()
         while self.fp.eject_waiter():
             pass
         for client in list(self.pool.clients):

@@ -46,6 +46,11 @@ class Janitor:
                     and client.pool is not None:  # reserve_pool_timeout = 0 disables
                 client.pool.launch_if_needed(use_reserve=True)
         if cfg.client_login_timeout:
+            fast = self.pooler.fast
+            if fast is not None and fast.engine.phantoms:
+                # Clients the engine holds with no Python object, logging in for too long:
+                # Python sees them now and times them out below, as any other.
+                fast.engine.claim_stale(cfg.client_login_timeout)
             for client in list(self.pooler.clients[ClientState.LOGIN]):
                 if now - client.last_activity > cfg.client_login_timeout:
                     client.fail("08P01", "client_login_timeout: login took too long")

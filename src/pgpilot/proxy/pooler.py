@@ -45,7 +45,8 @@ class Pooler:
         self.worker = worker  # set when this process is one of several (workers = N)
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: dict[ClientState, set[ClientConnection]] = {s: set() for s in ClientState}
-        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        # Values: clients, or the engine's Conn of a client it logged in alone (fastpath.py).
+        self.cancel_keys: dict[tuple[int, int], Any] = {}
         # SCRAM ClientKeys clients revealed by logging in (user -> key), for server logins
         # where auth_file holds only the SCRAM secret (pass-through, as PgBouncer).
         self.scram_client_keys: dict[str, bytes] = {}
@@ -117,6 +118,7 @@ class Pooler:
             return
         self.stopping = True
         if self.fast is not None:
+            self.fast.forget_routes()
             self.fast.settle(everyone=True)
         self.stop_listening()
         self.admin_console.stop()
@@ -185,6 +187,11 @@ class Pooler:
         from pgpilot.proxy.tls import client_ssl_context, server_ssl_context, server_tls_settings
 
         old = self.config
+        if self.fast is not None:
+            # Where a StartupMessage leads may change: the engine's routes go, and the
+            # clients it logged in alone become ordinary ones first.
+            self.fast.forget_routes()
+            self.fast.claim_all()
         try:
             client_ctx, server_ctx = client_ssl_context(config), server_ssl_context(config)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
@@ -217,6 +224,8 @@ class Pooler:
         for name, db in config.databases.items():
             if name != "*" and db.user and config.min_pool_size_for(db):
                 self.get_pool(db, name, db.user)  # min_pool_size: the janitor warms it
+        if self.fast is not None:
+            self.fast.client_count_changed()  # max_client_conn may have changed
         if (old.listen_addr, old.listen_port) != (config.listen_addr, config.listen_port):
             log.warning("listen_addr/listen_port changes need a restart")
         log.info("configuration reloaded")
@@ -235,11 +244,15 @@ class Pooler:
 
     def client_connected(self, client: ClientConnection) -> None:
         self.clients[ClientState.LOGIN].add(client)
+        if self.fast is not None:
+            self.fast.client_count_changed()
 
     def client_moved(self, client: ClientConnection, old: ClientState, new: ClientState) -> None:
         self.clients[old].discard(client)
         if new is not ClientState.CLOSED:
             self.clients[new].add(client)
+        elif self.fast is not None:
+            self.fast.client_count_changed()
 
     def admit(self, client: ClientConnection) -> bool:
         """max_client_conn: refuse a client beyond it, as PgBouncer does (53300)."""
@@ -249,6 +262,8 @@ class Pooler:
         clients = self.clients
         count = (len(clients[ClientState.LOGIN]) + len(clients[ClientState.ACTIVE])
                  + len(clients[ClientState.WAITING]))
+        if self.fast is not None:
+            count += self.fast.engine.phantoms  # logged in by the engine alone
         if count > self.config.max_client_conn:
             log.warning("%r refused: max_client_conn (%d) reached", client,
                         self.config.max_client_conn)
@@ -379,6 +394,8 @@ class Pooler:
             self._forward_cancel(worker.owner_of(pid), pid, key)
             return
         client = self.cancel_keys.get((pid, key))
+        if client is not None and is_fast_conn(client):
+            client = client.claim()  # a client the engine logged in alone: Python sees it now
         if client is not None and client.server is None and is_fast_conn(client.transport):
             client.transport.eject()  # type: ignore[union-attr]  # Python holds the pair now
         if client is None or client.server is None:

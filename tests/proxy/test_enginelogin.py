@@ -1,0 +1,298 @@
+"""Engine logins: clients the fast path's engine logs in alone, along a login route.
+
+After Python has logged a client in with some StartupMessage, the engine serves later clients
+that send the same bytes by itself (fastpath.LoginRoute, ``_fastpath.c``): they have no Python
+object ("phantoms") until Python has to see them. These tests check that such clients work
+like any other (queries, named statements, cancel, limits, the console, RELOAD, timeouts,
+leaving mid-transaction) and that Python really does not see them until then.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from tests.proxy.conftest import RunningProxy, wait_until
+from tests.proxy.test_cancel import Running, wait_active
+from tests.proxy.test_fastlogin import (
+    PASSWORD,
+    Raw,
+    Scram,
+    auth_code,
+    error_fields,
+    login,
+    sasl_initial,
+    scram_secret,
+    startup_packet,
+    warm_routes,
+)
+
+from pgpilot.proxy import fastpath
+from pgpilot.proxy.states import ClientState
+
+pytestmark = pytest.mark.skipif(not fastpath.available() and os.environ.get("CI") != "true",
+                                reason="fast path not built (no C compiler at install)")
+
+
+ADMIN_PASSWORD = "admin-Secret1"
+
+
+def admin(proxy: RunningProxy) -> psycopg.Connection[Any]:
+    return psycopg.connect(proxy.dsn(dbname="pgbouncer", password=ADMIN_PASSWORD),
+                           autocommit=True)
+
+
+def make_proxy(proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str],
+               **settings: Any) -> RunningProxy:
+    base: dict[str, Any] = {
+        "auth_type": "scram-sha-256", "log_connections": 0, "log_disconnections": 0,
+        "userlist": {pg_params["user"]: ADMIN_PASSWORD, "carol": scram_secret(PASSWORD)},
+        "databases": {"test": f"host={pg_params['host']} port={pg_params['port']} "
+                              f"dbname={pg_params['dbname']} user={pg_params['user']}"},
+    }
+    base.update(settings)
+    return proxy_factory(**base)
+
+
+@pytest.fixture
+def routed(proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str]) -> RunningProxy:
+    return make_proxy(proxy_factory, pg_params)
+
+
+def counts(proxy: RunningProxy) -> tuple[int, int, int]:
+    """(phantoms, clients Python knows, cancel keys) as the pooler sees them now."""
+    def read() -> tuple[int, int, int]:
+        pooler = proxy.pooler
+        assert pooler is not None and pooler.fast is not None
+        known = sum(len(g) for s, g in pooler.clients.items() if s is not ClientState.CLOSED)
+        return pooler.fast.engine.phantoms, known, len(pooler.cancel_keys)
+    return tuple(proxy.call(read))  # type: ignore[return-value]
+
+
+def connect(proxy: RunningProxy, **kw: Any) -> psycopg.Connection[Any]:
+    kw.setdefault("autocommit", True)
+    return psycopg.connect(proxy.dsn(user="carol", password=PASSWORD), **kw)
+
+
+def psycopg_route(proxy: RunningProxy) -> None:
+    """One psycopg login through Python: later psycopg logins (same StartupMessage) take
+    the route."""
+    with connect(proxy) as conn:
+        conn.execute("SELECT 1")
+    assert proxy.pooler is not None and proxy.pooler.fast is not None
+    fast = proxy.pooler.fast
+    wait_until(lambda: proxy.call(lambda: len(fast.routes)) == 1)
+
+
+def test_a_second_login_never_reaches_python(routed: RunningProxy) -> None:
+    psycopg_route(routed)
+    wait_until(lambda: counts(routed) == (0, 0, 0))
+    with connect(routed) as conn:
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+        # Logged in and served by the engine alone: a phantom with a cancel key, no object.
+        assert counts(routed) == (1, 0, 1)
+        assert conn.info.backend_pid != 0
+    # Gone without Python hearing of it: no client, no key left behind.
+    wait_until(lambda: counts(routed) == (0, 0, 0))
+
+
+def test_many_logins_and_the_welcome_is_the_pythons(routed: RunningProxy) -> None:
+    """A routed login gets the same ParameterStatus messages as the Python one did."""
+    with connect(routed) as conn:
+        first = {name: conn.info.parameter_status(name)
+                 for name in ("server_version", "client_encoding", "DateStyle", "TimeZone",
+                              "application_name", "integer_datetimes")}
+    for _ in range(20):
+        with connect(routed) as conn:
+            again = {name: conn.info.parameter_status(name) for name in first}
+            assert again == first
+            assert conn.execute("SELECT current_setting('application_name')").fetchone() \
+                is not None
+    assert counts(routed)[1] == 0
+
+
+def test_the_console_sees_phantoms(routed: RunningProxy) -> None:
+    psycopg_route(routed)
+    conns = [connect(routed) for _ in range(3)]
+    try:
+        assert counts(routed)[0] == 3
+        with admin(routed) as console:
+            rows = console.execute("SHOW CLIENTS").fetchall()
+            users = [r[1] for r in rows]
+            assert users.count("carol") == 3
+            pools = {(r[0], r[1]): r for r in console.execute("SHOW POOLS").fetchall()}
+            assert pools[("test", "carol")][2] == 3  # cl_active
+        # SHOW claimed them: ordinary clients now, still working.
+        wait_until(lambda: counts(routed)[:2] == (0, 3))
+        for conn in conns:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_cancel_reaches_a_phantoms_query(routed: RunningProxy, pg_dsn: str) -> None:
+    """The CancelRequest names a key the engine gave out: Python claims the client, then
+    cancels its query only."""
+    psycopg_route(routed)
+    with connect(routed) as conn:
+        server_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        assert counts(routed)[0] == 1
+        running = Running(conn, "SELECT pg_sleep(30)")
+        wait_active(pg_dsn, server_pid)
+        conn.cancel_safe()
+        outcome = running.outcome(15)
+        assert isinstance(outcome, psycopg.errors.QueryCanceled), outcome
+        assert conn.execute("SELECT 7").fetchone() == (7,)
+        assert counts(routed)[:2] == (0, 1)  # claimed by the cancel
+
+
+def test_named_statements_hand_the_phantom_to_python(routed: RunningProxy) -> None:
+    psycopg_route(routed)
+    with connect(routed, prepare_threshold=0) as conn:
+        for i in range(5):
+            assert conn.execute("SELECT %s::int * 2", (i,)).fetchone() == (i * 2,)
+        # The router (Python) renames named statements: this client was claimed for that.
+        assert counts(routed)[:2] == (0, 1)
+
+
+def test_leaving_mid_transaction_rolls_back(routed: RunningProxy, pg_dsn: str) -> None:
+    psycopg_route(routed)
+    with psycopg.connect(pg_dsn, autocommit=True) as direct:
+        direct.execute("DROP TABLE IF EXISTS engine_login_t")
+        direct.execute("CREATE TABLE engine_login_t (n int)")
+    try:
+        conn = connect(routed, autocommit=False)
+        conn.execute("INSERT INTO engine_login_t VALUES (1)")
+        conn.close()  # Terminate inside the transaction
+        with connect(routed) as other:
+            for _ in range(10):  # every server of the pool is clean
+                assert other.execute("SELECT count(*) FROM engine_login_t").fetchone() == (0,)
+        wait_until(lambda: counts(routed)[0] == 0)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as direct:
+            direct.execute("DROP TABLE engine_login_t")
+
+
+def test_max_client_conn_counts_phantoms(proxy_factory: Callable[..., RunningProxy],
+                                         pg_params: dict[str, str]) -> None:
+    proxy = make_proxy(proxy_factory, pg_params, max_client_conn=3)
+    psycopg_route(proxy)
+    held = [connect(proxy) for _ in range(3)]
+    try:
+        assert counts(proxy)[0] == 3
+        with pytest.raises(psycopg.OperationalError, match="max_client_conn"):
+            connect(proxy)
+    finally:
+        for conn in held:
+            conn.close()
+    wait_until(lambda: counts(proxy)[:2] == (0, 0))
+    with connect(proxy) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_reload_forgets_routes(proxy_factory: Callable[..., RunningProxy],
+                               pg_params: dict[str, str], tmp_path: Path) -> None:
+    """A new password in auth_file holds from the RELOAD on, for routed logins too."""
+    proxy = make_proxy(proxy_factory, pg_params)
+    psycopg_route(proxy)
+    userlist = Path(proxy.pooler.config.auth_file)  # type: ignore[union-attr, arg-type]
+    userlist.write_text(f'"{pg_params["user"]}" "{ADMIN_PASSWORD}"\n'
+                        f'"carol" "{scram_secret("new-Secret9")}"\n')
+    proxy.reload()
+    assert proxy.call(lambda: len(proxy.pooler.fast.routes)) == 0  # type: ignore[union-attr]
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(proxy)
+    with psycopg.connect(proxy.dsn(user="carol", password="new-Secret9")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_admin_commands_forget_routes_and_see_phantoms(routed: RunningProxy) -> None:
+    """SHOW keeps the routes; a command that changes the pooler (KILL here) drops them, and
+    acts on the clients the engine logged in alone as on any other."""
+    psycopg_route(routed)
+    victim = connect(routed)
+    assert counts(routed)[0] == 1
+    with admin(routed) as console:
+        console.execute("SHOW POOLS")
+        assert routed.call(lambda: len(routed.pooler.fast.routes)) == 1  # type: ignore
+        console.execute("KILL test")
+        assert routed.call(lambda: len(routed.pooler.fast.routes)) == 0  # type: ignore
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("SELECT 1")  # killed, as a client Python knew would be
+        victim.close()
+        console.execute("RESUME test")
+    with connect(routed) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_no_routes_where_python_must_see_every_login(
+        proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str]) -> None:
+    for settings in ({"log_connections": 1}, {"log_disconnections": 1},
+                     {"pool_mode": "session"}, {"client_idle_timeout": 60},
+                     {"max_user_client_connections": 50}, {"application_name_add_host": 1}):
+        proxy = make_proxy(proxy_factory, pg_params, **settings)
+        for _ in range(2):
+            with connect(proxy) as conn:
+                conn.execute("SELECT 1")
+                assert counts(proxy)[0] == 0, settings
+        assert proxy.call(lambda p=proxy: len(p.pooler.fast.routes)) == 0, settings
+
+
+def test_a_phantom_stalled_in_its_login_is_timed_out(
+        proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str]) -> None:
+    proxy = make_proxy(proxy_factory, pg_params, client_login_timeout=1)
+    warm_routes(proxy, "carol")
+    raw = Raw(proxy.port)
+    try:
+        raw.send(startup_packet("carol"))
+        raw.read()
+        raw.send(sasl_initial(Scram().first()))
+        kind, body = raw.read()
+        assert kind == b"R" and auth_code(body) == 11
+        assert counts(proxy)[0] == 1
+        raw.sock.settimeout(15)
+        rest = raw.read_until_end()
+        assert rest and rest[-1][0] == b"E" and error_fields(rest[-1][1])["C"] == "08P01", rest
+    finally:
+        raw.close()
+    wait_until(lambda: counts(proxy)[:2] == (0, 0))
+
+
+def test_a_silent_connection_is_timed_out(proxy_factory: Callable[..., RunningProxy],
+                                          pg_params: dict[str, str]) -> None:
+    """Accepted with no object (routes exist), then not a byte: client_login_timeout."""
+    proxy = make_proxy(proxy_factory, pg_params, client_login_timeout=1)
+    warm_routes(proxy, "carol")
+    raw = Raw(proxy.port)
+    try:
+        wait_until(lambda: counts(proxy)[0] == 1)
+        raw.sock.settimeout(15)
+        rest = raw.read_until_end()
+        assert rest and error_fields(rest[-1][1])["C"] == "08P01", rest
+    finally:
+        raw.close()
+
+
+def test_phantoms_on_shutdown_are_told(routed: RunningProxy) -> None:
+    psycopg_route(routed)
+    conn = connect(routed)
+    assert counts(routed)[0] == 1
+    routed.stop()
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    conn.close()
+
+
+def test_churn_keeps_the_pooler_clean(routed: RunningProxy) -> None:
+    """Many short connections (pgbench -C): none leaves a trace; SHOW STATS counts them."""
+    warm_routes(routed, "carol")
+    for _ in range(60):
+        assert login(routed.port)[-1] == (b"Z", b"I")
+    wait_until(lambda: counts(routed) == (0, 0, 0))
+    with connect(routed) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
