@@ -37,22 +37,42 @@ def test_limits_are_divided_exactly() -> None:
 
 @pytest.fixture
 def workers_proxy(tmp_path: Path, pg_params, pg_dsn):
+    yield from run_workers(tmp_path, pg_params, pg_dsn)
+
+
+@pytest.fixture
+def quiet_scram_workers_proxy(tmp_path: Path, pg_params, pg_dsn):
+    """SCRAM logins and no connection logging: each worker's engine logs clients in alone
+    once it has a login route (fastpath.LoginRoute)."""
+    from tests.proxy.test_fastlogin import PASSWORD, scram_secret
+
+    yield from run_workers(
+        tmp_path, pg_params, pg_dsn,
+        users=f'"carol" "{scram_secret(PASSWORD)}"\n',
+        settings="auth_type = scram-sha-256\nlog_connections = 0\nlog_disconnections = 0\n",
+        forced_user=pg_params["user"], login=f"carol:{PASSWORD}")
+
+
+def run_workers(tmp_path: Path, pg_params, pg_dsn, users: str = "",
+                settings: str = "auth_type = trust\n", forced_user: str = "",
+                login: str = ""):
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         if not conn.execute("select 1 from pg_database where datname = %s",
                             [WORKERS_DB]).fetchone():
             conn.execute(f"create database {WORKERS_DB}")
     port = free_port()
-    (tmp_path / "users.txt").write_text(f'"{pg_params["user"]}" ""\n')
+    (tmp_path / "users.txt").write_text(f'"{pg_params["user"]}" ""\n' + users)
     ini = tmp_path / "pgbouncer.ini"
+    forced = f" user={forced_user}" if forced_user else ""
     ini.write_text(
-        f"[databases]\n* = host={pg_params['host']} port={pg_params['port']}\n"
+        f"[databases]\n* = host={pg_params['host']} port={pg_params['port']}{forced}\n"
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = trust\nauth_file = users.txt\npool_mode = transaction\n"
+        f"{settings}auth_file = users.txt\npool_mode = transaction\n"
         f"default_pool_size = 4\nworkers = 2\nlogfile = {tmp_path / 'log'}\n"
         f"pidfile = {tmp_path / 'pid'}\n")
     proc = subprocess.Popen([sys.executable, "-m", "pgpilot", "proxy", "--config", str(ini)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    dsn = f"postgresql://{pg_params['user']}@127.0.0.1:{port}/{WORKERS_DB}"
+    dsn = f"postgresql://{login or pg_params['user']}@127.0.0.1:{port}/{WORKERS_DB}"
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -99,8 +119,11 @@ def test_two_workers_share_the_port_and_the_limits(workers_proxy, pg_dsn) -> Non
     assert (tmp / "pid").read_text().strip() == str(proc.pid)
 
 
-def test_cancel_reaches_the_right_worker(workers_proxy) -> None:
-    _proc, dsn, _tmp = workers_proxy
+@pytest.mark.parametrize("setup", ["workers_proxy", "quiet_scram_workers_proxy"])
+def test_cancel_reaches_the_right_worker(setup: str, request: pytest.FixtureRequest) -> None:
+    """Also for clients a worker's engine logged in alone: their cancel keys carry the
+    worker's index as Python's do."""
+    _proc, dsn, _tmp = request.getfixturevalue(setup)
     for _ in range(8):  # each cancel lands on a random worker; all must work
         conn = psycopg.connect(dsn, autocommit=True)
         timer = threading.Timer(0.3, conn.cancel)
