@@ -58,9 +58,11 @@ def make_proxy(proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, 
     return proxy_factory(**base)
 
 
-@pytest.fixture
-def routed(proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str]) -> RunningProxy:
-    return make_proxy(proxy_factory, pg_params)
+@pytest.fixture(params=["scram-sha-256", "trust"])
+def routed(request: pytest.FixtureRequest, proxy_factory: Callable[..., RunningProxy],
+           pg_params: dict[str, str]) -> RunningProxy:
+    """Both kinds of login the engine can do alone: a SCRAM exchange, and none (trust)."""
+    return make_proxy(proxy_factory, pg_params, auth_type=request.param)
 
 
 def counts(proxy: RunningProxy) -> tuple[int, int, int]:

@@ -1478,7 +1478,8 @@ static PyObject *conn_scram_login(ConnObject *c, PyObject *args) {
  * a packet with no route, a failed login, a hand-back to Python, a CancelRequest for its key,
  * a login timeout, an admin command. A phantom that just leaves costs Python nothing. */
 #define ROUTE_ITEMS 8 /* (route, FastPool, params_id, stored_key, server_key, salt_b64,
-                       *  iterations, welcome) */
+                       *  iterations, welcome); the four SCRAM items None: no password
+                       *  (trust) */
 
 static void conn_close_fd(ConnObject *c);
 static void lost_errno(ConnObject *c, int err);
@@ -1565,12 +1566,20 @@ static int route_login(ConnObject *c, const char *packet, size_t n) {
     PyObject *route = key ? PyDict_GetItemWithError(e->routes, key) : NULL;
     Py_XDECREF(key);
     if (!route || !PyTuple_Check(route) || PyTuple_GET_SIZE(route) != ROUTE_ITEMS ||
-        !PyBytes_Check(PyTuple_GET_ITEM(route, 3)) || !PyBytes_Check(PyTuple_GET_ITEM(route, 4)) ||
-        !PyBytes_Check(PyTuple_GET_ITEM(route, 5)) || !PyBytes_Check(PyTuple_GET_ITEM(route, 7)) ||
+        !PyBytes_Check(PyTuple_GET_ITEM(route, 7)) ||
         !PyObject_TypeCheck(PyTuple_GET_ITEM(route, 1), &PoolType)) {
         PyErr_Clear();
         return 0;
     }
+    if (PyTuple_GET_ITEM(route, 3) == Py_None) {
+        /* No password asked (trust): the welcome goes out at once. */
+        c->route = Py_NewRef(route);
+        route_welcome(c, NULL);
+        return 1;
+    }
+    if (!PyBytes_Check(PyTuple_GET_ITEM(route, 3)) || !PyBytes_Check(PyTuple_GET_ITEM(route, 4)) ||
+        !PyBytes_Check(PyTuple_GET_ITEM(route, 5)))
+        return 0;
     long iterations = PyLong_AsLong(PyTuple_GET_ITEM(route, 6));
     PyObject *stored = PyTuple_GET_ITEM(route, 3), *server = PyTuple_GET_ITEM(route, 4);
     PyObject *sasl = iterations > 0 ? scram_start(c, PyBytes_AS_STRING(stored),
@@ -1590,8 +1599,9 @@ static int route_login(ConnObject *c, const char *packet, size_t n) {
     return 1;
 }
 
-/* The route's SCRAM exchange passed: send SASL final + the welcome + BackendKeyData +
- * ReadyForQuery in one write and enter the fast path, all without Python. */
+/* The route's SCRAM exchange passed (or there is none): send SASL final (``final``; NULL
+ * without SCRAM) + the welcome + BackendKeyData + ReadyForQuery in one write and enter the
+ * fast path, all without Python. */
 static void route_welcome(ConnObject *c, PyObject *final) {
     EngineObject *e = c->engine;
     PyObject *route = c->route, *welcome = PyTuple_GET_ITEM(route, 7);
@@ -1618,7 +1628,8 @@ static void route_welcome(ConnObject *c, PyObject *final) {
     }
     c->cancel_pid = pid;
     c->cancel_key = key;
-    size_t fl = (size_t)PyBytes_GET_SIZE(final), wl = (size_t)PyBytes_GET_SIZE(welcome);
+    size_t fl = final ? (size_t)PyBytes_GET_SIZE(final) : 0;
+    size_t wl = (size_t)PyBytes_GET_SIZE(welcome);
     size_t total = fl + wl + 13 + 6;
     char *out = PyMem_Malloc(total);
     if (!out) {
@@ -1626,7 +1637,7 @@ static void route_welcome(ConnObject *c, PyObject *final) {
         phantom_drop(c);
         return;
     }
-    memcpy(out, PyBytes_AS_STRING(final), fl);
+    if (fl) memcpy(out, PyBytes_AS_STRING(final), fl);
     memcpy(out + fl, PyBytes_AS_STRING(welcome), wl);
     unsigned char *k = (unsigned char *)out + fl + wl;
     k[0] = 'K';

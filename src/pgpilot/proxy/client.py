@@ -63,6 +63,7 @@ CLIENT_TYPES = frozenset({F.QUERY, F.SYNC, F.PARSE, F.BIND, F.EXECUTE, F.DESCRIB
 UNSYNCED_TYPES = frozenset({F.PARSE, F.BIND, F.EXECUTE, F.DESCRIBE, F.CLOSE})
 TERMINATE = m.terminate()
 AUTH_OK = m.auth_ok()
+NO_PASSWORD = "no password"  # a login route's secret when auth_type asks for none (trust)
 # Any secret: a ScramAuth made only to word the refusal of a malformed message.
 _REFUSAL_SECRET = mock_scram_secret("")
 # Startup parameters every client may send without the pooler rejecting it.
@@ -185,9 +186,10 @@ class ClientConnection(asyncio.Protocol):
         self._auth_known_user = False
         self._engine_auth = False  # the fast path's engine runs this client's SCRAM exchange
         # For a login route (fastpath.LoginRoute): the StartupMessage as the engine read it,
-        # and the SCRAM secret the engine checked; dropped once the welcome is out.
+        # and the SCRAM secret the engine checked (NO_PASSWORD: none was asked); dropped
+        # once the welcome is out.
         self._route_packet: bytes | None = None
-        self._route_secret: ScramSecret | None = None
+        self._route_secret: ScramSecret | str | None = None
         self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
         self._held = b""  # start of a message that may need rewriting once complete
@@ -395,6 +397,7 @@ class ClientConnection(asyncio.Protocol):
         if auth_type == "any" or (auth_type == "trust" and (
                 not cfg.auth_file or self.user in cfg.auth_users)):
             # As PgBouncer: with an auth_file, trust still needs the user to be listed.
+            self._route_secret = NO_PASSWORD
             self.logged_in()
             return
         if auth_type == "trust":

@@ -204,12 +204,12 @@ class FastPath:
             self.loop.remove_reader(self.engine.fileno())
 
     # -- engine logins ------------------------------------------------------------------
-    def offer_route(self, client: ClientConnection, packet: bytes, secret: ScramSecret,
-                    welcome: bytes) -> None:
+    def offer_route(self, client: ClientConnection, packet: bytes,
+                    secret: ScramSecret | str, welcome: bytes) -> None:
         """``client`` has just logged in through Python after the engine checked its SCRAM
-        proof: let the engine log in later clients that send the same StartupMessage alone
-        (LoginRoute), if nothing about such a client needs Python before its first hand-back.
-        """
+        proof against ``secret`` (a str: no password was asked, auth_type trust): let the
+        engine log in later clients that send the same StartupMessage alone (LoginRoute), if
+        nothing about such a client needs Python before its first hand-back."""
         pool = client.pool
         conn: Any = client.transport
         if pool is None or len(self.routes) >= MAX_ROUTES or packet in self.routes \
@@ -217,9 +217,12 @@ class FastPath:
                 or not pool.lane.usable or not is_fast_conn(conn) or not conn.fast:
             return
         route = LoginRoute(self.pooler, pool, client, type(client))
+        scram: tuple[Any, ...] = (None, None, None, 0)
+        if isinstance(secret, ScramSecret):
+            scram = (secret.stored_key, secret.server_key, scram_salt_b64(secret.salt),
+                     secret.iterations)
         self.routes[packet] = (route, pool.lane.fp, pool.lane.client_params_id(client),
-                               secret.stored_key, secret.server_key, scram_salt_b64(secret.salt),
-                               secret.iterations, welcome)
+                               *scram, welcome)
 
     def forget_routes(self) -> None:
         """After anything that may change where a StartupMessage leads or how it is welcomed
