@@ -957,7 +957,7 @@ def environment(up: Upstream, rev: str | None, src_dir: str | None = None) -> di
         uv = "absent"
     return {
         "cpus": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
-        "python": platform.python_version(), "uvloop": uv,
+        "python": platform.python_version(), "uvloop (scale case load generator)": uv,
         "pgpilot": f"git {commit}{dirty}" if commit else "?",
         "pgbouncer": tool_version(["pgbouncer", "--version"]),
         "postgresql": up.psql("SHOW server_version"),

@@ -21,13 +21,9 @@ from tests.proxy.test_cancel import Running, wait_active
 from tests.proxy.test_fastlogin import (
     PASSWORD,
     Raw,
-    Scram,
-    auth_code,
     error_fields,
     login,
-    sasl_initial,
     scram_secret,
-    startup_packet,
     warm_routes,
 )
 
@@ -243,26 +239,6 @@ def test_no_routes_where_python_must_see_every_login(
                 conn.execute("SELECT 1")
                 assert counts(proxy)[0] == 0, settings
         assert proxy.call(lambda p=proxy: len(p.pooler.fast.routes)) == 0, settings
-
-
-def test_a_phantom_stalled_in_its_login_is_timed_out(
-        proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str]) -> None:
-    proxy = make_proxy(proxy_factory, pg_params, client_login_timeout=1)
-    warm_routes(proxy, "carol")
-    raw = Raw(proxy.port)
-    try:
-        raw.send(startup_packet("carol"))
-        raw.read()
-        raw.send(sasl_initial(Scram().first()))
-        kind, body = raw.read()
-        assert kind == b"R" and auth_code(body) == 11
-        assert counts(proxy)[0] == 1
-        raw.sock.settimeout(15)
-        rest = raw.read_until_end()
-        assert rest and rest[-1][0] == b"E" and error_fields(rest[-1][1])["C"] == "08P01", rest
-    finally:
-        raw.close()
-    wait_until(lambda: counts(proxy)[:2] == (0, 0))
 
 
 def test_a_silent_connection_is_timed_out(proxy_factory: Callable[..., RunningProxy],

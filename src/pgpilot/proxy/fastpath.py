@@ -288,7 +288,7 @@ class FastPath:
         proto.transport = conn
         return True
 
-    def listen(self, sock: socket.socket, new_client: Callable[[], asyncio.Protocol],
+    def listen(self, sock: socket.socket, new_client: Callable[[], ClientConnection],
                keepalive: bool) -> Listener:
         """Accept clients on ``sock`` (bound and listening) in the engine."""
         return Listener(self, sock, new_client, keepalive)
@@ -407,7 +407,7 @@ class Listener(asyncio.AbstractServer):
     ACCEPT_RETRY_DELAY = 1.0
 
     def __init__(self, fast: FastPath, sock: socket.socket,
-                 new_client: Callable[[], asyncio.Protocol], keepalive: bool) -> None:
+                 new_client: Callable[[], ClientConnection], keepalive: bool) -> None:
         self.fast = fast
         self.sock = sock
         self.new_client = new_client
@@ -419,14 +419,13 @@ class Listener(asyncio.AbstractServer):
     def sockets(self) -> tuple[socket.socket, ...]:
         return () if self._closed.is_set() else (self.sock,)
 
-    def claim(self, conn: Any, accepted: float) -> asyncio.Protocol:
+    def claim(self, conn: Any, accepted: float) -> ClientConnection:
         """A client accepted with no Python object (LoginRoute) needs one before its
         StartupMessage was read (it has no route, or the pooler wants to see it)."""
-        proto = self.new_client()
-        proto.connection_made(conn)
-        if hasattr(proto, "last_activity"):
-            proto.last_activity = accepted  # client_login_timeout counts from the accept
-        return proto
+        client = self.new_client()
+        client.connection_made(conn)
+        client.last_activity = accepted  # client_login_timeout counts from the accept
+        return client
 
     def accept_failed(self, err: int) -> None:
         log.error("accept failed: %s; retrying in %.0f s", os.strerror(err),
