@@ -511,7 +511,11 @@ def test_login_timeout_cuts_a_client_stalled_in_the_engine_exchange(
     logging = 0 if routed else 1
     proxy = proxy_factory(auth_type="scram-sha-256", client_login_timeout=1,
                           log_connections=logging, log_disconnections=logging,
-                          userlist={pg_params["user"]: "", "carol": scram_secret(PASSWORD)})
+                          userlist={pg_params["user"]: "", "carol": scram_secret(PASSWORD)},
+                          databases={"test": f"host={pg_params['host']} "
+                                             f"port={pg_params['port']} "
+                                             f"dbname={pg_params['dbname']} "
+                                             f"user={pg_params['user']}"})
     if routed:
         warm_routes(proxy, "carol")
     raw = Raw(proxy.port)
