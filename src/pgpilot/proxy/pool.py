@@ -305,6 +305,12 @@ class Pool:
                 fut.set_result(None)
         self._welcome_waiters.clear()
         log.debug("%r logged in to %s as %s", server, self.server_dbname, self.server_user)
+        fast = self.pooler.fast
+        if fast is not None:
+            # Into the engine's epoll set now, even if the fast path never lends it (session
+            # pools, clients with named statements): its Conn is a cheaper transport than
+            # asyncio's selector one, whose Python write/read ran on every message.
+            fast.adopt(server, True)
         self.give_out(server)
 
     def _login_failed(self, error: ServerError) -> None:
