@@ -465,7 +465,7 @@ class AdminSession:
         if fast is None:
             return await self._execute(command)
         if not command.lstrip().upper().startswith("SHOW"):
-            fast.forget_routes()  # PAUSE, DISABLE, KILL ... may change where logins lead
+            fast.forget_routes()  # PAUSE, KILL, RELOAD ... may change where logins lead
         fast.settle()
         try:
             return await self._execute(command)
