@@ -133,6 +133,44 @@ def test_the_console_sees_phantoms(routed: RunningProxy) -> None:
             conn.close()
 
 
+def test_counts_do_not_claim(proxy_factory: Callable[..., RunningProxy],
+                             pg_params: dict[str, str]) -> None:
+    """SHOW POOLS, SHOW LISTS and /metrics count idle clients the engine logged in alone
+    where they are (no Python objects made for a scrape); SHOW CLIENTS lists them."""
+    from pgpilot.embedded import free_port
+    from tests.proxy.test_metrics import scrape
+
+    metrics_port = free_port()
+    proxy = make_proxy(proxy_factory, pg_params, metrics_port=metrics_port)
+    psycopg_route(proxy)
+    conns = [connect(proxy) for _ in range(3)]
+    try:
+        # A fourth is inside a transaction: linked, so the readers take it back (claim it).
+        busy = connect(proxy, autocommit=False)
+        busy.execute("SELECT 1")
+        assert counts(proxy)[0] == 4
+        with admin(proxy) as console:
+            pools = {(r[0], r[1]): r for r in console.execute("SHOW POOLS").fetchall()}
+            assert pools[("test", "carol")][2] == 4  # cl_active: 3 idle phantoms + 1
+            lists = dict(console.execute("SHOW LISTS").fetchall())
+            assert lists["used_clients"] == 5  # and the console's own connection
+            assert counts(proxy)[:2] == (3, 2)  # only the linked one was claimed
+            sample = scrape(metrics_port)
+            assert sample.get("pgpilot_clients", database="test", user="carol",
+                              state="idle") == 3
+            assert sample.get("pgpilot_clients", database="test", user="carol",
+                              state="active") == 1
+            assert counts(proxy)[0] == 3
+            rows = console.execute("SHOW CLIENTS").fetchall()
+            assert [r[1] for r in rows].count("carol") == 4
+            assert counts(proxy)[0] == 0
+        busy.rollback()
+        busy.close()
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def test_cancel_reaches_a_phantoms_query(routed: RunningProxy, pg_dsn: str) -> None:
     """The CancelRequest names a key the engine gave out: Python claims the client, then
     cancels its query only."""

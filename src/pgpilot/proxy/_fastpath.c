@@ -214,6 +214,7 @@ struct PoolObject {
     ConnObject *idle_head; /* most recently used first */
     ConnObject *wait_head, *wait_tail;
     long n_idle, n_waiting, n_linked;
+    long n_phantoms; /* logged in by the engine alone along a route to this pool */
     int paused, statement_mode, assist, py_waiters;
     /* server_check_delay: an idle server unused for longer is checked by Python before it is
      * lent again; negative: never */
@@ -237,6 +238,7 @@ struct EngineObject {
     PyObject *routes, *cancel_keys;
     uint32_t pid_base, pid_mask;
     long phantoms, phantom_cap;
+    long phantoms_welcomed; /* of those, logged in (the rest are still logging in) */
     ConnObject *phantom_head;
 };
 
@@ -1489,6 +1491,10 @@ static void phantom_unlist(ConnObject *c) {
     EngineObject *e = c->engine;
     if (!(c->flags & F_PHANTOM)) return;
     c->flags &= ~F_PHANTOM;
+    if (c->flags & F_WELCOMED) {
+        ((PoolObject *)PyTuple_GET_ITEM(c->route, 1))->n_phantoms--;
+        e->phantoms_welcomed--;
+    }
     if (c->ph_prev) c->ph_prev->ph_next = c->ph_next; else e->phantom_head = c->ph_next;
     if (c->ph_next) c->ph_next->ph_prev = c->ph_prev;
     c->ph_prev = c->ph_next = NULL;
@@ -1646,6 +1652,8 @@ static void route_welcome(ConnObject *c, PyObject *final) {
     k[9] = key >> 24, k[10] = key >> 16, k[11] = key >> 8, k[12] = key;
     memcpy(k + 13, "Z\0\0\0\5I", 6);
     c->flags |= F_WELCOMED;
+    ((PoolObject *)PyTuple_GET_ITEM(route, 1))->n_phantoms++;
+    e->phantoms_welcomed++;
     int broke = conn_send(c, out, total) < 0;
     PyMem_Free(out);
     if (broke) {
@@ -2397,6 +2405,10 @@ static PyObject *pool_oldest_wait(PoolObject *p, PyObject *unused) {
     return PyFloat_FromDouble((now_ns() - p->wait_head->wait_started) / 1e9);
 }
 
+static PyObject *pool_get_phantoms(PoolObject *p, void *unused) {
+    return PyLong_FromLong(p->n_phantoms);
+}
+
 static PyObject *pool_get_counts(PoolObject *p, void *unused) {
     return Py_BuildValue("(lll)", p->n_linked, p->n_waiting, p->n_idle);
 }
@@ -2450,6 +2462,8 @@ static PyMethodDef pool_methods[] = {
 static PyGetSetDef pool_getset[] = {
     {"counts", (getter)pool_get_counts, NULL, "(linked clients, waiting clients, idle servers)",
      NULL},
+    {"phantoms", (getter)pool_get_phantoms, NULL,
+     "Clients of this pool the engine logged in alone (no Python object yet).", NULL},
     INT_FIELD(paused, "Lend nothing (PAUSE)."),
     {"check_after", (getter)pool_get_check_after, (setter)pool_set_check_after,
      "Seconds idle after which Python checks a server before it is lent (negative: never).",
@@ -2824,6 +2838,10 @@ static PyObject *engine_get_phantoms(EngineObject *e, void *unused) {
     return PyLong_FromLong(e->phantoms);
 }
 
+static PyObject *engine_get_phantoms_logging_in(EngineObject *e, void *unused) {
+    return PyLong_FromLong(e->phantoms - e->phantoms_welcomed);
+}
+
 static PyObject *engine_get_phantom_cap(EngineObject *e, void *unused) {
     return PyLong_FromLong(e->phantom_cap);
 }
@@ -2866,6 +2884,8 @@ static PyMethodDef engine_methods[] = {
 static PyGetSetDef engine_getset[] = {
     {"connections", (getter)engine_get_n_conns, NULL, "Open sockets.", NULL},
     {"phantoms", (getter)engine_get_phantoms, NULL, "Clients with no Python object yet.", NULL},
+    {"phantoms_logging_in", (getter)engine_get_phantoms_logging_in, NULL,
+     "Of those, the ones not logged in yet.", NULL},
     {"phantom_cap", (getter)engine_get_phantom_cap, (setter)engine_set_phantom_cap,
      "How many phantoms there may be (a new client past it gets its object at once).", NULL},
     {NULL}};

@@ -466,7 +466,10 @@ class AdminSession:
             return await self._execute(command)
         if not command.lstrip().upper().startswith("SHOW"):
             fast.forget_routes()  # PAUSE, KILL, RELOAD ... may change where logins lead
-        fast.settle()
+        words = command.replace(";", " ").split()
+        counts_only = (len(words) == 2 and words[0].upper() == "SHOW"
+                       and words[1].lower() in _COUNTING_SHOWS)
+        fast.settle(claim=not counts_only)
         try:
             return await self._execute(command)
         finally:
@@ -719,11 +722,15 @@ class AdminSession:
         databases = {n for n in cfg.databases if n != "*"} | {
             p.db_name for p in self.pooler.pools.values()}
         used_clients = sum(len(g) for s, g in clients.items() if s is not ClientState.CLOSED)
+        login_clients = len(clients[ClientState.LOGIN])
+        if self.pooler.fast is not None:  # clients the engine holds with no object yet
+            used_clients += self.pooler.fast.engine.phantoms
+            login_clients += self.pooler.fast.engine.phantoms_logging_in
         used_servers = sum(p.server_count() for p in self.pooler.pools.values())
         rows: list[list[Value]] = [
             ["databases", len(databases)], ["users", len(users)], ["peers", 0],
             ["pools", len(self.pooler.pools)], ["peer_pools", 0], ["free_clients", 0],
-            ["used_clients", used_clients], ["login_clients", len(clients[ClientState.LOGIN])],
+            ["used_clients", used_clients], ["login_clients", login_clients],
             ["free_servers", 0], ["used_servers", used_servers], ["dns_names", 0],
             ["dns_zones", 0], ["dns_queries", 0], ["dns_pending", 0]]
         return Result("SHOW", [("list", TEXT), ("items", INT4)], rows)
@@ -884,8 +891,10 @@ class AdminSession:
 # ---------------------------------------------------------------------------------------
 
 def client_counts(pool: Pool) -> tuple[int, int]:
-    """(cl_active, cl_waiting) of a pool: logged-in clients with or without a server."""
-    active = waiting = 0
+    """(cl_active, cl_waiting) of a pool: logged-in clients with or without a server, those
+    idle in the engine with no Python object yet included (FastPath.settle(claim=False))."""
+    active = pool.lane.fp.phantoms if pool.lane is not None else 0
+    waiting = 0
     for client in pool.clients:
         if client.state is ClientState.ACTIVE:
             active += 1
@@ -963,6 +972,11 @@ _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "hazards": AdminSession.show_hazards,
     "help": AdminSession.show_help,
 }
+
+# SHOW commands that list no clients, only count them (client_counts, show_lists): clients
+# the engine logged in alone and that idle there are counted in place, not given objects.
+_COUNTING_SHOWS = frozenset({"pools", "stats", "stats_totals", "stats_averages", "totals",
+                             "lists", "servers", "config", "version", "help"})
 
 _ControlHandler = Callable[[AdminSession, list[str]], Any]
 # verb -> (handler, how many arguments it takes at most)

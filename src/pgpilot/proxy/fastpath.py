@@ -294,7 +294,7 @@ class FastPath:
         return Listener(self, sock, new_client, keepalive)
 
     # -- a consistent Python view -------------------------------------------------------
-    def settle(self, everyone: bool = False) -> None:
+    def settle(self, everyone: bool = False, claim: bool = True) -> None:
         """Bring back to Python what its view lacks: the pairs the engine has linked, the
         clients it queues, its idle servers; and fold in the counters.
 
@@ -302,9 +302,13 @@ class FastPath:
         it is already exact, and with thousands of idle clients taking each one back and
         forth would stall every SHOW and /metrics scrape. ``everyone`` (shutdown) takes
         those back too. Clients the engine logged in alone get their Python objects first
-        (once: they are ordinary clients after that).
+        (once: they are ordinary clients after that), unless ``claim`` is False: for readers
+        that only count clients (SHOW POOLS, /metrics), which add the engine's counts of
+        those still idle in it (``FastPool.phantoms``); the linked and the queued ones are
+        claimed as they are taken back.
         """
-        self.claim_all()
+        if claim or everyone:
+            self.claim_all()
         for pool in list(self.pooler.pools.values()):
             lane = pool.lane
             if lane is None:

@@ -68,7 +68,9 @@ class PoolerCollector:
     def collect(self) -> Iterator[Any]:
         pooler = self.pooler
         if pooler.fast is not None:
-            pooler.fast.settle()  # exact counts: fast-path pairs come back to Python
+            # Exact counts: fast-path pairs come back to Python; clients idle in the engine
+            # with no Python object are counted where they are (client_counts).
+            pooler.fast.settle(claim=False)
         now = time.monotonic()
         clients = GaugeMetricFamily("pgpilot_clients", "Logged-in client connections by state "
                                     "(active: linked to a server, idle, waiting for one)",
@@ -125,11 +127,13 @@ class PoolerCollector:
                 cumulative += count
                 buckets.append((_bucket_label(bound), cumulative))
             wait_hist.add_metric(labels, buckets, stats.wait_time)
+        logging_in = len(pooler.clients[ClientState.LOGIN])
         if pooler.fast is not None:
             pooler.fast.refill()
+            logging_in += pooler.fast.engine.phantoms_logging_in
         yield clients
         yield GaugeMetricFamily("pgpilot_clients_login", "Clients still logging in",
-                                value=len(pooler.clients[ClientState.LOGIN]))
+                                value=logging_in)
         yield servers
         yield waiting
         yield maxwait
