@@ -312,3 +312,62 @@ def test_churn_keeps_the_pooler_clean(routed: RunningProxy) -> None:
     wait_until(lambda: counts(routed) == (0, 0, 0))
     with connect(routed) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_mix_leaves_nothing_behind(proxy_factory: Callable[..., RunningProxy],
+                                          pg_params: dict[str, str], pg_dsn: str,
+                                          seed: int) -> None:
+    """Clients logged in by the engine alone and by Python, mixed with everything that claims
+    them (named statements, SHOW, RELOAD, leaving mid-transaction), in a random order: every
+    query gets its own answer, and at the end no client, key or open transaction is left."""
+    import random
+
+    rng = random.Random(seed)
+    proxy = make_proxy(proxy_factory, pg_params, default_pool_size=2)
+    psycopg_route(proxy)
+    open_conns: list[tuple[psycopg.Connection[Any], bool]] = []  # (conn, in a transaction)
+
+    def pick() -> int:
+        return rng.randrange(len(open_conns))
+
+    for step in range(60):
+        action = rng.choice(["open", "open", "query", "query", "begin", "close", "named",
+                             "show", "clients", "reload"])
+        if action == "open" or not open_conns:
+            open_conns.append((connect(proxy), False))
+        elif action == "query":
+            i = pick()
+            conn, _ = open_conns[i]
+            assert conn.execute("SELECT %s::int + 1", (step,)).fetchone() == (step + 1,)
+        elif action == "begin":
+            i = pick()
+            conn, in_txn = open_conns[i]
+            if not in_txn and not any(t for _, t in open_conns):  # one server stays free
+                conn.autocommit = False
+                conn.execute("SELECT %s", (step,))
+                open_conns[i] = (conn, True)
+        elif action == "close":
+            conn, _ = open_conns.pop(pick())
+            conn.close()  # mid-transaction or not
+        elif action == "named":
+            conn, _ = open_conns[pick()]
+            cur = conn.cursor()
+            assert cur.execute("SELECT %s::int * 3", (step,), prepare=True).fetchone() \
+                == (step * 3,)
+        elif action in ("show", "clients"):
+            with admin(proxy) as console:
+                console.execute("SHOW POOLS" if action == "show" else "SHOW CLIENTS")
+        else:
+            proxy.reload()
+        # Whoever is not in a transaction can still run a query of its own.
+        for conn, in_txn in open_conns:
+            if not in_txn:
+                assert conn.execute("SELECT %s::text", (f"s{step}",)).fetchone() == (f"s{step}",)
+    for conn, _ in open_conns:
+        conn.close()
+    wait_until(lambda: counts(proxy) == (0, 0, 0))
+    with psycopg.connect(pg_dsn, autocommit=True) as direct:
+        wait_until(lambda: not direct.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%' "
+            "AND datname = %s", (pg_params["dbname"],)).fetchall())
