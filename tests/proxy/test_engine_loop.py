@@ -17,13 +17,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from pgpilot.proxy import fastpath
-from tests.proxy.conftest import RunningProxy
+from pgpilot.proxy.config import load_config
+from pgpilot.proxy.pooler import Pooler
+from tests.proxy.conftest import RunningProxy, write_config
 from tests.proxy.test_fastpath import engine_xacts
 
 pytestmark = pytest.mark.skipif(not fastpath.available() and os.environ.get("CI") != "true",
@@ -179,3 +182,53 @@ def test_the_pooler_on_its_own_loop(proxy: RunningProxy) -> None:
     assert isinstance(proxy.loop._selector, fastpath.EngineSelector)  # type: ignore[attr-defined]
     _run_traffic(proxy)
     assert engine_xacts(proxy) >= 50
+
+
+def test_two_poolers_on_one_loop_keep_their_own_logins(tmp_path: Path,
+                                                       pg_params: dict[str, str]) -> None:
+    """The loop's engine serves one pooler; a second one on the same loop gets an engine of
+    its own, so one pooler's login routes never log a client into the other."""
+    from tests.proxy.test_fastlogin import scram_secret
+
+    configs = []
+    for name, password in (("one", "first-Secret1"), ("two", "second-Secret2")):
+        folder = tmp_path / name
+        folder.mkdir()
+        configs.append(write_config(
+            folder, pg_params,
+            {"auth_type": "scram-sha-256", "log_connections": 0, "log_disconnections": 0},
+            databases={"test": f"host={pg_params['host']} port={pg_params['port']} "
+                               f"dbname={pg_params['dbname']} user={pg_params['user']}"},
+            userlist={pg_params["user"]: "", "carol": scram_secret(password)}))
+    loop = fastpath.new_event_loop()
+    poolers = [Pooler(load_config(path)) for path, _port in configs]
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        for pooler in poolers:
+            loop.run_until_complete(pooler.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    try:
+        one, two = (port for _path, port in configs)
+        dsn = "postgresql://carol:{}@127.0.0.1:{}/test"
+        for port, password in ((one, "first-Secret1"), (two, "second-Secret2")):
+            for _ in range(3):  # the first through Python, then along that pooler's route
+                with psycopg.connect(dsn.format(password, port)) as conn:
+                    assert conn.execute("SELECT 1").fetchone() == (1,)
+        for port, password in ((one, "second-Secret2"), (two, "first-Secret1")):
+            with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+                psycopg.connect(dsn.format(password, port))
+        engines = [p.fast.engine for p in poolers if p.fast is not None]
+        assert len(engines) == 2 and engines[0] is not engines[1]
+    finally:
+        for pooler in poolers:
+            asyncio.run_coroutine_threadsafe(pooler.stop(timeout=2), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -111,6 +111,7 @@ class EngineSelector(selectors.BaseSelector):
     def __init__(self) -> None:
         assert _fastpath is not None
         self.engine = _fastpath.Engine(None, None)
+        self.engine_user: FastPath | None = None  # the one pooler whose engine this is
         self.keys: dict[int, selectors.SelectorKey] = {}
         self._map = _KeyMap(self)
 
@@ -176,9 +177,14 @@ class FastPath:
         self.pooler = pooler
         self.loop = loop
         selector = getattr(loop, "_selector", None)
-        self._watched_by_loop = not isinstance(selector, EngineSelector)
-        if isinstance(selector, EngineSelector):
-            self.engine = selector.engine
+        # One pooler per engine: its login routes and cancel keys are that pooler's. A second
+        # pooler on the same loop gets an engine of its own, watched with add_reader.
+        self._selector = selector if isinstance(selector, EngineSelector) \
+            and selector.engine_user is None else None
+        self._watched_by_loop = self._selector is None
+        if self._selector is not None:
+            self._selector.engine_user = self
+            self.engine = self._selector.engine
             self.engine.bind(loop.call_soon, self._callback_failed)
         else:
             self.engine = _fastpath.Engine(loop.call_soon, self._callback_failed)
@@ -202,6 +208,8 @@ class FastPath:
         self.engine.claim_all()
         if self._watched_by_loop:
             self.loop.remove_reader(self.engine.fileno())
+        elif self._selector is not None and self._selector.engine_user is self:
+            self._selector.engine_user = None
 
     # -- engine logins ------------------------------------------------------------------
     def offer_route(self, client: ClientConnection, packet: bytes,
