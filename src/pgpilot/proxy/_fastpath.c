@@ -609,9 +609,8 @@ static void leave_fast(ConnObject *c) {
 /* Hand ``c`` (a client) and its server, if any, back to Python with their state. */
 static void eject_client(ConnObject *c, ConnObject *server, int how) {
     PyObject *cb = NULL, *sb = NULL, *r = NULL;
-    if (!c->pool || claim(c) < 0) return;
     PoolObject *p = c->pool;
-    if (!p) return;
+    if (!p || claim(c) < 0) return;
     Py_INCREF(c);
     Py_INCREF(p);
     if (server) Py_INCREF(server);
@@ -1615,7 +1614,7 @@ static void route_welcome(ConnObject *c, PyObject *final) {
     for (int tries = 0; tries < 16 && !pid && e->cancel_keys; tries++) {
         uint32_t r[2];
         if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r) break;
-        uint32_t candidate = e->pid_base | (r[0] & e->pid_mask) | (e->pid_base ? 1 : 0);
+        uint32_t candidate = e->pid_base | (r[0] & e->pid_mask);
         if (!candidate) continue;
         PyObject *k = Py_BuildValue("(II)", candidate, r[1] & 0x7FFFFFFF);
         int taken = k ? PyDict_Contains(e->cancel_keys, k) : -1;
@@ -2185,7 +2184,7 @@ static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, d
 
 /* claim(): the client's Python object, made now if it is a phantom (None if that failed). */
 static PyObject *conn_claim(ConnObject *c, PyObject *unused) {
-    if (claim(c) < 0 || (c->flags & F_PHANTOM)) Py_RETURN_NONE;
+    if (claim(c) < 0) Py_RETURN_NONE;
     return Py_NewRef(c->protocol);
 }
 

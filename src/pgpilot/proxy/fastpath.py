@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgpilot.proxy import prepared
 from pgpilot.proxy.auth import ScramSecret, scram_salt_b64
-from pgpilot.proxy.states import ClientState, ServerState
+from pgpilot.proxy.states import ServerState
 
 try:
     from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
@@ -191,14 +191,8 @@ class FastPath:
             loop.add_reader(self.engine.fileno(), self.engine.run)
         # Engine logins (LoginRoute): the routes, by StartupMessage, live in this dict.
         self.routes: dict[bytes, tuple[Any, ...]] = {}
-        worker = pooler.worker
-        if worker is None:
-            pid_base, pid_mask = 0, 0x7FFF_FFFF
-        else:  # the owning worker's index rides in the top bits, as register_cancel_key
-            from pgpilot.proxy.workers import WORKER_SHIFT
-
-            pid_base, pid_mask = worker.index << WORKER_SHIFT, (1 << WORKER_SHIFT) - 1
-        self.engine.configure_logins(self.routes, pooler.cancel_keys, pid_base, pid_mask)
+        self.engine.configure_logins(self.routes, pooler.cancel_keys,
+                                     *pooler.cancel_pid_layout())
         self.client_count_changed()
         self._params_ids: dict[tuple[str | None, ...], int] = {}
         self._settled: list[ClientConnection] = []  # taken back by settle(), for refill()
@@ -246,10 +240,7 @@ class FastPath:
     def client_count_changed(self) -> None:
         """max_client_conn holds for the clients Python knows and the engine's phantoms
         together: the engine may take in as many as are left."""
-        clients = self.pooler.clients
-        known = (len(clients[ClientState.LOGIN]) + len(clients[ClientState.ACTIVE])
-                 + len(clients[ClientState.WAITING]))
-        self.engine.phantom_cap = self.pooler.config.max_client_conn - known
+        self.engine.phantom_cap = self.pooler.config.max_client_conn - self.pooler.client_count()
 
     def _callback_failed(self, exc: BaseException) -> None:
         log.error("fast path callback failed", exc_info=exc)

@@ -254,14 +254,18 @@ class Pooler:
         elif self.fast is not None:
             self.fast.client_count_changed()
 
+    def client_count(self) -> int:
+        """Clients with a Python object that are not closed."""
+        clients = self.clients
+        return (len(clients[ClientState.LOGIN]) + len(clients[ClientState.ACTIVE])
+                + len(clients[ClientState.WAITING]))
+
     def admit(self, client: ClientConnection) -> bool:
         """max_client_conn: refuse a client beyond it, as PgBouncer does (53300)."""
         if self.stopping:
             client.fail("57P03", "pgpilot is shutting down")
             return False
-        clients = self.clients
-        count = (len(clients[ClientState.LOGIN]) + len(clients[ClientState.ACTIVE])
-                 + len(clients[ClientState.WAITING]))
+        count = self.client_count()
         if self.fast is not None:
             count += self.fast.engine.phantoms  # logged in by the engine alone
         if count > self.config.max_client_conn:
@@ -369,18 +373,22 @@ class Pooler:
         return "/tmp"
 
     # -- cancel -------------------------------------------------------------------------
+    def cancel_pid_layout(self) -> tuple[int, int]:
+        """How cancel pids are made, as (fixed bits, random bits); the engine makes its own
+        keys (engine logins) the same way. With workers = N the owning worker's index rides
+        in the top bits (cancel routing)."""
+        if self.worker is None:
+            return 0, 0x7FFF_FFFF
+        return (self.worker.index << WORKER_SHIFT) | 1, (1 << WORKER_SHIFT) - 1
+
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        base, mask = self.cancel_pid_layout()
         while True:
             # One read of the system's CSPRNG for both numbers.
             bits = int.from_bytes(os.urandom(8), "big")
-            if self.worker is None:
-                pid = (bits >> 32) % 0x7FFF_FFFF + 1
-            else:
-                # The owning worker's index rides in the top bits (cancel routing).
-                pid = (self.worker.index << WORKER_SHIFT) | (
-                    (bits >> 32) & ((1 << WORKER_SHIFT) - 1) | 1)
+            pid = base | ((bits >> 32) & mask)
             key = bits & 0x7FFF_FFFF
-            if (pid, key) not in self.cancel_keys:
+            if pid and (pid, key) not in self.cancel_keys:
                 self.cancel_keys[(pid, key)] = client
                 return pid, key
 
