@@ -134,6 +134,14 @@ class RunningProxy:
         return int(self.call(lambda: sum(p.server_count() for p in self.pooler.pools.values())))
 
 
+def forced_user_databases(pg_params: dict[str, str]) -> dict[str, str]:
+    """A [databases] entry that sends every client user to the test database as the upstream
+    user (so clients may log in as users PostgreSQL does not know)."""
+    password = f" password={pg_params['password']}" if pg_params.get("password") else ""
+    return {"test": f"host={pg_params['host']} port={pg_params['port']} "
+                    f"dbname={pg_params['dbname']} user={pg_params['user']}{password}"}
+
+
 def write_config(tmp: Path, upstream: dict[str, str], settings: dict[str, Any],
                  databases: dict[str, str] | None = None, users: dict[str, str] | None = None,
                  userlist: dict[str, str] | None = None) -> tuple[Path, int]:

@@ -26,7 +26,7 @@ import pytest
 from pgpilot.proxy import fastpath
 from pgpilot.proxy.config import load_config
 from pgpilot.proxy.pooler import Pooler
-from tests.proxy.conftest import RunningProxy, write_config
+from tests.proxy.conftest import RunningProxy, forced_user_databases, write_config
 from tests.proxy.test_fastpath import engine_xacts
 
 pytestmark = pytest.mark.skipif(not fastpath.available() and os.environ.get("CI") != "true",
@@ -197,8 +197,7 @@ def test_two_poolers_on_one_loop_keep_their_own_logins(tmp_path: Path,
         configs.append(write_config(
             folder, pg_params,
             {"auth_type": "scram-sha-256", "log_connections": 0, "log_disconnections": 0},
-            databases={"test": f"host={pg_params['host']} port={pg_params['port']} "
-                               f"dbname={pg_params['dbname']} user={pg_params['user']}"},
+            databases=forced_user_databases(pg_params),
             userlist={pg_params["user"]: "", "carol": scram_secret(password)}))
     loop = fastpath.new_event_loop()
     poolers = [Pooler(load_config(path)) for path, _port in configs]

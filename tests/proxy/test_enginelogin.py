@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from tests.proxy.conftest import RunningProxy, wait_until
+from tests.proxy.conftest import RunningProxy, forced_user_databases, wait_until
 from tests.proxy.test_cancel import Running, wait_active
 from tests.proxy.test_fastlogin import (
     PASSWORD,
@@ -47,8 +47,7 @@ def make_proxy(proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, 
     base: dict[str, Any] = {
         "auth_type": "scram-sha-256", "log_connections": 0, "log_disconnections": 0,
         "userlist": {pg_params["user"]: ADMIN_PASSWORD, "carol": scram_secret(PASSWORD)},
-        "databases": {"test": f"host={pg_params['host']} port={pg_params['port']} "
-                              f"dbname={pg_params['dbname']} user={pg_params['user']}"},
+        "databases": forced_user_databases(pg_params),
     }
     base.update(settings)
     return proxy_factory(**base)

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.proxy.conftest import RunningProxy, wait_until, write_config
+from tests.proxy.conftest import RunningProxy, forced_user_databases, wait_until, write_config
 from tests.proxy.test_auth import BAD_CLIENT_FIRST, bad_finals
 from tests.proxy.test_operations import ProxyProcess
 
@@ -66,8 +66,7 @@ def proxies(proxy_factory: Callable[..., RunningProxy],
             log_disconnections=logging,
             userlist={pg_params["user"]: "", "carol": scram_secret(PASSWORD),
                       "plainpw": PASSWORD, "empty": ""},
-            databases={"test": f"host={pg_params['host']} port={pg_params['port']} "
-                               f"dbname={pg_params['dbname']} user={pg_params['user']}"})
+            databases=forced_user_databases(pg_params))
     warm_routes(made["routed"], "carol", "plainpw")
     return made
 
@@ -512,10 +511,7 @@ def test_login_timeout_cuts_a_client_stalled_in_the_engine_exchange(
     proxy = proxy_factory(auth_type="scram-sha-256", client_login_timeout=1,
                           log_connections=logging, log_disconnections=logging,
                           userlist={pg_params["user"]: "", "carol": scram_secret(PASSWORD)},
-                          databases={"test": f"host={pg_params['host']} "
-                                             f"port={pg_params['port']} "
-                                             f"dbname={pg_params['dbname']} "
-                                             f"user={pg_params['user']}"})
+                          databases=forced_user_databases(pg_params))
     if routed:
         warm_routes(proxy, "carol")
     raw = Raw(proxy.port)

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-from tests.proxy.conftest import RunningProxy
+from tests.proxy.conftest import RunningProxy, forced_user_databases
 
 from pgpilot.embedded import EmbeddedPostgres
 from pgpilot.proxy.auth import md5_secret
@@ -56,10 +56,7 @@ def auth_proxy_factory(proxy_factory, pg_params):
         # Every client user is sent to the test server as the upstream user.
         return proxy_factory(
             auth_type=auth_type, userlist=userlist(pg_params["user"]),
-            databases={"test": f"host={pg_params['host']} port={pg_params['port']} "
-                               f"dbname={pg_params['dbname']} user={pg_params['user']}"
-                               + (f" password={pg_params['password']}"
-                                  if pg_params["password"] else "")})
+            databases=forced_user_databases(pg_params))
     return make
 
 
