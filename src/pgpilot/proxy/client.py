@@ -592,6 +592,14 @@ class ClientConnection(asyncio.Protocol):
         if packet is not None and secret is not None and fast is not None:
             fast.offer_route(self, packet, secret, AUTH_OK + statuses)
 
+    def accepted_by_engine(self, conn: asyncio.BaseTransport, accepted: float) -> None:
+        """connection_made() for a client the engine accepted at ``accepted``
+        (time.monotonic()) and held with no Python object until now: its times count from
+        the accept (client_login_timeout, SHOW CLIENTS' connect_time)."""
+        self.connection_made(conn)
+        self.last_activity = accepted
+        self.connect_time = self.request_time = time.time() - (time.monotonic() - accepted)
+
     @classmethod
     def engine_claimed(cls, route: LoginRoute, conn: asyncio.BaseTransport, accepted: float,
                        cancel: tuple[int, int] | None) -> ClientConnection:
@@ -600,17 +608,15 @@ class ClientConnection(asyncio.Protocol):
         None) still in the SCRAM exchange the engine runs. ``accepted``: time.monotonic()
         when its connection was accepted."""
         client = cls(route.pooler)
-        client.connection_made(conn)
-        now = time.monotonic()
-        client.connect_time = client.request_time = time.time() - (now - accepted)
+        client.accepted_by_engine(conn, accepted)
         client._startup = None
         client.user, client.database = route.user, route.database
         client.application_name = route.application_name
         client.params = dict(route.params)
         if cancel is None:
-            client.last_activity = accepted  # client_login_timeout counts from the accept
             client._engine_auth = True
             return client
+        client.last_activity = time.monotonic()
         pool = client.pool = route.pool
         pool.clients.add(client)
         max_prepared = route.pooler.config.max_prepared_statements

@@ -426,8 +426,7 @@ class Listener(asyncio.AbstractServer):
         """A client accepted with no Python object (LoginRoute) needs one before its
         StartupMessage was read (it has no route, or the pooler wants to see it)."""
         client = self.new_client()
-        client.connection_made(conn)
-        client.last_activity = accepted  # client_login_timeout counts from the accept
+        client.accepted_by_engine(conn, accepted)
         return client
 
     def accept_failed(self, err: int) -> None:
