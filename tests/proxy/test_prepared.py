@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from tests.proxy.conftest import RunningProxy, read_types
 
+from pgpilot.proxy import fastpath
 from pgpilot.wire import messages as m
 
 
@@ -120,13 +121,19 @@ def test_deallocate_all_and_discard_all(proxy_factory) -> None:
         assert conn.execute("select 101 + %s::int", [2]).fetchone() == (103,)
 
 
-def test_ddl_changing_result_type_says_how_to_recover(proxy_factory, pg_dsn: str) -> None:
-    proxy = proxy_factory(default_pool_size=1)
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_ddl_changing_result_type_says_how_to_recover(proxy_factory, pg_dsn: str,
+                                                      fast_path: str) -> None:
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
         admin.execute("drop table if exists pgp_ddl; create table pgp_ddl (a int)")
         admin.execute("insert into pgp_ddl values (1)")
     with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
-        assert conn.execute("select * from pgp_ddl where a = %s", [1]).fetchall() == [(1,)]
+        for _ in range(3):  # prepared, then run as a Bind the engine renames (fast path on)
+            assert conn.execute("select * from pgp_ddl where a = %s", [1]).fetchall() == [(1,)]
+        on_engine = proxy.call(lambda: [fastpath.is_fast_conn(c.transport) and c.transport.fast
+                                        for p in proxy.pooler.pools.values() for c in p.clients])
+        assert on_engine == [fast_path == "on" and fastpath.available()]
         with psycopg.connect(pg_dsn, autocommit=True) as admin:
             admin.execute("alter table pgp_ddl add column b text default 'x'")
         with pytest.raises(psycopg.errors.FeatureNotSupported) as err:

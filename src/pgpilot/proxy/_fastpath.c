@@ -190,6 +190,14 @@ struct ConnObject {
     int owed_start, owed_end;
     int owed_lost;  /* more than OWED_MAX outstanding: the record is incomplete */
     int owed_skip;  /* an error came back: the server ignores requests until the next Sync */
+    /* named statements (see there): for each owed 'b' / 'd' (a Bind / Describe the engine
+     * renamed), the server-side name it went out under; allocated at the first such */
+    PyObject **owed_names;
+    /* client: its statement names, router.statements (name -> ClientStatement); server: the
+     * statements prepared on it, server.prepared (OrderedDict, least recently used first).
+     * Both Python's own objects, held while on the fast path; NULL: none (no router) */
+    PyObject *statements;
+    PyObject *prepared;
     Scram *scram;   /* client: a SCRAM-SHA-256 login the engine is running (scram_login) */
     /* phantom clients (F_PHANTOM): the login route followed, the cancel key given, when the
      * connection was accepted (monotonic ns), the engine's list of phantoms */
@@ -473,49 +481,220 @@ static int type_maybe_fast(unsigned char t) {
            t == 'H';
 }
 
+#define FAST_NO 0
+#define FAST_YES 1
+#define FAST_NAMED 2 /* a Bind or Describe of a named statement: see "named statements" */
+
 /* A complete client message: may the fast path carry it? */
 static int message_fast(unsigned char t, const unsigned char *body, size_t n) {
     switch (t) {
     case 'Q':
         return !sql_needs_python(body, n);
     case 'P': {
-        if (n < 2 || body[0] != 0) return 0; /* named statement: the router renames it */
+        if (n < 2 || body[0] != 0) return FAST_NO; /* named: Python may answer it itself */
         const unsigned char *sql = body + 1;
         const unsigned char *nul = memchr(sql, 0, n - 1);
-        if (!nul) return 0;
+        if (!nul) return FAST_NO;
         return !sql_needs_python(sql, (size_t)(nul - sql));
     }
     case 'B': {
         const unsigned char *nul = memchr(body, 0, n);
-        if (!nul || (size_t)(nul - body) + 1 >= n) return 0;
-        return nul[1] == 0; /* the unnamed statement */
+        if (!nul || (size_t)(nul - body) + 1 >= n) return FAST_NO;
+        return nul[1] == 0 ? FAST_YES : FAST_NAMED;
     }
     case 'D':
+        if (n < 2) return FAST_NO;
+        if (body[0] == 'P') return FAST_YES;
+        if (body[0] != 'S') return FAST_NO;
+        return body[1] == 0 ? FAST_YES : FAST_NAMED;
     case 'C':
-        if (n < 2) return 0;
-        if (body[0] == 'P') return 1;
+        /* Closing a named statement is answered by Python (the server's copy stays). */
+        if (n < 2) return FAST_NO;
+        if (body[0] == 'P') return FAST_YES;
         return body[0] == 'S' && body[1] == 0;
     case 'E':
     case 'S':
     case 'H':
-        return 1;
+        return FAST_YES;
     }
+    return FAST_NO;
+}
+
+/* -- named statements ----------------------------------------------------------------------
+ * Drivers that prepare statements by name (pgbench -M prepared, asyncpg, psycopg's
+ * prepare_threshold, JDBC) get them renamed by Python's StatementRouter (prepared.py): one
+ * shared server-side name per distinct statement, prepared on each server when first needed.
+ * The engine carries the steady state itself: a Bind or Describe of a statement the client
+ * has prepared (its router.statements knows the name) on a server that has it
+ * (server.prepared) goes out under the server-side name, and the answers pass unchanged.
+ * Whatever makes up or swallows answers stays with Python: a named Parse (the server may have
+ * the statement: Python answers ParseComplete itself), a Close of a statement (answered by
+ * Python), a Bind or Describe whose statement the server lacks (Python slips a Parse in
+ * front and drops its ParseComplete), and the error PostgreSQL gives when a table changed
+ * under a statement (Python drops the server's copy and tells the client what to do). Python
+ * changes neither map while the client or server is on the fast path: the engine only reads
+ * them (and marks a statement used in server.prepared, so its least-recently-used order
+ * stays true). */
+#define MAX_RENAMES OWED_MAX
+#define RESULT_CHANGED "cached plan must not change result type" /* as prepared.py */
+
+/* One client chunk as it goes to the server, when it renames statements. Built by
+ * client_scan, used by client_pump in the same call (the engine runs under the GIL). */
+static struct {
+    Buf out;
+    PyObject *names[MAX_RENAMES]; /* owned: the server-side names used, in order */
+    int n_names;
+} renamed;
+
+static void renamed_clear(void) {
+    for (int i = 0; i < renamed.n_names; i++) Py_CLEAR(renamed.names[i]);
+    renamed.n_names = 0;
+    renamed.out.start = renamed.out.end = 0;
+}
+
+/* The server-side name (borrowed; an ASCII str) of the client's statement ``name``, or NULL
+ * if the client has not prepared it (or names it in bytes Python's parser would refuse). */
+static PyObject *statement_for(ConnObject *c, const unsigned char *name, size_t n) {
+    if (!c->statements) return NULL;
+    PyObject *key = PyUnicode_DecodeUTF8((const char *)name, (Py_ssize_t)n, NULL);
+    PyObject *stmt = key ? PyDict_GetItemWithError(c->statements, key) : NULL;
+    Py_XDECREF(key);
+    if (!stmt) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!PyTuple_Check(stmt) || PyTuple_GET_SIZE(stmt) < 1) return NULL;
+    PyObject *server_name = PyTuple_GET_ITEM(stmt, 0);
+    if (!PyUnicode_Check(server_name) || !PyUnicode_IS_COMPACT_ASCII(server_name)) return NULL;
+    return server_name;
+}
+
+static int on_server(ConnObject *s, PyObject *server_name) {
+    if (!s->prepared) return 0;
+    int r = PyDict_Contains(s->prepared, server_name);
+    if (r < 0) PyErr_Clear();
+    return r > 0;
+}
+
+static void put_be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24), p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8), p[3] = (unsigned char)v;
+}
+
+/* Append the message at ``msg`` (type, length, body of ``n`` bytes: a Bind or a Describe
+ * of a named statement) to ``renamed.out`` under ``server_name``. */
+static int rename_into(const unsigned char *msg, size_t n, PyObject *server_name) {
+    const unsigned char *body = msg + 5;
+    size_t head, old_len; /* bytes before the statement name; the name's length */
+    if (msg[0] == 'B') {
+        head = (size_t)((const unsigned char *)memchr(body, 0, n) - body) + 1;
+    } else {
+        head = 1; /* 'S' */
+    }
+    const unsigned char *nul = memchr(body + head, 0, n - head);
+    if (!nul) return -1;
+    old_len = (size_t)(nul - (body + head));
+    size_t new_len = (size_t)PyUnicode_GET_LENGTH(server_name);
+    size_t total = 5 + n - old_len + new_len;
+    if (buf_reserve(&renamed.out, total) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    unsigned char *o = (unsigned char *)renamed.out.p + renamed.out.end;
+    o[0] = msg[0];
+    put_be32(o + 1, (uint32_t)(total - 1));
+    memcpy(o + 5, body, head);
+    memcpy(o + 5 + head, PyUnicode_1BYTE_DATA(server_name), new_len);
+    memcpy(o + 5 + head + new_len, nul, n - head - old_len);
+    renamed.out.end += total;
     return 0;
 }
 
+/* The statement a FAST_NAMED message names: its bytes and their length. */
+static const unsigned char *named_statement(const unsigned char *msg, size_t n, size_t *len) {
+    const unsigned char *body = msg + 5;
+    const unsigned char *name = msg[0] == 'B' ? (const unsigned char *)memchr(body, 0, n) + 1
+                                              : body + 1;
+    const unsigned char *nul = memchr(name, 0, n - (size_t)(name - body));
+    if (!nul) return NULL;
+    *len = (size_t)(nul - name);
+    return name;
+}
+
+/* A server message Python's statement router must see before the client does: an error for
+ * a renamed statement that says the router's record is out of date (a table changed under it,
+ * or the server does not have it), or a DEALLOCATE ALL / DISCARD ALL done. */
+static int router_must_see(ConnObject *c, unsigned char t, const unsigned char *body, size_t n) {
+    if (t == 'C')
+        return (n == 15 && !memcmp(body, "DEALLOCATE ALL", 15)) ||
+               (n == 12 && !memcmp(body, "DISCARD ALL", 12));
+    if (c->owed_start == c->owed_end) return 0;
+    char head = c->owed[c->owed_start];
+    if (head != 'b' && head != 'd') return 0;
+    return memmem(body, n, RESULT_CHANGED, sizeof RESULT_CHANGED - 1) ||
+           memmem(body, n, "C26000", 7); /* with its NUL: the SQLSTATE field */
+}
+
+/* Does ``s`` have every statement ``renamed`` uses? */
+static int renamed_all_on(ConnObject *s) {
+    for (int i = 0; i < renamed.n_names; i++)
+        if (!on_server(s, renamed.names[i])) return 0;
+    return 1;
+}
+
+/* The statements ``renamed`` used become the most recently used on ``s``. */
+static void renamed_touch(ConnObject *s) {
+    static PyObject *move_to_end;
+    if (!s->prepared || !renamed.n_names) return;
+    if (!move_to_end && !(move_to_end = PyUnicode_InternFromString("move_to_end"))) {
+        PyErr_Clear();
+        return;
+    }
+    for (int i = 0; i < renamed.n_names; i++) {
+        PyObject *r = PyObject_CallMethodOneArg(s->prepared, move_to_end, renamed.names[i]);
+        if (!r) PyErr_Clear();
+        Py_XDECREF(r);
+    }
+}
+
 /* -- answers owed ------------------------------------------------------------------------- */
-static void owed_push(ConnObject *c, char kind) {
+static void owed_pop(ConnObject *c) {
+    if (c->owed_names) Py_CLEAR(c->owed_names[c->owed_start]);
+    c->owed_start++;
+}
+
+static void owed_reset(ConnObject *c) {
+    while (c->owed_start < c->owed_end) owed_pop(c);
+    c->owed_start = c->owed_end = c->owed_lost = c->owed_skip = 0;
+}
+
+/* Note one more request the server will answer; ``name``: the server-side statement name a
+ * renamed Bind or Describe ('b', 'd') went out under. */
+static void owed_push(ConnObject *c, char kind, PyObject *name) {
     if (c->owed_skip && kind != 'S') return; /* the server will not answer it */
     if (kind == 'S') c->owed_skip = 0;
     if (c->owed_end == OWED_MAX) {
         if (c->owed_start) {
-            memmove(c->owed, c->owed + c->owed_start, (size_t)(c->owed_end - c->owed_start));
-            c->owed_end -= c->owed_start;
+            int n = c->owed_end - c->owed_start;
+            memmove(c->owed, c->owed + c->owed_start, (size_t)n);
+            if (c->owed_names) {
+                memmove(c->owed_names, c->owed_names + c->owed_start, n * sizeof(PyObject *));
+                memset(c->owed_names + n, 0, (OWED_MAX - n) * sizeof(PyObject *));
+            }
+            c->owed_end = n;
             c->owed_start = 0;
         } else {
             c->owed_lost = 1;
             return;
         }
+    }
+    if (name) {
+        if (!c->owed_names && !(c->owed_names = PyMem_Calloc(OWED_MAX, sizeof(PyObject *)))) {
+            PyErr_Clear();
+            c->owed_lost = 1;
+            return;
+        }
+        c->owed_names[c->owed_end] = Py_NewRef(name);
     }
     c->owed[c->owed_end++] = kind;
 }
@@ -525,8 +704,10 @@ static int owed_ends(char kind, unsigned char t) {
     case 'Q':
     case 'S': return t == 'Z';
     case 'P': return t == '1';
-    case 'B': return t == '2';
-    case 'D': return t == 'T' || t == 'n';
+    case 'B':
+    case 'b': return t == '2';
+    case 'D':
+    case 'd': return t == 'T' || t == 'n';
     case 'E': return t == 'C' || t == 'I' || t == 's';
     case 'C': return t == '3';
     }
@@ -546,12 +727,31 @@ static void owed_answer(ConnObject *c, unsigned char t) {
         /* The extended protocol skips to the next Sync: nothing before it is answered. */
         while (c->owed_start < c->owed_end && c->owed[c->owed_start] != 'S' &&
                c->owed[c->owed_start] != 'Q')
-            c->owed_start++;
+            owed_pop(c);
         if (c->owed_start == c->owed_end) c->owed_skip = 1;
         return;
     }
-    if (owed_ends(head, t)) c->owed_start++;
+    if (owed_ends(head, t)) owed_pop(c);
     if (c->owed_start == c->owed_end) c->owed_start = c->owed_end = 0;
+}
+
+/* What the server still owes, for Python's statement router: the letters (None: not known;
+ * "!": an error came back before the client's Sync, and the server skips what comes until
+ * it), and the server-side names of the renamed ones ('b', 'd'), in order. */
+static PyObject *owed_record(ConnObject *c) {
+    if (c->owed_lost) return Py_BuildValue("(O())", Py_None);
+    if (c->owed_skip) return Py_BuildValue("(y())", "!");
+    int n = 0;
+    for (int i = c->owed_start; i < c->owed_end; i++) n += c->owed[i] == 'b' || c->owed[i] == 'd';
+    PyObject *names = PyTuple_New(n);
+    if (!names) return NULL;
+    for (int i = c->owed_start, k = 0; i < c->owed_end; i++) {
+        if (c->owed[i] != 'b' && c->owed[i] != 'd') continue;
+        PyObject *name = c->owed_names && c->owed_names[i] ? c->owed_names[i] : Py_None;
+        PyTuple_SET_ITEM(names, k++, Py_NewRef(name));
+    }
+    return Py_BuildValue("(y#N)", c->owed + c->owed_start,
+                         (Py_ssize_t)(c->owed_end - c->owed_start), names);
 }
 
 /* -- linking ----------------------------------------------------------------------------- */
@@ -598,6 +798,8 @@ static double secs(int64_t ns) { return ns ? (double)ns / 1e9 : 0.0; }
 
 static void leave_fast(ConnObject *c) {
     queue_remove(c);
+    Py_CLEAR(c->statements);
+    Py_CLEAR(c->prepared);
     c->mode = MODE_SLOW;
     c->flags &= ~(F_THROTTLED | F_EJECT_WANTED);
     c->skip = 0;
@@ -626,26 +828,22 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
         goto done;
     }
     char txn[2] = {c->txn ? c->txn : 'I', 0};
-    /* What the server still owes, for Python's statement router (None: not known; "!": an
-     * error came back before the client's Sync, and the server skips what comes until it). */
-    PyObject *owed = c->owed_lost ? Py_NewRef(Py_None)
-                     : c->owed_skip ? PyBytes_FromString("!")
-                                    : PyBytes_FromStringAndSize(c->owed + c->owed_start,
-                                                                c->owed_end - c->owed_start);
+    PyObject *owed = owed_record(c);
     if (!owed) {
         report_error(c->engine);
         goto done;
     }
-    r = py_method(p->handler, "ejected", "OOiiisdddOOO", c->protocol,
+    r = py_method(p->handler, "ejected", "OOiiisdddOOOO", c->protocol,
                             server ? server->protocol : Py_None, how, c->expected_rfq,
                             c->unsynced, txn, secs(c->query_started), secs(c->xact_started),
-                            secs(c->idle_in_txn_since), cb, sb, owed);
+                            secs(c->idle_in_txn_since), cb, sb, PyTuple_GET_ITEM(owed, 0),
+                            PyTuple_GET_ITEM(owed, 1));
     Py_DECREF(owed);
     if (!r) report_error(c->engine);
     c->expected_rfq = 0;
     c->unsynced = 0;
     c->query_started = c->xact_started = c->idle_in_txn_since = 0;
-    c->owed_start = c->owed_end = c->owed_lost = c->owed_skip = 0;
+    owed_reset(c);
     update_events(c);
     if (server) update_events(server);
 done:
@@ -701,12 +899,14 @@ static void call_starved(PoolObject *p) {
 }
 
 /* Scan the client's complete messages. Returns the bytes that may be forwarded; *bad is set
- * when a message the fast path will not carry starts within the buffer. */
+ * when a message the fast path will not carry starts within the buffer. When they rename
+ * statements, ``renamed`` holds them as they go to the server. */
 static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
     const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t avail = buf_len(&c->rb), pos = 0;
     *bad = 0;
     *terminate = 0;
+    renamed_clear();
     while (avail - pos >= 5) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
@@ -716,7 +916,34 @@ static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
             break;
         }
         if (avail - pos < (size_t)len + 1) break;
-        if (!message_fast(t, base + pos + 5, len - 4)) {
+        int how = message_fast(t, base + pos + 5, len - 4);
+        if (how == FAST_NAMED) {
+            size_t name_len;
+            const unsigned char *name = named_statement(base + pos, len - 4, &name_len);
+            PyObject *server_name = name ? statement_for(c, name, name_len) : NULL;
+            /* Unknown to the router (Python forwards it for PostgreSQL to refuse), missing on
+             * this server (Python prepares it there first), or too many for one go. */
+            if (!server_name || (c->peer && !on_server(c->peer, server_name)) ||
+                renamed.n_names == MAX_RENAMES) {
+                *bad = 1;
+                break;
+            }
+            if (!renamed.n_names && pos && buf_append(&renamed.out, (const char *)base, pos) < 0) {
+                PyErr_Clear();
+                *bad = 1;
+                break;
+            }
+            if (rename_into(base + pos, len - 4, server_name) < 0) {
+                *bad = 1;
+                break;
+            }
+            renamed.names[renamed.n_names++] = Py_NewRef(server_name);
+        } else if (how == FAST_NO) {
+            *bad = 1;
+            break;
+        } else if (renamed.n_names &&
+                   buf_append(&renamed.out, (const char *)base + pos, (size_t)len + 1) < 0) {
+            PyErr_Clear();
             *bad = 1;
             break;
         }
@@ -742,10 +969,15 @@ static void client_account(ConnObject *c, size_t n) {
     const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t pos = 0;
     int64_t now = 0;
+    int names = 0;
     while (pos < n) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
-        if (t != 'H') owed_push(c, (char)t);
+        if (names < renamed.n_names && (t == 'B' || t == 'D') &&
+            message_fast(t, base + pos + 5, len - 4) == FAST_NAMED)
+            owed_push(c, (char)(t | 0x20), renamed.names[names++]); /* 'b', 'd' */
+        else if (t != 'H')
+            owed_push(c, (char)t, NULL);
         if (t == 'Q' || t == 'S') {
             if (!c->expected_rfq) {
                 if (!now) now = now_ns();
@@ -763,6 +995,7 @@ static void client_account(ConnObject *c, size_t n) {
 }
 
 static void client_pump(ConnObject *c) {
+again:
     if (c->mode != MODE_FAST || (c->flags & F_CLOSED)) return;
     PoolObject *p = c->pool;
     if (c->flags & F_EJECT_WANTED) return; /* bytes wait for the server to be quiet */
@@ -797,16 +1030,16 @@ static void client_pump(ConnObject *c) {
         if (c->at == AT_WAITING) return;
         int exact = 0;
         ConnObject *s = p->paused ? NULL : take_idle(p, c->params_id, &exact);
-        while (s && p->check_after >= 0 && now_ns() - s->idle_since > p->check_after) {
-            /* Idle past server_check_delay: Python checks it (the client waits meanwhile). */
+        if (s && p->check_after >= 0 && now_ns() - s->idle_since > p->check_after) {
+            /* Idle past server_check_delay: Python checks it (the client waits meanwhile).
+             * Python ran: it may have served this client (or others, in ``renamed``), so
+             * everything is read again. */
             Py_INCREF(s);
             queue_remove(s);
             return_server(s);
             Py_DECREF(s);
-            if (c->mode != MODE_FAST || (c->flags & F_CLOSED)) return;
-            s = p->paused ? NULL : take_idle(p, c->params_id, &exact);
+            goto again;
         }
-        if (c->peer) return; /* a server Python gave back meanwhile went to this client */
         if (!s) {
             c->wait_started = now_ns();
             wait_push(p, c);
@@ -821,13 +1054,33 @@ static void client_pump(ConnObject *c) {
             Py_DECREF(s);
             return;
         }
+        if (!renamed_all_on(s)) {
+            /* The server lacks one of the client's statements: Python prepares it there. */
+            eject_client(c, s, EJECT_LINKED);
+            Py_DECREF(s);
+            return;
+        }
         c->wait_started = 0;
         link_pair(c, s);
         Py_DECREF(s);
     }
     client_account(c, n);
     p->bytes_in += (long long)n;
-    if (pass_on(c, c->peer, n) < 0) return;
+    if (renamed.n_names) {
+        ConnObject *s = c->peer;
+        renamed_touch(s);
+        c->rb.start += n;
+        if (conn_send(s, renamed.out.p + renamed.out.start, buf_len(&renamed.out)) < 0) {
+            renamed_clear();
+            Py_INCREF(s);
+            conn_lost(s, NULL);
+            Py_DECREF(s);
+            return;
+        }
+        renamed_clear();
+    } else if (pass_on(c, c->peer, n) < 0) {
+        return;
+    }
     buf_shrink(&c->rb);
 }
 
@@ -898,6 +1151,13 @@ static void server_pump(ConnObject *s) {
                 if (c->flags & F_EJECT_WANTED) break;
             }
             continue;
+        }
+        if (c->statements && (t == 'E' || (t == 'C' && (len == 4 + 15 || len == 4 + 12)))) {
+            if (avail - pos < (size_t)len + 1) break; /* whole, to be read */
+            if (router_must_see(c, t, base + pos + 5, len - 4)) {
+                eject = 1;
+                break;
+            }
         }
         if (t == 'C') queries++;
         else if (t == 'E') errors++;
@@ -2013,6 +2273,8 @@ static int conn_traverse(ConnObject *c, visitproc visit, void *arg) {
     Py_VISIT(c->protocol);
     Py_VISIT(c->extra);
     Py_VISIT(c->route);
+    Py_VISIT(c->statements);
+    Py_VISIT(c->prepared);
     return 0;
 }
 
@@ -2020,6 +2282,8 @@ static int conn_clear(ConnObject *c) {
     Py_CLEAR(c->protocol);
     Py_CLEAR(c->extra);
     Py_CLEAR(c->route);
+    Py_CLEAR(c->statements);
+    Py_CLEAR(c->prepared);
     return 0;
 }
 
@@ -2034,6 +2298,8 @@ static void conn_dealloc(ConnObject *c) {
     buf_free(&c->rb);
     buf_free(&c->wb);
     scram_free(c);
+    owed_reset(c);
+    PyMem_Free(c->owed_names);
     conn_clear(c);
     Py_XDECREF(c->pool);
     Py_XDECREF(c->engine);
@@ -2152,11 +2418,21 @@ static PyObject *conn_set_fast(ConnObject *c, PyObject *args) {
     PoolObject *p;
     long long params_id;
     double expires = 0;
-    if (!PyArg_ParseTuple(args, "O!L|d", &PoolType, &p, &params_id, &expires)) return NULL;
+    PyObject *names = Py_None;
+    if (!PyArg_ParseTuple(args, "O!L|dO", &PoolType, &p, &params_id, &expires, &names))
+        return NULL;
+    if (names != Py_None && !PyDict_Check(names)) {
+        PyErr_SetString(PyExc_TypeError, "statements must be a dict or None");
+        return NULL;
+    }
     if (c->flags & (F_CLOSED | F_CLOSING)) Py_RETURN_FALSE;
     if (c->mode == MODE_FAST) {
         PyErr_SetString(PyExc_RuntimeError, "connection is already on the fast path");
         return NULL;
+    }
+    if (names != Py_None) {
+        if (c->kind == KIND_SERVER) Py_XSETREF(c->prepared, Py_NewRef(names));
+        else Py_XSETREF(c->statements, Py_NewRef(names));
     }
     enter_fast_mode(c, p, params_id, expires);
     Py_RETURN_TRUE;
@@ -2171,7 +2447,7 @@ static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, d
     c->unsynced = 0;
     c->txn = 'I';
     c->skip = 0;
-    c->owed_start = c->owed_end = c->owed_lost = c->owed_skip = 0;
+    owed_reset(c);
     c->expires = expires > 0 ? (int64_t)(expires * 1e9) : 0;
     if (c->kind == KIND_SERVER) {
         server_free(c);
@@ -2232,7 +2508,8 @@ static PyMethodDef conn_methods[] = {
     {"get_write_buffer_size", (PyCFunction)conn_get_write_buffer_size, METH_NOARGS, NULL},
     {"get_extra_info", (PyCFunction)conn_get_extra_info, METH_VARARGS, NULL},
     {"set_fast", (PyCFunction)conn_set_fast, METH_VARARGS,
-     "set_fast(pool, params_id, expires=0): enter the fast path."},
+     "set_fast(pool, params_id, expires=0, statements=None): enter the fast path; "
+     "statements: a client's router.statements, a server's prepared (named statements)."},
     {"eject", (PyCFunction)conn_eject, METH_NOARGS, "Take the connection back from the fast path."},
     {"scram_login", (PyCFunction)conn_scram_login, METH_VARARGS,
      "scram_login(stored_key, server_key, salt_b64, iterations, valid) -> bytes: run this "

@@ -629,8 +629,9 @@ class ClientConnection(asyncio.Protocol):
 
     def enter_fast(self) -> None:
         """Between transactions, hand this client to the compiled fast path if it can take it
-        (fastpath.py): a transaction or statement pool, no bytes half-read, no named prepared
-        statements (the router renames those in Python), no TLS."""
+        (fastpath.py): a transaction or statement pool, no bytes half-read, nothing owed by
+        the statement router (the engine renames the client's named statements with the
+        router's map, and gives back whatever needs more), no TLS."""
         pool = self.pool
         lane = pool.lane if pool is not None else None
         if pool is None or lane is None or not lane.usable or self.server is not None or self.gone \
@@ -638,7 +639,7 @@ class ClientConnection(asyncio.Protocol):
                 or self._held or self._reader.mid_message or pool.mode == "session":
             return
         router = self.router
-        if router is not None and (router.statements or router.outstanding or router.held):
+        if router is not None and (router.outstanding or router.held or router.skipping):
             return
         transport = self.transport
         if transport is None or self.tls:
@@ -652,7 +653,8 @@ class ClientConnection(asyncio.Protocol):
             transport = self.transport
         if transport.fast:  # type: ignore[union-attr]
             return
-        transport.set_fast(lane.fp, lane.client_params_id(self))  # type: ignore[union-attr]
+        transport.set_fast(lane.fp, lane.client_params_id(self), 0.0,  # type: ignore[union-attr]
+                           router.statements if router is not None else None)
 
     # -- queries ----------------------------------------------------------------------------
     def _query_data(self, data: bytes) -> None:

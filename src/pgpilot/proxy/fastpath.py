@@ -50,9 +50,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgpilot.proxy")
 
 # The engine's letters for requests still owed an answer -> the router's kinds (prepared.py).
+# 'b' and 'd': a Bind / Describe the engine renamed (named statements), with its name.
 _OWED_KIND = {ord("Q"): prepared.QUERY, ord("P"): prepared.PARSE, ord("B"): prepared.BIND,
               ord("D"): prepared.DESCRIBE, ord("E"): prepared.EXECUTE, ord("C"): prepared.CLOSE,
-              ord("S"): prepared.SYNC}
+              ord("S"): prepared.SYNC, ord("b"): prepared.BIND, ord("d"): prepared.DESCRIBE}
+_RENAMED = frozenset(b"bd")
 EJECT_LINKED = 1
 EJECT_ATTACH = 2
 
@@ -540,7 +542,7 @@ class Lane:
             server.set_state(ServerState.IDLE)
         expires = server.created_at + self.pool.lifetime
         return bool(conn.set_fast(self.fp, self.fast.params_id(server.params),  # type: ignore[union-attr]
-                                  expires))
+                                  expires, server.prepared))
 
     def client_params_id(self, client: ClientConnection) -> int:
         return self.fast.params_id(client.params)
@@ -585,11 +587,13 @@ class Lane:
     def ejected(self, client: ClientConnection, server: ServerConnection | None, how: int,
                 expected_rfq: int, unsynced: int, txn: str, query_started: float,
                 xact_started: float, idle_in_txn_since: float, client_bytes: bytes,
-                server_bytes: bytes, owed: bytes | None) -> None:
+                server_bytes: bytes, owed: bytes | None,
+                owed_names: tuple[str | None, ...]) -> None:
         """The engine hands a client (and its server) back, with their exact state; ``owed``
         names, one letter per request, the answers the server still owes for what the engine
         forwarded (None if it lost count, ``b"!"`` if an error came back before the client's
-        Sync: the server skips what comes until then)."""
+        Sync: the server skips what comes until then); ``owed_names`` the server-side
+        statement names of the ones it renamed (``b``, ``d``), in order."""
         closing = client.closing or client.gone
         if server is not None:
             server.in_engine = False
@@ -612,7 +616,10 @@ class Lane:
                 router.skipping = True  # an error came back, the client's Sync has not
             elif router is not None and owed:
                 # The router takes over mid-pipeline: it must know what comes back first.
-                router.outstanding.extend((_OWED_KIND[kind], None) for kind in owed)
+                names = iter(owed_names)
+                router.outstanding.extend(
+                    (_OWED_KIND[kind], next(names, None) if kind in _RENAMED else None)
+                    for kind in owed)
             if server.closed_reason:
                 client._pending += client_bytes
             elif client_bytes and not closing:

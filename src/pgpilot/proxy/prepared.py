@@ -14,6 +14,12 @@ Then, message by message:
 - Bind / Describe of "stmt1": renamed; if the server lacks the statement, a Parse is slipped in
   before, whose ParseComplete the client never sees.
 - Close "stmt1": forgotten and answered by the pooler (the server's copy stays for others).
+- DEALLOCATE ALL / DISCARD ALL, however sent: known by the CommandComplete tag the server
+  answers with (as PgBouncer does), so only a drop that happened counts. The server's
+  statements and the client's are gone then, but for those Parsed after it.
+- If the pooler's record of a server ever disagrees with the server (it says a statement
+  is missing, or already exists), the record is corrected at that error, so the next attempt
+  works.
 
 Answers the pooler makes up, or swallows, must sit exactly where the client expects them in the
 response stream, so the router keeps a queue of what each forwarded message will be answered
@@ -24,8 +30,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pgpilot.wire import messages as m
 
@@ -67,11 +72,17 @@ _FAKE_REPLY = {FAKE_PARSE: m.parse_complete(), FAKE_CLOSE: m.close_complete()}
 # Messages a server may send at any time, answering nothing.
 _ASYNC = frozenset({B.NOTICE_RESPONSE, B.NOTIFICATION, B.PARAMETER_STATUS})
 _RESULT_CHANGED = "cached plan must not change result type"
+# CommandComplete bodies of the commands that drop every prepared statement of the session.
+DROP_TAGS = frozenset({b"DEALLOCATE ALL\x00", b"DISCARD ALL\x00"})
+_DUPLICATE_STATEMENT = "42P05"  # prepared statement ... already exists
+_UNDEFINED_STATEMENT = "26000"  # prepared statement ... does not exist
 
 
-@dataclass(slots=True)
-class ClientStatement:
-    server_name: str
+class ClientStatement(NamedTuple):
+    """What a client's statement name means. A tuple: the compiled fast path reads
+    ``server_name`` (item 0) on every Bind it renames (_fastpath.c, "named statements")."""
+
+    server_name: str  # ASCII: pgpilot_<hex>
     server_parse: bytes  # the whole Parse message under the server-side name
 
 
@@ -118,13 +129,10 @@ class StatementRouter:
         if not renamable and not continued and ends and ends[-1] == len(data) \
                 and not self.skipping:
             # Nothing to rename (the common case): only note what each message is owed.
-            for mtype, body in msgs:
+            for mtype, _body in msgs:
                 owed = _OWED.get(mtype)
                 if owed is not None:
                     outstanding.append((owed, None))
-                    if mtype == F.QUERY and body is not None and _drops_statements(body):
-                        self.statements.clear()
-                        server.prepared.clear()
             return data, b""
         out = bytearray()
         prev = 0
@@ -178,9 +186,6 @@ class StatementRouter:
                     out += raw
             elif mtype in (F.QUERY, F.FUNCTION_CALL):
                 outstanding.append((QUERY, None))
-                if mtype == F.QUERY and body is not None and _drops_statements(body):
-                    self.statements.clear()
-                    server.prepared.clear()
                 out += raw
             else:
                 out += raw  # Flush, CopyData/Done/Fail: no answer of their own
@@ -198,7 +203,7 @@ class StatementRouter:
         self.statements[parse.name] = stmt
         if server_name in server.prepared:
             server.prepared.move_to_end(server_name)
-            self.outstanding.append((FAKE_PARSE, None))
+            self.outstanding.append((FAKE_PARSE, server_name))
             self.surgery = True
             return b""
         out = self._make_room(server)
@@ -253,7 +258,7 @@ class StatementRouter:
             return data
         if not self.held and not self.surgery and not error_seen:
             # No answer to add or drop: pass the bytes as they are and only keep count.
-            self._count_only(msgs)
+            self._count_only(msgs, server)
             return data
         out = bytearray()
         prev = 0
@@ -274,6 +279,8 @@ class StatementRouter:
             if mtype == B.ERROR_RESPONSE:
                 out += self._error(kind, name, body, raw, server)
                 continue
+            if mtype == B.COMMAND_COMPLETE and body in DROP_TAGS:
+                self._statements_dropped(server)
             if mtype in _ENDS.get(kind, ()):
                 outstanding.popleft()
                 if kind in (SWALLOW_PARSE, SWALLOW_CLOSE):
@@ -291,14 +298,34 @@ class StatementRouter:
             self.surgery = False
         return bytes(out)
 
-    def _count_only(self, msgs: list[tuple[int, bytes | None]]) -> None:
+    def _count_only(self, msgs: list[tuple[int, bytes | None]],
+                    server: ServerConnection) -> None:
         """Advance the queue over ``msgs`` (no errors among them, nothing to add or drop)."""
         outstanding = self.outstanding
-        for mtype, _body in msgs:
+        for mtype, body in msgs:
             if mtype == B.DATA_ROW or mtype in _ASYNC or not outstanding:
                 continue
+            if mtype == B.COMMAND_COMPLETE and body in DROP_TAGS:
+                self._statements_dropped(server)
             if mtype in _ENDS[outstanding[0][0]]:
                 outstanding.popleft()
+
+    def _statements_dropped(self, server: ServerConnection) -> None:
+        """The server has just run DEALLOCATE ALL or DISCARD ALL: its prepared statements are
+        gone, and so are the client's, but for those whose Parse is still owed an answer:
+        sent after the drop, they are there (or, answered by the pooler, remain the
+        client's and get prepared where next needed)."""
+        later = {name for kind, name in self.outstanding
+                 if kind in (PARSE, SWALLOW_PARSE, FAKE_PARSE) and name is not None}
+        sent_later = [name for kind, name in self.outstanding
+                      if kind in (PARSE, SWALLOW_PARSE) and name is not None]
+        server.prepared.clear()
+        server.stale_statements.clear()
+        for name in sent_later:
+            server.prepared[name] = None
+        statements = self.statements
+        for client_name in [k for k, v in statements.items() if v.server_name not in later]:
+            del statements[client_name]
 
     def _error(self, kind: int, name: str | None, body: bytes | None, raw: bytes,
                server: ServerConnection) -> bytes:
@@ -311,12 +338,24 @@ class StatementRouter:
         # PostgreSQL skips everything up to the next Sync: so do the answers owed.
         first = True
         reply = raw
+        code = m.parse_error_fields(body).get("C") if body is not None else None
         while outstanding and outstanding[0][0] not in (SYNC, QUERY):
             k, n = outstanding.popleft()
-            if k in (PARSE, SWALLOW_PARSE) and n is not None:
+            if first and n is not None and k in (PARSE, SWALLOW_PARSE) \
+                    and code == _DUPLICATE_STATEMENT:
+                server.prepared[n] = None  # there after all: the record was out of date
+                reply = _corrected(body, "prepared statement already exists")
+            elif k in (PARSE, SWALLOW_PARSE) and n is not None:
                 server.prepared.pop(n, None)  # never created
             elif k == SWALLOW_CLOSE and n is not None and not first:
                 server.prepared[n] = None  # never closed: still there
+            elif first and n is not None and k in (BIND, DESCRIBE) \
+                    and code == _UNDEFINED_STATEMENT:
+                # Not there after all (the record was out of date): prepared again at the
+                # client's next attempt.
+                server.prepared.pop(n, None)
+                server.stale_statements.discard(n)
+                reply = _corrected(body, "prepared statement does not exist")
             elif first and n is not None and k in (BIND, DESCRIBE, EXECUTE) \
                     and _RESULT_CHANGED in text and body is not None:
                 # A table changed under the statement: drop the server's copy, so the
@@ -337,8 +376,10 @@ class StatementRouter:
         return reply
 
 
-def _drops_statements(query_body: bytes) -> bool:
-    """DEALLOCATE ALL / DISCARD ALL drop every prepared statement of the session."""
-    head = query_body[:40].lower()
-    return (head.lstrip().startswith((b"deallocate all", b"deallocate prepare all",
-                                      b"discard all")))
+def _corrected(body: bytes | None, default: str) -> bytes:
+    """The server's error, with a hint that the pooler has put its record right."""
+    fields = m.parse_error_fields(body) if body is not None else {}
+    return m.error_response(
+        fields.get("C", "XX000"), fields.get("M", default), severity=fields.get("S", "ERROR"),
+        hint="pgpilot's record of this server's prepared statements was out of date; it is "
+             "corrected now: run the statement again.")
