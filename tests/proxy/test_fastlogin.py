@@ -470,6 +470,15 @@ def test_engine_base64_matches_the_standard_one(data: bytes) -> None:
     assert fastpath._fastpath.b64encode(data) == base64.b64encode(data)
 
 
+@given(key=st.binary(max_size=64), data=st.binary(max_size=1000))
+@settings(max_examples=300, deadline=None)
+def test_engine_sha256_and_hmac_match_hashlib(key: bytes, data: bytes) -> None:
+    """The engine's own SHA-256 and HMAC-SHA-256 (the SCRAM proof and signature), against
+    OpenSSL's through hashlib and hmac, over every length up to several blocks."""
+    assert fastpath._fastpath.sha256(data) == hashlib.sha256(data).digest()
+    assert fastpath._fastpath.hmac_sha256(key, data) == hmac.digest(key, data, "sha256")
+
+
 def test_out_of_descriptors_pauses_accepting_then_recovers(pg_params: dict[str, str],
                                                            tmp_path: Path) -> None:
     """accept() failing with EMFILE must neither spin nor stop the pooler: the engine's

@@ -1231,8 +1231,8 @@ static void server_free(ConnObject *s) {
  * message. Python decides who may log in and with which secret (scram_login); the engine runs
  * the two round trips and calls protocol.scram_passed(final_message, client_key, rest) or
  * protocol.scram_failed(kind, text); a malformed first message goes back to Python's parser
- * (protocol.scram_first_refused), which words the refusal. Hashing goes through Python's
- * hmac and hashlib (OpenSSL, with the CPU's SHA instructions). */
+ * (protocol.scram_first_refused), which words the refusal. Hashing is the engine's own
+ * (SHA-256 below): a login hashes a few hundred bytes. */
 #define SCRAM_KEY_LEN 32
 #define SCRAM_NONCE_BYTES 18 /* as PostgreSQL: base64 of 18 random bytes */
 #define SASL_MAX_BODY 65536  /* as PostgreSQL's cap on SASL tokens */
@@ -1247,27 +1247,140 @@ struct Scram {
     PyObject *client_first_bare, *server_first, *nonce; /* bytes */
 };
 
-/* OpenSSL's HMAC and SHA-256 and the strict base64 decoder, called as C functions:
- * _hashlib.hmac_digest is what hmac.digest runs, binascii.a2b_base64(strict_mode=True) what
- * base64.b64decode(validate=True) runs for bytes (auth.py's calls), without their Python frames
- * on every login. */
-static PyObject *py_hmac_digest, *py_sha256, *py_b64decode;
+/* The strict base64 decoder, called as a C function: binascii.a2b_base64(strict_mode=True)
+ * is what base64.b64decode(validate=True) runs for bytes (auth.py's call). */
+static PyObject *py_b64decode;
 static PyObject *kw_validate; /* {"strict_mode": True} */
 
-/* HMAC-SHA-256(key, msg) into out, through Python's hmac (OpenSSL). */
-static int hmac_sha256(const unsigned char *key, PyObject *msg, unsigned char *out) {
-    PyObject *k = PyBytes_FromStringAndSize((const char *)key, SCRAM_KEY_LEN);
-    PyObject *r = k ? PyObject_CallFunction(py_hmac_digest, "OOs", k, msg, "sha256") : NULL;
-    Py_XDECREF(k);
-    if (!r) return -1;
-    if (!PyBytes_Check(r) || PyBytes_GET_SIZE(r) != SCRAM_KEY_LEN) {
-        Py_DECREF(r);
-        PyErr_SetString(PyExc_RuntimeError, "unexpected HMAC size");
-        return -1;
+/* SHA-256 (FIPS 180-4) and HMAC-SHA-256 (RFC 2104), here rather than through hashlib: a login
+ * hashes a few hundred bytes, and OpenSSL 3 looks its algorithm up again on every one-shot
+ * call (EVP_Q_mac, EVP_MD_fetch), which cost more than the hashing, about 12 % of the pooler's
+ * CPU per new connection (perf, pgbench -C with SCRAM). Checked against hashlib and hmac by
+ * tests/proxy/test_fastlogin.py. */
+typedef struct {
+    uint32_t h[8];
+    uint64_t length; /* bytes hashed so far */
+    unsigned char block[64];
+    size_t used;
+} Sha256;
+
+static const uint32_t SHA256_K[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2};
+
+static inline uint32_t ror32(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+static void sha256_compress(uint32_t h[8], const unsigned char *block) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++) w[i] = be32(block + 4 * i);
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ror32(w[i - 15], 7) ^ ror32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ror32(w[i - 2], 17) ^ ror32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
     }
-    memcpy(out, PyBytes_AS_STRING(r), SCRAM_KEY_LEN);
-    Py_DECREF(r);
-    return 0;
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = k + (ror32(e, 6) ^ ror32(e, 11) ^ ror32(e, 25)) + ((e & f) ^ (~e & g)) +
+                      SHA256_K[i] + w[i];
+        uint32_t t2 = (ror32(a, 2) ^ ror32(a, 13) ^ ror32(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        k = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
+    }
+    h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e, h[5] += f, h[6] += g, h[7] += k;
+}
+
+static void sha256_init(Sha256 *s) {
+    static const uint32_t iv[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    memcpy(s->h, iv, sizeof iv);
+    s->length = 0;
+    s->used = 0;
+}
+
+static void sha256_update(Sha256 *s, const unsigned char *data, size_t n) {
+    s->length += n;
+    if (s->used) {
+        size_t take = 64 - s->used < n ? 64 - s->used : n;
+        memcpy(s->block + s->used, data, take);
+        s->used += take, data += take, n -= take;
+        if (s->used < 64) return;
+        sha256_compress(s->h, s->block);
+        s->used = 0;
+    }
+    for (; n >= 64; data += 64, n -= 64) sha256_compress(s->h, data);
+    memcpy(s->block, data, n);
+    s->used = n;
+}
+
+static void sha256_final(Sha256 *s, unsigned char out[32]) {
+    uint64_t bits = s->length * 8;
+    s->block[s->used++] = 0x80;
+    if (s->used > 56) {
+        memset(s->block + s->used, 0, 64 - s->used);
+        sha256_compress(s->h, s->block);
+        s->used = 0;
+    }
+    memset(s->block + s->used, 0, 56 - s->used);
+    for (int i = 0; i < 8; i++) s->block[56 + i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha256_compress(s->h, s->block);
+    for (int i = 0; i < 8; i++) put_be32(out + 4 * i, s->h[i]);
+}
+
+static void sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
+    Sha256 s;
+    sha256_init(&s);
+    sha256_update(&s, data, n);
+    sha256_final(&s, out);
+}
+
+/* HMAC-SHA-256 of ``n`` bytes under a key of at most 64 bytes (SCRAM's are 32). */
+static void hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *msg,
+                        size_t n, unsigned char out[32]) {
+    unsigned char pad[64], inner[32];
+    Sha256 s;
+    memset(pad, 0x36, sizeof pad);
+    for (size_t i = 0; i < key_len; i++) pad[i] ^= key[i];
+    sha256_init(&s);
+    sha256_update(&s, pad, 64);
+    sha256_update(&s, msg, n);
+    sha256_final(&s, inner);
+    for (size_t i = 0; i < 64; i++) pad[i] ^= 0x36 ^ 0x5c;
+    sha256_init(&s);
+    sha256_update(&s, pad, 64);
+    sha256_update(&s, inner, 32);
+    sha256_final(&s, out);
+}
+
+/* The engine's SHA-256 and HMAC-SHA-256, for the tests. */
+static PyObject *mod_hmac_sha256(PyObject *mod, PyObject *args) {
+    Py_buffer key, msg;
+    if (!PyArg_ParseTuple(args, "y*y*", &key, &msg)) return NULL;
+    unsigned char out[32];
+    if (key.len > 64) {
+        PyErr_SetString(PyExc_ValueError, "keys longer than a block are not supported");
+    } else {
+        hmac_sha256(key.buf, (size_t)key.len, msg.buf, (size_t)msg.len, out);
+    }
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&msg);
+    if (PyErr_Occurred()) return NULL;
+    return PyBytes_FromStringAndSize((const char *)out, 32);
+}
+
+static PyObject *mod_sha256(PyObject *mod, PyObject *arg) {
+    Py_buffer data;
+    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0) return NULL;
+    unsigned char out[32];
+    sha256(data.buf, (size_t)data.len, out);
+    PyBuffer_Release(&data);
+    return PyBytes_FromStringAndSize((const char *)out, 32);
 }
 
 /* base64 (RFC 4648, with padding) of ``n`` bytes, as a bytes object. */
@@ -1497,7 +1610,7 @@ refuse:
 /* SASLResponse (client-final-message): check the proof. Always ends the engine's part. */
 static void scram_final(ConnObject *c, const char *data, size_t len) {
     Scram *sc = c->scram;
-    PyObject *cbind = NULL, *authmsg = NULL, *proof = NULL, *key = NULL, *digest = NULL;
+    PyObject *cbind = NULL, *authmsg = NULL, *proof = NULL, *key = NULL;
     PyObject *final = NULL, *sig_b64 = NULL, *r = NULL;
     if (!valid_utf8(data, len)) {
         scram_failed(c, SCRAM_MALFORMED, "malformed SCRAM message: invalid UTF-8");
@@ -1564,23 +1677,21 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
     }
     if (!authmsg) goto error;
     unsigned char client_sig[SCRAM_KEY_LEN], client_key[SCRAM_KEY_LEN], server_sig[SCRAM_KEY_LEN];
-    if (hmac_sha256(sc->stored_key, authmsg, client_sig) < 0) goto error;
+    unsigned char d[SCRAM_KEY_LEN];
+    const unsigned char *am = (const unsigned char *)PyBytes_AS_STRING(authmsg);
+    size_t am_len = (size_t)PyBytes_GET_SIZE(authmsg);
+    hmac_sha256(sc->stored_key, SCRAM_KEY_LEN, am, am_len, client_sig);
     const unsigned char *pr = (const unsigned char *)PyBytes_AS_STRING(proof);
     for (int i = 0; i < SCRAM_KEY_LEN; i++) client_key[i] = pr[i] ^ client_sig[i];
-    key = PyBytes_FromStringAndSize((const char *)client_key, SCRAM_KEY_LEN);
-    PyObject *h = key ? PyObject_CallFunctionObjArgs(py_sha256, key, NULL) : NULL;
-    digest = h ? PyObject_CallMethod(h, "digest", NULL) : NULL;
-    Py_XDECREF(h);
-    if (!digest || !PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != SCRAM_KEY_LEN) goto error;
+    sha256(client_key, SCRAM_KEY_LEN, d);
     /* Constant time, as hmac.compare_digest. */
     unsigned char diff = 0;
-    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(digest);
     for (int i = 0; i < SCRAM_KEY_LEN; i++) diff |= d[i] ^ sc->stored_key[i];
     if (diff || !sc->valid) {
         scram_failed(c, SCRAM_WRONG, NULL);
         goto done;
     }
-    if (hmac_sha256(sc->server_key, authmsg, server_sig) < 0) goto error;
+    hmac_sha256(sc->server_key, SCRAM_KEY_LEN, am, am_len, server_sig);
     sig_b64 = b64encode(server_sig, SCRAM_KEY_LEN);
     if (!sig_b64) goto error;
     {
@@ -1598,7 +1709,8 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
     }
     /* What the client sent behind its last SASL message is its first query: Python keeps
      * it for after the welcome. */
-    PyObject *rest = take_bytes(&c->rb);
+    key = PyBytes_FromStringAndSize((const char *)client_key, SCRAM_KEY_LEN);
+    PyObject *rest = key ? take_bytes(&c->rb) : NULL;
     r = rest ? py_method(c->protocol, "scram_passed", "OOO", final, key, rest) : NULL;
     Py_XDECREF(rest);
     if (!r) report_error(c->engine);
@@ -1611,7 +1723,6 @@ done:
     Py_XDECREF(authmsg);
     Py_XDECREF(proof);
     Py_XDECREF(key);
-    Py_XDECREF(digest);
     Py_XDECREF(final);
     Py_XDECREF(sig_b64);
     Py_XDECREF(r);
@@ -3191,6 +3302,9 @@ static PyMethodDef module_methods[] = {
     {"sql_needs_python", mod_needs_python, METH_O,
      "The fast path's pre-filter: does this SQL text have to go through Python?"},
     {"b64encode", mod_b64encode, METH_O, "The engine's base64 (for tests)."},
+    {"sha256", mod_sha256, METH_O, "The engine's SHA-256 (for tests)."},
+    {"hmac_sha256", mod_hmac_sha256, METH_VARARGS,
+     "hmac_sha256(key, msg): the engine's HMAC-SHA-256, key of at most 64 bytes (for tests)."},
     {NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath",
@@ -3201,23 +3315,10 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     if (PyType_Ready(&ConnType) < 0 || PyType_Ready(&PoolType) < 0 ||
         PyType_Ready(&EngineType) < 0)
         return NULL;
-    PyObject *hmac_mod = PyImport_ImportModule("_hashlib");
-    if (!hmac_mod) { /* a Python built without OpenSSL's module: the pure-Python wrapper */
-        PyErr_Clear();
-        hmac_mod = PyImport_ImportModule("hmac");
-    }
-    PyObject *hashlib_mod = hmac_mod ? PyImport_ImportModule("hashlib") : NULL;
-    PyObject *binascii_mod = hashlib_mod ? PyImport_ImportModule("binascii") : NULL;
-    if (binascii_mod) {
-        py_hmac_digest = PyObject_GetAttrString(
-            hmac_mod, PyObject_HasAttrString(hmac_mod, "hmac_digest") ? "hmac_digest" : "digest");
-        py_sha256 = PyObject_GetAttrString(hashlib_mod, "sha256");
-        py_b64decode = PyObject_GetAttrString(binascii_mod, "a2b_base64");
-    }
-    Py_XDECREF(hmac_mod);
-    Py_XDECREF(hashlib_mod);
+    PyObject *binascii_mod = PyImport_ImportModule("binascii");
+    py_b64decode = binascii_mod ? PyObject_GetAttrString(binascii_mod, "a2b_base64") : NULL;
     Py_XDECREF(binascii_mod);
-    if (!py_hmac_digest || !py_sha256 || !py_b64decode) return NULL;
+    if (!py_b64decode) return NULL;
     kw_validate = Py_BuildValue("{sO}", "strict_mode", Py_True);
     if (!kw_validate) return NULL;
     PyObject *m = PyModule_Create(&module);
