@@ -87,6 +87,9 @@ class Case:
     workers: int = 1  # pgpilot's workers = N (PgBouncer stays one process)
     # pgbench options for PgBouncer's runs instead of ``args``, where it cannot run those
     pgbouncer_args: tuple[str, ...] | None = None
+    # log_connections / log_disconnections on (both poolers' defaults), each pooler writing
+    # its lines once, to its stderr (a file)
+    logging: bool = False
 
 
 CASES: tuple[Case, ...] = (
@@ -115,6 +118,10 @@ CASES: tuple[Case, ...] = (
               "PgBouncer as always one process; CPU and RSS summed over the pooler's processes"),
     Case("churn-scram-10", "pgbench -S -C (new connection per transaction), SCRAM, 10 clients",
          args=("-S", "-M", "simple", "-C"), clients=10, auth="scram-sha-256"),
+    Case("churn-scram-10-logged",
+         "pgbench -S -C, SCRAM, 10 clients, log_connections and log_disconnections on",
+         args=("-S", "-M", "simple", "-C"), clients=10, auth="scram-sha-256", logging=True,
+         direct=False, note="the poolers' default logging: a line per login and per leaving"),
     Case("scale-10k", "10,000 clients held open, 100 running queries, <= 100 server conns",
          kind="scale", clients=10_000, pool_size=100, direct=False),
 )
@@ -369,8 +376,8 @@ def pooler_ini(kind: str, case: Case, port: int, up: Upstream, userlist: Path) -
         f"max_db_connections = {max(case.pool_size, 100)}",
         f"max_client_conn = {MAX_CLIENT_CONN}",
         "listen_backlog = 4096",
-        "log_connections = 0",
-        "log_disconnections = 0",
+        f"log_connections = {int(case.logging)}",
+        f"log_disconnections = {int(case.logging)}",
         "stats_period = 60",
     ]
     if kind == "pgbouncer":
@@ -399,7 +406,9 @@ def start_pooler(kind: str, case: Case, up: Upstream, secret: str, base: Path) -
         kwargs = {}
         # -q: warnings only, as PgBouncer's log_connections = 0 / log_disconnections = 0
         # (set for both in the ini): no per-connection logging on either side.
-        cmd = [sys.executable, "-m", "pgpilot", "proxy", "--config", str(ini), "-q"]
+        cmd = [sys.executable, "-m", "pgpilot", "proxy", "--config", str(ini)]
+        if not case.logging:
+            cmd.append("-q")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir,
                             **kwargs)
     stderr.close()

@@ -9,7 +9,10 @@ leaving mid-transaction) and that Python really does not see them until then.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -267,8 +270,7 @@ def test_admin_commands_forget_routes_and_see_phantoms(routed: RunningProxy) -> 
 
 def test_no_routes_where_python_must_see_every_login(
         proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str]) -> None:
-    for settings in ({"log_connections": 1}, {"log_disconnections": 1},
-                     {"pool_mode": "session"}, {"client_idle_timeout": 60},
+    for settings in ({"pool_mode": "session"}, {"client_idle_timeout": 60},
                      {"max_user_client_connections": 50}, {"application_name_add_host": 1}):
         proxy = make_proxy(proxy_factory, pg_params, **settings)
         for _ in range(2):
@@ -276,6 +278,56 @@ def test_no_routes_where_python_must_see_every_login(
                 conn.execute("SELECT 1")
                 assert counts(proxy)[0] == 0, settings
         assert proxy.call(lambda p=proxy: len(p.pooler.fast.routes)) == 0, settings
+
+
+def test_connection_logging_keeps_engine_logins(proxy_factory: Callable[..., RunningProxy],
+                                                pg_params: dict[str, str],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """log_connections / log_disconnections (PgBouncer's defaults) no longer send every
+    login through Python: the engine notes its phantoms' logins and departures and Python
+    logs them in its usual words, under ids from the same sequence, which a phantom keeps
+    when it gets its Python object."""
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    proxy = make_proxy(proxy_factory, pg_params, log_connections=1, log_disconnections=1)
+    psycopg_route(proxy)
+    ports = []
+    for _ in range(5):
+        with connect(proxy) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert counts(proxy)[:2] == (1, 0)  # a phantom: Python has no object for it
+            ports.append(local_port(conn))
+    wait_until(lambda: counts(proxy) == (0, 0, 0))
+
+    def lines(what: str) -> dict[int, int]:
+        """client port -> id, of the pooler's log lines ending in ``what``."""
+        found = {}
+        for record in list(caplog.records):
+            got = re.fullmatch(r"C-(\d+)\(test/carol@127\.0\.0\.1:(\d+)\) " + what,
+                               record.getMessage())
+            if got:
+                found[int(got.group(2))] = int(got.group(1))
+        return found
+
+    wait_until(lambda: set(ports) <= set(lines("closing: client closed the connection")))
+    logins, leaves = lines("login ok"), lines("closing: client closed the connection")
+    assert all(logins[port] == leaves[port] for port in ports)
+    assert len({logins[port] for port in ports}) == len(ports)  # an id each
+    with connect(proxy) as conn, admin(proxy) as console:
+        port = local_port(conn)
+        wait_until(lambda: port in lines("login ok"))
+        logged_id = lines("login ok")[port]
+        rows = console.execute("SHOW CLIENTS").fetchall()
+        columns = [c.name for c in console.cursor().execute("SHOW CLIENTS").description or []]
+        mine = [r for r in rows if r[columns.index("port")] == port]
+        assert [r[columns.index("id")] for r in mine] == [logged_id]  # claimed, same id
+
+
+def local_port(conn: psycopg.Connection[Any]) -> int:
+    sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    try:
+        return int(sock.getsockname()[1])
+    finally:
+        sock.close()
 
 
 def test_a_silent_connection_is_timed_out(proxy_factory: Callable[..., RunningProxy],

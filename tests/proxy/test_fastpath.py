@@ -354,9 +354,11 @@ def test_named_statement_after_unanswered_unnamed_requests(proxy_factory: Any) -
         # Still running (no answer yet) when the named Parse comes.
         sock.sendall(m.parse_message("", "select pg_sleep(0.5)") + m.bind_simple("", "")
                      + m.execute_message())
+        # (Linked in the engine; found from the server's side: the client may have no
+        # Python object, logged in along the login route psycopg's identical login made.)
         wait_until(lambda: proxy.call(lambda: any(
-            fastpath.is_fast_conn(c.transport) and c.transport.peer is not None
-            for p in proxy.pooler.pools.values() for c in p.clients)))
+            fastpath.is_fast_conn(s.transport) and s.transport.peer is not None
+            for p in proxy.pooler.pools.values() for s in p.all_servers())))
         sock.sendall(m.parse_message("mine", "select 2::int") + m.bind_simple("", "mine")
                      + m.execute_message() + m.sync())
         assert read_types(sock) == ["1", "2", "D", "C", "1", "2", "D", "C", "Z"]

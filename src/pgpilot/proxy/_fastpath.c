@@ -210,6 +210,7 @@ struct ConnObject {
         struct sockaddr_in6 in6;
     } peer_addr;
     uint32_t cancel_pid, cancel_key;
+    long long client_id; /* phantom: its id in the logs (0: none given, logging off) */
     int64_t accepted;
     ConnObject *ph_prev, *ph_next;
     PyObject *weakreflist;
@@ -248,6 +249,11 @@ struct EngineObject {
     long phantoms, phantom_cap;
     long phantoms_welcomed; /* of those, logged in (the rest are still logging in) */
     ConnObject *phantom_head;
+    /* connection logging for phantoms (log_connections / log_disconnections): the pooler's
+     * client ids (an iterator), the events not yet logged (a list), what logs them (called
+     * soon after the first of a batch) */
+    PyObject *client_ids, *log_events, *log_drain;
+    int log_logins, log_leaves;
 };
 
 static PyTypeObject ConnType, PoolType, EngineType;
@@ -550,6 +556,7 @@ static void renamed_clear(void) {
     for (int i = 0; i < renamed.n_names; i++) Py_CLEAR(renamed.names[i]);
     renamed.n_names = 0;
     renamed.out.start = renamed.out.end = 0;
+    if (renamed.out.cap > READ_CHUNK) buf_free(&renamed.out); /* kept only while small */
 }
 
 /* The server-side name (borrowed; an ASCII str) of the client's statement ``name``, or NULL
@@ -1882,8 +1889,36 @@ static void forget_cancel_key(ConnObject *c) {
     c->cancel_pid = c->cancel_key = 0;
 }
 
-/* A phantom leaves (it closed, or could not be claimed): nothing of it reaches Python. */
+static PyObject *address_tuple(const struct sockaddr *a);
+
+/* With connection logging on, a phantom's login (kind 0) or leaving (1) is noted for Python
+ * to log in its words (FastPath.drain_log), a batch at a time: the phantom stays a phantom. */
+static void log_phantom(ConnObject *c, int kind) {
+    EngineObject *e = c->engine;
+    if (!e->log_events || !e->log_drain || !c->route) return;
+    PyObject *addr = address_tuple(&c->peer_addr.sa);
+    PyObject *ev = addr ? Py_BuildValue("(iLON)", kind, c->client_id,
+                                        PyTuple_GET_ITEM(c->route, 0), addr)
+                        : NULL;
+    if (!ev || PyList_Append(e->log_events, ev) < 0) {
+        Py_XDECREF(ev);
+        report_error(e);
+        return;
+    }
+    Py_DECREF(ev);
+    if (PyList_GET_SIZE(e->log_events) == 1) {
+        PyObject *r = py_call_soon(e, e->log_drain, NULL);
+        if (!r) report_error(e);
+        Py_XDECREF(r);
+    }
+}
+
+/* A phantom leaves (it closed, or could not be claimed): nothing of it reaches Python but a
+ * line in the log, if asked for. */
 static void phantom_drop(ConnObject *c) {
+    if ((c->flags & (F_PHANTOM | F_WELCOMED)) == (F_PHANTOM | F_WELCOMED) && c->client_id &&
+        c->engine->log_leaves)
+        log_phantom(c, 1);
     Py_INCREF(c);
     leave_fast(c);
     forget_cancel_key(c);
@@ -1905,8 +1940,9 @@ static int claim(ConnObject *c) {
     PyObject *proto;
     Py_INCREF(c);
     if (c->flags & F_WELCOMED)
-        proto = py_method(PyTuple_GET_ITEM(c->route, 0), "materialize", "Okkd", (PyObject *)c,
-                          (unsigned long)c->cancel_pid, (unsigned long)c->cancel_key, accepted);
+        proto = py_method(PyTuple_GET_ITEM(c->route, 0), "materialize", "OkkdL", (PyObject *)c,
+                          (unsigned long)c->cancel_pid, (unsigned long)c->cancel_key, accepted,
+                          c->client_id);
     else if (c->route)
         proto = py_method(PyTuple_GET_ITEM(c->route, 0), "claim_login", "Od", (PyObject *)c,
                           accepted);
@@ -2029,6 +2065,14 @@ static void route_welcome(ConnObject *c, PyObject *final) {
     if (broke) {
         lost_errno(c, errno);
         return;
+    }
+    if (e->log_logins || e->log_leaves) {
+        /* An id from the pooler's own sequence, so its log lines read as any client's. */
+        PyObject *id = PyIter_Next(e->client_ids);
+        c->client_id = id ? PyLong_AsLongLong(id) : 0;
+        Py_XDECREF(id);
+        if (PyErr_Occurred()) report_error(e);
+        if (e->log_logins) log_phantom(c, 0);
     }
     /* Bytes sent behind the last SASL message are its first query: the fast path reads them
      * from the buffer they are in. */
@@ -2905,6 +2949,9 @@ static int engine_traverse(EngineObject *e, visitproc visit, void *arg) {
     Py_VISIT(e->graveyard);
     Py_VISIT(e->routes);
     Py_VISIT(e->cancel_keys);
+    Py_VISIT(e->client_ids);
+    Py_VISIT(e->log_events);
+    Py_VISIT(e->log_drain);
     return 0;
 }
 
@@ -2914,6 +2961,9 @@ static int engine_clear(EngineObject *e) {
     Py_CLEAR(e->graveyard);
     Py_CLEAR(e->routes);
     Py_CLEAR(e->cancel_keys);
+    Py_CLEAR(e->client_ids);
+    Py_CLEAR(e->log_events);
+    Py_CLEAR(e->log_drain);
     return 0;
 }
 
@@ -3178,16 +3228,39 @@ static PyObject *engine_get_n_conns(EngineObject *e, void *unused) {
 
 /* configure_logins(routes, cancel_keys, pid_base, pid_mask): engine logins (see above). */
 static PyObject *engine_configure_logins(EngineObject *e, PyObject *args) {
-    PyObject *routes, *cancel_keys;
+    PyObject *routes, *cancel_keys, *client_ids = Py_None, *drain = Py_None;
     unsigned long base, mask;
-    if (!PyArg_ParseTuple(args, "O!O!kk", &PyDict_Type, &routes, &PyDict_Type, &cancel_keys,
-                          &base, &mask))
+    int log_logins = 0, log_leaves = 0;
+    if (!PyArg_ParseTuple(args, "O!O!kk|OppO", &PyDict_Type, &routes, &PyDict_Type,
+                          &cancel_keys, &base, &mask, &client_ids, &log_logins, &log_leaves,
+                          &drain))
         return NULL;
+    if ((log_logins || log_leaves) && (!PyIter_Check(client_ids) || !PyCallable_Check(drain))) {
+        PyErr_SetString(PyExc_TypeError, "connection logging needs client ids and a drain");
+        return NULL;
+    }
     Py_XSETREF(e->routes, Py_NewRef(routes));
     Py_XSETREF(e->cancel_keys, Py_NewRef(cancel_keys));
     e->pid_base = (uint32_t)base;
     e->pid_mask = (uint32_t)mask & 0x7FFFFFFF;
+    Py_XSETREF(e->client_ids, Py_NewRef(client_ids));
+    Py_XSETREF(e->log_drain, Py_NewRef(drain));
+    if (!e->log_events && !(e->log_events = PyList_New(0))) return NULL;
+    e->log_logins = log_logins;
+    e->log_leaves = log_leaves;
     Py_RETURN_NONE;
+}
+
+/* take_log_events(): the phantoms' connection events not logged yet, oldest first. */
+static PyObject *engine_take_log_events(EngineObject *e, PyObject *unused) {
+    PyObject *events = e->log_events ? e->log_events : PyList_New(0);
+    if (!events) return NULL;
+    e->log_events = PyList_New(0);
+    if (!e->log_events) {
+        e->log_events = events;
+        return NULL;
+    }
+    return events;
 }
 
 /* Claim phantoms: all of them, or (stale) those still logging in that were accepted at
@@ -3256,6 +3329,9 @@ static PyMethodDef engine_methods[] = {
      "select(timeout) -> [(fd, events)]: serve engine sockets until one of the watched "
      "descriptors is ready (selectors' EVENT_READ / EVENT_WRITE), Python was called or the "
      "timeout (seconds, None for none) passed."},
+    {"take_log_events", (PyCFunction)engine_take_log_events, METH_NOARGS,
+     "The connection events of clients logged in by the engine alone, not logged yet: "
+     "(kind, client id, route, peer address) with kind 0: logged in, 1: left."},
     {"configure_logins", (PyCFunction)engine_configure_logins, METH_VARARGS,
      "configure_logins(routes, cancel_keys, pid_base, pid_mask): the login routes (dict: "
      "startup packet -> route tuple), the pooler's cancel-key dict, how cancel pids are made."},

@@ -602,12 +602,18 @@ class ClientConnection(asyncio.Protocol):
 
     @classmethod
     def engine_claimed(cls, route: LoginRoute, conn: asyncio.BaseTransport, accepted: float,
-                       cancel: tuple[int, int] | None) -> ClientConnection:
+                       cancel: tuple[int, int] | None, client_id: int = 0) -> ClientConnection:
         """The object of a client the engine took in alone along ``route`` (fastpath.py,
         "engine logins"): logged in, with the cancel key the engine gave it, or (``cancel``
         None) still in the SCRAM exchange the engine runs. ``accepted``: time.monotonic()
-        when its connection was accepted."""
+        when its connection was accepted; ``client_id``: the id the engine logged it under
+        (0: none)."""
+        fast = route.pooler.fast
+        if fast is not None:
+            fast.drain_log()  # its "login ok" before anything Python logs of it
         client = cls(route.pooler)
+        if client_id:
+            client.id = client_id
         client.accepted_by_engine(conn, accepted)
         client._startup = None
         client.user, client.database = route.user, route.database

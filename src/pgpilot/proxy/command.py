@@ -48,6 +48,11 @@ def setup_logging(config: Config, verbose: int, quiet: bool) -> None:
         handlers.append(logging.FileHandler(config.logfile))
     logging.basicConfig(level=level, handlers=handlers, force=True,
                         format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    # With log_connections on, the pooler logs every login and leaving: what the format does
+    # not print is not gathered (the logging HOWTO's "Optimization").
+    logging._srcfile = None  # type: ignore[attr-defined]  # caller's file and line
+    logging.logThreads = False
+    logging.logMultiprocessing = False
 
 
 def run(args: argparse.Namespace) -> int:

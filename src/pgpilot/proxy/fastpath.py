@@ -193,8 +193,8 @@ class FastPath:
             loop.add_reader(self.engine.fileno(), self.engine.run)
         # Engine logins (LoginRoute): the routes, by StartupMessage, live in this dict.
         self.routes: dict[bytes, tuple[Any, ...]] = {}
-        self.engine.configure_logins(self.routes, pooler.cancel_keys,
-                                     *pooler.cancel_pid_layout())
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self.configure_logins()
         self.client_count_changed()
         self._params_ids: dict[tuple[str | None, ...], int] = {}
         self._settled: list[ClientConnection] = []  # taken back by settle(), for refill()
@@ -202,12 +202,47 @@ class FastPath:
     def close(self) -> None:
         self.forget_routes()
         self.engine.claim_all()
+        self.drain_log()
         if self._watched_by_loop:
             self.loop.remove_reader(self.engine.fileno())
         elif self._selector is not None and self._selector.engine_user is self:
             self._selector.engine_user = None
 
     # -- engine logins ------------------------------------------------------------------
+    def configure_logins(self) -> None:
+        """Tell the engine where its logins' routes and cancel keys live, and whether to note
+        its phantoms' logins and departures for the log (log_connections,
+        log_disconnections: only when the log would print them)."""
+        pooler = self.pooler
+        cfg = pooler.config
+        shown = log.isEnabledFor(logging.INFO)
+        self.engine.configure_logins(self.routes, pooler.cancel_keys,
+                                     *pooler.cancel_pid_layout(), pooler.client_ids,
+                                     cfg.log_connections and shown,
+                                     cfg.log_disconnections and shown, self._drain_later)
+
+    def _drain_later(self) -> None:
+        # The engine's first event since the last drain: the log gets it, and whatever
+        # follows meanwhile, a moment later, in one go (a turn of the event loop per
+        # connection would cost more than the log lines).
+        if self._drain_timer is None:
+            self._drain_timer = self.loop.call_later(LOG_BATCH_DELAY, self.drain_log)
+
+    def drain_log(self) -> None:
+        """Log what the engine noted of clients it logged in alone, in the words Python uses
+        for any client (ClientConnection: "login ok", "closing: ...")."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        for kind, client_id, route, peer in self.engine.take_log_events():
+            host, port = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unix", 0)
+            if kind == LOGGED_IN:
+                log.info("C-%d(%s/%s@%s:%d) login ok", client_id, route.database, route.user,
+                         host, port)
+            else:
+                log.info("C-%d(%s/%s@%s:%d) closing: client closed the connection", client_id,
+                         route.database, route.user, host, port)
+
     def offer_route(self, client: ClientConnection, packet: bytes,
                     secret: ScramSecret | str, welcome: bytes) -> None:
         """``client`` has just logged in through Python after the engine checked its SCRAM
@@ -352,6 +387,9 @@ class FastPath:
 
 # Login routes kept at most: one per distinct StartupMessage (per application_name, say).
 MAX_ROUTES = 256
+LOGGED_IN = 0  # take_log_events() kinds; 1: left
+# How long the log lines of engine logins may wait, to be written a batch at a time.
+LOG_BATCH_DELAY = 0.02
 
 
 def routes_allowed(pooler: Pooler, client: ClientConnection) -> bool:
@@ -359,8 +397,8 @@ def routes_allowed(pooler: Pooler, client: ClientConnection) -> bool:
     to see each login or each client on its own: connection logging, per-client timeouts,
     client limits per database or user, host-based rules, the address in application_name."""
     cfg = pooler.config
-    if pooler.stopping or client.is_admin or client.tls or cfg.log_connections \
-            or cfg.log_disconnections or cfg.application_name_add_host or cfg.auth_hba_file \
+    if pooler.stopping or client.is_admin or client.tls \
+            or cfg.application_name_add_host or cfg.auth_hba_file \
             or cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout \
             or cfg.max_db_client_connections or cfg.max_user_client_connections:
         return False
@@ -396,8 +434,10 @@ class LoginRoute:
         # starts with them too: its welcome fills in nothing more, so it ends the same.
         self.params = dict(client.params)
 
-    def materialize(self, conn: Any, pid: int, key: int, accepted: float) -> ClientConnection:
-        return self.client_type.engine_claimed(self, conn, accepted, (pid, key))
+    def materialize(self, conn: Any, pid: int, key: int, accepted: float,
+                    client_id: int) -> ClientConnection:
+        """``client_id``: the id the engine gave it in the log (0: none)."""
+        return self.client_type.engine_claimed(self, conn, accepted, (pid, key), client_id)
 
     def claim_login(self, conn: Any, accepted: float) -> ClientConnection:
         return self.client_type.engine_claimed(self, conn, accepted, None)

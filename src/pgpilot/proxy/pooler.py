@@ -55,7 +55,9 @@ class Pooler:
         self.paused = False
         self.auth_failures = 0
         self.started_at = time.time()
-        self._client_ids = itertools.count(1)
+        # Client ids (C-<id> in logs, SHOW CLIENTS' id), shared with the fast path's engine,
+        # which numbers the clients it logs in alone from the same sequence.
+        self.client_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[asyncio.AbstractServer] = []
         self._janitor: asyncio.Task[None] | None = None
@@ -226,6 +228,7 @@ class Pooler:
                 self.get_pool(db, name, db.user)  # min_pool_size: the janitor warms it
         if self.fast is not None:
             self.fast.client_count_changed()  # max_client_conn may have changed
+            self.fast.configure_logins()  # log_connections / log_disconnections may have
         if (old.listen_addr, old.listen_port) != (config.listen_addr, config.listen_port):
             log.warning("listen_addr/listen_port changes need a restart")
         log.info("configuration reloaded")
@@ -236,7 +239,7 @@ class Pooler:
 
     # -- clients ------------------------------------------------------------------------
     def next_client_id(self) -> int:
-        return next(self._client_ids)
+        return next(self.client_ids)
 
     def all_clients(self) -> list[ClientConnection]:
         return [c for state, group in self.clients.items() if state is not ClientState.CLOSED
