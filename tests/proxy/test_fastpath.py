@@ -314,6 +314,52 @@ def test_console_leaves_idle_clients_on_the_engine_and_counts_waiters(
             conn.close()
 
 
+def waiting_in_engine(proxy: RunningProxy) -> int:
+    return int(proxy.call(lambda: sum(
+        p.lane.waiting_count() for p in proxy.pooler.pools.values()  # type: ignore[union-attr]
+        if p.lane is not None)))
+
+
+def test_queued_client_that_leaves_is_dropped_at_once(proxy_factory: Any) -> None:
+    """A client queued in the engine for a server is still read: when it leaves, its place
+    in the queue goes at once, not when a server frees up for it."""
+    from pgpilot.wire import messages as m
+
+    proxy = proxy_factory(default_pool_size=1)
+    with connect(proxy, autocommit=False) as holder:
+        holder.execute("select 1")  # the one server, in a transaction
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.query("select 2"))
+        wait_until(lambda: waiting_in_engine(proxy) == 1)
+        sock.close()
+        wait_until(lambda: waiting_in_engine(proxy) == 0)  # the server is still held
+        assert holder.execute("select 3").fetchone() == (3,)
+        holder.commit()
+    with connect(proxy) as conn:
+        assert conn.execute("select 4").fetchone() == (4,)
+
+
+def test_queued_client_that_pipelines_on_gets_every_answer(proxy_factory: Any) -> None:
+    from pgpilot.wire import messages as m
+
+    proxy = proxy_factory(default_pool_size=1)
+    with connect(proxy, autocommit=False) as holder, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        holder.execute("select 1")
+        sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.query("select 2"))
+        wait_until(lambda: waiting_in_engine(proxy) == 1)
+        for i in range(3, 50):  # more requests while queued, in separate writes
+            sock.sendall(m.query(f"select {i}"))
+        holder.commit()
+        for _ in range(2, 50):
+            assert read_types(sock) == ["T", "D", "C", "Z"]
+        sock.sendall(m.terminate())
+
+
 def test_pipeline_that_turns_to_named_statements_midway(tx_proxy: RunningProxy) -> None:
     """psycopg prepares a statement on its 6th run: in one pipeline (no Sync between), the
     engine has forwarded unnamed requests still unanswered when the first named Parse comes;

@@ -69,6 +69,7 @@
 #define HIGH_WATER (256 * 1024)
 #define LOW_WATER (64 * 1024)
 #define MAX_FAST_MESSAGE (1024 * 1024)
+#define WAITING_READ_CAP (64 * 1024)
 #define N_BUCKETS 12
 #define OWED_MAX 64
 
@@ -291,7 +292,9 @@ static void report_error(EngineObject *e) {
 static int wants_read(ConnObject *c) {
     if (c->flags & (F_CLOSED | F_CLOSING | F_READ_PAUSED | F_THROTTLED)) return 0;
     if (c->mode == MODE_FAST) {
-        if (c->at == AT_WAITING) return 0;
+        /* Queued for a server: still read (a client that leaves is seen at once), so that
+         * queueing costs no epoll_ctl each way; up to a cap, for one that pipelines on. */
+        if (c->at == AT_WAITING) return buf_len(&c->rb) < WAITING_READ_CAP;
         /* Waiting for quiet to hand over: keep reading (a close must be seen), up to a cap. */
         if ((c->flags & F_EJECT_WANTED) && buf_len(&c->rb) > MAX_FAST_MESSAGE) return 0;
     }
