@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import socket
 import threading
 import time
@@ -112,10 +113,8 @@ class RunningProxy:
     def stop(self) -> None:
         if self.pooler is not None and self.loop.is_running():
             fut = asyncio.run_coroutine_threadsafe(self.pooler.stop(timeout=2), self.loop)
-            try:
+            with contextlib.suppress(Exception):
                 fut.result(15)
-            except Exception:
-                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
@@ -126,7 +125,8 @@ class RunningProxy:
         return (f"postgresql://{user}{auth}@127.0.0.1:{self.port}/{dbname}"
                 + (f"?{query}" if query else ""))
 
-    def conninfo(self, dbname: str = "test", user: str = "postgres", **extra: Any) -> dict[str, Any]:
+    def conninfo(self, dbname: str = "test", user: str = "postgres",
+                 **extra: Any) -> dict[str, Any]:
         return {"host": "127.0.0.1", "port": self.port, "dbname": dbname, "user": user, **extra}
 
     def server_count(self) -> int:
@@ -172,7 +172,8 @@ def write_config(tmp: Path, upstream: dict[str, str], settings: dict[str, Any],
 
 
 @pytest.fixture
-def proxy_factory(pg_params: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
+def proxy_factory(pg_params: dict[str, str],
+                  tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
     running: list[RunningProxy] = []
     counter = [0]
 

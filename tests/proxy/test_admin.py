@@ -19,7 +19,6 @@ from psycopg.rows import dict_row
 from tests.proxy.conftest import RunningProxy, wait_until
 
 
-
 def admin(proxy: RunningProxy, user: str = "postgres", **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(proxy.dsn(dbname="pgbouncer", user=user), autocommit=True,
                            row_factory=dict_row, **kwargs)

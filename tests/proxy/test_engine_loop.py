@@ -22,12 +22,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from tests.proxy.conftest import RunningProxy, forced_user_databases, write_config
+from tests.proxy.test_fastpath import engine_xacts
 
 from pgpilot.proxy import fastpath
 from pgpilot.proxy.config import load_config
 from pgpilot.proxy.pooler import Pooler
-from tests.proxy.conftest import RunningProxy, forced_user_databases, write_config
-from tests.proxy.test_fastpath import engine_xacts
 
 pytestmark = pytest.mark.skipif(not fastpath.available() and os.environ.get("CI") != "true",
                                 reason="fast path not built (no C compiler at install)")

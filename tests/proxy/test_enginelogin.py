@@ -139,8 +139,9 @@ def test_counts_do_not_claim(proxy_factory: Callable[..., RunningProxy],
                              pg_params: dict[str, str]) -> None:
     """SHOW POOLS, SHOW LISTS and /metrics count idle clients the engine logged in alone
     where they are (no Python objects made for a scrape); SHOW CLIENTS lists them."""
-    from pgpilot.embedded import free_port
     from tests.proxy.test_metrics import scrape
+
+    from pgpilot.embedded import free_port
 
     metrics_port = free_port()
     proxy = make_proxy(proxy_factory, pg_params, metrics_port=metrics_port)

@@ -258,7 +258,8 @@ def test_engine_listener_runs_the_exchange_itself(proxies: dict[str, RunningProx
             # Along a route the client has no Python object at all: the engine holds it.
             assert proxy.pooler is not None and proxy.pooler.fast is not None
             engine = proxy.pooler.fast.engine
-            assert proxy.call(lambda e=engine: (e.phantoms, login_client(proxy))) == (1, None)
+            assert proxy.call(lambda e=engine, p=proxy: (e.phantoms, login_client(p))) \
+                == (1, None)
             raw.close()
             continue
         client = wait_until(lambda p=proxy: p.call(lambda: login_client(p)))

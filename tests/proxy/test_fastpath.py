@@ -9,6 +9,7 @@ server dying while idle in the engine, a client leaving mid-query, big results, 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import socket
 import threading
@@ -18,11 +19,11 @@ import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.proxy.conftest import RunningProxy, read_types, wait_until
 
 from pgpilot.proxy import fastpath
 from pgpilot.proxy.hazards import might_be_hazard
 from pgpilot.proxy.states import ServerState
-from tests.proxy.conftest import RunningProxy, read_types, wait_until
 
 # Without a C compiler pgpilot installs without the extension; CI has one, so there its absence
 # is a failure (the build broke), not a skip.
@@ -198,10 +199,8 @@ def test_client_leaving_mid_query_never_hands_on_its_server(tx_proxy: RunningPro
     done = threading.Event()
 
     def sleeper() -> None:
-        try:
+        with contextlib.suppress(psycopg.Error):
             conn.execute("select pg_sleep(30)")
-        except psycopg.Error:
-            pass
         done.set()
 
     threading.Thread(target=sleeper, daemon=True).start()
@@ -226,9 +225,7 @@ def test_big_results_stream_to_a_slow_reader(tx_proxy: RunningProxy) -> None:
         conn.autocommit = False
         named.itersize = 10
         named.execute("select n, repeat('x', 100000) from generate_series(1, 200) n")
-        seen = 0
-        for n, text in named:
-            seen += 1
+        for seen, (n, text) in enumerate(named, start=1):
             assert len(text) == 100000 and n == seen
             if seen % 50 == 0:  # others keep being served meanwhile
                 assert other.execute("select 5").fetchone() == (5,)

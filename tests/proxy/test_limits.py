@@ -17,7 +17,6 @@ import psycopg
 import pytest
 from tests.proxy.conftest import RunningProxy
 
-from pgpilot.proxy.states import ClientState
 from pgpilot.wire import messages as m
 
 

@@ -22,12 +22,12 @@ def test_psycopg_sync_in_every_mode(proxy_factory, mode: str) -> None:
 
 
 async def test_psycopg_async_transactions(proxy: RunningProxy) -> None:
-    async with await psycopg.AsyncConnection.connect(proxy.dsn(), prepare_threshold=None) as conn:
-        async with conn.transaction():
-            await conn.execute("create temp table t (x int)")
-            await conn.execute("insert into t values (1), (2)")
-            cur = await conn.execute("select sum(x) from t")
-            assert await cur.fetchone() == (3,)
+    async with await psycopg.AsyncConnection.connect(proxy.dsn(), prepare_threshold=None) \
+            as conn, conn.transaction():
+        await conn.execute("create temp table t (x int)")
+        await conn.execute("insert into t values (1), (2)")
+        cur = await conn.execute("select sum(x) from t")
+        assert await cur.fetchone() == (3,)
 
 
 async def test_asyncpg_simple_and_extended(proxy_factory) -> None:

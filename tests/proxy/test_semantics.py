@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import struct
@@ -170,10 +171,8 @@ def kill_socket(conn: psycopg.Connection) -> None:
 
 
 def _swallow(fn, *args) -> None:
-    try:
+    with contextlib.suppress(Exception):
         fn(*args)
-    except Exception:
-        pass
 
 
 def test_startup_parameters_follow_the_client(proxy_factory) -> None:
