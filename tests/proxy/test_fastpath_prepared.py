@@ -18,7 +18,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from tests.proxy.conftest import RunningProxy, read_types
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tests.proxy.conftest import RunningProxy, read_types, write_config
 
 from pgpilot.proxy import fastpath
 from pgpilot.wire import messages as m
@@ -278,3 +280,146 @@ def test_random_mix_of_named_statements(proxy_factory: Any, seed: int, fast_path
     assert not any(t.is_alive() for t in threads)
     assert not failures, failures[0]
     assert all(len(stmts) <= 3 for stmts in server_statements(proxy))
+
+
+# -- the engine and the Python router answer alike, whatever the client sends ---------------
+
+_NAMES = ["", "a", "b", "zz"]
+_SQL = ["select 1", "select $1::int + 1", "select 1 / $1::int", "selec bad", "select 'x'::text"]
+
+
+def _op(kind: str, name: str, arg: int) -> bytes:
+    """One client message (or a few) of the extended protocol, by a small vocabulary."""
+    if kind == "parse":
+        return m.parse_message(name, _SQL[arg % len(_SQL)])
+    if kind == "bind":
+        params = [] if arg % 2 else [str(arg % 3)]
+        return m.bind_simple("", name, params)
+    if kind == "describe":
+        return m.describe_message("S" if arg % 2 else "P", name if arg % 2 else "")
+    if kind == "execute":
+        return m.execute_message()
+    if kind == "close":
+        return m.close_message("S" if arg % 2 else "P", name if arg % 2 else "")
+    if kind == "flush":
+        return m.flush()
+    if kind == "query":
+        return m.query(["select 2", "deallocate all", "discard all"][arg % 3])
+    return m.sync()
+
+
+_ops = st.lists(st.tuples(
+    st.sampled_from(["parse", "bind", "bind", "describe", "execute", "execute", "close",
+                     "sync", "sync", "flush", "query"]),
+    st.sampled_from(_NAMES), st.integers(0, 5)), min_size=1, max_size=14)
+
+
+END = "pgpilot-end-of-stream"
+
+
+def _answers(sock: socket.socket) -> list[tuple[str, str]]:
+    """Everything up to the ReadyForQuery after the closing query's row (or the connection's
+    end), as (type, what matters of the body): error code and text, rows, tags."""
+    out: list[tuple[str, str]] = []
+    buf = b""
+    ending = False
+    while True:
+        while len(buf) < 5 or len(buf) < 1 + int.from_bytes(buf[1:5], "big"):
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return [*out, ("closed", "")]
+            buf += chunk
+        n = 1 + int.from_bytes(buf[1:5], "big")
+        kind, body = chr(buf[0]), buf[5:n]
+        buf = buf[n:]
+        if kind == "E":
+            fields = m.parse_error_fields(body)
+            out.append((kind, f"{fields.get('C')} {fields.get('M')}"))
+        else:
+            out.append((kind, body.hex() if kind in "DCZ" else ""))
+        if kind == "D" and END.encode() in body:
+            ending = True
+        elif kind == "Z" and ending:
+            return out
+
+
+def server_statement_names(proxy: RunningProxy) -> set[str]:
+    """What PostgreSQL says the pooler's one server has prepared."""
+    with login(proxy) as sock:
+        sock.sendall(m.query("select name from pg_prepared_statements"))
+        return {bytes(m.parse_data_row(body)[0] or b"").decode()
+                for kind, body in read_answers(sock) if kind == "D"}
+
+
+@given(writes=st.lists(_ops, min_size=1, max_size=3))
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_engine_and_python_router_answer_alike(differential: dict[str, RunningProxy],
+                                               writes: list[list[tuple[str, str, int]]]) -> None:
+    """The same client bytes, in the same writes, through the engine and through the
+    pure-Python pooler (fast_path = 0): the same answers, message for message, and each
+    pooler's record of its server's statements is what PostgreSQL says it has. Each write
+    ends with Sync and a query whose row marks its end. The server's statements pile up
+    from one example to the next, as they would."""
+    got: dict[str, list[list[tuple[str, str]]]] = {}
+    for name, proxy in differential.items():
+        got[name] = []
+        with login(proxy) as sock:
+            for ops in writes:
+                # Each write answered in full before the next: what the pooler sends then
+                # does not depend on when the server's answers come (the router is ahead of
+                # them by one write at most).
+                sock.sendall(b"".join(_op(*op) for op in ops) + m.sync()
+                             + m.query(f"select '{END}'"))
+                got[name].append(_answers(sock))
+        # The record of the server's statements is the server's truth.
+        actual = server_statement_names(proxy)
+        record = proxy.call(lambda p=proxy: {
+            n for pool in p.pooler.pools.values() for srv in pool.all_servers()
+            for n in srv.prepared})
+        assert record == actual, (name, record - actual, actual - record)
+    assert got["engine"] == got["python"]
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+@pytest.mark.parametrize("queued", [True, False])
+def test_statement_name_that_is_not_utf8(proxy_factory: Any, fast_path: str,
+                                         queued: bool) -> None:
+    """Refused as Python's parser refuses it, this client alone: after a statement of its
+    own (the engine looks such names up), or sent while it waits for the pool's one server,
+    which another client holds: read when that client lets it go, and that client, on
+    whose answer this happens, carries on."""
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+    bad_bind = m.message(m.F.BIND, b"\x00\xff\xfe\x00\x00\x00\x00\x00\x00\x00")
+    with login(proxy) as sock, psycopg.connect(proxy.dsn()) as holder:
+        sock.sendall(m.parse_message("a", "select 1") + m.sync())
+        assert [t for t, _ in read_answers(sock)] == ["1", "Z"]
+        if queued:
+            holder.execute("select 1")  # in a transaction: the one server is the holder's
+        sock.sendall(bad_bind + m.execute_message() + m.sync())
+        if queued:
+            holder.commit()  # the server goes to the queued client, and its bytes are read
+        answers = _answers(sock)
+        assert answers[0][0] == "E" and answers[0][1].startswith("08P01 protocol violation")
+        assert answers[-1] == ("closed", "")
+        assert holder.execute("select 2").fetchone() == (2,)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        assert other.execute("select 1").fetchone() == (1,)
+
+
+@pytest.fixture(scope="module")
+def differential(pg_params: dict[str, str],
+                 tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two poolers on one server each (statements pile up on it as they would): the engine
+    and the pure-Python one, for the whole module."""
+    running = {}
+    for name, fast in (("engine", "on"), ("python", "off")):
+        path, port = write_config(tmp_path_factory.mktemp(name), dict(pg_params),
+                                  {"default_pool_size": 1, "fast_path": fast})
+        running[name] = RunningProxy(path, port).start()
+    yield running
+    for proxy in running.values():
+        proxy.stop()

@@ -188,3 +188,26 @@ def test_requests_sent_after_an_error_before_sync(proxy_factory) -> None:
         assert read_types(sock) == ["1", "2", "D", "C", "Z"]
         sock.sendall(m.query("select 5"))
         assert read_types(sock) == ["T", "D", "C", "Z"]
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_query_behind_an_error_before_sync_is_skipped(proxy_factory, fast_path: str) -> None:
+    """After an error in the extended protocol PostgreSQL skips everything until Sync,
+    simple Query messages too: no answer and no ReadyForQuery comes for them. The pooler must
+    not wait for one, or the client would keep its server (here the pool's only one)."""
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as other:
+        for s in (sock, other):
+            s.sendall(m.startup_message({"user": "postgres", "database": "test"}))
+            assert read_types(s)[-1] == "Z"
+        sock.sendall(m.parse_message("keep", "select 1") + m.sync())
+        assert read_types(sock) == ["1", "Z"]
+        sock.sendall(m.bind_simple("", "no_such_statement") + m.query("select 1")
+                     + m.close_message("S", "keep") + m.sync())
+        assert read_types(sock) == ["E", "Z"]  # the Query and the Close: skipped
+        other.sendall(m.query("select 2"))  # the one server is free again
+        assert read_types(other) == ["T", "D", "C", "Z"]
+        # Skipped, the Close did not happen: the statement is still the client's.
+        sock.sendall(m.bind_simple("", "keep") + m.execute_message() + m.sync())
+        assert read_types(sock) == ["2", "D", "C", "Z"]

@@ -192,7 +192,7 @@ struct ConnObject {
     int owed_lost;  /* more than OWED_MAX outstanding: the record is incomplete */
     int owed_skip;  /* an error came back: the server ignores requests until the next Sync */
     /* named statements (see there): for each owed 'b' / 'd' (a Bind / Describe the engine
-     * renamed), the server-side name it went out under; allocated at the first such */
+     * renamed), the client's name of its statement; allocated at the first such */
     PyObject **owed_names;
     /* client: its statement names, router.statements (name -> ClientStatement); server: the
      * statements prepared on it, server.prepared (OrderedDict, least recently used first).
@@ -545,37 +545,45 @@ static int message_fast(unsigned char t, const unsigned char *body, size_t n) {
  * them (and marks a statement used in server.prepared, so its least-recently-used order
  * stays true). */
 #define MAX_RENAMES OWED_MAX
-#define RESULT_CHANGED "cached plan must not change result type" /* as prepared.py */
 
 /* One client chunk as it goes to the server, when it renames statements. Built by
  * client_scan, used by client_pump in the same call (the engine runs under the GIL). */
 static struct {
     Buf out;
-    PyObject *names[MAX_RENAMES]; /* owned: the server-side names used, in order */
+    PyObject *names[MAX_RENAMES];   /* owned: the server-side names used, in order */
+    PyObject *clients[MAX_RENAMES]; /* owned: the client's names they stand for */
     int n_names;
 } renamed;
 
 static void renamed_clear(void) {
-    for (int i = 0; i < renamed.n_names; i++) Py_CLEAR(renamed.names[i]);
+    for (int i = 0; i < renamed.n_names; i++) {
+        Py_CLEAR(renamed.names[i]);
+        Py_CLEAR(renamed.clients[i]);
+    }
     renamed.n_names = 0;
     renamed.out.start = renamed.out.end = 0;
     if (renamed.out.cap > READ_CHUNK) buf_free(&renamed.out); /* kept only while small */
 }
 
 /* The server-side name (borrowed; an ASCII str) of the client's statement ``name``, or NULL
- * if the client has not prepared it (or names it in bytes Python's parser would refuse). */
-static PyObject *statement_for(ConnObject *c, const unsigned char *name, size_t n) {
+ * if the client has not prepared it (or names it in bytes Python's parser would refuse); the
+ * client's name as a str in ``*client_name`` (a new reference) when found. */
+static PyObject *statement_for(ConnObject *c, const unsigned char *name, size_t n,
+                               PyObject **client_name) {
+    *client_name = NULL;
     if (!c->statements) return NULL;
     PyObject *key = PyUnicode_DecodeUTF8((const char *)name, (Py_ssize_t)n, NULL);
     PyObject *stmt = key ? PyDict_GetItemWithError(c->statements, key) : NULL;
-    Py_XDECREF(key);
-    if (!stmt) {
+    PyObject *server_name = stmt && PyTuple_Check(stmt) && PyTuple_GET_SIZE(stmt) >= 1
+                                ? PyTuple_GET_ITEM(stmt, 0)
+                                : NULL;
+    if (!server_name || !PyUnicode_Check(server_name) ||
+        !PyUnicode_IS_COMPACT_ASCII(server_name)) {
         PyErr_Clear();
+        Py_XDECREF(key);
         return NULL;
     }
-    if (!PyTuple_Check(stmt) || PyTuple_GET_SIZE(stmt) < 1) return NULL;
-    PyObject *server_name = PyTuple_GET_ITEM(stmt, 0);
-    if (!PyUnicode_Check(server_name) || !PyUnicode_IS_COMPACT_ASCII(server_name)) return NULL;
+    *client_name = key;
     return server_name;
 }
 
@@ -632,17 +640,16 @@ static const unsigned char *named_statement(const unsigned char *msg, size_t n, 
 }
 
 /* A server message Python's statement router must see before the client does: an error for
- * a renamed statement that says the router's record is out of date (a table changed under it,
- * or the server does not have it), or a DEALLOCATE ALL / DISCARD ALL done. */
+ * a renamed statement (it names the statement as the client does, and if the router's record
+ * is out of date, a table changed under the statement or the server lacks it, puts it
+ * right), or a DEALLOCATE ALL / DISCARD ALL done. */
 static int router_must_see(ConnObject *c, unsigned char t, const unsigned char *body, size_t n) {
     if (t == 'C')
         return (n == 15 && !memcmp(body, "DEALLOCATE ALL", 15)) ||
                (n == 12 && !memcmp(body, "DISCARD ALL", 12));
     if (c->owed_start == c->owed_end) return 0;
     char head = c->owed[c->owed_start];
-    if (head != 'b' && head != 'd') return 0;
-    return memmem(body, n, RESULT_CHANGED, sizeof RESULT_CHANGED - 1) ||
-           memmem(body, n, "C26000", 7); /* with its NUL: the SQLSTATE field */
+    return head == 'b' || head == 'd';
 }
 
 /* Does ``s`` have every statement ``renamed`` uses? */
@@ -678,8 +685,8 @@ static void owed_reset(ConnObject *c) {
     c->owed_start = c->owed_end = c->owed_lost = c->owed_skip = 0;
 }
 
-/* Note one more request the server will answer; ``name``: the server-side statement name a
- * renamed Bind or Describe ('b', 'd') went out under. */
+/* Note one more request the server will answer; ``name``: the client's name of the statement
+ * of a Bind or Describe the engine renamed ('b', 'd'). */
 static void owed_push(ConnObject *c, char kind, PyObject *name) {
     if (c->owed_skip && kind != 'S') return; /* the server will not answer it */
     if (kind == 'S') c->owed_skip = 0;
@@ -734,10 +741,12 @@ static void owed_answer(ConnObject *c, unsigned char t) {
     char head = c->owed[c->owed_start];
     if (t == 'E') {
         if (head == 'Q') return; /* a Query's error ends at its ReadyForQuery */
-        /* The extended protocol skips to the next Sync: nothing before it is answered. */
-        while (c->owed_start < c->owed_end && c->owed[c->owed_start] != 'S' &&
-               c->owed[c->owed_start] != 'Q')
+        /* The extended protocol skips to the next Sync: nothing before it is answered, not
+         * even a simple Query, whose ReadyForQuery then never comes. */
+        while (c->owed_start < c->owed_end && c->owed[c->owed_start] != 'S') {
+            if (c->owed[c->owed_start] == 'Q' && c->expected_rfq > 0) c->expected_rfq--;
             owed_pop(c);
+        }
         if (c->owed_start == c->owed_end) c->owed_skip = 1;
         return;
     }
@@ -747,7 +756,7 @@ static void owed_answer(ConnObject *c, unsigned char t) {
 
 /* What the server still owes, for Python's statement router: the letters (None: not known;
  * "!": an error came back before the client's Sync, and the server skips what comes until
- * it), and the server-side names of the renamed ones ('b', 'd'), in order. */
+ * it), and the client's statement names of the renamed ones ('b', 'd'), in order. */
 static PyObject *owed_record(ConnObject *c) {
     if (c->owed_lost) return Py_BuildValue("(O())", Py_None);
     if (c->owed_skip) return Py_BuildValue("(y())", "!");
@@ -929,16 +938,21 @@ static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
         int how = message_fast(t, base + pos + 5, len - 4);
         if (how == FAST_NAMED) {
             size_t name_len;
+            PyObject *client_name = NULL;
             const unsigned char *name = named_statement(base + pos, len - 4, &name_len);
-            PyObject *server_name = name ? statement_for(c, name, name_len) : NULL;
+            PyObject *server_name = name ? statement_for(c, name, name_len, &client_name) : NULL;
             /* Unknown to the router (Python forwards it for PostgreSQL to refuse), missing on
              * this server (Python prepares it there first), or too many for one go. */
             if (!server_name || (c->peer && !on_server(c->peer, server_name)) ||
                 renamed.n_names == MAX_RENAMES) {
+                Py_XDECREF(client_name);
                 *bad = 1;
                 break;
             }
-            if (!renamed.n_names && pos && buf_append(&renamed.out, (const char *)base, pos) < 0) {
+            renamed.clients[renamed.n_names] = client_name; /* owned from here */
+            renamed.names[renamed.n_names++] = Py_NewRef(server_name);
+            if (renamed.n_names == 1 && pos &&
+                buf_append(&renamed.out, (const char *)base, pos) < 0) {
                 PyErr_Clear();
                 *bad = 1;
                 break;
@@ -947,7 +961,6 @@ static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
                 *bad = 1;
                 break;
             }
-            renamed.names[renamed.n_names++] = Py_NewRef(server_name);
         } else if (how == FAST_NO) {
             *bad = 1;
             break;
@@ -983,9 +996,14 @@ static void client_account(ConnObject *c, size_t n) {
     while (pos < n) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
+        if (t == 'Q' && c->owed_skip && !c->owed_lost) {
+            /* Behind an error, before the Sync: PostgreSQL skips it, no ReadyForQuery. */
+            pos += (size_t)len + 1;
+            continue;
+        }
         if (names < renamed.n_names && (t == 'B' || t == 'D') &&
             message_fast(t, base + pos + 5, len - 4) == FAST_NAMED)
-            owed_push(c, (char)(t | 0x20), renamed.names[names++]); /* 'b', 'd' */
+            owed_push(c, (char)(t | 0x20), renamed.clients[names++]); /* 'b', 'd' */
         else if (t != 'H')
             owed_push(c, (char)t, NULL);
         if (t == 'Q' || t == 'S') {

@@ -740,6 +740,11 @@ class ClientConnection(asyncio.Protocol):
             due = router.replies_due()
             if due:
                 self.write(due)
+            if router.skipped_queries:
+                # Sent after an error, before the Sync: PostgreSQL skips them, no
+                # ReadyForQuery comes for them.
+                self.expected_rfq -= router.skipped_queries
+                router.skipped_queries = 0
         self._count_bytes(len(data), 0)
         if terminate:
             self.close()
@@ -796,7 +801,11 @@ class ClientConnection(asyncio.Protocol):
         if self._pending:
             data = bytes(self._pending)
             self._pending.clear()
-            self._forward(data)
+            try:
+                self._forward(data)
+            except ProtocolError as exc:  # as in data_received: this client alone is done
+                self._protocol_violation(exc)
+                return
         self.resume_reading()
 
     def _count_bytes(self, received: int, sent: int) -> None:
@@ -810,9 +819,11 @@ class ClientConnection(asyncio.Protocol):
         """Bytes from our server: read what matters, forward them all."""
         release = False
         error_seen = False
+        saw_rfq = False
         stats = self.pool.stats if self.pool is not None else None
         for mtype, body in msgs:
             if mtype == m.B.READY_FOR_QUERY and body:
+                saw_rfq = True
                 self.expected_rfq -= 1
                 status = chr(body[0])
                 self.txn_status = server.txn_status = status
@@ -849,10 +860,16 @@ class ClientConnection(asyncio.Protocol):
             self.fail("08P01", "transaction blocks not allowed in statement pooling mode",
                       hint="Use autocommit statements, or a pool in transaction mode.")
             return
-        if self.router is not None:
+        router = self.router
+        if router is not None:
             reader = server.reader
-            self.write(self.router.server_chunk(data, msgs, reader.ends, server,
-                                                reader.skipping, error_seen))
+            self.write(router.server_chunk(data, msgs, reader.ends, server, reader.skipping,
+                                           error_seen))
+            if router.skipped_queries:
+                # Queries behind an error, before the Sync: skipped, owed no ReadyForQuery.
+                self.expected_rfq -= router.skipped_queries
+                router.skipped_queries = 0
+                release = release or (saw_rfq and self.expected_rfq <= 0)
         else:
             self.write(data)
         if stats is not None:

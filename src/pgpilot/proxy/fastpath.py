@@ -632,8 +632,8 @@ class Lane:
         """The engine hands a client (and its server) back, with their exact state; ``owed``
         names, one letter per request, the answers the server still owes for what the engine
         forwarded (None if it lost count, ``b"!"`` if an error came back before the client's
-        Sync: the server skips what comes until then); ``owed_names`` the server-side
-        statement names of the ones it renamed (``b``, ``d``), in order."""
+        Sync: the server skips what comes until then); ``owed_names`` the client's statement
+        names of the ones it renamed (``b``, ``d``), in order."""
         closing = client.closing or client.gone
         if server is not None:
             server.in_engine = False
@@ -656,10 +656,15 @@ class Lane:
                 router.skipping = True  # an error came back, the client's Sync has not
             elif router is not None and owed:
                 # The router takes over mid-pipeline: it must know what comes back first.
+                # ('b', 'd': renamed by the engine, with the client's name of the statement.)
                 names = iter(owed_names)
-                router.outstanding.extend(
-                    (_OWED_KIND[kind], next(names, None) if kind in _RENAMED else None)
-                    for kind in owed)
+                statements = router.statements
+                for kind in owed:
+                    client_name = next(names, None) if kind in _RENAMED else None
+                    stmt = statements.get(client_name) if client_name is not None else None
+                    router.outstanding.append(
+                        (_OWED_KIND[kind], stmt.server_name if stmt is not None else None,
+                         client_name))
             if server.closed_reason:
                 client._pending += client_bytes
             elif client_bytes and not closing:

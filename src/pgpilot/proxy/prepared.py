@@ -93,13 +93,23 @@ def server_statement_name(parse: m.Parse) -> str:
     return "pgpilot_" + digest.hexdigest()
 
 
-Entry = tuple[int, str | None]  # (what answers it, server-side statement name or None)
+# What undoes a change the router made to the client's names when PostgreSQL skips the
+# request that made it (an error came first): (client's name, what it meant before or None).
+Undo = tuple[str, "ClientStatement | None"]
+# (what answers it, server-side statement name or None, more): more is an Undo (a named
+# Parse, a Close answered by the pooler), the client's name of a renamed Bind or Describe
+# (errors are told under it), for the pooler's own Close what the statement was before it
+# (server.prepared's value, or STALE), or None.
+Entry = tuple[int, str | None, Undo | str | bool | None]  # (str: a client's name, STALE, ABSENT)
+STALE = "stale"  # a Close of a statement whose table changed (server.stale_statements)
+ABSENT = "absent"  # a Close of a statement whose Parse, on its way then, turned out to fail
 
 
 class StatementRouter:
     """One client's statement names, and the answers owed to it on its current server."""
 
-    __slots__ = ("held", "max_prepared", "outstanding", "skipping", "statements", "surgery")
+    __slots__ = ("held", "max_prepared", "outstanding", "skipped_queries", "skipping",
+                 "statements", "surgery")
 
     def __init__(self, max_prepared: int) -> None:
         self.max_prepared = max_prepared
@@ -113,6 +123,9 @@ class StatementRouter:
         # yet, until it does: PostgreSQL skips what comes in between, so nothing is owed for
         # it and nothing it would have prepared exists.
         self.skipping = False
+        # Queries (and function calls) PostgreSQL skipped that way: each had been counted as
+        # owed a ReadyForQuery, which will not come; the client takes them off its count.
+        self.skipped_queries = 0
 
     # -- client to server -----------------------------------------------------------------
     def client_chunk(self, data: bytes, msgs: list[tuple[int, bytes | None]],
@@ -132,7 +145,7 @@ class StatementRouter:
             for mtype, _body in msgs:
                 owed = _OWED.get(mtype)
                 if owed is not None:
-                    outstanding.append((owed, None))
+                    outstanding.append((owed, None, None))
             return data, b""
         out = bytearray()
         prev = 0
@@ -144,23 +157,25 @@ class StatementRouter:
             if self.skipping:
                 if mtype != F.SYNC:
                     out += raw  # skipped by the server as well: owed nothing
+                    if mtype in (F.QUERY, F.FUNCTION_CALL):
+                        self.skipped_queries += 1
                     continue
                 self.skipping = False
             if mtype == F.SYNC:
-                outstanding.append((SYNC, None))
+                outstanding.append((SYNC, None, None))
                 out += raw
             elif mtype == F.BIND and body is not None:
                 bind = m.parse_bind(body)
                 stmt = self.statements.get(bind.statement) if bind.statement else None
                 if stmt is None:
-                    outstanding.append((BIND, None))
+                    outstanding.append((BIND, None, None))
                     out += raw
                 else:
                     out += self._ensure_on_server(stmt, server)
-                    outstanding.append((BIND, stmt.server_name))
+                    outstanding.append((BIND, stmt.server_name, bind.statement))
                     out += m.bind_message(bind.portal, stmt.server_name, bind.rest)
             elif mtype == F.EXECUTE:
-                outstanding.append((EXECUTE, None))
+                outstanding.append((EXECUTE, None, None))
                 out += raw
             elif mtype == F.PARSE and body is not None:
                 out += self._parse(body, raw, server)
@@ -168,24 +183,24 @@ class StatementRouter:
                 target, name = m.parse_close_or_describe(body, "Describe")
                 stmt = self.statements.get(name) if target == "S" and name else None
                 if stmt is None:
-                    outstanding.append((DESCRIBE, None))
+                    outstanding.append((DESCRIBE, None, None))
                     out += raw
                 else:
                     out += self._ensure_on_server(stmt, server)
-                    outstanding.append((DESCRIBE, stmt.server_name))
+                    outstanding.append((DESCRIBE, stmt.server_name, name))
                     out += m.describe_message("S", stmt.server_name)
             elif mtype == F.CLOSE and body is not None:
                 target, name = m.parse_close_or_describe(body, "Close")
                 if target == "S" and name:
                     # Answered here: the server's copy stays for the other clients.
-                    self.statements.pop(name, None)
-                    outstanding.append((FAKE_CLOSE, None))
+                    before = self.statements.pop(name, None)
+                    outstanding.append((FAKE_CLOSE, None, (name, before)))
                     self.surgery = True
                 else:
-                    outstanding.append((CLOSE, None))
+                    outstanding.append((CLOSE, None, None))
                     out += raw
             elif mtype in (F.QUERY, F.FUNCTION_CALL):
-                outstanding.append((QUERY, None))
+                outstanding.append((QUERY, None, None))
                 out += raw
             else:
                 out += raw  # Flush, CopyData/Done/Fail: no answer of their own
@@ -194,22 +209,46 @@ class StatementRouter:
     def _parse(self, body: bytes, raw: bytes, server: ServerConnection) -> bytes:
         parse = m.parse_parse(body)
         if not parse.name:
-            self.outstanding.append((PARSE, None))
+            self.outstanding.append((PARSE, None, None))
             return raw
         server_name = server_statement_name(parse)
         stmt = ClientStatement(server_name, m.parse_message(server_name, parse.sql,
                                                             parse.param_types))
         # PostgreSQL would refuse to redefine a name; the pooler lets the newest Parse win.
+        undo = (parse.name, self.statements.get(parse.name))
         self.statements[parse.name] = stmt
-        if server_name in server.prepared:
+        known = server.prepared.get(server_name)
+        if known is not None and (known or not self._synced_since_parse(server_name)):
+            # There (or its Parse is in this same pipeline segment: should that fail, the
+            # server skips this one too, and so does the made-up answer).
             server.prepared.move_to_end(server_name)
-            self.outstanding.append((FAKE_PARSE, server_name))
+            self.outstanding.append((FAKE_PARSE, server_name, undo))
             self.surgery = True
             return b""
+        if known is not None:
+            # Its Parse is still on its way, and a Sync since: whether it works decides what
+            # this one answers, so this one goes to the server too (closed first, in case).
+            server.prepared.move_to_end(server_name)
+            server.prepared[server_name] = False
+            self.outstanding.append((SWALLOW_CLOSE, server_name, known))
+            self.outstanding.append((PARSE, server_name, undo))
+            self.surgery = True
+            return m.close_message("S", server_name) + stmt.server_parse
         out = self._make_room(server)
-        server.prepared[server_name] = None
-        self.outstanding.append((PARSE, server_name))
+        server.prepared[server_name] = False
+        self.outstanding.append((PARSE, server_name, undo))
         return out + stmt.server_parse
+
+    def _synced_since_parse(self, server_name: str) -> bool:
+        """Was a Sync (or Query) sent after the Parse of ``server_name`` still owed an answer?
+        True as well when no such Parse is owed (the statement's state is not known)."""
+        synced = False
+        for kind, name, _undo in reversed(self.outstanding):
+            if kind in (SYNC, QUERY):
+                synced = True
+            elif kind in (PARSE, SWALLOW_PARSE) and name == server_name:
+                return synced
+        return True
 
     def _ensure_on_server(self, stmt: ClientStatement, server: ServerConnection) -> bytes:
         """The Parse to slip in first when ``server`` lacks the statement (else nothing)."""
@@ -217,8 +256,8 @@ class StatementRouter:
             server.prepared.move_to_end(stmt.server_name)
             return b""
         out = self._make_room(server)
-        server.prepared[stmt.server_name] = None
-        self.outstanding.append((SWALLOW_PARSE, stmt.server_name))
+        server.prepared[stmt.server_name] = False
+        self.outstanding.append((SWALLOW_PARSE, stmt.server_name, None))
         self.surgery = True
         return out + stmt.server_parse
 
@@ -228,12 +267,12 @@ class StatementRouter:
         while server.stale_statements:
             name = server.stale_statements.pop()
             out += m.close_message("S", name)
-            self.outstanding.append((SWALLOW_CLOSE, name))
+            self.outstanding.append((SWALLOW_CLOSE, name, STALE))
             self.surgery = True
         while self.max_prepared and len(server.prepared) >= self.max_prepared:
-            name, _ = server.prepared.popitem(last=False)
+            name, confirmed = server.prepared.popitem(last=False)
             out += m.close_message("S", name)
-            self.outstanding.append((SWALLOW_CLOSE, name))
+            self.outstanding.append((SWALLOW_CLOSE, name, confirmed))
             self.surgery = True
         return out
 
@@ -275,7 +314,7 @@ class StatementRouter:
             if not outstanding:
                 out += raw
                 continue
-            kind, name = outstanding[0]
+            kind, name, _undo = outstanding[0]
             if mtype == B.ERROR_RESPONSE:
                 out += self._error(kind, name, body, raw, server)
                 continue
@@ -283,6 +322,8 @@ class StatementRouter:
                 self._statements_dropped(server)
             if mtype in _ENDS.get(kind, ()):
                 outstanding.popleft()
+                if mtype == B.PARSE_COMPLETE and name is not None and kind != FAKE_PARSE:
+                    self._parse_done(name, server, True)  # the server has it now
                 if kind in (SWALLOW_PARSE, SWALLOW_CLOSE):
                     continue
             out += raw
@@ -308,21 +349,63 @@ class StatementRouter:
             if mtype == B.COMMAND_COMPLETE and body in DROP_TAGS:
                 self._statements_dropped(server)
             if mtype in _ENDS[outstanding[0][0]]:
-                outstanding.popleft()
+                kind, name, _more = outstanding.popleft()
+                if mtype == B.PARSE_COMPLETE and name is not None and kind != FAKE_PARSE:
+                    self._parse_done(name, server, True)
+
+    def _parse_done(self, name: str, server: ServerConnection, state: bool | str) -> None:
+        """A Parse of ``name`` the router sent is answered: ``state`` True (created) or
+        ABSENT (failed, or skipped). If a later Close or Parse of ``name`` is still owed, the
+        record's value is that one's: a Close then learns what it will find (should it be
+        skipped in turn); otherwise the record takes ``state``."""
+        outstanding = self.outstanding
+        for i, (kind, n, more) in enumerate(outstanding):
+            if n != name:
+                continue
+            if kind == SWALLOW_CLOSE:
+                if more is False:
+                    outstanding[i] = (kind, n, state)
+                return
+            if kind in (PARSE, SWALLOW_PARSE):
+                return
+        if state is True:
+            server.prepared[name] = True
+        else:
+            server.prepared.pop(name, None)
+
+    def _pass_on_state(self, name: str, before: bool | str) -> None:
+        """Requests for ``name`` were skipped: the first Close of it still owed will find it
+        as it was before them."""
+        outstanding = self.outstanding
+        for i, (kind, n, _more) in enumerate(outstanding):
+            if n == name and kind == SWALLOW_CLOSE:
+                outstanding[i] = (kind, n, before)
+                return
+            if n == name and kind in (PARSE, SWALLOW_PARSE):
+                return
 
     def _statements_dropped(self, server: ServerConnection) -> None:
         """The server has just run DEALLOCATE ALL or DISCARD ALL: its prepared statements are
         gone, and so are the client's, but for those whose Parse is still owed an answer:
         sent after the drop, they are there (or, answered by the pooler, remain the
         client's and get prepared where next needed)."""
-        later = {name for kind, name in self.outstanding
+        outstanding = self.outstanding
+        later = {name for kind, name, _more in outstanding
                  if kind in (PARSE, SWALLOW_PARSE, FAKE_PARSE) and name is not None}
-        sent_later = [name for kind, name in self.outstanding
-                      if kind in (PARSE, SWALLOW_PARSE) and name is not None]
-        server.prepared.clear()
+        prepared = server.prepared
+        prepared.clear()
         server.stale_statements.clear()
-        for name in sent_later:
-            server.prepared[name] = None
+        # What the requests sent after it do, replayed on the empty server: a Close of the
+        # pooler's now finds what a Parse before it made, or nothing.
+        for i, (kind, name, more) in enumerate(outstanding):
+            if name is None:
+                continue
+            if kind in (PARSE, SWALLOW_PARSE):
+                prepared[name] = False
+            elif kind == SWALLOW_CLOSE:
+                before = prepared.pop(name, ABSENT)
+                if more != STALE:
+                    outstanding[i] = (kind, name, before)
         statements = self.statements
         for client_name in [k for k, v in statements.items() if v.server_name not in later]:
             del statements[client_name]
@@ -335,51 +418,128 @@ class StatementRouter:
             if _RESULT_CHANGED in text:
                 server.prepared.clear()
             return raw
-        # PostgreSQL skips everything up to the next Sync: so do the answers owed.
-        first = True
-        reply = raw
-        code = m.parse_error_fields(body).get("C") if body is not None else None
-        while outstanding and outstanding[0][0] not in (SYNC, QUERY):
-            k, n = outstanding.popleft()
-            if first and n is not None and k in (PARSE, SWALLOW_PARSE) \
-                    and code == _DUPLICATE_STATEMENT:
-                server.prepared[n] = None  # there after all: the record was out of date
-                reply = _corrected(body, "prepared statement already exists")
+        # PostgreSQL skips everything up to the next Sync, simple queries too: so do the
+        # answers owed.
+        raw_fields = _raw_fields(body) if body is not None else None
+        code = raw_fields.get(ord("C"), b"").decode("ascii", "replace") if raw_fields else None
+        skipped: list[Entry] = []  # the failed request and those PostgreSQL skips after it
+        while outstanding and outstanding[0][0] != SYNC:
+            skipped.append(outstanding.popleft())
+        if not skipped:
+            return raw
+        failed = skipped[0]
+        k, n, _extra = failed
+        hint = None
+        # A statement a request behind the Sync parses or closes again is that one's to
+        # record: of those, only the state before the skipped ones is passed on to it.
+        owned_later = {name for kind, name, _more in outstanding
+                       if name is not None and kind in (PARSE, SWALLOW_PARSE, SWALLOW_CLOSE)}
+        if n is not None and k in (BIND, DESCRIBE) and code == _UNDEFINED_STATEMENT \
+                and n in server.prepared and n not in owned_later:
+            # Not there after all (the record was out of date): prepared again at the
+            # client's next attempt. (Otherwise its Parse failed, as the client was told: as
+            # on a direct connection.)
+            server.prepared.pop(n, None)
+            server.stale_statements.discard(n)
+            hint = _RECORD_CORRECTED
+        elif n is not None and k in (BIND, DESCRIBE) and _RESULT_CHANGED in text:
+            # A table changed under the statement: drop the server's copy, so the client's
+            # next attempt re-prepares it, and say so.
+            server.prepared.pop(n, None)
+            server.stale_statements.add(n)
+            hint = ("A table used by this prepared statement changed since it was prepared. "
+                    "pgpilot has dropped the server's copy: run the statement again (or "
+                    "prepare it again) and it will be planned afresh.")
+        # What the failed and the skipped requests did to the record of the server's
+        # statements and to the client's names when they were sent, undone newest first,
+        # as if never sent: a Parse (the statement was not there before it), a Close of the
+        # pooler's (it was as the entry says), a Close answered by the pooler or a Parse of
+        # the client's (its name meant what the entry says).
+        statements = self.statements
+        prepared = server.prepared
+        state_before: dict[str, bool | str] = {}
+        for i in range(len(skipped) - 1, -1, -1):
+            k, n, extra = skipped[i]
+            if k == QUERY:
+                self.skipped_queries += 1
             elif k in (PARSE, SWALLOW_PARSE) and n is not None:
-                server.prepared.pop(n, None)  # never created
-            elif k == SWALLOW_CLOSE and n is not None and not first:
-                server.prepared[n] = None  # never closed: still there
-            elif first and n is not None and k in (BIND, DESCRIBE) \
-                    and code == _UNDEFINED_STATEMENT:
-                # Not there after all (the record was out of date): prepared again at the
-                # client's next attempt.
-                server.prepared.pop(n, None)
-                server.stale_statements.discard(n)
-                reply = _corrected(body, "prepared statement does not exist")
-            elif first and n is not None and k in (BIND, DESCRIBE, EXECUTE) \
-                    and _RESULT_CHANGED in text and body is not None:
-                # A table changed under the statement: drop the server's copy, so the
-                # client's next attempt re-prepares it, and say so.
-                server.prepared.pop(n, None)
-                server.stale_statements.add(n)
-                fields = m.parse_error_fields(body)
-                reply = m.error_response(
-                    fields.get("C", "0A000"), fields.get("M", _RESULT_CHANGED),
-                    severity=fields.get("S", "ERROR"),
-                    hint="A table used by this prepared statement changed since it was "
-                         "prepared. pgpilot has dropped the server's copy: run the statement "
-                         "again (or prepare it again) and it will be planned afresh.")
-            first = False
+                if i == 0 and code == _DUPLICATE_STATEMENT:
+                    state_before[n] = True  # there after all: the record was out of date
+                    hint = _RECORD_CORRECTED
+                    if n not in owned_later:
+                        prepared[n] = True
+                else:
+                    state_before[n] = ABSENT  # a Parse is sent only for what is not there
+                    if n not in owned_later:
+                        prepared.pop(n, None)
+            elif k == SWALLOW_CLOSE and n is not None:
+                if extra == STALE:
+                    server.stale_statements.add(n)
+                    continue
+                before = extra if isinstance(extra, bool) or extra == ABSENT else False
+                state_before[n] = before
+                if n in owned_later:
+                    continue
+                if before == ABSENT:
+                    prepared.pop(n, None)
+                else:
+                    prepared[n] = bool(before)
+            if isinstance(extra, tuple):
+                client_name, meant = extra
+                if meant is None:
+                    statements.pop(client_name, None)
+                else:
+                    statements[client_name] = meant
+        for n, state in state_before.items():
+            if n in owned_later:
+                self._pass_on_state(n, state)
         if not outstanding:
             # No Sync sent yet: what the client sends until it is skipped too.
             self.skipping = True
-        return reply
+        if body is None:
+            return raw
+        return _in_clients_words(failed, body, hint) or raw
 
 
-def _corrected(body: bytes | None, default: str) -> bytes:
-    """The server's error, with a hint that the pooler has put its record right."""
-    fields = m.parse_error_fields(body) if body is not None else {}
-    return m.error_response(
-        fields.get("C", "XX000"), fields.get("M", default), severity=fields.get("S", "ERROR"),
-        hint="pgpilot's record of this server's prepared statements was out of date; it is "
-             "corrected now: run the statement again.")
+_RECORD_CORRECTED = ("pgpilot's record of this server's prepared statements was out of date; "
+                     "it is corrected now: run the statement again.")
+
+
+def _in_clients_words(failed: Entry, body: bytes, hint: str | None) -> bytes | None:
+    """The server's error for ``failed`` as the client should read it: the statement under
+    the client's name, not the pooler's, and ``hint`` added. None: as it is. Worked on as
+    bytes: the server's text is in the client's encoding, whatever that is."""
+    _kind, server_name, extra = failed
+    client_name = extra if isinstance(extra, str) else \
+        extra[0] if isinstance(extra, tuple) else None
+    fields = _raw_fields(body)
+    if fields is None:
+        return None
+    message = fields.get(ord("M"), b"")
+    quoted = f'"{server_name}"'.encode()
+    renamed = server_name is not None and client_name is not None and quoted in message
+    if not renamed and hint is None:
+        return None
+    if renamed:
+        assert client_name is not None
+        fields[ord("M")] = message.replace(quoted, b'"' + client_name.encode() + b'"')
+    if hint is not None:
+        fields[ord("H")] = hint.encode()
+    return m.message(B.ERROR_RESPONSE, b"".join(bytes([code]) + value + b"\x00"
+                                                for code, value in fields.items()) + b"\x00")
+
+
+def _raw_fields(body: bytes) -> dict[int, bytes] | None:
+    """An ErrorResponse body's fields, by code, as bytes (None: malformed)."""
+    fields: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(body):
+        code = body[pos]
+        if code == 0:
+            return fields
+        end = body.find(b"\x00", pos + 1)
+        if end < 0:
+            return None
+        fields[code] = body[pos + 1:end]
+        pos = end + 1
+    return None

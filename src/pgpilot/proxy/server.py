@@ -87,9 +87,11 @@ class ServerConnection(asyncio.Protocol):
         # when the same client comes back unchanged, no comparison is needed.
         self.synced_for: dict[str, str] | None = None
         self.synced_version = -1
-        # Server-side prepared statements (pgpilot_<hash> names), least recently used first,
-        # and those to close before the next use (their table changed under them).
-        self.prepared: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Server-side prepared statements (pgpilot_<hash> names), least recently used first:
+        # True once the server has answered their Parse, False while it is on its way (or
+        # their state is not known); and those to close before the next use (their table
+        # changed under them).
+        self.prepared: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.stale_statements: set[str] = set()
         self.reader = MessageReader()  # every body is read during login
         self._login: ServerLogin | None = None
