@@ -191,11 +191,15 @@ def test_requests_sent_after_an_error_before_sync(proxy_factory) -> None:
 
 
 @pytest.mark.parametrize("fast_path", ["on", "off"])
-def test_query_behind_an_error_before_sync_is_skipped(proxy_factory, fast_path: str) -> None:
+@pytest.mark.parametrize("max_prepared", [200, 0])
+def test_query_behind_an_error_before_sync_is_skipped(proxy_factory, fast_path: str,
+                                                      max_prepared: int) -> None:
     """After an error in the extended protocol PostgreSQL skips everything until Sync,
     simple Query messages too: no answer and no ReadyForQuery comes for them. The pooler must
-    not wait for one, or the client would keep its server (here the pool's only one)."""
-    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+    not wait for one, or the client would keep its server (here the pool's only one), with
+    statements renamed or not (max_prepared_statements = 0)."""
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path,
+                          max_prepared_statements=max_prepared)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock, \
             socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as other:
         for s in (sock, other):

@@ -543,7 +543,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.pool = self.pooler.get_pool(db, self.database, self.user)
         self.pool.clients.add(self)
-        if self.pool.mode != "session" and cfg.max_prepared_statements > 0:
+        if self.pool.mode != "session":
             self.router = StatementRouter(cfg.max_prepared_statements)
         if self.pool.welcome_params is not None:
             self._welcome(self.pool.welcome_params)
@@ -625,9 +625,8 @@ class ClientConnection(asyncio.Protocol):
         client.last_activity = time.monotonic()
         pool = client.pool = route.pool
         pool.clients.add(client)
-        max_prepared = route.pooler.config.max_prepared_statements
-        if pool.mode != "session" and max_prepared > 0:
-            client.router = StatementRouter(max_prepared)
+        if pool.mode != "session":
+            client.router = StatementRouter(route.pooler.config.max_prepared_statements)
         client.cancel_pid, client.cancel_key = cancel
         route.pooler.cancel_keys[cancel] = client
         client.set_state(ClientState.ACTIVE)
@@ -660,7 +659,8 @@ class ClientConnection(asyncio.Protocol):
         if transport.fast:  # type: ignore[union-attr]
             return
         transport.set_fast(lane.fp, lane.client_params_id(self), 0.0,  # type: ignore[union-attr]
-                           router.statements if router is not None else None)
+                           router.statements if router is not None and router.renaming
+                           else None)
 
     # -- queries ----------------------------------------------------------------------------
     def _query_data(self, data: bytes) -> None:

@@ -106,13 +106,18 @@ ABSENT = "absent"  # a Close of a statement whose Parse, on its way then, turned
 
 
 class StatementRouter:
-    """One client's statement names, and the answers owed to it on its current server."""
+    """One client's statement names, and the answers owed to it on its current server.
 
-    __slots__ = ("held", "max_prepared", "outstanding", "skipped_queries", "skipping",
-                 "statements", "surgery")
+    With ``max_prepared`` 0 (``max_prepared_statements = 0``) nothing is renamed: statement
+    names pass as the client sent them, and the router only keeps count of the answers owed
+    (what PostgreSQL skips after an error is owed nothing)."""
+
+    __slots__ = ("held", "max_prepared", "outstanding", "renaming", "skipped_queries",
+                 "skipping", "statements", "surgery")
 
     def __init__(self, max_prepared: int) -> None:
         self.max_prepared = max_prepared
+        self.renaming = max_prepared > 0
         self.statements: dict[str, ClientStatement] = {}
         self.outstanding: collections.deque[Entry] = collections.deque()
         self.held = b""  # server bytes of a message not yet complete
@@ -191,7 +196,7 @@ class StatementRouter:
                     out += m.describe_message("S", stmt.server_name)
             elif mtype == F.CLOSE and body is not None:
                 target, name = m.parse_close_or_describe(body, "Close")
-                if target == "S" and name:
+                if target == "S" and name and self.renaming:
                     # Answered here: the server's copy stays for the other clients.
                     before = self.statements.pop(name, None)
                     outstanding.append((FAKE_CLOSE, None, (name, before)))
@@ -208,7 +213,7 @@ class StatementRouter:
 
     def _parse(self, body: bytes, raw: bytes, server: ServerConnection) -> bytes:
         parse = m.parse_parse(body)
-        if not parse.name:
+        if not parse.name or not self.renaming:
             self.outstanding.append((PARSE, None, None))
             return raw
         server_name = server_statement_name(parse)
