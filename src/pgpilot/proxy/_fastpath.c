@@ -536,14 +536,16 @@ static int message_fast(unsigned char t, const unsigned char *body, size_t n) {
  * The engine carries the steady state itself: a Bind or Describe of a statement the client
  * has prepared (its router.statements knows the name) on a server that has it
  * (server.prepared) goes out under the server-side name, and the answers pass unchanged.
- * Whatever makes up or swallows answers stays with Python: a named Parse (the server may have
- * the statement: Python answers ParseComplete itself), a Close of a statement (answered by
- * Python), a Bind or Describe whose statement the server lacks (Python slips a Parse in
- * front and drops its ParseComplete), and the error PostgreSQL gives when a table changed
- * under a statement (Python drops the server's copy and tells the client what to do). Python
+ * Whatever makes up or swallows answers, or changes the maps, stays with Python: a named
+ * Parse (the server may have the statement: Python answers ParseComplete itself), a Close of
+ * a statement (answered by Python), a Bind or Describe whose statement the server lacks
+ * (Python slips a Parse in front and drops its ParseComplete), an error for a renamed
+ * statement (Python names the statement as the client does, and puts its record right if a
+ * table changed under it or the server lacks it), DEALLOCATE ALL / DISCARD ALL done. Python
  * changes neither map while the client or server is on the fast path: the engine only reads
  * them (and marks a statement used in server.prepared, so its least-recently-used order
- * stays true). */
+ * stays true). When Python takes a client over, it learns the client's names of the
+ * statements renamed and still owed an answer (owed 'b' / 'd'). */
 #define MAX_RENAMES OWED_MAX
 
 /* One client chunk as it goes to the server, when it renames statements. Built by
