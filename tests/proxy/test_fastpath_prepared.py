@@ -10,6 +10,7 @@ connection.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -423,3 +424,35 @@ def differential(pg_params: dict[str, str],
     yield running
     for proxy in running.values():
         proxy.stop()
+
+
+_GARBAGE_TYPES = b"PBDESHCQXFdcf?\x00\xff"
+
+
+@given(messages=st.lists(st.tuples(st.sampled_from(list(_GARBAGE_TYPES)),
+                                   st.one_of(st.binary(max_size=40),
+                                             st.sampled_from([b"\x00a\x00\x00\x00\x00\x00",
+                                                              b"Sa\x00", b"S\x00", b"Pa\x00",
+                                                              b"a\x00select 1\x00\x00\x00",
+                                                              b"\x00a\x00", b""]))),
+                       min_size=1, max_size=8))
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_garbage_after_named_statements_touches_no_one_else(
+        differential: dict[str, RunningProxy], messages: list[tuple[int, bytes]]) -> None:
+    """Any framed bytes from a client that has named statements (the engine reads its Binds
+    and Describes): an answer or a refusal for it, never a hang, and the next client is
+    served as ever."""
+    for proxy in differential.values():
+        with login(proxy) as sock:
+            sock.sendall(m.parse_message("a", "select 1") + m.sync())
+            assert [t for t, _ in read_answers(sock)] == ["1", "Z"]
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(b"".join(bytes([t]) + (len(body) + 4).to_bytes(4, "big") + body
+                                      for t, body in messages)
+                             + m.sync() + m.query(f"select '{END}'"))
+            answers = _answers(sock)  # ends at the closing query, or when refused
+            assert answers[-1] in (("Z", "49"), ("closed", "")), answers
+        with login(proxy) as other:
+            other.sendall(m.query("select 42"))
+            assert [t for t, _ in read_answers(other)] == ["T", "D", "C", "Z"]
