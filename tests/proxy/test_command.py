@@ -107,3 +107,20 @@ def test_zero_config_starts_embedded_postgres_and_stops_it(tmp_path: Path) -> No
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_log_formatter_writes_what_the_standard_one_writes() -> None:
+    """The pooler's formatter makes its date and time text once a second: the lines are the
+    standard formatter's, to the millisecond, across second boundaries."""
+    import logging
+
+    from pgpilot.proxy.command import LOG_FORMAT, LogFormatter
+
+    standard, ours = logging.Formatter(LOG_FORMAT), LogFormatter()
+    for created in (1733300000.001, 1733300000.999, 1733300001.0, 1733300001.5, 1733299999.25,
+                    1751234567.75):
+        record = logging.LogRecord("pgpilot.proxy", logging.INFO, __file__, 1, "C-%d login ok",
+                                   (7,), None)
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        assert ours.format(record) == standard.format(record)
