@@ -602,18 +602,13 @@ static void put_be32(unsigned char *p, uint32_t v) {
 }
 
 /* Append the message at ``msg`` (type, length, body of ``n`` bytes: a Bind or a Describe
- * of a named statement) to ``renamed.out`` under ``server_name``. */
-static int rename_into(const unsigned char *msg, size_t n, PyObject *server_name) {
+ * of a named statement, whose name, of ``old_len`` bytes, is at ``name``: named_statement())
+ * to ``renamed.out`` under ``server_name``. */
+static int rename_into(const unsigned char *msg, size_t n, const unsigned char *name,
+                       size_t old_len, PyObject *server_name) {
     const unsigned char *body = msg + 5;
-    size_t head, old_len; /* bytes before the statement name; the name's length */
-    if (msg[0] == 'B') {
-        head = (size_t)((const unsigned char *)memchr(body, 0, n) - body) + 1;
-    } else {
-        head = 1; /* 'S' */
-    }
-    const unsigned char *nul = memchr(body + head, 0, n - head);
-    if (!nul) return -1;
-    old_len = (size_t)(nul - (body + head));
+    size_t head = (size_t)(name - body); /* bytes before the statement name */
+    const unsigned char *nul = name + old_len;
     size_t new_len = (size_t)PyUnicode_GET_LENGTH(server_name);
     size_t total = 5 + n - old_len + new_len;
     if (buf_reserve(&renamed.out, total) < 0) {
@@ -959,7 +954,7 @@ static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
                 *bad = 1;
                 break;
             }
-            if (rename_into(base + pos, len - 4, server_name) < 0) {
+            if (rename_into(base + pos, len - 4, name, name_len, server_name) < 0) {
                 *bad = 1;
                 break;
             }
@@ -977,9 +972,10 @@ static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
     return pos;
 }
 
-/* Forward the first ``n`` bytes read from ``from`` to ``to``; if ``to`` broke, it is lost. */
-static int pass_on(ConnObject *from, ConnObject *to, size_t n) {
-    int broke = conn_send(to, from->rb.p + from->rb.start, n) < 0;
+/* The first ``n`` bytes read from ``from`` are done with: ``data`` (``len`` bytes: they, or
+ * what they became) goes to ``to``; if ``to`` broke, it is lost. */
+static int pass_on_as(ConnObject *from, ConnObject *to, size_t n, const char *data, size_t len) {
+    int broke = conn_send(to, data, len) < 0;
     from->rb.start += n;
     if (broke) {
         Py_INCREF(to);
@@ -988,6 +984,11 @@ static int pass_on(ConnObject *from, ConnObject *to, size_t n) {
         return -1;
     }
     return 0;
+}
+
+/* Forward the first ``n`` bytes read from ``from`` to ``to`` as they are. */
+static int pass_on(ConnObject *from, ConnObject *to, size_t n) {
+    return pass_on_as(from, to, n, from->rb.p + from->rb.start, n);
 }
 
 static void client_account(ConnObject *c, size_t n) {
@@ -1097,17 +1098,11 @@ again:
     client_account(c, n);
     p->bytes_in += (long long)n;
     if (renamed.n_names) {
-        ConnObject *s = c->peer;
-        renamed_touch(s);
-        c->rb.start += n;
-        if (conn_send(s, renamed.out.p + renamed.out.start, buf_len(&renamed.out)) < 0) {
-            renamed_clear();
-            Py_INCREF(s);
-            conn_lost(s, NULL);
-            Py_DECREF(s);
-            return;
-        }
+        renamed_touch(c->peer);
+        int broke = pass_on_as(c, c->peer, n, renamed.out.p + renamed.out.start,
+                               buf_len(&renamed.out)) < 0;
         renamed_clear();
+        if (broke) return;
     } else if (pass_on(c, c->peer, n) < 0) {
         return;
     }

@@ -740,11 +740,7 @@ class ClientConnection(asyncio.Protocol):
             due = router.replies_due()
             if due:
                 self.write(due)
-            if router.skipped_queries:
-                # Sent after an error, before the Sync: PostgreSQL skips them, no
-                # ReadyForQuery comes for them.
-                self.expected_rfq -= router.skipped_queries
-                router.skipped_queries = 0
+            self.expected_rfq -= router.take_skipped_queries()
         self._count_bytes(len(data), 0)
         if terminate:
             self.close()
@@ -865,10 +861,9 @@ class ClientConnection(asyncio.Protocol):
             reader = server.reader
             self.write(router.server_chunk(data, msgs, reader.ends, server, reader.skipping,
                                            error_seen))
-            if router.skipped_queries:
-                # Queries behind an error, before the Sync: skipped, owed no ReadyForQuery.
-                self.expected_rfq -= router.skipped_queries
-                router.skipped_queries = 0
+            skipped = router.take_skipped_queries()
+            if skipped:
+                self.expected_rfq -= skipped
                 release = release or (saw_rfq and self.expected_rfq <= 0)
         else:
             self.write(data)

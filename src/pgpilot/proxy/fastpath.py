@@ -236,12 +236,8 @@ class FastPath:
             self._drain_timer = None
         for kind, client_id, route, peer in self.engine.take_log_events():
             host, port = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unix", 0)
-            if kind == LOGGED_IN:
-                log.info("C-%d(%s/%s@%s:%d) login ok", client_id, route.database, route.user,
-                         host, port)
-            else:
-                log.info("C-%d(%s/%s@%s:%d) closing: client closed the connection", client_id,
-                         route.database, route.user, host, port)
+            log.info("C-%d(%s/%s@%s:%d) %s", client_id, route.database, route.user, host, port,
+                     "login ok" if kind == LOGGED_IN else "closing: client closed the connection")
 
     def offer_route(self, client: ClientConnection, packet: bytes,
                     secret: ScramSecret | str, welcome: bytes) -> None:

@@ -323,14 +323,8 @@ class StatementRouter:
             if mtype == B.ERROR_RESPONSE:
                 out += self._error(kind, name, body, raw, server)
                 continue
-            if mtype == B.COMMAND_COMPLETE and body in DROP_TAGS:
-                self._statements_dropped(server)
-            if mtype in _ENDS.get(kind, ()):
-                outstanding.popleft()
-                if mtype == B.PARSE_COMPLETE and name is not None and kind != FAKE_PARSE:
-                    self._parse_done(name, server, True)  # the server has it now
-                if kind in (SWALLOW_PARSE, SWALLOW_CLOSE):
-                    continue
+            if self._answered(mtype, body, server) and kind in (SWALLOW_PARSE, SWALLOW_CLOSE):
+                continue
             out += raw
             out += self.replies_due()
         tail = data[prev:]
@@ -351,43 +345,53 @@ class StatementRouter:
         for mtype, body in msgs:
             if mtype == B.DATA_ROW or mtype in _ASYNC or not outstanding:
                 continue
-            if mtype == B.COMMAND_COMPLETE and body in DROP_TAGS:
-                self._statements_dropped(server)
-            if mtype in _ENDS[outstanding[0][0]]:
-                kind, name, _more = outstanding.popleft()
-                if mtype == B.PARSE_COMPLETE and name is not None and kind != FAKE_PARSE:
-                    self._parse_done(name, server, True)
+            self._answered(mtype, body, server)
 
-    def _parse_done(self, name: str, server: ServerConnection, state: bool | str) -> None:
-        """A Parse of ``name`` the router sent is answered: ``state`` True (created) or
-        ABSENT (failed, or skipped). If a later Close or Parse of ``name`` is still owed, the
-        record's value is that one's: a Close then learns what it will find (should it be
-        skipped in turn); otherwise the record takes ``state``."""
-        outstanding = self.outstanding
-        for i, (kind, n, more) in enumerate(outstanding):
-            if n != name:
-                continue
-            if kind == SWALLOW_CLOSE:
-                if more is False:
-                    outstanding[i] = (kind, n, state)
-                return
-            if kind in (PARSE, SWALLOW_PARSE):
-                return
-        if state is True:
+    def _answered(self, mtype: int, body: bytes | None, server: ServerConnection) -> bool:
+        """A server message (not an error) for the request heading the queue: note what it
+        tells of the server's statements, and pop the request if it is its last answer."""
+        if mtype == B.COMMAND_COMPLETE and body in DROP_TAGS:
+            self._statements_dropped(server)
+        if mtype not in _ENDS.get(self.outstanding[0][0], ()):
+            return False
+        _kind, name, _more = self.outstanding.popleft()
+        if mtype == B.PARSE_COMPLETE and name is not None:
+            self._parse_done(name, server)
+        return True
+
+    def _next_claim(self, name: str) -> int | None:
+        """Where in the queue the first request still owed that parses or closes ``name`` is
+        (the record of ``name`` is that request's from its sending on), if any."""
+        for i, (kind, n, _more) in enumerate(self.outstanding):
+            if n == name and kind in (PARSE, SWALLOW_PARSE, SWALLOW_CLOSE):
+                return i
+        return None
+
+    def _parse_done(self, name: str, server: ServerConnection) -> None:
+        """The server created ``name`` for a Parse the router sent. If a later Close or Parse
+        of ``name`` is still owed, the record is that one's: a Close then learns what it will
+        find (should it be skipped in turn); otherwise the record says the server has it."""
+        i = self._next_claim(name)
+        if i is None:
             server.prepared[name] = True
-        else:
-            server.prepared.pop(name, None)
+            return
+        kind, n, more = self.outstanding[i]
+        if kind == SWALLOW_CLOSE and more is False:
+            self.outstanding[i] = (kind, n, True)
 
     def _pass_on_state(self, name: str, before: bool | str) -> None:
         """Requests for ``name`` were skipped: the first Close of it still owed will find it
         as it was before them."""
-        outstanding = self.outstanding
-        for i, (kind, n, _more) in enumerate(outstanding):
-            if n == name and kind == SWALLOW_CLOSE:
-                outstanding[i] = (kind, n, before)
-                return
-            if n == name and kind in (PARSE, SWALLOW_PARSE):
-                return
+        i = self._next_claim(name)
+        if i is not None and self.outstanding[i][0] == SWALLOW_CLOSE:
+            kind, n, _more = self.outstanding[i]
+            self.outstanding[i] = (kind, n, before)
+
+    def take_skipped_queries(self) -> int:
+        """Queries PostgreSQL skipped (behind an error, before the Sync) since last asked:
+        the client owes itself that many fewer ReadyForQuery."""
+        skipped, self.skipped_queries = self.skipped_queries, 0
+        return skipped
 
     def _statements_dropped(self, server: ServerConnection) -> None:
         """The server has just run DEALLOCATE ALL or DISCARD ALL: its prepared statements are
