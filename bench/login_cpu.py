@@ -11,6 +11,7 @@ system CPU per login (from /proc). Same PostgreSQL and pooler settings as bench/
 
     python bench/login_cpu.py                  # embedded PostgreSQL
     python bench/login_cpu.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
+    python bench/login_cpu.py --logging        # a log line per login and per leaving
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def user_sys_seconds(pid: int) -> tuple[float, float]:
 
 
 def measure(kind: str, up: bench.Upstream, secret: str, logins: int,
-            base: Path) -> dict[str, float]:
-    case = bench.Case("login-cpu", "SCRAM logins", auth="scram-sha-256")
+            base: Path, logging: bool) -> dict[str, float]:
+    case = bench.Case("login-cpu", "SCRAM logins", auth="scram-sha-256", logging=logging)
     pooler = bench.start_pooler(kind, case, up, secret, base)
     try:
         client = RawScramClient(pooler.port, bench.BENCH_USER, bench.BENCH_PASSWORD,
@@ -131,6 +132,8 @@ def main() -> int:
     parser.add_argument("--data-dir", help="embedded PostgreSQL data folder (kept, reused)")
     parser.add_argument("--logins", type=int, default=3000, help="measured logins per run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--logging", action="store_true",
+                        help="log_connections and log_disconnections on (both poolers' default)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pgpilot-login-bench-"))
     tmp.chmod(0o755)
@@ -140,7 +143,7 @@ def main() -> int:
         results: dict[str, list[dict[str, float]]] = {"pgbouncer": [], "pgpilot": []}
         for rnd in range(1, args.rounds + 1):
             for kind in results:
-                got = measure(kind, up, secret, args.logins, tmp)
+                got = measure(kind, up, secret, args.logins, tmp, args.logging)
                 results[kind].append(got)
                 bench.log(f"{kind:9} r{rnd}: {got['logins_per_s']:7.0f} logins/s, "
                           f"user {got['user_us']:5.0f} us, sys {got['sys_us']:5.0f} us "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,8 @@ from pathlib import Path
 import psycopg
 
 from pgpilot.embedded import free_port
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
 
 def pgpilot(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -47,20 +51,30 @@ def test_runs_from_config_and_stops_on_sigterm(tmp_path: Path, pg_params) -> Non
     ini.write_text(
         f"[databases]\n* = host={pg_params['host']} port={pg_params['port']}\n"
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = trust\nauth_file = users.txt\npidfile = {pidfile}\n"
+        f"auth_type = trust\nauth_file = users.txt\npidfile = {pidfile}\npool_mode = transaction\n"
         f"logfile = {tmp_path / 'pgpilot.log'}\n")
     proc = subprocess.Popen([sys.executable, "-m", "pgpilot", "proxy", "--config", str(ini)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         dsn = f"postgresql://{pg_params['user']}@127.0.0.1:{port}/{pg_params['dbname']}"
-        conn = _connect_retry(dsn)
-        assert conn.execute("select 1").fetchone() == (1,)
-        conn.close()
+        ports = []
+        for _ in range(3):  # the first login makes a route: the engine may log in the others
+            conn = _connect_retry(dsn)
+            assert conn.execute("select 1").fetchone() == (1,)
+            ports.append(socket.socket(fileno=os.dup(conn.pgconn.socket)).getsockname()[1])
+            conn.close()
         assert pidfile.read_text().strip() == str(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         assert not pidfile.exists()
-        assert "listening on 127.0.0.1" in (tmp_path / "pgpilot.log").read_text()
+        logged = (tmp_path / "pgpilot.log").read_text()
+        assert "listening on 127.0.0.1" in logged
+        # log_connections / log_disconnections (on by default): a line each, whole
+        who = f"{pg_params['dbname']}/{pg_params['user']}@127.0.0.1"
+        for port in ports:
+            for what in ("login ok", "closing: client closed the connection"):
+                line = rf"{STAMP} {proc.pid} INFO C-\d+\({re.escape(who)}:{port}\) {what}"
+                assert re.search(f"^{line}$", logged, re.M), (port, what, logged)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -114,7 +128,7 @@ def test_log_formatter_writes_what_the_standard_one_writes() -> None:
     standard formatter's, to the millisecond, across second boundaries."""
     import logging
 
-    from pgpilot.proxy.command import LOG_FORMAT, LogFormatter
+    from pgpilot.proxy.logs import LOG_FORMAT, LogFormatter
 
     standard, ours = logging.Formatter(LOG_FORMAT), LogFormatter()
     for created in (1733300000.001, 1733300000.999, 1733300001.0, 1733300001.5, 1733299999.25,

@@ -64,6 +64,7 @@ UNSYNCED_TYPES = frozenset({F.PARSE, F.BIND, F.EXECUTE, F.DESCRIBE, F.CLOSE})
 TERMINATE = m.terminate()
 AUTH_OK = m.auth_ok()
 NO_PASSWORD = "no password"  # a login route's secret when auth_type asks for none (trust)
+CLIENT_CLOSED = "client closed the connection"  # Terminate or end of stream: log_disconnections
 # Any secret: a ScramAuth made only to word the refusal of a malformed message.
 _REFUSAL_SECRET = mock_scram_secret("")
 # Startup parameters every client may send without the pooler rejecting it.
@@ -252,7 +253,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._disconnect("client closed the connection")
+        self._disconnect(CLIENT_CLOSED)
 
     def pause_writing(self) -> None:
         # The client reads slower than its server sends: hold the server back.
@@ -668,7 +669,7 @@ class ClientConnection(asyncio.Protocol):
             # Nothing is read until a server is there to take it (the bytes are kept);
             # a lone Terminate needs no server at all.
             if not self._pending and data == TERMINATE:
-                self.close()
+                self.close(CLIENT_CLOSED)
                 return
             self._pending += data
             if self.state is ClientState.ACTIVE:
@@ -743,7 +744,7 @@ class ClientConnection(asyncio.Protocol):
             self.expected_rfq -= router.take_skipped_queries()
         self._count_bytes(len(data), 0)
         if terminate:
-            self.close()
+            self.close(CLIENT_CLOSED)
 
     def start_waiting(self) -> None:
         if self.state is ClientState.ACTIVE:
@@ -918,13 +919,13 @@ class ClientConnection(asyncio.Protocol):
                                     hint=hint))
         self.close()
 
-    def close(self) -> None:
+    def close(self, reason: str = "closed by pooler") -> None:
         self.closing = True
         self._uncork()
         if self.transport is not None:
             transport, self.transport = self.transport, None
             transport.close()
-        self._disconnect("closed by pooler")
+        self._disconnect(reason)
 
     def _disconnect(self, reason: str) -> None:
         if self.gone:

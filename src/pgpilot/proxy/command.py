@@ -15,12 +15,12 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pgpilot.proxy import fastpath
 from pgpilot.proxy.config import Config, ConfigError, DatabaseConfig, default_config, load_config
+from pgpilot.proxy.logs import setup_handlers
 from pgpilot.proxy.workers import WorkerIdentity
 
 log = logging.getLogger("pgpilot.proxy")
@@ -41,41 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true")
 
 
-LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(message)s"
-
-
-class LogFormatter(logging.Formatter):
-    """logging.Formatter with the default time format, the date and time text made once a
-    second: with log_connections on, the pooler writes two lines per connection."""
-
-    def __init__(self, fmt: str = LOG_FORMAT) -> None:
-        super().__init__(fmt)
-        self._second = -1
-        self._text = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._text = time.strftime(self.default_time_format, self.converter(second))
-            self._second = second
-        return f"{self._text},{int(record.msecs):03d}"  # as default_msec_format
-
-
 def setup_logging(config: Config, verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose or config.verbose else \
         logging.INFO
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if config.logfile:
-        handlers.append(logging.FileHandler(config.logfile))
-    formatter = LogFormatter()
-    for handler in handlers:
-        handler.setFormatter(formatter)
-    logging.basicConfig(level=level, handlers=handlers, force=True)
-    # With log_connections on, the pooler logs every login and leaving: what the format does
-    # not print is not gathered (the logging HOWTO's "Optimization").
-    logging._srcfile = None  # type: ignore[attr-defined]  # caller's file and line
-    logging.logThreads = False
-    logging.logMultiprocessing = False
+    setup_handlers(level, config.logfile, sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgpilot.proxy import prepared
 from pgpilot.proxy.auth import ScramSecret, scram_salt_b64
+from pgpilot.proxy.logs import log_lines
 from pgpilot.proxy.states import ServerState
 
 try:
@@ -234,10 +235,13 @@ class FastPath:
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
+        lines = []
         for kind, client_id, route, peer in self.engine.take_log_events():
             host, port = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unix", 0)
-            log.info("C-%d(%s/%s@%s:%d) %s", client_id, route.database, route.user, host, port,
-                     "login ok" if kind == LOGGED_IN else "closing: client closed the connection")
+            lines.append(f"C-{client_id}({route.database}/{route.user}@{host}:{port}) "
+                         + ("login ok" if kind == LOGGED_IN
+                            else "closing: client closed the connection"))
+        log_lines(log, logging.INFO, lines)
 
     def offer_route(self, client: ClientConnection, packet: bytes,
                     secret: ScramSecret | str, welcome: bytes) -> None:
