@@ -409,8 +409,12 @@ def start_pooler(kind: str, case: Case, up: Upstream, secret: str, base: Path) -
         cmd = [sys.executable, "-m", "pgpilot", "proxy", "--config", str(ini)]
         if not case.logging:
             cmd.append("-q")
+    # Each pooler in a session of its own, as a service manager starts it. Where the kernel
+    # groups processes by session for CPU shares (autogroup, on in Debian's kernels), a pooler
+    # started in the bench's session would share one share with pgbench's threads, and
+    # PostgreSQL (pg_ctl starts it in its own session) would hold another.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir,
-                            **kwargs)
+                            start_new_session=True, **kwargs)
     stderr.close()
     pooler = Pooler(kind, port, proc, workdir, stderr_path)
     try:
@@ -971,6 +975,9 @@ def environment(up: Upstream, rev: str | None, src_dir: str | None = None) -> di
         uv = uvloop.__version__
     except ImportError:
         uv = "absent"
+    autogroup = "?"
+    with contextlib.suppress(OSError):
+        autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
     return {
         "cpus": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
         "python": platform.python_version(), "uvloop (scale case load generator)": uv,
@@ -979,6 +986,7 @@ def environment(up: Upstream, rev: str | None, src_dir: str | None = None) -> di
         "postgresql": up.psql("SHOW server_version"),
         "pgbench": tool_version(["pgbench", "--version"]),
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "sched_autogroup_enabled": autogroup,
     }
 
 
