@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import sys
 from base64 import b64encode
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def test_defaults_are_pgbouncers_documented_ones() -> None:
     assert config.max_prepared_statements == 200
     assert (config.metrics_port, config.workers, config.shutdown_timeout) == (0, 1, 30.0)
     assert config.tcp_keepalive is True
+    assert config.tcp_defer_accept is sys.platform.startswith("linux")
     assert (config.pkt_buf, config.sbuf_loopcnt, config.listen_backlog) == (4096, 5, 128)
     assert config.stats_period == 60.0
     assert config.log_connections and config.log_disconnections and config.log_pooler_errors
@@ -298,9 +300,17 @@ def test_bad_boolean() -> None:
     assert err.line == 3 and "log_connections" in err.reason and "boolean" in err.reason
 
 
+@pytest.mark.parametrize(("text", "value"), [("1", True), ("45", True), ("0", False),
+                                             ("on", True), ("off", False)])
+def test_tcp_defer_accept_reads_as_pgbouncer_does(text: str, value: bool) -> None:
+    """PgBouncer reads it as a number (any but 0 is on; it sets 45 s): both spellings work."""
+    assert parse(f"tcp_defer_accept = {text}\n").tcp_defer_accept is value
+
+
 @pytest.mark.parametrize(
     ("line", "fragment"),
     [
+        ("tcp_defer_accept = soon", "number of seconds"),
         ("default_pool_size = ten", "non-negative integer"),
         ("default_pool_size = 2.5", "non-negative integer"),
         ("max_client_conn = -5", "non-negative integer"),

@@ -333,8 +333,9 @@ def local_port(conn: psycopg.Connection[Any]) -> int:
 
 def test_a_silent_connection_is_timed_out(proxy_factory: Callable[..., RunningProxy],
                                           pg_params: dict[str, str]) -> None:
-    """Accepted with no object (routes exist), then not a byte: client_login_timeout."""
-    proxy = make_proxy(proxy_factory, pg_params, client_login_timeout=1)
+    """Accepted with no object (routes exist), then not a byte: client_login_timeout.
+    (With tcp_defer_accept on, the kernel would not hand such a connection over yet.)"""
+    proxy = make_proxy(proxy_factory, pg_params, client_login_timeout=1, tcp_defer_accept=0)
     warm_routes(proxy, "carol")
     raw = Raw(proxy.port)
     try:
@@ -423,3 +424,46 @@ def test_random_mix_leaves_nothing_behind(proxy_factory: Callable[..., RunningPr
         wait_until(lambda: not direct.execute(
             "SELECT 1 FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%' "
             "AND datname = %s", (pg_params["dbname"],)).fetchall())
+
+
+def listening_defer_accept(proxy: RunningProxy) -> list[int]:
+    """TCP_DEFER_ACCEPT of each of the pooler's listening TCP sockets, as the kernel has it."""
+    def read() -> list[int]:
+        assert proxy.pooler is not None
+        return [sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+                for listener in proxy.pooler._listeners
+                for sock in getattr(listener, "sockets", ())
+                if sock.family in (socket.AF_INET, socket.AF_INET6)]
+    return list(proxy.call(read))
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="Linux's TCP option")
+def test_tcp_defer_accept_takes_a_client_with_its_first_packet(
+        proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str]) -> None:
+    """tcp_defer_accept (PgBouncer's, on by default): a connection is the pooler's once it has
+    sent something, and the engine reads that as it accepts; RELOAD takes the option off the
+    listening sockets, after which a silent connection is accepted at once."""
+    proxy = make_proxy(proxy_factory, pg_params, tcp_defer_accept=1)
+    assert listening_defer_accept(proxy) and all(v > 0 for v in listening_defer_accept(proxy))
+    warm_routes(proxy, "carol")
+    wait_until(lambda: counts(proxy)[:2] == (0, 0))
+    silent = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    try:
+        # Logins right behind it are served; the silent one is still the kernel's.
+        for _ in range(3):
+            assert login(proxy.port)[-1] == (b"Z", b"I")
+        assert counts(proxy)[:2] == (0, 0)
+        text = proxy.config_path.read_text()
+        assert "tcp_defer_accept = 1" in text
+        proxy.config_path.write_text(text.replace("tcp_defer_accept = 1", "tcp_defer_accept = 0"))
+        proxy.reload()
+        assert listening_defer_accept(proxy) and all(v == 0 for v in listening_defer_accept(proxy))
+        later = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        try:
+            # Accepted, waiting for its startup packet (in Python: RELOAD dropped the routes).
+            wait_until(lambda: sum(counts(proxy)[:2]) >= 1)
+            assert login(proxy.port)[-1] == (b"Z", b"I")
+        finally:
+            later.close()
+    finally:
+        silent.close()

@@ -496,6 +496,8 @@ def test_out_of_descriptors_pauses_accepting_then_recovers(pg_params: dict[str, 
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 1, hard))
             waiting = [socket.create_connection(("127.0.0.1", port), timeout=5)
                        for _ in range(4)]  # the kernel accepts; the pooler's accept() cannot
+            for sock in waiting:  # (with tcp_defer_accept, once a first packet is in)
+                sock.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
             wait_until(lambda: "accept failed" in process.logfile.read_text())
             assert first.execute("SELECT 2").fetchone() == (2,)
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))

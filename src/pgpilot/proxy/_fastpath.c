@@ -61,6 +61,8 @@
 #define F_PHANTOM 0x200     /* client with no Python object yet: ``protocol`` is its listener's
                              * handler (see "engine logins") */
 #define F_WELCOMED 0x400    /* phantom: logged in by a login route, welcome sent */
+#define F_READ_AT_ACCEPT 0x800 /* listener with TCP_DEFER_ACCEPT: a client is accepted once
+                                * its first packet is in, so it is read at once */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104
 #define MAX_STARTUP_LENGTH 10000 /* as wire/framing.py */
@@ -2193,6 +2195,8 @@ static void keep_address(ConnObject *c, const struct sockaddr_storage *peer) {
 
 /* A new client on a listening socket: its own Conn in SLOW mode, the protocol from
  * handler.new_client(), then protocol.connection_made(conn), as an asyncio server does. */
+static void on_readable(ConnObject *c);
+
 static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *peer) {
     EngineObject *e = l->engine;
     int one = 1;
@@ -2214,7 +2218,7 @@ static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *pee
         if (e->phantom_head) e->phantom_head->ph_prev = c;
         e->phantom_head = c;
         e->phantoms++;
-        goto done;
+        goto read_now;
     }
     proto = py_method(l->protocol, "new_client", NULL);
     if (!proto) goto fail;
@@ -2229,6 +2233,11 @@ static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *pee
         conn_lost(c, NULL);
     }
     Py_XDECREF(r);
+read_now:
+    /* With TCP_DEFER_ACCEPT on the listening socket (tcp_defer_accept, as PgBouncer) a
+     * connection is accepted only once its first packet is in: read it now rather than wake
+     * up once more for it. */
+    if ((l->flags & F_READ_AT_ACCEPT) && wants_read(c)) on_readable(c);
     goto done;
 fail:
     report_error(e);
@@ -2649,6 +2658,17 @@ static PyObject *conn_set_hold(ConnObject *c, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static PyObject *conn_set_read_at_accept(ConnObject *c, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    if (c->kind != KIND_LISTENER) {
+        PyErr_SetString(PyExc_TypeError, "set_read_at_accept: not a listener");
+        return NULL;
+    }
+    if (on) c->flags |= F_READ_AT_ACCEPT; else c->flags &= ~F_READ_AT_ACCEPT;
+    Py_RETURN_NONE;
+}
+
 static PyObject *conn_get_fast(ConnObject *c, void *unused) {
     return PyBool_FromLong(c->mode == MODE_FAST);
 }
@@ -2689,6 +2709,8 @@ static PyMethodDef conn_methods[] = {
      "client's SCRAM-SHA-256 exchange in the engine; returns the AuthenticationSASL message."},
     {"scram_feed", (PyCFunction)conn_scram_feed, METH_O,
      "scram_feed(data): bytes of the SCRAM exchange that reached Python first."},
+    {"set_read_at_accept", (PyCFunction)conn_set_read_at_accept, METH_O,
+     "Listener: read a client as soon as it is accepted (TCP_DEFER_ACCEPT is on)."},
     {"set_hold", (PyCFunction)conn_set_hold, METH_O,
      "A held server goes back to Python when released instead of being lent again."},
     {NULL}};
@@ -3048,11 +3070,13 @@ static PyObject *engine_connection(EngineObject *e, PyObject *args) {
 
 /* Accept clients on a listening socket (the engine owns ``fd``; close() stops it). */
 static PyObject *engine_listen(EngineObject *e, PyObject *args) {
-    int fd, keepalive;
+    int fd, keepalive, read_at_accept = 0;
     PyObject *handler;
-    if (!PyArg_ParseTuple(args, "iOp", &fd, &handler, &keepalive)) return NULL;
+    if (!PyArg_ParseTuple(args, "iOp|p", &fd, &handler, &keepalive, &read_at_accept))
+        return NULL;
     ConnObject *l = new_conn(e, fd, handler, NULL, KIND_LISTENER);
     if (l && keepalive) l->flags |= F_KEEPALIVE;
+    if (l && read_at_accept) l->flags |= F_READ_AT_ACCEPT;
     return (PyObject *)l;
 }
 
@@ -3336,8 +3360,9 @@ static PyMethodDef engine_methods[] = {
     {"connection", (PyCFunction)engine_connection, METH_VARARGS,
      "connection(fd, protocol, extra_info, is_server) -> Conn: adopt a connected socket."},
     {"listen", (PyCFunction)engine_listen, METH_VARARGS,
-     "listen(fd, handler, keepalive) -> Conn: accept clients on a listening socket; for each, "
-     "handler.new_client() gives the protocol, then protocol.connection_made(conn)."},
+     "listen(fd, handler, keepalive, read_at_accept=False) -> Conn: accept clients on a "
+     "listening socket; for each, handler.new_client() gives the protocol, then "
+     "protocol.connection_made(conn). read_at_accept: the socket has TCP_DEFER_ACCEPT."},
     {"pool", (PyCFunction)engine_pool, METH_VARARGS,
      "pool(handler, wait_bucket_bounds) -> FastPool."},
     {"bind", (PyCFunction)engine_bind, METH_VARARGS,

@@ -31,6 +31,7 @@ import dataclasses
 import enum
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -248,6 +249,8 @@ class Config:
     server_tls_cert_file: str | None = None
     # low level
     tcp_keepalive: bool = True
+    # TCP_DEFER_ACCEPT on the listening sockets: on by default where it exists, as PgBouncer
+    tcp_defer_accept: bool = sys.platform.startswith("linux")
     pkt_buf: int = 4096
     max_packet_size: int = 2147483647
     sbuf_loopcnt: int = 5
@@ -410,6 +413,18 @@ def _bool(text: str) -> bool:
     raise _BadValue("expected a boolean: 1/0, yes/no, on/off or true/false")
 
 
+def _int_flag(text: str) -> bool:
+    """A boolean PgBouncer reads as an integer (any non-zero number is on), e.g.
+    tcp_defer_accept = 45."""
+    if text.strip().isdigit():
+        return int(text) != 0
+    try:
+        return _bool(text)
+    except _BadValue:
+        raise _BadValue("expected a boolean (1/0, yes/no, on/off, true/false) or a "
+                        "number of seconds (0 is off)") from None
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def convert(text: str) -> str:
         word = text.lower()
@@ -509,6 +524,7 @@ _SETTINGS: dict[str, _Setting] = {
     "server_tls_key_file": _Setting(_optional_text, is_path=True),
     "server_tls_cert_file": _Setting(_optional_text, is_path=True),
     "tcp_keepalive": _Setting(_bool),
+    "tcp_defer_accept": _Setting(_int_flag),
     "pkt_buf": _Setting(_positive),
     "max_packet_size": _Setting(_positive),
     "sbuf_loopcnt": _Setting(_count),
@@ -549,7 +565,6 @@ _PGBOUNCER_SETTINGS_NOT_SUPPORTED = frozenset(
         "server_tls_protocols",
         "server_tls_ciphers",
         "server_tls13_ciphers",
-        "tcp_defer_accept",
         "tcp_socket_buffer",
         "tcp_keepcnt",
         "tcp_keepidle",

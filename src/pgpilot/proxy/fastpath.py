@@ -325,9 +325,10 @@ class FastPath:
         return True
 
     def listen(self, sock: socket.socket, new_client: Callable[[], ClientConnection],
-               keepalive: bool) -> Listener:
-        """Accept clients on ``sock`` (bound and listening) in the engine."""
-        return Listener(self, sock, new_client, keepalive)
+               keepalive: bool, defer_accept: bool = False) -> Listener:
+        """Accept clients on ``sock`` (bound and listening) in the engine; ``defer_accept``:
+        TCP_DEFER_ACCEPT is set on it."""
+        return Listener(self, sock, new_client, keepalive, defer_accept)
 
     # -- a consistent Python view -------------------------------------------------------
     def settle(self, everyone: bool = False, claim: bool = True) -> None:
@@ -452,13 +453,21 @@ class Listener(asyncio.AbstractServer):
     ACCEPT_RETRY_DELAY = 1.0
 
     def __init__(self, fast: FastPath, sock: socket.socket,
-                 new_client: Callable[[], ClientConnection], keepalive: bool) -> None:
+                 new_client: Callable[[], ClientConnection], keepalive: bool,
+                 defer_accept: bool = False) -> None:
         self.fast = fast
         self.sock = sock
         self.new_client = new_client
         self._closed = asyncio.Event()
         # The engine owns a duplicate; ``sock`` stays open for getsockname() until close().
-        self._conn = fast.engine.listen(os.dup(sock.fileno()), self, keepalive)
+        # With TCP_DEFER_ACCEPT a client's first packet is in when it is accepted: the engine
+        # reads it then, without waiting for epoll to say so.
+        self._conn = fast.engine.listen(os.dup(sock.fileno()), self, keepalive, defer_accept)
+
+    def defer_accept_changed(self, on: bool) -> None:
+        """TCP_DEFER_ACCEPT was set on (or taken off) the listening socket."""
+        if not self._closed.is_set():
+            self._conn.set_read_at_accept(on)
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import socket
+from asyncio.trsock import TransportSocket
 from typing import TYPE_CHECKING
 
 from pgpilot.proxy.client import ClientConnection
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     from pgpilot.proxy.pooler import Pooler
 
 log = logging.getLogger("pgpilot.proxy")
+
+# PgBouncer's value when tcp_defer_accept is on: a connection that sends nothing for this long
+# is handed over anyway (its client_login_timeout counts from then).
+DEFER_ACCEPT_SECONDS = 45
 
 
 async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
@@ -39,7 +44,8 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
         host: str | None = None if addr == "*" else addr
         if pooler.fast is not None and pooler.ssl_context is None:
             for sock in await bind_tcp(host, cfg.listen_port, cfg.listen_backlog, reuse_port):
-                servers.append(pooler.fast.listen(sock, factory, cfg.tcp_keepalive))
+                deferred = tune_accept(sock, cfg.tcp_defer_accept)
+                servers.append(pooler.fast.listen(sock, factory, cfg.tcp_keepalive, deferred))
             log.info("listening on %s:%d", addr, cfg.listen_port)
             continue
         server = await loop.create_server(
@@ -48,6 +54,7 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
         for sock in server.sockets:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tune_accept(sock, cfg.tcp_defer_accept)
         servers.append(server)
         log.info("listening on %s:%d", addr, cfg.listen_port)
     worker = pooler.worker
@@ -74,6 +81,35 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     if not servers:
         raise OSError("no listening socket: set listen_addr or unix_socket_dir")
     return servers
+
+
+def tune_accept(sock: socket.socket | TransportSocket, on: bool) -> bool:
+    """Set (or clear) TCP_DEFER_ACCEPT on a listening TCP socket, as PgBouncer's
+    tcp_defer_accept does: the kernel hands over a connection once its first packet (the
+    SSLRequest or StartupMessage) is in, so accepting it and reading it take one wake-up, not
+    two. Returns whether it is on now; where the system has no such option, nothing is set."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS if on else 0)
+    except OSError as exc:
+        log.warning("could not %s TCP_DEFER_ACCEPT: %s", "set" if on else "clear", exc)
+        return False
+    return on
+
+
+def tune_listeners(listeners: list[asyncio.AbstractServer], on: bool) -> None:
+    """tcp_defer_accept changed at a reload: apply it to every listening TCP socket."""
+    from pgpilot.proxy.fastpath import Listener
+
+    for listener in listeners:
+        if not isinstance(listener, asyncio.Server | Listener):
+            continue
+        for sock in listener.sockets:
+            deferred = tune_accept(sock, on)
+            if isinstance(listener, Listener):
+                listener.defer_accept_changed(deferred)
 
 
 async def serve_socket(pooler: Pooler, sock: socket.socket) -> asyncio.AbstractServer:

@@ -229,6 +229,10 @@ class Pooler:
         if self.fast is not None:
             self.fast.client_count_changed()  # max_client_conn may have changed
             self.fast.configure_logins()  # log_connections / log_disconnections may have
+        if old.tcp_defer_accept != config.tcp_defer_accept:
+            from pgpilot.proxy.listener import tune_listeners
+
+            tune_listeners(self._listeners, config.tcp_defer_accept)
         if (old.listen_addr, old.listen_port) != (config.listen_addr, config.listen_port):
             log.warning("listen_addr/listen_port changes need a restart")
         log.info("configuration reloaded")
