@@ -820,6 +820,24 @@ def summarize(runs: list[RunResult]) -> dict[str, Any]:
     return summary
 
 
+def paired_rounds(bouncer: list[RunResult], pilot: list[RunResult]) -> dict[str, Any]:
+    """Round-by-round comparison: each round's two runs ran back to back, so their ratio is
+    less touched by the machine's drift than the ratio of medians over the whole case."""
+    by_round = {r.round: r for r in bouncer if r.ok}
+    pairs = [(by_round[p.round], p) for p in pilot if p.ok and p.round in by_round]
+    tps = [ratio(p.tps, b.tps) for b, p in pairs]
+    p99 = [ratio(p.lat_p99_ms, b.lat_p99_ms) for b, p in pairs]
+    return {
+        "rounds": len(pairs),
+        "tps_ratios": [round(x, 3) for x in tps],
+        "tps_ratio_median": median(tps),
+        "tps_rounds_ahead": sum(1 for x in tps if x >= 1.0),
+        "p99_ratios": [round(x, 3) for x in p99],
+        "p99_ratio_median": median(p99),
+        "p99_rounds_ahead": sum(1 for x in p99 if x <= 1.0),
+    }
+
+
 def ratio(a: float, b: float) -> float:
     if a != a or b != b or not b:
         return float("nan")
@@ -847,14 +865,25 @@ def render_markdown(report: dict[str, Any]) -> str:
            "not absolute numbers. Other work on the machine (see the load averages) adds "
            "noise that the alternation spreads over both poolers.", "",
            "## Ratios (pgpilot / PgBouncer)", "",
-           "tps: higher is better; p99, CPU and RSS: lower is better.", "",
-           "| case | tps | p99 latency | CPU / tx | peak RSS |", "|---|---|---|---|---|"]
+           "tps: higher is better; p99, CPU and RSS: lower is better. The first columns are "
+           "ratios of the medians; the paired columns compare each round's two runs, which "
+           "ran back to back: the median of those ratios, and in how many rounds pgpilot "
+           "was ahead (tps at least PgBouncer's, p99 at most).", "",
+           "| case | tps | p99 latency | CPU / tx | peak RSS | paired tps (rounds ahead) | "
+           "paired p99 (rounds ahead) |", "|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         r = c.get("ratios")
         if not r:
             continue
+        pr = c.get("paired") or {}
+        n = pr.get("rounds", 0)
+        paired_tps = (f"{fmt(pr['tps_ratio_median'], '.2f')}x ({pr['tps_rounds_ahead']}/{n})"
+                      if n else "–")
+        paired_p99 = (f"{fmt(pr['p99_ratio_median'], '.2f')}x ({pr['p99_rounds_ahead']}/{n})"
+                      if n else "–")
         out.append(f"| {c['name']} | {fmt(r['tps'], '.2f')}x | {fmt(r['lat_p99_ms'], '.2f')}x |"
-                   f" {fmt(r['cpu_per_100k'], '.2f')}x | {fmt(r['peak_rss_kb'], '.2f')}x |")
+                   f" {fmt(r['cpu_per_100k'], '.2f')}x | {fmt(r['peak_rss_kb'], '.2f')}x |"
+                   f" {paired_tps} | {paired_p99} |")
     out += ["", "## Results", "",
             "| case | target | tps | avg ms | p99 ms | CPU s / 100k tx | peak RSS MB | errors |",
             "|---|---|---|---|---|---|---|---|"]
@@ -922,6 +951,12 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"{'':22s} {'ratio P/B':10s} {fmt(r['tps'], '.2f'):>8s}x "
                   f"{'':8s} {fmt(r['lat_p99_ms'], '.2f'):>7s}x {fmt(r['cpu_per_100k'], '.2f'):>8s}x"
                   f" {fmt(r['peak_rss_kb'], '.2f'):>6s}x")
+        pr = c.get("paired")
+        if pr and pr["rounds"]:
+            print(f"{'':22s} {'paired':10s} tps {fmt(pr['tps_ratio_median'], '.2f')}x, ahead in "
+                  f"{pr['tps_rounds_ahead']}/{pr['rounds']} rounds; p99 "
+                  f"{fmt(pr['p99_ratio_median'], '.2f')}x, ahead in "
+                  f"{pr['p99_rounds_ahead']}/{pr['rounds']}")
     print()
 
 
@@ -1099,6 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry["ratios"] = {k: ratio(p[k], b[k]) for k in
                                    ("tps", "lat_avg_ms", "lat_p99_ms", "cpu_per_100k",
                                     "peak_rss_kb")}
+                entry["paired"] = paired_rounds(runs["pgbouncer"], runs["pgpilot"])
                 if "bytes_per_idle_client" in p and "bytes_per_idle_client" in b:
                     entry["ratios"]["bytes_per_idle_client"] = ratio(
                         p["bytes_per_idle_client"], b["bytes_per_idle_client"])

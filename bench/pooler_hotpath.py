@@ -60,8 +60,8 @@ async def setup(pool_mode: str) -> tuple[ClientConnection, ServerConnection]:
     server.transport = FakeTransport(("127.0.0.1", 5432))  # type: ignore[assignment]
     server.params = dict(pool.welcome_params)
     server.login_done.set_result(None)
-    from pgpilot.wire.framing import MessageReader
     from pgpilot.proxy.server import LINKED_TYPES
+    from pgpilot.wire.framing import MessageReader
 
     server.reader = MessageReader(LINKED_TYPES)
     server.set_state(ServerState.IDLE)
