@@ -311,6 +311,7 @@ def test_tcp_defer_accept_reads_as_pgbouncer_does(text: str, value: bool) -> Non
     ("line", "fragment"),
     [
         ("tcp_defer_accept = soon", "number of seconds"),
+        ("tcp_defer_accept = \u00b2", "number of seconds"),
         ("default_pool_size = ten", "non-negative integer"),
         ("default_pool_size = 2.5", "non-negative integer"),
         ("max_client_conn = -5", "non-negative integer"),

@@ -444,7 +444,8 @@ def test_tcp_defer_accept_takes_a_client_with_its_first_packet(
     sent something, and the engine reads that as it accepts; RELOAD takes the option off the
     listening sockets, after which a silent connection is accepted at once."""
     proxy = make_proxy(proxy_factory, pg_params, tcp_defer_accept=1)
-    assert listening_defer_accept(proxy) and all(v > 0 for v in listening_defer_accept(proxy))
+    deferred = listening_defer_accept(proxy)
+    assert deferred and all(v > 0 for v in deferred)
     warm_routes(proxy, "carol")
     wait_until(lambda: counts(proxy)[:2] == (0, 0))
     silent = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
@@ -457,7 +458,8 @@ def test_tcp_defer_accept_takes_a_client_with_its_first_packet(
         assert "tcp_defer_accept = 1" in text
         proxy.config_path.write_text(text.replace("tcp_defer_accept = 1", "tcp_defer_accept = 0"))
         proxy.reload()
-        assert listening_defer_accept(proxy) and all(v == 0 for v in listening_defer_accept(proxy))
+        deferred = listening_defer_accept(proxy)
+        assert deferred and all(v == 0 for v in deferred)
         later = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         try:
             # Accepted, waiting for its startup packet (in Python: RELOAD dropped the routes).

@@ -2193,10 +2193,10 @@ static void keep_address(ConnObject *c, const struct sockaddr_storage *peer) {
         memcpy(&c->peer_addr.in6, peer, sizeof c->peer_addr.in6);
 }
 
-/* A new client on a listening socket: its own Conn in SLOW mode, the protocol from
- * handler.new_client(), then protocol.connection_made(conn), as an asyncio server does. */
 static void on_readable(ConnObject *c);
 
+/* A new client on a listening socket: its own Conn in SLOW mode, the protocol from
+ * handler.new_client(), then protocol.connection_made(conn), as an asyncio server does. */
 static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *peer) {
     EngineObject *e = l->engine;
     int one = 1;

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import enum
 import os
@@ -416,8 +417,8 @@ def _bool(text: str) -> bool:
 def _int_flag(text: str) -> bool:
     """A boolean PgBouncer reads as an integer (any non-zero number is on), e.g.
     tcp_defer_accept = 45."""
-    if text.strip().isdigit():
-        return int(text) != 0
+    with contextlib.suppress(_BadValue):
+        return _count(text) != 0
     try:
         return _bool(text)
     except _BadValue:
