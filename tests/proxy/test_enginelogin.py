@@ -281,6 +281,20 @@ def test_no_routes_where_python_must_see_every_login(
         assert proxy.call(lambda p=proxy: len(p.pooler.fast.routes)) == 0, settings
 
 
+def phantoms_come_and_go(proxy: RunningProxy, count: int = 5) -> list[int]:
+    """``count`` clients log in one after another along a route, each a phantom, run a query
+    and leave; their local ports."""
+    psycopg_route(proxy)
+    ports = []
+    for _ in range(count):
+        with connect(proxy) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert counts(proxy)[:2] == (1, 0)  # a phantom: Python has no object for it
+            ports.append(local_port(conn))
+    wait_until(lambda: counts(proxy) == (0, 0, 0))
+    return ports
+
+
 def test_connection_logging_keeps_engine_logins(proxy_factory: Callable[..., RunningProxy],
                                                 pg_params: dict[str, str],
                                                 caplog: pytest.LogCaptureFixture) -> None:
@@ -290,14 +304,7 @@ def test_connection_logging_keeps_engine_logins(proxy_factory: Callable[..., Run
     when it gets its Python object."""
     caplog.set_level(logging.INFO, logger="pgpilot.proxy")
     proxy = make_proxy(proxy_factory, pg_params, log_connections=1, log_disconnections=1)
-    psycopg_route(proxy)
-    ports = []
-    for _ in range(5):
-        with connect(proxy) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
-            assert counts(proxy)[:2] == (1, 0)  # a phantom: Python has no object for it
-            ports.append(local_port(conn))
-    wait_until(lambda: counts(proxy) == (0, 0, 0))
+    ports = phantoms_come_and_go(proxy)
 
     def lines(what: str) -> dict[int, int]:
         """client port -> id, of the pooler's log lines ending in ``what``."""
@@ -321,6 +328,40 @@ def test_connection_logging_keeps_engine_logins(proxy_factory: Callable[..., Run
         columns = [c.name for c in console.cursor().execute("SHOW CLIENTS").description or []]
         mine = [r for r in rows if r[columns.index("port")] == port]
         assert [r[columns.index("id")] for r in mine] == [logged_id]  # claimed, same id
+
+
+def test_the_engine_writes_its_logins_lines_itself(
+        proxy_factory: Callable[..., RunningProxy], pg_params: dict[str, str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """When the log is plain files (the CLI's), the engine formats and writes its phantoms'
+    lines itself (FastPath.configure_logins, logs.direct_target): whole lines in the CLI's
+    format, login before leaving under one id per client, none through Python's logging."""
+    path = tmp_path / "connections.log"
+    monkeypatch.setattr(fastpath, "direct_target", lambda logger, level: (
+        [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)], b" 4242 INFO "))
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    proxy = make_proxy(proxy_factory, pg_params, log_connections=1, log_disconnections=1)
+    ports = phantoms_come_and_go(proxy)
+    events: dict[int, list[tuple[str, int]]] = {}
+
+    def read() -> dict[int, list[tuple[str, int]]]:
+        events.clear()
+        for line in path.read_text().splitlines():
+            got = re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} 4242 INFO "
+                               r"C-(\d+)\(test/carol@127\.0\.0\.1:(\d+)\) "
+                               r"(login ok|closing: client closed the connection)", line)
+            assert got, line
+            events.setdefault(int(got.group(2)), []).append((got.group(3), int(got.group(1))))
+        return events
+
+    wait_until(lambda: all(len(read().get(port, [])) == 2 for port in ports))
+    for port in ports:
+        (first, first_id), (second, second_id) = events[port]
+        assert (first, second) == ("login ok", "closing: client closed the connection")
+        assert first_id == second_id
+    assert len({events[port][0][1] for port in ports}) == len(ports)
+    python_lines = [r.getMessage() for r in caplog.records if "carol@" in r.getMessage()]
+    assert not any(f":{port})" in line for line in python_lines for port in ports)
 
 
 def local_port(conn: psycopg.Connection[Any]) -> int:

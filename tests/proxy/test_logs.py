@@ -7,10 +7,11 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from pgpilot.proxy.logs import LOG_FORMAT, LogFormatter, log_lines
+from pgpilot.proxy.logs import LOG_FORMAT, LogFormatter, direct_target, log_lines
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
@@ -124,3 +125,53 @@ def test_a_failing_stream_is_reported_not_raised(logger: logging.Logger,
     logger.parent.addHandler(handler)  # type: ignore[union-attr]
     log_lines(logger, logging.INFO, MESSAGES)  # no exception: logging's handleError reports
     assert "Logging error" in capsys.readouterr().err
+
+
+def file_handler(path: Path, encoding: str | None = "utf-8") -> logging.FileHandler:
+    handler = logging.FileHandler(path, encoding=encoding)
+    handler.setFormatter(LogFormatter())
+    return handler
+
+
+def test_direct_target_is_a_copy_of_the_files_descriptor(logger: logging.Logger,
+                                                         tmp_path: Path) -> None:
+    """Plain CLI handlers on files: a copy of each file's descriptor, which appends after
+    what Python wrote (flushed first), and the line's head with this process's pid."""
+    handler = file_handler(tmp_path / "a.log")
+    logger.parent.addHandler(handler)  # type: ignore[union-attr]
+    handler.stream.write("from python\n")  # unflushed: must reach the file first
+    target = direct_target(logger, logging.INFO)
+    assert target is not None
+    fds, head = target
+    assert len(fds) == 1 and head == f" {os.getpid()} INFO ".encode()
+    try:
+        assert fds[0] != handler.stream.fileno()  # a copy: closing it leaves Python's open
+        os.write(fds[0], b"from the copy\n")
+    finally:
+        os.close(fds[0])
+    handler.close()
+    assert (tmp_path / "a.log").read_text() == "from python\nfrom the copy\n"
+
+
+@pytest.mark.parametrize("what", ["StringIO", "latin-1", "filter", "terminator", "level"])
+def test_no_direct_target_where_python_must_write(logger: logging.Logger, tmp_path: Path,
+                                                  what: str) -> None:
+    """No descriptor (a StringIO), a file in another encoding, a filter, another line end, or
+    a level the logger drops: None, and Python logs the lines itself."""
+    handler: logging.Handler
+    if what == "StringIO":
+        handler = cli_handler()[0]
+    else:
+        handler = file_handler(tmp_path / "b.log", "latin-1" if what == "latin-1" else "utf-8")
+    if what == "filter":
+        handler.addFilter(lambda record: True)
+    if what == "terminator":
+        handler.terminator = "\r\n"  # type: ignore[attr-defined]
+    if what == "level":
+        logger.setLevel(logging.WARNING)
+    logger.parent.addHandler(handler)  # type: ignore[union-attr]
+    try:
+        assert direct_target(logger, logging.INFO) is None
+    finally:
+        handler.close()
+        logger.setLevel(logging.NOTSET)

@@ -30,6 +30,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -237,6 +238,8 @@ struct PoolObject {
     int64_t bounds[N_BUCKETS];
 };
 
+#define MAX_LOG_FDS 4
+
 struct EngineObject {
     PyObject_HEAD
     int epfd;
@@ -257,6 +260,17 @@ struct EngineObject {
      * soon after the first of a batch) */
     PyObject *client_ids, *log_events, *log_drain;
     int log_logins, log_leaves;
+    /* ... or written by the engine itself (log_to), when the log is the CLI's plain files:
+     * copies of their descriptors (owned), the text between a line's time and its message
+     * (" <pid> INFO "), the lines of this batch (written when the batch is done), and the
+     * time text of the last second a line was made in. */
+    int log_fds[MAX_LOG_FDS], n_log_fds;
+    char *log_head;
+    size_t log_head_len;
+    char *log_buf;
+    size_t log_len, log_cap;
+    time_t log_second;
+    char log_time[40];
 };
 
 static PyTypeObject ConnType, PoolType, EngineType;
@@ -1911,11 +1925,125 @@ static void forget_cancel_key(ConnObject *c) {
 
 static PyObject *address_tuple(const struct sockaddr *a);
 
-/* With connection logging on, a phantom's login (kind 0) or leaving (1) is noted for Python
- * to log in its words (FastPath.drain_log), a batch at a time: the phantom stays a phantom. */
+/* Lines the engine writes itself (log_to): each in the CLI's format (logs.LOG_FORMAT, as
+ * logging's default time format: local time, comma, milliseconds), kept until the end of the
+ * batch of events it came in, then written with one write() per log descriptor. */
+static int log_reserve(EngineObject *e, size_t more) {
+    if (e->log_len + more <= e->log_cap) return 0;
+    size_t cap = e->log_cap ? e->log_cap : 8192;
+    while (cap < e->log_len + more) cap *= 2;
+    char *grown = PyMem_Realloc(e->log_buf, cap);
+    if (!grown) return -1;
+    e->log_buf = grown;
+    e->log_cap = cap;
+    return 0;
+}
+
+static void log_append(EngineObject *e, const char *text, size_t n) {
+    memcpy(e->log_buf + e->log_len, text, n);
+    e->log_len += n;
+}
+
+/* The lines so far, to every log descriptor; as logging's handlers, a descriptor that fails
+ * loses these lines and nothing else stops. */
+static void log_flush(EngineObject *e) {
+    if (!e->log_len) return;
+    for (int i = 0; i < e->n_log_fds; i++) {
+        size_t done = 0;
+        int stalls = 0;
+        while (done < e->log_len) {
+            ssize_t w = write(e->log_fds[i], e->log_buf + done, e->log_len - done);
+            if (w > 0) {
+                done += (size_t)w;
+                continue;
+            }
+            if (w < 0 && errno == EINTR) continue;
+            /* A non-blocking descriptor (a pipe someone set so) that is full: wait for it a
+             * little, as a blocking write would, but never for long. */
+            if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && stalls++ < 10) {
+                struct pollfd pfd = {.fd = e->log_fds[i], .events = POLLOUT};
+                poll(&pfd, 1, 100);
+                continue;
+            }
+            break;
+        }
+    }
+    e->log_len = 0;
+}
+
+static void log_close_fds(EngineObject *e) {
+    for (int i = 0; i < e->n_log_fds; i++) close(e->log_fds[i]);
+    e->n_log_fds = 0;
+}
+
+static const char *utf8_attr(PyObject *obj, const char *name, Py_ssize_t *n) {
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    const char *text = value && PyUnicode_Check(value) ? PyUnicode_AsUTF8AndSize(value, n) : NULL;
+    Py_XDECREF(value); /* the route keeps the str, and the str its UTF-8 */
+    if (!text) {
+        PyErr_Clear();
+        *n = 1;
+        return "?";
+    }
+    return text;
+}
+
+/* A phantom's line: as FastPath.drain_log words it, and ClientConnection for any client. */
+static void log_phantom_line(ConnObject *c, int kind) {
+    EngineObject *e = c->engine;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (ts.tv_sec != e->log_second || !e->log_time[0]) {
+        struct tm tm;
+        if (!localtime_r(&ts.tv_sec, &tm) ||
+            !strftime(e->log_time, sizeof e->log_time - 8, "%Y-%m-%d %H:%M:%S", &tm))
+            e->log_time[0] = 0;
+        e->log_second = ts.tv_sec;
+    }
+    PyObject *route = PyTuple_GET_ITEM(c->route, 0);
+    Py_ssize_t db_len, user_len;
+    const char *db = utf8_attr(route, "database", &db_len);
+    const char *user = utf8_attr(route, "user", &user_len);
+    char host[INET6_ADDRSTRLEN] = "unix";
+    int port = 0;
+    if (c->peer_addr.sa.sa_family == AF_INET) {
+        if (!inet_ntop(AF_INET, &c->peer_addr.in4.sin_addr, host, sizeof host)) host[0] = 0;
+        port = ntohs(c->peer_addr.in4.sin_port);
+    } else if (c->peer_addr.sa.sa_family == AF_INET6) {
+        if (!inet_ntop(AF_INET6, &c->peer_addr.in6.sin6_addr, host, sizeof host)) host[0] = 0;
+        port = ntohs(c->peer_addr.in6.sin6_port);
+    }
+    const char *what = kind == 0 ? "login ok" : "closing: client closed the connection";
+    char stamp[64], id[96], tail[INET6_ADDRSTRLEN + 80];
+    int stamp_len = snprintf(stamp, sizeof stamp, "%s,%03ld", e->log_time, ts.tv_nsec / 1000000);
+    int id_len = snprintf(id, sizeof id, "C-%lld(", (long long)c->client_id);
+    int tail_len = snprintf(tail, sizeof tail, "@%s:%d) %s\n", host, port, what);
+    size_t need = (size_t)stamp_len + e->log_head_len + (size_t)id_len + (size_t)db_len + 1 +
+                  (size_t)user_len + (size_t)tail_len;
+    if (log_reserve(e, need) < 0) {
+        PyErr_Clear();
+        return;
+    }
+    log_append(e, stamp, (size_t)stamp_len);
+    log_append(e, e->log_head, e->log_head_len);
+    log_append(e, id, (size_t)id_len);
+    log_append(e, db, (size_t)db_len);
+    log_append(e, "/", 1);
+    log_append(e, user, (size_t)user_len);
+    log_append(e, tail, (size_t)tail_len);
+}
+
+/* With connection logging on, a phantom's login (kind 0) or leaving (1) is logged: by the
+ * engine (log_to), or noted for Python to log in its words (FastPath.drain_log), a batch at a
+ * time. Either way the phantom stays a phantom. */
 static void log_phantom(ConnObject *c, int kind) {
     EngineObject *e = c->engine;
-    if (!e->log_events || !e->log_drain || !c->route) return;
+    if (!c->route) return;
+    if (e->n_log_fds) {
+        log_phantom_line(c, kind);
+        return;
+    }
+    if (!e->log_events || !e->log_drain) return;
     PyObject *addr = address_tuple(&c->peer_addr.sa);
     PyObject *ev = addr ? Py_BuildValue("(iLON)", kind, c->client_id,
                                         PyTuple_GET_ITEM(c->route, 0), addr)
@@ -3010,6 +3138,10 @@ static int engine_clear(EngineObject *e) {
 static void engine_dealloc(EngineObject *e) {
     PyObject_GC_UnTrack(e);
     if (e->epfd >= 0) close(e->epfd);
+    log_flush(e);
+    log_close_fds(e);
+    PyMem_Free(e->log_head);
+    PyMem_Free(e->log_buf);
     engine_clear(e);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
@@ -3160,6 +3292,7 @@ static PyObject *engine_run(EngineObject *e, PyObject *unused) {
         }
         for (int i = 0; i < n; i++) serve_event(events[i].data.ptr, events[i].events);
         bury(e);
+        log_flush(e);
         if (n < 128) break;
     }
     e->running--;
@@ -3255,6 +3388,7 @@ static PyObject *engine_select(EngineObject *e, PyObject *arg) {
             Py_DECREF(item);
         }
         bury(e);
+        log_flush(e);
         if (!ready || PyList_GET_SIZE(ready) || python_calls != calls_before || ms == 0 ||
             n == 0)
             break;
@@ -3293,8 +3427,42 @@ static PyObject *engine_configure_logins(EngineObject *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* take_log_events(): the phantoms' connection events not logged yet, oldest first. */
+/* log_to(fds, head): the engine writes its phantoms' log lines itself, to these descriptors
+ * (it owns them from now on), with ``head`` (bytes) between time and message; () and b"":
+ * Python writes them (take_log_events). The lines of the old setting go out first. */
+static PyObject *engine_log_to(EngineObject *e, PyObject *args) {
+    PyObject *fds;
+    const char *head;
+    Py_ssize_t head_len;
+    if (!PyArg_ParseTuple(args, "O!y#", &PyTuple_Type, &fds, &head, &head_len)) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(fds);
+    if (n > MAX_LOG_FDS)
+        return PyErr_Format(PyExc_ValueError, "at most %d log descriptors", MAX_LOG_FDS);
+    int new_fds[MAX_LOG_FDS];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PyTuple_GET_ITEM(fds, i));
+        if (fd == -1 && PyErr_Occurred()) return NULL;
+        if (fd < 0 || fd > INT_MAX)
+            return PyErr_Format(PyExc_ValueError, "invalid file descriptor %ld", fd);
+        new_fds[i] = (int)fd;
+    }
+    char *head_copy = PyMem_Malloc(head_len ? (size_t)head_len : 1);
+    if (!head_copy) return PyErr_NoMemory();
+    memcpy(head_copy, head, (size_t)head_len);
+    log_flush(e);
+    log_close_fds(e);
+    PyMem_Free(e->log_head);
+    e->log_head = head_copy;
+    e->log_head_len = (size_t)head_len;
+    memcpy(e->log_fds, new_fds, sizeof(int) * (size_t)n);
+    e->n_log_fds = (int)n;
+    Py_RETURN_NONE;
+}
+
+/* take_log_events(): the phantoms' connection events not logged yet, oldest first (none when
+ * the engine writes the lines itself: those it writes now). */
 static PyObject *engine_take_log_events(EngineObject *e, PyObject *unused) {
+    log_flush(e); /* what the engine wrote itself goes out first, in order */
     PyObject *events = e->log_events ? e->log_events : PyList_New(0);
     if (!events) return NULL;
     e->log_events = PyList_New(0);
@@ -3375,6 +3543,10 @@ static PyMethodDef engine_methods[] = {
     {"take_log_events", (PyCFunction)engine_take_log_events, METH_NOARGS,
      "The connection events of clients logged in by the engine alone, not logged yet: "
      "(kind, client id, route, peer address) with kind 0: logged in, 1: left."},
+    {"log_to", (PyCFunction)engine_log_to, METH_VARARGS,
+     "log_to(fds, head): write the connection lines of clients logged in by the engine alone "
+     "to these descriptors (the engine owns them), with ``head`` between time and message, "
+     "at the end of each batch; (), b'': leave them to take_log_events()."},
     {"configure_logins", (PyCFunction)engine_configure_logins, METH_VARARGS,
      "configure_logins(routes, cancel_keys, pid_base, pid_mask): the login routes (dict: "
      "startup packet -> route tuple), the pooler's cancel-key dict, how cancel pids are made."},

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgpilot.proxy import prepared
 from pgpilot.proxy.auth import ScramSecret, scram_salt_b64
-from pgpilot.proxy.logs import log_lines
+from pgpilot.proxy.logs import direct_target, log_lines
 from pgpilot.proxy.states import ServerState
 
 try:
@@ -211,16 +211,19 @@ class FastPath:
 
     # -- engine logins ------------------------------------------------------------------
     def configure_logins(self) -> None:
-        """Tell the engine where its logins' routes and cancel keys live, and whether to note
-        its phantoms' logins and departures for the log (log_connections,
-        log_disconnections: only when the log would print them)."""
+        """Tell the engine where its logins' routes and cancel keys live, and whether to log
+        its phantoms' logins and departures (log_connections, log_disconnections: only when
+        the log would print them). When the log is the CLI's plain files, the engine writes
+        those lines itself; otherwise it notes them for ``drain_log``."""
         pooler = self.pooler
         cfg = pooler.config
         shown = log.isEnabledFor(logging.INFO)
+        logins, leaves = cfg.log_connections and shown, cfg.log_disconnections and shown
+        target = direct_target(log, logging.INFO) if logins or leaves else None
+        self.engine.log_to(*((tuple(target[0]), target[1]) if target else ((), b"")))
         self.engine.configure_logins(self.routes, pooler.cancel_keys,
                                      *pooler.cancel_pid_layout(), pooler.client_ids,
-                                     cfg.log_connections and shown,
-                                     cfg.log_disconnections and shown, self._drain_later)
+                                     logins, leaves, self._drain_later)
 
     def _drain_later(self) -> None:
         # The engine's first event since the last drain: the log gets it, and whatever

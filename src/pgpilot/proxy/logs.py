@@ -7,10 +7,13 @@ under connection churn is a tenth of the pooler's CPU. ``log_lines`` writes a ba
 with one prefix, one write and one flush per handler, when the handlers are the ones the CLI
 sets up (``setup_handlers``) and nothing that could see single records (a filter, another
 handler, a formatter of another shape) is in the way; otherwise it logs line by line.
+``direct_target`` lets the fast path's engine write its own clients' lines to those handlers'
+files itself, the same text, with no Python in between.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import time
@@ -110,3 +113,40 @@ def log_lines(logger: logging.Logger, level: int, messages: Sequence[str]) -> No
                                                   "%d lines", (len(messages),), None))
         finally:
             handler.release()
+
+
+def direct_target(logger: logging.Logger, level: int) -> tuple[list[int], bytes] | None:
+    """Where code outside Python may write ``logger``'s lines of ``level`` itself, as
+    ``log_lines`` would: copies of the handlers' file descriptors (the caller owns them) and
+    the text between a line's time and its message (`` <pid> <LEVEL> ``). None when
+    ``log_lines`` would not write them straight to files itself, or a handler's file is not
+    UTF-8 or not a file descriptor, or ends lines otherwise than with a newline.
+
+    The copies keep writing to the files the handlers have now: call again (and replace the
+    copies) when the handlers change."""
+    if not logger.isEnabledFor(level):
+        return None
+    handlers = _plain_handlers(logger, level)
+    if handlers is None:
+        return None
+    streams = []
+    for handler in handlers:
+        stream = handler.stream
+        try:
+            encoding = codecs.lookup(getattr(stream, "encoding", None) or "").name
+            fileno = stream.fileno()
+        except (LookupError, AttributeError, OSError, ValueError):
+            return None
+        if encoding != "utf-8" or handler.terminator != "\n":
+            return None
+        streams.append((handler, fileno))
+    fds: list[int] = []
+    try:
+        for handler, fileno in streams:
+            handler.flush()  # what Python wrote is out before anything written to the copy
+            fds.append(os.dup(fileno))
+    except (OSError, ValueError):
+        for fd in fds:
+            os.close(fd)
+        return None
+    return fds, f" {os.getpid()} {logging.getLevelName(level)} ".encode()
