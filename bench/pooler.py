@@ -712,6 +712,27 @@ def loadgen_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def warm_up(pooler: Pooler) -> None:
+    """One client logs in and runs a query, so the pooler has its first server connection
+    and caches before a baseline is read."""
+    warm = subprocess.run(["psql", "-X", "-q", "-h", HOST, "-p", str(pooler.port),
+                           "-U", BENCH_USER, "-d", BENCH_DB, "-c", "SELECT 1"],
+                          capture_output=True, text=True, env=pgbench_env(), timeout=30)
+    if warm.returncode != 0:
+        raise RuntimeError(f"warm-up query failed: {warm.stderr.strip()}")
+
+
+def start_loadgen(pooler: Pooler, clients: int, active: int, duration: float,
+                  rows: int) -> subprocess.Popen[str]:
+    """The scale case's load generator (``--loadgen``) on ``pooler``: it logs ``clients`` in,
+    prints a JSON line, and waits for "go" on its stdin."""
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--loadgen",
+         "--port", str(pooler.port), "--clients", str(clients), "--active", str(active),
+         "--duration", str(duration), "--rows", str(rows)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
 def measure_scale(case: Case, target: str, rnd: int, up: Upstream, secret: str,
                   st: Settings, tmp: Path, rows: int) -> RunResult:
     res = RunResult(target, rnd)
@@ -719,21 +740,10 @@ def measure_scale(case: Case, target: str, rnd: int, up: Upstream, secret: str,
     gen: subprocess.Popen[str] | None = None
     try:
         pooler = start_pooler(target, case, up, secret, tmp)
-        # One client logs in and runs a query first, so both poolers have their first
-        # server connection and caches before the baseline is read.
-        warm = subprocess.run(["psql", "-X", "-q", "-h", HOST, "-p", str(pooler.port),
-                               "-U", BENCH_USER, "-d", BENCH_DB, "-c", "SELECT 1"],
-                              capture_output=True, text=True, env=pgbench_env(), timeout=30)
-        if warm.returncode != 0:
-            raise RuntimeError(f"warm-up query failed: {warm.stderr.strip()}")
+        warm_up(pooler)
         rss0 = proc_status_kb(pooler.pid, "VmRSS")
         cpu0 = cpu_seconds(pooler.pid)
-        gen = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--loadgen",
-             "--port", str(pooler.port), "--clients", str(st.scale_clients),
-             "--active", str(st.scale_active), "--duration", str(st.scale_duration),
-             "--rows", str(rows)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        gen = start_loadgen(pooler, st.scale_clients, st.scale_active, st.scale_duration, rows)
         assert gen.stdin is not None and gen.stdout is not None
         connected = json.loads(gen.stdout.readline())
         time.sleep(0.5)

@@ -75,17 +75,10 @@ def logins(kind: str, case: bench.Case, up: bench.Upstream, secret: str, tmp: Pa
            clients: int, seconds: float, rows: int) -> str:
     pooler = bench.start_pooler(kind, case, up, secret, tmp)
     try:
-        # A first login and query, so both poolers have their first server and caches.
-        subprocess.run(["psql", "-X", "-q", "-h", bench.HOST, "-p", str(pooler.port), "-U",
-                        bench.BENCH_USER, "-d", bench.BENCH_DB, "-c", "SELECT 1"],
-                       env=bench.pgbench_env(), check=True, capture_output=True, timeout=30)
+        bench.warm_up(pooler)
         cpu0 = bench.cpu_seconds(pooler.pid)
         counting = Counting(pooler.pid, tmp / f"stat-{kind}.txt")
-        gen = subprocess.Popen(
-            [sys.executable, str(Path(bench.__file__).resolve()), "--loadgen", "--port",
-             str(pooler.port), "--clients", str(clients), "--active", "100", "--duration",
-             str(seconds), "--rows", str(rows)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        gen = bench.start_loadgen(pooler, clients, 100, seconds, rows)
         assert gen.stdin is not None and gen.stdout is not None
         connected = json.loads(gen.stdout.readline())
         counts = counting.stop()
