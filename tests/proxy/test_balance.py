@@ -170,7 +170,9 @@ def test_stray_datagrams_on_the_handoff_socket_are_dropped(
     add(balance, 0, SLOT_CLIENTS, 1)
     sender.send(HANDOFF)  # a hand-off whose descriptor was lost: uncounted
     add(balance, 0, SLOT_CLIENTS, 1)
-    socket.send_fds(sender, [HANDOFF], [read_end, read_end])  # a pipe is no client
+    socket.send_fds(sender, [HANDOFF], [read_end])  # a pipe is no client
+    add(balance, 0, SLOT_CLIENTS, 1)
+    socket.send_fds(sender, [HANDOFF], [read_end, read_end])  # one client a hand-off
     os.close(read_end)
 
     def pipe_closed() -> bool:

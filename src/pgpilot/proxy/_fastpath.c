@@ -309,7 +309,7 @@ static void report_error(EngineObject *e) {
  * processes read and write them at any time: every access is atomic. */
 #define SLOT_WORDS 8
 #define SLOT_CLIENTS 0  /* clients counted in this worker's share, handed to it included */
-#define SLOT_ACCEPTING 1 /* 1: it takes hand-offs (an engine TCP listener of its is open) */
+#define SLOT_ACCEPTING 1 /* 1: it takes hand-offs (it has an engine listener to serve them) */
 #define SLOT_HANDED_OFF 2 /* clients it handed to a sibling, in all */
 #define SLOT_HANDED_IN 3  /* clients a sibling handed to it, in all */
 /* (word 4, the worker's pid, is written by the supervisor) */
@@ -2428,10 +2428,11 @@ static void take_in(EngineObject *e, int fd) {
     Py_DECREF(l);
 }
 
-/* The hand-off socket is readable: take in every client waiting there. A datagram that is
- * not a hand-off (its data is not HANDOFF_PAYLOAD) is dropped, with whatever descriptors it
- * carried; a hand-off whose descriptor did not arrive (control data truncated, out of
- * descriptors) is uncounted. */
+/* The hand-off socket is readable: take in every client waiting there. A hand-off is
+ * HANDOFF_PAYLOAD with exactly one descriptor. Anything else is dropped, with whatever
+ * descriptors came (closed): a stray datagram, or a hand-off whose descriptor was lost
+ * (control data truncated, out of descriptors) or came with others, which is then uncounted
+ * (its sender counted one client for this worker). */
 static void handoff_receive(ConnObject *r) {
     EngineObject *e = r->engine;
     for (int round = 0; round < ACCEPTS_PER_WAKE && !(r->flags & F_CLOSED); round++) {
@@ -2452,6 +2453,7 @@ static void handoff_receive(ConnObject *r) {
             report_error(e);
             counter_set(e, e->me, SLOT_ACCEPTING, 0);
             conn_close_fd(r);
+            drop_engine_ref(r);
             return;
         }
         int fds[HANDOFF_MAX_FDS], n_fds = 0;
@@ -2462,15 +2464,14 @@ static void handoff_receive(ConnObject *r) {
             for (size_t i = 0; i < k && n_fds < HANDOFF_MAX_FDS; i++)
                 memcpy(&fds[n_fds++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
         }
-        int handoff = n == (ssize_t)(sizeof HANDOFF_PAYLOAD - 1) && !(msg.msg_flags & MSG_TRUNC) &&
-                      memcmp(data, HANDOFF_PAYLOAD, sizeof HANDOFF_PAYLOAD - 1) == 0;
-        /* A hand-off carries one client: anything else that came is closed. */
-        for (int i = handoff ? 1 : 0; i < n_fds; i++) close(fds[i]);
-        if (!handoff) continue;
-        if (n_fds)
+        int ours = n == (ssize_t)(sizeof HANDOFF_PAYLOAD - 1) && !(msg.msg_flags & MSG_TRUNC) &&
+                   memcmp(data, HANDOFF_PAYLOAD, sizeof HANDOFF_PAYLOAD - 1) == 0;
+        if (ours && n_fds == 1 && !(msg.msg_flags & MSG_CTRUNC)) {
             take_in(e, fds[0]);
-        else
-            counter_add(e, e->me, SLOT_CLIENTS, -1);
+            continue;
+        }
+        for (int i = 0; i < n_fds; i++) close(fds[i]);
+        if (ours) counter_add(e, e->me, SLOT_CLIENTS, -1);
     }
 }
 
