@@ -190,6 +190,23 @@ def test_stray_datagrams_on_the_handoff_socket_are_dropped(
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+def test_a_worker_with_no_listener_left_closes_handed_clients(
+        worker0: tuple[RunningProxy, Balance]) -> None:
+    """Shutting down (or client TLS turned on): its siblings hand it nothing more, and a
+    client that was on its way is closed and uncounted."""
+    proxy, balance = worker0
+    assert balance.slots()[0].accepting
+    proxy.call(lambda: proxy.pooler.stop_listening())  # type: ignore[union-attr]
+    assert not balance.slots()[0].accepting
+    client, accepted = tcp_pair()
+    hand_in(balance, 0, accepted)
+    with client:
+        client.settimeout(10)
+        assert client.recv(100) == b""
+    wait_until(lambda: balance.slots()[0].clients == 0)
+    assert balance.slots()[0].handed_in == 0
+
+
 def test_one_worker_balances_nothing(proxy: RunningProxy) -> None:
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
