@@ -24,6 +24,7 @@ from pgpilot.embedded import free_port
 from pgpilot.proxy.config import load_config
 from pgpilot.proxy.fastpath import new_event_loop
 from pgpilot.proxy.pooler import Pooler
+from pgpilot.proxy.workers import WorkerIdentity
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -59,9 +60,11 @@ def read_types(sock: socket.socket, count: int | None = None) -> list[str]:
 
 class RunningProxy:
     def __init__(self, config_path: Path, port: int,
-                 loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop) -> None:
+                 loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop,
+                 worker: WorkerIdentity | None = None) -> None:
         self.config_path = config_path
         self.port = port
+        self.worker = worker  # as if one of workers = N (test_balance.py)
         # The pooler's own loop (command.serve): asyncio's, on the engine's selector.
         self.loop = loop_factory()
         self.pooler: Pooler | None = None
@@ -73,7 +76,7 @@ class RunningProxy:
         asyncio.set_event_loop(self.loop)
 
         async def boot() -> None:
-            self.pooler = Pooler(load_config(self.config_path))
+            self.pooler = Pooler(load_config(self.config_path), self.worker)
             await self.pooler.start()
 
         try:
@@ -180,13 +183,13 @@ def proxy_factory(pg_params: dict[str, str],
     def make(*, databases: dict[str, str] | None = None, users: dict[str, str] | None = None,
              userlist: dict[str, str] | None = None, upstream: dict[str, str] | None = None,
              loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop,
-             **settings: Any) -> RunningProxy:
+             worker: WorkerIdentity | None = None, **settings: Any) -> RunningProxy:
         counter[0] += 1
         folder = tmp_path / f"proxy{counter[0]}"
         folder.mkdir()
         path, port = write_config(folder, upstream or pg_params, settings, databases, users,
                                   userlist)
-        proxy = RunningProxy(path, port, loop_factory).start()
+        proxy = RunningProxy(path, port, loop_factory, worker).start()
         running.append(proxy)
         return proxy
 

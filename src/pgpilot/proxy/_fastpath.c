@@ -43,6 +43,7 @@
 #define KIND_CLIENT 0
 #define KIND_SERVER 1
 #define KIND_LISTENER 2 /* a listening socket: new clients are accepted here, no uvloop transport */
+#define KIND_HANDOFF 3  /* workers = N: the socket sibling workers hand clients in by */
 #define ACCEPTS_PER_WAKE 64
 #define MODE_SLOW 0
 #define MODE_FAST 1
@@ -64,6 +65,7 @@
 #define F_WELCOMED 0x400    /* phantom: logged in by a login route, welcome sent */
 #define F_READ_AT_ACCEPT 0x800 /* listener with TCP_DEFER_ACCEPT: a client is accepted once
                                 * its first packet is in, so it is read at once */
+#define F_COUNTED 0x1000   /* client counted in this worker's share (see "balancing") */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104
 #define MAX_STARTUP_LENGTH 10000 /* as wire/framing.py */
@@ -248,6 +250,16 @@ struct EngineObject {
     PyObject *error_handler; /* called with an exception a callback raised */
     PyObject *call_soon;
     long n_conns;
+    /* balancing between workers (see there; Engine.balance): the shared counters (NULL: no
+     * balancing, workers = 1), how many workers there are and which one this is, the
+     * siblings' hand-off send ends by index (-1 for this one), the socket clients are handed
+     * in by, the listener they are then served by, the clients counted here (F_COUNTED) */
+    Py_buffer counters_view;
+    int64_t *counters;
+    int n_workers, me;
+    int *handoff_fds;
+    ConnObject *handoff_in, *handoff_listener;
+    long counted;
     /* engine logins: startup packet -> route (dict, set by Python), the pooler's cancel keys
      * (dict (pid, key) -> client or phantom Conn), how cancel pids are made, the phantoms */
     PyObject *routes, *cancel_keys;
@@ -302,6 +314,51 @@ static void report_error(EngineObject *e) {
         PyErr_Restore(type, exc, tb);
         PyErr_WriteUnraisable(NULL);
     }
+}
+
+/* -- balancing: the shared counters ------------------------------------------------------ *
+ * With workers = N each worker has a slot in a block of shared memory the supervisor made
+ * (workers.Balance, whose layout this mirrors): eight 64-bit words, a cache line, so that a
+ * worker counting its own clients does not slow down its siblings reading theirs. Other
+ * processes read and write them at any time: every access is atomic. */
+#define SLOT_WORDS 8
+#define SLOT_CLIENTS 0  /* clients counted in this worker's share, handed to it included */
+#define SLOT_ACCEPTING 1 /* 1: it takes hand-offs (it has an engine listener to serve them) */
+#define SLOT_HANDED_OFF 2 /* clients it handed to a sibling, in all */
+#define SLOT_HANDED_IN 3  /* clients a sibling handed to it, in all */
+/* (word 4, the worker's pid, is written by the supervisor) */
+
+static inline int64_t *counter(EngineObject *e, int worker, int word) {
+    return e->counters + (size_t)worker * SLOT_WORDS + word;
+}
+
+static inline int64_t counter_get(EngineObject *e, int worker, int word) {
+    return __atomic_load_n(counter(e, worker, word), __ATOMIC_RELAXED);
+}
+
+static inline void counter_add(EngineObject *e, int worker, int word, int64_t n) {
+    __atomic_add_fetch(counter(e, worker, word), n, __ATOMIC_RELAXED);
+}
+
+static inline void counter_set(EngineObject *e, int worker, int word, int64_t v) {
+    __atomic_store_n(counter(e, worker, word), v, __ATOMIC_RELAXED);
+}
+
+/* A client connection of this worker's share: counted until its fd closes. ``handed_in``: a
+ * sibling handed it over and counted it for us already (hand_off). */
+static void count_client(ConnObject *c, int handed_in) {
+    EngineObject *e = c->engine;
+    if (!e->counters) return;
+    c->flags |= F_COUNTED;
+    e->counted++;
+    if (!handed_in) counter_add(e, e->me, SLOT_CLIENTS, 1);
+}
+
+static void uncount_client(ConnObject *c) {
+    EngineObject *e = c->engine;
+    c->flags &= ~F_COUNTED;
+    e->counted--;
+    if (e->counters) counter_add(e, e->me, SLOT_CLIENTS, -1);
 }
 
 /* -- epoll interest ---------------------------------------------------------------------- */
@@ -2242,6 +2299,10 @@ static void conn_close_fd(ConnObject *c) {
     buf_free(&c->wb);
     scram_free(c);
     c->engine->n_conns--;
+    if (c->flags & F_COUNTED) uncount_client(c);
+    /* Siblings hand no more clients to a worker that serves none on the engine. */
+    if (c == c->engine->handoff_listener && c->engine->counters)
+        counter_set(c->engine, c->engine->me, SLOT_ACCEPTING, 0);
 }
 
 /* The connection broke or the peer closed it: Python is told, as by an asyncio transport. */
@@ -2322,10 +2383,13 @@ static void keep_address(ConnObject *c, const struct sockaddr_storage *peer) {
 }
 
 static void on_readable(ConnObject *c);
+static int hand_off(EngineObject *e, int fd, const struct sockaddr_storage *peer);
 
 /* A new client on a listening socket: its own Conn in SLOW mode, the protocol from
- * handler.new_client(), then protocol.connection_made(conn), as an asyncio server does. */
-static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *peer) {
+ * handler.new_client(), then protocol.connection_made(conn), as an asyncio server does.
+ * ``handed_in``: a sibling worker accepted it and handed it over (see "balancing"). */
+static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *peer,
+                       int handed_in) {
     EngineObject *e = l->engine;
     int one = 1;
     if (peer->ss_family == AF_INET || peer->ss_family == AF_INET6) {
@@ -2340,6 +2404,7 @@ static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *pee
         fd = -1;
         if (!c) goto fail;
         keep_address(c, peer);
+        count_client(c, handed_in);
         c->flags |= F_STARTUP | F_PHANTOM;
         c->accepted = now_ns();
         c->ph_next = e->phantom_head;
@@ -2354,6 +2419,7 @@ static void accept_one(ConnObject *l, int fd, const struct sockaddr_storage *pee
     fd = -1; /* new_conn owns it, even when it fails */
     if (!c) goto fail;
     keep_address(c, peer);
+    count_client(c, handed_in);
     c->flags |= F_STARTUP;
     PyObject *r = py_method(proto, "connection_made", "O", (PyObject *)c);
     if (!r) {
@@ -2370,6 +2436,8 @@ read_now:
 fail:
     report_error(e);
     if (fd >= 0) close(fd);
+    /* No Conn was made: the sender's count of it is undone here. */
+    if (handed_in && e->counters) counter_add(e, e->me, SLOT_CLIENTS, -1);
 done:
     Py_XDECREF(c);
     Py_XDECREF(proto);
@@ -2395,9 +2463,143 @@ static void listener_accept(ConnObject *l) {
             Py_XDECREF(r);
             return;
         }
+        /* Balancing (workers = N): before anything is read or made for it. */
+        if (l->engine->counters && hand_off(l->engine, fd, &peer)) continue;
         Py_INCREF(l);
-        accept_one(l, fd, &peer);
+        accept_one(l, fd, &peer, 0);
         Py_DECREF(l);
+    }
+}
+
+/* -- balancing between workers ----------------------------------------------------------- *
+ * With workers = N every worker listens on the port (SO_REUSEPORT) and the kernel picks one by
+ * a hash of the connection's addresses, which can leave one worker with 60 % of the clients
+ * and its half of the pool with the longer queue. So a worker that accepts a TCP client while
+ * it holds more than BALANCE_SLACK clients more than its least busy sibling passes the socket
+ * on, as it is (nothing read from it yet), to that sibling over its hand-off socket (an
+ * AF_UNIX datagram socketpair, SCM_RIGHTS); the sibling serves it as if its own listener had
+ * accepted it. Each worker's share is counted in the shared counters above: a client is
+ * counted from its accept (or hand-off) until its fd closes, the sender counting a handed
+ * client for its receiver at once, so that a burst of connections does not all go to the
+ * same sibling before it has taken any in. A handed client is never handed on again, and a
+ * hand-off that fails for any reason (the sibling's queue is full, it is gone) leaves the
+ * client with the worker that accepted it. Only clients of engine listeners are balanced:
+ * the unix socket and asyncio's listeners (client TLS, fast_path off) are not. */
+#define BALANCE_SLACK 1
+#define HANDOFF_PAYLOAD "pgpilot:client" /* the data of a hand-off datagram: one client */
+#define HANDOFF_MAX_FDS 8 /* room for a few, to close what a stray datagram carries */
+
+/* The sibling to hand a new client to, or -1 to keep it. */
+static int balance_target(EngineObject *e) {
+    int64_t least = counter_get(e, e->me, SLOT_CLIENTS) - BALANCE_SLACK;
+    int target = -1;
+    for (int i = 0; i < e->n_workers; i++) {
+        if (i == e->me || e->handoff_fds[i] < 0 || !counter_get(e, i, SLOT_ACCEPTING)) continue;
+        int64_t clients = counter_get(e, i, SLOT_CLIENTS);
+        if (clients < least) {
+            least = clients;
+            target = i;
+        }
+    }
+    return target;
+}
+
+/* Hand the new client ``fd`` to a sibling if this worker holds too many: 1 if it went (our
+ * copy is closed), 0 if it stays here. Never blocks. */
+static int hand_off(EngineObject *e, int fd, const struct sockaddr_storage *peer) {
+    if (peer->ss_family != AF_INET && peer->ss_family != AF_INET6) return 0;
+    int to = balance_target(e);
+    if (to < 0) return 0;
+    union {
+        struct cmsghdr header;
+        char space[CMSG_SPACE(sizeof(int))];
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {.iov_base = HANDOFF_PAYLOAD, .iov_len = sizeof HANDOFF_PAYLOAD - 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                         .msg_controllen = sizeof control.space};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+    counter_add(e, to, SLOT_CLIENTS, 1); /* before it can arrive: its receiver never counts it */
+    ssize_t sent;
+    do {
+        sent = sendmsg(e->handoff_fds[to], &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    if (sent < 0) {
+        counter_add(e, to, SLOT_CLIENTS, -1);
+        return 0;
+    }
+    counter_add(e, e->me, SLOT_HANDED_OFF, 1);
+    close(fd);
+    return 1;
+}
+
+/* A client a sibling handed over: served as if the hand-off listener had accepted it, or,
+ * with none open (shutting down, client TLS turned on), closed. */
+static void take_in(EngineObject *e, int fd) {
+    ConnObject *l = e->handoff_listener;
+    struct sockaddr_storage peer;
+    socklen_t len = sizeof peer;
+    memset(&peer, 0, sizeof peer);
+    if (!l || (l->flags & F_CLOSED) || getpeername(fd, (struct sockaddr *)&peer, &len) < 0 ||
+        (peer.ss_family != AF_INET && peer.ss_family != AF_INET6)) {
+        close(fd);
+        counter_add(e, e->me, SLOT_CLIENTS, -1);
+        return;
+    }
+    counter_add(e, e->me, SLOT_HANDED_IN, 1);
+    Py_INCREF(l);
+    accept_one(l, fd, &peer, 1);
+    Py_DECREF(l);
+}
+
+/* The hand-off socket is readable: take in every client waiting there. A hand-off is
+ * HANDOFF_PAYLOAD with exactly one descriptor. Anything else is dropped, with whatever
+ * descriptors came (closed): a stray datagram, or a hand-off whose descriptor was lost
+ * (control data truncated, out of descriptors) or came with others, which is then uncounted
+ * (its sender counted one client for this worker). */
+static void handoff_receive(ConnObject *r) {
+    EngineObject *e = r->engine;
+    for (int round = 0; round < ACCEPTS_PER_WAKE && !(r->flags & F_CLOSED); round++) {
+        char data[sizeof HANDOFF_PAYLOAD];
+        union {
+            struct cmsghdr header;
+            char space[CMSG_SPACE(HANDOFF_MAX_FDS * sizeof(int))];
+        } control;
+        struct iovec iov = {.iov_base = data, .iov_len = sizeof data};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                             .msg_controllen = sizeof control.space};
+        ssize_t n = recvmsg(r->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+            /* Not expected of a socketpair: stop taking clients rather than spin on it. */
+            PyErr_SetFromErrno(PyExc_OSError);
+            report_error(e);
+            counter_set(e, e->me, SLOT_ACCEPTING, 0);
+            conn_close_fd(r);
+            drop_engine_ref(r);
+            return;
+        }
+        int fds[HANDOFF_MAX_FDS], n_fds = 0;
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+            if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+            if (cm->cmsg_len < CMSG_LEN(0)) continue;
+            size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t i = 0; i < k && n_fds < HANDOFF_MAX_FDS; i++)
+                memcpy(&fds[n_fds++], CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+        }
+        int ours = n == (ssize_t)(sizeof HANDOFF_PAYLOAD - 1) && !(msg.msg_flags & MSG_TRUNC) &&
+                   memcmp(data, HANDOFF_PAYLOAD, sizeof HANDOFF_PAYLOAD - 1) == 0;
+        if (ours && n_fds == 1 && !(msg.msg_flags & MSG_CTRUNC)) {
+            take_in(e, fds[0]);
+            continue;
+        }
+        for (int i = 0; i < n_fds; i++) close(fds[i]);
+        if (ours) counter_add(e, e->me, SLOT_CLIENTS, -1);
     }
 }
 
@@ -2458,6 +2660,10 @@ static int read_buffered(ConnObject *c, size_t want) {
 static void on_readable(ConnObject *c) {
     if (c->kind == KIND_LISTENER) {
         listener_accept(c);
+        return;
+    }
+    if (c->kind == KIND_HANDOFF) {
+        handoff_receive(c);
         return;
     }
     if (c->scram) {
@@ -2604,6 +2810,7 @@ static void conn_dealloc(ConnObject *c) {
         if (c->registered) epoll_ctl(c->engine->epfd, EPOLL_CTL_DEL, c->fd, NULL);
         close(c->fd);
         c->engine->n_conns--;
+        if (c->flags & F_COUNTED) uncount_client(c);
     }
     buf_free(&c->rb);
     buf_free(&c->wb);
@@ -3120,6 +3327,8 @@ static int engine_traverse(EngineObject *e, visitproc visit, void *arg) {
     Py_VISIT(e->client_ids);
     Py_VISIT(e->log_events);
     Py_VISIT(e->log_drain);
+    Py_VISIT(e->handoff_in);
+    Py_VISIT(e->handoff_listener);
     return 0;
 }
 
@@ -3132,6 +3341,15 @@ static int engine_clear(EngineObject *e) {
     Py_CLEAR(e->client_ids);
     Py_CLEAR(e->log_events);
     Py_CLEAR(e->log_drain);
+    Py_CLEAR(e->handoff_in);
+    Py_CLEAR(e->handoff_listener);
+    if (e->counters) {
+        counter_set(e, e->me, SLOT_ACCEPTING, 0);
+        e->counters = NULL;
+        PyBuffer_Release(&e->counters_view);
+    }
+    PyMem_Free(e->handoff_fds);
+    e->handoff_fds = NULL;
     return 0;
 }
 
@@ -3210,6 +3428,75 @@ static PyObject *engine_listen(EngineObject *e, PyObject *args) {
     if (l && keepalive) l->flags |= F_KEEPALIVE;
     if (l && read_at_accept) l->flags |= F_READ_AT_ACCEPT;
     return (PyObject *)l;
+}
+
+/* balance(counters, index, send_fds, receive_fd, listener): take part in balancing clients
+ * between workers (see "balancing"): ``counters`` a writable buffer of SLOT_WORDS 64-bit words
+ * per worker (shared memory), ``index`` this worker's, ``send_fds`` each sibling's hand-off
+ * send end (-1 for this worker), ``receive_fd`` this worker's receive end (the engine owns it
+ * from now on, whatever happens), ``listener`` the engine listener whose handler serves the
+ * clients handed in (None: there is none; they are closed). Once per engine. Clients handed
+ * to this worker's predecessor (a worker that died) and still queued are taken in now. */
+static PyObject *engine_balance(EngineObject *e, PyObject *args) {
+    PyObject *buffer, *send, *listener;
+    int me, receive_fd;
+    if (!PyArg_ParseTuple(args, "OiO!iO", &buffer, &me, &PyTuple_Type, &send, &receive_fd,
+                          &listener))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(send);
+    int *fds = NULL;
+    if (e->counters) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine balances already");
+        goto fail;
+    }
+    if (listener != Py_None && (!PyObject_TypeCheck(listener, &ConnType) ||
+                                ((ConnObject *)listener)->kind != KIND_LISTENER)) {
+        PyErr_SetString(PyExc_TypeError, "listener must be an engine listener or None");
+        goto fail;
+    }
+    if (me < 0 || me >= n) {
+        PyErr_SetString(PyExc_ValueError, "index out of range");
+        goto fail;
+    }
+    if (!(fds = PyMem_Malloc((size_t)n * sizeof(int)))) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PyTuple_GET_ITEM(send, i));
+        if (fd == -1 && PyErr_Occurred()) goto fail;
+        fds[i] = i == me ? -1 : (int)fd;
+    }
+    if (PyObject_GetBuffer(buffer, &e->counters_view, PyBUF_WRITABLE) < 0) goto fail;
+    if (e->counters_view.len < n * SLOT_WORDS * (Py_ssize_t)sizeof(int64_t) ||
+        (uintptr_t)e->counters_view.buf % sizeof(int64_t)) {
+        PyBuffer_Release(&e->counters_view);
+        PyErr_SetString(PyExc_ValueError, "counters: too small or not aligned");
+        goto fail;
+    }
+    ConnObject *in = new_conn(e, receive_fd, Py_None, NULL, KIND_HANDOFF);
+    if (!in) { /* (new_conn closed the fd) */
+        PyBuffer_Release(&e->counters_view);
+        PyMem_Free(fds);
+        return NULL;
+    }
+    e->counters = e->counters_view.buf;
+    e->n_workers = (int)n;
+    e->me = me;
+    e->handoff_fds = fds;
+    e->handoff_in = in;
+    e->handoff_listener = (ConnObject *)Py_XNewRef(listener == Py_None ? NULL : listener);
+    counter_set(e, me, SLOT_ACCEPTING, 0);
+    handoff_receive(in);
+    /* The count starts from what this worker holds (its predecessor's clients are gone). */
+    counter_set(e, me, SLOT_CLIENTS, e->counted);
+    if (e->handoff_listener && !(e->handoff_listener->flags & F_CLOSED))
+        counter_set(e, me, SLOT_ACCEPTING, 1);
+    Py_RETURN_NONE;
+fail:
+    PyMem_Free(fds);
+    close(receive_fd);
+    return NULL;
 }
 
 static PyObject *engine_pool(EngineObject *e, PyObject *args) {
@@ -3504,6 +3791,10 @@ static PyObject *engine_claim_stale(EngineObject *e, PyObject *arg) {
     return claim_phantoms(e, 1, age);
 }
 
+static PyObject *engine_get_balanced_clients(EngineObject *e, void *unused) {
+    return PyLong_FromLong(e->counted);
+}
+
 static PyObject *engine_get_phantoms(EngineObject *e, void *unused) {
     return PyLong_FromLong(e->phantoms);
 }
@@ -3554,6 +3845,10 @@ static PyMethodDef engine_methods[] = {
      "Give every phantom client its Python object; returns how many."},
     {"claim_stale", (PyCFunction)engine_claim_stale, METH_O,
      "claim_stale(age): the same for phantoms still logging in after ``age`` seconds."},
+    {"balance", (PyCFunction)engine_balance, METH_VARARGS,
+     "balance(counters, index, send_fds, receive_fd, listener): balance TCP clients with "
+     "sibling workers (workers = N): hand new ones to the least busy at accept, take in "
+     "those handed here."},
     {"watch", (PyCFunction)engine_watch, METH_VARARGS,
      "watch(fd, events, is_new): add (or change) a descriptor of Python's in the set."},
     {"unwatch", (PyCFunction)engine_unwatch, METH_O, "unwatch(fd): take it out again."},
@@ -3562,6 +3857,8 @@ static PyMethodDef engine_methods[] = {
 static PyGetSetDef engine_getset[] = {
     {"connections", (getter)engine_get_n_conns, NULL, "Open sockets.", NULL},
     {"phantoms", (getter)engine_get_phantoms, NULL, "Clients with no Python object yet.", NULL},
+    {"balanced_clients", (getter)engine_get_balanced_clients, NULL,
+     "Clients counted in this worker's share (balancing; 0 without).", NULL},
     {"phantoms_logging_in", (getter)engine_get_phantoms_logging_in, NULL,
      "Of those, the ones not logged in yet.", NULL},
     {"phantom_cap", (getter)engine_get_phantom_cap, (setter)engine_set_phantom_cap,

@@ -11,7 +11,7 @@ rest of that Query, and the connection stays usable. Commands, with PgBouncer's 
 meanings so pgbouncer_exporter and existing dashboards read them:
 
 ``SHOW POOLS | STATS | STATS_TOTALS | STATS_AVERAGES | TOTALS | CLIENTS | SERVERS | DATABASES |
-USERS | CONFIG | LISTS | VERSION | STATE | HAZARDS | HELP``;
+USERS | CONFIG | LISTS | VERSION | STATE | HAZARDS | WORKERS | HELP``;
 ``PAUSE [db]``, ``RESUME [db]``, ``RELOAD``, ``KILL [db]``, ``KILL_CLIENT id``,
 ``RECONNECT [db]``, ``SHUTDOWN [WAIT_FOR_CLIENTS | WAIT_FOR_SERVERS]``.
 
@@ -79,7 +79,7 @@ MASK = "********"
 
 HELP_TEXT = """Console usage
   SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|DATABASES|USERS
-  SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS
+  SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS|WORKERS
   PAUSE [<db>]
   RESUME [<db>]
   KILL [<db>]
@@ -755,6 +755,20 @@ class AdminSession:
                 for (db, user, app, kind), entry in sorted(self.pooler.hazards.counts.items())]
         return Result("SHOW", columns, rows)
 
+    def show_workers(self) -> Result:
+        """pgpilot's own: with ``workers = N``, every worker's share of the TCP clients (the
+        counters they balance by, shared between them: any worker's console shows all).
+        With one process, no rows."""
+        columns = [("worker", INT4), ("pid", INT4), ("clients", INT8), ("accepting", TEXT),
+                   ("handed_off", INT8), ("handed_in", INT8)]
+        worker = self.pooler.worker
+        balance = worker.balance if worker is not None else None
+        slots = balance.slots() if balance is not None else []
+        rows: list[list[Value]] = [
+            [slot.index, slot.pid, slot.clients, "yes" if slot.accepting else "no",
+             slot.handed_off, slot.handed_in] for slot in slots]
+        return Result("SHOW", columns, rows)
+
     def show_help(self) -> Result:
         return Result("SHOW", notice=HELP_TEXT)
 
@@ -970,13 +984,14 @@ _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "version": AdminSession.show_version,
     "state": AdminSession.show_state,
     "hazards": AdminSession.show_hazards,
+    "workers": AdminSession.show_workers,
     "help": AdminSession.show_help,
 }
 
 # SHOW commands that list no clients, only count them (client_counts, show_lists): clients
 # the engine logged in alone and that idle there are counted in place, not given objects.
 _COUNTING_SHOWS = frozenset({"pools", "stats", "stats_totals", "stats_averages", "totals",
-                             "lists", "servers", "config", "version", "help"})
+                             "lists", "servers", "config", "version", "workers", "help"})
 
 _ControlHandler = Callable[[AdminSession, list[str]], Any]
 # verb -> (handler, how many arguments it takes at most)

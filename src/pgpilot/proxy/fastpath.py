@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from pgpilot.proxy.pool import Pool
     from pgpilot.proxy.pooler import Pooler
     from pgpilot.proxy.server import ServerConnection
+    from pgpilot.proxy.workers import WorkerIdentity
 
 log = logging.getLogger("pgpilot.proxy")
 
@@ -326,6 +327,22 @@ class FastPath:
             raise
         proto.transport = conn
         return True
+
+    def balance(self, worker: WorkerIdentity, listeners: list[asyncio.AbstractServer]) -> None:
+        """workers = N: balance TCP clients with the sibling workers (_fastpath.c,
+        "balancing"). Clients handed to this worker are served as the first of ``listeners``
+        the engine serves would serve them; with none (client TLS), they are closed, and
+        siblings hand none here."""
+        balance = worker.balance
+        if balance is None:
+            return
+        engine_listener = next((listener._conn for listener in listeners
+                                if isinstance(listener, Listener) and listener.is_serving()),
+                               None)
+        send_fds = tuple(sock.fileno() for sock in balance.send_ends)
+        # The engine owns the duplicate (and closes it, whatever happens).
+        self.engine.balance(balance.counters, worker.index, send_fds,
+                            os.dup(balance.receive_ends[worker.index].fileno()), engine_listener)
 
     def listen(self, sock: socket.socket, new_client: Callable[[], ClientConnection],
                keepalive: bool, defer_accept: bool = False) -> Listener:

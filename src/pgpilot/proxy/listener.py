@@ -8,6 +8,10 @@ With the compiled fast path and no client TLS, the TCP sockets are served by the
 engine (:class:`pgpilot.proxy.fastpath.Listener`): a client then never gets an asyncio
 transport, which makes a new connection much cheaper (``pgbench -C``). With client TLS the
 asyncio servers stay, since the TLS upgrade needs an asyncio transport.
+
+With ``workers = N``, only the engine's TCP listeners balance clients between the workers (a
+worker holding more than its share hands a new client to a sibling: workers.py, "balancing"
+in ``_fastpath.c``); the unix socket and asyncio's servers keep the kernel's choice.
 """
 
 from __future__ import annotations

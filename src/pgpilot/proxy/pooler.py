@@ -103,6 +103,9 @@ class Pooler:
         for name, db in self.config.databases.items():
             if name != "*" and db.user and self.config.min_pool_size_for(db):
                 self.get_pool(db, name, db.user)
+        if self.fast is not None and self.worker is not None:
+            # Last: clients handed over by siblings need the whole pooler ready.
+            self.fast.balance(self.worker, self._listeners)
 
     @property
     def listen_addresses(self) -> list[tuple[str, int] | str]:

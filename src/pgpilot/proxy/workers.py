@@ -11,6 +11,10 @@ is a whole pooler of its own:
 - Cancel requests: a client's BackendKeyData carries its worker's index in the top bits of the
   pid. A CancelRequest that reaches another worker (the kernel chose its connection at random)
   is passed, as the same 16 bytes, to the owning worker over that worker's private unix socket.
+- Balance: the kernel's choice follows a hash of the addresses, not the load, and can leave one
+  worker with 60 % of the clients. A worker whose engine accepts a TCP client while it holds
+  more than its least busy sibling hands the socket over at once (:class:`Balance`; the engine
+  does it, see "balancing" in ``_fastpath.c``), so each ends up with an even share.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -92,6 +97,83 @@ def cancel_socket_path(run_dir: str, index: int) -> str:
     return os.path.join(run_dir, f"cancel-{index}.sock")
 
 
+# Each worker's slot in Balance.counters: 64-bit words, as the engine reads them (_fastpath.c,
+# "balancing: the shared counters"); a slot fills a cache line.
+SLOT_WORDS = 8
+SLOT_CLIENTS = 0  # TCP clients counted in its share (handed to it and not taken in yet too)
+SLOT_ACCEPTING = 1  # 1 while it takes hand-offs
+SLOT_HANDED_OFF = 2  # clients it handed to a sibling, in all
+SLOT_HANDED_IN = 3  # clients siblings handed to it, in all
+SLOT_PID = 4  # the worker process, written by the supervisor
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSlot:
+    """One worker's counters, as read at one moment (SHOW WORKERS)."""
+
+    index: int
+    pid: int
+    clients: int
+    accepting: bool
+    handed_off: int
+    handed_in: int
+
+
+class Balance:
+    """What the workers share to even out their TCP clients, made by the supervisor before it
+    forks: counters in anonymous shared memory (MAP_SHARED, so every worker sees the others'),
+    one slot per worker, and per worker a datagram socketpair its siblings hand clients to
+    (sent to ``send_ends[i]``, received on ``receive_ends[i]``). The supervisor keeps every
+    end open, so a worker started again in place of one that died takes in what was handed to
+    its predecessor and still waits in the queue."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.counters = mmap.mmap(-1, count * SLOT_WORDS * 8)
+        self.receive_ends: list[socket.socket] = []
+        self.send_ends: list[socket.socket] = []
+        for _ in range(count):
+            receive_end, send_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            receive_end.setblocking(False)
+            send_end.setblocking(False)
+            self.receive_ends.append(receive_end)
+            self.send_ends.append(send_end)
+        self._words = memoryview(self.counters).cast("q")
+
+    def _set(self, index: int, word: int, value: int) -> None:
+        self._words[index * SLOT_WORDS + word] = value
+
+    def starting(self, index: int) -> None:
+        """Worker ``index`` is about to be forked: it starts with an empty share (its
+        engine counts from there, Engine.balance) and takes no hand-offs until it says so."""
+        self._set(index, SLOT_ACCEPTING, 0)
+        self._set(index, SLOT_CLIENTS, 0)
+        self._set(index, SLOT_PID, 0)
+
+    def started(self, index: int, pid: int) -> None:
+        self._set(index, SLOT_PID, pid)
+
+    def stopped(self, index: int) -> None:
+        """Worker ``index`` is gone: its siblings hand it no more clients."""
+        self._set(index, SLOT_ACCEPTING, 0)
+
+    def slots(self) -> list[WorkerSlot]:
+        words = self._words
+        out = []
+        for index in range(self.count):
+            base = index * SLOT_WORDS
+            out.append(WorkerSlot(index, words[base + SLOT_PID], words[base + SLOT_CLIENTS],
+                                  bool(words[base + SLOT_ACCEPTING]),
+                                  words[base + SLOT_HANDED_OFF], words[base + SLOT_HANDED_IN]))
+        return out
+
+    def close(self) -> None:
+        self._words.release()
+        self.counters.close()
+        for sock in (*self.receive_ends, *self.send_ends):
+            sock.close()
+
+
 @dataclasses.dataclass
 class WorkerIdentity:
     """Who a worker is among its siblings (None of this exists with workers = 1)."""
@@ -100,6 +182,7 @@ class WorkerIdentity:
     count: int
     run_dir: str  # holds each worker's cancel socket
     unix_socket: socket.socket | None  # the shared, inherited unix listening socket
+    balance: Balance | None = None  # shared with the siblings to even out clients
 
     def owner_of(self, pid: int) -> int:
         return (pid >> WORKER_SHIFT) & (MAX_WORKERS - 1)
@@ -130,21 +213,24 @@ def supervise(config: Config, run_worker: Callable[[Config, WorkerIdentity], int
     count = min(config.workers, MAX_WORKERS)
     run_dir = tempfile.mkdtemp(prefix="pgpilot-workers-")
     unix_socket = _make_unix_socket(config)
+    balance = Balance(count)
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
     def start(index: int) -> None:
+        balance.starting(index)  # before the fork: the worker owns its slot from then on
         pid = os.fork()
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            identity = WorkerIdentity(index, count, run_dir, unix_socket)
+            identity = WorkerIdentity(index, count, run_dir, unix_socket, balance)
             status = 1
             try:
                 status = run_worker(worker_config(config, index, count), identity)
             finally:
                 os._exit(status)
         children[pid] = index
+        balance.started(index, pid)
         log.info("worker %d started (pid %d)", index, pid)
 
     def forward(signum: int, _frame: object) -> None:
@@ -171,6 +257,7 @@ def supervise(config: Config, run_worker: Callable[[Config, WorkerIdentity], int
         if pid not in children:
             continue
         index = children.pop(pid)
+        balance.stopped(index)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             status = status or (code if code > 0 else 0)
@@ -190,6 +277,7 @@ def supervise(config: Config, run_worker: Callable[[Config, WorkerIdentity], int
         unix_socket.close()
         if isinstance(path, str) and os.path.exists(path):
             os.unlink(path)
+    balance.close()
     for index in range(count):
         with contextlib.suppress(OSError):
             os.unlink(cancel_socket_path(run_dir, index))
