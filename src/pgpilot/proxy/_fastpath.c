@@ -510,27 +510,35 @@ static int contains_ci(const unsigned char *s, size_t n, const char *word) {
 }
 
 /* Does one of the words that send a text to Python occur anywhere in it, in any case? One
- * pass over the text (it runs on every query the fast path carries): only a position whose
- * letter starts one of the words is looked at further. */
+ * pass over the text (it runs on every query the fast path carries): a position is looked at
+ * further only if its letter and the next are the first two of one of the words. Those
+ * letters (a, s, t, h, l, p, d) are common in SQL, so the test of the second letter comes
+ * before any loop over the rest. */
 static int hazard_word_at_any(const unsigned char *s, size_t n) {
     static const char *const words[] = {"advisory_lock", "set_config", "temp", "hold", "listen",
                                         "prepare", "discard", "deallocate", NULL};
-    static unsigned char starts[256]; /* letter -> 1 + index of its first word, 0: none */
+    static unsigned char starting[256]; /* letter -> a bit for each word it starts */
     static size_t lengths[8];
-    if (!starts['t']) {
+    static int ready;
+    if (!ready) {
         for (int w = 0; words[w]; w++) {
             lengths[w] = strlen(words[w]);
-            unsigned char first = (unsigned char)words[w][0];
-            if (!starts[first]) starts[first] = (unsigned char)(w + 1);
+            starting[(unsigned char)words[w][0]] |= (unsigned char)(1u << w);
         }
+        ready = 1;
     }
-    for (size_t i = 0; i < n; i++) {
-        unsigned char at = starts[fold(s[i])];
-        if (!at) continue;
-        for (int w = at - 1; words[w]; w++) {
-            if ((unsigned char)words[w][0] != fold(s[i])) continue;
-            size_t len = lengths[w];
-            if (len <= n - i && contains_ci(s + i, len, words[w])) return 1;
+    for (size_t i = 0; i + 1 < n; i++) {
+        unsigned mask = starting[fold(s[i])];
+        if (!mask) continue;
+        unsigned char second = fold(s[i + 1]);
+        for (; mask; mask &= mask - 1) {
+            int w = __builtin_ctz(mask);
+            const char *word = words[w];
+            size_t len = lengths[w]; /* every word has 4 letters or more */
+            if ((unsigned char)word[1] != second || len > n - i) continue;
+            size_t k = 2;
+            while (k < len && fold(s[i + k]) == (unsigned char)word[k]) k++;
+            if (k == len) return 1;
         }
     }
     return 0;
