@@ -2003,6 +2003,7 @@ static void forget_cancel_key(ConnObject *c) {
 }
 
 static PyObject *address_tuple(const struct sockaddr *a);
+static int host_and_port(const struct sockaddr *a, char host[INET6_ADDRSTRLEN], int *port);
 
 /* Lines the engine writes itself (log_to): each in the CLI's format (logs.LOG_FORMAT, as
  * logging's default time format: local time, comma, milliseconds), kept until the end of the
@@ -2085,13 +2086,7 @@ static void log_phantom_line(ConnObject *c, int kind) {
     const char *user = utf8_attr(route, "user", &user_len);
     char host[INET6_ADDRSTRLEN] = "unix";
     int port = 0;
-    if (c->peer_addr.sa.sa_family == AF_INET) {
-        if (!inet_ntop(AF_INET, &c->peer_addr.in4.sin_addr, host, sizeof host)) host[0] = 0;
-        port = ntohs(c->peer_addr.in4.sin_port);
-    } else if (c->peer_addr.sa.sa_family == AF_INET6) {
-        if (!inet_ntop(AF_INET6, &c->peer_addr.in6.sin6_addr, host, sizeof host)) host[0] = 0;
-        port = ntohs(c->peer_addr.in6.sin6_port);
-    }
+    host_and_port(&c->peer_addr.sa, host, &port); /* as drain_log: "unix:0" otherwise */
     const char *what = kind == 0 ? "login ok" : "closing: client closed the connection";
     char stamp[64], id[96], tail[INET6_ADDRSTRLEN + 80];
     int stamp_len = snprintf(stamp, sizeof stamp, "%s,%03ld", e->log_time, ts.tv_nsec / 1000000);
@@ -2379,22 +2374,33 @@ static void lost_errno(ConnObject *c, int err) {
 static ConnObject *new_conn(EngineObject *e, int fd, PyObject *protocol, PyObject *extra,
                             int kind);
 
+/* An IP address's host text and port; 0 (and nothing set) for any other family. */
+static int host_and_port(const struct sockaddr *a, char host[INET6_ADDRSTRLEN], int *port) {
+    if (a->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)a;
+        if (!inet_ntop(AF_INET, &in->sin_addr, host, INET6_ADDRSTRLEN)) host[0] = 0;
+        *port = ntohs(in->sin_port);
+        return 1;
+    }
+    if (a->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)a;
+        if (!inet_ntop(AF_INET6, &in6->sin6_addr, host, INET6_ADDRSTRLEN)) host[0] = 0;
+        *port = ntohs(in6->sin6_port);
+        return 1;
+    }
+    return 0;
+}
+
 /* An address as asyncio gives it: (host, port) for IPv4, (host, port, flowinfo, scope_id) for
  * IPv6, "" for a unix socket. */
 static PyObject *address_tuple(const struct sockaddr *a) {
     char host[INET6_ADDRSTRLEN];
-    if (a->sa_family == AF_INET) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)a;
-        if (!inet_ntop(AF_INET, &in->sin_addr, host, sizeof host)) host[0] = 0;
-        return Py_BuildValue("(si)", host, (int)ntohs(in->sin_port));
-    }
-    if (a->sa_family == AF_INET6) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)a;
-        if (!inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host)) host[0] = 0;
-        return Py_BuildValue("(siII)", host, (int)ntohs(in6->sin6_port),
-                             (unsigned)ntohl(in6->sin6_flowinfo), (unsigned)in6->sin6_scope_id);
-    }
-    return PyUnicode_FromString("");
+    int port;
+    if (!host_and_port(a, host, &port)) return PyUnicode_FromString("");
+    if (a->sa_family == AF_INET) return Py_BuildValue("(si)", host, port);
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)a;
+    return Py_BuildValue("(siII)", host, port, (unsigned)ntohl(in6->sin6_flowinfo),
+                         (unsigned)in6->sin6_scope_id);
 }
 
 static void keep_address(ConnObject *c, const struct sockaddr_storage *peer) {

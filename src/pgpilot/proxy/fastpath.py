@@ -221,7 +221,8 @@ class FastPath:
         shown = log.isEnabledFor(logging.INFO)
         logins, leaves = cfg.log_connections and shown, cfg.log_disconnections and shown
         target = direct_target(log, logging.INFO) if logins or leaves else None
-        self.engine.log_to(*((tuple(target[0]), target[1]) if target else ((), b"")))
+        fds, head = target if target is not None else ([], b"")
+        self.engine.log_to(tuple(fds), head)
         self.engine.configure_logins(self.routes, pooler.cancel_keys,
                                      *pooler.cancel_pid_layout(), pooler.client_ids,
                                      logins, leaves, self._drain_later)
