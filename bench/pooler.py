@@ -40,6 +40,7 @@ import platform
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -49,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,10 @@ class Case:
     poolers: tuple[str, ...] = POOLERS
     direct: bool = True
     note: str = ""
-    workers: int = 1  # pgpilot's workers = N (PgBouncer stays one process)
+    workers: int = 1  # pgpilot's workers = N
+    # PgBouncer processes sharing the port (so_reuseport = 1), the pool and
+    # max_db_connections divided between them as pgpilot's workers divide theirs
+    pgbouncer_processes: int = 1
     # pgbench options for PgBouncer's runs instead of ``args``, where it cannot run those
     pgbouncer_args: tuple[str, ...] | None = None
     # log_connections / log_disconnections on (both poolers' defaults), each pooler writing
@@ -116,6 +120,14 @@ CASES: tuple[Case, ...] = (
          args=("-S", "-M", "simple"), clients=100, workers=2, direct=False,
          note="pgpilot with workers = 2 (two processes, pool and limits split between them); "
               "PgBouncer as always one process; CPU and RSS summed over the pooler's processes"),
+    Case("select-simple-100-w2-reuseport",
+         "pgbench -S -M simple, 100 clients, pgpilot workers = 2, PgBouncer two processes",
+         args=("-S", "-M", "simple"), clients=100, workers=2, pgbouncer_processes=2,
+         direct=False,
+         note="each pooler's way to use two cores: pgpilot with workers = 2 against two "
+              "PgBouncer processes on the same port (so_reuseport = 1), each with half the "
+              "pool (10) and of max_db_connections; CPU and RSS summed over each pooler's "
+              "processes"),
     Case("churn-scram-10", "pgbench -S -C (new connection per transaction), SCRAM, 10 clients",
          args=("-S", "-M", "simple", "-C"), clients=10, auth="scram-sha-256"),
     Case("churn-scram-10-logged",
@@ -208,6 +220,14 @@ def wait_port(port: int, proc: subprocess.Popen[Any] | None, timeout: float = 30
             return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listening on {HOST}:{port} after {timeout:g} s")
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {what} after {timeout:g} s")
+        time.sleep(0.05)
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
@@ -335,12 +355,18 @@ class Pooler:
     proc: subprocess.Popen[bytes]
     workdir: Path
     stderr_path: Path
+    group: bool = False  # several processes under a shell: stopped as a process group
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def stop(self) -> None:
+        if self.group:
+            # The shell started its PgBouncers in the background, with SIGINT ignored;
+            # SIGTERM (PgBouncer's immediate shutdown) reaches every one.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM if self.kind == "pgpilot" else signal.SIGINT)
             try:
@@ -356,7 +382,9 @@ class Pooler:
 
 
 def pooler_ini(kind: str, case: Case, port: int, up: Upstream, userlist: Path) -> str:
-    """One pgbouncer.ini for both poolers: the same settings, read by each."""
+    """One pgbouncer.ini for both poolers: the same settings, read by each (by every
+    PgBouncer process where it runs several, so each gets its share of the limits)."""
+    share = case.pgbouncer_processes if kind == "pgbouncer" else 1
     server = f"host={HOST} port={up.port} dbname={BENCH_DB} user={up.admin_user}"
     if up.admin_password:
         server += f" password={up.admin_password}"
@@ -371,9 +399,9 @@ def pooler_ini(kind: str, case: Case, port: int, up: Upstream, userlist: Path) -
         f"auth_type = {case.auth}",
         f"auth_file = {userlist}",
         "pool_mode = transaction",
-        f"default_pool_size = {case.pool_size}",
+        f"default_pool_size = {case.pool_size // share}",
         "reserve_pool_size = 0",
-        f"max_db_connections = {max(case.pool_size, 100)}",
+        f"max_db_connections = {max(case.pool_size, 100) // share}",
         f"max_client_conn = {MAX_CLIENT_CONN}",
         "listen_backlog = 4096",
         f"log_connections = {int(case.logging)}",
@@ -382,6 +410,8 @@ def pooler_ini(kind: str, case: Case, port: int, up: Upstream, userlist: Path) -
     ]
     if kind == "pgbouncer":
         lines += ["pidfile =", "logfile ="]
+        if share > 1:
+            lines.append("so_reuseport = 1")
     elif case.workers > 1:
         lines.append(f"workers = {case.workers}")
     return "\n".join(lines) + "\n"
@@ -402,6 +432,11 @@ def start_pooler(kind: str, case: Case, up: Upstream, secret: str, base: Path) -
     if kind == "pgbouncer":
         kwargs: dict[str, Any] = {"user": "nobody"} if os.geteuid() == 0 else {}
         cmd = ["pgbouncer", str(ini)]
+        if case.pgbouncer_processes > 1:
+            # Several processes under one shell, so that the process tree (CPU, RSS) and the
+            # process group (stop) hold them all.
+            one = f"pgbouncer {shlex.quote(str(ini))}"
+            cmd = ["sh", "-c", " & ".join([one] * case.pgbouncer_processes) + " & wait"]
     else:
         kwargs = {}
         # -q: warnings only, as PgBouncer's log_connections = 0 / log_disconnections = 0
@@ -416,9 +451,13 @@ def start_pooler(kind: str, case: Case, up: Upstream, secret: str, base: Path) -
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir,
                             start_new_session=True, **kwargs)
     stderr.close()
-    pooler = Pooler(kind, port, proc, workdir, stderr_path)
+    pooler = Pooler(kind, port, proc, workdir, stderr_path,
+                    group=kind == "pgbouncer" and case.pgbouncer_processes > 1)
     try:
         wait_port(port, proc)
+        if pooler.group:
+            wait_for(lambda: len(process_tree(proc.pid)) > case.pgbouncer_processes,
+                     f"{case.pgbouncer_processes} PgBouncer processes")
     except RuntimeError as exc:
         pooler.stop()
         raise RuntimeError(f"{kind} did not start: {exc}\n{pooler.stderr_tail()}") from exc

@@ -190,21 +190,40 @@ def test_stray_datagrams_on_the_handoff_socket_are_dropped(
         assert conn.execute("select 1").fetchone() == (1,)
 
 
-def test_a_worker_with_no_listener_left_closes_handed_clients(
+def test_a_worker_with_no_listener_left_passes_handed_clients_on_or_closes_them(
         worker0: tuple[RunningProxy, Balance]) -> None:
-    """Shutting down (or client TLS turned on): its siblings hand it nothing more, and a
-    client that was on its way is closed and uncounted."""
+    """Shutting down (or client TLS turned on): its siblings hand it nothing more. A client
+    that was on its way goes on to a sibling that still takes hand-offs, uncounted here and
+    counted there; with none, it is closed and uncounted."""
     proxy, balance = worker0
     assert balance.slots()[0].accepting
     proxy.call(lambda: proxy.pooler.stop_listening())  # type: ignore[union-attr]
     assert not balance.slots()[0].accepting
+
+    # Worker 1 (the test) takes hand-offs: the client is passed on to it, as it is.
+    add(balance, 1, SLOT_ACCEPTING, 1)
+    client, accepted = tcp_pair()
+    hand_in(balance, 0, accepted)
+    data, fds = receive_handoff(balance, 1)
+    assert data == HANDOFF and len(fds) == 1
+    with client, socket.socket(fileno=fds[0]) as passed_on:
+        assert passed_on.getpeername() == client.getsockname()
+        client.sendall(b"hello")
+        passed_on.settimeout(10)
+        assert passed_on.recv(100) == b"hello"
+    wait_until(lambda: balance.slots()[0].clients == 0)
+    assert balance.slots()[1].clients == 1  # counted for worker 1 by worker 0
+    assert balance.slots()[0].handed_in == 0 and balance.slots()[0].handed_off == 1
+
+    # No sibling takes hand-offs: closed.
+    add(balance, 1, SLOT_ACCEPTING, -1)
     client, accepted = tcp_pair()
     hand_in(balance, 0, accepted)
     with client:
         client.settimeout(10)
         assert client.recv(100) == b""
     wait_until(lambda: balance.slots()[0].clients == 0)
-    assert balance.slots()[0].handed_in == 0
+    assert balance.slots()[0].handed_in == 0 and balance.slots()[0].handed_off == 1
 
 
 def test_one_worker_balances_nothing(proxy: RunningProxy) -> None:

@@ -2509,35 +2509,33 @@ static void listener_accept(ConnObject *l) {
  * accepted it. Each worker's share is counted in the shared counters above: a client is
  * counted from its accept (or hand-off) until its fd closes, the sender counting a handed
  * client for its receiver at once, so that a burst of connections does not all go to the
- * same sibling before it has taken any in. A handed client is never handed on again, and a
- * hand-off that fails for any reason (the sibling's queue is full, it is gone) leaves the
- * client with the worker that accepted it. Only clients of engine listeners are balanced:
+ * same sibling before it has taken any in. A handed client is handed on again only by a
+ * receiver that stopped serving clients meanwhile (its listener closed: a reload, a
+ * shutdown), to a sibling that still takes hand-offs; a hand-off that fails for any reason
+ * (the sibling's queue is full, it is gone) leaves the client with the worker that has it. Only clients of engine listeners are balanced:
  * the unix socket and asyncio's listeners (client TLS, fast_path off) are not. */
 #define BALANCE_SLACK 1
 #define HANDOFF_PAYLOAD "pgpilot:client" /* the data of a hand-off datagram: one client */
 #define HANDOFF_MAX_FDS 8 /* room for a few, to close what a stray datagram carries */
 
-/* The sibling to hand a new client to, or -1 to keep it. */
-static int balance_target(EngineObject *e) {
-    int64_t least = counter_get(e, e->me, SLOT_CLIENTS) - BALANCE_SLACK;
+/* The accepting sibling with the fewest clients, if it has fewer than ``below``; else -1. */
+static int least_busy_sibling(EngineObject *e, int64_t below) {
     int target = -1;
     for (int i = 0; i < e->n_workers; i++) {
         if (i == e->me || e->handoff_fds[i] < 0 || !counter_get(e, i, SLOT_ACCEPTING)) continue;
         int64_t clients = counter_get(e, i, SLOT_CLIENTS);
-        if (clients < least) {
-            least = clients;
+        if (clients < below) {
+            below = clients;
             target = i;
         }
     }
     return target;
 }
 
-/* Hand the new client ``fd`` to a sibling if this worker holds too many: 1 if it went (our
- * copy is closed), 0 if it stays here. Never blocks. */
-static int hand_off(EngineObject *e, int fd, const struct sockaddr_storage *peer) {
-    if (peer->ss_family != AF_INET && peer->ss_family != AF_INET6) return 0;
-    int to = balance_target(e);
-    if (to < 0) return 0;
+/* Send the client ``fd`` to sibling ``to`` over its hand-off socket, counted in its share
+ * from now: 1 if it went (our copy is closed), 0 if not (the sibling's queue is full, it is
+ * gone). Never blocks. */
+static int send_client(EngineObject *e, int fd, int to) {
     union {
         struct cmsghdr header;
         char space[CMSG_SPACE(sizeof(int))];
@@ -2565,6 +2563,14 @@ static int hand_off(EngineObject *e, int fd, const struct sockaddr_storage *peer
     return 1;
 }
 
+/* Hand the new client ``fd`` to a sibling if this worker holds too many: 1 if it went, 0 if
+ * it stays here. */
+static int hand_off(EngineObject *e, int fd, const struct sockaddr_storage *peer) {
+    if (peer->ss_family != AF_INET && peer->ss_family != AF_INET6) return 0;
+    int to = least_busy_sibling(e, counter_get(e, e->me, SLOT_CLIENTS) - BALANCE_SLACK);
+    return to >= 0 && send_client(e, fd, to);
+}
+
 /* A client a sibling handed over: served as if the hand-off listener had accepted it, or,
  * with none open (shutting down, client TLS turned on), closed. */
 static void take_in(EngineObject *e, int fd) {
@@ -2572,9 +2578,17 @@ static void take_in(EngineObject *e, int fd) {
     struct sockaddr_storage peer;
     socklen_t len = sizeof peer;
     memset(&peer, 0, sizeof peer);
-    if (!l || (l->flags & F_CLOSED) || getpeername(fd, (struct sockaddr *)&peer, &len) < 0 ||
+    if (getpeername(fd, (struct sockaddr *)&peer, &len) < 0 ||
         (peer.ss_family != AF_INET && peer.ss_family != AF_INET6)) {
         close(fd);
+        counter_add(e, e->me, SLOT_CLIENTS, -1);
+        return;
+    }
+    if (!l || (l->flags & F_CLOSED)) {
+        /* Handed over while this worker stopped serving clients: on to a sibling that still
+         * does (it cannot come back: this worker takes no hand-offs now), else closed. */
+        int to = least_busy_sibling(e, INT64_MAX);
+        if (to < 0 || !send_client(e, fd, to)) close(fd);
         counter_add(e, e->me, SLOT_CLIENTS, -1);
         return;
     }
