@@ -1,19 +1,22 @@
-"""Wake-ups and CPU per connection: pgpilot and PgBouncer, alternating, under `perf stat`.
+"""Wake-ups and CPU per connection or transaction: pgpilot and PgBouncer, alternating.
 
-`bench/pooler.py` says how fast each pooler is; this says why, for new connections. For each
-round it starts a fresh PgBouncer and a fresh pgpilot (the same `pgbouncer.ini`, as
-`bench/pooler.py` writes it) and counts, in the pooler process only, its `epoll_wait` calls,
-its context switches and its CPU time while clients connect:
+`bench/pooler.py` says how fast each pooler is; this says why. For each round it starts a
+fresh PgBouncer and a fresh pgpilot (the same `pgbouncer.ini`, as `bench/pooler.py` writes it)
+and counts, in the pooler process only, its `epoll_wait` calls and context switches (under
+`perf stat`) and its CPU time, user and system apart (`/proc/<pid>/stat`):
 
 - ``logins``: the scale case's first phase, 10,000 clients logging in (trust) from one
   uvloop process (``bench/pooler.py --loadgen``), then 100 of them querying for 8 s;
 - ``churn``: ``pgbench -S -C`` (a new connection per transaction), SCRAM, 10 clients;
-- ``churn-logged``: the same with log_connections / log_disconnections on.
+- ``churn-logged``: the same with log_connections / log_disconnections on;
+- ``select``: ``pgbench -S -M simple``, 10 clients on a pool of 20 (a server per client):
+  per transaction, where both poolers do the same system calls.
 
 Needs ``perf`` (Debian: linux-perf) for the counts; without it, CPU time alone is printed.
 
     python bench/pooler_wakeups.py logins --rounds 3
     python bench/pooler_wakeups.py churn churn-logged --rounds 3 --seconds 6
+    python bench/pooler_wakeups.py select --rounds 3
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import pooler as bench  # this folder's pooler.py: one set of poolers and settin
 
 EVENTS = "syscalls:sys_enter_epoll_wait,context-switches"
 CASE_OF = {"logins": "scale-10k", "churn": "churn-scram-10",
-           "churn-logged": "churn-scram-10-logged"}
+           "churn-logged": "churn-scram-10-logged", "select": "select-simple-10"}
 
 
 class Counting:
@@ -63,12 +66,34 @@ class Counting:
         return counts
 
 
-def per_connection(counts: dict[str, float], n: int) -> str:
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime, apart, of a process and its live descendants (all threads)."""
+    user = system = 0
+    for p in bench.process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / bench.TICKS, system / bench.TICKS
+
+
+def per_unit(counts: dict[str, float], n: int, unit: str) -> str:
     if not counts or not n:
         return ""
     wait = counts.get("syscalls:sys_enter_epoll_wait", float("nan")) / n
     switches = counts.get("context-switches", float("nan")) / n
-    return f"  epoll_wait/conn {wait:6.3f}  context switches/conn {switches:6.3f}"
+    return f"  epoll_wait/{unit} {wait:6.3f}  context switches/{unit} {switches:6.3f}"
+
+
+def cpu_split(before: tuple[float, float], after: tuple[float, float], n: int,
+              unit: str) -> str:
+    user = (after[0] - before[0]) / max(n, 1) * 1e6
+    system = (after[1] - before[1]) / max(n, 1) * 1e6
+    return f"CPU {user + system:6.1f} us/{unit} (user {user:5.1f}, system {system:6.1f})"
 
 
 def logins(kind: str, case: bench.Case, up: bench.Upstream, secret: str, tmp: Path,
@@ -76,46 +101,48 @@ def logins(kind: str, case: bench.Case, up: bench.Upstream, secret: str, tmp: Pa
     pooler = bench.start_pooler(kind, case, up, secret, tmp)
     try:
         bench.warm_up(pooler)
-        cpu0 = bench.cpu_seconds(pooler.pid)
+        cpu0 = user_system_seconds(pooler.pid)
         counting = Counting(pooler.pid, tmp / f"stat-{kind}.txt")
         gen = bench.start_loadgen(pooler, clients, 100, seconds, rows)
         assert gen.stdin is not None and gen.stdout is not None
         connected = json.loads(gen.stdout.readline())
         counts = counting.stop()
-        cpu1 = bench.cpu_seconds(pooler.pid)
+        cpu1 = user_system_seconds(pooler.pid)
         gen.stdin.write("go\n")
         gen.stdin.flush()
         done = json.loads(gen.stdout.readline())
-        cpu2 = bench.cpu_seconds(pooler.pid)
+        cpu2 = user_system_seconds(pooler.pid)
         gen.stdin.write("close\n")
         gen.stdin.flush()
         gen.wait(60)
         ok = int(connected["ok"])
         return (f"{ok} logins in {connected['seconds']:.2f} s, {connected['errors']} errors, "
-                f"CPU {(cpu1 - cpu0) / max(ok, 1) * 1e6:5.1f} us/login"
-                + per_connection(counts, ok)
-                + f" | then {done['tps']:.0f} tps, CPU "
-                f"{(cpu2 - cpu1) / max(int(done['txns']), 1) * 1e6:5.1f} us/tx")
+                + cpu_split(cpu0, cpu1, ok, "login")
+                + per_unit(counts, ok, "login")
+                + f" | then {done['tps']:.0f} tps, "
+                + cpu_split(cpu1, cpu2, int(done["txns"]), "tx"))
     finally:
         pooler.stop()
         shutil.rmtree(pooler.workdir, ignore_errors=True)
 
 
-def churn(kind: str, case: bench.Case, up: bench.Upstream, secret: str, tmp: Path,
-          seconds: float) -> str:
+def pgbench_run(kind: str, case: bench.Case, up: bench.Upstream, secret: str, tmp: Path,
+                seconds: float) -> str:
+    """One pgbench run through a fresh pooler: per transaction (with ``-C``, per connection)."""
+    unit, rate = ("conn", "connections/s") if "-C" in case.args else ("tx", "tps")
     pooler = bench.start_pooler(kind, case, up, secret, tmp)
     try:
         bench.run_pgbench(case, pooler.port, 1, tmp, with_log=False)  # warm-up
-        cpu0 = bench.cpu_seconds(pooler.pid)
+        cpu0 = user_system_seconds(pooler.pid)
         counting = Counting(pooler.pid, tmp / f"stat-{kind}.txt")
         out, err, rc, _ = bench.run_pgbench(case, pooler.port, seconds, tmp, with_log=False)
         counts = counting.stop()
-        cpu1 = bench.cpu_seconds(pooler.pid)
+        cpu1 = user_system_seconds(pooler.pid)
         res = bench.RunResult(kind, 0)
         bench.parse_pgbench(out, err, rc, res)
         n = res.txns
-        return (f"{res.tps:7.1f} connections/s, CPU {(cpu1 - cpu0) / max(n, 1) * 1e6:6.1f} "
-                f"us/conn" + per_connection(counts, n))
+        return (f"{res.tps:8.1f} {rate}, " + cpu_split(cpu0, cpu1, n, unit)
+                + per_unit(counts, n, unit))
     finally:
         pooler.stop()
         shutil.rmtree(pooler.workdir, ignore_errors=True)
@@ -148,7 +175,7 @@ def main() -> int:
                         line = logins(kind, case, up, secret, tmp, args.clients, args.seconds,
                                       scale * 100_000)
                     else:
-                        line = churn(kind, case, up, secret, tmp, args.seconds)
+                        line = pgbench_run(kind, case, up, secret, tmp, args.seconds)
                     print(f"r{rnd} {kind:9s} {line}", flush=True)
     finally:
         if up.embedded is not None:
