@@ -26,8 +26,6 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from scramp.utils import ScramException, saslprep
-
 from pgpilot.wire import messages as m
 from pgpilot.wire.errors import ProtocolError
 
@@ -98,6 +96,10 @@ def _saslprep(password: str) -> str:
     """
     if password.isascii():
         return password
+    # Imported here: scramp brings asn1crypto and certifi, about 5 MB of every pooler
+    # process's memory, for passwords that are almost always ASCII.
+    from scramp.utils import ScramException, saslprep
+
     try:
         return str(saslprep(password))
     except ScramException:
