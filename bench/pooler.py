@@ -187,16 +187,22 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its live descendants (all threads), in seconds."""
-    total = 0
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime of a process and its live descendants (all threads), in seconds."""
+    user = system = 0
     for p in process_tree(pid):
         with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as fh:
             stat = fh.read()
             fields = stat[stat.rindex(")") + 2:].split()
             # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-            total += int(fields[11]) + int(fields[12])
-    return total / TICKS
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / TICKS, system / TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its live descendants (all threads), in seconds."""
+    return sum(user_system_seconds(pid))
 
 
 def proc_status_kb(pid: int, key: str) -> int:

@@ -66,21 +66,6 @@ class Counting:
         return counts
 
 
-def user_system_seconds(pid: int) -> tuple[float, float]:
-    """utime and stime, apart, of a process and its live descendants (all threads)."""
-    user = system = 0
-    for p in bench.process_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        user += int(fields[11])
-        system += int(fields[12])
-    return user / bench.TICKS, system / bench.TICKS
-
-
 def per_unit(counts: dict[str, float], n: int, unit: str) -> str:
     if not counts or not n:
         return ""
@@ -101,17 +86,17 @@ def logins(kind: str, case: bench.Case, up: bench.Upstream, secret: str, tmp: Pa
     pooler = bench.start_pooler(kind, case, up, secret, tmp)
     try:
         bench.warm_up(pooler)
-        cpu0 = user_system_seconds(pooler.pid)
+        cpu0 = bench.user_system_seconds(pooler.pid)
         counting = Counting(pooler.pid, tmp / f"stat-{kind}.txt")
         gen = bench.start_loadgen(pooler, clients, 100, seconds, rows)
         assert gen.stdin is not None and gen.stdout is not None
         connected = json.loads(gen.stdout.readline())
         counts = counting.stop()
-        cpu1 = user_system_seconds(pooler.pid)
+        cpu1 = bench.user_system_seconds(pooler.pid)
         gen.stdin.write("go\n")
         gen.stdin.flush()
         done = json.loads(gen.stdout.readline())
-        cpu2 = user_system_seconds(pooler.pid)
+        cpu2 = bench.user_system_seconds(pooler.pid)
         gen.stdin.write("close\n")
         gen.stdin.flush()
         gen.wait(60)
@@ -133,11 +118,11 @@ def pgbench_run(kind: str, case: bench.Case, up: bench.Upstream, secret: str, tm
     pooler = bench.start_pooler(kind, case, up, secret, tmp)
     try:
         bench.run_pgbench(case, pooler.port, 1, tmp, with_log=False)  # warm-up
-        cpu0 = user_system_seconds(pooler.pid)
+        cpu0 = bench.user_system_seconds(pooler.pid)
         counting = Counting(pooler.pid, tmp / f"stat-{kind}.txt")
         out, err, rc, _ = bench.run_pgbench(case, pooler.port, seconds, tmp, with_log=False)
         counts = counting.stop()
-        cpu1 = user_system_seconds(pooler.pid)
+        cpu1 = bench.user_system_seconds(pooler.pid)
         res = bench.RunResult(kind, 0)
         bench.parse_pgbench(out, err, rc, res)
         n = res.txns

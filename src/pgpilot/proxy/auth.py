@@ -96,8 +96,8 @@ def _saslprep(password: str) -> str:
     """
     if password.isascii():
         return password
-    # Imported here: scramp brings asn1crypto and certifi, about 5 MB of every pooler
-    # process's memory, for passwords that are almost always ASCII.
+    # Imported here: scramp brings asn1crypto, about 5 MB of every pooler process's memory,
+    # for passwords that are almost always ASCII.
     from scramp.utils import ScramException, saslprep
 
     try:
