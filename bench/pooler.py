@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import random
@@ -882,8 +883,14 @@ def paired_rounds(bouncer: list[RunResult], pilot: list[RunResult]) -> dict[str,
     pairs = [(by_round[p.round], p) for p in pilot if p.ok and p.round in by_round]
     tps = [ratio(p.tps, b.tps) for b, p in pairs]
     p99 = [ratio(p.lat_p99_ms, b.lat_p99_ms) for b, p in pairs]
+    tps_mean, tps_lo, tps_hi = ratio_interval(tps)
+    p99_mean, p99_lo, p99_hi = ratio_interval(p99)
     return {
         "rounds": len(pairs),
+        "tps_geomean": tps_mean, "tps_ci95": [tps_lo, tps_hi],
+        "tps_verdict": verdict(tps_lo, tps_hi, higher_is_better=True),
+        "p99_geomean": p99_mean, "p99_ci95": [p99_lo, p99_hi],
+        "p99_verdict": verdict(p99_lo, p99_hi, higher_is_better=False),
         "tps_ratios": [round(x, 3) for x in tps],
         "tps_ratio_median": median(tps),
         "tps_rounds_ahead": sum(1 for x in tps if x >= 1.0),
@@ -891,6 +898,40 @@ def paired_rounds(bouncer: list[RunResult], pilot: list[RunResult]) -> dict[str,
         "p99_ratio_median": median(p99),
         "p99_rounds_ahead": sum(1 for x in p99 if x <= 1.0),
     }
+
+
+# Two-sided 95 % quantiles of Student's t, by degrees of freedom (1-30); 1.96 beyond.
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+       2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of per-round ratios and its 95 % confidence interval.
+
+    Ratios are averaged as logarithms (1.1x and 1/1.1x cancel), and the interval is the
+    t interval of the mean log ratio: if it holds 1.0, the rounds cannot tell the two poolers
+    apart; if it lies above or below, the difference is larger than the machine's noise."""
+    logs = [math.log(r) for r in ratios if r == r and r > 0]
+    if not logs:
+        return float("nan"), float("nan"), float("nan")
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), float("nan"), float("nan")
+    half = (T95[len(logs) - 2] if len(logs) - 1 <= len(T95) else 1.96) * (
+        statistics.stdev(logs) / math.sqrt(len(logs)))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def verdict(lo: float, hi: float, higher_is_better: bool) -> str:
+    """'ahead', 'behind' or 'level' for pgpilot, from a ratio's 95 % interval."""
+    if lo != lo or hi != hi:
+        return "–"
+    if lo > 1.0:
+        return "ahead" if higher_is_better else "behind"
+    if hi < 1.0:
+        return "behind" if higher_is_better else "ahead"
+    return "level"
 
 
 def ratio(a: float, b: float) -> float:
@@ -903,6 +944,19 @@ def fmt(v: Any, spec: str = ".1f") -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "–"
     return format(v, spec)
+
+
+def paired_cell(pr: dict[str, Any], key: str) -> str:
+    """'1.03x [0.99-1.07] level, 6/10': a paired ratio, its interval, verdict, rounds ahead."""
+    n = pr.get("rounds", 0)
+    if not n:
+        return "–"
+    ahead = f"{pr[f'{key}_rounds_ahead']}/{n}"
+    if f"{key}_geomean" not in pr:  # a report written before the intervals were
+        return f"{fmt(pr[f'{key}_ratio_median'], '.2f')}x (median), {ahead}"
+    lo, hi = pr[f"{key}_ci95"]
+    interval = f" [{fmt(lo, '.2f')}-{fmt(hi, '.2f')}]" if lo == lo else ""
+    return f"{fmt(pr[f'{key}_geomean'], '.2f')}x{interval} {pr[f'{key}_verdict']}, {ahead}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -922,20 +976,18 @@ def render_markdown(report: dict[str, Any]) -> str:
            "## Ratios (pgpilot / PgBouncer)", "",
            "tps: higher is better; p99, CPU and RSS: lower is better. The first columns are "
            "ratios of the medians; the paired columns compare each round's two runs, which "
-           "ran back to back: the median of those ratios, and in how many rounds pgpilot "
+           "ran back to back: the geometric mean of those ratios with its 95 % confidence "
+           "interval, what the interval says (ahead or behind when it excludes 1.0, level "
+           "when the rounds cannot tell the poolers apart), and in how many rounds pgpilot "
            "was ahead (tps at least PgBouncer's, p99 at most).", "",
-           "| case | tps | p99 latency | CPU / tx | peak RSS | paired tps (rounds ahead) | "
-           "paired p99 (rounds ahead) |", "|---|---|---|---|---|---|---|"]
+           "| case | tps | p99 latency | CPU / tx | peak RSS | paired tps | paired p99 |",
+           "|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         r = c.get("ratios")
         if not r:
             continue
         pr = c.get("paired") or {}
-        n = pr.get("rounds", 0)
-        paired_tps = (f"{fmt(pr['tps_ratio_median'], '.2f')}x ({pr['tps_rounds_ahead']}/{n})"
-                      if n else "–")
-        paired_p99 = (f"{fmt(pr['p99_ratio_median'], '.2f')}x ({pr['p99_rounds_ahead']}/{n})"
-                      if n else "–")
+        paired_tps, paired_p99 = paired_cell(pr, "tps"), paired_cell(pr, "p99")
         out.append(f"| {c['name']} | {fmt(r['tps'], '.2f')}x | {fmt(r['lat_p99_ms'], '.2f')}x |"
                    f" {fmt(r['cpu_per_100k'], '.2f')}x | {fmt(r['peak_rss_kb'], '.2f')}x |"
                    f" {paired_tps} | {paired_p99} |")
@@ -1008,10 +1060,8 @@ def print_table(report: dict[str, Any]) -> None:
                   f" {fmt(r['peak_rss_kb'], '.2f'):>6s}x")
         pr = c.get("paired")
         if pr and pr["rounds"]:
-            print(f"{'':22s} {'paired':10s} tps {fmt(pr['tps_ratio_median'], '.2f')}x, ahead in "
-                  f"{pr['tps_rounds_ahead']}/{pr['rounds']} rounds; p99 "
-                  f"{fmt(pr['p99_ratio_median'], '.2f')}x, ahead in "
-                  f"{pr['p99_rounds_ahead']}/{pr['rounds']}")
+            print(f"{'':22s} {'paired':10s} tps {paired_cell(pr, 'tps')}; "
+                  f"p99 {paired_cell(pr, 'p99')}")
     print()
 
 
@@ -1062,7 +1112,7 @@ def environment(up: Upstream, rev: str | None, src_dir: str | None = None) -> di
     try:
         import uvloop
 
-        uv = uvloop.__version__
+        uv = str(getattr(uvloop, "__version__", "?"))
     except ImportError:
         uv = "absent"
     autogroup = "?"
@@ -1089,6 +1139,19 @@ def iter_order(case: Case, rounds: int) -> Iterator[tuple[str, int]]:
                 yield p, rnd
 
 
+def render_again(path: Path) -> int:
+    """Recompute each case's paired comparison from the runs an earlier report kept."""
+    report = json.loads(path.read_text())
+    for c in report["cases"]:
+        runs = {t: [RunResult(**r) for r in rs] for t, rs in c["runs"].items()}
+        if "pgbouncer" in runs and "pgpilot" in runs:
+            c["paired"] = paired_rounds(runs["pgbouncer"], runs["pgpilot"])
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    path.with_suffix(".md").write_text(render_markdown(report))
+    print_table(report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1112,6 +1175,10 @@ def main(argv: list[str] | None = None) -> int:
                         "scratch copy with a proposed change)")
     parser.add_argument("--output", default=str(RESULTS),
                         help="folder for pooler.json and pooler.md")
+    parser.add_argument("--render", metavar="JSON",
+                        help="run nothing: recompute the paired comparison of an earlier "
+                        "run's JSON (e.g. one written before the intervals were) and write "
+                        "it and its Markdown again, beside it")
     # The load generator of the scale case runs as its own process: this file, --loadgen.
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -1122,6 +1189,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.loadgen:
         args.duration = args.duration or 10.0
         return loadgen_main(args)
+    if args.render:
+        return render_again(Path(args.render))
 
     quick = args.quick
     st = Settings(
