@@ -3,7 +3,8 @@
 `bench/pooler.py` says how fast each pooler is; this says why. For each round it starts a
 fresh PgBouncer and a fresh pgpilot (the same `pgbouncer.ini`, as `bench/pooler.py` writes it)
 and counts, in the pooler process only, its `epoll_wait` calls and context switches (under
-`perf stat`) and its CPU time, user and system apart (`/proc/<pid>/stat`):
+`perf stat`) and its CPU time, user and system apart (`/proc/<pid>/stat`); for the pgbench
+modes also the TCP segments the machine sent per transaction or connection (`/proc/net/snmp`):
 
 - ``logins``: the scale case's first phase, 10,000 clients logging in (trust) from one
   uvloop process (``bench/pooler.py --loadgen``), then 100 of them querying for 8 s;
@@ -66,6 +67,16 @@ class Counting:
         return counts
 
 
+def tcp_segments_sent() -> int:
+    """TCP segments sent by the whole machine so far (/proc/net/snmp, Tcp OutSegs): the
+    clients, the pooler and PostgreSQL all talk over loopback TCP, so per transaction this
+    counts the messages each way and any bare ACKs the poolers' sockets cause."""
+    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
+             if ln.startswith("Tcp:")]
+    header, values = lines[0], lines[1]
+    return int(values[header.index("OutSegs")])
+
+
 def per_unit(counts: dict[str, float], n: int, unit: str) -> str:
     if not counts or not n:
         return ""
@@ -120,14 +131,16 @@ def pgbench_run(kind: str, case: bench.Case, up: bench.Upstream, secret: str, tm
         bench.run_pgbench(case, pooler.port, 1, tmp, with_log=False)  # warm-up
         cpu0 = bench.user_system_seconds(pooler.pid)
         counting = Counting(pooler.pid, tmp / f"stat-{kind}.txt")
+        segments0 = tcp_segments_sent()
         out, err, rc, _ = bench.run_pgbench(case, pooler.port, seconds, tmp, with_log=False)
+        segments = tcp_segments_sent() - segments0
         counts = counting.stop()
         cpu1 = bench.user_system_seconds(pooler.pid)
         res = bench.RunResult(kind, 0)
         bench.parse_pgbench(out, err, rc, res)
         n = res.txns
         return (f"{res.tps:8.1f} {rate}, " + cpu_split(cpu0, cpu1, n, unit)
-                + per_unit(counts, n, unit))
+                + per_unit(counts, n, unit) + f"  TCP segments/{unit} {segments / max(n, 1):5.2f}")
     finally:
         pooler.stop()
         shutil.rmtree(pooler.workdir, ignore_errors=True)
