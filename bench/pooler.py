@@ -918,7 +918,8 @@ def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(logs)
     if len(logs) < 2:
         return math.exp(mean), float("nan"), float("nan")
-    half = (T95[len(logs) - 2] if len(logs) - 1 <= len(T95) else 1.96) * (
+    dof = len(logs) - 1
+    half = (T95[dof - 1] if dof <= len(T95) else 1.96) * (
         statistics.stdev(logs) / math.sqrt(len(logs)))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
@@ -952,8 +953,6 @@ def paired_cell(pr: dict[str, Any], key: str) -> str:
     if not n:
         return "–"
     ahead = f"{pr[f'{key}_rounds_ahead']}/{n}"
-    if f"{key}_geomean" not in pr:  # a report written before the intervals were
-        return f"{fmt(pr[f'{key}_ratio_median'], '.2f')}x (median), {ahead}"
     lo, hi = pr[f"{key}_ci95"]
     interval = f" [{fmt(lo, '.2f')}-{fmt(hi, '.2f')}]" if lo == lo else ""
     return f"{fmt(pr[f'{key}_geomean'], '.2f')}x{interval} {pr[f'{key}_verdict']}, {ahead}"
@@ -1146,10 +1145,15 @@ def render_again(path: Path) -> int:
         runs = {t: [RunResult(**r) for r in rs] for t, rs in c["runs"].items()}
         if "pgbouncer" in runs and "pgpilot" in runs:
             c["paired"] = paired_rounds(runs["pgbouncer"], runs["pgpilot"])
+    write_report(report, path)
+    return 0
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """The report as JSON at ``path``, as Markdown beside it (.md), and as a table here."""
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     path.with_suffix(".md").write_text(render_markdown(report))
     print_table(report)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1273,9 +1277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pooler.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / "pooler.md").write_text(render_markdown(report))
-    print_table(report)
+    write_report(report, out_dir / "pooler.json")
     log(f"done in {report.get('elapsed_s')} s; wrote {out_dir / 'pooler.json'} and "
         f"{out_dir / 'pooler.md'}")
     return 0
