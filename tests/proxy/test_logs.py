@@ -18,11 +18,14 @@ STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
 @pytest.fixture()
 def logger() -> Iterator[logging.Logger]:
-    """A logger of its own under a parent with the CLI's handler, apart from the root (where
-    pytest keeps its own handlers)."""
+    """A logger under a parent with the CLI's handler, cut off from the root (where pytest
+    keeps its own handlers). The parent propagates, to a top logger that is not registered
+    with logging's manager: pytest 9.2 adds its capture handler to every registered logger
+    that does not propagate, which would be one more handler on the way."""
     parent = logging.getLogger("pgpilot.test_logs")
-    parent.propagate = False
     parent.setLevel(logging.INFO)
+    above = parent.parent
+    parent.parent = logging.Logger("pgpilot-test-logs-top")
     child = logging.getLogger("pgpilot.test_logs.fastpath")
     yield child
     for each in (parent, child):
@@ -30,7 +33,7 @@ def logger() -> Iterator[logging.Logger]:
             each.removeHandler(handler)
         for filt in list(each.filters):
             each.removeFilter(filt)
-    parent.propagate = True
+    parent.parent = above
 
 
 def cli_handler(level: int = logging.NOTSET) -> tuple[logging.StreamHandler[io.StringIO],
