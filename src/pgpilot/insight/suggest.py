@@ -1,4 +1,4 @@
-"""The fix to print for a finding: a loader option, a batch query, or a cache.
+"""The fix to print for a finding: a loader option, a batch query, or reusing a result.
 
 Used by both faces: the in-app detector passes ``suggest_fix`` to its ``ScopeDetector``, and the
 pooler can do the same. An ORM lazy load comes with its loader option already worked out by the
@@ -17,8 +17,9 @@ def suggest_fix(kind: FindingKind, event: QueryEvent) -> str:
     """How to remove the round trips a finding counts."""
     if kind == "duplicate":
         return (
-            "reuse the first result instead of asking again: keep it in a variable, a "
-            "request-scoped pgpilot.batch DataLoader, or pgpilot.cache"
+            "reuse the first result instead of asking again: keep it in a variable, or load "
+            "it through a request-scoped pgpilot.batch DataLoader (it answers a repeated key "
+            "from its cache)"
         )
     if event.loader_option:
         return event.loader_option
