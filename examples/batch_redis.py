@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import uuid
 
 import redis.asyncio
 
@@ -16,6 +17,7 @@ from pgpilot.batch import BatchExecutor
 async def main(url: str) -> None:
     client = redis.asyncio.Redis.from_url(url)
     commands: list[str] = []
+    prefix = f"example:{uuid.uuid4().hex[:8]}:"  # runs at the same time do not share keys
 
     async def mset(pairs: list[tuple[str, str]]) -> list[bool]:
         commands.append(f"MSET x{len(pairs)}")
@@ -31,12 +33,12 @@ async def main(url: str) -> None:
     get_value = BatchExecutor(mget, max_batch_size=500)
     try:
         # Many independent coroutines, each writing or reading one key.
-        await asyncio.gather(*(set_value.submit((f"example:{i}", str(i * i))) for i in range(1000)))
-        values = await asyncio.gather(*(get_value.submit(f"example:{i}") for i in range(1000)))
+        await asyncio.gather(*(set_value.submit((f"{prefix}{i}", str(i * i))) for i in range(1000)))
+        values = await asyncio.gather(*(get_value.submit(f"{prefix}{i}") for i in range(1000)))
         assert values[7] == b"49"
         print("commands sent:", commands)  # ['MSET x1000', 'MGET x500', 'MGET x500']
         print("get stats:", get_value.stats.as_dict())
-        await client.delete(*(f"example:{i}" for i in range(1000)))
+        await client.delete(*(f"{prefix}{i}" for i in range(1000)))
     finally:
         await client.aclose()
 
