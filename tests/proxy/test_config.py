@@ -186,12 +186,61 @@ def test_sample_pgbouncer_ini() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_comments_only_at_line_start_and_blank_lines() -> None:
+def test_comment_lines_and_blank_lines() -> None:
     config = parse("; a comment\n   # indented comment\n\n\tdefault_pool_size = 3\n")
     assert config.default_pool_size == 3
-    err = error_of("pool_mode = session ; trailing text is not a comment\n")
-    assert (err.path, err.line) == ("test.ini", 3)
-    assert "pool_mode" in err.reason and "beginning of a line" in err.reason
+
+
+def test_inline_comments_after_a_blank_end_the_value() -> None:
+    config = parse(
+        "pool_mode = transaction ; the usual\n"
+        "listen_port = 7000\t# not 6432\n"
+        "admin_users = alice, bob   ; two of them\n"
+        "unix_socket_dir = ; no unix socket\n"
+        "[databases]\n"
+        "* = host=10.0.0.5   ; any other name: same name upstream\n"
+        "app = host=db port=5433 # the app's\n"
+        "empty = ; only a comment\n"
+        "[users]\n"
+        "u = pool_mode=session ;# session for u\n"
+    )
+    assert (config.pool_mode, config.listen_port) == ("transaction", 7000)
+    assert config.admin_users == ("alice", "bob")
+    assert config.unix_socket_dir == ""
+    assert config.databases["*"] == DatabaseConfig(name="*", host="10.0.0.5")
+    assert config.databases["app"] == DatabaseConfig(name="app", host="db", port=5433)
+    assert config.databases["empty"] == DatabaseConfig(name="empty")
+    assert config.users["u"].pool_mode == "session"
+    assert config.warnings == ()
+
+
+def test_inline_comment_characters_that_are_part_of_a_value() -> None:
+    """Not a comment: ';'/'#' inside a word, inside a quoted connection-string value, and in
+    the SQL settings, whose text is kept whole (';' separates statements), as PgBouncer."""
+    config = parse(
+        "server_reset_query = RESET ALL ; DISCARD ALL\n"
+        "server_check_query = select 1 # 2\n"
+        "auth_query = SELECT usename, passwd FROM pgb.lookup($1) ; \n"
+        "[databases]\n"
+        "a = password=se;cr#et user=x#y\n"
+        "b = password='pass ;word # yes' connect_query='set a = 1 ; set b = 2'\n"
+        "c = password= #hash\n"
+    )
+    assert config.server_reset_query == "RESET ALL ; DISCARD ALL"
+    assert config.server_check_query == "select 1 # 2"
+    assert config.auth_query == "SELECT usename, passwd FROM pgb.lookup($1) ;"
+    assert (config.databases["a"].password, config.databases["a"].user) == ("se;cr#et", "x#y")
+    assert config.databases["b"].password == "pass ;word # yes"
+    assert config.databases["b"].connect_query == "set a = 1 ; set b = 2"
+    # after '=' comes the value, whatever its first character (as PgBouncer)
+    assert config.databases["c"].password == "#hash"
+
+
+def test_inline_comment_on_an_include_line(tmp_path: Path) -> None:
+    (tmp_path / "more.ini").write_text("[pgbouncer]\ndefault_pool_size = 9\n")
+    main = tmp_path / "main.ini"
+    main.write_text(HEAD + "%include more.ini   ; the pool sizes\n")
+    assert load_config(main).default_pool_size == 9
 
 
 def test_keys_and_sections_are_case_insensitive_and_later_lines_win() -> None:
@@ -232,6 +281,32 @@ def test_unknown_setting_is_a_warning_naming_it() -> None:
         "conf/p.ini:4: unknown setting 'frobnicate' ignored",
         "conf/p.ini:5: PgBouncer setting 'syslog' is not supported by pgpilot; ignored",
     )
+
+
+def test_misspelled_names_get_a_did_you_mean() -> None:
+    config = parse(
+        "pool_mod = transaction\nfrobnicate = 1\ntcp_keepidl = 5\n"
+        "[databses]\nx = 1\n"
+        "[databases]\ndb = hots=h port=5432\n"
+        "[users]\nu = pool_mod=session\n"
+    )
+    assert config.pool_mode == "session"  # the misspelled line is not taken
+    assert config.warnings == (
+        "test.ini:6: unknown section [databses] ignored; did you mean [databases]?",
+        "test.ini:3: unknown setting 'pool_mod' ignored; did you mean pool_mode?",
+        "test.ini:4: unknown setting 'frobnicate' ignored",
+        "test.ini:5: unknown setting 'tcp_keepidl' ignored; did you mean tcp_keepidle?",
+        "test.ini:9: database 'db': unknown parameter 'hots' ignored; did you mean host?",
+        "test.ini:11: user 'u': unknown parameter 'pool_mod' ignored; did you mean pool_mode?",
+    )
+    assert config.unknown_settings == config.warnings
+
+
+def test_unknown_settings_leave_out_what_pgpilot_knows_but_does_not_support() -> None:
+    config = parse("syslog = 1\n[peers]\n1 = host=p\n[databases]\n"
+                   "db = host=h target_session_attrs=any\n")
+    assert len(config.warnings) == 3
+    assert config.unknown_settings == ()
 
 
 def test_unknown_and_peers_sections_are_warnings() -> None:

@@ -5,9 +5,16 @@ immutable objects the proxy runtime can share without copying:
 
 * ``pgbouncer.ini``: sections ``[pgbouncer]`` (alias ``[pgpilot]``), ``[databases]``,
   ``[users]``; ``key = value`` lines; a line whose first non-blank character is ``;`` or ``#``
-  is a comment (those characters are *not* special later in a line, as in PgBouncer);
-  ``%include FILE``; setting names are case-insensitive; database and user names are keys that
-  may be quoted: ``'my db'``, or in double quotes where two double quotes stand for one.
+  is a comment; ``%include FILE``; setting names are case-insensitive; database and user names
+  are keys that may be quoted: ``'my db'``, or in double quotes where two double quotes stand
+  for one.
+* Inline comments, a pgpilot extension (PgBouncer's parser, libusual's cfparser.c, has none:
+  it takes the rest of the line as the value): a ``;`` or ``#`` that starts a value or follows
+  a blank starts a comment to the end of the line; not inside a quoted connection-string
+  value, and not in the SQL settings (``server_reset_query``, ``server_check_query``,
+  ``auth_query``), whose text stays whole as in PgBouncer (``;`` separates statements there).
+  PgBouncer refuses the values this changes (a number followed by text, a connection-string
+  parameter named ``;``), except a path, address or name list with `` ;`` or `` #`` in it.
 * ``[databases]`` / ``[users]`` values are connection strings: ``key=value`` pairs separated by
   blanks, a value may be single-quoted with ``''`` standing for one quote (PgBouncer's rule;
   a backslash is an ordinary character).
@@ -17,7 +24,10 @@ immutable objects the proxy runtime can share without copying:
 Rules kept throughout:
 
 * An invalid value raises :class:`ConfigError` naming the file, the line and the reason.
-* A setting pgpilot does not know is a warning (``Config.warnings``), never an error.
+* A setting pgpilot does not know is a warning (``Config.warnings``, with a "did you mean"
+  when a known name is close), never an error; ``Config.unknown_settings`` holds those
+  warnings apart (unknown settings, connection-string parameters and sections) for
+  ``pgpilot proxy --check --strict``.
 * No password or secret ever appears in an error, a warning or a ``repr``.
 * Time settings are seconds as PgBouncer reads them: a non-negative decimal number, fractions
   allowed, no unit suffix (PgBouncer rejects ``10s`` too).
@@ -29,11 +39,12 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import difflib
 import enum
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -271,6 +282,9 @@ class Config:
     # auth_file's contents (user -> secret), loaded and checked with the config
     auth_users: Mapping[str, str] = field(default_factory=_empty_mapping, repr=False)
     warnings: tuple[str, ...] = ()
+    # the warnings about names pgpilot does not know (a setting, a [databases] / [users]
+    # parameter, a section): likely typos, which --strict refuses
+    unknown_settings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept plain dicts / lists from default_config(**overrides) and freeze them.
@@ -284,6 +298,7 @@ class Config:
             "admin_users",
             "stats_users",
             "warnings",
+            "unknown_settings",
         ):
             value = getattr(self, name)
             if not isinstance(value, tuple):
@@ -458,6 +473,7 @@ _positive = _int_converter(1)
 class _Setting:
     convert: Callable[[str], object]
     is_path: bool = False  # resolve relative to the config file's directory
+    is_sql: bool = False  # SQL text: ';' and '#' in it are SQL, never an inline comment
 
 
 # [pgbouncer] settings pgpilot reads; the key is the Config field name.
@@ -472,7 +488,7 @@ _SETTINGS: dict[str, _Setting] = {
     "auth_type": _Setting(_choice(AUTH_TYPES)),
     "auth_file": _Setting(_optional_text, is_path=True),
     "auth_hba_file": _Setting(_optional_text, is_path=True),
-    "auth_query": _Setting(_text),
+    "auth_query": _Setting(_text, is_sql=True),
     "auth_user": _Setting(_optional_text),
     "auth_dbname": _Setting(_optional_text),
     "pool_mode": _Setting(_choice(POOL_MODES)),
@@ -486,9 +502,9 @@ _SETTINGS: dict[str, _Setting] = {
     "max_db_client_connections": _Setting(_count),
     "max_user_client_connections": _Setting(_count),
     "server_round_robin": _Setting(_bool),
-    "server_reset_query": _Setting(_text),
+    "server_reset_query": _Setting(_text, is_sql=True),
     "server_reset_query_always": _Setting(_bool),
-    "server_check_query": _Setting(_text),
+    "server_check_query": _Setting(_text, is_sql=True),
     "server_check_delay": _Setting(_seconds),
     "server_fast_close": _Setting(_bool),
     "server_lifetime": _Setting(_seconds),
@@ -583,10 +599,25 @@ def _convert_setting(key: str, raw: str, convert: Callable[[str], object]) -> ob
         return convert(raw)
     except _BadValue as bad:
         shown = "(value hidden)" if key in _SECRET_KEYS else repr(raw)
-        hint = ""
-        if key not in _SECRET_KEYS and re.search(r"\s[;#]", raw):
-            hint = "; note: ';' and '#' start a comment only at the beginning of a line"
-        raise _BadValue(f"invalid value for {key}: {shown} ({bad}){hint}") from None
+        raise _BadValue(f"invalid value for {key}: {shown} ({bad})") from None
+
+
+_INLINE_COMMENT_RE = re.compile(r"(?:^|\s)[;#]")
+
+
+def _strip_inline_comment(value: str) -> str:
+    """``value`` without an inline comment: from a ``;`` or ``#`` that starts the value or
+    follows a blank, to the end of the line."""
+    match = _INLINE_COMMENT_RE.search(value)
+    return value if match is None else value[: match.start()].rstrip()
+
+
+def _did_you_mean(name: str, known: Iterable[str], shown: str = "{}") -> str:
+    """``"; did you mean pool_mode?"`` when a known name is close to ``name`` (written as
+    ``shown`` formats it), else ``""``."""
+    # 0.75, not difflib's 0.6: "hots" -> host yes, but "sslmode" -> pool_mode no
+    close = difflib.get_close_matches(name.lower(), list(known), n=1, cutoff=0.75)
+    return f"; did you mean {shown.format(close[0])}?" if close else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,6 +706,7 @@ class _IniReader:
         self.entries: list[_Entry] = []
         self.section: str | None = None
         self.warnings: list[str] = []
+        self.unknown: list[str] = []  # the warnings about unknown names
         self.unknown_sections: set[str] = set()
 
     def read_text(self, text: str, path: str | None, depth: int = 0) -> None:
@@ -684,7 +716,8 @@ class _IniReader:
             if not line or line[0] in ";#":
                 continue
             if line.startswith("%include") and line[8:9] in (" ", "\t"):
-                self._include(line[9:].strip(), base_dir, path, line_number, depth)
+                target = _strip_inline_comment(line[9:].strip())
+                self._include(target, base_dir, path, line_number, depth)
                 continue
             if line.startswith("%"):
                 raise ConfigError("syntax error: unknown directive", path, line_number)
@@ -696,10 +729,15 @@ class _IniReader:
                 if self.section in _MAIN_SECTIONS:
                     self.section = "pgbouncer"
                 elif self.section not in ("databases", "users", "peers"):
-                    self.warnings.append(
-                        f"{path or '<string>'}:{line_number}: unknown section "
-                        f"[{line[1:end].strip()}] ignored"
+                    hint = _did_you_mean(
+                        self.section, (*_MAIN_SECTIONS, "databases", "users"), "[{}]"
                     )
+                    warning = (
+                        f"{path or '<string>'}:{line_number}: unknown section "
+                        f"[{line[1:end].strip()}] ignored{hint}"
+                    )
+                    self.warnings.append(warning)
+                    self.unknown.append(warning)
                 elif self.section == "peers":
                     self.warnings.append(
                         f"{path or '<string>'}:{line_number}: section [peers] is not "
@@ -746,7 +784,8 @@ def _split_connstring(text: str) -> list[tuple[str, str]]:
     while True:
         while position < length and text[position].isspace():
             position += 1
-        if position >= length:
+        if position >= length or text[position] in ";#":
+            # the end, or an inline comment: a key never starts with ';' or '#'
             return pairs
         key_start = position
         while position < length and text[position] != "=" and not text[position].isspace():
@@ -839,6 +878,7 @@ def _parse_entry_connstring(
     known: Mapping[str, tuple[str, Callable[[str], object]]],
     not_supported: frozenset[str],
     warnings: list[str],
+    unknown: list[str],
 ) -> dict[str, object]:
     where = f"{entry.path or '<string>'}:{entry.line}"
     try:
@@ -855,7 +895,10 @@ def _parse_entry_connstring(
                     "by pgpilot; ignored"
                 )
             else:
-                warnings.append(f"{where}: {what} '{entry.key}': unknown parameter '{key}' ignored")
+                hint = _did_you_mean(key, (*known, *not_supported))
+                warning = f"{where}: {what} '{entry.key}': unknown parameter '{key}' ignored{hint}"
+                warnings.append(warning)
+                unknown.append(warning)
             continue
         field_name, convert = spec
         try:
@@ -875,6 +918,7 @@ def parse_config(text: str, path: str | None = None) -> Config:
     reader = _IniReader()
     reader.read_text(text.removeprefix("\ufeff"), path)
     warnings = reader.warnings
+    unknown = reader.unknown
     settings: dict[str, object] = {}
     setting_lines: dict[str, tuple[str | None, int]] = {}
     databases: dict[str, DatabaseConfig] = {}
@@ -891,10 +935,14 @@ def parse_config(text: str, path: str | None = None) -> Config:
                         f"{where}: PgBouncer setting '{key}' is not supported by pgpilot; ignored"
                     )
                 else:
-                    warnings.append(f"{where}: unknown setting '{entry.key}' ignored")
+                    hint = _did_you_mean(key, (*_SETTINGS, *_PGBOUNCER_SETTINGS_NOT_SUPPORTED))
+                    warning = f"{where}: unknown setting '{entry.key}' ignored{hint}"
+                    warnings.append(warning)
+                    unknown.append(warning)
                 continue
+            raw = entry.value if setting.is_sql else _strip_inline_comment(entry.value)
             try:
-                value = _convert_setting(key, entry.value, setting.convert)
+                value = _convert_setting(key, raw, setting.convert)
             except _BadValue as bad:
                 raise ConfigError(str(bad), entry.path, entry.line) from None
             if setting.is_path and isinstance(value, str):
@@ -912,12 +960,12 @@ def parse_config(text: str, path: str | None = None) -> Config:
                     entry.line,
                 )
             values = _parse_entry_connstring(
-                entry, "database", _DATABASE_KEYS, _DATABASE_KEYS_NOT_SUPPORTED, warnings
+                entry, "database", _DATABASE_KEYS, _DATABASE_KEYS_NOT_SUPPORTED, warnings, unknown
             )
             databases[entry.key] = DatabaseConfig(name=entry.key, **values)  # type: ignore[arg-type]
         elif entry.section == "users":
             values = _parse_entry_connstring(
-                entry, "user", _USER_KEYS, _USER_KEYS_NOT_SUPPORTED, warnings
+                entry, "user", _USER_KEYS, _USER_KEYS_NOT_SUPPORTED, warnings, unknown
             )
             users[entry.key] = UserConfig(name=entry.key, **values)  # type: ignore[arg-type]
         # entries of [peers] and unknown sections were warned about at their header
@@ -927,6 +975,7 @@ def parse_config(text: str, path: str | None = None) -> Config:
         databases=MappingProxyType(databases),
         users=MappingProxyType(users),
         warnings=tuple(warnings),
+        unknown_settings=tuple(unknown),
         **settings,  # type: ignore[arg-type]
     )
     return _check_files(config, setting_lines)
