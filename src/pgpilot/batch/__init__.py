@@ -9,7 +9,7 @@
 - :mod:`pgpilot.batch.sql`: ready-made batch functions for asyncpg, psycopg 3 and SQLAlchemy.
 """
 
-from pgpilot.batch.errors import BatchLoadError, BatchResultError
+from pgpilot.batch.errors import BatchKeyError, BatchLoadError, BatchResultError
 from pgpilot.batch.executor import BatchExecutor
 from pgpilot.batch.loader import DataLoader
 from pgpilot.batch.scope import RequestScope, current_scope, request_scope, scoped
@@ -18,6 +18,7 @@ from pgpilot.batch.sync import LoadHandle, ManyHandle, SyncDataLoader
 
 __all__ = [
     "BatchExecutor",
+    "BatchKeyError",
     "BatchLoadError",
     "BatchResultError",
     "DataLoader",

@@ -16,7 +16,14 @@ Each batch is one statement, ``SELECT cols FROM table WHERE key = ANY($1)`` with
 array parameter: the same SQL text whatever the number of keys, so prepared-statement caches
 hit. "One row per key" returns a mapping key -> row (a key without a row loads as None); "many
 rows per key" returns key -> list of rows, built with a dict in one pass over the result (a key
-without rows loads as []). Keys must be of the column's Python type (int for integer columns).
+without rows loads as []).
+
+Keys are converted to the key column's type where that is unambiguous, the same way through
+every driver: ``load("1")`` on an integer column loads the row of id 1, a UUID column takes
+UUIDs or their text; a key that cannot be converted (``"abc"`` for an integer) fails its own
+load with a :class:`~pgpilot.batch.errors.BatchKeyError` naming the key and the column type
+(see :mod:`pgpilot.batch.keys`). The column's type is read from the catalog once per
+:class:`BatchQuery`, on its first batch.
 
 Table, schema and column names are always quoted as identifiers (psycopg.sql.Identifier rules:
 double quotes, embedded quotes doubled), never pasted in as SQL, so a name cannot inject SQL;
@@ -27,11 +34,19 @@ it can only fail to match a column. For ORM models, :func:`orm_rows` and
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from operator import itemgetter
+from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from typing import Any, TypeAlias
 
 from psycopg import sql as pgsql
+
+from pgpilot.batch.keys import (
+    KeyPlan,
+    KeyType,
+    catalog_query,
+    key_type_from_catalog,
+    key_type_from_python,
+)
 
 SyncRowsFn: TypeAlias = Callable[[list[Any]], Mapping[Any, Any]]
 AsyncRowsFn: TypeAlias = Callable[[list[Any]], Awaitable[Mapping[Any, Any]]]
@@ -84,6 +99,11 @@ class BatchQuery:
     schema: str | None = None
     many: bool = False
     order_by: tuple[str, ...] = ()
+    # The key column's type, once read from the catalog (a one-item list: the dataclass is
+    # frozen, the cache is not part of its value).
+    _key_type: list[KeyType] = field(
+        default_factory=list, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         # Validate every name up front: a bad name fails here, not on the first request.
@@ -105,9 +125,7 @@ class BatchQuery:
             if self.key not in columns:
                 columns = (*columns, self.key)
             select = ", ".join(quote_identifier(c) for c in columns)
-        table = quote_identifier(self.table)
-        if self.schema is not None:
-            table = f"{quote_identifier(self.schema)}.{table}"
+        table = self.relation()
         where = f"{quote_identifier(self.key)} = ANY({_KEYS})"
         text = f"SELECT {select} FROM {table} WHERE {where}"
         if self.order_by:
@@ -115,6 +133,31 @@ class BatchQuery:
         if escape is not None:
             text = escape(text)
         return text.replace(_KEYS, placeholder)
+
+    def relation(self) -> str:
+        """The table as quoted SQL, schema-qualified when a schema was given."""
+        table = quote_identifier(self.table)
+        if self.schema is not None:
+            table = f"{quote_identifier(self.schema)}.{table}"
+        return table
+
+    # -- key types -----------------------------------------------------------------------------
+
+    def _catalog_args(self) -> tuple[str, str]:
+        return self.relation(), self.key
+
+    def _known_key_type(self) -> KeyType | None:
+        return self._key_type[0] if self._key_type else None
+
+    def _remember_key_type(self, row: Sequence[Any] | None) -> KeyType | None:
+        column = f"{self.relation()}.{quote_identifier(self.key)}"
+        key_type = key_type_from_catalog(column, row)
+        if key_type is not None and not self._key_type:  # no such column yet: ask again
+            self._key_type.append(key_type)
+        return key_type
+
+    def _plan(self, key_type: KeyType | None, keys: list[Any]) -> KeyPlan:
+        return KeyPlan(keys, keys) if key_type is None else key_type.plan(keys)
 
     def shape(
         self, keys: Sequence[Any], rows: Iterable[Any], key_of: Callable[[Any], Any]
@@ -137,58 +180,80 @@ class BatchQuery:
         """Batch function over an asyncpg Connection or Pool (rows are asyncpg Records)."""
         query = self.text("$1")
         key = self.key
+        catalog = catalog_query("$1", "$2")
 
         async def fetch(keys: list[Any]) -> Mapping[Any, Any]:
-            rows = await conn.fetch(query, keys)
-            return self.shape(keys, rows, lambda row: row[key])
+            key_type = self._known_key_type()
+            if key_type is None:
+                row = await conn.fetchrow(catalog, *self._catalog_args())
+                key_type = self._remember_key_type(row)
+            plan = self._plan(key_type, keys)
+            rows = await conn.fetch(query, plan.send) if plan.send else []
+            return plan.mapping(self.shape, rows, lambda row: row[key], self.many)
 
         fetch.__qualname__ = f"{self._label()} via asyncpg"
         return fetch
 
     def psycopg(self, conn: Any, row_factory: Any = None) -> SyncRowsFn:
         """Batch function over a psycopg Connection or ConnectionPool (rows are dicts)."""
-        from psycopg.rows import dict_row
+        from psycopg.rows import dict_row, tuple_row
 
         query = self.text("%s", _escape_percent)
         key = self.key
         factory = row_factory or dict_row
+        catalog = catalog_query("%s", "%s")
 
-        def run(connection: Any, keys: list[Any]) -> list[Any]:
-            with connection.cursor(row_factory=factory) as cursor:
-                cursor.execute(query, (keys,))
-                return list(cursor.fetchall())
+        def run(connection: Any, keys: list[Any]) -> Mapping[Any, Any]:
+            key_type = self._known_key_type()
+            if key_type is None:
+                with connection.cursor(row_factory=tuple_row) as cursor:
+                    cursor.execute(catalog, self._catalog_args())
+                    key_type = self._remember_key_type(cursor.fetchone())
+            plan = self._plan(key_type, keys)
+            rows: list[Any] = []
+            if plan.send:
+                with connection.cursor(row_factory=factory) as cursor:
+                    cursor.execute(query, (plan.send,))
+                    rows = list(cursor.fetchall())
+            return plan.mapping(self.shape, rows, lambda row: row[key], self.many)
 
         def fetch(keys: list[Any]) -> Mapping[Any, Any]:
             if hasattr(conn, "cursor"):
-                rows = run(conn, keys)
-            else:  # a pool
-                with conn.connection() as connection:
-                    rows = run(connection, keys)
-            return self.shape(keys, rows, lambda row: row[key])
+                return run(conn, keys)
+            with conn.connection() as connection:  # a pool
+                return run(connection, keys)
 
         fetch.__qualname__ = f"{self._label()} via psycopg"
         return fetch
 
     def psycopg_async(self, conn: Any, row_factory: Any = None) -> AsyncRowsFn:
         """Batch function over a psycopg AsyncConnection or AsyncConnectionPool (dict rows)."""
-        from psycopg.rows import dict_row
+        from psycopg.rows import dict_row, tuple_row
 
         query = self.text("%s", _escape_percent)
         key = self.key
         factory = row_factory or dict_row
+        catalog = catalog_query("%s", "%s")
 
-        async def run(connection: Any, keys: list[Any]) -> list[Any]:
-            async with connection.cursor(row_factory=factory) as cursor:
-                await cursor.execute(query, (keys,))
-                return list(await cursor.fetchall())
+        async def run(connection: Any, keys: list[Any]) -> Mapping[Any, Any]:
+            key_type = self._known_key_type()
+            if key_type is None:
+                async with connection.cursor(row_factory=tuple_row) as cursor:
+                    await cursor.execute(catalog, self._catalog_args())
+                    key_type = self._remember_key_type(await cursor.fetchone())
+            plan = self._plan(key_type, keys)
+            rows: list[Any] = []
+            if plan.send:
+                async with connection.cursor(row_factory=factory) as cursor:
+                    await cursor.execute(query, (plan.send,))
+                    rows = list(await cursor.fetchall())
+            return plan.mapping(self.shape, rows, lambda row: row[key], self.many)
 
         async def fetch(keys: list[Any]) -> Mapping[Any, Any]:
             if hasattr(conn, "cursor"):
-                rows = await run(conn, keys)
-            else:  # a pool
-                async with conn.connection() as connection:
-                    rows = await run(connection, keys)
-            return self.shape(keys, rows, lambda row: row[key])
+                return await run(conn, keys)
+            async with conn.connection() as connection:  # a pool
+                return await run(connection, keys)
 
         fetch.__qualname__ = f"{self._label()} via psycopg async"
         return fetch
@@ -198,15 +263,26 @@ class BatchQuery:
         import sqlalchemy as sa
 
         statement = sa.text(self.text(":keys", _escape_colon))
+        catalog = sa.text(catalog_query(":relation", ":column"))
         key = self.key
+
+        def run(connection: Any, keys: list[Any]) -> Mapping[Any, Any]:
+            key_type = self._known_key_type()
+            if key_type is None:
+                relation, column = self._catalog_args()
+                found = connection.execute(catalog, {"relation": relation, "column": column})
+                key_type = self._remember_key_type(found.first())
+            plan = self._plan(key_type, keys)
+            if not plan.send:
+                return plan.mapping(self.shape, [], lambda row: None, self.many)
+            result = connection.execute(statement, {"keys": plan.send})
+            return self._shape_rows(plan, result, key)
 
         def fetch(keys: list[Any]) -> Mapping[Any, Any]:
             if isinstance(bind, sa.Engine):
                 with bind.connect() as connection:
-                    result = connection.execute(statement, {"keys": keys})
-            else:
-                result = bind.execute(statement, {"keys": keys})
-            return self._shape_rows(keys, result, key)
+                    return run(connection, keys)
+            return run(bind, keys)
 
         fetch.__qualname__ = f"{self._label()} via SQLAlchemy"
         return fetch
@@ -217,23 +293,34 @@ class BatchQuery:
         from sqlalchemy.ext.asyncio import AsyncEngine
 
         statement = sa.text(self.text(":keys", _escape_colon))
+        catalog = sa.text(catalog_query(":relation", ":column"))
         key = self.key
+
+        async def run(connection: Any, keys: list[Any]) -> Mapping[Any, Any]:
+            key_type = self._known_key_type()
+            if key_type is None:
+                relation, column = self._catalog_args()
+                found = await connection.execute(catalog, {"relation": relation, "column": column})
+                key_type = self._remember_key_type(found.first())
+            plan = self._plan(key_type, keys)
+            if not plan.send:
+                return plan.mapping(self.shape, [], lambda row: None, self.many)
+            result = await connection.execute(statement, {"keys": plan.send})
+            return self._shape_rows(plan, result, key)
 
         async def fetch(keys: list[Any]) -> Mapping[Any, Any]:
             if isinstance(bind, AsyncEngine):
                 async with bind.connect() as connection:
-                    result = await connection.execute(statement, {"keys": keys})
-            else:
-                result = await bind.execute(statement, {"keys": keys})
-            return self._shape_rows(keys, result, key)
+                    return await run(connection, keys)
+            return await run(bind, keys)
 
         fetch.__qualname__ = f"{self._label()} via SQLAlchemy async"
         return fetch
 
-    def _shape_rows(self, keys: list[Any], result: Any, key: str) -> dict[Any, Any]:
+    def _shape_rows(self, plan: KeyPlan, result: Any, key: str) -> dict[Any, Any]:
         # Index the key column once: row._mapping would build a mapping object per row.
         index = list(result.keys()).index(key)
-        return self.shape(keys, result.all(), itemgetter(index))
+        return plan.mapping(self.shape, result.all(), itemgetter(index), self.many)
 
     def _label(self) -> str:
         kind = "rows_grouped_by_key" if self.many else "rows_by_key"
@@ -281,16 +368,26 @@ def _orm_statement(attribute: Any, keys: list[Any], order_by: Sequence[Any]) -> 
     return sa.select(entity).where(attribute == sa.any_(array)).order_by(*order_by)
 
 
-def _orm_shape(
-    keys: list[Any], entities: Iterable[Any], attribute: Any, many: bool
-) -> dict[Any, Any]:
-    name = attribute.key
-    if not many:
-        return {getattr(entity, name): entity for entity in entities}
-    grouped: dict[Any, list[Any]] = {key: [] for key in keys}
-    for entity in entities:
-        grouped.setdefault(getattr(entity, name), []).append(entity)
-    return grouped
+def _orm_plan(attribute: Any, keys: list[Any]) -> KeyPlan:
+    """Keys converted to the attribute's Python type (``"1"`` -> 1 for an Integer column)."""
+    column = f"{attribute.class_.__name__}.{attribute.key}"
+    return key_type_from_python(column, attribute.type).plan(keys)
+
+
+def _orm_shaper(
+    many: bool,
+) -> Callable[[Sequence[Any], Iterable[Any], Callable[[Any], Any]], dict[Any, Any]]:
+    def shape(
+        keys: Sequence[Any], entities: Iterable[Any], key_of: Callable[[Any], Any]
+    ) -> dict[Any, Any]:
+        if not many:
+            return {key_of(entity): entity for entity in entities}
+        grouped: dict[Any, list[Any]] = {key: [] for key in keys}
+        for entity in entities:
+            grouped.setdefault(key_of(entity), []).append(entity)
+        return grouped
+
+    return shape
 
 
 def orm_rows(
@@ -298,12 +395,19 @@ def orm_rows(
 ) -> SyncRowsFn:
     """Batch function loading ORM entities where ``attribute = ANY(keys)`` (sync Session).
 
-    ``orm_rows(session, Order.customer_id, many=True)`` -> {customer_id: [Order, ...]}.
+    ``orm_rows(session, Order.customer_id, many=True)`` -> {customer_id: [Order, ...]}. Keys
+    are converted to the attribute's Python type as :mod:`pgpilot.batch.keys` describes.
     """
+    key_of = attrgetter(attribute.key)
+    shape = _orm_shaper(many)
 
     def fetch(keys: list[Any]) -> Mapping[Any, Any]:
-        entities = session.execute(_orm_statement(attribute, keys, order_by)).scalars().all()
-        return _orm_shape(keys, entities, attribute, many)
+        plan = _orm_plan(attribute, keys)
+        entities: Sequence[Any] = []
+        if plan.send:
+            statement = _orm_statement(attribute, plan.send, order_by)
+            entities = session.execute(statement).scalars().all()
+        return plan.mapping(shape, entities, key_of, many)
 
     fetch.__qualname__ = f"orm_rows({attribute})"
     return fetch
@@ -313,10 +417,16 @@ def orm_rows_async(
     session: Any, attribute: Any, *, many: bool = False, order_by: Sequence[Any] = ()
 ) -> AsyncRowsFn:
     """:func:`orm_rows` for an AsyncSession."""
+    key_of = attrgetter(attribute.key)
+    shape = _orm_shaper(many)
 
     async def fetch(keys: list[Any]) -> Mapping[Any, Any]:
-        result = await session.execute(_orm_statement(attribute, keys, order_by))
-        return _orm_shape(keys, result.scalars().all(), attribute, many)
+        plan = _orm_plan(attribute, keys)
+        entities: Sequence[Any] = []
+        if plan.send:
+            result = await session.execute(_orm_statement(attribute, plan.send, order_by))
+            entities = result.scalars().all()
+        return plan.mapping(shape, entities, key_of, many)
 
     fetch.__qualname__ = f"orm_rows_async({attribute})"
     return fetch
