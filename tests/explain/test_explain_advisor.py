@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from pgpilot.cli import main
 from pgpilot.explain.advisor import PAYS_MIN_IMPROVEMENT, Advice, advise
@@ -167,3 +170,68 @@ def test_like_prefix_candidate_uses_text_pattern_ops(explain_dsn: str) -> None:
     ddls = [r.candidate.ddl(concurrently=False) for r in advice.results]
     assert "CREATE INDEX ON pgp_explain.orders (note text_pattern_ops)" in ddls
     assert advice.recommendations  # 1 row in 50000: the pattern index pays
+
+
+@pytest.fixture
+def no_hypopg_dsn(pg_dsn: str) -> Iterator[str]:
+    """A fresh database where HypoPG is not created, reached by a role that cannot create it.
+
+    HypoPG is not a trusted extension: only a superuser can CREATE EXTENSION it, so for this
+    ordinary role the advisor truly finds HypoPG unavailable, whether or not the server has it
+    installed.
+    """
+    name = f"pgp_nohypopg_{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'".encode())
+        conn.execute(f"CREATE DATABASE {name}".encode())
+    owner_dsn = make_conninfo(pg_dsn, dbname=name)
+    try:
+        with psycopg.connect(owner_dsn, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE orders (id int PRIMARY KEY, customer_id int NOT NULL, amount int)"
+            )
+            conn.execute(
+                "INSERT INTO orders SELECT g, g % 2000, g % 97 FROM generate_series(1, 20000) g"
+            )
+            conn.execute("ANALYZE orders")
+            conn.execute(f"GRANT SELECT ON orders TO {name}".encode())
+            hypopg = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'hypopg'")
+            assert hypopg.fetchone() is None
+        yield make_conninfo(owner_dsn, user=name, password=password)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+            conn.execute(f"DROP ROLE IF EXISTS {name}".encode())
+
+
+def test_without_hypopg_nothing_is_proven_and_the_advice_says_how_to_prove(
+    no_hypopg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    advice = advise(no_hypopg_dsn, "SELECT id FROM orders WHERE customer_id = 42")
+    assert advice.validation == "none"
+    assert advice.results == [] and advice.unproven  # candidates found, none tested
+    assert advice.unproven_reason is not None and "HypoPG" in advice.unproven_reason
+    text = advice.render()
+    assert "no index pays" not in text  # nothing was tested, so that would be unfounded
+    assert "Recommended: nothing could be proven" in text
+    assert "CREATE EXTENSION hypopg" in text and "--validate real" in text
+    assert advice.to_dict()["unproven_reason"] == advice.unproven_reason
+
+    sql = "SELECT id FROM orders WHERE customer_id = 42"
+    assert main(["advise", sql, "--dsn", no_hypopg_dsn]) == 0
+    out = capsys.readouterr().out
+    assert "nothing could be proven" in out and "CREATE EXTENSION hypopg" in out
+    # Asked for HypoPG by name: an error that says why and what to do.
+    assert main(["advise", sql, "--dsn", no_hypopg_dsn, "--validate", "hypopg"]) == 2
+    err = capsys.readouterr().err
+    assert "HypoPG" in err and "CREATE EXTENSION hypopg" in err and "--validate real" in err
+
+
+def test_a_tested_candidate_that_does_not_pay_still_says_no_index_pays(explain_dsn: str) -> None:
+    # 99% of the rows are 'done': an index on status does not pay, and it *was* tested (real
+    # validation), so "no index pays" is right there.
+    advice = advise(explain_dsn, "SELECT id FROM orders WHERE status = 'done'", validate="real",
+                    analyze=False)
+    assert advice.results and not advice.recommendations, advice.render()
+    assert "Recommended: no index pays for this statement." in advice.render()

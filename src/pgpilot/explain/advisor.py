@@ -10,6 +10,9 @@ Each candidate is proven by planning the statement with it: as a HypoPG hypothet
 BEGIN ... ROLLBACK. A candidate is recommended only if it *pays*: the planner uses it and the
 plan's total cost falls by at least ``PAYS_MIN_IMPROVEMENT`` (30%). The recommendation is a
 ready ``CREATE INDEX CONCURRENTLY`` statement.
+Where HypoPG is not there (not installed, or not creatable by this role) and ``validate`` is
+``"auto"``, the candidates are listed as not proven, and the advice says that nothing could be
+proven, why, and how to make it provable rather than that no index pays.
 
 For a ``row_misestimate`` on a scan filtered on several columns of one table, a
 ``CREATE STATISTICS (dependencies, mcv)`` is proposed, and the estimate is shown before and
@@ -41,6 +44,17 @@ PARTIAL_MAX_DISTINCT = 20
 STATISTICS_MIN_GAIN = 2.0  # the estimate's error must shrink at least this many times
 
 VALIDATION_METHODS = ("auto", "hypopg", "real")
+# How to make candidates provable when HypoPG was not there to prove them: the first part
+# depends on whether the server has HypoPG installed; the second is always there.
+INSTALL_HYPOPG = (
+    "install HypoPG on the server (the postgresql-<version>-hypopg package) and run "
+    "CREATE EXTENSION hypopg in this database as a superuser"
+)
+CREATE_HYPOPG = "have a superuser run CREATE EXTENSION hypopg in this database"
+VALIDATE_REAL = (
+    "rerun with --validate real (builds each candidate inside BEGIN ... ROLLBACK: nothing is "
+    "kept, but writes to the table wait while each index is built)"
+)
 
 
 @dataclass
@@ -184,6 +198,10 @@ class Advice:
     skipped: list[dict[str, str]] = field(default_factory=list)
     statistics: list[StatisticsProposal] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unproven_reason: str | None = None
+    """Why the ``unproven`` candidates were not tested (HypoPG missing, or not creatable)."""
+    proof_hint: str | None = None
+    """How to make them provable: HypoPG in this database, or ``--validate real``."""
 
     @property
     def recommendations(self) -> list[CandidateResult]:
@@ -206,6 +224,8 @@ class Advice:
             "cost_before": self.cost_before,
             "candidates": [r.to_dict() for r in self.results],
             "unproven": [c.ddl(concurrently=False) for c in self.unproven],
+            "unproven_reason": self.unproven_reason,
+            "proof_hint": self.proof_hint,
             "skipped": self.skipped,
             "recommendations": [r.candidate.ddl(name=r.candidate.name) + ";"
                                 for r in self.recommendations],
@@ -221,7 +241,8 @@ class Advice:
         lines = [f"Statement: {' '.join(self.statement.split())}"]
         method = {"hypopg": "HypoPG hypothetical indexes (nothing built)",
                   "real": "real indexes built inside BEGIN ... ROLLBACK",
-                  "none": "none (HypoPG not available; use --validate real)"}[self.validation]
+                  "none": f"none ({self.unproven_reason or 'HypoPG is not available'})"
+                  }[self.validation]
         lines.append(f"Validation: {method}")
         plan = self.baseline.plan
         baseline = f"Plan cost now: {self.cost_before:,.0f}"
@@ -260,8 +281,17 @@ class Advice:
             lines.append("Recommended:")
             for result in recommended:
                 lines.append(f"  {result.candidate.ddl(name=result.candidate.name)};")
-        else:
+        elif self.unproven:
+            count = len(self.unproven)
+            lines.append("Recommended: nothing could be proven "
+                         f"(the {'candidate' if count == 1 else f'{count} candidates'} above "
+                         f"{'was' if count == 1 else 'were'} not tested).")
+            hint = self.proof_hint or f"{INSTALL_HYPOPG}, or {VALIDATE_REAL}"
+            lines.append(f"  To prove {'it' if count == 1 else 'them'}: {hint}.")
+        elif self.results:
             lines.append("Recommended: no index pays for this statement.")
+        else:
+            lines.append("Recommended: no index to propose for this statement.")
         if self.statistics:
             lines.append("")
             lines.append("Statistics (for row misestimates on correlated columns):")
@@ -483,20 +513,35 @@ def _uses(plan: Plan, index_name: str) -> bool:
 
 def hypopg_ready(conn: psycopg.Connection[Any]) -> bool:
     """Make HypoPG usable in the current transaction (CREATE EXTENSION is rolled back too)."""
+    return hypopg_unavailable(conn) is None
+
+
+def hypopg_unavailable(conn: psycopg.Connection[Any]) -> tuple[str, str] | None:
+    """Make HypoPG usable in the current transaction, or say why it cannot be.
+
+    None when it is ready (already created in the database, or created now inside the
+    transaction, so it is rolled back with it); otherwise (why not, how to make it possible),
+    both for a person.
+    """
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_extension WHERE extname = 'hypopg'")
         if cur.fetchone():
-            return True
+            return None
         cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'hypopg'")
         if cur.fetchone() is None:
-            return False
+            return "HypoPG is not installed on this server", f"{INSTALL_HYPOPG}, or {VALIDATE_REAL}"
         try:
             cur.execute("SAVEPOINT pgpilot_hypopg")
             cur.execute("CREATE EXTENSION hypopg")
-        except psycopg.Error:
+        except psycopg.Error as exc:
             cur.execute("ROLLBACK TO SAVEPOINT pgpilot_hypopg")
-            return False
-    return True
+            detail = (exc.diag.message_primary or str(exc)).strip()
+            return (
+                "HypoPG is installed on this server but not created in this database, and this "
+                f"role cannot create it: {detail}",
+                f"{CREATE_HYPOPG}, or {VALIDATE_REAL}",
+            )
+    return None
 
 
 def prove_with_hypopg(conn: psycopg.Connection[Any], sql: str, cost_before: float,
@@ -623,16 +668,17 @@ def advise(dsn: str, sql: str, *, validate: str = "auto", analyze: bool = True,
         method = validate
         if validate in ("auto", "hypopg"):
             try:
-                available = hypopg_ready(conn)
-                if available:
+                unavailable = hypopg_unavailable(conn)
+                if unavailable is None:
                     advice.results = prove_with_hypopg(conn, sql, cost_before, candidates)
                     method = "hypopg"
                 elif validate == "hypopg":
-                    raise ExplainError("HypoPG is not available on this server (install "
-                                       "postgresql-<version>-hypopg) - or use --validate real")
+                    reason, hint = unavailable
+                    raise ExplainError(f"{reason}; to prove candidates, {hint}")
                 else:
                     method = "none"
                     advice.unproven = candidates
+                    advice.unproven_reason, advice.proof_hint = unavailable
             finally:
                 conn.rollback()
         if method == "real":
