@@ -28,12 +28,12 @@ from typing import Any
 
 import psycopg
 
-from pgpilot.explain.live import connect, explain_json, statement_error
+from pgpilot.explain.live import connect, explain_json, relation_schemas, statement_error
 from pgpilot.explain.model import ExplainError, Plan, PlanNode
 from pgpilot.explain.parse import plan_from_json
 from pgpilot.explain.report import Report, analyze_plan
 from pgpilot.explain.rules import MISESTIMATE_FACTOR, fmt_ms, fmt_rows, own_predicates
-from pgpilot.explain.sqlinfo import Predicate, QueryShape, TableRef, query_shape
+from pgpilot.explain.sqlinfo import Predicate, QueryShape, TableRef, query_shape, quote_ident
 
 PAYS_MIN_IMPROVEMENT = 0.30  # the plan's total cost must fall by at least this fraction
 MAX_INCLUDE_COLUMNS = 4  # beyond this an INCLUDE list makes the index too wide to pay
@@ -70,12 +70,6 @@ class TableInfo:
     @property
     def qualified(self) -> str:
         return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
-
-
-def quote_ident(name: str) -> str:
-    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
-        return name
-    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass
@@ -659,7 +653,9 @@ def advise(dsn: str, sql: str, *, validate: str = "auto", analyze: bool = True,
                 plan_json = explain_json(conn, sql, analyze=False)
         finally:
             conn.rollback()
-        baseline = analyze_plan(plan_json, sql=sql)
+        schemas = relation_schemas(conn, plan_json, sql)
+        conn.rollback()
+        baseline = analyze_plan(plan_json, sql=sql, schemas=schemas)
         candidates, skipped = build_candidates(shape, tables)
         advice = Advice(sql, "none", baseline, cost_before, skipped=skipped)
         if shape.modifies and analyze:

@@ -66,7 +66,7 @@ def report_for_statement(sql: str, dsn: str | None, *, analyze: bool,
 
     result = explain_statement(dsn or "", sql, analyze=analyze,
                                statement_timeout_ms=int(timeout * 1000) if timeout else None)
-    report = analyze_plan(result.plan_json, sql=sql)
+    report = analyze_plan(result.plan_json, sql=sql, schemas=result.schemas)
     if result.modifies and analyze:
         report.rolled_back = True
         report.notes.append(f"data-modifying statement ({result.kind.upper()}): analyzed inside "

@@ -7,7 +7,7 @@ statement failures become ``ExplainError`` with one line a person can act on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +16,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from pgpilot.explain.model import ExplainError
-from pgpilot.explain.sqlinfo import statement_kind
+from pgpilot.explain.sqlinfo import query_shape, statement_kind
 
 
 def describe_dsn(dsn: str) -> str:
@@ -59,6 +59,68 @@ class ExplainResult:
     plan_json: Any
     modifies: bool
     kind: str
+    schemas: Mapping[str, str] | None = None
+    """Schema of each table the plan scans, by the plan's alias (see ``relation_schemas``)."""
+
+
+def _plan_relations(plan_json: Any) -> list[tuple[str, str]]:
+    """(alias, relation name) of every node of a JSON plan that scans a table."""
+    found: list[tuple[str, str]] = []
+    stack = [plan_json]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            name = item.get("Relation Name")
+            if isinstance(name, str) and "Schema" not in item:
+                found.append((str(item.get("Alias") or name), name))
+            stack.extend(v for v in item.values() if isinstance(v, list | dict))
+    return found
+
+
+def relation_schemas(conn: psycopg.Connection[Any], plan_json: Any,
+                     sql: str | None = None) -> dict[str, str]:
+    """The schema of each table a JSON plan scans, by the plan's alias for it.
+
+    EXPLAIN without VERBOSE prints ``Seq Scan on events``, not ``newcomer.events``; a fix must
+    name the table the statement used. A table the statement names with its schema takes that
+    schema (matched by alias); any other (unqualified in the statement, or reached through a
+    view or a partition) is the one of that name visible on the search_path, else the only
+    table of that name. A name found in several schemas, none visible, is left unqualified.
+    """
+    relations = _plan_relations(plan_json)
+    if not relations:
+        return {}
+    by_alias: dict[str, str] = {}
+    if sql:
+        try:
+            tables = query_shape(sql).tables
+        except ExplainError:
+            tables = []
+        by_alias = {t.alias: t.schema for t in tables if t.schema}
+    names = sorted({name for _, name in relations})
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT c.relname, n.nspname, pg_catalog.pg_table_is_visible(c.oid) "
+            "FROM pg_catalog.pg_class AS c "
+            "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE c.relname = ANY(%s)", (names,))
+        rows = cur.fetchall()
+    visible: dict[str, str] = {}
+    anywhere: dict[str, set[str]] = {}
+    for relname, nspname, is_visible in rows:
+        anywhere.setdefault(str(relname), set()).add(str(nspname))
+        if is_visible:
+            visible[str(relname)] = str(nspname)
+    schemas: dict[str, str] = {}
+    for alias, name in relations:
+        schema = by_alias.get(alias) or visible.get(name)
+        if schema is None and len(anywhere.get(name, ())) == 1:
+            (schema,) = anywhere[name]
+        if schema is not None:
+            schemas[alias] = schema
+    return schemas
 
 
 def explain_json(conn: psycopg.Connection[Any], sql: str, *, analyze: bool,
@@ -93,4 +155,6 @@ def explain_statement(dsn: str, sql: str, *, analyze: bool = True,
                                 statement_timeout_ms=statement_timeout_ms)
         finally:
             conn.rollback()
-    return ExplainResult(plan_json=plan, modifies=modifies, kind=kind)
+        schemas = relation_schemas(conn, plan, sql)
+        conn.rollback()
+    return ExplainResult(plan_json=plan, modifies=modifies, kind=kind, schemas=schemas)

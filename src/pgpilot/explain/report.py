@@ -8,6 +8,7 @@ the findings under the nodes they concern, then the findings again, most expensi
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,14 +62,19 @@ class Report:
 
 
 def analyze_plan(text_or_json: str | bytes | dict[str, Any] | list[Any], *,
-                 sql: str | None = None) -> Report:
+                 sql: str | None = None, schemas: Mapping[str, str] | None = None) -> Report:
     """Parse an EXPLAIN result (JSON or psql text) and run every rule over it.
 
     ``sql``, when given, is the statement the plan is for; it sharpens some fixes (the OFFSET
-    value, the ORDER BY of keyset pagination). Raises ``ExplainError`` on input that is not a
-    plan.
+    value, the ORDER BY of keyset pagination). ``schemas`` maps a scanned table's alias in the
+    plan to its schema (``live.relation_schemas``), so that fixes name ``newcomer.events``
+    where the plan only says ``events``. Raises ``ExplainError`` on input that is not a plan.
     """
     plan = parse_plan(text_or_json)
+    if schemas:
+        for node in plan.nodes:
+            if node.relation and node.schema is None:
+                node.schema = schemas.get(node.alias or node.relation)
     shape: QueryShape | None = None
     if sql:
         try:

@@ -15,7 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pgpilot.explain.model import Plan, PlanNode
-from pgpilot.explain.sqlinfo import Predicate, QueryShape, expression_predicates, join_rewrite
+from pgpilot.explain.sqlinfo import (
+    Predicate,
+    QueryShape,
+    expression_predicates,
+    join_rewrite,
+    quote_ident,
+)
 
 # Severity by share of total time (cost without ANALYZE) of the place the finding concerns.
 CRITICAL_SHARE = 0.50
@@ -139,9 +145,11 @@ def fmt_ms(value: float | None) -> str:
 
 
 def relation_name(node: PlanNode) -> str:
+    """The node's table as SQL names it: schema-qualified when the schema is known."""
     if node.relation is None:
         return "the table"
-    return f"{node.schema}.{node.relation}" if node.schema else node.relation
+    name = quote_ident(node.relation)
+    return f"{quote_ident(node.schema)}.{name}" if node.schema else name
 
 
 def own_predicates(node: PlanNode, expression: str | None) -> list[Predicate]:

@@ -7,6 +7,7 @@ plan expressions (``Filter: ((status = 'open'::text) AND ...)``), which are vali
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,13 @@ from pgpilot.explain.model import ExplainError
 EQUALITY_OPERATORS = {"="}
 RANGE_OPERATORS = {"<", ">", "<=", ">=", "~~", "~~*"}
 MAX_LISTED_VALUES = 20
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as it must be written in SQL: bare when lower-case and plain, else quoted."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)
