@@ -33,7 +33,9 @@ def pg_dsn() -> Iterator[str]:
         yield dsn
         return
     with tempfile.TemporaryDirectory(prefix="pgpilot-test-pg-") as tmp:
-        pg = EmbeddedPostgres(Path(tmp) / "data")
+        # The new folder itself is the data folder: as root, the server's user gets it, and
+        # no folder above it (mode 0700 from mkdtemp) needs opening.
+        pg = EmbeddedPostgres(Path(tmp))
         try:
             pg.start()
         except Exception as exc:  # pragma: no cover - depends on the machine

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,18 +107,24 @@ def test_trust_requires_listed_user_only_when_auth_file(auth_proxy_factory) -> N
 
 # -- server side: the pooler logging in to PostgreSQL ---------------------------------------
 
+def _data_folder(prefix: str) -> tempfile.TemporaryDirectory[str]:
+    """A new folder in /tmp to be a data folder itself (pytest's own are under a 0700 folder
+    the server's user cannot pass when the tests run as root)."""
+    return tempfile.TemporaryDirectory(prefix=prefix)
+
+
 @pytest.fixture(scope="module", params=["scram-sha-256", "md5"])
-def password_server(request, tmp_path_factory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pgauth") / "data", auth=request.param,
-                          password="Upstream-Pw-9")
-    try:
-        pg.start()
-    except Exception as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"embedded PostgreSQL unavailable: {exc}")
-    yield pg
-    pg.stop()
+def password_server(request) -> Iterator[EmbeddedPostgres]:
+    with _data_folder("pgpilot-pgauth-") as folder:
+        pg = EmbeddedPostgres(Path(folder), auth=request.param, password="Upstream-Pw-9")
+        try:
+            pg.start()
+        except Exception as exc:
+            if os.environ.get("CI"):
+                raise
+            pytest.skip(f"embedded PostgreSQL unavailable: {exc}")
+        yield pg
+        pg.stop()
 
 
 def test_server_login_with_password_from_databases(proxy_factory, password_server) -> None:
@@ -154,12 +161,12 @@ def test_server_login_failure_reaches_the_client(proxy_factory, password_server)
 
 
 @pytest.fixture(scope="module")
-def scram_server(tmp_path_factory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pgscram") / "data", auth="scram-sha-256",
-                          password="Upstream-Pw-9")
-    pg.start()
-    yield pg
-    pg.stop()
+def scram_server() -> Iterator[EmbeddedPostgres]:
+    with _data_folder("pgpilot-pgscram-") as folder:
+        pg = EmbeddedPostgres(Path(folder), auth="scram-sha-256", password="Upstream-Pw-9")
+        pg.start()
+        yield pg
+        pg.stop()
 
 
 def test_scram_pass_through_with_only_the_secret(proxy_factory, scram_server) -> None:

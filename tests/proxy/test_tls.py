@@ -234,9 +234,10 @@ def _bin_dir_with_tls() -> Path | None:
 @pytest.fixture(scope="module")
 def tls_pg(certs: Certs) -> Iterator[EmbeddedPostgres]:
     """A PostgreSQL of its own with ssl = on and our server certificate."""
-    # Outside pytest's numbered temp folders, which concurrent pytest runs may prune.
+    # Outside pytest's numbered temp folders, which concurrent pytest runs may prune (and
+    # which, as root, the server's user cannot reach): the new folder is the data folder.
     folder = tempfile.TemporaryDirectory(prefix="pgpilot-tls-pg-")
-    data = Path(folder.name) / "data"
+    data = Path(folder.name)
     pg = EmbeddedPostgres(data, bin_dir=_bin_dir_with_tls(),
                           settings={"ssl": "on", "ssl_cert_file": "server.crt",
                                     "ssl_key_file": "server.key"})
