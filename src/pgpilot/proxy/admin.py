@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pgpilot
+from pgpilot.proxy.client import CLIENT_CLOSED
 from pgpilot.proxy.config import Config, ConfigError, load_config
 from pgpilot.proxy.hazards import HINTS
 from pgpilot.proxy.states import ClientState, ServerState
@@ -387,7 +388,7 @@ class AdminSession:
         for mtype, body in msgs:
             if mtype == F.TERMINATE:
                 self._queue.clear()
-                self.client.close()
+                self.client.close(CLIENT_CLOSED)
                 return
             if mtype == F.FLUSH:
                 continue

