@@ -175,6 +175,50 @@ def test_runs_from_config_and_stops_on_sigterm(tmp_path: Path, pg_params) -> Non
             proc.kill()
 
 
+def test_strict_refuses_a_reload_with_unknown_settings(tmp_path: Path, pg_params) -> None:
+    port = free_port()
+    log_file = tmp_path / "pgpilot.log"
+    (tmp_path / "users.txt").write_text(f'"{pg_params["user"]}" ""\n')
+    ini = tmp_path / "pgbouncer.ini"
+    head = (f"[databases]\n* = host={pg_params['host']} port={pg_params['port']}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
+            "unix_socket_dir =\nauth_type = trust\nauth_file = users.txt\n"
+            f"admin_users = {pg_params['user']}\nlogfile = {log_file}\n")
+    ini.write_text(head + "default_pool_size = 20\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pgpilot", "proxy", "--strict", "--config",
+                             str(ini)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        admin = f"postgresql://{pg_params['user']}@127.0.0.1:{port}/pgbouncer"
+
+        def pool_size() -> str:
+            with _connect_retry(admin) as conn:
+                rows = conn.execute("SHOW CONFIG").fetchall()
+            return next(str(row[1]) for row in rows if row[0] == "default_pool_size")
+
+        assert pool_size() == "20"
+        ini.write_text(head + "default_pool_size = 7\npool_mod = transaction\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "reload refused" not in log_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        logged = log_file.read_text()
+        assert "unknown setting 'pool_mod' ignored; did you mean pool_mode?" in logged
+        assert ("reload refused, keeping the running configuration: --strict: 1 unknown "
+                "setting (above); correct or remove it") in logged
+        assert pool_size() == "20"
+        ini.write_text(head + "default_pool_size = 7\n")  # corrected: taken
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while pool_size() != "7" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pool_size() == "7"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _connect_retry(dsn: str, seconds: float = 60) -> psycopg.Connection:
     deadline = time.monotonic() + seconds
     while True:
