@@ -277,11 +277,21 @@ class EmbeddedPostgres:
         try:
             pwd.getpwnam(SERVER_USER)
         except KeyError:
-            subprocess.run(
-                ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", SERVER_USER],
-                check=True,
-                capture_output=True,
-            )
+            try:
+                subprocess.run(
+                    ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin",
+                     SERVER_USER],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+            except (OSError, subprocess.CalledProcessError) as exc:
+                why = getattr(exc, "stderr", None) or str(exc)
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL refuses to run as root, and the system user {SERVER_USER} it "
+                    f"would run as could not be made (useradd: {why.strip()}); make it, or run "
+                    "pgpilot as an ordinary user"
+                ) from None
         self._run_as = SERVER_USER
         if self._server_bin is not None:
             return
