@@ -36,6 +36,10 @@ The suites:
   standby, target_session_attrs reconnect; they would not go through the pooler anyway) and
   ``test__sourcecode`` (flake8/mypy over asyncpg's source). Run with ``python -P`` so that
   ``import asyncpg`` is the installed, compiled package, not the sdist's uncompiled source.
+  One patch, applied for every target alike: the two pool tests of
+  ``test_cache_invalidation.py`` open their pool with ``database='postgres'`` while the
+  connection that alters the table uses PGDATABASE (the same database when asyncpg runs its
+  own cluster); the patch drops that argument so that both use the run's database.
 - ``sqlalchemy-psycopg`` / ``sqlalchemy-asyncpg``: SQLAlchemy's own pytest plugin with
   ``--dburi postgresql+psycopg://...`` / ``postgresql+asyncpg://...`` over ``--sqla-paths``
   (default: ``test/dialect/postgresql test/sql test/engine test/orm`` with
@@ -99,6 +103,12 @@ SUITE_REQUIREMENTS = {
     "asyncpg": ("distro~=1.9.0", "pytest", "pytest-timeout"),
     "sqlalchemy": ("pytest>=7.0.0,<10", "pytest-timeout", "greenlet"),
 }
+ASYNCPG_SCRATCH_DB = "testdb"
+# (file, text, replacement) applied to the unpacked asyncpg sdist; see the module docstring.
+ASYNCPG_PATCHES = (
+    ("tests/test_cache_invalidation.py", "self.create_pool(database='postgres',",
+     "self.create_pool("),
+)
 SQLA_DEFAULT_PATHS = ("test/dialect/postgresql", "test/sql", "test/engine", "test/orm")
 
 
@@ -153,6 +163,10 @@ def fetch_sdist(package: str, work_dir: Path) -> Path:
         src.mkdir(parents=True, exist_ok=True)
         with tarfile.open(archives[0]) as tar:
             tar.extractall(src, filter="data")
+    if package == "asyncpg":
+        for rel, old, new in ASYNCPG_PATCHES:
+            path = dest / rel
+            path.write_text(path.read_text().replace(old, new))
     return dest
 
 
@@ -222,6 +236,12 @@ def create_database(up: Upstream, name: str, suite: str) -> None:
                         f"ALTER DATABASE \"{name}\" SET default_text_search_config "
                         "= 'pg_catalog.english'"):
                 conn.execute(sql)
+
+
+def database_exists(up: Upstream, name: str) -> bool:
+    with up.connect() as conn:
+        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() \
+            is not None
 
 
 def drop_database(up: Upstream, name: str) -> None:
@@ -362,7 +382,8 @@ def plan_run(args: argparse.Namespace, suite: str, target: str, mode: str, pytho
         cmd += ["tests"]
         for prefix in ASYNCPG_DESELECT:
             cmd += ["--deselect", prefix]
-        selection = {"paths": ["tests"], "deselect": list(ASYNCPG_DESELECT), "k": args.k}
+        selection = {"paths": ["tests"], "deselect": list(ASYNCPG_DESELECT), "k": args.k,
+                     "patches": [f"{f}: {a!r} -> {b!r}" for f, a, b in ASYNCPG_PATCHES]}
     else:
         driver = suite.split("-", 1)[1]
         uri = f"postgresql+{driver}://{args.pg_user}@{host}:{port}/{dbname}"
@@ -598,6 +619,11 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
     revision = source_revision() if target == "pgpilot" else None
     pool_size = args.pool_size or (5 if mode == "transaction" else 40)
     create_database(up, dbname, suite)
+    # asyncpg's test_type_cache_invalidation_in_pool creates and drops a database "testdb";
+    # one left behind by an interrupted run is dropped here, one that was there before is not.
+    testdb_before = suite == "asyncpg" and database_exists(up, ASYNCPG_SCRATCH_DB)
+    if testdb_before:
+        log(f"database {ASYNCPG_SCRATCH_DB} exists: test_type_cache_invalidation_in_pool fails")
     try:
         host, port = up.host, up.port
         if target != "direct":
@@ -614,6 +640,8 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
         if pooler is not None:
             pooler.stop()
         drop_database(up, dbname)
+        if suite == "asyncpg" and not testdb_before:
+            drop_database(up, ASYNCPG_SCRATCH_DB)
     if not junit.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"no JUnit XML from {run_key(suite, target, mode)} (rc {rc}):\n{tail}")
