@@ -225,8 +225,9 @@ def test_error_for_a_renamed_statement_with_python_taking_over(proxy_factory: An
             answers = read_answers(sock)
             assert [t for t, _ in answers] == ["E", "Z"]
             error = m.parse_error_fields(answers[0][1])
-            assert "result type" in error["M"] and "run the statement again" in error["H"]
-            # Prepared afresh under the same text, the statement sees the new column.
+            assert "result type" in error["M"] and "H" not in error  # as directly
+            # Prepared afresh under the same text (the error moved the catalog generation
+            # on: the new Parse gets a server statement of its own), it sees the new column.
             sock.sendall(m.parse_message("s", "select * from pgp_fp_ddl2") + m.bind_simple(
                 "", "s") + m.describe_message("P", "") + m.execute_message() + m.sync())
             answers = read_answers(sock)

@@ -731,6 +731,11 @@ static const unsigned char *named_statement(const unsigned char *msg, size_t n, 
     return name;
 }
 
+/* Does a CommandComplete tag (at least 6 bytes, its NUL included) name a schema change? */
+static int is_ddl_tag(const unsigned char *tag) {
+    return !memcmp(tag, "CREATE", 6) || !memcmp(tag, "ALTER ", 6) || !memcmp(tag, "DROP ", 5);
+}
+
 /* A server message Python's statement router must see before the client does: an error for
  * a renamed statement (it names the statement as the client does, and if the router's record
  * is out of date, a table changed under the statement or the server lacks it, puts it
@@ -1271,6 +1276,15 @@ static void server_pump(ConnObject *s) {
                 if (c->flags & F_EJECT_WANTED) break;
             }
             continue;
+        }
+        if (t == 'C' && len >= 4 + 6) {
+            /* DDL (a CommandComplete tag CREATE, ALTER or DROP ...): Python bumps the
+             * catalog generation that names shared prepared statements (prepared.Catalog). */
+            if (avail - pos < 5 + 6) break;
+            if (is_ddl_tag(base + pos + 5)) {
+                eject = 1;
+                break;
+            }
         }
         if (c->statements && (t == 'E' || (t == 'C' && (len == 4 + 15 || len == 4 + 12)))) {
             if (avail - pos < (size_t)len + 1) break; /* whole, to be read */

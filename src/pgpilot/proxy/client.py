@@ -32,7 +32,7 @@ from pgpilot.proxy.auth import (
     scram_secret_for,
 )
 from pgpilot.proxy.fastpath import is_fast_conn
-from pgpilot.proxy.prepared import StatementRouter
+from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.states import ClientState, ServerState, check_client_move
 from pgpilot.proxy.tls import CLIENT_TLS_REQUIRED
@@ -836,10 +836,17 @@ class ClientConnection(asyncio.Protocol):
                         if self.xact_started:
                             stats.xact_time += now - self.xact_started
                             self.xact_started = 0.0
+                if status == "I" and server.schema_changed:
+                    # Committed (or rolled back): others see the change from now on.
+                    server.schema_changed = False
+                    server.pool.catalog.changed()
                 release = self.expected_rfq <= 0
             elif mtype == m.B.COMMAND_COMPLETE:
                 if stats is not None:
                     stats.query_count += 1
+                if body is not None and body.startswith(DDL_TAG_PREFIXES):
+                    server.schema_changed = True
+                    server.pool.catalog.changed()
             elif mtype == m.B.PARAMETER_STATUS and body is not None:
                 name, value = m.parse_parameter_status(body)
                 server.params[name] = value

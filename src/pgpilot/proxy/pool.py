@@ -18,6 +18,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
+from pgpilot.proxy.prepared import Catalog
 from pgpilot.proxy.server import ServerConnection, ServerError
 from pgpilot.proxy.states import ServerState
 from pgpilot.proxy.tls import TLSNegotiationError, negotiate_server_tls
@@ -70,6 +71,8 @@ class Pool:
         self.name = f"{db_name}/{user}"
         self.server_dbname = db.dbname or db_name
         self.server_user = db.user or user
+        self.catalog = pooler.catalogs.setdefault((db.host, db.port, self.server_dbname),
+                                                  Catalog())
         self.servers: dict[ServerState, set[ServerConnection]] = {
             s: set() for s in ServerState if s is not ServerState.CLOSED}
         self.idle: collections.deque[ServerConnection] = collections.deque()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pgpilot.proxy.config import Config, DatabaseConfig
 from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.pool import Pool
+from pgpilot.proxy.prepared import Catalog
 from pgpilot.proxy.states import ClientState
 from pgpilot.proxy.workers import WORKER_SHIFT, WorkerIdentity, cancel_socket_path
 from pgpilot.wire import messages as m
@@ -44,6 +45,8 @@ class Pooler:
         self.config = config
         self.worker = worker  # set when this process is one of several (workers = N)
         self.pools: dict[tuple[str, str], Pool] = {}
+        # One per upstream database (host, port, dbname), shared by its pools (prepared.py).
+        self.catalogs: dict[tuple[str | None, int, str], Catalog] = {}
         self.clients: dict[ClientState, set[ClientConnection]] = {s: set() for s in ClientState}
         # Values: clients, or the engine's Conn of a client it logged in alone (fastpath.py).
         self.cancel_keys: dict[tuple[int, int], Any] = {}

@@ -2,21 +2,28 @@
 
 A client that prepares ``stmt1`` expects to find it on "its" connection, but in transaction
 mode each transaction may run on another server. So the pooler keeps, per client, what each of
-its statement names means (the Parse it sent), and gives every distinct statement (SQL text and
-parameter types) one server-side name, ``pgpilot_<hash>``, shared by all clients. Per server it
+its statement names means (the Parse it sent), and gives every distinct statement (SQL text,
+parameter types, the client's search_path) one server-side name per catalog generation,
+``pgpilot_<hash>_<generation>``, shared by all clients. The generation (:class:`Catalog`, one per
+upstream database) moves on at every schema change the pooler relays and at every error that
+shows one it did not see, so a client's Parse never maps onto a server statement parsed against
+an older catalog: it parses against today's, as on a direct connection. Per server the pooler
 remembers which of those names exist there (at most ``max_prepared_statements``, least recently
 used closed first).
 
 Then, message by message:
 
-- Parse "stmt1": remembered. Sent as Parse "pgpilot_<hash>" only if this server lacks it;
-  otherwise not sent at all and the client gets its ParseComplete from the pooler.
+- Parse "stmt1": remembered. Sent as Parse "pgpilot_<hash>_<generation>" only if this server
+  lacks it; otherwise not sent at all and the client gets its ParseComplete from the pooler.
 - Bind / Describe of "stmt1": renamed; if the server lacks the statement, a Parse is slipped in
   before, whose ParseComplete the client never sees.
 - Close "stmt1": forgotten and answered by the pooler (the server's copy stays for others).
 - DEALLOCATE ALL / DISCARD ALL, however sent: known by the CommandComplete tag the server
   answers with (as PgBouncer does), so only a drop that happened counts. The server's
   statements and the client's are gone then, but for those Parsed after it.
+- A statement whose table or type changed since the client parsed it fails as it would on a
+  direct connection (``cached plan must not change result type``), and keeps failing until the
+  client prepares it again; that Parse gets a server statement of the new generation.
 - If the pooler's record of a server ever disagrees with the server (it says a statement
   is missing, or already exists), the record is corrected at that error, so the next attempt
   works.
@@ -86,11 +93,39 @@ class ClientStatement(NamedTuple):
     server_parse: bytes  # the whole Parse message under the server-side name
 
 
-def server_statement_name(parse: m.Parse) -> str:
+# CommandComplete tags of schema changes (CREATE TABLE, ALTER TYPE, DROP SCHEMA ...): the
+# compiled fast path hands a transaction to Python at one of them (_fastpath.c, is_ddl_tag).
+DDL_TAG_PREFIXES = (b"CREATE", b"ALTER ", b"DROP ")
+_CACHE_LOOKUP_FAILED = "cache lookup failed"  # XX000: an object a plan named is gone
+
+
+class Catalog:
+    """What the pooler knows of one upstream database's catalog: a generation that moves on
+    at every schema change it relays (a CREATE, ALTER or DROP, and again at the end of the
+    transaction that made it, when others can see it) and at every error that shows a shared
+    statement outlived one made elsewhere (DDL run outside the pooler). Shared server-side
+    statement names carry the generation of the client's Parse, so a Parse never maps onto
+    a server statement parsed against an older catalog."""
+
+    __slots__ = ("generation",)
+
+    def __init__(self) -> None:
+        self.generation = 0
+
+    def changed(self) -> None:
+        self.generation += 1
+
+
+def server_statement_name(parse: m.Parse, generation: int = 0, search_path: str = "") -> str:
+    """The shared server-side name of a statement: a hash of its text, its parameter types
+    and the search_path it is parsed under (which decides what its names mean), and the
+    catalog generation it was parsed in."""
     digest = hashlib.blake2b(digest_size=12)
     digest.update(parse.sql.encode())
     digest.update(b"\x00" + ",".join(map(str, parse.param_types)).encode())
-    return "pgpilot_" + digest.hexdigest()
+    if search_path:
+        digest.update(b"\x00" + search_path.encode())
+    return f"pgpilot_{digest.hexdigest()}_{generation}"
 
 
 # What undoes a change the router made to the client's names when PostgreSQL skips the
@@ -112,11 +147,14 @@ class StatementRouter:
     names pass as the client sent them, and the router only keeps count of the answers owed
     (what PostgreSQL skips after an error is owed nothing)."""
 
-    __slots__ = ("held", "max_prepared", "outstanding", "renaming", "skipped_queries",
-                 "skipping", "statements", "surgery")
+    __slots__ = ("held", "max_prepared", "outstanding", "renaming", "search_path",
+                 "skipped_queries", "skipping", "statements", "surgery")
 
     def __init__(self, max_prepared: int) -> None:
         self.max_prepared = max_prepared
+        # The client's own search_path when it set one (session state that follows it):
+        # part of the shared names, as it decides what a statement's names refer to.
+        self.search_path = ""
         self.renaming = max_prepared > 0
         self.statements: dict[str, ClientStatement] = {}
         self.outstanding: collections.deque[Entry] = collections.deque()
@@ -216,7 +254,8 @@ class StatementRouter:
         if not parse.name or not self.renaming:
             self.outstanding.append((PARSE, None, None))
             return raw
-        server_name = server_statement_name(parse)
+        server_name = server_statement_name(parse, server.pool.catalog.generation,
+                                            self.search_path)
         stmt = ClientStatement(server_name, m.parse_message(server_name, parse.sql,
                                                             parse.param_types))
         # PostgreSQL would refuse to redefine a name; the pooler lets the newest Parse win.
@@ -451,14 +490,14 @@ class StatementRouter:
             server.prepared.pop(n, None)
             server.stale_statements.discard(n)
             hint = _RECORD_CORRECTED
-        elif n is not None and k in (BIND, DESCRIBE) and _RESULT_CHANGED in text:
-            # A table changed under the statement: drop the server's copy, so the client's
-            # next attempt re-prepares it, and say so.
-            server.prepared.pop(n, None)
-            server.stale_statements.add(n)
-            hint = ("A table used by this prepared statement changed since it was prepared. "
-                    "pgpilot has dropped the server's copy: run the statement again (or "
-                    "prepare it again) and it will be planned afresh.")
+        elif n is not None and k in (BIND, DESCRIBE) and (
+                _RESULT_CHANGED in text or (code == "XX000" and _CACHE_LOOKUP_FAILED in text)):
+            # A table or type changed under the statement since it was parsed (DDL the
+            # pooler did not see, or made after this client's Parse): the client gets
+            # PostgreSQL's error as it would directly, and the server's copy stays (so do
+            # the other clients of that copy). The catalog moves on, so that no new Parse
+            # maps onto a copy parsed before the change.
+            server.pool.catalog.changed()
         # What the failed and the skipped requests did to the record of the server's
         # statements and to the client's names when they were sent, undone newest first,
         # as if never sent: a Parse (the statement was not there before it), a Close of the

@@ -93,6 +93,9 @@ class ServerConnection(asyncio.Protocol):
         # changed under them).
         self.prepared: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self.stale_statements: set[str] = set()
+        # A schema change ran in the transaction now open: the catalog generation moves on
+        # again when it ends (prepared.Catalog).
+        self.schema_changed = False
         self.reader = MessageReader()  # every body is read during login
         self._login: ServerLogin | None = None
         self.login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
