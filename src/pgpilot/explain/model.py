@@ -234,31 +234,22 @@ class Plan:
     def _number_and_time(self) -> None:
         counter = 0
 
-        def visit(node: PlanNode, parent: PlanNode | None, depth: int, divisor: float) -> None:
+        def visit(node: PlanNode, parent: PlanNode | None, depth: int) -> None:
             nonlocal counter
             counter += 1
             node.node_id = counter
             node.depth = depth
             node.parent = parent
-            # Below a Gather, per-loop times are averaged over the processes that ran the
-            # node concurrently, so multiplying by loops would count wall time several times.
             if node.actual_total_time is not None:
-                node.inclusive_time = node.actual_total_time * node.loops / divisor
+                node.inclusive_time = node.actual_total_time * node.loops
             elif node.never_executed:
                 node.inclusive_time = 0.0
-            child_divisor = divisor
-            if node.node_type in ("Gather", "Gather Merge"):
-                child_divisor = float((node.workers_launched or 0) + 1)
             for child in node.children:
-                visit(child, node, depth + 1, child_divisor)
+                visit(child, node, depth + 1)
+            if node.node_type in ("Gather", "Gather Merge"):
+                _fill_parallel_section(node)
             if node.inclusive_time is not None:
-                # InitPlans run once, separately; their time is not inside the parent's.
-                below = sum(
-                    c.inclusive_time or 0.0
-                    for c in node.children
-                    if c.parent_relationship != "InitPlan"
-                )
-                node.exclusive_time = max(0.0, node.inclusive_time - below)
+                node.exclusive_time = max(0.0, node.inclusive_time - _time_inside(node))
             if node.total_cost is not None:
                 below_cost = sum(
                     c.total_cost or 0.0
@@ -267,4 +258,42 @@ class Plan:
                 )
                 node.exclusive_cost = max(0.0, node.total_cost - below_cost)
 
-        visit(self.root, None, 0, 1.0)
+        visit(self.root, None, 0)
+
+
+def _time_inside(node: PlanNode) -> float:
+    """Time of the node's children that is part of the node's own time.
+
+    InitPlans run once, separately: their time is not inside the parent's.
+    """
+    return sum(
+        c.inclusive_time or 0.0 for c in node.children if c.parent_relationship != "InitPlan"
+    )
+
+
+def _fill_parallel_section(gather: PlanNode) -> None:
+    """Give the wall time of a Gather (Merge) to the nodes below it, which ran in parallel.
+
+    Below a Gather, a node's actual time is an average over the processes that ran it (leader
+    and workers, ``loops`` of them), and the leader only times a node while it runs it itself:
+    while it waits for the workers' rows, the time is counted as the Gather's, although the
+    workers spend it in the nodes below. So the Gather's own time would hide the parallel
+    scan that makes it up (a Parallel Seq Scan rated at half the statement, where the same
+    scan without workers is all of it). Instead, the Gather's wall time is divided among the
+    nodes below it in proportion to the time the processes spent in each (their times summed
+    over all loops), and the Gather keeps none: a parallel plan and its serial twin then give
+    the scan the same share. InitPlans of the Gather run before the workers and keep their
+    own times.
+    """
+    wall = gather.inclusive_time
+    inside = [c for c in gather.children if c.parent_relationship != "InitPlan"]
+    measured = sum(c.inclusive_time or 0.0 for c in inside)
+    if wall is None or measured <= 0:
+        return
+    scale = wall / measured
+    for child in inside:
+        for node in child.walk():
+            if node.inclusive_time is not None:
+                node.inclusive_time *= scale
+            if node.exclusive_time is not None:
+                node.exclusive_time *= scale

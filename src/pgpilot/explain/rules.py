@@ -33,7 +33,12 @@ SEQ_SCAN_MIN_REMOVED_FRACTION = 0.90  # of the rows the scan read
 MISESTIMATE_FACTOR = 10.0  # actual vs estimated rows, either direction
 MISESTIMATE_MIN_ROWS = 100  # the larger of the two must be at least this
 NESTED_LOOP_MIN_LOOPS = 1000  # executions of the inner side
-SUBPLAN_MIN_LOOPS = 100  # executions of a correlated SubPlan
+# A correlated SubPlan is "N+1 in SQL" when it runs many times, or a few times but takes a
+# large share of the statement: 20 runs making up 99% of a slow statement count as much as
+# 10,000 cheap ones.
+SUBPLAN_MIN_LOOPS = 3  # executions, whatever the share...
+SUBPLAN_MIN_SHARE = 0.25  # ...if the SubPlan (all runs, all below it) takes this share
+SUBPLAN_MANY_LOOPS = 100  # from this many executions, any share worth reporting (MIN_SHARE)
 HEAP_FETCHES_MIN = 1000
 HEAP_FETCHES_MIN_FRACTION = 0.10  # of the rows the index-only scan returned
 LOSSY_MIN_FRACTION = 0.10  # lossy heap blocks among all heap blocks of a bitmap scan
@@ -400,7 +405,8 @@ def correlated_subplan(ctx: Context) -> Iterator[Finding | None]:
         if (node.subplan_name or "").startswith("hashed"):
             continue  # hashed: evaluated once into a hash table
         loops = node.actual_loops or 0
-        if loops < SUBPLAN_MIN_LOOPS:
+        share = ctx.plan.inclusive_share(node)
+        if loops < SUBPLAN_MIN_LOOPS or (loops < SUBPLAN_MANY_LOOPS and share < SUBPLAN_MIN_SHARE):
             continue
         scan = next((n for n in node.walk() if n.relation), None)
         correlation = None
@@ -416,14 +422,13 @@ def correlated_subplan(ctx: Context) -> Iterator[Finding | None]:
                 break
         name = node.subplan_name or "SubPlan"
         message = (f"{name} ran {fmt_rows(loops)} times, once per outer row, "
-                   f"{fmt_ms(node.inclusive_time)} in all")
+                   f"{fmt_ms(node.inclusive_time)} in all ({share:.0%} of the statement)")
         rewritten = join_rewrite(ctx.sql) if ctx.sql else None
         if rewritten:
             fix = f"rewrite it as a join, computed in one pass: {rewritten}"
         else:
             fix = _join_rewrite(node, scan, correlation)
-        yield ctx.finding("correlated_subplan", node, ctx.plan.inclusive_share(node),
-                          message, fix)
+        yield ctx.finding("correlated_subplan", node, share, message, fix)
 
 
 def _join_rewrite(node: PlanNode, scan: PlanNode | None, correlation: str | None) -> str:
