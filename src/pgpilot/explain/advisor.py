@@ -651,10 +651,9 @@ def advise(dsn: str, sql: str, *, validate: str = "auto", analyze: bool = True,
                                          statement_timeout_ms=statement_timeout_ms)
             else:
                 plan_json = explain_json(conn, sql, analyze=False)
+            schemas = relation_schemas(conn, plan_json, sql)
         finally:
             conn.rollback()
-        schemas = relation_schemas(conn, plan_json, sql)
-        conn.rollback()
         baseline = analyze_plan(plan_json, sql=sql, schemas=schemas)
         candidates, skipped = build_candidates(shape, tables)
         advice = Advice(sql, "none", baseline, cost_before, skipped=skipped)

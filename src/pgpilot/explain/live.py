@@ -153,8 +153,8 @@ def explain_statement(dsn: str, sql: str, *, analyze: bool = True,
         try:
             plan = explain_json(conn, sql, analyze=analyze, settings=settings,
                                 statement_timeout_ms=statement_timeout_ms)
+            # In the same transaction: the same search_path (settings may change it).
+            schemas = relation_schemas(conn, plan, sql)
         finally:
             conn.rollback()
-        schemas = relation_schemas(conn, plan, sql)
-        conn.rollback()
     return ExplainResult(plan_json=plan, modifies=modifies, kind=kind, schemas=schemas)
