@@ -387,7 +387,9 @@ class ClientConnection(asyncio.Protocol):
             return
         db = cfg.database_for(self.database)
         if db is None:
-            self.fail("3D000", f'no such database: "{self.database}"')
+            text = f'no such database: "{self.database}"'
+            log.warning("%r login failed: %s", self, text)
+            self.fail("3D000", text)
             return
         self.authenticate()
 
@@ -924,7 +926,7 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         self.write(m.error_response(sqlstate, text, severity="FATAL" if fatal else "ERROR",
                                     hint=hint))
-        self.close()
+        self.close(text)
 
     def close(self, reason: str = "closed by pooler") -> None:
         self.closing = True
