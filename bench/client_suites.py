@@ -435,9 +435,15 @@ def first_line(text: str) -> str:
     return ""
 
 
+_SERVER_VERSION_SUFFIX = re.compile(r"(_postgresql\+\w+?)_\d+(?:_\d+)*(?=::)")
+
+
 def parse_junit(path: Path) -> dict[str, Any]:
-    """Counts and the non-passing tests ({id: {status, message}}) of one JUnit XML file."""
+    """Counts, the non-passing tests ({id: {status, message}}) and a hash of the set of test
+    ids of one JUnit XML file. A test of a complete run that is not among its outcomes passed;
+    the hash tells whether two runs ran the same tests."""
     outcomes: dict[str, dict[str, str]] = {}
+    seen: dict[str, str] = {}
     counts = Counter(tests=0, passed=0, failed=0, errors=0, skipped=0)
     root = ET.parse(path).getroot()
     for case in root.iter("testcase"):
@@ -446,6 +452,9 @@ def parse_junit(path: Path) -> dict[str, Any]:
         test_id = f"{classname}::{case.get('name', '')}"
         if file and not classname.startswith(file.replace("/", ".").removesuffix(".py")):
             test_id = f"{file}::{test_id}"
+        # SQLAlchemy suffixes class names with the server version the connection reports
+        # ("Test_postgresql+psycopg_15_20"); ids compare across targets without it.
+        test_id = _SERVER_VERSION_SUFFIX.sub(r"\1", test_id)
         status, message = "passed", ""
         for kind, label in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
             node = case.find(kind)
@@ -453,19 +462,18 @@ def parse_junit(path: Path) -> dict[str, Any]:
                 status = label
                 message = node.get("message") or first_line(node.text or "")
                 break
-        if test_id in outcomes and status == "passed":
+        if test_id in seen and status == "passed":
             continue  # a second entry (teardown) of a test already recorded
-        counts["tests"] += test_id not in outcomes
-        if test_id in outcomes:
-            counts[_count_key(outcomes[test_id]["status"])] -= 1
+        if test_id in seen:
+            counts[_count_key(seen[test_id])] -= 1
+        else:
+            counts["tests"] += 1
+        seen[test_id] = status
         counts[_count_key(status)] += 1
         if status != "passed":
-            outcomes[test_id] = {"status": status, "message": message[:2000]}
-        else:
-            outcomes.setdefault(test_id, {"status": "passed", "message": ""})
-    non_passing = {k: v for k, v in outcomes.items() if v["status"] != "passed"}
-    passed_ids = sorted(k for k, v in outcomes.items() if v["status"] == "passed")
-    return {"counts": dict(counts), "outcomes": non_passing, "passed_ids": passed_ids}
+            outcomes[test_id] = {"status": status, "message": message[:1000]}
+    ids = hashlib.sha1("\n".join(sorted(seen)).encode()).hexdigest()[:12]
+    return {"counts": dict(counts), "outcomes": outcomes, "test_ids_sha1": ids}
 
 
 def _count_key(status: str) -> str:
@@ -505,13 +513,20 @@ def load_report(path: Path) -> dict[str, Any]:
 
 
 def pooler_only(report: dict[str, Any], key: str, base_key: str) -> dict[str, dict[str, str]]:
-    """Tests that fail (failed or error) in run ``key`` but pass in run ``base_key``."""
+    """Tests that fail (failed or error) in run ``key`` but pass in run ``base_key`` (are not
+    among its outcomes; exact when both ran the same tests, see ``same_tests``)."""
     runs = report["runs"]
     if key not in runs or base_key not in runs:
         return {}
-    base_passed = set(runs[base_key].get("passed_ids", []))
+    base = runs[base_key]["outcomes"]
     return {tid: o for tid, o in runs[key]["outcomes"].items()
-            if o["status"] in ("failed", "error") and tid in base_passed}
+            if o["status"] in ("failed", "error") and tid not in base}
+
+
+def same_tests(report: dict[str, Any], key: str, base_key: str) -> bool:
+    a, b = report["runs"][key], report["runs"][base_key]
+    return (a.get("test_ids_sha1") == b.get("test_ids_sha1") and not a.get("timed_out")
+            and not b.get("timed_out"))
 
 
 def group(failures: dict[str, dict[str, str]]) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -577,6 +592,9 @@ def render_markdown(report: dict[str, Any], examples: int = 3) -> str:
     for title, key, base, _label in comparisons(report):
         fails = pooler_only(report, key, base)
         out += ["", f"## {title}: {len(fails)}", ""]
+        if not same_tests(report, key, base):
+            out += ["(the two runs did not run the same set of tests: a timeout, another -k "
+                    "or another collection; tests missing from one are not compared)", ""]
         if not fails:
             continue
         out += ["| tests | failure (normalized) | examples |", "|---|---|---|"]
@@ -592,7 +610,8 @@ def print_differences(report: dict[str, Any], keys: set[str]) -> None:
         if key not in keys:
             continue
         fails = pooler_only(report, key, base)
-        print(f"\n== {title}: {len(fails)}")
+        same = "" if same_tests(report, key, base) else " (not the same set of tests!)"
+        print(f"\n== {title}: {len(fails)}{same}")
         for cat, items in group(fails):
             print(f"  {len(items):5d}  {cat}")
             for tid, msg in items[:3]:
