@@ -110,12 +110,18 @@ def test_named_prepared_statements_stay_on_the_fast_path(tx_proxy: RunningProxy)
 def test_session_state_statements_go_through_python(tx_proxy: RunningProxy) -> None:
     with connect(tx_proxy) as conn:
         conn.execute("select 1")
-        conn.execute("set statement_timeout = '5s'")  # a hazard in transaction pooling
+        conn.execute("set statement_timeout = '5s'")  # Python reads the session's settings
+        wait_until(lambda: tx_proxy.call(lambda: [
+            c.settings for p in tx_proxy.pooler.pools.values() for c in p.clients])
+            == [{"statement_timeout": "5000"}])
+        assert conn.execute("select 2, current_setting('statement_timeout')").fetchone() \
+            == (2, "5s")
+        conn.execute("listen fast_jobs")  # a hazard in transaction pooling
         rows = tx_proxy.call(lambda: [
             (kind, entry.count) for (_d, _u, _a, kind), entry
             in tx_proxy.pooler.hazards.counts.items()])
-        assert any(kind == "session_set" for kind, _count in rows), rows
-        assert conn.execute("select 2").fetchone() == (2,)
+        assert any(kind == "listen" for kind, _count in rows), rows
+        conn.execute("unlisten *")
 
 
 def test_transaction_mixes_fast_and_python_messages(tx_proxy: RunningProxy) -> None:

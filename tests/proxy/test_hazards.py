@@ -16,7 +16,6 @@ from pgpilot.proxy.hazards import HINTS, classify, might_be_hazard
 
 # kind -> statements that create that hazard (and, where needed, the statement undoing it).
 HAZARDS: dict[str, tuple[str, str | None]] = {
-    "session_set": ("SET search_path = public", "RESET search_path"),
     "listen": ("LISTEN pgpilot_jobs", "UNLISTEN pgpilot_jobs"),
     "temp_table": ("CREATE TEMP TABLE hazard_tmp (x int)", "DROP TABLE hazard_tmp"),
     "advisory_lock": ("SELECT pg_advisory_lock(424242)", "SELECT pg_advisory_unlock(424242)"),
@@ -100,18 +99,16 @@ def test_counted_per_application_and_logged_once_per_kind_and_client(
     with caplog.at_level(logging.WARNING, logger="pgpilot.proxy"), \
             app_client(proxy, "worker") as first, app_client(proxy, "web") as second:
         for _ in range(3):
-            first.execute("SET statement_timeout = '1min'")
-        first.execute("LISTEN worker_jobs")
-        second.execute("SET work_mem = '8MB'; SELECT 1")
-        first.execute("RESET ALL")
+            first.execute("LISTEN worker_jobs")
+        first.execute("SET statement_timeout = '1min'")  # carried by the pooler: no hazard
+        second.execute("CREATE TEMP TABLE web_tmp (x int); SELECT 1")
+        second.execute("DROP TABLE web_tmp")
         first.execute("UNLISTEN *")
-        second.execute("RESET ALL")
     counts = {(r["application_name"], r["hazard"]): r["count"] for r in hazards(proxy)}
-    assert counts == {("worker", "session_set"): 3, ("worker", "listen"): 1,
-                      ("web", "session_set"): 1}
+    assert counts == {("worker", "listen"): 3, ("web", "temp_table"): 1}
     warnings = [r.getMessage() for r in caplog.records if "hazard" in r.getMessage()]
-    assert len(warnings) == 3  # session_set and listen for "worker", session_set for "web"
-    assert any("SET statement_timeout" in w and "SET LOCAL" in w for w in warnings)
+    assert len(warnings) == 2  # listen for "worker", temp_table for "web"
+    assert any("LISTEN worker_jobs" in w and "session-mode pool" in w for w in warnings)
 
 
 def test_garbage_and_huge_queries_do_not_break_the_client(

@@ -104,10 +104,11 @@ def test_clients_servers_and_waiting(metered: tuple[RunningProxy, int]) -> None:
 def test_hazards_and_pause_are_exported(metered: tuple[RunningProxy, int]) -> None:
     proxy, port = metered
     with client(proxy, application_name="svc") as conn:
-        conn.execute("SET search_path = public")
+        conn.execute("LISTEN svc_jobs")
+        conn.execute("UNLISTEN svc_jobs")
     scraped = scrape(port)
     assert scraped.get("pgpilot_hazards_total", **POOL, application_name="svc",
-                       kind="session_set") == 1
+                       kind="listen") == 1
     assert scraped.get("pgpilot_paused") == 0
     with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as console:
         console.execute("PAUSE")

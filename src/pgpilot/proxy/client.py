@@ -34,6 +34,15 @@ from pgpilot.proxy.auth import (
 from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
+from pgpilot.proxy.session import (
+    ALL,
+    UNLISTED,
+    apply_sql,
+    might_change_settings,
+    setting_changes,
+    settings_from_rows,
+    snapshot_sql,
+)
 from pgpilot.proxy.states import ClientState, ServerState, check_client_move
 from pgpilot.proxy.tls import CLIENT_TLS_REQUIRED
 from pgpilot.wire import messages as m
@@ -138,6 +147,10 @@ class ClientConnection(asyncio.Protocol):
         "request_time",
         "router",
         "server",
+        "setting_names",
+        "settings",
+        "settings_dirty",
+        "settling",
         "state",
         "tls",
         "transport",
@@ -162,6 +175,13 @@ class ClientConnection(asyncio.Protocol):
         self.application_name = ""
         self.params: dict[str, str] = {}  # tracked parameters, canonical names
         self.params_version = 0  # bumped when a tracked parameter changes
+        # Session settings beyond those (session.py): what the client's session carries, as
+        # the server last reported it; the unlisted names it touched (role, app.*); True
+        # when a statement since may have changed them; True while they are being read.
+        self.settings: dict[str, str] = {}
+        self.setting_names: set[str] = set()
+        self.settings_dirty = False
+        self.settling = False
         self.pool: Pool | None = None
         self.server: ServerConnection | None = None
         self.cancel_pid = 0
@@ -674,6 +694,8 @@ class ClientConnection(asyncio.Protocol):
                 self.close(CLIENT_CLOSED)
                 return
             self._pending += data
+            if self.settling:
+                return  # asked for once the session's settings are read (_settle)
             if self.state is ClientState.ACTIVE:
                 assert self.pool is not None
                 # Usually a server is free and linked at once; reading pauses only when the
@@ -704,12 +726,16 @@ class ClientConnection(asyncio.Protocol):
                 self.request_time = time.time()
                 if body is not None:
                     self.pooler.observe_query(self, body)
+                    self._note_settings(body)
             elif mtype in UNSYNCED_TYPES:
                 self.unsynced = True
                 if not renamable and body is not None and names_a_statement(mtype, body):
                     renamable = True
                 if mtype == F.PARSE and body is not None:
                     self.pooler.observe_parse(self, body)
+                    start = body.find(b"\x00") + 1
+                    end = body.find(b"\x00", start)
+                    self._note_settings(body[start:end] if end >= 0 else body[start:])
             elif mtype == F.FUNCTION_CALL:
                 self.expected_rfq += 1
             elif mtype == F.TERMINATE:
@@ -766,9 +792,13 @@ class ClientConnection(asyncio.Protocol):
         else:
             server_params = server.params
             diff = [(k, v) for k, v in params.items() if server_params.get(k) != v]
-        if diff:
+        settings_sql = apply_sql(server.settings, self.settings) \
+            if server.settings or self.settings else ""
+        if diff or settings_sql:
             server.set_state(ServerState.TESTED)
-            sql = "; ".join(f"SET {k} TO {sql_literal(v)}" for k, v in diff)
+            sql = "; ".join([f"SET {k} TO {sql_literal(v)}" for k, v in diff or ()]
+                            + ([settings_sql] if settings_sql else []))
+            server.settings = dict(self.settings)
 
             def synced(srv: ServerConnection, error: str | None) -> None:
                 if srv.state.name == "CLOSED":
@@ -852,9 +882,14 @@ class ClientConnection(asyncio.Protocol):
             elif mtype == m.B.PARAMETER_STATUS and body is not None:
                 name, value = m.parse_parameter_status(body)
                 server.params[name] = value
-                if name in TRACKED_PARAMS and self.params.get(name) != value:
-                    self.params[name] = value
-                    self.params_version += 1
+                if name in TRACKED_PARAMS:
+                    if self.params.get(name) != value:
+                        self.params[name] = value
+                        self.params_version += 1
+                else:
+                    # A reported setting changed (default_transaction_read_only, a role ...),
+                    # by whatever statement: the session's settings are read at the end.
+                    self.settings_dirty = True
             elif mtype == m.B.ERROR_RESPONSE:
                 error_seen = True
                 if stats is not None:
@@ -899,7 +934,75 @@ class ClientConnection(asyncio.Protocol):
                 self.fail("08P01", "transaction blocks not allowed in statement pooling mode",
                           hint="Use autocommit statements, or a pool in transaction mode.")
             return
+        if self.settings_dirty:
+            self._settle(server)
+            return
         self._detach(client_closed=False)
+
+    # -- session settings (session.py) ------------------------------------------------------
+    def _note_settings(self, sql: bytes) -> None:
+        """Does ``sql`` change session settings? Then they are read at the transaction's end
+        (transaction and statement pools; in session mode the server stays the client's)."""
+        low = sql.decode("latin-1").lower()
+        if not might_change_settings(low):
+            return
+        pool = self.pool
+        if pool is None or pool.mode == "session" or self.is_admin:
+            return
+        names = setting_changes(sql.decode("utf-8", errors="replace"))
+        if names is None:
+            return
+        self.settings_dirty = True
+        for name in names:
+            if name == ALL:
+                self.setting_names.clear()
+            else:
+                self.setting_names.add(name)
+
+    def _settle(self, server: ServerConnection) -> None:
+        """The transaction that changed settings is over: read what the session carries now
+        from the server, as the client's settings and the server's, then let the server go.
+        Requests the client sends meanwhile wait for it."""
+        assert self.pool is not None
+        self.settings_dirty = False
+        self.settling = True
+        self.server = None
+        server.client = None
+        server.resume_reading()
+        server.set_state(ServerState.USED)
+        server.set_state(ServerState.TESTED)
+        rows: list[list[bytes | None]] = []
+        names = set(self.setting_names) | set(UNLISTED)
+        login_user = self.pool.server_user
+
+        def read(srv: ServerConnection, error: str | None) -> None:
+            self.settling = False
+            pool = self.pool
+            assert pool is not None
+            if srv.state is ServerState.CLOSED:
+                pass
+            elif error is not None or srv.txn_status != "I":
+                srv.close(f"could not read session settings: {error or 'in a transaction'}")
+            else:
+                settings = settings_from_rows(rows, login_user)
+                srv.settings = dict(settings)
+                self.settings = settings
+                self.setting_names = {n for n in self.setting_names if n in settings}
+                if self.router is not None:
+                    self.router.search_path = settings.get("search_path", "")
+                pool.give_out(srv)
+            if self.gone:
+                return
+            if srv.state is ServerState.CLOSED and error is not None:
+                self.fail("08006", f"server connection lost: {error}")
+                return
+            if self._pending:
+                self.wait_started = time.monotonic()
+                pool.request(self)
+            elif pool.lane is not None:
+                self.enter_fast()
+
+        server.run_internal(snapshot_sql(names), read, rows)
 
     def _detach(self, *, client_closed: bool) -> None:
         server = self.server

@@ -198,7 +198,7 @@ class FastPath:
         self._drain_timer: asyncio.TimerHandle | None = None
         self.configure_logins()
         self.client_count_changed()
-        self._params_ids: dict[tuple[str | None, ...], int] = {}
+        self._params_ids: dict[tuple[object, ...], int] = {}
         self._settled: list[ClientConnection] = []  # taken back by settle(), for refill()
 
     def close(self) -> None:
@@ -287,12 +287,16 @@ class FastPath:
     def _callback_failed(self, exc: BaseException) -> None:
         log.error("fast path callback failed", exc_info=exc)
 
-    def params_id(self, params: dict[str, str]) -> int:
-        """A small number per distinct set of the tracked parameter values a pair must share
-        for the engine to link it without a SET (attach())."""
+    def params_id(self, params: dict[str, str], settings: dict[str, str] | None = None) -> int:
+        """A small number per distinct set of the tracked parameter values and session
+        settings (session.py) a pair must share for the engine to link it without a SET
+        (attach())."""
         get = params.get
-        key = (get("client_encoding"), get("DateStyle"), get("TimeZone"), get("IntervalStyle"),
-               get("standard_conforming_strings"), get("application_name"))
+        key: tuple[object, ...] = (
+            get("client_encoding"), get("DateStyle"), get("TimeZone"), get("IntervalStyle"),
+            get("standard_conforming_strings"), get("application_name"))
+        if settings:
+            key += (tuple(sorted(settings.items())),)
         found = self._params_ids.get(key)
         if found is None:
             found = self._params_ids[key] = len(self._params_ids) + 1
@@ -611,11 +615,12 @@ class Lane:
         if server.state is not ServerState.IDLE:
             server.set_state(ServerState.IDLE)
         expires = server.created_at + self.pool.lifetime
-        return bool(conn.set_fast(self.fp, self.fast.params_id(server.params),  # type: ignore[union-attr]
+        return bool(conn.set_fast(self.fp,  # type: ignore[union-attr]
+                                  self.fast.params_id(server.params, server.settings),
                                   expires, server.prepared))
 
     def client_params_id(self, client: ClientConnection) -> int:
-        return self.fast.params_id(client.params)
+        return self.fast.params_id(client.params, client.settings)
 
     def recall(self, idle_for: float) -> None:
         """Servers idle in the engine for ``idle_for`` seconds come back to the idle list."""

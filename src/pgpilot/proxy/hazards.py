@@ -282,6 +282,8 @@ class HazardTracker:
                 return
             findings = classify(sql.decode("utf-8", errors="replace"))
             for kind, what in findings:
+                if kind == SESSION_SET:
+                    continue  # no hazard any more: the setting follows its client (session.py)
                 self.record(client, kind, what)
         except Exception:  # an observer must never break the client's traffic
             log.exception("hazard check failed for %r", client)

@@ -38,6 +38,8 @@ LINKED_TYPES = frozenset({m.B.READY_FOR_QUERY, m.B.PARAMETER_STATUS, m.B.ERROR_R
 TRACKED_PARAMS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
                   "standard_conforming_strings", "application_name")
 TRACKED_BY_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
+# What an internal query that returns rows reads (run_internal's ``rows``).
+ROW_READING_TYPES = LINKED_TYPES | {m.B.DATA_ROW}
 
 _ids = itertools.count(1)
 
@@ -96,12 +98,16 @@ class ServerConnection(asyncio.Protocol):
         # A schema change ran in the transaction now open: the catalog generation moves on
         # again when it ends (prepared.Catalog).
         self.schema_changed = False
+        # Session settings beyond the startup parameters, as the pooler last applied or read
+        # them (session.py): empty for a server no client SET anything on.
+        self.settings: dict[str, str] = {}
         self.reader = MessageReader()  # every body is read during login
         self._login: ServerLogin | None = None
         self.login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._internal_cb: InternalCallback | None = None
         self._internal_error: str | None = None
         self._internal_pending = 0
+        self._internal_rows: list[list[bytes | None]] | None = None
         self._paused_by_client = False
 
     def __repr__(self) -> str:
@@ -226,17 +232,24 @@ class ServerConnection(asyncio.Protocol):
                 return
 
     # -- internal queries (reset, check, parameter sync, rollback) --------------------
-    def run_internal(self, sql: str, callback: InternalCallback) -> None:
-        """Send ``sql`` (simple protocol); call ``callback(self, error_or_None)`` at its end."""
+    def run_internal(self, sql: str, callback: InternalCallback,
+                     rows: list[list[bytes | None]] | None = None) -> None:
+        """Send ``sql`` (simple protocol); call ``callback(self, error_or_None)`` at its end;
+        the values of the rows it returns are added to ``rows``, if given."""
         assert self.transport is not None and self.client is None
         self.synced_for = None  # a reset or SET may change what the server carries
         self._internal_cb = callback
         self._internal_error = None
         self._internal_pending = 1
+        self._internal_rows = rows
+        if rows is not None and not self.reader.mid_message:
+            self.reader = MessageReader(ROW_READING_TYPES)
         lowered = sql.lower()
         if "discard all" in lowered or "deallocate" in lowered:
             self.prepared.clear()
             self.stale_statements.clear()
+        if "discard all" in lowered or "reset all" in lowered:
+            self.settings = {}
         self.transport.write(m.query(sql))
 
     def _internal_messages(self, msgs: list[tuple[int, bytes | None]]) -> None:
@@ -246,10 +259,16 @@ class ServerConnection(asyncio.Protocol):
             elif mtype == m.B.PARAMETER_STATUS and body is not None:
                 name, value = m.parse_parameter_status(body)
                 self.params[name] = value
+            elif mtype == m.B.DATA_ROW and body is not None and self._internal_rows is not None:
+                self._internal_rows.append(m.parse_data_row(body))
             elif mtype == m.B.READY_FOR_QUERY and body is not None:
                 self._internal_pending -= 1
                 self.txn_status = chr(body[0])
                 if self._internal_pending == 0:
+                    if self._internal_rows is not None:
+                        self._internal_rows = None
+                        if not self.reader.mid_message:
+                            self.reader = MessageReader(LINKED_TYPES)
                     cb, self._internal_cb = self._internal_cb, None
                     if cb is not None:
                         cb(self, self._internal_error)

@@ -1,0 +1,214 @@
+"""Session settings that follow their client under transaction and statement pooling.
+
+A client that runs ``SET search_path = app`` (or ``SET ROLE``, ``SET SESSION AUTHORIZATION``,
+``set_config(name, value, false)``, ``RESET``, ``RESET ALL``, ``DISCARD ALL``) expects the
+setting on every later transaction, and nobody else should get it. The pooler therefore:
+
+1. notices statements that may change session settings (a cheap test on every Query and
+   Parse text, then pglast on the few that pass it, cached per text; a ParameterStatus from
+   the server outside the startup parameters the pooler tracks says so too);
+2. at the end of such a transaction, before the server goes back to the pool, reads what the
+   session really carries from the server itself (``pg_settings`` rows whose source is
+   ``session``, plus the settings ``pg_settings`` does not list: role, session authorization
+   and custom ``app.*`` names the client touched). Rolled-back SETs, savepoints and SETs
+   inside functions are all as PostgreSQL says, not as the pooler guesses;
+3. records that as the client's settings and as the server's, and before any transaction of
+   the client runs on a server whose settings differ, brings that server to the client's
+   (``RESET`` what the client lacks, ``set_config`` what it has). A server carrying settings
+   is brought back the same way before a client without them uses it.
+
+Clients that never SET cost nothing: their settings are empty, as are the servers'.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from pgpilot.proxy.server import TRACKED_BY_LOWER
+
+# Settings pg_settings does not list (GUC_NO_SHOW_ALL) that a client may still set.
+UNLISTED = ("role", "session_authorization")
+ALL = "*"  # RESET ALL / DISCARD ALL: every setting the client had is gone
+_BLANKS = " \t\r\n"
+_MAX_STATEMENT_STARTS = 64
+_CACHE_MAX_TEXT = 8192
+
+
+def might_change_settings(low: str) -> bool:
+    """The cheap test, on lower-cased text: False means it certainly changes no setting."""
+    if "set_config" in low:
+        return True
+    if ";" not in low.rstrip(" \t\r\n;"):
+        return _starts_with_word(low)
+    pieces = low.split(";", _MAX_STATEMENT_STARTS)
+    return len(pieces) > _MAX_STATEMENT_STARTS or any(_starts_with_word(p) for p in pieces)
+
+
+def _starts_with_word(low: str) -> bool:
+    """Does the text begin (after blanks and comments) with SET, RESET or DISCARD?"""
+    while True:
+        low = low.lstrip(_BLANKS)
+        if low.startswith("/*"):
+            end = low.find("*/")
+            if end < 0:
+                return False
+            low = low[end + 2:]
+        elif low.startswith("--"):
+            end = low.find("\n")
+            if end < 0:
+                return False
+            low = low[end + 1:]
+        else:
+            for word in ("set", "reset", "discard"):
+                if low.startswith(word):
+                    after = low[len(word):len(word) + 1]
+                    return not (after.isalnum() or after == "_")
+            return False
+
+
+def setting_changes(sql: str) -> tuple[str, ...] | None:
+    """The settings ``sql`` may change for the session: names (lower case) that pg_settings
+    does not list and the pooler must ask for by name, ``ALL`` for RESET ALL / DISCARD ALL;
+    () when it changes only listed ones; None when it changes none (or does not parse:
+    PostgreSQL then refuses it)."""
+    if len(sql) > _CACHE_MAX_TEXT:
+        return _setting_changes(sql)
+    return _setting_changes_cached(sql)
+
+
+@lru_cache(maxsize=2048)
+def _setting_changes_cached(sql: str) -> tuple[str, ...] | None:
+    return _setting_changes(sql)
+
+
+def _setting_changes(sql: str) -> tuple[str, ...] | None:
+    from pglast import parse_sql
+    from pglast.parser import ParseError
+
+    try:
+        statements = parse_sql(sql)
+    except (ParseError, ValueError, RecursionError):
+        return None
+    names: list[str] = []
+    changed = False
+    for raw in statements:
+        found = _statement_changes(raw.stmt)
+        if found is not None:
+            changed = True
+            names.extend(found)
+    return tuple(dict.fromkeys(names)) if changed else None
+
+
+def _statement_changes(stmt: Any) -> list[str] | None:
+    from pglast import ast
+    from pglast.enums import DiscardMode, VariableSetKind
+
+    if isinstance(stmt, ast.VariableSetStmt):
+        if stmt.is_local:
+            return None  # SET LOCAL ends with the transaction
+        name = (stmt.name or "").lower()
+        if stmt.kind == VariableSetKind.VAR_RESET_ALL:
+            return [ALL]
+        if stmt.kind == VariableSetKind.VAR_SET_MULTI and name.startswith("transaction"):
+            return None  # SET TRANSACTION: this transaction only
+        if name in TRACKED_BY_LOWER:
+            return None  # startup parameters: tracked through ParameterStatus
+        return [name] if name in UNLISTED or "." in name else []
+    if isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
+        return [ALL]
+    return _set_config_calls(stmt)
+
+
+def _set_config_calls(stmt: Any) -> list[str] | None:
+    """set_config(name, value, false) anywhere in the statement: the names it sets (a name
+    that is not a constant makes the whole session's settings worth reading: ALL)."""
+    from pglast import ast
+    from pglast.visitors import Visitor
+
+    found: list[str] = []
+    seen = [False]
+
+    class Calls(Visitor):  # type: ignore[misc]
+        def visit_FuncCall(self, _ancestors: Any, node: Any) -> None:
+            name = str(node.funcname[-1].sval or "").lower() if node.funcname else ""
+            if name != "set_config" or not node.args or len(node.args) != 3:
+                return
+            is_local = node.args[2]
+            if isinstance(is_local, ast.A_Const) and isinstance(is_local.val, ast.Boolean) \
+                    and is_local.val.boolval:
+                return
+            seen[0] = True
+            setting = node.args[0]
+            if isinstance(setting, ast.A_Const) and isinstance(setting.val, ast.String):
+                param = str(setting.val.sval).lower()
+                if param in UNLISTED or "." in param:
+                    found.append(param)
+            else:
+                found.append(ALL)
+
+    Calls()(stmt)
+    return found if seen[0] else None
+
+
+def snapshot_sql(names: set[str]) -> str:
+    """What reads a session's settings: pg_settings' session rows, and by name those it
+    does not list (their values, or NULL / '' when unset)."""
+    sql = ("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
+           " AND lower(name) <> ALL (ARRAY[" + ", ".join(
+               _literal(n) for n in sorted(TRACKED_BY_LOWER)) + "])")
+    for name in sorted(names):
+        sql += (f" UNION ALL SELECT {_literal(name)},"
+                f" pg_catalog.current_setting({_literal(name)}, true)")
+    return sql
+
+
+def settings_from_rows(rows: list[list[bytes | None]], login_user: str) -> dict[str, str]:
+    """The client's settings from the snapshot's rows: what is set, with defaults left out."""
+    settings: dict[str, str] = {}
+    for row in rows:
+        if len(row) != 2 or row[0] is None or row[1] is None:
+            continue
+        name, value = row[0].decode(), row[1].decode()
+        if name == "role" and value == "none":
+            continue
+        if name == "session_authorization" and value == login_user:
+            continue
+        if "." in name and value == "":
+            continue
+        settings[name] = value
+    return settings
+
+
+def apply_sql(current: dict[str, str], wanted: dict[str, str]) -> str:
+    """Statements that bring a session carrying ``current`` to ``wanted`` ('' if equal).
+    Session authorization first (changing it resets the role), then the role, then the rest."""
+    order = sorted(set(current) | set(wanted),
+                   key=lambda n: (n != "session_authorization", n != "role", n))
+    parts: list[str] = []
+    for name in order:
+        have, want = current.get(name), wanted.get(name)
+        if have == want:
+            continue
+        if want is None:
+            parts.append(_reset(name))
+        else:
+            parts.append(f"SELECT pg_catalog.set_config({_literal(name)}, {_literal(want)},"
+                         " false)")
+    return "; ".join(parts)
+
+
+def _reset(name: str) -> str:
+    if name == "session_authorization":
+        return "RESET SESSION AUTHORIZATION"
+    if name == "role":
+        return "RESET ROLE"
+    return "RESET " + ".".join(_ident(part) for part in name.split("."))
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"

@@ -1,0 +1,250 @@
+"""Transparent transaction pooling: what clients see through the pooler is what they see directly.
+
+Each scenario runs twice, once on direct connections and once through a transaction-mode pooler
+with more clients than servers, and the two transcripts (every result and every error, by class
+and message) must be equal: prepared statements of asyncpg's statement cache, psycopg's
+``prepare_threshold=0`` and SQLAlchemy on both drivers, while another client drops and re-creates
+an enum type and a table, or alters a column type, through the pooler or beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from tests.proxy.conftest import RunningProxy
+
+
+def outcome(fn: Callable[[], Any]) -> str:
+    try:
+        return repr(fn())
+    except Exception as exc:  # the transcript records errors as a client sees them
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+
+
+async def aoutcome(coro: Any) -> str:
+    try:
+        return repr(await coro)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+
+
+async def asyncpg_and_psycopg(dsn: str, ddl_dsn: str, table: str) -> list[str]:
+    """Cached statements of long-lived clients across an ALTER COLUMN TYPE and an ADD COLUMN,
+    fresh clients after a DROP TYPE / CREATE TYPE / DROP TABLE / CREATE TABLE."""
+    kind = f"{table}_kind"
+    out: list[str] = []
+    ddl = await asyncpg.connect(ddl_dsn, statement_cache_size=0)
+    clients = [await asyncpg.connect(dsn) for _ in range(6)]
+    pcs = [psycopg.connect(dsn, autocommit=True, prepare_threshold=0) for _ in range(4)]
+    try:
+        await ddl.execute(f"CREATE TYPE {kind} AS ENUM ('a', 'b'); "
+                          f"CREATE TABLE {table} (id int, v int, k {kind}); "
+                          f"INSERT INTO {table} VALUES (1, 10, 'a')")
+        select = f"SELECT id, v FROM {table} WHERE id = $1"
+        pselect = f"SELECT * FROM {table}"
+        for c in clients:
+            out.append(await aoutcome(c.fetch(select, 1)))
+        for pc in pcs:
+            out.append(outcome(lambda pc=pc: pc.execute(pselect, prepare=True).fetchall()))
+        await ddl.execute(f"ALTER TABLE {table} ALTER COLUMN v TYPE text")
+        for i, c in enumerate(clients):
+            if i % 2:  # inside a transaction asyncpg cannot re-prepare for the client
+                async def in_transaction(c: asyncpg.Connection = c) -> Any:
+                    async with c.transaction():
+                        return await c.fetch(select, 1)
+                out.append(await aoutcome(in_transaction()))
+            else:
+                out.append(await aoutcome(c.fetch(select, 1)))
+        for _ in range(2):  # psycopg's prepared statement keeps failing, as directly
+            for pc in pcs:
+                out.append(outcome(lambda pc=pc: pc.execute(pselect, prepare=True).fetchall()))
+        await ddl.execute(f"ALTER TABLE {table} ADD COLUMN w int DEFAULT 5")
+        for c in clients:
+            out.append(await aoutcome(c.fetch(f"SELECT * FROM {table}")))
+        await ddl.execute(f"DROP TABLE {table}; DROP TYPE {kind}; "
+                          f"CREATE TYPE {kind} AS ENUM ('x', 'y', 'z'); "
+                          f"CREATE TABLE {table} (id text, k {kind}); "
+                          f"INSERT INTO {table} VALUES ('1', 'z')")
+        fresh = [await asyncpg.connect(dsn) for _ in range(4)]
+        try:
+            for c in fresh:
+                out.append(await aoutcome(c.fetch(f"SELECT id, k FROM {table} WHERE id = $1",
+                                                  "1")))
+                out.append(await aoutcome(c.fetch(f"SELECT $1::{kind}", "y")))
+        finally:
+            for c in fresh:
+                await c.close()
+        for pc in pcs:
+            pc.execute("DEALLOCATE ALL")  # what psycopg's own cache needs to re-prepare
+            out.append(outcome(lambda pc=pc: pc.execute(pselect, prepare=True).fetchall()))
+    finally:
+        for c in clients:
+            await c.close()
+        for pc in pcs:
+            pc.close()
+        await ddl.execute(f"DROP TABLE IF EXISTS {table}; DROP TYPE IF EXISTS {kind}")
+        await ddl.close()
+    return out
+
+
+@pytest.mark.parametrize("ddl_through", ["pooler", "direct"])
+def test_prepared_statements_across_schema_changes_as_directly(
+        proxy_factory: Callable[..., RunningProxy], pg_dsn: str, ddl_through: str) -> None:
+    proxy = proxy_factory(default_pool_size=2, max_prepared_statements=50)
+    table = f"pgp_tr_{uuid.uuid4().hex[:8]}"
+    direct = asyncio.run(asyncpg_and_psycopg(pg_dsn, pg_dsn, table))
+    pooled = asyncio.run(asyncpg_and_psycopg(
+        proxy.dsn(), proxy.dsn() if ddl_through == "pooler" else pg_dsn, table))
+    assert "FeatureNotSupported" in " ".join(direct)  # the scenario does reach the errors
+    assert pooled == direct
+
+
+def sqlalchemy_transcript(url: str, ddl_url: str, table: str, driver: str) -> list[str]:
+    """SQLAlchemy's pooled connections (prepared statements on both drivers) across a
+    DROP TABLE / CREATE TABLE of another shape made by another engine."""
+    out: list[str] = []
+    sel = sa.text(f"SELECT * FROM {table} WHERE id = :id")
+    ddl_engine = sa.create_engine(ddl_url.replace("postgresql://", "postgresql+psycopg://"),
+                                  isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+
+    def ddl(sql: str) -> None:
+        with ddl_engine.connect() as conn:
+            conn.exec_driver_sql(sql)
+
+    ddl(f"CREATE TABLE {table} (id int, a int); INSERT INTO {table} VALUES (1, 2)")
+    try:
+        if driver == "psycopg":
+            engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"),
+                                      pool_size=4, connect_args={"prepare_threshold": 0})
+            for _ in range(3):
+                with engine.connect() as conn:
+                    out.append(outcome(lambda conn=conn: conn.execute(sel, {"id": 1}).all()))
+            ddl(f"DROP TABLE {table}; CREATE TABLE {table} (id int, a text, b int); "
+                f"INSERT INTO {table} VALUES (1, 'x', 3)")
+            for _ in range(3):
+                with engine.connect() as conn:
+                    out.append(outcome(lambda conn=conn: conn.execute(sel, {"id": 1}).all()))
+            engine.dispose()  # new connections: their Parse must see today's table
+            engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"),
+                                      pool_size=4, connect_args={"prepare_threshold": 0})
+            for _ in range(3):
+                with engine.connect() as conn:
+                    out.append(outcome(lambda conn=conn: conn.execute(sel, {"id": 1}).all()))
+            engine.dispose()
+        else:
+            async def run() -> None:
+                engine = create_async_engine(
+                    url.replace("postgresql://", "postgresql+asyncpg://"), pool_size=4)
+                for _ in range(3):
+                    async with engine.connect() as conn:
+                        out.append(await aoutcome(conn.execute(sel, {"id": 1})))
+                ddl(f"DROP TABLE {table}; CREATE TABLE {table} (id int, a text, b int); "
+                    f"INSERT INTO {table} VALUES (1, 'x', 3)")
+                for _ in range(3):
+                    async with engine.connect() as conn:
+                        out.append(await aoutcome(conn.execute(sel, {"id": 1})))
+                await engine.dispose()  # new connections: their Parse must see today's table
+                engine = create_async_engine(
+                    url.replace("postgresql://", "postgresql+asyncpg://"), pool_size=4)
+                for _ in range(3):
+                    async with engine.connect() as conn:
+                        result = await conn.execute(sel, {"id": 1})
+                        out.append(repr(result.all()))
+                await engine.dispose()
+
+            asyncio.run(run())
+    finally:
+        ddl(f"DROP TABLE IF EXISTS {table}")
+        ddl_engine.dispose()
+    return [line.split(" object at ")[0] for line in out]
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_sqlalchemy_across_a_table_recreated_as_directly(
+        proxy_factory: Callable[..., RunningProxy], pg_dsn: str, driver: str) -> None:
+    proxy = proxy_factory(default_pool_size=2)
+    table = f"pgp_sa_{uuid.uuid4().hex[:8]}"
+    direct = sqlalchemy_transcript(pg_dsn, pg_dsn, table, driver)
+    pooled = sqlalchemy_transcript(proxy.dsn(), proxy.dsn(), table, driver)
+    assert pooled == direct
+    assert "'x'" in " ".join(direct)  # the new shape was read
+
+
+async def settings_round(dsn: str, clients_n: int, schemas: list[str]) -> list[str]:
+    """Each client SETs its own search_path, statement_timeout, default_transaction_read_only
+    and app.tenant, then runs transactions interleaved with everyone else's; every answer must
+    be its own. Returns the mismatches."""
+    wrong: list[str] = []
+    conns = [await asyncpg.connect(dsn) for _ in range(clients_n)]
+    try:
+        wanted = []
+        for i, conn in enumerate(conns):
+            want = (f"{schemas[i % len(schemas)]}, public", f"{i % 50 + 1}s",
+                    "on" if i % 3 == 0 else "off", f"tenant-{i}", schemas[i % len(schemas)])
+            wanted.append(want)
+            await conn.execute(f"SET search_path = {want[0]}")
+            await conn.execute(f"SET statement_timeout = '{want[1]}'")
+            await conn.execute(f"SET default_transaction_read_only = {want[2]}")
+            await conn.execute(f"SELECT set_config('app.tenant', '{want[3]}', false)")
+        query = ("SELECT current_setting('search_path'), current_setting('statement_timeout'), "
+                 "current_setting('default_transaction_read_only'), "
+                 "current_setting('app.tenant', true), (SELECT name FROM marker)")
+
+        async def client(i: int) -> None:
+            conn = conns[i]
+            for round_ in range(4):
+                if i % 7 == 0 and round_ == 2:
+                    await conn.execute("RESET ALL")  # back to the defaults, on any server
+                    wanted[i] = ('"$user", public', "0", "off", None, "public")
+                got = tuple(await conn.fetchrow(query))
+                want = wanted[i]
+                if got[:3] != want[:3] or (want[3] is not None and got[3] != want[3]) \
+                        or got[4] != want[4]:
+                    wrong.append(f"client {i} round {round_}: {got} != {want}")
+
+        await asyncio.gather(*(client(i) for i in range(clients_n)))
+    finally:
+        for conn in conns:
+            await conn.close()
+    return wrong
+
+
+def test_session_settings_follow_each_client(proxy_factory: Callable[..., RunningProxy],
+                                            pg_dsn: str) -> None:
+    """200 clients on 5 servers, each with its own settings: every query of every client sees
+    its own values and nobody else's (an unqualified table name resolves through its own
+    search_path, also for the statements asyncpg prepares)."""
+    proxy = proxy_factory(default_pool_size=5, max_client_conn=300)
+    tag = uuid.uuid4().hex[:6]
+    schemas = [f"pgp_sp_{tag}_{n}" for n in range(8)]
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS public.marker")
+        admin.execute("CREATE TABLE public.marker (name text); "
+                      "INSERT INTO public.marker VALUES ('public')")
+        for schema in schemas:
+            admin.execute(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.marker (name text); "
+                          f"INSERT INTO {schema}.marker VALUES ('{schema}')")
+    try:
+        wrong = asyncio.run(settings_round(proxy.dsn(), 200, schemas))
+        assert wrong == []
+        # A server a client with settings used goes to the next client clean.
+        with psycopg.connect(proxy.dsn(), autocommit=True) as plain:
+            for _ in range(10):
+                assert plain.execute(
+                    "SELECT current_setting('default_transaction_read_only'), "
+                    "current_setting('statement_timeout'), current_setting('search_path')"
+                ).fetchone() == ("off", "0", '"$user", public')
+                plain.execute("CREATE TEMP TABLE IF NOT EXISTS writable (x int) ON COMMIT DROP")
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            for schema in schemas:
+                admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            admin.execute("DROP TABLE IF EXISTS public.marker")
