@@ -19,9 +19,10 @@ What it does, all on 127.0.0.1:
    from ``--pgbouncer``, as ``nobody`` when run as root; pgpilot as
    ``python -m pgpilot proxy --config FILE`` from the working tree, so the commit and the
    uncommitted changes of ``src/`` are recorded) on a free port with one pgbouncer.ini for
-   both, runs the suite under pytest with ``--junitxml``, stops the pooler and drops the
-   database. Each run is bounded (``--timeout`` for the whole run, SIGINT then SIGKILL;
-   ``--test-timeout`` per test through pytest-timeout).
+   both, runs the suite under pytest with ``--junitxml`` (one pytest process per asyncpg test
+   file / per SQLAlchemy test path, so that a crash costs one chunk), stops the pooler and
+   drops the database. Each run is bounded (``--timeout`` for the whole run, SIGINT then
+   SIGKILL; ``--test-timeout`` per test through pytest-timeout, ``timeout_func_only``).
 3. Merges the run into ``bench/results/client-suites.json`` (keyed by suite/target/mode, so
    runs made one at a time add up), re-renders ``bench/results/client-suites.md`` and prints
    the tests that fail through a pooler but pass directly, grouped by a normalized failure
@@ -109,6 +110,17 @@ ASYNCPG_PATCHES = (
     ("tests/test_cache_invalidation.py", "self.create_pool(database='postgres',",
      "self.create_pool("),
 )
+# A pytest plugin for the asyncpg suite: asyncpg's test metaclass wraps every async test in
+# asyncio.wait_for(TEST_TIMEOUT) when that is set; a timeout then cancels the test inside its
+# event loop, where pytest-timeout's SIGALRM (the backstop, at twice the time) can leave
+# CPython 3.11 unable to format the report (INTERNALERROR, the rest of the file lost).
+ASYNCPG_TIMEOUT_PLUGIN = """\
+import os
+
+from asyncpg import _testbase
+
+_testbase.TestCaseMeta.TEST_TIMEOUT = float(os.environ["CLIENT_SUITES_TEST_TIMEOUT"])
+"""
 SQLA_DEFAULT_PATHS = ("test/dialect/postgresql", "test/sql", "test/engine", "test/orm")
 
 
@@ -347,30 +359,36 @@ def start_pooler(kind: str, mode: str, up: Upstream, dbname: str, base: Path, po
 
 @dataclass
 class Plan:
+    """One pytest process per chunk (an asyncpg test file, a SQLAlchemy test path), so that a
+    crash or a hang of one chunk costs only that chunk; all chunks share one deadline."""
+
     suite: str
     target: str
     mode: str  # "-" for direct
-    cmd: list[str]
+    cmd: list[str]  # without the chunk's paths and --junitxml
+    chunks: list[str]
     cwd: Path
     env: dict[str, str]
     selection: dict[str, Any] = field(default_factory=dict)
 
 
-def pytest_base(python: Path, junit: Path, test_timeout: float, keyword: str | None,
+def pytest_base(python: Path, test_timeout: float, keyword: str | None,
                 unsafe_path: bool) -> list[str]:
     cmd = [str(python)]
     if not unsafe_path:
         cmd.append("-P")  # no cwd on sys.path: the installed package, not the sdist's source
+    # timeout_func_only: the timer covers the test (for asyncpg's unittest classes, setUp and
+    # tearDown too), never pytest's own reporting, which a SIGALRM can break (INTERNALERROR).
     cmd += ["-m", "pytest", "-p", "pytest_timeout", f"--timeout={test_timeout:g}",
-            "-p", "no:cacheprovider", f"--junitxml={junit}", "-o", "junit_family=xunit1",
-            "-rN", "--tb=short"]
+            "-o", "timeout_func_only=true", "-p", "no:cacheprovider",
+            "-o", "junit_family=xunit1", "-rN", "--tb=short"]
     if keyword:
         cmd += ["-k", keyword]
     return cmd
 
 
 def plan_run(args: argparse.Namespace, suite: str, target: str, mode: str, python: Path,
-             src: Path, host: str, port: int, dbname: str, junit: Path) -> Plan:
+             src: Path, host: str, port: int, dbname: str) -> Plan:
     env = dict(os.environ)
     env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     for var in ("PGPASSWORD", "PGSERVICE", "PGOPTIONS", "PGSSLMODE", "PGTARGETSESSIONATTRS"):
@@ -378,37 +396,45 @@ def plan_run(args: argparse.Namespace, suite: str, target: str, mode: str, pytho
     if suite == "asyncpg":
         env.update(PGHOST=host, PGPORT=str(port), PGUSER=args.pg_user, PGDATABASE=dbname)
         env.pop("USE_UVLOOP", None)
-        cmd = pytest_base(python, junit, args.test_timeout, args.k, unsafe_path=False)
-        cmd += ["tests"]
+        plugins = src.parent.parent / "plugins"
+        plugins.mkdir(exist_ok=True)
+        (plugins / "client_suites_asyncpg_timeout.py").write_text(ASYNCPG_TIMEOUT_PLUGIN)
+        env["PYTHONPATH"] = str(plugins)
+        env["CLIENT_SUITES_TEST_TIMEOUT"] = f"{args.test_timeout:g}"
+        cmd = pytest_base(python, 2 * args.test_timeout, args.k, unsafe_path=False)
+        cmd += ["-p", "client_suites_asyncpg_timeout"]
         for prefix in ASYNCPG_DESELECT:
             cmd += ["--deselect", prefix]
+        chunks = [f"tests/{p.name}" for p in sorted((src / "tests").glob("test_*.py"))
+                  if f"tests/{p.name}" not in ASYNCPG_DESELECT]
         selection = {"paths": ["tests"], "deselect": list(ASYNCPG_DESELECT), "k": args.k,
                      "patches": [f"{f}: {a!r} -> {b!r}" for f, a, b in ASYNCPG_PATCHES]}
     else:
         driver = suite.split("-", 1)[1]
         uri = f"postgresql+{driver}://{args.pg_user}@{host}:{port}/{dbname}"
-        cmd = pytest_base(python, junit, args.test_timeout, args.k, unsafe_path=True)
-        cmd += [*args.sqla_paths, f"--dburi={uri}", "--maxfail=100000"]
+        cmd = pytest_base(python, args.test_timeout, args.k, unsafe_path=True)
+        cmd += [f"--dburi={uri}", "--maxfail=100000"]
         if args.sqla_backend_only:
             cmd.append("--backend-only")
-        selection = {"paths": list(args.sqla_paths), "backend_only": args.sqla_backend_only,
-                     "k": args.k}
-    return Plan(suite, target, mode, cmd, src, env, selection)
+        chunks = list(args.sqla_paths)
+        selection = {"paths": chunks, "backend_only": args.sqla_backend_only, "k": args.k}
+    return Plan(suite, target, mode, cmd, chunks, src, env, selection)
 
 
-def run_bounded(plan: Plan, timeout: float, log_path: Path) -> tuple[int, bool, float]:
-    """Run the plan's command; at ``timeout`` SIGINT (pytest then writes its JUnit XML),
-    then SIGKILL. Returns (returncode, timed_out, seconds)."""
-    started = time.monotonic()
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(plan.cmd, cwd=plan.cwd, env=plan.env, stdout=out,
+def run_bounded(cmd: list[str], plan: Plan, deadline: float, log_path: Path) -> tuple[int, bool]:
+    """Run one command until ``deadline`` (monotonic); then SIGINT (pytest still writes its
+    JUnit XML), then SIGKILL. Returns (returncode, timed_out)."""
+    with log_path.open("ab") as out:
+        out.write(f"\n### {' '.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=plan.cwd, env=plan.env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         timed_out = False
         try:
-            proc.wait(timeout)
+            proc.wait(max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             timed_out = True
-            log(f"timeout after {timeout:.0f}s: SIGINT")
+            log("run timeout: SIGINT")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
             try:
@@ -422,7 +448,36 @@ def run_bounded(plan: Plan, timeout: float, log_path: Path) -> tuple[int, bool, 
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
             raise
-    return proc.returncode, timed_out, time.monotonic() - started
+    return proc.returncode, timed_out
+
+
+def run_chunks(plan: Plan, timeout: float, base: Path, tag: str,
+               log_path: Path) -> tuple[list[tuple[str, Path]], list[dict[str, Any]], bool]:
+    """Run every chunk; returns (chunk, junit path) pairs, per-chunk notes, timed_out."""
+    deadline = time.monotonic() + timeout
+    junits: list[tuple[str, Path]] = []
+    notes: list[dict[str, Any]] = []
+    timed_out = False
+    for i, chunk in enumerate(plan.chunks):
+        junit = base / f"{tag}.{i:02d}.xml"
+        if time.monotonic() >= deadline:
+            timed_out = True
+            notes.append({"chunk": chunk, "skipped": "run timeout reached before it"})
+            continue
+        started = time.monotonic()
+        rc, chunk_timed_out = run_bounded([*plan.cmd, f"--junitxml={junit}", chunk], plan,
+                                          deadline, log_path)
+        timed_out |= chunk_timed_out
+        note: dict[str, Any] = {"chunk": chunk, "returncode": rc,
+                                "seconds": round(time.monotonic() - started, 1)}
+        if chunk_timed_out:
+            note["timed_out"] = True
+        if junit.exists():
+            junits.append((chunk, junit))
+        else:
+            note["no_junit"] = True
+        notes.append(note)
+    return junits, notes, timed_out
 
 
 # -- results --------------------------------------------------------------------------------
@@ -438,18 +493,27 @@ def first_line(text: str) -> str:
 _SERVER_VERSION_SUFFIX = re.compile(r"(_postgresql\+\w+?)_\d+(?:_\d+)*(?=::)")
 
 
-def parse_junit(path: Path) -> dict[str, Any]:
+def parse_junit(files: list[tuple[str, Path]], notes: list[dict[str, Any]] | None = None
+                ) -> dict[str, Any]:
     """Counts, the non-passing tests ({id: {status, message}}) and a hash of the set of test
     ids of one JUnit XML file. A test of a complete run that is not among its outcomes passed;
     the hash tells whether two runs ran the same tests."""
     outcomes: dict[str, dict[str, str]] = {}
     seen: dict[str, str] = {}
     counts = Counter(tests=0, passed=0, failed=0, errors=0, skipped=0)
-    root = ET.parse(path).getroot()
-    for case in root.iter("testcase"):
+    cases = [(chunk, case) for chunk, path in files
+             for case in ET.parse(path).getroot().iter("testcase")]
+    # A chunk that produced no JUnit XML at all (killed) counts as one error.
+    cases += [(n["chunk"], ET.Element("testcase", classname="pytest", name="no-junit-xml"))
+              for n in notes or [] if n.get("no_junit") or n.get("skipped")]
+    for chunk, case in cases:
         file = case.get("file")
         classname = case.get("classname", "")
         test_id = f"{classname}::{case.get('name', '')}"
+        if classname == "pytest":  # pytest::internal (INTERNALERROR), no-junit-xml
+            test_id = f"{chunk}::pytest-{case.get('name', '')}"
+            if case.get("name") == "no-junit-xml":
+                ET.SubElement(case, "error", message=f"no JUnit XML from chunk {chunk}")
         if file and not classname.startswith(file.replace("/", ".").removesuffix(".py")):
             test_id = f"{file}::{test_id}"
         # SQLAlchemy suffixes class names with the server version the connection reports
@@ -631,7 +695,6 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
             srcs: dict[str, Path], up: Upstream, base: Path) -> dict[str, Any]:
     tag = re.sub(r"[^a-z0-9]+", "_", f"{suite}_{target}_{mode}")
     dbname = f"cs_{tag}_{os.getpid()}"
-    junit = base / f"{tag}.xml"
     log_path = base / f"{tag}.log"
     src = srcs["asyncpg" if suite == "asyncpg" else "sqlalchemy"]
     pooler: Pooler | None = None
@@ -649,10 +712,13 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
             pooler = start_pooler(target, mode, up, dbname, base, pool_size, args.pgbouncer,
                                   args.pgpilot_set)
             host, port = "127.0.0.1", pooler.port
-        plan = plan_run(args, suite, target, mode, python, src, host, port, dbname, junit)
+        plan = plan_run(args, suite, target, mode, python, src, host, port, dbname)
         shown = " ".join(plan.cmd).replace(str(python), "python")
-        log(f"{run_key(suite, target, mode)}: {shown}  (cwd {src}, log {log_path})")
-        rc, timed_out, seconds = run_bounded(plan, args.timeout, log_path)
+        log(f"{run_key(suite, target, mode)}: {shown} --junitxml=... CHUNK  for CHUNK in "
+            f"{' '.join(plan.chunks)}  (cwd {src}, log {log_path})")
+        started = time.monotonic()
+        junits, notes, timed_out = run_chunks(plan, args.timeout, base, tag, log_path)
+        seconds = time.monotonic() - started
         pooler_log = pooler.log_tail(40) if pooler else ""
         pooler_alive = pooler is None or pooler.proc.poll() is None
     finally:
@@ -661,16 +727,16 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
         drop_database(up, dbname)
         if suite == "asyncpg" and not testdb_before:
             drop_database(up, ASYNCPG_SCRATCH_DB)
-    if not junit.exists():
+    if not junits:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"no JUnit XML from {run_key(suite, target, mode)} (rc {rc}):\n{tail}")
-    parsed = parse_junit(junit)
+        raise RuntimeError(f"no JUnit XML from {run_key(suite, target, mode)}:\n{tail}")
+    parsed = parse_junit(junits, notes)
     result: dict[str, Any] = {
         "suite": suite, "target": target, "mode": mode,
         "package_version": dist_version("asyncpg" if suite == "asyncpg" else "sqlalchemy"),
         "driver_versions": {d: dist_version(d) for d in ("asyncpg", "psycopg")},
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 1), "returncode": rc, "timed_out": timed_out,
+        "seconds": round(seconds, 1), "chunks": notes, "timed_out": timed_out,
         "pool_size": pool_size if target != "direct" else None,
         "pooler_alive_at_end": pooler_alive,
         "pooler_log_tail": pooler_log,
@@ -678,7 +744,8 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
             [f"--suite {suite}", f"--target {target}"]
             + ([f"--mode {mode}"] if target != "direct" else [])
             + ([f"-k {args.k!r}"] if args.k else [])),
-        "pytest_command": " ".join(plan.cmd).replace(str(python), "python"),
+        "pytest_command": " ".join(plan.cmd).replace(str(python), "python")
+        + " --junitxml=FILE CHUNK",
         "selection": plan.selection,
         "source": revision,
         **parsed,
