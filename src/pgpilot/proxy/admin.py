@@ -541,7 +541,7 @@ class AdminSession:
                    ("sv_active", INT4), ("sv_active_cancel", INT4), ("sv_being_canceled", INT4),
                    ("sv_idle", INT4), ("sv_used", INT4), ("sv_tested", INT4), ("sv_login", INT4),
                    ("maxwait", INT8), ("maxwait_us", INT8), ("pool_mode", TEXT),
-                   ("load_balance_hosts", TEXT)]
+                   ("load_balance_hosts", TEXT), ("sv_pinned", INT4)]
         rows: list[list[Value]] = []
         for pool in sorted(self.pooler.pools.values(), key=lambda p: (p.db_name, p.user)):
             active, waiting = client_counts(pool)
@@ -550,7 +550,8 @@ class AdminSession:
             rows.append([pool.db_name, pool.user, active, waiting, 0, 0,
                          len(sv[ServerState.ACTIVE]), 0, 0, len(sv[ServerState.IDLE]),
                          len(sv[ServerState.USED]), len(sv[ServerState.TESTED]),
-                         len(sv[ServerState.LOGIN]), int(wait), _us(wait % 1), pool.mode, None])
+                         len(sv[ServerState.LOGIN]), int(wait), _us(wait % 1), pool.mode, None,
+                         pool.pinned_count()])
         return Result("SHOW", columns, rows)
 
     def _stats(self, *, totals: bool, averages: bool) -> Result:
@@ -599,7 +600,7 @@ class AdminSession:
         ("local_port", INT4), ("connect_time", TEXT), ("request_time", TEXT), ("wait", INT4),
         ("wait_us", INT4), ("close_needed", INT4), ("ptr", TEXT), ("link", TEXT),
         ("remote_pid", INT4), ("tls", TEXT), ("application_name", TEXT),
-        ("prepared_statements", INT4), ("id", INT8))
+        ("prepared_statements", INT4), ("id", INT8), ("pinned", TEXT))
 
     def show_clients(self) -> Result:
         now = time.monotonic()
@@ -618,7 +619,7 @@ class AdminSession:
                          int(wait), _us(wait % 1), 0, _ptr(client), _ptr(client.server), 0,
                          _tls_info(client.transport),
                          client.params.get("application_name", client.application_name),
-                         _prepared_count(client), client.id])
+                         _prepared_count(client), client.id, _pinned_text(client)])
         return Result("SHOW", self._CONN_COLUMNS, rows)
 
     def show_servers(self) -> Result:
@@ -642,7 +643,8 @@ class AdminSession:
                          _tls_info(server.transport),
                          client.params.get("application_name", client.application_name)
                          if client is not None else "",
-                         _prepared_count(server), server.id])
+                         _prepared_count(server), server.id,
+                         _pinned_text(client) if client is not None else ""])
         return Result("SHOW", self._CONN_COLUMNS, rows)
 
     def show_databases(self) -> Result:
@@ -904,6 +906,12 @@ class AdminSession:
 # ---------------------------------------------------------------------------------------
 # Helpers shared with the metrics
 # ---------------------------------------------------------------------------------------
+
+def _pinned_text(client: ClientConnection) -> str:
+    """Why a client keeps its server (pin_session_state), with the statement that did it:
+    "listen: LISTEN jobs; temp_table: CREATE TEMP TABLE t"; "" if it does not."""
+    return "; ".join(f"{kind}: {what}" for kind, what in client.pins.items())
+
 
 def client_counts(pool: Pool) -> tuple[int, int]:
     """(cl_active, cl_waiting) of a pool: logged-in clients with or without a server, those

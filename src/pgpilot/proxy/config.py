@@ -269,6 +269,9 @@ class Config:
     # prepared statements
     max_prepared_statements: int = 200
     scram_iterations: int = 4096
+    # transparent transaction pooling: a client with LISTEN, a temp table, a session advisory
+    # lock, a WITH HOLD cursor or an SQL PREPARE keeps its server until that state is gone
+    pin_session_state: bool = True
     # pgpilot extensions
     metrics_port: int = 0  # 0 = no Prometheus exporter
     workers: int = 1
@@ -546,6 +549,7 @@ _SETTINGS: dict[str, _Setting] = {
     "max_packet_size": _Setting(_positive),
     "sbuf_loopcnt": _Setting(_count),
     "max_prepared_statements": _Setting(_count),
+    "pin_session_state": _Setting(_bool),
     "scram_iterations": _Setting(_positive),
     "metrics_port": _Setting(_port),
     "workers": _Setting(_positive),
