@@ -59,7 +59,7 @@ def executor() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
 SHOW_HEADERS = {
     "POOLS": "database|user|cl_active|cl_waiting|cl_active_cancel_req|cl_waiting_cancel_req|"
              "sv_active|sv_active_cancel|sv_being_canceled|sv_idle|sv_used|sv_tested|sv_login|"
-             "maxwait|maxwait_us|pool_mode|load_balance_hosts",
+             "maxwait|maxwait_us|pool_mode|load_balance_hosts|sv_pinned",
     "STATS": "database|total_server_assignment_count|total_xact_count|total_query_count|"
              "total_received|total_sent|total_xact_time|total_query_time|total_wait_time|"
              "total_client_parse_count|total_server_parse_count|total_bind_count|"
@@ -68,7 +68,7 @@ SHOW_HEADERS = {
              "avg_server_parse_count|avg_bind_count",
     "CLIENTS": "type|user|database|replication|state|addr|port|local_addr|local_port|"
                "connect_time|request_time|wait|wait_us|close_needed|ptr|link|remote_pid|tls|"
-               "application_name|prepared_statements|id",
+               "application_name|prepared_statements|id|pinned",
     "DATABASES": "name|host|port|database|force_user|pool_size|min_pool_size|"
                  "reserve_pool_size|server_lifetime|pool_mode|load_balance_hosts|"
                  "max_connections|current_connections|max_client_connections|"

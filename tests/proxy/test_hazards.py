@@ -1,4 +1,5 @@
-"""Transaction-pooling hazards: detected through the pooler in transaction mode, with real
+"""Transaction-pooling hazards (pin_session_state = 0: PgBouncer's behaviour, reported): detected
+through the pooler in transaction mode, with real
 PostgreSQL and psycopg; never in session mode; the safe variants never flagged."""
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def app_client(proxy: RunningProxy, app: str = "hazard-app") -> psycopg.Connecti
 @pytest.mark.parametrize("kind", sorted(HAZARDS))
 def test_each_hazard_is_detected_in_transaction_mode(
         proxy_factory: Callable[..., RunningProxy], kind: str) -> None:
-    proxy = proxy_factory(pool_mode="transaction", default_pool_size=1)
+    proxy = proxy_factory(pool_mode="transaction", pin_session_state=0, default_pool_size=1)
     statement, undo = HAZARDS[kind]
     with app_client(proxy) as conn:
         conn.execute(statement)
@@ -66,7 +67,7 @@ def test_each_hazard_is_detected_in_transaction_mode(
 
 def test_hazards_in_statement_mode_and_through_parse(
         proxy_factory: Callable[..., RunningProxy]) -> None:
-    proxy = proxy_factory(pool_mode="statement", default_pool_size=1)
+    proxy = proxy_factory(pool_mode="statement", pin_session_state=0, default_pool_size=1)
     with app_client(proxy) as conn:
         # With a parameter, psycopg sends Parse/Bind/Execute: detected on the Parse.
         conn.execute("SELECT pg_advisory_lock(%s)", [99])
@@ -86,7 +87,7 @@ def test_nothing_is_flagged_in_session_mode(proxy_factory: Callable[..., Running
 
 
 def test_safe_statements_are_not_flagged(proxy_factory: Callable[..., RunningProxy]) -> None:
-    proxy = proxy_factory(pool_mode="transaction")
+    proxy = proxy_factory(pool_mode="transaction", pin_session_state=0)
     with app_client(proxy) as conn:
         for statement in SAFE:
             conn.execute(statement)
@@ -95,7 +96,7 @@ def test_safe_statements_are_not_flagged(proxy_factory: Callable[..., RunningPro
 
 def test_counted_per_application_and_logged_once_per_kind_and_client(
         proxy_factory: Callable[..., RunningProxy], caplog: pytest.LogCaptureFixture) -> None:
-    proxy = proxy_factory(pool_mode="transaction")
+    proxy = proxy_factory(pool_mode="transaction", pin_session_state=0)
     with caplog.at_level(logging.WARNING, logger="pgpilot.proxy"), \
             app_client(proxy, "worker") as first, app_client(proxy, "web") as second:
         for _ in range(3):
@@ -113,7 +114,7 @@ def test_counted_per_application_and_logged_once_per_kind_and_client(
 
 def test_garbage_and_huge_queries_do_not_break_the_client(
         proxy_factory: Callable[..., RunningProxy]) -> None:
-    proxy = proxy_factory(pool_mode="transaction")
+    proxy = proxy_factory(pool_mode="transaction", pin_session_state=0)
     with app_client(proxy) as conn:
         with pytest.raises(psycopg.errors.SyntaxError):
             conn.execute("SET SET SET ;;; LISTEN (")

@@ -101,14 +101,17 @@ def test_clients_servers_and_waiting(metered: tuple[RunningProxy, int]) -> None:
         assert done.get("pgpilot_wait_seconds_sum", **POOL) > 0
 
 
-def test_hazards_and_pause_are_exported(metered: tuple[RunningProxy, int]) -> None:
+def test_pins_and_pause_are_exported(metered: tuple[RunningProxy, int]) -> None:
     proxy, port = metered
     with client(proxy, application_name="svc") as conn:
-        conn.execute("LISTEN svc_jobs")
+        conn.execute("LISTEN svc_jobs")  # pins the client to its server
+        conn.execute("SELECT 1")  # runs once the pooler has counted the pin
+        pinned = scrape(port)
         conn.execute("UNLISTEN svc_jobs")
+    assert pinned.get("pgpilot_pins_total", reason="listen") == 1
+    assert pinned.get("pgpilot_pinned_clients", **POOL) == 1
     scraped = scrape(port)
-    assert scraped.get("pgpilot_hazards_total", **POOL, application_name="svc",
-                       kind="listen") == 1
+    assert scraped.get("pgpilot_pinned_clients", **POOL) == 0
     assert scraped.get("pgpilot_paused") == 0
     with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as console:
         console.execute("PAUSE")

@@ -16,10 +16,11 @@ from typing import Any
 
 import asyncpg
 import psycopg
+import psycopg.rows
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
-from tests.proxy.conftest import RunningProxy
+from tests.proxy.conftest import RunningProxy, wait_until
 
 
 def outcome(fn: Callable[[], Any]) -> str:
@@ -248,3 +249,102 @@ def test_session_settings_follow_each_client(proxy_factory: Callable[..., Runnin
             for schema in schemas:
                 admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
             admin.execute("DROP TABLE IF EXISTS public.marker")
+
+
+# -- pinning: state that cannot follow a client keeps it on its server ------------------------
+
+PINNED_STATE = {
+    # kind: (what makes it, a use of it in a later transaction, what ends it)
+    "listen": ("LISTEN pgp_pin_jobs", "SELECT count(*) FROM pg_listening_channels()",
+               "UNLISTEN *"),
+    "temp_table": ("CREATE TEMP TABLE pgp_pin_tmp AS SELECT 7 AS x",
+                   "SELECT x FROM pgp_pin_tmp", "DROP TABLE pgp_pin_tmp"),
+    "advisory_lock": ("SELECT pg_advisory_lock(4242)",
+                      "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                      "AND pid = pg_backend_pid()", "SELECT pg_advisory_unlock(4242)"),
+    "with_hold_cursor": ("DECLARE pgp_pin_cur CURSOR WITH HOLD FOR SELECT 1 UNION ALL SELECT 2",
+                         "FETCH 1 FROM pgp_pin_cur", "CLOSE pgp_pin_cur"),
+    "sql_prepare": ("PREPARE pgp_pin_stmt AS SELECT 5", "EXECUTE pgp_pin_stmt",
+                    "DEALLOCATE pgp_pin_stmt"),
+}
+
+
+def show(proxy: RunningProxy, what: str) -> list[dict[str, Any]]:
+    with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True,
+                         row_factory=psycopg.rows.dict_row) as console:
+        return console.execute(f"SHOW {what}").fetchall()
+
+
+@pytest.mark.parametrize("kind", list(PINNED_STATE))
+def test_state_that_cannot_follow_pins_the_client(proxy_factory: Callable[..., RunningProxy],
+                                                  kind: str) -> None:
+    make, use, end = PINNED_STATE[kind]
+    proxy = proxy_factory(default_pool_size=2)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as pinned, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        pinned.execute(make)
+        pid = pinned.execute("SELECT pg_backend_pid()").fetchone()
+        first = pinned.execute(use).fetchall()
+        for _ in range(5):  # others come and go; the pinned client keeps its server and state
+            other.execute("SELECT 1")
+            assert pinned.execute("SELECT pg_backend_pid()").fetchone() == pid
+        assert pinned.execute(use).fetchall() == (
+            [(2,)] if kind == "with_hold_cursor" else first)
+        assert first != [(0,)]
+        row = next(r for r in show(proxy, "CLIENTS") if r["pinned"])
+        assert row["pinned"].startswith(f"{kind}: ")
+        assert [r["sv_pinned"] for r in show(proxy, "POOLS")] == [1]
+        assert proxy.call(lambda: dict(proxy.pooler.pins_total)) == {kind: 1}
+        pinned.execute(end)
+        wait_until(lambda: [r["sv_pinned"] for r in show(proxy, "POOLS")] == [0])
+        assert all(not r["pinned"] for r in show(proxy, "CLIENTS"))
+
+
+def test_notifications_reach_the_listening_client(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    proxy = proxy_factory(default_pool_size=2)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as listener, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as sender:
+        listener.execute("LISTEN pgp_jobs")
+        for i in range(5):
+            sender.execute(f"NOTIFY pgp_jobs, 'job {i}'")
+        got = [n.payload for n in listener.notifies(timeout=5, stop_after=5)]
+        assert got == [f"job {i}" for i in range(5)]
+
+
+def test_a_pinned_clients_server_is_cleaned_when_it_leaves(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    proxy = proxy_factory(default_pool_size=1)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as pinned:
+        pinned.execute("CREATE TEMP TABLE pgp_left (x int)")
+        pinned.execute("LISTEN pgp_left_channel")
+        pinned.execute("SELECT pg_advisory_lock(77)")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as after:  # the same, only server
+        assert after.execute(
+            "SELECT (SELECT count(*) FROM pg_listening_channels()), "
+            "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'), "
+            "to_regclass('pg_temp.pgp_left') IS NULL").fetchone() == (0, 0, True)
+
+
+def test_pins_exhausting_a_pool_make_waiters_time_out_and_are_named(
+        proxy_factory: Callable[..., RunningProxy], caplog: pytest.LogCaptureFixture) -> None:
+    proxy = proxy_factory(default_pool_size=1, query_wait_timeout=1)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as pinned, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as waiting:
+        pinned.execute("LISTEN pgp_hog")
+        with caplog.at_level("WARNING", logger="pgpilot.proxy"), \
+                pytest.raises(psycopg.OperationalError, match="query_wait_timeout"):
+            waiting.execute("SELECT 1")
+        assert any("pinned by" in r.getMessage() and "LISTEN pgp_hog" in r.getMessage()
+                   for r in caplog.records)
+        assert pinned.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_pin_session_state_off_is_pgbouncers_behaviour(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    proxy = proxy_factory(default_pool_size=1, pin_session_state=0)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("LISTEN pgp_off")
+        assert [r["sv_pinned"] for r in show(proxy, "POOLS")] == [0]
+        assert [r["hazard"] for r in show(proxy, "HAZARDS")] == ["listen"]
+        conn.execute("UNLISTEN *")

@@ -32,13 +32,17 @@ from pgpilot.proxy.auth import (
     scram_secret_for,
 )
 from pgpilot.proxy.fastpath import is_fast_conn
+from pgpilot.proxy.hazards import classify, might_be_hazard
 from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.session import (
     ALL,
+    PINS,
     UNLISTED,
+    UNPIN_WORDS,
     apply_sql,
     might_change_settings,
+    pins_from_rows,
     setting_changes,
     settings_from_rows,
     snapshot_sql,
@@ -140,6 +144,9 @@ class ClientConnection(asyncio.Protocol):
         "local_port",
         "params",
         "params_version",
+        "pin_candidates",
+        "pin_check",
+        "pins",
         "pool",
         "pooler",
         "port",
@@ -182,6 +189,12 @@ class ClientConnection(asyncio.Protocol):
         self.setting_names: set[str] = set()
         self.settings_dirty = False
         self.settling = False
+        # Pinned state (session.PINS): what the session holds, by kind, with the statement
+        # that made it; the statements seen that may have made some; True when the end of
+        # the transaction must count it again.
+        self.pins: dict[str, str] = {}
+        self.pin_candidates: dict[str, str] = {}
+        self.pin_check = False
         self.pool: Pool | None = None
         self.server: ServerConnection | None = None
         self.cancel_pid = 0
@@ -726,7 +739,7 @@ class ClientConnection(asyncio.Protocol):
                 self.request_time = time.time()
                 if body is not None:
                     self.pooler.observe_query(self, body)
-                    self._note_settings(body)
+                    self._note_session(body)
             elif mtype in UNSYNCED_TYPES:
                 self.unsynced = True
                 if not renamable and body is not None and names_a_statement(mtype, body):
@@ -735,7 +748,7 @@ class ClientConnection(asyncio.Protocol):
                     self.pooler.observe_parse(self, body)
                     start = body.find(b"\x00") + 1
                     end = body.find(b"\x00", start)
-                    self._note_settings(body[start:end] if end >= 0 else body[start:])
+                    self._note_session(body[start:end] if end >= 0 else body[start:])
             elif mtype == F.FUNCTION_CALL:
                 self.expected_rfq += 1
             elif mtype == F.TERMINATE:
@@ -934,30 +947,40 @@ class ClientConnection(asyncio.Protocol):
                 self.fail("08P01", "transaction blocks not allowed in statement pooling mode",
                           hint="Use autocommit statements, or a pool in transaction mode.")
             return
-        if self.settings_dirty:
+        if self.settings_dirty or self.pin_check:
             self._settle(server)
             return
+        if self.pins:
+            return  # pinned: the server stays this client's
         self._detach(client_closed=False)
 
     # -- session settings (session.py) ------------------------------------------------------
-    def _note_settings(self, sql: bytes) -> None:
-        """Does ``sql`` change session settings? Then they are read at the transaction's end
-        (transaction and statement pools; in session mode the server stays the client's)."""
-        low = sql.decode("latin-1").lower()
-        if not might_change_settings(low):
-            return
+    def _note_session(self, sql: bytes) -> None:
+        """Does ``sql`` change session settings, or make or end state that pins the client
+        to its server? Then the session is read at the transaction's end (transaction and
+        statement pools; in session mode the server stays the client's anyway)."""
         pool = self.pool
         if pool is None or pool.mode == "session" or self.is_admin:
             return
-        names = setting_changes(sql.decode("utf-8", errors="replace"))
-        if names is None:
+        low = sql.decode("latin-1").lower()
+        if might_change_settings(low):
+            names = setting_changes(sql.decode("utf-8", errors="replace"))
+            if names is not None:
+                self.settings_dirty = True
+                for name in names:
+                    if name == ALL:
+                        self.setting_names.clear()
+                    else:
+                        self.setting_names.add(name)
+        if not self.pooler.config.pin_session_state:
             return
-        self.settings_dirty = True
-        for name in names:
-            if name == ALL:
-                self.setting_names.clear()
-            else:
-                self.setting_names.add(name)
+        if self.pins and any(word in low for word in UNPIN_WORDS):
+            self.pin_check = True
+        if might_be_hazard(sql):
+            for kind, what in classify(sql.decode("utf-8", errors="replace")):
+                if kind in PINS:
+                    self.pin_check = True
+                    self.pin_candidates.setdefault(kind, what)
 
     def _settle(self, server: ServerConnection) -> None:
         """The transaction that changed settings is over: read what the session carries now
@@ -974,6 +997,8 @@ class ClientConnection(asyncio.Protocol):
         rows: list[list[bytes | None]] = []
         names = set(self.setting_names) | set(UNLISTED)
         login_user = self.pool.server_user
+        count_pins = self.pin_check or bool(self.pins)
+        self.pin_check = False
 
         def read(srv: ServerConnection, error: str | None) -> None:
             self.settling = False
@@ -990,6 +1015,15 @@ class ClientConnection(asyncio.Protocol):
                 self.setting_names = {n for n in self.setting_names if n in settings}
                 if self.router is not None:
                     self.router.search_path = settings.get("search_path", "")
+                if count_pins:
+                    self._pins_counted(srv, pins_from_rows(rows))
+                if self.pins:
+                    srv.discard_needed = True  # whoever gets it next must not inherit them
+                    if self.gone:
+                        pool.release(srv, client_closed=True)
+                    else:
+                        self._link(srv)  # pinned: it stays this client's
+                    return
                 pool.give_out(srv)
             if self.gone:
                 return
@@ -1002,7 +1036,19 @@ class ClientConnection(asyncio.Protocol):
             elif pool.lane is not None:
                 self.enter_fast()
 
-        server.run_internal(snapshot_sql(names), read, rows)
+        server.run_internal(snapshot_sql(names, count_pins), read, rows)
+
+    def _pins_counted(self, server: ServerConnection, found: dict[str, int]) -> None:
+        """The session's pinned state, as the server counted it: pin or unpin the client."""
+        before = self.pins
+        self.pins = {kind: before.get(kind) or self.pin_candidates.get(kind, kind)
+                     for kind in found}
+        self.pin_candidates = {}
+        for kind in self.pins.keys() - before.keys():
+            self.pooler.pins_total[kind] = self.pooler.pins_total.get(kind, 0) + 1
+            log.info("%r pinned to %r: %s (%s)", self, server, kind, self.pins[kind])
+        if before and not self.pins:
+            log.info("%r unpinned from %r", self, server)
 
     def _detach(self, *, client_closed: bool) -> None:
         server = self.server

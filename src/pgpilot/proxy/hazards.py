@@ -282,8 +282,10 @@ class HazardTracker:
                 return
             findings = classify(sql.decode("utf-8", errors="replace"))
             for kind, what in findings:
-                if kind == SESSION_SET:
-                    continue  # no hazard any more: the setting follows its client (session.py)
+                if kind == SESSION_SET or self.pooler.config.pin_session_state:
+                    # No hazard any more: a setting follows its client, other state keeps
+                    # the client on its server (session.py).
+                    continue
                 self.record(client, kind, what)
         except Exception:  # an observer must never break the client's traffic
             log.exception("hazard check failed for %r", client)

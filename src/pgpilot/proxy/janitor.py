@@ -15,6 +15,7 @@ from pgpilot.proxy.fastpath import fast_client_overdue, is_fast_conn
 from pgpilot.proxy.states import ClientState, ServerState
 
 if TYPE_CHECKING:
+    from pgpilot.proxy.pool import Pool
     from pgpilot.proxy.pooler import Pooler
 
 log = logging.getLogger("pgpilot.proxy")
@@ -40,6 +41,7 @@ class Janitor:
         for client in list(self.pooler.clients[ClientState.WAITING]):
             waited = now - client.wait_started
             if cfg.query_wait_timeout and waited > cfg.query_wait_timeout:
+                log_pinned(client.pool)
                 client.fail("08P01", f"query_wait_timeout: no server connection became free "
                             f"within {cfg.query_wait_timeout:g} s")
             elif cfg.reserve_pool_timeout > 0 and waited > cfg.reserve_pool_timeout \
@@ -137,9 +139,17 @@ class Janitor:
         if lane.waiting_count():
             oldest = lane.fp.oldest_wait()
             if cfg.query_wait_timeout and oldest > cfg.query_wait_timeout:
+                log_pinned(pool)
                 for client in lane.fp.drop_waiters(cfg.query_wait_timeout):
                     client.fail("08P01", f"query_wait_timeout: no server connection became "
                                 f"free within {cfg.query_wait_timeout:g} s")
             elif cfg.reserve_pool_timeout > 0 and oldest > cfg.reserve_pool_timeout:
                 pool.launch_if_needed(use_reserve=True)
         lane.update_assist()
+
+
+def log_pinned(pool: Pool | None) -> None:
+    """Clients waited in vain while others held servers for pinned state: say who."""
+    if pool is not None and pool.pinned_count():
+        log.warning("pool %s: clients waited query_wait_timeout while %d of its servers are "
+                    "pinned by: %s", pool.name, pool.pinned_count(), pool.pinned_clients_text())

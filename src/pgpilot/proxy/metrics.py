@@ -18,6 +18,8 @@ Metrics (labels ``database``, ``user`` unless noted):
   ``pgpilot_server_assignments_total``
 - histogram ``pgpilot_wait_seconds``: how long clients waited for a server
 - ``pgpilot_hazards_total{database,user,application_name,kind}``: transaction-pooling hazards
+- ``pgpilot_pins_total{reason}``, ``pgpilot_pinned_clients{database,user}``: clients kept on
+  their server by LISTEN, temp tables, advisory locks ... (session.py)
 - ``pgpilot_login_failures_total``, ``pgpilot_paused``, ``pgpilot_start_time_seconds``,
   ``pgpilot_info{version}``
 """
@@ -147,6 +149,17 @@ class PoolerCollector:
         for (db, user, app, kind), entry in sorted(pooler.hazards.counts.items()):
             hazards.add_metric([db, user, app, kind], entry.count)
         yield hazards
+        pins = CounterMetricFamily(
+            "pgpilot_pins", "Clients pinned to their server, by the state that pinned them",
+            labels=("reason",))
+        for reason, count in sorted(pooler.pins_total.items()):
+            pins.add_metric([reason], count)
+        yield pins
+        pinned = GaugeMetricFamily("pgpilot_pinned_clients", "Clients pinned to their server "
+                                   "now (pin_session_state)", labels=("database", "user"))
+        for pool in pooler.pools.values():
+            pinned.add_metric([pool.db_name, pool.user], pool.pinned_count())
+        yield pinned
         yield CounterMetricFamily("pgpilot_login_failures", "Client logins refused for bad "
                                   "credentials", value=pooler.auth_failures)
         yield GaugeMetricFamily("pgpilot_paused", "1 while the whole pooler is paused",

@@ -538,15 +538,21 @@ class Pool:
         reset = cfg.server_reset_query
         need_reset = bool(reset) and (
             self.mode == "session" or cfg.server_reset_query_always) and client_closed
+        statements = []
         if server.txn_status != "I":
             # Never hand on a server inside a transaction: roll it back first.
-            sql = "ROLLBACK" + (f"; {reset}" if need_reset else "")
-        elif need_reset:
-            sql = reset
-        else:
+            statements.append("ROLLBACK")
+        if need_reset:
+            statements.append(reset)
+        if server.discard_needed and not (need_reset and reset.strip().upper() == "DISCARD ALL"):
+            # A pinned client's LISTEN, temp tables, locks ... (session.py): nobody inherits.
+            statements.append("DISCARD ALL")
+        if not statements:
             self.give_out(server)
             return
-        server.set_state(ServerState.USED)
+        sql = "; ".join(statements)
+        if server.state is not ServerState.TESTED:
+            server.set_state(ServerState.USED)
 
         def done(srv: ServerConnection, error: str | None) -> None:
             if srv.state is ServerState.CLOSED:
@@ -558,6 +564,15 @@ class Pool:
 
         server.set_state(ServerState.TESTED)
         server.run_internal(sql, done)
+
+    def pinned_count(self) -> int:
+        """Clients of this pool holding their server for state that cannot follow them."""
+        return sum(1 for client in self.clients if client.pins)
+
+    def pinned_clients_text(self) -> str:
+        """The pinned clients and why, for the log line of a client that waited in vain."""
+        return ", ".join(f"{c!r} ({', '.join(c.pins.values())})"
+                         for c in self.clients if c.pins)
 
     # -- ending ----------------------------------------------------------------------
     def all_servers(self) -> list[ServerConnection]:

@@ -77,6 +77,8 @@ class Pooler:
 
         self.paused_databases: set[str] = set()  # PAUSE db / KILL db until RESUME
         self.hazards = HazardTracker(self)
+        # Clients pinned to their server, counted by kind of state (session.PINS): metrics.
+        self.pins_total: dict[str, int] = {}
         self.admin_console = AdminConsole(self)
         self._metrics_server: asyncio.AbstractServer | None = None
         # The compiled fast path (fastpath.py), started with the pooler when enabled and built.

@@ -101,6 +101,8 @@ class ServerConnection(asyncio.Protocol):
         # Session settings beyond the startup parameters, as the pooler last applied or read
         # them (session.py): empty for a server no client SET anything on.
         self.settings: dict[str, str] = {}
+        # A pinned client's server (session.py): DISCARD ALL before anyone else gets it.
+        self.discard_needed = False
         self.reader = MessageReader()  # every body is read during login
         self._login: ServerLogin | None = None
         self.login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -250,6 +252,8 @@ class ServerConnection(asyncio.Protocol):
             self.stale_statements.clear()
         if "discard all" in lowered or "reset all" in lowered:
             self.settings = {}
+        if "discard all" in lowered:
+            self.discard_needed = False
         self.transport.write(m.query(sql))
 
     def _internal_messages(self, msgs: list[tuple[int, bytes | None]]) -> None:

@@ -18,6 +18,12 @@ setting on every later transaction, and nobody else should get it. The pooler th
    is brought back the same way before a client without them uses it.
 
 Clients that never SET cost nothing: their settings are empty, as are the servers'.
+
+State that cannot be carried to another server (``LISTEN``, temporary tables, session advisory
+locks, ``WITH HOLD`` cursors, SQL ``PREPARE``) is counted on the server by the same read, at the
+end of a transaction that may have made or ended it; while any is there the client keeps its
+server ("pinned", ``pin_session_state``), and a server a pinned client leaves is cleaned with
+``DISCARD ALL`` before anyone else gets it.
 """
 
 from __future__ import annotations
@@ -151,23 +157,55 @@ def _set_config_calls(stmt: Any) -> list[str] | None:
     return found if seen[0] else None
 
 
-def snapshot_sql(names: set[str]) -> str:
+# State that cannot follow a client to another server, and how to count it on the server.
+# A client whose session holds any of it keeps its server ("pinned", pin_session_state).
+PINS: dict[str, str] = {
+    "listen": "SELECT count(*) FROM pg_catalog.pg_listening_channels()",
+    "temp_table": ("SELECT count(*) FROM pg_catalog.pg_class"
+                   " WHERE relnamespace = pg_catalog.pg_my_temp_schema()"),
+    "advisory_lock": ("SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory'"
+                      " AND pid = pg_catalog.pg_backend_pid()"),
+    "with_hold_cursor": "SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable",
+    "sql_prepare": "SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql",
+}
+_PIN_ROW = " pin:"  # pins' rows in the snapshot (no setting's name starts with a blank)
+# Words of statements that may end pinned state (UNLISTEN, pg_advisory_unlock, DROP TABLE,
+# DISCARD TEMP, CLOSE, DEALLOCATE): a pinned client's transaction with one is checked again.
+UNPIN_WORDS = ("unlisten", "unlock", "drop", "discard", "close", "deallocate")
+
+
+def snapshot_sql(names: set[str], pins: bool = False) -> str:
     """What reads a session's settings: pg_settings' session rows, and by name those it
-    does not list (their values, or NULL / '' when unset)."""
+    does not list (their values, or NULL / '' when unset); with ``pins``, one more row per
+    kind of state in PINS, with its count."""
     sql = ("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
            " AND lower(name) <> ALL (ARRAY[" + ", ".join(
                _literal(n) for n in sorted(TRACKED_BY_LOWER)) + "])")
     for name in sorted(names):
         sql += (f" UNION ALL SELECT {_literal(name)},"
                 f" pg_catalog.current_setting({_literal(name)}, true)")
+    if pins:
+        for kind, count in PINS.items():
+            sql += f" UNION ALL SELECT {_literal(_PIN_ROW + kind)}, ({count})::text"
     return sql
+
+
+def pins_from_rows(rows: list[list[bytes | None]]) -> dict[str, int]:
+    """The kinds of pinned state the snapshot found (those with a count above 0)."""
+    found: dict[str, int] = {}
+    for row in rows:
+        if len(row) == 2 and row[0] is not None and row[0].startswith(_PIN_ROW.encode()):
+            count = int(row[1] or b"0")
+            if count:
+                found[row[0][len(_PIN_ROW):].decode()] = count
+    return found
 
 
 def settings_from_rows(rows: list[list[bytes | None]], login_user: str) -> dict[str, str]:
     """The client's settings from the snapshot's rows: what is set, with defaults left out."""
     settings: dict[str, str] = {}
     for row in rows:
-        if len(row) != 2 or row[0] is None or row[1] is None:
+        if len(row) != 2 or row[0] is None or row[1] is None or row[0].startswith(b" "):
             continue
         name, value = row[0].decode(), row[1].decode()
         if name == "role" and value == "none":
