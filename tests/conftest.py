@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,9 +63,53 @@ def pg_params(pg_dsn: str) -> dict[str, str]:
     }
 
 
+class EphemeralRedis:
+    """A ``redis-server`` of the test's own on a free port, keeping nothing on disk: for tests
+    that stop, pause or cluster it, and for a run without a configured Redis."""
+
+    def __init__(self, *args: str) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not on PATH")
+        from pgpilot.embedded import free_port
+
+        self.port = free_port()
+        self.folder = tempfile.mkdtemp(prefix="pgpilot-test-redis-")
+        self._command = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                         "--appendonly", "no", "--dir", self.folder, *args]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EphemeralRedis:
+        self.process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    url = os.environ.get("PGPILOT_TEST_REDIS", "redis://127.0.0.1:6379/15")
+def redis_url() -> Iterator[str]:
+    """A Redis URL: ``PGPILOT_TEST_REDIS``; unset, the machine's on 127.0.0.1:6379 (db 15), or
+    an ephemeral ``redis-server`` when nothing listens there (as the embedded PostgreSQL)."""
+    configured = os.environ.get("PGPILOT_TEST_REDIS")
+    url = configured or "redis://127.0.0.1:6379/15"
     host, port = "127.0.0.1", 6379
     try:
         from urllib.parse import urlparse
@@ -73,5 +119,15 @@ def redis_url() -> str:
         with socket.create_connection((host, port), timeout=2):
             pass
     except OSError:
-        service_missing(f"Redis at {host}:{port}")
-    return url
+        if configured:
+            service_missing(f"Redis at {host}:{port}")
+        try:
+            server = EphemeralRedis().start()
+        except (OSError, RuntimeError) as exc:
+            service_missing(f"Redis at {host}:{port}, and no ephemeral one ({exc})")
+        try:
+            yield server.url
+        finally:
+            server.stop()
+        return
+    yield url

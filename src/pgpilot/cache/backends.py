@@ -333,7 +333,8 @@ class RedisBackend:
     ``RedisBackend("redis://host:6379/0")``, or ``cluster=True`` for a Redis Cluster URL, or
     ready clients (``client=`` a ``redis.Redis`` / ``redis.cluster.RedisCluster``,
     ``async_client=`` its ``redis.asyncio`` twin). ``timeout`` (seconds) bounds every call,
-    connecting included; no call is retried. Other keyword arguments go to the clients.
+    connecting and waiting for a free connection included (at most ``max_connections``, 64 by
+    default, per client); no call is retried. Other keyword arguments go to the clients.
     """
 
     def __init__(self, url: str | None = None, *, cluster: bool = False, timeout: float = 0.25,
@@ -384,7 +385,11 @@ class RedisBackend:
         import redis
 
         options.setdefault("retry", Retry(NoBackoff(), 0))
-        return redis.Redis.from_url(self.url, **options)
+        # callers beyond max_connections wait (up to the timeout) for a connection to free up
+        pool = redis.BlockingConnectionPool.from_url(
+            self.url, max_connections=options.pop("max_connections", 64),
+            timeout=self.timeout, **options)
+        return redis.Redis(connection_pool=pool)
 
     def async_client(self) -> Any:
         """The async client of the running event loop (made on first use in that loop)."""
@@ -407,7 +412,10 @@ class RedisBackend:
                 from redis.backoff import NoBackoff
 
                 options.setdefault("retry", Retry(NoBackoff(), 0))
-                found = redis.asyncio.Redis.from_url(self.url, **options)
+                pool = redis.asyncio.BlockingConnectionPool.from_url(
+                    self.url, max_connections=options.pop("max_connections", 64),
+                    timeout=self.timeout, **options)
+                found = redis.asyncio.Redis(connection_pool=pool)
             self._async[loop] = found
         return found
 

@@ -390,6 +390,13 @@ class Cache:
             value = self._decode(raw, spec)
             if value is not _MISSING:
                 return value, raw[_HEADER.size:]
+            try:  # an entry that cannot be read (foreign, corrupt, forged): replace it
+                raw, acquired, versions = yield ("begin", keys.entry, keys.lock, guards, token,
+                                                 self._lock_ms, False)
+            except BackendError as exc:
+                self._failed(exc, counters)
+                counters.degraded += 1
+                return (yield COMPUTE), None
         if not acquired:
             if refresh:
                 return _MISSING, None
@@ -412,6 +419,7 @@ class Cache:
                     value = self._decode(raw, spec)
                     if value is not _MISSING:
                         return value, raw[_HEADER.size:]
+                    break  # unreadable: fill it ourselves
                 if acquired:
                     break
         try:

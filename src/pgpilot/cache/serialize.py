@@ -91,7 +91,7 @@ def _row_factory(fields: tuple[str, ...]) -> Callable[[Sequence[Any]], Any]:
 
 
 def _is_row(value: object) -> bool:
-    return hasattr(value, "_fields") and hasattr(value, "_mapping") and hasattr(value, "_tuple")
+    return hasattr(value, "_fields") and hasattr(value, "_mapping") and hasattr(value, "_asdict")
 
 
 class MsgpackSerializer:
@@ -146,7 +146,7 @@ class MsgpackSerializer:
         if isinstance(value, list):
             return list(value)
         if _is_row(value):
-            payload = self._pack([list(value._fields), list(value._tuple())])
+            payload = self._pack([list(value._fields), list(value)])
             return msgpack.ExtType(_EXT_ROW, payload)
         if isinstance(value, tuple):  # namedtuples: kept as plain tuples
             return msgpack.ExtType(_EXT_TUPLE, self._pack(list(value)))
