@@ -7,9 +7,9 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from tests.conftest import EphemeralRedis
 
 from pgpilot.cache import Cache, MemoryBackend, RedisBackend
-from tests.conftest import EphemeralRedis
 
 
 @pytest.fixture

@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from tests.conftest import EphemeralRedis
 
 from pgpilot.cache import Cache, RedisBackend
 from pgpilot.embedded import free_port
-from tests.conftest import EphemeralRedis
 
 
 def test_nothing_listening_calls_the_function_with_a_warning(
@@ -61,7 +63,7 @@ def test_a_slow_redis_is_cut_off_by_the_timeout(
     assert f() == 7
     assert len(calls) == 2 and f.stats().degraded == 1
     # the call was answered while Redis still does not answer: the timeout cut it short
-    probe = redis.Redis(port=server.port, socket_timeout=0.2)
+    probe = redis.Redis(port=server.port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
     with pytest.raises(redis.TimeoutError):
         probe.ping()
     probe.close()
