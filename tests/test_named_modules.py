@@ -46,13 +46,14 @@ def pgpilot_modules() -> list[ModuleType]:
 
 def test_resolves_tells_a_missing_module_from_a_present_one() -> None:
     assert resolves("pgpilot.batch.sql.rows_by_key")
-    assert not resolves("pgpilot.cache")
+    assert resolves("pgpilot.cache.Cache")
+    assert not resolves("pgpilot.no_such_module")
     assert not resolves("pgpilot.batch.no_such_name")
 
 
 def test_help_pgpilot_names_the_toolkit_modules_that_exist() -> None:
     named = set(DOTTED.findall(pgpilot.__doc__ or ""))
-    assert {"pgpilot.batch", "pgpilot.nplusone", "pgpilot.explain"} <= named
+    assert {"pgpilot.batch", "pgpilot.nplusone", "pgpilot.explain", "pgpilot.cache"} <= named
     assert [name for name in sorted(named) if not resolves(name)] == []
 
 

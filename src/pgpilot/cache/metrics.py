@@ -1,5 +1,6 @@
 """Prometheus metrics of a cache, read from ``cache.stats()`` when scraped (nothing on the hot
-path): counters ``pgpilot_cache_<what>_total`` labelled by ``namespace`` and ``function``.
+path): counters ``pgpilot_cache_<what>_total`` labelled by ``namespace`` and ``function``, and
+the gauge ``pgpilot_cache_pending_invalidations`` (invalidations waiting for the backend).
 
 ``registry.register(cache.metrics_collector())`` on the registry the application exposes (or
 ``prometheus_client.REGISTRY``).
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from pgpilot.cache.core import Cache
@@ -49,7 +50,7 @@ class CacheCollector:
             for name, snapshot in sorted(stats.items()):
                 family.add_metric([snapshot.namespace, name], float(getattr(snapshot, field)))
             yield family
-        pending = CounterMetricFamily("pgpilot_cache_pending_invalidations",
+        pending = GaugeMetricFamily("pgpilot_cache_pending_invalidations",
                                       "Invalidations waiting for the backend",
                                       labels=["namespace"])
         pending.add_metric([self.cache.namespace], float(self.cache.pending_invalidations))
