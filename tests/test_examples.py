@@ -121,5 +121,20 @@ def test_batch_redis_coalesces_a_thousand_commands(redis_url: str) -> None:
     assert ast.literal_eval(sent.group(1)) == ["MSET x1000", "MGET x500", "MGET x500"], out
 
 
+def test_cache_redis_is_never_stale_and_fills_a_hot_key_once(pg_dsn: str, redis_url: str) -> None:
+    out = run_example("cache_redis.py", pg_dsn, redis_url)
+    assert number(r"^orders before the write: (\d+)", out) == 2, out
+    assert re.search(r"^orders before the write: 2 \(second read from the cache: True", out,
+                     re.M), out
+    # the writing request sees its own order, and so does everything after its commit
+    assert number(r"^orders read in the writing transaction: (\d+)$", out) == 3, out
+    assert number(r"^orders read after its commit: (\d+)$", out) == 3, out
+    assert number(r"^orders read by the next request: (\d+)$", out) == 3, out
+    assert number(r"^concurrent callers: (\d+)$", out) == 200, out
+    assert number(r"^fills executed: (\d+)$", out) == 1, out
+    assert number(r"hits=(\d+)", out) >= 1, out
+    assert number(r"bypasses=(\d+)", out) == 1, out
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

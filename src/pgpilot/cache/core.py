@@ -725,10 +725,11 @@ class CachedFunction(Generic[P, R]):
                  early_refresh: float | None) -> None:
         self.cache = cache
         self.__wrapped__ = fn
-        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        self.name = name or f"{fn.__module__}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
         self.ttl = ttl
         self.version = cache.version + "." + (version or "1")
-        self.is_async = inspect.iscoroutinefunction(fn)
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None))  # noqa: B004 - an object whose __call__ is async
         self._fn = fn
         self._key = key
         self._tags_fn = tags if callable(tags) else None
