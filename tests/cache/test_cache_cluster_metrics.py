@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from tests.conftest import EphemeralRedis
 
 from pgpilot.cache import Cache, MemoryBackend, RedisBackend
-from tests.conftest import EphemeralRedis
 
 
 @pytest.mark.slow
