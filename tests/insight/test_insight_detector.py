@@ -78,14 +78,15 @@ def test_a_write_in_between_resets_duplicate_counting() -> None:
     assert [finding.kind for finding in detector.findings()] == ["duplicate"]
 
 
-def test_writes_in_a_loop_are_an_n_plus_one_but_never_duplicates() -> None:
+def test_writes_in_a_loop_are_a_write_loop_but_never_duplicates() -> None:
     detector = ScopeDetector()
     for _ in range(3):
         detector.add(event(INSERT, 1, command="write"))
     assert detector.findings() == []
     for value in (2, 3):
         detector.add(event(INSERT, value, command="write"))
-    assert [finding.kind for finding in detector.findings()] == ["n_plus_one"]
+    [finding] = detector.findings()
+    assert finding.kind == "insert_loop"
 
 
 def test_other_statements_are_counted_but_never_findings() -> None:

@@ -98,10 +98,18 @@ def test_raise_fails_the_tests_that_run_an_n_plus_one(inner_suite: pytest.Pytest
     result.stdout.fnmatch_lines(["*N+1: 6 executions*fix: selectinload(Customer.orders)*"])
 
 
-def test_warn_reports_without_failing(inner_suite: pytest.Pytester) -> None:
+def test_warn_reports_one_summary_without_failing(inner_suite: pytest.Pytester) -> None:
     result = inner_suite.runpytest(*INNER_OPTIONS, "--nplusone=warn")
-    result.assert_outcomes(passed=5, warnings=2)
-    result.stdout.fnmatch_lines(["*NPlusOneWarning: N+1*selectinload(Customer.orders)*"])
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines(
+        [
+            "*pgpilot query doctor*",
+            "2 problem(s) at 2 call site(s), in 2 test(s)",
+            "*[[]warn[]] 1 test(s): N+1: 6 executions*at test_inner.py:15*"
+            "fix: selectinload(Customer.orders)*",
+        ]
+    )
+    assert "NPlusOneWarning" not in result.stdout.str()  # one summary, not a warning per test
 
 
 def test_without_the_option_nothing_changes(inner_suite: pytest.Pytester) -> None:

@@ -197,8 +197,9 @@ def test_a_loop_of_single_row_inserts_suggests_executemany(
             )
     session.rollback()
     [finding] = report.findings
-    assert finding.kind == "n_plus_one"
+    assert finding.kind == "insert_loop"
     assert "executemany()" in finding.suggestion
+    assert "session.execute(insert(Model), [dict, ...])" in finding.suggestion
 
 
 def test_unused_eager_load_is_reported(session: Session) -> None:

@@ -8,11 +8,25 @@ block, a client transaction ...). This module imports nothing else of pgpilot.
 
 Rules (per scope):
 
-* ``n_plus_one``: one fingerprint executed with at least ``threshold`` *distinct* parameter
-  sets: a loop issuing one query per item where one query for all items would do.
+* ``n_plus_one``: one read fingerprint executed with at least ``threshold`` *distinct*
+  parameter sets *from one loop*: a loop issuing one query per item where one query for all
+  items would do. "One loop" is the event's ``loop_key`` (the in-app feed hashes the call
+  stack, so separate calls that happen to repeat a query are not a loop); events without one
+  (the pooler's) all count as one loop. ``missing_contains_eager`` when the feed saw that the
+  query that loaded the objects had joined the relationship's table already.
+* ``insert_loop`` / ``update_loop`` / ``delete_loop``: the same for a write, one row per
+  statement. ORM flush writes carry the flush's id as their parameter key (tag ``"flush"``):
+  the rows of one flush are one "execution", so only a loop of flushes (a ``commit()`` per
+  row) is reported.
 * ``duplicate``: one read executed with the *same* parameters at least ``duplicate_threshold``
   times with no write in between: the second round trip returns what the first did.
   A group that is an N+1 is reported as that alone: batching it removes the repeats too.
+* ``large_result``: a read that returned at least ``large_result`` rows (when the source
+  knows the count) into memory.
+* ``deep_offset``: an ``OFFSET`` of at least ``deep_offset``, or growing across
+  ``threshold`` executions of one loop (paging through a table).
+* ``wrong_type_comparison``, ``correlated_subquery``: read from the statement's text
+  (``insight.shape``).
 
 ``DEFAULT_THRESHOLD`` is 3. Two executions of one shape with different values are common
 without any loop (load the author, then the reviewer); the third is where a loop begins to be
@@ -25,11 +39,18 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from itertools import pairwise
+from typing import Any, Literal, NamedTuple, get_args
+
+from pgpilot.insight.shape import shape
 
 __all__ = [
+    "ADVISORY_KINDS",
+    "DEFAULT_DEEP_OFFSET",
     "DEFAULT_DUPLICATE_THRESHOLD",
+    "DEFAULT_LARGE_RESULT",
     "DEFAULT_THRESHOLD",
+    "FINDING_KINDS",
     "Allowlist",
     "Detector",
     "EventFields",
@@ -42,6 +63,8 @@ __all__ = [
 
 DEFAULT_THRESHOLD = 3
 DEFAULT_DUPLICATE_THRESHOLD = 2
+DEFAULT_LARGE_RESULT = 10_000
+DEFAULT_DEEP_OFFSET = 1_000
 
 # Bounds on what one scope remembers, so a long-lived scope (a pooler session, a batch job)
 # stays small: distinct parameter sets per fingerprint, and call sites per fingerprint.
@@ -53,7 +76,42 @@ READ = "read"
 WRITE = "write"
 OTHER = "other"
 
-FindingKind = Literal["n_plus_one", "duplicate", "unused_eager_load"]
+FindingKind = Literal[
+    "n_plus_one",
+    "duplicate",
+    "unused_eager_load",
+    "insert_loop",
+    "update_loop",
+    "delete_loop",
+    "missing_contains_eager",
+    "large_result",
+    "deep_offset",
+    "overfetch",
+    "existence_load",
+    "unlocked_read_modify_write",
+    "wrong_type_comparison",
+    "correlated_subquery",
+]
+FINDING_KINDS: tuple[FindingKind, ...] = get_args(FindingKind)
+
+ADVISORY_KINDS: frozenset[FindingKind] = frozenset(
+    {
+        "unused_eager_load",
+        "unlocked_read_modify_write",
+        "overfetch",
+        "correlated_subquery",
+    }
+)
+"""Kinds that are advice rather than a defect: what the data of a test leaves unread, what
+might race, what might be slow. The pytest plugin's raise mode warns about them instead of
+failing the test, unless asked to."""
+
+_LOOP_KINDS: dict[str, FindingKind] = {
+    "select": "n_plus_one",
+    "insert": "insert_loop",
+    "update": "update_loop",
+    "delete": "delete_loop",
+}
 
 
 class QueryEvent(NamedTuple):
@@ -82,6 +140,21 @@ class QueryEvent(NamedTuple):
     loader_option: str | None = None
     """The ORM loader option that would have loaded it up front, e.g.
     ``"selectinload(Customer.orders).selectinload(Order.items)"``."""
+    loop_key: Hashable = None
+    """Equal for executions from one loop (the in-app feed hashes the call stack); None when
+    unknown, and then every execution of a statement counts as one loop."""
+    rows: int = -1
+    """Rows the statement returned, when the source knows (-1 otherwise)."""
+    tag: str | None = None
+    """What the source knows about why the statement ran: ``"flush"`` (an ORM unit-of-work
+    write; ``params_key`` is then the flush's id), ``"commit_loop"`` (a flush write of a
+    loop that calls ``commit()``), ``"contains_eager"`` (a lazy load of a relationship whose
+    table the loading query had joined), ``"expired"`` (a lazy load of a relationship the
+    loading query had an eager option for: expired since)."""
+    offset: int | None = None
+    """The statement's OFFSET value, when it has one and the source could read it."""
+    callers: tuple[str, ...] = ()
+    """The application frames outward of ``callsite`` (its callers), innermost first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +176,29 @@ class Finding:
     """How many different parameter sets the group ran with."""
     callsites: tuple[str, ...] = ()
     """The call sites of the group's first executions (bounded), the first one first."""
+    callers: tuple[str, ...] = ()
+    """The application frames that called ``callsite``, innermost first (when known)."""
+    detail: str = ""
+    """What was measured, in words (rows returned, the offset, the columns read ...)."""
 
     def describe(self) -> str:
         """One line for a log, a warning or an assertion message."""
         where = f" at {self.callsite}" if self.callsite else ""
+        if self.callers:
+            where += f" (called from {', '.join(self.callers)})"
+        loop = f"{self.count} executions with {self.distinct_params} different parameter sets"
         what = {
-            "n_plus_one": f"N+1: {self.count} executions with {self.distinct_params} "
-            "different parameter sets",
+            "n_plus_one": f"N+1: {loop}",
+            "missing_contains_eager": f"missing contains_eager: {loop}",
+            "insert_loop": f"insert loop: {loop}",
+            "update_loop": f"update loop: {loop}",
+            "delete_loop": f"delete loop: {loop}",
             "duplicate": f"duplicate: {self.count} executions with the same parameters",
             "unused_eager_load": f"unused eager load of {self.relationship} "
             f"({self.count} queries loaded it, nothing read it)",
-        }[self.kind]
+        }.get(self.kind, self.kind.replace("_", " "))
+        if self.detail:
+            what = f"{what} ({self.detail})"
         sql = " ".join(self.sql.split())
         if len(sql) > 160:
             sql = sql[:157] + "..."
@@ -161,30 +246,75 @@ Suggest = Callable[[FindingKind, QueryEvent], str]
 
 
 # Field positions in a QueryEvent (and in a plain tuple standing for one).
-_FINGERPRINT, _SQL, _PARAMS_KEY, _SCOPE_ID, _CALLSITE, _TIMESTAMP, _COMMAND = range(7)
+(
+    _FINGERPRINT,
+    _SQL,
+    _PARAMS_KEY,
+    _SCOPE_ID,
+    _CALLSITE,
+    _TIMESTAMP,
+    _COMMAND,
+    _RELATIONSHIP,
+    _LOADER_OPTION,
+    _LOOP_KEY,
+    _ROWS,
+    _TAG,
+    _OFFSET,
+) = range(13)
+_FIELDS = len(QueryEvent._fields)
 
 EventFields = QueryEvent | tuple[Any, ...]
-"""A QueryEvent, or a plain tuple of its nine fields in the same order (what a feed on a hot
-path passes to avoid building the named tuple for every statement)."""
+"""A QueryEvent, or a plain tuple of its fields in the same order (what a feed on a hot path
+passes to avoid building the named tuple for every statement); a tuple may stop after any
+field, the rest take their defaults."""
 
 
 def _as_event(fields: EventFields) -> QueryEvent:
     return fields if isinstance(fields, QueryEvent) else QueryEvent(*fields)
 
 
+def _field(fields: tuple[Any, ...], index: int) -> Any:
+    return fields[index] if len(fields) > index else QueryEvent._field_defaults[
+        QueryEvent._fields[index]
+    ]
+
+
 class _Group:
     """Everything remembered about one fingerprint in one scope."""
 
-    __slots__ = ("callsites", "count", "first", "params", "repeat_event", "repeats")
+    __slots__ = (
+        "biggest",
+        "callsites",
+        "count",
+        "first",
+        "labelled",
+        "loop_params",
+        "offsets",
+        "params",
+        "repeat_event",
+        "repeats",
+        "tagged",
+    )
 
     def __init__(self, first: EventFields) -> None:
         self.first = first
+        self.labelled: EventFields | None = None  # the first event naming a relationship
+        self.tagged: EventFields | None = None  # the first event carrying a tag
         self.count = 0
         # params_key -> [write epoch when last seen, executions since that write]
         self.params: dict[Hashable, list[int]] = {}
+        # loop_key -> the distinct params_keys seen from that loop
+        self.loop_params: dict[Hashable, set[Hashable]] = {}
         self.callsites: dict[str, int] = {}
         self.repeats = 0  # the most executions of one parameter set with no write between
         self.repeat_event = first
+        self.biggest: EventFields | None = None  # the execution that returned most rows
+        # loop_key -> offsets in execution order (bounded), for paging loops
+        self.offsets: dict[Hashable, list[int]] = {}
+
+    def loop_distinct(self) -> int:
+        """Distinct parameter sets of the loop that ran the most of them."""
+        return max((len(keys) for keys in self.loop_params.values()), default=0)
 
 
 class ScopeDetector:
@@ -195,7 +325,9 @@ class ScopeDetector:
         "_suggest",
         "_write_epoch",
         "allowlist",
+        "deep_offset",
         "duplicate_threshold",
+        "large_result",
         "queries",
         "threshold",
     )
@@ -206,10 +338,15 @@ class ScopeDetector:
         duplicate_threshold: int = DEFAULT_DUPLICATE_THRESHOLD,
         allowlist: Allowlist | None = None,
         suggest: Suggest | None = None,
+        *,
+        large_result: int = DEFAULT_LARGE_RESULT,
+        deep_offset: int = DEFAULT_DEEP_OFFSET,
     ) -> None:
         check_thresholds(threshold, duplicate_threshold)
         self.threshold = threshold
         self.duplicate_threshold = duplicate_threshold
+        self.large_result = large_result
+        self.deep_offset = deep_offset
         self.allowlist = allowlist if allowlist is not None else Allowlist()
         self.queries = 0
         self._suggest = suggest
@@ -217,7 +354,7 @@ class ScopeDetector:
         self._write_epoch = 0
 
     def add(self, event: EventFields) -> bool:
-        """Count one statement. True when it makes its group an N+1 (the threshold just met)."""
+        """Count one statement. True when it makes its group a loop (the threshold just met)."""
         fields: tuple[Any, ...] = event
         self.queries += 1
         command = fields[_COMMAND]
@@ -238,6 +375,21 @@ class ScopeDetector:
                 group.callsites[callsite] = seen + 1
             elif len(group.callsites) < MAX_CALLSITES:
                 group.callsites[callsite] = 1
+        extra = len(fields) > _LOOP_KEY
+        loop_key = fields[_LOOP_KEY] if extra else None
+        if extra:
+            if group.labelled is None and _field(fields, _RELATIONSHIP) is not None:
+                group.labelled = event
+            if group.tagged is None and _field(fields, _TAG) is not None:
+                group.tagged = event
+            rows = _field(fields, _ROWS)
+            if rows > 0 and (group.biggest is None or rows > group.biggest[_ROWS]):
+                group.biggest = event
+            offset = _field(fields, _OFFSET)
+            if offset is not None:
+                offsets = group.offsets.setdefault(loop_key, [])
+                if len(offsets) < MAX_CALLSITES * 4:
+                    offsets.append(offset)
         params = group.params
         key = fields[_PARAMS_KEY]
         try:
@@ -245,11 +397,18 @@ class ScopeDetector:
         except TypeError:  # an unhashable parameter (a list, a dict): equal values print equally
             key = repr(key)
             entry = params.get(key)
+        loop = group.loop_params.get(loop_key)
+        if loop is None:
+            loop = group.loop_params[loop_key] = set()
+        if key not in loop and len(loop) < MAX_DISTINCT_PARAMS:
+            loop.add(key)
+            new_in_loop = True
+        else:
+            new_in_loop = False
         if entry is None:
             if len(params) < MAX_DISTINCT_PARAMS:
                 params[key] = [self._write_epoch, 1]
-            return len(params) == self.threshold
-        if command == READ:
+        elif command == READ:
             if entry[0] == self._write_epoch:
                 entry[1] += 1
                 if entry[1] > group.repeats:
@@ -258,48 +417,110 @@ class ScopeDetector:
             else:
                 entry[0] = self._write_epoch
                 entry[1] = 1
-        return False
+        return new_in_loop and len(loop) == self.threshold and group.loop_distinct() == len(loop)
 
     def findings(self) -> list[Finding]:
-        """The N+1s and duplicates so far, most executions first, allowlisted ones left out."""
+        """Everything found so far, most executions first, allowlisted ones left out."""
         found: list[Finding] = []
         allowlist = self.allowlist if self.allowlist else None
         for group in self._groups.values():
-            finding = self._finding_for(group)
-            if finding is not None and (allowlist is None or not allowlist.allows(finding)):
-                found.append(finding)
+            for finding in self._findings_for(group):
+                if allowlist is None or not allowlist.allows(finding):
+                    found.append(finding)
         found.sort(key=lambda finding: -finding.count)
         return found
 
     def finding(self, fingerprint: str) -> Finding | None:
-        """The finding for one fingerprint, if its group is one (allowlist not applied)."""
+        """The loop or duplicate finding for one fingerprint, if its group is one (allowlist
+        not applied)."""
         group = self._groups.get(fingerprint)
-        return None if group is None else self._finding_for(group)
+        if group is None:
+            return None
+        return next(iter(self._findings_for(group)), None)
 
-    def _finding_for(self, group: _Group) -> Finding | None:
-        distinct = len(group.params)
+    def _findings_for(self, group: _Group) -> list[Finding]:
+        found: list[Finding] = []
+        distinct = group.loop_distinct()
+        first: tuple[Any, ...] = group.first
+        example = group.labelled if group.labelled is not None else group.first
+        statement = shape(first[_SQL])
+        tagged: tuple[Any, ...] | None = group.tagged
+        tag = tagged[_TAG] if tagged is not None else None
         if distinct >= self.threshold:
-            return self._make("n_plus_one", group.first, group.count, distinct, group)
-        if group.repeats >= self.duplicate_threshold:
-            return self._make("duplicate", group.repeat_event, group.repeats, distinct, group)
-        return None
+            kind = _LOOP_KINDS.get(statement.verb, "n_plus_one")
+            if tag == "contains_eager" and kind == "n_plus_one":
+                kind = "missing_contains_eager"
+            if tag in ("contains_eager", "expired", "flush", "commit_loop"):
+                example = tagged if tagged is not None else example
+            found.append(self._make(kind, example, group.count, len(group.params), group))
+        elif group.repeats >= self.duplicate_threshold and tag != "flush":
+            found.append(
+                self._make("duplicate", group.repeat_event, group.repeats, len(group.params), group)
+            )
+        if group.biggest is not None and group.biggest[_ROWS] >= self.large_result:
+            rows = group.biggest[_ROWS]
+            found.append(
+                self._make(
+                    "large_result", group.biggest, group.count, len(group.params), group,
+                    detail=f"{rows:,} rows in one result",
+                )
+            )
+        deepest = max((max(values) for values in group.offsets.values() if values), default=0)
+        growing = max(
+            (
+                len(values)
+                for values in group.offsets.values()
+                if len(values) >= self.threshold
+                and all(a < b for a, b in pairwise(values))
+            ),
+            default=0,
+        )
+        if deepest >= self.deep_offset or growing:
+            detail = f"OFFSET up to {deepest:,}"
+            if growing:
+                detail += f", growing over {growing} pages of one loop"
+            found.append(
+                self._make("deep_offset", group.first, group.count, len(group.params), group,
+                           detail=detail)
+            )
+        if statement.wrong_type is not None:
+            column, literal = statement.wrong_type
+            found.append(
+                self._make("wrong_type_comparison", group.first, group.count,
+                           len(group.params), group, detail=f"{column} = '{literal}'")
+            )
+        if statement.correlated_subquery is not None:
+            found.append(
+                self._make("correlated_subquery", group.first, group.count, len(group.params),
+                           group, detail=f"a subquery per row of {statement.correlated_subquery}")
+            )
+        return found
 
     def _make(
-        self, kind: FindingKind, fields: EventFields, count: int, distinct: int, group: _Group
+        self,
+        kind: FindingKind,
+        fields: EventFields,
+        count: int,
+        distinct: int,
+        group: _Group,
+        detail: str = "",
     ) -> Finding:
         example = _as_event(fields)
         first: tuple[Any, ...] = group.first
         suggestion = self._suggest(kind, example) if self._suggest is not None else ""
+        callers = example.callers if len(first) > _LOOP_KEY else ()
         return Finding(
             kind=kind,
             count=count,
             sql=example.sql,
             fingerprint=example.fingerprint,
-            callsite=first[_CALLSITE] or next(iter(group.callsites), ""),
+            callsite=example.callsite or first[_CALLSITE] or next(iter(group.callsites), ""),
             suggestion=suggestion,
             relationship=example.relationship,
             distinct_params=distinct,
             callsites=tuple(group.callsites),
+            callers=tuple(callers),
+            detail=detail,
         )
 
 

@@ -47,9 +47,12 @@ DESCRIBE_CACHE_SIZE = 4096
 # literal, a quoted identifier or a comment is skipped as part of that token.
 _PLACEHOLDER_SCAN = re.compile(
     r"""(?P<skip>'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/)"""
-    r"""|%\((?P<name>[^)]+)\)[sbt]|(?P<positional>%[sbt])|(?P<percent>%%)""",
+    r"""|%\((?P<name>[^)]+)\)[sbt]|(?P<positional>%[sbt])|(?P<percent>%%)"""
+    r"""|(?P<qmark>\?(?![|&]))""",
     re.DOTALL,
 )
+_DOLLAR_PARAM = re.compile(r"\$\d")
+_PYFORMAT_PARAM = re.compile(r"%(?:\([^)]*\))?[sbt]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +76,17 @@ class Statement:
 def to_dollar_params(sql: str) -> str:
     """Rewrite psycopg-style ``%s`` / ``%(name)s`` placeholders to PostgreSQL's ``$n``.
 
-    A repeated ``%(name)s`` gets the same number; ``%%`` becomes ``%``. Text without ``%`` is
-    returned as is (asyncpg and the wire protocol already use ``$n``).
+    A repeated ``%(name)s`` gets the same number; ``%%`` becomes ``%``. The ``?`` of qmark
+    drivers (SQLite) is numbered too, in a text that has no ``$n`` already and no psycopg
+    placeholder (where ``?`` is jsonb's), outside the ``?|`` / ``?&`` operators. Text without
+    ``%`` or ``?`` is returned as is (asyncpg and the wire protocol already use ``$n``).
     """
-    if "%" not in sql:
+    qmarks = (
+        "?" in sql
+        and _DOLLAR_PARAM.search(sql) is None
+        and _PYFORMAT_PARAM.search(sql) is None
+    )
+    if "%" not in sql and not qmarks:
         return sql
     numbers: dict[str, int] = {}
     counter = 0
@@ -87,6 +97,11 @@ def to_dollar_params(sql: str) -> str:
             return match.group(0)
         if match.group("percent") is not None:
             return "%"
+        if match.group("qmark") is not None:
+            if not qmarks:
+                return "?"
+            counter += 1
+            return f"${counter}"
         name = match.group("name")
         if name is not None:
             if name not in numbers:

@@ -1,9 +1,26 @@
-"""Which line of the application ran a query: the first frame outside pgpilot, SQLAlchemy and
-the database drivers.
+"""Which line of the application ran a query, and which loop it ran in.
 
 This runs for every query while detection is on, so it walks ``sys._getframe()`` (no
 ``inspect.stack()``, which reads source files) and remembers per file name whether it is
-library code and how to print it.
+application code and how to print it.
+
+A frame is *application code* unless its file is
+
+* in pgpilot, SQLAlchemy, a database driver or greenlet (the packages in
+  ``LIBRARY_PACKAGES``),
+* a pseudo-file (``<string>``: SQLAlchemy's generated wrappers, so that every statement of a
+  commit would otherwise be "at ``<string>:2``"; ``<frozen ...>``),
+* in the standard library (``typing.py``) or an installed package (site-packages: pydantic,
+  sqlmodel, alembic, Flask-SQLAlchemy ...).
+
+When no frame qualifies (an application installed into site-packages) the first frame outside
+the first two groups is used instead, so there is still a line to show.
+
+The *loop key* of a statement is a hash of the code and line of every frame on its stack (up to
+``MAX_LOOP_FRAMES``), through the greenlets SQLAlchemy's asyncio layer runs in. Two executions
+share it when they come from the same loop (every iteration runs the same lines) and differ
+when they come from separate calls that happen to run the same query (a helper called from two
+lines of a test).
 """
 
 from __future__ import annotations
@@ -11,9 +28,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from types import FrameType
+import sysconfig
+from types import CodeType, FrameType
+from typing import NamedTuple
 
-__all__ = ["find_callsite", "split_callsite"]
+__all__ = ["StackInfo", "find_callsite", "split_callsite", "stack_info"]
 
 # Packages whose frames are never "the application": the detector itself, the ORM and the
 # drivers (and greenlet, through which SQLAlchemy's asyncio layer runs sync code).
@@ -24,14 +43,40 @@ LIBRARY_PACKAGES = (
     "psycopg_pool",
     "psycopg_binary",
     "psycopg_c",
+    "psycopg2",
     "asyncpg",
     "greenlet",
 )
+MAX_LOOP_FRAMES = 64
+MAX_OUTER_CALLSITES = 3
 
-# file name -> how to print it, or None for library code. Grows to the number of source files
-# that ever run a query, which is small.
-_display_names: dict[str, str | None] = {}
+# A frame's file: how to print it, and its class.
+_APP = 0  # application code
+_INSTALLED = 1  # standard library, site-packages, pseudo-files: shown only if nothing else
+_LIBRARY = 2  # pgpilot, the ORM, the drivers: never shown
+
+# file name -> (class, how to print it). Grows to the number of source files that ever run a
+# query, which is small.
+_files: dict[str, tuple[int, str]] = {}
 _library_dirs: tuple[str, ...] | None = None
+_installed_dirs: tuple[str, ...] | None = None
+_flush_codes: frozenset[CodeType] = frozenset()
+_commit_codes: frozenset[CodeType] = frozenset()
+
+
+class StackInfo(NamedTuple):
+    """What the stack says about one statement."""
+
+    callsite: str
+    """``"path/to/file.py:LINE"`` of the innermost application frame (``""`` if none)."""
+    loop_key: int
+    """Equal for executions from the same lines all the way up (one loop)."""
+    outer: tuple[str, ...]
+    """The next application frames outward (the callers of ``callsite``), innermost first."""
+    in_flush: bool
+    """True when the statement runs inside ``Session.flush()`` (the ORM's unit of work)."""
+    in_commit: bool
+    """True when it runs inside ``Session.commit()`` (the flush a commit starts)."""
 
 
 def _find_library_dirs() -> tuple[str, ...]:
@@ -50,34 +95,124 @@ def _find_library_dirs() -> tuple[str, ...]:
     return tuple(dirs)
 
 
-def _display_name(filename: str) -> str | None:
-    global _library_dirs
-    if _library_dirs is None:
+def _find_installed_dirs() -> tuple[str, ...]:
+    dirs: set[str] = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.add(os.path.join(os.path.realpath(path), ""))
+    for path in sys.path:
+        if path.endswith(("site-packages", "dist-packages")):
+            dirs.add(os.path.join(os.path.realpath(path), ""))
+    return tuple(sorted(dirs))
+
+
+def _classify(filename: str) -> tuple[int, str]:
+    global _library_dirs, _installed_dirs
+    if _library_dirs is None or _installed_dirs is None:
         _library_dirs = _find_library_dirs()
-    real = os.path.realpath(filename) if not filename.startswith("<") else filename
+        _installed_dirs = _find_installed_dirs()
+    if filename.startswith("<"):
+        return _INSTALLED, filename
+    real = os.path.realpath(filename)
     if real.startswith(_library_dirs):
-        return None
-    if real.startswith("<"):
-        return real
+        return _LIBRARY, real
     try:
         relative = os.path.relpath(real)
     except ValueError:  # another drive (Windows)
-        return real
-    return real if relative.startswith("..") else relative
+        relative = real
+    shown = real if relative.startswith("..") else relative
+    if (
+        real.startswith(_installed_dirs)
+        or f"{os.sep}site-packages{os.sep}" in real
+        or f"{os.sep}dist-packages{os.sep}" in real
+    ):
+        return _INSTALLED, shown
+    return _APP, shown
 
 
-def _app_frame_callsite(frame: FrameType | None) -> str:
-    names = _display_names
-    while frame is not None:
-        filename = frame.f_code.co_filename
+def _codes_of(owner: object, names: tuple[str, ...]) -> frozenset[CodeType]:
+    codes: set[CodeType] = set()
+    for name in names:
+        function = getattr(owner, name, None)
+        while function is not None:
+            code = getattr(function, "__code__", None)
+            if code is not None:
+                codes.add(code)
+            function = getattr(function, "__wrapped__", None)
+    return frozenset(codes)
+
+
+def _session_code_objects() -> tuple[frozenset[CodeType], frozenset[CodeType]]:
+    """The code of ``Session.flush`` / ``_flush``, and of ``Session.commit`` (any wrapper)."""
+    global _flush_codes, _commit_codes
+    if not _flush_codes:
         try:
-            shown = names[filename]
-        except KeyError:
-            shown = names[filename] = _display_name(filename)
-        if shown is not None:
-            return f"{shown}:{frame.f_lineno}"
-        frame = frame.f_back
-    return ""
+            from sqlalchemy.orm.session import Session
+        except ImportError:  # pragma: no cover - SQLAlchemy is a dependency
+            return _flush_codes, _commit_codes
+        _flush_codes = _codes_of(Session, ("flush", "_flush"))
+        _commit_codes = _codes_of(Session, ("commit",))
+    return _flush_codes, _commit_codes
+
+
+def _greenlet_parents() -> list[FrameType]:
+    # SQLAlchemy's asyncio layer runs the sync ORM in a child greenlet whose stack ends at
+    # the greenlet's start; the coroutine that awaited it is suspended in the parent.
+    greenlet_module = sys.modules.get("greenlet")
+    if greenlet_module is None:
+        return []
+    frames: list[FrameType] = []
+    parent = greenlet_module.getcurrent().parent
+    while parent is not None:
+        frame = parent.gr_frame
+        if frame is not None:
+            frames.append(frame)
+        parent = parent.parent
+    return frames
+
+
+def stack_info(depth: int = 1) -> StackInfo:
+    """The call site, loop key, callers and flush flag of the statement being run.
+
+    ``depth`` frames (the caller's own, by default) are skipped before looking.
+    """
+    files = _files
+    flush_codes, commit_codes = _session_code_objects()
+    callsite = fallback = ""
+    outer: list[str] = []
+    key_parts: list[tuple[CodeType, int]] = []
+    in_flush = in_commit = False
+    starts: list[FrameType | None] = [sys._getframe(depth + 1)]
+    for start in starts:
+        frame = start
+        while frame is not None:
+            code = frame.f_code
+            line = frame.f_lineno
+            if len(key_parts) < MAX_LOOP_FRAMES:
+                key_parts.append((code, line))
+            if code in flush_codes:
+                in_flush = True
+            elif code in commit_codes:
+                in_commit = True
+            filename = code.co_filename
+            try:
+                kind, shown = files[filename]
+            except KeyError:
+                kind, shown = files[filename] = _classify(filename)
+            if kind == _APP:
+                if not callsite:
+                    callsite = f"{shown}:{line}"
+                elif len(outer) < MAX_OUTER_CALLSITES:
+                    outer.append(f"{shown}:{line}")
+            elif kind == _INSTALLED and not fallback and not shown.startswith("<"):
+                fallback = f"{shown}:{line}"
+            frame = frame.f_back
+        if start is starts[0]:
+            starts.extend(_greenlet_parents())
+    return StackInfo(
+        callsite or fallback, hash(tuple(key_parts)), tuple(outer), in_flush, in_commit
+    )
 
 
 def find_callsite(depth: int = 1) -> str:
@@ -86,21 +221,7 @@ def find_callsite(depth: int = 1) -> str:
     ``depth`` frames (the caller's own, by default) are skipped before looking. Paths under the
     current directory are printed relative to it. ``""`` when only library code is on the stack.
     """
-    found = _app_frame_callsite(sys._getframe(depth + 1))
-    if found:
-        return found
-    # SQLAlchemy's asyncio layer runs the sync ORM in a child greenlet whose stack ends at
-    # the greenlet's start; the coroutine that awaited it is suspended in the parent.
-    greenlet_module = sys.modules.get("greenlet")
-    if greenlet_module is None:
-        return ""
-    parent = greenlet_module.getcurrent().parent
-    while parent is not None:
-        found = _app_frame_callsite(parent.gr_frame)
-        if found:
-            return found
-        parent = parent.parent
-    return ""
+    return stack_info(depth + 1).callsite
 
 
 def split_callsite(callsite: str) -> tuple[str, int]:

@@ -27,16 +27,19 @@ from types import TracebackType
 from typing import Any, Literal
 
 from pgpilot.insight.detector import (
+    DEFAULT_DEEP_OFFSET,
     DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_LARGE_RESULT,
     DEFAULT_THRESHOLD,
     Allowlist,
     Finding,
     ScopeDetector,
     check_thresholds,
 )
-from pgpilot.insight.fingerprint import describe
+from pgpilot.insight.fingerprint import COMMAND_OTHER, describe
+from pgpilot.insight.shape import param_names, shape
 from pgpilot.insight.suggest import suggest_fix
-from pgpilot.nplusone.callsite import find_callsite, split_callsite
+from pgpilot.nplusone.callsite import StackInfo, split_callsite, stack_info
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -69,15 +72,27 @@ class NPlusOneWarning(UserWarning):
 
 # Statements buffered before they are grouped (bounds a long scope's buffer).
 FLUSH_EVERY = 512
-# Call sites are looked for in the first executions of a statement text only: finding one
-# walks the stack, the costliest part of recording, and the hundredth iteration of a loop is
-# at the same line as the first.
-CALLSITE_SAMPLES = 4
-MAX_TEXTS_SEEN = 10_000
+MAX_CHILD_FINDINGS = 1_000
 
-# A statement waiting in a scope's buffer:
-# (sql, params key, call site, time, relationship, loader option)
-_Pending = tuple[str, Hashable, str, float, "str | None", "str | None"]
+# A statement waiting in a scope's buffer: (sql, params key, call site, time, relationship,
+# loader option, loop key, rows, tag, parameters if the text has an OFFSET, callers)
+_Pending = tuple[
+    str,
+    Hashable,
+    str,
+    float,
+    "str | None",
+    "str | None",
+    Hashable,
+    int,
+    "str | None",
+    Any,
+    tuple[str, ...],
+]
+
+# The id of the ORM flush running in this context (set by the SQLAlchemy feed's before_flush
+# listener): the writes of one flush share it.
+current_flush: ContextVar[int] = ContextVar("pgpilot_nplusone_flush", default=0)
 
 
 @dataclass
@@ -89,6 +104,8 @@ class _EagerLoad:
     step: str
     sql: str
     callsite: str
+    target: Hashable = None
+    """The related class's mapper: an eager load under which none was loaded is not unused."""
     count: int = 0
 
 
@@ -97,31 +114,49 @@ class _Scope:
 
     __slots__ = (
         "allowlist",
+        "child_findings",
+        "commits",
         "detector",
         "eager_loads",
+        "isolated",
+        "joined",
+        "loaded",
         "parent",
         "pending",
         "relationship_reads",
-        "texts_seen",
     )
 
-    def __init__(self, detector: ScopeDetector, allowlist: Allowlist, parent: _Scope | None):
+    def __init__(
+        self,
+        detector: ScopeDetector,
+        allowlist: Allowlist,
+        parent: _Scope | None,
+        isolated: bool = False,
+    ):
         self.detector = detector
         self.allowlist = allowlist
         self.parent = parent
+        self.isolated = isolated
         self.pending: list[_Pending] = []
-        self.texts_seen: dict[str, int] = {}  # statement text -> executions, for sampling
         # keyed by the relationship property object (hashable, one per mapped attribute)
         self.eager_loads: dict[Hashable, _EagerLoad] = {}
         self.relationship_reads: set[Hashable] = set()
+        self.loaded: dict[Hashable, int] = {}  # mapper -> instances the ORM loaded
+        self.joined: set[Hashable] = set()  # relationships and tables ORM queries joined
+        self.commits: dict[int, str] = {}  # id(session) -> where it last committed
+        self.child_findings: list[Finding] = []  # of isolated scopes opened inside this one
 
     def flush(self) -> None:
         """Fingerprint and group the buffered statements."""
         pending, self.pending = self.pending, []
         add = self.detector.add
         scope_id = id(self)
-        for sql, key, callsite, at, relationship, loader_option in pending:
+        for sql, key, callsite, at, relationship, option, loop, rows, tag, params, callers in (
+            pending
+        ):
             statement = describe(sql)
+            command = COMMAND_OTHER if tag == "follow_up" else statement.command
+            offset = _offset_value(sql, params) if params is not None else None
             # QueryEvent's fields as a plain tuple: the detector makes the named tuple only
             # for the few executions a finding will show
             add(
@@ -132,9 +167,14 @@ class _Scope:
                     scope_id,
                     callsite,
                     at,
-                    statement.command,
+                    command,
                     relationship,
-                    loader_option,
+                    option,
+                    loop,
+                    rows,
+                    tag,
+                    offset,
+                    callers,
                 )
             )
 
@@ -144,6 +184,8 @@ class _Scope:
         for key, eager in self.eager_loads.items():
             if key in self.relationship_reads:
                 continue
+            if eager.target is not None and not self.loaded.get(eager.target):
+                continue  # nothing was there to load: following the advice would add an N+1
             finding = Finding(
                 kind="unused_eager_load",
                 count=eager.count,
@@ -157,6 +199,7 @@ class _Scope:
             )
             if not self.allowlist.allows(finding):
                 found.append(finding)
+        found.extend(self.child_findings)
         return found
 
 
@@ -197,6 +240,27 @@ def _values(params: Any) -> Any:
     return params
 
 
+def _offset_value(sql: str, params: Any) -> int | None:
+    """The OFFSET a statement ran with, read from its text or its parameters."""
+    bound = shape(sql).offset
+    if bound is None:
+        return None
+    if bound.value is not None:
+        return bound.value
+    index = (bound.param or 0) - 1
+    value: Any = None
+    if isinstance(params, dict):
+        names = param_names(sql)
+        if 0 <= index < len(names):
+            value = params.get(names[index])
+    elif isinstance(params, list | tuple) and 0 <= index < len(params):
+        value = params[index]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+_WRITE_VERBS = ("INSERT", "UPDATE", "DELETE")
+
+
 def record_query(
     sql: str,
     params: Any = None,
@@ -204,55 +268,118 @@ def record_query(
     executemany: bool = False,
     relationship: str | None = None,
     loader_option: str | None = None,
-) -> str | None:
+    rows: int = -1,
+    tag: str | None = None,
+    stack: StackInfo | None = None,
+) -> StackInfo | None:
     """Count one statement in the calling context's scopes.
 
-    Returns the statement's call site (``""`` when not looked for), None when no scope is open.
+    Returns what the stack said about it (call site, loop key ...), None when no scope is open.
+    ``rows`` is how many rows it returned, when the caller knows; ``tag`` what the caller
+    knows of why it ran (see ``insight.QueryEvent.tag``).
     """
     scope = _current_scope.get()
     if scope is None:
         return None
-    texts_seen = scope.texts_seen
-    seen = texts_seen.get(sql, 0)
-    if seen == 0 and len(texts_seen) >= MAX_TEXTS_SEEN:
-        texts_seen.clear()  # statements with their values inlined: bound the memory
-    texts_seen[sql] = seen + 1
-    callsite = find_callsite() if seen < CALLSITE_SAMPLES else ""
+    info = stack if stack is not None else stack_info(2)
+    key = _params_key(sql, params, executemany)
+    if info.in_flush and tag is None and sql.lstrip()[:6].upper() in _WRITE_VERBS:
+        # One flush writes its rows as it must (one statement per row on some drivers):
+        # the rows of one flush count as one execution, a loop of flushes as a loop.
+        tag = "commit_loop" if info.in_commit else "flush"
+        key = ("flush", current_flush.get())
     entry = (
         sql,
-        _params_key(sql, params, executemany),
-        callsite,
+        key,
+        info.callsite,
         time.monotonic(),
         relationship,
         loader_option,
+        info.loop_key,
+        rows,
+        tag,
+        params if params is not None and not executemany and "OFFSET" in sql.upper() else None,
+        info.outer,
     )
     while scope is not None:
         scope.pending.append(entry)
         if len(scope.pending) >= FLUSH_EVERY:
             scope.flush()
+        if scope.isolated:
+            break
         scope = scope.parent
-    return callsite
+    return info
+
+
+def _reached() -> Iterator[_Scope]:
+    """The calling context's scope and those around it, up to the first isolated one."""
+    scope = _current_scope.get()
+    while scope is not None:
+        yield scope
+        if scope.isolated:
+            return
+        scope = scope.parent
+
+
+def note_loaded(mapper: Hashable) -> None:
+    """The ORM loaded one instance of ``mapper``'s class."""
+    for scope in _reached():
+        scope.loaded[mapper] = scope.loaded.get(mapper, 0) + 1
+
+
+def note_join(target: Hashable) -> None:
+    """An ORM query joined ``target`` (a relationship property, or a table)."""
+    for scope in _reached():
+        if len(scope.joined) < MAX_CHILD_FINDINGS:
+            scope.joined.add(target)
+
+
+def is_joined(prop: Any) -> bool:
+    """Whether an ORM query of the innermost scope joined relationship ``prop`` or its table."""
+    scope = _current_scope.get()
+    if scope is None or not scope.joined:
+        return False
+    if prop in scope.joined:
+        return True
+    target = getattr(prop, "target", None)
+    return target is not None and target in scope.joined
+
+
+def note_commit(session_id: int, callsite: str) -> None:
+    """A session committed at ``callsite`` (what expired its objects' attributes)."""
+    for scope in _reached():
+        scope.commits[session_id] = callsite
+
+
+def last_commit(session_id: int) -> str | None:
+    """Where ``session_id`` last committed in the innermost scope, if it did."""
+    scope = _current_scope.get()
+    return None if scope is None else scope.commits.get(session_id)
 
 
 def note_eager_load(
-    key: Hashable, relationship: str, option: str, step: str, sql: str, callsite: str
+    key: Hashable,
+    relationship: str,
+    option: str,
+    step: str,
+    sql: str,
+    callsite: str,
+    target: Hashable = None,
 ) -> None:
     """An executed query asked for ``relationship`` to be loaded eagerly by ``option``."""
-    scope = _current_scope.get()
-    while scope is not None:
+    for scope in _reached():
         eager = scope.eager_loads.get(key)
         if eager is None:
-            eager = scope.eager_loads[key] = _EagerLoad(relationship, option, step, sql, callsite)
+            eager = scope.eager_loads[key] = _EagerLoad(
+                relationship, option, step, sql, callsite, target
+            )
         eager.count += 1
-        scope = scope.parent
 
 
 def note_relationship_read(key: Hashable) -> None:
     """The application read an eagerly loadable relationship attribute."""
-    scope = _current_scope.get()
-    while scope is not None:
+    for scope in _reached():
         scope.relationship_reads.add(key)
-        scope = scope.parent
 
 
 def _install_feeds() -> None:
@@ -295,7 +422,7 @@ class Report:
 
     @property
     def queries(self) -> int:
-        """Statements counted in the scope."""
+        """Statements counted in the scope (not those of isolated scopes inside it)."""
         return self._scope.detector.queries + len(self._scope.pending)
 
     def of_kind(self, kind: str) -> list[Finding]:
@@ -326,6 +453,10 @@ class Detection:
         mode: Mode,
         duplicate_threshold: int,
         allowlist: Allowlist,
+        *,
+        isolate: bool = False,
+        large_result: int = DEFAULT_LARGE_RESULT,
+        deep_offset: int = DEFAULT_DEEP_OFFSET,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -333,6 +464,9 @@ class Detection:
         self.mode = mode
         self.duplicate_threshold = duplicate_threshold
         self.allowlist = allowlist
+        self.isolate = isolate
+        self.large_result = large_result
+        self.deep_offset = deep_offset
         check_thresholds(self.threshold, duplicate_threshold)  # at detect(), not at a query
         self._token: Token[_Scope | None] | None = None
         self._scope: _Scope | None = None
@@ -344,9 +478,14 @@ class Detection:
         if self._scope is not None:
             raise RuntimeError("a detect() scope cannot be entered twice; call detect() again")
         detector = ScopeDetector(
-            self.threshold, self.duplicate_threshold, self.allowlist, suggest_fix
+            self.threshold,
+            self.duplicate_threshold,
+            self.allowlist,
+            suggest_fix,
+            large_result=self.large_result,
+            deep_offset=self.deep_offset,
         )
-        self._scope = _Scope(detector, self.allowlist, _current_scope.get())
+        self._scope = _Scope(detector, self.allowlist, _current_scope.get(), self.isolate)
         self.report = Report(self._scope)
         _install_feeds()
         return self.report
@@ -372,6 +511,11 @@ class Detection:
             return self.report.findings
         self._finished = True
         findings = self.report._finish()
+        parent = self._scope.parent
+        if self.isolate and parent is not None:
+            # An isolated scope's queries stayed in it; what it found goes up.
+            room = MAX_CHILD_FINDINGS - len(parent.child_findings)
+            parent.child_findings.extend(findings[: max(room, 0)])
         if not findings or exc_type is not None:
             return findings  # never hide the exception already on its way out
         if self.mode == "warn":
@@ -413,6 +557,20 @@ class Detection:
         self.__exit__(exc_type, exc, traceback)
 
 
+def child_detection(scope: _Scope) -> Detection:
+    """An isolated scope with ``scope``'s settings: one request inside a test."""
+    detector = scope.detector
+    return Detection(
+        detector.threshold,
+        "collect",
+        detector.duplicate_threshold,
+        scope.allowlist,
+        isolate=True,
+        large_result=detector.large_result,
+        deep_offset=detector.deep_offset,
+    )
+
+
 def emit_warning(finding: Finding) -> None:
     """One ``NPlusOneWarning`` pointing at the finding's call site."""
     filename, lineno = split_callsite(finding.callsite)
@@ -429,15 +587,22 @@ def detect(
     allow_callsites: Iterable[str] = (),
     allow_fingerprints: Iterable[str] = (),
     allow_relationships: Iterable[str] = (),
+    isolate: bool = False,
+    large_result: int = DEFAULT_LARGE_RESULT,
+    deep_offset: int = DEFAULT_DEEP_OFFSET,
 ) -> Detection:
-    """Watch the queries run inside the ``with`` block and report N+1s, duplicates and unused
-    eager loads.
+    """Watch the queries run inside the ``with`` block and report N+1s, write loops,
+    duplicates, large results, deep offsets and the other kinds of ``insight.FindingKind``.
 
-    ``threshold``: distinct parameter sets of one statement that make an N+1 (default
-    ``DEFAULT_THRESHOLD`` = 3). ``mode``: ``"collect"`` only fills the report, ``"warn"`` emits
-    one ``NPlusOneWarning`` per finding at its call site, ``"raise"`` raises
-    ``NPlusOneError`` at the end of the block. The allowlists take call site globs
+    ``threshold``: distinct parameter sets of one statement, from one loop, that make an N+1
+    or a write loop (default ``DEFAULT_THRESHOLD`` = 3). ``mode``: ``"collect"`` only fills the
+    report, ``"warn"`` emits one ``NPlusOneWarning`` per finding at its call site, ``"raise"``
+    raises ``NPlusOneError`` at the end of the block. The allowlists take call site globs
     (``"app/reports.py:*"``), fingerprints, and relationship globs (``"Customer.orders"``).
+    ``isolate``: this scope's queries count in it alone (not in the scopes around it), and its
+    findings are added to the enclosing scope's report when it ends: one request of several
+    in a test. ``large_result``: rows in one result that make a ``large_result`` (10,000);
+    ``deep_offset``: the OFFSET that makes a ``deep_offset`` (1,000).
     """
     callsites, fingerprints, relationships = (
         tuple(allow_callsites),
@@ -448,4 +613,12 @@ def detect(
         allowlist = Allowlist(callsites, fingerprints, relationships)
     else:
         allowlist = _NO_ALLOWLIST  # the common case: no allowlist object built per scope
-    return Detection(threshold, mode, duplicate_threshold, allowlist)
+    return Detection(
+        threshold,
+        mode,
+        duplicate_threshold,
+        allowlist,
+        isolate=isolate,
+        large_result=large_result,
+        deep_offset=deep_offset,
+    )

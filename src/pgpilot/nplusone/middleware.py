@@ -1,9 +1,12 @@
 """ASGI and WSGI middleware: one detection scope per request, findings logged.
 
 Each request runs in its own ``detect()`` scope (per task for ASGI, per thread for WSGI, so
-concurrent requests never mix); at the end of the request every finding is logged at WARNING
-on the ``pgpilot.nplusone`` logger with the method and path, and handed to ``on_findings``
-when given (to collect them, count them in metrics, or fail a development server).
+concurrent requests never mix). The scope is isolated: inside a scope around it (a test
+that sends several requests) its queries count in the request alone, and its findings are
+added to the outer report when the request ends. At the end of the request every finding
+is logged at WARNING on the ``pgpilot.nplusone`` logger with the method and path, and
+handed to ``on_findings`` when given (to collect them, count them in metrics, or fail a
+development server).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class _Options:
             allow_callsites=self.allow_callsites,
             allow_fingerprints=self.allow_fingerprints,
             allow_relationships=self.allow_relationships,
+            isolate=True,
         )
 
     def finish(self, request: str, report: Report) -> None:

@@ -24,19 +24,26 @@ version moves them, the feed degrades to plain SQL detection instead of failing.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable, Iterator
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import RelationshipProperty
+from sqlalchemy.orm import ColumnProperty, Mapper, RelationshipProperty, Session
 from sqlalchemy.orm.attributes import InstrumentedAttribute
 
-from pgpilot.nplusone.callsite import find_callsite
+from pgpilot.nplusone.callsite import stack_info
 from pgpilot.nplusone.core import (
     _current_scope,
+    current_flush,
+    is_joined,
+    last_commit,
+    note_commit,
     note_eager_load,
+    note_join,
+    note_loaded,
     note_relationship_read,
     record_query,
 )
@@ -64,6 +71,9 @@ def install() -> None:
     for name, listener in zip(_EVENTS, _LISTENERS, strict=True):
         if not event.contains(Engine, name, listener):
             event.listen(Engine, name, listener)
+    for target, name, listener in _ORM_LISTENERS:
+        if not event.contains(target, name, listener):
+            event.listen(target, name, listener)
 
 
 def uninstall() -> None:
@@ -71,6 +81,9 @@ def uninstall() -> None:
     for name, listener in zip(_EVENTS, _LISTENERS, strict=True):
         if event.contains(Engine, name, listener):
             event.remove(Engine, name, listener)
+    for target, name, listener in _ORM_LISTENERS:
+        if event.contains(target, name, listener):
+            event.remove(target, name, listener)
     for prop in list(_tracked):
         for mapper in prop.parent.self_and_descendants:
             attribute = mapper.class_manager.get(prop.key)
@@ -79,37 +92,52 @@ def uninstall() -> None:
     _tracked.clear()
 
 
-def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
-    if _current_scope.get() is not None:
-        _record(statement, parameters, context, False)
+def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
+    if _current_scope.get() is None:
+        return None
+    return _observe(cursor, statement, parameters, context, 0)
 
 
-def _on_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
-    if _current_scope.get() is not None:
-        _record(statement, parameters, context, True)
+def _on_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
+    if _current_scope.get() is None:
+        return None
+    return _observe(cursor, statement, parameters, context, 1)
 
 
-def _on_execute_no_params(cursor: Any, statement: str, context: Any) -> None:
-    if _current_scope.get() is not None:
-        _record(statement, None, context, False)
+def _on_execute_no_params(cursor: Any, statement: str, context: Any) -> bool | None:
+    if _current_scope.get() is None:
+        return None
+    return _observe(cursor, statement, None, context, 2)
 
 
-_LISTENERS: tuple[Callable[..., None], ...] = (
+_LISTENERS: tuple[Callable[..., bool | None], ...] = (
     _on_execute,
     _on_executemany,
     _on_execute_no_params,
 )
 
 
-def _record(statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-    relationship = loader_option = None
+def _runs_last(context: Any, which: int) -> bool:
+    """Whether this feed's listener is the last one for its event on the context's dialect:
+    then it may run the statement itself (and return True, as the event allows) without
+    keeping any other listener from seeing it."""
+    dispatch = getattr(getattr(context, "dialect", None), "dispatch", None)
+    if dispatch is None:
+        return False
+    listeners = tuple(getattr(dispatch, _EVENTS[which]))
+    return bool(listeners) and listeners[-1] is _LISTENERS[which]
+
+
+def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: int) -> bool:
+    relationship = loader_option = tag = None
     eager_options: tuple[Any, ...] = ()
     invoked = getattr(context, "invoked_statement", None)
     if invoked is not None:
         current_path = getattr(getattr(invoked, "_compile_options", None), "_current_path", None)
         if current_path:
             # A relationship load. Lazy loads name the state they load for; the second query
-            # of a selectinload does not, and is not the application's doing.
+            # of a selectinload does not, and is not the application's doing: it folds into
+            # the query that asked for it.
             load_options = context.execution_options.get("_sa_orm_load_options")
             lazy_state = getattr(load_options, "_lazy_loaded_from", None)
             loaded = current_path.path[-1]
@@ -118,21 +146,94 @@ def _record(statement: str, parameters: Any, context: Any, executemany: bool) ->
                 # loop inside a loop gets the whole chain of loader options.
                 path = (*getattr(lazy_state.load_path, "path", ()), loaded)
                 relationship, loader_option = loader_option_for_path(path)
+                tag, loader_option = _why_lazy(lazy_state, loaded, relationship, loader_option)
+            else:
+                tag = "follow_up"
         else:
             eager_options = getattr(invoked, "_with_options", ())
+            joins = getattr(invoked, "_setup_joins", ())
+            if joins:
+                _note_joins(joins)
+    info = stack_info(2)
+    rows = -1
+    handled = False
+    if which != 1 and _runs_last(context, which):
+        dialect = context.dialect
+        if which == 0:
+            dialect.do_execute(cursor, statement, parameters, context)
+        else:
+            dialect.do_execute_no_params(cursor, statement, context)
+        handled = True
+        if cursor.description is not None:
+            rowcount = getattr(cursor, "rowcount", -1)
+            rows = rowcount if isinstance(rowcount, int) else -1
     callsite = record_query(
         statement,
         parameters,
-        executemany=executemany,
+        executemany=which == 1,
         relationship=relationship,
         loader_option=loader_option,
+        rows=rows,
+        tag=tag,
+        stack=info,
     )
     if eager_options and callsite is not None:
-        if not callsite:  # past the sampled executions, but an unused load needs its line
-            callsite = find_callsite()
         for key, name, option, step in _eager_loads(eager_options):
             _track_reads(key)
-            note_eager_load(key, name, option, step, statement, callsite)
+            target = getattr(key, "mapper", None)
+            note_eager_load(key, name, option, step, statement, info.callsite, target)
+    return handled
+
+
+def _why_lazy(
+    state: Any, prop: RelationshipProperty[Any], relationship: str | None, option: str | None
+) -> tuple[str | None, str | None]:
+    """``(tag, suggestion)`` for a lazy load the plain loader option would not explain."""
+    for key, _, written, _ in _eager_loads(tuple(getattr(state, "load_options", ()) or ())):
+        if key is prop:
+            # The query that loaded the object had the option: the attribute was expired
+            # (by commit(), or expire()) and is now loaded again, one object at a time.
+            where = last_commit(getattr(state, "session_id", None) or 0)
+            by = f"expired by commit() at {where}" if where else "expired (commit() or expire())"
+            return "expired", (
+                f"{relationship} was loaded by {written}, then {by}: read it before "
+                "committing, or create the session with expire_on_commit=False"
+            )
+    if is_joined(prop):
+        return "contains_eager", f"contains_eager({relationship})"
+    return None, option
+
+
+def _note_joins(joins: tuple[Any, ...]) -> None:
+    for join in joins:
+        for part in join[:2]:
+            prop = getattr(part, "property", None)
+            if isinstance(prop, RelationshipProperty):
+                note_join(prop)
+            elif part is not None and hasattr(part, "c") and hasattr(part, "name"):
+                note_join(part)  # a table, or a mapped class coerced to its table
+
+
+def _on_load(target: Any, context: Any) -> None:
+    if _current_scope.get() is not None:
+        note_loaded(type(target).__mapper__ if hasattr(type(target), "__mapper__") else None)
+
+
+def _on_before_flush(session: Any, flush_context: Any, instances: Any) -> None:
+    current_flush.set(next(_flush_ids))
+
+
+def _on_after_commit(session: Any) -> None:
+    if _current_scope.get() is not None:
+        note_commit(id(session), stack_info(1).callsite)
+
+
+_flush_ids = itertools.count(1)
+_ORM_LISTENERS: tuple[tuple[Any, str, Callable[..., None]], ...] = (
+    (Mapper, "load", _on_load),
+    (Session, "before_flush", _on_before_flush),
+    (Session, "after_commit", _on_after_commit),
+)
 
 
 def _relationships(path: tuple[Any, ...]) -> list[tuple[Any, RelationshipProperty[Any]]]:
@@ -184,7 +285,13 @@ def _eager_loads(options: tuple[Any, ...]) -> Iterator[tuple[Hashable, str, str,
             if not pairs:
                 continue
             function = _loader_function(getattr(element, "strategy", None))
-            functions[pairs] = function
+            if path and isinstance(path[-1], str | ColumnProperty):
+                # A column option on the related class (``.load_only(B.c)`` after
+                # ``joinedload(A.b)``): it says nothing about how A.b itself is loaded.
+                functions.setdefault(pairs, "defaultload")
+                continue
+            if function != "defaultload" or pairs not in functions:
+                functions[pairs] = function
             chains.append((pairs, function))
         for pairs, function in chains:
             if function not in _EAGER:
