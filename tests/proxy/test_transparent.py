@@ -348,3 +348,45 @@ def test_pin_session_state_off_is_pgbouncers_behaviour(
         assert [r["sv_pinned"] for r in show(proxy, "POOLS")] == [0]
         assert [r["hazard"] for r in show(proxy, "HAZARDS")] == ["listen"]
         conn.execute("UNLISTEN *")
+
+
+# -- session mode: the client's BackendKeyData names its real backend -------------------------
+
+def test_session_mode_reports_the_real_backend_pid(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    proxy = proxy_factory(pool_mode="session", default_pool_size=2)
+
+    async def check() -> None:
+        conn = await asyncpg.connect(proxy.dsn())
+        other = await asyncpg.connect(proxy.dsn())
+        try:
+            pid = conn.get_server_pid()
+            assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+            assert pid != other.get_server_pid()
+            got: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+            await conn.add_listener("pgp_session",
+                                    lambda _c, sender, _ch, payload: got.put_nowait(
+                                        (sender, payload)))
+            await conn.execute("NOTIFY pgp_session, 'self'")  # the notifier's pid is its own
+            assert await asyncio.wait_for(got.get(), 5) == (pid, "self")
+            # A cancel still goes through the pooler and stops this client's query only.
+            task = asyncio.ensure_future(conn.execute("SELECT pg_sleep(30)"))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await conn.fetchval("SELECT 1") == 1
+            assert await other.fetchval("SELECT 2") == 2
+        finally:
+            await conn.close()
+            await other.close()
+
+    asyncio.run(check())
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.info.backend_pid == conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        # Ending its own backend ends the client's connection, as directly; the pooler drops
+        # that server and the next client gets a working one.
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT 3").fetchone() == (3,)

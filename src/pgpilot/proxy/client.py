@@ -125,6 +125,7 @@ class ClientConnection(asyncio.Protocol):
         "_reader",
         "_route_packet",
         "_route_secret",
+        "_session_welcome",
         "_startup",
         "addr",
         "admin",
@@ -224,6 +225,9 @@ class ClientConnection(asyncio.Protocol):
         # once the welcome is out.
         self._route_packet: bytes | None = None
         self._route_secret: ScramSecret | str | None = None
+        # Session mode: the welcome's ParameterStatus bytes, held until the client's server
+        # is there to name in BackendKeyData (_link).
+        self._session_welcome: bytes | None = None
         self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
         self._held = b""  # start of a message that may need rewriting once complete
@@ -608,15 +612,15 @@ class ClientConnection(asyncio.Protocol):
                     params[name] = value
         assert self.pool is not None
         statuses = self.pool.parameter_statuses(server_params, self.params)
-        out = bytearray(statuses)
-        self.cancel_pid, self.cancel_key = self.pooler.register_cancel_key(self)
-        out += m.backend_key_data(self.cancel_pid, self.cancel_key)
-        out += m.READY_IDLE
-        self.write(out)
-        self.set_state(ClientState.ACTIVE)
         self._login_task = None
-        if self.pooler.config.log_connections:
-            log.info("%r login ok", self)
+        if self.pool.mode == "session" and self.pooler.worker is None:
+            # The client's server for life is chosen now, so that BackendKeyData can carry
+            # its real process id (pg_backend_pid(), a notification's pid); the cancel key
+            # stays the pooler's. (With workers = N cancels are routed by the pooler's pid.)
+            self._session_welcome = statuses
+            self.pool.request(self)
+            return
+        self._finish_welcome(statuses)
         if self._pending:
             pending = bytes(self._pending)
             self._pending.clear()
@@ -627,6 +631,17 @@ class ClientConnection(asyncio.Protocol):
         fast = self.pooler.fast
         if packet is not None and secret is not None and fast is not None:
             fast.offer_route(self, packet, secret, AUTH_OK + statuses)
+
+    def _finish_welcome(self, statuses: bytes, backend_pid: int = 0) -> None:
+        """The end of the login: ParameterStatus, BackendKeyData, ReadyForQuery."""
+        out = bytearray(statuses)
+        self.cancel_pid, self.cancel_key = self.pooler.register_cancel_key(self, backend_pid)
+        out += m.backend_key_data(self.cancel_pid, self.cancel_key)
+        out += m.READY_IDLE
+        self.write(out)
+        self.set_state(ClientState.ACTIVE)
+        if self.pooler.config.log_connections:
+            log.info("%r login ok", self)
 
     def accepted_by_engine(self, conn: asyncio.BaseTransport, accepted: float) -> None:
         """connection_made() for a client the engine accepted at ``accepted``
@@ -838,7 +853,10 @@ class ClientConnection(asyncio.Protocol):
         server.client = self
         server.link_time = time.monotonic()
         server.set_state(ServerState.ACTIVE)
-        if self.state is ClientState.WAITING:
+        if self._session_welcome is not None:
+            statuses, self._session_welcome = self._session_welcome, None
+            self._finish_welcome(statuses, server.backend_pid)
+        elif self.state is ClientState.WAITING:
             self.set_state(ClientState.ACTIVE)
         if self._pending:
             data = bytes(self._pending)

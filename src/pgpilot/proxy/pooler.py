@@ -396,12 +396,15 @@ class Pooler:
             return 0, 0x7FFF_FFFF
         return (self.worker.index << WORKER_SHIFT) | 1, (1 << WORKER_SHIFT) - 1
 
-    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+    def register_cancel_key(self, client: ClientConnection,
+                            backend_pid: int = 0) -> tuple[int, int]:
+        """A new (pid, key) for ``client``'s BackendKeyData; with ``backend_pid`` (session
+        mode, one worker) the pid is its server's real one and only the key is the pooler's."""
         base, mask = self.cancel_pid_layout()
         while True:
             # One read of the system's CSPRNG for both numbers.
             bits = int.from_bytes(os.urandom(8), "big")
-            pid = base | ((bits >> 32) & mask)
+            pid = backend_pid or base | ((bits >> 32) & mask)
             key = bits & 0x7FFF_FFFF
             if pid and (pid, key) not in self.cancel_keys:
                 self.cancel_keys[(pid, key)] = client
