@@ -9,15 +9,16 @@ block, a client transaction ...). This module imports nothing else of pgpilot.
 Rules (per scope):
 
 * ``n_plus_one``: one read fingerprint executed with at least ``threshold`` *distinct*
-  parameter sets *from one loop*: a loop issuing one query per item where one query for all
-  items would do. "One loop" is the event's ``loop_key`` (the in-app feed hashes the call
-  stack, so separate calls that happen to repeat a query are not a loop); events without one
-  (the pooler's) all count as one loop. ``missing_contains_eager`` when the feed saw that the
-  query that loaded the objects had joined the relationship's table already.
+  parameter sets *from one loop* (reads of pages, ``LIMIT`` above 1, not counted): a loop
+  issuing one query per item where one query for all items would do. "One loop" is the
+  event's ``loop_key`` (the in-app feed hashes the call stack, so separate calls that happen
+  to repeat a query are not a loop); events without one (the pooler's) all count as one
+  loop. ``missing_contains_eager`` when the feed saw that the query that loaded the objects
+  had joined the relationship's table already.
 * ``insert_loop`` / ``update_loop`` / ``delete_loop``: the same for a write, one row per
-  statement. ORM flush writes carry the flush's id as their parameter key (tag ``"flush"``):
-  the rows of one flush are one "execution", so only a loop of flushes (a ``commit()`` per
-  row) is reported.
+  statement. ORM flush writes carry their transaction's id as their parameter key (tag
+  ``"flush"`` or ``"commit_loop"``): the rows of one transaction are one "execution", so
+  only a loop of transactions (a ``commit()`` per row) is reported.
 * ``duplicate``: one read executed with the *same* parameters at least ``duplicate_threshold``
   times with no write in between: the second round trip returns what the first did.
   A group that is an N+1 is reported as that alone: batching it removes the repeats too.
@@ -147,7 +148,7 @@ class QueryEvent(NamedTuple):
     """Rows the statement returned, when the source knows (-1 otherwise)."""
     tag: str | None = None
     """What the source knows about why the statement ran: ``"flush"`` (an ORM unit-of-work
-    write; ``params_key`` is then the flush's id), ``"commit_loop"`` (a flush write of a
+    write; ``params_key`` is then its transaction's id), ``"commit_loop"`` (a flush write of a
     loop that calls ``commit()``), ``"contains_eager"`` (a lazy load of a relationship whose
     table the loading query had joined), ``"expired"`` (a lazy load of a relationship the
     loading query had an eager option for: expired since)."""
@@ -155,6 +156,8 @@ class QueryEvent(NamedTuple):
     """The statement's OFFSET value, when it has one and the source could read it."""
     callers: tuple[str, ...] = ()
     """The application frames outward of ``callsite`` (its callers), innermost first."""
+    limit: int | None = None
+    """The statement's LIMIT value, when it has one and the source could read it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +263,9 @@ Suggest = Callable[[FindingKind, QueryEvent], str]
     _ROWS,
     _TAG,
     _OFFSET,
-) = range(13)
+    _CALLERS,
+    _LIMIT,
+) = range(15)
 _FIELDS = len(QueryEvent._fields)
 
 EventFields = QueryEvent | tuple[Any, ...]
@@ -290,6 +295,7 @@ class _Group:
         "labelled",
         "loop_params",
         "offsets",
+        "pages",
         "params",
         "repeat_event",
         "repeats",
@@ -311,6 +317,7 @@ class _Group:
         self.biggest: EventFields | None = None  # the execution that returned most rows
         # loop_key -> offsets in execution order (bounded), for paging loops
         self.offsets: dict[Hashable, list[int]] = {}
+        self.pages = False  # a LIMIT above 1: each execution reads a page, not one item
 
     def loop_distinct(self) -> int:
         """Distinct parameter sets of the loop that ran the most of them."""
@@ -385,6 +392,9 @@ class ScopeDetector:
             rows = _field(fields, _ROWS)
             if rows > 0 and (group.biggest is None or rows > group.biggest[_ROWS]):
                 group.biggest = event
+            limit = _field(fields, _LIMIT)
+            if limit is not None and limit > 1:
+                group.pages = True
             offset = _field(fields, _OFFSET)
             if offset is not None:
                 offsets = group.offsets.setdefault(loop_key, [])
@@ -446,14 +456,25 @@ class ScopeDetector:
         statement = shape(first[_SQL])
         tagged: tuple[Any, ...] | None = group.tagged
         tag = tagged[_TAG] if tagged is not None else None
-        if distinct >= self.threshold:
+        growing = max(
+            (
+                len(values)
+                for values in group.offsets.values()
+                if len(values) >= self.threshold
+                and all(a < b for a, b in pairwise(values))
+            ),
+            default=0,
+        )
+        # A loop reading pages (LIMIT n, keyset or OFFSET) walks a result, it does not load
+        # one item per query: a deep or growing OFFSET is reported as such, keyset is fine.
+        if distinct >= self.threshold and not growing and not group.pages:
             kind = _LOOP_KINDS.get(statement.verb, "n_plus_one")
             if tag == "contains_eager" and kind == "n_plus_one":
                 kind = "missing_contains_eager"
             if tag in ("contains_eager", "expired", "flush", "commit_loop"):
                 example = tagged if tagged is not None else example
             found.append(self._make(kind, example, group.count, len(group.params), group))
-        elif group.repeats >= self.duplicate_threshold and tag != "flush":
+        elif group.repeats >= self.duplicate_threshold and tag not in ("flush", "commit_loop"):
             found.append(
                 self._make("duplicate", group.repeat_event, group.repeats, len(group.params), group)
             )
@@ -466,15 +487,6 @@ class ScopeDetector:
                 )
             )
         deepest = max((max(values) for values in group.offsets.values() if values), default=0)
-        growing = max(
-            (
-                len(values)
-                for values in group.offsets.values()
-                if len(values) >= self.threshold
-                and all(a < b for a, b in pairwise(values))
-            ),
-            default=0,
-        )
         if deepest >= self.deep_offset or growing:
             detail = f"OFFSET up to {deepest:,}"
             if growing:

@@ -204,7 +204,9 @@ def stack_info(depth: int = 1) -> StackInfo:
                 if not callsite:
                     callsite = f"{shown}:{line}"
                 elif len(outer) < MAX_OUTER_CALLSITES:
-                    outer.append(f"{shown}:{line}")
+                    caller = f"{shown}:{line}"
+                    if caller != callsite and caller not in outer:  # a comprehension's frame
+                        outer.append(caller)
             elif kind == _INSTALLED and not fallback and not shown.startswith("<"):
                 fallback = f"{shown}:{line}"
             frame = frame.f_back

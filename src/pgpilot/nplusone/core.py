@@ -37,7 +37,7 @@ from pgpilot.insight.detector import (
     check_thresholds,
 )
 from pgpilot.insight.fingerprint import COMMAND_OTHER, describe
-from pgpilot.insight.shape import param_names, shape
+from pgpilot.insight.shape import Bound, param_names, shape
 from pgpilot.insight.suggest import suggest_fix
 from pgpilot.nplusone.callsite import StackInfo, split_callsite, stack_info
 
@@ -75,7 +75,7 @@ FLUSH_EVERY = 512
 MAX_CHILD_FINDINGS = 1_000
 
 # A statement waiting in a scope's buffer: (sql, params key, call site, time, relationship,
-# loader option, loop key, rows, tag, parameters if the text has an OFFSET, callers)
+# loader option, loop key, rows, tag, parameters if the text has a LIMIT or OFFSET, callers)
 _Pending = tuple[
     str,
     Hashable,
@@ -90,8 +90,9 @@ _Pending = tuple[
     tuple[str, ...],
 ]
 
-# The id of the ORM flush running in this context (set by the SQLAlchemy feed's before_flush
-# listener): the writes of one flush share it.
+# The id of the ORM transaction running in this context (set by the SQLAlchemy feed's
+# after_begin listener): the flush writes of one transaction share it, so only a loop that
+# commits (a new transaction per row) makes them a write loop.
 current_flush: ContextVar[int] = ContextVar("pgpilot_nplusone_flush", default=0)
 
 
@@ -156,7 +157,7 @@ class _Scope:
         ):
             statement = describe(sql)
             command = COMMAND_OTHER if tag == "follow_up" else statement.command
-            offset = _offset_value(sql, params) if params is not None else None
+            offset, limit = _bounds(sql, params) if params is not None else (None, None)
             # QueryEvent's fields as a plain tuple: the detector makes the named tuple only
             # for the few executions a finding will show
             add(
@@ -175,6 +176,7 @@ class _Scope:
                     tag,
                     offset,
                     callers,
+                    limit,
                 )
             )
 
@@ -240,9 +242,13 @@ def _values(params: Any) -> Any:
     return params
 
 
-def _offset_value(sql: str, params: Any) -> int | None:
-    """The OFFSET a statement ran with, read from its text or its parameters."""
-    bound = shape(sql).offset
+def _bounds(sql: str, params: Any) -> tuple[int | None, int | None]:
+    """``(offset, limit)`` a statement ran with, read from its text or its parameters."""
+    statement = shape(sql)
+    return _bound_value(sql, statement.offset, params), _bound_value(sql, statement.limit, params)
+
+
+def _bound_value(sql: str, bound: Bound | None, params: Any) -> int | None:
     if bound is None:
         return None
     if bound.value is not None:
@@ -259,6 +265,11 @@ def _offset_value(sql: str, params: Any) -> int | None:
 
 
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE")
+
+
+def _has_bounds(sql: str) -> bool:
+    upper = sql.upper()
+    return "LIMIT" in upper or "OFFSET" in upper
 
 
 def record_query(
@@ -284,8 +295,9 @@ def record_query(
     info = stack if stack is not None else stack_info(2)
     key = _params_key(sql, params, executemany)
     if info.in_flush and tag is None and sql.lstrip()[:6].upper() in _WRITE_VERBS:
-        # One flush writes its rows as it must (one statement per row on some drivers):
-        # the rows of one flush count as one execution, a loop of flushes as a loop.
+        # A flush writes its rows as it must (one statement per row on some drivers, and
+        # versioning extensions flush more than once): the writes of one transaction count
+        # as one execution, a loop of transactions (a commit per row) as a loop.
         tag = "commit_loop" if info.in_commit else "flush"
         key = ("flush", current_flush.get())
     entry = (
@@ -298,7 +310,7 @@ def record_query(
         info.loop_key,
         rows,
         tag,
-        params if params is not None and not executemany and "OFFSET" in sql.upper() else None,
+        params if params is not None and not executemany and _has_bounds(sql) else None,
         info.outer,
     )
     while scope is not None:

@@ -150,6 +150,11 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             else:
                 tag = "follow_up"
         else:
+            load_options = context.execution_options.get("_sa_orm_load_options")
+            refreshed = getattr(load_options, "_refresh_state", None)
+            if refreshed is not None:
+                # An expired object loaded again on its first attribute read.
+                tag, loader_option = "expired", _expired_refresh(refreshed)
             eager_options = getattr(invoked, "_with_options", ())
             joins = getattr(invoked, "_setup_joins", ())
             if joins:
@@ -204,6 +209,17 @@ def _why_lazy(
     return None, option
 
 
+def _expired_refresh(state: Any) -> str:
+    where = last_commit(getattr(state, "session_id", None) or 0)
+    by = f"expired by commit() at {where}" if where else "expired (commit() or expire())"
+    name = type(state.obj()).__name__ if state.obj() is not None else "the"
+    return (
+        f"{name} objects {by} are loaded again one query per object on their first read: "
+        "read what you need before committing, or create the session with "
+        "expire_on_commit=False"
+    )
+
+
 def _note_joins(joins: tuple[Any, ...]) -> None:
     for join in joins:
         for part in join[:2]:
@@ -219,19 +235,20 @@ def _on_load(target: Any, context: Any) -> None:
         note_loaded(type(target).__mapper__ if hasattr(type(target), "__mapper__") else None)
 
 
-def _on_before_flush(session: Any, flush_context: Any, instances: Any) -> None:
+def _on_after_begin(session: Any, transaction: Any, connection: Any) -> None:
     current_flush.set(next(_flush_ids))
 
 
 def _on_after_commit(session: Any) -> None:
     if _current_scope.get() is not None:
-        note_commit(id(session), stack_info(1).callsite)
+        # keyed as InstanceState.session_id is
+        note_commit(getattr(session, "hash_key", id(session)), stack_info(1).callsite)
 
 
 _flush_ids = itertools.count(1)
 _ORM_LISTENERS: tuple[tuple[Any, str, Callable[..., None]], ...] = (
     (Mapper, "load", _on_load),
-    (Session, "before_flush", _on_before_flush),
+    (Session, "after_begin", _on_after_begin),
     (Session, "after_commit", _on_after_commit),
 )
 
