@@ -1,0 +1,34 @@
+"""SQLAlchemy helpers for the fixes the query doctor suggests, where SQLAlchemy or a well-kept
+library does not already make the fix one line.
+
+* :func:`bulk_load`: COPY rows into a model's table (psycopg's ``copy``, asyncpg's
+  ``copy_records_to_table``) inside the caller's transaction; the fix for an ``insert_loop``
+  too big for ``session.execute(insert(Model), rows)``.
+* :func:`refresh_materialized_view` / :func:`refresh_materialized_view_async`: ``REFRESH
+  MATERIALIZED VIEW [CONCURRENTLY]`` that refuses CONCURRENTLY without a unique index (saying
+  which view), and takes an advisory lock so that two schedulers never refresh one view at once.
+* :func:`pool_settings`: ``create_engine`` pool arguments from the cores, the time a request
+  waits outside the database and the time it spends inside, capped by ``max_connections``.
+
+Keyset pagination (the fix for ``deep_offset``) is sqlakeyset's ``select_page``: it already
+serves sync and async sessions, multi-column and mixed-direction orderings and opaque
+bookmarks, so pgpilot does not wrap it.
+"""
+
+from pgpilot.orm.bulk import bulk_load, bulk_load_async
+from pgpilot.orm.matview import (
+    RefreshResult,
+    refresh_materialized_view,
+    refresh_materialized_view_async,
+)
+from pgpilot.orm.pool import PoolSettings, pool_settings
+
+__all__ = [
+    "PoolSettings",
+    "RefreshResult",
+    "bulk_load",
+    "bulk_load_async",
+    "pool_settings",
+    "refresh_materialized_view",
+    "refresh_materialized_view_async",
+]
