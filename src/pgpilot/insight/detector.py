@@ -87,9 +87,6 @@ FindingKind = Literal[
     "missing_contains_eager",
     "large_result",
     "deep_offset",
-    "overfetch",
-    "existence_load",
-    "unlocked_read_modify_write",
     "wrong_type_comparison",
     "correlated_subquery",
 ]
@@ -98,13 +95,11 @@ FINDING_KINDS: tuple[FindingKind, ...] = get_args(FindingKind)
 ADVISORY_KINDS: frozenset[FindingKind] = frozenset(
     {
         "unused_eager_load",
-        "unlocked_read_modify_write",
-        "overfetch",
         "correlated_subquery",
     }
 )
 """Kinds that are advice rather than a defect: what the data of a test leaves unread, what
-might race, what might be slow. The pytest plugin's raise mode warns about them instead of
+might be slow. The pytest plugin's raise mode warns about them instead of
 failing the test, unless asked to."""
 
 _LOOP_KINDS: dict[str, FindingKind] = {

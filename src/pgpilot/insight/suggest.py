@@ -60,8 +60,6 @@ def suggest_fix(kind: FindingKind, event: QueryEvent) -> str:
         )
     if kind == "unused_eager_load":
         return event.loader_option or "drop the eager loader option nothing reads"
-    if kind in ("overfetch", "existence_load", "unlocked_read_modify_write"):
-        return event.loader_option or ""
     if event.loader_option:
         return event.loader_option
     if describe(event.sql).command == COMMAND_WRITE:

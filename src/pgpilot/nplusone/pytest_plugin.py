@@ -3,7 +3,7 @@
 * ``pytest --nplusone=raise`` fails every test whose body runs an N+1, a write loop, a
   duplicate, a large result, a deep OFFSET, a wrong-type comparison or a missing
   ``contains_eager``; the advisory kinds (``insight.ADVISORY_KINDS``: unused eager loads,
-  unlocked read-modify-writes, correlated subqueries) are listed in the summary instead,
+  correlated subqueries) are listed in the summary instead,
   unless ``--nplusone-kinds`` names them. ``--nplusone=warn`` fails nothing.
 * Both print one summary at the end of the session, grouped by call site and relationship (or
   statement), with the number of tests each group appeared in; ``--nplusone-report=FILE``
