@@ -390,3 +390,37 @@ def test_session_mode_reports_the_real_backend_pid(
             conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+# -- ParameterStatus: the server's own spelling --------------------------------------------
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_reported_parameters_are_spelled_as_the_server_spells_them(
+        proxy_factory: Callable[..., RunningProxy], pg_dsn: str, mode: str) -> None:
+    """client_encoding 'euc-jp' is reported as EUC_JP, DateStyle 'iso, dmy' as 'ISO, DMY',
+    as on a direct connection: at the welcome, for the first client asking and the later ones,
+    and nothing is SET again and again for a value spelled otherwise."""
+    proxy = proxy_factory(pool_mode=mode, default_pool_size=1)
+    asked = {"client_encoding": "euc-jp"}
+
+    def reported(dsn: str) -> tuple[str | None, str | None, str]:
+        with psycopg.connect(dsn, autocommit=True, client_encoding=asked["client_encoding"]) \
+                as conn:
+            conn.execute("SET DateStyle = 'iso, dmy'")
+            return (conn.info.parameter_status("client_encoding"),
+                    conn.info.parameter_status("DateStyle"),
+                    conn.execute("SELECT current_setting('client_encoding')").fetchone()[0])
+
+    direct = reported(pg_dsn)
+    assert direct[0] == "EUC_JP"
+    for _ in range(3):
+        assert reported(proxy.dsn()) == direct
+
+    async def asyncpg_settings(dsn: str) -> str:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return str(conn.get_settings().client_encoding)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(asyncpg_settings(proxy.dsn())) == asyncio.run(asyncpg_settings(pg_dsn))

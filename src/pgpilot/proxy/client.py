@@ -225,8 +225,7 @@ class ClientConnection(asyncio.Protocol):
         # once the welcome is out.
         self._route_packet: bytes | None = None
         self._route_secret: ScramSecret | str | None = None
-        # Session mode: the welcome's ParameterStatus bytes, held until the client's server
-        # is there to name in BackendKeyData (_link).
+        # b"" while the welcome waits for a server (_welcome), finished in _link.
         self._session_welcome: bytes | None = None
         self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
@@ -611,15 +610,34 @@ class ClientConnection(asyncio.Protocol):
                 if value is not None:
                     params[name] = value
         assert self.pool is not None
-        statuses = self.pool.parameter_statuses(server_params, self.params)
+        # The values the client asked for, as the server spells them (client_encoding
+        # 'euc-jp' is reported as EUC_JP): known once a server has been SET to them.
+        canonical = self.pool.canonical_values
+        unknown = False
+        for name, value in list(params.items()):
+            if server_params.get(name, value) != value:
+                spelled = canonical.get((name, value))
+                if spelled is None:
+                    unknown = True
+                else:
+                    params[name] = spelled
         self._login_task = None
-        if self.pool.mode == "session" and self.pooler.worker is None:
-            # The client's server for life is chosen now, so that BackendKeyData can carry
-            # its real process id (pg_backend_pid(), a notification's pid); the cancel key
-            # stays the pooler's. (With workers = N cancels are routed by the pooler's pid.)
-            self._session_welcome = statuses
+        pool = self.pool
+        if pool.mode == "session":
+            # (All servers taken: the client waits at its first query, as with PgBouncer.)
+            hold = self.pooler.worker is None and bool(pool.idle or pool.can_open())
+        else:
+            hold = unknown
+        if hold:
+            # The welcome waits for a server: in session mode the client's server for life,
+            # so that BackendKeyData can carry its real process id (pg_backend_pid(), a
+            # notification's pid; the cancel key stays the pooler's; with workers = N
+            # cancels are routed by the pooler's pid); and to learn how the server spells
+            # values it has not been SET to yet.
+            self._session_welcome = b""
             self.pool.request(self)
             return
+        statuses = self.pool.parameter_statuses(server_params, self.params)
         self._finish_welcome(statuses)
         if self._pending:
             pending = bytes(self._pending)
@@ -840,6 +858,7 @@ class ClientConnection(asyncio.Protocol):
                     assert self.pool is not None
                     self.pool.give_out(srv)
                     return
+                self._learn_spellings(srv, diff)
                 self._link(srv)
 
             server.run_internal(sql, synced)
@@ -853,9 +872,13 @@ class ClientConnection(asyncio.Protocol):
         server.client = self
         server.link_time = time.monotonic()
         server.set_state(ServerState.ACTIVE)
-        if self._session_welcome is not None:
-            statuses, self._session_welcome = self._session_welcome, None
-            self._finish_welcome(statuses, server.backend_pid)
+        welcomed = self._session_welcome is not None
+        if welcomed:
+            assert self.pool is not None
+            self._session_welcome = None
+            session = self.pool.mode == "session" and self.pooler.worker is None
+            self._finish_welcome(self.pool.parameter_statuses(server.params, self.params),
+                                 server.backend_pid if session else 0)
         elif self.state is ClientState.WAITING:
             self.set_state(ClientState.ACTIVE)
         if self._pending:
@@ -866,7 +889,27 @@ class ClientConnection(asyncio.Protocol):
             except ProtocolError as exc:  # as in data_received: this client alone is done
                 self._protocol_violation(exc)
                 return
+        elif welcomed:
+            self._maybe_release(server)  # transaction and statement mode: back to the pool
         self.resume_reading()
+
+    def _learn_spellings(self, server: ServerConnection,
+                         applied: list[tuple[str, str]] | None) -> None:
+        """Parameters just SET on ``server``: where it reports a value otherwise spelled
+        (euc-jp -> EUC_JP), the client holds the server's spelling from now on, and the pool
+        remembers it for the welcome of later clients."""
+        assert self.pool is not None
+        canonical = self.pool.canonical_values
+        for name, value in applied or ():
+            spelled = server.params.get(name)
+            if spelled is not None and spelled != value:
+                if len(canonical) >= 1000:
+                    canonical.clear()
+                canonical[(name, value)] = spelled
+                if self.params.get(name) == value:
+                    self.params[name] = spelled
+                    self.params_version += 1
+                    server.synced_version = self.params_version
 
     def _count_bytes(self, received: int, sent: int) -> None:
         if self.pool is not None:

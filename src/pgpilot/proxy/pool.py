@@ -81,6 +81,8 @@ class Pool:
         self.welcome_params: dict[str, str] | None = None
         self._welcome_bytes: dict[tuple[object, ...], tuple[dict[str, str], bytes]] = {}
         self._welcome_waiters: list[asyncio.Future[None]] = []
+        # (parameter, value as a client spelled it) -> as the server reports it.
+        self.canonical_values: dict[tuple[str, str], str] = {}
         self._paused = False
         self._mode: str | None = None  # derived from the configuration, until RELOAD
         self._lifetime: float | None = None
