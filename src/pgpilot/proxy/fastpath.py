@@ -61,6 +61,10 @@ EJECT_LINKED = 1
 EJECT_ATTACH = 2
 
 
+# Distinct (startup parameters, session settings) ids remembered at once (params_id).
+MAX_PARAMS_IDS = 10_000
+
+
 def available() -> bool:
     return _fastpath is not None
 
@@ -199,6 +203,7 @@ class FastPath:
         self.configure_logins()
         self.client_count_changed()
         self._params_ids: dict[tuple[object, ...], int] = {}
+        self._last_params_id = 0
         self._settled: list[ClientConnection] = []  # taken back by settle(), for refill()
 
     def close(self) -> None:
@@ -297,9 +302,16 @@ class FastPath:
             get("standard_conforming_strings"), get("application_name"))
         if settings:
             key += (tuple(sorted(settings.items())),)
-        found = self._params_ids.get(key)
+        ids = self._params_ids
+        found = ids.get(key)
         if found is None:
-            found = self._params_ids[key] = len(self._params_ids) + 1
+            if len(ids) >= MAX_PARAMS_IDS:
+                # Per-request settings (SET app.request_id = ...) must not grow this without
+                # bound. Ids are never reused, so a forgotten set only costs a SET on a server
+                # that still carries its old id.
+                ids.clear()
+            self._last_params_id += 1
+            found = ids[key] = self._last_params_id
         return found
 
     def adopt(self, proto: ClientConnection | ServerConnection, is_server: bool) -> bool:
