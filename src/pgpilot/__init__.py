@@ -10,3 +10,7 @@ Two faces share one core: the pooling proxy (``pgpilot proxy``) and the in-app t
 """
 
 __version__ = "0.1.0"
+# The PgBouncer whose command line, console and settings the pooler follows; `pgpilot --version`,
+# `pgpilot-pgbouncer -V` and the admin console's SHOW VERSION all print VERSION_LINE.
+PGBOUNCER_COMPATIBLE = "1.23.1"
+VERSION_LINE = f"pgpilot {__version__} (PgBouncer {PGBOUNCER_COMPATIBLE} compatible)"

@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from pgpilot import __version__
+from pgpilot import VERSION_LINE
 
 # name -> (module holding add_arguments/run, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -28,7 +28,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         prog="pgpilot",
         description="Make Python applications fast on PostgreSQL.",
     )
-    parser.add_argument("--version", action="version", version=f"pgpilot {__version__}")
+    parser.add_argument("--version", action="version", version=VERSION_LINE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():

@@ -481,7 +481,8 @@ def test_kill_without_database_drops_every_client(proxy_factory: Callable[..., R
 
 @pytest.mark.parametrize("command", [
     "SHOW", "SHOW POOLS extra", "KILL_CLIENT abc", 'PAUSE "unterminated', "'", "RESUME a b",
-    "SHUTDOWN NOW", "SET pool_mode = session", "x" * 10_000, "KILL_CLIENT 99999999999999999999",
+    "SHUTDOWN NOW", "SET pool_mode = sometimes", "SET listen_port = 1", "SET nosuch = 1",
+    "x" * 10_000, "KILL_CLIENT 99999999999999999999",
 ])
 def test_bad_commands_get_errors_and_change_nothing(proxy: RunningProxy, command: str) -> None:
     with admin(proxy) as console:

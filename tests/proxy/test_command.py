@@ -116,7 +116,11 @@ def test_proxy_help_explains_every_option_and_the_embedded_fallback() -> None:
 def test_version() -> None:
     out = pgpilot("--version")
     assert out.returncode == 0
-    assert out.stdout.strip() == f"pgpilot {__version__}"
+    # The same line as the admin console's SHOW VERSION (PgBouncer's suite compares them).
+    assert out.stdout.strip() == f"pgpilot {__version__} (PgBouncer 1.23.1 compatible)"
+    from pgpilot.proxy.admin import VERSION_STRING
+
+    assert out.stdout.strip() == VERSION_STRING
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", __version__)
 
 
@@ -167,7 +171,8 @@ def test_runs_from_config_and_stops_on_sigterm(tmp_path: Path, pg_params) -> Non
         # log_connections / log_disconnections (on by default): a line each, whole
         who = f"{pg_params['dbname']}/{pg_params['user']}@127.0.0.1"
         for port in ports:
-            for what in ("login ok", "closing: client closed the connection"):
+            for what in ("login ok",
+                         r"closing because: client closed the connection \(age=\d+s\)"):
                 line = rf"{STAMP} {proc.pid} INFO C-\d+\({re.escape(who)}:{port}\) {what}"
                 assert re.search(f"^{line}$", logged, re.M), (port, what, logged)
     finally:

@@ -414,8 +414,17 @@ def test_enumerations_are_case_insensitive() -> None:
 
 
 def test_accepted_auth_types_include_those_the_runtime_may_refuse() -> None:
-    for auth_type in ("any", "cert", "pam", "ldap"):
+    for auth_type in ("any", "cert"):
         assert parse_config(f"[pgbouncer]\nauth_type={auth_type}\n").auth_type == auth_type
+
+
+def test_pam_and_ldap_are_refused_naming_the_setting() -> None:
+    # Accepting them and logging nobody in (or everybody) would be silent: the file is refused.
+    for auth_type in ("pam", "ldap"):
+        with pytest.raises(ConfigError) as err:
+            parse_config(f"[pgbouncer]\nauth_type = {auth_type}\n", "p.ini")
+        assert str(err.value).startswith("p.ini:2: auth_type = " + auth_type)
+        assert "not supported by pgpilot" in err.value.reason
 
 
 def test_lists_and_strings() -> None:

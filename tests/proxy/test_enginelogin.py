@@ -310,14 +310,15 @@ def test_connection_logging_keeps_engine_logins(proxy_factory: Callable[..., Run
         """client port -> id, of the pooler's log lines ending in ``what``."""
         found = {}
         for record in list(caplog.records):
-            got = re.fullmatch(r"C-(\d+)\(test/carol@127\.0\.0\.1:(\d+)\) " + what,
+            got = re.fullmatch(r"C-(\d+)\(test/carol@127\.0\.0\.1:(\d+)\) " + what
+                               + r"(?: \(age=\d+s\))?",
                                record.getMessage())
             if got:
                 found[int(got.group(2))] = int(got.group(1))
         return found
 
-    wait_until(lambda: set(ports) <= set(lines("closing: client closed the connection")))
-    logins, leaves = lines("login ok"), lines("closing: client closed the connection")
+    wait_until(lambda: set(ports) <= set(lines("closing because: client closed the connection")))
+    logins, leaves = lines("login ok"), lines("closing because: client closed the connection")
     assert all(logins[port] == leaves[port] for port in ports)
     assert len({logins[port] for port in ports}) == len(ports)  # an id each
     with connect(proxy) as conn, admin(proxy) as console:
@@ -349,7 +350,8 @@ def test_the_engine_writes_its_logins_lines_itself(
         for line in path.read_text().splitlines():
             got = re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} 4242 INFO "
                                r"C-(\d+)\(test/carol@127\.0\.0\.1:(\d+)\) "
-                               r"(login ok|closing: client closed the connection)", line)
+                               r"(login ok|closing because: client closed the connection)"
+                               r"(?: \(age=\d+s\))?", line)
             assert got, line
             events.setdefault(int(got.group(2)), []).append((got.group(3), int(got.group(1))))
         return events
@@ -357,7 +359,8 @@ def test_the_engine_writes_its_logins_lines_itself(
     wait_until(lambda: all(len(read().get(port, [])) == 2 for port in ports))
     for port in ports:
         (first, first_id), (second, second_id) = events[port]
-        assert (first, second) == ("login ok", "closing: client closed the connection")
+        assert (first, second) == ("login ok",
+                                   "closing because: client closed the connection")
         assert first_id == second_id
     assert len({events[port][0][1] for port in ports}) == len(ports)
     python_lines = [r.getMessage() for r in caplog.records if "carol@" in r.getMessage()]

@@ -2101,8 +2101,14 @@ static void log_phantom_line(ConnObject *c, int kind) {
     char host[INET6_ADDRSTRLEN] = "unix";
     int port = 0;
     host_and_port(&c->peer_addr.sa, host, &port); /* as drain_log: "unix:0" otherwise */
-    const char *what = kind == 0 ? "login ok" : "closing: client closed the connection";
-    char stamp[64], id[96], tail[INET6_ADDRSTRLEN + 80];
+    /* PgBouncer's words for a client leaving: "closing because: ... (age=Ns)". */
+    char what[96];
+    if (kind == 0)
+        snprintf(what, sizeof what, "login ok");
+    else
+        snprintf(what, sizeof what, "closing because: client closed the connection (age=%llds)",
+                 (long long)((now_ns() - c->accepted) / 1000000000LL));
+    char stamp[64], id[96], tail[INET6_ADDRSTRLEN + 160];
     int stamp_len = snprintf(stamp, sizeof stamp, "%s,%03ld", e->log_time, ts.tv_nsec / 1000000);
     int id_len = snprintf(id, sizeof id, "C-%lld(", (long long)c->client_id);
     int tail_len = snprintf(tail, sizeof tail, "@%s:%d) %s\n", host, port, what);

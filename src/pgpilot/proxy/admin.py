@@ -27,6 +27,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,7 +37,9 @@ from typing import TYPE_CHECKING, Any
 import pgpilot
 from pgpilot.proxy.client import CLIENT_CLOSED
 from pgpilot.proxy.config import Config, ConfigError, load_config
+from pgpilot.proxy.console_set import STARTUP_ONLY, ConsoleSetError, console_set, parse_set
 from pgpilot.proxy.hazards import HINTS
+from pgpilot.proxy.login_rules import peer_credentials
 from pgpilot.proxy.states import ClientState, ServerState
 from pgpilot.wire import messages as m
 from pgpilot.wire.errors import ProtocolError
@@ -56,33 +59,29 @@ TEXT = 25
 INT4 = 23
 INT8 = 20
 
-PGBOUNCER_COMPAT_VERSION = "1.23.1"  # the PgBouncer whose console columns these are
-VERSION_STRING = f"pgpilot {pgpilot.__version__} (PgBouncer {PGBOUNCER_COMPAT_VERSION} compatible)"
+PGBOUNCER_COMPAT_VERSION = pgpilot.PGBOUNCER_COMPATIBLE  # whose console columns these are
+VERSION_STRING = pgpilot.VERSION_LINE  # as `pgpilot --version` prints it
 
 PAUSE_POLL = 0.05  # seconds between checks while PAUSE / SHUTDOWN wait for servers
 MAX_QUEUED_MESSAGES = 64  # per console connection, before its socket stops being read
 PAUSE_KEEPER_TICK = 0.2  # seconds between sweeps of paused pools' idle servers
-# Startup-style parameters a driver may SET on connect; the console accepts and ignores them.
-IGNORED_SETTINGS = frozenset({"application_name", "client_encoding", "datestyle", "timezone",
-                              "extra_float_digits", "standard_conforming_strings",
-                              "intervalstyle", "search_path", "statement_timeout"})
 # Config fields SHOW CONFIG leaves out: the contents of other sections and files.
 _CONFIG_NOT_SHOWN = frozenset({"databases", "users", "auth_users", "warnings", "path"})
-# Settings that only take effect at start (SHOW CONFIG's "changeable" = no).
-_NOT_CHANGEABLE = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode",
-                             "unix_socket_group", "listen_backlog", "so_reuseport", "pidfile",
-                             "workers", "metrics_port", "pkt_buf", "max_packet_size",
-                             "sbuf_loopcnt", "tcp_keepalive", "client_tls_sslmode",
-                             "client_tls_key_file", "client_tls_cert_file",
-                             "client_tls_ca_file"})
+# Settings that only take effect at start (SHOW CONFIG's "changeable" = no; SET refuses them).
+_NOT_CHANGEABLE = STARTUP_ONLY
 _SECRET_WORDS = ("password", "secret")
 MASK = "********"
 
 HELP_TEXT = """Console usage
   SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|DATABASES|USERS
-  SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS|WORKERS
+  SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS|WORKERS|SOCKETS|ACTIVE_SOCKETS|MEM
+  SHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES|FDS
   PAUSE [<db>]
   RESUME [<db>]
+  DISABLE <db>
+  ENABLE <db>
+  SUSPEND
+  WAIT_CLOSE [<db>]
   KILL [<db>]
   KILL_CLIENT <client id>
   RECONNECT [<db>]
@@ -222,6 +221,9 @@ class AdminConsole:
         # Pooler.stop cancels (a SHUTDOWN must not cancel itself).
         self.tasks: set[asyncio.Task[Any]] = set()
         self._pause_keeper: asyncio.Task[None] | None = None
+        # DISABLE db: new clients of these databases are refused until ENABLE.
+        self.disabled_databases: set[str] = set()
+        self.suspended = False  # SUSPEND until RESUME: no server is handed out
         pooler.admin_handler = self.login
 
     def start(self) -> None:
@@ -256,9 +258,18 @@ class AdminConsole:
             await asyncio.sleep(PAUSE_KEEPER_TICK)
 
     def login(self, client: ClientConnection) -> None:
-        """Pooler.admin_handler: authenticate as usual; AdminSession.logged_in follows."""
+        """Pooler.admin_handler: authenticate as usual; AdminSession.logged_in follows.
+
+        As PgBouncer: user ``pgbouncer`` coming over the unix socket from a process of the
+        pooler's own OS user (SO_PEERCRED) is an admin without a password."""
         client.is_admin = True
-        client.admin = AdminSession(self, client)
+        session = client.admin = AdminSession(self, client)
+        if client.user == "pgbouncer" and unix_peer_is_own_user(client):
+            session.own_user = True
+            if self.pooler.config.log_connections:
+                log.info("%r pgbouncer access from unix socket", client)
+            client.logged_in()
+            return
         client.authenticate()
 
     # -- averages (every stats_period) --------------------------------------------------
@@ -348,13 +359,14 @@ class AdminSession:
         self._queue: collections.deque[tuple[int, bytes | None]] = collections.deque()
         self._runner: asyncio.Task[None] | None = None
         self._skip_to_sync = False  # an extended-protocol message was refused
+        self.own_user = False  # "pgbouncer" over the unix socket from the pooler's OS user
 
     # -- login ------------------------------------------------------------------------------
     def logged_in(self) -> None:
         """Credentials were good: check the console roles, then welcome the client."""
         client = self.client
         cfg = self.pooler.config
-        self.is_admin = client.user in cfg.admin_users
+        self.is_admin = self.own_user or client.user in cfg.admin_users
         is_stats = client.user in cfg.stats_users or cfg.auth_type == "any"
         if not (self.is_admin or is_stats):
             log.warning("%r refused: not in admin_users or stats_users", client)
@@ -510,13 +522,17 @@ class AdminSession:
         return handler(self)
 
     def _set(self, args: list[str]) -> Result:
-        # SET name = value / SET name TO value: accepted (and ignored) for the connection
-        # settings drivers send on connect; pooler settings change through the config + RELOAD.
-        name = args[0].lower() if args else ""
-        if name in IGNORED_SETTINGS:
-            return Result("SET")
-        raise AdminError("0A000", f'SET "{name}" is not supported on the admin console',
-                         hint="Change pgbouncer.ini and run RELOAD.")
+        """SET name = value: a pooler setting changed as RELOAD would (console_set.py); the
+        parameters drivers send on connect are accepted and ignored."""
+        try:
+            name, value = parse_set(args)
+            outcome = console_set(self.pooler.config, name, value, is_admin=self.is_admin)
+        except ConsoleSetError as exc:
+            raise AdminError(exc.sqlstate, exc.message, exc.hint) from None
+        if outcome.config is not None:
+            log.info("%r admin command: %s", self.client, outcome.tag)
+            self.pooler.reload(outcome.config)
+        return Result(outcome.tag, notice=outcome.notice)
 
     # -- lookups -------------------------------------------------------------------------
     def _pools_of(self, db: str | None) -> list[Pool]:
@@ -671,7 +687,8 @@ class AdminSession:
                          db.pool_mode, None, cfg.max_db_connections_for(db),
                          self.pooler.servers_for_db(name),
                          db.max_db_client_connections or cfg.max_db_client_connections,
-                         client_counts_by_db.get(name, 0), int(paused), 0])
+                         client_counts_by_db.get(name, 0), int(paused),
+                         int(name in self.console.disabled_databases)])
         admin_clients = sum(n for db, n in client_counts_by_db.items()
                             if self.pooler.is_admin_db(db))
         rows.append(["pgbouncer", None, cfg.listen_port, "pgbouncer", "pgbouncer", 2, 0, 0, 0,
@@ -746,7 +763,8 @@ class AdminSession:
         rows = [["active", "no" if paused or self.pooler.stopping else "yes"],
                 ["paused", "yes" if paused else "no"],
                 ["paused_databases", ",".join(sorted(self.pooler.paused_databases))],
-                ["suspended", "no"], ["shutting_down", "yes" if self.pooler.stopping else "no"]]
+                ["suspended", "yes" if self.console.suspended else "no"],
+                ["shutting_down", "yes" if self.pooler.stopping else "no"]]
         return Result("SHOW", [("key", TEXT), ("value", TEXT)], rows)
 
     def show_hazards(self) -> Result:
@@ -771,6 +789,61 @@ class AdminSession:
             [slot.index, slot.pid, slot.clients, "yes" if slot.accepting else "no",
              slot.handed_off, slot.handed_in] for slot in slots]
         return Result("SHOW", columns, rows)
+
+    def show_sockets(self) -> Result:
+        """SHOW SOCKETS / ACTIVE_SOCKETS: PgBouncer's low-level buffer view. pgpilot's
+        sockets are asyncio's or the engine's; one row per connection with the columns
+        PgBouncer prints, buffer figures 0."""
+        columns: list[Column] = [
+            ("type", TEXT), ("user", TEXT), ("database", TEXT), ("state", TEXT),
+            ("addr", TEXT), ("port", INT4), ("local_addr", TEXT), ("local_port", INT4),
+            ("connect_time", TEXT), ("request_time", TEXT), ("wait", INT4),
+            ("wait_us", INT4), ("close_needed", INT4), ("ptr", TEXT), ("link", TEXT),
+            ("remote_pid", INT4), ("tls", TEXT), ("recv_pos", INT4), ("pkt_pos", INT4),
+            ("pkt_remain", INT4), ("send_pos", INT4), ("send_remain", INT4),
+            ("pkt_avail", INT4), ("send_avail", INT4)]
+        rows: list[list[Value]] = []
+        for row in [*self.show_clients().rows, *self.show_servers().rows]:
+            r = list(row)
+            rows.append([r[0], r[1], r[2], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                         r[11], r[12], r[13], r[14], r[15], r[16], r[17], 0, 0, 0, 0, 0, 0,
+                         0])
+        return Result("SHOW", columns, rows)
+
+    def show_mem(self) -> Result:
+        """SHOW MEM: PgBouncer's slab caches; pgpilot has none (Python objects), so the
+        view is there with its columns and no rows."""
+        return Result("SHOW", [("name", TEXT), ("size", INT4), ("used", INT4),
+                               ("free", INT4), ("memtotal", INT4)], [])
+
+    def show_peers(self) -> Result:
+        """SHOW PEERS: PgBouncer's peering (peer_id); pgpilot's workers route cancel
+        requests between themselves instead (SHOW WORKERS), so no rows."""
+        return Result("SHOW", [("peer_id", INT4), ("host", TEXT), ("port", INT4),
+                               ("pool_size", INT4)], [])
+
+    def show_peer_pools(self) -> Result:
+        return Result("SHOW", [("peer_id", INT4), ("cl_active_cancel_req", INT4),
+                               ("cl_waiting_cancel_req", INT4), ("sv_active_cancel", INT4),
+                               ("sv_login", INT4)], [])
+
+    def show_dns_hosts(self) -> Result:
+        """SHOW DNS_HOSTS / DNS_ZONES: pgpilot resolves through the system resolver at each
+        connect and keeps no DNS cache, so no rows."""
+        return Result("SHOW", [("hostname", TEXT), ("ttl", INT8), ("addrs", TEXT)], [])
+
+    def show_dns_zones(self) -> Result:
+        return Result("SHOW", [("zonename", TEXT), ("serial", INT8), ("count", INT4)], [])
+
+    def show_fds(self) -> Result:
+        """SHOW FDS: PgBouncer's takeover view (file descriptors and their state for -R);
+        pgpilot's online restart hands over listening sockets only, so no rows."""
+        return Result("SHOW", [("fd", INT4), ("task", TEXT), ("user", TEXT),
+                               ("database", TEXT), ("addr", TEXT), ("port", INT4),
+                               ("cancel", INT8), ("link", INT4), ("client_encoding", TEXT),
+                               ("std_strings", TEXT), ("datestyle", TEXT), ("timezone", TEXT),
+                               ("password", TEXT), ("scram_client_key", TEXT),
+                               ("scram_server_key", TEXT)], [])
 
     def show_help(self) -> Result:
         return Result("SHOW", notice=HELP_TEXT)
@@ -805,6 +878,7 @@ class AdminSession:
     async def resume(self, args: list[str]) -> Result:
         db = self._database_arg(args)
         if db is None:
+            self.console.suspended = False
             self.pooler.paused = False
             self.pooler.paused_databases.clear()
         else:
@@ -872,6 +946,42 @@ class AdminSession:
             log.warning("%s", warning)
         return Result("RELOAD")
 
+    async def disable(self, args: list[str]) -> Result:
+        """DISABLE db: new clients of ``db`` are refused; those connected carry on."""
+        if not args:
+            raise AdminError("42601", "DISABLE needs a database name")
+        db = self._database_arg(args)
+        assert db is not None
+        self.console.disabled_databases.add(db)
+        return Result("DISABLE")
+
+    async def enable(self, args: list[str]) -> Result:
+        if not args:
+            raise AdminError("42601", "ENABLE needs a database name")
+        db = self._database_arg(args)
+        assert db is not None
+        self.console.disabled_databases.discard(db)
+        return Result("ENABLE")
+
+    async def suspend(self, args: list[str]) -> Result:
+        """SUSPEND: no server is handed out until RESUME; running transactions carry on.
+        (PgBouncer's SUSPEND also flushes socket buffers for its online restart, which
+        pgpilot does differently: docs/operations.md.)"""
+        self.console.suspended = True
+        self.pooler.paused = True
+        for pool in self.pooler.pools.values():
+            pool.paused = True
+        return Result("SUSPEND")
+
+    async def wait_close(self, args: list[str]) -> Result:
+        """WAIT_CLOSE [db]: wait until the servers RECONNECT / RELOAD marked are closed."""
+        db = self._database_arg(args)
+        while not self.client.gone and any(
+                server.close_needed for pool in self._pools_of(db)
+                for server in pool.all_servers()):
+            await asyncio.sleep(PAUSE_POLL)
+        return Result("WAIT_CLOSE")
+
     async def shutdown(self, args: list[str]) -> Result:
         mode = args[0].upper() if args else ""
         if mode not in ("", "WAIT_FOR_CLIENTS", "WAIT_FOR_SERVERS"):
@@ -906,6 +1016,13 @@ class AdminSession:
 # ---------------------------------------------------------------------------------------
 # Helpers shared with the metrics
 # ---------------------------------------------------------------------------------------
+
+def unix_peer_is_own_user(client: ClientConnection) -> bool:
+    """Is ``client`` on the unix socket, from a process running as this process's OS user
+    (SO_PEERCRED; PgBouncer's getpeereid check)?"""
+    creds = peer_credentials(client)
+    return creds is not None and creds[1] == os.getuid()
+
 
 def _pinned_text(client: ClientConnection) -> str:
     """Why a client keeps its server (pin_session_state), with the statement that did it:
@@ -995,6 +1112,14 @@ _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "hazards": AdminSession.show_hazards,
     "workers": AdminSession.show_workers,
     "help": AdminSession.show_help,
+    "sockets": AdminSession.show_sockets,
+    "active_sockets": AdminSession.show_sockets,
+    "mem": AdminSession.show_mem,
+    "peers": AdminSession.show_peers,
+    "peer_pools": AdminSession.show_peer_pools,
+    "dns_hosts": AdminSession.show_dns_hosts,
+    "dns_zones": AdminSession.show_dns_zones,
+    "fds": AdminSession.show_fds,
 }
 
 # SHOW commands that list no clients, only count them (client_counts, show_lists): clients
@@ -1012,6 +1137,10 @@ _CONTROL_COMMANDS: dict[str, tuple[_ControlHandler, int]] = {
     "RECONNECT": (AdminSession.reconnect, 1),
     "RELOAD": (AdminSession.reload, 0),
     "SHUTDOWN": (AdminSession.shutdown, 1),
+    "DISABLE": (AdminSession.disable, 1),
+    "ENABLE": (AdminSession.enable, 1),
+    "SUSPEND": (AdminSession.suspend, 0),
+    "WAIT_CLOSE": (AdminSession.wait_close, 1),
 }
 
 __all__ = ["AdminConsole", "AdminError", "AdminSession", "Result"]

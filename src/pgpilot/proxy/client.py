@@ -33,6 +33,7 @@ from pgpilot.proxy.auth import (
 )
 from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.hazards import classify, might_be_hazard
+from pgpilot.proxy.login_rules import database_refusal, login_method, peer_user_name
 from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.session import (
@@ -421,31 +422,43 @@ class ClientConnection(asyncio.Protocol):
         if self.pooler.is_admin_db(self.database):
             self.pooler.admin_login(self)
             return
-        db = cfg.database_for(self.database)
-        if db is None:
-            text = f'no such database: "{self.database}"'
-            log.warning("%r login failed: %s", self, text)
-            self.fail("3D000", text)
-            return
+        # An unknown database is told only after authentication (logged_in), as PgBouncer:
+        # answering it to anyone would tell strangers which databases exist.
         self.authenticate()
 
     def authenticate(self) -> None:
         """Check credentials as ``auth_type`` says (admin logins too); then ``logged_in``."""
         cfg = self.pooler.config
-        auth_type = cfg.auth_type
+        if self._login_task is None and self.pooler.auth_query.wanted(self):
+            # Not in auth_file, and the database has an auth_user: read the secret with
+            # auth_query first (auth_query.py), which calls authenticate() again.
+            self._login_task = self.pooler.auth_query.start(self)
+            return
+        auth_type = login_method(self.pooler, self)  # auth_type, or the hba file's rule
+        if auth_type == "reject":
+            self._auth_failed("28000", "login rejected")
+            return
+        if auth_type == "peer":
+            self._peer_login()
+            return
+        secret = self.pooler.client_secret_for(self.user, self.database)
+        # Secrets from auth_query or an hba rule are decided per login: no engine route.
+        routable = cfg.auth_type != "hba" and self.user in cfg.auth_users
         if auth_type == "any" or (auth_type == "trust" and (
-                not cfg.auth_file or self.user in cfg.auth_users)):
+                secret is not None or not (cfg.auth_file or cfg.auth_user))):
             # As PgBouncer: with an auth_file, trust still needs the user to be listed.
-            self._route_secret = NO_PASSWORD
+            self._route_secret = NO_PASSWORD if routable or not cfg.auth_file else None
             self.logged_in()
             return
         if auth_type == "trust":
-            self.fail("28000", f'no such user: "{self.user}"')
+            db = cfg.database_for(self.database)
+            auth_user = db is not None and self.pooler.auth_query.auth_user_for(db)
+            self._auth_failed("28000", "no such user" if auth_user
+                              else '"trust" authentication failed')
             return
         if auth_type == "cert":
             self._cert_login()
             return
-        secret = self.pooler.client_secret_for(self.user)
         known = secret is not None
         if secret is None:
             # Run the same exchange against a made-up secret so an unknown user looks just
@@ -462,7 +475,7 @@ class ClientConnection(asyncio.Protocol):
                     key.stored_key, key.server_key, scram_salt_b64(key.salt), key.iterations,
                     known))
                 self._engine_auth = True
-                if known:
+                if known and routable:
                     self._route_secret = key
                 return
         try:
@@ -473,6 +486,31 @@ class ClientConnection(asyncio.Protocol):
         self._auth = auth
         self._auth_known_user = known
         self.write(auth.start())
+
+    def _sasl_failed(self) -> None:
+        """A wrong SCRAM proof (or an unknown user's mock exchange): PostgreSQL's message to
+        the client, with PgBouncer's "SASL authentication failed" as its detail and in the
+        log line, which operators' alerts grep."""
+        text = f'password authentication failed for user "{self.user}"'
+        log.warning("%r login failed: SASL authentication failed (%s)", self, text)
+        self.pooler.auth_failures += 1
+        self.closing = True
+        self.write(m.error_response("28P01", text, severity="FATAL",
+                                    detail="SASL authentication failed"))
+        self.close("SASL authentication failed")
+
+    def _auth_failed(self, sqlstate: str, text: str) -> None:
+        """A login refused before or without a password exchange."""
+        log.warning("%r login failed: %s", self, text)
+        self.pooler.auth_failures += 1
+        self.fail(sqlstate, text)
+
+    def _peer_login(self) -> None:
+        """An hba ``peer`` rule: a unix-socket client whose OS user has the login's name."""
+        if peer_user_name(self) != self.user:
+            self._auth_failed("28000", "unix socket login rejected")
+            return
+        self.logged_in()
 
     def _cert_login(self) -> None:
         """auth_type = cert: a verified TLS client certificate whose CommonName is the user
@@ -508,6 +546,9 @@ class ClientConnection(asyncio.Protocol):
                 if done and not self._auth_known_user:
                     raise AuthFailed(f'password authentication failed for user "{self.user}"')
             except AuthFailed as exc:
+                if isinstance(self._auth, ScramAuth):
+                    self._sasl_failed()
+                    return
                 log.warning("%r login failed: %s", self, exc)
                 self.pooler.auth_failures += 1
                 self.fail("28P01", str(exc), fatal=True)
@@ -543,10 +584,7 @@ class ClientConnection(asyncio.Protocol):
         (1: a protocol violation, 2: told as it is) or an error of its own (3)."""
         self._engine_auth = False
         if kind == 0:
-            text = f'password authentication failed for user "{self.user}"'
-            log.warning("%r login failed: %s", self, text)
-            self.pooler.auth_failures += 1
-            self.fail("28P01", text)
+            self._sasl_failed()
         elif kind == 3:
             log.error("%r login failed in the fast path: %s", self, text)
             self.fail("XX000", f"internal error during authentication: {text}")
@@ -577,6 +615,11 @@ class ClientConnection(asyncio.Protocol):
             return
         cfg = self.pooler.config
         db = cfg.database_for(self.database)
+        refusal = database_refusal(self.pooler, self.database, db)
+        if refusal is not None:
+            log.warning("%r login failed: %s", self, refusal)
+            self.fail("3D000" if db is None else "08P01", refusal)
+            return
         assert db is not None
         if not self.pooler.admit_to_pool(self, db):
             return
@@ -1134,17 +1177,23 @@ class ClientConnection(asyncio.Protocol):
              hint: str | None = None) -> None:
         """Tell the client what went wrong (as PostgreSQL would) and close."""
         self.closing = True
+        if self._cork is None:
+            self._cork = bytearray()  # sent by close(), after the log line
         self.write(m.error_response(sqlstate, text, severity="FATAL" if fatal else "ERROR",
                                     hint=hint))
         self.close(text)
 
     def close(self, reason: str = "closed by pooler") -> None:
         self.closing = True
-        self._uncork()
-        if self.transport is not None:
-            transport, self.transport = self.transport, None
-            transport.close()
+        transport, self.transport = self.transport, None
+        cork, self._cork = self._cork, None
+        # The log line ("closing because: ...") is written before the client can read its
+        # error, as PgBouncer does: whoever reacts to the error finds the line there.
         self._disconnect(reason)
+        if transport is not None:
+            if cork:
+                transport.write(cork)
+            transport.close()
 
     def _disconnect(self, reason: str) -> None:
         if self.gone:
@@ -1171,6 +1220,8 @@ class ClientConnection(asyncio.Protocol):
         self.pooler.unregister_cancel_key(self)
         self.set_state(ClientState.CLOSED)
         if self.pooler.config.log_disconnections and self.state is not ClientState.LOGIN:
-            log.info("%r closing: %s", self, reason)
+            # PgBouncer's words, which operators' alerts grep.
+            log.info("%r closing because: %s (age=%ds)", self, reason,
+                     time.time() - self.connect_time)
         else:
             log.debug("%r disconnected: %s", self, reason)

@@ -69,10 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log only warnings and errors (wins over --verbose)")
 
 
-def setup_logging(config: Config, verbose: int, quiet: bool) -> None:
+def setup_logging(config: Config, verbose: int, quiet: bool, to_stderr: bool = True) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose or config.verbose else \
         logging.INFO
-    setup_handlers(level, config.logfile, sys.stderr)
+    setup_handlers(level, config.logfile, sys.stderr, to_stream=to_stderr)
 
 
 def _strict_failure(config: Config) -> str:
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         import dataclasses
 
         config = dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
-    setup_logging(config, args.verbose, args.quiet)
+    setup_logging(config, args.verbose, args.quiet, getattr(args, "stderr", True))
     for warning in config.warnings:
         log.warning("%s", warning)
     try:

@@ -594,6 +594,10 @@ _PGBOUNCER_SETTINGS_NOT_SUPPORTED = frozenset(
     }
 )
 
+# Public views of the two lists above (the admin console's SET reads them).
+SETTING_NAMES = frozenset(_SETTINGS)
+PGBOUNCER_SETTINGS_NOT_SUPPORTED = _PGBOUNCER_SETTINGS_NOT_SUPPORTED
+
 # Settings whose values are never echoed (they may carry credentials).
 _SECRET_KEYS = frozenset({"password", "auth_ldap_options"})
 
@@ -985,6 +989,24 @@ def parse_config(text: str, path: str | None = None) -> Config:
     return _check_files(config, setting_lines)
 
 
+def with_setting(config: Config, key: str, raw: str) -> Config:
+    """``config`` with the ``[pgbouncer]`` setting ``key`` set to the text ``raw``, checked as
+    the file's value would be (the admin console's ``SET key = value``). Raises ConfigError
+    (bad value, a file that is missing ...) or KeyError (a name pgpilot does not read)."""
+    key = key.lower()
+    setting = _SETTINGS[key]
+    try:
+        value = _convert_setting(key, raw, setting.convert)
+    except _BadValue as bad:
+        raise ConfigError(str(bad)) from None
+    if setting.is_path and isinstance(value, str):
+        base_dir = os.path.dirname(os.path.abspath(config.path)) if config.path else None
+        value = _resolve_path(value, base_dir)
+    changes: dict[str, Any] = {key: value, "auth_users": MappingProxyType({})}
+    changed = dataclasses.replace(config, **changes)
+    return _check_files(changed, {})
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and parse a pgbouncer.ini file; raises ConfigError."""
     path_text = os.fspath(path)
@@ -1031,10 +1053,18 @@ def _check_files(config: Config, setting_lines: Mapping[str, tuple[str | None, i
             f"auth_type = {config.auth_type} needs auth_file (or auth_user for auth_query)",
             "auth_type",
         )
+    if config.auth_type in ("pam", "ldap"):
+        # Refused rather than accepted and ignored: a login method pgpilot does not run.
+        raise fail(f"auth_type = {config.auth_type} is not supported by pgpilot (use hba, "
+                   "scram-sha-256, md5, plain, cert, trust or auth_query)", "auth_type")
     if config.auth_type == "hba" and config.auth_hba_file is None:
         raise fail("auth_type = hba needs auth_hba_file", "auth_type")
     if config.auth_hba_file is not None and not os.path.isfile(config.auth_hba_file):
         raise fail(f"auth_hba_file '{config.auth_hba_file}' not found", "auth_hba_file")
+    if config.auth_type == "hba" and config.auth_hba_file is not None:
+        from pgpilot.proxy.hba import load_hba
+
+        load_hba(config.auth_hba_file)  # a line pgpilot cannot follow: ConfigError, with its line
 
     if config.client_tls_sslmode != "disable":
         for name in ("client_tls_key_file", "client_tls_cert_file"):

@@ -241,7 +241,7 @@ class FastPath:
 
     def drain_log(self) -> None:
         """Log what the engine noted of clients it logged in alone, in the words Python uses
-        for any client (ClientConnection: "login ok", "closing: ...")."""
+        for any client (ClientConnection: "login ok", "closing because: ...")."""
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
@@ -250,7 +250,7 @@ class FastPath:
             host, port = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unix", 0)
             lines.append(f"C-{client_id}({route.database}/{route.user}@{host}:{port}) "
                          + ("login ok" if kind == LOGGED_IN
-                            else "closing: client closed the connection"))
+                            else "closing because: client closed the connection"))
         log_lines(log, logging.INFO, lines)
 
     def offer_route(self, client: ClientConnection, packet: bytes,

@@ -46,9 +46,11 @@ class LogFormatter(logging.Formatter):
         return f"{self._text},{int(msecs):03d}"  # as default_msec_format
 
 
-def setup_handlers(level: int, logfile: str | None, stream: TextIO | None = None) -> None:
-    """The CLI's logging: lines in LOG_FORMAT to stderr (or ``stream``), and to ``logfile``."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(stream)]
+def setup_handlers(level: int, logfile: str | None, stream: TextIO | None = None,
+                   to_stream: bool = True) -> None:
+    """The CLI's logging: lines in LOG_FORMAT to stderr (or ``stream``; not at all with
+    ``to_stream`` False, PgBouncer's -q), and to ``logfile``."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(stream)] if to_stream else []
     if logfile:
         handlers.append(logging.FileHandler(logfile))
     formatter = LogFormatter()

@@ -319,7 +319,9 @@ class Pool:
         self.give_out(server)
 
     def _login_failed(self, error: ServerError) -> None:
-        log.warning("%s: server login failed: %s", self.name, error)
+        # PgBouncer's words: "server login failed: FATAL <PostgreSQL's message>".
+        log.warning("%s: server login failed: %s%s", self.name,
+                    "FATAL " if error.from_server else "", error)
         self.last_login_error = error
         self.login_failed_until = time.monotonic() + self.pooler.config.server_login_retry
         for fut in self._welcome_waiters:

@@ -80,6 +80,9 @@ class Pooler:
         # Clients pinned to their server, counted by kind of state (session.PINS): metrics.
         self.pins_total: dict[str, int] = {}
         self.admin_console = AdminConsole(self)
+        from pgpilot.proxy.auth_query import AuthQuery
+
+        self.auth_query = AuthQuery(self)  # auth_user / auth_query lookups and their cache
         self._metrics_server: asyncio.AbstractServer | None = None
         # The compiled fast path (fastpath.py), started with the pooler when enabled and built.
         self.fast: FastPath | None = None
@@ -322,11 +325,18 @@ class Pooler:
             return
         self.admin_handler(client)
 
-    def client_secret_for(self, user: str) -> str | None:
-        return self.config.auth_users.get(user)
+    def client_secret_for(self, user: str, database: str | None = None) -> str | None:
+        """``user``'s secret: auth_file's, else what auth_query read for it (auth_query.py)."""
+        secret = self.config.auth_users.get(user)
+        if secret is None and database is not None:
+            secret = self.auth_query.secret_for(database, user)
+        return secret
 
     def server_password_for(self, user: str) -> str | None:
-        return self.config.auth_users.get(user)
+        secret = self.config.auth_users.get(user)
+        if secret is None:
+            secret = self.auth_query.last_secrets.get(user)
+        return secret
 
     def handle_ssl_request(self, client: ClientConnection) -> None:
         if client.tls:
@@ -357,6 +367,8 @@ class Pooler:
         key = (db_name, user)
         pool = self.pools.get(key)
         if pool is None:
+            if db.is_fallback and not any(name == db_name for name, _u in self.pools):
+                log.info("registered new auto-database: db=%s", db_name)
             pool = self.pools[key] = Pool(self, db, db_name, user)
             pool.paused = self.paused or db_name in self.paused_databases
         return pool

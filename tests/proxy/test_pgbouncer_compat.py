@@ -1,0 +1,275 @@
+"""A PgBouncer deployment runs unchanged: admin access over the unix socket, console SET,
+auth_user / auth_query / auth_dbname, an hba file, the order of login checks, DISABLE /
+ENABLE, and PgBouncer's command line. Real PostgreSQL, real clients (psycopg)."""
+
+from __future__ import annotations
+
+import getpass
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from tests.proxy.conftest import RunningProxy, write_config
+
+from pgpilot import VERSION_LINE
+from pgpilot.proxy.auth_query import query_text, sql_literal
+from pgpilot.proxy.config import ConfigError, parse_config
+from pgpilot.proxy.hba import parse_hba
+
+ProxyFactory = Callable[..., RunningProxy]
+
+
+def admin(proxy: RunningProxy, **kw: object) -> psycopg.Connection:
+    params = {"host": "127.0.0.1", "port": proxy.port, "dbname": "pgbouncer",
+              "user": "postgres", "autocommit": True}
+    params.update(kw)
+    return psycopg.connect(**params)  # type: ignore[arg-type]
+
+
+def config_value(conn: psycopg.Connection, key: str) -> str:
+    rows = conn.execute("SHOW CONFIG").fetchall()
+    return next(str(r[1]) for r in rows if r[0] == key)
+
+
+# -- the admin console ----------------------------------------------------------------------
+
+def test_pgbouncer_user_over_the_unix_socket_is_admin_without_a_password(
+        proxy_factory: ProxyFactory, tmp_path: Path) -> None:
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir()
+    # md5 for everybody, and "pgbouncer" is in neither auth_file nor admin_users.
+    proxy = proxy_factory(auth_type="md5", unix_socket_dir=str(sock_dir), admin_users="")
+    with admin(proxy, host=str(sock_dir), user="pgbouncer") as conn:
+        conn.execute("SET default_pool_size = 3")  # an admin command: allowed
+        assert config_value(conn, "default_pool_size") == "3"
+    # The same user over TCP gets no such pass: it must authenticate (and is unknown).
+    with pytest.raises(psycopg.OperationalError) as err:
+        admin(proxy, user="pgbouncer", password="x")
+    assert "password authentication failed" in str(err.value)
+
+
+def test_console_set_applies_as_reload_and_refuses_bad_values(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str]) -> None:
+    proxy = proxy_factory(userlist={pg_params["user"]: "", "viewer": ""},
+                          stats_users="viewer")
+    with admin(proxy) as conn:
+        assert conn.execute("SET default_pool_size = 1").statusmessage == \
+            "SET default_pool_size=1"
+        assert config_value(conn, "default_pool_size") == "1"
+        # A bad value changes nothing and says why, with PostgreSQL's SQLSTATE.
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as bad:
+            conn.execute("SET pool_mode = 'sometimes'")
+        assert "invalid value for pool_mode" in str(bad.value)
+        assert config_value(conn, "pool_mode") == "transaction"
+        with pytest.raises(psycopg.errors.CantChangeRuntimeParam):
+            conn.execute("SET listen_port = 1")
+        with pytest.raises(psycopg.errors.UndefinedObject):
+            conn.execute("SET no_such_setting = 1")
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("SET client_encoding = 'UTF8'")  # drivers send it: ignored, said so
+        conn.execute("SET tcp_user_timeout = 1000")  # PgBouncer's, not acted on: said so
+        assert notices == ["SET ignored", "SET tcp_user_timeout has no effect: pgpilot does "
+                           "not act on this PgBouncer setting"]
+    with admin(proxy, user="viewer") as conn, \
+            pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("SET default_pool_size = 5")
+    # The new pool size is acted on: with 1 server, a second client waits for the first.
+    with psycopg.connect(proxy.dsn(), autocommit=True) as one, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as two:
+        one.execute("begin")
+        one.execute("select 1")
+        with admin(proxy) as conn:
+            conn.execute("SET query_wait_timeout = 1")
+        with pytest.raises(psycopg.OperationalError) as waited:
+            two.execute("select 1")
+        assert "query_wait_timeout" in str(waited.value)
+
+
+def test_disable_refuses_new_clients_until_enable(proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory()
+    with psycopg.connect(proxy.dsn(), autocommit=True) as before:
+        with admin(proxy) as conn:
+            conn.execute("DISABLE test")
+            row = next(r for r in conn.execute("SHOW DATABASES").fetchall() if r[0] == "test")
+            assert row[-1] == 1  # disabled
+        assert before.execute("select 1").fetchone() == (1,)  # connected ones carry on
+        with pytest.raises(psycopg.OperationalError) as err:
+            psycopg.connect(proxy.dsn())
+        assert 'database "test" is disabled' in str(err.value)
+        with admin(proxy) as conn:
+            conn.execute("ENABLE test")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as after:
+        assert after.execute("select 1").fetchone() == (1,)
+
+
+# -- order of checks ------------------------------------------------------------------------
+
+def test_an_unknown_database_is_told_only_after_authentication(
+        pg_params: dict[str, str], tmp_path: Path) -> None:
+    path, port = write_config(tmp_path, pg_params, {"auth_type": "md5"},
+                              userlist={pg_params["user"]: "right"})
+    # No "*" fallback: only "test" is known.
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if not line.startswith("* = ")))
+    proxy = RunningProxy(path, port).start()
+    try:
+        with pytest.raises(psycopg.OperationalError) as wrong:
+            psycopg.connect(proxy.dsn(dbname="nosuchdb", password="wrong"))
+        with pytest.raises(psycopg.OperationalError) as right:
+            psycopg.connect(proxy.dsn(dbname="nosuchdb", password="right"))
+    finally:
+        proxy.stop()
+    assert "password authentication failed" in str(wrong.value)
+    assert "nosuchdb" not in str(wrong.value)
+    assert "no such database: nosuchdb" in str(right.value)
+
+
+# -- auth_user / auth_query -----------------------------------------------------------------
+
+@pytest.fixture
+def login_role(pg_dsn: str) -> Iterator[tuple[str, str]]:
+    """A role with a SCRAM password, made for the test and dropped after it."""
+    name = f"pgpilot_aq_{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(12)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("SET password_encryption = 'scram-sha-256'")
+        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD {sql_literal(password)}")
+    yield name, password
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+def test_auth_query_logs_in_users_not_in_auth_file(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str],
+        login_role: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    name, password = login_role
+    # auth_file holds only the auth user; the role is known to PostgreSQL alone.
+    proxy = proxy_factory(auth_type="scram-sha-256", auth_user=pg_params["user"],
+                          userlist={pg_params["user"]: pg_params.get("password", "")})
+    with psycopg.connect(proxy.dsn(user=name, password=password), autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == (name,)
+    with pytest.raises(psycopg.OperationalError) as wrong:
+        psycopg.connect(proxy.dsn(user=name, password="not-" + password))
+    with pytest.raises(psycopg.OperationalError) as unknown:
+        psycopg.connect(proxy.dsn(user="pgpilot_no_such_role", password="x"))
+    # No enumeration: an unknown role fails exactly as a wrong password does.
+    assert "password authentication failed" in str(wrong.value)
+    assert str(unknown.value).replace("pgpilot_no_such_role", name) == str(wrong.value)
+    assert password not in caplog.text
+
+
+def test_a_failing_auth_query_is_a_clear_login_error(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str],
+        login_role: tuple[str, str]) -> None:
+    name, password = login_role
+    proxy = proxy_factory(auth_type="md5", auth_user=pg_params["user"],
+                          auth_query="SELECT usename, passwd FROM no_such_table WHERE u=$1")
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError) as err:
+        psycopg.connect(proxy.dsn(user=name, password=password), connect_timeout=10)
+    assert "auth_query failed" in str(err.value) and "no_such_table" in str(err.value)
+    assert time.monotonic() - started < 5
+
+
+def test_auth_query_runs_with_a_safe_search_path_and_a_quoted_user() -> None:
+    sql = query_text("SELECT usename, passwd FROM pg_shadow WHERE usename = $1", "o'b\\x")
+    assert sql == ("BEGIN; SET LOCAL search_path TO pg_catalog, pg_temp; SELECT usename, "
+                   "passwd FROM pg_shadow WHERE usename = E'o''b\\\\x'; COMMIT")
+
+
+# -- hba ------------------------------------------------------------------------------------
+
+def test_hba_file_decides_the_method_per_connection(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str], tmp_path: Path) -> None:
+    hba = tmp_path / "pgbouncer_hba.conf"
+    hba.write_text("# TYPE DATABASE USER ADDRESS METHOD\n"
+                   "host  all  mallory  127.0.0.1/32  reject\n"
+                   "host  all  alice    127.0.0.1/32  password\n"
+                   "host  all  all      0.0.0.0/0     trust\n")
+    proxy = proxy_factory(auth_type="hba", auth_hba_file=str(hba),
+                          userlist={pg_params["user"]: "", "alice": "secret", "mallory": "m"},
+                          databases={"test": f"host={pg_params['host']} port={pg_params['port']}"
+                                             f" dbname={pg_params['dbname']} "
+                                             f"user={pg_params['user']}"})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:  # trust
+        assert conn.execute("select 1").fetchone() == (1,)
+    with psycopg.connect(proxy.dsn(user="alice", password="secret"), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError) as bad:
+        psycopg.connect(proxy.dsn(user="alice", password="wrong"))
+    assert "password authentication failed" in str(bad.value)
+    with pytest.raises(psycopg.OperationalError) as refused:
+        psycopg.connect(proxy.dsn(user="mallory", password="m"))
+    assert "login rejected" in str(refused.value)
+
+
+def test_hba_lines_pgpilot_cannot_follow_make_the_config_invalid(tmp_path: Path) -> None:
+    rules = parse_hba("local all all peer\nhostssl db1,db2 bob 10.0.0.0 255.0.0.0 md5\n")
+    assert rules.method_for(unix=True, tls=False, address="unix", database="x", user="y") \
+        == "peer"
+    assert rules.method_for(unix=False, tls=True, address="10.1.2.3", database="db2",
+                            user="bob") == "md5"
+    assert rules.method_for(unix=False, tls=False, address="10.1.2.3", database="db2",
+                            user="bob") == "reject"  # hostssl only; no rule: reject
+    bad = tmp_path / "hba.conf"
+    bad.write_text("host all all 0.0.0.0/0 ldap\n")
+    users = tmp_path / "userlist.txt"
+    users.write_text('"alice" "x"\n')
+    with pytest.raises(ConfigError) as err:
+        parse_config(f"[pgbouncer]\nauth_type = hba\nauth_hba_file = {bad}\n"
+                     f"auth_file = {users}\n")
+    assert "unsupported auth method 'ldap'" in str(err.value) and ":1:" in str(err.value)
+
+
+# -- PgBouncer's command line ---------------------------------------------------------------
+
+def test_pgbouncer_command_line_version_matches_show_version(
+        proxy_factory: ProxyFactory) -> None:
+    out = subprocess.run([sys.executable, "-m", "pgpilot.proxy.pgbouncer_cli", "-V"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == VERSION_LINE
+    proxy = proxy_factory()
+    with admin(proxy) as conn:
+        assert conn.execute("SHOW VERSION").fetchone() == (VERSION_LINE,)
+
+
+def test_pgbouncer_command_line_runs_a_config_quietly(
+        pg_params: dict[str, str], tmp_path: Path) -> None:
+    from pgpilot.embedded import free_port
+
+    port = free_port()
+    log = tmp_path / "pgbouncer.log"
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text(f"[databases]\ntest = host={pg_params['host']} port={pg_params['port']} "
+                   f"dbname={pg_params['dbname']}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n"
+                   f"listen_port = {port}\nunix_socket_dir = {tmp_path}\nauth_type = trust\n"
+                   f"logfile = {log}\nauth_file = {tmp_path / 'userlist.txt'}\n")
+    (tmp_path / "userlist.txt").write_text(f'"{pg_params["user"]}" ""\n')
+    proc = subprocess.Popen([sys.executable, "-m", "pgpilot.proxy.pgbouncer_cli", "-q",
+                             str(ini)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                # The unix socket, as PgBouncer's own tooling reaches the console.
+                with psycopg.connect(host=str(tmp_path), port=port, dbname="pgbouncer",
+                                     user="pgbouncer", autocommit=True) as conn:
+                    assert conn.execute("SHOW VERSION").fetchone() == (VERSION_LINE,)
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert err == ""  # -q: nothing on stderr ...
+    assert "pgbouncer access from unix socket" in log.read_text()  # ... all in the logfile
+    assert getpass.getuser()  # (the peer check compared uids of this very user)
