@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pgpilot.embedded import EmbeddedPostgres
+from pgpilot.testbed import ReplicationCluster
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -131,3 +132,28 @@ def redis_url() -> Iterator[str]:
             server.stop()
         return
     yield url
+
+
+@pytest.fixture(scope="session")
+def replication_cluster_session() -> Iterator[ReplicationCluster]:
+    """One primary and two streaming replicas (:class:`pgpilot.testbed.ReplicationCluster`)
+    for the whole test session; use ``replication_cluster``, which resets it for each test."""
+    cluster = ReplicationCluster(replicas=2)
+    try:
+        cluster.start()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        service_missing(f"a PostgreSQL replication test bed ({exc})")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def replication_cluster(
+    replication_cluster_session: ReplicationCluster,
+) -> ReplicationCluster:
+    """The session's replication cluster, brought back to no lag, every node up and the
+    original primary (rebuilt after a promotion) before the test."""
+    replication_cluster_session.reset()
+    return replication_cluster_session
