@@ -924,6 +924,8 @@ static void leave_fast(ConnObject *c) {
     Py_XDECREF(p);
 }
 
+static void fail_closed(ConnObject *c, ConnObject *s, const char *text);
+
 /* Hand ``c`` (a client) and its server, if any, back to Python with their state. */
 static void eject_client(ConnObject *c, ConnObject *server, int how) {
     PyObject *cb = NULL, *sb = NULL, *r = NULL;
@@ -939,23 +941,26 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     if (was_waiting && how == EJECT_UNLINKED) how = EJECT_WAITING;
     cb = take_bytes(&c->rb);
     sb = server ? take_bytes(&server->rb) : PyBytes_FromStringAndSize(NULL, 0);
-    if (!cb || !sb) {
-        report_error(c->engine);
-        goto done;
-    }
-    char txn[2] = {c->txn ? c->txn : 'I', 0};
-    PyObject *owed = owed_record(c);
+    PyObject *owed = cb && sb ? owed_record(c) : NULL;
     if (!owed) {
         report_error(c->engine);
+        fail_closed(c, server, "pooler error: the connection could not be handed over");
         goto done;
     }
+    /* c->txn is only ever I, T or E (server_pump refuses any other status). */
+    char txn[2] = {c->txn == 'T' || c->txn == 'E' ? c->txn : 'I', 0};
     r = py_method(p->handler, "ejected", "OOiiisdddOOOO", c->protocol,
                             server ? server->protocol : Py_None, how, c->expected_rfq,
                             c->unsynced, txn, secs(c->query_started), secs(c->xact_started),
                             secs(c->idle_in_txn_since), cb, sb, PyTuple_GET_ITEM(owed, 0),
                             PyTuple_GET_ITEM(owed, 1));
     Py_DECREF(owed);
-    if (!r) report_error(c->engine);
+    if (!r) {
+        /* Python could not take the pair over: neither is used again (fail closed). */
+        report_error(c->engine);
+        fail_closed(c, server, "pooler error: the connection could not be handed over");
+        goto done;
+    }
     c->expected_rfq = 0;
     c->unsynced = 0;
     c->query_started = c->xact_started = c->idle_in_txn_since = 0;
@@ -989,6 +994,65 @@ static void return_server(ConnObject *s) {
     update_events(s);
     Py_DECREF(p);
     Py_DECREF(s);
+}
+
+/* -- failing closed ----------------------------------------------------------------------- *
+ * When a server breaks the protocol (a ReadyForQuery status other than I/T/E, a length under
+ * 4, a message type a server never sends mid-session) or a hand-back to Python fails, neither
+ * connection of the pair can be trusted again: the server is closed (Python hears
+ * connection_lost and replaces it), the client gets an ErrorResponse with a SQLSTATE and is
+ * closed once it is written. Nothing of the pair is ever lent again. */
+static void on_writable(ConnObject *c);
+static void phantom_drop(ConnObject *c);
+static void conn_close_fd(ConnObject *c);
+
+/* A FATAL ErrorResponse to ``c`` (best effort: it is being closed anyway). */
+static void send_fatal(ConnObject *c, const char *code, const char *text) {
+    char msg[320];
+    size_t tl = strnlen(text, 200), n = 5;
+    n += (size_t)snprintf(msg + n, sizeof msg - n, "SFATAL%cVFATAL%cC%s%cM", 0, 0, code, 0);
+    memcpy(msg + n, text, tl);
+    n += tl;
+    msg[n++] = 0;
+    msg[n++] = 0;
+    msg[0] = 'E';
+    put_be32((unsigned char *)msg + 1, (uint32_t)(n - 1));
+    if (conn_send(c, msg, n) < 0) c->wb.start = c->wb.end = 0;
+}
+
+/* Close the pair (either may be NULL) as above; ``text`` is what the client is told. */
+static void fail_closed(ConnObject *c, ConnObject *s, const char *text) {
+    if (c) Py_INCREF(c);
+    if (s) Py_INCREF(s);
+    if (c && c->peer) unlink_pair(c);
+    if (s && s->peer) unlink_pair(s->peer);
+    if (s && !(s->flags & F_CLOSED)) {
+        if (s->mode == MODE_FAST) leave_fast(s);
+        conn_close_fd(s);
+        PyObject *exc = PyObject_CallFunction(PyExc_ConnectionError, "s", text);
+        PyObject *r = py_method(s->protocol, "connection_lost", "O", exc ? exc : Py_None);
+        if (!r) report_error(s->engine);
+        Py_XDECREF(r);
+        Py_XDECREF(exc);
+        PyErr_Clear();
+        drop_engine_ref(s);
+    }
+    if (c && !(c->flags & (F_CLOSED | F_CLOSING))) {
+        if (c->mode == MODE_FAST) leave_fast(c);
+        owed_reset(c);
+        c->expected_rfq = c->unsynced = 0;
+        c->rb.start = c->rb.end = 0;
+        buf_shrink(&c->rb);
+        send_fatal(c, "08006", text);
+        if (c->flags & F_PHANTOM) {
+            phantom_drop(c);
+        } else {
+            c->flags |= F_CLOSING;
+            if (!buf_len(&c->wb)) on_writable(c); else update_events(c);
+        }
+    }
+    if (s) Py_DECREF(s);
+    if (c) Py_DECREF(c);
 }
 
 /* -- the fast path: clients -------------------------------------------------------------- */
@@ -1210,6 +1274,22 @@ again:
 }
 
 /* -- the fast path: servers -------------------------------------------------------------- */
+/* PostgreSQL's own cap on a message (PQ_LARGE_MESSAGE_LIMIT is 1 GB - 1, MaxAllocSize). */
+#define MAX_SERVER_MESSAGE 0x3fffffffu
+
+/* A message type a server may send once logged in (protocol 3.0, PostgreSQL 16 and older):
+ * anything else (an Authentication, a BackendKeyData, a NegotiateProtocolVersion, a byte no
+ * version defines) is a protocol violation and closes the pair. */
+static int server_type_ok(unsigned char t) {
+    switch (t) {
+    case '1': case '2': case '3': case 'A': case 'C': case 'c': case 'D': case 'd': case 'E':
+    case 'G': case 'H': case 'I': case 'N': case 'n': case 's': case 'S': case 'T': case 't':
+    case 'V': case 'W': case 'Z':
+        return 1;
+    }
+    return 0;
+}
+
 static void server_pump(ConnObject *s) {
     ConnObject *c = s->peer;
     if (!c) {
@@ -1236,14 +1316,23 @@ static void server_pump(ConnObject *s) {
         if (avail - pos < 5) break;
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
-        if (len < 4 || t == 'S' || t == 'G' || t == 'H' || t == 'W') {
+        if (len < 4 || len > MAX_SERVER_MESSAGE || !server_type_ok(t) ||
+            (t == 'Z' && len != 5)) {
+            fail_closed(c, s, "server sent an invalid message (protocol violation)");
+            return;
+        }
+        if (t == 'S' || t == 'G' || t == 'H' || t == 'W') {
             eject = 1;
             break;
         }
-        if (t == 'Z' && len == 5) {
+        if (t == 'Z') {
             if (avail - pos < 6) break;
-            owed_answer(c, t);
             char status = (char)base[pos + 5];
+            if (status != 'I' && status != 'T' && status != 'E') {
+                fail_closed(c, s, "server sent an invalid ReadyForQuery status");
+                return;
+            }
+            owed_answer(c, t);
             if (p->statement_mode && status != 'I') {
                 eject = 1;
                 pos = first_boundary;

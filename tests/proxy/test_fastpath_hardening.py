@@ -1,0 +1,105 @@
+"""The compiled fast path fails closed (issue 26): each test here failed before its fix.
+
+They run the real pooler against real PostgreSQL; where a server has to misbehave, a
+fault-injecting relay (tests/faults/relay.py) sits between the pooler and PostgreSQL and
+rewrites one of its messages.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from tests.faults.relay import FaultRelay
+from tests.proxy.conftest import RunningProxy, read_types, wait_until
+
+from pgpilot.proxy import fastpath
+from pgpilot.wire import messages as m
+
+pytestmark = pytest.mark.skipif(not fastpath.available() and os.environ.get("CI") != "true",
+                                reason="fast path not built (no C compiler at install)")
+
+
+@pytest.fixture
+def relay(pg_params: dict[str, str]) -> Iterator[FaultRelay]:
+    r = FaultRelay(pg_params["host"], int(pg_params["port"]))
+    yield r
+    r.close()
+
+
+def relayed(pg_params: dict[str, str], relay: FaultRelay) -> dict[str, str]:
+    return {**pg_params, "host": "127.0.0.1", "port": str(relay.port)}
+
+
+def connect(proxy: RunningProxy, **kw: Any) -> psycopg.Connection[Any]:
+    kw.setdefault("autocommit", True)
+    kw.setdefault("prepare_threshold", None)
+    kw.setdefault("connect_timeout", 10)
+    return psycopg.connect(proxy.dsn(), **kw)
+
+
+def engine_linked(proxy: RunningProxy) -> bool:
+    return bool(proxy.call(lambda: any(
+        fastpath.is_fast_conn(s.transport) and s.transport.fast  # type: ignore[union-attr]
+        for p in proxy.pooler.pools.values() for s in p.all_servers())))  # type: ignore[union-attr]
+
+
+# -- finding 1: a bad ReadyForQuery status from a server ------------------------------------
+@pytest.mark.parametrize("status", [b"\xff", b"X", b"\x00"])
+def test_bad_ready_for_query_status_closes_the_server_not_the_pool(
+        proxy_factory: Any, pg_params: dict[str, str], relay: FaultRelay, status: bytes) -> None:
+    """A server whose ReadyForQuery status is not I/T/E is closed, its client gets an error
+    with a SQLSTATE, and the next client of the one-server pool is served by a new server
+    (before: the pair was dropped half-way and every later client waited in vain)."""
+    proxy = proxy_factory(upstream=relayed(pg_params, relay), default_pool_size=1,
+                          query_wait_timeout=5)
+    with connect(proxy) as first:
+        assert first.execute("select 1").fetchone() == (1,)
+        wait_until(lambda: engine_linked(proxy))
+        armed = [True]
+
+        def corrupt(msg: bytes) -> bytes:
+            if armed[0] and msg[:1] == b"Z":
+                armed[0] = False
+                return msg[:5] + status
+            return msg
+
+        relay.rewrite_server = corrupt
+        with pytest.raises(psycopg.OperationalError) as caught:
+            first.execute("select 2").fetchone()
+        assert not armed[0], "the relay never saw the answer"
+        assert caught.value.sqlstate == "08006"
+    relay.rewrite_server = None
+    with connect(proxy) as second:
+        assert second.execute("select 3").fetchone() == (3,)
+        assert second.execute("select 4").fetchone() == (4,)
+
+
+def test_bad_ready_for_query_status_raw_client_gets_an_error(
+        proxy_factory: Any, pg_params: dict[str, str], relay: FaultRelay) -> None:
+    """Byte for byte: the client gets an ErrorResponse with a SQLSTATE and the connection
+    closes; the status byte never reaches it."""
+    proxy = proxy_factory(upstream=relayed(pg_params, relay), default_pool_size=1,
+                          query_wait_timeout=5)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.query("select 1"))
+        assert read_types(sock) == ["T", "D", "C", "Z"]
+        relay.rewrite_server = lambda msg: msg[:5] + b"\x80" if msg[:1] == b"Z" else msg
+        sock.sendall(m.query("select 2"))
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    relay.rewrite_server = None
+    assert b"Z\x00\x00\x00\x05\x80" not in data
+    assert b"E" in data and b"C08" in data  # an ErrorResponse, SQLSTATE class 08
+    with connect(proxy) as conn:
+        assert conn.execute("select 5").fetchone() == (5,)
