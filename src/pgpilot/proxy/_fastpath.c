@@ -187,6 +187,9 @@ struct ConnObject {
     int64_t query_started, xact_started, wait_started, last_activity, idle_in_txn_since;
     /* server stream: body bytes of the current message still to pass */
     size_t skip;
+    /* client queued for a server (AT_WAITING): bytes from rb.start that client_scan found
+     * fast already (complete messages, no statement to rename), not scanned again */
+    size_t scan_ok;
     long long params_id;
     int64_t expires;
     int64_t idle_since;
@@ -420,6 +423,7 @@ static void queue_remove(ConnObject *c) {
     }
     c->prev = c->next = NULL;
     c->at = AT_NONE;
+    c->scan_ok = 0;
     Py_DECREF(c); /* the queue's reference */
 }
 
@@ -1078,12 +1082,15 @@ static void call_starved(PoolObject *p) {
     Py_XDECREF(r);
 }
 
+/* Bytes of complete client messages client_scan examined, in all (Python: scanned_bytes()). */
+static unsigned long long scanned_total;
+
 /* Scan the client's complete messages. Returns the bytes that may be forwarded; *bad is set
  * when a message the fast path will not carry starts within the buffer. When they rename
  * statements, ``renamed`` holds them as they go to the server. */
-static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
+static size_t client_scan(ConnObject *c, size_t from, int *bad, int *terminate) {
     const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
-    size_t avail = buf_len(&c->rb), pos = 0;
+    size_t avail = buf_len(&c->rb), pos = from <= avail ? from : 0;
     *bad = 0;
     *terminate = 0;
     renamed_clear();
@@ -1096,6 +1103,7 @@ static size_t client_scan(ConnObject *c, int *bad, int *terminate) {
             break;
         }
         if (avail - pos < (size_t)len + 1) break;
+        scanned_total += (size_t)len + 1;
         int how = message_fast(t, base + pos + 5, len - 4);
         if (how == FAST_NAMED) {
             size_t name_len;
@@ -1195,7 +1203,9 @@ again:
     PoolObject *p = c->pool;
     if (c->flags & F_EJECT_WANTED) return; /* bytes wait for the server to be quiet */
     int bad, terminate;
-    size_t n = client_scan(c, &bad, &terminate);
+    /* Queued: what was scanned at an earlier read is not scanned again (a client sending a
+     * byte at a time behind 64 KB of queued queries would cost a full rescan per byte). */
+    size_t n = client_scan(c, c->at == AT_WAITING ? c->scan_ok : 0, &bad, &terminate);
     if (bad) {
         ConnObject *s = c->peer;
         if (!s && terminate && n == 0 && c->at == AT_NONE) {
@@ -1222,7 +1232,10 @@ again:
     }
     if (!n) return;
     if (!c->peer) {
-        if (c->at == AT_WAITING) return;
+        if (c->at == AT_WAITING) {
+            c->scan_ok = renamed.n_names ? 0 : n;
+            return;
+        }
         int exact = 0;
         ConnObject *s = p->paused ? NULL : take_idle(p, c->params_id, &exact);
         if (s && p->check_after >= 0 && now_ns() - s->idle_since > p->check_after) {
@@ -1238,6 +1251,7 @@ again:
         if (!s) {
             c->wait_started = now_ns();
             wait_push(p, c);
+            c->scan_ok = renamed.n_names ? 0 : n;
             update_events(c);
             call_starved(p);
             return;
@@ -4037,7 +4051,13 @@ static PyObject *mod_needs_python(PyObject *mod, PyObject *arg) {
     return PyBool_FromLong(r);
 }
 
+static PyObject *mod_scanned_bytes(PyObject *mod, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(scanned_total);
+}
+
 static PyMethodDef module_methods[] = {
+    {"scanned_bytes", mod_scanned_bytes, METH_NOARGS,
+     "Bytes of complete client messages the fast path's scanner examined, in all (tests)."},
     {"sql_needs_python", mod_needs_python, METH_O,
      "The fast path's pre-filter: does this SQL text have to go through Python?"},
     {"b64encode", mod_b64encode, METH_O, "The engine's base64 (for tests)."},
