@@ -424,3 +424,87 @@ def test_reported_parameters_are_spelled_as_the_server_spells_them(
             await conn.close()
 
     assert asyncio.run(asyncpg_settings(proxy.dsn())) == asyncio.run(asyncpg_settings(pg_dsn))
+
+
+# -- review: session state changed by re-executing a prepared statement -----------------------
+
+@pytest.mark.parametrize("fast_path", [1, 0])
+def test_a_prepared_set_config_run_again_is_followed(
+        proxy_factory: Callable[..., RunningProxy], fast_path: int) -> None:
+    """asyncpg (and psycopg's prepare_threshold, SQLAlchemy) run ``set_config`` as a named
+    prepared statement: the second run is a Bind alone. The setting it makes must follow its
+    client and nobody else's transaction may see it (one server: every client shares it)."""
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+
+    async def check() -> None:
+        a = await asyncpg.connect(proxy.dsn())
+        b = await asyncpg.connect(proxy.dsn())
+        try:
+            setter = "SELECT set_config('app.tenant', $1, false)"
+            await b.fetchval(setter, "t1")  # b's settings: app.tenant = t1
+            await a.fetchval(setter, "t1")
+            await a.fetchval(setter, "t2")  # a Bind of a's cached statement alone
+            read = "SELECT current_setting('app.tenant', true)"
+            assert await a.fetchval(read) == "t2"
+            assert await b.fetchval(read) == "t1"  # not a's tenant
+            plain = await asyncpg.connect(proxy.dsn())
+            try:
+                assert await plain.fetchval(read) in (None, "")
+            finally:
+                await plain.close()
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(check())
+
+
+@pytest.mark.parametrize("fast_path", [1, 0])
+def test_a_prepared_advisory_lock_run_again_pins(
+        proxy_factory: Callable[..., RunningProxy], fast_path: int) -> None:
+    """A session advisory lock taken by a cached prepared statement after the client was
+    unpinned: the lock must keep the client on its server, and never go to another client."""
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path, query_wait_timeout=3)
+
+    async def check() -> None:
+        a = await asyncpg.connect(proxy.dsn())
+        try:
+            lock, unlock = "SELECT pg_advisory_lock($1)", "SELECT pg_advisory_unlock($1)"
+            await a.fetchval(lock, 991)
+            assert await a.fetchval(unlock, 991) is True
+            await a.fetchval(lock, 991)  # Binds of cached statements alone from here
+            other = await asyncpg.connect(proxy.dsn())
+            try:
+                # The lock is a's: another client either waits for the pinned server (and
+                # times out), or gets a server that holds no lock.
+                try:
+                    held = await other.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND pid = pg_backend_pid()")
+                except asyncpg.PostgresError as exc:
+                    assert "query_wait_timeout" in str(exc)
+                else:
+                    assert held == 0
+            finally:
+                await other.close()
+            assert await a.fetchval(unlock, 991) is True  # a still holds it
+        finally:
+            await a.close()
+
+    asyncio.run(check())
+
+
+def test_set_config_of_a_bound_name_is_followed(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """``set_config(%s, %s, false)`` with the setting's name a bound parameter (a helper that
+    sets any setting): the setting is the client's, and the next client on the same (only)
+    server must not find it; neither may a name the client set earlier be forgotten."""
+    proxy = proxy_factory(default_pool_size=1)
+    read = "SELECT current_setting('app.tenant', true), current_setting('app.user', true)"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as a:
+        a.execute("SELECT set_config('app.user', 'u1', false)")
+        a.execute("SELECT set_config(%s, %s, false)", ("app.tenant", "t1"))
+        assert a.execute(read).fetchone() == ("t1", "u1")
+        with psycopg.connect(proxy.dsn(), autocommit=True) as b:
+            assert b.execute(read).fetchone() in ((None, None), ("", ""))
+        assert a.execute(read).fetchone() == ("t1", "u1")

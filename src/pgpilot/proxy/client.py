@@ -38,10 +38,14 @@ from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.session import (
     ALL,
+    PARAM,
     PINS,
+    UNKNOWN,
     UNLISTED,
+    UNPIN_RUN_WORDS,
     UNPIN_WORDS,
     apply_sql,
+    bound_setting_name,
     might_change_settings,
     pins_from_rows,
     setting_changes,
@@ -824,7 +828,19 @@ class ClientConnection(asyncio.Protocol):
                     self.pooler.observe_parse(self, body)
                     start = body.find(b"\x00") + 1
                     end = body.find(b"\x00", start)
-                    self._note_session(body[start:end] if end >= 0 else body[start:])
+                    sql = body[start:end] if end >= 0 else body[start:]
+                    if self._note_session(sql, parse=True):
+                        if self.router is not None:  # its runs are noted too (Bind)
+                            self.router.session_sql[body[:start - 1].decode(
+                                errors="replace")] = sql
+                    elif self.router is not None and self.router.session_sql:
+                        self.router.session_sql.pop(body[:start - 1].decode(errors="replace"),
+                                                    None)
+                elif body is not None and self.router is not None and self.router.session_sql:
+                    if mtype == F.BIND:
+                        self._note_bind(body)
+                    elif mtype == F.CLOSE and body[:1] == b"S":
+                        self.router.session_sql.pop(body[1:-1].decode(errors="replace"), None)
             elif mtype == F.FUNCTION_CALL:
                 self.expected_rfq += 1
             elif mtype == F.TERMINATE:
@@ -1059,32 +1075,56 @@ class ClientConnection(asyncio.Protocol):
         self._detach(client_closed=False)
 
     # -- session settings (session.py) ------------------------------------------------------
-    def _note_session(self, sql: bytes) -> None:
+    def _note_session(self, sql: bytes, bind: bytes | None = None, parse: bool = False) -> bool:
         """Does ``sql`` change session settings, or make or end state that pins the client
         to its server? Then the session is read at the transaction's end (transaction and
-        statement pools; in session mode the server stays the client's anyway)."""
+        statement pools; in session mode the server stays the client's anyway). ``bind``:
+        the Bind that runs it (names of settings bound as parameters are read from it).
+        True if runs of ``sql`` may do so (``parse``: it is a Parse's): each Bind of it is
+        noted too."""
         pool = self.pool
         if pool is None or pool.mode == "session" or self.is_admin:
-            return
+            return False
+        relevant = False
         low = sql.decode("latin-1").lower()
         if might_change_settings(low):
             names = setting_changes(sql.decode("utf-8", errors="replace"))
             if names is not None:
+                relevant = True
                 self.settings_dirty = True
                 for name in names:
                     if name == ALL:
                         self.setting_names.clear()
-                    else:
+                    elif name.startswith(PARAM):
+                        bound = bound_setting_name(bind, int(name[1:])) if bind else None
+                        if bound is not None:
+                            self.setting_names.add(bound)
+                    elif name != UNKNOWN:
                         self.setting_names.add(name)
         if not self.pooler.config.pin_session_state:
-            return
+            return relevant
         if self.pins and any(word in low for word in UNPIN_WORDS):
             self.pin_check = True
+        if parse and not relevant and any(word in low for word in UNPIN_RUN_WORDS):
+            relevant = True
         if might_be_hazard(sql):
             for kind, what in classify(sql.decode("utf-8", errors="replace")):
                 if kind in PINS:
+                    relevant = True
                     self.pin_check = True
                     self.pin_candidates.setdefault(kind, what)
+        return relevant
+
+    def _note_bind(self, body: bytes) -> None:
+        """A Bind: if it runs one of the client's statements that may change its session
+        (router.session_sql), the run is noted as the Parse was."""
+        assert self.router is not None
+        start = body.find(b"\x00") + 1
+        end = body.find(b"\x00", start)
+        if start and end >= 0:
+            sql = self.router.session_sql.get(body[start:end].decode(errors="replace"))
+            if sql is not None:
+                self._note_session(sql, body)
 
     def _settle(self, server: ServerConnection) -> None:
         """The transaction that changed settings is over: read what the session carries now

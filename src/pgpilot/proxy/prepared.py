@@ -93,6 +93,19 @@ class ClientStatement(NamedTuple):
     server_parse: bytes  # the whole Parse message under the server-side name
 
 
+class SessionStatement:
+    """A client's statement whose runs may change session settings or pinned state
+    (``StatementRouter.session_sql``): as a ClientStatement, but not a tuple, so the compiled
+    fast path does not find it and hands every Bind of it to Python, which notes the run
+    (client._note_session) as it notes the Parse."""
+
+    __slots__ = ("server_name", "server_parse")
+
+    def __init__(self, server_name: str, server_parse: bytes) -> None:
+        self.server_name = server_name
+        self.server_parse = server_parse
+
+
 # CommandComplete tags of schema changes (CREATE TABLE, ALTER TYPE, DROP SCHEMA ...): the
 # compiled fast path hands a transaction to Python at one of them (_fastpath.c, is_ddl_tag).
 DDL_TAG_PREFIXES = (b"CREATE", b"ALTER ", b"DROP ")
@@ -130,7 +143,7 @@ def server_statement_name(parse: m.Parse, generation: int = 0, search_path: str 
 
 # What undoes a change the router made to the client's names when PostgreSQL skips the
 # request that made it (an error came first): (client's name, what it meant before or None).
-Undo = tuple[str, "ClientStatement | None"]
+Undo = tuple[str, "ClientStatement | SessionStatement | None"]
 # (what answers it, server-side statement name or None, more): more is an Undo (a named
 # Parse, a Close answered by the pooler), the client's name of a renamed Bind or Describe
 # (errors are told under it), for the pooler's own Close what the statement was before it
@@ -148,7 +161,7 @@ class StatementRouter:
     (what PostgreSQL skips after an error is owed nothing)."""
 
     __slots__ = ("held", "max_prepared", "outstanding", "renaming", "search_path",
-                 "skipped_queries", "skipping", "statements", "surgery")
+                 "session_sql", "skipped_queries", "skipping", "statements", "surgery")
 
     def __init__(self, max_prepared: int) -> None:
         self.max_prepared = max_prepared
@@ -156,7 +169,10 @@ class StatementRouter:
         # part of the shared names, as it decides what a statement's names refer to.
         self.search_path = ""
         self.renaming = max_prepared > 0
-        self.statements: dict[str, ClientStatement] = {}
+        self.statements: dict[str, ClientStatement | SessionStatement] = {}
+        # The client's statements ('' the unnamed one) whose runs may change its session's
+        # settings or pinned state, by name, with their text: each Bind of one is noted.
+        self.session_sql: dict[str, bytes] = {}
         self.outstanding: collections.deque[Entry] = collections.deque()
         self.held = b""  # server bytes of a message not yet complete
         # True from the first made-up or swallowed answer queued until the queue empties:
@@ -256,8 +272,8 @@ class StatementRouter:
             return raw
         server_name = server_statement_name(parse, server.pool.catalog.generation,
                                             self.search_path)
-        stmt = ClientStatement(server_name, m.parse_message(server_name, parse.sql,
-                                                            parse.param_types))
+        kind = SessionStatement if parse.name in self.session_sql else ClientStatement
+        stmt = kind(server_name, m.parse_message(server_name, parse.sql, parse.param_types))
         # PostgreSQL would refuse to redefine a name; the pooler lets the newest Parse win.
         undo = (parse.name, self.statements.get(parse.name))
         self.statements[parse.name] = stmt
@@ -294,7 +310,8 @@ class StatementRouter:
                 return synced
         return True
 
-    def _ensure_on_server(self, stmt: ClientStatement, server: ServerConnection) -> bytes:
+    def _ensure_on_server(self, stmt: ClientStatement | SessionStatement,
+                          server: ServerConnection) -> bytes:
         """The Parse to slip in first when ``server`` lacks the statement (else nothing)."""
         if stmt.server_name in server.prepared:
             server.prepared.move_to_end(stmt.server_name)

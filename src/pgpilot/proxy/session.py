@@ -36,6 +36,8 @@ from pgpilot.proxy.server import TRACKED_BY_LOWER
 # Settings pg_settings does not list (GUC_NO_SHOW_ALL) that a client may still set.
 UNLISTED = ("role", "session_authorization")
 ALL = "*"  # RESET ALL / DISCARD ALL: every setting the client had is gone
+UNKNOWN = "?"  # set_config of a name computed by the statement: not known to the pooler
+PARAM = "$"  # "$2": set_config of a name bound as parameter 2 (read from the Bind)
 _BLANKS = " \t\r\n"
 _MAX_STATEMENT_STARTS = 64
 _CACHE_MAX_TEXT = 8192
@@ -128,7 +130,8 @@ def _statement_changes(stmt: Any) -> list[str] | None:
 
 def _set_config_calls(stmt: Any) -> list[str] | None:
     """set_config(name, value, false) anywhere in the statement: the names it sets (a name
-    that is not a constant makes the whole session's settings worth reading: ALL)."""
+    bound as a parameter: PARAM and its number, read from each Bind; another name that is
+    not a constant: UNKNOWN)."""
     from pglast import ast
     from pglast.visitors import Visitor
 
@@ -146,15 +149,45 @@ def _set_config_calls(stmt: Any) -> list[str] | None:
                 return
             seen[0] = True
             setting = node.args[0]
+            while isinstance(setting, ast.TypeCast):
+                setting = setting.arg
             if isinstance(setting, ast.A_Const) and isinstance(setting.val, ast.String):
                 param = str(setting.val.sval).lower()
                 if param in UNLISTED or "." in param:
                     found.append(param)
+            elif isinstance(setting, ast.ParamRef) and setting.number:
+                found.append(f"{PARAM}{setting.number}")
             else:
-                found.append(ALL)
+                found.append(UNKNOWN)
 
     Calls()(stmt)
     return found if seen[0] else None
+
+
+def bound_setting_name(bind: bytes, number: int) -> str | None:
+    """The name of a setting a Bind gives as parameter ``number`` (set_config's first
+    argument, text: its bytes are the same in the text and the binary format), lower case,
+    if the pooler must ask for it by name; None otherwise or if the Bind is malformed."""
+    try:
+        pos = bind.index(b"\x00") + 1
+        pos = bind.index(b"\x00", pos) + 1
+        pos += 2 + 2 * int.from_bytes(bind[pos:pos + 2], "big")
+        count = int.from_bytes(bind[pos:pos + 2], "big")
+        pos += 2
+    except ValueError:
+        return None
+    if not 0 < number <= count:
+        return None
+    for i in range(number):
+        size = int.from_bytes(bind[pos:pos + 4], "big", signed=True)
+        pos += 4
+        if i == number - 1:
+            if size < 0 or pos + size > len(bind):
+                return None
+            name = bind[pos:pos + size].decode("utf-8", errors="replace").lower()
+            return name if name in UNLISTED or "." in name else None
+        pos += max(size, 0)
+    return None
 
 
 # State that cannot follow a client to another server, and how to count it on the server.
@@ -172,6 +205,10 @@ _PIN_ROW = " pin:"  # pins' rows in the snapshot (no setting's name starts with 
 # Words of statements that may end pinned state (UNLISTEN, pg_advisory_unlock, DROP TABLE,
 # DISCARD TEMP, CLOSE, DEALLOCATE): a pinned client's transaction with one is checked again.
 UNPIN_WORDS = ("unlisten", "unlock", "drop", "discard", "close", "deallocate")
+# Those of them rare enough in prepared statements that every run of one is noted too
+# (client._note_bind; "drop" and "close" are common in names: a pinned client may stay
+# pinned after running such a prepared statement again).
+UNPIN_RUN_WORDS = ("unlisten", "unlock", "discard", "deallocate")
 
 
 def snapshot_sql(names: set[str], pins: bool = False) -> str:
