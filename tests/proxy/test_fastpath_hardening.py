@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -142,3 +143,44 @@ def test_queued_client_is_not_rescanned_on_every_read(proxy_factory: Any,
         sock.sendall(m.terminate())
     sent = len(queued) + len(last) + len(m.query("select 0"))
     assert scanned <= 3 * sent, (scanned, sent)
+
+
+# -- finding 3: a client that stalls mid-message is not held forever -------------------------
+def read_error(sock: socket.socket) -> bytes:
+    """Everything the pooler sends until it closes the connection."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_client_stalled_mid_message_is_disconnected(proxy_factory: Any,
+                                                    pg_params: dict[str, str],
+                                                    fast_path: str) -> None:
+    """A client that sends the start of a 1 MiB query and then nothing is disconnected after
+    client_message_timeout with 08P01, its buffered bytes freed (before: held forever); a
+    client that keeps sending, however slowly, and a client that sends a big query whole are
+    served."""
+    proxy = proxy_factory(client_message_timeout=1, fast_path=fast_path)
+    big = m.query("select length('" + "x" * 1_048_000 + "')")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as stalled, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as slow:
+        for sock in (stalled, slow):
+            sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
+            assert read_types(sock)[-1] == "Z"
+        stalled.sendall(big[:200_000])
+        slow_query = m.query("select 'slow'")
+        for i in range(len(slow_query)):  # one byte every 0.25 s: slower than 1 s in all
+            slow.send(slow_query[i:i + 1])
+            if i < 8:
+                time.sleep(0.25)
+        assert read_types(slow) == ["T", "D", "C", "Z"]
+        data = read_error(stalled)  # the pooler closes it (socket timeout: 20 s)
+        assert data[:1] == b"E" and b"C08P01" in data and b"client_message_timeout" in data
+        with connect(proxy) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        slow.sendall(big)
+        assert read_types(slow) == ["T", "D", "C", "Z"]

@@ -223,6 +223,10 @@ struct ConnObject {
     long long client_id; /* phantom: its id in the logs (0: none given, logging off) */
     int64_t accepted;
     ConnObject *ph_prev, *ph_next;
+    /* fast client holding part of a message (the engine's list of them, for
+     * client_message_timeout: Engine.stalled) */
+    ConnObject *pt_prev, *pt_next;
+    int in_partial;
     PyObject *weakreflist;
 };
 
@@ -271,6 +275,7 @@ struct EngineObject {
     long phantoms, phantom_cap;
     long phantoms_welcomed; /* of those, logged in (the rest are still logging in) */
     ConnObject *phantom_head;
+    ConnObject *partial_head; /* fast clients that may hold part of a message */
     /* connection logging for phantoms (log_connections / log_disconnections): the pooler's
      * client ids (an iterator), the events not yet logged (a list), what logs them (called
      * soon after the first of a batch) */
@@ -745,6 +750,7 @@ static int is_ddl_tag(const unsigned char *tag) {
  * is out of date, a table changed under the statement or the server lacks it, puts it
  * right), or a DEALLOCATE ALL / DISCARD ALL done. */
 static int router_must_see(ConnObject *c, unsigned char t, const unsigned char *body, size_t n) {
+    /* (``body`` is read only for a CommandComplete, which the caller has whole.) */
     if (t == 'C')
         return (n == 15 && !memcmp(body, "DEALLOCATE ALL", 15)) ||
                (n == 12 && !memcmp(body, "DISCARD ALL", 12));
@@ -916,7 +922,43 @@ static PyObject *take_bytes(Buf *b) {
 
 static double secs(int64_t ns) { return ns ? (double)ns / 1e9 : 0.0; }
 
+/* The engine's list of fast clients holding part of a message: entered when a read leaves
+ * bytes the fast path could not pass on yet, left when it is looked at and holds none (or
+ * the connection leaves the fast path or closes). No reference is held: every way out of the
+ * fast path and every close takes the connection off first. */
+static void partial_remove(ConnObject *c) {
+    if (!c->in_partial) return;
+    EngineObject *e = c->engine;
+    if (c->pt_prev) c->pt_prev->pt_next = c->pt_next; else e->partial_head = c->pt_next;
+    if (c->pt_next) c->pt_next->pt_prev = c->pt_prev;
+    c->pt_prev = c->pt_next = NULL;
+    c->in_partial = 0;
+}
+
+/* Is ``c`` a fast client whose buffer holds a message it has not finished sending? (Bytes a
+ * queued client or one waiting for quiet holds are complete messages: bounded by
+ * query_wait_timeout and by its server's answers.) */
+static int holds_partial(ConnObject *c) {
+    return c->kind == KIND_CLIENT && c->mode == MODE_FAST && !(c->flags & (F_CLOSED | F_CLOSING)) &&
+           buf_len(&c->rb) && c->at != AT_WAITING && !(c->flags & F_EJECT_WANTED);
+}
+
+static void partial_note(ConnObject *c) {
+    if (!holds_partial(c)) {
+        partial_remove(c);
+        return;
+    }
+    if (c->in_partial) return;
+    EngineObject *e = c->engine;
+    c->pt_prev = NULL;
+    c->pt_next = e->partial_head;
+    if (e->partial_head) e->partial_head->pt_prev = c;
+    e->partial_head = c;
+    c->in_partial = 1;
+}
+
 static void leave_fast(ConnObject *c) {
+    partial_remove(c);
     queue_remove(c);
     Py_CLEAR(c->statements);
     Py_CLEAR(c->prepared);
@@ -1390,7 +1432,9 @@ static void server_pump(ConnObject *s) {
             }
         }
         if (c->statements && (t == 'E' || (t == 'C' && (len == 4 + 15 || len == 4 + 12)))) {
-            if (avail - pos < (size_t)len + 1) break; /* whole, to be read */
+            /* A CommandComplete is read whole (at most 19 bytes); an ErrorResponse is judged
+             * by what is owed alone, never buffered whole (a server's error has no cap). */
+            if (t == 'C' && avail - pos < (size_t)len + 1) break;
             if (router_must_see(c, t, base + pos + 5, len - 4)) {
                 eject = 1;
                 break;
@@ -2428,6 +2472,7 @@ static void route_welcome(ConnObject *c, PyObject *final) {
 /* -- reading ----------------------------------------------------------------------------- */
 static void conn_close_fd(ConnObject *c) {
     if (c->flags & F_CLOSED) return;
+    partial_remove(c);
     c->flags |= F_CLOSED;
     if (c->registered) {
         epoll_ctl(c->engine->epfd, EPOLL_CTL_DEL, c->fd, NULL);
@@ -2895,7 +2940,10 @@ static void on_readable(ConnObject *c) {
     if (!read_buffered(c, 16384)) return;
     if (c->kind == KIND_CLIENT) {
         c->last_activity = now_ns();
+        Py_INCREF(c);
         client_pump(c);
+        partial_note(c);
+        Py_DECREF(c);
     } else {
         server_pump(c);
     }
@@ -2971,6 +3019,7 @@ static int conn_clear(ConnObject *c) {
 static void conn_dealloc(ConnObject *c) {
     PyObject_GC_UnTrack(c);
     if (c->weakreflist) PyObject_ClearWeakRefs((PyObject *)c);
+    partial_remove(c);
     if (!(c->flags & F_CLOSED) && c->fd >= 0) {
         if (c->registered) epoll_ctl(c->engine->epfd, EPOLL_CTL_DEL, c->fd, NULL);
         close(c->fd);
@@ -3136,7 +3185,12 @@ static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, d
     } else {
         c->last_activity = now_ns();
         update_events(c);
-        if (buf_len(&c->rb)) client_pump(c);
+        if (buf_len(&c->rb)) {
+            Py_INCREF(c);
+            client_pump(c);
+            partial_note(c);
+            Py_DECREF(c);
+        }
     }
 }
 
@@ -3950,6 +4004,41 @@ static PyObject *engine_claim_all(EngineObject *e, PyObject *unused) {
     return claim_phantoms(e, 0, 0);
 }
 
+/* stalled(age) -> [client protocol]: fast clients that have held part of a message with no
+ * byte from them for ``age`` seconds (client_message_timeout), handed back to Python (with
+ * their server, if linked) for it to fail them. */
+static PyObject *engine_stalled(EngineObject *e, PyObject *arg) {
+    double age = PyFloat_AsDouble(arg);
+    if (age == -1.0 && PyErr_Occurred()) return NULL;
+    int64_t cutoff = now_ns() - (int64_t)(age < 0 ? 0 : age > 1e9 ? 1e18 : age * 1e9);
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    ConnObject *c = e->partial_head;
+    while (c) {
+        ConnObject *next = c->pt_next;
+        if (!holds_partial(c)) {
+            partial_remove(c);
+        } else if (c->last_activity <= cutoff) {
+            Py_INCREF(c);
+            partial_remove(c);
+            if (claim(c) == 0) {
+                if (c->mode == MODE_FAST)
+                    eject_client(c, c->peer, c->peer ? EJECT_LINKED : EJECT_UNLINKED);
+                if (!(c->flags & (F_CLOSED | F_CLOSING)) && c->mode == MODE_SLOW &&
+                    PyList_Append(out, c->protocol) < 0) {
+                    Py_DECREF(c);
+                    Py_DECREF(out);
+                    return NULL;
+                }
+            }
+            Py_DECREF(c);
+            next = e->partial_head; /* Python ran: the list may have changed */
+        }
+        c = next;
+    }
+    return out;
+}
+
 static PyObject *engine_claim_stale(EngineObject *e, PyObject *arg) {
     double age = PyFloat_AsDouble(arg);
     if (age == -1.0 && PyErr_Occurred()) return NULL;
@@ -4008,6 +4097,9 @@ static PyMethodDef engine_methods[] = {
      "startup packet -> route tuple), the pooler's cancel-key dict, how cancel pids are made."},
     {"claim_all", (PyCFunction)engine_claim_all, METH_NOARGS,
      "Give every phantom client its Python object; returns how many."},
+    {"stalled", (PyCFunction)engine_stalled, METH_O,
+     "stalled(age) -> [client protocol]: fast clients holding part of a message with no byte "
+     "from them for ``age`` seconds, handed back to Python (client_message_timeout)."},
     {"claim_stale", (PyCFunction)engine_claim_stale, METH_O,
      "claim_stale(age): the same for phantoms still logging in after ``age`` seconds."},
     {"balance", (PyCFunction)engine_balance, METH_VARARGS,

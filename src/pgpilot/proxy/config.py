@@ -232,6 +232,7 @@ class Config:
     cancel_wait_timeout: float = 10.0
     client_idle_timeout: float = 0.0
     client_login_timeout: float = 60.0
+    client_message_timeout: float = 60.0  # pgpilot: a client silent mid-message (issue 26)
     idle_transaction_timeout: float = 0.0
     transaction_timeout: float = 0.0
     # startup parameters
@@ -520,6 +521,7 @@ _SETTINGS: dict[str, _Setting] = {
     "cancel_wait_timeout": _Setting(_seconds),
     "client_idle_timeout": _Setting(_seconds),
     "client_login_timeout": _Setting(_seconds),
+    "client_message_timeout": _Setting(_seconds),
     "idle_transaction_timeout": _Setting(_seconds),
     "transaction_timeout": _Setting(_seconds),
     "ignore_startup_parameters": _Setting(_name_list),

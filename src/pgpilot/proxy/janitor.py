@@ -26,6 +26,7 @@ TICK = 0.2  # seconds between rounds: fine enough for sub-second timeouts in tes
 class Janitor:
     def __init__(self, pooler: Pooler) -> None:
         self.pooler = pooler
+        self._message_ticks = 0
 
     async def run(self) -> None:
         while True:
@@ -58,6 +59,8 @@ class Janitor:
             for client in list(self.pooler.clients[ClientState.LOGIN]):
                 if now - client.last_activity > cfg.client_login_timeout:
                     client.fail("08P01", "client_login_timeout: login took too long")
+        if cfg.client_message_timeout:
+            self._stalled_messages(now, cfg.client_message_timeout)
         users = cfg.users
         # Logged-in clients only need looking at when some client timeout is set: 10,000
         # idle clients must not cost a Python loop five times a second for nothing.
@@ -98,6 +101,26 @@ class Janitor:
             self._query_timeouts(now, cfg.query_timeout)
         for pool in list(self.pooler.pools.values()):
             self._pool_upkeep(pool, now)
+
+    def _stalled_messages(self, now: float, limit: float) -> None:
+        """client_message_timeout: a client that began a message and then sent nothing for
+        ``limit`` seconds is disconnected, and what it sent of the message is dropped (a
+        message may be up to 1 MiB on the fast path and more in Python: it must not be held
+        forever). The engine keeps its own list of such clients; Python's are walked once
+        a second (every fifth tick)."""
+        text = f"client_message_timeout: no byte of an unfinished message for {limit:g} s"
+        fast = self.pooler.fast
+        if fast is not None:
+            for client in fast.engine.stalled(limit):
+                client.fail("08P01", text)
+        self._message_ticks = (self._message_ticks + 1) % 5
+        if self._message_ticks:
+            return
+        for client in list(self.pooler.clients[ClientState.ACTIVE]):
+            if is_fast_conn(client.transport) and client.transport.fast:  # type: ignore[union-attr]
+                continue
+            if client._reader.mid_message and now - client.last_activity > limit:
+                client.fail("08P01", text)
 
     def _query_timeouts(self, now: float, limit: float) -> None:
         """query_timeout: cancel what runs too long, and tell its client (as PgBouncer)."""
