@@ -156,6 +156,7 @@ def test_suggest_fix_prefers_the_loader_option_then_reads_the_sql() -> None:
     assert "SELECT id FROM orders WHERE customer_id = ANY(:ids)" in raw
     assert "executemany()" in suggest_fix("n_plus_one", event(INSERT, 1, command="write"))
     assert "reuse the first result" in suggest_fix("duplicate", event(BY_ID, 1))
+    assert "pgpilot.cache" in suggest_fix("duplicate", event(BY_ID, 1))
 
 
 def test_bad_thresholds_are_refused() -> None:

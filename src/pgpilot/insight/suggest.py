@@ -21,7 +21,8 @@ def suggest_fix(kind: FindingKind, event: QueryEvent) -> str:
         return (
             "reuse the first result instead of asking again: keep it in a variable, or load "
             "it through a request-scoped pgpilot.batch DataLoader (it answers a repeated key "
-            "from its cache)"
+            "from its cache); if every request asks it, cache it across requests with "
+            "pgpilot.cache (@cache.cached, invalidated when its tables are written)"
         )
     if kind in ("insert_loop", "update_loop", "delete_loop"):
         return _write_loop(kind, event)
@@ -74,7 +75,8 @@ def suggest_fix(kind: FindingKind, event: QueryEvent) -> str:
     return (
         f"one query for the whole loop: {batch_sql} (collect the {column} values first, "
         f"select {column} to group the rows), or load through a pgpilot.batch DataLoader "
-        f"keyed on {column}"
+        f"keyed on {column}; rows read far more often than written can also come from "
+        f"pgpilot.cache"
     )
 
 
