@@ -7,6 +7,9 @@ library does not already make the fix one line.
 * :func:`refresh_materialized_view` / :func:`refresh_materialized_view_async`: ``REFRESH
   MATERIALIZED VIEW [CONCURRENTLY]`` that refuses CONCURRENTLY without a unique index (saying
   which view), and takes an advisory lock so that two schedulers never refresh one view at once.
+* :class:`RoutingSession` / :class:`AsyncRoutingSession`: reads to replicas, writes to the
+  primary, and read-your-writes by LSN (a session never reads older than its own commits; its
+  ``lsn_token`` carries that to the next request); :class:`ReplicaRouter` polls replica health.
 * :func:`pool_settings`: ``create_engine`` pool arguments from the cores, the time a request
   waits outside the database and the time it spends inside, capped by ``max_connections``.
 
@@ -22,10 +25,14 @@ from pgpilot.orm.matview import (
     refresh_materialized_view_async,
 )
 from pgpilot.orm.pool import PoolSettings, pool_settings
+from pgpilot.orm.routing import AsyncRoutingSession, ReplicaRouter, RoutingSession
 
 __all__ = [
+    "AsyncRoutingSession",
     "PoolSettings",
     "RefreshResult",
+    "ReplicaRouter",
+    "RoutingSession",
     "bulk_load",
     "bulk_load_async",
     "pool_settings",
