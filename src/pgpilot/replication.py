@@ -6,7 +6,8 @@
   statement may run on a hot standby: it reads, or it writes, locks (``FOR UPDATE/SHARE``),
   uses a data-modifying CTE, ``SELECT INTO``, or calls a function the caller does not know to
   be safe there (:class:`FunctionSafety`), or it begins a transaction (``READ ONLY`` or not),
-  or carries a routing hint (``/* pgpilot:primary */``, ``SET pgpilot.route = primary``).
+  or carries a routing hint (a ``/* pgpilot:primary */`` comment, or ``SET`` of the
+  pooler's custom ``route`` setting to ``primary`` or ``replica``).
 * **Health**: :class:`ReplicaState` is one replica as last polled (``HEALTH_SQL``) and
   :class:`ReplicaSet` chooses among them: eligible replicas are reachable, in recovery, within
   the lag bounds, and have replayed at least the caller's ``min_lsn``; among those, the one with
@@ -100,7 +101,7 @@ class Statement:
     functions it calls, lower-case, ``schema.name`` when qualified; ``begin``: it starts a
     transaction (``begin_read_only``: ``BEGIN READ ONLY`` / ``START TRANSACTION READ ONLY``);
     ``ends``: it ends one; ``hint``: a routing hint's target; ``sets_route``: it is
-    ``SET pgpilot.route = ...`` (the pooler's own setting, never sent to a server)."""
+    a ``SET`` of the pooler's own ``route`` setting (never sent to a server)."""
 
     writes: bool
     functions: frozenset[str] = frozenset()
