@@ -273,3 +273,35 @@ def test_pgbouncer_command_line_runs_a_config_quietly(
     assert err == ""  # -q: nothing on stderr ...
     assert "pgbouncer access from unix socket" in log.read_text()  # ... all in the logfile
     assert getpass.getuser()  # (the peer check compared uids of this very user)
+
+
+# -- the options startup parameter ----------------------------------------------------------
+
+def test_options_startup_parameter_sets_tracked_settings_and_refuses_others(
+        proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory(ignore_startup_parameters="extra_float_digits")
+
+    def show(name: str, options: str) -> str:
+        with psycopg.connect(**proxy.conninfo(options=options)) as conn:
+            return str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
+
+    assert show("DateStyle", r"  -c    datestyle=German,\ YMD") == "German, YMD"
+    assert show("TimeZone", r"-ctimezone=Portugal  --datestyle=German,\ YMD") == "Portugal"
+    assert show("TimeZone", r"-c t\imezone=\P\o\r\t\ugal") == "Portugal"
+    # The setting follows its client: another client on the same server sees its own.
+    with psycopg.connect(**proxy.conninfo()) as plain:
+        assert plain.execute("SHOW TimeZone").fetchone()[0] != "Portugal"  # type: ignore[index]
+    # In ignore_startup_parameters: dropped, the server's default stays.
+    assert show("extra_float_digits", "-c extra_float_digits=2") == "1"
+    for bad in ("-d", "-c timezone"):
+        with pytest.raises(psycopg.OperationalError, match="only '-c config=val' and "
+                           "'--config=val' are allowed"):
+            show("TimeZone", bad)
+    with pytest.raises(psycopg.OperationalError,
+                       match="unsupported startup parameter in options: enable_seqscan"):
+        show("enable_seqscan", "-c enable_seqscan=off")
+    with admin(proxy) as conn:
+        conn.execute("SET ignore_startup_parameters = options")
+    # options ignored: what is not tracked is dropped, what is tracked still applies.
+    assert show("enable_seqscan", "-c enable_seqscan=off") == "on"
+    assert show("TimeZone", "-c enable_seqscan=off -c timezone=Portugal") == "Portugal"

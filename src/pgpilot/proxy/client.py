@@ -52,6 +52,7 @@ from pgpilot.proxy.session import (
     settings_from_rows,
     snapshot_sql,
 )
+from pgpilot.proxy.startup_options import OptionsError, parse_options
 from pgpilot.proxy.states import ClientState, ServerState, check_client_move
 from pgpilot.proxy.tls import CLIENT_TLS_REQUIRED
 from pgpilot.wire import messages as m
@@ -411,6 +412,9 @@ class ClientConnection(asyncio.Protocol):
             canonical = TRACKED_BY_LOWER.get(key)
             if canonical is not None:
                 params[canonical] = value
+            elif key == "options":
+                if not self._startup_options(value):
+                    return
             elif key in {p.lower() for p in cfg.ignore_startup_parameters}:
                 continue
             else:
@@ -429,6 +433,25 @@ class ClientConnection(asyncio.Protocol):
         # An unknown database is told only after authentication (logged_in), as PgBouncer:
         # answering it to anyone would tell strangers which databases exist.
         self.authenticate()
+
+    def _startup_options(self, text: str) -> bool:
+        """Take the settings of the ``options`` startup parameter as PgBouncer does
+        (startup_options.py); False: the client was refused."""
+        ignored = {p.lower() for p in self.pooler.config.ignore_startup_parameters}
+        try:
+            settings = parse_options(text)
+        except OptionsError as exc:
+            self.fail("08P01", str(exc))
+            return False
+        for name, value in settings:
+            canonical = TRACKED_BY_LOWER.get(name.lower())
+            if canonical is not None:
+                self.params[canonical] = value
+            elif name.lower() not in ignored and "options" not in ignored:
+                log.warning("%r unsupported startup parameter in options: %s", self, name)
+                self.fail("08P01", f"unsupported startup parameter in options: {name}")
+                return False
+        return True
 
     def authenticate(self) -> None:
         """Check credentials as ``auth_type`` says (admin logins too); then ``logged_in``."""
