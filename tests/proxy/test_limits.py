@@ -339,7 +339,7 @@ def test_idle_transaction_timeout_rolls_back(proxy_factory: Any,
             return row is not None and row[0] == "idle" and row[1] == 0
 
         eventually(released, what="transaction rolled back, lock gone, server kept")
-        with pytest.raises(psycopg.Error, match="idle_transaction_timeout") as info:
+        with pytest.raises(psycopg.Error, match="idle transaction timeout") as info:
             conn.execute("select 1")
         assert info.value.sqlstate == "25P03"
         conn.close()

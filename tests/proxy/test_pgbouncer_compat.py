@@ -5,6 +5,7 @@ ENABLE, and PgBouncer's command line. Real PostgreSQL, real clients (psycopg).""
 from __future__ import annotations
 
 import getpass
+import logging
 import secrets
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from tests.proxy.conftest import RunningProxy, write_config
+from tests.proxy.conftest import RunningProxy, wait_until, write_config
 
 from pgpilot import VERSION_LINE
 from pgpilot.proxy.auth_query import query_text, sql_literal
@@ -305,3 +306,44 @@ def test_options_startup_parameter_sets_tracked_settings_and_refuses_others(
     # options ignored: what is not tracked is dropped, what is tracked still applies.
     assert show("enable_seqscan", "-c enable_seqscan=off") == "on"
     assert show("TimeZone", "-c enable_seqscan=off -c timezone=Portugal") == "Portugal"
+
+
+# -- timeouts and lifetimes -----------------------------------------------------------------
+
+def backend_alive(pg_dsn: str, pid: int) -> bool:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                            [pid]).fetchone() == (1,)
+
+
+def test_server_lifetime_closes_idle_servers(proxy_factory: ProxyFactory, pg_dsn: str) -> None:
+    # server_idle_timeout far away: only server_lifetime may close the idle server, which
+    # the fast path holds between transactions.
+    proxy = proxy_factory(server_lifetime=1, server_idle_timeout=600)
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        started = time.monotonic()
+        wait_until(lambda: proxy.server_count() == 0, timeout=5)
+        assert time.monotonic() - started >= 0.5
+        assert not backend_alive(pg_dsn, pid)
+        # The next transaction gets a new server.
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pid  # type: ignore[index]
+
+
+def test_query_and_idle_transaction_timeouts_use_pgbouncers_words(
+        proxy_factory: ProxyFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    proxy = proxy_factory(query_timeout=0.5, idle_transaction_timeout=0.5)
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn, \
+            pytest.raises(psycopg.Error, match="query timeout") as err:
+        conn.execute("SELECT pg_sleep(5)")
+    assert err.value.sqlstate == "57014"
+    with psycopg.connect(**proxy.conninfo()) as conn:
+        conn.execute("SELECT 1")  # a transaction open, then idle
+        time.sleep(1.5)
+        with pytest.raises(psycopg.Error, match="idle transaction timeout") as err:
+            conn.execute("SELECT 1")
+    assert err.value.sqlstate == "25P03"
+    text = caplog.text
+    assert "closing because: query timeout" in text
+    assert "closing because: idle transaction timeout" in text

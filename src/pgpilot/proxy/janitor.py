@@ -95,8 +95,9 @@ class Janitor:
                 if limit and now - client.idle_in_txn_since > limit:
                     # The client is closed; its server's transaction is rolled back and the
                     # server goes back to the pool (Pool.release).
-                    client.fail("25P03", f"idle_transaction_timeout: idle in transaction for "
-                                f"more than {limit:g} s")
+                    client.fail("25P03", "idle transaction timeout",
+                                hint=f"The transaction was idle for more than "
+                                f"idle_transaction_timeout ({limit:g} s).")
         if cfg.query_timeout:
             self._query_timeouts(now, cfg.query_timeout)
         for pool in list(self.pooler.pools.values()):
@@ -129,7 +130,9 @@ class Janitor:
             if server is not None and client.expected_rfq > 0 and client.query_started \
                     and now - client.query_started > limit:
                 self.pooler.cancel_server(server)
-                client.fail("57014", f"query_timeout: query ran longer than {limit:g} s")
+                # PgBouncer's words, which alerts grep: "closing because: query timeout".
+                client.fail("57014", "query timeout",
+                            hint=f"The query ran longer than query_timeout ({limit:g} s).")
 
     def _pool_upkeep(self, pool, now: float) -> None:  # type: ignore[no-untyped-def]
         cfg = self.pooler.config
@@ -158,6 +161,12 @@ class Janitor:
         # loop below closes them, or the next hand-over checks them first (Pool.hand_to_lane).
         limits = [x for x in (cfg.server_idle_timeout, cfg.server_check_delay
                               if cfg.server_check_query else 0.0) if x > 0]
+        # server_lifetime holds for idle servers too, as PgBouncer: when one the engine holds
+        # has lived that long, its idle servers come back, and the loop below closes the old.
+        lifetime, now = pool.lifetime, time.monotonic()
+        if lifetime > 0 and any(s.in_engine and now - s.created_at >= lifetime
+                                for s in pool.servers[ServerState.IDLE]):
+            limits.append(0.0)
         lane.recall(min(limits) if limits else 60.0)
         if lane.waiting_count():
             oldest = lane.fp.oldest_wait()
