@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from nplusone_models import (
+    ACCOUNTS,
     CUSTOMERS,
     ITEMS_PER_ORDER,
     ORDERS_PER_CUSTOMER,
     SCHEMA,
+    Account,
     Base,
     Customer,
     Database,
@@ -53,6 +55,20 @@ def database(pg_dsn: str) -> Iterator[Database]:
                 ]
                 customer.orders.append(order)
             session.add(customer)
+        session.flush()
+        for a in range(1, ACCOUNTS + 1):
+            session.add(
+                Account(
+                    id=a,
+                    customer_id=a,
+                    owner=f"owner {a}",
+                    email=f"owner{a}@example.com",
+                    balance=100,
+                    currency="EUR",
+                    notes="x" * 500,
+                    created="2026-01-01",
+                )
+            )
         session.commit()
     try:
         yield Database(SCHEMA, url, _url(pg_dsn, "asyncpg"), pg_dsn, engine)

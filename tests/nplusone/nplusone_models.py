@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, ForeignKey, String
+from sqlalchemy import Engine, ForeignKey, String, Text
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -51,6 +51,25 @@ class Item(Base):
     order_id: Mapped[int] = mapped_column(ForeignKey(f"{SCHEMA}.orders.id"))
     sku: Mapped[str] = mapped_column(String(20))
     order: Mapped[Order] = relationship(back_populates="items")
+
+
+class Account(Base):
+    """A wide row (eight columns, one of them text): what overfetch, existence loads and
+    read-modify-write are tried on."""
+
+    __tablename__ = "accounts"
+    __table_args__ = {"schema": SCHEMA}  # noqa: RUF012
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey(f"{SCHEMA}.customers.id"))
+    owner: Mapped[str] = mapped_column(String(50))
+    email: Mapped[str] = mapped_column(String(100))
+    balance: Mapped[int]
+    currency: Mapped[str] = mapped_column(String(3))
+    notes: Mapped[str] = mapped_column(Text)
+    created: Mapped[str] = mapped_column(String(30))
+
+
+ACCOUNTS = 6
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ Rules (per scope):
 * ``duplicate``: one read executed with the *same* parameters at least ``duplicate_threshold``
   times with no write in between: the second round trip returns what the first did.
   A group that is an N+1 is reported as that alone: batching it removes the repeats too.
+  ``duplicate_get`` when the repeated read is a ``Session.get()`` (tag ``"get"``): the identity
+  map already answers a key whose row was found, so what repeats is a lookup of a row that
+  was not there (or of an object expired since): one index probe, advisory.
 * ``large_result``: a read that returned at least ``large_result`` rows (when the source
   knows the count) into memory.
 * ``deep_offset``: an ``OFFSET`` of at least ``deep_offset``, or growing across
@@ -80,6 +83,7 @@ OTHER = "other"
 FindingKind = Literal[
     "n_plus_one",
     "duplicate",
+    "duplicate_get",
     "unused_eager_load",
     "insert_loop",
     "update_loop",
@@ -89,6 +93,9 @@ FindingKind = Literal[
     "deep_offset",
     "wrong_type_comparison",
     "correlated_subquery",
+    "overfetch",
+    "existence_load",
+    "unlocked_read_modify_write",
 ]
 FINDING_KINDS: tuple[FindingKind, ...] = get_args(FindingKind)
 
@@ -96,11 +103,16 @@ ADVISORY_KINDS: frozenset[FindingKind] = frozenset(
     {
         "unused_eager_load",
         "correlated_subquery",
+        "duplicate_get",
+        "overfetch",
+        "existence_load",
+        "unlocked_read_modify_write",
     }
 )
 """Kinds that are advice rather than a defect: what the data of a test leaves unread, what
-might be slow. The pytest plugin's raise mode warns about them instead of
-failing the test, unless asked to."""
+might be slow, a risk that depends on what runs concurrently, a repeat that costs one index
+probe. The pytest plugin's raise mode lists them instead of failing the test, unless asked
+to."""
 
 _LOOP_KINDS: dict[str, FindingKind] = {
     "select": "n_plus_one",
@@ -192,6 +204,7 @@ class Finding:
             "update_loop": f"update loop: {loop}",
             "delete_loop": f"delete loop: {loop}",
             "duplicate": f"duplicate: {self.count} executions with the same parameters",
+            "duplicate_get": f"duplicate get(): {self.count} lookups of the same key",
             "unused_eager_load": f"unused eager load of {self.relationship} "
             f"({self.count} queries loaded it, nothing read it)",
         }.get(self.kind, self.kind.replace("_", " "))
@@ -470,8 +483,10 @@ class ScopeDetector:
                 example = tagged if tagged is not None else example
             found.append(self._make(kind, example, group.count, len(group.params), group))
         elif group.repeats >= self.duplicate_threshold and tag not in ("flush", "commit_loop"):
+            repeated: tuple[Any, ...] = group.repeat_event
+            kind = "duplicate_get" if _field(repeated, _TAG) == "get" else "duplicate"
             found.append(
-                self._make("duplicate", group.repeat_event, group.repeats, len(group.params), group)
+                self._make(kind, repeated, group.repeats, len(group.params), group)
             )
         if group.biggest is not None and group.biggest[_ROWS] >= self.large_result:
             rows = group.biggest[_ROWS]

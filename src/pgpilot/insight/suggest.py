@@ -24,6 +24,13 @@ def suggest_fix(kind: FindingKind, event: QueryEvent) -> str:
             "from its cache); if every request asks it, cache it across requests with "
             "pgpilot.cache (@cache.cached, invalidated when its tables are written)"
         )
+    if kind == "duplicate_get":
+        return (
+            "Session.get() answers a key from the identity map once its row is loaded, so "
+            "this repeat looked up a row that was not there (or an object expired by a "
+            "commit): keep the first result (None included) in a variable if the lookup is "
+            "hot; otherwise it costs one index probe"
+        )
     if kind in ("insert_loop", "update_loop", "delete_loop"):
         return _write_loop(kind, event)
     if kind == "missing_contains_eager":

@@ -62,6 +62,7 @@ _library_dirs: tuple[str, ...] | None = None
 _installed_dirs: tuple[str, ...] | None = None
 _flush_codes: frozenset[CodeType] = frozenset()
 _commit_codes: frozenset[CodeType] = frozenset()
+_get_codes: frozenset[CodeType] = frozenset()
 
 
 class StackInfo(NamedTuple):
@@ -77,6 +78,9 @@ class StackInfo(NamedTuple):
     """True when the statement runs inside ``Session.flush()`` (the ORM's unit of work)."""
     in_commit: bool
     """True when it runs inside ``Session.commit()`` (the flush a commit starts)."""
+    in_get: bool = False
+    """True when it runs inside ``Session.get()`` / ``Query.get()``: a primary-key lookup the
+    identity map could not answer (the row is not in the session: missing, or expired)."""
 
 
 def _find_library_dirs() -> tuple[str, ...]:
@@ -143,17 +147,21 @@ def _codes_of(owner: object, names: tuple[str, ...]) -> frozenset[CodeType]:
     return frozenset(codes)
 
 
-def _session_code_objects() -> tuple[frozenset[CodeType], frozenset[CodeType]]:
-    """The code of ``Session.flush`` / ``_flush``, and of ``Session.commit`` (any wrapper)."""
-    global _flush_codes, _commit_codes
+def _session_code_objects() -> tuple[
+    frozenset[CodeType], frozenset[CodeType], frozenset[CodeType]
+]:
+    """The code of ``Session.flush`` / ``_flush``, of ``Session.commit`` (any wrapper), and of
+    ``Session._get_impl`` (what ``Session.get()`` and ``Query.get()`` run)."""
+    global _flush_codes, _commit_codes, _get_codes
     if not _flush_codes:
         try:
             from sqlalchemy.orm.session import Session
         except ImportError:  # pragma: no cover - SQLAlchemy is a dependency
-            return _flush_codes, _commit_codes
+            return _flush_codes, _commit_codes, _get_codes
         _flush_codes = _codes_of(Session, ("flush", "_flush"))
         _commit_codes = _codes_of(Session, ("commit",))
-    return _flush_codes, _commit_codes
+        _get_codes = _codes_of(Session, ("_get_impl",))
+    return _flush_codes, _commit_codes, _get_codes
 
 
 def _greenlet_parents() -> list[FrameType]:
@@ -178,11 +186,11 @@ def stack_info(depth: int = 1) -> StackInfo:
     ``depth`` frames (the caller's own, by default) are skipped before looking.
     """
     files = _files
-    flush_codes, commit_codes = _session_code_objects()
+    flush_codes, commit_codes, get_codes = _session_code_objects()
     callsite = fallback = ""
     outer: list[str] = []
     key_parts: list[tuple[CodeType, int]] = []
-    in_flush = in_commit = False
+    in_flush = in_commit = in_get = False
     starts: list[FrameType | None] = [sys._getframe(depth + 1)]
     for start in starts:
         frame = start
@@ -195,6 +203,8 @@ def stack_info(depth: int = 1) -> StackInfo:
                 in_flush = True
             elif code in commit_codes:
                 in_commit = True
+            elif code in get_codes:
+                in_get = True
             filename = code.co_filename
             try:
                 kind, shown = files[filename]
@@ -213,7 +223,7 @@ def stack_info(depth: int = 1) -> StackInfo:
         if start is starts[0]:
             starts.extend(_greenlet_parents())
     return StackInfo(
-        callsite or fallback, hash(tuple(key_parts)), tuple(outer), in_flush, in_commit
+        callsite or fallback, hash(tuple(key_parts)), tuple(outer), in_flush, in_commit, in_get
     )
 
 

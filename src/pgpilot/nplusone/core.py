@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Literal
 
@@ -115,16 +115,22 @@ class _Scope:
 
     __slots__ = (
         "allowlist",
+        "batches",
         "child_findings",
         "commits",
         "detector",
         "eager_loads",
         "isolated",
         "joined",
+        "last_select",
         "loaded",
+        "overfetch_columns",
         "parent",
         "pending",
         "relationship_reads",
+        "rmw",
+        "state_batch",
+        "state_reads",
     )
 
     def __init__(
@@ -146,6 +152,16 @@ class _Scope:
         self.joined: set[Hashable] = set()  # relationships and tables ORM queries joined
         self.commits: dict[int, str] = {}  # id(session) -> where it last committed
         self.child_findings: list[Finding] = []  # of isolated scopes opened inside this one
+        self.overfetch_columns = DEFAULT_OVERFETCH_COLUMNS
+        # What the ORM loaded and what the application read of it (overfetch, existence_load,
+        # unlocked_read_modify_write): the top-level ORM SELECT just sent, the instances each
+        # execution loaded (keyed by the id of its QueryContext), the execution that loaded
+        # each instance state, and the column attributes read on each state before any change.
+        self.last_select: tuple[str, str, tuple[str, ...], bool] | None = None
+        self.batches: dict[int, _LoadBatch] = {}
+        self.state_batch: dict[Any, _LoadBatch] = {}
+        self.state_reads: dict[Any, set[str]] = {}
+        self.rmw: dict[tuple[str, str], Finding] = {}
 
     def flush(self) -> None:
         """Fingerprint and group the buffered statements."""
@@ -201,8 +217,142 @@ class _Scope:
             )
             if not self.allowlist.allows(finding):
                 found.append(finding)
+        for finding in (*self._load_findings(), *self.rmw.values()):
+            if not self.allowlist.allows(finding):
+                found.append(finding)
         found.extend(self.child_findings)
         return found
+
+    def _load_findings(self) -> list[Finding]:
+        """``existence_load`` and ``overfetch`` over the ORM loads of the scope, one finding
+        per query (call site and statement), however many times it ran."""
+        by_query: dict[tuple[str, str], list[_LoadBatch]] = {}
+        for batch in self.batches.values():
+            if batch.states:
+                by_query.setdefault((batch.callsite, batch.sql), []).append(batch)
+        found: list[Finding] = []
+        for (callsite, sql), batches in by_query.items():
+            first = batches[0]
+            states = [state for batch in batches for state in batch.states]
+            used = [state for state in states if state in self.state_reads]
+            read: set[str] = set()
+            for state in used:
+                read |= self.state_reads[state]
+            read.discard(_WRITTEN)
+            read.discard(_USED)
+            common = Finding(
+                kind="existence_load",
+                count=len(batches),
+                sql=sql,
+                fingerprint=describe(sql).fingerprint,
+                callsite=callsite,
+                suggestion=_existence_fix(first.entity),
+                callsites=(callsite,) if callsite else (),
+                callers=first.callers,
+                distinct_params=len(batches),
+            )
+            if not used and all(batch.single for batch in batches):
+                # a one-row lookup (.get(), .first()) whose row nothing reads: a truth test;
+                # a result of many rows nothing reads is more likely thrown away
+                found.append(
+                    replace(
+                        common,
+                        detail=f"{len(states)} {first.entity} row(s) loaded, no attribute of "
+                        "them read or changed",
+                    )
+                )
+                continue
+            if not used:
+                continue
+            loaded = first.loaded
+            if (
+                read
+                and len(loaded) >= self.overfetch_columns
+                and len(read) * OVERFETCH_READ_FRACTION <= len(loaded)
+                and len(used) >= OVERFETCH_MIN_ROWS
+            ):
+                unread = [key for key in loaded if key not in read]
+                found.append(
+                    replace(
+                        common,
+                        kind="overfetch",
+                        count=len(states),
+                        suggestion=_overfetch_fix(first, read),
+                        detail=f"{len(read)} of {len(loaded)} {first.entity} columns read "
+                        f"({', '.join(sorted(read))}); never read: {', '.join(unread)}",
+                    )
+                )
+        return found
+
+
+DEFAULT_OVERFETCH_COLUMNS = 6
+"""Loaded columns an entity needs before ``overfetch`` looks at it: loading all of a narrow
+row costs next to nothing more than loading part of it."""
+OVERFETCH_READ_FRACTION = 3
+"""``overfetch`` when the columns read are at most one in this many of the loaded ones."""
+OVERFETCH_MIN_ROWS = 3
+"""Rows (read) of one query in a scope before ``overfetch`` speaks: the threshold of a loop."""
+MAX_TRACKED_STATES = 10_000
+_WRITTEN = "<written>"  # in state_reads: the application changed or deleted the object
+_USED = "<used>"  # in state_reads: the application read a relationship of the object
+
+
+@dataclass(slots=True)
+class _LoadBatch:
+    """The instances one ORM SELECT execution loaded."""
+
+    sql: str
+    callsite: str
+    callers: tuple[str, ...]
+    mapper: Any
+    entity: str
+    loaded: tuple[str, ...]
+    """Column attributes the query loaded (in mapper order; deferred ones left out)."""
+    primary_key: tuple[str, ...]
+    locked: bool
+    """The SELECT had FOR UPDATE / FOR SHARE (or a variant)."""
+    transaction: int
+    context: Any
+    """The ORM's QueryContext, held so that its id stays unique while the scope lives."""
+    states: list[Any]
+    single: bool = False
+    """A one-row lookup: ``Session.get()``, or ``LIMIT 1`` (``Query.first()``)."""
+
+
+def _existence_fix(entity: str) -> str:
+    return (
+        f"ask the database whether the row exists instead of loading it: "
+        f"session.scalar(select(exists().where(<the same criteria>))) (or "
+        f"select({entity}.id).where(...).limit(1)); for a count, "
+        f"session.scalar(select(func.count()).select_from({entity}).where(...)) "
+        "rather than loading the rows"
+    )
+
+
+def _overfetch_fix(batch: _LoadBatch, read: set[str]) -> str:
+    named = [key for key in batch.loaded if key in read and key not in batch.primary_key]
+    columns = ", ".join(f"{batch.entity}.{key}" for key in named)
+    big = [
+        f"{batch.entity}.{key}"
+        for key in batch.loaded
+        if key not in read and _is_big(batch.mapper, key)
+    ]
+    fix = f".options(load_only({columns})): load only the columns the code reads"
+    if big:
+        fix += f"; at least defer({', '.join(big)}), the large columns never read"
+    return fix
+
+
+def _is_big(mapper: Any, key: str) -> bool:
+    prop = mapper.attrs.get(key) if mapper is not None else None
+    columns = getattr(prop, "columns", ())
+    if not columns:
+        return False
+    type_name = type(columns[0].type).__name__.upper()
+    length = getattr(columns[0].type, "length", None)
+    return type_name in {"TEXT", "LARGEBINARY", "JSON", "JSONB", "BYTEA", "ARRAY"} or (
+        type_name in {"STRING", "VARCHAR", "UNICODE"} and (length is None or length > 255)
+    )
 
 
 _NO_ALLOWLIST = Allowlist()
@@ -300,6 +450,10 @@ def record_query(
         # as one execution, a loop of transactions (a commit per row) as a loop.
         tag = "commit_loop" if info.in_commit else "flush"
         key = ("flush", current_flush.get())
+    elif info.in_get and tag is None:
+        # Session.get() / Query.get() reaches the database only when the identity map has no
+        # answer: a repeat of it is a key that was not there (or an object since expired).
+        tag = "get"
     entry = (
         sql,
         key,
@@ -337,6 +491,90 @@ def note_loaded(mapper: Hashable) -> None:
     """The ORM loaded one instance of ``mapper``'s class."""
     for scope in _reached():
         scope.loaded[mapper] = scope.loaded.get(mapper, 0) + 1
+
+
+def note_orm_select(select: tuple[str, str, tuple[str, ...], bool] | None) -> None:
+    """A top-level ORM SELECT ``(sql, call site, callers, one row)`` was sent: the instances
+    loaded next are its rows (None: another ORM load was sent, not to be followed). "One
+    row": a ``Session.get()`` or a ``LIMIT 1`` (``Query.first()``)."""
+    for scope in _reached():
+        scope.last_select = select
+
+
+def note_instance(state: Any, mapper: Any, context: Any, entity: str) -> None:
+    """The ORM loaded ``state`` (an ``InstanceState``) from the rows of ``context``.
+
+    Only instances of a SELECT's first entity are followed (not those a joinedload adds)."""
+    key = id(context)
+    for scope in _reached():
+        batch = scope.batches.get(key)
+        if batch is None:
+            last = scope.last_select
+            if last is None or len(scope.state_batch) >= MAX_TRACKED_STATES:
+                continue
+            scope.last_select = None
+            sql, callsite, callers, single = last
+            loaded = tuple(
+                prop.key for prop in mapper.column_attrs if prop.key in state.dict
+            )
+            batch = scope.batches[key] = _LoadBatch(
+                sql,
+                callsite,
+                callers,
+                mapper,
+                entity,
+                loaded,
+                _primary_key(mapper),
+                shape(sql).for_update,
+                current_flush.get(),
+                context,
+                [],
+                single,
+            )
+        if batch.mapper is not mapper or len(scope.state_batch) >= MAX_TRACKED_STATES:
+            continue
+        if state not in scope.state_batch:
+            scope.state_batch[state] = batch
+            batch.states.append(state)
+
+
+def _primary_key(mapper: Any) -> tuple[str, ...]:
+    keys: list[str] = []
+    for column in getattr(mapper, "primary_key", ()):
+        try:
+            keys.append(mapper.get_property_by_column(column).key)
+        except Exception:  # a column of another table in an inheritance chain
+            continue
+    return tuple(keys)
+
+
+def note_read(state: Any, key: str) -> None:
+    """The application read column attribute ``key`` of ``state`` (or, ``key`` None, used the
+    object some other way: read a relationship of it, changed it, deleted it)."""
+    for scope in _reached():
+        if state in scope.state_batch:
+            reads = scope.state_reads.get(state)
+            if reads is None:
+                reads = scope.state_reads[state] = set()
+            reads.add(key)
+
+
+def loaded_by(state: Any) -> _LoadBatch | None:
+    """The ORM SELECT of the innermost scope that loaded ``state``, if one did."""
+    scope = _current_scope.get()
+    return None if scope is None else scope.state_batch.get(state)
+
+
+def reads_of(state: Any) -> set[str]:
+    """Column attributes of ``state`` read (before any change) in the innermost scope."""
+    scope = _current_scope.get()
+    return set() if scope is None else scope.state_reads.get(state, set())
+
+
+def note_finding(finding: Finding) -> None:
+    """A finding a feed made itself (``unlocked_read_modify_write``), once per call site."""
+    for scope in _reached():
+        scope.rmw.setdefault((finding.callsite, finding.detail), finding)
 
 
 def note_join(target: Hashable) -> None:
@@ -469,6 +707,7 @@ class Detection:
         isolate: bool = False,
         large_result: int = DEFAULT_LARGE_RESULT,
         deep_offset: int = DEFAULT_DEEP_OFFSET,
+        overfetch_columns: int = DEFAULT_OVERFETCH_COLUMNS,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -479,6 +718,7 @@ class Detection:
         self.isolate = isolate
         self.large_result = large_result
         self.deep_offset = deep_offset
+        self.overfetch_columns = overfetch_columns
         check_thresholds(self.threshold, duplicate_threshold)  # at detect(), not at a query
         self._token: Token[_Scope | None] | None = None
         self._scope: _Scope | None = None
@@ -498,6 +738,7 @@ class Detection:
             deep_offset=self.deep_offset,
         )
         self._scope = _Scope(detector, self.allowlist, _current_scope.get(), self.isolate)
+        self._scope.overfetch_columns = self.overfetch_columns
         self.report = Report(self._scope)
         _install_feeds()
         return self.report
@@ -580,6 +821,7 @@ def child_detection(scope: _Scope) -> Detection:
         isolate=True,
         large_result=detector.large_result,
         deep_offset=detector.deep_offset,
+        overfetch_columns=scope.overfetch_columns,
     )
 
 
@@ -602,6 +844,7 @@ def detect(
     isolate: bool = False,
     large_result: int = DEFAULT_LARGE_RESULT,
     deep_offset: int = DEFAULT_DEEP_OFFSET,
+    overfetch_columns: int = DEFAULT_OVERFETCH_COLUMNS,
 ) -> Detection:
     """Watch the queries run inside the ``with`` block and report N+1s, write loops,
     duplicates, large results, deep offsets and the other kinds of ``insight.FindingKind``.
@@ -614,7 +857,8 @@ def detect(
     ``isolate``: this scope's queries count in it alone (not in the scopes around it), and its
     findings are added to the enclosing scope's report when it ends: one request of several
     in a test. ``large_result``: rows in one result that make a ``large_result`` (10,000);
-    ``deep_offset``: the OFFSET that makes a ``deep_offset`` (1,000).
+    ``deep_offset``: the OFFSET that makes a ``deep_offset`` (1,000); ``overfetch_columns``:
+    the loaded columns an entity needs before an ``overfetch`` is reported (6).
     """
     callsites, fingerprints, relationships = (
         tuple(allow_callsites),
@@ -633,4 +877,5 @@ def detect(
         isolate=isolate,
         large_result=large_result,
         deep_offset=deep_offset,
+        overfetch_columns=overfetch_columns,
     )

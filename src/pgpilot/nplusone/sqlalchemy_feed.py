@@ -34,17 +34,29 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ColumnProperty, Mapper, RelationshipProperty, Session
 from sqlalchemy.orm.attributes import InstrumentedAttribute
 
+from pgpilot.insight.detector import Finding
+from pgpilot.insight.fingerprint import describe
+from pgpilot.insight.shape import shape
 from pgpilot.nplusone.callsite import stack_info
 from pgpilot.nplusone.core import (
+    _USED,
+    _WRITTEN,
+    _bound_value,
     _current_scope,
     current_flush,
     is_joined,
     last_commit,
+    loaded_by,
     note_commit,
     note_eager_load,
+    note_finding,
+    note_instance,
     note_join,
     note_loaded,
+    note_orm_select,
+    note_read,
     note_relationship_read,
+    reads_of,
     record_query,
 )
 
@@ -90,6 +102,12 @@ def uninstall() -> None:
             if type(attribute) is _ReadTrackingAttribute:
                 attribute.__class__ = InstrumentedAttribute  # type: ignore[assignment]
     _tracked.clear()
+    for mapper in list(_column_tracked):
+        for prop in mapper.column_attrs:
+            attribute = mapper.class_manager.get(prop.key)
+            if type(attribute) is _ColumnReadAttribute:
+                attribute.__class__ = InstrumentedAttribute  # type: ignore[assignment]
+    _column_tracked.clear()
 
 
 def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
@@ -132,6 +150,7 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
     relationship = loader_option = tag = None
     eager_options: tuple[Any, ...] = ()
     invoked = getattr(context, "invoked_statement", None)
+    top_select = False
     if invoked is not None:
         current_path = getattr(getattr(invoked, "_compile_options", None), "_current_path", None)
         if current_path:
@@ -144,6 +163,7 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             if lazy_state is not None and isinstance(loaded, RelationshipProperty):
                 # The state's load_path is how the parent object itself was reached, so a
                 # loop inside a loop gets the whole chain of loader options.
+                note_read(lazy_state, _USED)  # the object is used: a relationship of it read
                 path = (*getattr(lazy_state.load_path, "path", ()), loaded)
                 relationship, loader_option = loader_option_for_path(path)
                 tag, loader_option = _why_lazy(lazy_state, loaded, relationship, loader_option)
@@ -155,6 +175,8 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             if refreshed is not None:
                 # An expired object loaded again on its first attribute read.
                 tag, loader_option = "expired", _expired_refresh(refreshed)
+            else:
+                top_select = bool(getattr(invoked, "is_select", False))
             eager_options = getattr(invoked, "_with_options", ())
             joins = getattr(invoked, "_setup_joins", ())
             if joins:
@@ -182,12 +204,28 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
         tag=tag,
         stack=info,
     )
+    if callsite is not None and invoked is not None:
+        # the instances loaded next are this SELECT's rows (or, for other ORM loads, no
+        # one's: they are not followed)
+        note_orm_select(
+            (statement, info.callsite, info.outer, info.in_get or _one_row(statement, parameters))
+            if top_select
+            else None
+        )
     if eager_options and callsite is not None:
         for key, name, option, step in _eager_loads(eager_options):
             _track_reads(key)
             target = getattr(key, "mapper", None)
             note_eager_load(key, name, option, step, statement, info.callsite, target)
     return handled
+
+
+def _one_row(statement: str, parameters: Any) -> bool:
+    """Whether the statement has ``LIMIT 1`` (``Query.first()`` binds it as a parameter)."""
+    if "LIMIT" not in statement.upper():
+        return False
+    limit = shape(statement).limit
+    return _bound_value(statement, limit, parameters) == 1
 
 
 def _why_lazy(
@@ -232,7 +270,83 @@ def _note_joins(joins: tuple[Any, ...]) -> None:
 
 def _on_load(target: Any, context: Any) -> None:
     if _current_scope.get() is not None:
-        note_loaded(type(target).__mapper__ if hasattr(type(target), "__mapper__") else None)
+        mapper = getattr(type(target), "__mapper__", None)
+        note_loaded(mapper)
+        state = getattr(target, "_sa_instance_state", None)
+        if mapper is not None and state is not None:
+            _track_column_reads(mapper)
+            note_instance(state, mapper, context, type(target).__name__)
+
+
+def _on_before_flush(session: Any, flush_context: Any, instances: Any) -> None:
+    """Changed and deleted objects are used (no ``existence_load``); a changed column that
+    was read first, in the transaction that loaded it without a lock, is an
+    ``unlocked_read_modify_write``."""
+    if _current_scope.get() is None:
+        return
+    for obj in session.deleted:
+        note_read(obj._sa_instance_state, _WRITTEN)
+    flush_site = ""
+    for obj in session.dirty:
+        state = obj._sa_instance_state
+        batch = loaded_by(state)
+        if batch is None:
+            continue
+        read = reads_of(state)
+        note_read(state, _WRITTEN)
+        if batch.locked or batch.transaction != current_flush.get():
+            continue
+        mapper = state.mapper
+        if getattr(mapper, "version_id_col", None) is not None:
+            continue  # a concurrent change makes the UPDATE match no row: StaleDataError
+        changed = sorted(key for key in state.committed_state if key in read)
+        if not changed or _isolated(session):
+            continue
+        if not flush_site:
+            flush_site = stack_info(1).callsite
+        entity = batch.entity
+        columns = ", ".join(f"{entity}.{key}" for key in changed)
+        first = changed[0]
+        note_finding(
+            Finding(
+                kind="unlocked_read_modify_write",
+                count=1,
+                sql=batch.sql,
+                fingerprint=describe(batch.sql).fingerprint,
+                callsite=batch.callsite,
+                suggestion=(
+                    f"lock the row when reading it: .with_for_update() on the query at "
+                    f"{batch.callsite} (session.get({entity}, key, with_for_update=True)); "
+                    f"or a version column (__mapper_args__ = {{'version_id_col': ...}}) so "
+                    "that a concurrent change raises StaleDataError instead of being lost; "
+                    f"or let the database compute it: update({entity}).where(...)"
+                    f".values({first}={entity}.{first} + ...)"
+                ),
+                callsites=(batch.callsite,) if batch.callsite else (),
+                callers=batch.callers,
+                detail=f"{columns} read, changed and written back (flushed at "
+                f"{flush_site or 'a flush'}) in one transaction, the row not locked: "
+                "a concurrent transaction's change in between is lost",
+            )
+        )
+
+
+_STRICT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE"})
+
+
+def _isolated(session: Any) -> bool:
+    """Whether the session's transaction runs at REPEATABLE READ or SERIALIZABLE (PostgreSQL
+    then refuses to update a row changed since the snapshot), as far as the settings say."""
+    try:
+        conn = session.connection()
+    except Exception:  # no bind, or a bind that cannot give a connection here
+        return False
+    levels = (
+        conn.get_execution_options().get("isolation_level"),
+        conn.engine.get_execution_options().get("isolation_level"),
+        getattr(conn.dialect, "_on_connect_isolation_level", None),
+    )
+    return any(str(level).upper() in _STRICT_LEVELS for level in levels if level)
 
 
 def _on_after_begin(session: Any, transaction: Any, connection: Any) -> None:
@@ -250,6 +364,7 @@ _ORM_LISTENERS: tuple[tuple[Any, str, Callable[..., None]], ...] = (
     (Mapper, "load", _on_load),
     (Session, "after_begin", _on_after_begin),
     (Session, "after_commit", _on_after_commit),
+    (Session, "before_flush", _on_before_flush),
 )
 
 
@@ -344,7 +459,39 @@ class _ReadTrackingAttribute(InstrumentedAttribute[Any]):
     def __get__(self, instance: object | None, owner: Any) -> Any:  # type: ignore[override]
         if instance is not None and _current_scope.get() is not None:
             note_relationship_read(self.property)
+            state = getattr(instance, "_sa_instance_state", None)
+            if state is not None:
+                note_read(state, _USED)
         return InstrumentedAttribute.__get__(self, instance, owner)
+
+
+class _ColumnReadAttribute(InstrumentedAttribute[Any]):
+    """A column attribute that tells the open scope when the application reads it (before
+    changing it): what ``overfetch``, ``existence_load`` and ``unlocked_read_modify_write``
+    look at. Mapped classes are switched to it when a scope first loads one of their rows."""
+
+    __slots__ = ()
+    inherit_cache = True
+
+    def __get__(self, instance: object | None, owner: Any) -> Any:  # type: ignore[override]
+        if instance is not None and _current_scope.get() is not None:
+            state = getattr(instance, "_sa_instance_state", None)
+            if state is not None and self.key not in state.committed_state:
+                note_read(state, self.key)
+        return InstrumentedAttribute.__get__(self, instance, owner)
+
+
+_column_tracked: set[Any] = set()
+
+
+def _track_column_reads(mapper: Any) -> None:
+    if mapper in _column_tracked:
+        return
+    _column_tracked.add(mapper)
+    for prop in mapper.column_attrs:
+        attribute = mapper.class_manager.get(prop.key)
+        if type(attribute) is InstrumentedAttribute:
+            attribute.__class__ = _ColumnReadAttribute
 
 
 _tracked: set[RelationshipProperty[Any]] = set()

@@ -1,0 +1,236 @@
+"""The query doctor's kinds that look at what the application does with the rows the ORM loaded
+(``existence_load``, ``overfetch``, ``unlocked_read_modify_write``) and the raise-mode rule for
+repeated ``Session.get()`` lookups (``duplicate_get``), on real SQLAlchemy code against real
+PostgreSQL: for each, a true case, a near miss that stays silent, and the fix."""
+
+from __future__ import annotations
+
+import pytest
+from nplusone_models import ACCOUNTS, Account, Customer, Database
+from sqlalchemy import Engine, exists, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session, load_only
+
+from pgpilot.insight.detector import ADVISORY_KINDS, FINDING_KINDS
+from pgpilot.nplusone import detect
+
+pytest_plugins = ["pytester"]
+
+THIS_FILE = "test_nplusone_doctor_loads.py"
+
+
+def kinds(report: object) -> list[str]:
+    return sorted(finding.kind for finding in report.findings)  # type: ignore[attr-defined]
+
+
+def test_the_new_kinds_are_finding_kinds_and_advisory() -> None:
+    for kind in ("overfetch", "existence_load", "unlocked_read_modify_write", "duplicate_get"):
+        assert kind in FINDING_KINDS
+        assert kind in ADVISORY_KINDS
+    assert "duplicate" not in ADVISORY_KINDS
+
+
+# --- duplicate_get: a repeated Session.get() is a key that was not there ----------------------
+
+
+def test_a_repeated_get_of_a_missing_key_is_a_duplicate_get(session: Session) -> None:
+    with detect() as report:
+        assert session.get(Customer, 99_999) is None
+        assert session.get(Customer, 99_999) is None
+    [finding] = report.findings
+    assert finding.kind == "duplicate_get"
+    assert finding.count == 2
+    assert "identity map" in finding.suggestion
+
+
+def test_a_repeated_get_of_a_found_row_runs_once_and_is_silent(session: Session) -> None:
+    with detect() as report:
+        first = session.get(Customer, 1)
+        assert first is not None and first.name
+        assert session.get(Customer, 1) is first  # the identity map answers
+    assert report.queries == 1
+    assert report.findings == []
+
+
+def test_the_same_query_twice_outside_get_stays_a_duplicate(session: Session) -> None:
+    with detect() as report:
+        for _ in range(2):
+            assert session.scalars(select(Customer).where(Customer.id == 1)).one().name
+    assert kinds(report) == ["duplicate"]
+
+
+INNER_SUITE = """
+import os
+
+from nplusone_models import Customer
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+engine = create_engine(os.environ["PGPILOT_NPLUSONE_URL"])
+
+
+def test_validator_asks_twice():
+    with Session(engine) as session:
+        assert session.get(Customer, 99_999) is None
+        assert session.get(Customer, 99_999) is None
+"""
+
+
+def test_raise_mode_lists_a_duplicate_get_without_failing(
+    pytester: pytest.Pytester, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGPILOT_NPLUSONE_URL", database.sqlalchemy_url)
+    pytester.makepyfile(test_inner=INNER_SUITE)
+    options = (
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "asyncio_default_fixture_loop_scope=function",
+        "--nplusone=raise",
+    )
+    result = pytester.runpytest(*options)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*[[]info[]] 1 test(s): duplicate get(): 2 lookups*"])
+    asked = pytester.runpytest(*options, "--nplusone-kinds=duplicate,duplicate_get")
+    asked.assert_outcomes(failed=1)
+
+
+# --- existence_load: a row loaded only to test that it exists ---------------------------------
+
+
+def test_a_first_only_tested_for_truth_is_an_existence_load(session: Session) -> None:
+    with detect() as report:
+        if session.query(Account).filter_by(owner="owner 1").first():
+            found = True
+        if session.get(Account, 2) is not None:
+            found = found and True
+    assert found
+    assert kinds(report) == ["existence_load", "existence_load"]
+    finding = report.findings[0]
+    assert THIS_FILE in finding.callsite
+    assert "select(exists().where(" in finding.suggestion
+    assert "1 Account row(s) loaded" in finding.detail
+
+
+def test_a_first_whose_row_is_read_or_deleted_is_not_an_existence_load(
+    session: Session,
+) -> None:
+    with detect() as report:
+        account = session.query(Account).filter_by(owner="owner 1").first()
+        assert account is not None and account.email
+        doomed = session.get(Account, 3)
+        session.delete(doomed)
+        session.flush()
+        many = session.scalars(select(Account)).all()  # many rows, thrown away: not a test
+    session.rollback()
+    assert len(many) == ACCOUNTS - 1
+    assert "existence_load" not in kinds(report)
+
+
+def test_exists_is_the_fix_for_an_existence_load(session: Session) -> None:
+    with detect() as report:
+        assert session.scalar(select(exists().where(Account.owner == "owner 1")))
+    assert report.findings == []
+
+
+# --- overfetch: wide rows of which the code reads one column -----------------------------------
+
+
+def test_reading_one_column_of_wide_rows_is_an_overfetch(session: Session) -> None:
+    with detect() as report:
+        emails = [account.email for account in session.scalars(select(Account))]
+    assert len(emails) == ACCOUNTS
+    [finding] = report.findings
+    assert finding.kind == "overfetch"
+    assert finding.count == ACCOUNTS
+    assert finding.suggestion.startswith(".options(load_only(Account.email))")
+    assert "defer(Account.notes)" in finding.suggestion  # the text column nobody read
+    assert "1 of 8 Account columns read" in finding.detail
+
+
+def test_reading_most_columns_or_narrow_rows_is_not_an_overfetch(session: Session) -> None:
+    with detect() as report:
+        for account in session.scalars(select(Account)):
+            assert all((account.owner, account.email, account.balance, account.currency))
+        names = [customer.name for customer in session.scalars(select(Customer))]
+    assert names
+    assert report.findings == []
+
+
+def test_load_only_is_the_fix_for_an_overfetch(session: Session) -> None:
+    with detect() as report:
+        query = select(Account).options(load_only(Account.email))
+        emails = [account.email for account in session.scalars(query)]
+    assert len(emails) == ACCOUNTS
+    assert report.findings == []
+
+
+async def test_overfetch_on_an_async_session(async_engine: AsyncEngine) -> None:
+    async with AsyncSession(async_engine) as session:
+        await session.connection()
+        with detect() as report:
+            accounts = (await session.scalars(select(Account))).all()
+            emails = [account.email for account in accounts]
+    assert len(emails) == ACCOUNTS
+    assert kinds(report) == ["overfetch"]
+
+
+# --- unlocked_read_modify_write: read, change, write back without a lock ------------------------
+
+
+def test_read_modify_write_without_a_lock_is_reported(session: Session) -> None:
+    with detect() as report:
+        account = session.get(Account, 1)
+        assert account is not None
+        account.balance = account.balance - 10
+        session.flush()
+    session.rollback()
+    [finding] = report.of_kind("unlocked_read_modify_write")
+    assert THIS_FILE in finding.callsite  # where the row was read
+    assert "Account.balance read, changed and written back" in finding.detail
+    assert ".with_for_update()" in finding.suggestion
+    assert "update(Account)" in finding.suggestion
+
+
+def test_a_blind_write_is_not_a_read_modify_write(session: Session) -> None:
+    with detect() as report:
+        account = session.get(Account, 1)
+        assert account is not None
+        account.currency = "USD"  # not computed from what was read
+        session.flush()
+    session.rollback()
+    assert report.of_kind("unlocked_read_modify_write") == []
+
+
+def test_serializable_isolation_is_not_a_read_modify_write(engine: Engine) -> None:
+    strict = engine.execution_options(isolation_level="SERIALIZABLE")
+    with Session(strict) as session, detect() as report:
+        account = session.get(Account, 1)
+        assert account is not None
+        account.balance = account.balance - 10
+        session.flush()
+        session.rollback()
+    assert report.of_kind("unlocked_read_modify_write") == []
+
+
+def test_for_update_or_a_database_side_update_is_the_fix(session: Session) -> None:
+    with detect() as report:
+        account = session.get(Account, 1, with_for_update=True)
+        assert account is not None
+        account.balance = account.balance - 10
+        session.flush()
+        session.execute(update(Account).where(Account.id == 2).values(balance=Account.balance - 1))
+    session.rollback()
+    assert report.of_kind("unlocked_read_modify_write") == []
+
+
+async def test_read_modify_write_on_an_async_session(async_engine: AsyncEngine) -> None:
+    async with AsyncSession(async_engine) as session:
+        await session.connection()
+        with detect() as report:
+            account = await session.get(Account, 1)
+            assert account is not None
+            account.balance = account.balance + 5
+            await session.flush()
+        await session.rollback()
+    assert kinds(report) == ["unlocked_read_modify_write"]
