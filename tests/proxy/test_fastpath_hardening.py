@@ -184,3 +184,66 @@ def test_client_stalled_mid_message_is_disconnected(proxy_factory: Any,
             assert conn.execute("select 1").fetchone() == (1,)
         slow.sendall(big)
         assert read_types(slow) == ["T", "D", "C", "Z"]
+
+
+# -- finding 4: PostgreSQL's whitespace and U& identifiers reach the hazard check ----------
+def show_hazards(proxy: RunningProxy) -> list[tuple[str, int]]:
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True,
+                         row_factory=dict_row) as conn:
+        return [(r["hazard"], r["count"]) for r in conn.execute("SHOW HAZARDS").fetchall()]
+
+
+@pytest.mark.parametrize("blank", ["\f", "\v", " \f\t", "\f\n"])
+def test_set_after_form_feed_follows_its_client(proxy_factory: Any, blank: str) -> None:
+    """PostgreSQL takes \\f (and \\v since 16) as blanks: a SET behind them is a SET, recorded
+    for its client and never left on a server another client gets (before: it went through
+    the fast path unseen and leaked)."""
+    from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
+    from pgpilot.proxy.hazards import might_be_hazard
+
+    sql = f"{blank}SET statement_timeout = '1234ms'"
+    assert _fastpath.sql_needs_python(sql.encode())
+    assert might_be_hazard(sql.encode())
+    if blank == "\v":
+        return  # PostgreSQL 15 (the test server) refuses \v: the filters are checked above
+    proxy = proxy_factory(default_pool_size=1)
+    with connect(proxy) as a, connect(proxy) as b:
+        a.execute("select 1")
+        a.execute(sql.encode())
+        assert b.execute("show statement_timeout").fetchone() != ("1234ms",)
+        assert a.execute("show statement_timeout").fetchone() == ("1234ms",)
+        assert b.execute("show statement_timeout").fetchone() != ("1234ms",)
+
+
+@pytest.mark.parametrize("sql", [
+    'select U&"pg_advisory\\005flock"(4242)',
+    'select u&"set\\005fconfig"(\'app.x\', \'x\', false)',
+    "select U&\"pg_\\0061dvisory_lock\" (4242)",
+])
+def test_unicode_escaped_identifiers_go_to_the_parser(sql: str) -> None:
+    from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
+    from pgpilot.proxy.hazards import classify, might_be_hazard
+
+    assert _fastpath.sql_needs_python(sql.encode())
+    assert might_be_hazard(sql.encode())
+    assert classify(sql), "the parser names the hazard"
+
+
+def test_unicode_escaped_advisory_lock_is_reported(proxy_factory: Any) -> None:
+    proxy = proxy_factory(default_pool_size=1, pin_session_state=0)
+    with connect(proxy) as conn:
+        conn.execute("select 1")
+        conn.execute(b'select U&"pg_advisory\\005flock"(4243)')
+        conn.execute("select pg_advisory_unlock(4243)")
+    assert show_hazards(proxy) == [("advisory_lock", 1)]
+
+
+def test_unicode_escaped_set_config_follows_its_client(proxy_factory: Any) -> None:
+    proxy = proxy_factory(default_pool_size=1)
+    with connect(proxy) as a, connect(proxy) as b:
+        a.execute("select 1")
+        a.execute(b'select u&"set\\005fconfig"(\'app.fp26\', \'mine\', false)')
+        assert b.execute("select current_setting('app.fp26', true)").fetchone() != ("mine",)
+        assert a.execute("select current_setting('app.fp26', true)").fetchone() == ("mine",)

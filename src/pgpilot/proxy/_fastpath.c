@@ -567,13 +567,30 @@ static int hazard_word_at_any(const unsigned char *s, size_t n) {
     return 0;
 }
 
+/* PostgreSQL's whitespace (scan.l: space, tab, newline, carriage return, form feed, and
+ * vertical tab since 16): what it skips before a statement, the filter skips too. */
+static inline int sql_blank(unsigned char ch) {
+    return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n' || ch == '\f' || ch == '\v';
+}
+
+/* A Unicode-escaped identifier (U&"..."): its escapes may spell any word, so the parser reads
+ * the text (hazards.classify). */
+static int has_unicode_ident(const unsigned char *s, size_t n) {
+    for (const unsigned char *p = s; n >= 3 && (p = memchr(p, '&', n - (size_t)(p - s) - 1));
+         p++) {
+        if (p > s && (p[-1] == 'u' || p[-1] == 'U') && p[1] == '"') return 1;
+        if ((size_t)(p - s) + 2 >= n) break;
+    }
+    return 0;
+}
+
 /* The same test as hazards.might_be_hazard plus what the prepared-statement router must see
  * (DISCARD / DEALLOCATE), a little more cautious: a text that is not a single plain statement
  * goes to Python. 0 means the fast path may carry it. */
 static int sql_needs_python(const unsigned char *s, size_t n) {
-    if (hazard_word_at_any(s, n)) return 1;
+    if (hazard_word_at_any(s, n) || has_unicode_ident(s, n)) return 1;
     size_t i = 0;
-    while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\r' || s[i] == '\n')) i++;
+    while (i < n && sql_blank(s[i])) i++;
     if (i + 1 < n && ((s[i] == '-' && s[i + 1] == '-') || (s[i] == '/' && s[i + 1] == '*')))
         return 1; /* a leading comment may hide a SET */
     if (i + 3 <= n && fold(s[i]) == 's' && fold(s[i + 1]) == 'e' && fold(s[i + 2]) == 't' &&
@@ -582,9 +599,7 @@ static int sql_needs_python(const unsigned char *s, size_t n) {
     if (i + 5 <= n && contains_ci(s + i, 5, "reset")) return 1;
     /* More than one statement: Python reads them all. */
     size_t end = n;
-    while (end > 0 && (s[end - 1] == ' ' || s[end - 1] == '\t' || s[end - 1] == '\r' ||
-                       s[end - 1] == '\n' || s[end - 1] == ';' || s[end - 1] == 0))
-        end--;
+    while (end > 0 && (sql_blank(s[end - 1]) || s[end - 1] == ';' || s[end - 1] == 0)) end--;
     if (memchr(s, ';', end)) return 1;
     return 0;
 }

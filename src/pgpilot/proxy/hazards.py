@@ -81,7 +81,8 @@ HINTS: dict[str, str] = {
 # DECLARE ... WITH HOLD) ...
 _ANYWHERE = ("advisory_lock", "set_config", "temp", "hold", "listen", "prepare")
 # ... and SET, which only counts at the start of a statement (not in UPDATE ... SET).
-_BLANKS = " \t\r\n"
+# PostgreSQL's whitespace (scan.l): form feed too, and vertical tab since PostgreSQL 16.
+_BLANKS = " \t\r\n\f\v"
 _MAX_STATEMENT_STARTS = 64  # a text with more ';' than this is simply parsed
 
 # Session-level advisory lock functions (the _xact_ variants end with the transaction).
@@ -99,7 +100,7 @@ MAX_HAZARD_KEYS = 5000
 OTHER_APPLICATIONS = "(other)"
 
 
-_TRAILING = " \t\r\n;"
+_TRAILING = _BLANKS + ";"
 
 
 def might_be_hazard(sql: bytes) -> bool:
@@ -108,6 +109,8 @@ def might_be_hazard(sql: bytes) -> bool:
     for word in _ANYWHERE:
         if word in low:
             return True
+    if 'u&"' in low:
+        return True  # a Unicode-escaped identifier may spell any word: the parser reads it
     if _starts_with_set(low):
         return True
     # A single statement's own terminator (pgbench, most drivers) starts nothing new.

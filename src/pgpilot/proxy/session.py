@@ -38,16 +38,16 @@ UNLISTED = ("role", "session_authorization")
 ALL = "*"  # RESET ALL / DISCARD ALL: every setting the client had is gone
 UNKNOWN = "?"  # set_config of a name computed by the statement: not known to the pooler
 PARAM = "$"  # "$2": set_config of a name bound as parameter 2 (read from the Bind)
-_BLANKS = " \t\r\n"
+_BLANKS = " \t\r\n\f\v"  # PostgreSQL's whitespace (scan.l; \v since 16)
 _MAX_STATEMENT_STARTS = 64
 _CACHE_MAX_TEXT = 8192
 
 
 def might_change_settings(low: str) -> bool:
     """The cheap test, on lower-cased text: False means it certainly changes no setting."""
-    if "set_config" in low:
+    if "set_config" in low or 'u&"' in low:  # U&"...": escapes may spell set_config
         return True
-    if ";" not in low.rstrip(" \t\r\n;"):
+    if ";" not in low.rstrip(_BLANKS + ";"):
         return _starts_with_word(low)
     pieces = low.split(";", _MAX_STATEMENT_STARTS)
     return len(pieces) > _MAX_STATEMENT_STARTS or any(_starts_with_word(p) for p in pieces)
@@ -241,10 +241,10 @@ def pins_from_rows(rows: list[list[bytes | None]]) -> dict[str, int]:
 def settings_from_rows(rows: list[list[bytes | None]], login_user: str) -> dict[str, str]:
     """The client's settings from the snapshot's rows: what is set, with defaults left out."""
     settings: dict[str, str] = {}
-    for row in rows:
+    for row in _utf8_rows(rows):
         if len(row) != 2 or row[0] is None or row[1] is None or row[0].startswith(b" "):
             continue
-        name, value = row[0].decode(), row[1].decode()
+        name, value = row[0].decode(errors="replace"), row[1].decode(errors="replace")
         if name == "role" and value == "none":
             continue
         if name == "session_authorization" and value == login_user:
