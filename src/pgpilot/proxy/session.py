@@ -241,10 +241,10 @@ def pins_from_rows(rows: list[list[bytes | None]]) -> dict[str, int]:
 def settings_from_rows(rows: list[list[bytes | None]], login_user: str) -> dict[str, str]:
     """The client's settings from the snapshot's rows: what is set, with defaults left out."""
     settings: dict[str, str] = {}
-    for row in _utf8_rows(rows):
+    for row in rows:
         if len(row) != 2 or row[0] is None or row[1] is None or row[0].startswith(b" "):
             continue
-        name, value = row[0].decode(errors="replace"), row[1].decode(errors="replace")
+        name, value = row[0].decode(), row[1].decode()
         if name == "role" and value == "none":
             continue
         if name == "session_authorization" and value == login_user:
