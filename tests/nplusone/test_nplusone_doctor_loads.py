@@ -5,7 +5,10 @@ PostgreSQL: for each, a true case, a near miss that stays silent, and the fix.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from flask import Flask
 from nplusone_models import ACCOUNTS, Account, Customer, Database
 from sqlalchemy import Engine, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -59,11 +62,57 @@ def test_the_same_query_twice_outside_get_stays_a_duplicate(session: Session) ->
     assert kinds(report) == ["duplicate"]
 
 
+@pytest.fixture
+def flask_app(engine: Engine) -> Iterator[Flask]:
+    app = Flask(__name__)
+
+    @app.post("/accounts/<int:account_id>/owner")
+    def rename(account_id: int) -> str:
+        with Session(engine) as session:
+            session.execute(
+                update(Account).where(Account.id == account_id).values(owner="renamed")
+            )
+            session.rollback()  # the write ran; the data stays as the other tests expect
+        return "ok"
+
+    @app.get("/accounts/<int:account_id>")
+    def show(account_id: int) -> str:
+        with Session(engine) as session:
+            return str(session.scalar(select(Account.owner).where(Account.id == account_id)))
+
+    yield app
+
+
+def owner_of(engine: Engine, account_id: int) -> str | None:
+    with Session(engine) as session:
+        return session.scalar(select(Account.owner).where(Account.id == account_id))
+
+
+def test_a_test_reading_again_after_a_request_that_wrote_is_no_duplicate(
+    flask_app: Flask, engine: Engine
+) -> None:
+    from pgpilot.nplusone import testclients
+
+    testclients.install()
+    client = flask_app.test_client()
+    with detect() as report:
+        assert owner_of(engine, 4) == "owner 4"
+        assert client.post("/accounts/4/owner").text == "ok"  # writes in its own scope
+        assert owner_of(engine, 4) == "owner 4"
+    assert report.findings == []
+
+    with detect() as read_only:
+        assert owner_of(engine, 4) == "owner 4"
+        assert client.get("/accounts/4").text == "owner 4"  # reads only
+        assert owner_of(engine, 4) == "owner 4"
+    assert kinds(read_only) == ["duplicate"]
+
+
 INNER_SUITE = """
 import os
 
 from nplusone_models import Customer
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 engine = create_engine(os.environ["PGPILOT_NPLUSONE_URL"])
@@ -73,10 +122,17 @@ def test_validator_asks_twice():
     with Session(engine) as session:
         assert session.get(Customer, 99_999) is None
         assert session.get(Customer, 99_999) is None
+
+
+def test_reads_what_it_asserts_twice():
+    with Session(engine) as session:
+        assert session.scalars(select(Customer).where(Customer.id == 1)).one().name
+    with Session(engine) as session:
+        assert session.scalars(select(Customer).where(Customer.id == 1)).one().name
 """
 
 
-def test_raise_mode_lists_a_duplicate_get_without_failing(
+def test_raise_mode_lists_a_duplicate_get_and_a_test_reading_twice_without_failing(
     pytester: pytest.Pytester, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PGPILOT_NPLUSONE_URL", database.sqlalchemy_url)
@@ -89,10 +145,11 @@ def test_raise_mode_lists_a_duplicate_get_without_failing(
         "--nplusone=raise",
     )
     result = pytester.runpytest(*options)
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*[[]info[]] 1 test(s): duplicate get(): 2 lookups*"])
+    result.stdout.fnmatch_lines(["*[[]warn[]] 1 test(s): duplicate: 2 executions*"])
     asked = pytester.runpytest(*options, "--nplusone-kinds=duplicate,duplicate_get")
-    asked.assert_outcomes(failed=1)
+    asked.assert_outcomes(failed=2)
 
 
 # --- existence_load: a row loaded only to test that it exists ---------------------------------

@@ -368,6 +368,11 @@ class ScopeDetector:
         self._groups: dict[str, _Group] = {}
         self._write_epoch = 0
 
+    def note_write(self) -> None:
+        """A write this scope does not count happened (in a request scope isolated inside it):
+        a read repeated after it is not a duplicate."""
+        self._write_epoch += 1
+
     def add(self, event: EventFields) -> bool:
         """Count one statement. True when it makes its group a loop (the threshold just met)."""
         fields: tuple[Any, ...] = event
