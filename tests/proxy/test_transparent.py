@@ -508,3 +508,50 @@ def test_set_config_of_a_bound_name_is_followed(
         with psycopg.connect(proxy.dsn(), autocommit=True) as b:
             assert b.execute(read).fetchone() in ((None, None), ("", ""))
         assert a.execute(read).fetchone() == ("t1", "u1")
+
+
+def test_values_in_the_pooler_s_own_statements_cannot_inject_sql(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """The values the pooler writes into its own SET / set_config statements are quoted so
+    that a server with standard_conforming_strings = off (a client's own choice, kept on the
+    server it used) reads them as the same strings: a backslash before a quote must not end
+    the literal and run what follows as the pooler's statement."""
+    proxy = proxy_factory(default_pool_size=1)
+    evil = "x\\'; SELECT set_config($$app.planted$$, $$yes$$, false); --"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as first:
+        first.execute("SET standard_conforming_strings = off")  # the server keeps it
+        first.execute("SELECT set_config('app.first', 'one', false)")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as second:
+        second.execute("SET standard_conforming_strings = off")
+        second.execute("SELECT set_config('app.v', %s, false)", (evil,))
+        with psycopg.connect(proxy.dsn(), autocommit=True) as third:
+            third.execute("SELECT 1")
+        # Back on the (only) server from 'third': the pooler re-applies second's settings.
+        assert second.execute("SELECT current_setting('app.v', true), "
+                              "current_setting('app.planted', true)").fetchone() in (
+            (evil, None), (evil, ""))
+    with psycopg.connect(proxy.dsn(), autocommit=True, application_name="pgp_evil") as fourth:
+        fourth.execute("SET standard_conforming_strings = off")
+    with psycopg.connect(proxy.dsn(), autocommit=True, application_name=evil) as fifth:
+        assert fifth.execute("SELECT current_setting('application_name'), "
+                             "current_setting('app.planted', true)").fetchone() in (
+            (evil, None), (evil, ""))
+
+
+@pytest.mark.parametrize("encoding", ["latin1", "euc_jp"])
+def test_settings_with_non_ascii_values_in_the_clients_encoding(
+        proxy_factory: Callable[..., RunningProxy], encoding: str) -> None:
+    """A client whose client_encoding is not UTF-8 sets a value outside ASCII: the session's
+    read comes back in that encoding and the value is re-applied on other servers, whatever
+    encoding those are in at that moment; the client reads back what it set."""
+    proxy = proxy_factory(default_pool_size=1)
+    value = "café" if encoding == "latin1" else "日本"
+    with psycopg.connect(proxy.dsn(), autocommit=True, client_encoding=encoding) as a, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as b, \
+            psycopg.connect(proxy.dsn(), autocommit=True, client_encoding=encoding) as c:
+        a.execute("SELECT set_config('app.word', %s, false)", (value,))
+        for other in (b, c, b, c):
+            # Another client (another encoding, or the same one) takes the server between.
+            assert other.execute("SELECT current_setting('app.word', true)").fetchone() in (
+                (None,), ("",))
+            assert a.execute("SELECT current_setting('app.word')").fetchone() == (value,)

@@ -51,6 +51,7 @@ from pgpilot.proxy.session import (
     setting_changes,
     settings_from_rows,
     snapshot_sql,
+    sql_literal,
 )
 from pgpilot.proxy.startup_options import OptionsError, parse_options
 from pgpilot.proxy.states import ClientState, ServerState, check_client_move
@@ -108,10 +109,6 @@ def set_keepalive(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-
-def sql_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class ClientConnection(asyncio.Protocol):

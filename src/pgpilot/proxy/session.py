@@ -214,7 +214,9 @@ UNPIN_RUN_WORDS = ("unlisten", "unlock", "discard", "deallocate")
 def snapshot_sql(names: set[str], pins: bool = False) -> str:
     """What reads a session's settings: pg_settings' session rows, and by name those it
     does not list (their values, or NULL / '' when unset); with ``pins``, one more row per
-    kind of state in PINS, with its count."""
+    kind of state in PINS, with its count. Each row comes back as the hex of its UTF-8
+    bytes (:func:`_utf8_rows`): the server connection's client_encoding is whichever
+    client's it last carried, and a value must read the same whatever that is."""
     sql = ("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
            " AND lower(name) <> ALL (ARRAY[" + ", ".join(
                _literal(n) for n in sorted(TRACKED_BY_LOWER)) + "])")
@@ -224,13 +226,24 @@ def snapshot_sql(names: set[str], pins: bool = False) -> str:
     if pins:
         for kind, count in PINS.items():
             sql += f" UNION ALL SELECT {_literal(_PIN_ROW + kind)}, ({count})::text"
-    return sql
+    return ("SELECT pg_catalog.encode(pg_catalog.convert_to(n, 'UTF8'), 'hex'),"
+            " pg_catalog.encode(pg_catalog.convert_to(v, 'UTF8'), 'hex')"
+            f" FROM ({sql}) AS s (n, v)")
+
+
+def _utf8_rows(rows: list[list[bytes | None]]) -> list[list[bytes | None]]:
+    """The snapshot's rows as UTF-8 bytes (they come as hex: snapshot_sql)."""
+    try:
+        return [[None if v is None else bytes.fromhex(v.decode("ascii")) for v in row]
+                for row in rows]
+    except ValueError:
+        return []
 
 
 def pins_from_rows(rows: list[list[bytes | None]]) -> dict[str, int]:
     """The kinds of pinned state the snapshot found (those with a count above 0)."""
     found: dict[str, int] = {}
-    for row in rows:
+    for row in _utf8_rows(rows):
         if len(row) == 2 and row[0] is not None and row[0].startswith(_PIN_ROW.encode()):
             count = int(row[1] or b"0")
             if count:
@@ -241,10 +254,10 @@ def pins_from_rows(rows: list[list[bytes | None]]) -> dict[str, int]:
 def settings_from_rows(rows: list[list[bytes | None]], login_user: str) -> dict[str, str]:
     """The client's settings from the snapshot's rows: what is set, with defaults left out."""
     settings: dict[str, str] = {}
-    for row in rows:
+    for row in _utf8_rows(rows):
         if len(row) != 2 or row[0] is None or row[1] is None or row[0].startswith(b" "):
             continue
-        name, value = row[0].decode(), row[1].decode()
+        name, value = row[0].decode(errors="replace"), row[1].decode(errors="replace")
         if name == "role" and value == "none":
             continue
         if name == "session_authorization" and value == login_user:
@@ -286,4 +299,25 @@ def _ident(name: str) -> str:
 
 
 def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+    """``value`` as an SQL string literal in ASCII, which reads the same whatever the server
+    connection's standard_conforming_strings and client_encoding are (a client may have
+    changed both, and the server keeps them): else a backslash before a quote would end the
+    literal and run the rest of a client's value as SQL, and a value outside ASCII would be
+    read in another client's encoding."""
+    if value.isascii() and "\\" not in value:
+        return "'" + value.replace("'", "''") + "'"
+    out = []
+    for ch in value:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "'":
+            out.append("''")
+        elif code < 128:
+            out.append(ch)
+        else:
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return "E'" + "".join(out) + "'"
+
+
+sql_literal = _literal
