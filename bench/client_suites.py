@@ -106,7 +106,11 @@ SUITE_REQUIREMENTS = {
     "asyncpg": ("distro~=1.9.0", "pytest"),
     "sqlalchemy": ("pytest>=7.0.0,<10", "greenlet"),
 }
-ASYNCPG_SCRATCH_DB = "testdb"
+# Databases asyncpg's tests create and drop themselves (test_cache_invalidation,
+# test_introspection). Through a pooler their DROP can fail (the pooler still holds idle
+# server connections to them), which would break the next run's setUpClass: they are dropped
+# before and after every asyncpg run (with the pooler stopped). pgpilot's tests use neither.
+ASYNCPG_SCRATCH_DBS = ("testdb", "asyncpg_intro_test")
 # (file, text, replacement) applied to the unpacked asyncpg sdist; see the module docstring.
 ASYNCPG_PATCHES = (
     ("tests/test_cache_invalidation.py", "self.create_pool(database='postgres',",
@@ -250,7 +254,8 @@ def git(*args: str) -> str:
 def source_revision() -> dict[str, Any]:
     """HEAD plus what the working tree of src/ adds (pgpilot runs from the working tree)."""
     diff = git("diff", "HEAD", "--", "src")
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines()]
+    changed = [line.split(maxsplit=1)[-1]
+               for line in git("status", "--porcelain", "--", "src").splitlines()]
     fast_c = ROOT / "src" / "pgpilot" / "proxy" / "_fastpath.c"
     so = sorted(fast_c.parent.glob("_fastpath*.so"))
     stale = bool(so) and fast_c.exists() and so[0].stat().st_mtime < fast_c.stat().st_mtime
@@ -814,11 +819,11 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
     revision = source_revision() if target == "pgpilot" else None
     pool_size = args.pool_size or (5 if mode == "transaction" else 40)
     create_database(up, dbname, suite)
-    # asyncpg's test_type_cache_invalidation_in_pool creates and drops a database "testdb";
-    # one left behind by an interrupted run is dropped here, one that was there before is not.
-    testdb_before = suite == "asyncpg" and database_exists(up, ASYNCPG_SCRATCH_DB)
-    if testdb_before:
-        log(f"database {ASYNCPG_SCRATCH_DB} exists: test_type_cache_invalidation_in_pool fails")
+    scratch = ASYNCPG_SCRATCH_DBS if suite == "asyncpg" else ()
+    for name in scratch:
+        if database_exists(up, name):
+            log(f"dropping database {name}, left behind by an earlier asyncpg run")
+            drop_database(up, name)
     try:
         host, port = up.host, up.port
         if target != "direct":
@@ -840,8 +845,9 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
         if pooler is not None:
             pooler.stop()
         drop_database(up, dbname)
-        if suite == "asyncpg" and not testdb_before:
-            drop_database(up, ASYNCPG_SCRATCH_DB)
+        left = [name for name in scratch if database_exists(up, name)]
+        for name in left:
+            drop_database(up, name)
     if not junits:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"no JUnit XML from {run_key(suite, target, mode)}:\n{tail}")
@@ -854,6 +860,7 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
         "seconds": round(seconds, 1), "chunks": notes, "timed_out": timed_out,
         "pool_size": pool_size if target != "direct" else None,
         "pooler_alive_at_end": pooler_alive,
+        "scratch_databases_left_by_the_suite": left,
         "pooler_log_tail": pooler_log,
         "command_line": "python bench/client_suites.py " + " ".join(
             [f"--suite {suite}", f"--target {target}"]
