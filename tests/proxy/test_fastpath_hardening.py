@@ -247,3 +247,38 @@ def test_unicode_escaped_set_config_follows_its_client(proxy_factory: Any) -> No
         a.execute(b'select u&"set\\005fconfig"(\'app.fp26\', \'mine\', false)')
         assert b.execute("select current_setting('app.fp26', true)").fetchone() != ("mine",)
         assert a.execute("select current_setting('app.fp26', true)").fetchone() == ("mine",)
+
+
+# -- finding 5: one SSLRequest and one GSSENCRequest, as PostgreSQL --------------------------
+SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+GSSENC_REQUEST = (8).to_bytes(4, "big") + (80877104).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+@pytest.mark.parametrize("request_", [SSL_REQUEST, GSSENC_REQUEST], ids=["ssl", "gssenc"])
+def test_second_encryption_request_is_refused(proxy_factory: Any, fast_path: str,
+                                              request_: bytes) -> None:
+    """The first request gets 'N'; a second of the same kind gets 08P01 and the connection
+    closes (before: 200 on one connection each got 'N')."""
+    proxy = proxy_factory(fast_path=fast_path)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(request_)
+        assert sock.recv(1) == b"N"
+        sock.sendall(request_)
+        data = read_error(sock)
+    assert data[:1] == b"E" and b"C08P01" in data and b"a second" in data
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_one_of_each_encryption_request_then_login(proxy_factory: Any, fast_path: str,
+                                                   pg_params: dict[str, str]) -> None:
+    proxy = proxy_factory(fast_path=fast_path)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(GSSENC_REQUEST)
+        assert sock.recv(1) == b"N"
+        sock.sendall(SSL_REQUEST)
+        assert sock.recv(1) == b"N"
+        sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.query("select 1"))
+        assert read_types(sock) == ["T", "D", "C", "Z"]

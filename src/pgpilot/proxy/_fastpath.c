@@ -67,6 +67,8 @@
 #define F_READ_AT_ACCEPT 0x800 /* listener with TCP_DEFER_ACCEPT: a client is accepted once
                                 * its first packet is in, so it is read at once */
 #define F_COUNTED 0x1000   /* client counted in this worker's share (see "balancing") */
+#define F_SSL_ASKED 0x2000 /* client: its SSLRequest was answered (one is allowed) */
+#define F_GSS_ASKED 0x4000 /* client: its GSSENCRequest was answered (one is allowed) */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104
 #define MAX_STARTUP_LENGTH 10000 /* as wire/framing.py */
@@ -392,6 +394,11 @@ static int wants_read(ConnObject *c) {
         if (c->at == AT_WAITING) return buf_len(&c->rb) < WAITING_READ_CAP;
         /* Waiting for quiet to hand over: keep reading (a close must be seen), up to a cap. */
         if ((c->flags & F_EJECT_WANTED) && buf_len(&c->rb) > MAX_FAST_MESSAGE) return 0;
+    } else if (c->kind == KIND_CLIENT && ((c->flags & (F_PHANTOM | F_STARTUP)) || c->scram) &&
+               buf_len(&c->wb) > HIGH_WATER) {
+        /* Answered by the engine alone (startup, SCRAM): a client that does not read its
+         * answers is not read either, so its write buffer cannot grow without bound. */
+        return 0;
     }
     return 1;
 }
@@ -1081,6 +1088,25 @@ static void send_fatal(ConnObject *c, const char *code, const char *text) {
     if (conn_send(c, msg, n) < 0) c->wb.start = c->wb.end = 0;
 }
 
+/* Send the client a FATAL error and close it (once written); Python hears connection_lost. */
+static void refuse_client(ConnObject *c, const char *code, const char *text) {
+    if (c->flags & (F_CLOSED | F_CLOSING)) return;
+    Py_INCREF(c);
+    if (c->mode == MODE_FAST) leave_fast(c);
+    owed_reset(c);
+    c->expected_rfq = c->unsynced = 0;
+    c->rb.start = c->rb.end = 0;
+    buf_shrink(&c->rb);
+    send_fatal(c, code, text);
+    if (c->flags & F_PHANTOM) {
+        phantom_drop(c);
+    } else {
+        c->flags |= F_CLOSING;
+        if (!buf_len(&c->wb)) on_writable(c); else update_events(c);
+    }
+    Py_DECREF(c);
+}
+
 /* Close the pair (either may be NULL) as above; ``text`` is what the client is told. */
 static void fail_closed(ConnObject *c, ConnObject *s, const char *text) {
     if (c) Py_INCREF(c);
@@ -1098,20 +1124,7 @@ static void fail_closed(ConnObject *c, ConnObject *s, const char *text) {
         PyErr_Clear();
         drop_engine_ref(s);
     }
-    if (c && !(c->flags & (F_CLOSED | F_CLOSING))) {
-        if (c->mode == MODE_FAST) leave_fast(c);
-        owed_reset(c);
-        c->expected_rfq = c->unsynced = 0;
-        c->rb.start = c->rb.end = 0;
-        buf_shrink(&c->rb);
-        send_fatal(c, "08006", text);
-        if (c->flags & F_PHANTOM) {
-            phantom_drop(c);
-        } else {
-            c->flags |= F_CLOSING;
-            if (!buf_len(&c->wb)) on_writable(c); else update_events(c);
-        }
-    }
+    if (c) refuse_client(c, "08006", text);
     if (s) Py_DECREF(s);
     if (c) Py_DECREF(c);
 }
@@ -2915,6 +2928,17 @@ static void on_readable(ConnObject *c) {
             if (n == 8 && be32((unsigned char *)chunk) == 8 &&
                 (be32((unsigned char *)chunk + 4) == SSL_REQUEST_CODE ||
                  be32((unsigned char *)chunk + 4) == GSSENC_REQUEST_CODE)) {
+                /* One of each, as PostgreSQL (ProcessStartupPacket): a second is refused
+                 * in its words, never answered again and again. */
+                unsigned asked = be32((unsigned char *)chunk + 4) == SSL_REQUEST_CODE
+                                     ? F_SSL_ASKED : F_GSS_ASKED;
+                if (c->flags & asked) {
+                    refuse_client(c, "08P01", asked == F_SSL_ASKED
+                                      ? "protocol violation: a second SSLRequest"
+                                      : "protocol violation: a second GSSENCRequest");
+                    return;
+                }
+                c->flags |= asked;
                 if (conn_send(c, "N", 1) < 0) lost_errno(c, errno);
                 return;
             }

@@ -125,10 +125,13 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
 class StartupReader:
     """Reads untyped startup-phase packets from a byte stream, one at a time."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_negotiated")
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        # SSLRequest / GSSENCRequest seen: one of each is allowed, as PostgreSQL
+        # (ProcessStartupPacket); a second is a protocol violation, not answered again.
+        self._negotiated: set[type] = set()
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -145,7 +148,12 @@ class StartupReader:
             return None
         packet = bytes(buf[:length])
         del buf[:length]
-        return parse_startup_packet(packet)
+        parsed = parse_startup_packet(packet)
+        if isinstance(parsed, SSLRequest | GSSENCRequest):
+            if type(parsed) in self._negotiated:
+                raise ProtocolError(f"a second {type(parsed).__name__}")
+            self._negotiated.add(type(parsed))
+        return parsed
 
     def take_rest(self) -> bytes:
         """Bytes received after the last packet (a client may pipeline its first messages)."""
