@@ -9,12 +9,14 @@ import logging
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from tests.faults.relay import FaultRelay
 from tests.proxy.conftest import RunningProxy, wait_until, write_config
 
 from pgpilot import VERSION_LINE
@@ -347,3 +349,31 @@ def test_query_and_idle_transaction_timeouts_use_pgbouncers_words(
     text = caplog.text
     assert "closing because: query timeout" in text
     assert "closing because: idle transaction timeout" in text
+
+
+def test_clients_wait_while_an_unreachable_server_is_retried(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    relay = FaultRelay(pg_params["host"], int(pg_params["port"]))
+    relay.refuse = True  # PostgreSQL unreachable: every connection is reset
+    try:
+        proxy = proxy_factory(server_login_retry=0.5, databases={
+            "flaky": f"host=127.0.0.1 port={relay.port} dbname={pg_params['dbname']}"})
+        threading.Timer(1.5, lambda: setattr(relay, "refuse", False)).start()
+        started = time.monotonic()
+        # As PgBouncer: the client is not told the failure, it waits while the pool retries.
+        with psycopg.connect(**proxy.conninfo(dbname="flaky", connect_timeout=10)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert time.monotonic() - started >= 1.4
+        assert "closing because: connect failed" in caplog.text
+        # With query_timeout, a client waiting for an unreachable server is let go, told why.
+        relay.refuse = True
+        proxy = proxy_factory(server_login_retry=0.5, query_timeout=1, databases={
+            "flaky": f"host=127.0.0.1 port={relay.port} dbname={pg_params['dbname']}"})
+        with pytest.raises(psycopg.OperationalError) as err:
+            psycopg.connect(**proxy.conninfo(dbname="flaky", connect_timeout=10))
+        assert "query_timeout" in str(err.value)
+        assert "The last server login failed" in str(err.value)
+    finally:
+        relay.close()

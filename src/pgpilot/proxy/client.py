@@ -393,6 +393,12 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self._uncork()
 
+    @property
+    def waits_for_welcome(self) -> bool:
+        """Logging in and waiting on a server: a first server's parameters (Pool.welcome)
+        or the auth_query lookup (the janitor applies query_timeout to the wait)."""
+        return self._login_task is not None
+
     def restart_startup(self) -> None:
         """After a TLS upgrade, the startup packet comes again over the encrypted stream."""
         self._startup = StartupReader()

@@ -41,10 +41,13 @@ class Janitor:
         cfg = self.pooler.config
         for client in list(self.pooler.clients[ClientState.WAITING]):
             waited = now - client.wait_started
-            if cfg.query_wait_timeout and waited > cfg.query_wait_timeout:
+            if cfg.query_timeout and waited > cfg.query_timeout:
+                # As PgBouncer: query_timeout counts the wait for a server too.
+                client.fail("57014", "query_timeout", hint=waited_hint(client.pool))
+            elif cfg.query_wait_timeout and waited > cfg.query_wait_timeout:
                 log_pinned(client.pool)
                 client.fail("08P01", f"query_wait_timeout: no server connection became free "
-                            f"within {cfg.query_wait_timeout:g} s")
+                            f"within {cfg.query_wait_timeout:g} s", hint=waited_hint(client.pool))
             elif cfg.reserve_pool_timeout > 0 and waited > cfg.reserve_pool_timeout \
                     and client.pool is not None:  # reserve_pool_timeout = 0 disables
                 client.pool.launch_if_needed(use_reserve=True)
@@ -58,7 +61,13 @@ class Janitor:
                 fast.engine.claim_stale(cfg.client_login_timeout)
             for client in list(self.pooler.clients[ClientState.LOGIN]):
                 if now - client.last_activity > cfg.client_login_timeout:
-                    client.fail("08P01", "client_login_timeout: login took too long")
+                    client.fail("08P01", "client_login_timeout: login took too long",
+                                hint=waited_hint(client.pool))
+        if cfg.query_timeout:
+            # A client whose login waits for a first server (its parameters), as PgBouncer.
+            for client in list(self.pooler.clients[ClientState.LOGIN]):
+                if client.waits_for_welcome and now - client.last_activity > cfg.query_timeout:
+                    client.fail("57014", "query_timeout", hint=waited_hint(client.pool))
         if cfg.client_message_timeout:
             self._stalled_messages(now, cfg.client_message_timeout)
         users = cfg.users
@@ -147,6 +156,9 @@ class Janitor:
             elif (cfg.server_idle_timeout and idle_for > cfg.server_idle_timeout
                   and pool.server_count() > min_size):
                 server.close("server_idle_timeout reached")
+        error = pool.last_login_error
+        if error is not None and not error.from_server and now >= pool.login_failed_until:
+            pool.retry_login()  # a server could not be reached: try again for its clients
         if (not self.pooler.stopping and not pool.paused
                 and pool.server_count() < min_size and pool.can_open()
                 and not pool.servers[ServerState.LOGIN]
@@ -170,14 +182,24 @@ class Janitor:
         lane.recall(min(limits) if limits else 60.0)
         if lane.waiting_count():
             oldest = lane.fp.oldest_wait()
-            if cfg.query_wait_timeout and oldest > cfg.query_wait_timeout:
+            if cfg.query_timeout and oldest > cfg.query_timeout:
+                for client in lane.fp.drop_waiters(cfg.query_timeout):
+                    client.fail("57014", "query_timeout", hint=waited_hint(pool))
+            elif cfg.query_wait_timeout and oldest > cfg.query_wait_timeout:
                 log_pinned(pool)
                 for client in lane.fp.drop_waiters(cfg.query_wait_timeout):
                     client.fail("08P01", f"query_wait_timeout: no server connection became "
-                                f"free within {cfg.query_wait_timeout:g} s")
+                                f"free within {cfg.query_wait_timeout:g} s",
+                                hint=waited_hint(pool))
             elif cfg.reserve_pool_timeout > 0 and oldest > cfg.reserve_pool_timeout:
                 pool.launch_if_needed(use_reserve=True)
         lane.update_assist()
+
+
+def waited_hint(pool: Pool | None) -> str | None:
+    """What a client that waited in vain for a server is told of why: the last failure."""
+    error = pool.last_login_error if pool is not None else None
+    return f"The last server login failed: {error}" if error is not None else None
 
 
 def log_pinned(pool: Pool | None) -> None:

@@ -291,6 +291,11 @@ class Pool:
             else:
                 error = ServerError(f"could not connect to server {host}:{self.db.port}: "
                                     f"{exc.strerror or exc}")
+            if not error.from_server:
+                # PgBouncer's words for a server it could not reach, which alerts grep.
+                log.warning("%r closing because: %s (age=%ds)", server, "connect timeout"
+                            if isinstance(exc, TimeoutError) else "connect failed",
+                            time.monotonic() - server.created_at)
             server.close(str(error), terminate=False)
             if (cfg.server_tls_sslmode == "allow" and not tls_retry and error.from_server
                     and not host.startswith("/") and self.pooler.server_ssl_context is not None):
@@ -324,6 +329,12 @@ class Pool:
                     "FATAL " if error.from_server else "", error)
         self.last_login_error = error
         self.login_failed_until = time.monotonic() + self.pooler.config.server_login_retry
+        if not error.from_server:
+            # The server could not be reached (refused, timed out, TLS failed): as PgBouncer,
+            # the clients keep waiting and the pool tries again after server_login_retry
+            # (retry_login); query_timeout, query_wait_timeout and client_login_timeout end
+            # their wait. An error PostgreSQL itself sent is told to them at once, below.
+            return
         for fut in self._welcome_waiters:
             if not fut.done():
                 fut.set_exception(error)
@@ -342,7 +353,8 @@ class Pool:
         """The server's ParameterStatus values, opening a first server if none is known."""
         if self.welcome_params is not None:
             return self.welcome_params
-        if time.monotonic() < self.login_failed_until and self.last_login_error:
+        if time.monotonic() < self.login_failed_until and self.last_login_error \
+                and self.last_login_error.from_server:
             raise ServerError(f"{self.last_login_error} (server login has been failing, "
                               f"retrying after server_login_retry)",
                               self.last_login_error.sqlstate)
@@ -352,6 +364,14 @@ class Pool:
         await fut
         assert self.welcome_params is not None
         return self.welcome_params
+
+    def retry_login(self) -> None:
+        """server_login_retry has passed since a server could not be reached: the clients
+        still waiting (to log in, or for a server) get another try (the janitor calls)."""
+        if self.paused or self.pooler.stopping or self.servers[ServerState.LOGIN]:
+            return
+        self.open_for_welcome()
+        self.launch_if_needed()
 
     def open_for_welcome(self) -> None:
         """Clients logging in need a first server's parameters: open it if the limits allow
@@ -374,7 +394,7 @@ class Pool:
                 self._hand_to(server, client)
                 return
         if time.monotonic() < self.login_failed_until and self.server_count() == 0 \
-                and self.last_login_error is not None:
+                and self.last_login_error is not None and self.last_login_error.from_server:
             client.fail(self.last_login_error.sqlstate,
                         f"{self.last_login_error} (server login has been failing, "
                         "try again later: server_login_retry)")
