@@ -819,6 +819,11 @@ class ClientConnection(asyncio.Protocol):
                 assert self.pool is not None
                 # Usually a server is free and linked at once; reading pauses only when the
                 # client really has to wait (start_waiting), saving two epoll calls a turn.
+                routing = self.pooler.routers.get(self.database) \
+                    if self.pooler.routers and self.pool.mode != "session" else None
+                if routing is not None:  # read/write split (routing.py): the primary's pool
+                    routing.pool_for(self, self._pending).request(self)  # or a replica's
+                    return
                 self.pool.request(self)
             return
         self._forward(data)
@@ -914,7 +919,7 @@ class ClientConnection(asyncio.Protocol):
         """The pool lends us ``server``: bring its parameters in line, then use it."""
         assert self.pool is not None
         if self.gone:
-            self.pool.give_out(server)
+            server.pool.give_out(server)
             return
         self.pool.stats.record_wait(time.monotonic() - self.wait_started)
         params = self.params
@@ -940,8 +945,7 @@ class ClientConnection(asyncio.Protocol):
                         self.fail("08P01", f"could not apply startup parameters: {error}")
                     return
                 if self.gone:
-                    assert self.pool is not None
-                    self.pool.give_out(srv)
+                    srv.pool.give_out(srv)
                     return
                 self._learn_spellings(srv, diff)
                 self._link(srv)
@@ -1228,7 +1232,12 @@ class ClientConnection(asyncio.Protocol):
         server.client = None
         server.resume_reading()
         assert self.pool is not None
-        self.pool.release(server, client_closed=client_closed)
+        routing = self.pooler.routers.get(self.database) if self.pooler.routers else None
+        if routing is not None and self.pool.mode != "session":
+            routing.transaction_over(  # read-your-writes: the commit's WAL position first
+                self, server, lambda srv: srv.pool.release(srv, client_closed=client_closed))
+        else:
+            self.pool.release(server, client_closed=client_closed)
         if not client_closed and self.pool.lane is not None:
             self.enter_fast()
 

@@ -153,6 +153,11 @@ class DatabaseConfig:
     max_db_client_connections: int | None = None
     server_lifetime: float | None = None
     is_fallback: bool = False  # built from the "*" entry for a name not listed
+    # read replicas (proxy/routing.py): (host, port) each; None = the [pgbouncer] value
+    replicas: tuple[tuple[str, int], ...] = ()
+    read_write_split: bool | None = None
+    replica_max_lag_bytes: int | None = None
+    replica_max_lag_ms: int | None = None
 
     def server_dbname(self, client_dbname: str) -> str:
         """The database name to ask the server for when a client asked for ``client_dbname``."""
@@ -280,6 +285,11 @@ class Config:
     # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
     # the pure-Python pooler (also what runs when the extension was not built)
     fast_path: bool = True
+    # read replicas (proxy/routing.py), for [databases] entries naming replicas=
+    read_write_split: bool = True
+    replica_max_lag_bytes: int = 0  # 0 = no bound
+    replica_max_lag_ms: int = 0  # 0 = no bound
+    replica_check_interval: float = 1.0
     # sections
     databases: Mapping[str, DatabaseConfig] = field(default_factory=_empty_mapping)
     users: Mapping[str, UserConfig] = field(default_factory=_empty_mapping)
@@ -557,6 +567,10 @@ _SETTINGS: dict[str, _Setting] = {
     "workers": _Setting(_positive),
     "shutdown_timeout": _Setting(_seconds),
     "fast_path": _Setting(_bool),
+    "read_write_split": _Setting(_bool),
+    "replica_max_lag_bytes": _Setting(_count),
+    "replica_max_lag_ms": _Setting(_count),
+    "replica_check_interval": _Setting(_seconds),
 }
 
 # PgBouncer settings pgpilot accepts but does not act on: a warning says so.
@@ -840,6 +854,19 @@ def _split_connstring(text: str) -> list[tuple[str, str]]:
         pairs.append((key.lower(), value))
 
 
+def _host_ports(text: str) -> tuple[tuple[str, int], ...]:
+    """``replicas=HOST:PORT,HOST:PORT`` (a missing port is 5432)."""
+    out: list[tuple[str, int]] = []
+    for part in text.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep:
+            host, port = part.strip(), "5432"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _BadValue("expected HOST:PORT[,HOST:PORT ...]")
+        out.append((host, int(port)))
+    return tuple(out)
+
+
 # [databases] connstring keys -> (DatabaseConfig field, converter)
 _DATABASE_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "host": ("host", _text),
@@ -863,6 +890,10 @@ _DATABASE_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "auth_query": ("auth_query", _text),
     "auth_dbname": ("auth_dbname", _text),
     "server_lifetime": ("server_lifetime", _seconds),
+    "replicas": ("replicas", _host_ports),
+    "read_write_split": ("read_write_split", _bool),
+    "replica_max_lag_bytes": ("replica_max_lag_bytes", _count),
+    "replica_max_lag_ms": ("replica_max_lag_ms", _count),
 }
 _DATABASE_KEYS_NOT_SUPPORTED = frozenset(
     {"load_balance_hosts", "target_session_attrs", "query_wait_timeout"}

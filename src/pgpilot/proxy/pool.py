@@ -97,7 +97,8 @@ class Pool:
         # The last request for a server came from Python rather than the engine (give_out).
         self.python_demand = False
         fast = pooler.fast
-        if fast is not None and self.mode != "session":
+        # (a database with replicas is routed per transaction in Python: proxy/routing.py)
+        if fast is not None and self.mode != "session" and not db.replicas:
             from pgpilot.proxy.fastpath import Lane
 
             self.lane = Lane(fast, self)

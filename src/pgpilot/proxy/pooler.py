@@ -86,6 +86,8 @@ class Pooler:
         self._metrics_server: asyncio.AbstractServer | None = None
         # The compiled fast path (fastpath.py), started with the pooler when enabled and built.
         self.fast: FastPath | None = None
+        # Read/write split per [databases] entry naming replicas= (routing.py), by name.
+        self.routers: dict[str, Any] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,6 +104,9 @@ class Pooler:
             self.fast = fastpath.FastPath(self, asyncio.get_running_loop())
         self._listeners = await start_listeners(self)
         self._janitor = asyncio.get_running_loop().create_task(Janitor(self).run())
+        from pgpilot.proxy.routing import start_routers
+
+        self.routers = start_routers(self)
         self.admin_console.start()
         if self.config.metrics_port:  # Prometheus /metrics (metrics.py)
             from pgpilot.proxy.metrics import start_metrics_server
@@ -163,6 +168,8 @@ class Pooler:
         await asyncio.sleep(0)
         if self.fast is not None:
             self.fast.close()
+        for router in self.routers.values():
+            await router.stop()
         self.stopped.set()
 
     def hurry_stop(self) -> None:

@@ -1,0 +1,370 @@
+"""Read/write split for ``[databases]`` entries with ``replicas=``: which server a client's
+next transaction goes to, the replicas' health, and read-your-writes by LSN.
+
+The decision is made once per transaction, when a client with no server sends its first
+bytes (``client._query_data``), from those bytes alone (:func:`first_sql`) and the client's
+:class:`ClientRoute`:
+
+* an autocommit statement that only reads (``pgpilot.replication.classify``: no write, no
+  lock, no data-modifying CTE, no function not known safe on a standby), or a
+  ``BEGIN READ ONLY`` / ``START TRANSACTION READ ONLY`` transaction: a replica, the eligible one
+  with the least outstanding work;
+* anything else, a read-write ``BEGIN`` included (what the transaction will do is not known
+  yet), extended-protocol batches that run a statement prepared earlier, and bytes that do not
+  hold a whole first message: the primary; so do ``/* pgpilot:primary */`` hints;
+* eligible: up, a standby, within ``replica_max_lag_bytes`` / ``replica_max_lag_ms``, and
+  replayed at least up to the client's ``min_lsn``.
+
+**Read-your-writes.** When a transaction the primary ran ends (ReadyForQuery ``I``), and it may
+have written, the pooler runs ``SELECT pg_current_wal_insert_lsn()`` on that server before
+giving it back (the position only grows, so it is at or past the commit's record) and raises
+the client's ``min_lsn`` to it; until the answer is there, the client's next transaction goes
+to the primary. A replica whose polled ``pg_last_wal_replay_lsn()`` is below a client's
+``min_lsn`` is not eligible for it. No client change is needed.
+
+**Health.** Every ``replica_check_interval`` each node is asked ``HEALTH_SQL`` (asyncpg, with
+the credentials of the database's pools): a replica that does not answer, is promoted, or lags
+beyond the bounds leaves the read set and comes back when it is healthy again. When the
+configured primary does not answer and a replica reports ``pg_is_in_recovery()`` false, that
+replica becomes the primary: the primary pools of the database are pointed at it (their old
+servers closed), and writes go there. A client mid-transaction on a server that dies gets
+08006 from the pooler, as any client does; nothing is retried for it.
+
+Session pools are not split: a session-mode client stays on the primary (documented).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import struct
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from pgpilot.replication import (
+    HEALTH_SQL,
+    PRIMARY_LSN_SQL,
+    SAFE_FUNCTIONS_SQL,
+    FunctionSafety,
+    ReplicaSet,
+    Route,
+    classify,
+    parse_lsn,
+)
+
+if TYPE_CHECKING:
+    from pgpilot.proxy.client import ClientConnection
+    from pgpilot.proxy.config import Config, DatabaseConfig
+    from pgpilot.proxy.pool import Pool
+    from pgpilot.proxy.pooler import Pooler
+    from pgpilot.proxy.server import ServerConnection
+
+log = logging.getLogger("pgpilot.proxy")
+
+__all__ = ["ClientRoute", "DatabaseRouter", "first_sql", "start_routers"]
+
+_LEN = struct.Struct("!i")
+
+
+def first_sql(pending: bytes | bytearray,
+              prepared: dict[bytes, str] | None = None) -> list[str] | None:
+    """The SQL of a transaction's first round from the client's bytes: the simple Query's text,
+    or the texts of the Parses of an extended-protocol batch up to its Sync or Flush, and of the
+    statements it binds (``prepared``: name -> text, what the client parsed before). None when
+    that cannot be known (an incomplete message, a Bind of a statement whose text is not known,
+    a function call, COPY data)."""
+    view = memoryview(pending)
+    pos = 0
+    texts: list[str] = []
+    parsed: set[bytes] = set()
+    while pos + 5 <= len(view):
+        mtype = view[pos]
+        length = _LEN.unpack_from(view, pos + 1)[0]
+        end = pos + 1 + length
+        if length < 4 or end > len(view):
+            return None
+        body = bytes(view[pos + 5:end])
+        pos = end
+        if mtype == 0x51:  # Query
+            return [body.rstrip(b"\x00").decode("utf-8", "replace")]
+        if mtype == 0x50:  # Parse: name, text
+            name, _, rest = body.partition(b"\x00")
+            texts.append(rest.partition(b"\x00")[0].decode("utf-8", "replace"))
+            parsed.add(name)
+        elif mtype == 0x42:  # Bind: portal, statement
+            statement = body.partition(b"\x00")[2].partition(b"\x00")[0]
+            if statement not in parsed:
+                known = prepared.get(statement) if prepared else None
+                if known is None:
+                    return None
+                texts.append(known)
+        elif mtype in (0x53, 0x48):  # Sync; Flush (asyncpg: Parse, Describe, Flush, then it
+            return texts or None  # binds what it parsed, on the same server, and Syncs)
+        elif mtype not in (0x44, 0x45, 0x43):  # Describe, Execute, Close
+            return None
+    return None
+
+
+@dataclasses.dataclass
+class ClientRoute:
+    """What the router keeps per client: the WAL position its reads must see, whether its
+    current transaction runs on the primary and may write, and the replica it holds."""
+
+    min_lsn: int = 0
+    lsn_pending: bool = False
+    may_write: bool = False
+    replica: str | None = None
+    # the text of each named statement the client parsed (Pooler.parse_observers)
+    prepared: dict[bytes, str] = dataclasses.field(default_factory=dict)
+
+
+class DatabaseRouter:
+    """One ``[databases]`` entry with replicas: its nodes, their health, the choice per
+    transaction, and the client routes."""
+
+    def __init__(self, pooler: Pooler, name: str, db: DatabaseConfig) -> None:
+        self.pooler = pooler
+        self.name = name
+        self.db = db
+        replicas: tuple[tuple[str, int], ...] = db.replicas
+        dbname = db.dbname or name
+        self.nodes: dict[str, DatabaseConfig] = {"primary": db}
+        for i, (host, port) in enumerate(replicas, 1):
+            # (a node's config keeps a replicas list: its pools never get a fast-path lane)
+            self.nodes[f"replica{i}"] = dataclasses.replace(
+                db, host=host, port=port, dbname=dbname, replicas=((host, port),))
+        self.primary_name = "primary"
+        cfg = pooler.config
+        self.split = _setting(db, cfg, "read_write_split")
+        self.read_your_writes = True
+        self.replica_set = ReplicaSet(
+            [n for n in self.nodes if n != "primary"],
+            max_lag_bytes=_setting(db, cfg, "replica_max_lag_bytes") or None,
+            max_lag_ms=_setting(db, cfg, "replica_max_lag_ms") or None)
+        self.interval = float(cfg.replica_check_interval)
+        self.functions = FunctionSafety()
+        self.routes: weakref.WeakKeyDictionary[ClientConnection, ClientRoute] = (
+            weakref.WeakKeyDictionary())
+        # transactions sent per target (SHOW-able, and what the tests read)
+        self.counts: dict[str, int] = dict.fromkeys(self.nodes, 0)
+        self.primary_up = True
+        self._conns: dict[str, Any] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.checked = asyncio.Event()
+
+    # -- the decision --------------------------------------------------------------------
+    def route_of(self, client: ClientConnection) -> ClientRoute:
+        route = self.routes.get(client)
+        if route is None:
+            route = self.routes[client] = ClientRoute()
+        return route
+
+    def decide(self, client: ClientConnection, pending: bytes | bytearray) -> str:
+        """The node (``"primary"``, ``"replica1"`` ...) for ``client``'s next transaction."""
+        route = self.route_of(client)
+        route.may_write = False
+        route.replica = None
+        texts = first_sql(pending, route.prepared) if self.split else None
+        if texts is None:
+            route.may_write = True
+            return self.primary_name
+        readable = True
+        for text in texts:
+            statement = classify(text)
+            if statement.hint is Route.PRIMARY or statement.sets_route:
+                readable = False
+            elif statement.begin:
+                readable = readable and statement.begin_read_only
+            elif statement.route(self.functions) is Route.PRIMARY:
+                readable = False
+        if not readable:
+            route.may_write = True
+            return self.primary_name
+        if route.lsn_pending:
+            return self.primary_name  # its last write's position is not known yet
+        chosen = self.replica_set.choose(route.min_lsn if self.read_your_writes else 0)
+        if chosen is None:
+            return self.primary_name
+        route.replica = chosen
+        return chosen
+
+    def observe_parse(self, client: ClientConnection, body: bytes) -> None:
+        """A Parse from a client of this database (wherever it runs): remember the text of the
+        statement (named or the unnamed one), so that a later Bind of it alone can be routed
+        by it."""
+        if client.database != self.name:
+            return
+        name, _, rest = body.partition(b"\x00")
+        prepared = self.route_of(client).prepared
+        if len(prepared) >= 1000:
+            prepared.clear()  # unknown names go to the primary: safe
+        prepared[name] = rest.partition(b"\x00")[0].decode("utf-8", "replace")
+
+    def pool_for(self, client: ClientConnection, pending: bytes | bytearray) -> Pool:
+        """The pool ``client``'s next transaction takes its server from."""
+        assert client.pool is not None
+        target = self.decide(client, pending)
+        self.counts[target] = self.counts.get(target, 0) + 1
+        if target == "primary":
+            return client.pool
+        return self.pooler.get_pool(self.nodes[target], f"{self.name}@{target}", client.user)
+
+    def transaction_over(self, client: ClientConnection, server: ServerConnection,
+                         release: Any) -> None:
+        """``client``'s transaction on ``server`` ended (the server is detached): learn the
+        primary's WAL position if it may have written, then ``release(server)``."""
+        route = self.route_of(client)
+        if route.replica is not None:
+            self.replica_set.release(route.replica)
+            route.replica = None
+        if not (route.may_write and self.read_your_writes) or server.txn_status != "I":
+            release(server)
+            return
+        route.may_write = False
+        route.lsn_pending = True
+        rows: list[list[bytes | None]] = []
+
+        def done(srv: ServerConnection, error: str | None) -> None:
+            route.lsn_pending = False
+            if error is None and rows and rows[0] and rows[0][0]:
+                value = rows[0][0]
+                route.min_lsn = max(route.min_lsn, parse_lsn(bytes(value).decode()))
+            else:  # unknown: read from the primary until a later write tells us
+                route.lsn_pending = True
+            release(srv)
+
+        server.run_internal(PRIMARY_LSN_SQL, done, rows)
+
+    # -- health ----------------------------------------------------------------------------
+    def _credentials(self) -> tuple[str, str | None] | None:
+        if self.db.user:
+            return self.db.user, self.db.password or self.pooler.server_password_for(
+                self.db.user)
+        for (name, _user), pool in self.pooler.pools.items():
+            if name == self.name:
+                return pool.server_credentials()
+        return None
+
+    async def _query(self, node: str, sql: str) -> list[Any]:
+        import asyncpg
+
+        conn = self._conns.get(node)
+        if conn is None or conn.is_closed():
+            creds = self._credentials()
+            if creds is None:
+                raise ConnectionError("no credentials yet (no pool of this database)")
+            cfg = self.nodes[node]
+            conn = await asyncpg.connect(
+                host=cfg.host or self.pooler.default_socket_dir(), port=cfg.port,
+                user=creds[0], password=creds[1], database=cfg.dbname or self.name,
+                timeout=max(1.0, self.interval * 4), ssl=False)
+            self._conns[node] = conn
+        try:
+            return list(await conn.fetch(sql, timeout=max(1.0, self.interval * 4)))
+        except BaseException:
+            self._conns.pop(node, None)
+            with contextlib.suppress(Exception):
+                conn.terminate()
+            raise
+
+    async def check(self) -> None:
+        """One health round: the primary's position, then each replica; failover."""
+        primary_lsn: int | None = None
+        try:
+            if not self.functions.loaded:
+                self.functions.load(r[0] for r in await self._query(self.primary_name,
+                                                                    SAFE_FUNCTIONS_SQL))
+            rows = await self._query(self.primary_name, HEALTH_SQL)
+            self.primary_up = not rows[0][0]
+            primary_lsn = parse_lsn(rows[0][1]) if self.primary_up else None
+        except Exception:
+            self.primary_up = False
+        for name in self.replica_set.names:
+            state = self.replica_set.states[name]
+            try:
+                row = (await self._query(name, HEALTH_SQL))[0]
+            except Exception as exc:
+                state.record(None, primary_lsn, error=str(exc)[:200])
+            else:
+                state.record(tuple(row), primary_lsn)
+        if not self.primary_up:
+            promoted = [n for n in self.replica_set.names
+                        if self.replica_set.states[n].up and not self.replica_set.states[n]
+                        .in_recovery]
+            if promoted:
+                self._fail_over(promoted[0])
+        self.checked.set()
+
+    def _fail_over(self, name: str) -> None:
+        """Replica ``name`` was promoted while the primary is gone: writes go there."""
+        new = self.nodes[name]
+        log.warning("database %s: primary %s:%s is gone and replica %s (%s:%s) was promoted; "
+                    "sending writes there", self.name, self.nodes[self.primary_name].host,
+                    self.nodes[self.primary_name].port, name, new.host, new.port)
+        primary_db = dataclasses.replace(self.db, host=new.host, port=new.port)
+        # pools made from now on (a client's first login) use the new primary too; a RELOAD
+        # reads the file again (point it at the new primary there)
+        cfg = self.pooler.config
+        self.pooler.config = dataclasses.replace(
+            cfg, databases={**cfg.databases, self.name: primary_db})
+        self.db = primary_db
+        for (db_name, _user), pool in self.pooler.pools.items():
+            if db_name == self.name:
+                pool.db = primary_db
+                pool.catalog = self.pooler.catalogs.setdefault(
+                    (new.host, new.port, pool.server_dbname), type(pool.catalog)())
+                pool.login_failed_until = 0.0  # the old primary's login errors are history
+                pool.last_login_error = None
+                pool.close_all("primary changed (failover)")
+                if pool.waiting:
+                    pool.launch_if_needed()
+        old = self.nodes.pop(self.primary_name)
+        self.nodes[self.primary_name] = primary_db
+        self.nodes[name] = old
+        conn = self._conns.pop("primary", None)
+        if conn is not None:
+            conn.terminate()
+        self._conns["primary"] = self._conns.pop(name, None)
+        self.primary_up = True
+        # the old primary is not a replica of the new one: out of the read set until a
+        # health check finds it a standby
+        self.replica_set.states[name].up = False
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.check()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
+        for conn in self._conns.values():
+            if conn is not None:
+                conn.terminate()
+        self._conns.clear()
+
+
+def _setting(db: DatabaseConfig, cfg: Config, name: str) -> Any:
+    value = getattr(db, name, None)
+    return getattr(cfg, name) if value is None else value
+
+
+def start_routers(pooler: Pooler) -> dict[str, DatabaseRouter]:
+    """A started :class:`DatabaseRouter` per ``[databases]`` entry naming replicas."""
+    routers: dict[str, DatabaseRouter] = {}
+    for name, db in pooler.config.databases.items():
+        if getattr(db, "replicas", ()):
+            router = routers[name] = DatabaseRouter(pooler, name, db)
+            pooler.parse_observers.append(router.observe_parse)
+            router.start()
+    return routers

@@ -1,0 +1,224 @@
+"""The pooler's read/write split (proxy/routing.py) on real streaming replication (the
+``replication_cluster`` test bed): where each kind of statement runs, read-your-writes by LSN
+with no client change, health (a stopped replica leaves the read set), failover to a promoted
+replica, and 1,000 write-then-read iterations by 50 concurrent clients under injected lag.
+
+Where a statement ran is read from the server that ran it (``inet_server_port()``), staleness
+from the rows returned; no test asserts a time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from tests.proxy.conftest import RunningProxy, wait_until, write_config
+
+from pgpilot.replication import parse_lsn
+from pgpilot.testbed import ReplicationCluster
+
+PORT_SQL = "SELECT inet_server_port()"
+
+
+@pytest.fixture
+def cluster(replication_cluster: ReplicationCluster) -> ReplicationCluster:
+    c = replication_cluster
+    c.execute(c.primary_name, "DROP TABLE IF EXISTS split_notes")
+    c.execute(c.primary_name, "CREATE TABLE split_notes (id serial PRIMARY KEY, body text)")
+    c.wait_caught_up()
+    return c
+
+
+def _start(cluster: ReplicationCluster, tmp_path: Path, **settings: Any) -> RunningProxy:
+    primary = cluster.nodes[cluster.primary_name]
+    upstream = {"host": "127.0.0.1", "port": str(primary.port), "user": "postgres",
+                "dbname": "postgres"}
+    replicas = ",".join(f"127.0.0.1:{cluster.port(n)}" for n in cluster.replica_names)
+    databases = {"app": f"host=127.0.0.1 port={primary.port} dbname=postgres user=postgres "
+                        f"replicas={replicas}"}
+    base = {"replica_check_interval": 0.05, "default_pool_size": 20, "fast_path": 1}
+    base.update(settings)
+    path, port = write_config(tmp_path, upstream, base, databases)
+    proxy = RunningProxy(path, port).start()
+    wait_until(lambda: all(_states(proxy, n)["up"] for n in ("replica1", "replica2")))
+    return proxy
+
+
+def _router(proxy: RunningProxy) -> Any:
+    assert proxy.pooler is not None
+    return proxy.pooler.routers["app"]
+
+
+def _states(proxy: RunningProxy, name: str) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        state = _router(proxy).replica_set.states[name]
+        return {"up": state.up, "in_recovery": state.in_recovery, "lsn": state.replay_lsn}
+    result: dict[str, Any] = proxy.call(read)
+    return result
+
+
+@pytest.fixture
+def split(cluster: ReplicationCluster, tmp_path: Path) -> Iterator[RunningProxy]:
+    proxy = _start(cluster, tmp_path)
+    yield proxy
+    proxy.stop()
+
+
+def _caught_up(cluster: ReplicationCluster, proxy: RunningProxy) -> None:
+    """Both replicas replayed all the primary's WAL, and the pooler's health check saw it."""
+    cluster.wait_caught_up()
+    lsn = parse_lsn(cluster.primary_lsn())
+    wait_until(lambda: min(_states(proxy, n)["lsn"] for n in ("replica1", "replica2")) >= lsn)
+
+
+def _ports(cluster: ReplicationCluster) -> tuple[int, set[int]]:
+    return cluster.port(cluster.primary_name), {cluster.port(n) for n in cluster.replica_names}
+
+
+def test_reads_to_replicas_writes_to_the_primary(cluster: ReplicationCluster,
+                                                  split: RunningProxy) -> None:
+    primary_port, replica_ports = _ports(cluster)
+    with psycopg.connect(split.dsn("app"), autocommit=True) as conn:
+        # (a statement sent while the login's welcome still holds a primary server runs there)
+        conn.execute("SELECT 1")
+        seen = {conn.execute(PORT_SQL).fetchone()[0] for _ in range(8)}  # type: ignore[index]
+        assert seen == replica_ports  # both replicas, least outstanding in turn
+        # the extended protocol too (psycopg sends Parse/Bind/Execute/Sync for parameters)
+        assert conn.execute("SELECT inet_server_port() + %s", (0,)).fetchone()[0] \
+            in replica_ports  # type: ignore[index]
+        for sql in ("INSERT INTO split_notes (body) VALUES ('w') RETURNING inet_server_port()",
+                    "SELECT inet_server_port() FROM split_notes FOR UPDATE",
+                    "/* pgpilot:primary */ SELECT inet_server_port()",
+                    "SELECT inet_server_port() FROM (SELECT nextval('split_notes_id_seq')) s",
+                    "WITH w AS (INSERT INTO split_notes (body) VALUES ('c') RETURNING id) "
+                    "SELECT inet_server_port() FROM w"):
+            assert conn.execute(sql).fetchone()[0] == primary_port, sql  # type: ignore[index]
+        # a read-write transaction: the primary; BEGIN READ ONLY: a replica
+        conn.execute("BEGIN")
+        assert conn.execute(PORT_SQL).fetchone()[0] == primary_port  # type: ignore[index]
+        conn.execute("COMMIT")
+        _caught_up(cluster, split)  # the client wrote: replicas once they replayed that
+        conn.execute("BEGIN READ ONLY")
+        assert conn.execute(PORT_SQL).fetchone()[0] in replica_ports  # type: ignore[index]
+        conn.execute("COMMIT")
+    counts = split.call(lambda: dict(_router(split).counts))
+    assert counts["primary"] >= 6 and counts["replica1"] >= 4 and counts["replica2"] >= 4
+
+
+def test_read_your_writes_with_no_client_change(cluster: ReplicationCluster,
+                                                split: RunningProxy) -> None:
+    primary_port, replica_ports = _ports(cluster)
+    for name in cluster.replica_names:
+        cluster.pause_replay(name)
+    with psycopg.connect(split.dsn("app"), autocommit=True) as writer, \
+            psycopg.connect(split.dsn("app"), autocommit=True) as other:
+        other.execute("SELECT 1")
+        writer.execute("INSERT INTO split_notes (body) VALUES ('mine')")
+        # the writer's next read: only a replica that replayed its commit, here none
+        row = writer.execute("SELECT count(*), inet_server_port() FROM split_notes "
+                             "WHERE body = 'mine'").fetchone()
+        assert row == (1, primary_port)
+        # another client has no write to wait for: a replica, which has not replayed it
+        row = other.execute("SELECT count(*), inet_server_port() FROM split_notes "
+                            "WHERE body = 'mine'").fetchone()
+        assert row is not None and row[0] == 0 and row[1] in replica_ports
+        for name in cluster.replica_names:
+            cluster.resume_replay(name)
+        _caught_up(cluster, split)
+        row = writer.execute("SELECT count(*), inet_server_port() FROM split_notes "
+                             "WHERE body = 'mine'").fetchone()
+        assert row is not None and row[0] == 1 and row[1] in replica_ports  # fresh replica
+
+
+def test_stopped_replica_leaves_the_read_set(cluster: ReplicationCluster,
+                                             split: RunningProxy) -> None:
+    first, second = cluster.replica_names
+    cluster.stop_node(first)
+    wait_until(lambda: not _states(split, "replica1")["up"])
+    with psycopg.connect(split.dsn("app"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        ports = {conn.execute(PORT_SQL).fetchone()[0] for _ in range(6)}  # type: ignore[index]
+    assert ports == {cluster.port(second)}
+    cluster.start_node(first)
+    wait_until(lambda: _states(split, "replica1")["up"])
+    with psycopg.connect(split.dsn("app"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        ports = {conn.execute(PORT_SQL).fetchone()[0] for _ in range(6)}  # type: ignore[index]
+    assert ports == {cluster.port(first), cluster.port(second)}
+
+
+async def _write_then_read(dsn: str, clients: int, iterations: int) -> int:
+    stale = 0
+    left = iterations
+
+    async def client(n: int) -> None:
+        nonlocal stale, left
+        conn = await asyncpg.connect(dsn, statement_cache_size=0)
+        try:
+            while left > 0:
+                left -= 1
+                body = f"c{n}-{left}"
+                await conn.execute(f"INSERT INTO split_notes (body) VALUES ('{body}')")
+                got = await conn.fetchval(
+                    f"SELECT count(*) FROM split_notes WHERE body = '{body}'")
+                if got != 1:
+                    stale += 1
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return stale
+
+
+@pytest.mark.slow
+def test_read_after_write_under_lag_never_stale(cluster: ReplicationCluster,
+                                                split: RunningProxy) -> None:
+    cluster.set_apply_delay(cluster.replica_names[0], 100)
+    cluster.set_apply_delay(cluster.replica_names[1], 500)
+    before = split.call(lambda: dict(_router(split).counts))
+    stale = asyncio.run(_write_then_read(split.dsn("app"), 50, 1000))
+    after = split.call(lambda: dict(_router(split).counts))
+    print(f"pooler, LSN rule on: {stale} stale reads of 1000; transactions per target "
+          f"{ {k: after[k] - before[k] for k in after} }")
+    assert stale == 0
+
+    def rule_off() -> None:
+        _router(split).read_your_writes = False
+    split.call(rule_off)
+    before = split.call(lambda: dict(_router(split).counts))
+    stale_without = asyncio.run(_write_then_read(split.dsn("app"), 50, 200))
+    after = split.call(lambda: dict(_router(split).counts))
+    print(f"pooler, LSN rule off: {stale_without} stale reads of 200; transactions per target "
+          f"{ {k: after[k] - before[k] for k in after} }")
+    assert stale_without > 0  # the test bites
+
+
+def test_failover_to_a_promoted_replica(cluster: ReplicationCluster, tmp_path: Path) -> None:
+    proxy = _start(cluster, tmp_path)
+    try:
+        first = cluster.replica_names[0]
+        stopped = time.monotonic()
+        cluster.stop_node("primary")
+        cluster.promote(first)
+
+        def write() -> int | None:
+            try:
+                with psycopg.connect(proxy.dsn("app"), autocommit=True,
+                                     connect_timeout=2) as conn:
+                    row = conn.execute("INSERT INTO split_notes (body) VALUES ('after') "
+                                       "RETURNING inet_server_port()").fetchone()
+                    return None if row is None else int(row[0])
+            except psycopg.Error:
+                return None
+
+        port = wait_until(write, timeout=30)
+        print(f"failover: writes resumed {time.monotonic() - stopped:.2f} s after the primary "
+              "stopped (promotion included)")
+        assert port == cluster.port(first)
+    finally:
+        proxy.stop()
