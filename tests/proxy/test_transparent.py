@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -555,3 +555,48 @@ def test_settings_with_non_ascii_values_in_the_clients_encoding(
             assert other.execute("SELECT current_setting('app.word', true)").fetchone() in (
                 (None,), ("",))
             assert a.execute("SELECT current_setting('app.word')").fetchone() == (value,)
+
+
+@pytest.fixture
+def low_roles(pg_dsn: str) -> Iterator[tuple[str, str]]:
+    """Two roles without privileges, the second a member of the first."""
+    low, outer = f"pgp_low_{uuid.uuid4().hex[:6]}", f"pgp_sa_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {low}; CREATE ROLE {outer}; GRANT {low} TO {outer}")
+    yield low, outer
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f"DROP ROLE {outer}; DROP ROLE {low}")
+
+
+def test_a_role_set_after_a_privileged_setting_is_reapplied(
+        proxy_factory: Callable[..., RunningProxy], low_roles: tuple[str, str]) -> None:
+    """``SET log_statement`` (superusers only) then ``SET ROLE``: directly, both hold for the
+    session. Through the pooler, on a server brought to the client's settings, the setting
+    must be applied before the role, which may not set it."""
+    low, _outer = low_roles
+    proxy = proxy_factory(default_pool_size=1)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as a, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as b:
+        a.execute("SET log_statement = 'all'")
+        a.execute(f"SET ROLE {low}")
+        b.execute("SELECT 1")  # the only server goes back to b's (no) settings
+        assert a.execute("SELECT current_user, current_setting('log_statement')").fetchone() \
+            == (low, "all")
+
+
+def test_a_role_is_kept_when_the_session_authorization_changes(
+        proxy_factory: Callable[..., RunningProxy], low_roles: tuple[str, str]) -> None:
+    """A server carrying SET SESSION AUTHORIZATION x + SET ROLE r goes to a client whose only
+    setting is SET ROLE r: resetting the session authorization resets the role too, so the
+    role must be set again, or the client runs as the login user (a superuser here)."""
+    low, outer = low_roles
+    proxy = proxy_factory(default_pool_size=1)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as a, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as b:
+        a.execute(f"SET ROLE {low}")
+        b.execute(f"SET SESSION AUTHORIZATION {outer}")
+        b.execute(f"SET ROLE {low}")
+        assert a.execute("SELECT current_user, session_user").fetchone() == (low, "postgres")
+        assert b.execute("SELECT current_user, session_user").fetchone() == (low, outer)
+        assert a.execute("SELECT current_user, session_user").fetchone() == (low, "postgres")
+

@@ -268,22 +268,41 @@ def settings_from_rows(rows: list[list[bytes | None]], login_user: str) -> dict[
     return settings
 
 
+IDENTITY = ("session_authorization", "role")  # in the order they are set
+
+
 def apply_sql(current: dict[str, str], wanted: dict[str, str]) -> str:
     """Statements that bring a session carrying ``current`` to ``wanted`` ('' if equal).
-    Session authorization first (changing it resets the role), then the role, then the rest."""
-    order = sorted(set(current) | set(wanted),
-                   key=lambda n: (n != "session_authorization", n != "role", n))
+
+    The other settings are applied as the login user, the identity the client set last: a
+    client may have SET a superuser-only setting before SET ROLE to a role that may not, and
+    a session carrying another client's role may not set them either. So a session with a
+    role or session authorization goes back to the login user first; then the settings;
+    then the session authorization, then the role (changing the session authorization
+    resets the role)."""
+    names = sorted((set(current) | set(wanted)) - set(IDENTITY))
+    changed = [n for n in names if current.get(n) != wanted.get(n)]
+    same_identity = all(current.get(n) == wanted.get(n) for n in IDENTITY)
+    if not changed and same_identity:
+        return ""
     parts: list[str] = []
-    for name in order:
-        have, want = current.get(name), wanted.get(name)
-        if have == want:
-            continue
-        if want is None:
-            parts.append(_reset(name))
-        else:
-            parts.append(f"SELECT pg_catalog.set_config({_literal(name)}, {_literal(want)},"
-                         " false)")
+    held = {n: current[n] for n in IDENTITY if n in current}
+    if held:
+        if "session_authorization" in held:
+            parts.append("RESET SESSION AUTHORIZATION")  # the role too
+        parts.append("RESET ROLE")
+    for name in changed:
+        want = wanted.get(name)
+        parts.append(_reset(name) if want is None else _set(name, want))
+    for name in IDENTITY:
+        want = wanted.get(name)
+        if want is not None:
+            parts.append(_set(name, want))
     return "; ".join(parts)
+
+
+def _set(name: str, value: str) -> str:
+    return f"SELECT pg_catalog.set_config({_literal(name)}, {_literal(value)}, false)"
 
 
 def _reset(name: str) -> str:
