@@ -282,3 +282,48 @@ def test_one_of_each_encryption_request_then_login(proxy_factory: Any, fast_path
         assert read_types(sock)[-1] == "Z"
         sock.sendall(m.query("select 1"))
         assert read_types(sock) == ["T", "D", "C", "Z"]
+
+
+# -- finding 6: Python that runs during a pump cannot pull the pair from under it -----------
+def test_python_run_while_renaming_cannot_unlink_the_pair(proxy_factory: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine marks a renamed statement used in the server's OrderedDict (Python). If
+    Python code run there takes the pair back (here: move_to_end ejects every client), the
+    pump must not go on with a server it no longer holds (before: the bytes were then sent to
+    a NULL peer, and the process crashed)."""
+    import collections
+    import types
+
+    from pgpilot.proxy import server as server_module
+
+    meddle: dict[str, Any] = {"armed": False, "fired": 0}
+    proxy_ref: list[RunningProxy] = []
+
+    class Meddling(collections.OrderedDict):  # type: ignore[type-arg]
+        def move_to_end(self, key: Any, last: bool = True) -> None:
+            if meddle["armed"]:
+                meddle["armed"] = False
+                meddle["fired"] += 1
+                pooler = proxy_ref[0].pooler
+                assert pooler is not None
+                for pool in pooler.pools.values():
+                    for client in pool.clients:
+                        if fastpath.is_fast_conn(client.transport) and client.transport.fast:
+                            client.transport.eject()  # type: ignore[union-attr]
+            super().move_to_end(key, last)
+
+    monkeypatch.setattr(server_module, "collections",
+                        types.SimpleNamespace(OrderedDict=Meddling))
+    proxy = proxy_factory(default_pool_size=1)
+    proxy_ref.append(proxy)
+    with connect(proxy, prepare_threshold=0) as conn:
+        for i in range(5):
+            assert conn.execute("select %s::int + 1", [i]).fetchone() == (i + 1,)
+        for i in range(5):
+            meddle["armed"] = True
+            assert conn.execute("select %s::int + 1", [i]).fetchone() == (i + 1,)
+            # Back on the fast path for the next round.
+            assert conn.execute("select %s::int + 2", [i]).fetchone() == (i + 2,)
+    assert meddle["fired"] >= 1
+    with connect(proxy) as other:
+        assert other.execute("select 7").fetchone() == (7,)

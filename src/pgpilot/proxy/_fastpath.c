@@ -675,22 +675,22 @@ static int message_fast(unsigned char t, const unsigned char *body, size_t n) {
 #define MAX_RENAMES OWED_MAX
 
 /* One client chunk as it goes to the server, when it renames statements. Built by
- * client_scan, used by client_pump in the same call (the engine runs under the GIL). */
-static struct {
+ * client_scan, used by client_pump in the same call: one per client_pump call, on its stack
+ * (no process-wide scratch: Python run from a nested pump cannot touch another's). */
+typedef struct {
     Buf out;
     PyObject *names[MAX_RENAMES];   /* owned: the server-side names used, in order */
     PyObject *clients[MAX_RENAMES]; /* owned: the client's names they stand for */
     int n_names;
-} renamed;
+} Renamed;
 
-static void renamed_clear(void) {
-    for (int i = 0; i < renamed.n_names; i++) {
-        Py_CLEAR(renamed.names[i]);
-        Py_CLEAR(renamed.clients[i]);
+static void renamed_clear(Renamed *rn) {
+    for (int i = 0; i < rn->n_names; i++) {
+        Py_CLEAR(rn->names[i]);
+        Py_CLEAR(rn->clients[i]);
     }
-    renamed.n_names = 0;
-    renamed.out.start = renamed.out.end = 0;
-    if (renamed.out.cap > READ_CHUNK) buf_free(&renamed.out); /* kept only while small */
+    rn->n_names = 0;
+    if (rn->out.cap) buf_free(&rn->out);
 }
 
 /* The server-side name (borrowed; an ASCII str) of the client's statement ``name``, or NULL
@@ -729,25 +729,25 @@ static void put_be32(unsigned char *p, uint32_t v) {
 
 /* Append the message at ``msg`` (type, length, body of ``n`` bytes: a Bind or a Describe
  * of a named statement, whose name, of ``old_len`` bytes, is at ``name``: named_statement())
- * to ``renamed.out`` under ``server_name``. */
-static int rename_into(const unsigned char *msg, size_t n, const unsigned char *name,
+ * to ``out`` under ``server_name``. */
+static int rename_into(Buf *out, const unsigned char *msg, size_t n, const unsigned char *name,
                        size_t old_len, PyObject *server_name) {
     const unsigned char *body = msg + 5;
     size_t head = (size_t)(name - body); /* bytes before the statement name */
     const unsigned char *nul = name + old_len;
     size_t new_len = (size_t)PyUnicode_GET_LENGTH(server_name);
     size_t total = 5 + n - old_len + new_len;
-    if (buf_reserve(&renamed.out, total) < 0) {
+    if (buf_reserve(out, total) < 0) {
         PyErr_Clear();
         return -1;
     }
-    unsigned char *o = (unsigned char *)renamed.out.p + renamed.out.end;
+    unsigned char *o = (unsigned char *)out->p + out->end;
     o[0] = msg[0];
     put_be32(o + 1, (uint32_t)(total - 1));
     memcpy(o + 5, body, head);
     memcpy(o + 5 + head, PyUnicode_1BYTE_DATA(server_name), new_len);
     memcpy(o + 5 + head + new_len, nul, n - head - old_len);
-    renamed.out.end += total;
+    out->end += total;
     return 0;
 }
 
@@ -781,23 +781,24 @@ static int router_must_see(ConnObject *c, unsigned char t, const unsigned char *
     return head == 'b' || head == 'd';
 }
 
-/* Does ``s`` have every statement ``renamed`` uses? */
-static int renamed_all_on(ConnObject *s) {
-    for (int i = 0; i < renamed.n_names; i++)
-        if (!on_server(s, renamed.names[i])) return 0;
+/* Does ``s`` have every statement ``rn`` uses? */
+static int renamed_all_on(ConnObject *s, const Renamed *rn) {
+    for (int i = 0; i < rn->n_names; i++)
+        if (!on_server(s, rn->names[i])) return 0;
     return 1;
 }
 
-/* The statements ``renamed`` used become the most recently used on ``s``. */
-static void renamed_touch(ConnObject *s) {
+/* The statements ``rn`` used become the most recently used on ``s`` (Python's OrderedDict:
+ * called only once the chunk is passed on, never while a buffer is being read). */
+static void renamed_touch(ConnObject *s, const Renamed *rn) {
     static PyObject *move_to_end;
-    if (!s->prepared || !renamed.n_names) return;
+    if (!s->prepared || !rn->n_names) return;
     if (!move_to_end && !(move_to_end = PyUnicode_InternFromString("move_to_end"))) {
         PyErr_Clear();
         return;
     }
-    for (int i = 0; i < renamed.n_names; i++) {
-        PyObject *r = PyObject_CallMethodOneArg(s->prepared, move_to_end, renamed.names[i]);
+    for (int i = 0; i < rn->n_names; i++) {
+        PyObject *r = PyObject_CallMethodOneArg(s->prepared, move_to_end, rn->names[i]);
         if (!r) PyErr_Clear();
         Py_XDECREF(r);
     }
@@ -1157,13 +1158,19 @@ static unsigned long long scanned_total;
 
 /* Scan the client's complete messages. Returns the bytes that may be forwarded; *bad is set
  * when a message the fast path will not carry starts within the buffer. When they rename
- * statements, ``renamed`` holds them as they go to the server. */
-static size_t client_scan(ConnObject *c, size_t from, int *bad, int *terminate) {
+ * statements, ``rn`` holds them as they go to the server.
+ *
+ * The framing pass is pure C: no call that can run Python, so the buffer cannot move under
+ * it. The names of named statements are looked up after it (Python's dicts), and the bytes
+ * are read again from the buffer by offset after that. */
+static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int *terminate) {
     const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t avail = buf_len(&c->rb), pos = from <= avail ? from : 0;
+    size_t named_at[MAX_RENAMES];
+    int n_named = 0;
     *bad = 0;
     *terminate = 0;
-    renamed_clear();
+    renamed_clear(rn);
     while (avail - pos >= 5) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
@@ -1175,41 +1182,62 @@ static size_t client_scan(ConnObject *c, size_t from, int *bad, int *terminate) 
         if (avail - pos < (size_t)len + 1) break;
         scanned_total += (size_t)len + 1;
         int how = message_fast(t, base + pos + 5, len - 4);
-        if (how == FAST_NAMED) {
-            size_t name_len;
-            PyObject *client_name = NULL;
-            const unsigned char *name = named_statement(base + pos, len - 4, &name_len);
-            PyObject *server_name = name ? statement_for(c, name, name_len, &client_name) : NULL;
-            /* Unknown to the router (Python forwards it for PostgreSQL to refuse), missing on
-             * this server (Python prepares it there first), or too many for one go. */
-            if (!server_name || (c->peer && !on_server(c->peer, server_name)) ||
-                renamed.n_names == MAX_RENAMES) {
-                Py_XDECREF(client_name);
-                *bad = 1;
-                break;
-            }
-            renamed.clients[renamed.n_names] = client_name; /* owned from here */
-            renamed.names[renamed.n_names++] = Py_NewRef(server_name);
-            if (renamed.n_names == 1 && pos &&
-                buf_append(&renamed.out, (const char *)base, pos) < 0) {
-                PyErr_Clear();
-                *bad = 1;
-                break;
-            }
-            if (rename_into(base + pos, len - 4, name, name_len, server_name) < 0) {
-                *bad = 1;
-                break;
-            }
-        } else if (how == FAST_NO) {
-            *bad = 1;
-            break;
-        } else if (renamed.n_names &&
-                   buf_append(&renamed.out, (const char *)base + pos, (size_t)len + 1) < 0) {
-            PyErr_Clear();
+        if (how == FAST_NO || (how == FAST_NAMED && n_named == MAX_RENAMES)) {
             *bad = 1;
             break;
         }
+        if (how == FAST_NAMED) named_at[n_named++] = pos;
         pos += (size_t)len + 1;
+    }
+    if (!n_named) return pos;
+    /* The names, in order: the first the client has not prepared (Python forwards it for
+     * PostgreSQL to refuse) or this server lacks (Python prepares it there first) ends the
+     * chunk there. */
+    for (int i = 0; i < n_named; i++) {
+        if ((c->flags & F_CLOSED) || buf_len(&c->rb) < pos) { /* (never: no Python ran) */
+            renamed_clear(rn);
+            *bad = *terminate = 0;
+            return 0;
+        }
+        base = (const unsigned char *)c->rb.p + c->rb.start;
+        size_t at = named_at[i], name_len;
+        PyObject *client_name = NULL;
+        const unsigned char *name = named_statement(base + at, be32(base + at + 1) - 4, &name_len);
+        PyObject *server_name = name ? statement_for(c, name, name_len, &client_name) : NULL;
+        if (!server_name || (c->peer && !on_server(c->peer, server_name))) {
+            Py_XDECREF(client_name);
+            pos = at;
+            *bad = 1;
+            *terminate = 0;
+            break;
+        }
+        rn->clients[rn->n_names] = client_name; /* owned from here */
+        rn->names[rn->n_names++] = Py_NewRef(server_name);
+    }
+    if (!rn->n_names) return pos;
+    /* The chunk as it goes out, pure C again. */
+    base = (const unsigned char *)c->rb.p + c->rb.start;
+    size_t done = 0;
+    for (int k = 0; k < rn->n_names; k++) {
+        size_t at = named_at[k], name_len;
+        uint32_t len = be32(base + at + 1);
+        const unsigned char *name = named_statement(base + at, len - 4, &name_len);
+        if ((at > done && buf_append(&rn->out, (const char *)base + done, at - done) < 0) ||
+            !name || rename_into(&rn->out, base + at, len - 4, name, name_len, rn->names[k]) < 0) {
+            PyErr_Clear();
+            renamed_clear(rn);
+            *bad = 1;
+            *terminate = 0;
+            return named_at[0];
+        }
+        done = at + (size_t)len + 1;
+    }
+    if (pos > done && buf_append(&rn->out, (const char *)base + done, pos - done) < 0) {
+        PyErr_Clear();
+        renamed_clear(rn);
+        *bad = 1;
+        *terminate = 0;
+        return named_at[0];
     }
     return pos;
 }
@@ -1217,6 +1245,7 @@ static size_t client_scan(ConnObject *c, size_t from, int *bad, int *terminate) 
 /* The first ``n`` bytes read from ``from`` are done with: ``data`` (``len`` bytes: they, or
  * what they became) goes to ``to``; if ``to`` broke, it is lost. */
 static int pass_on_as(ConnObject *from, ConnObject *to, size_t n, const char *data, size_t len) {
+    if (!to || (to->flags & F_CLOSED)) return -1; /* unlinked meanwhile: nothing is passed */
     int broke = conn_send(to, data, len) < 0;
     from->rb.start += n;
     if (broke) {
@@ -1233,7 +1262,7 @@ static int pass_on(ConnObject *from, ConnObject *to, size_t n) {
     return pass_on_as(from, to, n, from->rb.p + from->rb.start, n);
 }
 
-static void client_account(ConnObject *c, size_t n) {
+static void client_account(ConnObject *c, size_t n, const Renamed *rn) {
     const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t pos = 0;
     int64_t now = 0;
@@ -1246,9 +1275,9 @@ static void client_account(ConnObject *c, size_t n) {
             pos += (size_t)len + 1;
             continue;
         }
-        if (names < renamed.n_names && (t == 'B' || t == 'D') &&
+        if (names < rn->n_names && (t == 'B' || t == 'D') &&
             message_fast(t, base + pos + 5, len - 4) == FAST_NAMED)
-            owed_push(c, (char)(t | 0x20), renamed.clients[names++]); /* 'b', 'd' */
+            owed_push(c, (char)(t | 0x20), rn->clients[names++]); /* 'b', 'd' */
         else if (t != 'H')
             owed_push(c, (char)t, NULL);
         if (t == 'Q' || t == 'S') {
@@ -1267,7 +1296,18 @@ static void client_account(ConnObject *c, size_t n) {
     c->idle_in_txn_since = 0;
 }
 
+static void client_pump_with(ConnObject *c, Renamed *rn);
+
 static void client_pump(ConnObject *c) {
+    Renamed rn;
+    rn.out.p = NULL;
+    rn.out.start = rn.out.end = rn.out.cap = 0;
+    rn.n_names = 0;
+    client_pump_with(c, &rn);
+    renamed_clear(&rn);
+}
+
+static void client_pump_with(ConnObject *c, Renamed *rn) {
 again:
     if (c->mode != MODE_FAST || (c->flags & F_CLOSED)) return;
     PoolObject *p = c->pool;
@@ -1275,7 +1315,7 @@ again:
     int bad, terminate;
     /* Queued: what was scanned at an earlier read is not scanned again (a client sending a
      * byte at a time behind 64 KB of queued queries would cost a full rescan per byte). */
-    size_t n = client_scan(c, c->at == AT_WAITING ? c->scan_ok : 0, &bad, &terminate);
+    size_t n = client_scan(c, c->at == AT_WAITING ? c->scan_ok : 0, rn, &bad, &terminate);
     if (bad) {
         ConnObject *s = c->peer;
         if (!s && terminate && n == 0 && c->at == AT_NONE) {
@@ -1303,7 +1343,7 @@ again:
     if (!n) return;
     if (!c->peer) {
         if (c->at == AT_WAITING) {
-            c->scan_ok = renamed.n_names ? 0 : n;
+            c->scan_ok = rn->n_names ? 0 : n;
             return;
         }
         int exact = 0;
@@ -1316,12 +1356,13 @@ again:
             queue_remove(s);
             return_server(s);
             Py_DECREF(s);
+            renamed_clear(rn);
             goto again;
         }
         if (!s) {
             c->wait_started = now_ns();
             wait_push(p, c);
-            c->scan_ok = renamed.n_names ? 0 : n;
+            c->scan_ok = rn->n_names ? 0 : n;
             update_events(c);
             call_starved(p);
             return;
@@ -1333,7 +1374,7 @@ again:
             Py_DECREF(s);
             return;
         }
-        if (!renamed_all_on(s)) {
+        if (!renamed_all_on(s, rn)) {
             /* The server lacks one of the client's statements: Python prepares it there. */
             eject_client(c, s, EJECT_LINKED);
             Py_DECREF(s);
@@ -1343,13 +1384,15 @@ again:
         link_pair(c, s);
         Py_DECREF(s);
     }
-    client_account(c, n);
+    client_account(c, n, rn);
     p->bytes_in += (long long)n;
-    if (renamed.n_names) {
-        renamed_touch(c->peer);
-        int broke = pass_on_as(c, c->peer, n, renamed.out.p + renamed.out.start,
-                               buf_len(&renamed.out)) < 0;
-        renamed_clear();
+    if (rn->n_names) {
+        ConnObject *s = c->peer;
+        Py_INCREF(s);
+        int broke = pass_on_as(c, s, n, rn->out.p + rn->out.start, buf_len(&rn->out)) < 0;
+        if (!broke) renamed_touch(s, rn); /* Python's OrderedDict: after the bytes are out */
+        Py_DECREF(s);
+        renamed_clear(rn);
         if (broke) return;
     } else if (pass_on(c, c->peer, n) < 0) {
         return;
