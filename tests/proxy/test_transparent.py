@@ -600,3 +600,30 @@ def test_a_role_is_kept_when_the_session_authorization_changes(
         assert b.execute("SELECT current_user, session_user").fetchone() == (low, outer)
         assert a.execute("SELECT current_user, session_user").fetchone() == (low, "postgres")
 
+
+def test_settings_and_pins_made_in_a_do_block_are_followed(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """A DO block that SETs (or set_configs) session settings, or LISTENs: the same as those
+    statements sent alone. The settings follow the client and the next client of the (only)
+    server does not inherit them; a LISTEN pins the client."""
+    proxy = proxy_factory(default_pool_size=1, query_wait_timeout=2)
+    read = ("SELECT current_setting('search_path'), current_setting('app.do_tenant', true), "
+            "(SELECT count(*) FROM pg_listening_channels())")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as a:
+        a.execute("DO $$ BEGIN SET search_path = pg_catalog; "
+                  "PERFORM set_config('app.do_tenant', 't9', false); END $$")
+        assert a.execute(read).fetchone() == ("pg_catalog", "t9", 0)
+        with psycopg.connect(proxy.dsn(), autocommit=True) as b:
+            assert b.execute(read).fetchone() in (('"$user", public', None, 0),
+                                                  ('"$user", public', "", 0))
+        assert a.execute(read).fetchone() == ("pg_catalog", "t9", 0)
+        a.execute("RESET ALL")
+        a.execute("DO $$ BEGIN EXECUTE 'LISTEN pgp_do_channel'; END $$")
+        with psycopg.connect(proxy.dsn(), autocommit=True) as b:
+            # a is pinned (b waits in vain), or b's server listens to nothing
+            try:
+                assert b.execute(read).fetchone()[2] == 0
+            except psycopg.OperationalError as exc:
+                assert "query_wait_timeout" in str(exc)
+        assert a.execute(read).fetchone()[2] == 1
+

@@ -38,6 +38,7 @@ from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.session import (
     ALL,
+    DO_BLOCK,
     PARAM,
     PINS,
     UNKNOWN,
@@ -1125,6 +1126,9 @@ class ClientConnection(asyncio.Protocol):
                 for name in names:
                     if name == ALL:
                         self.setting_names.clear()
+                    elif name == DO_BLOCK:
+                        if self.pooler.config.pin_session_state:
+                            self.pin_check = True  # its pins are counted too
                     elif name.startswith(PARAM):
                         bound = bound_setting_name(bind, int(name[1:])) if bind else None
                         if bound is not None:

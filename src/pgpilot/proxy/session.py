@@ -28,6 +28,7 @@ server ("pinned", ``pin_session_state``), and a server a pinned client leaves is
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -38,6 +39,14 @@ UNLISTED = ("role", "session_authorization")
 ALL = "*"  # RESET ALL / DISCARD ALL: every setting the client had is gone
 UNKNOWN = "?"  # set_config of a name computed by the statement: not known to the pooler
 PARAM = "$"  # "$2": set_config of a name bound as parameter 2 (read from the Bind)
+# A DO block: it may change any setting and make or end any pinned state (its body is code
+# the pooler does not run through): the session is read, and its pins counted, afterwards.
+DO_BLOCK = "!"
+# Custom settings a DO block's body names where it may set them (set_config('app.x', ...),
+# SET app.x, SET SESSION app.x): asked for by name as those set by a statement are.
+_DO_CUSTOM_NAMES = re.compile(
+    r"set_config\s*\(\s*'([^']+)'|\bset\s+(?:session\s+)?\"?([a-z_][\w$]*\.[\w$.]+)",
+    re.IGNORECASE)
 _BLANKS = " \t\r\n\f\v"  # PostgreSQL's whitespace (scan.l; \v since 16)
 _MAX_STATEMENT_STARTS = 64
 _CACHE_MAX_TEXT = 8192
@@ -68,7 +77,7 @@ def _starts_with_word(low: str) -> bool:
                 return False
             low = low[end + 1:]
         else:
-            for word in ("set", "reset", "discard"):
+            for word in ("set", "reset", "discard", "do"):
                 if low.startswith(word):
                     after = low[len(word):len(word) + 1]
                     return not (after.isalnum() or after == "_")
@@ -125,6 +134,11 @@ def _statement_changes(stmt: Any) -> list[str] | None:
         return [name] if name in UNLISTED or "." in name else []
     if isinstance(stmt, ast.DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
         return [ALL]
+    if isinstance(stmt, ast.DoStmt):
+        body = " ".join(str(arg.arg.sval) for arg in stmt.args or ()
+                        if arg.defname == "as" and isinstance(arg.arg, ast.String))
+        names = [(a or b).lower() for a, b in _DO_CUSTOM_NAMES.findall(body)]
+        return [DO_BLOCK] + [n for n in names if "." in n or n in UNLISTED]
     return _set_config_calls(stmt)
 
 
