@@ -377,3 +377,84 @@ def test_clients_wait_while_an_unreachable_server_is_retried(
         assert "The last server login failed" in str(err.value)
     finally:
         relay.close()
+
+
+# -- connect_query --------------------------------------------------------------------------
+
+def test_connect_query_runs_on_each_new_server(proxy_factory: ProxyFactory,
+                                               pg_params: dict[str, str], pg_dsn: str) -> None:
+    up = f"host={pg_params['host']} port={pg_params['port']} dbname={pg_params['dbname']}"
+    proxy = proxy_factory(databases={
+        "cq": f"{up} connect_query='set enable_seqscan=off; set enable_nestloop=off'",
+        "bad": f"{up} connect_query='select no_such_column'"})
+    for _ in range(2):  # a new server, then the same one again
+        with psycopg.connect(**proxy.conninfo(dbname="cq"), autocommit=True) as conn:
+            assert conn.execute("SHOW enable_seqscan").fetchone() == ("off",)
+            assert conn.execute("SHOW enable_nestloop").fetchone() == ("off",)
+    # Another database on the same PostgreSQL: untouched.
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        assert conn.execute("SHOW enable_seqscan").fetchone() == ("on",)
+    with pytest.raises(psycopg.OperationalError, match="connect_query failed: column "
+                       '"no_such_column" does not exist'):
+        psycopg.connect(**proxy.conninfo(dbname="bad"), connect_timeout=10)
+
+
+# -- server_fast_close ----------------------------------------------------------------------
+
+def test_server_fast_close_ends_session_servers_between_transactions(
+        proxy_factory: ProxyFactory, pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    proxy = proxy_factory(pool_mode="session", server_fast_close=1)
+    idle = psycopg.connect(**proxy.conninfo(), autocommit=True)
+    busy = psycopg.connect(**proxy.conninfo())
+    idle_pid = idle.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+    busy.execute("SELECT 1")  # a transaction open
+    with admin(proxy) as conn:
+        conn.execute("RECONNECT test")
+    wait_until(lambda: not backend_alive(pg_dsn, idle_pid), timeout=5)
+    with pytest.raises(psycopg.OperationalError, match="database configuration changed"):
+        idle.execute("SELECT 1")
+    # The one in a transaction finishes it first, then its server is closed.
+    time.sleep(0.5)
+    assert busy.execute("SELECT 2").fetchone() == (2,)
+    busy.commit()
+    wait_until(lambda: "closing because: database configuration changed" in caplog.text
+               and caplog.text.count("closing because: database configuration changed") >= 2,
+               timeout=5)
+    with pytest.raises(psycopg.OperationalError):
+        busy.execute("SELECT 1")
+    idle.close()
+    busy.close()
+    # Without server_fast_close the session keeps its server to the end (PgBouncer's default).
+    proxy = proxy_factory(pool_mode="session")
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        with admin(proxy) as console:
+            console.execute("RECONNECT test")
+        time.sleep(0.6)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# -- host lists -----------------------------------------------------------------------------
+
+def test_a_host_list_spreads_new_servers_round_robin(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    proxy = proxy_factory(databases={
+        "both": f"host=127.0.0.1,localhost port={pg_params['port']} "
+                f"dbname={pg_params['dbname']}"})
+    first = psycopg.connect(**proxy.conninfo(dbname="both"))
+    second = psycopg.connect(**proxy.conninfo(dbname="both"))
+    try:
+        first.execute("SELECT 1")  # each holds a server: two servers, one per host
+        second.execute("SELECT 1")
+        with admin(proxy) as conn:
+            rows = conn.execute("SHOW SERVERS").fetchall()
+            names = [d.name for d in conn.execute("SHOW SERVERS").description or []]
+        addr = names.index("addr")
+        assert sorted(str(r[addr]) for r in rows) == ["127.0.0.1", "localhost"]
+        assert caplog.text.count("new connection to server (from 127.0.0.1:") == 2
+    finally:
+        first.close()
+        second.close()

@@ -652,7 +652,9 @@ class AdminSession:
             else:
                 request_time = now_wall - (now - server.last_used)
             rows.append(["S", pool.server_user, pool.db_name, "none", state,
-                         pool.db.host or default_host, pool.db.port, server.local_addr,
+                         # the host it was opened to (one of a host list's)
+                         server.address[0] or pool.db.host or default_host,
+                         pool.db.port, server.local_addr,
                          server.local_port, _timestamp(server.connect_time),
                          _timestamp(request_time), 0, 0, int(server.close_needed),
                          _ptr(server), _ptr(client), server.backend_pid,

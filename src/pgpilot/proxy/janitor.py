@@ -156,6 +156,8 @@ class Janitor:
             elif (cfg.server_idle_timeout and idle_for > cfg.server_idle_timeout
                   and pool.server_count() > min_size):
                 server.close("server_idle_timeout reached")
+        if cfg.server_fast_close and pool.mode == "session":
+            self._fast_close(pool)
         error = pool.last_login_error
         if error is not None and not error.from_server and now >= pool.login_failed_until:
             pool.retry_login()  # a server could not be reached: try again for its clients
@@ -164,6 +166,20 @@ class Janitor:
                 and not pool.servers[ServerState.LOGIN]
                 and now >= pool.login_failed_until):
             pool.open_server()
+
+    @staticmethod
+    def _fast_close(pool: Pool) -> None:
+        """server_fast_close, as PgBouncer: a session-mode server that RECONNECT or a RELOAD
+        marked to close is closed between transactions, its client with it, instead of at
+        the end of the client's session."""
+        for server in list(pool.servers[ServerState.ACTIVE]):
+            client = server.client
+            if server.close_needed and client is not None and server.txn_status == "I" \
+                    and client.expected_rfq <= 0:
+                client.fail("08006", "database configuration changed",
+                            hint="server_fast_close: RECONNECT or RELOAD closed this "
+                            "session's server; connect again.")
+                server.close("database configuration changed")
 
     def _lane_upkeep(self, pool, lane) -> None:  # type: ignore[no-untyped-def]
         """The fast path's share: counters, servers idle there, clients waiting there."""

@@ -87,6 +87,7 @@ class Pool:
         self._mode: str | None = None  # derived from the configuration, until RELOAD
         self._lifetime: float | None = None
         self.login_failed_until = 0.0
+        self.next_host = 0  # host=a,b: the next new server goes to hosts[next_host % n]
         self.last_lifetime_close = 0.0  # server_lifetime closes are spread out (_too_old)
         self.last_login_error: ServerError | None = None
         self.stats = PoolStats()
@@ -261,6 +262,12 @@ class Pool:
         server_tls_sslmode = allow, with TLS, after PostgreSQL refused the clear-text one."""
         cfg = self.pooler.config
         host = self.db.host or self.pooler.default_socket_dir()
+        if "," in host:
+            # A host list, as PgBouncer's load_balance_hosts = round-robin (its default):
+            # each new server connection goes to the next host.
+            hosts = [h.strip() for h in host.split(",") if h.strip()]
+            host = hosts[self.next_host % len(hosts)]
+            self.next_host += 1
         server.address = (host, self.db.port)
         loop = asyncio.get_running_loop()
         try:
@@ -273,6 +280,14 @@ class Pool:
                                                context=self.pooler.server_ssl_context,
                                                mode="require" if tls_retry else None)
                 await server.login_done
+                if cfg.log_connections:  # PgBouncer's words
+                    local = server.local_addr
+                    log.info("%r new connection to server (from %s)", server,
+                             "unix socket" if local == "unix" else
+                             f"[{local}]:{server.local_port}" if ":" in local else
+                             f"{local}:{server.local_port}")
+                if self.db.connect_query:
+                    await self._connect_query(server, self.db.connect_query)
         except (OSError, TimeoutError, ServerError, TLSNegotiationError) as exc:
             if isinstance(exc, ServerError):
                 error = exc
@@ -323,6 +338,22 @@ class Pool:
             # asyncio's selector one, whose Python write/read ran on every message.
             fast.adopt(server, True)
         self.give_out(server)
+
+    @staticmethod
+    async def _connect_query(server: ServerConnection, sql: str) -> None:
+        """The database's connect_query, run once on each new server before its first use
+        (as PgBouncer); an error fails the login with PostgreSQL's message."""
+        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+        def finished(_server: ServerConnection, error: str | None) -> None:
+            if not done.done():
+                done.set_result(error)
+
+        server.run_internal(sql, finished)
+        error = await done
+        if error is not None:
+            raise ServerError(f"connect_query failed: {error}", "08006",
+                              from_server=server.state is not ServerState.CLOSED)
 
     def _login_failed(self, error: ServerError) -> None:
         # PgBouncer's words: "server login failed: FATAL <PostgreSQL's message>".
