@@ -222,3 +222,55 @@ def test_failover_to_a_promoted_replica(cluster: ReplicationCluster, tmp_path: P
         assert port == cluster.port(first)
     finally:
         proxy.stop()
+
+
+def test_replica_stopped_under_load(cluster: ReplicationCluster, split: RunningProxy) -> None:
+    """20 clients read without pause; replica1 stops. Errors only for clients that had a query
+    on it when it stopped (one each at most); once the health check saw it down, no error and
+    no read there; reads go on on replica2."""
+    import threading
+
+    first, second = cluster.replica_names
+    stop = threading.Event()
+    down = threading.Event()
+    errors: list[tuple[bool, str]] = []
+    after_down: list[int] = []
+    lock = threading.Lock()
+
+    def reader() -> None:
+        conn: psycopg.Connection[Any] | None = None
+        while not stop.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(split.dsn("app"), autocommit=True)
+                seen_down = down.is_set()
+                row = conn.execute(PORT_SQL).fetchone()
+                if seen_down and row is not None:
+                    with lock:
+                        after_down.append(int(row[0]))
+            except psycopg.Error as exc:
+                with lock:
+                    errors.append((down.is_set(), str(exc.sqlstate)))
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=reader) for _ in range(20)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: split.call(lambda: _router(split).counts["replica1"]) > 50)
+        cluster.stop_node(first)
+        wait_until(lambda: not _states(split, "replica1")["up"])
+        down.set()
+        count = len(after_down)
+        wait_until(lambda: len(after_down) > count + 200)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert [e for e in errors if e[0]] == []  # none once it was seen down
+    assert len(errors) <= 20  # mid-query on it at most
+    print(f"replica stopped under 20 readers: {len(errors)} errors, {sorted(set(errors))}")
+    assert all(state in ("57P01", "08006", "None") for _, state in errors), errors
+    assert set(after_down) == {cluster.port(second)}

@@ -361,6 +361,10 @@ class Pool:
                     "FATAL " if error.from_server else "", error)
         self.last_login_error = error
         self.login_failed_until = time.monotonic() + self.pooler.config.server_login_retry
+        router = self.pooler.routers.get(self.db_name.partition("@")[0]) \
+            if self.pooler.routers and "@" in self.db_name else None
+        if router is not None:  # a replica's pool (routing.py): its waiting clients are
+            router.replica_login_failed(self, str(error))  # routed again, elsewhere
         if not error.from_server:
             # The server could not be reached (refused, timed out, TLS failed): as PgBouncer,
             # the clients keep waiting and the pool tries again after server_login_retry

@@ -165,7 +165,9 @@ class DatabaseRouter:
         """The node (``"primary"``, ``"replica1"`` ...) for ``client``'s next transaction."""
         route = self.route_of(client)
         route.may_write = False
-        route.replica = None
+        if route.replica is not None:  # chosen before, never used (its replica went away)
+            self.replica_set.release(route.replica)
+            route.replica = None
         texts = first_sql(pending, route.prepared) if self.split else None
         if texts is None:
             route.may_write = True
@@ -295,7 +297,34 @@ class DatabaseRouter:
                         .in_recovery]
             if promoted:
                 self._fail_over(promoted[0])
+        for name in self.replica_set.names:
+            if not self.replica_set.eligible(name):
+                self._reroute_waiting(name)
         self.checked.set()
+
+    def replica_login_failed(self, pool: Pool, error: str) -> None:
+        """A server login to a replica failed (it is shutting down, say): out of the read set
+        until a health check finds it well, and its waiting clients are routed again."""
+        name = pool.db_name.partition("@")[2]
+        if pool.db_name.partition("@")[0] != self.name or name not in self.replica_set.states:
+            return
+        self.replica_set.states[name].record(None, None, error=error[:200])
+        self._reroute_waiting(name)
+
+    def _reroute_waiting(self, name: str) -> None:
+        """Clients waiting for a server of replica ``name``, which left the read set (down,
+        promoted, too far behind), are routed again: another replica, or the primary. They
+        sent nothing to it yet, so nothing is retried."""
+        pool_name = f"{self.name}@{name}"
+        for (db_name, _user), pool in list(self.pooler.pools.items()):
+            if db_name != pool_name or not pool.waiting:
+                continue
+            waiting = list(pool.waiting)
+            pool.waiting.clear()
+            pool._waiting_changed()
+            for client in waiting:
+                if not client.gone and client.server is None:
+                    self.pool_for(client, client._pending).request(client)
 
     def _fail_over(self, name: str) -> None:
         """Replica ``name`` was promoted while the primary is gone: writes go there."""
