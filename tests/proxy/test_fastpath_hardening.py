@@ -327,3 +327,65 @@ def test_python_run_while_renaming_cannot_unlink_the_pair(proxy_factory: Any,
     assert meddle["fired"] >= 1
     with connect(proxy) as other:
         assert other.execute("select 7").fetchone() == (7,)
+
+
+# -- finding 7: error paths keep the pool whole ----------------------------------------------
+def test_failed_claim_gives_the_server_back(proxy_factory: Any, pg_params: dict[str, str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client logged in by the engine alone waits for the one server; when the server is
+    freed it goes to that client, whose Python object cannot be made (materialize raises):
+    the client is dropped and the server goes back to the pool (before: it had been taken
+    off the idle list already and was lost, so every later client waited in vain)."""
+    proxy = proxy_factory(default_pool_size=1, query_wait_timeout=5)
+    startup = m.startup_message({"user": pg_params["user"], "database": "test"})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as first:
+        first.sendall(startup)  # Python logs it in and learns the route
+        assert read_types(first)[-1] == "Z"
+        first.sendall(m.query("select 1"))
+        assert read_types(first) == ["T", "D", "C", "Z"]
+    fast = proxy.call(lambda: proxy.pooler.fast)  # type: ignore[union-attr]
+    with connect(proxy, autocommit=False, application_name="fp26-holder") as holder, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as phantom:
+        holder.execute("select 1")  # the one server, in a transaction
+        phantom.sendall(startup)
+        assert read_types(phantom)[-1] == "Z"
+        assert proxy.call(lambda: fast.engine.phantoms) >= 1
+        phantom.sendall(m.query("select 2"))
+        wait_until(lambda: waiting_in_engine(proxy) == 1)
+        calls = []
+
+        def refuse(*args: Any) -> Any:
+            calls.append(args)
+            raise RuntimeError("no Python object for this client")
+
+        monkeypatch.setattr(fastpath.LoginRoute, "materialize", refuse)
+        holder.commit()  # the server goes to the waiting phantom (its parameters differ)
+        assert read_error(phantom) == b""  # dropped
+        wait_until(lambda: calls)
+    monkeypatch.undo()
+    with connect(proxy) as later:
+        assert later.execute("select 3").fetchone() == (3,)
+
+
+def test_failed_scram_hand_back_does_not_leave_the_client_waiting(
+        proxy_factory: Any, pg_params: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine checked the client's SCRAM proof and freed its exchange; if handing the
+    login to Python then fails, the client gets an error and is closed (before: it waited
+    for an answer that never came)."""
+    from tests.proxy.conftest import forced_user_databases
+    from tests.proxy.test_fastlogin import PASSWORD, login, scram_secret
+
+    from pgpilot.proxy.client import ClientConnection
+
+    proxy = proxy_factory(auth_type="scram-sha-256", log_connections=1,
+                          userlist={pg_params["user"]: "", "carol": scram_secret(PASSWORD)},
+                          databases=forced_user_databases(pg_params))
+
+    def broken(self: Any, *args: Any) -> None:
+        raise RuntimeError("hand-back failed")
+
+    monkeypatch.setattr(ClientConnection, "scram_passed", broken)
+    got = login(proxy.port, "carol")  # reads until the pooler closes (socket timeout 10 s)
+    assert got[-1][0] == b"E" and b"CXX000" in got[-1][1], got
+    monkeypatch.undo()
+    assert login(proxy.port, "carol")[-1][0] == b"Z"

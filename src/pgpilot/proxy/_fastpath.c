@@ -994,12 +994,25 @@ static void leave_fast(ConnObject *c) {
 }
 
 static void fail_closed(ConnObject *c, ConnObject *s, const char *text);
+static void server_free(ConnObject *s);
 
 /* Hand ``c`` (a client) and its server, if any, back to Python with their state. */
 static void eject_client(ConnObject *c, ConnObject *server, int how) {
     PyObject *cb = NULL, *sb = NULL, *r = NULL;
     PoolObject *p = c->pool;
-    if (!p || claim(c) < 0) return;
+    if (!p) return;
+    if (claim(c) < 0) {
+        /* The client is gone (claim() dropped it). A server its caller took off the idle
+         * list for it, not linked to it, goes back to the pool: to the next waiting client
+         * or idle (a linked one was closed by claim(), as it may be mid-transaction). */
+        if (server && server->mode == MODE_FAST && !server->peer && server->at == AT_NONE &&
+            !(server->flags & (F_CLOSED | F_CLOSING))) {
+            Py_INCREF(server);
+            server_free(server);
+            Py_DECREF(server);
+        }
+        return;
+    }
     Py_INCREF(c);
     Py_INCREF(p);
     if (server) Py_INCREF(server);
@@ -2065,7 +2078,12 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
     PyObject *rest = key ? take_bytes(&c->rb) : NULL;
     r = rest ? py_method(c->protocol, "scram_passed", "OOO", final, key, rest) : NULL;
     Py_XDECREF(rest);
-    if (!r) report_error(c->engine);
+    if (!r) {
+        /* The exchange is over (its state is freed): the client must not wait for an
+         * answer nobody will send. */
+        report_error(c->engine);
+        refuse_client(c, "XX000", "pooler error: the login could not be completed");
+    }
     goto done;
 error:
     report_error(c->engine);
