@@ -10,6 +10,7 @@ an enum type and a table, or alters a column type, through the pooler or beside 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -626,4 +627,28 @@ def test_settings_and_pins_made_in_a_do_block_are_followed(
             except psycopg.OperationalError as exc:
                 assert "query_wait_timeout" in str(exc)
         assert a.execute(read).fetchone()[2] == 1
+
+
+def test_a_late_cancel_does_not_hit_the_read_of_the_clients_settings(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """A client cancels its query (SET ...; pg_sleep) just as it ends: the cancel reaches
+    PostgreSQL after the pooler began reading the session's settings on that server. As
+    directly, the client sees its query cancelled or finished, never its connection lost."""
+    proxy = proxy_factory(default_pool_size=2)
+
+    async def check() -> None:
+        conn = await asyncpg.connect(proxy.dsn(), statement_cache_size=0)
+        try:
+            for i in range(150):
+                task = asyncio.ensure_future(
+                    conn.execute(f"SET app.race = '{i}'; SELECT pg_sleep(0.03)"))
+                await asyncio.sleep(0.026 + (i % 10) / 1000)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                assert await conn.fetchval("SELECT 1") == 1
+        finally:
+            await conn.close()
+
+    asyncio.run(check())
 

@@ -823,7 +823,9 @@ class ClientConnection(asyncio.Protocol):
                 routing = self.pooler.routers.get(self.database) \
                     if self.pooler.routers and self.pool.mode != "session" else None
                 if routing is not None:  # read/write split (routing.py): the primary's pool
-                    routing.pool_for(self, self._pending).request(self)  # or a replica's
+                    target = routing.pool_for(self, self._pending)  # or a replica's, or
+                    if target is not None:  # None: the pooler's own SET / SHOW, answered
+                        target.request(self)
                     return
                 self.pool.request(self)
             return
@@ -1214,7 +1216,20 @@ class ClientConnection(asyncio.Protocol):
             elif pool.lane is not None:
                 self.enter_fast()
 
-        server.run_internal(snapshot_sql(names, count_pins), read, rows)
+        sql = snapshot_sql(names, count_pins)
+        if not server.cancels_pending:
+            server.run_internal(sql, read, rows)
+            return
+
+        def cancels_done() -> None:
+            # The client cancelled its query as it ended: once PostgreSQL has the cancel,
+            # it cannot hit the read (Pooler.cancel_server).
+            if server.state is ServerState.CLOSED:
+                read(server, server.closed_reason or "server closed")
+            else:
+                server.run_internal(sql, read, rows)
+
+        server.after_cancels = cancels_done
 
     def _pins_counted(self, server: ServerConnection, found: dict[str, int]) -> None:
         """The session's pinned state, as the server counted it: pin or unpin the client."""

@@ -501,6 +501,10 @@ class Pooler:
                 if writer is not None:
                     writer.close()
                 server.cancels_pending -= 1
+                then = server.after_cancels
+                if not server.cancels_pending and then is not None:
+                    server.after_cancels = None
+                    then()
                 if not server.cancels_pending and server.give_out_after_cancel:
                     server.give_out_after_cancel = False
                     server.pool.give_out(server)

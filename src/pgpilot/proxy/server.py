@@ -85,6 +85,9 @@ class ServerConnection(asyncio.Protocol):
         # so a late cancel cannot hit the next client's query (PgBouncer's being_canceled).
         self.cancels_pending = 0
         self.give_out_after_cancel = False
+        # What waits for those cancels to be done before the pooler's own query runs on it
+        # (client._settle: a late cancel of the client's query must not hit it).
+        self.after_cancels: Callable[[], None] | None = None
         # Whose parameters this server last carried (a client's params dict and version):
         # when the same client comes back unchanged, no comparison is needed.
         self.synced_for: dict[str, str] | None = None
@@ -164,10 +167,10 @@ class ServerConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self.fail(f"server sent invalid data: {exc}")
             return
-        if self._internal_cb is not None and self.login_done.done():
-            self._internal_messages(msgs)  # a query after the login (connect_query) included
-        elif self.state is ServerState.LOGIN:
+        if self.state is ServerState.LOGIN:
             self._login_messages(msgs, data)
+        elif self._internal_cb is not None:
+            self._internal_messages(msgs)
         elif self.client is not None:
             self.client.server_data(self, data, msgs)
         else:
