@@ -167,10 +167,10 @@ class ServerConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self.fail(f"server sent invalid data: {exc}")
             return
-        if self.state is ServerState.LOGIN:
+        if self._internal_cb is not None and self.login_done.done():
+            self._internal_messages(msgs)  # a query after the login (connect_query) included
+        elif self.state is ServerState.LOGIN:
             self._login_messages(msgs, data)
-        elif self._internal_cb is not None:
-            self._internal_messages(msgs)
         elif self.client is not None:
             self.client.server_data(self, data, msgs)
         else:
