@@ -458,3 +458,26 @@ def test_a_host_list_spreads_new_servers_round_robin(
     finally:
         first.close()
         second.close()
+
+
+# -- pool sizing ----------------------------------------------------------------------------
+
+def test_a_new_pool_opens_a_server_per_concurrent_client(proxy_factory: ProxyFactory) -> None:
+    """The first clients of a fresh pool arrive before any server exists: each gets its own
+    server (PgBouncer's test_pool_size), none waits for another's query to end."""
+    proxy = proxy_factory(default_pool_size=5)
+    barrier = threading.Barrier(3)
+
+    def sleeper() -> None:
+        with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+            barrier.wait(5)
+            conn.execute("SELECT pg_sleep(1)")
+
+    threads = [threading.Thread(target=sleeper) for _ in range(3)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert time.monotonic() - started < 1.9  # not one after the other
+    assert proxy.server_count() == 3

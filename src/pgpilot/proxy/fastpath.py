@@ -573,6 +573,9 @@ class Lane:
         self.fast = fast
         self.pool = pool
         self.fp = fast.engine.pool(self, WAIT_BUCKETS)
+        # A new pool can open servers: the engine asks (starved) for its first waiting
+        # client, before any update_assist (else that client waited for a busy server).
+        self.fp.assist = 1
         self.configure()
         # False once a server turned out to need TLS (server_tls_sslmode): those stay on
         # asyncio's SSL transport, so this pool's clients stay with Python too.

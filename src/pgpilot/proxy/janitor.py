@@ -209,6 +209,8 @@ class Janitor:
                                 hint=waited_hint(pool))
             elif cfg.reserve_pool_timeout > 0 and oldest > cfg.reserve_pool_timeout:
                 pool.launch_if_needed(use_reserve=True)
+            else:
+                pool.launch_if_needed()  # clients wait in the engine: servers for them
         lane.update_assist()
 
 
