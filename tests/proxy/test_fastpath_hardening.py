@@ -389,3 +389,67 @@ def test_failed_scram_hand_back_does_not_leave_the_client_waiting(
     assert got[-1][0] == b"E" and b"CXX000" in got[-1][1], got
     monkeypatch.undo()
     assert login(proxy.port, "carol")[-1][0] == b"Z"
+
+
+# -- finding 8: no stall on a full log pipe, no undefined conversions -----------------------
+def test_full_log_pipe_drops_lines_instead_of_stalling(proxy_factory: Any,
+                                                      pg_params: dict[str, str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The engine writes its own clients' connection lines; a full non-blocking log pipe
+    must not hold the event loop (before: up to 1 s per batch, GIL held): the lines are
+    dropped and counted, and logins go on."""
+    import fcntl
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    proxy = proxy_factory(log_connections=1, log_disconnections=1)
+    startup = m.startup_message({"user": pg_params["user"], "database": "test"})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as first:
+        first.sendall(startup)  # through Python: the route for the rest
+        assert read_types(first)[-1] == "Z"
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)
+        while True:
+            try:
+                os.write(w, b"x" * 65536)
+            except BlockingIOError:
+                break
+        engine = proxy.call(lambda: proxy.pooler.fast.engine)  # type: ignore[union-attr]
+        proxy.call(lambda: engine.log_to((os.dup(w),), b" 1 INFO "))
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+                sock.sendall(startup)
+                assert read_types(sock)[-1] == "Z"
+                sock.sendall(m.query("select 1"))
+                assert read_types(sock) == ["T", "D", "C", "Z"]
+                sock.sendall(m.terminate())
+        wait_until(lambda: proxy.call(lambda: engine.log_lines_dropped) >= 10)
+        proxy.call(lambda: engine.log_to((), b""))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_absurd_durations_do_not_wrap(proxy_factory: Any) -> None:
+    """A huge server_check_delay is a long delay, not 'never' (before: 1e300 s converted to
+    an integer was undefined, and on x86 came out negative: checks were off)."""
+    proxy = proxy_factory()
+    with connect(proxy) as conn:
+        conn.execute("select 1")
+
+    def probe() -> tuple[float, float, int, int]:
+        lane = next(p.lane for p in proxy.pooler.pools.values()  # type: ignore[union-attr]
+                    if p.lane is not None)
+        fp = lane.fp
+        before = fp.check_after
+        fp.check_after = 1e300
+        huge = fp.check_after
+        fp.check_after = float("inf")
+        inf = fp.check_after
+        fp.check_after = before
+        return huge, inf, len(fp.recall_idle(1e300)), len(fp.drop_waiters(float("inf")))
+
+    huge, inf, recalled, dropped = proxy.call(probe)
+    assert huge > 1e9 and inf > 1e9
+    assert recalled == 0 and dropped == 0  # nothing has been idle or waiting that long

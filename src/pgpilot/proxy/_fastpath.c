@@ -87,6 +87,16 @@
 #define EJECT_ATTACH 2 /* server chosen, parameters differ: Python runs attach() */
 #define EJECT_WAITING 3
 
+/* Seconds (any double a setting may hold: huge, infinite, NaN) as nanoseconds, clamped to
+ * +-2^62 (about 146 years), so that no conversion to int64_t is undefined. */
+#define NS_LIMIT ((int64_t)1 << 62)
+static int64_t secs_to_ns(double s) {
+    if (s != s) return 0; /* NaN */
+    if (s >= (double)NS_LIMIT / 1e9) return NS_LIMIT;
+    if (s <= -(double)NS_LIMIT / 1e9) return -NS_LIMIT;
+    return (int64_t)(s * 1e9);
+}
+
 static int64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -294,6 +304,7 @@ struct EngineObject {
     size_t log_len, log_cap;
     time_t log_second;
     char log_time[40];
+    long long log_dropped; /* lines a full log descriptor did not take (log_flush) */
 };
 
 static PyTypeObject ConnType, PoolType, EngineType;
@@ -539,6 +550,15 @@ static int contains_ci(const unsigned char *s, size_t n, const char *word) {
     return 0;
 }
 
+/* Does ``s`` (``n`` bytes) begin with ``word`` (lower case), in any case? */
+static int starts_ci(const unsigned char *s, size_t n, const char *word) {
+    size_t w = strlen(word);
+    if (w > n) return 0;
+    for (size_t k = 0; k < w; k++)
+        if (fold(s[k]) != (unsigned char)word[k]) return 0;
+    return 1;
+}
+
 /* Does one of the words that send a text to Python occur anywhere in it, in any case? One
  * pass over the text (it runs on every query the fast path carries): a position is looked at
  * further only if its letter and the next are the first two of one of the words. Those
@@ -604,6 +624,11 @@ static int sql_needs_python(const unsigned char *s, size_t n) {
         (i + 3 == n || !is_ident(s[i + 3])))
         return 1;
     if (i + 5 <= n && contains_ci(s + i, 5, "reset")) return 1;
+    /* CREATE / ALTER / DROP DATABASE: Python first closes the pool's idle servers of the
+     * database it names (client.py, _database_statement), which would keep it busy. */
+    if ((starts_ci(s + i, n - i, "drop") || starts_ci(s + i, n - i, "alter") ||
+         starts_ci(s + i, n - i, "create")) && contains_ci(s, n, "database"))
+        return 1;
     /* More than one statement: Python reads them all. */
     size_t end = n;
     while (end > 0 && (sql_blank(s[end - 1]) || s[end - 1] == ';' || s[end - 1] == 0)) end--;
@@ -1703,6 +1728,7 @@ static void sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
     sha256_init(&s);
     sha256_update(&s, data, n);
     sha256_final(&s, out);
+    explicit_bzero(&s, sizeof s);
 }
 
 /* HMAC-SHA-256 of ``n`` bytes under a key of at most 64 bytes (SCRAM's are 32). */
@@ -1721,6 +1747,10 @@ static void hmac_sha256(const unsigned char *key, size_t key_len, const unsigned
     sha256_update(&s, pad, 64);
     sha256_update(&s, inner, 32);
     sha256_final(&s, out);
+    /* The padded key and the inner hash are secrets too: not left on the stack. */
+    explicit_bzero(pad, sizeof pad);
+    explicit_bzero(inner, sizeof inner);
+    explicit_bzero(&s, sizeof s);
 }
 
 /* The engine's SHA-256 and HMAC-SHA-256, for the tests. */
@@ -1802,6 +1832,7 @@ static void scram_free(ConnObject *c) {
     Py_XDECREF(sc->client_first_bare);
     Py_XDECREF(sc->server_first);
     Py_XDECREF(sc->nonce);
+    explicit_bzero(sc, sizeof *sc); /* StoredKey and ServerKey */
     PyMem_Free(sc);
 }
 
@@ -1977,6 +2008,9 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
     Scram *sc = c->scram;
     PyObject *cbind = NULL, *authmsg = NULL, *proof = NULL, *key = NULL;
     PyObject *final = NULL, *sig_b64 = NULL, *r = NULL;
+    /* Secrets on the stack: wiped at the end, whichever way it ends. */
+    unsigned char client_sig[SCRAM_KEY_LEN], client_key[SCRAM_KEY_LEN], server_sig[SCRAM_KEY_LEN];
+    unsigned char d[SCRAM_KEY_LEN];
     if (!valid_utf8(data, len)) {
         scram_failed(c, SCRAM_MALFORMED, "malformed SCRAM message: invalid UTF-8");
         return;
@@ -2041,8 +2075,6 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
         authmsg = join_bytes(5, parts, lens);
     }
     if (!authmsg) goto error;
-    unsigned char client_sig[SCRAM_KEY_LEN], client_key[SCRAM_KEY_LEN], server_sig[SCRAM_KEY_LEN];
-    unsigned char d[SCRAM_KEY_LEN];
     const unsigned char *am = (const unsigned char *)PyBytes_AS_STRING(authmsg);
     size_t am_len = (size_t)PyBytes_GET_SIZE(authmsg);
     hmac_sha256(sc->stored_key, SCRAM_KEY_LEN, am, am_len, client_sig);
@@ -2089,6 +2121,13 @@ error:
     report_error(c->engine);
     scram_failed(c, SCRAM_INTERNAL, "SCRAM exchange failed");
 done:
+    explicit_bzero(client_sig, sizeof client_sig);
+    explicit_bzero(client_key, sizeof client_key);
+    explicit_bzero(server_sig, sizeof server_sig);
+    explicit_bzero(d, sizeof d);
+    /* The proof and ClientKey objects are ours alone (made here, never shared): wiped too. */
+    if (proof && Py_REFCNT(proof) == 1) explicit_bzero(PyBytes_AS_STRING(proof), PyBytes_GET_SIZE(proof));
+    if (key && Py_REFCNT(key) == 1) explicit_bzero(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
     Py_XDECREF(cbind);
     Py_XDECREF(authmsg);
     Py_XDECREF(proof);
@@ -2134,11 +2173,13 @@ static void scram_pump(ConnObject *c) {
         }
         memcpy(body, p + 5, blen);
         body[blen] = 0;
+        explicit_bzero((char *)p + 5, blen); /* the read buffer keeps no proof */
         c->rb.start += 1 + (size_t)len;
         if (c->scram->stage == 1)
             scram_first(c, body, blen);
         else
             scram_final(c, body, blen);
+        explicit_bzero(body, blen);
         PyMem_Free(body);
     }
     /* Failed: the client is being closed; nothing it sent after matters. */
@@ -2275,12 +2316,14 @@ static void log_append(EngineObject *e, const char *text, size_t n) {
 }
 
 /* The lines so far, to every log descriptor; as logging's handlers, a descriptor that fails
- * loses these lines and nothing else stops. */
+ * loses these lines and nothing else stops. A descriptor that cannot take them now (a full
+ * non-blocking pipe) is never waited for: the loop holds the GIL here and serves every
+ * client. What it did not take is dropped and counted (Engine.log_lines_dropped), whole
+ * lines only, the rest of a line cut short ended by a newline. */
 static void log_flush(EngineObject *e) {
     if (!e->log_len) return;
     for (int i = 0; i < e->n_log_fds; i++) {
         size_t done = 0;
-        int stalls = 0;
         while (done < e->log_len) {
             ssize_t w = write(e->log_fds[i], e->log_buf + done, e->log_len - done);
             if (w > 0) {
@@ -2288,14 +2331,16 @@ static void log_flush(EngineObject *e) {
                 continue;
             }
             if (w < 0 && errno == EINTR) continue;
-            /* A non-blocking descriptor (a pipe someone set so) that is full: wait for it a
-             * little, as a blocking write would, but never for long. */
-            if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && stalls++ < 10) {
-                struct pollfd pfd = {.fd = e->log_fds[i], .events = POLLOUT};
-                poll(&pfd, 1, 100);
-                continue;
-            }
             break;
+        }
+        if (done < e->log_len) {
+            /* A line cut short is ended, if the descriptor takes one more byte. */
+            if (done && e->log_buf[done - 1] != '\n' && write(e->log_fds[i], "\n", 1) == 1) {
+                const char *nl = memchr(e->log_buf + done, '\n', e->log_len - done);
+                done = nl ? (size_t)(nl - e->log_buf) + 1 : e->log_len;
+                e->log_dropped++;
+            }
+            for (size_t k = done; k < e->log_len; k++) e->log_dropped += e->log_buf[k] == '\n';
         }
     }
     e->log_len = 0;
@@ -2549,13 +2594,22 @@ static void route_welcome(ConnObject *c, PyObject *final) {
         PyObject *id = PyIter_Next(e->client_ids);
         c->client_id = id ? PyLong_AsLongLong(id) : 0;
         Py_XDECREF(id);
-        if (PyErr_Occurred()) report_error(e);
+        if (PyErr_Occurred()) {
+            report_error(e);
+            c->client_id = 0; /* (-1 from a failed conversion is no id) */
+        }
         if (e->log_logins) log_phantom(c, 0);
     }
     /* Bytes sent behind the last SASL message are its first query: the fast path reads them
      * from the buffer they are in. */
-    enter_fast_mode(c, (PoolObject *)PyTuple_GET_ITEM(route, 1),
-                    PyLong_AsLongLong(PyTuple_GET_ITEM(route, 2)), 0);
+    long long params_id = PyLong_AsLongLong(PyTuple_GET_ITEM(route, 2));
+    if (params_id == -1 && PyErr_Occurred()) {
+        /* A route with no usable parameters' id: Python serves this client. */
+        report_error(e);
+        claim(c);
+        return;
+    }
+    enter_fast_mode(c, (PoolObject *)PyTuple_GET_ITEM(route, 1), params_id, 0);
 }
 
 /* -- reading ----------------------------------------------------------------------------- */
@@ -3279,7 +3333,7 @@ static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, d
     c->txn = 'I';
     c->skip = 0;
     owed_reset(c);
-    c->expires = expires > 0 ? (int64_t)(expires * 1e9) : 0;
+    c->expires = expires > 0 ? secs_to_ns(expires) : 0;
     if (c->kind == KIND_SERVER) {
         server_free(c);
     } else {
@@ -3422,7 +3476,7 @@ static PyObject *pool_take_idle(PoolObject *p, PyObject *unused) {
 static int age_cutoff(PyObject *age_arg, int64_t *cutoff) {
     double age = PyFloat_AsDouble(age_arg);
     if (age == -1.0 && PyErr_Occurred()) return -1;
-    *cutoff = now_ns() - (int64_t)(age * 1e9);
+    *cutoff = now_ns() - secs_to_ns(age);
     return 0;
 }
 
@@ -3545,7 +3599,7 @@ static PyObject *pool_get_check_after(PoolObject *p, void *unused) {
 static int pool_set_check_after(PoolObject *p, PyObject *value, void *unused) {
     double v = value ? PyFloat_AsDouble(value) : -1.0;
     if (v == -1.0 && PyErr_Occurred()) return -1;
-    p->check_after = v < 0 ? -1 : (int64_t)(v * 1e9);
+    p->check_after = v < 0 ? -1 : secs_to_ns(v);
     return 0;
 }
 
@@ -3561,6 +3615,10 @@ static int pool_set_int(PoolObject *p, PyObject *value, void *which) {
     }
     long v = PyLong_AsLong(value);
     if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "value out of range");
+        return -1;
+    }
     *(int *)((char *)p + (size_t)which) = (int)v;
     return 0;
 }
@@ -3784,6 +3842,10 @@ static PyObject *engine_balance(EngineObject *e, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         long fd = PyLong_AsLong(PyTuple_GET_ITEM(send, i));
         if (fd == -1 && PyErr_Occurred()) goto fail;
+        if (fd < -1 || fd > INT_MAX) {
+            PyErr_Format(PyExc_ValueError, "invalid file descriptor %ld", fd);
+            goto fail;
+        }
         fds[i] = i == me ? -1 : (int)fd;
     }
     if (PyObject_GetBuffer(buffer, &e->counters_view, PyBUF_WRITABLE) < 0) goto fail;
@@ -3836,7 +3898,12 @@ static PyObject *engine_pool(EngineObject *e, PyObject *args) {
     memset((char *)p + sizeof(PyObject), 0, sizeof(PoolObject) - sizeof(PyObject));
     for (int i = 0; i < N_BUCKETS; i++) {
         double b = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
-        p->bounds[i] = (int64_t)(b * 1e9);
+        if (b == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            Py_DECREF(p);
+            return NULL;
+        }
+        p->bounds[i] = secs_to_ns(b);
     }
     Py_DECREF(seq);
     p->engine = (EngineObject *)Py_NewRef(e);
@@ -3943,7 +4010,7 @@ static PyObject *engine_select(EngineObject *e, PyObject *arg) {
     if (arg != Py_None) {
         double t = PyFloat_AsDouble(arg);
         if (t == -1.0 && PyErr_Occurred()) return NULL;
-        deadline = now_ns() + (t > 0 ? (int64_t)(t * 1e9) : 0);
+        deadline = now_ns() + (t > 0 ? secs_to_ns(t) : 0);
     }
     PyObject *ready = PyList_New(0);
     if (!ready) return NULL;
@@ -4082,7 +4149,7 @@ static PyObject *engine_take_log_events(EngineObject *e, PyObject *unused) {
 /* Claim phantoms: all of them, or (stale) those still logging in that were accepted at
  * least ``age`` seconds ago. Returns how many. */
 static PyObject *claim_phantoms(EngineObject *e, int stale_only, double age) {
-    int64_t cutoff = now_ns() - (int64_t)(age * 1e9);
+    int64_t cutoff = now_ns() - secs_to_ns(age);
     long n = 0;
     ConnObject *c = e->phantom_head;
     while (c) {
@@ -4110,7 +4177,7 @@ static PyObject *engine_claim_all(EngineObject *e, PyObject *unused) {
 static PyObject *engine_stalled(EngineObject *e, PyObject *arg) {
     double age = PyFloat_AsDouble(arg);
     if (age == -1.0 && PyErr_Occurred()) return NULL;
-    int64_t cutoff = now_ns() - (int64_t)(age < 0 ? 0 : age > 1e9 ? 1e18 : age * 1e9);
+    int64_t cutoff = now_ns() - secs_to_ns(age < 0 ? 0 : age);
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     ConnObject *c = e->partial_head;
@@ -4147,6 +4214,10 @@ static PyObject *engine_claim_stale(EngineObject *e, PyObject *arg) {
 
 static PyObject *engine_get_balanced_clients(EngineObject *e, void *unused) {
     return PyLong_FromLong(e->counted);
+}
+
+static PyObject *engine_get_log_dropped(EngineObject *e, void *unused) {
+    return PyLong_FromLongLong(e->log_dropped);
 }
 
 static PyObject *engine_get_phantoms(EngineObject *e, void *unused) {
@@ -4214,6 +4285,9 @@ static PyMethodDef engine_methods[] = {
 static PyGetSetDef engine_getset[] = {
     {"connections", (getter)engine_get_n_conns, NULL, "Open sockets.", NULL},
     {"phantoms", (getter)engine_get_phantoms, NULL, "Clients with no Python object yet.", NULL},
+    {"log_lines_dropped", (getter)engine_get_log_dropped, NULL,
+     "Log lines the engine dropped because a log descriptor was full (never waited for).",
+     NULL},
     {"balanced_clients", (getter)engine_get_balanced_clients, NULL,
      "Clients counted in this worker's share (balancing; 0 without).", NULL},
     {"phantoms_logging_in", (getter)engine_get_phantoms_logging_in, NULL,
