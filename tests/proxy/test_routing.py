@@ -274,3 +274,35 @@ def test_replica_stopped_under_load(cluster: ReplicationCluster, split: RunningP
     print(f"replica stopped under 20 readers: {len(errors)} errors, {sorted(set(errors))}")
     assert all(state in ("57P01", "08006", "None") for _, state in errors), errors
     assert set(after_down) == {cluster.port(second)}
+
+
+def test_route_and_min_lsn_settings(cluster: ReplicationCluster, split: RunningProxy) -> None:
+    """SET pgpilot.route pins a client's reads to the primary (and back); SHOW pgpilot.min_lsn
+    gives the position of its last write, which SET pgpilot.min_lsn hands to another client
+    (another service) so that its reads are fresh too. Simple and extended protocol."""
+    primary_port, replica_ports = _ports(cluster)
+    with psycopg.connect(split.dsn("app"), autocommit=True) as a, \
+            psycopg.connect(split.dsn("app"), autocommit=True) as b:
+        a.execute("SELECT 1")
+        b.execute("SELECT 1")
+        assert a.execute(PORT_SQL).fetchone()[0] in replica_ports  # type: ignore[index]
+        a.execute("SET pgpilot.route = primary")  # psycopg: extended protocol
+        assert a.execute("SHOW pgpilot.route").fetchone() == ("primary",)
+        assert a.execute(PORT_SQL).fetchone()[0] == primary_port  # type: ignore[index]
+        a.pgconn.exec_(b"SET pgpilot.route TO 'auto'")  # simple protocol
+        assert a.execute("SHOW pgpilot.route").fetchone() == ("auto",)
+        assert a.execute(PORT_SQL).fetchone()[0] in replica_ports  # type: ignore[index]
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            a.execute("SET pgpilot.route = sideways")
+        assert b.execute("SHOW pgpilot.min_lsn").fetchone() == ("0/0",)  # never wrote
+        before = a.execute("SHOW pgpilot.min_lsn").fetchone()[0]  # type: ignore[index]
+        for name in cluster.replica_names:
+            cluster.pause_replay(name)
+        a.execute("INSERT INTO split_notes (body) VALUES ('handed over')")
+        token = a.execute("SHOW pgpilot.min_lsn").fetchone()[0]  # type: ignore[index]
+        assert parse_lsn(token) > parse_lsn(before)
+        sql = "SELECT count(*), inet_server_port() FROM split_notes WHERE body = 'handed over'"
+        row = b.execute(sql).fetchone()
+        assert row is not None and row[0] == 0 and row[1] in replica_ports  # stale, no token
+        b.execute(f"SET pgpilot.min_lsn = '{token}'")
+        assert b.execute(sql).fetchone() == (1, primary_port)  # fresh: the primary

@@ -823,7 +823,9 @@ class ClientConnection(asyncio.Protocol):
                 routing = self.pooler.routers.get(self.database) \
                     if self.pooler.routers and self.pool.mode != "session" else None
                 if routing is not None:  # read/write split (routing.py): the primary's pool
-                    routing.pool_for(self, self._pending).request(self)  # or a replica's
+                    target = routing.pool_for(self, self._pending)  # or a replica's, or
+                    if target is not None:  # None: the pooler's own SET / SHOW, answered
+                        target.request(self)
                     return
                 self.pool.request(self)
             return

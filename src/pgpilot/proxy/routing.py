@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import struct
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -51,8 +52,10 @@ from pgpilot.replication import (
     ReplicaSet,
     Route,
     classify,
+    format_lsn,
     parse_lsn,
 )
+from pgpilot.wire import messages as m
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
@@ -107,6 +110,52 @@ def first_sql(pending: bytes | bytearray,
     return None
 
 
+# The pooler's own settings, answered by the pooler (never sent to a server):
+# SET pgpilot.route = primary | replica | auto, RESET pgpilot.route, SET pgpilot.min_lsn = 'X/Y',
+# SHOW pgpilot.route, SHOW pgpilot.min_lsn.
+_OWN = re.compile(
+    r"^\s*(?:(?P<set>SET)\s+(?:SESSION\s+)?pgpilot\.(?P<sname>route|min_lsn)\s*(?:=|TO)\s*"
+    r"'?(?P<value>[\w/]+)'?|(?P<reset>RESET)\s+pgpilot\.(?P<rname>route|min_lsn)"
+    r"|(?P<show>SHOW)\s+pgpilot\.(?P<wname>route|min_lsn))\s*;?\s*$",
+    re.IGNORECASE,
+)
+
+
+def own_command(pending: bytes | bytearray) -> tuple[re.Match[str], bytes] | None:
+    """A round that is only one of the pooler's own commands: its match and the message
+    types sent (``b"Q"``, or extended ``b"PBDES"``-like), else None."""
+    view = memoryview(pending)
+    pos = 0
+    types = bytearray()
+    text = None
+    while pos + 5 <= len(view):
+        mtype = view[pos]
+        length = _LEN.unpack_from(view, pos + 1)[0]
+        end = pos + 1 + length
+        if length < 4 or end > len(view):
+            return None
+        body = bytes(view[pos + 5:end])
+        pos = end
+        types.append(mtype)
+        if mtype == 0x51:  # Query
+            text = body.rstrip(b"\x00").decode("utf-8", "replace")
+            break
+        if mtype == 0x50:  # Parse of the unnamed statement
+            name, _, rest = body.partition(b"\x00")
+            if name or text is not None:
+                return None
+            text = rest.partition(b"\x00")[0].decode("utf-8", "replace")
+        elif mtype == 0x53:  # Sync
+            break
+        elif mtype not in (0x42, 0x44, 0x45):  # Bind, Describe, Execute
+            return None
+    if text is None or pos != len(view) or not text.lower().lstrip().startswith(
+            ("set", "reset", "show")):
+        return None
+    match = _OWN.match(text)
+    return (match, bytes(types)) if match else None
+
+
 @dataclasses.dataclass
 class ClientRoute:
     """What the router keeps per client: the WAL position its reads must see, whether its
@@ -116,6 +165,10 @@ class ClientRoute:
     lsn_pending: bool = False
     may_write: bool = False
     replica: str | None = None
+    # SET pgpilot.route: "primary" or "replica" (a replica when one is eligible), "" = auto
+    override: str = ""
+    # a SHOW pgpilot.min_lsn that waits for the position of the write just made
+    deferred: tuple[ClientConnection, re.Match[str], bytes] | None = None
     # the text of each named statement the client parsed (Pooler.parse_observers)
     prepared: dict[bytes, str] = dataclasses.field(default_factory=dict)
 
@@ -181,6 +234,10 @@ class DatabaseRouter:
                 readable = readable and statement.begin_read_only
             elif statement.route(self.functions) is Route.PRIMARY:
                 readable = False
+        if route.override == "primary":
+            readable = False
+        elif route.override == "replica":
+            readable = True
         if not readable:
             route.may_write = True
             return self.primary_name
@@ -204,9 +261,21 @@ class DatabaseRouter:
             prepared.clear()  # unknown names go to the primary: safe
         prepared[name] = rest.partition(b"\x00")[0].decode("utf-8", "replace")
 
-    def pool_for(self, client: ClientConnection, pending: bytes | bytearray) -> Pool:
-        """The pool ``client``'s next transaction takes its server from."""
+    def pool_for(self, client: ClientConnection, pending: bytes | bytearray) -> Pool | None:
+        """The pool ``client``'s next transaction takes its server from; None when the round
+        was one of the pooler's own commands, answered here."""
         assert client.pool is not None
+        own = own_command(pending) if pending[:1] in (b"Q", b"P") else None
+        if own is not None:
+            if isinstance(pending, bytearray):
+                pending.clear()
+            route = self.route_of(client)
+            if own[0]["show"] and route.lsn_pending:
+                route.deferred = (client, *own)  # answered once the position is known
+                client.pause_reading()
+            else:
+                client.write(self._answer(route, *own))
+            return None
         target = self.decide(client, pending)
         self.counts[target] = self.counts.get(target, 0) + 1
         if target == "primary":
@@ -236,8 +305,56 @@ class DatabaseRouter:
             else:  # unknown: read from the primary until a later write tells us
                 route.lsn_pending = True
             release(srv)
+            if route.deferred is not None:
+                waiting, match, types = route.deferred
+                route.deferred = None
+                if not waiting.gone:
+                    waiting.write(self._answer(route, match, types))
+                    waiting.resume_reading()
 
         server.run_internal(PRIMARY_LSN_SQL, done, rows)
+
+    def _answer(self, route: ClientRoute, match: re.Match[str], types: bytes) -> bytes:
+        """The replies to one of the pooler's own commands (simple or extended protocol)."""
+        rows: list[bytes] = []
+        described = b""
+        if match["show"]:
+            name = match["wname"].lower()
+            value = (route.override or "auto") if name == "route" else format_lsn(route.min_lsn)
+            described = m.row_description([(name, 25)])
+            rows = [m.data_row([value]), m.command_complete("SHOW")]
+        else:
+            name = (match["sname"] or match["rname"]).lower()
+            value = (match["value"] or "").lower() if match["set"] else ""
+            error = None
+            if name == "route":
+                if value not in ("", "primary", "replica", "auto", "default"):
+                    error = f'invalid value for parameter "pgpilot.route": "{value}"'
+                else:
+                    route.override = "" if value in ("auto", "default") else value
+            elif value:
+                try:
+                    route.min_lsn = max(route.min_lsn, parse_lsn(value))
+                except ValueError:
+                    error = f'invalid value for parameter "pgpilot.min_lsn": "{value}"'
+            if error is not None:
+                return m.error_response("22023", error) + m.ready_for_query("I")
+            rows = [m.command_complete("SET" if match["set"] else "RESET")]
+        if types == b"Q":
+            return described + b"".join(rows) + m.ready_for_query("I")
+        out = bytearray()
+        for t in types:
+            if t == 0x50:
+                out += m.message(ord("1"))  # ParseComplete
+            elif t == 0x42:
+                out += m.message(ord("2"))  # BindComplete
+            elif t == 0x44:
+                out += described or m.message(ord("n"))  # RowDescription or NoData
+            elif t == 0x45:
+                out += b"".join(rows)
+            elif t == 0x53:
+                out += m.ready_for_query("I")
+        return bytes(out)
 
     # -- health ----------------------------------------------------------------------------
     def _credentials(self) -> tuple[str, str | None] | None:
@@ -324,7 +441,9 @@ class DatabaseRouter:
             pool._waiting_changed()
             for client in waiting:
                 if not client.gone and client.server is None:
-                    self.pool_for(client, client._pending).request(client)
+                    target = self.pool_for(client, client._pending)
+                    if target is not None:
+                        target.request(client)
 
     def _fail_over(self, name: str) -> None:
         """Replica ``name`` was promoted while the primary is gone: writes go there."""
