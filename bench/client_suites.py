@@ -420,11 +420,14 @@ class Plan:
 
 
 def pytest_base(python: Path, keyword: str | None, unsafe_path: bool) -> list[str]:
+    """--tb=line: the short/long/native tracebacks parse source with ast, which on CPython
+    3.11.7, after some asyncpg failures, raises "SystemError: AST constructor recursion depth
+    mismatch" inside pytest's reporting (INTERNALERROR: the rest of the chunk is lost)."""
     cmd = [str(python)]
     if not unsafe_path:
         cmd.append("-P")  # no cwd on sys.path: the installed package, not the sdist's source
     cmd += ["-m", "pytest", "-p", "client_suites_plugin", "-p", "no:cacheprovider",
-            "-o", "junit_family=xunit1", "-rN", "--tb=short"]
+            "-o", "junit_family=xunit1", "-rN", "--tb=line"]
     if keyword:
         cmd += ["-k", keyword]
     return cmd
@@ -582,13 +585,17 @@ def run_chunks(plan: Plan, timeout: float, hang_after: float, base: Path, tag: s
                 results += [(chunk, nodeid_case(n, o, "(pytest killed: message lost)"))
                             for n, o in reported.items()]
             done |= set(started)
-            if reason == "hang":
+            if reason is None and rc == 3:  # INTERNALERROR: resume after the test it hit
+                reason = "internal"
+            if reason in ("hang", "internal"):
                 running = [n for n in started if n not in finished]
                 hung = running[-1] if running else None
-                note.setdefault("hung", []).append(hung)
+                note.setdefault(reason, []).append(hung)
                 if hung is not None:
                     msg = (f"hung: no test finished for {hang_after:.0f}s, pytest interrupted "
-                           "(the chunk resumed after this test)")
+                           "(the chunk resumed after this test)" if reason == "hang" else
+                           "pytest INTERNALERROR while running or reporting this test "
+                           "(the chunk resumed after it)")
                     results.append((chunk, nodeid_case(hung, "error", msg)))
                 if hung is None or attempt >= 30:
                     break
@@ -628,7 +635,9 @@ def parse_junit(files: list[tuple[str, Path | ET.Element]]) -> dict[str, Any]:
         file = case.get("file")
         classname = case.get("classname", "")
         test_id = f"{classname}::{case.get('name', '')}"
-        if classname == "pytest":  # pytest::internal (INTERNALERROR), run-timeout
+        if classname == "pytest" and case.get("name") == "internal":
+            continue  # INTERNALERROR: the test it hit is recorded by run_chunks
+        if classname == "pytest":  # run-timeout
             test_id = f"{chunk}::pytest-{case.get('name', '')}"
             if case.get("name") == "run-timeout":
                 ET.SubElement(case, "error", message=f"run timeout: (rest of) {chunk} not run")
