@@ -652,3 +652,60 @@ def test_a_late_cancel_does_not_hit_the_read_of_the_clients_settings(
 
     asyncio.run(check())
 
+
+# -- statements about whole databases --------------------------------------------------------
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_a_database_the_pooler_served_can_be_dropped_renamed_and_copied(
+        proxy_factory: Callable[..., RunningProxy], pg_dsn: str, fast_path: str) -> None:
+    """As directly: once a client's last connection to a database is closed, DROP DATABASE,
+    ALTER DATABASE ... RENAME and CREATE DATABASE ... TEMPLATE of it work, though the pooler
+    keeps idle servers to it (PostgreSQL refuses while any session is connected)."""
+    name = f"pgp_dropme_{uuid.uuid4().hex[:6]}"
+    proxy = proxy_factory(default_pool_size=3, fast_path=fast_path)
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        for round_ in range(2):
+            conns = [psycopg.connect(proxy.dsn(dbname=name), autocommit=True) for _ in range(3)]
+            for conn in conns:
+                conn.execute("SELECT 1")
+            for conn in conns:
+                conn.close()
+            assert proxy.call(lambda: proxy.pooler.servers_for_db(name)) > 0  # idle, kept
+            with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+                if round_ == 0:
+                    other.execute(f"CREATE DATABASE {name}_copy TEMPLATE {name}")
+                    other.execute(f"DROP DATABASE {name}_copy")
+                    other.execute(f"ALTER DATABASE {name} RENAME TO {name}_r")
+                    other.execute(f"ALTER DATABASE {name}_r RENAME TO {name}")
+                else:
+                    other.execute(f"DROP DATABASE {name}")
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            assert admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s",
+                                 [name]).fetchone() == (0,)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name}_copy")
+            admin.execute(f"DROP DATABASE IF EXISTS {name}_r")
+            admin.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+def test_session_characteristics_follow_the_client(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE (what JDBC's
+    setTransactionIsolation sends) and BEGIN ISOLATION LEVEL ...: pg_settings then lists
+    transaction_isolation among the session's settings, a per-transaction value the pooler
+    must not try to set on another server (it cannot be set once a query ran)."""
+    proxy = proxy_factory(default_pool_size=1)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as a, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as b:
+        a.execute("BEGIN; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; COMMIT")
+        a.execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        b.execute("BEGIN; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; COMMIT")
+        b.execute("SET statement_timeout = '5min'")  # b's settings are read
+        for _ in range(2):
+            assert a.execute("SELECT current_setting('transaction_isolation')").fetchone() \
+                == ("serializable",)
+            assert b.execute("SELECT current_setting('transaction_isolation')").fetchone() \
+                == ("read committed",)

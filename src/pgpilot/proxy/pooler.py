@@ -73,10 +73,12 @@ class Pooler:
         self.admin_handler: Callable[[ClientConnection], None] | None = None
         # -- admin console, hazard detection, metrics (admin.py, hazards.py, metrics.py) --
         from pgpilot.proxy.admin import AdminConsole
+        from pgpilot.proxy.dbstatements import DatabaseStatements
         from pgpilot.proxy.hazards import HazardTracker
 
         self.paused_databases: set[str] = set()  # PAUSE db / KILL db until RESUME
         self.hazards = HazardTracker(self)
+        DatabaseStatements(self)  # DROP / ALTER / CREATE ... TEMPLATE: idle servers step aside
         # Clients pinned to their server, counted by kind of state (session.PINS): metrics.
         self.pins_total: dict[str, int] = {}
         self.admin_console = AdminConsole(self)
@@ -379,6 +381,21 @@ class Pooler:
             pool = self.pools[key] = Pool(self, db, db_name, user)
             pool.paused = self.paused or db_name in self.paused_databases
         return pool
+
+    def release_database(self, dbname: str) -> int:
+        """A client is about to drop, rename or copy the upstream database ``dbname``: every
+        server of a pool on it closes (the idle ones now, the busy ones when released), as
+        after ``RECONNECT``. Returns how many closed now."""
+        closed = 0
+        for pool in self.pools.values():
+            if pool.server_dbname != dbname:
+                continue
+            for server in pool.all_servers():
+                server.close_needed = True  # one idle in the engine is handed back, closes
+            for server in list(pool.idle):
+                server.close(f"a client needs database {dbname} free")
+                closed += 1
+        return closed
 
     def servers_for_db(self, db_name: str) -> int:
         return sum(p.server_count() for (name, _u), p in self.pools.items() if name == db_name)
