@@ -29,7 +29,7 @@ import importlib.util
 import os
 import sys
 import sysconfig
-from types import CodeType, FrameType
+from types import FrameType
 from typing import NamedTuple
 
 __all__ = ["StackInfo", "find_callsite", "split_callsite", "stack_info"]
@@ -60,9 +60,11 @@ _LIBRARY = 2  # pgpilot, the ORM, the drivers: never shown
 _files: dict[str, tuple[int, str]] = {}
 _library_dirs: tuple[str, ...] | None = None
 _installed_dirs: tuple[str, ...] | None = None
-_flush_codes: frozenset[CodeType] = frozenset()
-_commit_codes: frozenset[CodeType] = frozenset()
-_get_codes: frozenset[CodeType] = frozenset()
+# ids of code objects (hashing a code object hashes its constants, nested code objects
+# included: far too slow for every frame of every statement)
+_flush_codes: frozenset[int] = frozenset()
+_commit_codes: frozenset[int] = frozenset()
+_get_codes: frozenset[int] = frozenset()
 
 
 class StackInfo(NamedTuple):
@@ -135,23 +137,21 @@ def _classify(filename: str) -> tuple[int, str]:
     return _APP, shown
 
 
-def _codes_of(owner: object, names: tuple[str, ...]) -> frozenset[CodeType]:
-    codes: set[CodeType] = set()
+def _codes_of(owner: object, names: tuple[str, ...]) -> frozenset[int]:
+    codes: set[int] = set()
     for name in names:
         function = getattr(owner, name, None)
         while function is not None:
             code = getattr(function, "__code__", None)
             if code is not None:
-                codes.add(code)
+                codes.add(id(code))
             function = getattr(function, "__wrapped__", None)
     return frozenset(codes)
 
 
-def _session_code_objects() -> tuple[
-    frozenset[CodeType], frozenset[CodeType], frozenset[CodeType]
-]:
-    """The code of ``Session.flush`` / ``_flush``, of ``Session.commit`` (any wrapper), and of
-    ``Session._get_impl`` (what ``Session.get()`` and ``Query.get()`` run)."""
+def _session_code_objects() -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+    """The ids of the code of ``Session.flush`` / ``_flush``, of ``Session.commit`` (any
+    wrapper), and of ``Session._get_impl`` (what ``Session.get()`` and ``Query.get()`` run)."""
     global _flush_codes, _commit_codes, _get_codes
     if not _flush_codes:
         try:
@@ -189,27 +189,38 @@ def stack_info(depth: int = 1) -> StackInfo:
     flush_codes, commit_codes, get_codes = _session_code_objects()
     callsite = fallback = ""
     outer: list[str] = []
-    key_parts: list[tuple[CodeType, int]] = []
+    # (id of the code object, line): a code object's id names it as well as the object while
+    # its function exists, and hashes in no time (see _flush_codes)
+    key_parts: list[tuple[int, int] | int] = []
     in_flush = in_commit = in_get = False
     starts: list[FrameType | None] = [sys._getframe(depth + 1)]
     for start in starts:
         frame = start
         while frame is not None:
             code = frame.f_code
-            line = frame.f_lineno
-            if len(key_parts) < MAX_LOOP_FRAMES:
-                key_parts.append((code, line))
-            if code in flush_codes:
-                in_flush = True
-            elif code in commit_codes:
-                in_commit = True
-            elif code in get_codes:
-                in_get = True
+            code_id = id(code)
             filename = code.co_filename
             try:
                 kind, shown = files[filename]
             except KeyError:
                 kind, shown = files[filename] = _classify(filename)
+            if kind == _LIBRARY:
+                # pgpilot, the ORM, a driver: which of their lines runs follows from the
+                # application's lines, so the frame's code alone goes into the loop key (a
+                # frame's line number is decoded from its code's line table: not free)
+                if len(key_parts) < MAX_LOOP_FRAMES:
+                    key_parts.append(code_id)
+                if code_id in flush_codes:
+                    in_flush = True
+                elif code_id in commit_codes:
+                    in_commit = True
+                elif code_id in get_codes:
+                    in_get = True
+                frame = frame.f_back
+                continue
+            line = frame.f_lineno
+            if len(key_parts) < MAX_LOOP_FRAMES:
+                key_parts.append((code_id, line))
             if kind == _APP:
                 if not callsite:
                     callsite = f"{shown}:{line}"
