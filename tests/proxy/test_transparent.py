@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,7 +23,7 @@ import psycopg.rows
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
-from tests.proxy.conftest import RunningProxy, wait_until
+from tests.proxy.conftest import RunningProxy, read_types, wait_until
 
 
 def outcome(fn: Callable[[], Any]) -> str:
@@ -655,6 +657,72 @@ def test_a_late_cancel_does_not_hit_the_read_of_the_clients_settings(
 
 # -- statements about whole databases --------------------------------------------------------
 
+def _raw_login(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    body = b"user\x00postgres\x00database\x00test\x00\x00"
+    sock.sendall(struct.pack("!ii", len(body) + 8, 196608) + body)
+    read_types(sock)
+    return sock
+
+
+def _function_call(sock: socket.socket, oid: int, *args: bytes) -> list[str]:
+    """The protocol's FunctionCall (libpq's PQfn), text arguments and result."""
+    body = struct.pack("!iHH", oid, 1, 0) + struct.pack("!H", len(args))
+    for arg in args:
+        body += struct.pack("!i", len(arg)) + arg
+    body += struct.pack("!H", 0)
+    sock.sendall(b"F" + struct.pack("!i", len(body) + 4) + body)
+    return read_types(sock)
+
+
+def test_settings_and_locks_made_by_a_function_call_are_followed(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """The FunctionCall message (PQfn) runs set_config or pg_advisory_lock as a query would:
+    the setting must not reach the next client of the (only) server, and the lock pins."""
+    proxy = proxy_factory(default_pool_size=1, query_wait_timeout=2)
+    sock = _raw_login(proxy.port)
+    try:
+        assert "V" in _function_call(sock, 2078, b"app.fc", b"secret", b"false")  # set_config
+        with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+            assert other.execute("SELECT current_setting('app.fc', true)").fetchone() in (
+                (None,), ("",))
+        assert "V" in _function_call(sock, 2880, b"7321")  # pg_advisory_lock(bigint)
+        with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+            try:
+                held = other.execute("SELECT count(*) FROM pg_locks WHERE locktype = "
+                                     "'advisory' AND pid = pg_backend_pid()").fetchone()
+            except psycopg.OperationalError as exc:
+                assert "query_wait_timeout" in str(exc)  # the client is pinned
+            else:
+                assert held == (0,)
+    finally:
+        sock.close()
+
+
+def test_session_mode_real_pid_and_spelling_when_the_server_is_being_reset(
+        proxy_factory: Callable[..., RunningProxy], pg_dsn: str) -> None:
+    """A session client logs in while the only server is still running the reset query of
+    the client before: it waits for that server (it will be free in a moment) rather than
+    getting the pooler's process id and its own spelling of client_encoding."""
+    proxy = proxy_factory(pool_mode="session", default_pool_size=1,
+                          server_reset_query="SELECT pg_sleep(0.5)")
+
+    async def encoding(dsn: str) -> str:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return str(conn.get_settings().client_encoding)
+        finally:
+            await conn.close()
+
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:  # the server is resetting
+        assert conn.info.backend_pid == conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert asyncio.run(encoding(proxy.dsn())) == asyncio.run(encoding(pg_dsn))
+
+
+# -- statements about whole databases --------------------------------------------------------
+
 @pytest.mark.parametrize("fast_path", ["on", "off"])
 def test_a_database_the_pooler_served_can_be_dropped_renamed_and_copied(
         proxy_factory: Callable[..., RunningProxy], pg_dsn: str, fast_path: str) -> None:
@@ -709,29 +777,3 @@ def test_session_characteristics_follow_the_client(
                 == ("serializable",)
             assert b.execute("SELECT current_setting('transaction_isolation')").fetchone() \
                 == ("read committed",)
-
-
-@pytest.mark.parametrize("fast_path", ["on", "off"])
-def test_a_terminated_backend_reads_as_postgresqls_own_error(
-        proxy_factory: Callable[..., RunningProxy], pg_dsn: str, fast_path: str) -> None:
-    """pg_terminate_backend of the client's server: the client reads PostgreSQL's FATAL
-    ('terminating connection due to administrator command'), as directly, not the pooler's
-    own words for a lost server."""
-    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
-
-    async def reason(dsn: str) -> str:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.fetchval("SELECT 1")
-            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
-        except asyncpg.PostgresError as exc:
-            return str(exc)
-        except asyncpg.exceptions.ConnectionDoesNotExistError as exc:
-            return str(exc)
-        finally:
-            await conn.close()
-        return "no error"
-
-    direct = asyncio.run(reason(pg_dsn))
-    assert "terminating connection due to administrator command" in direct
-    assert asyncio.run(reason(proxy.dsn())) == direct

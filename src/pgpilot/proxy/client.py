@@ -88,6 +88,11 @@ NO_PASSWORD = "no password"  # a login route's secret when auth_type asks for no
 CLIENT_CLOSED = "client closed the connection"  # Terminate or end of stream: log_disconnections
 # Any secret: a ScramAuth made only to word the refusal of a malformed message.
 _REFUSAL_SECRET = mock_scram_secret("")
+# Functions a FunctionCall may run without changing the session (_note_function_call): the
+# large-object ones libpq calls that way (pg_proc oids, fixed since PostgreSQL 9.4).
+LARGE_OBJECT_FUNCTIONS = frozenset({715, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170,
+                                    3171, 3172})
+SET_CONFIG_OID = 2078  # set_config(text, text, boolean)
 # Startup parameters every client may send without the pooler rejecting it.
 ALWAYS_ACCEPTED = frozenset({"user", "database"})
 
@@ -129,7 +134,6 @@ class ClientConnection(asyncio.Protocol):
         "_reader",
         "_route_packet",
         "_route_secret",
-        "_server_fatal",
         "_session_welcome",
         "_startup",
         "addr",
@@ -232,7 +236,6 @@ class ClientConnection(asyncio.Protocol):
         self._route_secret: ScramSecret | str | None = None
         # b"" while the welcome waits for a server (_welcome), finished in _link.
         self._session_welcome: bytes | None = None
-        self._server_fatal = False  # the linked server sent a FATAL error (server_lost)
         self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
         self._held = b""  # start of a message that may need rewriting once complete
@@ -700,8 +703,11 @@ class ClientConnection(asyncio.Protocol):
         self._login_task = None
         pool = self.pool
         if pool.mode == "session":
-            # (All servers taken: the client waits at its first query, as with PgBouncer.)
-            hold = self.pooler.worker is None and bool(pool.idle or pool.can_open())
+            # A server free now or in a moment (idle, to be opened, or running the reset of a
+            # client that left, unless those ahead in line take them). All servers taken:
+            # the client waits at its first query, as with PgBouncer.
+            soon = bool(pool.idle or pool.can_open()) or len(pool.resetting) > len(pool.waiting)
+            hold = soon and (self.pooler.worker is None or unknown)
         else:
             hold = unknown
         if hold:
@@ -879,6 +885,8 @@ class ClientConnection(asyncio.Protocol):
                         self.router.session_sql.pop(body[1:-1].decode(errors="replace"), None)
             elif mtype == F.FUNCTION_CALL:
                 self.expected_rfq += 1
+                if body is not None:
+                    self._note_function_call(body)
             elif mtype == F.TERMINATE:
                 terminate = True
         if self.admin is not None:
@@ -1062,10 +1070,6 @@ class ClientConnection(asyncio.Protocol):
                 error_seen = True
                 if stats is not None:
                     stats.errors += 1
-                if body is not None and (b"VFATAL\x00" in body or b"VPANIC\x00" in body):
-                    # The server says why it ends the connection: that is what the client
-                    # reads as the reason (server_lost adds no error of the pooler's).
-                    self._server_fatal = True
         if release and self.txn_status != "I" and self.pool is not None \
                 and self.pool.mode == "statement" and data[-6:-5] == b"Z":
             # Refuse the transaction in place of the server's answer, so the client shows why.
@@ -1156,6 +1160,24 @@ class ClientConnection(asyncio.Protocol):
                     self.pin_check = True
                     self.pin_candidates.setdefault(kind, what)
         return relevant
+
+    def _note_function_call(self, body: bytes) -> None:
+        """A FunctionCall (libpq's PQfn) may run set_config, an advisory lock or any function
+        that changes the session: read it at the transaction's end, as for a query that may
+        (but for the large-object functions, PQfn's usual use)."""
+        pool = self.pool
+        if pool is None or pool.mode == "session" or self.is_admin:
+            return
+        oid = int.from_bytes(body[:4], "big")
+        if oid in LARGE_OBJECT_FUNCTIONS:
+            return
+        self.settings_dirty = True
+        if oid == SET_CONFIG_OID:  # its name: the first argument, as a Bind's parameter
+            name = bound_setting_name(b"\x00\x00" + body[4:], 1)
+            if name is not None:
+                self.setting_names.add(name)
+        if self.pooler.config.pin_session_state:
+            self.pin_check = True
 
     def _note_bind(self, body: bytes) -> None:
         """A Bind: if it runs one of the client's statements that may change its session
@@ -1270,9 +1292,6 @@ class ClientConnection(asyncio.Protocol):
         """Our server went away under us: the client cannot continue its session."""
         if self.server is server:
             self.server = None
-            if self._server_fatal:  # PostgreSQL's own FATAL went to the client: as directly
-                self.close(f"server connection lost: {reason}")
-                return
             self.fail("08006", f"server connection lost: {reason}")
 
     # -- ending ---------------------------------------------------------------------------

@@ -78,6 +78,8 @@ class Pool:
         self.idle: collections.deque[ServerConnection] = collections.deque()
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.clients: set[ClientConnection] = set()
+        # Servers running their reset after their client left (release): free in a moment.
+        self.resetting: set[ServerConnection] = set()
         self.welcome_params: dict[str, str] | None = None
         self._welcome_bytes: dict[tuple[object, ...], tuple[dict[str, str], bytes]] = {}
         self._welcome_waiters: list[asyncio.Future[None]] = []
@@ -615,6 +617,7 @@ class Pool:
             server.set_state(ServerState.USED)
 
         def done(srv: ServerConnection, error: str | None) -> None:
+            self.resetting.discard(srv)
             if srv.state is ServerState.CLOSED:
                 return
             if error is not None or srv.txn_status != "I":
@@ -623,6 +626,7 @@ class Pool:
             self.give_out(srv)
 
         server.set_state(ServerState.TESTED)
+        self.resetting.add(server)
         server.run_internal(sql, done)
 
     def pinned_count(self) -> int:

@@ -36,6 +36,10 @@ from pgpilot.proxy.server import TRACKED_BY_LOWER
 
 # Settings pg_settings does not list (GUC_NO_SHOW_ALL) that a client may still set.
 UNLISTED = ("role", "session_authorization")
+# Listed with source 'session' once a transaction SET them (SET TRANSACTION, BEGIN ISOLATION
+# LEVEL ...), but each transaction's own, from the defaults: never a client's setting (and
+# transaction_isolation cannot be set once the pooler's own statement has run a query).
+PER_TRANSACTION = ("transaction_deferrable", "transaction_isolation", "transaction_read_only")
 ALL = "*"  # RESET ALL / DISCARD ALL: every setting the client had is gone
 UNKNOWN = "?"  # set_config of a name computed by the statement: not known to the pooler
 PARAM = "$"  # "$2": set_config of a name bound as parameter 2 (read from the Bind)
@@ -233,7 +237,8 @@ def snapshot_sql(names: set[str], pins: bool = False) -> str:
     client's it last carried, and a value must read the same whatever that is."""
     sql = ("SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
            " AND lower(name) <> ALL (ARRAY[" + ", ".join(
-               _literal(n) for n in sorted(TRACKED_BY_LOWER)) + "])")
+               _literal(n) for n in sorted(TRACKED_BY_LOWER) + list(PER_TRANSACTION))
+           + "])")
     for name in sorted(names):
         sql += (f" UNION ALL SELECT {_literal(name)},"
                 f" pg_catalog.current_setting({_literal(name)}, true)")
