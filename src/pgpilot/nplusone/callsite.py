@@ -29,7 +29,7 @@ import importlib.util
 import os
 import sys
 import sysconfig
-from types import FrameType
+from types import CodeType, FrameType
 from typing import NamedTuple
 
 __all__ = ["StackInfo", "find_callsite", "split_callsite", "stack_info"]
@@ -180,13 +180,43 @@ def _greenlet_parents() -> list[FrameType]:
     return frames
 
 
+_FLUSH, _COMMIT, _GET = 1, 2, 3
+# id(code) -> (the code object, its file's class, how to print the file, its role: 0, or
+# inside Session.flush / commit / get). Checked with ``is`` against the frame's code, so an id
+# reused by a new code object after the old one was freed is classified afresh.
+_codes: dict[int, tuple[CodeType, int, str, int]] = {}
+
+
+def _code_entry(code: CodeType) -> tuple[CodeType, int, str, int]:
+    filename = code.co_filename
+    try:
+        kind, shown = _files[filename]
+    except KeyError:
+        kind, shown = _files[filename] = _classify(filename)
+    code_id = id(code)
+    role = (
+        _FLUSH
+        if code_id in _flush_codes
+        else _COMMIT
+        if code_id in _commit_codes
+        else _GET
+        if code_id in _get_codes
+        else 0
+    )
+    entry = (code, kind, shown, role)
+    if len(_codes) < 100_000:
+        _codes[code_id] = entry
+    return entry
+
+
 def stack_info(depth: int = 1) -> StackInfo:
     """The call site, loop key, callers and flush flag of the statement being run.
 
     ``depth`` frames (the caller's own, by default) are skipped before looking.
     """
-    files = _files
-    flush_codes, commit_codes, get_codes = _session_code_objects()
+    codes = _codes
+    if not _flush_codes:
+        _session_code_objects()
     callsite = fallback = ""
     outer: list[str] = []
     # (id of the code object, line): a code object's id names it as well as the object while
@@ -199,25 +229,27 @@ def stack_info(depth: int = 1) -> StackInfo:
         while frame is not None:
             code = frame.f_code
             code_id = id(code)
-            filename = code.co_filename
-            try:
-                kind, shown = files[filename]
-            except KeyError:
-                kind, shown = files[filename] = _classify(filename)
+            entry = codes.get(code_id)
+            if entry is None or entry[0] is not code:
+                entry = _code_entry(code)
+            kind = entry[1]
             if kind == _LIBRARY:
                 # pgpilot, the ORM, a driver: which of their lines runs follows from the
                 # application's lines, so the frame's code alone goes into the loop key (a
                 # frame's line number is decoded from its code's line table: not free)
                 if len(key_parts) < MAX_LOOP_FRAMES:
                     key_parts.append(code_id)
-                if code_id in flush_codes:
-                    in_flush = True
-                elif code_id in commit_codes:
-                    in_commit = True
-                elif code_id in get_codes:
-                    in_get = True
+                role = entry[3]
+                if role:
+                    if role == _FLUSH:
+                        in_flush = True
+                    elif role == _COMMIT:
+                        in_commit = True
+                    else:
+                        in_get = True
                 frame = frame.f_back
                 continue
+            shown = entry[2]
             line = frame.f_lineno
             if len(key_parts) < MAX_LOOP_FRAMES:
                 key_parts.append((code_id, line))

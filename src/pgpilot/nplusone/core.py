@@ -512,11 +512,12 @@ def note_orm_select(select: tuple[str, str, tuple[str, ...], bool] | None) -> No
 
 
 def note_instance(state: Any, mapper: Any, context: Any, entity: str) -> None:
-    """The ORM loaded ``state`` (an ``InstanceState``) from the rows of ``context``.
-
-    Only instances of a SELECT's first entity are followed (not those a joinedload adds)."""
+    """The ORM loaded ``state`` (an ``InstanceState``) from the rows of ``context`` (and one
+    instance of ``mapper``'s class, as :func:`note_loaded` counts). Only instances of a
+    SELECT's first entity are followed (not those a joinedload adds)."""
     key = id(context)
     for scope in _reached():
+        scope.loaded[mapper] = scope.loaded.get(mapper, 0) + 1
         batch = scope.batches.get(key)
         if batch is None:
             last = scope.last_select

@@ -270,12 +270,15 @@ def _note_joins(joins: tuple[Any, ...]) -> None:
 
 def _on_load(target: Any, context: Any) -> None:
     if _current_scope.get() is not None:
-        mapper = getattr(type(target), "__mapper__", None)
-        note_loaded(mapper)
+        cls = type(target)
+        mapper = getattr(cls, "__mapper__", None)
         state = getattr(target, "_sa_instance_state", None)
-        if mapper is not None and state is not None:
+        if mapper is None or state is None:
+            note_loaded(mapper)
+            return
+        if mapper not in _column_tracked:
             _track_column_reads(mapper)
-            note_instance(state, mapper, context, type(target).__name__)
+        note_instance(state, mapper, context, cls.__name__)
 
 
 def _on_before_flush(session: Any, flush_context: Any, instances: Any) -> None:
