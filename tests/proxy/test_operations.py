@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def test_sighup_reloads_without_dropping_anyone(proxy_process: ProxyProcess) -> 
     assert proxy_process.proc.poll() is None
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGINT])
 def test_stop_signal_lets_running_transactions_finish(proxy_process: ProxyProcess,
                                                       pg_dsn: str, signum: int) -> None:
     table = f"pgpilot_stop_{signum}"
@@ -122,6 +123,23 @@ def test_stop_signal_lets_running_transactions_finish(proxy_process: ProxyProces
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as direct:
             direct.execute(f"drop table if exists {table}")
+
+
+def test_sigterm_waits_for_clients_to_disconnect(proxy_process: ProxyProcess) -> None:
+    """SIGTERM as PgBouncer 1.23: no new clients, but the connected ones go on (a new
+    transaction included) until they disconnect; then the process exits. SIGUSR2 (RESUME)
+    meanwhile is ignored, and said so."""
+    conn = psycopg.connect(proxy_process.dsn(), autocommit=True)
+    conn.execute("select 1")
+    proxy_process.proc.send_signal(signal.SIGTERM)
+    wait_until(proxy_process.refuses, timeout=15.0)
+    proxy_process.proc.send_signal(signal.SIGUSR2)
+    time.sleep(0.5)
+    assert conn.execute("select 2").fetchone() == (2,)  # still served
+    assert proxy_process.proc.poll() is None
+    conn.close()
+    assert proxy_process.proc.wait(15) == 0
+    assert "got SIGUSR2 while shutting down, ignoring" in proxy_process.logfile.read_text()
 
 
 def test_each_worker_serves_its_own_metrics(pg_params: dict[str, str], tmp_path: Path) -> None:

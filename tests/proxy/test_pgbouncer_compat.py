@@ -481,3 +481,114 @@ def test_a_new_pool_opens_a_server_per_concurrent_client(proxy_factory: ProxyFac
         t.join(10)
     assert time.monotonic() - started < 1.9  # not one after the other
     assert proxy.server_count() == 3
+
+
+def test_a_forced_user_is_one_pool_sized_by_its_own_settings(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str]) -> None:
+    """As PgBouncer: clients of a database with user= share the forced user's pool, whose
+    [users] pool_size is the forced user's, not each client's."""
+    up = f"host={pg_params['host']} port={pg_params['port']} dbname={pg_params['dbname']}"
+    proxy = proxy_factory(
+        databases={"forced": f"{up} user={pg_params['user']} pool_size=2"},
+        users={"small": "pool_size=1"},
+        userlist={pg_params["user"]: "", "small": "", "other": ""})
+    barrier = threading.Barrier(4)
+
+    def sleeper(user: str) -> None:
+        with psycopg.connect(**proxy.conninfo(dbname="forced", user=user),
+                             autocommit=True) as conn:
+            barrier.wait(5)
+            conn.execute("SELECT pg_sleep(0.5)")
+
+    threads = [threading.Thread(target=sleeper, args=(u,))
+               for u in ("small", "small", "other", "other")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    pools = proxy.call(lambda: [(k, p.server_count()) for k, p in proxy.pooler.pools.items()
+                                if k[0] == "forced"])  # type: ignore[union-attr]
+    assert pools == [(("forced", pg_params["user"]), 2)]
+
+
+@pytest.fixture
+def five_roles(pg_dsn: str) -> Iterator[list[str]]:
+    users = [f"pgpilot_evict_u{i}" for i in range(5)]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for user in users:
+            conn.execute(f"DROP ROLE IF EXISTS {user}")
+            conn.execute(f"CREATE ROLE {user} LOGIN")
+    yield users
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for user in users:
+            conn.execute(f"DROP ROLE IF EXISTS {user}")
+
+
+def test_max_db_connections_evicts_idle_servers_for_waiting_pools(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str], five_roles: list[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Five users' pools on a database limited to 2 servers: each pool's clients are
+    served in turn, an idle server of another pool being closed for them (PgBouncer's
+    eviction), where before a pool without a server waited for ever."""
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    up = f"host={pg_params['host']} port={pg_params['port']} dbname={pg_params['dbname']}"
+    users = five_roles
+    proxy = proxy_factory(databases={"limited": f"{up} max_db_connections=2"},
+                          userlist={u: "" for u in users},
+                          auth_type="trust")
+    errors: list[BaseException] = []
+
+    def run(user: str) -> None:
+        try:
+            with psycopg.connect(**proxy.conninfo(dbname="limited", user=user),
+                                 autocommit=True, connect_timeout=10) as conn:
+                conn.execute("SELECT pg_sleep(0.3)")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(u,)) for u in users for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert errors == []
+    assert "closing because: evicted (max_db_connections reached" in caplog.text
+
+
+def test_reserve_pool_is_logged_in_pgbouncers_words(
+        proxy_factory: ProxyFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    proxy = proxy_factory(default_pool_size=1, reserve_pool_size=1, reserve_pool_timeout=0.3)
+    threads = [threading.Thread(target=lambda: psycopg.connect(
+        **proxy.conninfo(), autocommit=True).execute("SELECT pg_sleep(1)")) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: proxy.server_count() == 2, timeout=5)
+    for t in threads:
+        t.join(10)
+    assert caplog.text.count("taking connection from reserve_pool") == 1
+
+
+# -- shutdown -------------------------------------------------------------------------------
+
+def test_shutdown_wait_for_servers_closes_new_transactions_and_refuses_resume(
+        proxy_factory: ProxyFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    proxy = proxy_factory()
+    running = psycopg.connect(**proxy.conninfo())
+    idle = psycopg.connect(**proxy.conninfo(), autocommit=True)
+    console = admin(proxy)
+    try:
+        running.execute("SELECT 1")  # inside a transaction
+        idle.execute("SELECT 1")
+        console.execute("SHUTDOWN WAIT_FOR_SERVERS")
+        with pytest.raises(psycopg.errors.ProtocolViolation, match="pooler is shutting down"):
+            console.execute("RESUME")
+        assert running.execute("SELECT 2").fetchone() == (2,)  # its transaction goes on
+        with pytest.raises(psycopg.OperationalError, match="server shutting down"):
+            idle.execute("SELECT 3")  # a new transaction: closed, as PgBouncer
+        assert "closing because: server shutting down" in caplog.text
+        running.commit()
+    finally:
+        for conn in (running, idle, console):
+            conn.close()

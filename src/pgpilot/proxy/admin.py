@@ -878,6 +878,8 @@ class AdminSession:
             await asyncio.sleep(PAUSE_POLL)
 
     async def resume(self, args: list[str]) -> Result:
+        if self.pooler.shutdown_mode or self.pooler.stopping:
+            raise AdminError("08P01", "pooler is shutting down")  # PgBouncer's words
         db = self._database_arg(args)
         if db is None:
             self.console.suspended = False
@@ -994,12 +996,13 @@ class AdminSession:
         log.info("SHUTDOWN%s requested from the admin console", f" {mode}" if mode else "")
         if mode:
             pooler.stop_listening()
+            pooler.shutdown_mode = mode
         if mode == "WAIT_FOR_SERVERS":
             pooler.paused = True
             for pool in pooler.pools.values():
                 pool.paused = True
-            for client in list(pooler.clients[ClientState.WAITING]):
-                client.fail("57P01", "pgpilot is shutting down")
+            # Clients waiting for a server, or starting a transaction from now on, are
+            # closed at the janitor's next round, as PgBouncer's: "server shutting down".
 
         async def shut_down() -> None:
             if mode == "WAIT_FOR_CLIENTS":

@@ -225,13 +225,58 @@ async def _serve(config: Config, config_path: str | None,
     stop_requested = asyncio.Event()
 
     def request_stop() -> None:
-        if stop_requested.is_set():
+        if stop_requested.is_set() or pooler.shutdown_mode:
             log.info("second stop signal: closing without waiting for running transactions")
             pooler.hurry_stop()
+            stop_requested.set()
             return
         log.info("stop requested: letting running transactions finish "
                  "(up to shutdown_timeout; a second signal stops at once)")
         stop_requested.set()
+
+    def wait_for_clients() -> None:
+        """SIGTERM, as PgBouncer 1.23: no new connections, the running clients go on until
+        they disconnect (up to shutdown_timeout: pgpilot's bound), then the pooler stops; a
+        second SIGTERM (or SIGINT) stops at once."""
+        if stop_requested.is_set() or pooler.shutdown_mode:
+            log.info("second stop signal: closing at once")
+            pooler.hurry_stop()
+            stop_requested.set()
+            return
+        log.info("SIGTERM: waiting for clients to disconnect (no new connections; a second "
+                 "SIGTERM or SIGINT stops at once)")
+        pooler.shutdown_mode = "WAIT_FOR_CLIENTS"
+        pooler.stop_listening()
+
+        async def clients_gone() -> None:
+            limit = pooler.config.shutdown_timeout
+            deadline = loop.time() + limit
+            while any(not c.is_admin for c in pooler.all_clients()):
+                if loop.time() >= deadline:
+                    log.info("shutdown_timeout (%g s) reached: closing the clients still "
+                             "connected", limit)
+                    pooler.hurry_stop()
+                    break
+                await asyncio.sleep(0.05)
+            stop_requested.set()
+
+        pooler.track_task(loop.create_task(clients_gone()))
+
+    def pause_or_resume(sig: signal.Signals) -> None:
+        """SIGUSR1 pauses every pool, SIGUSR2 resumes them (PgBouncer's PAUSE / RESUME)."""
+        if sig is signal.SIGUSR2 and (pooler.shutdown_mode or pooler.stopping):
+            log.info("got SIGUSR2 while shutting down, ignoring")  # PgBouncer's words
+            return
+        from pgpilot.proxy.admin import resume_pool
+
+        paused = sig is signal.SIGUSR1
+        log.info("got %s, %s", sig.name, "pausing" if paused else "resuming")
+        pooler.paused = paused
+        for pool in list(pooler.pools.values()):
+            if paused:
+                pool.paused = True
+            else:
+                resume_pool(pool)
 
     def reload() -> None:
         if not config_path:
@@ -256,8 +301,10 @@ async def _serve(config: Config, config_path: str | None,
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, request_stop)
+    loop.add_signal_handler(signal.SIGINT, request_stop)
+    loop.add_signal_handler(signal.SIGTERM, wait_for_clients)
+    for usr in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(usr, pause_or_resume, usr)
     loop.add_signal_handler(signal.SIGHUP, reload)
     pooler.reload_hook = reload  # type: ignore[attr-defined]
     if embedded_dsn_port is not None:

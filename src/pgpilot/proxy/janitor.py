@@ -39,6 +39,8 @@ class Janitor:
     def tick(self) -> None:
         now = time.monotonic()
         cfg = self.pooler.config
+        if self.pooler.shutdown_mode == "WAIT_FOR_SERVERS":
+            self._shutdown_waiters()
         for client in list(self.pooler.clients[ClientState.WAITING]):
             waited = now - client.wait_started
             if cfg.query_timeout and waited > cfg.query_timeout:
@@ -158,14 +160,26 @@ class Janitor:
                 server.close("server_idle_timeout reached")
         if cfg.server_fast_close and pool.mode == "session":
             self._fast_close(pool)
-        error = pool.last_login_error
-        if error is not None and not error.from_server and now >= pool.login_failed_until:
-            pool.retry_login()  # a server could not be reached: try again for its clients
+        if now >= pool.login_failed_until:
+            # Clients still waiting (to log in, or for a server) get servers: after
+            # server_login_retry, or by evicting an idle server of another pool once one is
+            # idle (max_db_connections / max_user_connections), as PgBouncer's janitor.
+            pool.retry_login()
         if (not self.pooler.stopping and not pool.paused
                 and pool.server_count() < min_size and pool.can_open()
                 and not pool.servers[ServerState.LOGIN]
                 and now >= pool.login_failed_until):
             pool.open_server()
+
+    def _shutdown_waiters(self) -> None:
+        """SHUTDOWN WAIT_FOR_SERVERS: a client that needs a server (a new transaction) is
+        closed, as PgBouncer's; those inside a transaction finish it."""
+        for client in list(self.pooler.clients[ClientState.WAITING]):
+            client.fail("57P01", "server shutting down")
+        for pool in list(self.pooler.pools.values()):
+            if pool.lane is not None and pool.lane.waiting_count():
+                for client in pool.lane.fp.drop_waiters(0.0):
+                    client.fail("57P01", "server shutting down")
 
     @staticmethod
     def _fast_close(pool: Pool) -> None:

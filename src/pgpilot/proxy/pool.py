@@ -156,7 +156,8 @@ class Pool:
 
     @property
     def size(self) -> int:
-        return self.pooler.config.pool_size_for(self.db, self.user)
+        # As PgBouncer: [users] pool_size is the server user's (a forced user=, if any).
+        return self.pooler.config.pool_size_for(self.db, self.server_user)
 
     @property
     def min_size(self) -> int:
@@ -164,7 +165,7 @@ class Pool:
 
     @property
     def reserve_size(self) -> int:
-        return self.pooler.config.reserve_pool_size_for(self.db, self.user)
+        return self.pooler.config.reserve_pool_size_for(self.db, self.server_user)
 
     def parameter_statuses(self, server_params: dict[str, str],
                            client_params: dict[str, str]) -> bytes:
@@ -249,8 +250,38 @@ class Pool:
         logging_in = len(self.servers[ServerState.LOGIN])
         waiting = self.waiting_count()
         while waiting > logging_in and self.can_open(use_reserve):
+            if self.server_count() >= self.size:  # PgBouncer's words
+                log.warning("%s: taking connection from reserve_pool", self.name)
             self.open_server()
             logging_in += 1
+        if waiting > logging_in and self.server_count() < self.size:
+            self._evict_for_limit()
+
+    def _evict_for_limit(self) -> None:
+        """This pool's clients wait, below its pool_size, because max_db_connections or
+        max_user_connections is reached: as PgBouncer (evict_connection), an idle server of
+        another pool of the same database (or server user) is closed, so that this pool can
+        open one (Pooler.server_closed calls launch_if_needed again)."""
+        cfg = self.pooler.config
+        max_db = cfg.max_db_connections_for(self.db)
+        at_db = bool(max_db) and self.pooler.servers_for_db(self.db_name) >= max_db
+        max_user = cfg.max_user_connections_for(self.server_user)
+        at_user = bool(max_user) and \
+            self.pooler.servers_for_user(self.server_user) >= max_user
+        if not (at_db or at_user):
+            return
+        for pool in list(self.pooler.pools.values()):
+            if pool is self or not ((at_db and pool.db_name == self.db_name) or (
+                    at_user and pool.server_user == self.server_user)):
+                continue
+            server = pool._take_idle()
+            if server is None and pool.lane is not None:
+                server = pool._take_lane_idle()
+            if server is not None:
+                log.info("%r closing because: evicted (%s reached, pool %s waits)", server,
+                         "max_db_connections" if at_db else "max_user_connections", self.name)
+                server.close("evicted")
+                return
 
     def open_server(self, tls_retry: bool = False) -> None:
         # Counted in LOGIN at once, so limits hold while the connection is being made.
@@ -404,8 +435,9 @@ class Pool:
         return self.welcome_params
 
     def retry_login(self) -> None:
-        """server_login_retry has passed since a server could not be reached: the clients
-        still waiting (to log in, or for a server) get another try (the janitor calls)."""
+        """The janitor's round: the clients still waiting (to log in, or for a server) get
+        servers opened for them if the limits allow, or an idle server of another pool is
+        evicted for them (after server_login_retry, if a login failed)."""
         if self.paused or self.pooler.stopping or self.servers[ServerState.LOGIN]:
             return
         self.open_for_welcome()
@@ -414,10 +446,14 @@ class Pool:
     def open_for_welcome(self) -> None:
         """Clients logging in need a first server's parameters: open it if the limits allow
         (max_db_connections / max_user_connections may hold it back until a server of
-        another pool closes: Pooler.server_closed calls again)."""
-        if (not self.servers[ServerState.LOGIN] and self.can_open(use_reserve=True)
-                and any(not fut.done() for fut in self._welcome_waiters)):
+        another pool closes: Pooler.server_closed calls again; an idle one is evicted)."""
+        if self.servers[ServerState.LOGIN] or \
+                not any(not fut.done() for fut in self._welcome_waiters):
+            return
+        if self.can_open(use_reserve=True):
             self.open_server()
+        elif self.server_count() == 0:
+            self._evict_for_limit()
 
     # -- handing out and taking back ------------------------------------------------
     def request(self, client: ClientConnection) -> None:

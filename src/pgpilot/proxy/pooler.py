@@ -55,6 +55,9 @@ class Pooler:
         self.scram_client_keys: dict[str, bytes] = {}
         self.stopping = False
         self._stop_now = False  # hurry_stop: a second signal ends the wait for transactions
+        # A shutdown that waits, as PgBouncer 1.23's: "WAIT_FOR_CLIENTS" (SIGTERM, SHUTDOWN
+        # WAIT_FOR_CLIENTS) or "WAIT_FOR_SERVERS" (SHUTDOWN WAIT_FOR_SERVERS); "" = none.
+        self.shutdown_mode = ""
         self.paused = False
         self.auth_failures = 0
         self.started_at = time.time()
@@ -373,6 +376,10 @@ class Pooler:
 
     # -- pools --------------------------------------------------------------------------
     def get_pool(self, db: DatabaseConfig, db_name: str, user: str) -> Pool:
+        # As PgBouncer: the clients of a database with a forced user= share one pool, the
+        # forced user's (its pool_size, reserve, pool_mode; min_pool_size warms that pool).
+        if db.user:
+            user = db.user
         key = (db_name, user)
         pool = self.pools.get(key)
         if pool is None:
@@ -414,7 +421,7 @@ class Pooler:
                     or pool.server_user == closed_pool.server_user):  # max_user_connections
                 if pool.welcome_params is None:
                     pool.open_for_welcome()
-                if pool.waiting:
+                if pool.waiting_count():  # in Python's line or the fast path's
                     pool.launch_if_needed()
 
     def default_socket_dir(self) -> str:
