@@ -128,6 +128,10 @@ _SET_ROUTE = re.compile(
     r"^\s*SET\s+(?:SESSION\s+|LOCAL\s+)?pgpilot\.route\s*(?:=|TO)\s*'?(\w+)'?\s*;?\s*$",
     re.IGNORECASE,
 )
+# A plain SELECT without a function call, a lock, INTO, a comment or a second statement: a read,
+# known without parsing (pgbench -S's statement, "SELECT ... FROM t WHERE id = 42").
+_PLAIN_SELECT = re.compile(r"\s*select\b[^;()'\"/-]*;?\s*", re.IGNORECASE)
+_PLAIN_EXCLUDED = re.compile(r"\b(?:for|into)\b", re.IGNORECASE)
 _READ_NODES = {"SelectStmt", "VariableShowStmt", "ExplainStmt"}
 _WRITE_NODES = {"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "IntoClause",
                 "LockingClause"}
@@ -151,10 +155,19 @@ def _func_name(call: dict[str, Any]) -> str:
     return ".".join(parts).lower()
 
 
-@lru_cache(maxsize=4096)
 def classify(sql: str) -> Statement:
     """What ``sql`` (one query string, any number of statements) needs, from its text alone.
     Text pglast cannot parse is a write (the primary will say what is wrong with it)."""
+    if _PLAIN_SELECT.fullmatch(sql) and not _PLAIN_EXCLUDED.search(sql):
+        return _READ
+    return _classify(sql)
+
+
+_READ = Statement(writes=False, reason="plain select")
+
+
+@lru_cache(maxsize=4096)
+def _classify(sql: str) -> Statement:
     hint_match = _HINT.search(sql)
     hint = Route(hint_match.group(1).lower()) if hint_match else None
     set_route = _SET_ROUTE.match(sql)

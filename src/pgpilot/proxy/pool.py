@@ -101,7 +101,9 @@ class Pool:
         self.python_demand = False
         fast = pooler.fast
         # (a database with replicas is routed per transaction in Python: proxy/routing.py)
-        if fast is not None and self.mode != "session" and not db.replicas:
+        split = db.read_write_split if db.read_write_split is not None \
+            else pooler.config.read_write_split
+        if fast is not None and self.mode != "session" and not (db.replicas and split):
             from pgpilot.proxy.fastpath import Lane
 
             self.lane = Lane(fast, self)

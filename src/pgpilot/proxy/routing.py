@@ -290,7 +290,8 @@ class DatabaseRouter:
         if route.replica is not None:
             self.replica_set.release(route.replica)
             route.replica = None
-        if not (route.may_write and self.read_your_writes) or server.txn_status != "I":
+        if not (route.may_write and self.read_your_writes and self.split) \
+                or server.txn_status != "I":
             release(server)
             return
         route.may_write = False
