@@ -9,7 +9,9 @@ switched on and off while traffic runs:
 - ``stall()`` / ``resume()``: nothing passes either way (a stalled network), connections stay;
 - ``reset_all()``: every relayed connection is reset (RST, as a dropped NAT entry or a
   crashed host answers);
-- ``refuse``: new connections are accepted and reset at once (PostgreSQL's port unreachable).
+- ``refuse``: new connections are accepted and reset at once;
+- ``unlisten()`` / ``listen()``: the port refuses connections (nothing listens, as when
+  PostgreSQL is down), then listens again, on the same port.
 """
 
 from __future__ import annotations
@@ -67,14 +69,26 @@ class FaultRelay:
             _reset(b)
         return len(pairs)
 
+    def unlisten(self) -> None:
+        # shutdown() first: close() alone does not wake a thread blocked in accept().
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        self._thread.join(5)
+
+    def listen(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
     def open_pairs(self) -> int:
         with self._lock:
             return len(self._pairs)
 
     def close(self) -> None:
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        self.unlisten()
         self.resume()
         self.reset_all()
 

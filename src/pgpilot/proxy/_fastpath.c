@@ -69,6 +69,8 @@
 #define F_COUNTED 0x1000   /* client counted in this worker's share (see "balancing") */
 #define F_SSL_ASKED 0x2000 /* client: its SSLRequest was answered (one is allowed) */
 #define F_GSS_ASKED 0x4000 /* client: its GSSENCRequest was answered (one is allowed) */
+#define F_FATAL_SEEN 0x8000 /* server: it sent its client a FATAL (or PANIC) error */
+#define MAX_WHOLE_ERROR 65536 /* a server error up to this size is read whole (FATAL?) */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104
 #define MAX_STARTUP_LENGTH 10000 /* as wire/framing.py */
@@ -1056,11 +1058,12 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     }
     /* c->txn is only ever I, T or E (server_pump refuses any other status). */
     char txn[2] = {c->txn == 'T' || c->txn == 'E' ? c->txn : 'I', 0};
-    r = py_method(p->handler, "ejected", "OOiiisdddOOOO", c->protocol,
+    r = py_method(p->handler, "ejected", "OOiiisdddOOOOi", c->protocol,
                             server ? server->protocol : Py_None, how, c->expected_rfq,
                             c->unsynced, txn, secs(c->query_started), secs(c->xact_started),
                             secs(c->idle_in_txn_since), cb, sb, PyTuple_GET_ITEM(owed, 0),
-                            PyTuple_GET_ITEM(owed, 1));
+                            PyTuple_GET_ITEM(owed, 1),
+                            server && (server->flags & F_FATAL_SEEN) ? 1 : 0);
     Py_DECREF(owed);
     if (!r) {
         /* Python could not take the pair over: neither is used again (fail closed). */
@@ -1530,6 +1533,15 @@ static void server_pump(ConnObject *s) {
                 if (c->flags & F_EJECT_WANTED) break;
             }
             continue;
+        }
+        if (t == 'E' && len - 4 <= MAX_WHOLE_ERROR) {
+            /* A FATAL: the server is about to close, and its client has PostgreSQL's own
+             * reason. Python, told at the hand-back, adds no error of its own then (as a
+             * direct connection: one error, then the close). */
+            if (avail - pos < (size_t)len + 1) break;
+            if (memmem(base + pos + 5, len - 4, "VFATAL", 7) ||
+                memmem(base + pos + 5, len - 4, "VPANIC", 7))
+                s->flags |= F_FATAL_SEEN;
         }
         if (t == 'C' && len >= 4 + 6) {
             /* DDL (a CommandComplete tag CREATE, ALTER or DROP ...): Python bumps the

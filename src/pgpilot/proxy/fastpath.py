@@ -678,12 +678,13 @@ class Lane:
                 expected_rfq: int, unsynced: int, txn: str, query_started: float,
                 xact_started: float, idle_in_txn_since: float, client_bytes: bytes,
                 server_bytes: bytes, owed: bytes | None,
-                owed_names: tuple[str | None, ...]) -> None:
+                owed_names: tuple[str | None, ...], server_fatal: int = 0) -> None:
         """The engine hands a client (and its server) back, with their exact state; ``owed``
         names, one letter per request, the answers the server still owes for what the engine
         forwarded (None if it lost count, ``b"!"`` if an error came back before the client's
         Sync: the server skips what comes until then); ``owed_names`` the client's statement
-        names of the ones it renamed (``b``, ``d``), in order."""
+        names of the ones it renamed (``b``, ``d``), in order; ``server_fatal``: the engine
+        passed the client a FATAL of its server (which then closes: no error of ours)."""
         closing = client.closing or client.gone
         if server is not None:
             server.in_engine = False
@@ -697,6 +698,8 @@ class Lane:
                 server.set_state(ServerState.ACTIVE)
             client.expected_rfq = expected_rfq
             client.unsynced = bool(unsynced)
+            if server_fatal:
+                client._server_fatal = True  # server_lost closes it without a second error
             client.txn_status = server.txn_status = txn
             client.query_started = query_started
             client.xact_started = xact_started

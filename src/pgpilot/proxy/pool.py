@@ -34,6 +34,8 @@ log = logging.getLogger("pgpilot.proxy")
 
 
 # Upper bounds (seconds) of the wait-time histogram's buckets (metrics.py); then +Inf.
+# The first retry after a failed server login (then doubled, up to server_login_retry).
+LOGIN_RETRY_FIRST = 0.05
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -89,6 +91,9 @@ class Pool:
         self._mode: str | None = None  # derived from the configuration, until RELOAD
         self._lifetime: float | None = None
         self.login_failed_until = 0.0
+        # Failed server logins in a row: the next try waits LOGIN_RETRY_FIRST doubled for
+        # each, at most server_login_retry (_login_failed).
+        self.login_failures = 0
         self.next_host = 0  # host=a,b: the next new server goes to hosts[next_host % n]
         self.last_lifetime_close = 0.0  # server_lifetime closes are spread out (_too_old)
         self.last_login_error: ServerError | None = None
@@ -359,6 +364,7 @@ class Pool:
             return
         self.last_login_error = None
         self.login_failed_until = 0.0
+        self.login_failures = 0
         if self.welcome_params is None:
             self.welcome_params = dict(server.params)
         for fut in self._welcome_waiters:
@@ -395,7 +401,16 @@ class Pool:
         log.warning("%s: server login failed: %s%s", self.name,
                     "FATAL " if error.from_server else "", error)
         self.last_login_error = error
-        self.login_failed_until = time.monotonic() + self.pooler.config.server_login_retry
+        # Unlike PgBouncer (server_login_retry at once), a short growing backoff: PostgreSQL
+        # back from a restart is used within a fraction of a second, and one that stays down
+        # is tried at most every server_login_retry.
+        # (Logins that fail together, several servers opened at once, count as one try.)
+        now = time.monotonic()
+        if now >= self.login_failed_until:
+            self.login_failures += 1
+        backoff = LOGIN_RETRY_FIRST * 2.0 ** min(self.login_failures - 1, 30)
+        self.login_failed_until = max(self.login_failed_until, now + min(
+            backoff, self.pooler.config.server_login_retry))
         router = self.pooler.routers.get(self.db_name.partition("@")[0]) \
             if self.pooler.routers and "@" in self.db_name else None
         if router is not None:  # a replica's pool (routing.py): its waiting clients are
