@@ -306,3 +306,27 @@ def test_route_and_min_lsn_settings(cluster: ReplicationCluster, split: RunningP
         assert row is not None and row[0] == 0 and row[1] in replica_ports  # stale, no token
         b.execute(f"SET pgpilot.min_lsn = '{token}'")
         assert b.execute(sql).fetchone() == (1, primary_port)  # fresh: the primary
+
+
+def test_metrics_show_decisions_and_replica_health(cluster: ReplicationCluster,
+                                                   split: RunningProxy) -> None:
+    from prometheus_client import generate_latest
+
+    from pgpilot.proxy.metrics import registry_for
+
+    with psycopg.connect(split.dsn("app"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        for _ in range(4):
+            conn.execute(PORT_SQL)
+        conn.execute("INSERT INTO split_notes (body) VALUES ('m')")
+    cluster.stop_node(cluster.replica_names[0])
+    wait_until(lambda: not _states(split, "replica1")["up"])
+    text = split.call(lambda: generate_latest(registry_for(split.pooler)).decode())  # type: ignore[arg-type]
+    assert 'pgpilot_routed_transactions_total{database="app",target="primary"} 1.0' in text
+    replica_reads = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith('pgpilot_routed_transactions_total{database="app",'
+                                           'target="replica'))
+    assert replica_reads >= 4
+    assert 'pgpilot_replica_up{database="app",replica="replica1"} 0.0' in text
+    assert 'pgpilot_replica_up{database="app",replica="replica2"} 1.0' in text
+    assert 'pgpilot_replica_eligible{database="app",replica="replica2"} 1.0' in text

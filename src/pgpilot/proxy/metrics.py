@@ -166,6 +166,10 @@ class PoolerCollector:
                                 value=int(pooler.paused))
         yield GaugeMetricFamily("pgpilot_start_time_seconds", "When the pooler started (unix "
                                 "time)", value=pooler.started_at)
+        if pooler.routers:  # read/write split: decisions by target, replica health
+            from pgpilot.proxy.routing import metric_families
+
+            yield from metric_families(pooler)
         yield InfoMetricFamily("pgpilot", "pgpilot version",
                                value={"version": pgpilot.__version__})
 

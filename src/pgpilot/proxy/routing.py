@@ -66,7 +66,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgpilot.proxy")
 
-__all__ = ["ClientRoute", "DatabaseRouter", "first_sql", "start_routers"]
+__all__ = ["ClientRoute", "DatabaseRouter", "first_sql", "metric_families", "own_command",
+           "start_routers"]
 
 _LEN = struct.Struct("!i")
 
@@ -501,6 +502,35 @@ class DatabaseRouter:
             if conn is not None:
                 conn.terminate()
         self._conns.clear()
+
+
+def metric_families(pooler: Pooler) -> list[Any]:
+    """Prometheus families for metrics.py: transactions routed per target, and each replica's
+    health as last checked."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    routed = CounterMetricFamily(
+        "pgpilot_routed_transactions", "Transactions the read/write split sent, by target",
+        labels=("database", "target"))
+    up = GaugeMetricFamily("pgpilot_replica_up", "1 while the replica answers health checks "
+                           "as a standby", labels=("database", "replica"))
+    eligible = GaugeMetricFamily("pgpilot_replica_eligible", "1 while the replica is in the "
+                                 "read set (up, a standby, within the lag bounds)",
+                                 labels=("database", "replica"))
+    lag_bytes = GaugeMetricFamily("pgpilot_replica_lag_bytes", "Primary insert position minus "
+                                  "the replica's replay position", labels=("database", "replica"))
+    lag_seconds = GaugeMetricFamily("pgpilot_replica_lag_seconds", "Age of the replica's last "
+                                    "replayed transaction while it has WAL to replay",
+                                    labels=("database", "replica"))
+    for name, router in sorted(pooler.routers.items()):
+        for target, count in sorted(router.counts.items()):
+            routed.add_metric([name, target], count)
+        for replica, state in sorted(router.replica_set.states.items()):
+            up.add_metric([name, replica], int(state.up and state.in_recovery))
+            eligible.add_metric([name, replica], int(router.replica_set.eligible(replica)))
+            lag_bytes.add_metric([name, replica], state.lag_bytes)
+            lag_seconds.add_metric([name, replica], state.lag_ms / 1000)
+    return [routed, up, eligible, lag_bytes, lag_seconds]
 
 
 def _setting(db: DatabaseConfig, cfg: Config, name: str) -> Any:
