@@ -592,3 +592,17 @@ def test_shutdown_wait_for_servers_closes_new_transactions_and_refuses_resume(
     finally:
         for conn in (running, idle, console):
             conn.close()
+
+
+def test_hba_lists_may_have_blanks_around_commas_and_quoted_names() -> None:
+    hba = parse_hba('host  tmp1,all  user1,user2 , user3  16.0.0.0/8  md5\n'
+                    'host  "q1""q2"  "a , b"  19.0.0.0/8  cert\n', "hba.conf")
+    for user in ("user1", "user2", "user3"):
+        assert hba.method_for(unix=False, tls=False, address="16.1.1.1", database="x",
+                              user=user) == "md5"
+    assert hba.method_for(unix=False, tls=False, address="16.1.1.1", database="x",
+                          user="user4") == "reject"
+    assert hba.method_for(unix=False, tls=True, address="19.0.0.2", database='q1"q2',
+                          user="a , b") == "cert"
+    assert hba.method_for(unix=False, tls=True, address="19.0.0.2", database="q1",
+                          user="a") == "reject"

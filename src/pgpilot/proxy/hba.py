@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shlex
 from dataclasses import dataclass
 
 from pgpilot.proxy.config import ConfigError
@@ -133,6 +132,34 @@ def _split_commas(field: str) -> list[str]:
     return [p for p in parts if p]
 
 
+def _fields(line: str) -> list[str]:
+    """The whitespace-separated fields of a line; blanks inside double quotes belong to the
+    field (``"q1""q2"`` is one), and a list may have blanks around its commas
+    (``user1,user2 , user3`` is one field), as PgBouncer reads it."""
+    words: list[str] = []
+    current, quoted = "", False
+    for char in line:
+        if char == '"':
+            quoted = not quoted
+        if char.isspace() and not quoted:
+            if current:
+                words.append(current)
+            current = ""
+        else:
+            current += char
+    if quoted:
+        raise ValueError("unterminated quoted string")
+    if current:
+        words.append(current)
+    merged: list[str] = []
+    for word in words:
+        if merged and (merged[-1].endswith(",") or word.startswith(",")):
+            merged[-1] += word
+        else:
+            merged.append(word)
+    return merged
+
+
 def _unquote(word: str) -> tuple[str, bool]:
     if len(word) >= 2 and word[0] == word[-1] == '"':
         return word[1:-1].replace('""', '"'), True
@@ -146,11 +173,8 @@ def parse_hba(text: str, path: str = "<hba>") -> HbaFile:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        lexer = shlex.shlex(line, posix=False)
-        lexer.whitespace_split = True
-        lexer.commenters = ""
         try:
-            words = list(lexer)
+            words = _fields(line)
         except ValueError as exc:
             raise ConfigError(f"cannot parse hba line: {exc}", path, number) from None
         kind = words[0].lower()
