@@ -516,37 +516,45 @@ def note_instance(state: Any, mapper: Any, context: Any, entity: str) -> None:
     instance of ``mapper``'s class, as :func:`note_loaded` counts). Only instances of a
     SELECT's first entity are followed (not those a joinedload adds)."""
     key = id(context)
-    for scope in _reached():
-        scope.loaded[mapper] = scope.loaded.get(mapper, 0) + 1
-        batch = scope.batches.get(key)
-        if batch is None:
-            last = scope.last_select
-            if last is None or len(scope.state_batch) >= MAX_TRACKED_STATES:
-                continue
-            scope.last_select = None
-            sql, callsite, callers, single = last
-            loaded = tuple(
-                prop.key for prop in mapper.column_attrs if prop.key in state.dict
-            )
-            batch = scope.batches[key] = _LoadBatch(
-                sql,
-                callsite,
-                callers,
-                mapper,
-                entity,
-                loaded,
-                _primary_key(mapper),
-                shape(sql).for_update,
-                current_flush.get(),
-                context,
-                [],
-                single,
-            )
-        if batch.mapper is not mapper or len(scope.state_batch) >= MAX_TRACKED_STATES:
-            continue
-        if state not in scope.state_batch:
-            scope.state_batch[state] = batch
-            batch.states.append(state)
+    scope = _current_scope.get()
+    while scope is not None:  # as _reached(), without a generator per row
+        _note_instance_in(scope, key, state, mapper, context, entity)
+        if scope.isolated:
+            break
+        scope = scope.parent
+
+
+def _note_instance_in(
+    scope: _Scope, key: int, state: Any, mapper: Any, context: Any, entity: str
+) -> None:
+    scope.loaded[mapper] = scope.loaded.get(mapper, 0) + 1
+    batch = scope.batches.get(key)
+    if batch is None:
+        last = scope.last_select
+        if last is None or len(scope.state_batch) >= MAX_TRACKED_STATES:
+            return
+        scope.last_select = None
+        sql, callsite, callers, single = last
+        loaded = tuple(prop.key for prop in mapper.column_attrs if prop.key in state.dict)
+        batch = scope.batches[key] = _LoadBatch(
+            sql,
+            callsite,
+            callers,
+            mapper,
+            entity,
+            loaded,
+            _primary_key(mapper),
+            shape(sql).for_update,
+            current_flush.get(),
+            context,
+            [],
+            single,
+        )
+    if batch.mapper is not mapper or len(scope.state_batch) >= MAX_TRACKED_STATES:
+        return
+    if state not in scope.state_batch:
+        scope.state_batch[state] = batch
+        batch.states.append(state)
 
 
 def _primary_key(mapper: Any) -> tuple[str, ...]:
@@ -562,12 +570,16 @@ def _primary_key(mapper: Any) -> tuple[str, ...]:
 def note_read(state: Any, key: str) -> None:
     """The application read column attribute ``key`` of ``state`` (or, ``key`` None, used the
     object some other way: read a relationship of it, changed it, deleted it)."""
-    for scope in _reached():
+    scope = _current_scope.get()
+    while scope is not None:  # as _reached(), without a generator per attribute read
         if state in scope.state_batch:
             reads = scope.state_reads.get(state)
             if reads is None:
                 reads = scope.state_reads[state] = set()
             reads.add(key)
+        if scope.isolated:
+            break
+        scope = scope.parent
 
 
 def loaded_by(state: Any) -> _LoadBatch | None:
