@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import secrets
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from tests.faults.relay import FaultRelay
-from tests.proxy.conftest import RunningProxy, wait_until, write_config
+from tests.proxy.conftest import RunningProxy, forced_user_databases, wait_until, write_config
 
 from pgpilot import VERSION_LINE
 from pgpilot.proxy.auth_query import query_text, sql_literal
@@ -543,7 +544,7 @@ def test_max_db_connections_evicts_idle_servers_for_waiting_pools(
             with psycopg.connect(**proxy.conninfo(dbname="limited", user=user),
                                  autocommit=True, connect_timeout=10) as conn:
                 conn.execute("SELECT pg_sleep(0.3)")
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(u,)) for u in users for _ in range(2)]
@@ -606,3 +607,35 @@ def test_hba_lists_may_have_blanks_around_commas_and_quoted_names() -> None:
                           user="a , b") == "cert"
     assert hba.method_for(unix=False, tls=True, address="19.0.0.2", database="q1",
                           user="a") == "reject"
+
+
+def test_hba_peer_rule_with_an_ident_map(proxy_factory: ProxyFactory,
+                                         pg_params: dict[str, str], tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    """``local all all peer map=mymap``: the OS user of the socket's peer may log in as the
+    users its map names (auth_ident_file), and only those."""
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    me = getpass.getuser()
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir()
+    (tmp_path / "ident.conf").write_text(f"mymap  {me}  {pg_params['user']}\n"
+                                         f'mymap  {me}  "someone"\n')
+    (tmp_path / "hba.conf").write_text("local  all  all  peer  map=mymap\n")
+    proxy = proxy_factory(auth_type="hba", auth_hba_file=str(tmp_path / "hba.conf"),
+                          auth_ident_file=str(tmp_path / "ident.conf"),
+                          unix_socket_dir=str(sock_dir),
+                          userlist={pg_params["user"]: "", "someone": "", "stranger": ""},
+                          databases=forced_user_databases(pg_params))
+    for user in (pg_params["user"], "someone"):
+        with psycopg.connect(host=str(sock_dir), port=proxy.port, dbname="test", user=user,
+                             autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError, match="unix socket login rejected"):
+        psycopg.connect(host=str(sock_dir), port=proxy.port, dbname="test", user="stranger")
+    assert "ident map mymap cannot be matched" in caplog.text
+    # The map is read again when the file changes.
+    (tmp_path / "ident.conf").write_text(f"mymap  /^{me}$  all\n")
+    os.utime(tmp_path / "ident.conf", (time.time() + 5, time.time() + 5))
+    with psycopg.connect(host=str(sock_dir), port=proxy.port, dbname="test",
+                         user="stranger", autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -33,7 +33,13 @@ from pgpilot.proxy.auth import (
 )
 from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.hazards import classify, might_be_hazard
-from pgpilot.proxy.login_rules import database_refusal, login_method, peer_user_name
+from pgpilot.proxy.login_rules import (
+    database_refusal,
+    ident_map_allows,
+    ident_map_for,
+    login_method,
+    peer_user_name,
+)
 from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
 from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
 from pgpilot.proxy.session import (
@@ -542,8 +548,17 @@ class ClientConnection(asyncio.Protocol):
         self.fail(sqlstate, text)
 
     def _peer_login(self) -> None:
-        """An hba ``peer`` rule: a unix-socket client whose OS user has the login's name."""
-        if peer_user_name(self) != self.user:
+        """An hba ``peer`` rule: a unix-socket client whose OS user has the login's name, or
+        one its ``map=`` (auth_ident_file) lets log in as it."""
+        system_user = peer_user_name(self)
+        ident = ident_map_for(self.pooler, self)
+        if ident is not None:
+            if system_user is None or not ident_map_allows(self.pooler, ident, [system_user],
+                                                           self.user):
+                log.warning("%r ident map %s cannot be matched", self, ident)  # PgBouncer's
+                self._auth_failed("28000", "unix socket login rejected")
+                return
+        elif system_user != self.user:
             self._auth_failed("28000", "unix socket login rejected")
             return
         self.logged_in()
@@ -560,7 +575,15 @@ class ClientConnection(asyncio.Protocol):
             return
         names = [value for rdn in cert.get("subject", ()) for key, value in rdn
                  if key == "commonName"]
-        if self.user not in names:
+        ident = ident_map_for(self.pooler, self)
+        if ident is not None:  # an hba cert rule's map=: the CommonName maps to users
+            if not ident_map_allows(self.pooler, ident, names, self.user):
+                log.warning("%r ident map %s cannot be matched", self, ident)  # PgBouncer's
+                self.pooler.auth_failures += 1
+                self.fail("28000", f'certificate authentication failed for user '
+                          f'"{self.user}": ident map {ident} does not allow it')
+                return
+        elif self.user not in names:
             self.pooler.auth_failures += 1
             self.fail("28000", f'certificate authentication failed for user "{self.user}": '
                       "the certificate's CommonName does not match")

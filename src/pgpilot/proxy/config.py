@@ -205,6 +205,7 @@ class Config:
     auth_type: str = "md5"
     auth_file: str | None = None
     auth_hba_file: str | None = None
+    auth_ident_file: str | None = None  # the map= of hba peer / cert rules
     auth_query: str = DEFAULT_AUTH_QUERY
     auth_user: str | None = None
     auth_dbname: str | None = None
@@ -502,6 +503,7 @@ _SETTINGS: dict[str, _Setting] = {
     "auth_type": _Setting(_choice(AUTH_TYPES)),
     "auth_file": _Setting(_optional_text, is_path=True),
     "auth_hba_file": _Setting(_optional_text, is_path=True),
+    "auth_ident_file": _Setting(_optional_text, is_path=True),
     "auth_query": _Setting(_text, is_sql=True),
     "auth_user": _Setting(_optional_text),
     "auth_dbname": _Setting(_optional_text),
@@ -585,7 +587,6 @@ _PGBOUNCER_SETTINGS_NOT_SUPPORTED = frozenset(
         "conffile",
         "peer_id",
         "disable_pqexec",
-        "auth_ident_file",
         "auth_ldap_options",
         "dns_max_ttl",
         "dns_nxdomain_ttl",
@@ -1098,6 +1099,10 @@ def _check_files(config: Config, setting_lines: Mapping[str, tuple[str | None, i
         from pgpilot.proxy.hba import load_hba
 
         load_hba(config.auth_hba_file)  # a line pgpilot cannot follow: ConfigError, with its line
+    if config.auth_ident_file is not None and os.path.isfile(config.auth_ident_file):
+        from pgpilot.proxy.hba import load_ident
+
+        load_ident(config.auth_ident_file)  # checked as the hba file is
 
     if config.client_tls_sslmode != "disable":
         for name in ("client_tls_key_file", "client_tls_cert_file"):

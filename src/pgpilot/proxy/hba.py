@@ -17,7 +17,8 @@ The file has pg_hba.conf's format, as PgBouncer reads it (its subset of PostgreS
 * METHOD: ``trust``, ``reject``, ``md5``, ``password``, ``scram-sha-256``, ``cert``,
   ``peer``. ``md5`` with a SCRAM secret runs SCRAM, as PostgreSQL does. ``ident``, ``ldap``,
   ``pam``, ``gss``, ``sspi``, ``radius`` are refused (PgBouncer has no such methods either,
-  except through its own pam/ldap builds); ``map=`` options (ident maps) are refused.
+  except through its own pam/ldap builds); ``map=`` (ident maps, auth_ident_file) is read
+  for peer and cert rules.
 
 The first line that matches the connection's kind, database, user and address decides; no
 match means ``reject``, as in PostgreSQL. A file that cannot be read or has a line pgpilot
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 
 from pgpilot.proxy.config import ConfigError
@@ -50,6 +52,7 @@ class HbaRule:
     network: Network | None  # None: all (or a local rule)
     method: str  # pgpilot's auth_type word (password -> plain)
     line: int
+    ident_map: str | None = None  # map=NAME (peer, cert): auth_ident_file's map
 
     def matches(self, *, unix: bool, tls: bool, address: str, database: str, user: str,
                 replication: bool = False) -> bool:
@@ -91,11 +94,18 @@ class HbaFile:
     def method_for(self, *, unix: bool, tls: bool, address: str, database: str, user: str,
                    replication: bool = False) -> str:
         """The auth method of the first matching rule, else ``reject``."""
+        rule = self.rule_for(unix=unix, tls=tls, address=address, database=database,
+                             user=user, replication=replication)
+        return rule.method if rule is not None else "reject"
+
+    def rule_for(self, *, unix: bool, tls: bool, address: str, database: str, user: str,
+                 replication: bool = False) -> HbaRule | None:
+        """The first matching rule (None: none matches, the login is rejected)."""
         for rule in self.rules:
             if rule.matches(unix=unix, tls=tls, address=address, database=database, user=user,
                             replication=replication):
-                return rule.method
-        return "reject"
+                return rule
+        return None
 
 
 def _names(field: str, base_dir: str, path: str, number: int, what: str) -> list[str]:
@@ -238,14 +248,75 @@ def parse_hba(text: str, path: str = "<hba>") -> HbaFile:
         if method is None:
             raise ConfigError(f"unsupported auth method '{words[at]}' in hba file", path,
                               number)
+        ident_map = None
         for option in words[at + 1:]:
-            raise ConfigError(f"hba option '{option}' is not supported (no ident maps)",
-                              path, number)
+            if option.startswith("map=") and method in ("peer", "cert") and len(option) > 4:
+                ident_map = _unquote(option[4:])[0]
+                continue
+            raise ConfigError(f"hba option '{option}' is not supported (map= is, with peer "
+                              "and cert)", path, number)
         rules.append(HbaRule(kind, frozenset(databases) if databases is not None else None,
                              sameuser, replication,
                              frozenset(users) if users is not None else None, network,
-                             method, number))
+                             method, number, ident_map))
     return HbaFile(path, tuple(rules))
+
+
+IdentMaps = dict[str, list[tuple[str, str]]]
+ANY_USER = "\0all"  # an ident line's unquoted "all" (a NUL never is in a user name)
+
+
+def parse_ident(text: str, path: str = "<ident>") -> IdentMaps:
+    """An ident map file (pg_ident.conf): ``MAPNAME SYSTEM-USERNAME PG-USERNAME`` lines, as
+    {map: [(system user, database user)]}; a system user starting with ``/`` is a regular
+    expression (as PostgreSQL), a database user ``all`` allows any (as PgBouncer)."""
+    maps: IdentMaps = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            words = _fields(line)
+        except ValueError as exc:
+            raise ConfigError(f"cannot parse ident line: {exc}", path, number) from None
+        if len(words) != 3:
+            raise ConfigError("an ident line has three fields: map, system user, database "
+                              "user", path, number)
+        name, system, user = words
+        user = ANY_USER if user == "all" else _unquote(user)[0]  # unquoted all: anyone
+        system_name, quoted = _unquote(system)
+        if not quoted and system_name.startswith("/"):
+            try:
+                re.compile(system_name[1:])
+            except re.error as exc:
+                raise ConfigError(f"invalid regular expression in ident file: {exc}", path,
+                                  number) from None
+        else:
+            system_name = "=" + system_name
+        maps.setdefault(_unquote(name)[0], []).append((system_name, user))
+    return maps
+
+
+def ident_allows(maps: IdentMaps, name: str, system_user: str, user: str) -> bool:
+    """Does map ``name`` let OS / certificate user ``system_user`` log in as ``user``?"""
+    for system, allowed in maps.get(name, ()):
+        if system.startswith("="):
+            if system[1:] != system_user:
+                continue
+        elif re.search(system[1:], system_user) is None:
+            continue
+        if allowed in (ANY_USER, user):
+            return True
+    return False
+
+
+def load_ident(path: str) -> IdentMaps:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read auth_ident_file: {exc.strerror}", path) from None
+    return parse_ident(text, path)
 
 
 def load_hba(path: str) -> HbaFile:

@@ -11,7 +11,8 @@ import socket
 import struct
 from typing import TYPE_CHECKING
 
-from pgpilot.proxy.hba import HbaFile, load_hba
+from pgpilot.proxy.config import ConfigError
+from pgpilot.proxy.hba import HbaFile, IdentMaps, ident_allows, load_hba, load_ident
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
@@ -28,6 +29,41 @@ def hba_file(path: str) -> HbaFile:
     if cached is None or cached[0] != mtime:
         cached = _hba_cache[path] = (mtime, load_hba(path))
     return cached[1]
+
+
+# auth_ident_file path -> (mtime, parsed file): read again when the file changes.
+_ident_cache: dict[str, tuple[float, IdentMaps]] = {}
+
+
+def ident_map_for(pooler: Pooler, client: ClientConnection) -> str | None:
+    """The ``map=`` of the hba rule that decides this login (auth_type = hba), if any."""
+    cfg = pooler.config
+    if cfg.auth_type != "hba" or not cfg.auth_hba_file:
+        return None
+    try:
+        rule = hba_file(cfg.auth_hba_file).rule_for(
+            unix=client.addr == "unix", tls=client.tls, address=client.addr,
+            database=client.database, user=client.user,
+            replication=bool(getattr(client, "replication", "")))
+    except (OSError, ValueError, ConfigError):
+        return None
+    return rule.ident_map if rule is not None else None
+
+
+def ident_map_allows(pooler: Pooler, name: str, system_users: list[str], user: str) -> bool:
+    """Does ident map ``name`` (auth_ident_file) let one of ``system_users`` (the peer's OS
+    user, a certificate's CommonNames) log in as ``user``? No file, no map: no."""
+    path = pooler.config.auth_ident_file
+    if not path:
+        return False
+    try:
+        mtime = os.stat(path).st_mtime
+        cached = _ident_cache.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = _ident_cache[path] = (mtime, load_ident(path))
+    except (OSError, ValueError, ConfigError):
+        return False
+    return any(ident_allows(cached[1], name, system, user) for system in system_users)
 
 
 def login_method(pooler: Pooler, client: ClientConnection) -> str:
