@@ -17,7 +17,8 @@ DIR``) measures "before". ``bench/realworld_collector.py`` records warnings and 
 
 Findings are grouped by (kind, call site, relationship): a group is one thing a person would
 fix once. ``--judgments FILE`` (JSON: ``{"suite": {"group key": "true" | "false"}}``) gives the
-verdicts of a person who read the code behind a sample of groups; the report then prints the
+verdicts of a person who read the code behind a sample of groups (keys starting with "_" are
+notes, ignored); the report then prints the
 precision over the judged groups.
 
 Usage::
@@ -71,7 +72,7 @@ SUITES = {
             name="ihatemoney",
             requirement="ihatemoney==7.2.1",
             folder="ihatemoney-7.2.1",
-            install=("-e", ".", "pytest-flask~=1.3.0"),
+            install=("-e", ".", "pytest-flask~=1.3.0", "pytest-timeout>=2,<3"),
             tests=("ihatemoney/tests",),
             what="a shared budget manager web application (Flask, Flask-SQLAlchemy, "
             "SQLAlchemy-Continuum); its tests drive the app through Flask's test client",
@@ -87,6 +88,7 @@ SUITES = {
                 "hiro",
                 "freezegun",
                 "psycopg2-binary",
+                "pytest-timeout>=2,<3",
             ),
             tests=(
                 "tests",
@@ -177,6 +179,12 @@ def run_variant(
     print("+", " ".join(command), flush=True)
     with open(out.with_suffix(".log"), "w", encoding="utf-8") as log:
         subprocess.run(command, cwd=source, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return load_variant(out)
+
+
+def load_variant(out: Path) -> dict[str, Any]:
+    """A saved run: the collector's outcomes and warnings, and the plugin's report if any."""
+    report = out.with_suffix(".report.json")
     collected = dict(json.loads(out.read_text(encoding="utf-8")))
     if report.exists():
         # A pgpilot with the session report: one entry per finding group and test, in the
@@ -193,6 +201,7 @@ def run_variant(
                         "lineno": int(line) if line.isdigit() else 0,
                         "kind": group["kind"],
                         "relationship": group["relationship"],
+                        "failed": group.get("failed", False),
                     }
                 )
     return collected
@@ -238,6 +247,10 @@ def summarize(suite: Suite, results: dict[str, dict[str, Any]]) -> dict[str, Any
         kinds[key[0]] += 1
         example.setdefault(key, warning["message"])
     tests_with_findings = {w["nodeid"] for w in warn["warnings"]}
+    failing_groups: dict[str, set[str]] = defaultdict(set)
+    for warning in results["raise"]["warnings"]:
+        if warning.get("failed"):
+            failing_groups[" | ".join(group_key(warning))].add(warning["nodeid"])
     raised = results["raise"]["outcomes"]
     raise_failed = sorted(
         node
@@ -267,16 +280,35 @@ def summarize(suite: Suite, results: dict[str, dict[str, Any]]) -> dict[str, Any
         ],
         "raise_fails": len(raise_failed),
         "raise_failed_tests": raise_failed,
+        "raise_failing_groups": {key: sorted(nodes) for key, nodes in failing_groups.items()},
     }
 
 
 def precision(summary: dict[str, Any], verdicts: dict[str, str]) -> dict[str, Any]:
+    """Precision over the judged groups; over the groups that fail raise mode; and the tests
+    raise mode fails on a true group (a failure a developer would want) or on false ones only.
+    """
     judged = [group for group in summary["groups"] if group["key"] in verdicts]
     true = [group for group in judged if verdicts[group["key"]] == "true"]
+    failing = summary.get("raise_failing_groups", {})
+    failing_judged = [key for key in failing if key in verdicts]
+    failing_true = [key for key in failing_judged if verdicts[key] == "true"]
+    tests_true = {node for key in failing_true for node in failing[key]}
+    tests_any = {node for nodes in failing.values() for node in nodes}
     return {
         "judged_groups": len(judged),
         "true_groups": len(true),
         "precision_groups": round(len(true) / len(judged), 3) if judged else None,
+        "failing_groups": len(failing),
+        "failing_groups_judged": len(failing_judged),
+        "failing_groups_true": len(failing_true),
+        "precision_failing_groups": (
+            round(len(failing_true) / len(failing_judged), 3) if failing_judged else None
+        ),
+        "tests_failed_on_a_true_group": len(tests_true & set(summary["raise_failed_tests"])),
+        "tests_failed_on_false_groups_only": len(
+            (tests_any - tests_true) & set(summary["raise_failed_tests"])
+        ),
     }
 
 
@@ -301,18 +333,33 @@ def render(summaries: list[dict[str, Any]], label: str) -> str:
             f"| {summary['raise_fails']} | {shown} |"
         )
     for summary in summaries:
+        judged = summary.get("precision") or {}
+        if judged.get("failing_groups_judged"):
+            lines += [
+                "",
+                f"{summary['suite']}: of the {judged['failing_groups']} groups that fail "
+                f"`--nplusone=raise`, {judged['failing_groups_true']} of "
+                f"{judged['failing_groups_judged']} judged are true; raise fails "
+                f"{judged['tests_failed_on_a_true_group']} test(s) on a true group and "
+                f"{judged['tests_failed_on_false_groups_only']} on false ones only.",
+            ]
+    for summary in summaries:
         lines += ["", f"## {summary['suite']}", "", summary["what"], ""]
         lines.append(f"Warnings by kind: {summary['warnings_by_kind'] or 'none'}")
         lines += [
             "",
-            "| kind | call site | relationship or statement | tests |",
-            "| --- | --- | --- | ---: |",
+            "| kind | call site | relationship or statement | tests | judged |",
+            "| --- | --- | --- | ---: | --- |",
         ]
         for group in summary["groups"][:40]:
             what = group["what"].replace("|", "\\|")
-            lines.append(f"| {group['kind']} | {group['callsite']} | {what} | {group['tests']} |")
+            verdict = (summary.get("verdicts") or {}).get(group["key"], "")
+            lines.append(
+                f"| {group['kind']} | {group['callsite']} | {what} | {group['tests']} "
+                f"| {verdict} |"
+            )
         if len(summary["groups"]) > 40:
-            lines.append(f"| ... | {len(summary['groups']) - 40} more groups | | |")
+            lines.append(f"| ... | {len(summary['groups']) - 40} more groups | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -326,7 +373,10 @@ def main() -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
-        "--variants", default="baseline,warn,raise", help="comma-separated; reuses saved runs"
+        "--variants",
+        default="baseline,warn,raise",
+        help="comma-separated runs to redo; the others are read from the work folder "
+        "('none': only summarize, judge and render saved runs)",
     )
     args = parser.parse_args()
     verdicts: dict[str, dict[str, str]] = (
@@ -345,10 +395,11 @@ def main() -> None:
                     suite, source, python, variant, args.pgpilot_src.resolve(), args.dsn, out
                 )
             else:
-                results[variant] = json.loads(out.read_text())
+                results[variant] = load_variant(out)
         summary = summarize(suite, results)
         if name in verdicts:
             summary["precision"] = precision(summary, verdicts[name])
+            summary["verdicts"] = verdicts[name]
         summaries.append(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summaries, indent=1) + "\n")
