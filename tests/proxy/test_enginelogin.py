@@ -160,9 +160,10 @@ def test_counts_do_not_claim(proxy_factory: Callable[..., RunningProxy],
             assert lists["used_clients"] == 5  # and the console's own connection
             assert counts(proxy)[:2] == (3, 2)  # only the linked one was claimed
             sample = scrape(metrics_port)
-            assert sample.get("pgpilot_clients", database="test", user="carol",
+            # Labelled by the pool's user: the forced one (one pool, as PgBouncer's).
+            assert sample.get("pgpilot_clients", database="test", user=pg_params["user"],
                               state="idle") == 3
-            assert sample.get("pgpilot_clients", database="test", user="carol",
+            assert sample.get("pgpilot_clients", database="test", user=pg_params["user"],
                               state="active") == 1
             assert counts(proxy)[0] == 3
             rows = console.execute("SHOW CLIENTS").fetchall()
