@@ -242,7 +242,7 @@ def test_server_connect_timeout(proxy_factory: Any) -> None:
         # until query_timeout ends its wait; it is told the last failure.
         started = time.monotonic()
         with pytest.raises(psycopg.OperationalError,
-                           match="(?s)query_timeout.*server_connect_timeout"):
+                           match=r"(?s)query_timeout.*server_connect_timeout"):
             connect(proxy, "silent", connect_timeout=15)
         assert 2.5 <= time.monotonic() - started < 10
         with connect(proxy) as conn:  # other databases are unaffected

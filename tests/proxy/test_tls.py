@@ -313,7 +313,7 @@ def test_server_verify_ca_refuses_an_untrusted_certificate(
     # and the client is told the last failure.
     proxy = proxy_factory(upstream=tls_postgres, server_tls_sslmode="verify-ca",
                           server_tls_ca_file=str(certs.other_ca), query_timeout=1)
-    with pytest.raises(psycopg.OperationalError, match="(?s)query_timeout.*certificate "
+    with pytest.raises(psycopg.OperationalError, match=r"(?s)query_timeout.*certificate "
                        "verify failed"):
         psycopg.connect(proxy.dsn(), connect_timeout=10)
 
@@ -324,7 +324,7 @@ def test_server_require_without_tls_on_the_server_fails_clearly(
         if c.execute("show ssl").fetchone() == ("on",):
             pytest.skip("the test PostgreSQL has ssl = on")
     proxy = proxy_factory(server_tls_sslmode="require", query_timeout=1)
-    with pytest.raises(psycopg.OperationalError, match="(?s)query_timeout.*does not support SSL"):
+    with pytest.raises(psycopg.OperationalError, match=r"(?s)query_timeout.*does not support SSL"):
         psycopg.connect(proxy.dsn(), connect_timeout=10)
     error = startup_error(proxy.port)
     assert error["C"] == "57014" and "server_tls_sslmode = require" in error["H"]
