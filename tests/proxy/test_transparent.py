@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -809,3 +811,72 @@ def test_a_fresh_parse_after_ddl_outside_the_pooler_works_as_directly(
             await ddl.close()
 
     asyncio.run(check())
+
+
+def test_a_statement_prepared_under_another_role_s_search_path(
+        proxy_factory: Callable[..., RunningProxy], pg_dsn: str) -> None:
+    """Schema per role, found through the default search_path's "$user": two clients that
+    SET ROLE to different roles prepare the same text, which names different tables (of
+    different shapes). Each must get its own table's rows, as directly; a shared server
+    statement prepared under the other role is not today's parse for it."""
+    tag = uuid.uuid4().hex[:6]
+    r1, r2 = f"pgp_t1_{tag}", f"pgp_t2_{tag}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {r1}; CREATE ROLE {r2}; "
+                      f"CREATE SCHEMA {r1} AUTHORIZATION {r1}; "
+                      f"CREATE SCHEMA {r2} AUTHORIZATION {r2}; "
+                      f"CREATE TABLE {r1}.items (a int); INSERT INTO {r1}.items VALUES (1); "
+                      f"CREATE TABLE {r2}.items (a text, b text); "
+                      f"INSERT INTO {r2}.items VALUES ('x', 'y'); "
+                      f"ALTER TABLE {r1}.items OWNER TO {r1}; "
+                      f"ALTER TABLE {r2}.items OWNER TO {r2}")
+    proxy = proxy_factory(default_pool_size=1, max_prepared_statements=50)
+
+    async def check() -> None:
+        one = await asyncpg.connect(proxy.dsn())
+        two = await asyncpg.connect(proxy.dsn())
+        try:
+            await one.execute(f"SET ROLE {r1}")
+            await two.execute(f"SET ROLE {r2}")
+            assert [tuple(r) for r in await one.fetch("SELECT * FROM items")] == [(1,)]
+            assert [tuple(r) for r in await two.fetch("SELECT * FROM items")] == [("x", "y")]
+        finally:
+            await one.close()
+            await two.close()
+
+    try:
+        asyncio.run(check())
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {r1} CASCADE; DROP SCHEMA {r2} CASCADE; "
+                          f"DROP ROLE {r1}; DROP ROLE {r2}")
+
+
+def test_notifications_arriving_while_the_pooler_reads_the_session_are_delivered(
+        proxy_factory: Callable[..., RunningProxy], pg_dsn: str) -> None:
+    """A listening (pinned) client's session is read by the pooler after each of its
+    transactions that SETs something; notifications that reach its server meanwhile are the
+    client's, as directly: none may be lost."""
+    proxy = proxy_factory(default_pool_size=2)
+    sent = 400
+    channel = f"pgp_during_read_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as listener:
+        got: list[str] = []
+        listener.add_notify_handler(lambda n: got.append(n.payload))
+        listener.execute(f"LISTEN {channel}")
+
+        def notify() -> None:
+            with psycopg.connect(pg_dsn, autocommit=True) as sender:
+                for i in range(sent):
+                    sender.execute(f"NOTIFY {channel}, '{i}'")
+
+        thread = threading.Thread(target=notify)
+        thread.start()
+        while thread.is_alive():
+            listener.execute("SET application_name = 'x'; SET work_mem = '5MB'")
+        thread.join()
+        deadline = time.monotonic() + 5
+        while len(got) < sent and time.monotonic() < deadline:
+            listener.execute("SELECT 1")  # notifications that came meanwhile are read
+            time.sleep(0.05)
+        assert len(got) == sent

@@ -1233,6 +1233,7 @@ class ClientConnection(asyncio.Protocol):
 
         def read(srv: ServerConnection, error: str | None) -> None:
             self.settling = False
+            srv.notify_to = None
             pool = self.pool
             assert pool is not None
             if srv.state is ServerState.CLOSED:
@@ -1245,7 +1246,11 @@ class ClientConnection(asyncio.Protocol):
                 self.settings = settings
                 self.setting_names = {n for n in self.setting_names if n in settings}
                 if self.router is not None:
-                    self.router.search_path = settings.get("search_path", "")
+                    # What a statement's names mean: the search_path, and the role and
+                    # session authorization its "$user" stands for (part of shared names).
+                    self.router.search_path = "\x00".join(
+                        settings.get(n, "") for n in ("search_path", "role",
+                                                      "session_authorization")).rstrip("\x00")
                 if count_pins:
                     self._pins_counted(srv, pins_from_rows(rows))
                 if self.pins:
@@ -1268,6 +1273,7 @@ class ClientConnection(asyncio.Protocol):
                 self.enter_fast()
 
         sql = snapshot_sql(names, count_pins)
+        server.notify_to = self  # (a LISTEN of its session: what comes meanwhile is its own)
         if not server.cancels_pending:
             server.run_internal(sql, read, rows)
             return

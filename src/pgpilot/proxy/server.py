@@ -39,7 +39,8 @@ TRACKED_PARAMS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
                   "standard_conforming_strings", "application_name")
 TRACKED_BY_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
 # What an internal query that returns rows reads (run_internal's ``rows``).
-ROW_READING_TYPES = LINKED_TYPES | {m.B.DATA_ROW}
+# (and notifications: those that come during the read of a client's session are its own)
+ROW_READING_TYPES = LINKED_TYPES | {m.B.DATA_ROW, m.B.NOTIFICATION}
 
 _ids = itertools.count(1)
 
@@ -88,6 +89,9 @@ class ServerConnection(asyncio.Protocol):
         # What waits for those cancels to be done before the pooler's own query runs on it
         # (client._settle: a late cancel of the client's query must not hit it).
         self.after_cancels: Callable[[], None] | None = None
+        # The client whose session an internal query reads (client._settle): notifications
+        # that reach the server meanwhile are its own.
+        self.notify_to: ClientConnection | None = None
         # Whose parameters this server last carried (a client's params dict and version):
         # when the same client comes back unchanged, no comparison is needed.
         self.synced_for: dict[str, str] | None = None
@@ -266,6 +270,11 @@ class ServerConnection(asyncio.Protocol):
             elif mtype == m.B.PARAMETER_STATUS and body is not None:
                 name, value = m.parse_parameter_status(body)
                 self.params[name] = value
+            elif mtype == m.B.NOTIFICATION and body is not None:
+                # (behind the read's end in the same chunk: the pinned client it is lent to)
+                target = self.notify_to or self.client
+                if target is not None:
+                    target.write(m.message(mtype, body))
             elif mtype == m.B.DATA_ROW and body is not None and self._internal_rows is not None:
                 self._internal_rows.append(m.parse_data_row(body))
             elif mtype == m.B.READY_FOR_QUERY and body is not None:
