@@ -25,9 +25,13 @@ from collections.abc import Callable
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST rather than FIN."""
+    """Close with RST rather than FIN. shutdown(SHUT_RD) first wakes the relay thread blocked
+    in recv() on it: until that call returns, close() would not release the socket (no RST,
+    the connection stays up and swallows what comes: a black hole, not a reset)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
     with contextlib.suppress(OSError):
         sock.close()
 

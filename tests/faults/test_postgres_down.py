@@ -99,10 +99,10 @@ def test_postgres_that_stays_down_is_not_hammered(proxy_factory: Any,
                                         "port": str(relay.port)},
                               server_login_retry=2, query_wait_timeout=2)
         assert _answers(proxy)  # the pool knows its server's parameters
-        relay.unlisten()
-        time.sleep(0.2)  # (a connection accepted just before is relayed by now)
-        relay.reset_all()  # its servers die; new ones cannot connect
-        time.sleep(0.5)  # (the pooler notices them gone)
+        relay.unlisten()  # new servers cannot connect ...
+        with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as console:
+            console.execute("KILL test")  # ... and the pool's servers are closed
+            console.execute("RESUME test")
         caplog.clear()
         started = time.monotonic()
         states = []

@@ -688,6 +688,12 @@ class Lane:
         closing = client.closing or client.gone
         if server is not None:
             server.in_engine = False
+        if how == EJECT_LINKED and server is not None and server.state is ServerState.CLOSED:
+            # Python closed this server while the engine had it linked (its close is what
+            # took the pair back): the client lost its server mid-transaction.
+            client.server = server
+            client.server_lost(server, server.closed_reason or "server connection closed")
+            return
         if how == EJECT_LINKED and server is not None:
             client.server = server
             server.client = client

@@ -1,0 +1,126 @@
+"""Faults between the pooler and PostgreSQL while clients run (issue 26's fault suite): a
+pooled server terminated mid-transaction and while idle, a network that resets and stalls
+(a fault-injecting relay), PAUSE/RESUME and RELOAD under load.
+
+Each asserts that every client gets its own answers or an error with a SQLSTATE, that the
+pool serves again within a stated bound, and that descriptors come back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from tests.faults.conftest import Load, ensure_running, fault_params, open_fds
+from tests.faults.relay import FaultRelay
+from tests.proxy.conftest import wait_until
+
+from pgpilot.embedded import EmbeddedPostgres
+
+pytestmark = pytest.mark.slow
+
+
+def admin(proxy: Any, command: str) -> None:
+    with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as conn:
+        conn.execute(command)
+
+
+def terminate_all(pg: EmbeddedPostgres, state: str) -> int:
+    """pg_terminate_backend on the pooler's servers in ``state`` ('idle', 'idle in
+    transaction', 'active'); returns how many."""
+    with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
+        rows = conn.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity where datname = 'postgres'"
+            " and pid <> pg_backend_pid() and backend_type = 'client backend' and state = %s",
+            [state]).fetchall()
+    return len(rows)
+
+
+def test_server_terminated_mid_transaction_and_while_idle(proxy_factory: Any,
+                                                          fault_pg: EmbeddedPostgres) -> None:
+    ensure_running(fault_pg)
+    proxy = proxy_factory(upstream=fault_params(fault_pg), default_pool_size=4)
+    with psycopg.connect(proxy.dsn(dbname="test"), autocommit=False) as holder:
+        holder.execute("select 1")  # its server is idle in transaction, linked
+        killed = terminate_all(fault_pg, "idle in transaction")
+        assert killed >= 1
+        with pytest.raises(psycopg.OperationalError) as caught:
+            holder.execute("select 2")
+        assert caught.value.sqlstate in ("57P01", "08006"), caught.value
+    load = Load(proxy, clients=6).start()
+    try:
+        wait_until(lambda: load.answers > 30, timeout=30)
+        for _ in range(3):
+            terminate_all(fault_pg, "idle")  # servers idle in the pool
+            time.sleep(0.2)
+        before = load.answers
+        wait_until(lambda: load.answers > before + 30, timeout=15)
+    finally:
+        load.stop()
+    assert load.wrong == []
+    assert [e for e in load.bare_errors if "server closed the connection" not in e] == []
+    with psycopg.connect(proxy.dsn(dbname="test"), autocommit=True) as conn:
+        assert conn.execute("select 'fine'").fetchone() == ("fine",)
+
+
+def test_network_resets_and_stalls_under_load(proxy_factory: Any,
+                                              fault_pg: EmbeddedPostgres) -> None:
+    ensure_running(fault_pg)
+    relay = FaultRelay("127.0.0.1", fault_pg.port)
+    try:
+        proxy = proxy_factory(upstream={**fault_params(fault_pg), "port": str(relay.port)},
+                              default_pool_size=4, query_wait_timeout=20)
+        with psycopg.connect(proxy.dsn(dbname="test"), autocommit=True) as warm:
+            warm.execute("select 1")
+        def fds() -> int:  # the relay runs in this process too: 2 descriptors per server
+            return open_fds() - proxy.server_count() - 2 * relay.open_pairs()
+
+        baseline = fds()
+        load = Load(proxy, clients=6).start()
+        try:
+            wait_until(lambda: load.answers > 30, timeout=30)
+            for _ in range(3):  # the network drops every connection (RST)
+                relay.reset_all()
+                before = load.answers
+                wait_until(lambda b=before: load.answers > b + 10, timeout=15)
+            relay.delay = 0.05  # a slow network: still served
+            before = load.answers
+            wait_until(lambda: load.answers > before + 10, timeout=20)
+            relay.delay = 0.0
+            relay.stall()  # nothing passes for a while ...
+            time.sleep(1.0)
+            relay.resume()  # ... then everything does
+            before = load.answers
+            wait_until(lambda: load.answers > before + 30, timeout=15)
+        finally:
+            load.stop()
+        assert load.wrong == []
+        assert [e for e in load.bare_errors if "server closed the connection" not in e] == []
+        wait_until(lambda: fds() <= baseline + 2, timeout=15)
+    finally:
+        relay.close()
+
+
+def test_pause_resume_and_reload_under_load(proxy_factory: Any,
+                                            fault_pg: EmbeddedPostgres) -> None:
+    ensure_running(fault_pg)
+    proxy = proxy_factory(upstream=fault_params(fault_pg), default_pool_size=4)
+    load = Load(proxy, clients=6).start()
+    try:
+        wait_until(lambda: load.answers > 30, timeout=30)
+        admin(proxy, "PAUSE test")
+        paused_at = load.answers
+        time.sleep(0.5)
+        assert load.answers <= paused_at + load.clients  # at most the ones under way
+        admin(proxy, "RESUME test")
+        wait_until(lambda: load.answers > paused_at + 30, timeout=15)
+        for _ in range(3):
+            admin(proxy, "RELOAD")
+            before = load.answers
+            wait_until(lambda b=before: load.answers > b + 10, timeout=15)
+    finally:
+        load.stop()
+    assert load.wrong == []
+    assert load.errors == [] and load.bare_errors == []  # PAUSE and RELOAD lose nobody
