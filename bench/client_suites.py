@@ -47,11 +47,11 @@ The suites:
   ``--dburi postgresql+psycopg://...`` / ``postgresql+asyncpg://...`` over ``--sqla-paths``
   (default: ``test/dialect/postgresql test/sql test/engine`` with ``--backend-only``, i.e.
   the tests marked as talking to the database; the compile-only tests prove nothing about a
-  pooler). ``test/orm`` (about 5,000 more backend tests, mostly ORM logic over the same SQL)
-  is left out by default: with it, a run through a pooler on a shared 2-core machine took
-  longer than the 15 minutes a run may take; add it with ``--sqla-paths``. The database gets what SQLAlchemy's README.unittests
-  asks for: UTF8, schemas ``test_schema`` and ``test_schema_2``, hstore and citext, English
-  text search.
+  pooler). ``test/orm`` (2,268 more backend tests, mostly ORM logic over the same SQL) is
+  left out by default: with it, a run through a pooler on a shared, loaded 2-core machine
+  took longer than the 15 minutes a run may take; add it with ``--sqla-paths``. The
+  database gets what SQLAlchemy's README.unittests asks for: UTF8, schemas
+  ``test_schema`` and ``test_schema_2``, hstore and citext, English text search.
 
 Pytest runs with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1`` (the machine's pytest-asyncio,
 hypothesis, pgpilot's own plugin ... stay out) and this script's own small plugin.
