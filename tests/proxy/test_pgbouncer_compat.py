@@ -639,3 +639,24 @@ def test_hba_peer_rule_with_an_ident_map(proxy_factory: ProxyFactory,
     with psycopg.connect(host=str(sock_dir), port=proxy.port, dbname="test",
                          user="stranger", autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_client_arriving_after_a_refused_login_waits_for_the_retry(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str]) -> None:
+    """PostgreSQL refused a server login: the clients waiting then get its error; one that
+    arrives during server_login_retry waits for the next try (as PgBouncer), and is served
+    if that one succeeds (here: the configuration was mended meanwhile)."""
+    up = f"host={pg_params['host']} port={pg_params['port']}"
+    proxy = proxy_factory(server_login_retry=1,
+                          databases={"flip": f"{up} dbname=pgpilot_no_such_db"})
+    with pytest.raises(psycopg.OperationalError, match="does not exist"):
+        psycopg.connect(**proxy.conninfo(dbname="flip"), connect_timeout=10)
+    text = proxy.config_path.read_text().replace("dbname=pgpilot_no_such_db",
+                                                 f"dbname={pg_params['dbname']}")
+    proxy.config_path.write_text(text)
+    proxy.reload()
+    started = time.monotonic()
+    with psycopg.connect(**proxy.conninfo(dbname="flip"), connect_timeout=10,
+                         autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert time.monotonic() - started < 5

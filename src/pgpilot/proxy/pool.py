@@ -439,11 +439,9 @@ class Pool:
         """The server's ParameterStatus values, opening a first server if none is known."""
         if self.welcome_params is not None:
             return self.welcome_params
-        if time.monotonic() < self.login_failed_until and self.last_login_error \
-                and self.last_login_error.from_server:
-            raise ServerError(f"{self.last_login_error} (server login has been failing, "
-                              f"retrying after server_login_retry)",
-                              self.last_login_error.sqlstate)
+        # During server_login_retry after a failure the client waits for the next try (the
+        # janitor's retry_login), as PgBouncer: only those waiting when a login fails get
+        # its error.
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._welcome_waiters.append(fut)
         self.open_for_welcome()
@@ -464,8 +462,8 @@ class Pool:
         """Clients logging in need a first server's parameters: open it if the limits allow
         (max_db_connections / max_user_connections may hold it back until a server of
         another pool closes: Pooler.server_closed calls again; an idle one is evicted)."""
-        if self.servers[ServerState.LOGIN] or \
-                not any(not fut.done() for fut in self._welcome_waiters):
+        if self.servers[ServerState.LOGIN] or time.monotonic() < self.login_failed_until \
+                or not any(not fut.done() for fut in self._welcome_waiters):
             return
         if self.can_open(use_reserve=True):
             self.open_server()
@@ -484,12 +482,6 @@ class Pool:
             if server is not None:
                 self._hand_to(server, client)
                 return
-        if time.monotonic() < self.login_failed_until and self.server_count() == 0 \
-                and self.last_login_error is not None and self.last_login_error.from_server:
-            client.fail(self.last_login_error.sqlstate,
-                        f"{self.last_login_error} (server login has been failing, "
-                        "try again later: server_login_retry)")
-            return
         self.waiting.append(client)
         self._waiting_changed()
         client.start_waiting()
