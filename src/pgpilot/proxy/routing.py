@@ -15,12 +15,14 @@ bytes (``client._query_data``), from those bytes alone (:func:`first_sql`) and t
 * eligible: up, a standby, within ``replica_max_lag_bytes`` / ``replica_max_lag_ms``, and
   replayed at least up to the client's ``min_lsn``.
 
-**Read-your-writes.** When a transaction the primary ran ends (ReadyForQuery ``I``), and it may
-have written, the pooler runs ``SELECT pg_current_wal_insert_lsn()`` on that server before
-giving it back (the position only grows, so it is at or past the commit's record) and raises
-the client's ``min_lsn`` to it; until the answer is there, the client's next transaction goes
-to the primary. A replica whose polled ``pg_last_wal_replay_lsn()`` is below a client's
-``min_lsn`` is not eligible for it. No client change is needed.
+**Read-your-writes.** When a transaction the primary ran ends (ReadyForQuery ``I``) and it may
+have written, the router notes the moment. The health check asks the primary its
+``pg_current_wal_insert_lsn()`` every interval; a sample whose query was sent after that moment
+is at or past the commit's record (the commit was done before its ReadyForQuery came, and the
+position only grows), and becomes the client's ``min_lsn``. Until such a sample exists, the
+client's reads go to the primary; then only to replicas whose polled
+``pg_last_wal_replay_lsn()`` has reached ``min_lsn``. No query per transaction, no client
+change.
 
 **Health.** Every ``replica_check_interval`` each node is asked ``HEALTH_SQL`` (asyncpg, with
 the credentials of the database's pools): a replica that does not answer, is promoted, or lags
@@ -41,12 +43,12 @@ import dataclasses
 import logging
 import re
 import struct
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from pgpilot.replication import (
     HEALTH_SQL,
-    PRIMARY_LSN_SQL,
     SAFE_FUNCTIONS_SQL,
     FunctionSafety,
     ReplicaSet,
@@ -163,13 +165,13 @@ class ClientRoute:
     current transaction runs on the primary and may write, and the replica it holds."""
 
     min_lsn: int = 0
-    lsn_pending: bool = False
+    # when its last transaction that may have written ended (time.monotonic()), until a
+    # sample of the primary's position taken after it is known: 0 = none pending
+    wrote_at: float = 0.0
     may_write: bool = False
     replica: str | None = None
     # SET pgpilot.route: "primary" or "replica" (a replica when one is eligible), "" = auto
     override: str = ""
-    # a SHOW pgpilot.min_lsn that waits for the position of the write just made
-    deferred: tuple[ClientConnection, re.Match[str], bytes] | None = None
     # the text of each named statement the client parsed (Pooler.parse_observers)
     prepared: dict[bytes, str] = dataclasses.field(default_factory=dict)
 
@@ -204,6 +206,9 @@ class DatabaseRouter:
         # transactions sent per target (SHOW-able, and what the tests read)
         self.counts: dict[str, int] = dict.fromkeys(self.nodes, 0)
         self.primary_up = True
+        # (when the query was sent, the primary's insert position it returned)
+        self.lsn_sample: tuple[float, int] | None = None
+        self.deferred: list[tuple[ClientConnection, ClientRoute, re.Match[str], bytes]] = []
         self._conns: dict[str, Any] = {}
         self._task: asyncio.Task[None] | None = None
         self.checked = asyncio.Event()
@@ -242,7 +247,7 @@ class DatabaseRouter:
         if not readable:
             route.may_write = True
             return self.primary_name
-        if route.lsn_pending:
+        if not self._settled(route):
             return self.primary_name  # its last write's position is not known yet
         chosen = self.replica_set.choose(route.min_lsn if self.read_your_writes else 0)
         if chosen is None:
@@ -271,8 +276,8 @@ class DatabaseRouter:
             if isinstance(pending, bytearray):
                 pending.clear()
             route = self.route_of(client)
-            if own[0]["show"] and route.lsn_pending:
-                route.deferred = (client, *own)  # answered once the position is known
+            if own[0]["show"] and not self._settled(route):
+                self.deferred.append((client, route, *own))  # answered at the next sample
                 client.pause_reading()
             else:
                 client.write(self._answer(route, *own))
@@ -296,25 +301,21 @@ class DatabaseRouter:
             release(server)
             return
         route.may_write = False
-        route.lsn_pending = True
-        rows: list[list[bytes | None]] = []
+        # Its commit (if any) is done: the primary's insert position sampled by a health
+        # check sent after this moment is at or past it. No query of its own is needed.
+        route.wrote_at = time.monotonic()
+        release(server)
 
-        def done(srv: ServerConnection, error: str | None) -> None:
-            route.lsn_pending = False
-            if error is None and rows and rows[0] and rows[0][0]:
-                value = rows[0][0]
-                route.min_lsn = max(route.min_lsn, parse_lsn(bytes(value).decode()))
-            else:  # unknown: read from the primary until a later write tells us
-                route.lsn_pending = True
-            release(srv)
-            if route.deferred is not None:
-                waiting, match, types = route.deferred
-                route.deferred = None
-                if not waiting.gone:
-                    waiting.write(self._answer(route, match, types))
-                    waiting.resume_reading()
-
-        server.run_internal(PRIMARY_LSN_SQL, done, rows)
+    def _settled(self, route: ClientRoute) -> bool:
+        """Is the position of the client's last write known? (Raises its min_lsn if so.)"""
+        if not route.wrote_at:
+            return True
+        sample = self.lsn_sample
+        if sample is None or sample[0] <= route.wrote_at:
+            return False
+        route.min_lsn = max(route.min_lsn, sample[1])
+        route.wrote_at = 0.0
+        return True
 
     def _answer(self, route: ClientRoute, match: re.Match[str], types: bytes) -> bytes:
         """The replies to one of the pooler's own commands (simple or extended protocol)."""
@@ -397,11 +398,25 @@ class DatabaseRouter:
             if not self.functions.loaded:
                 self.functions.load(r[0] for r in await self._query(self.primary_name,
                                                                     SAFE_FUNCTIONS_SQL))
+            sent = time.monotonic()
             rows = await self._query(self.primary_name, HEALTH_SQL)
             self.primary_up = not rows[0][0]
             primary_lsn = parse_lsn(rows[0][1]) if self.primary_up else None
+            if primary_lsn is not None:
+                self.lsn_sample = (sent, primary_lsn)
         except Exception:
             self.primary_up = False
+        if self.deferred:  # SHOW pgpilot.min_lsn waiting for a sample after a write
+            still = []
+            for waiting, route, match, types in self.deferred:
+                if waiting.gone:
+                    continue
+                if not self._settled(route):
+                    still.append((waiting, route, match, types))
+                    continue
+                waiting.write(self._answer(route, match, types))
+                waiting.resume_reading()
+            self.deferred = still
         for name in self.replica_set.names:
             state = self.replica_set.states[name]
             try:
