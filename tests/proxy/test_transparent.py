@@ -880,3 +880,24 @@ def test_notifications_arriving_while_the_pooler_reads_the_session_are_delivered
             listener.execute("SELECT 1")  # notifications that came meanwhile are read
             time.sleep(0.05)
         assert len(got) == sent
+
+
+
+def test_a_computed_setting_name_pins_the_client(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """set_config of a name the statement computes: the pooler cannot read it by name
+    (custom settings are not in pg_settings), so the client keeps its server (pinned, as
+    for a LISTEN) until RESET ALL, and the next client of the server does not inherit it."""
+    proxy = proxy_factory(default_pool_size=1, query_wait_timeout=2)
+    read = "SELECT current_setting('app.computed', true)"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as a:
+        a.execute("SELECT set_config('app.' || 'computed', 'secret', false)")
+        assert a.execute(read).fetchone() == ("secret",)
+        assert next(r["pinned"] for r in show(proxy, "CLIENTS") if r["pinned"]).startswith(
+            "computed_setting: ")
+        a.execute("RESET ALL")
+        assert a.execute(read).fetchone() == ("",)
+        assert not [r for r in show(proxy, "CLIENTS") if r["pinned"]]
+        a.execute("SELECT set_config('app.' || 'computed', 'secret', false)")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as b:  # the same, only server
+        assert b.execute(read).fetchone() in ((None,), ("",))

@@ -99,6 +99,7 @@ _REFUSAL_SECRET = mock_scram_secret("")
 LARGE_OBJECT_FUNCTIONS = frozenset({715, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170,
                                     3171, 3172})
 SET_CONFIG_OID = 2078  # set_config(text, text, boolean)
+COMPUTED_SETTING = "computed_setting"  # a pin's kind: set_config of a computed name
 # Startup parameters every client may send without the pooler rejecting it.
 ALWAYS_ACCEPTED = frozenset({"user", "database"})
 
@@ -178,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         "tls",
         "transport",
         "txn_status",
+        "unknown_setting",
         "unsynced",
         "user",
         "wait_started",  # hazards keeps weak references
@@ -211,6 +213,9 @@ class ClientConnection(asyncio.Protocol):
         self.pins: dict[str, str] = {}
         self.pin_candidates: dict[str, str] = {}
         self.pin_check = False
+        # set_config of a name the statement computes (session.UNKNOWN): its text, which
+        # pins the client (COMPUTED_SETTING) until RESET ALL / DISCARD ALL.
+        self.unknown_setting = ""
         self.pool: Pool | None = None
         self.server: ServerConnection | None = None
         self.cancel_pid = 0
@@ -1161,6 +1166,9 @@ class ClientConnection(asyncio.Protocol):
                 for name in names:
                     if name == ALL:
                         self.setting_names.clear()
+                        if self.unknown_setting:  # gone too: the pins are counted again
+                            self.unknown_setting = ""
+                            self.pin_check = True
                     elif name == DO_BLOCK:
                         if self.pooler.config.pin_session_state:
                             self.pin_check = True  # its pins are counted too
@@ -1170,6 +1178,12 @@ class ClientConnection(asyncio.Protocol):
                             self.setting_names.add(bound)
                     elif name != UNKNOWN:
                         self.setting_names.add(name)
+                    elif self.pooler.config.pin_session_state:
+                        # A name the statement computes: not known, so not readable by name
+                        # (custom settings are not in pg_settings). The client keeps its
+                        # server, as for state that cannot follow it, until RESET ALL.
+                        self.unknown_setting = sql.decode("utf-8", errors="replace")[:200]
+                        self.pin_check = True
         if not self.pooler.config.pin_session_state:
             return relevant
         if self.pins and any(word in low for word in UNPIN_WORDS):
@@ -1293,6 +1307,8 @@ class ClientConnection(asyncio.Protocol):
         before = self.pins
         self.pins = {kind: before.get(kind) or self.pin_candidates.get(kind, kind)
                      for kind in found}
+        if self.unknown_setting:
+            self.pins[COMPUTED_SETTING] = self.unknown_setting
         self.pin_candidates = {}
         for kind in self.pins.keys() - before.keys():
             self.pooler.pins_total[kind] = self.pooler.pins_total.get(kind, 0) + 1
