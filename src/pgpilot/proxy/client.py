@@ -819,7 +819,8 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         lane = pool.lane if pool is not None else None
         if pool is None or lane is None or not lane.usable or self.server is not None or self.gone \
-                or self.closing or self.state is not ClientState.ACTIVE or self._pending \
+                or self.closing or self.settling or self.state is not ClientState.ACTIVE \
+                or self._pending \
                 or self._held or self._reader.mid_message or pool.mode == "session":
             return
         router = self.router
