@@ -123,6 +123,7 @@ class ReplicationCluster:
             primary.start()
             for i in range(1, self.replica_count + 1):
                 self._add_replica(f"replica{i}")
+            self.wait_streaming()
             self.wait_caught_up()
         except BaseException:
             self.stop()
@@ -204,6 +205,19 @@ class ReplicationCluster:
                 raise TimeoutError(f"{name} did not replay up to {lsn}")
             time.sleep(0.01)
 
+    def wait_streaming(self, timeout: float = 30) -> None:
+        """Return once every running replica streams from the primary (pg_stat_replication)."""
+        want = sorted(n for n in self.replica_names if self.nodes[n].running())
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.query(self.primary_name, "SELECT array_agg(application_name ORDER BY 1) "
+                             "FROM pg_stat_replication WHERE state = 'streaming'") or []
+            if all(name in got for name in want):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replicas streaming: {got}, expected {want}")
+            time.sleep(0.02)
+
     def wait_caught_up(self, timeout: float = 30) -> None:
         """Return once every running replica has replayed the primary's WAL as of now."""
         target = self.primary_lsn()
@@ -241,6 +255,7 @@ class ReplicationCluster:
             self.execute(name, "SELECT pg_reload_conf()")
             if self.query(name, "SELECT pg_is_wal_replay_paused()"):
                 self.resume_replay(name)
+        self.wait_streaming()
         self.wait_caught_up()
 
 
