@@ -387,3 +387,19 @@ def test_data_pipelined_after_ssl_request_is_refused(proxy_factory: Any, certs: 
     assert data[:1] == b"E"
     fields = m.parse_error_fields(data[5:])
     assert fields["C"] == "08P01" and "unencrypted data after SSL request" in fields["M"]
+
+
+def test_require_with_a_ca_file_reads_the_client_certificate(proxy_factory: Any,
+                                                              certs: Certs) -> None:
+    """client_tls_sslmode = require and client_tls_ca_file, as PgBouncer: a certificate the
+    client sends is verified and serves auth_type = cert; a client without one still
+    connects (and cert auth tells it what is missing)."""
+    proxy = _tls_proxy(proxy_factory, certs, "require", client_tls_ca_file=str(certs.ca),
+                       auth_type="cert")
+    with psycopg.connect(proxy.dsn(sslmode="verify-full", sslrootcert=str(certs.ca),
+                                   sslcert=str(certs.client_cert),
+                                   sslkey=str(certs.client_key)), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError, match="no verified client certificate"):
+        psycopg.connect(proxy.dsn(sslmode="require", sslcert="/nonexistent.crt",
+                                  sslkey="/nonexistent.key"), connect_timeout=5)

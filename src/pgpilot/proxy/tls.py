@@ -71,6 +71,12 @@ def client_ssl_context(config: Config) -> ssl.SSLContext | None:
         else:
             context.load_default_certs(ssl.Purpose.CLIENT_AUTH)
         context.verify_mode = ssl.CERT_REQUIRED
+    elif config.client_tls_ca_file:
+        # As PgBouncer: with a CA file, a certificate the client sends is asked for and
+        # verified in every mode, so that auth_type = cert and hba cert rules work with
+        # client_tls_sslmode = require; a client without one still gets in.
+        context.load_verify_locations(config.client_tls_ca_file)
+        context.verify_mode = ssl.CERT_OPTIONAL
     else:
         context.verify_mode = ssl.CERT_NONE
     return context
