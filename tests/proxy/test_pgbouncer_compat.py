@@ -660,3 +660,14 @@ def test_a_client_arriving_after_a_refused_login_waits_for_the_retry(
                          autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert time.monotonic() - started < 5
+
+
+def test_check_warns_of_settings_without_effect() -> None:
+    """A setting pgpilot parses but does not act on is a warning (--check prints it), unless
+    it holds its default; one it acts on is not."""
+    base = "[databases]\nx = host=127.0.0.1\n[pgbouncer]\nauth_type = any\n"
+    config = parse_config(base + "transaction_timeout = 5\nsbuf_loopcnt = 5\n"
+                          "server_fast_close = 1\n")
+    assert [w for w in config.warnings if "has no effect" in w] == [
+        "<string>:5: 'transaction_timeout' has no effect in pgpilot (accepted for PgBouncer "
+        "compatibility, shown by SHOW CONFIG)"]

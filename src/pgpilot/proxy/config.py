@@ -614,6 +614,20 @@ _PGBOUNCER_SETTINGS_NOT_SUPPORTED = frozenset(
 # Public views of the two lists above (the admin console's SET reads them).
 SETTING_NAMES = frozenset(_SETTINGS)
 PGBOUNCER_SETTINGS_NOT_SUPPORTED = _PGBOUNCER_SETTINGS_NOT_SUPPORTED
+def _field_default(name: str, fallback: object) -> object:
+    """Config's default for setting ``name`` (``fallback`` if it has none)."""
+    for each in dataclasses.fields(Config):
+        if each.name == name:
+            return each.default
+    return fallback
+
+
+# Settings parsed and shown by SHOW CONFIG that nothing acts on: a value other than the
+# default is a warning (docs/configuration.md says so per row).
+SETTINGS_WITHOUT_EFFECT = frozenset({
+    "unix_socket_group", "scram_iterations", "autodb_idle_timeout", "transaction_timeout",
+    "pkt_buf", "max_packet_size", "sbuf_loopcnt",
+})
 
 # Settings whose values are never echoed (they may carry credentials).
 _SECRET_KEYS = frozenset({"password", "auth_ldap_options"})
@@ -994,6 +1008,11 @@ def parse_config(text: str, path: str | None = None) -> Config:
                 value = _resolve_path(value, base_dir)
             settings[key] = value
             setting_lines[key] = (entry.path, entry.line)
+            if key in SETTINGS_WITHOUT_EFFECT and value != _field_default(key, value):
+                # Parsed and shown by SHOW CONFIG, but nothing in pgpilot acts on it: say so
+                # (--check prints it), rather than accept it silently.
+                warnings.append(f"{where}: '{key}' has no effect in pgpilot (accepted for "
+                                "PgBouncer compatibility, shown by SHOW CONFIG)")
         elif entry.section == "databases":
             if entry.key.lower() in RESERVED_DATABASE_NAMES:
                 raise ConfigError(
