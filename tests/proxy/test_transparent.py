@@ -657,8 +657,6 @@ def test_a_late_cancel_does_not_hit_the_read_of_the_clients_settings(
     asyncio.run(check())
 
 
-# -- statements about whole databases --------------------------------------------------------
-
 def _raw_login(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     body = b"user\x00postgres\x00database\x00test\x00\x00"
@@ -779,6 +777,32 @@ def test_session_characteristics_follow_the_client(
                 == ("serializable",)
             assert b.execute("SELECT current_setting('transaction_isolation')").fetchone() \
                 == ("read committed",)
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_a_terminated_backend_reads_as_postgresqls_own_error(
+        proxy_factory: Callable[..., RunningProxy], pg_dsn: str, fast_path: str) -> None:
+    """pg_terminate_backend of the client's server: the client reads PostgreSQL's FATAL
+    ('terminating connection due to administrator command'), as directly, not the pooler's
+    own words for a lost server."""
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+
+    async def reason(dsn: str) -> str:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.fetchval("SELECT 1")
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        except asyncpg.PostgresError as exc:
+            return str(exc)
+        except asyncpg.exceptions.ConnectionDoesNotExistError as exc:
+            return str(exc)
+        finally:
+            await conn.close()
+        return "no error"
+
+    direct = asyncio.run(reason(pg_dsn))
+    assert "terminating connection due to administrator command" in direct
+    assert asyncio.run(reason(proxy.dsn())) == direct
 
 
 @pytest.mark.xfail(strict=True, reason="review finding, not fixed: a Parse after DDL made "

@@ -141,6 +141,7 @@ class ClientConnection(asyncio.Protocol):
         "_reader",
         "_route_packet",
         "_route_secret",
+        "_server_fatal",
         "_session_welcome",
         "_startup",
         "addr",
@@ -247,6 +248,7 @@ class ClientConnection(asyncio.Protocol):
         self._route_secret: ScramSecret | str | None = None
         # b"" while the welcome waits for a server (_welcome), finished in _link.
         self._session_welcome: bytes | None = None
+        self._server_fatal = False  # the linked server sent a FATAL error (server_lost)
         self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
         self._held = b""  # start of a message that may need rewriting once complete
@@ -1099,6 +1101,10 @@ class ClientConnection(asyncio.Protocol):
                 error_seen = True
                 if stats is not None:
                     stats.errors += 1
+                if body is not None and (b"VFATAL\x00" in body or b"VPANIC\x00" in body):
+                    # The server says why it ends the connection: that is what the client
+                    # reads as the reason (server_lost adds no error of the pooler's).
+                    self._server_fatal = True
         if release and self.txn_status != "I" and self.pool is not None \
                 and self.pool.mode == "statement" and data[-6:-5] == b"Z":
             # Refuse the transaction in place of the server's answer, so the client shows why.
@@ -1338,6 +1344,9 @@ class ClientConnection(asyncio.Protocol):
         """Our server went away under us: the client cannot continue its session."""
         if self.server is server:
             self.server = None
+            if self._server_fatal:  # PostgreSQL's own FATAL went to the client: as directly
+                self.close(f"server connection lost: {reason}")
+                return
             self.fail("08006", f"server connection lost: {reason}")
 
     # -- ending ---------------------------------------------------------------------------
