@@ -319,6 +319,31 @@ class Pooler:
     port: int
     proc: subprocess.Popen[bytes]
     workdir: Path
+    cmd: list[str] = field(default_factory=list)
+    popen_kwargs: dict[str, Any] = field(default_factory=dict)
+    crashes: list[dict[str, Any]] = field(default_factory=list)
+
+    def launch(self) -> None:
+        with (self.workdir / "stderr.log").open("ab") as err:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                         cwd=self.workdir, start_new_session=True,
+                                         **self.popen_kwargs)
+        try:
+            wait_port(self.port, self.proc)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{self.kind} did not start: {exc}\n{self.log_tail()}") from exc
+
+    def revive(self, before_chunk: str) -> None:
+        """Restart a pooler that died (same config, same port), noting the crash: PgBouncer
+        1.18 aborts on some cancel races, and the rest of the suite should still run."""
+        if self.proc.poll() is None:
+            return
+        crash = {"returncode": self.proc.returncode, "before_chunk": before_chunk,
+                 "log_tail": self.log_tail(8)}
+        self.crashes.append(crash)
+        log(f"{self.kind} exited ({self.proc.returncode}) before {before_chunk}: restarting")
+        self.launch()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -391,15 +416,8 @@ def start_pooler(kind: str, mode: str, up: Upstream, dbname: str, base: Path, po
             kwargs["user"] = "nobody"
     else:
         cmd = [sys.executable, "-m", "pgpilot", "proxy", "--config", str(ini), "-q"]
-    with (workdir / "stderr.log").open("wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=workdir,
-                                start_new_session=True, **kwargs)
-    pooler = Pooler(kind, port, proc, workdir)
-    try:
-        wait_port(port, proc)
-    except RuntimeError as exc:
-        pooler.stop()
-        raise RuntimeError(f"{kind} did not start: {exc}\n{pooler.log_tail()}") from exc
+    pooler = Pooler(kind, port, None, workdir, cmd, kwargs)  # type: ignore[arg-type]
+    pooler.launch()
     return pooler
 
 
@@ -546,7 +564,7 @@ def nodeid_case(nodeid: str, status: str, message: str) -> ET.Element:
 
 
 def run_chunks(plan: Plan, timeout: float, hang_after: float, base: Path, tag: str,
-               log_path: Path) -> tuple[list[tuple[str, Path | ET.Element]],
+               log_path: Path, pooler: Pooler | None) -> tuple[list[tuple[str, Path | ET.Element]],
                                         list[dict[str, Any]], bool]:
     """Run every chunk, resuming a chunk after a test that hangs. Returns the JUnit files and
     extra <testcase>s (hung tests, outcomes of a pytest that had to be killed) per chunk, the
@@ -567,6 +585,8 @@ def run_chunks(plan: Plan, timeout: float, hang_after: float, base: Path, tag: s
                 results.append((chunk, ET.Element("testcase", classname="pytest",
                                                   name="run-timeout")))
                 break
+            if pooler is not None:
+                pooler.revive(chunk if not attempt else f"{chunk} (attempt {attempt + 1})")
             stem = f"{tag}.{i:02d}.{attempt}"
             junit, progress, skip = (base / f"{stem}.xml", base / f"{stem}.progress",
                                      base / f"{stem}.skip")
@@ -769,13 +789,14 @@ def render_markdown(report: dict[str, Any], examples: int = 3) -> str:
            "is deselected). Cells: passed / failed / errors / skipped.", ""]
     head = ["suite"] + [t if t == "direct" else f"{t} ({m})" for t, m in columns]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for suite in SUITES:
-        if not any(r["suite"] == suite for r in runs.values()):
-            continue
+    names = sorted({r["suite"] for r in runs.values()},
+                   key=lambda n: (SUITES.index(n.split("[")[0]), n))
+    for suite in names:
         row = [suite] + [cell(runs.get(run_key(suite, t, m))) for t, m in columns]
         out.append("| " + " | ".join(row) + " |")
-    out += ["", "## Runs", "", "| run | pgpilot commit (src dirty) | duration | command |",
-            "|---|---|---|---|"]
+    out += ["", "## Runs", "",
+            "| run | pgpilot commit (+ uncommitted src files, diff hash) | pool size | duration "
+            "| pooler died (restarted) | command |", "|---|---|---|---|---|---|"]
     for key in sorted(runs):
         r = runs[key]
         rev = ""
@@ -784,7 +805,13 @@ def render_markdown(report: dict[str, Any], examples: int = 3) -> str:
             dirty = len(src["src_changed_files"])
             rev = f"{src['commit'][:9]}" + (f" (+{dirty} files, {src['src_diff_sha1']})"
                                               if dirty else "")
-        out.append(f"| {key} | {rev} | {r['seconds']:.0f}s | `{r['command_line']}` |")
+        crashes = "<br>".join(
+            f"before {c['before_chunk']}: "
+            + (first_line(c["log_tail"].splitlines()[-1]) if c["log_tail"] else "").replace(
+                "|", "/")[:160]
+            for c in r.get("pooler_crashes", []))
+        out.append(f"| {key} | {rev} | {r.get('pool_size') or ''} | {r['seconds']:.0f}s "
+                   f"| {crashes} | `{r['command_line']}` |")
     for title, key, base, _label in comparisons(report):
         fails = pooler_only(report, key, base)
         out += ["", f"## {title}: {len(fails)}", ""]
@@ -851,7 +878,7 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
         started = time.monotonic()
         hang_after = args.test_timeout + 30
         junits, notes, timed_out = run_chunks(plan, args.timeout, hang_after, base, tag,
-                                              log_path)
+                                              log_path, pooler)
         seconds = time.monotonic() - started
         pooler_log = pooler.log_tail(40) if pooler else ""
         pooler_alive = pooler is None or pooler.proc.poll() is None
@@ -874,12 +901,16 @@ def one_run(args: argparse.Namespace, suite: str, target: str, mode: str, python
         "seconds": round(seconds, 1), "chunks": notes, "timed_out": timed_out,
         "pool_size": pool_size if target != "direct" else None,
         "pooler_alive_at_end": pooler_alive,
+        "pooler_crashes": pooler.crashes if pooler else [],
         "scratch_databases_left_by_the_suite": left,
         "pooler_log_tail": pooler_log,
         "command_line": "python bench/client_suites.py " + " ".join(
             [f"--suite {suite}", f"--target {target}"]
             + ([f"--mode {mode}"] if target != "direct" else [])
-            + ([f"-k {args.k!r}"] if args.k else [])),
+            + ([f"-k {args.k!r}"] if args.k else [])
+            + ([f"--sqla-paths {' '.join(args.sqla_paths)}"]
+               if suite != "asyncpg" and tuple(args.sqla_paths) != SQLA_DEFAULT_PATHS else [])
+            + ([f"--label {args.label}"] if args.label else [])),
         "pytest_command": " ".join(plan.cmd).replace(str(python), "python")
         + " --junitxml=FILE CHUNK",
         "test_timeout": args.test_timeout, "hang_after": hang_after,
@@ -923,6 +954,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"SQLAlchemy test paths ({' '.join(SQLA_DEFAULT_PATHS)})")
     ap.add_argument("--sqla-all-tests", dest="sqla_backend_only", action="store_false",
                     help="run SQLAlchemy's compile-only tests too (default: --backend-only)")
+    ap.add_argument("--label", default=None,
+                    help="name for this selection in the results, shown as suite[LABEL] "
+                    "(e.g. --sqla-paths test/orm --label orm), so it does not replace the "
+                    "default selection's runs")
     ap.add_argument("--render", action="store_true",
                     help="only re-render the Markdown from the JSON and print differences")
     args = ap.parse_args(argv)
@@ -951,9 +986,11 @@ def main(argv: list[str] | None = None) -> int:
     for suite in suites:
         for target in targets:
             for mode in (["-"] if target == "direct" else modes):
-                key = run_key(suite, target, mode)
+                name = f"{suite}[{args.label}]" if args.label else suite
+                key = run_key(name, target, mode)
                 try:
                     result = one_run(args, suite, target, mode, python, srcs, up, runs_dir)
+                    result["suite"] = name
                 except (RuntimeError, OSError) as exc:
                     log(f"{key}: {exc}")
                     failed = True
