@@ -334,8 +334,15 @@ STARTUP_PACKETS: st.SearchStrategy[tuple[StartupPacket, bytes]] = st.one_of(
 )
 
 
+def _one_request_of_each_kind(packets: list[tuple[StartupPacket, bytes]]) -> bool:
+    """As PostgreSQL: a connection asks for SSL at most once, and for GSSAPI at most once."""
+    kinds = [type(pkt) for pkt, _ in packets if isinstance(pkt, SSLRequest | GSSENCRequest)]
+    return len(kinds) == len(set(kinds))
+
+
 @settings(max_examples=80, deadline=None)
-@given(packets=st.lists(STARTUP_PACKETS, min_size=1, max_size=4),
+@given(packets=st.lists(STARTUP_PACKETS, min_size=1, max_size=4).filter(
+           _one_request_of_each_kind),
        rest=st.binary(max_size=50), data=st.data())
 def test_startup_packets_any_split(packets: list[tuple[StartupPacket, bytes]], rest: bytes,
                                    data: st.DataObject) -> None:
@@ -355,6 +362,15 @@ def test_startup_packets_any_split(packets: list[tuple[StartupPacket, bytes]], r
     assert reader.take_rest() == rest
     assert reader.take_rest() == b""
     assert reader.next_packet() is None
+
+
+@pytest.mark.parametrize("code", [SSL_REQUEST_CODE, GSSENC_REQUEST_CODE])
+def test_a_second_encryption_request_is_a_protocol_error(code: int) -> None:
+    reader = StartupReader()
+    reader.feed(code_packet(code) + code_packet(code))
+    assert reader.next_packet() is not None
+    with pytest.raises(ProtocolError, match="second"):
+        reader.next_packet()
 
 
 def test_startup_message_fields() -> None:
