@@ -284,3 +284,10 @@ def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
         cursor.close()
     context.cursor = _CachedCursor(description, [tuple(r) for r in rows])
     return True
+
+
+# Both execution listeners decline (return False) unless a statement carries OPTION: another
+# listener that must run a statement last to watch it (the query doctor's feed, which reads
+# the driver's row count) may treat them as absent for every other statement.
+for _listener in (_do_execute, _do_execute_no_params):
+    setattr(_listener, "pgpilot_option", OPTION)  # noqa: B010

@@ -136,14 +136,24 @@ _LISTENERS: tuple[Callable[..., bool | None], ...] = (
 
 
 def _runs_last(context: Any, which: int) -> bool:
-    """Whether this feed's listener is the last one for its event on the context's dialect:
-    then it may run the statement itself (and return True, as the event allows) without
-    keeping any other listener from seeing it."""
+    """Whether this feed's listener is the last one for its event on the context's dialect
+    that would act on this statement: then it may run the statement itself (and return True,
+    as the event allows) without keeping any other listener from seeing it. A listener marked
+    ``pgpilot_option = NAME`` (pgpilot.cache's) declines every statement without that
+    execution option, so it does not count then."""
     dispatch = getattr(getattr(context, "dialect", None), "dispatch", None)
     if dispatch is None:
         return False
     listeners = tuple(getattr(dispatch, _EVENTS[which]))
-    return bool(listeners) and listeners[-1] is _LISTENERS[which]
+    mine = _LISTENERS[which]
+    if mine not in listeners:
+        return False
+    options = getattr(context, "execution_options", None) or {}
+    for later in listeners[listeners.index(mine) + 1:]:
+        option = getattr(later, "pgpilot_option", None)
+        if option is None or option in options:
+            return False
+    return True
 
 
 def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: int) -> bool:
