@@ -64,6 +64,15 @@ def pg_params(pg_dsn: str) -> dict[str, str]:
     }
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class EphemeralRedis:
     """A ``redis-server`` of the test's own on a free port, keeping nothing on disk: for tests
     that stop, pause or cluster it, and for a run without a configured Redis."""
@@ -77,6 +86,11 @@ class EphemeralRedis:
         from pgpilot.embedded import free_port
 
         self.port = free_port()
+        if "--cluster-enabled" in args:
+            # A cluster node also listens on its port + 10000 (the cluster bus): both must
+            # be free ports below 65536.
+            while self.port > 55535 or not _port_is_free(self.port + 10000):
+                self.port = free_port()
         self.folder = tempfile.mkdtemp(prefix="pgpilot-test-redis-")
         self._command = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                          "--appendonly", "no", "--dir", self.folder, *args]
