@@ -82,6 +82,9 @@ class Pool:
         self.clients: set[ClientConnection] = set()
         # Servers running their reset after their client left (release): free in a moment.
         self.resetting: set[ServerConnection] = set()
+        # Idle servers on their way to the fast path, under their server_check_query: each
+        # is as good as a server logging in for the clients waiting meanwhile.
+        self.checking: set[ServerConnection] = set()
         self.welcome_params: dict[str, str] | None = None
         self._welcome_bytes: dict[tuple[object, ...], tuple[dict[str, str], bytes]] = {}
         self._welcome_waiters: list[asyncio.Future[None]] = []
@@ -254,7 +257,7 @@ class Pool:
         """Open servers for waiting clients, as far as the limits allow (none while paused)."""
         if self.paused or time.monotonic() < self.login_failed_until:
             return
-        logging_in = len(self.servers[ServerState.LOGIN])
+        logging_in = len(self.servers[ServerState.LOGIN]) + len(self.checking)
         waiting = self.waiting_count()
         while waiting > logging_in and self.can_open(use_reserve):
             if self.server_count() >= self.size:  # PgBouncer's words
@@ -521,10 +524,13 @@ class Pool:
         if (check and cfg.server_check_delay >= 0
                 and time.monotonic() - server.last_used > cfg.server_check_delay):
             server.set_state(ServerState.TESTED)
+            self.checking.add(server)
 
             def checked(srv: ServerConnection, error: str | None) -> None:
+                self.checking.discard(srv)
                 if error is not None or srv.state is ServerState.CLOSED:
                     srv.close(f"server_check_query failed: {error}")
+                    self.launch_if_needed()  # for the clients that counted on it
                     return
                 srv.last_used = time.monotonic()
                 self.give_out(srv)
