@@ -287,7 +287,7 @@ class FastPath:
     def client_count_changed(self) -> None:
         """max_client_conn holds for the clients Python knows and the engine's phantoms
         together: the engine may take in as many as are left."""
-        self.engine.phantom_cap = self.pooler.config.max_client_conn - self.pooler.client_count()
+        self.engine.phantom_cap = self.pooler.client_limit() - self.pooler.client_count()
 
     def _callback_failed(self, exc: BaseException) -> None:
         log.error("fast path callback failed", exc_info=exc)

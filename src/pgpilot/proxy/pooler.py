@@ -33,6 +33,7 @@ from pgpilot.wire import messages as m
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
     from pgpilot.proxy.fastpath import FastPath
+    from pgpilot.proxy.fdlimit import DescriptorBudget
     from pgpilot.proxy.server import ServerConnection
 
 log = logging.getLogger("pgpilot.proxy")
@@ -93,6 +94,8 @@ class Pooler:
         self.fast: FastPath | None = None
         # Read/write split per [databases] entry naming replicas= (routing.py), by name.
         self.routers: dict[str, Any] = {}
+        # Clients admitted only while servers still fit in ulimit -n (fdlimit.py); at start.
+        self.fd_budget: DescriptorBudget | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,7 +107,9 @@ class Pooler:
         self.ssl_context = client_ssl_context(self.config)
         self.server_ssl_context = server_ssl_context(self.config)
         from pgpilot.proxy import fastpath
+        from pgpilot.proxy.fdlimit import DescriptorBudget
 
+        self.fd_budget = DescriptorBudget(self)
         if self.config.fast_path and fastpath.available() and self.fast is None:
             self.fast = fastpath.FastPath(self, asyncio.get_running_loop())
         self._listeners = await start_listeners(self)
@@ -303,7 +308,20 @@ class Pooler:
                         self.config.max_client_conn)
             client.fail("53300", "no more connections allowed (max_client_conn)")
             return False
+        budget = self.fd_budget
+        if budget is not None and count > budget.client_room():
+            log.warning("%r refused: file descriptor limit (ulimit -n = %d) reached",
+                        client, budget.limit)
+            client.fail("53300", "no more connections allowed (file descriptor limit)")
+            return False
         return True
+
+    def client_limit(self) -> int:
+        """Clients admitted in all: max_client_conn, or fewer if ulimit -n says so."""
+        limit = self.config.max_client_conn
+        if self.fd_budget is not None:
+            limit = min(limit, self.fd_budget.client_room())
+        return limit
 
     def admit_to_pool(self, client: ClientConnection, db: DatabaseConfig) -> bool:
         """max_db_client_connections / max_user_client_connections, as PgBouncer."""
