@@ -1,5 +1,5 @@
 """Faults of the pooler's own process (issue 26's fault suite): descriptor exhaustion under a
-low ``ulimit -n``, and one of ``workers = 2`` killed under load.
+low ``ulimit -n``, one of ``workers = 2`` killed under load, and a soak of 10,000 clients.
 
 Both run the pooler as a process of its own (``python -m pgpilot proxy``), so that its
 descriptor limit and its workers are its own, in front of the machine's PostgreSQL.
@@ -241,4 +241,92 @@ def test_a_killed_worker_is_replaced_and_the_other_workers_clients_see_nothing(
     finally:
         for c in conns:
             c.close()
+        stop_pooler(proc)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def raw_client_query(host: str, port: int, user: str, dbname: str, sql: str) -> str | None:
+    """One whole client life on a bare socket (a cheap client, so that the soak measures the
+    pooler): StartupMessage (trust), a simple Query, its one value, Terminate."""
+    import socket
+    import struct
+
+    def read_until_ready(sock: socket.socket) -> list[tuple[bytes, bytes]]:
+        buf, out = b"", []
+        while True:
+            while len(buf) >= 5:
+                kind, size = buf[:1], struct.unpack("!I", buf[1:5])[0]
+                if len(buf) < 1 + size:
+                    break
+                out.append((kind, buf[5:1 + size]))
+                buf = buf[1 + size:]
+                if kind == b"Z":
+                    return out
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+
+    with socket.create_connection((host, port), timeout=30) as sock:
+        body = struct.pack("!I", 196608) + b"user\0" + user.encode() + b"\0database\0" \
+            + dbname.encode() + b"\0\0"
+        sock.sendall(struct.pack("!I", len(body) + 4) + body)
+        read_until_ready(sock)
+        q = sql.encode() + b"\0"
+        sock.sendall(b"Q" + struct.pack("!I", len(q) + 4) + q)
+        value = None
+        for kind, payload in read_until_ready(sock):
+            if kind == b"D":
+                size = struct.unpack("!i", payload[2:6])[0]
+                value = payload[6:6 + size].decode()
+            elif kind == b"E":
+                raise AssertionError(payload.decode(errors="replace"))
+        sock.sendall(b"X\0\0\0\4")
+    return value
+
+
+def test_soak_ten_thousand_clients_come_and_go_with_flat_memory(
+        tmp_path: Path, pg_params: dict[str, str]) -> None:
+    """10,000 clients connect, run a query and leave (4 at a time). After the first 2,000 (the
+    pools, caches and allocator warm), the pooler's RSS stays flat and its descriptors return
+    to what they were: nothing is kept per client that came and went."""
+    proc, dsn = start_pooler(tmp_path, pg_params, "default_pool_size = 4\n"
+                             "log_connections = 0\nlog_disconnections = 0\n")
+    try:
+        lock = threading.Lock()
+        done = [0]
+        wrong: list[str] = []
+
+        host, port = "127.0.0.1", int(dsn.rsplit(":", 1)[1].split("/")[0])
+
+        def churn(n: int, count: int) -> None:
+            for i in range(count):
+                got = raw_client_query(host, port, pg_params["user"], pg_params["dbname"],
+                                       f"select {n * 100_000 + i}")
+                with lock:
+                    if got != str(n * 100_000 + i):
+                        wrong.append(f"{n}/{i}: {got}")
+                    done[0] += 1
+
+        def run(total: int) -> None:
+            threads = [threading.Thread(target=churn, args=(n, total // 4)) for n in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+
+        run(2_000)
+        fds_warm, rss_warm = pooler_fds(proc.pid), rss_kib(proc.pid)
+        run(8_000)
+        assert done[0] == 10_000 and wrong == []
+        wait_until(lambda: pooler_fds(proc.pid) <= fds_warm, timeout=10)
+        growth = rss_kib(proc.pid) - rss_warm
+        assert growth < 4096, f"RSS grew {growth} KiB over 8,000 clients"
+    finally:
         stop_pooler(proc)
