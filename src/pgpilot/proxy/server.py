@@ -115,6 +115,7 @@ class ServerConnection(asyncio.Protocol):
         self.login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._internal_cb: InternalCallback | None = None
         self._internal_error: str | None = None
+        self.internal_error_code = ""  # the SQLSTATE of the last internal query's error
         self._internal_pending = 0
         self._internal_rows: list[list[bytes | None]] | None = None
         self._paused_by_client = False
@@ -249,6 +250,7 @@ class ServerConnection(asyncio.Protocol):
         self.synced_for = None  # a reset or SET may change what the server carries
         self._internal_cb = callback
         self._internal_error = None
+        self.internal_error_code = ""
         self._internal_pending = 1
         self._internal_rows = rows
         if rows is not None and not self.reader.mid_message:
@@ -266,7 +268,9 @@ class ServerConnection(asyncio.Protocol):
     def _internal_messages(self, msgs: list[tuple[int, bytes | None]]) -> None:
         for mtype, body in msgs:
             if mtype == m.B.ERROR_RESPONSE and body is not None:
-                self._internal_error = m.parse_error_fields(body).get("M", "error")
+                fields = m.parse_error_fields(body)
+                self._internal_error = fields.get("M", "error")
+                self.internal_error_code = fields.get("C", "")
             elif mtype == m.B.PARAMETER_STATUS and body is not None:
                 name, value = m.parse_parameter_status(body)
                 self.params[name] = value
