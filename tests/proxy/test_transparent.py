@@ -317,6 +317,33 @@ def test_notifications_reach_the_listening_client(
         assert got == [f"job {i}" for i in range(5)]
 
 
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_a_notification_the_listener_sent_itself_carries_its_own_pid(
+        proxy_factory: Callable[..., RunningProxy], fast_path: str) -> None:
+    """asyncpg's test_listen_01: a listener that NOTIFYs its own channel gets the
+    notification with its own pid (the one BackendKeyData gave it), as directly, also when
+    the notification comes while the pooler reads its session (after a SET); not the pid
+    of the pooler's server."""
+    proxy = proxy_factory(default_pool_size=2, fast_path=fast_path)
+
+    async def check() -> None:
+        con = await asyncpg.connect(proxy.dsn())
+        got: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        try:
+            await con.add_listener("pgp_self", lambda _c, pid, _ch, payload:
+                                   got.put_nowait((pid, payload)))
+            await con.execute("NOTIFY pgp_self, 'a'")
+            await con.execute("NOTIFY pgp_self, 'b'; SET work_mem = '5MB'")
+            for payload in ("a", "b"):
+                assert await asyncio.wait_for(got.get(), 5) == (con.get_server_pid(), payload)
+            server_pid = await con.fetchval("SELECT pg_backend_pid()")
+            assert server_pid != con.get_server_pid()  # (transaction mode: the pooler's pid)
+        finally:
+            await con.close()
+
+    asyncio.run(check())
+
+
 def test_a_pinned_clients_server_is_cleaned_when_it_leaves(
         proxy_factory: Callable[..., RunningProxy]) -> None:
     proxy = proxy_factory(default_pool_size=1)

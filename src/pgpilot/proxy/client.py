@@ -41,7 +41,13 @@ from pgpilot.proxy.login_rules import (
     peer_user_name,
 )
 from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
-from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
+from pgpilot.proxy.server import (
+    TRACKED_BY_LOWER,
+    TRACKED_PARAMS,
+    ServerConnection,
+    ServerError,
+    own_notifier_pid,
+)
 from pgpilot.proxy.session import (
     ALL,
     DO_BLOCK,
@@ -1126,6 +1132,9 @@ class ClientConnection(asyncio.Protocol):
                     # A reported setting changed (default_transaction_read_only, a role ...),
                     # by whatever statement: the session's settings are read at the end.
                     self.settings_dirty = True
+            elif mtype == m.B.NOTIFICATION and body is not None:
+                if own_notifier_pid(body, server.backend_pid, self.cancel_pid) is not body:
+                    data = self._own_notifications(data, msgs, server)
             elif mtype == m.B.ERROR_RESPONSE:
                 error_seen = True
                 if stats is not None:
@@ -1157,6 +1166,20 @@ class ClientConnection(asyncio.Protocol):
         if release:
             self.expected_rfq = 0
             self._maybe_release(server)
+
+    def _own_notifications(self, data: bytes, msgs: list[tuple[int, bytes | None]],
+                           server: ServerConnection) -> bytes:
+        """``data`` with the notifications the client's own session sent carrying the pid
+        it was given (server.own_notifier_pid); the same length, so the reader's message
+        ends stay true."""
+        out = bytearray(data)
+        for (mtype, body), end in zip(msgs, server.reader.ends, strict=True):
+            if mtype == m.B.NOTIFICATION and body is not None:
+                start = end - len(body) - 5
+                if start >= 0:
+                    out[start + 5:start + 5 + len(body)] = own_notifier_pid(
+                        body, server.backend_pid, self.cancel_pid)
+        return bytes(out)
 
     def _maybe_release(self, server: ServerConnection) -> None:
         assert self.pool is not None
