@@ -389,8 +389,11 @@ class ClientConnection(asyncio.Protocol):
                 self.write(b"N")
             return
         if isinstance(packet, CancelRequest):
-            self.pooler.cancel(packet.pid, packet.key)
-            self.close()
+            # Closed once PostgreSQL has taken the request on (it closes our cancel
+            # connection then), as a direct cancel connection is: a driver that waits for
+            # that before its next query (asyncpg) cannot have the cancel hit the next one.
+            self.pause_reading()
+            self.pooler.cancel(packet.pid, packet.key, then=self.close)
             return
         assert isinstance(packet, StartupMessage)
         rest = self._startup.take_rest()
