@@ -160,3 +160,41 @@ def test_cancel_in_other_pool_modes(proxy_factory: Any, pg_dsn: str, mode: str) 
         wait_active(pg_dsn, server_pid)
         conn.cancel_safe()
         assert isinstance(running.outcome(15), psycopg.errors.QueryCanceled)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_the_cancel_connection_closes_once_postgresql_took_the_request(
+        proxy_factory: Any, mode: str) -> None:
+    """As PostgreSQL, the pooler closes a client's cancel connection only once the cancel
+    reached the server (PostgreSQL closed the pooler's own cancel connection): asyncpg waits
+    for that close, then for the cancelled query's end, then sends its next query. Closed at
+    once, a cancel still on its way hit that next query now and then (asyncpg's
+    test_timeout_02: QueryCanceledError on the 'select 1' after a timed-out statement)."""
+    import asyncio
+
+    import asyncpg
+
+    proxy = proxy_factory(pool_mode=mode, default_pool_size=2)
+
+    async def check() -> list[str]:
+        con = await asyncpg.connect(proxy.dsn())
+        wrong: list[str] = []
+        try:
+            st = await con.prepare("select pg_sleep(10)")
+            for i in range(30):
+                try:
+                    await st.fetchval(timeout=0.02)
+                    wrong.append(f"{i}: no timeout")
+                except TimeoutError:
+                    pass
+                except asyncpg.PostgresError as exc:
+                    wrong.append(f"{i}: the statement: {exc!r}")
+                try:
+                    assert await con.fetchval("select 1") == 1
+                except asyncpg.PostgresError as exc:
+                    wrong.append(f"{i}: the next query: {exc!r}")
+        finally:
+            await con.close()
+        return wrong
+
+    assert asyncio.run(check()) == []

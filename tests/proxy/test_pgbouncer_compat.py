@@ -281,7 +281,7 @@ def test_pgbouncer_command_line_runs_a_config_quietly(
 
 # -- the options startup parameter ----------------------------------------------------------
 
-def test_options_startup_parameter_sets_tracked_settings_and_refuses_others(
+def test_options_startup_parameter_sets_tracked_and_carries_other_settings(
         proxy_factory: ProxyFactory) -> None:
     proxy = proxy_factory(ignore_startup_parameters="extra_float_digits")
 
@@ -301,9 +301,14 @@ def test_options_startup_parameter_sets_tracked_settings_and_refuses_others(
         with pytest.raises(psycopg.OperationalError, match="only '-c config=val' and "
                            "'--config=val' are allowed"):
             show("TimeZone", bad)
+    # Beyond the tracked ones (PgBouncer refuses them): the client's session setting, as a
+    # SET would be; one the server does not know is the server's refusal, as directly.
+    assert show("enable_seqscan", "-c enable_seqscan=off") == "off"
+    with psycopg.connect(**proxy.conninfo()) as plain:
+        assert plain.execute("SHOW enable_seqscan").fetchone()[0] == "on"  # type: ignore[index]
     with pytest.raises(psycopg.OperationalError,
-                       match="unsupported startup parameter in options: enable_seqscan"):
-        show("enable_seqscan", "-c enable_seqscan=off")
+                       match='unrecognized configuration parameter "pgp_no_such_setting"'):
+        show("TimeZone", "-c pgp_no_such_setting=1")
     with admin(proxy) as conn:
         conn.execute("SET ignore_startup_parameters = options")
     # options ignored: what is not tracked is dropped, what is tracked still applies.

@@ -330,10 +330,20 @@ def test_unknown_database_in_config(proxy_factory) -> None:
 
 
 def test_unsupported_startup_parameter_is_refused(proxy: RunningProxy) -> None:
+    """A startup parameter that is no setting (a walsender's) is refused by the pooler; one
+    the server does not know is refused by the server, at the login, as directly (any other
+    is carried as the client's session setting: tests/proxy/test_transparent.py)."""
     reply = raw_exchange(proxy, m.startup_message(
-        {"user": "postgres", "database": "test", "search_path": "x"}))
+        {"user": "postgres", "database": "test", "replication": "database"}))
     assert sqlstate_of(reply) == "08P01"
-    assert b"search_path" in reply
+    assert b"replication" in reply
+    reply = raw_exchange(proxy, m.startup_message(
+        {"user": "postgres", "database": "test", "pgp_no_such_setting": "x"}))
+    # After AuthenticationOk, as PostgreSQL (it applies startup settings once logged in).
+    assert reply.startswith(m.auth_ok())
+    reply = reply[len(m.auth_ok()):]
+    assert sqlstate_of(reply) == "42704"
+    assert b'unrecognized configuration parameter "pgp_no_such_setting"' in reply
 
 
 def test_ignore_startup_parameters(proxy_factory) -> None:

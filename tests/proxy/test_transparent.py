@@ -317,6 +317,33 @@ def test_notifications_reach_the_listening_client(
         assert got == [f"job {i}" for i in range(5)]
 
 
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_a_notification_the_listener_sent_itself_carries_its_own_pid(
+        proxy_factory: Callable[..., RunningProxy], fast_path: str) -> None:
+    """asyncpg's test_listen_01: a listener that NOTIFYs its own channel gets the
+    notification with its own pid (the one BackendKeyData gave it), as directly, also when
+    the notification comes while the pooler reads its session (after a SET); not the pid
+    of the pooler's server."""
+    proxy = proxy_factory(default_pool_size=2, fast_path=fast_path)
+
+    async def check() -> None:
+        con = await asyncpg.connect(proxy.dsn())
+        got: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        try:
+            await con.add_listener("pgp_self", lambda _c, pid, _ch, payload:
+                                   got.put_nowait((pid, payload)))
+            await con.execute("NOTIFY pgp_self, 'a'")
+            await con.execute("NOTIFY pgp_self, 'b'; SET work_mem = '5MB'")
+            for payload in ("a", "b"):
+                assert await asyncio.wait_for(got.get(), 5) == (con.get_server_pid(), payload)
+            server_pid = await con.fetchval("SELECT pg_backend_pid()")
+            assert server_pid != con.get_server_pid()  # (transaction mode: the pooler's pid)
+        finally:
+            await con.close()
+
+    asyncio.run(check())
+
+
 def test_a_pinned_clients_server_is_cleaned_when_it_leaves(
         proxy_factory: Callable[..., RunningProxy]) -> None:
     proxy = proxy_factory(default_pool_size=1)
@@ -925,3 +952,65 @@ def test_a_computed_setting_name_pins_the_client(
         a.execute("SELECT set_config('app.' || 'computed', 'secret', false)")
     with psycopg.connect(proxy.dsn(), autocommit=True) as b:  # the same, only server
         assert b.execute(read).fetchone() in ((None,), ("",))
+
+
+async def startup_transcript(dsn: str) -> list[str]:
+    """What a client with startup parameters beyond the tracked ones sees: their values on
+    every transaction, after its own SET, RESET and RESET ALL (back to the startup values, as
+    directly), ParameterStatus of a reported one; and what refuses a login."""
+    settings = {"client_min_messages": "warning", "search_path": "pg_catalog, public",
+                "app.tenant": "t1", "default_transaction_read_only": "on",
+                "Statement_Timeout": "42s"}
+    # (coalesce: a custom setting another client of the server made exists there, empty,
+    # where directly it does not exist at all: NULL; see docs/pooler.md)
+    read = ("SELECT current_setting('client_min_messages'), current_setting('search_path'),"
+            " coalesce(current_setting('app.tenant', true), ''),"
+            " current_setting('statement_timeout'),"
+            " current_setting('default_transaction_read_only')")
+    out: list[str] = []
+    conn = await asyncpg.connect(dsn, server_settings=settings)
+    plain = await asyncpg.connect(dsn)
+    try:
+        out.append(str(conn.get_settings().default_transaction_read_only))
+        for step in ("", "SET client_min_messages = error", "RESET client_min_messages",
+                     "SET app.tenant = 't2'; SET search_path = public", "RESET ALL"):
+            if step:
+                await conn.execute(step)
+            out.append(repr(tuple(await conn.fetchrow(read))))
+            out.append(repr(tuple(await plain.fetchrow(read))))
+        out.append(await aoutcome(conn.execute("CREATE TEMP TABLE pgp_ro (x int)")))
+    finally:
+        await conn.close()
+        await plain.close()
+    for bad in ({"pgp_no_such_setting": "1"}, {"client_min_messages": "bogus"}):
+        out.append(await aoutcome(asyncpg.connect(dsn, server_settings=bad)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_startup_parameters_are_carried_as_the_clients_settings(
+        proxy_factory: Callable[..., RunningProxy], pg_dsn: str, mode: str) -> None:
+    """asyncpg's server_settings (client_min_messages, search_path, a custom app.tenant ...):
+    startup parameters the pooler does not track are the client's session settings, as a SET
+    would be, on one shared server with a client that has none; PostgreSQL's own error for
+    a name it does not know or a bad value, at the login, as directly."""
+    proxy = proxy_factory(default_pool_size=1 if mode == "transaction" else 2, pool_mode=mode)
+    direct = asyncio.run(startup_transcript(pg_dsn))
+    assert "('warning', 'pg_catalog, public', 't1', '42s', 'on')" in direct
+    assert any('unrecognized configuration parameter "pgp_no_such_setting"' in line
+               for line in direct)
+    assert asyncio.run(startup_transcript(proxy.dsn())) == direct
+
+
+def test_options_settings_are_carried_through_psycopg(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """libpq's options (-c name=value) beyond the tracked parameters: carried the same way."""
+    proxy = proxy_factory(default_pool_size=1)
+    with psycopg.connect(proxy.dsn(), options="-c enable_seqscan=off -c work_mem=7MB",
+                         autocommit=True) as conn, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as plain:
+        for _ in range(3):
+            assert conn.execute("SELECT current_setting('enable_seqscan'), "
+                                "current_setting('work_mem')").fetchone() == ("off", "7MB")
+            assert plain.execute("SELECT current_setting('enable_seqscan'), "
+                                 "current_setting('work_mem')").fetchone() == ("on", "4MB")

@@ -41,7 +41,13 @@ from pgpilot.proxy.login_rules import (
     peer_user_name,
 )
 from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
-from pgpilot.proxy.server import TRACKED_BY_LOWER, TRACKED_PARAMS, ServerConnection, ServerError
+from pgpilot.proxy.server import (
+    TRACKED_BY_LOWER,
+    TRACKED_PARAMS,
+    ServerConnection,
+    ServerError,
+    own_notifier_pid,
+)
 from pgpilot.proxy.session import (
     ALL,
     DO_BLOCK,
@@ -102,6 +108,9 @@ SET_CONFIG_OID = 2078  # set_config(text, text, boolean)
 COMPUTED_SETTING = "computed_setting"  # a pin's kind: set_config of a computed name
 # Startup parameters every client may send without the pooler rejecting it.
 ALWAYS_ACCEPTED = frozenset({"user", "database"})
+# Startup parameters that are not settings a session could carry (a walsender connection):
+# refused. Any other the pooler does not track is the client's session setting (session.py).
+NOT_SETTINGS = frozenset({"replication"})
 
 
 def names_a_statement(mtype: int, body: bytes) -> bool:
@@ -176,6 +185,7 @@ class ClientConnection(asyncio.Protocol):
         "settings",
         "settings_dirty",
         "settling",
+        "startup_settings",
         "state",
         "tls",
         "transport",
@@ -206,6 +216,10 @@ class ClientConnection(asyncio.Protocol):
         # when a statement since may have changed them; True while they are being read.
         self.settings: dict[str, str] = {}
         self.setting_names: set[str] = set()
+        # Startup parameters beyond the tracked ones (client_min_messages, search_path,
+        # -c settings in options ...): the session's values when it has set nothing else,
+        # as RESET and RESET ALL go back to them on a direct connection.
+        self.startup_settings: dict[str, str] = {}
         self.settings_dirty = False
         self.settling = False
         # Pinned state (session.PINS): what the session holds, by kind, with the statement
@@ -375,8 +389,11 @@ class ClientConnection(asyncio.Protocol):
                 self.write(b"N")
             return
         if isinstance(packet, CancelRequest):
-            self.pooler.cancel(packet.pid, packet.key)
-            self.close()
+            # Closed once PostgreSQL has taken the request on (it closes our cancel
+            # connection then), as a direct cancel connection is: a driver that waits for
+            # that before its next query (asyncpg) cannot have the cancel hit the next one.
+            self.pause_reading()
+            self.pooler.cancel(packet.pid, packet.key, then=self.close)
             return
         assert isinstance(packet, StartupMessage)
         rest = self._startup.take_rest()
@@ -427,6 +444,7 @@ class ClientConnection(asyncio.Protocol):
         self.user = msg.user
         self.database = msg.database
         params = self.params
+        ignored = {p.lower() for p in cfg.ignore_startup_parameters}
         for name, value in msg.params.items():
             if name in ALWAYS_ACCEPTED:
                 continue
@@ -437,11 +455,16 @@ class ClientConnection(asyncio.Protocol):
             elif key == "options":
                 if not self._startup_options(value):
                     return
-            elif key in {p.lower() for p in cfg.ignore_startup_parameters}:
+            elif key in ignored:
                 continue
-            else:
+            elif key in NOT_SETTINGS or key.startswith("_pq_."):
                 self.fail("08P01", f"unsupported startup parameter: {name}")
                 return
+            else:
+                # Carried as the client's session setting (session.py), as a SET would be.
+                self.startup_settings[key] = value
+        if self.startup_settings:
+            self.settings = dict(self.startup_settings)
         if cfg.application_name_add_host:
             # As PgBouncer: make the client's address visible in pg_stat_activity.
             app = self.params.get("application_name", "")
@@ -466,13 +489,13 @@ class ClientConnection(asyncio.Protocol):
             self.fail("08P01", str(exc))
             return False
         for name, value in settings:
-            canonical = TRACKED_BY_LOWER.get(name.lower())
+            key = name.lower()
+            canonical = TRACKED_BY_LOWER.get(key)
             if canonical is not None:
                 self.params[canonical] = value
-            elif name.lower() not in ignored and "options" not in ignored:
-                log.warning("%r unsupported startup parameter in options: %s", self, name)
-                self.fail("08P01", f"unsupported startup parameter in options: {name}")
-                return False
+            elif key not in ignored and "options" not in ignored:
+                # Carried as the client's session setting (session.py), as a SET would be.
+                self.startup_settings[key] = value
         return True
 
     def authenticate(self) -> None:
@@ -740,12 +763,18 @@ class ClientConnection(asyncio.Protocol):
             hold = soon and (self.pooler.worker is None or unknown)
         else:
             hold = unknown
+        if self.startup_settings:
+            hold = True
+            if self.router is not None:
+                self.router.search_path = self._names_context()
         if hold:
             # The welcome waits for a server: in session mode the client's server for life,
             # so that BackendKeyData can carry its real process id (pg_backend_pid(), a
             # notification's pid; the cancel key stays the pooler's; with workers = N
-            # cancels are routed by the pooler's pid); and to learn how the server spells
-            # values it has not been SET to yet.
+            # cancels are routed by the pooler's pid); to learn how the server spells
+            # values it has not been SET to yet; and to apply the startup parameters it
+            # carries as session settings, whose errors (an unknown name, a bad value) the
+            # client reads at its login, as directly.
             self._session_welcome = b""
             self.pool.request(self)
             return
@@ -984,9 +1013,18 @@ class ClientConnection(asyncio.Protocol):
                 if srv.state.name == "CLOSED":
                     return
                 if error is not None:
+                    code = srv.internal_error_code
                     srv.close(f"could not apply client parameters: {error}")
                     if not self.gone:
-                        self.fail("08P01", f"could not apply startup parameters: {error}")
+                        if self._session_welcome is not None and code:
+                            # At the login: the server's own refusal of a startup parameter
+                            # (unknown name, bad value), as a direct login reads it.
+                            self.fail(code, error, hint=None if code != "55P02" else
+                                      "pgpilot carries startup parameters as session "
+                                      "settings; this one can only be set at a backend's "
+                                      "start.")
+                        else:
+                            self.fail("08P01", f"could not apply startup parameters: {error}")
                     return
                 if self.gone:
                     srv.pool.give_out(srv)
@@ -1097,6 +1135,9 @@ class ClientConnection(asyncio.Protocol):
                     # A reported setting changed (default_transaction_read_only, a role ...),
                     # by whatever statement: the session's settings are read at the end.
                     self.settings_dirty = True
+            elif mtype == m.B.NOTIFICATION and body is not None:
+                if own_notifier_pid(body, server.backend_pid, self.cancel_pid) is not body:
+                    data = self._own_notifications(data, msgs, server)
             elif mtype == m.B.ERROR_RESPONSE:
                 error_seen = True
                 if stats is not None:
@@ -1129,6 +1170,20 @@ class ClientConnection(asyncio.Protocol):
             self.expected_rfq = 0
             self._maybe_release(server)
 
+    def _own_notifications(self, data: bytes, msgs: list[tuple[int, bytes | None]],
+                           server: ServerConnection) -> bytes:
+        """``data`` with the notifications the client's own session sent carrying the pid
+        it was given (server.own_notifier_pid); the same length, so the reader's message
+        ends stay true."""
+        out = bytearray(data)
+        for (mtype, body), end in zip(msgs, server.reader.ends, strict=True):
+            if mtype == m.B.NOTIFICATION and body is not None:
+                start = end - len(body) - 5
+                if start >= 0:
+                    out[start + 5:start + 5 + len(body)] = own_notifier_pid(
+                        body, server.backend_pid, self.cancel_pid)
+        return bytes(out)
+
     def _maybe_release(self, server: ServerConnection) -> None:
         assert self.pool is not None
         mode = self.pool.mode
@@ -1137,6 +1192,11 @@ class ClientConnection(asyncio.Protocol):
         elif not self.idle_in_txn_since:
             self.idle_in_txn_since = time.monotonic()
         if mode == "session":
+            if self.settings_dirty and self.startup_settings and self.txn_status == "I" \
+                    and not self.unsynced and not self._reader.mid_message:
+                # A RESET (ALL) may have dropped a startup parameter's value, which
+                # directly is what RESET goes back to: read the session, put it back.
+                self._settle(server)
             return
         if self.unsynced or self._reader.mid_message:
             return
@@ -1161,7 +1221,10 @@ class ClientConnection(asyncio.Protocol):
         True if runs of ``sql`` may do so (``parse``: it is a Parse's): each Bind of it is
         noted too."""
         pool = self.pool
-        if pool is None or pool.mode == "session" or self.is_admin:
+        if pool is None or self.is_admin:
+            return False
+        session_mode = pool.mode == "session"
+        if session_mode and not self.startup_settings:
             return False
         relevant = False
         low = sql.decode("latin-1").lower()
@@ -1177,7 +1240,7 @@ class ClientConnection(asyncio.Protocol):
                             self.unknown_setting = ""
                             self.pin_check = True
                     elif name == DO_BLOCK:
-                        if self.pooler.config.pin_session_state:
+                        if self.pooler.config.pin_session_state and not session_mode:
                             self.pin_check = True  # its pins are counted too
                     elif name.startswith(PARAM):
                         bound = bound_setting_name(bind, int(name[1:])) if bind else None
@@ -1185,13 +1248,13 @@ class ClientConnection(asyncio.Protocol):
                             self.setting_names.add(bound)
                     elif name != UNKNOWN:
                         self.setting_names.add(name)
-                    elif self.pooler.config.pin_session_state:
+                    elif self.pooler.config.pin_session_state and not session_mode:
                         # A name the statement computes: not known, so not readable by name
                         # (custom settings are not in pg_settings). The client keeps its
                         # server, as for state that cannot follow it, until RESET ALL.
                         self.unknown_setting = sql.decode("utf-8", errors="replace")[:200]
                         self.pin_check = True
-        if not self.pooler.config.pin_session_state:
+        if session_mode or not self.pooler.config.pin_session_state:
             return relevant
         if self.pins and any(word in low for word in UNPIN_WORDS):
             self.pin_check = True
@@ -1204,6 +1267,13 @@ class ClientConnection(asyncio.Protocol):
                     self.pin_check = True
                     self.pin_candidates.setdefault(kind, what)
         return relevant
+
+    def _names_context(self) -> str:
+        """What a statement's names mean beyond its text: the search_path, and the role and
+        session authorization its "$user" stands for (part of shared statement names)."""
+        settings = self.settings
+        return "\x00".join(settings.get(n, "") for n in ("search_path", "role",
+                                                         "session_authorization")).rstrip("\x00")
 
     def _note_function_call(self, body: bytes) -> None:
         """A FunctionCall (libpq's PQfn) may run set_config, an advisory lock or any function
@@ -1264,14 +1334,14 @@ class ClientConnection(asyncio.Protocol):
             else:
                 settings = settings_from_rows(rows, login_user)
                 srv.settings = dict(settings)
-                self.settings = settings
                 self.setting_names = {n for n in self.setting_names if n in settings}
+                if self.startup_settings:
+                    # What the session has not set (or RESET) is its startup value, as
+                    # directly; the server gets it again before the client's next use.
+                    settings = {**self.startup_settings, **settings}
+                self.settings = settings
                 if self.router is not None:
-                    # What a statement's names mean: the search_path, and the role and
-                    # session authorization its "$user" stands for (part of shared names).
-                    self.router.search_path = "\x00".join(
-                        settings.get(n, "") for n in ("search_path", "role",
-                                                      "session_authorization")).rstrip("\x00")
+                    self.router.search_path = self._names_context()
                 if count_pins:
                     self._pins_counted(srv, pins_from_rows(rows))
                 if self.pins:
@@ -1280,6 +1350,13 @@ class ClientConnection(asyncio.Protocol):
                         pool.release(srv, client_closed=True)
                     else:
                         self._link(srv)  # pinned: it stays this client's
+                    return
+                if pool.mode == "session":
+                    if self.gone:
+                        pool.release(srv, client_closed=True)
+                    else:  # its server for life: startup values the session lost, put back
+                        self.wait_started = time.monotonic()
+                        self.attach(srv)
                     return
                 pool.give_out(srv)
             if self.gone:

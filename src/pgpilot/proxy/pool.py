@@ -181,9 +181,10 @@ class Pool:
                            client_params: dict[str, str]) -> bytes:
         """The ParameterStatus messages of a welcome: the server's values, except what the
         client asked for itself. Clients mostly ask the same, so the bytes are kept."""
-        key = (id(server_params), tuple(client_params.items()))
+        # (A server's params change as it reports new values: keyed by the values.)
+        key = (tuple(server_params.items()), tuple(client_params.items()))
         cached = self._welcome_bytes.get(key)
-        if cached is not None and cached[0] is server_params:
+        if cached is not None:
             return cached[1]
         out = bytearray()
         for name, value in server_params.items():

@@ -474,11 +474,15 @@ class Pooler:
     def unregister_cancel_key(self, client: ClientConnection) -> None:
         self.cancel_keys.pop((client.cancel_pid, client.cancel_key), None)
 
-    def cancel(self, pid: int, key: int) -> None:
-        """A CancelRequest with a key we gave out: cancel that client's current query only."""
+    def cancel(self, pid: int, key: int, then: Callable[[], None] | None = None) -> None:
+        """A CancelRequest with a key we gave out: cancel that client's current query only;
+        ``then`` is called once PostgreSQL has taken the request (or there was none to
+        send)."""
         worker = self.worker
         if worker is not None and worker.owner_of(pid) != worker.index:
             self._forward_cancel(worker.owner_of(pid), pid, key)
+            if then is not None:
+                then()
             return
         client = self.cancel_keys.get((pid, key))
         if client is not None and is_fast_conn(client):
@@ -487,8 +491,10 @@ class Pooler:
             client.transport.eject()  # type: ignore[union-attr]  # Python holds the pair now
         if client is None or client.server is None:
             log.debug("cancel request for unknown or idle client ignored")
+            if then is not None:
+                then()
             return
-        self.cancel_server(client.server)
+        self.cancel_server(client.server, then)
 
     def _forward_cancel(self, owner: int, pid: int, key: int) -> None:
         """Pass a CancelRequest to the worker that gave out its key."""
@@ -509,17 +515,19 @@ class Pooler:
 
         self.track_task(asyncio.get_running_loop().create_task(send()))
 
-    def cancel_server(self, server: ServerConnection) -> None:
-        """Send PostgreSQL a CancelRequest for ``server``'s current query.
+    def cancel_server(self, server: ServerConnection,
+                      done: Callable[[], None] | None = None) -> None:
+        """Send PostgreSQL a CancelRequest for ``server``'s current query (``done`` is
+        called once PostgreSQL has taken it).
 
         Until PostgreSQL has taken the request (it closes the cancel connection once the
         signal is sent, or ``cancel_wait_timeout`` passes), the server is not given to anyone
         else: a cancel that arrives late must find nothing, or its own client's query, to hit.
         """
-        if not server.backend_pid:
-            return
         host, port = server.address
-        if not host:
+        if not server.backend_pid or not host:
+            if done is not None:
+                done()
             return
         packet = m.cancel_request(server.backend_pid, server.backend_key)
         server.cancels_pending += 1
@@ -550,6 +558,8 @@ class Pooler:
                 if not server.cancels_pending and server.give_out_after_cancel:
                     server.give_out_after_cancel = False
                     server.pool.give_out(server)
+                if done is not None:
+                    done()
 
         self.track_task(asyncio.get_running_loop().create_task(send()))
 

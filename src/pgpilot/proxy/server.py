@@ -32,7 +32,7 @@ log = logging.getLogger("pgpilot.proxy")
 
 # What the pooler reads of a linked server's traffic; all else passes as bytes.
 LINKED_TYPES = frozenset({m.B.READY_FOR_QUERY, m.B.PARAMETER_STATUS, m.B.ERROR_RESPONSE,
-                          m.B.COMMAND_COMPLETE})
+                          m.B.COMMAND_COMPLETE, m.B.NOTIFICATION})
 # Startup parameters whose value PostgreSQL reports (ParameterStatus) and the pooler keeps in step
 # between a client and whichever server it lands on, by their canonical names.
 TRACKED_PARAMS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
@@ -43,6 +43,15 @@ TRACKED_BY_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
 ROW_READING_TYPES = LINKED_TYPES | {m.B.DATA_ROW, m.B.NOTIFICATION}
 
 _ids = itertools.count(1)
+
+
+def own_notifier_pid(body: bytes, backend_pid: int, client_pid: int) -> bytes:
+    """A NotificationResponse body for the client whose server is ``backend_pid``: a
+    notification its own session sent (the notifier's pid is its server's) carries the pid
+    the client was given in BackendKeyData, as directly its own pid."""
+    if body[:4] == (backend_pid & 0xFFFFFFFF).to_bytes(4, "big") and client_pid != backend_pid:
+        return (client_pid & 0xFFFFFFFF).to_bytes(4, "big") + body[4:]
+    return body
 
 
 class ServerError(Exception):
@@ -115,6 +124,7 @@ class ServerConnection(asyncio.Protocol):
         self.login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._internal_cb: InternalCallback | None = None
         self._internal_error: str | None = None
+        self.internal_error_code = ""  # the SQLSTATE of the last internal query's error
         self._internal_pending = 0
         self._internal_rows: list[list[bytes | None]] | None = None
         self._paused_by_client = False
@@ -249,6 +259,7 @@ class ServerConnection(asyncio.Protocol):
         self.synced_for = None  # a reset or SET may change what the server carries
         self._internal_cb = callback
         self._internal_error = None
+        self.internal_error_code = ""
         self._internal_pending = 1
         self._internal_rows = rows
         if rows is not None and not self.reader.mid_message:
@@ -266,7 +277,9 @@ class ServerConnection(asyncio.Protocol):
     def _internal_messages(self, msgs: list[tuple[int, bytes | None]]) -> None:
         for mtype, body in msgs:
             if mtype == m.B.ERROR_RESPONSE and body is not None:
-                self._internal_error = m.parse_error_fields(body).get("M", "error")
+                fields = m.parse_error_fields(body)
+                self._internal_error = fields.get("M", "error")
+                self.internal_error_code = fields.get("C", "")
             elif mtype == m.B.PARAMETER_STATUS and body is not None:
                 name, value = m.parse_parameter_status(body)
                 self.params[name] = value
@@ -274,7 +287,8 @@ class ServerConnection(asyncio.Protocol):
                 # (behind the read's end in the same chunk: the pinned client it is lent to)
                 target = self.notify_to or self.client
                 if target is not None:
-                    target.write(m.message(mtype, body))
+                    target.write(m.message(mtype, own_notifier_pid(body, self.backend_pid,
+                                                                   target.cancel_pid)))
             elif mtype == m.B.DATA_ROW and body is not None and self._internal_rows is not None:
                 self._internal_rows.append(m.parse_data_row(body))
             elif mtype == m.B.READY_FOR_QUERY and body is not None:
