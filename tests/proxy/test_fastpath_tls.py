@@ -369,3 +369,23 @@ def test_both_sides_in_the_engine_with_pgbench(proxy_factory: Any, certs: Certs,
     servers, _ = _engine_transports(proxy)
     assert servers and all(fastpath.is_fast_conn(t) and t.tls for t in servers)
     assert _fast_queries(proxy) >= 300
+
+
+def test_tls_clients_follow_login_routes_and_clear_text_never_does(proxy_factory: Any,
+                                                                   certs: Certs) -> None:
+    """Engine logins (login routes) serve encrypted clients as plain ones; with TLS
+    required, a client in clear text that sends the very same StartupMessage is still
+    refused, never logged in by the route."""
+    proxy = _client_tls_proxy(proxy_factory, certs, "require", log_connections=0,
+                              log_disconnections=0)
+    dsn = proxy.dsn(sslmode="require")
+    for _ in range(3):  # the pool's first logins wait for a server; then a route is made
+        with psycopg.connect(dsn, autocommit=True) as first:
+            assert first.execute("select 1").fetchone() == (1,)
+    assert proxy.call(lambda: len(proxy.pooler.fast.routes)) == 1
+    with psycopg.connect(dsn, autocommit=True) as second:
+        assert second.pgconn.ssl_in_use
+        assert second.execute("select 2").fetchone() == (2,)
+        assert proxy.call(lambda: proxy.pooler.fast.engine.phantoms) == 1
+    with pytest.raises(psycopg.OperationalError, match="SSL required"):
+        psycopg.connect(proxy.dsn(sslmode="disable"))

@@ -315,6 +315,7 @@ struct EngineObject {
     long long log_dropped; /* lines a full log descriptor did not take (log_flush) */
     /* client TLS done by the engine (a TLSContext; NULL: an SSLRequest is answered 'N') */
     PyObject *client_tls;
+    int client_tls_required; /* client_tls_sslmode require or stronger: no route in clear */
 };
 
 static PyTypeObject ConnType, PoolType, EngineType;
@@ -2526,6 +2527,8 @@ static int claim(ConnObject *c) {
 static int route_login(ConnObject *c, const char *packet, size_t n) {
     EngineObject *e = c->engine;
     if (!e->routes || !PyDict_GET_SIZE(e->routes)) return 0;
+    /* TLS required: a client in clear text is Python's to refuse, whatever route it names. */
+    if (e->client_tls_required && !tls_active(c)) return 0;
     PyObject *key = PyBytes_FromStringAndSize(packet, (Py_ssize_t)n);
     PyObject *route = key ? PyDict_GetItemWithError(e->routes, key) : NULL;
     Py_XDECREF(key);
@@ -4381,7 +4384,21 @@ static int engine_set_client_tls(EngineObject *e, PyObject *value, void *unused)
     return 0;
 }
 
+ static PyObject *engine_get_client_tls_required(EngineObject *e, void *unused) {
+    return PyBool_FromLong(e->client_tls_required);
+}
+
+static int engine_set_client_tls_required(EngineObject *e, PyObject *value, void *unused) {
+    int on = value ? PyObject_IsTrue(value) : 0;
+    if (on < 0) return -1;
+    e->client_tls_required = on;
+    return 0;
+}
+
 static PyGetSetDef engine_getset[] = {
+    {"client_tls_required", (getter)engine_get_client_tls_required,
+     (setter)engine_set_client_tls_required,
+     "client_tls_sslmode requires TLS: a client in clear text follows no login route.", NULL},
     {"client_tls", (getter)engine_get_client_tls, (setter)engine_set_client_tls,
      "The TLSContext an engine listener's clients get after SSLRequest (None: 'N').", NULL},
     {"connections", (getter)engine_get_n_conns, NULL, "Open sockets.", NULL},

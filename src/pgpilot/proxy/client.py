@@ -785,6 +785,8 @@ class ClientConnection(asyncio.Protocol):
         (time.monotonic()) and held with no Python object until now: its times count from
         the accept (client_login_timeout, SHOW CLIENTS' connect_time)."""
         self.connection_made(conn)
+        if getattr(conn, "tls", False):
+            self.tls = True  # the engine did its TLS handshake
         self.last_activity = accepted
         self.connect_time = self.request_time = time.time() - (time.monotonic() - accepted)
 

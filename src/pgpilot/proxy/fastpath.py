@@ -311,6 +311,10 @@ class FastPath:
                 return
         self.client_tls, self.server_tls = client, server
         self.engine.client_tls = client
+        # Login routes (engine logins) serve TLS clients too; never one in clear text when
+        # TLS is required (Python refuses those, as it does any client).
+        self.engine.client_tls_required = config.client_tls_sslmode in (
+            "require", "verify-ca", "verify-full")
 
     async def start_server_tls(self, transport: asyncio.Transport, protocol: asyncio.Protocol,
                                host: str, mode: str) -> Any:
@@ -596,7 +600,7 @@ def routes_allowed(pooler: Pooler, client: ClientConnection) -> bool:
     to see each login or each client on its own: connection logging, per-client timeouts,
     client limits per database or user, host-based rules, the address in application_name."""
     cfg = pooler.config
-    if pooler.stopping or client.is_admin or client.tls \
+    if pooler.stopping or client.is_admin \
             or cfg.application_name_add_host or cfg.auth_hba_file \
             or cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout \
             or cfg.max_db_client_connections or cfg.max_user_client_connections:
