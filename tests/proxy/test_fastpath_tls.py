@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import shutil
 import socket
 import ssl
 import struct
@@ -26,6 +27,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.conftest import service_missing
 from tests.proxy import test_tls
 from tests.proxy.test_tls import SSL_IN_USE, Certs, _name, _write_key
 
@@ -389,3 +391,21 @@ def test_tls_clients_follow_login_routes_and_clear_text_never_does(proxy_factory
         assert proxy.call(lambda: proxy.pooler.fast.engine.phantoms) == 1
     with pytest.raises(psycopg.OperationalError, match="SSL required"):
         psycopg.connect(proxy.dsn(sslmode="disable"))
+
+
+def test_renegotiation_is_refused(proxy_factory: Any, certs: Certs) -> None:
+    """A TLS 1.2 client that asks to renegotiate gets OpenSSL's no_renegotiation alert; the
+    pooler serves others as before."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        service_missing("the openssl command (for s_client)")
+        return
+    proxy = _client_tls_proxy(proxy_factory, certs, "require")
+    # s_client speaks PostgreSQL's SSLRequest itself (-starttls postgres); "R" renegotiates.
+    out = subprocess.run([openssl, "s_client", "-starttls", "postgres", "-tls1_2",
+                          "-connect", f"127.0.0.1:{proxy.port}"], input="R\n",
+                         capture_output=True, text=True, timeout=30, check=False)
+    text = out.stdout + out.stderr
+    assert "RENEGOTIATING" in text and "no renegotiation" in text
+    with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
