@@ -409,3 +409,23 @@ def test_renegotiation_is_refused(proxy_factory: Any, certs: Certs) -> None:
     assert "RENEGOTIATING" in text and "no renegotiation" in text
     with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_without_engine_tls_python_serves_tls_and_says_so(
+        proxy_factory: Any, certs: Certs, tls_postgres: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An extension built without OpenSSL: TLS on both sides runs on Python's path, as
+    before, and the start says so once."""
+    monkeypatch.setattr(fastpath, "tls_available", lambda: False)
+    with caplog.at_level("INFO", logger="pgpilot.proxy"):
+        proxy = _client_tls_proxy(proxy_factory, certs, "require", upstream=tls_postgres,
+                                  server_tls_sslmode="require")
+    assert any("built without OpenSSL" in r.getMessage() for r in caplog.records)
+    with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute(SSL_IN_USE).fetchone() == (True,)
+        servers, clients = _engine_transports(proxy)
+        assert servers and not any(fastpath.is_fast_conn(t) for t in servers)
+        assert clients and not any(fastpath.is_fast_conn(t) for t in clients)
+    with pytest.raises(psycopg.OperationalError, match="SSL required"):
+        psycopg.connect(proxy.dsn(sslmode="disable"))
