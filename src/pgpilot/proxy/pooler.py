@@ -353,7 +353,7 @@ class Pooler:
         return secret
 
     def handle_ssl_request(self, client: ClientConnection) -> None:
-        if client.tls:
+        if client.tls or getattr(client.transport, "tls", False):  # (the engine's TLS)
             client.fail("08P01", "protocol violation: SSLRequest on an encrypted connection")
             return
         if self.ssl_context is None or self.config.client_tls_sslmode == "disable" \
