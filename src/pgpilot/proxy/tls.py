@@ -161,7 +161,7 @@ async def negotiate_server_tls(
                     raw, protocol, host, mode))
             tls = await loop.start_tls(
                 raw, protocol, context,
-                server_hostname=host if mode == "verify-full" else None,
+                server_hostname=host,  # SNI (never an address), as libpq; checked in verify-full
                 ssl_handshake_timeout=config.server_connect_timeout or None)
             if tls is None:
                 raise TLSNegotiationError("TLS handshake with the server did not complete")
