@@ -43,6 +43,14 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
+/* OpenSSL 1.1.1 spells a few things differently (3.0 is what the project builds on). */
+#if OPENSSL_VERSION_NUMBER < 0x30000000L
+#define SSL_get1_peer_certificate SSL_get_peer_certificate
+#endif
+#ifndef SSL_OP_IGNORE_UNEXPECTED_EOF
+#define SSL_OP_IGNORE_UNEXPECTED_EOF 0 /* an EOF without close_notify: see tls_recv */
+#endif
+
 typedef struct {
     PyObject_HEAD
     SSL_CTX *ctx;
