@@ -3461,7 +3461,7 @@ static PyObject *conn_get_state(ConnObject *c, void *unused) {
                          secs(c->last_activity), secs(c->wait_started));
 }
 
- /* set_protocol(protocol): as asyncio's transports (a server after its TLS handshake). */
+/* set_protocol(protocol): as asyncio's transports (a server after its TLS handshake). */
 static PyObject *conn_set_protocol(ConnObject *c, PyObject *protocol) {
     Py_XSETREF(c->protocol, Py_NewRef(protocol));
     Py_RETURN_NONE;
@@ -4384,7 +4384,7 @@ static int engine_set_client_tls(EngineObject *e, PyObject *value, void *unused)
     return 0;
 }
 
- static PyObject *engine_get_client_tls_required(EngineObject *e, void *unused) {
+static PyObject *engine_get_client_tls_required(EngineObject *e, void *unused) {
     return PyBool_FromLong(e->client_tls_required);
 }
 
