@@ -23,6 +23,12 @@ What it does, all on 127.0.0.1:
    idle client (RSS after login minus RSS before, divided by the number of clients).
 4. Prints the tables with the pgpilot / PgBouncer ratio per case and writes
    ``bench/results/pooler.json`` and ``bench/results/pooler.md``.
+5. The ``tls-*`` cases (issue 27) encrypt one side or the other with the same certificate for
+   both poolers (a test CA and a server certificate made for the run): ``client_tls_sslmode =
+   require`` with pgbench's ``PGSSLMODE=require``, or ``server_tls_sslmode = require`` to a
+   PostgreSQL with ``ssl = on`` (the embedded one is then started from the system's
+   binaries, built with OpenSSL; a ``--dsn`` server must have ssl on already). Cipher and
+   protocol are each library's default (TLS 1.3, AES-256-GCM here, both sides).
 
 The poolers, pgbench, the load generator and PostgreSQL share the machine's cores; the numbers
 are only comparable within one run, which is why every case alternates the two poolers.
@@ -95,6 +101,10 @@ class Case:
     # log_connections / log_disconnections on (both poolers' defaults), each pooler writing
     # its lines once, to its stderr (a file)
     logging: bool = False
+    # TLS between pgbench and the pooler (client_tls_sslmode = require, PGSSLMODE=require)
+    client_tls: bool = False
+    # TLS between the pooler and PostgreSQL (server_tls_sslmode = require)
+    server_tls: bool = False
 
 
 CASES: tuple[Case, ...] = (
@@ -137,6 +147,18 @@ CASES: tuple[Case, ...] = (
          direct=False, note="the poolers' default logging: a line per login and per leaving"),
     Case("scale-10k", "10,000 clients held open, 100 running queries, <= 100 server conns",
          kind="scale", clients=10_000, pool_size=100, direct=False),
+    Case("tls-client-simple-10", "client TLS (require): pgbench -S -M simple, 10 clients",
+         args=("-S", "-M", "simple"), clients=10, client_tls=True, direct=False),
+    Case("tls-client-extended-100", "client TLS (require): pgbench -S -M extended, 100 clients",
+         args=("-S", "-M", "extended"), clients=100, client_tls=True, direct=False),
+    Case("tls-server-simple-10", "server TLS (require): pgbench -S -M simple, 10 clients",
+         args=("-S", "-M", "simple"), clients=10, server_tls=True, direct=False),
+    Case("tls-server-extended-100", "server TLS (require): pgbench -S -M extended, 100 clients",
+         args=("-S", "-M", "extended"), clients=100, server_tls=True, direct=False),
+    Case("tls-churn-10", "client TLS churn: pgbench -S -C with PGSSLMODE=require, 10 clients",
+         args=("-S", "-M", "simple", "-C"), clients=10, client_tls=True, direct=False,
+         note="a TLS handshake (and a login) per transaction; trust auth, so that the row "
+              "measures TLS and not SCRAM"),
 )
 CASE_NAMES = [c.name for c in CASES]
 
@@ -289,7 +311,73 @@ class Upstream:
             "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"))
 
 
-def start_upstream(args: argparse.Namespace, workdir: Path) -> Upstream:
+@dataclass(frozen=True)
+class TLSFiles:
+    """The run's certificates: a CA and a server certificate for 127.0.0.1 / localhost,
+    readable by PgBouncer's user (it runs as nobody under root)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(folder: Path) -> TLSFiles:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(mode=0o755, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("pgpilot bench CA"))
+          .issuer_name(name("pgpilot bench CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("localhost"))
+            .issuer_name(name("pgpilot bench CA")).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]),
+                critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    files = TLSFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    for path in (files.ca, files.cert, files.key):
+        path.chmod(0o644)
+    return files
+
+
+TLS: TLSFiles | None = None  # made in main() when a case needs TLS
+
+
+def system_bin_dir_with_openssl() -> Path:
+    out = subprocess.run(["pg_config", "--configure", "--bindir"], capture_output=True,
+                         text=True, check=False).stdout if shutil.which("pg_config") else ""
+    if "openssl" not in out:
+        raise SystemExit("the server TLS cases need a PostgreSQL built with OpenSSL "
+                         "(pg_config not found or without --with-openssl)")
+    return Path(out.strip().splitlines()[-1])
+
+
+def start_upstream(args: argparse.Namespace, workdir: Path, server_tls: bool = False) -> Upstream:
     if args.dsn:
         url = urlparse(args.dsn)
         if url.hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -297,14 +385,33 @@ def start_upstream(args: argparse.Namespace, workdir: Path) -> Upstream:
         up = Upstream(port=url.port or 5432, admin_user=unquote(url.username or "postgres"),
                       admin_password=unquote(url.password) if url.password else None,
                       psql_host=HOST)
+        if server_tls and up.psql("SHOW ssl") != "on":
+            raise SystemExit("the server TLS cases need ssl = on in the --dsn PostgreSQL "
+                             "(or no --dsn: an embedded one is started with it)")
     else:
         from pgpilot.embedded import EmbeddedPostgres
 
         data_dir = Path(args.data_dir) if args.data_dir else workdir / "pgdata"
-        pg = EmbeddedPostgres(data_dir, settings={
-            "max_connections": "1200", "shared_buffers": "256MB",
-            "max_files_per_process": "200"})
-        log(f"starting embedded PostgreSQL in {data_dir}")
+        settings = {"max_connections": "1200", "shared_buffers": "256MB",
+                    "max_files_per_process": "200"}
+        bin_dir = None
+        if server_tls:
+            assert TLS is not None
+            settings.update({"ssl": "on", "ssl_cert_file": "server.crt",
+                             "ssl_key_file": "server.key"})
+            bin_dir = system_bin_dir_with_openssl()
+        pg = EmbeddedPostgres(data_dir, bin_dir=bin_dir, settings=settings)
+        if server_tls:
+            from pgpilot.embedded import SERVER_USER
+
+            assert TLS is not None
+            pg.init()
+            for src_file, dest in ((TLS.cert, "server.crt"), (TLS.key, "server.key")):
+                shutil.copy(src_file, data_dir / dest)
+                (data_dir / dest).chmod(0o600)
+                with contextlib.suppress(OSError, LookupError):
+                    shutil.chown(data_dir / dest, SERVER_USER, SERVER_USER)
+        log(f"starting embedded PostgreSQL in {data_dir}" + (" (ssl = on)" if server_tls else ""))
         pg.start(timeout=120)
         up = Upstream(port=pg.port, admin_user="postgres", admin_password=None,
                       psql_host=str(pg.socket_dir), embedded=pg)
@@ -415,6 +522,15 @@ def pooler_ini(kind: str, case: Case, port: int, up: Upstream, userlist: Path) -
         f"log_disconnections = {int(case.logging)}",
         "stats_period = 60",
     ]
+    if case.client_tls or case.server_tls:
+        assert TLS is not None
+    if case.client_tls and TLS is not None:
+        lines += ["client_tls_sslmode = require", f"client_tls_cert_file = {TLS.cert}",
+                  f"client_tls_key_file = {TLS.key}"]
+    if case.server_tls:
+        lines += ["server_tls_sslmode = require"]
+    else:
+        lines += ["server_tls_sslmode = disable"]  # as before these cases (PgBouncer's default)
     if kind == "pgbouncer":
         lines += ["pidfile =", "logfile ="]
         if share > 1:
@@ -502,10 +618,10 @@ def pgbench_cmd(case: Case, port: int, seconds: float, log_prefix: Path | None,
     return [*cmd, BENCH_DB]
 
 
-def pgbench_env() -> dict[str, str]:
+def pgbench_env(client_tls: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env["PGPASSWORD"] = BENCH_PASSWORD
-    env["PGSSLMODE"] = "disable"
+    env["PGSSLMODE"] = "require" if client_tls else "disable"
     env["PGAPPNAME"] = ""
     return env
 
@@ -544,7 +660,8 @@ def run_pgbench(case: Case, port: int, seconds: float, tmp: Path, with_log: bool
     log_dir = Path(tempfile.mkdtemp(prefix="pgbench-log-", dir=tmp))
     cmd = pgbench_cmd(case, port, seconds, log_dir / "tx" if with_log else None, user)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=pgbench_env(),
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env=pgbench_env(case.client_tls),
                               timeout=seconds + 300, cwd=log_dir)
         lats = read_latencies(log_dir) if with_log else []
     finally:
@@ -1228,7 +1345,10 @@ def main(argv: list[str] | None = None) -> int:
     up: Upstream | None = None
     report: dict[str, Any] = {}
     try:
-        up = start_upstream(args, tmp)
+        global TLS
+        if any(c.client_tls or c.server_tls for c in cases):
+            TLS = make_tls_files(tmp / "tls")
+        up = start_upstream(args, tmp, server_tls=any(c.server_tls for c in cases))
         secret = prepare_data(up, st.scale, reuse=bool(args.data_dir or args.dsn))
         rows = st.scale * 100_000
         report = {

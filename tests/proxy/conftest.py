@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -145,6 +147,25 @@ def forced_user_databases(pg_params: dict[str, str]) -> dict[str, str]:
                     f"dbname={pg_params['dbname']} user={pg_params['user']}{password}"}
 
 
+_VARIANT_CERTS: list[tuple[str, str]] = []
+
+
+def _tls_variant_settings() -> dict[str, Any]:
+    """PGPILOT_TEST_CLIENT_TLS=1: every test pooler offers client TLS (``prefer``), so that
+    psycopg, asyncpg and pgbench, which ask for it by default, run the test file encrypted
+    (the fast path's TLS: _fastpath_tls.c); raw-socket clients stay in clear text."""
+    if not os.environ.get("PGPILOT_TEST_CLIENT_TLS"):
+        return {}
+    if not _VARIANT_CERTS:
+        from tests.proxy.test_tls import Certs
+
+        certs = Certs(Path(tempfile.mkdtemp(prefix="pgpilot-tls-variant-")))
+        _VARIANT_CERTS.append((str(certs.cert), str(certs.key)))
+    cert, key = _VARIANT_CERTS[0]
+    return {"client_tls_sslmode": "prefer", "client_tls_cert_file": cert,
+            "client_tls_key_file": key}
+
+
 def write_config(tmp: Path, upstream: dict[str, str], settings: dict[str, Any],
                  databases: dict[str, str] | None = None, users: dict[str, str] | None = None,
                  userlist: dict[str, str] | None = None) -> tuple[Path, int]:
@@ -164,6 +185,8 @@ def write_config(tmp: Path, upstream: dict[str, str], settings: dict[str, Any],
         "pool_mode": "transaction", "default_pool_size": 5, "max_client_conn": 1000,
         "server_login_retry": 1, "admin_users": upstream["user"],
     }
+    if "client_tls_sslmode" not in settings:
+        base.update(_tls_variant_settings())
     base.update(settings)
     lines = ["[databases]"] + [f"{k} = {v}" for k, v in dbs.items()]
     if users:

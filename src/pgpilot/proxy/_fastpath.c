@@ -242,6 +242,12 @@ struct ConnObject {
     ConnObject *pt_prev, *pt_next;
     int in_partial;
     PyObject *weakreflist;
+    /* TLS (_fastpath_tls.c): the session (an SSL*; NULL: plain), its TLS_* state, the errno
+     * of its socket's last failed call, raw bytes this read event took */
+    void *tls;
+    unsigned tls_state;
+    int tls_errno;
+    size_t tls_raw_in;
 };
 
 struct PoolObject {
@@ -307,6 +313,9 @@ struct EngineObject {
     time_t log_second;
     char log_time[40];
     long long log_dropped; /* lines a full log descriptor did not take (log_flush) */
+    /* client TLS done by the engine (a TLSContext; NULL: an SSLRequest is answered 'N') */
+    PyObject *client_tls;
+    int client_tls_required; /* client_tls_sslmode require or stronger: no route in clear */
 };
 
 static PyTypeObject ConnType, PoolType, EngineType;
@@ -485,6 +494,10 @@ static void drop_engine_ref(ConnObject *c) {
 /* -- writing ----------------------------------------------------------------------------- */
 static void conn_lost(ConnObject *c, PyObject *exc);
 static void lost_errno(ConnObject *c, int err);
+static int conn_send(ConnObject *c, const char *data, size_t n);
+
+/* The TLS I/O layer (TLSContext, Conn.start_tls, and tls_* below): its own file. */
+#include "_fastpath_tls.c"
 
 static void write_pressure(ConnObject *c) {
     size_t pending = buf_len(&c->wb);
@@ -508,6 +521,11 @@ static void write_pressure(ConnObject *c) {
 static int conn_send(ConnObject *c, const char *data, size_t n) {
     if (c->flags & F_CLOSED) return 0;
     if (!n) return 0;
+    if (tls_active(c)) {
+        if (tls_send(c, data, n) < 0) return -1;
+        write_pressure(c);
+        return 0;
+    }
     size_t sent = 0;
     if (!buf_len(&c->wb)) {
         ssize_t r = sock_send(c->fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -2509,6 +2527,8 @@ static int claim(ConnObject *c) {
 static int route_login(ConnObject *c, const char *packet, size_t n) {
     EngineObject *e = c->engine;
     if (!e->routes || !PyDict_GET_SIZE(e->routes)) return 0;
+    /* TLS required: a client in clear text is Python's to refuse, whatever route it names. */
+    if (e->client_tls_required && !tls_active(c)) return 0;
     PyObject *key = PyBytes_FromStringAndSize(packet, (Py_ssize_t)n);
     PyObject *route = key ? PyDict_GetItemWithError(e->routes, key) : NULL;
     Py_XDECREF(key);
@@ -2627,6 +2647,7 @@ static void route_welcome(ConnObject *c, PyObject *final) {
 /* -- reading ----------------------------------------------------------------------------- */
 static void conn_close_fd(ConnObject *c) {
     if (c->flags & F_CLOSED) return;
+    tls_close(c);
     partial_remove(c);
     c->flags |= F_CLOSED;
     if (c->registered) {
@@ -3009,6 +3030,20 @@ static int read_buffered(ConnObject *c, size_t want) {
         conn_lost(c, NULL);
         return 0;
     }
+    if (tls_active(c)) {
+        ssize_t n = tls_recv(c, tls_scratch);
+        if (n < 0) return 0; /* nothing yet, or lost (Python was told) */
+        if (n == 0) {
+            conn_lost(c, NULL);
+            return 0;
+        }
+        if (buf_append(&c->rb, tls_scratch, (size_t)n) < 0) {
+            PyErr_Clear();
+            conn_lost(c, NULL);
+            return 0;
+        }
+        return 1;
+    }
     ssize_t n = sock_recv(c->fd, c->rb.p + c->rb.end, c->rb.cap - c->rb.end, MSG_DONTWAIT);
     if (n < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) lost_errno(c, errno);
@@ -3031,13 +3066,25 @@ static void on_readable(ConnObject *c) {
         handoff_receive(c);
         return;
     }
+    if (c->tls_state & TLS_HANDSHAKE) {
+        tls_handshake_step(c);
+        return;
+    }
     if (c->scram) {
         if (read_buffered(c, 4096)) scram_pump(c);
         return;
     }
     if (c->mode == MODE_SLOW) {
-        char chunk[READ_CHUNK];
-        ssize_t n = sock_recv(c->fd, chunk, sizeof chunk, MSG_DONTWAIT);
+        char plain_chunk[READ_CHUNK];
+        char *chunk = plain_chunk;
+        ssize_t n;
+        if (tls_active(c)) {
+            chunk = tls_scratch; /* decrypted: up to TLS_SCRATCH bytes */
+            n = tls_recv(c, chunk);
+            if (n < 0) return; /* nothing yet, or lost (Python was told) */
+        } else {
+            n = sock_recv(c->fd, chunk, READ_CHUNK, MSG_DONTWAIT);
+        }
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
             lost_errno(c, errno);
@@ -3066,6 +3113,8 @@ static void on_readable(ConnObject *c) {
                     return;
                 }
                 c->flags |= asked;
+                /* Engine.client_tls set: 'S', and the handshake follows (_fastpath_tls.c). */
+                if (asked == F_SSL_ASKED && !tls_active(c) && tls_accept_client(c)) return;
                 if (conn_send(c, "N", 1) < 0) lost_errno(c, errno);
                 return;
             }
@@ -3192,6 +3241,7 @@ static void conn_dealloc(ConnObject *c) {
         c->engine->n_conns--;
         if (c->flags & F_COUNTED) uncount_client(c);
     }
+    tls_free(c);
     buf_free(&c->rb);
     buf_free(&c->wb);
     scram_free(c);
@@ -3296,7 +3346,10 @@ static PyObject *conn_get_extra_info(ConnObject *c, PyObject *args) {
         PyObject *v = PyDict_GetItemWithError(c->extra, name);
         if (v) return Py_NewRef(v);
         if (PyErr_Occurred()) return NULL;
-    } else if (c->peer_addr.sa.sa_family != AF_UNSPEC && PyUnicode_Check(name)) {
+    }
+    if (c->tls && PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, "peercert") == 0)
+        return tls_peercert(c);
+    if (!c->extra && c->peer_addr.sa.sa_family != AF_UNSPEC && PyUnicode_Check(name)) {
         /* An engine listener's client: its addresses, made now. */
         if (PyUnicode_CompareWithASCIIString(name, "peername") == 0)
             return address_tuple(&c->peer_addr.sa);
@@ -3408,7 +3461,27 @@ static PyObject *conn_get_state(ConnObject *c, void *unused) {
                          secs(c->last_activity), secs(c->wait_started));
 }
 
+/* set_protocol(protocol): as asyncio's transports (a server after its TLS handshake). */
+static PyObject *conn_set_protocol(ConnObject *c, PyObject *protocol) {
+    Py_XSETREF(c->protocol, Py_NewRef(protocol));
+    Py_RETURN_NONE;
+}
+
+static PyObject *conn_get_protocol(ConnObject *c, PyObject *unused) {
+    return Py_NewRef(c->protocol ? c->protocol : Py_None);
+}
+
+static PyObject *conn_get_tls(ConnObject *c, void *unused) {
+    return PyBool_FromLong(c->tls != NULL && !(c->tls_state & TLS_HANDSHAKE));
+}
+
 static PyMethodDef conn_methods[] = {
+    {"set_protocol", (PyCFunction)conn_set_protocol, METH_O, "Change the protocol object."},
+    {"get_protocol", (PyCFunction)conn_get_protocol, METH_NOARGS, NULL},
+    {"start_tls", (PyCFunction)conn_start_tls, METH_VARARGS,
+     "start_tls(context, host=None, verify_host=False): begin a TLS handshake on this fresh "
+     "socket (the engine's TLS: _fastpath_tls.c); protocol.tls_done() follows, or "
+     "connection_lost(exc) with exc.tls_reason / verify_code / verify_message."},
     {"claim", (PyCFunction)conn_claim, METH_NOARGS,
      "The client's protocol object, made now if the engine logged it in alone."},
     {"write", (PyCFunction)conn_write, METH_O, "Send bytes (as asyncio.Transport.write)."},
@@ -3440,6 +3513,8 @@ static PyGetSetDef conn_getset[] = {
     {"peer", (getter)conn_get_peer, NULL, "The linked connection's protocol, if linked in C.",
      NULL},
     {"fast_state", (getter)conn_get_state, NULL, "The fast path's view of a client.", NULL},
+    {"tls", (getter)conn_get_tls, NULL, "Encrypted by the engine (handshake done)?", NULL},
+    {"tls_info", (getter)conn_get_tls_info, NULL, "'version/cipher' of its TLS, or ''.", NULL},
     {NULL}};
 
 static PyTypeObject ConnType = {
@@ -3718,6 +3793,7 @@ static int engine_traverse(EngineObject *e, visitproc visit, void *arg) {
     Py_VISIT(e->log_drain);
     Py_VISIT(e->handoff_in);
     Py_VISIT(e->handoff_listener);
+    Py_VISIT(e->client_tls);
     return 0;
 }
 
@@ -3732,6 +3808,7 @@ static int engine_clear(EngineObject *e) {
     Py_CLEAR(e->log_drain);
     Py_CLEAR(e->handoff_in);
     Py_CLEAR(e->handoff_listener);
+    Py_CLEAR(e->client_tls);
     if (e->counters) {
         counter_set(e, e->me, SLOT_ACCEPTING, 0);
         e->counters = NULL;
@@ -4294,7 +4371,36 @@ static PyMethodDef engine_methods[] = {
     {"unwatch", (PyCFunction)engine_unwatch, METH_O, "unwatch(fd): take it out again."},
     {NULL}};
 
+static PyObject *engine_get_client_tls(EngineObject *e, void *unused) {
+    return Py_NewRef(e->client_tls ? e->client_tls : Py_None);
+}
+
+static int engine_set_client_tls(EngineObject *e, PyObject *value, void *unused) {
+    if (value && value != Py_None && !TLS_TYPE_CHECK(value)) {
+        PyErr_SetString(PyExc_TypeError, "client_tls must be a TLSContext or None");
+        return -1;
+    }
+    Py_XSETREF(e->client_tls, value && value != Py_None ? Py_NewRef(value) : NULL);
+    return 0;
+}
+
+static PyObject *engine_get_client_tls_required(EngineObject *e, void *unused) {
+    return PyBool_FromLong(e->client_tls_required);
+}
+
+static int engine_set_client_tls_required(EngineObject *e, PyObject *value, void *unused) {
+    int on = value ? PyObject_IsTrue(value) : 0;
+    if (on < 0) return -1;
+    e->client_tls_required = on;
+    return 0;
+}
+
 static PyGetSetDef engine_getset[] = {
+    {"client_tls_required", (getter)engine_get_client_tls_required,
+     (setter)engine_set_client_tls_required,
+     "client_tls_sslmode requires TLS: a client in clear text follows no login route.", NULL},
+    {"client_tls", (getter)engine_get_client_tls, (setter)engine_set_client_tls,
+     "The TLSContext an engine listener's clients get after SSLRequest (None: 'N').", NULL},
     {"connections", (getter)engine_get_n_conns, NULL, "Open sockets.", NULL},
     {"phantoms", (getter)engine_get_phantoms, NULL, "Clients with no Python object yet.", NULL},
     {"log_lines_dropped", (getter)engine_get_log_dropped, NULL,
@@ -4370,5 +4476,9 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyModule_AddIntConstant(m, "EJECT_LINKED", EJECT_LINKED);
     PyModule_AddIntConstant(m, "EJECT_ATTACH", EJECT_ATTACH);
     PyModule_AddIntConstant(m, "EJECT_WAITING", EJECT_WAITING);
+    if (tls_module_init(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -38,6 +38,7 @@ import pgpilot
 from pgpilot.proxy.client import CLIENT_CLOSED
 from pgpilot.proxy.config import Config, ConfigError, load_config
 from pgpilot.proxy.console_set import STARTUP_ONLY, ConsoleSetError, console_set, parse_set
+from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.hazards import HINTS
 from pgpilot.proxy.login_rules import peer_credentials
 from pgpilot.proxy.states import ClientState, ServerState
@@ -1084,6 +1085,8 @@ def _config_text(key: str, value: object) -> str:
 def _tls_info(transport: Any) -> str:
     if transport is None:
         return ""
+    if is_fast_conn(transport):
+        return str(transport.tls_info)  # TLS in the engine (_fastpath_tls.c), or ""
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return ""

@@ -407,6 +407,9 @@ class ClientConnection(asyncio.Protocol):
     def _tls_refused(self) -> bool:
         """client_tls_sslmode requires TLS and this client came without: refuse it."""
         tls_mode = self.pooler.config.client_tls_sslmode
+        if not self.tls and is_fast_conn(self.transport) \
+                and self.transport.tls:  # type: ignore[union-attr]
+            self.tls = True  # the engine answered its SSLRequest and did the handshake
         if not self.tls and self.addr != "unix" and tls_mode in CLIENT_TLS_REQUIRED:
             self.fail("28000", "SSL required", hint=f"The pooler has client_tls_sslmode = "
                       f"{tls_mode}: connect with sslmode=require (or verify-ca/verify-full).")
@@ -434,6 +437,10 @@ class ClientConnection(asyncio.Protocol):
         """Logging in and waiting on a server: a first server's parameters (Pool.welcome)
         or the auth_query lookup (the janitor applies query_timeout to the wait)."""
         return self._login_task is not None
+
+    def tls_done(self) -> None:
+        """The engine finished this client's TLS handshake (Python answered its SSLRequest:
+        ``FastPath.start_client_tls``); its StartupMessage comes next, encrypted."""
 
     def restart_startup(self) -> None:
         """After a TLS upgrade, the startup packet comes again over the encrypted stream."""
@@ -807,6 +814,8 @@ class ClientConnection(asyncio.Protocol):
         (time.monotonic()) and held with no Python object until now: its times count from
         the accept (client_login_timeout, SHOW CLIENTS' connect_time)."""
         self.connection_made(conn)
+        if getattr(conn, "tls", False):
+            self.tls = True  # the engine did its TLS handshake
         self.last_activity = accepted
         self.connect_time = self.request_time = time.time() - (time.monotonic() - accepted)
 
@@ -858,8 +867,8 @@ class ClientConnection(asyncio.Protocol):
         if router is not None and (router.outstanding or router.held or router.skipping):
             return
         transport = self.transport
-        if transport is None or self.tls:
-            return
+        if transport is None or (self.tls and not is_fast_conn(transport)):
+            return  # asyncio's SSL transport stays in Python
         # What login gathered goes out now, on this transport: a write on the fast path
         # would hand the client straight back to Python.
         self._uncork()

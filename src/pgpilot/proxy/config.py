@@ -286,6 +286,9 @@ class Config:
     # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
     # the pure-Python pooler (also what runs when the extension was not built)
     fast_path: bool = True
+    # TLS inside the fast path (_fastpath_tls.c, OpenSSL): off = TLS connections stay on
+    # asyncio's SSL transport in Python, as without OpenSSL's headers at build time
+    fast_path_tls: bool = True
     # read replicas (proxy/routing.py), for [databases] entries naming replicas=
     read_write_split: bool = True
     replica_max_lag_bytes: int = 0  # 0 = no bound
@@ -569,6 +572,7 @@ _SETTINGS: dict[str, _Setting] = {
     "workers": _Setting(_positive),
     "shutdown_timeout": _Setting(_seconds),
     "fast_path": _Setting(_bool),
+    "fast_path_tls": _Setting(_bool),
     "read_write_split": _Setting(_bool),
     "replica_max_lag_bytes": _Setting(_count),
     "replica_max_lag_ms": _Setting(_count),

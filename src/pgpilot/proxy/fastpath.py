@@ -24,10 +24,12 @@ and the pooler is the pure-Python one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import selectors
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,7 @@ except ImportError:  # pragma: no cover - built without a C compiler
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
+    from pgpilot.proxy.config import Config
     from pgpilot.proxy.pool import Pool
     from pgpilot.proxy.pooler import Pooler
     from pgpilot.proxy.server import ServerConnection
@@ -71,6 +74,82 @@ def available() -> bool:
 
 def is_fast_conn(transport: object) -> bool:
     return _fastpath is not None and type(transport) is _fastpath.Conn
+
+
+def tls_available() -> bool:
+    """Was the engine built with OpenSSL (``_fastpath_tls.c``)?"""
+    return _fastpath is not None and hasattr(_fastpath, "TLSContext")
+
+
+def engine_tls_contexts(config: Config) -> tuple[Any, Any]:
+    """The engine's (client side, server side) TLS contexts for ``config``, made from the
+    same settings as tls.py's ``ssl`` contexts; None where TLS is off. Raises OSError when
+    a key, certificate or CA file is unusable."""
+    assert _fastpath is not None
+    client = server = None
+    mode = config.client_tls_sslmode
+    if mode != "disable" and config.client_tls_cert_file and config.client_tls_key_file:
+        # As tls.client_ssl_context: verify-ca/-full need a certificate; with a CA file, one
+        # a client sends is asked for and checked in every mode (auth_type = cert).
+        verify = 2 if mode in ("verify-ca", "verify-full") \
+            else 1 if config.client_tls_ca_file else 0
+        client = _fastpath.TLSContext(True, config.client_tls_cert_file,
+                                      config.client_tls_key_file, config.client_tls_ca_file,
+                                      verify)
+    mode = config.server_tls_sslmode
+    if mode != "disable":
+        have_cert = bool(config.server_tls_cert_file and config.server_tls_key_file)
+        server = _fastpath.TLSContext(
+            False, config.server_tls_cert_file if have_cert else None,
+            config.server_tls_key_file if have_cert else None, config.server_tls_ca_file,
+            2 if mode in ("verify-ca", "verify-full") else 0)
+    return client, server
+
+
+class _TLSHandshake:
+    """A server socket's protocol while the engine does its TLS handshake."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.early = bytearray()
+
+    def tls_done(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data  # the server spoke before its protocol took over: kept for it
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(tls_error(exc))
+
+
+def tls_error(exc: BaseException | None) -> Exception:
+    """What the engine's failed handshake means, as Python's ssl module says it."""
+    if exc is None:
+        return ConnectionResetError("the server closed the connection during the TLS handshake")
+    verify_code = getattr(exc, "verify_code", 0)
+    if verify_code:
+        message = str(getattr(exc, "verify_message", "")) or "certificate verify failed"
+        err = ssl.SSLCertVerificationError(
+            1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}")
+        err.verify_code = verify_code
+        err.verify_message = message
+        err.reason = "CERTIFICATE_VERIFY_FAILED"
+        return err
+    reason = getattr(exc, "tls_reason", None)
+    if reason is not None:
+        tls_err = ssl.SSLError(1, str(reason))
+        tls_err.reason = str(reason)
+        return tls_err
+    return exc if isinstance(exc, Exception) else ConnectionError(str(exc))
 
 
 class _Detached(asyncio.Protocol):
@@ -205,6 +284,92 @@ class FastPath:
         self._params_ids: dict[tuple[object, ...], int] = {}
         self._last_params_id = 0
         self._settled: list[ClientConnection] = []  # taken back by settle(), for refill()
+        # TLS in the engine (_fastpath_tls.c): contexts for clients and for servers; None:
+        # that side's TLS (if any) stays on asyncio's SSL transport.
+        self.client_tls: Any = None
+        self.server_tls: Any = None
+        self._tls_on = pooler.config.fast_path_tls  # read at start, as fast_path
+        self.configure_tls(pooler.config)
+
+    def configure_tls(self, config: Config) -> None:
+        """Make the engine's TLS contexts for ``config`` (at start, and at RELOAD: kept as
+        they were when the new files are unusable, as Python's contexts are)."""
+        wanted = config.client_tls_sslmode != "disable" or config.server_tls_sslmode != "disable"
+        if not self._tls_on or not wanted:
+            client = server = None
+        elif not tls_available():
+            if config.client_tls_sslmode != "disable" or config.server_tls_sslmode not in (
+                    "disable", "allow", "prefer"):
+                log.info("the fast path was built without OpenSSL: TLS connections stay on "
+                         "Python's TLS path (install libssl-dev and rebuild to change that)")
+            client = server = None
+        else:
+            try:
+                client, server = engine_tls_contexts(config)
+            except OSError as exc:
+                log.error("TLS settings not applied to the fast path: %s", exc)
+                return
+        self.client_tls, self.server_tls = client, server
+        self.engine.client_tls = client
+        # Login routes (engine logins) serve TLS clients too; never one in clear text when
+        # TLS is required (Python refuses those, as it does any client).
+        self.engine.client_tls_required = config.client_tls_sslmode in (
+            "require", "verify-ca", "verify-full")
+
+    async def start_server_tls(self, transport: asyncio.Transport, protocol: asyncio.Protocol,
+                               host: str, mode: str) -> Any:
+        """After a server's 'S': move its socket into the engine and do the TLS handshake
+        there (verify-full: ``host`` must be named by its certificate); then ``protocol``
+        gets the engine ``Conn`` (connection_made) and logs in through it. Raises as
+        ``loop.start_tls`` would (ssl.SSLCertVerificationError, ssl.SSLError, OSError)."""
+        if self.pooler.config.tcp_keepalive:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        waiter = _TLSHandshake(self.loop)
+        conn = self._take_socket(transport, waiter, True)
+        try:
+            conn.start_tls(self.server_tls, host, mode == "verify-full")
+            await waiter.done
+        except BaseException:
+            conn.abort()
+            raise
+        conn.set_protocol(protocol)
+        protocol.connection_made(conn)
+        if waiter.early:
+            protocol.data_received(bytes(waiter.early))
+        return conn
+
+    def start_client_tls(self, client: ClientConnection) -> bool:
+        """A client on an engine ``Conn`` whose SSLRequest Python read: answer 'S' and let
+        the engine do its handshake. False when the engine has no client TLS."""
+        conn: Any = client.transport
+        if self.client_tls is None or not is_fast_conn(conn):
+            return False
+        conn.write(b"S")
+        conn.start_tls(self.client_tls)
+        return True
+
+    def _take_socket(self, transport: asyncio.BaseTransport, proto: Any, is_server: bool) -> Any:
+        """The socket of an asyncio ``transport`` as an engine ``Conn`` (the transport is
+        closed, the socket lives on)."""
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            raise ConnectionError("the connection has no socket to hand to the fast path")
+        extra: dict[str, Any] = {name: transport.get_extra_info(name)
+                                 for name in ("peername", "sockname")}
+        fd = os.dup(sock.fileno())
+        transport.pause_reading()  # type: ignore[attr-defined]
+        transport.set_protocol(_Detached())
+        transport.abort()  # type: ignore[attr-defined]
+        try:
+            return self.engine.connection(fd, proto, extra, is_server)
+        except OSError:
+            raise  # epoll refused it (the engine has closed ``fd``)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def close(self) -> None:
         self.forget_routes()
@@ -435,7 +600,7 @@ def routes_allowed(pooler: Pooler, client: ClientConnection) -> bool:
     to see each login or each client on its own: connection logging, per-client timeouts,
     client limits per database or user, host-based rules, the address in application_name."""
     cfg = pooler.config
-    if pooler.stopping or client.is_admin or client.tls \
+    if pooler.stopping or client.is_admin \
             or cfg.application_name_add_host or cfg.auth_hba_file \
             or cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout \
             or cfg.max_db_client_connections or cfg.max_user_client_connections:

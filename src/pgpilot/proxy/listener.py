@@ -59,7 +59,10 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     reuse_port = cfg.so_reuseport or cfg.workers > 1
     for addr in cfg.listen_addresses:
         host: str | None = None if addr == "*" else addr
-        if pooler.fast is not None and pooler.ssl_context is None:
+        # Client TLS is served by the engine's listener when the engine has it (fastpath.py,
+        # _fastpath_tls.c); otherwise by asyncio's, with Python's ssl.
+        if pooler.fast is not None and (pooler.ssl_context is None
+                                        or pooler.fast.client_tls is not None):
             for sock in await bind_tcp(host, cfg.listen_port, cfg.listen_backlog, reuse_port):
                 deferred = tune_accept(sock, cfg.tcp_defer_accept)
                 servers.append(pooler.fast.listen(sock, factory, cfg.tcp_keepalive, deferred))

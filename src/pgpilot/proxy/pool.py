@@ -322,7 +322,8 @@ class Pool:
                 else:
                     await negotiate_server_tls(server, host=host, port=self.db.port, config=cfg,
                                                context=self.pooler.server_ssl_context,
-                                               mode="require" if tls_retry else None)
+                                               mode="require" if tls_retry else None,
+                                               fast=self.pooler.fast)
                 await server.login_done
                 if cfg.log_connections:  # PgBouncer's words
                     local = server.local_addr

@@ -233,7 +233,9 @@ class Pooler:
         tls_changed = server_tls_settings(old) != server_tls_settings(config)
         self.config = config
         self.ssl_context, self.server_ssl_context = client_ctx, server_ctx
-        if client_ctx is not None:
+        if self.fast is not None:
+            self.fast.configure_tls(config)
+        if client_ctx is not None and (self.fast is None or self.fast.client_tls is None):
             self._listeners_to_asyncio()
         for (db_name, _user), pool in list(self.pools.items()):
             new_db = config.database_for(db_name)
@@ -369,14 +371,20 @@ class Pooler:
         return secret
 
     def handle_ssl_request(self, client: ClientConnection) -> None:
-        if client.tls:
+        if client.tls or getattr(client.transport, "tls", False):  # (the engine's TLS)
             client.fail("08P01", "protocol violation: SSLRequest on an encrypted connection")
             return
         if self.ssl_context is None or self.config.client_tls_sslmode == "disable" \
-                or client.addr == "unix" or is_fast_conn(client.transport):
-            # (A client the fast path accepted before a RELOAD turned TLS on: its socket is
-            # the engine's, which speaks no TLS.)
+                or client.addr == "unix":
             client.write(b"N")
+            return
+        if is_fast_conn(client.transport):
+            # The engine's socket: its TLS is the engine's (without it, 'N').
+            if self.fast is None or not self.fast.start_client_tls(client):
+                client.write(b"N")
+                return
+            client.tls = True  # nothing but the handshake, then encrypted bytes, comes now
+            client.restart_startup()
             return
         from pgpilot.proxy.listener import upgrade_client_tls
 

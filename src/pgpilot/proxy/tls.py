@@ -26,10 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pgpilot.proxy.config import Config
 from pgpilot.wire import messages as m
+
+if TYPE_CHECKING:
+    from pgpilot.proxy.fastpath import FastPath
 
 __all__ = [
     "CLIENT_TLS_REQUIRED",
@@ -131,12 +134,15 @@ class _SSLAnswer(asyncio.Protocol):
 
 async def negotiate_server_tls(
     protocol: asyncio.Protocol, *, host: str, port: int, config: Config,
-    context: ssl.SSLContext | None, mode: str | None = None,
+    context: ssl.SSLContext | None, mode: str | None = None, fast: FastPath | None = None,
 ) -> asyncio.BaseTransport:
     """Connect to ``host:port``, do the SSLRequest exchange ``server_tls_sslmode`` asks for,
     and hand the (possibly TLS) transport to ``protocol`` (its ``connection_made`` is called).
 
     ``mode`` overrides ``server_tls_sslmode`` (``allow``'s second attempt asks for TLS).
+    ``fast``: the pooler's fast path; when it has a server-side TLS context, the handshake
+    and everything after it run in the engine (``FastPath.start_server_tls``) and the
+    returned transport is the engine's ``Conn``.
     Raises ``TLSNegotiationError`` (TLS needed but refused, or a broken answer), ``OSError``
     or ``ssl.SSLError`` (handshake or certificate check failed).
     """
@@ -150,9 +156,12 @@ async def negotiate_server_tls(
     try:
         answer = await negotiation.answer
         if answer == b"S":
+            if fast is not None and fast.server_tls is not None:
+                return cast(asyncio.BaseTransport, await fast.start_server_tls(
+                    raw, protocol, host, mode))
             tls = await loop.start_tls(
                 raw, protocol, context,
-                server_hostname=host if mode == "verify-full" else None,
+                server_hostname=host,  # SNI (never an address), as libpq; checked in verify-full
                 ssl_handshake_timeout=config.server_connect_timeout or None)
             if tls is None:
                 raise TLSNegotiationError("TLS handshake with the server did not complete")
