@@ -45,14 +45,14 @@ def suggest_fix(kind: FindingKind, event: QueryEvent) -> str:
             "stream it instead of holding every row: .execution_options(yield_per=1000) "
             "(ORM) or .execution_options(stream_results=True) and iterate, or "
             "session.stream(...) / conn.stream(...) on asyncio; or page it (keyset, "
-            "sqlakeyset.select_page)"
+            "pgpilot.orm.paginate)"
         )
     if kind == "deep_offset":
         return (
             "keyset pagination: WHERE (created_at, id) > (:last_created_at, :last_id) "
-            "ORDER BY created_at, id LIMIT :n (sqlakeyset.select_page(session, "
-            "query, per_page=n, page=bookmark) does it for SQLAlchemy); PostgreSQL reads "
-            "and throws away every row before an OFFSET"
+            "ORDER BY created_at, id LIMIT :n (pgpilot.orm.paginate(session, query, n, "
+            "after=cursor) does it for SQLAlchemy, NULLs and mixed directions included); "
+            "PostgreSQL reads and throws away every row before an OFFSET"
         )
     if kind == "wrong_type_comparison":
         return (

@@ -209,6 +209,21 @@ def _code_entry(code: CodeType) -> tuple[CodeType, int, str, int]:
     return entry
 
 
+# (id(code), instruction offset) -> (the code object, "file:line"): an application frame's
+# printed place, made once per call instruction rather than once per statement
+_places: dict[tuple[int, int], tuple[CodeType, str]] = {}
+
+
+def _where(frame: FrameType, code: CodeType, code_id: int, lasti: int, shown: str) -> str:
+    place = _places.get((code_id, lasti))
+    if place is not None and place[0] is code:
+        return place[1]
+    where = f"{shown}:{frame.f_lineno}"
+    if len(_places) < 100_000:
+        _places[(code_id, lasti)] = (code, where)
+    return where
+
+
 def stack_info(depth: int = 1) -> StackInfo:
     """The call site, loop key, callers and flush flag of the statement being run.
 
@@ -249,19 +264,20 @@ def stack_info(depth: int = 1) -> StackInfo:
                         in_get = True
                 frame = frame.f_back
                 continue
-            shown = entry[2]
-            line = frame.f_lineno
+            # the instruction, not the line: f_lasti is a plain read, f_lineno decodes the
+            # code's line table; the printed line is looked up once per instruction
+            lasti = frame.f_lasti
             if len(key_parts) < MAX_LOOP_FRAMES:
-                key_parts.append((code_id, line))
+                key_parts.append((code_id, lasti))
             if kind == _APP:
                 if not callsite:
-                    callsite = f"{shown}:{line}"
+                    callsite = _where(frame, code, code_id, lasti, entry[2])
                 elif len(outer) < MAX_OUTER_CALLSITES:
-                    caller = f"{shown}:{line}"
+                    caller = _where(frame, code, code_id, lasti, entry[2])
                     if caller != callsite and caller not in outer:  # a comprehension's frame
                         outer.append(caller)
-            elif kind == _INSTALLED and not fallback and not shown.startswith("<"):
-                fallback = f"{shown}:{line}"
+            elif kind == _INSTALLED and not fallback and not entry[2].startswith("<"):
+                fallback = _where(frame, code, code_id, lasti, entry[2])
             frame = frame.f_back
         if start is starts[0]:
             starts.extend(_greenlet_parents())

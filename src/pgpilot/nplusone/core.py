@@ -422,9 +422,23 @@ _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE")
 _CHILD_WRITE: Any = ("<child write>",)
 
 
+# sql -> (has LIMIT or OFFSET, is an INSERT/UPDATE/DELETE): read once per statement text
+# (an ORM's compiled statements are the same string objects each time, their hash cached)
+_sql_facts: dict[str, tuple[bool, bool]] = {}
+
+
+def _facts(sql: str) -> tuple[bool, bool]:
+    facts = _sql_facts.get(sql)
+    if facts is None:
+        upper = sql.upper()
+        facts = ("LIMIT" in upper or "OFFSET" in upper, upper.lstrip()[:6] in _WRITE_VERBS)
+        if len(_sql_facts) < 10_000:
+            _sql_facts[sql] = facts
+    return facts
+
+
 def _has_bounds(sql: str) -> bool:
-    upper = sql.upper()
-    return "LIMIT" in upper or "OFFSET" in upper
+    return _facts(sql)[0]
 
 
 def record_query(
@@ -449,7 +463,8 @@ def record_query(
         return None
     info = stack if stack is not None else stack_info(2)
     key = _params_key(sql, params, executemany)
-    if info.in_flush and tag is None and sql.lstrip()[:6].upper() in _WRITE_VERBS:
+    bounded, writes = _facts(sql)
+    if info.in_flush and tag is None and writes:
         # A flush writes its rows as it must (one statement per row on some drivers, and
         # versioning extensions flush more than once): the writes of one transaction count
         # as one execution, a loop of transactions (a commit per row) as a loop.
@@ -469,7 +484,7 @@ def record_query(
         info.loop_key,
         rows,
         tag,
-        params if params is not None and not executemany and _has_bounds(sql) else None,
+        params if params is not None and not executemany and bounded else None,
         info.outer,
     )
     while scope is not None:
@@ -477,7 +492,7 @@ def record_query(
         if len(scope.pending) >= FLUSH_EVERY:
             scope.flush()
         if scope.isolated:
-            if scope.parent is not None and sql.lstrip()[:6].upper() in _WRITE_VERBS:
+            if scope.parent is not None and writes:
                 outer: _Scope | None = scope.parent
                 while outer is not None:
                     outer.pending.append(_CHILD_WRITE)
@@ -511,50 +526,56 @@ def note_orm_select(select: tuple[str, str, tuple[str, ...], bool] | None) -> No
         scope.last_select = select
 
 
-def note_instance(state: Any, mapper: Any, context: Any, entity: str) -> None:
+def note_instance(state: Any, mapper: Any, context: Any) -> None:
     """The ORM loaded ``state`` (an ``InstanceState``) from the rows of ``context`` (and one
     instance of ``mapper``'s class, as :func:`note_loaded` counts). Only instances of a
-    SELECT's first entity are followed (not those a joinedload adds)."""
+    SELECT's first entity are followed (not those a joinedload adds).
+
+    Runs for every loaded row: the common case (a row of a batch already started) is done
+    here inline, without a call or a generator."""
     key = id(context)
     scope = _current_scope.get()
-    while scope is not None:  # as _reached(), without a generator per row
-        _note_instance_in(scope, key, state, mapper, context, entity)
+    while scope is not None:  # as _reached()
+        loaded = scope.loaded
+        loaded[mapper] = loaded.get(mapper, 0) + 1
+        batch = scope.batches.get(key)
+        if batch is None:
+            batch = _start_batch(scope, key, state, mapper, context)
+        if batch is not None and batch.mapper is mapper:
+            state_batch = scope.state_batch
+            if state not in state_batch and len(state_batch) < MAX_TRACKED_STATES:
+                state_batch[state] = batch
+                batch.states.append(state)
         if scope.isolated:
             break
         scope = scope.parent
 
 
-def _note_instance_in(
-    scope: _Scope, key: int, state: Any, mapper: Any, context: Any, entity: str
-) -> None:
-    scope.loaded[mapper] = scope.loaded.get(mapper, 0) + 1
-    batch = scope.batches.get(key)
-    if batch is None:
-        last = scope.last_select
-        if last is None or len(scope.state_batch) >= MAX_TRACKED_STATES:
-            return
-        scope.last_select = None
-        sql, callsite, callers, single = last
-        loaded = tuple(prop.key for prop in mapper.column_attrs if prop.key in state.dict)
-        batch = scope.batches[key] = _LoadBatch(
-            sql,
-            callsite,
-            callers,
-            mapper,
-            entity,
-            loaded,
-            _primary_key(mapper),
-            shape(sql).for_update,
-            current_flush.get(),
-            context,
-            [],
-            single,
-        )
-    if batch.mapper is not mapper or len(scope.state_batch) >= MAX_TRACKED_STATES:
-        return
-    if state not in scope.state_batch:
-        scope.state_batch[state] = batch
-        batch.states.append(state)
+def _start_batch(
+    scope: _Scope, key: int, state: Any, mapper: Any, context: Any
+) -> _LoadBatch | None:
+    """The first row an execution loaded in ``scope``: the batch of the SELECT just sent."""
+    last = scope.last_select
+    if last is None or len(scope.state_batch) >= MAX_TRACKED_STATES:
+        return None
+    scope.last_select = None
+    sql, callsite, callers, single = last
+    loaded = tuple(prop.key for prop in mapper.column_attrs if prop.key in state.dict)
+    batch = scope.batches[key] = _LoadBatch(
+        sql,
+        callsite,
+        callers,
+        mapper,
+        mapper.class_.__name__,
+        loaded,
+        _primary_key(mapper),
+        shape(sql).for_update,
+        current_flush.get(),
+        context,
+        [],
+        single,
+    )
+    return batch
 
 
 def _primary_key(mapper: Any) -> tuple[str, ...]:

@@ -43,6 +43,7 @@ from pgpilot.nplusone.core import (
     _WRITTEN,
     _bound_value,
     _current_scope,
+    _has_bounds,
     current_flush,
     is_joined,
     last_commit,
@@ -85,7 +86,7 @@ def install() -> None:
             event.listen(Engine, name, listener)
     for target, name, listener in _ORM_LISTENERS:
         if not event.contains(target, name, listener):
-            event.listen(target, name, listener)
+            event.listen(target, name, listener, **({"raw": True} if name == "load" else {}))
 
 
 def uninstall() -> None:
@@ -232,7 +233,7 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
 
 def _one_row(statement: str, parameters: Any) -> bool:
     """Whether the statement has ``LIMIT 1`` (``Query.first()`` binds it as a parameter)."""
-    if "LIMIT" not in statement.upper():
+    if not _has_bounds(statement):
         return False
     limit = shape(statement).limit
     return _bound_value(statement, limit, parameters) == 1
@@ -278,17 +279,18 @@ def _note_joins(joins: tuple[Any, ...]) -> None:
                 note_join(part)  # a table, or a mapped class coerced to its table
 
 
-def _on_load(target: Any, context: Any) -> None:
-    if _current_scope.get() is not None:
-        cls = type(target)
-        mapper = getattr(cls, "__mapper__", None)
-        state = getattr(target, "_sa_instance_state", None)
-        if mapper is None or state is None:
-            note_loaded(mapper)
-            return
-        if mapper not in _column_tracked:
-            _track_column_reads(mapper)
-        note_instance(state, mapper, context, cls.__name__)
+def _on_load(state: Any, context: Any) -> None:
+    # a raw listener: handed the InstanceState (SQLAlchemy's wrapper for plain listeners
+    # costs two frames and a try/finally per loaded row)
+    if _current_scope.get() is None:
+        return
+    mapper = getattr(state, "mapper", None)
+    if mapper is None:
+        note_loaded(None)
+        return
+    if mapper not in _column_tracked:
+        _track_column_reads(mapper)
+    note_instance(state, mapper, context)
 
 
 def _on_before_flush(session: Any, flush_context: Any, instances: Any) -> None:

@@ -13,12 +13,13 @@ library does not already make the fix one line.
 * :func:`pool_settings`: ``create_engine`` pool arguments from the cores, the time a request
   waits outside the database and the time it spends inside, capped by ``max_connections``.
 
-Keyset pagination (the fix for ``deep_offset``) is sqlakeyset's ``select_page``: it already
-serves sync and async sessions, multi-column and mixed-direction orderings and opaque
-bookmarks, so pgpilot does not wrap it.
+* :func:`paginate` / :func:`paginate_async`: keyset pagination (the fix for ``deep_offset``)
+  over several columns, mixed directions and NULLs, with opaque cursors. sqlakeyset's
+  ``select_page`` serves the rest but refuses ordering columns that may be NULL.
 """
 
 from pgpilot.orm.bulk import bulk_load, bulk_load_async
+from pgpilot.orm.keyset import Page, paginate, paginate_async
 from pgpilot.orm.matview import (
     RefreshResult,
     refresh_materialized_view,
@@ -29,12 +30,15 @@ from pgpilot.orm.routing import AsyncRoutingSession, ReplicaRouter, RoutingSessi
 
 __all__ = [
     "AsyncRoutingSession",
+    "Page",
     "PoolSettings",
     "RefreshResult",
     "ReplicaRouter",
     "RoutingSession",
     "bulk_load",
     "bulk_load_async",
+    "paginate",
+    "paginate_async",
     "pool_settings",
     "refresh_materialized_view",
     "refresh_materialized_view_async",
