@@ -21,6 +21,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from pgpilot.proxy import walsender
 from pgpilot.proxy.auth import (
     AuthFailed,
     ClientAuth,
@@ -169,6 +170,7 @@ class ClientConnection(asyncio.Protocol):
         "pooler",
         "port",
         "query_started",
+        "replication",
         "request_time",
         "router",
         "server",
@@ -176,6 +178,7 @@ class ClientConnection(asyncio.Protocol):
         "settings",
         "settings_dirty",
         "settling",
+        "startup_options",
         "state",
         "tls",
         "transport",
@@ -236,6 +239,10 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False  # fail() / close() under way: bytes handed back are dropped
         self.is_admin = False
         self.tls = False  # upgraded after an SSLRequest (listener.upgrade_client_tls)
+        # A replication connection (walsender.py): "true" (physical) or "database"
+        # (logical), with its options string as sent (passed to its server unread).
+        self.replication = ""
+        self.startup_options = ""
         self._startup: StartupReader | None = StartupReader()
         self._reader = MessageReader(CLIENT_TYPES)
         self._auth: ClientAuth | None = None
@@ -300,6 +307,13 @@ class ClientConnection(asyncio.Protocol):
                     self._login_data(data)
                 finally:
                     self._uncork()
+            elif self.replication:
+                # Its server is its own (walsender.py): bytes pass unread, both ways.
+                if self.server is not None:
+                    self.server.write(data)
+                    self._count_bytes(len(data), 0)
+                else:
+                    self._pending += data
             else:
                 self._query_data(data)
         except ProtocolError as exc:
@@ -427,8 +441,14 @@ class ClientConnection(asyncio.Protocol):
         self.user = msg.user
         self.database = msg.database
         params = self.params
+        if "replication" in msg.params:
+            try:
+                self.replication = walsender.replication_kind(msg.params["replication"])
+            except ValueError as exc:
+                self.fail("22023", str(exc))
+                return
         for name, value in msg.params.items():
-            if name in ALWAYS_ACCEPTED:
+            if name in ALWAYS_ACCEPTED or name == "replication":
                 continue
             key = name.lower()
             canonical = TRACKED_BY_LOWER.get(key)
@@ -458,7 +478,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _startup_options(self, text: str) -> bool:
         """Take the settings of the ``options`` startup parameter as PgBouncer does
-        (startup_options.py); False: the client was refused."""
+        (startup_options.py); False: the client was refused. A replication connection's
+        server is its own: its options go to it as sent (any setting, as PgBouncer)."""
+        if self.replication:
+            self.startup_options = text
+            return True
         ignored = {p.lower() for p in self.pooler.config.ignore_startup_parameters}
         try:
             settings = parse_options(text)
@@ -691,6 +715,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self.pool = self.pooler.get_pool(db, self.database, self.user)
         self.pool.clients.add(self)
+        if self.replication:
+            self._login_task = walsender.start(self, self.pool)
+            return
         if self.pool.mode != "session":
             self.router = StatementRouter(cfg.max_prepared_statements)
         if self.pool.welcome_params is not None:
@@ -761,6 +788,23 @@ class ClientConnection(asyncio.Protocol):
         fast = self.pooler.fast
         if packet is not None and secret is not None and fast is not None:
             fast.offer_route(self, packet, secret, AUTH_OK + statuses)
+
+    def link_replication(self, server: ServerConnection) -> None:
+        """walsender.py: ``server`` logged in for this replication client and is its own
+        until one of them leaves: welcome the client with the server's parameters."""
+        self._login_task = None
+        self.server = server
+        server.client = self
+        server.link_time = time.monotonic()
+        server.set_state(ServerState.ACTIVE)
+        if self.pool is not None:
+            self.pool.stats.record_wait(time.monotonic() - self.wait_started)
+        self._finish_welcome(walsender.welcome(server),
+                             server.backend_pid if self.pooler.worker is None else 0)
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            server.write(data)
 
     def _finish_welcome(self, statuses: bytes, backend_pid: int = 0) -> None:
         """The end of the login: ParameterStatus, BackendKeyData, ReadyForQuery."""
@@ -1351,14 +1395,15 @@ class ClientConnection(asyncio.Protocol):
 
     # -- ending ---------------------------------------------------------------------------
     def fail(self, sqlstate: str, text: str, *, fatal: bool = True,
-             hint: str | None = None) -> None:
-        """Tell the client what went wrong (as PostgreSQL would) and close."""
+             hint: str | None = None, reason: str | None = None) -> None:
+        """Tell the client what went wrong (as PostgreSQL would) and close; ``reason``: the
+        log's words for it, if not ``text``."""
         self.closing = True
         if self._cork is None:
             self._cork = bytearray()  # sent by close(), after the log line
         self.write(m.error_response(sqlstate, text, severity="FATAL" if fatal else "ERROR",
                                     hint=hint))
-        self.close(text)
+        self.close(reason or text)
 
     def close(self, reason: str = "closed by pooler") -> None:
         self.closing = True
@@ -1383,7 +1428,11 @@ class ClientConnection(asyncio.Protocol):
             pool.cancel_wait(self)
             pool.clients.discard(self)
         server = self.server
-        if server is not None:
+        if server is not None and self.replication:
+            self.server = None  # a replication server is its client's alone (walsender.py)
+            server.client = None
+            server.close("replication client disconnected")
+        elif server is not None:
             clean = (self.expected_rfq <= 0 and not self.unsynced
                      and not self._reader.mid_message)
             if clean:

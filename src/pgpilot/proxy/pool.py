@@ -85,6 +85,9 @@ class Pool:
         # Idle servers on their way to the fast path, under their server_check_query: each
         # is as good as a server logging in for the clients waiting meanwhile.
         self.checking: set[ServerConnection] = set()
+        # Replication clients waiting for room to open their own server (walsender.py):
+        # woken when a server closes or goes idle.
+        self.slot_waiters: list[asyncio.Future[None]] = []
         self.welcome_params: dict[str, str] | None = None
         self._welcome_bytes: dict[tuple[object, ...], tuple[dict[str, str], bytes]] = {}
         self._welcome_waiters: list[asyncio.Future[None]] = []
@@ -148,6 +151,8 @@ class Pool:
     @paused.setter
     def paused(self, value: bool) -> None:
         self._paused = value
+        if not value and self.slot_waiters:
+            self.wake_slot_waiters()
         lane = self.lane
         if lane is not None:
             lane.fp.paused = int(value)
@@ -225,6 +230,8 @@ class Pool:
             # Only servers closed while idle are still in the list (handing out pops them).
             server.in_idle = False
             self.idle.remove(server)
+        if self.slot_waiters and new in (ServerState.CLOSED, ServerState.IDLE):
+            self.wake_slot_waiters()
         if new is ServerState.CLOSED:
             self.pooler.server_closed(server)
             # Capacity freed: a waiting client may now get a new server.
@@ -237,6 +244,22 @@ class Pool:
         if new is ServerState.IDLE and not server.in_engine:
             server.in_idle = True
             self.idle.append(server)
+
+    def wake_slot_waiters(self) -> None:
+        waiters, self.slot_waiters = self.slot_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def take_any_idle(self) -> ServerConnection | None:
+        """An idle server of this pool, Python's or the fast path's (to close it)."""
+        server = self._take_idle()
+        if server is None and self.lane is not None:
+            server = self._take_lane_idle()
+        return server
+
+    def evict_for_limit(self) -> None:
+        self._evict_for_limit()
 
     def add_server(self, server: ServerConnection) -> None:
         self.servers[ServerState.LOGIN].add(server)

@@ -162,8 +162,13 @@ class ServerConnection(asyncio.Protocol):
         self._login = ServerLogin(login_user, password,
                                   self.pool.pooler.scram_client_keys.get(login_user))
         params = {"user": login_user, "database": self.pool.server_dbname}
-        params.update(self.pool.server_startup_params())
+        params.update(self.startup_params())
         self.transport.write(m.startup_message(params))  # type: ignore[union-attr]
+
+    def startup_params(self) -> dict[str, str]:
+        """What the StartupMessage carries beside user and database (the database's
+        settings; a replication server adds its client's: walsender.py)."""
+        return self.pool.server_startup_params()
 
     def data_received(self, data: bytes) -> None:
         try:
