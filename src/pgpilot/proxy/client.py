@@ -1019,6 +1019,9 @@ class ClientConnection(asyncio.Protocol):
         settings_sql = apply_sql(server.settings, self.settings) \
             if server.settings or self.settings else ""
         if diff or settings_sql:
+            if diff and log.isEnabledFor(logging.DEBUG):  # PgBouncer's words (verbose = 2)
+                log.debug("%r varcache_apply: %s", server,
+                          " ".join(f"SET {k}={sql_literal(v)};" for k, v in diff))
             server.set_state(ServerState.TESTED)
             sql = "; ".join([f"SET {k} TO {sql_literal(v)}" for k, v in diff or ()]
                             + ([settings_sql] if settings_sql else []))
@@ -1080,6 +1083,8 @@ class ClientConnection(asyncio.Protocol):
         for name, value in applied or ():
             spelled = server.params.get(name)
             if spelled is not None and spelled != value:
+                log.debug("%r varcache_set_canonical: setting %s to its canonical version "
+                          "%s -> %s", self, name, value, spelled)  # PgBouncer's words
                 if len(canonical) >= 1000:
                     canonical.clear()
                 canonical[(name, value)] = spelled

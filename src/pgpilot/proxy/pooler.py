@@ -256,6 +256,10 @@ class Pooler:
             from pgpilot.proxy.listener import tune_listeners
 
             tune_listeners(self._listeners, config.tcp_defer_accept)
+        if old.verbose != config.verbose:
+            from pgpilot.proxy.logs import verbose_changed
+
+            verbose_changed(config.verbose)
         if (old.listen_addr, old.listen_port) != (config.listen_addr, config.listen_port):
             log.warning("listen_addr/listen_port changes need a restart")
         log.info("configuration reloaded")

@@ -239,7 +239,9 @@ class ServerConnection(asyncio.Protocol):
                     return
                 # NoticeResponse and NegotiateProtocolVersion need no answer.
             except AuthFailed as exc:
-                self.fail(f"server login failed: {exc}", "28000")
+                # The pooler cannot answer what PostgreSQL asks (wrong password type, none
+                # configured): as a refusal by PostgreSQL, the waiting clients are told at once.
+                self.fail(f"server login failed: {exc}", "28000", from_server=True)
                 return
             except (ProtocolError, ValueError) as exc:
                 self.fail(f"server login failed: {exc}")
