@@ -59,6 +59,10 @@ InternalCallback = Callable[["ServerConnection", "str | None"], None]
 
 
 class ServerConnection(asyncio.Protocol):
+    # A server of the pool's own (not a replication client's: walsender.py): a refused
+    # login of one holds the pool's next logins back (Pool.start_backoff).
+    pooled = True
+
     def __init__(self, pool: Pool) -> None:
         self.id = next(_ids)
         self.pool = pool
@@ -319,6 +323,10 @@ class ServerConnection(asyncio.Protocol):
     def fail(self, reason: str, sqlstate: str = "08006", from_server: bool = False) -> None:
         """Close because something went wrong; a waiting login or linked client is told."""
         if not self.login_done.done():
+            if from_server and self.pooled:
+                # Before this server's place is freed (close), which would let the waiting
+                # clients open the next one at once: the pool's backoff comes first.
+                self.pool.start_backoff()
             self.login_done.set_exception(ServerError(reason, sqlstate, from_server))
             # Nobody may await it (e.g. a warm-up connection): mark the exception retrieved.
             self.login_done.exception()

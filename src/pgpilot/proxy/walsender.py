@@ -66,6 +66,8 @@ def replication_kind(value: str) -> str:
 class ReplicationServer(ServerConnection):
     """A server connection opened for one replication client and piped to it after login."""
 
+    pooled = False  # its refused login is its client's alone: no backoff for the pool
+
     def __init__(self, pool: Pool, client: ClientConnection) -> None:
         super().__init__(pool)
         self.owner = client
