@@ -227,6 +227,7 @@ class Pooler:
                 name: getattr(old, name) for name in _TLS_SETTINGS})
         tls_changed = server_tls_settings(old) != server_tls_settings(config)
         self.config = config
+        self.auth_query.forget()
         self.ssl_context, self.server_ssl_context = client_ctx, server_ctx
         if client_ctx is not None:
             self._listeners_to_asyncio()
