@@ -1113,8 +1113,11 @@ class ClientConnection(asyncio.Protocol):
                 status = chr(body[0])
                 self.txn_status = server.txn_status = status
                 if stats is not None:
-                    # SHOW STATS: time from a request to its ReadyForQuery, and from the
-                    # first request of a transaction to the ReadyForQuery that ends it.
+                    # SHOW STATS: a query is a request answered by a ReadyForQuery, as
+                    # PgBouncer counts them (a Parse + Sync too, "SELECT 1; SELECT 2" once);
+                    # time from a request to its ReadyForQuery, and from the first request
+                    # of a transaction to the ReadyForQuery that ends it.
+                    stats.query_count += 1
                     now = time.monotonic()
                     if self.query_started:
                         stats.query_time += now - self.query_started
@@ -1130,8 +1133,6 @@ class ClientConnection(asyncio.Protocol):
                     server.pool.catalog.changed()
                 release = self.expected_rfq <= 0
             elif mtype == m.B.COMMAND_COMPLETE:
-                if stats is not None:
-                    stats.query_count += 1
                 if body is not None and body.startswith(DDL_TAG_PREFIXES):
                     server.schema_changed = True
                     server.pool.catalog.changed()
