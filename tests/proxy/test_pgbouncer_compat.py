@@ -720,3 +720,29 @@ def test_verbose_set_from_the_console_turns_debug_lines_on_and_off(
             assert root.level != logging.DEBUG
     finally:
         root.setLevel(before)
+
+
+def test_console_set_of_a_new_key_and_certificate_one_at_a_time(
+        proxy_factory: ProxyFactory, tmp_path: Path) -> None:
+    """The key of a new pair set first fails to make a TLS context with the old certificate
+    (the running context stays); the certificate set next completes the pair, and new clients
+    get it. Before, the failed SET undid the key, so the pair never came together."""
+    from tests.proxy.test_tls import Certs
+
+    old, new = Certs(tmp_path / "old"), Certs(tmp_path / "new")
+    proxy = proxy_factory(client_tls_sslmode="require", client_tls_cert_file=str(old.cert),
+                          client_tls_key_file=str(old.key))
+
+    def verified_by(ca: Path) -> bool:
+        try:
+            with psycopg.connect(proxy.dsn(sslmode="verify-ca", sslrootcert=str(ca))) as c:
+                return c.execute("select 1").fetchone() == (1,)
+        except psycopg.OperationalError:
+            return False
+
+    assert verified_by(old.ca) and not verified_by(new.ca)
+    with admin(proxy, sslmode="require") as console:
+        console.execute(f"SET client_tls_key_file = '{new.key}'")  # no pair yet: old context
+        assert verified_by(old.ca)
+        console.execute(f"SET client_tls_cert_file = '{new.cert}'")
+    assert verified_by(new.ca) and not verified_by(old.ca)
