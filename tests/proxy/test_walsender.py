@@ -54,6 +54,12 @@ def test_logical_replication_client_gets_a_server_of_its_own(
             assert repl.execute("SHOW extra_float_digits").fetchone() == ("3",)
             assert repl.execute("SHOW application_name").fetchone() == (app,)
             assert walsenders(pg_params, app) == 1
+            with via(proxy, pg_params, dbname="pgbouncer") as console:
+                for what in ("CLIENTS", "SERVERS"):  # PgBouncer's replication column
+                    cur = console.execute(f"SHOW {what}")
+                    names = [d.name for d in cur.description or ()]
+                    kinds = {r[names.index("replication")] for r in cur.fetchall()}
+                    assert "logical" in kinds, (what, kinds)
         assert "closing because: evicted" in caplog.text
         # Its server goes with it, and the pool serves others again.
         wait_until(lambda: walsenders(pg_params, app) == 0)

@@ -653,7 +653,9 @@ class AdminSession:
             else:
                 state = "active" if client.server is not None else "idle"
             wait = now - client.wait_started if client.state is ClientState.WAITING else 0.0
-            rows.append(["C", client.user, client.database, "none", state, client.addr,
+            rows.append(["C", client.user, client.database,
+                         _REPLICATION.get(getattr(client, "replication", ""), "none"), state,
+                         client.addr,
                          client.port, client.local_addr, client.local_port,
                          _timestamp(client.connect_time), _timestamp(client.request_time),
                          int(wait), _us(wait % 1), 0, _ptr(client), _ptr(client.server), 0,
@@ -675,7 +677,9 @@ class AdminSession:
                 request_time = client.request_time
             else:
                 request_time = now_wall - (now - server.last_used)
-            rows.append(["S", pool.server_user, pool.db_name, "none", state,
+            owner = getattr(server, "owner", None)  # a replication client's (walsender.py)
+            rows.append(["S", pool.server_user, pool.db_name,
+                         _REPLICATION.get(getattr(owner, "replication", ""), "none"), state,
                          # the host it was opened to (one of a host list's)
                          server.address[0] or pool.db.host or default_host,
                          pool.db.port, server.local_addr,
@@ -1113,6 +1117,10 @@ def _tls_info(transport: Any) -> str:
         return ""
     cipher = ssl_object.cipher()
     return f"{ssl_object.version()}/{cipher[0] if cipher else ''}"
+
+
+# SHOW CLIENTS / SERVERS' replication column, in PgBouncer's words.
+_REPLICATION = {"true": "physical", "database": "logical"}
 
 
 def _prepared_count(conn: ClientConnection | ServerConnection) -> int:
