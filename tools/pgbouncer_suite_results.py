@@ -67,9 +67,14 @@ def main() -> int:
     root = ET.parse(args.junit).getroot()
     files: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     others: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
     for case in root.iter("testcase"):
         module = (case.get("classname") or "").split(".")[-1] + ".py"
         name = case.get("name") or ""
+        if (module, name) in seen:
+            # A test that failed and then errored in its teardown is reported twice: once.
+            continue
+        seen.add((module, name))
         skipped = case.find("skipped")
         failure = case.find("failure")
         if failure is None:
