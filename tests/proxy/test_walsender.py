@@ -9,6 +9,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -117,3 +118,18 @@ def test_bad_replication_value_is_refused(proxy_factory: ProxyFactory,
     with pytest.raises(psycopg.OperationalError) as err:
         via(proxy, pg_params, replication="sometimes")
     assert 'invalid value for parameter "replication"' in str(err.value)
+
+
+def test_hba_replication_rules_match_physical_connections_only(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str], tmp_path: Path) -> None:
+    """As in PostgreSQL: an hba line for the `replication` database matches physical
+    replication connections; a logical one matches its database's lines."""
+    hba = tmp_path / "pgbouncer_hba.conf"
+    hba.write_text("host replication all 127.0.0.1/32 reject\n"
+                   "host all all 127.0.0.1/32 trust\n")
+    proxy = proxy_factory(auth_type="hba", auth_hba_file=str(hba))
+    with via(proxy, pg_params, replication="database") as repl:
+        assert repl.execute("IDENTIFY_SYSTEM").fetchone() is not None
+    with pytest.raises(psycopg.OperationalError) as err:
+        via(proxy, pg_params, replication="true")
+    assert "login rejected" in str(err.value)  # the pooler's hba, before any server
