@@ -413,3 +413,17 @@ def test_readme_results_match_their_files() -> None:
             if not rounds_to(shown, available):
                 wrong.append(f"'{what}': {shown} is not in {source.relative_to(ROOT)}")
     assert not wrong, "; ".join(wrong)
+
+
+def test_pgbouncer_compatibility_page_is_generated_from_the_code() -> None:
+    """docs/pgbouncer-compat.md is what tools/pgbouncer_table.py makes of PgBouncer's names
+    and pgpilot's own tables: a setting, command or SHOW column changed in the code without
+    regenerating the page fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "tools" / "pgbouncer_table.py"),
+                           "--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

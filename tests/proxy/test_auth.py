@@ -204,7 +204,7 @@ EXCHANGES = [
     ("md5", "md5", Md5Auth),
     ("md5", "scram", ScramAuth),  # a SCRAM secret cannot answer md5
     ("scram-sha-256", "plain", ScramAuth),
-    ("scram-sha-256", "md5", Md5Auth),  # an md5 secret cannot do SCRAM
+    ("scram-sha-256", "md5", ScramAuth),  # an md5 secret cannot do SCRAM: a mock, fails
     ("scram-sha-256", "scram", ScramAuth),
 ]
 
@@ -224,8 +224,17 @@ def test_client_auth_for_picks_the_exchange(auth_type: str, form: str,
     assert type(client_auth_for(auth_type, USER, SECRETS[form])) is cls
 
 
+# (auth_type, secret form) pairs no password can pass: SCRAM against a stored md5 secret
+# (as PostgreSQL and PgBouncer 1.23: no md5 fallback).
+NO_EXCHANGE = {("scram-sha-256", "md5")}
+
+
 @pytest.mark.parametrize(("auth_type", "form", "cls"), EXCHANGES)
 def test_right_password_is_accepted(auth_type: str, form: str, cls: type[ClientAuth]) -> None:
+    if (auth_type, form) in NO_EXCHANGE:
+        with pytest.raises(AuthFailed):
+            drive(client_auth_for(auth_type, USER, SECRETS[form]), PASSWORD)
+        return
     drive(client_auth_for(auth_type, USER, SECRETS[form]), PASSWORD)
 
 
@@ -570,7 +579,8 @@ async def login_result(auth_type: str, secret: str, password: str) -> tuple[str,
 @pytest.mark.parametrize(("auth_type", "form", "cls"), EXCHANGES)
 async def test_real_clients_log_in(auth_type: str, form: str, cls: type[ClientAuth]) -> None:
     """psycopg (libpq) and asyncpg, with the right and a wrong password."""
-    assert await login_result(auth_type, SECRETS[form], PASSWORD) == ("ok", "ok")
+    right = ("failed", "failed") if (auth_type, form) in NO_EXCHANGE else ("ok", "ok")
+    assert await login_result(auth_type, SECRETS[form], PASSWORD) == right
     assert await login_result(auth_type, SECRETS[form], WRONG) == ("failed", "failed")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-from tests.proxy.conftest import RunningProxy, forced_user_databases
+from tests.proxy.conftest import RunningProxy, forced_user_databases, wait_until
 
 from pgpilot.embedded import EmbeddedPostgres
 from pgpilot.proxy.auth import md5_secret
@@ -64,10 +64,15 @@ def auth_proxy_factory(proxy_factory, pg_params):
 @pytest.mark.parametrize("auth_type", ["scram-sha-256", "md5", "plain"])
 @pytest.mark.parametrize("user", ["alice", "bob", "carol"])
 def test_client_auth_right_password(auth_proxy_factory, auth_type: str, user: str) -> None:
-    if auth_type == "plain" and user != "alice":
-        # cleartext works against every kind of stored secret as well
-        pass
+    # (cleartext works against every kind of stored secret as well)
     proxy = auth_proxy_factory(auth_type)
+    if auth_type == "scram-sha-256" and user == "bob":
+        # A stored md5 secret cannot do SCRAM: as PostgreSQL and PgBouncer, the right
+        # password fails too (no md5 fallback).
+        with pytest.raises(psycopg.OperationalError) as err:
+            psycopg.connect(proxy.dsn(user=user, password=USERS[user]))
+        assert "password authentication failed" in str(err.value)
+        return
     with psycopg.connect(proxy.dsn(user=user, password=USERS[user]), autocommit=True) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
 
@@ -199,3 +204,55 @@ def test_scram_secret_without_a_client_key_fails_clearly(proxy_factory, scram_se
     with pytest.raises(psycopg.OperationalError) as err:
         psycopg.connect(proxy.dsn(dbname="test"))
     assert "only a SCRAM secret" in str(err.value)
+
+
+def test_server_password_changed_fails_the_waiting_clients_after_one_login(
+        proxy_factory, scram_server, caplog: pytest.LogCaptureFixture) -> None:
+    """The server user's password changes while the pool's one server is busy: RECONNECT
+    marks that server to close and a larger pool opens a new one, whose login PostgreSQL
+    refuses. The clients waiting get PostgreSQL's error at once (the busy server cannot
+    serve them any more: it is to close), after one login only: its closing must not let
+    them open the next one before the pool's backoff (as PgBouncer's kill_pool_logins)."""
+    import threading
+
+    role = f"pwchange_{os.urandom(3).hex()}"
+    scram_server.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'first-Pw-1'")
+    up = {"host": "127.0.0.1", "port": str(scram_server.port), "user": "postgres",
+          "dbname": "postgres"}
+    forced = (f"host=127.0.0.1 port={scram_server.port} dbname=postgres user={role} "
+              "password=first-Pw-1")
+    proxy = proxy_factory(upstream=up, databases={"test": forced},
+                          userlist={"postgres": "", role: ""}, default_pool_size=1,
+                          server_login_retry=30, admin_users="postgres")
+    caplog.set_level(logging.INFO, logger="pgpilot.proxy")
+    with psycopg.connect(proxy.dsn(dbname="test"), autocommit=True) as holder:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")  # the pool's only server, held
+        scram_server.psql(f"ALTER ROLE {role} PASSWORD 'second-Pw-2'")
+        errors: list[str] = []
+
+        def query() -> None:
+            try:
+                with psycopg.connect(proxy.dsn(dbname="test"), autocommit=True) as conn:
+                    conn.execute("SELECT 1")
+                errors.append("served")
+            except psycopg.OperationalError as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=query) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as console:
+            def waiting() -> bool:
+                cur = console.execute("SHOW POOLS")
+                names = [d.name for d in cur.description or ()]
+                return any(row[names.index("cl_waiting")] == 3 for row in cur.fetchall())
+            wait_until(waiting)
+            console.execute("RECONNECT")
+            console.execute("SET default_pool_size = 2")  # a new server: its login fails
+        for thread in threads:
+            thread.join(timeout=20)  # well within server_login_retry (30 s)
+        assert len(errors) == 3, errors
+        assert all("password authentication failed" in e for e in errors), errors
+        holder.execute("ROLLBACK")
+    assert caplog.text.count("server login failed") == 1, caplog.text

@@ -676,3 +676,78 @@ def test_check_warns_of_settings_without_effect() -> None:
     assert [w for w in config.warnings if "has no effect" in w] == [
         "<string>:5: 'transaction_timeout' has no effect in pgpilot (accepted for PgBouncer "
         "compatibility, shown by SHOW CONFIG)"]
+
+
+def test_auth_dbname_naming_the_admin_console_is_warned_about() -> None:
+    """PgBouncer's words at load (and so at RELOAD, and in --check)."""
+    config = parse_config("[databases]\nx = host=127.0.0.1\n[pgbouncer]\nauth_type = md5\n"
+                          "auth_user = someone\nauth_dbname = pgbouncer\n")
+    assert '<string>:6: cannot use the reserved "pgbouncer" database as an auth_dbname' \
+        in config.warnings
+
+
+def test_reload_forgets_what_auth_query_read(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str],
+        login_role: tuple[str, str]) -> None:
+    """A secret auth_query read under the previous configuration is not used after RELOAD:
+    a per-database auth_query that now returns a broken secret refuses the login at once
+    (not after the answer's cache time)."""
+    name, password = login_role
+    good = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1"
+    broken = "SELECT usename, substring(passwd, 1, 3) FROM pg_shadow WHERE usename = $1"
+    db = (f"host={pg_params['host']} port={pg_params['port']} dbname={pg_params['dbname']}"
+          f" auth_query='{{}}'")
+    proxy = proxy_factory(auth_type="scram-sha-256", auth_user=pg_params["user"],
+                          databases={"aq": db.format(good)},
+                          userlist={pg_params["user"]: pg_params.get("password", "")})
+    with psycopg.connect(proxy.dsn(dbname="aq", user=name, password=password)) as conn:
+        assert conn.execute("select current_user").fetchone() == (name,)
+    text = proxy.config_path.read_text().replace(good, broken)
+    proxy.config_path.write_text(text)
+    proxy.reload()
+    with pytest.raises(psycopg.OperationalError) as err:
+        psycopg.connect(proxy.dsn(dbname="aq", user=name, password=password))
+    assert "password authentication failed" in str(err.value)
+
+
+def test_verbose_set_from_the_console_turns_debug_lines_on_and_off(
+        proxy_factory: ProxyFactory) -> None:
+    """console SET verbose (applied as RELOAD) changes what is logged from then on, as
+    PgBouncer's; verbose = 0 returns to the level the pooler started with."""
+    root = logging.getLogger()
+    before = root.level
+    proxy = proxy_factory()
+    try:
+        with admin(proxy) as console:
+            console.execute("SET verbose = 2")
+            assert root.level == logging.DEBUG
+            console.execute("SET verbose = 0")
+            assert root.level != logging.DEBUG
+    finally:
+        root.setLevel(before)
+
+
+def test_console_set_of_a_new_key_and_certificate_one_at_a_time(
+        proxy_factory: ProxyFactory, tmp_path: Path) -> None:
+    """The key of a new pair set first fails to make a TLS context with the old certificate
+    (the running context stays); the certificate set next completes the pair, and new clients
+    get it. Before, the failed SET undid the key, so the pair never came together."""
+    from tests.proxy.test_tls import Certs
+
+    old, new = Certs(tmp_path / "old"), Certs(tmp_path / "new")
+    proxy = proxy_factory(client_tls_sslmode="require", client_tls_cert_file=str(old.cert),
+                          client_tls_key_file=str(old.key))
+
+    def verified_by(ca: Path) -> bool:
+        try:
+            with psycopg.connect(proxy.dsn(sslmode="verify-ca", sslrootcert=str(ca))) as c:
+                return c.execute("select 1").fetchone() == (1,)
+        except psycopg.OperationalError:
+            return False
+
+    assert verified_by(old.ca) and not verified_by(new.ca)
+    with admin(proxy, sslmode="require") as console:
+        console.execute(f"SET client_tls_key_file = '{new.key}'")  # no pair yet: old context
+        assert verified_by(old.ca)
+        console.execute(f"SET client_tls_cert_file = '{new.cert}'")
+    assert verified_by(new.ca) and not verified_by(old.ca)

@@ -1527,6 +1527,7 @@ static void server_pump(ConnObject *s) {
                 break;
             }
             pos += 6;
+            queries++; /* a request answered, as PgBouncer counts queries (client.py) */
             int64_t now = now_ns();
             if (c->expected_rfq > 0) c->expected_rfq--;
             c->txn = status;
@@ -1579,8 +1580,7 @@ static void server_pump(ConnObject *s) {
                 break;
             }
         }
-        if (t == 'C') queries++;
-        else if (t == 'E') errors++;
+        if (t == 'E') errors++;
         owed_answer(c, t);
         pos += 5;
         s->skip = (size_t)len - 4;

@@ -41,13 +41,14 @@ from pgpilot.proxy.console_set import STARTUP_ONLY, ConsoleSetError, console_set
 from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.hazards import HINTS
 from pgpilot.proxy.login_rules import peer_credentials
+from pgpilot.proxy.pool import PoolStats
 from pgpilot.proxy.states import ClientState, ServerState
 from pgpilot.wire import messages as m
 from pgpilot.wire.errors import ProtocolError
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
-    from pgpilot.proxy.pool import Pool, PoolStats
+    from pgpilot.proxy.pool import Pool
     from pgpilot.proxy.pooler import Pooler
     from pgpilot.proxy.server import ServerConnection
 
@@ -171,6 +172,13 @@ _AVERAGE_NAMES = ("server_assignment_count", "xact_count", "query_count", "recv"
                   "server_parse_count", "bind_count")
 
 
+# SHOW STATS_TOTALS and STATS_AVERAGES name the figures without a prefix, and the bytes so.
+_BARE_NAMES = {"received": "bytes_received", "sent": "bytes_sent"}
+
+
+ADMIN_STATS_DATABASE = "pgbouncer"  # the console's row in SHOW STATS, as PgBouncer's
+
+
 def database_totals(pools: Iterable[Pool]) -> dict[str, dict[str, int]]:
     """Running totals per database (summed over its users), SHOW STATS' total_* columns."""
     out: dict[str, dict[str, int]] = {}
@@ -225,7 +233,18 @@ class AdminConsole:
         # DISABLE db: new clients of these databases are refused until ENABLE.
         self.disabled_databases: set[str] = set()
         self.suspended = False  # SUSPEND until RESUME: no server is handed out
+        # The console's own queries, as PgBouncer counts them: SHOW STATS has a row for
+        # its database, and SHOW TOTALS adds them in.
+        self.stats = PoolStats()
         pooler.admin_handler = self.login
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """database_totals of every pool, and the console's own row."""
+        out = database_totals(self.pooler.pools.values())
+        own = out.setdefault(ADMIN_STATS_DATABASE, dict.fromkeys((n for n, _ in _TOTALS), 0))
+        for name, read in _TOTALS:
+            own[name] += int(read(self.stats))
+        return out
 
     def start(self) -> None:
         self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
@@ -275,7 +294,7 @@ class AdminConsole:
 
     # -- averages (every stats_period) --------------------------------------------------
     async def _stats_loop(self) -> None:
-        self._last_totals = database_totals(self.pooler.pools.values())
+        self._last_totals = self.totals()
         self._last_time = time.monotonic()
         while True:
             period = self.pooler.config.stats_period or 60.0
@@ -287,7 +306,7 @@ class AdminConsole:
 
     def update_averages(self) -> None:
         now = time.monotonic()
-        totals = database_totals(self.pooler.pools.values())
+        totals = self.totals()
         seconds = now - self._last_time
         self.averages = {db: averages_between(self._last_totals.get(db, {}), after, seconds)
                          for db, after in totals.items()}
@@ -443,6 +462,10 @@ class AdminSession:
         if body is None:
             client.fail("54000", "admin console command too long")
             return
+        stats = self.console.stats
+        stats.query_count += 1  # counted as it arrives, as PgBouncer (SHOW TOTALS too)
+        stats.xact_count += 1
+        stats.bytes_received += len(body) + 5
         try:
             sql = m.parse_query(body)
         except ProtocolError as exc:
@@ -573,12 +596,13 @@ class AdminSession:
 
     def _stats(self, *, totals: bool, averages: bool) -> Result:
         columns: list[Column] = [("database", TEXT)]
-        if totals:
+        if totals and averages:  # SHOW STATS: total_* and avg_* (avg_recv, avg_sent)
             columns += [(f"total_{name}", INT8) for name, _ in _TOTALS]
-        if averages:
             columns += [(f"avg_{name}", INT8) for name in _AVERAGE_NAMES]
+        else:  # STATS_TOTALS / STATS_AVERAGES: PgBouncer 1.23's bare names
+            columns += [(_BARE_NAMES.get(name, name), INT8) for name, _ in _TOTALS]
         rows: list[list[Value]] = []
-        for db, total in sorted(database_totals(self.pooler.pools.values()).items()):
+        for db, total in sorted(self.console.totals().items()):
             row: list[Value] = [db]
             if totals:
                 row += [total[name] for name, _ in _TOTALS]
@@ -600,7 +624,7 @@ class AdminSession:
     def show_totals(self) -> Result:
         """SHOW STATS summed over all databases, one (name, value) row per figure."""
         total = dict.fromkeys((n for n, _ in _TOTALS), 0)
-        for per_db in database_totals(self.pooler.pools.values()).values():
+        for per_db in self.console.totals().values():
             for name in total:
                 total[name] += per_db[name]
         avg = dict.fromkeys(_AVERAGE_NAMES, 0)
@@ -630,7 +654,9 @@ class AdminSession:
             else:
                 state = "active" if client.server is not None else "idle"
             wait = now - client.wait_started if client.state is ClientState.WAITING else 0.0
-            rows.append(["C", client.user, client.database, "none", state, client.addr,
+            rows.append(["C", client.user, client.database,
+                         _REPLICATION.get(getattr(client, "replication", ""), "none"), state,
+                         client.addr,
                          client.port, client.local_addr, client.local_port,
                          _timestamp(client.connect_time), _timestamp(client.request_time),
                          int(wait), _us(wait % 1), 0, _ptr(client), _ptr(client.server), 0,
@@ -652,7 +678,9 @@ class AdminSession:
                 request_time = client.request_time
             else:
                 request_time = now_wall - (now - server.last_used)
-            rows.append(["S", pool.server_user, pool.db_name, "none", state,
+            owner = getattr(server, "owner", None)  # a replication client's (walsender.py)
+            rows.append(["S", pool.server_user, pool.db_name,
+                         _REPLICATION.get(getattr(owner, "replication", ""), "none"), state,
                          # the host it was opened to (one of a host list's)
                          server.address[0] or pool.db.host or default_host,
                          pool.db.port, server.local_addr,
@@ -1092,6 +1120,10 @@ def _tls_info(transport: Any) -> str:
         return ""
     cipher = ssl_object.cipher()
     return f"{ssl_object.version()}/{cipher[0] if cipher else ''}"
+
+
+# SHOW CLIENTS / SERVERS' replication column, in PgBouncer's words.
+_REPLICATION = {"true": "physical", "database": "logical"}
 
 
 def _prepared_count(conn: ClientConnection | ServerConnection) -> int:

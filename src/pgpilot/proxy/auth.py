@@ -362,7 +362,9 @@ def scram_secret_for(auth_type: str, secret: str) -> ScramSecret | None:
     parsed = parse_scram_secret(secret)
     if auth_type == "md5":
         return parsed
-    if auth_type == "scram-sha-256" and not is_md5_secret(secret):
+    if auth_type == "scram-sha-256":
+        if is_md5_secret(secret):  # cannot do SCRAM: the exchange fails (client_auth_for)
+            return parse_scram_secret(mock_scram_secret(""))
         return parsed if parsed is not None else _derived_scram_secret(secret)
     return None
 
@@ -377,9 +379,10 @@ def client_auth_for(auth_type: str, user: str, secret: str) -> ClientAuth:
             return ScramAuth(user, secret)
         return Md5Auth(user, secret)
     if auth_type == "scram-sha-256":
-        # A stored md5 secret cannot do SCRAM; PgBouncer falls back to md5 for such users.
+        # A stored md5 secret cannot do SCRAM: as PostgreSQL and PgBouncer 1.23, the login
+        # fails (an exchange against a secret no password matches), there is no md5 fallback.
         if is_md5_secret(secret):
-            return Md5Auth(user, secret)
+            return ScramAuth(user, mock_scram_secret(user))
         return ScramAuth(user, secret)
     raise ValueError(f"auth_type {auth_type!r} has no password exchange")
 
@@ -417,12 +420,14 @@ class ServerLogin:
         if req.code == m.AUTH_CLEARTEXT:
             pw = self._need_password("cleartext password")
             if is_md5_secret(pw) or parse_scram_secret(pw):
-                raise AuthFailed("server wants a cleartext password, only a hash is known")
+                raise AuthFailed("wrong password type: server wants a cleartext password, "
+                                 "only a hash is known")
             return m.password_message(pw)
         if req.code == m.AUTH_MD5:
             pw = self._need_password("md5")
             if parse_scram_secret(pw):
-                raise AuthFailed("server wants md5, only a SCRAM secret is known")
+                raise AuthFailed("wrong password type: server wants md5, only a SCRAM "
+                                 "secret is known")
             if len(req.data) != 4:
                 raise ProtocolError("malformed AuthenticationMD5Password: salt is not 4 bytes")
             secret = pw if is_md5_secret(pw) else md5_secret(self.user, pw)
@@ -432,10 +437,12 @@ class ServerLogin:
             if SCRAM_SHA_256 not in req.mechanisms:
                 raise AuthFailed(f"server offers no supported SASL mechanism: {req.mechanisms}")
             if is_md5_secret(pw):
-                raise AuthFailed("server wants SCRAM-SHA-256; an md5 hash cannot answer it")
+                raise AuthFailed("wrong password type: server wants SCRAM-SHA-256; an md5 "
+                                 "hash cannot answer it")
             if parse_scram_secret(pw) is not None and self.client_key is None:
                 raise AuthFailed(
-                    "server wants SCRAM-SHA-256 and auth_file holds only a SCRAM secret for "
+                    "wrong password type: server wants SCRAM-SHA-256 and auth_file holds "
+                    "only a SCRAM secret for "
                     f'"{self.user}": a client must first log in as that user with SCRAM '
                     "(so its key can be passed through), or configure the plain password")
             if self._scram_stage:

@@ -151,6 +151,11 @@ class AuthQuery:
                 return False
         return self.cached(client.database, client.user) is None
 
+    def forget(self) -> None:
+        """RELOAD: the answers read under the previous auth_query / auth_user / auth_dbname
+        are not this configuration's; the next logins read theirs again."""
+        self._cache.clear()
+
     def cached(self, database: str, user: str) -> tuple[str | None] | None:
         """(secret or None,) if an answer is known and fresh, else None."""
         entry = self._cache.get((database, user))

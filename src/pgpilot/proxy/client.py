@@ -21,6 +21,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from pgpilot.proxy import walsender
 from pgpilot.proxy.auth import (
     AuthFailed,
     ClientAuth,
@@ -178,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         "pooler",
         "port",
         "query_started",
+        "replication",
         "request_time",
         "router",
         "server",
@@ -185,6 +187,7 @@ class ClientConnection(asyncio.Protocol):
         "settings",
         "settings_dirty",
         "settling",
+        "startup_options",
         "startup_settings",
         "state",
         "tls",
@@ -250,6 +253,10 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False  # fail() / close() under way: bytes handed back are dropped
         self.is_admin = False
         self.tls = False  # upgraded after an SSLRequest (listener.upgrade_client_tls)
+        # A replication connection (walsender.py): "true" (physical) or "database"
+        # (logical), with its options string as sent (passed to its server unread).
+        self.replication = ""
+        self.startup_options = ""
         self._startup: StartupReader | None = StartupReader()
         self._reader = MessageReader(CLIENT_TYPES)
         self._auth: ClientAuth | None = None
@@ -314,6 +321,13 @@ class ClientConnection(asyncio.Protocol):
                     self._login_data(data)
                 finally:
                     self._uncork()
+            elif self.replication:
+                # Its server is its own (walsender.py): bytes pass unread, both ways.
+                if self.server is not None:
+                    self.server.write(data)
+                    self._count_bytes(len(data), 0)
+                else:
+                    self._pending += data
             else:
                 self._query_data(data)
         except ProtocolError as exc:
@@ -452,8 +466,14 @@ class ClientConnection(asyncio.Protocol):
         self.database = msg.database
         params = self.params
         ignored = {p.lower() for p in cfg.ignore_startup_parameters}
+        if "replication" in msg.params:
+            try:
+                self.replication = walsender.replication_kind(msg.params["replication"])
+            except ValueError as exc:
+                self.fail("22023", str(exc))
+                return
         for name, value in msg.params.items():
-            if name in ALWAYS_ACCEPTED:
+            if name in ALWAYS_ACCEPTED or name == "replication":
                 continue
             key = name.lower()
             canonical = TRACKED_BY_LOWER.get(key)
@@ -488,7 +508,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _startup_options(self, text: str) -> bool:
         """Take the settings of the ``options`` startup parameter as PgBouncer does
-        (startup_options.py); False: the client was refused."""
+        (startup_options.py); False: the client was refused. A replication connection's
+        server is its own: its options go to it as sent (any setting, as PgBouncer)."""
+        if self.replication:
+            self.startup_options = text
+            return True
         ignored = {p.lower() for p in self.pooler.config.ignore_startup_parameters}
         try:
             settings = parse_options(text)
@@ -721,6 +745,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self.pool = self.pooler.get_pool(db, self.database, self.user)
         self.pool.clients.add(self)
+        if self.replication:
+            self._login_task = walsender.start(self, self.pool)
+            return
         if self.pool.mode != "session":
             self.router = StatementRouter(cfg.max_prepared_statements)
         if self.pool.welcome_params is not None:
@@ -797,6 +824,23 @@ class ClientConnection(asyncio.Protocol):
         fast = self.pooler.fast
         if packet is not None and secret is not None and fast is not None:
             fast.offer_route(self, packet, secret, AUTH_OK + statuses)
+
+    def link_replication(self, server: ServerConnection) -> None:
+        """walsender.py: ``server`` logged in for this replication client and is its own
+        until one of them leaves: welcome the client with the server's parameters."""
+        self._login_task = None
+        self.server = server
+        server.client = self
+        server.link_time = time.monotonic()
+        server.set_state(ServerState.ACTIVE)
+        if self.pool is not None:
+            self.pool.stats.record_wait(time.monotonic() - self.wait_started)
+        self._finish_welcome(walsender.welcome(server),
+                             server.backend_pid if self.pooler.worker is None else 0)
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            server.write(data)
 
     def _finish_welcome(self, statuses: bytes, backend_pid: int = 0) -> None:
         """The end of the login: ParameterStatus, BackendKeyData, ReadyForQuery."""
@@ -1013,6 +1057,9 @@ class ClientConnection(asyncio.Protocol):
         settings_sql = apply_sql(server.settings, self.settings) \
             if server.settings or self.settings else ""
         if diff or settings_sql:
+            if diff and log.isEnabledFor(logging.DEBUG):  # PgBouncer's words (verbose = 2)
+                log.debug("%r varcache_apply: %s", server,
+                          " ".join(f"SET {k}={sql_literal(v)};" for k, v in diff))
             server.set_state(ServerState.TESTED)
             sql = "; ".join([f"SET {k} TO {sql_literal(v)}" for k, v in diff or ()]
                             + ([settings_sql] if settings_sql else []))
@@ -1083,6 +1130,8 @@ class ClientConnection(asyncio.Protocol):
         for name, value in applied or ():
             spelled = server.params.get(name)
             if spelled is not None and spelled != value:
+                log.debug("%r varcache_set_canonical: setting %s to its canonical version "
+                          "%s -> %s", self, name, value, spelled)  # PgBouncer's words
                 if len(canonical) >= 1000:
                     canonical.clear()
                 canonical[(name, value)] = spelled
@@ -1111,8 +1160,11 @@ class ClientConnection(asyncio.Protocol):
                 status = chr(body[0])
                 self.txn_status = server.txn_status = status
                 if stats is not None:
-                    # SHOW STATS: time from a request to its ReadyForQuery, and from the
-                    # first request of a transaction to the ReadyForQuery that ends it.
+                    # SHOW STATS: a query is a request answered by a ReadyForQuery, as
+                    # PgBouncer counts them (a Parse + Sync too, "SELECT 1; SELECT 2" once);
+                    # time from a request to its ReadyForQuery, and from the first request
+                    # of a transaction to the ReadyForQuery that ends it.
+                    stats.query_count += 1
                     now = time.monotonic()
                     if self.query_started:
                         stats.query_time += now - self.query_started
@@ -1128,8 +1180,6 @@ class ClientConnection(asyncio.Protocol):
                     server.pool.catalog.changed()
                 release = self.expected_rfq <= 0
             elif mtype == m.B.COMMAND_COMPLETE:
-                if stats is not None:
-                    stats.query_count += 1
                 if body is not None and body.startswith(DDL_TAG_PREFIXES):
                     server.schema_changed = True
                     server.pool.catalog.changed()
@@ -1437,14 +1487,15 @@ class ClientConnection(asyncio.Protocol):
 
     # -- ending ---------------------------------------------------------------------------
     def fail(self, sqlstate: str, text: str, *, fatal: bool = True,
-             hint: str | None = None) -> None:
-        """Tell the client what went wrong (as PostgreSQL would) and close."""
+             hint: str | None = None, reason: str | None = None) -> None:
+        """Tell the client what went wrong (as PostgreSQL would) and close; ``reason``: the
+        log's words for it, if not ``text``."""
         self.closing = True
         if self._cork is None:
             self._cork = bytearray()  # sent by close(), after the log line
         self.write(m.error_response(sqlstate, text, severity="FATAL" if fatal else "ERROR",
                                     hint=hint))
-        self.close(text)
+        self.close(reason or text)
 
     def close(self, reason: str = "closed by pooler") -> None:
         self.closing = True
@@ -1469,7 +1520,11 @@ class ClientConnection(asyncio.Protocol):
             pool.cancel_wait(self)
             pool.clients.discard(self)
         server = self.server
-        if server is not None:
+        if server is not None and self.replication:
+            self.server = None  # a replication server is its client's alone (walsender.py)
+            server.client = None
+            server.close("replication client disconnected")
+        elif server is not None:
             clean = (self.expected_rfq <= 0 and not self.unsynced
                      and not self._reader.mid_message)
             if clean:

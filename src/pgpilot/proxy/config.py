@@ -1035,6 +1035,13 @@ def parse_config(text: str, path: str | None = None) -> Config:
             users[entry.key] = UserConfig(name=entry.key, **values)  # type: ignore[arg-type]
         # entries of [peers] and unknown sections were warned about at their header
 
+    auth_dbname = settings.get("auth_dbname")
+    if isinstance(auth_dbname, str) and auth_dbname.lower() in RESERVED_DATABASE_NAMES:
+        # PgBouncer's words, at load as PgBouncer says them; logins that need auth_query
+        # then fail with "bouncer config error" (auth_query.py).
+        file, line = setting_lines.get("auth_dbname", (path, 0))
+        warnings.append(f'{file or "<string>"}:{line}: cannot use the reserved '
+                        f'"{auth_dbname}" database as an auth_dbname')
     config = Config(
         path=path,
         databases=MappingProxyType(databases),

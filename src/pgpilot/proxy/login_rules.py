@@ -35,6 +35,13 @@ def hba_file(path: str) -> HbaFile:
 _ident_cache: dict[str, tuple[float, IdentMaps]] = {}
 
 
+def physical_replication(client: ClientConnection) -> bool:
+    """Does an hba rule's ``replication`` database match this login? As in PostgreSQL, only
+    for physical replication (``replication=true``); a logical one (``database``) matches
+    its database's name like any other connection."""
+    return getattr(client, "replication", "") == "true"
+
+
 def ident_map_for(pooler: Pooler, client: ClientConnection) -> str | None:
     """The ``map=`` of the hba rule that decides this login (auth_type = hba), if any."""
     cfg = pooler.config
@@ -44,7 +51,7 @@ def ident_map_for(pooler: Pooler, client: ClientConnection) -> str | None:
         rule = hba_file(cfg.auth_hba_file).rule_for(
             unix=client.addr == "unix", tls=client.tls, address=client.addr,
             database=client.database, user=client.user,
-            replication=bool(getattr(client, "replication", "")))
+            replication=physical_replication(client))
     except (OSError, ValueError, ConfigError):
         return None
     return rule.ident_map if rule is not None else None
@@ -78,7 +85,7 @@ def login_method(pooler: Pooler, client: ClientConnection) -> str:
         rules = hba_file(cfg.auth_hba_file)
     except (OSError, ValueError):
         return "reject"
-    replication = bool(getattr(client, "replication", ""))
+    replication = physical_replication(client)
     return rules.method_for(unix=client.addr == "unix", tls=client.tls, address=client.addr,
                             database=client.database, user=client.user,
                             replication=replication)

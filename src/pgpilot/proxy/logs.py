@@ -46,6 +46,16 @@ class LogFormatter(logging.Formatter):
         return f"{self._text},{int(msecs):03d}"  # as default_msec_format
 
 
+# The level the command line chose (setup_handlers): what verbose = 0 returns to at RELOAD.
+started_level = logging.INFO
+
+
+def verbose_changed(verbose: int) -> None:
+    """``verbose`` changed at RELOAD or console SET: debug lines from now on, or the level
+    the pooler started with again."""
+    logging.getLogger().setLevel(logging.DEBUG if verbose else started_level)
+
+
 def setup_handlers(level: int, logfile: str | None, stream: TextIO | None = None,
                    to_stream: bool = True) -> None:
     """The CLI's logging: lines in LOG_FORMAT to stderr (or ``stream``; not at all with
@@ -53,6 +63,8 @@ def setup_handlers(level: int, logfile: str | None, stream: TextIO | None = None
     handlers: list[logging.Handler] = [logging.StreamHandler(stream)] if to_stream else []
     if logfile:
         handlers.append(logging.FileHandler(logfile))
+    global started_level
+    started_level = level
     formatter = LogFormatter()
     for handler in handlers:
         handler.setFormatter(formatter)

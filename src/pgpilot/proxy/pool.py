@@ -85,6 +85,9 @@ class Pool:
         # Idle servers on their way to the fast path, under their server_check_query: each
         # is as good as a server logging in for the clients waiting meanwhile.
         self.checking: set[ServerConnection] = set()
+        # Replication clients waiting for room to open their own server (walsender.py):
+        # woken when a server closes or goes idle.
+        self.slot_waiters: list[asyncio.Future[None]] = []
         self.welcome_params: dict[str, str] | None = None
         self._welcome_bytes: dict[tuple[object, ...], tuple[dict[str, str], bytes]] = {}
         self._welcome_waiters: list[asyncio.Future[None]] = []
@@ -148,6 +151,8 @@ class Pool:
     @paused.setter
     def paused(self, value: bool) -> None:
         self._paused = value
+        if not value and self.slot_waiters:
+            self.wake_slot_waiters()
         lane = self.lane
         if lane is not None:
             lane.fp.paused = int(value)
@@ -226,6 +231,8 @@ class Pool:
             # Only servers closed while idle are still in the list (handing out pops them).
             server.in_idle = False
             self.idle.remove(server)
+        if self.slot_waiters and new in (ServerState.CLOSED, ServerState.IDLE):
+            self.wake_slot_waiters()
         if new is ServerState.CLOSED:
             self.pooler.server_closed(server)
             # Capacity freed: a waiting client may now get a new server.
@@ -238,6 +245,22 @@ class Pool:
         if new is ServerState.IDLE and not server.in_engine:
             server.in_idle = True
             self.idle.append(server)
+
+    def wake_slot_waiters(self) -> None:
+        waiters, self.slot_waiters = self.slot_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def take_any_idle(self) -> ServerConnection | None:
+        """An idle server of this pool, Python's or the fast path's (to close it)."""
+        server = self._take_idle()
+        if server is None and self.lane is not None:
+            server = self._take_lane_idle()
+        return server
+
+    def evict_for_limit(self) -> None:
+        self._evict_for_limit()
 
     def add_server(self, server: ServerConnection) -> None:
         self.servers[ServerState.LOGIN].add(server)
@@ -357,9 +380,15 @@ class Pool:
                 log.warning("%r closing because: %s (age=%ds)", server, "connect timeout"
                             if isinstance(exc, TimeoutError) else "connect failed",
                             time.monotonic() - server.created_at)
+            retry_tls = (cfg.server_tls_sslmode == "allow" and not tls_retry
+                         and error.from_server and not host.startswith("/")
+                         and self.pooler.server_ssl_context is not None)
+            if not retry_tls:
+                # The backoff first: closing the server frees its place, and nothing may
+                # open another one for the waiting clients before the next try is due.
+                self.start_backoff()
             server.close(str(error), terminate=False)
-            if (cfg.server_tls_sslmode == "allow" and not tls_retry and error.from_server
-                    and not host.startswith("/") and self.pooler.server_ssl_context is not None):
+            if retry_tls:
                 # As libpq's sslmode=allow: refused in clear text, try once more with TLS.
                 log.info("%s: server %s:%d refused a clear-text login (%s); retrying with TLS "
                          "(server_tls_sslmode = allow)", self.name, host, self.db.port, error)
@@ -401,21 +430,24 @@ class Pool:
             raise ServerError(f"connect_query failed: {error}", "08006",
                               from_server=server.state is not ServerState.CLOSED)
 
-    def _login_failed(self, error: ServerError) -> None:
-        # PgBouncer's words: "server login failed: FATAL <PostgreSQL's message>".
-        log.warning("%s: server login failed: %s%s", self.name,
-                    "FATAL " if error.from_server else "", error)
-        self.last_login_error = error
-        # Unlike PgBouncer (server_login_retry at once), a short growing backoff: PostgreSQL
-        # back from a restart is used within a fraction of a second, and one that stays down
-        # is tried at most every server_login_retry.
-        # (Logins that fail together, several servers opened at once, count as one try.)
+    def start_backoff(self) -> None:
+        """A server login failed: no new one before the next try is due. Unlike PgBouncer
+        (server_login_retry at once), a short growing backoff: PostgreSQL back from a
+        restart is used within a fraction of a second, and one that stays down is tried at
+        most every server_login_retry. (Logins that fail together, several servers opened at
+        once, count as one try.)"""
         now = time.monotonic()
         if now >= self.login_failed_until:
             self.login_failures += 1
         backoff = LOGIN_RETRY_FIRST * 2.0 ** min(self.login_failures - 1, 30)
         self.login_failed_until = max(self.login_failed_until, now + min(
             backoff, self.pooler.config.server_login_retry))
+
+    def _login_failed(self, error: ServerError) -> None:
+        # PgBouncer's words: "server login failed: FATAL <PostgreSQL's message>".
+        log.warning("%s: server login failed: %s%s", self.name,
+                    "FATAL " if error.from_server else "", error)
+        self.last_login_error = error
         router = self.pooler.routers.get(self.db_name.partition("@")[0]) \
             if self.pooler.routers and "@" in self.db_name else None
         if router is not None:  # a replica's pool (routing.py): its waiting clients are
@@ -431,8 +463,10 @@ class Pool:
                 fut.set_exception(error)
                 fut.exception()
         self._welcome_waiters.clear()
-        # Clients waiting for a server get the server's own error rather than a long wait.
-        if self.server_count() == 0:
+        # Clients waiting for a server get the server's own error rather than a long wait,
+        # unless a server of the pool may still serve them (not one RECONNECT or RELOAD
+        # marked to close, nor a replication client's), as PgBouncer's kill_pool_logins.
+        if not any(s.pooled and not s.close_needed for s in self.all_servers()):
             while self.waiting:
                 self.waiting.popleft().fail(error.sqlstate, str(error))
             self._waiting_changed()

@@ -225,13 +225,18 @@ class Pooler:
         try:
             client_ctx, server_ctx = client_ssl_context(config), server_ssl_context(config)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            # New clients keep the TLS settings that work; the rest of the reload applies.
-            log.error("reload: TLS settings not applied, keeping the previous ones: %s", exc)
+            # New clients keep the TLS context that works (and the modes); the rest of the
+            # reload applies. The files named stay set: a key and its certificate changed
+            # by two console SETs, one at a time, make a context at the second (as
+            # PgBouncer), instead of the first one being undone before the second comes.
+            log.error("reload: TLS settings not applied, keeping the previous TLS context "
+                      "until they make one: %s", exc)
             client_ctx, server_ctx = self.ssl_context, self.server_ssl_context
             config = dataclasses.replace(config, **{
-                name: getattr(old, name) for name in _TLS_SETTINGS})
+                name: getattr(old, name) for name in _TLS_MODES})
         tls_changed = server_tls_settings(old) != server_tls_settings(config)
         self.config = config
+        self.auth_query.forget()
         self.ssl_context, self.server_ssl_context = client_ctx, server_ctx
         if self.fast is not None:
             self.fast.configure_tls(config)
@@ -263,6 +268,10 @@ class Pooler:
             from pgpilot.proxy.listener import tune_listeners
 
             tune_listeners(self._listeners, config.tcp_defer_accept)
+        if old.verbose != config.verbose:
+            from pgpilot.proxy.logs import verbose_changed
+
+            verbose_changed(config.verbose)
         if (old.listen_addr, old.listen_port) != (config.listen_addr, config.listen_port):
             log.warning("listen_addr/listen_port changes need a restart")
         log.info("configuration reloaded")
@@ -572,9 +581,7 @@ class Pooler:
         self.track_task(asyncio.get_running_loop().create_task(send()))
 
 
-_TLS_SETTINGS = ("client_tls_sslmode", "client_tls_key_file", "client_tls_cert_file",
-                 "client_tls_ca_file", "server_tls_sslmode", "server_tls_ca_file",
-                 "server_tls_key_file", "server_tls_cert_file")
+_TLS_MODES = ("client_tls_sslmode", "server_tls_sslmode")
 
 
 def _server_side(db: DatabaseConfig) -> tuple[object, ...]:

@@ -68,6 +68,10 @@ InternalCallback = Callable[["ServerConnection", "str | None"], None]
 
 
 class ServerConnection(asyncio.Protocol):
+    # A server of the pool's own (not a replication client's: walsender.py): a refused
+    # login of one holds the pool's next logins back (Pool.start_backoff).
+    pooled = True
+
     def __init__(self, pool: Pool) -> None:
         self.id = next(_ids)
         self.pool = pool
@@ -172,8 +176,13 @@ class ServerConnection(asyncio.Protocol):
         self._login = ServerLogin(login_user, password,
                                   self.pool.pooler.scram_client_keys.get(login_user))
         params = {"user": login_user, "database": self.pool.server_dbname}
-        params.update(self.pool.server_startup_params())
+        params.update(self.startup_params())
         self.transport.write(m.startup_message(params))  # type: ignore[union-attr]
+
+    def startup_params(self) -> dict[str, str]:
+        """What the StartupMessage carries beside user and database (the database's
+        settings; a replication server adds its client's: walsender.py)."""
+        return self.pool.server_startup_params()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -244,7 +253,9 @@ class ServerConnection(asyncio.Protocol):
                     return
                 # NoticeResponse and NegotiateProtocolVersion need no answer.
             except AuthFailed as exc:
-                self.fail(f"server login failed: {exc}", "28000")
+                # The pooler cannot answer what PostgreSQL asks (wrong password type, none
+                # configured): as a refusal by PostgreSQL, the waiting clients are told at once.
+                self.fail(f"server login failed: {exc}", "28000", from_server=True)
                 return
             except (ProtocolError, ValueError) as exc:
                 self.fail(f"server login failed: {exc}")
@@ -326,6 +337,10 @@ class ServerConnection(asyncio.Protocol):
     def fail(self, reason: str, sqlstate: str = "08006", from_server: bool = False) -> None:
         """Close because something went wrong; a waiting login or linked client is told."""
         if not self.login_done.done():
+            if from_server and self.pooled:
+                # Before this server's place is freed (close), which would let the waiting
+                # clients open the next one at once: the pool's backoff comes first.
+                self.pool.start_backoff()
             self.login_done.set_exception(ServerError(reason, sqlstate, from_server))
             # Nobody may await it (e.g. a warm-up connection): mark the exception retrieved.
             self.login_done.exception()
