@@ -76,6 +76,9 @@ class ReplicationServer(ServerConnection):
     def startup_params(self) -> dict[str, str]:
         params = super().startup_params()
         params.update(self.owner.params)  # the client's values win over the database's
+        # Startup parameters a pooled client's session carries as settings (client.py) go
+        # to a replication connection's own server as they came: a WAL sender takes no SET.
+        params.update(self.owner.startup_settings)
         params["replication"] = self.owner.replication
         if self.owner.startup_options:
             params["options"] = self.owner.startup_options
