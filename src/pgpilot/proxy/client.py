@@ -1360,7 +1360,8 @@ class ClientConnection(asyncio.Protocol):
                 self, server, lambda srv: srv.pool.release(srv, client_closed=client_closed))
         else:  # (a replica's pool, when a RELOAD removed the replicas meanwhile)
             server.pool.release(server, client_closed=client_closed)
-        if not client_closed and self.pool.lane is not None:
+        if not client_closed and self.pool.lane is not None \
+                and (routing is None or routing.engine_may_take(self)):
             self.enter_fast()
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:

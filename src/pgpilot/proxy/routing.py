@@ -73,6 +73,9 @@ __all__ = ["ClientRoute", "DatabaseRouter", "first_sql", "metric_families", "own
            "reload_routers", "replica_pool_node", "show_routes", "start_routers"]
 
 _LEN = struct.Struct("!i")
+# An engine client's route_flags (_fastpath.c): the engine sent a transaction of it to the
+# primary (a pool with route_reads serves only those in C).
+ROUTE_WROTE = 1
 
 
 def first_sql(pending: bytes | bytearray,
@@ -171,6 +174,7 @@ class ClientRoute:
     wrote_at: float = 0.0
     may_write: bool = False
     replica: str | None = None
+    last: str = "primary"  # where its last transaction went
     # SET pgpilot.route: "primary" or "replica" (a replica when one is eligible), "" = auto
     override: str = ""
     # the text of each named statement the client parsed (Pooler.parse_observers)
@@ -294,6 +298,25 @@ class DatabaseRouter:
         return self._set(self.route_of(client), name.lower().partition(".")[2],
                          value.strip().lower())
 
+    def engine_routed(self) -> int:
+        """Transactions the compiled fast path sent to the primary itself (they may write)."""
+        return sum(pool.lane.fp.routed_primary for (pool_name, _user), pool
+                   in self.pooler.pools.items() if pool_name == self.name and pool.lane)
+
+    def counted(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Transactions per target and why those to the primary went there, the engine's
+        included (SHOW ROUTES, metrics)."""
+        engine = self.engine_routed()
+        counts, reasons = dict(self.counts), dict(self.reasons)
+        counts[self.primary_name] = counts.get(self.primary_name, 0) + engine
+        reasons["may_write"] = reasons.get("may_write", 0) + engine
+        return counts, reasons
+
+    def startup_settings(self, client: ClientConnection) -> bool:
+        """Did ``client`` give pgpilot.route / pgpilot.min_lsn (or SET them already)?"""
+        route = self.routes.get(client)
+        return route is not None and bool(route.override or route.min_lsn)
+
     def client_gone(self, client: ClientConnection) -> None:
         """``client`` disconnected (a transaction or session on a replica may be cut off):
         its replica's outstanding work goes down, and it waits for no replica's server."""
@@ -309,6 +332,15 @@ class DatabaseRouter:
     def _release(self, name: str) -> None:
         if name in self.replica_set.states:  # (a RELOAD may have removed it)
             self.replica_set.release(name)
+
+    def engine_may_take(self, client: ClientConnection) -> bool:
+        """May ``client`` go back to the compiled fast path between transactions? There the
+        engine serves, in C, only transactions that surely go to the primary (route_reads)
+        and hands any other back. Not after a transaction on a replica (it is likely to read
+        again: handing it back each time would cost more than staying), nor while it routes
+        everything to a replica (SET pgpilot.route = replica sends its writes there too)."""
+        route = self.routes.get(client)
+        return route is None or (route.override != "replica" and route.last == "primary")
 
     def observe_parse(self, client: ClientConnection, body: bytes) -> None:
         """A Parse from a client of this database (wherever it runs): remember the text of the
@@ -326,6 +358,15 @@ class DatabaseRouter:
         """The pool ``client``'s next transaction takes its server from; None when the round
         was one of the pooler's own commands, answered here."""
         assert client.pool is not None
+        transport: Any = client.transport
+        if getattr(transport, "route_flags", 0) & ROUTE_WROTE:
+            # The engine sent transactions of it to the primary and they are over: its reads
+            # wait for a position sampled after the last one ended (monotonic clock).
+            ended = transport.route_ended or time.monotonic()
+            transport.route_flags = 0
+            if self.read_your_writes:
+                route = self.route_of(client)
+                route.wrote_at = max(route.wrote_at, ended)
         own = own_command(pending) if pending[:1] in (b"Q", b"P") else None
         if own is not None:
             if isinstance(pending, bytearray):
@@ -338,6 +379,7 @@ class DatabaseRouter:
                 client.write(self._answer(route, *own))
             return None
         target = self.decide(client, pending)
+        self.route_of(client).last = target
         self.counts[target] = self.counts.get(target, 0) + 1
         if target == "primary":
             return client.pool
@@ -351,6 +393,10 @@ class DatabaseRouter:
         if route.replica is not None:
             self._release(route.replica)
             route.replica = None
+        transport: Any = client.transport
+        if getattr(transport, "route_flags", 0) & ROUTE_WROTE:
+            route.may_write = True  # the engine began it on the primary, Python ends it
+            transport.route_flags = 0
         if not (route.may_write and self.read_your_writes and self.split) \
                 or server.txn_status != "I":
             release(server)
@@ -706,11 +752,11 @@ def reload_routers(pooler: Pooler, tls_changed: bool = False) -> None:
             router = pooler.routers[name] = DatabaseRouter(pooler, name, db)
             pooler.parse_observers.append(router.observe_parse)
             router.start()
-    for name, router in pooler.routers.items():
-        if router.split:  # routed per transaction in Python: the primary's pools made
-            for (pool_name, _user), pool in pooler.pools.items():  # before leave the engine
-                if pool_name == name and pool.lane is not None and pool.lane.usable:
-                    pool.lane.give_up()
+    for (pool_name, _user), pool in pooler.pools.items():
+        if pool.lane is not None and "@" not in pool_name:
+            # the engine serves only transactions that surely go to the primary
+            router = pooler.routers.get(pool_name)
+            pool.lane.fp.route_reads = int(router is not None and bool(router.split))
 
 
 # Why a transaction went to the primary (SHOW ROUTES' columns, the metrics' reason label).
@@ -728,13 +774,14 @@ def show_routes(pooler: Pooler) -> tuple[list[tuple[str, int]], list[list[Any]]]
                ("sessions", int8), *((reason, int8) for reason in REASONS)]
     rows: list[list[Any]] = []
     for name, router in sorted(pooler.routers.items()):
+        counts, reasons = router.counted()
         for node, cfg in router.nodes.items():
             state = router.replica_set.states.get(node)
             if node == router.primary_name:
                 role, health = "primary", "up" if router.primary_up else "down"
                 lsn = format_lsn(router.lsn_sample[1]) if router.lsn_sample else ""
                 lag: tuple[int, int, int] = (0, 0, 0)
-                why = [router.reasons.get(reason, 0) for reason in REASONS]
+                why = [reasons.get(reason, 0) for reason in REASONS]
             elif state is not None:
                 role = "replica"
                 health = ("down" if not state.up else "promoted" if not state.in_recovery
@@ -745,7 +792,7 @@ def show_routes(pooler: Pooler) -> tuple[list[tuple[str, int]], list[list[Any]]]
             else:
                 continue  # the old primary after a failover, until a RELOAD names it again
             rows.append([name, node, role, cfg.host or "", cfg.port or 5432, health, lsn, *lag,
-                         router.counts.get(node, 0), router.sessions.get(node, 0), *why])
+                         counts.get(node, 0), router.sessions.get(node, 0), *why])
     return columns, rows
 
 
@@ -772,10 +819,11 @@ def metric_families(pooler: Pooler) -> list[Any]:
         "by why (may_write, read_your_writes, no_replica, hinted, unparsed, split_off)",
         labels=("database", "reason"))
     for name, router in sorted(pooler.routers.items()):
-        for target, count in sorted(router.counts.items()):
+        counts, reasons = router.counted()
+        for target, count in sorted(counts.items()):
             routed.add_metric([name, target], count)
         for reason in REASONS:
-            primary.add_metric([name, reason], router.reasons.get(reason, 0))
+            primary.add_metric([name, reason], reasons.get(reason, 0))
         for replica, state in sorted(router.replica_set.states.items()):
             up.add_metric([name, replica], int(state.up and state.in_recovery))
             eligible.add_metric([name, replica], int(router.replica_set.eligible(replica)))
