@@ -306,6 +306,15 @@ def test_route_and_min_lsn_settings(cluster: ReplicationCluster, split: RunningP
         assert a.execute(PORT_SQL).fetchone()[0] in replica_ports  # type: ignore[index]
         with pytest.raises(psycopg.errors.InvalidParameterValue):
             a.execute("SET pgpilot.route = sideways")
+        # route = replica: writes too go to a replica (refused there), every time (the
+        # compiled fast path, which sends writes to the primary, does not take the client)
+        a.execute("SET pgpilot.route = replica")
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                a.execute("INSERT INTO split_notes (body) VALUES ('refused')")
+        a.execute("RESET pgpilot.route")
+        assert a.execute("INSERT INTO split_notes (body) VALUES ('ok') RETURNING "
+                         "inet_server_port()").fetchone() == (primary_port,)
         assert b.execute("SHOW pgpilot.min_lsn").fetchone() == ("0/0",)  # never wrote
         before = a.execute("SHOW pgpilot.min_lsn").fetchone()[0]  # type: ignore[index]
         for name in cluster.replica_names:

@@ -32,7 +32,19 @@ replica becomes the primary: the primary pools of the database are pointed at it
 servers closed), and writes go there. A client mid-transaction on a server that dies gets
 08006 from the pooler, as any client does; nothing is retried for it.
 
-Session pools are not split: a session-mode client stays on the primary (documented).
+**The compiled fast path** (``_fastpath.c``, ``FastPool.route_reads``) serves, in C, the
+transactions that surely go to the primary (a first statement beginning with INSERT, UPDATE,
+DELETE, MERGE or a read-write BEGIN) and hands every other one to Python, which decides here;
+it notes when such a transaction ended (``Conn.route_ended``), the moment read-your-writes
+counts from. A client goes back to the engine after a transaction on the primary.
+
+**Session pools** are not split per transaction: a session-mode client's server is chosen once,
+at connect (:meth:`DatabaseRouter.session_pool`): the primary, or a replica when it asked with
+``pgpilot.route=replica`` (startup parameter or ``options``).
+
+**RELOAD** (:func:`reload_routers`) applies a changed ``replicas=`` list, ``read_write_split``
+and lag bounds without dropping a client. **SHOW ROUTES** (:func:`show_routes`) and the
+metrics show the decisions, with why those sent to the primary went there.
 """
 
 from __future__ import annotations
