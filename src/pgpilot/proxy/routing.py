@@ -39,8 +39,8 @@ it notes when such a transaction ended (``Conn.route_ended``), the moment read-y
 counts from. A client goes back to the engine after a transaction on the primary.
 
 **Session pools** are not split per transaction: a session-mode client's server is chosen once,
-at connect (:meth:`DatabaseRouter.session_pool`): the primary, or a replica when it asked with
-``pgpilot.route=replica`` (startup parameter or ``options``).
+at connect (:meth:`DatabaseRouter.session_pool`): the primary, or a replica when it asked for
+one with the pooler's own ``route`` setting (a startup parameter, or in ``options``).
 
 **RELOAD** (:func:`reload_routers`) applies a changed ``replicas=`` list, ``read_write_split``
 and lag bounds without dropping a client. **SHOW ROUTES** (:func:`show_routes`) and the
