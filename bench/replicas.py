@@ -8,8 +8,12 @@ everything to the primary) and against a plain pooler (no ``replicas=``), rounds
 - ``read-heavy``: 9 ``select-only`` to 1 ``simple-update`` (a read-write transaction) per
   client: tps and shares (a client's reads after its own write go to the primary until a
   replica has replayed it: the price of read-your-writes, shown here);
-- ``write-only``: ``simple-update`` alone, a primary-only case: tps with the split on pays one
-  ``pg_current_wal_insert_lsn()`` per transaction (read-your-writes), which this measures.
+- ``readers-and-writers``: 18 clients ``select-only`` and 2 ``simple-update`` at once, two
+  pgbench processes (tps summed): readers that never write read from the replicas;
+- ``write-only``: ``simple-update`` alone, a primary-only case: with the split on, the
+  compiled fast path serves these transactions itself (they begin with a read-write
+  ``BEGIN``), and read-your-writes needs no query per transaction (the health check samples
+  the primary's position).
 
 The poolers, pgbench and the three PostgreSQL servers share the machine's cores: the ratios,
 not the absolute numbers, are what carries over.
@@ -40,6 +44,10 @@ CASES = {
     "select-only": ["-b", "select-only", "-M", "simple"],
     "read-heavy": ["-b", "select-only@9", "-b", "simple-update@1", "-M", "simple"],
     "write-only": ["-b", "simple-update", "-M", "simple"],
+    # readers and writers apart (a web app's many pages that only read, a few that write):
+    # 90% of the clients run select-only, the others simple-update, two pgbench at once
+    "readers-and-writers": ["-b", "select-only", "-M", "simple", "+", "-b", "simple-update",
+                            "-M", "simple"],
 }
 
 
@@ -58,6 +66,10 @@ def _routed(metrics_port: int) -> dict[str, float]:
                          r'target="(\w+)"\} ([\d.e+]+)', line)
         if found:
             out[found.group(1)] = float(found.group(2))
+        found = re.match(r'pgpilot_routed_to_primary_total\{database="postgres",'
+                         r'reason="may_write"\} ([\d.e+]+)', line)
+        if found:
+            out["writes"] = float(found.group(1))
     return out
 
 
@@ -102,14 +114,26 @@ def _bin(name: str) -> Path:
 
 
 def _pgbench(port: int, args: list[str], clients: int, seconds: int) -> float:
-    done = subprocess.run(
+    """tps of one pgbench run; ``args`` with a ``+``: two pgbench at once (the first with 90%
+    of the clients), their tps summed."""
+    if "+" in args:
+        cut = args.index("+")
+        parts = [(args[:cut], clients - max(1, clients // 10)),
+                 (args[cut + 1:], max(1, clients // 10))]
+    else:
+        parts = [(args, clients)]
+    procs = [subprocess.Popen(
         [str(_bin("pgbench")), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-n",
-         "-c", str(clients), "-j", "2", "-T", str(seconds), *args, "postgres"],
-        capture_output=True, text=True, timeout=seconds + 120)
-    match = re.search(r"tps = ([\d.]+)", done.stdout)
-    if done.returncode != 0 or match is None:
-        raise RuntimeError(f"pgbench failed: {done.stderr[-500:]}")
-    return float(match.group(1))
+         "-c", str(n), "-j", str(min(2, n)), "-T", str(seconds), *part, "postgres"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for part, n in parts]
+    total = 0.0
+    for proc in procs:
+        out, err = proc.communicate(timeout=seconds + 120)
+        match = re.search(r"tps = ([\d.]+)", out)
+        if proc.returncode != 0 or match is None:
+            raise RuntimeError(f"pgbench failed: {err[-500:]}")
+        total += float(match.group(1))
+    return total
 
 
 def main() -> int:
@@ -117,7 +141,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated, of: " + ", ".join(CASES))
+    parser.add_argument("--label", default="",
+                        help="write replicas-LABEL.json/.md (the default run keeps its files)")
     args = parser.parse_args()
+    cases = {name: CASES[name] for name in args.cases.split(",")}
+    stem = f"replicas-{args.label}" if args.label else "replicas"
     results: dict[str, Any] = {"rounds": args.rounds, "seconds": args.seconds,
                                "clients": args.clients, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="pgpilot-bench-replicas-") as tmp, \
@@ -130,9 +160,10 @@ def main() -> int:
         METRICS_PORT[0] = free_port()
         poolers = {v: _start_pooler(cluster, Path(tmp), v) for v in variants}
         try:
-            for case, case_args in CASES.items():
+            for case, case_args in cases.items():
                 runs: dict[str, list[float]] = {v: [] for v in variants}
                 shares: dict[str, list[float]] = {n: [] for n in cluster.nodes}
+                replica_reads: list[float] = []
                 _pgbench(poolers["on"][1], case_args, args.clients, 2)  # warm-up
                 for _ in range(args.rounds):
                     for variant in variants:
@@ -147,6 +178,11 @@ def main() -> int:
                                         for n in cluster.nodes) or 1
                             for n in cluster.nodes:
                                 shares[n].append((after.get(n, 0) - before.get(n, 0)) / total)
+                            # reads: what did not go to the primary because it may write
+                            delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                            reads = total - delta.get("writes", 0)
+                            replica_reads.append(sum(delta.get(n, 0) for n in cluster.nodes
+                                                     if n != "primary") / (reads or 1))
                 on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
                 plain = statistics.median(runs["plain"])
                 python = statistics.median(runs["python"])
@@ -154,7 +190,8 @@ def main() -> int:
                     "tps_on": runs["on"], "tps_off": runs["off"], "tps_plain": runs["plain"],
                     "tps_python": runs["python"], "ratio": on / off, "ratio_plain": on / plain,
                     "ratio_python": on / python,
-                    "share_on": {n: statistics.median(v) for n, v in shares.items()}}
+                    "share_on": {n: statistics.median(v) for n, v in shares.items()},
+                    "reads_on_replicas": statistics.median(replica_reads)}
                 print(case, f"on {on:.0f} tps, off {off:.0f}, plain {plain:.0f}; "
                       f"python {python:.0f}; on/off {on / off:.2f}, on/plain {on / plain:.2f}, "
                       f"on/python {on / python:.2f}",
@@ -165,26 +202,39 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(10)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "replicas.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Read/write split: split on vs off", "",
              f"`python bench/replicas.py --rounds {args.rounds} --seconds {args.seconds} "
-             f"--clients {args.clients}`: pgbench -M simple, scale 2, {args.clients} clients, "
+             f"--clients {args.clients}"
+             + (f" --cases {args.cases} --label {args.label}" if args.label else "")
+             + f"`: pgbench -M simple, scale 2, {args.clients} clients, "
              "one primary and two streaming replicas on this machine, medians of the rounds.",
              "Split off: the same `replicas=` line with `read_write_split = 0`; plain: no "
              "`replicas=` (the pooler without this feature, its fast path included); python: "
              "plain with `fast_path = 0`, the same Python path the split runs on.",
              "", "| case | split on (tps) | split off (tps) | plain (tps) | python (tps) | "
              "on / plain | on / python | share of transactions, split on (primary / replica1 "
-             "/ replica2) |", "|---|---|---|---|---|---|---|---|"]
+             "/ replica2) | reads served by replicas |", "|---|---|---|---|---|---|---|---|---|"]
     for case, r in results["cases"].items():
         on, off = statistics.median(r["tps_on"]), statistics.median(r["tps_off"])
         plain = statistics.median(r["tps_plain"])
         python = statistics.median(r["tps_python"])
         share = " / ".join(f"{r['share_on'][n]:.0%}" for n in ("primary", "replica1",
                                                               "replica2"))
+        reads = r.get("reads_on_replicas")
         lines.append(f"| {case} | {on:.0f} | {off:.0f} | {plain:.0f} | {python:.0f} | "
-                     f"{r['ratio_plain']:.2f}x | {r['ratio_python']:.2f}x | {share} |")
-    (RESULTS / "replicas.md").write_text("\n".join(lines) + "\n")
+                     f"{r['ratio_plain']:.2f}x | {r['ratio_python']:.2f}x | {share} | "
+                     + ("-" if reads is None or case == "write-only" else f"{reads:.0%}")
+                     + " |")
+    lines += ["", "Paired per round (the variants of a round run one after another): on / off "
+              "and on / plain, median (min-max) of the rounds.", "",
+              "| case | on / off | on / plain |", "|---|---|---|"]
+    for case, r in results["cases"].items():
+        pairs = [[a / b for a, b in zip(r["tps_on"], r[f"tps_{v}"], strict=True)]
+                 for v in ("off", "plain")]
+        lines.append(f"| {case} | " + " | ".join(
+            f"{statistics.median(x):.2f} ({min(x):.2f}-{max(x):.2f})" for x in pairs) + " |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -34,18 +34,27 @@ def cluster(replication_cluster: ReplicationCluster) -> ReplicationCluster:
     return c
 
 
-def _start(cluster: ReplicationCluster, tmp_path: Path, **settings: Any) -> RunningProxy:
+def _write(cluster: ReplicationCluster, tmp_path: Path, replicas: list[str] | None = None,
+           **settings: Any) -> tuple[Path, int]:
+    """The pooler's configuration: database ``app`` on the test bed's primary with
+    ``replicas`` (node names; default all; [] = no replicas= at all)."""
     primary = cluster.nodes[cluster.primary_name]
     upstream = {"host": "127.0.0.1", "port": str(primary.port), "user": "postgres",
                 "dbname": "postgres"}
-    replicas = ",".join(f"127.0.0.1:{cluster.port(n)}" for n in cluster.replica_names)
-    databases = {"app": f"host=127.0.0.1 port={primary.port} dbname=postgres user=postgres "
-                        f"replicas={replicas}"}
+    names = cluster.replica_names if replicas is None else replicas
+    listed = ",".join(f"127.0.0.1:{cluster.port(n)}" for n in names)
+    databases = {"app": f"host=127.0.0.1 port={primary.port} dbname=postgres user=postgres"
+                        + (f" replicas={listed}" if listed else "")}
     base = {"replica_check_interval": 0.05, "default_pool_size": 20, "fast_path": 1}
     base.update(settings)
-    path, port = write_config(tmp_path, upstream, base, databases)
+    return write_config(tmp_path, upstream, base, databases)
+
+
+def _start(cluster: ReplicationCluster, tmp_path: Path, **settings: Any) -> RunningProxy:
+    path, port = _write(cluster, tmp_path, **settings)
     proxy = RunningProxy(path, port).start()
-    wait_until(lambda: all(_states(proxy, n)["up"] for n in ("replica1", "replica2")))
+    if settings.get("replicas", True):
+        wait_until(lambda: all(_states(proxy, n)["up"] for n in ("replica1", "replica2")))
     return proxy
 
 
@@ -106,7 +115,7 @@ def test_reads_to_replicas_writes_to_the_primary(cluster: ReplicationCluster,
         conn.execute("BEGIN READ ONLY")
         assert conn.execute(PORT_SQL).fetchone()[0] in replica_ports  # type: ignore[index]
         conn.execute("COMMIT")
-    counts = split.call(lambda: dict(_router(split).counts))
+    counts = split.call(lambda: _router(split).counted()[0])
     assert counts["primary"] >= 6 and counts["replica1"] >= 4 and counts["replica2"] >= 4
 
 
@@ -180,19 +189,22 @@ def test_read_after_write_under_lag_never_stale(cluster: ReplicationCluster,
                                                 split: RunningProxy) -> None:
     cluster.set_apply_delay(cluster.replica_names[0], 100)
     cluster.set_apply_delay(cluster.replica_names[1], 500)
-    before = split.call(lambda: dict(_router(split).counts))
+    before = split.call(lambda: _router(split).counted()[0])
     stale = asyncio.run(_write_then_read(split.dsn("app"), 50, 1000))
-    after = split.call(lambda: dict(_router(split).counts))
+    after = split.call(lambda: _router(split).counted()[0])
     print(f"pooler, LSN rule on: {stale} stale reads of 1000; transactions per target "
           f"{ {k: after[k] - before[k] for k in after} }")
     assert stale == 0
+    if split.call(lambda: split.pooler.fast) is not None:  # type: ignore[union-attr]
+        # the compiled fast path sent the writes to the primary itself (route_reads)
+        assert split.call(lambda: _router(split).engine_routed()) >= 500
 
     def rule_off() -> None:
         _router(split).read_your_writes = False
     split.call(rule_off)
-    before = split.call(lambda: dict(_router(split).counts))
+    before = split.call(lambda: _router(split).counted()[0])
     stale_without = asyncio.run(_write_then_read(split.dsn("app"), 50, 200))
-    after = split.call(lambda: dict(_router(split).counts))
+    after = split.call(lambda: _router(split).counted()[0])
     print(f"pooler, LSN rule off: {stale_without} stale reads of 200; transactions per target "
           f"{ {k: after[k] - before[k] for k in after} }")
     assert stale_without > 0  # the test bites
@@ -259,7 +271,7 @@ def test_replica_stopped_under_load(cluster: ReplicationCluster, split: RunningP
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: split.call(lambda: _router(split).counts["replica1"]) > 50)
+        wait_until(lambda: split.call(lambda: _router(split).counted()[0]["replica1"]) > 50)
         cluster.stop_node(first)
         wait_until(lambda: not _states(split, "replica1")["up"])
         down.set()
@@ -294,6 +306,15 @@ def test_route_and_min_lsn_settings(cluster: ReplicationCluster, split: RunningP
         assert a.execute(PORT_SQL).fetchone()[0] in replica_ports  # type: ignore[index]
         with pytest.raises(psycopg.errors.InvalidParameterValue):
             a.execute("SET pgpilot.route = sideways")
+        # route = replica: writes too go to a replica (refused there), every time (the
+        # compiled fast path, which sends writes to the primary, does not take the client)
+        a.execute("SET pgpilot.route = replica")
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                a.execute("INSERT INTO split_notes (body) VALUES ('refused')")
+        a.execute("RESET pgpilot.route")
+        assert a.execute("INSERT INTO split_notes (body) VALUES ('ok') RETURNING "
+                         "inet_server_port()").fetchone() == (primary_port,)
         assert b.execute("SHOW pgpilot.min_lsn").fetchone() == ("0/0",)  # never wrote
         before = a.execute("SHOW pgpilot.min_lsn").fetchone()[0]  # type: ignore[index]
         for name in cluster.replica_names:
@@ -330,3 +351,176 @@ def test_metrics_show_decisions_and_replica_health(cluster: ReplicationCluster,
     assert 'pgpilot_replica_up{database="app",replica="replica1"} 0.0' in text
     assert 'pgpilot_replica_up{database="app",replica="replica2"} 1.0' in text
     assert 'pgpilot_replica_eligible{database="app",replica="replica2"} 1.0' in text
+
+
+def _admin_rows(proxy: RunningProxy, command: str) -> list[dict[str, Any]]:
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(proxy.dsn("pgbouncer"), autocommit=True, row_factory=dict_row) as c:
+        return c.execute(command).fetchall()
+
+
+def test_show_routes_shows_decisions_and_why(cluster: ReplicationCluster,
+                                             split: RunningProxy) -> None:
+    """SHOW ROUTES: a row per node, its health, the transactions sent there, and why those
+    sent to the primary went there; the same reasons in the metrics."""
+    from prometheus_client import generate_latest
+
+    from pgpilot.proxy.metrics import registry_for
+
+    primary_port, replica_ports = _ports(cluster)
+    with psycopg.connect(split.dsn("app"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        for _ in range(6):
+            assert conn.execute(PORT_SQL).fetchone()[0] in replica_ports  # type: ignore[index]
+        conn.execute("/* pgpilot:primary */ SELECT 1")
+        conn.execute("BEGIN")
+        conn.execute("COMMIT")
+        for name in cluster.replica_names:
+            cluster.pause_replay(name)
+        conn.execute("INSERT INTO split_notes (body) VALUES ('routes')")
+        written = parse_lsn(cluster.primary_lsn())
+        wait_until(lambda: split.call(lambda: _router(split).lsn_sample[1]) >= written)
+        assert conn.execute(PORT_SQL).fetchone()[0] == primary_port  # type: ignore[index]
+    rows = {r["node"]: r for r in _admin_rows(split, "SHOW ROUTES")}
+    assert set(rows) == {"primary", "replica1", "replica2"}
+    primary = rows["primary"]
+    assert (primary["database"], primary["role"], primary["state"]) == ("app", "primary", "up")
+    assert int(primary["port"]) == primary_port
+    assert int(primary["hinted"]) == 1
+    assert int(primary["may_write"]) >= 2  # the BEGIN, the INSERT
+    assert int(primary["read_your_writes"]) == 1  # the read after the INSERT
+    assert int(primary["no_replica"]) == 0
+    replica_reads = sum(int(rows[n]["transactions"]) for n in ("replica1", "replica2"))
+    assert replica_reads >= 6
+    assert {int(rows[n]["port"]) for n in ("replica1", "replica2")} == replica_ports
+    assert {rows[n]["role"] for n in ("replica1", "replica2")} == {"replica"}
+    assert {rows[n]["state"] for n in ("replica1", "replica2")} <= {"eligible", "lagging"}
+    text = split.call(lambda: generate_latest(registry_for(split.pooler)).decode())  # type: ignore[arg-type]
+    assert 'pgpilot_routed_to_primary_total{database="app",reason="hinted"} 1.0' in text
+    assert 'pgpilot_routed_to_primary_total{database="app",reason="read_your_writes"} 1.0' \
+        in text
+
+
+def _ports_seen(dsn_conn: psycopg.Connection[Any], times: int = 12) -> set[int]:
+    return {dsn_conn.execute(PORT_SQL).fetchone()[0] for _ in range(times)}  # type: ignore[index]
+
+
+def test_reload_changes_the_topology_without_dropping_clients(cluster: ReplicationCluster,
+                                                              tmp_path: Path) -> None:
+    """RELOAD with another replicas= list, read_write_split and lag bounds: connected
+    clients stay connected (one of them mid-transaction on a replica that leaves the list)
+    and their next transactions follow the new configuration."""
+    first, second = cluster.replica_names
+    primary_port, _ = _ports(cluster)
+    proxy = _start(cluster, tmp_path)
+    try:
+        with psycopg.connect(proxy.dsn("app"), autocommit=True) as conn, \
+                psycopg.connect(proxy.dsn("app"), autocommit=True) as busy:
+            conn.execute("SELECT 1")
+            busy.execute("SELECT 1")
+            assert _ports_seen(conn) == {cluster.port(first), cluster.port(second)}
+            busy.execute("BEGIN READ ONLY")
+            busy_port = busy.execute(PORT_SQL).fetchone()[0]  # type: ignore[index]
+            leaving = first if busy_port == cluster.port(first) else second
+            staying = second if leaving == first else first
+            # 1. only the other replica is listed (it becomes "replica1")
+            _write(cluster, tmp_path, replicas=[staying], listen_port=proxy.port)
+            proxy.reload()
+            assert busy.execute(PORT_SQL).fetchone()[0] == busy_port  # type: ignore[index]
+            busy.execute("COMMIT")  # the transaction ran to its end where it began
+            wait_until(lambda: _ports_seen(conn, 4) == {cluster.port(staying)})
+            assert _ports_seen(busy) == {cluster.port(staying)}
+            rows = _admin_rows(proxy, "SHOW ROUTES")
+            assert [(r["node"], int(r["port"])) for r in rows] == [
+                ("primary", primary_port), ("replica1", cluster.port(staying))]
+            # 2. the split off: everything to the primary
+            _write(cluster, tmp_path, replicas=[staying], listen_port=proxy.port,
+                   read_write_split=0)
+            proxy.reload()
+            assert _ports_seen(conn) == {primary_port}
+            # 3. both replicas again, split on, with a lag bound one replica breaks
+            cluster.pause_replay(leaving)
+            cluster.execute(cluster.primary_name,
+                            "INSERT INTO split_notes (body) SELECT 'x' FROM generate_series(1, "
+                            "2000)")
+            _write(cluster, tmp_path, listen_port=proxy.port, replica_max_lag_bytes=1024)
+            proxy.reload()
+            wait_until(lambda: _ports_seen(conn, 4) == {cluster.port(staying)})
+            cluster.resume_replay(leaving)
+            wait_until(lambda: _ports_seen(conn, 6) == {cluster.port(first),
+                                                         cluster.port(second)})
+            assert not conn.closed and not busy.closed
+            assert busy.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        proxy.stop()
+
+
+def test_reload_adds_replicas_to_a_database(cluster: ReplicationCluster,
+                                            tmp_path: Path) -> None:
+    """A database without replicas= (served by the compiled fast path) gets them on RELOAD:
+    the same connection's reads go to the replicas from then on (statements it prepared
+    before, whose text the pooler never saw, run on the primary: prepare_threshold=None)."""
+    primary_port, replica_ports = _ports(cluster)
+    proxy = _start(cluster, tmp_path, replicas=[])
+    try:
+        with psycopg.connect(proxy.dsn("app"), autocommit=True, prepare_threshold=None) as conn:
+            assert _ports_seen(conn) == {primary_port}
+            _write(cluster, tmp_path, listen_port=proxy.port)
+            proxy.reload()
+            wait_until(lambda: _ports_seen(conn, 6) == replica_ports)
+            assert conn.execute("INSERT INTO split_notes (body) VALUES ('r') RETURNING "
+                                "inet_server_port()").fetchone() == (primary_port,)
+            _write(cluster, tmp_path, replicas=[], listen_port=proxy.port)
+            proxy.reload()  # and removes them again
+            assert _ports_seen(conn) == {primary_port}
+            assert proxy.call(lambda: "app" not in proxy.pooler.routers)  # type: ignore[union-attr]
+    finally:
+        proxy.stop()
+
+
+def test_session_mode_pins_a_choice_at_connect(cluster: ReplicationCluster,
+                                               tmp_path: Path) -> None:
+    """Session pools are not split: a client keeps the server it got at connect, the
+    primary's unless it asked for a replica (pgpilot.route=replica in options or as a
+    startup parameter), which it then keeps for every statement, writes refused there;
+    pgpilot.min_lsn at connect rules out replicas that did not replay it."""
+    primary_port, replica_ports = _ports(cluster)
+    proxy = _start(cluster, tmp_path, pool_mode="session")
+    replica_opts = {"options": "-c pgpilot.route=replica"}
+    try:
+        with psycopg.connect(proxy.dsn("app"), autocommit=True) as plain:
+            assert _ports_seen(plain) == {primary_port}  # reads too: the primary
+        with psycopg.connect(proxy.dsn("app"), autocommit=True, **replica_opts) as a, \
+                psycopg.connect(proxy.dsn("app"), autocommit=True, **replica_opts) as b:
+            seen_a, seen_b = _ports_seen(a), _ports_seen(b)
+            assert len(seen_a) == 1 and seen_a <= replica_ports  # pinned
+            assert len(seen_b) == 1 and seen_b <= replica_ports
+            assert seen_a != seen_b  # least outstanding: a holds one replica
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                a.execute("INSERT INTO split_notes (body) VALUES ('no')")
+            assert _ports_seen(a, 2) == seen_a  # still there after the error
+
+        async def startup_param() -> int:
+            conn = await asyncpg.connect(proxy.dsn("app"),
+                                         server_settings={"pgpilot.route": "replica"})
+            try:
+                return int(await conn.fetchval(PORT_SQL))
+            finally:
+                await conn.close()
+        assert asyncio.run(startup_param()) in replica_ports
+        for name in cluster.replica_names:
+            cluster.pause_replay(name)
+        cluster.execute(cluster.primary_name, "INSERT INTO split_notes (body) VALUES ('n')")
+        fresh = cluster.primary_lsn()
+        with psycopg.connect(proxy.dsn("app"), autocommit=True,
+                             options=f"-c pgpilot.route=replica -c pgpilot.min_lsn={fresh}"
+                             ) as c:
+            assert _ports_seen(c, 3) == {primary_port}  # no replica replayed it
+        with pytest.raises(psycopg.OperationalError, match=r"pgpilot\.route"):
+            psycopg.connect(proxy.dsn("app"), options="-c pgpilot.route=sideways")
+        rows = {r["node"]: r for r in _admin_rows(proxy, "SHOW ROUTES")}
+        assert sum(int(rows[n]["sessions"]) for n in ("replica1", "replica2")) == 3
+        assert int(rows["primary"]["sessions"]) == 2
+    finally:
+        proxy.stop()

@@ -241,6 +241,10 @@ struct ConnObject {
      * client_message_timeout: Engine.stalled) */
     ConnObject *pt_prev, *pt_next;
     int in_partial;
+    /* read/write split (route_reads pools): ROUTE_WROTE, and when the last transaction so
+     * marked ended (ReadyForQuery 'I', monotonic ns; 0: not ended in the engine) */
+    int route_flags;
+    int64_t route_ended;
     PyObject *weakreflist;
     /* TLS (_fastpath_tls.c): the session (an SSL*; NULL: plain), its TLS_* state, the errno
      * of its socket's last failed call, raw bytes this read event took */
@@ -259,6 +263,10 @@ struct PoolObject {
     long n_idle, n_waiting, n_linked;
     long n_phantoms; /* logged in by the engine alone along a route to this pool */
     int paused, statement_mode, assist, py_waiters;
+    /* read/write split (proxy/routing.py): the engine serves only the transactions that
+     * surely go to the primary (surely_primary), and counts them */
+    int route_reads;
+    long long routed_primary;
     /* server_check_delay: an idle server unused for longer is checked by Python before it is
      * lent again; negative: never */
     int64_t check_after;
@@ -1191,6 +1199,48 @@ static void fail_closed(ConnObject *c, ConnObject *s, const char *text) {
 
 /* -- the fast path: clients -------------------------------------------------------------- */
 static void client_pump(ConnObject *c);
+
+/* -- read/write split ----------------------------------------------------------------------
+ * In a pool whose database sends reads to replicas (route_reads, set by proxy/routing.py),
+ * the engine links a client that has no server only when its transaction surely goes to the
+ * primary: the first message is a Query or Parse whose text begins with INSERT, UPDATE,
+ * DELETE or MERGE, or with BEGIN / START without "only" anywhere (a read-write transaction).
+ * It marks the client (ROUTE_WROTE, and route_ended: Python's read-your-writes then waits
+ * for a WAL position sampled after its end) and counts it. Anything else goes to Python, which decides
+ * (routing.py). */
+#define ROUTE_WROTE 1
+
+static int word_at(const unsigned char *b, const unsigned char *e, const char *w) {
+    size_t k = strlen(w);
+    if ((size_t)(e - b) <= k) return 0;
+    for (size_t i = 0; i < k; i++)
+        if ((b[i] | 0x20) != (unsigned char)w[i]) return 0;
+    unsigned char next = b[k];
+    return !((next | 0x20) >= 'a' && (next | 0x20) <= 'z') && !(next >= '0' && next <= '9') &&
+           next != '_' && next != '$';
+}
+
+static int surely_primary(const unsigned char *m, size_t avail) {
+    if (avail < 5) return 0;
+    uint32_t len = be32(m + 1);
+    if (len < 5 || avail < (size_t)len + 1) return 0;
+    const unsigned char *b = m + 5, *e = m + 1 + len;
+    if (m[0] == 'P') { /* the statement's name, then its text */
+        while (b < e && *b) b++;
+        if (b >= e) return 0;
+        b++;
+    } else if (m[0] != 'Q') {
+        return 0;
+    }
+    while (b < e && (*b == ' ' || *b == '\t' || *b == '\n' || *b == '\r')) b++;
+    if (word_at(b, e, "insert") || word_at(b, e, "update") || word_at(b, e, "delete") ||
+        word_at(b, e, "merge"))
+        return 1;
+    if (!word_at(b, e, "begin") && !word_at(b, e, "start")) return 0;
+    for (; b + 4 <= e && *b; b++) /* BEGIN ... READ ONLY: Python's (a replica) */
+        if (word_at(b, e, "only")) return 0;
+    return 1;
+}
 static void server_free(ConnObject *s);
 
 static ConnObject *take_idle(PoolObject *p, long long params_id, int *exact) {
@@ -1405,6 +1455,14 @@ again:
             c->scan_ok = rn->n_names ? 0 : n;
             return;
         }
+        if (p->route_reads) {
+            if (!surely_primary((const unsigned char *)c->rb.p + c->rb.start, n)) {
+                eject_client(c, NULL, EJECT_UNLINKED);
+                return;
+            }
+            c->route_flags |= ROUTE_WROTE;
+            p->routed_primary++;
+        }
         int exact = 0;
         ConnObject *s = p->paused ? NULL : take_idle(p, c->params_id, &exact);
         if (s && p->check_after >= 0 && now_ns() - s->idle_since > p->check_after) {
@@ -1536,6 +1594,7 @@ static void server_pump(ConnObject *s) {
                 c->query_started = c->expected_rfq > 0 ? now : 0;
             }
             if (status == 'I') {
+                if (c->route_flags & ROUTE_WROTE) c->route_ended = now;
                 p->xact_count++;
                 if (c->xact_started) {
                     p->xact_ns += now - c->xact_started;
@@ -3508,8 +3567,33 @@ static PyMethodDef conn_methods[] = {
      "A held server goes back to Python when released instead of being lent again."},
     {NULL}};
 
+static PyObject *conn_get_route_flags(ConnObject *c, void *unused) {
+    return PyLong_FromLong(c->route_flags);
+}
+
+static int conn_set_route_flags(ConnObject *c, PyObject *value, void *unused) {
+    long v = value ? PyLong_AsLong(value) : -1;
+    if (v == -1 && (!value || PyErr_Occurred())) {
+        if (!value) PyErr_SetString(PyExc_AttributeError, "cannot delete");
+        return -1;
+    }
+    c->route_flags = (int)(v & ROUTE_WROTE);
+    if (!c->route_flags) c->route_ended = 0;
+    return 0;
+}
+
+static PyObject *conn_get_route_ended(ConnObject *c, void *unused) {
+    return PyFloat_FromDouble(c->route_ended / 1e9);
+}
+
 static PyGetSetDef conn_getset[] = {
     {"fast", (getter)conn_get_fast, NULL, "On the fast path?", NULL},
+    {"route_flags", (getter)conn_get_route_flags, (setter)conn_set_route_flags,
+     "Read/write split: 1 = the engine sent a transaction of it to the primary (0 clears).",
+     NULL},
+    {"route_ended", (getter)conn_get_route_ended, NULL,
+     "When the last such transaction ended in the engine (time.monotonic(); 0: not there).",
+     NULL},
     {"peer", (getter)conn_get_peer, NULL, "The linked connection's protocol, if linked in C.",
      NULL},
     {"fast_state", (getter)conn_get_state, NULL, "The fast path's view of a client.", NULL},
@@ -3695,6 +3779,10 @@ static PyObject *pool_get_int(PoolObject *p, void *which) {
     return PyLong_FromLong(*field);
 }
 
+static PyObject *pool_get_routed_primary(PoolObject *p, void *unused) {
+    return PyLong_FromLongLong(p->routed_primary);
+}
+
 static int pool_set_int(PoolObject *p, PyObject *value, void *which) {
     if (!value) {
         PyErr_SetString(PyExc_AttributeError, "cannot delete");
@@ -3741,6 +3829,9 @@ static PyGetSetDef pool_getset[] = {
     INT_FIELD(statement_mode, "Statement pooling: a transaction block goes to Python."),
     INT_FIELD(assist, "Call handler.starved() when a client has to wait."),
     INT_FIELD(py_waiters, "Clients waiting in Python: released servers go to Python first."),
+    INT_FIELD(route_reads, "Read/write split: serve only transactions surely for the primary."),
+    {"routed_primary", (getter)pool_get_routed_primary, NULL,
+     "Transactions the engine sent to the primary under route_reads.", NULL},
     {NULL}};
 
 static PyObject *pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {

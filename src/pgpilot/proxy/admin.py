@@ -78,6 +78,7 @@ HELP_TEXT = """Console usage
   SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|DATABASES|USERS
   SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS|WORKERS|SOCKETS|ACTIVE_SOCKETS|MEM
   SHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES|FDS
+  SHOW ROUTES
   PAUSE [<db>]
   RESUME [<db>]
   DISABLE <db>
@@ -876,6 +877,14 @@ class AdminSession:
                                ("password", TEXT), ("scram_client_key", TEXT),
                                ("scram_server_key", TEXT)], [])
 
+    def show_routes(self) -> Result:
+        """pgpilot's own: the read/write split's nodes, their health and the transactions
+        sent to each, with why those sent to the primary went there (routing.py)."""
+        from pgpilot.proxy.routing import show_routes
+
+        columns, rows = show_routes(self.pooler)
+        return Result("SHOW", columns, rows)
+
     def show_help(self) -> Result:
         return Result("SHOW", notice=HELP_TEXT)
 
@@ -1160,6 +1169,7 @@ _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "dns_hosts": AdminSession.show_dns_hosts,
     "dns_zones": AdminSession.show_dns_zones,
     "fds": AdminSession.show_fds,
+    "routes": AdminSession.show_routes,
 }
 
 # SHOW commands that list no clients, only count them (client_counts, show_lists): clients

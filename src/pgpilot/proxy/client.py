@@ -81,6 +81,9 @@ from pgpilot.wire.framing import (
     StartupReader,
 )
 
+# Startup parameters (or ``options`` settings) a database with replicas takes (routing.py).
+ROUTING_STARTUP = frozenset({"pgpilot.route", "pgpilot.min_lsn"})
+
 if TYPE_CHECKING:
     from pgpilot.proxy.admin import AdminSession
     from pgpilot.proxy.fastpath import LoginRoute
@@ -484,6 +487,9 @@ class ClientConnection(asyncio.Protocol):
                     return
             elif key in ignored:
                 continue
+            elif key in ROUTING_STARTUP and self.pooler.routers.get(self.database):
+                if not self._routing_startup(key, value):
+                    return
             elif key in NOT_SETTINGS or key.startswith("_pq_."):
                 self.fail("08P01", f"unsupported startup parameter: {name}")
                 return
@@ -524,9 +530,21 @@ class ClientConnection(asyncio.Protocol):
             canonical = TRACKED_BY_LOWER.get(key)
             if canonical is not None:
                 self.params[canonical] = value
+            elif key in ROUTING_STARTUP and self.pooler.routers.get(self.database):
+                if not self._routing_startup(name, value):
+                    return False
             elif key not in ignored and "options" not in ignored:
                 # Carried as the client's session setting (session.py), as a SET would be.
                 self.startup_settings[key] = value
+        return True
+
+    def _routing_startup(self, name: str, value: str) -> bool:
+        """``pgpilot.route`` / ``pgpilot.min_lsn`` at connect, for a database with replicas
+        (routing.py); False: a bad value, the client was refused."""
+        error = self.pooler.routers[self.database].startup_setting(self, name, value)
+        if error is not None:
+            self.fail("22023", error)
+            return False
         return True
 
     def authenticate(self) -> None:
@@ -810,7 +828,10 @@ class ClientConnection(asyncio.Protocol):
             # carries as session settings, whose errors (an unknown name, a bad value) the
             # client reads at its login, as directly.
             self._session_welcome = b""
-            self.pool.request(self)
+            routing = self.pooler.routers.get(self.database) \
+                if self.pooler.routers and pool.mode == "session" else None
+            # (with replicas: the server chosen at connect, routing.py)
+            (pool if routing is None else routing.session_pool(self)).request(self)
             return
         statuses = self.pool.parameter_statuses(server_params, self.params)
         self._finish_welcome(statuses)
@@ -941,10 +962,12 @@ class ClientConnection(asyncio.Protocol):
                 assert self.pool is not None
                 # Usually a server is free and linked at once; reading pauses only when the
                 # client really has to wait (start_waiting), saving two epoll calls a turn.
-                routing = self.pooler.routers.get(self.database) \
-                    if self.pooler.routers and self.pool.mode != "session" else None
+                routing = self.pooler.routers.get(self.database) if self.pooler.routers \
+                    else None
                 if routing is not None:  # read/write split (routing.py): the primary's pool
-                    target = routing.pool_for(self, self._pending)  # or a replica's, or
+                    target = (routing.pool_for(self, self._pending)  # or a replica's, or
+                              if self.pool.mode != "session"  # (session mode: chosen once)
+                              else routing.session_pool(self))
                     if target is not None:  # None: the pooler's own SET / SHOW, answered
                         target.request(self)
                     return
@@ -1468,12 +1491,13 @@ class ClientConnection(asyncio.Protocol):
         server.resume_reading()
         assert self.pool is not None
         routing = self.pooler.routers.get(self.database) if self.pooler.routers else None
-        if routing is not None and self.pool.mode != "session":
+        if routing is not None:
             routing.transaction_over(  # read-your-writes: the commit's WAL position first
                 self, server, lambda srv: srv.pool.release(srv, client_closed=client_closed))
-        else:
-            self.pool.release(server, client_closed=client_closed)
-        if not client_closed and self.pool.lane is not None:
+        else:  # (a replica's pool, when a RELOAD removed the replicas meanwhile)
+            server.pool.release(server, client_closed=client_closed)
+        if not client_closed and self.pool.lane is not None \
+                and (routing is None or routing.engine_may_take(self)):
             self.enter_fast()
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
@@ -1519,6 +1543,9 @@ class ClientConnection(asyncio.Protocol):
         if pool is not None:
             pool.cancel_wait(self)
             pool.clients.discard(self)
+            routing = self.pooler.routers.get(self.database) if self.pooler.routers else None
+            if routing is not None:  # its replica's work ends; it waits for none (routing.py)
+                routing.client_gone(self)
         server = self.server
         if server is not None and self.replication:
             self.server = None  # a replication server is its client's alone (walsender.py)

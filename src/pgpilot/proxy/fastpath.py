@@ -608,6 +608,9 @@ def routes_allowed(pooler: Pooler, client: ClientConnection) -> bool:
     db = cfg.database_for(client.database)
     if db is None or db.max_db_client_connections:
         return False
+    router = pooler.routers.get(client.database) if pooler.routers else None
+    if router is not None and router.startup_settings(client):
+        return False  # pgpilot.route / pgpilot.min_lsn at connect: each login is Python's
     user = cfg.users.get(client.user) if cfg.users else None
     return user is None or not (user.max_user_client_connections or user.client_idle_timeout
                                 or user.idle_transaction_timeout or user.query_timeout)

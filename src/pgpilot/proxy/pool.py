@@ -111,13 +111,16 @@ class Pool:
         # The last request for a server came from Python rather than the engine (give_out).
         self.python_demand = False
         fast = pooler.fast
-        # (a database with replicas is routed per transaction in Python: proxy/routing.py)
-        split = db.read_write_split if db.read_write_split is not None \
-            else pooler.config.read_write_split
-        if fast is not None and self.mode != "session" and not (db.replicas and split):
+        # (a database with replicas: the engine serves its primary's pools only for the
+        # transactions that surely go to the primary, route_reads, set by proxy/routing.py;
+        # the replicas' pools are Python's)
+        if fast is not None and self.mode != "session" and not (db.replicas and "@" in db_name):
             from pgpilot.proxy.fastpath import Lane
 
             self.lane = Lane(fast, self)
+            split = db.read_write_split if db.read_write_split is not None \
+                else pooler.config.read_write_split
+            self.lane.fp.route_reads = int(bool(db.replicas and split))
 
     def __repr__(self) -> str:
         return f"Pool({self.name})"

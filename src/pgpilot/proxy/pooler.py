@@ -242,7 +242,11 @@ class Pooler:
             self.fast.configure_tls(config)
         if client_ctx is not None and (self.fast is None or self.fast.client_tls is None):
             self._listeners_to_asyncio()
+        from pgpilot.proxy.routing import reload_routers, replica_pool_node
+
         for (db_name, _user), pool in list(self.pools.items()):
+            if self.routers and replica_pool_node(self, db_name) is not None:
+                continue  # a replica's pool (routing.py): reload_routers below
             new_db = config.database_for(db_name)
             if new_db is None or tls_changed or _server_side(new_db) != _server_side(pool.db):
                 # Where (or how) servers are reached changed: existing connections are closed
@@ -258,6 +262,7 @@ class Pooler:
             pool.config_changed()
             if pool.waiting and not pool.paused:
                 pool.launch_if_needed()  # a larger pool_size applies to those waiting now
+        reload_routers(self, tls_changed)  # replicas=, read_write_split, lag bounds
         for name, db in config.databases.items():
             if name != "*" and db.user and config.min_pool_size_for(db):
                 self.get_pool(db, name, db.user)  # min_pool_size: the janitor warms it
