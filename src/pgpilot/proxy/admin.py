@@ -11,7 +11,8 @@ rest of that Query, and the connection stays usable. Commands, with PgBouncer's 
 meanings so pgbouncer_exporter and existing dashboards read them:
 
 ``SHOW POOLS | STATS | STATS_TOTALS | STATS_AVERAGES | TOTALS | CLIENTS | SERVERS | DATABASES |
-USERS | CONFIG | LISTS | VERSION | STATE | HAZARDS | WORKERS | HELP``;
+USERS | CONFIG | LISTS | VERSION | STATE | HAZARDS | WORKERS | QUERIES | HELP`` (QUERIES:
+per-query statistics, stats.py);
 ``PAUSE [db]``, ``RESUME [db]``, ``RELOAD``, ``KILL [db]``, ``KILL_CLIENT id``,
 ``RECONNECT [db]``, ``SHUTDOWN [WAIT_FOR_CLIENTS | WAIT_FOR_SERVERS]``.
 
@@ -75,6 +76,7 @@ MASK = "********"
 HELP_TEXT = """Console usage
   SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|DATABASES|USERS
   SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS|WORKERS|SOCKETS|ACTIVE_SOCKETS|MEM
+  SHOW QUERIES
   SHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES|FDS
   PAUSE [<db>]
   RESUME [<db>]
@@ -1100,6 +1102,14 @@ def _prepared_count(conn: ClientConnection | ServerConnection) -> int:
     return 0
 
 
+def _show_queries(session: AdminSession) -> Result:
+    """SHOW QUERIES: per-query statistics of every worker (stats.py)."""
+    from pgpilot.proxy.stats import show_queries
+
+    columns, rows = show_queries(session.pooler)
+    return Result("SHOW", columns, rows)
+
+
 _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "pools": AdminSession.show_pools,
     "stats": AdminSession.show_stats,
@@ -1125,12 +1135,14 @@ _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "dns_hosts": AdminSession.show_dns_hosts,
     "dns_zones": AdminSession.show_dns_zones,
     "fds": AdminSession.show_fds,
+    "queries": _show_queries,
 }
 
 # SHOW commands that list no clients, only count them (client_counts, show_lists): clients
 # the engine logged in alone and that idle there are counted in place, not given objects.
 _COUNTING_SHOWS = frozenset({"pools", "stats", "stats_totals", "stats_averages", "totals",
-                             "lists", "servers", "config", "version", "workers", "help"})
+                             "lists", "servers", "config", "version", "workers", "help",
+                             "queries"})
 
 _ControlHandler = Callable[[AdminSession, list[str]], Any]
 # verb -> (handler, how many arguments it takes at most)

@@ -283,6 +283,10 @@ class Config:
     metrics_port: int = 0  # 0 = no Prometheus exporter
     workers: int = 1
     shutdown_timeout: float = 30.0
+    # per-query statistics (proxy/stats.py): SHOW QUERIES, pgpilot_query_*, /queries
+    query_stats: bool = True
+    query_stats_max: int = 1000  # shapes kept per process (most total time); the rest "other"
+    query_stats_metrics: int = 20  # shapes exported as Prometheus series (top by total time)
     # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
     # the pure-Python pooler (also what runs when the extension was not built)
     fast_path: bool = True
@@ -568,6 +572,9 @@ _SETTINGS: dict[str, _Setting] = {
     "metrics_port": _Setting(_port),
     "workers": _Setting(_positive),
     "shutdown_timeout": _Setting(_seconds),
+    "query_stats": _Setting(_bool),
+    "query_stats_max": _Setting(_positive),
+    "query_stats_metrics": _Setting(_count),
     "fast_path": _Setting(_bool),
     "read_write_split": _Setting(_bool),
     "replica_max_lag_bytes": _Setting(_count),

@@ -36,6 +36,7 @@ from pgpilot.proxy import prepared
 from pgpilot.proxy.auth import ScramSecret, scram_salt_b64
 from pgpilot.proxy.logs import direct_target, log_lines
 from pgpilot.proxy.states import ServerState
+from pgpilot.proxy.stats import client_queries
 
 try:
     from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
@@ -291,6 +292,10 @@ class FastPath:
 
     def _callback_failed(self, exc: BaseException) -> None:
         log.error("fast path callback failed", exc_info=exc)
+
+    def params_ids_known(self) -> dict[tuple[object, ...], int]:
+        """The params ids given out so far, by their key (application_name is item 5)."""
+        return self._params_ids
 
     def params_id(self, params: dict[str, str], settings: dict[str, str] | None = None) -> int:
         """A small number per distinct set of the tracked parameter values and session
@@ -588,6 +593,7 @@ class Lane:
         self.fp.statement_mode = int(pool.mode == "statement")
         checked = bool(cfg.server_check_query) and cfg.server_check_delay >= 0
         self.fp.check_after = cfg.server_check_delay if checked else -1.0
+        self.fp.qs_on = int(cfg.query_stats)  # time each statement (stats.py)
 
     def give_up(self) -> None:
         """This pool's servers cannot go on the engine: everything goes back to Python."""
@@ -695,6 +701,10 @@ class Lane:
             client.server_lost(server, server.closed_reason or "server connection closed")
             return
         if how == EJECT_LINKED and server is not None:
+            if client.pooler.config.query_stats:  # the engine timed what it forwarded
+                queries = client.queries or client_queries(client)
+                if queries is not None:
+                    queries.handed_back(expected_rfq)
             client.server = server
             server.client = client
             server.synced_for = client.params

@@ -22,6 +22,12 @@ Metrics (labels ``database``, ``user`` unless noted):
   their server by LISTEN, temp tables, advisory locks ... (session.py)
 - ``pgpilot_login_failures_total``, ``pgpilot_paused``, ``pgpilot_start_time_seconds``,
   ``pgpilot_info{version}``
+- per-query statistics (stats.py), for the ``query_stats_metrics`` shapes with the most total
+  time (labels ``database``, ``user``, ``fingerprint``: bounded): ``pgpilot_query_calls_total``,
+  ``pgpilot_query_errors_total``, ``pgpilot_query_rows_total``, ``pgpilot_query_seconds_total``,
+  ``pgpilot_query_wait_seconds_total``, ``pgpilot_query_p99_seconds``
+
+``GET /queries`` serves the per-query statistics of every worker as JSON (stats.py).
 """
 
 from __future__ import annotations
@@ -170,6 +176,10 @@ class PoolerCollector:
             from pgpilot.proxy.routing import metric_families
 
             yield from metric_families(pooler)
+        if pooler.config.query_stats:
+            from pgpilot.proxy.stats import metric_families as query_families
+
+            yield from query_families(pooler)
         yield InfoMetricFamily("pgpilot", "pgpilot version",
                                value={"version": pgpilot.__version__})
 
@@ -201,7 +211,7 @@ async def start_metrics_server(pooler: Pooler) -> asyncio.AbstractServer:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-            status, content_type, body = _respond(head, registry)
+            status, content_type, body = _respond(head, registry, pooler)
             body_out = b"" if head.startswith(b"HEAD ") else body
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + content_type
                          + b"\r\nContent-Length: " + str(len(body)).encode()
@@ -223,13 +233,18 @@ async def start_metrics_server(pooler: Pooler) -> asyncio.AbstractServer:
     return server
 
 
-def _respond(head: bytes, registry: CollectorRegistry) -> tuple[bytes, bytes, bytes]:
+def _respond(head: bytes, registry: CollectorRegistry,
+             pooler: Pooler | None = None) -> tuple[bytes, bytes, bytes]:
     parts = head.split(b"\r\n", 1)[0].split()
     if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
         return b"405 Method Not Allowed", b"text/plain", b"only GET /metrics\n"
     path = parts[1].split(b"?", 1)[0]
     if path == b"/metrics":
         return b"200 OK", CONTENT_TYPE_LATEST.encode(), generate_latest(registry)
+    if path == b"/queries" and pooler is not None:  # per-query statistics (stats.py)
+        from pgpilot.proxy.stats import json_body
+
+        return b"200 OK", b"application/json", json_body(pooler)
     if path == b"/":
         return b"200 OK", b"text/plain", b"pgpilot: metrics at /metrics\n"
     return b"404 Not Found", b"text/plain", b"not found: try /metrics\n"
