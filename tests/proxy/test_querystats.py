@@ -4,6 +4,8 @@ the fast path on and off, in every pool mode and with workers = N."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -199,11 +201,19 @@ def test_workers_show_every_workers_queries(tmp_path: Path, pg_params: dict[str,
                       settings="auth_type = trust\nadmin_users = postgres\n")
     _proc, dsn, _tmp = next(gen)
     try:
-        pids = set()
-        for i in range(16):  # separate connections: the kernel spreads them over both
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                pids.add(conn.execute("select pg_backend_pid()").fetchone())
+        # Held open together, the clients are balanced over both workers (workers.Balance).
+        conns = [psycopg.connect(dsn, autocommit=True) for _ in range(16)]
+        try:
+            for i, conn in enumerate(conns):
                 conn.execute("select %s::int as workers_q", [i])
+        finally:
+            for conn in conns:
+                conn.close()
+        def served_by() -> set[str]:  # worker pids in the log's login lines (written soon)
+            log = (_tmp / "log").read_text()
+            return {line.split()[2] for line in log.splitlines() if "login ok" in line}
+
+        wait_until(lambda: len(served_by()) == 2)  # both workers ran some of the statements
         console_dsn = dsn.rsplit("/", 1)[0] + "/pgbouncer"
 
         def total_calls() -> int:
@@ -219,3 +229,20 @@ def test_workers_show_every_workers_queries(tmp_path: Path, pg_params: dict[str,
     finally:
         for _ in gen:
             pass
+
+
+def test_pgpilot_top_prints_the_queries(proxy: RunningProxy) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i in range(3):
+            conn.execute("select %s::int as top_q", [i])
+    done = subprocess.run(
+        [sys.executable, "-m", "pgpilot", "top", "--once", "-p", str(proxy.port),
+         "-U", "postgres"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    line = next((line for line in done.stdout.splitlines()
+                 if "select $1::int as top_q" in line), done.stdout)
+    assert line.split()[1] == "3"  # calls
+    refused = subprocess.run(
+        [sys.executable, "-m", "pgpilot", "top", "--once", "-p", str(free_port())],
+        capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "cannot reach the admin console" in refused.stderr

@@ -117,11 +117,11 @@ class LatencySketch:
         """The value below which a fraction ``q`` of the durations fall (0.0 when empty)."""
         if not self.count:
             return 0.0
-        rank = q * (self.count - 1)
+        rank = max(math.ceil(q * self.count), 1)  # nearest rank
         seen = 0
         for index in sorted(self.buckets):
             seen += self.buckets[index]
-            if seen > rank:
+            if seen >= rank:
                 return bucket_value(index)
         return bucket_value(max(self.buckets))
 
