@@ -1073,18 +1073,32 @@ static QsEntry *qs_entry(PoolObject *p, uint64_t key, long long params_id,
     return e;
 }
 
-/* A client is linked (link_pair): it gets its ring, and the wait it just had. */
+/* Rings of clients no longer linked, kept for the next links (no allocation per
+ * transaction); a linked client holds one, an idle one none. */
+#define QS_SPARE_MAX 256
+static QsClient *qs_spare[QS_SPARE_MAX];
+static int qs_n_spare;
+
+/* A client is linked (link_pair): it gets a ring, and the wait it just had. */
 static void qs_linked(ConnObject *c, int64_t waited) {
-    if (!c->qs) {
-        c->qs = calloc(1, sizeof(QsClient));
-        if (!c->qs) return;
+    QsClient *q = c->qs;
+    if (!q) {
+        q = qs_n_spare ? qs_spare[--qs_n_spare] : malloc(sizeof(QsClient));
+        if (!q) return;
+        q->head = q->count = q->lost = 0;
+        q->unnamed_key = q->bound_key = 0;
+        q->last_answer = q->wait_ns = 0;
+        q->rows = 0;
+        q->code[0] = 0;
+        c->qs = q;
     }
-    c->qs->wait_ns += waited;
+    q->wait_ns += waited;
 }
 
 /* Unlinked (released, handed back): what is still in flight is no longer the engine's. */
 static void qs_unlinked(ConnObject *c) {
-    free(c->qs);
+    if (qs_n_spare < QS_SPARE_MAX) qs_spare[qs_n_spare++] = c->qs;
+    else free(c->qs);
     c->qs = NULL;
 }
 
@@ -1245,11 +1259,11 @@ static void qs_pop(QsClient *q) {
 /* A server message ``t`` (``n`` of its body bytes at hand, ``whole``: all of them) for a
  * client with statements in flight: the answer to the one in front, maybe. */
 static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body, size_t n,
-                      int whole) {
+                      int whole, int64_t now) {
     QsClient *q = c->qs;
     if (!q) return;
-    int64_t now = now_ns();
     char kind = q->count ? q->kinds[q->head] : 0;
+    if (!now && kind == 'E') now = now_ns();
     switch (t) {
     case 'C':
         if (kind == 'Q') {
@@ -1268,6 +1282,7 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
     case 'E': {
         char code[6];
         qs_sqlstate(body, n, code);
+        if (!now) now = now_ns();
         if (kind == 'Q') {
             if (!q->code[0]) memcpy(q->code, code, 6);
         } else if (kind == 'E') {
@@ -1940,7 +1955,7 @@ static void server_pump(ConnObject *s) {
             }
             pos += 6;
             int64_t now = now_ns();
-            if (c->qs) qs_answer(c, 'Z', NULL, 0, 1);
+            if (c->qs) qs_answer(c, 'Z', NULL, 0, 1, now);
             if (c->expected_rfq > 0) c->expected_rfq--;
             c->txn = status;
             if (c->query_started) {
@@ -1995,7 +2010,7 @@ static void server_pump(ConnObject *s) {
         if (c->qs && (t == 'C' || t == 'E' || t == 'I' || t == 's')) {
             /* Rows of a CommandComplete, the SQLSTATE of an error, from what is at hand. */
             size_t have = avail - pos - 5 < (size_t)len - 4 ? avail - pos - 5 : (size_t)len - 4;
-            qs_answer(c, t, base + pos + 5, have, have == (size_t)len - 4);
+            qs_answer(c, t, base + pos + 5, have, have == (size_t)len - 4, 0);
         }
         if (t == 'C') queries++;
         else if (t == 'E') errors++;
