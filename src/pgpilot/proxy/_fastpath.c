@@ -180,6 +180,9 @@ typedef struct ConnObject ConnObject;
 typedef struct Scram Scram;
 typedef struct QsTable QsTable;   /* query statistics (see there) */
 typedef struct QsClient QsClient;
+typedef struct QsBurst QsBurst;
+typedef struct QsShapeMap QsShapeMap;
+typedef struct QsEvents QsEvents;
 
 struct ConnObject {
     PyObject_HEAD
@@ -246,6 +249,7 @@ struct ConnObject {
     int in_partial;
     PyObject *weakreflist;
     QsClient *qs; /* linked client, query_stats on: its statements in flight (see there) */
+    QsBurst *burst; /* client: its current burst (see "N+1 at the wire") */
 };
 
 struct PoolObject {
@@ -266,6 +270,12 @@ struct PoolObject {
     int64_t bounds[N_BUCKETS];
     int qs_on;   /* query_stats: time each statement (see "query statistics") */
     QsTable *qs; /* this batch's per-statement aggregates, made at the first */
+    /* N+1 at the wire: executions of a shape per burst that make an event (0: off), the
+     * longest gap within a burst, the shapes of keys, the events not yet taken */
+    int burst_threshold;
+    int64_t burst_window;
+    QsShapeMap *shapes;
+    QsEvents *events;
 };
 
 #define MAX_LOG_FDS 4
@@ -985,9 +995,10 @@ struct QsClient {
     uint64_t keys[QS_RING]; /* 0: not timed */
     int64_t started[QS_RING];
     char kinds[QS_RING];    /* 'Q', 'E' (Execute), 'S' (Sync) */
+    uint64_t params[QS_RING]; /* a hash of its parameters (of the text, for a Query) */
     int head, count;
     int lost; /* more than QS_RING in flight: nothing more is timed until the ring drains */
-    uint64_t unnamed_key, bound_key;
+    uint64_t unnamed_key, bound_key, bound_params;
     int64_t last_answer; /* when the last answer came: a pipelined statement starts there */
     int64_t wait_ns; /* waited for the server: for the next statement recorded */
     long long rows;  /* of the Query in front so far */
@@ -997,6 +1008,82 @@ struct QsClient {
 static uint64_t qs_hash(const unsigned char *s, size_t n) {
     uint64_t h = 0xcbf29ce484222325ULL;
     for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 0x100000001b3ULL;
+    return h ? h : 1;
+}
+
+static inline int qs_ident(unsigned char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           ch == '_' || ch == '$' || ch >= 0x80;
+}
+
+static inline int qs_hexish(unsigned char ch) {
+    return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') || (ch >= 'A' && ch <= 'F') ||
+           ch == '-';
+}
+
+#define QS_MIX(h, ch) ((h) = ((h) ^ (unsigned char)(ch)) * 0x100000001b3ULL)
+
+/* The key of a statement text, the same for texts that differ only in their literal values
+ * (a client that inlines them, psycopg2, Django ...): a string literal or a number outside an
+ * identifier counts as "?", as does a run of 8 or more hex digits in a comment (a trace id in
+ * a sqlcommenter comment); the rest (identifiers, $n, comments, quoted names) as it is.
+ * ``*raw``: the hash of the text as it is (its parameters, for N+1 counting). A text whose
+ * string literal does not end is keyed as it is. Python groups the keys by fingerprint. */
+static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *raw) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    size_t i = 0;
+    while (i < n) {
+        unsigned char ch = s[i];
+        if (ch == '\'') {
+            size_t j = i + 1;
+            for (;;) {
+                while (j < n && s[j] != '\'') j++;
+                if (j + 1 < n && s[j + 1] == '\'') {
+                    j += 2;
+                    continue;
+                }
+                break;
+            }
+            if (j >= n) { /* no end: the text as it is */
+                h = qs_hash(s, n);
+                break;
+            }
+            QS_MIX(h, '?');
+            i = j + 1;
+        } else if (ch >= '0' && ch <= '9' && (i == 0 || !qs_ident(s[i - 1]))) {
+            while (i < n && ((s[i] >= '0' && s[i] <= '9') || s[i] == '.')) i++;
+            if (i + 1 < n && (s[i] == 'e' || s[i] == 'E') &&
+                ((s[i + 1] >= '0' && s[i + 1] <= '9') || s[i + 1] == '-' || s[i + 1] == '+')) {
+                i += 2;
+                while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+            }
+            QS_MIX(h, '?');
+        } else if (ch == '"') {
+            QS_MIX(h, ch);
+            i++;
+            while (i < n && s[i] != '"') QS_MIX(h, s[i++]);
+        } else if (ch == '/' && i + 1 < n && s[i + 1] == '*') {
+            const unsigned char *end = memmem(s + i + 2, n - i - 2, "*/", 2);
+            size_t stop = end ? (size_t)(end - s) + 2 : n;
+            while (i < stop) {
+                size_t run = 0;
+                while (i + run < stop && qs_hexish(s[i + run])) run++;
+                if (run >= 8) {
+                    QS_MIX(h, '?');
+                    i += run;
+                } else if (run) {
+                    for (size_t k = 0; k < run; k++) QS_MIX(h, s[i + k]);
+                    i += run;
+                } else {
+                    QS_MIX(h, s[i++]);
+                }
+            }
+        } else {
+            QS_MIX(h, ch);
+            i++;
+        }
+    }
+    *raw = qs_hash(s, n);
     return h ? h : 1;
 }
 
@@ -1102,7 +1189,7 @@ static void qs_unlinked(ConnObject *c) {
     c->qs = NULL;
 }
 
-static void qs_push(ConnObject *c, uint64_t key, int64_t started, char kind) {
+static void qs_push(ConnObject *c, uint64_t key, int64_t started, char kind, uint64_t params) {
     QsClient *q = c->qs;
     if (q->lost || q->count == QS_RING) {
         q->lost = 1; /* answers can no longer be matched: time nothing until quiet */
@@ -1112,6 +1199,7 @@ static void qs_push(ConnObject *c, uint64_t key, int64_t started, char kind) {
     q->keys[at] = key;
     q->started[at] = started;
     q->kinds[at] = kind;
+    q->params[at] = params;
     q->count++;
 }
 
@@ -1150,9 +1238,9 @@ static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, s
     switch (t) {
     case 'Q': {
         size_t len = n && body[n - 1] == 0 ? n - 1 : n;
-        uint64_t key = qs_hash(body, len);
+        uint64_t raw, key = qs_text_key(body, len, &raw);
         if (!qs_entry(p, key, c->params_id, body, len)) return;
-        qs_push(c, key, now_ns(), 'Q');
+        qs_push(c, key, now_ns(), 'Q', raw);
         return;
     }
     case 'P': { /* unnamed (the engine carries no named Parse) */
@@ -1160,11 +1248,13 @@ static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, s
         const unsigned char *sql = body + 1;
         const unsigned char *end = memchr(sql, 0, n - 1);
         if (!end) return;
-        q->unnamed_key = qs_hash(sql, (size_t)(end - sql));
+        uint64_t raw;
+        q->unnamed_key = qs_text_key(sql, (size_t)(end - sql), &raw);
         qs_entry(p, q->unnamed_key, c->params_id, sql, (size_t)(end - sql));
         return;
     }
     case 'B':
+        q->bound_params = qs_hash(body, n);
         if (server_name) {
             Py_ssize_t len;
             const char *name = PyUnicode_Check(server_name)
@@ -1183,10 +1273,10 @@ static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, s
         }
         return;
     case 'E':
-        qs_push(c, q->bound_key, now_ns(), 'E');
+        qs_push(c, q->bound_key, now_ns(), 'E', q->bound_params);
         return;
     case 'S':
-        qs_push(c, 0, 0, 'S');
+        qs_push(c, 0, 0, 'S', 0);
         return;
     }
 }
@@ -1223,8 +1313,10 @@ static void qs_sqlstate(const unsigned char *body, size_t n, char code[6]) {
 }
 
 /* One statement done: into the pool's table. */
+static void qs_burst(ConnObject *c, uint64_t key, uint64_t params, int64_t now);
+
 static void qs_record(ConnObject *c, uint64_t key, int64_t started, int64_t now,
-                      long long rows, const char *code) {
+                      long long rows, const char *code, uint64_t params) {
     PoolObject *p = c->pool;
     QsClient *q = c->qs;
     if (!key || !p || !p->qs_on) return;
@@ -1248,6 +1340,7 @@ static void qs_record(ConnObject *c, uint64_t key, int64_t started, int64_t now,
             e->code_counts[k]++;
         }
     }
+    if (p->burst_threshold > 0) qs_burst(c, key, params, now);
 }
 
 static void qs_pop(QsClient *q) {
@@ -1275,7 +1368,7 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
     case 's':
         if (kind != 'E') return;
         qs_record(c, q->keys[q->head], q->started[q->head], now,
-                  t == 'C' && whole ? qs_rows(body, n) : 0, NULL);
+                  t == 'C' && whole ? qs_rows(body, n) : 0, NULL, q->params[q->head]);
         qs_pop(q);
         q->last_answer = now;
         return;
@@ -1286,7 +1379,8 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
         if (kind == 'Q') {
             if (!q->code[0]) memcpy(q->code, code, 6);
         } else if (kind == 'E') {
-            qs_record(c, q->keys[q->head], q->started[q->head], now, 0, code);
+            qs_record(c, q->keys[q->head], q->started[q->head], now, 0, code,
+                      q->params[q->head]);
             qs_pop(q);
             q->last_answer = now;
         }
@@ -1297,7 +1391,8 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
         while (q->count) {
             char k = q->kinds[q->head];
             if (k == 'Q')
-                qs_record(c, q->keys[q->head], q->started[q->head], now, q->rows, q->code);
+                qs_record(c, q->keys[q->head], q->started[q->head], now, q->rows, q->code,
+                          q->params[q->head]);
             qs_pop(q);
             if (k != 'E') break;
         }
@@ -1307,6 +1402,195 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
         if (!q->count) q->lost = 0;
         return;
     }
+}
+
+/* -- N+1 at the wire ------------------------------------------------------------------------
+ * A client's burst: its statements with less than the pool's ``burst_window`` between one and
+ * the next (a request's loop, a transaction). Python tells the engine which query shape each
+ * key is (FastPool.set_shapes: key -> a small shape id per fingerprint and sqlcommenter
+ * origin, learnt from the batches), and the engine counts, per burst and shape (up to
+ * QS_BURST_SLOTS shapes), the executions whose parameters differ from the one before. When a
+ * count reaches ``burst_threshold`` it notes an event for Python (take_bursts: shape, count,
+ * params id, final 0); when the burst ends (the next statement after a gap, or the client
+ * leaving the fast path) a shape that reached it is noted again with its final count
+ * (final 1). The burst is kept on the client (QsBurst, 72 bytes, made at its first statement
+ * of a known shape) between transactions. */
+#define QS_BURST_SLOTS 4
+#define QS_SHAPES 8192      /* keys whose shape the engine knows, per pool (a power of two) */
+#define QS_SHAPES_FULL 6144 /* then the map starts again, and Python tells it anew */
+#define QS_EVENTS 512       /* events per pool until Python takes them; more are dropped */
+
+struct QsBurst {
+    int64_t last;
+    uint32_t shapes[QS_BURST_SLOTS];
+    uint32_t counts[QS_BURST_SLOTS];
+    uint64_t last_params[QS_BURST_SLOTS];
+};
+
+typedef struct {
+    uint64_t key;
+    uint32_t shape;
+} QsShape;
+
+struct QsShapeMap {
+    QsShape slots[QS_SHAPES];
+    int used;
+};
+
+typedef struct {
+    uint32_t shape, count;
+    long long params_id;
+    int final;
+} QsEvent;
+
+struct QsEvents {
+    QsEvent items[QS_EVENTS];
+    int n;
+    long long dropped;
+};
+
+static uint32_t qs_shape_of(PoolObject *p, uint64_t key) {
+    QsShapeMap *m = p->shapes;
+    if (!m) return 0;
+    size_t i = (size_t)(key ^ (key >> 31)) & (QS_SHAPES - 1);
+    while (m->slots[i].key) {
+        if (m->slots[i].key == key) return m->slots[i].shape;
+        i = (i + 1) & (QS_SHAPES - 1);
+    }
+    return 0;
+}
+
+static void qs_event(ConnObject *c, uint32_t shape, uint32_t count, int final) {
+    PoolObject *p = c->pool;
+    if (!p) return;
+    if (!p->events) {
+        p->events = calloc(1, sizeof(QsEvents));
+        if (!p->events) return;
+    }
+    QsEvents *ev = p->events;
+    if (ev->n == QS_EVENTS) {
+        ev->dropped++;
+        return;
+    }
+    QsEvent *e = &ev->items[ev->n++];
+    e->shape = shape;
+    e->count = count;
+    e->params_id = c->params_id;
+    e->final = final;
+}
+
+/* The burst is over: its loops' final counts. */
+static void qs_burst_end(ConnObject *c) {
+    QsBurst *b = c->burst;
+    PoolObject *p = c->pool;
+    if (!b) return;
+    for (int i = 0; i < QS_BURST_SLOTS; i++) {
+        if (b->shapes[i] && p && p->burst_threshold > 0 &&
+            b->counts[i] >= (uint32_t)p->burst_threshold)
+            qs_event(c, b->shapes[i], b->counts[i], 1);
+        b->shapes[i] = b->counts[i] = 0;
+    }
+}
+
+static void qs_burst_free(ConnObject *c) {
+    if (!c->burst) return;
+    qs_burst_end(c);
+    free(c->burst);
+    c->burst = NULL;
+}
+
+static void qs_burst(ConnObject *c, uint64_t key, uint64_t params, int64_t now) {
+    PoolObject *p = c->pool;
+    uint32_t shape = qs_shape_of(p, key);
+    if (!shape) return;
+    QsBurst *b = c->burst;
+    if (!b) {
+        b = c->burst = calloc(1, sizeof(QsBurst));
+        if (!b) return;
+    } else if (now - b->last > p->burst_window) {
+        qs_burst_end(c);
+    }
+    b->last = now;
+    int free_slot = -1;
+    for (int i = 0; i < QS_BURST_SLOTS; i++) {
+        if (b->shapes[i] == shape) {
+            if (b->last_params[i] != params) {
+                b->last_params[i] = params;
+                if (++b->counts[i] == (uint32_t)p->burst_threshold)
+                    qs_event(c, shape, b->counts[i], 0);
+            }
+            return;
+        }
+        if (!b->shapes[i] && free_slot < 0) free_slot = i;
+    }
+    if (free_slot >= 0) {
+        b->shapes[free_slot] = shape;
+        b->counts[free_slot] = 1;
+        b->last_params[free_slot] = params;
+    }
+}
+
+/* FastPool.set_shapes([(key, shape id), ...]) */
+static PyObject *pool_set_shapes(PoolObject *p, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "set_shapes takes a sequence of (key, shape) pairs");
+    if (!seq) return NULL;
+    if (!p->shapes) {
+        p->shapes = calloc(1, sizeof(QsShapeMap));
+        if (!p->shapes) {
+            Py_DECREF(seq);
+            return PyErr_NoMemory();
+        }
+    }
+    QsShapeMap *m = p->shapes;
+    for (Py_ssize_t k = 0; k < PySequence_Fast_GET_SIZE(seq); k++) {
+        unsigned long long key;
+        unsigned int shape;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "KI", &key, &shape)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (!key) continue;
+        if (m->used >= QS_SHAPES_FULL) {
+            memset(m, 0, sizeof(QsShapeMap));
+        }
+        size_t i = (size_t)(key ^ (key >> 31)) & (QS_SHAPES - 1);
+        while (m->slots[i].key && m->slots[i].key != key) i = (i + 1) & (QS_SHAPES - 1);
+        if (!m->slots[i].key) m->used++;
+        m->slots[i].key = key;
+        m->slots[i].shape = shape;
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+/* FastPool.take_bursts(): [(shape, count, params id, final)], then empty. */
+static PyObject *pool_take_bursts(PoolObject *p, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (!out || !p->events) return out;
+    QsEvents *ev = p->events;
+    for (int i = 0; i < ev->n; i++) {
+        QsEvent *e = &ev->items[i];
+        PyObject *row = Py_BuildValue("(IILi)", e->shape, e->count, e->params_id, e->final);
+        if (!row || PyList_Append(out, row) < 0) {
+            Py_XDECREF(row);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(row);
+    }
+    ev->n = 0;
+    return out;
+}
+
+static PyObject *pool_get_burst_window(PoolObject *p, void *unused) {
+    return PyFloat_FromDouble((double)p->burst_window / 1e9);
+}
+
+static int pool_set_burst_window(PoolObject *p, PyObject *value, void *unused) {
+    double v = value ? PyFloat_AsDouble(value) : -1.0;
+    if (v == -1.0 && PyErr_Occurred()) return -1;
+    p->burst_window = secs_to_ns(v);
+    return 0;
 }
 
 /* FastPool.take_queries(): the batch as stats.QueryStats.fold_batch reads it. */
@@ -1448,7 +1732,10 @@ static void partial_note(ConnObject *c) {
     c->in_partial = 1;
 }
 
+static void qs_burst_free(ConnObject *c);
+
 static void leave_fast(ConnObject *c) {
+    qs_burst_free(c); /* before c->pool goes: its burst's last events are the pool's */
     partial_remove(c);
     queue_remove(c);
     Py_CLEAR(c->statements);
@@ -3649,6 +3936,7 @@ static void conn_dealloc(ConnObject *c) {
     owed_reset(c);
     PyMem_Free(c->owed_names);
     free(c->qs);
+    free(c->burst);
     conn_clear(c);
     Py_XDECREF(c->pool);
     Py_XDECREF(c->engine);
@@ -3923,6 +4211,8 @@ static void pool_dealloc(PoolObject *p) {
     pool_clear(p);
     if (p->qs) qs_table_clear(p->qs);
     free(p->qs);
+    free(p->shapes);
+    free(p->events);
     Py_XDECREF(p->engine);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
@@ -4103,6 +4393,10 @@ static PyMethodDef pool_methods[] = {
      "Counters since the last call (SHOW STATS names), then reset."},
     {"take_queries", (PyCFunction)pool_take_queries, METH_NOARGS,
      "Per-statement aggregates since the last call (query statistics), then reset."},
+    {"set_shapes", (PyCFunction)pool_set_shapes, METH_O,
+     "Tell the engine the shape id of statement keys: [(key, shape), ...] (N+1 at the wire)."},
+    {"take_bursts", (PyCFunction)pool_take_bursts, METH_NOARGS,
+     "N+1 events since the last call: [(shape, count, params id, final)], then empty."},
     {"oldest_wait", (PyCFunction)pool_oldest_wait, METH_NOARGS,
      "Seconds the first waiting client has waited."},
     {NULL}};
@@ -4123,6 +4417,9 @@ static PyGetSetDef pool_getset[] = {
     INT_FIELD(assist, "Call handler.starved() when a client has to wait."),
     INT_FIELD(py_waiters, "Clients waiting in Python: released servers go to Python first."),
     INT_FIELD(qs_on, "query_stats: time each statement (take_queries)."),
+    INT_FIELD(burst_threshold, "Executions of one shape in a burst that make an N+1 (0: off)."),
+    {"burst_window", (getter)pool_get_burst_window, (setter)pool_set_burst_window,
+     "Seconds between two statements of one burst, at most.", NULL},
     {NULL}};
 
 static PyObject *pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
@@ -4790,7 +5087,21 @@ static PyObject *mod_scanned_bytes(PyObject *mod, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(scanned_total);
 }
 
+/* _fastpath.text_key(bytes) -> (key, raw): qs_text_key, for the Python path's cache. */
+static PyObject *mod_text_key(PyObject *mod, PyObject *arg) {
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "text_key takes bytes");
+        return NULL;
+    }
+    uint64_t raw, key = qs_text_key((const unsigned char *)PyBytes_AS_STRING(arg),
+                                    (size_t)PyBytes_GET_SIZE(arg), &raw);
+    return Py_BuildValue("(KK)", (unsigned long long)key, (unsigned long long)raw);
+}
+
 static PyMethodDef module_methods[] = {
+    {"text_key", mod_text_key, METH_O,
+     "(key, raw hash) of a statement text: the key is the same for texts that differ only in "
+     "literal values (query statistics)."},
     {"scanned_bytes", mod_scanned_bytes, METH_NOARGS,
      "Bytes of complete client messages the fast path's scanner examined, in all (tests)."},
     {"sql_needs_python", mod_needs_python, METH_O,

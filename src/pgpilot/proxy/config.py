@@ -287,6 +287,9 @@ class Config:
     query_stats: bool = True
     query_stats_max: int = 1000  # shapes kept per process (most total time); the rest "other"
     query_stats_metrics: int = 20  # shapes exported as Prometheus series (top by total time)
+    # N+1 at the wire (proxy/wire_nplusone.py): one shape this many times in one burst (0 = off)
+    nplusone_threshold: int = 5
+    nplusone_window: float = 0.1  # seconds between two statements of one client's burst
     # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
     # the pure-Python pooler (also what runs when the extension was not built)
     fast_path: bool = True
@@ -575,6 +578,8 @@ _SETTINGS: dict[str, _Setting] = {
     "query_stats": _Setting(_bool),
     "query_stats_max": _Setting(_positive),
     "query_stats_metrics": _Setting(_count),
+    "nplusone_threshold": _Setting(_count),
+    "nplusone_window": _Setting(_seconds),
     "fast_path": _Setting(_bool),
     "read_write_split": _Setting(_bool),
     "replica_max_lag_bytes": _Setting(_count),

@@ -594,6 +594,10 @@ class Lane:
         checked = bool(cfg.server_check_query) and cfg.server_check_delay >= 0
         self.fp.check_after = cfg.server_check_delay if checked else -1.0
         self.fp.qs_on = int(cfg.query_stats)  # time each statement (stats.py)
+        # N+1 at the wire (wire_nplusone.py): counted per burst by the engine
+        threshold = cfg.nplusone_threshold if cfg.query_stats else 0
+        self.fp.burst_threshold = threshold if threshold >= 2 else 0
+        self.fp.burst_window = cfg.nplusone_window
 
     def give_up(self) -> None:
         """This pool's servers cannot go on the engine: everything goes back to Python."""

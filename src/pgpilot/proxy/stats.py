@@ -44,12 +44,19 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pgpilot.insight.fingerprint import describe
+
+try:
+    from pgpilot.proxy._fastpath import text_key as _text_key  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - built without a C compiler
+    _text_key = None
+from pgpilot.proxy.wire_nplusone import NPLUSONE_COLUMNS, NPlusOneEntry, WireNPlusOne
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
@@ -228,6 +235,17 @@ class QueryEntry:
 Key = tuple[str, str, str]  # (database, user, fingerprint)
 
 
+_LITERALS = re.compile(rb"'(?:[^']|'')*'|(?<![\w$])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
+
+
+def text_key(text: bytes) -> object:
+    """The same for statement texts that differ only in their literal values (the compiled
+    engine's key where it is built: _fastpath.c, qs_text_key; a regex's otherwise)."""
+    if _text_key is not None:
+        return _text_key(text)[0]
+    return _LITERALS.sub(b"?", text)
+
+
 def _sql_text(body: bytes) -> bytes:
     """A Query body or a Parse's text, without its terminating NUL."""
     end = body.find(b"\x00")
@@ -262,7 +280,7 @@ class QueryStats:
     def __init__(self, pooler: Pooler) -> None:
         self.pooler = pooler
         self.entries: dict[Key, QueryEntry] = {}
-        self._texts: dict[bytes, tuple[str, str]] = {}  # text -> (fingerprint, sample)
+        self._texts: dict[object, tuple[str, str]] = {}  # text_key -> (fingerprint, sample)
         # The engine's keys (hash of a text or statement name) -> (fingerprint, sample).
         self._engine_keys: dict[int, tuple[str, str]] = {}
         # The fast path's params ids -> application_name (FastPath.params_id), built lazily.
@@ -270,6 +288,7 @@ class QueryStats:
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
         self.engine_statements = 0  # statements the fast path timed (its batches' calls)
+        self.nplusone = WireNPlusOne(pooler)  # N+1 at the wire (wire_nplusone.py)
 
     # -- settings ----------------------------------------------------------------------
     @property
@@ -299,9 +318,13 @@ class QueryStats:
             except Exception:  # a bad round must not end the statistics
                 log.exception("query statistics round failed")
 
+    def changed(self) -> None:
+        self._dirty = True
+
     def tick(self) -> None:
         """The engine's batches in, the table within its bound, the worker snapshot out."""
         self.fold_engine()
+        self.nplusone.expire(time.monotonic())
         self._prune()
         if self.pooler.worker is not None and self._dirty:
             self._write_snapshot()
@@ -314,14 +337,16 @@ class QueryStats:
 
     # -- recording ---------------------------------------------------------------------
     def shape_of(self, text: bytes) -> tuple[str, str]:
-        """(fingerprint, sample text) of a statement text, parsed once per distinct text."""
-        found = self._texts.get(text)
+        """(fingerprint, sample text) of a statement text, parsed once per distinct text (up to
+        its literal values: text_key)."""
+        key = text_key(text)
+        found = self._texts.get(key)
         if found is None:
             if len(self._texts) >= MAX_TEXTS:
                 self._texts.clear()
             statement = describe(text.decode("utf-8", errors="replace"))
-            found = self._texts[text] = (statement.fingerprint,
-                                         statement.normalized[:MAX_SAMPLE])
+            found = self._texts[key] = (statement.fingerprint,
+                                        statement.normalized[:MAX_SAMPLE])
         return found
 
     def _entry(self, database: str, user: str, fingerprint: str, sample: str) -> QueryEntry:
@@ -333,8 +358,8 @@ class QueryStats:
         return entry
 
     def record(self, pool: Pool, app: str, text: bytes, seconds: float, wait: float,
-               rows: int, sqlstate: str | None) -> None:
-        """One statement the Python path timed."""
+               rows: int, sqlstate: str | None) -> tuple[str, str]:
+        """One statement the Python path timed; its (fingerprint, sample)."""
         fingerprint, sample = self.shape_of(text)
         entry = self._entry(pool.db_name, pool.user, fingerprint, sample)
         entry.calls += 1
@@ -347,22 +372,31 @@ class QueryStats:
             entry.note_error(sqlstate)
         entry.note_app(app, 1)
         self._dirty = True
+        return fingerprint, sample
 
     def fold_engine(self) -> None:
         """Take the fast path's aggregates from every pool's engine side."""
         fast = self.pooler.fast
         if fast is None:
             return
+        nplusone = self.nplusone
         for pool in list(self.pooler.pools.values()):
             lane = pool.lane
             if lane is not None:
-                self.fold_batch(pool, lane.fp.take_queries())
+                shapes = self.fold_batch(pool, lane.fp.take_queries())
+                if shapes and nplusone.threshold >= 2:
+                    lane.fp.set_shapes(shapes)
+                bursts = lane.fp.take_bursts()
+                if bursts:
+                    nplusone.fold_engine_bursts(pool, bursts, self._app_of)
 
-    def fold_batch(self, pool: Pool, batch: Iterable[tuple[Any, ...]]) -> None:
+    def fold_batch(self, pool: Pool, batch: Iterable[tuple[Any, ...]]) -> list[tuple[int, int]]:
         """One pool's batch from the engine: per (key, params id), the text the first time,
         calls, errors (SQLSTATE, count) pairs, rows, total and wait nanoseconds, and the
-        (bucket, count) pairs of its durations."""
+        (bucket, count) pairs of its durations. Returns (key, shape id) for the keys whose
+        text came (the engine's N+1 counting groups by them; wire_nplusone.py)."""
         now = time.time()
+        shapes: list[tuple[int, int]] = []
         for key, params_id, text, calls, errors, rows, total_ns, wait_ns, buckets in batch:
             shape = self._engine_keys.get(key)
             if shape is None and text is not None:
@@ -370,6 +404,11 @@ class QueryStats:
                 if len(self._engine_keys) >= MAX_TEXTS:
                     self._engine_keys.clear()
                 self._engine_keys[key] = shape
+            if text is not None and shape is not None and key:
+                shape_id = self.nplusone.shape_id(text.decode("utf-8", errors="replace"),
+                                                  *shape)
+                if shape_id:
+                    shapes.append((key, shape_id))
             if not calls:
                 continue  # a text seen, its statement still running: known for later
             self.engine_statements += calls
@@ -386,6 +425,7 @@ class QueryStats:
             entry.last_seen = now
             entry.note_app(self._app_of(params_id), calls)
             self._dirty = True
+        return shapes
 
     def _app_of(self, params_id: int) -> str:
         app = self._apps_by_params.get(params_id)
@@ -451,7 +491,8 @@ class QueryStats:
         path = self._snapshot_path(worker.index) if worker is not None else None
         if path is None:
             return
-        data = json.dumps([e.to_json() for e in self.entries.values()])
+        data = json.dumps({"queries": [e.to_json() for e in self.entries.values()],
+                           "nplusone": [e.to_json() for e in self.nplusone.entries.values()]})
         temporary = f"{path}.{os.getpid()}.tmp"
         with open(temporary, "w", encoding="utf-8") as out:
             out.write(data)
@@ -464,7 +505,7 @@ class QueryStats:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    def _sibling_entries(self) -> Iterator[QueryEntry]:
+    def _sibling_snapshots(self) -> Iterator[dict[str, Any]]:
         worker = self.pooler.worker
         if worker is None:
             return
@@ -476,14 +517,36 @@ class QueryStats:
                 continue
             try:
                 with open(path, encoding="utf-8") as source:
-                    rows = json.load(source)
+                    document = json.load(source)
             except (OSError, ValueError):
                 continue  # not written yet, or being replaced
-            for row in rows:
+            if isinstance(document, dict):
+                yield document
+
+    def _sibling_entries(self) -> Iterator[QueryEntry]:
+        for document in self._sibling_snapshots():
+            for row in document.get("queries", ()):
                 try:
                     yield QueryEntry.from_json(row)
                 except (KeyError, TypeError, ValueError):
                     continue
+
+    def merged_nplusone(self) -> list[NPlusOneEntry]:
+        """Every worker's N+1 rows, merged, most bursts first."""
+        self.fold_engine()
+        out = {e.key(): e.copy() for e in self.nplusone.entries.values()}
+        for document in self._sibling_snapshots():
+            for row in document.get("nplusone", ()):
+                try:
+                    entry = NPlusOneEntry.from_json(row)
+                except (KeyError, TypeError, ValueError):
+                    continue
+                mine = out.get(entry.key())
+                if mine is None:
+                    out[entry.key()] = entry
+                else:
+                    mine.merge(entry)
+        return sorted(out.values(), key=lambda e: (e.bursts, e.max_n), reverse=True)
 
 
 class ClientQueries:
@@ -495,17 +558,20 @@ class ClientQueries:
     the server skip). A statement's time runs from when it was sent, or from the answer before
     it if that came later (pipelined: its time on the server), to its answer."""
 
-    __slots__ = ("bound", "client", "code", "last_answer", "names", "pending", "rows", "skip",
-                 "stats", "unnamed", "wait")
+    __slots__ = ("bound", "bound_params", "burst", "burst_last", "client", "code",
+                 "last_answer", "names", "pending", "rows", "skip", "stats", "unnamed", "wait")
 
     def __init__(self, stats: QueryStats, client: ClientConnection) -> None:
         self.stats = stats
         self.client = client
-        # (kind Q / E / S / F, text or None, when it was sent)
-        self.pending: deque[tuple[int, bytes | None, float]] = deque()
+        # (kind Q / E / S, text or None, when it was sent, its parameters' key)
+        self.pending: deque[tuple[int, bytes | None, float, object]] = deque()
         self.names: dict[bytes, bytes] = {}  # the client's statement names -> their text
         self.unnamed: bytes | None = None  # the text of the unnamed statement
         self.bound: bytes | None = None  # the text of the statement last bound
+        self.bound_params = 0  # a hash of the last Bind's parameters
+        self.burst: Any = None  # insight.ScopeDetector of the open burst (wire_nplusone.py)
+        self.burst_last = 0.0
         self.last_answer = 0.0
         self.rows = 0  # of the Query in front so far
         self.code: str | None = None  # the SQLSTATE of the Query in front, if it failed
@@ -517,12 +583,14 @@ class ClientQueries:
         pending = self.pending
         for mtype, body in msgs:
             if mtype == _QUERY:
-                pending.append((_QUERY, _sql_text(body) if body is not None else None, now))
+                text = _sql_text(body) if body is not None else None
+                pending.append((_QUERY, text, now, text))
             elif mtype == _EXECUTE:
-                pending.append((_EXECUTE, self.bound, now))
+                pending.append((_EXECUTE, self.bound, now, self.bound_params))
             elif mtype == _SYNC:
-                pending.append((_SYNC, None, now))
+                pending.append((_SYNC, None, now, None))
             elif mtype == _BIND and body is not None:  # portal, statement
+                self.bound_params = hash(body)
                 start = body.find(b"\x00") + 1
                 name = body[start:body.find(b"\x00", start)]
                 self.bound = self.names.get(name) if name else self.unnamed
@@ -536,7 +604,7 @@ class ClientQueries:
                 else:
                     self.unnamed = text
             elif mtype == _FUNCTION_CALL:  # answered with a ReadyForQuery, not counted
-                pending.append((_QUERY, None, now))
+                pending.append((_QUERY, None, now, None))
             elif mtype == _CLOSE and body is not None and body[:1] == b"S":
                 self.names.pop(_sql_text(body[1:]), None)
 
@@ -552,9 +620,9 @@ class ClientQueries:
             kind = pending[0][0] if pending else 0
             if mtype == _READY:
                 while pending:  # the Query it answers, or the Sync (and skipped Executes)
-                    kind, text, started = pending.popleft()
+                    kind, text, started, params = pending.popleft()
                     if kind == _QUERY:
-                        self._record(text, started, self.rows, self.code)
+                        self._record(text, started, self.rows, self.code, params)
                     if kind != _EXECUTE:
                         break
                 self.rows, self.code = 0, None
@@ -564,19 +632,20 @@ class ClientQueries:
                 if kind == _QUERY:
                     self.code = self.code or code
                 elif kind == _EXECUTE:
-                    _kind, text, started = pending.popleft()
-                    self._record(text, started, 0, code)
+                    _kind, text, started, params = pending.popleft()
+                    self._record(text, started, 0, code, params)
                     self.last_answer = time.monotonic()
             elif kind == _QUERY:
                 if mtype == _COMPLETE and body is not None:
                     self.rows += _rows_of(body)
             elif kind == _EXECUTE:  # CommandComplete, EmptyQueryResponse, PortalSuspended
-                _kind, text, started = pending.popleft()
+                _kind, text, started, params = pending.popleft()
                 rows = _rows_of(body) if mtype == _COMPLETE and body is not None else 0
-                self._record(text, started, rows, None)
+                self._record(text, started, rows, None, params)
                 self.last_answer = time.monotonic()
 
-    def _record(self, text: bytes | None, started: float, rows: int, code: str | None) -> None:
+    def _record(self, text: bytes | None, started: float, rows: int, code: str | None,
+                params: object) -> None:
         client = self.client
         pool = client.pool
         if text is None or pool is None or not self.stats.enabled:
@@ -584,8 +653,9 @@ class ClientQueries:
         now = time.monotonic()
         wait, self.wait = self.wait, 0.0
         started = max(started, self.last_answer)
-        self.stats.record(pool, client.application_name or client.params.get(
+        fingerprint, sample = self.stats.record(pool, client.application_name or client.params.get(
             "application_name", ""), text, now - started, wait, rows, code)
+        self.stats.nplusone.observe(self, text, fingerprint, sample, params, now)
 
     def handed_back(self, owed: int) -> None:
         """The engine hands the client back with ``owed`` ReadyForQuery still to come for
@@ -639,11 +709,18 @@ def show_queries(pooler: Pooler) -> tuple[list[tuple[str, int]], list[list[str |
     return columns, list(query_rows(pooler.query_stats.merged()))
 
 
+def show_nplusone(pooler: Pooler) -> tuple[list[tuple[str, int]], list[list[Any]]]:
+    """SHOW NPLUSONE: columns (name, type oid) and rows, every worker's, most bursts first."""
+    stats = pooler.query_stats
+    return list(NPLUSONE_COLUMNS), stats.nplusone.rows(stats.merged_nplusone())
+
+
 def json_body(pooler: Pooler) -> bytes:
     """``GET /queries`` on the metrics port: every worker's shapes, most total time first."""
     stats = pooler.query_stats
     document = {"enabled": stats.enabled, "generated_at": time.time(),
-                "queries": [e.to_json() for e in stats.merged()] if stats.enabled else []}
+                "queries": [e.to_json() for e in stats.merged()] if stats.enabled else [],
+                "nplusone": [e.to_json() for e in stats.merged_nplusone()]}
     return json.dumps(document).encode()
 
 
@@ -673,6 +750,20 @@ def metric_families(pooler: Pooler) -> Iterator[Any]:
         wait.add_metric(values, entry.wait)
         p99.add_metric(values, entry.sketch.quantile(0.99))
     yield from (calls, errors, rows, seconds, wait, p99)
+    bursts = CounterMetricFamily("pgpilot_nplusone_bursts", "Bursts that ran one query shape "
+                                 "nplusone_threshold times or more with different parameters "
+                                 "(SHOW NPLUSONE)",
+                                 labels=("database", "user", "application_name", "fingerprint"))
+    top = sorted(pooler.query_stats.nplusone.entries.values(), key=lambda e: e.bursts,
+                 reverse=True)
+    totals: dict[tuple[str, str, str, str], int] = {}
+    for loop in top:
+        key = (loop.database, loop.user, loop.application_name, loop.fingerprint)
+        if key in totals or len(totals) < max(pooler.config.query_stats_metrics, 0):
+            totals[key] = totals.get(key, 0) + loop.bursts
+    for key, count in totals.items():
+        bursts.add_metric(list(key), count)
+    yield bursts
 
 
 def client_queries(client: ClientConnection) -> ClientQueries | None:
@@ -687,4 +778,4 @@ def client_queries(client: ClientConnection) -> ClientQueries | None:
 
 __all__ = ["QUERY_COLUMNS", "ClientQueries", "LatencySketch", "QueryEntry", "QueryStats",
            "bucket_of", "bucket_value", "client_queries", "json_body", "metric_families",
-           "query_rows", "show_queries"]
+           "query_rows", "show_nplusone", "show_queries"]
