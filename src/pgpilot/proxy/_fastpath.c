@@ -978,7 +978,7 @@ typedef struct {
     char *text; /* owned, or NULL (the overflow entry, a key whose text was not at hand) */
     size_t text_len;
     long long calls, rows;
-    int64_t total_ns, wait_ns;
+    int64_t total_ns, wait_ns, max_ns;
     char codes[QS_CODES][6];
     long long code_counts[QS_CODES];
     long long other_errors;
@@ -1327,6 +1327,7 @@ static void qs_record(ConnObject *c, uint64_t key, int64_t started, int64_t now,
     e->calls++;
     e->rows += rows;
     e->total_ns += took;
+    if (took > e->max_ns) e->max_ns = took;
     e->wait_ns += q->wait_ns;
     q->wait_ns = 0;
     e->buckets[qs_bucket(took)]++;
@@ -1625,9 +1626,9 @@ static PyObject *qs_entry_tuple(QsEntry *e) {
     text = e->text ? PyBytes_FromStringAndSize(e->text, (Py_ssize_t)e->text_len)
                    : Py_NewRef(Py_None);
     if (!text) goto fail;
-    return Py_BuildValue("(KLNLNLLLN)", (unsigned long long)e->key, e->params_id, text, e->calls,
+    return Py_BuildValue("(KLNLNLLLNL)", (unsigned long long)e->key, e->params_id, text, e->calls,
                          errors, e->rows, (long long)e->total_ns, (long long)e->wait_ns,
-                         buckets);
+                         buckets, (long long)e->max_ns);
 fail:
     Py_XDECREF(errors);
     Py_XDECREF(buckets);

@@ -11,8 +11,8 @@ rest of that Query, and the connection stays usable. Commands, with PgBouncer's 
 meanings so pgbouncer_exporter and existing dashboards read them:
 
 ``SHOW POOLS | STATS | STATS_TOTALS | STATS_AVERAGES | TOTALS | CLIENTS | SERVERS | DATABASES |
-USERS | CONFIG | LISTS | VERSION | STATE | HAZARDS | WORKERS | QUERIES | NPLUSONE | HELP``
-(QUERIES: per-query statistics, stats.py; NPLUSONE: wire_nplusone.py);
+USERS | CONFIG | LISTS | VERSION | STATE | HAZARDS | WORKERS | QUERIES | NPLUSONE | SLOW |
+HELP`` (QUERIES: per-query statistics, stats.py; NPLUSONE: wire_nplusone.py; SLOW: slow.py);
 ``PAUSE [db]``, ``RESUME [db]``, ``RELOAD``, ``KILL [db]``, ``KILL_CLIENT id``,
 ``RECONNECT [db]``, ``SHUTDOWN [WAIT_FOR_CLIENTS | WAIT_FOR_SERVERS]``.
 
@@ -76,7 +76,7 @@ MASK = "********"
 HELP_TEXT = """Console usage
   SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|DATABASES|USERS
   SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS|WORKERS|SOCKETS|ACTIVE_SOCKETS|MEM
-  SHOW QUERIES|NPLUSONE
+  SHOW QUERIES|NPLUSONE|SLOW
   SHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES|FDS
   PAUSE [<db>]
   RESUME [<db>]
@@ -1110,6 +1110,14 @@ def _show_queries(session: AdminSession) -> Result:
     return Result("SHOW", columns, rows)
 
 
+def _show_slow(session: AdminSession) -> Result:
+    """SHOW SLOW: slow statements and what their plans say, every worker's (slow.py)."""
+    from pgpilot.proxy.stats import show_slow
+
+    columns, rows = show_slow(session.pooler)
+    return Result("SHOW", columns, rows)
+
+
 def _show_nplusone(session: AdminSession) -> Result:
     """SHOW NPLUSONE: N+1 loops seen at the wire, every worker's (wire_nplusone.py)."""
     from pgpilot.proxy.stats import show_nplusone
@@ -1145,13 +1153,14 @@ _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "fds": AdminSession.show_fds,
     "queries": _show_queries,
     "nplusone": _show_nplusone,
+    "slow": _show_slow,
 }
 
 # SHOW commands that list no clients, only count them (client_counts, show_lists): clients
 # the engine logged in alone and that idle there are counted in place, not given objects.
 _COUNTING_SHOWS = frozenset({"pools", "stats", "stats_totals", "stats_averages", "totals",
                              "lists", "servers", "config", "version", "workers", "help",
-                             "queries", "nplusone"})
+                             "queries", "nplusone", "slow"})
 
 _ControlHandler = Callable[[AdminSession, list[str]], Any]
 # verb -> (handler, how many arguments it takes at most)

@@ -290,6 +290,14 @@ class Config:
     # N+1 at the wire (proxy/wire_nplusone.py): one shape this many times in one burst (0 = off)
     nplusone_threshold: int = 5
     nplusone_window: float = 0.1  # seconds between two statements of one client's burst
+    # slow queries, explained (proxy/slow.py)
+    slow_query_threshold: float = 0.0  # seconds; 0 = off
+    slow_query_sample_rate: float = 1.0
+    slow_query_explain_analyze: bool = False
+    slow_query_explain_timeout: float = 5.0
+    slow_query_max_concurrent: int = 1
+    slow_query_keep: int = 5
+    log_parameters: bool = False  # parameter values in slow-query reports
     # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
     # the pure-Python pooler (also what runs when the extension was not built)
     fast_path: bool = True
@@ -442,6 +450,12 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _fraction(text: str) -> float:
+    if not _NUMBER_RE.fullmatch(text) or not 0.0 <= float(text) <= 1.0:
+        raise _BadValue("expected a fraction between 0 and 1, such as 0.1")
+    return float(text)
+
+
 def _bool(text: str) -> bool:
     word = text.lower()
     if word in _TRUE_WORDS:
@@ -580,6 +594,13 @@ _SETTINGS: dict[str, _Setting] = {
     "query_stats_metrics": _Setting(_count),
     "nplusone_threshold": _Setting(_count),
     "nplusone_window": _Setting(_seconds),
+    "slow_query_threshold": _Setting(_seconds),
+    "slow_query_sample_rate": _Setting(_fraction),
+    "slow_query_explain_analyze": _Setting(_bool),
+    "slow_query_explain_timeout": _Setting(_seconds),
+    "slow_query_max_concurrent": _Setting(_positive),
+    "slow_query_keep": _Setting(_positive),
+    "log_parameters": _Setting(_bool),
     "fast_path": _Setting(_bool),
     "read_write_split": _Setting(_bool),
     "replica_max_lag_bytes": _Setting(_count),

@@ -27,7 +27,8 @@ Metrics (labels ``database``, ``user`` unless noted):
   ``pgpilot_query_errors_total``, ``pgpilot_query_rows_total``, ``pgpilot_query_seconds_total``,
   ``pgpilot_query_wait_seconds_total``, ``pgpilot_query_p99_seconds``
 
-``GET /queries`` serves the per-query statistics of every worker as JSON (stats.py).
+``GET /queries`` serves the per-query statistics of every worker as JSON (stats.py), ``GET /slow``
+the slow-query reports (slow.py).
 """
 
 from __future__ import annotations
@@ -245,6 +246,10 @@ def _respond(head: bytes, registry: CollectorRegistry,
         from pgpilot.proxy.stats import json_body
 
         return b"200 OK", b"application/json", json_body(pooler)
+    if path == b"/slow" and pooler is not None:  # slow queries, explained (slow.py)
+        from pgpilot.proxy.stats import slow_json
+
+        return b"200 OK", b"application/json", slow_json(pooler)
     if path == b"/":
         return b"200 OK", b"text/plain", b"pgpilot: metrics at /metrics\n"
     return b"404 Not Found", b"text/plain", b"not found: try /metrics\n"

@@ -56,6 +56,7 @@ try:
     from pgpilot.proxy._fastpath import text_key as _text_key  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - built without a C compiler
     _text_key = None
+from pgpilot.proxy.slow import SLOW_COLUMNS, SlowEntry, SlowQueries, parse_bind, slow_rows
 from pgpilot.proxy.wire_nplusone import NPLUSONE_COLUMNS, NPlusOneEntry, WireNPlusOne
 
 if TYPE_CHECKING:
@@ -289,6 +290,8 @@ class QueryStats:
         self._dirty = False
         self.engine_statements = 0  # statements the fast path timed (its batches' calls)
         self.nplusone = WireNPlusOne(pooler)  # N+1 at the wire (wire_nplusone.py)
+        self.slow = SlowQueries(pooler)  # slow queries, explained (slow.py)
+        self._engine_texts: dict[int, bytes] = {}  # a text the engine saw, per key (slow.py)
 
     # -- settings ----------------------------------------------------------------------
     @property
@@ -397,7 +400,13 @@ class QueryStats:
         text came (the engine's N+1 counting groups by them; wire_nplusone.py)."""
         now = time.time()
         shapes: list[tuple[int, int]] = []
-        for key, params_id, text, calls, errors, rows, total_ns, wait_ns, buckets in batch:
+        slow_after = self.pooler.config.slow_query_threshold
+        for (key, params_id, text, calls, errors, rows, total_ns, wait_ns, buckets,
+             max_ns) in batch:
+            if text is not None and slow_after > 0:
+                if len(self._engine_texts) >= MAX_TEXTS:
+                    self._engine_texts.clear()
+                self._engine_texts[key] = text
             shape = self._engine_keys.get(key)
             if shape is None and text is not None:
                 shape = self.shape_of(text)
@@ -423,6 +432,9 @@ class QueryStats:
             for index, times in buckets:
                 entry.sketch.add_bucket(index, times)
             entry.last_seen = now
+            if slow_after > 0 and max_ns >= slow_after * 1e9 and key in self._engine_texts:
+                slow_calls = sum(n for b, n in buckets if bucket_value(b) >= slow_after) or 1
+                self.slow.offer(pool, self._engine_texts[key], max_ns / 1e9, None, slow_calls)
             entry.note_app(self._app_of(params_id), calls)
             self._dirty = True
         return shapes
@@ -492,7 +504,8 @@ class QueryStats:
         if path is None:
             return
         data = json.dumps({"queries": [e.to_json() for e in self.entries.values()],
-                           "nplusone": [e.to_json() for e in self.nplusone.entries.values()]})
+                           "nplusone": [e.to_json() for e in self.nplusone.entries.values()],
+                           "slow": [e.to_json() for e in self.slow.entries.values()]})
         temporary = f"{path}.{os.getpid()}.tmp"
         with open(temporary, "w", encoding="utf-8") as out:
             out.write(data)
@@ -531,6 +544,13 @@ class QueryStats:
                 except (KeyError, TypeError, ValueError):
                     continue
 
+    def merged_slow(self) -> list[SlowEntry]:
+        """Every worker's slow-query rows, slowest first."""
+        self.fold_engine()
+        siblings = [row for document in self._sibling_snapshots()
+                    for row in document.get("slow", ())]
+        return self.slow.merged(siblings)
+
     def merged_nplusone(self) -> list[NPlusOneEntry]:
         """Every worker's N+1 rows, merged, most bursts first."""
         self.fold_engine()
@@ -566,10 +586,11 @@ class ClientQueries:
         self.client = client
         # (kind Q / E / S, text or None, when it was sent, its parameters' key)
         self.pending: deque[tuple[int, bytes | None, float, object]] = deque()
-        self.names: dict[bytes, bytes] = {}  # the client's statement names -> their text
-        self.unnamed: bytes | None = None  # the text of the unnamed statement
-        self.bound: bytes | None = None  # the text of the statement last bound
-        self.bound_params = 0  # a hash of the last Bind's parameters
+        # the client's statement names -> (text, parameter types as the Parse gave them)
+        self.names: dict[bytes, tuple[bytes, bytes]] = {}
+        self.unnamed: tuple[bytes, bytes] | None = None  # the unnamed statement
+        self.bound: tuple[bytes, bytes] | None = None  # the statement last bound
+        self.bound_params = b""  # the last Bind
         self.burst: Any = None  # insight.ScopeDetector of the open burst (wire_nplusone.py)
         self.burst_last = 0.0
         self.last_answer = 0.0
@@ -586,23 +607,28 @@ class ClientQueries:
                 text = _sql_text(body) if body is not None else None
                 pending.append((_QUERY, text, now, text))
             elif mtype == _EXECUTE:
-                pending.append((_EXECUTE, self.bound, now, self.bound_params))
+                bound = self.bound
+                pending.append((_EXECUTE, bound[0] if bound is not None else None, now,
+                                (self.bound_params, bound[1] if bound is not None else b"")))
             elif mtype == _SYNC:
                 pending.append((_SYNC, None, now, None))
             elif mtype == _BIND and body is not None:  # portal, statement
-                self.bound_params = hash(body)
+                self.bound_params = body
                 start = body.find(b"\x00") + 1
                 name = body[start:body.find(b"\x00", start)]
                 self.bound = self.names.get(name) if name else self.unnamed
             elif mtype == _PARSE and body is not None:
                 end = body.find(b"\x00")
-                name, text = body[:end], _sql_text(body[end + 1:])
+                name = body[:end]
+                text_end = body.find(b"\x00", end + 1)
+                text = body[end + 1:text_end] if text_end >= 0 else body[end + 1:]
+                statement = (text, body[text_end + 1:] if text_end >= 0 else b"")
                 if name:
                     if len(self.names) >= MAX_NAMES and name not in self.names:
                         self.names.clear()
-                    self.names[name] = text
+                    self.names[name] = statement
                 else:
-                    self.unnamed = text
+                    self.unnamed = statement
             elif mtype == _FUNCTION_CALL:  # answered with a ReadyForQuery, not counted
                 pending.append((_QUERY, None, now, None))
             elif mtype == _CLOSE and body is not None and body[:1] == b"S":
@@ -653,9 +679,19 @@ class ClientQueries:
         now = time.monotonic()
         wait, self.wait = self.wait, 0.0
         started = max(started, self.last_answer)
+        seconds = now - started
         fingerprint, sample = self.stats.record(pool, client.application_name or client.params.get(
-            "application_name", ""), text, now - started, wait, rows, code)
+            "application_name", ""), text, seconds, wait, rows, code)
         self.stats.nplusone.observe(self, text, fingerprint, sample, params, now)
+        slow_after = client.pooler.config.slow_query_threshold
+        if slow_after > 0 and seconds >= slow_after:
+            bind = None
+            if isinstance(params, tuple):  # an Execute: (its Bind, the Parse's types)
+                body, types = params
+                count = int.from_bytes(types[:2], "big") if len(types) >= 2 else 0
+                oids = [int.from_bytes(types[2 + 4 * i:6 + 4 * i], "big") for i in range(count)]
+                bind = parse_bind(body, oids)
+            self.stats.slow.offer(pool, text, seconds, bind)
 
     def handed_back(self, owed: int) -> None:
         """The engine hands the client back with ``owed`` ReadyForQuery still to come for
@@ -713,6 +749,17 @@ def show_nplusone(pooler: Pooler) -> tuple[list[tuple[str, int]], list[list[Any]
     """SHOW NPLUSONE: columns (name, type oid) and rows, every worker's, most bursts first."""
     stats = pooler.query_stats
     return list(NPLUSONE_COLUMNS), stats.nplusone.rows(stats.merged_nplusone())
+
+
+def show_slow(pooler: Pooler) -> tuple[list[tuple[str, int]], list[list[Any]]]:
+    """SHOW SLOW: columns (name, type oid) and rows, every worker's, slowest first."""
+    return list(SLOW_COLUMNS), slow_rows(pooler.query_stats.merged_slow())
+
+
+def slow_json(pooler: Pooler) -> bytes:
+    """``GET /slow`` on the metrics port: every worker's slow-query reports."""
+    return json.dumps({"threshold_s": pooler.config.slow_query_threshold,
+                       "slow": [e.to_json() for e in pooler.query_stats.merged_slow()]}).encode()
 
 
 def json_body(pooler: Pooler) -> bytes:
@@ -778,4 +825,4 @@ def client_queries(client: ClientConnection) -> ClientQueries | None:
 
 __all__ = ["QUERY_COLUMNS", "ClientQueries", "LatencySketch", "QueryEntry", "QueryStats",
            "bucket_of", "bucket_value", "client_queries", "json_body", "metric_families",
-           "query_rows", "show_nplusone", "show_queries"]
+           "query_rows", "show_nplusone", "show_queries", "show_slow", "slow_json"]
