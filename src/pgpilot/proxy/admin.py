@@ -12,7 +12,8 @@ meanings so pgbouncer_exporter and existing dashboards read them:
 
 ``SHOW POOLS | STATS | STATS_TOTALS | STATS_AVERAGES | TOTALS | CLIENTS | SERVERS | DATABASES |
 USERS | CONFIG | LISTS | VERSION | STATE | HAZARDS | WORKERS | QUERIES | NPLUSONE | SLOW |
-HELP`` (QUERIES: per-query statistics, stats.py; NPLUSONE: wire_nplusone.py; SLOW: slow.py);
+ADVICE | HELP`` (QUERIES: per-query statistics, stats.py; NPLUSONE: wire_nplusone.py; SLOW:
+slow.py; ADVICE: advisor.py);
 ``PAUSE [db]``, ``RESUME [db]``, ``RELOAD``, ``KILL [db]``, ``KILL_CLIENT id``,
 ``RECONNECT [db]``, ``SHUTDOWN [WAIT_FOR_CLIENTS | WAIT_FOR_SERVERS]``.
 
@@ -76,7 +77,7 @@ MASK = "********"
 HELP_TEXT = """Console usage
   SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|DATABASES|USERS
   SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS|WORKERS|SOCKETS|ACTIVE_SOCKETS|MEM
-  SHOW QUERIES|NPLUSONE|SLOW
+  SHOW QUERIES|NPLUSONE|SLOW|ADVICE
   SHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES|FDS
   PAUSE [<db>]
   RESUME [<db>]
@@ -1110,6 +1111,14 @@ def _show_queries(session: AdminSession) -> Result:
     return Result("SHOW", columns, rows)
 
 
+def _show_advice(session: AdminSession) -> Result:
+    """SHOW ADVICE: a pool size recommended per pool, with its reasons (advisor.py)."""
+    from pgpilot.proxy.stats import show_advice
+
+    columns, rows = show_advice(session.pooler)
+    return Result("SHOW", columns, rows)
+
+
 def _show_slow(session: AdminSession) -> Result:
     """SHOW SLOW: slow statements and what their plans say, every worker's (slow.py)."""
     from pgpilot.proxy.stats import show_slow
@@ -1154,13 +1163,14 @@ _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "queries": _show_queries,
     "nplusone": _show_nplusone,
     "slow": _show_slow,
+    "advice": _show_advice,
 }
 
 # SHOW commands that list no clients, only count them (client_counts, show_lists): clients
 # the engine logged in alone and that idle there are counted in place, not given objects.
 _COUNTING_SHOWS = frozenset({"pools", "stats", "stats_totals", "stats_averages", "totals",
                              "lists", "servers", "config", "version", "workers", "help",
-                             "queries", "nplusone", "slow"})
+                             "queries", "nplusone", "slow", "advice"})
 
 _ControlHandler = Callable[[AdminSession, list[str]], Any]
 # verb -> (handler, how many arguments it takes at most)

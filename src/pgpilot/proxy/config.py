@@ -298,6 +298,9 @@ class Config:
     slow_query_max_concurrent: int = 1
     slow_query_keep: int = 5
     log_parameters: bool = False  # parameter values in slow-query reports
+    # pool sizing advisor (proxy/advisor.py): the database's cores (0 = unknown), p95 wait goal
+    advisor_db_cores: int = 0
+    advisor_wait_target: float = 0.01
     # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
     # the pure-Python pooler (also what runs when the extension was not built)
     fast_path: bool = True
@@ -601,6 +604,8 @@ _SETTINGS: dict[str, _Setting] = {
     "slow_query_max_concurrent": _Setting(_positive),
     "slow_query_keep": _Setting(_positive),
     "log_parameters": _Setting(_bool),
+    "advisor_db_cores": _Setting(_count),
+    "advisor_wait_target": _Setting(_seconds),
     "fast_path": _Setting(_bool),
     "read_write_split": _Setting(_bool),
     "replica_max_lag_bytes": _Setting(_count),

@@ -158,17 +158,11 @@ class SlowQueries:
                 or self.running >= max(cfg.slow_query_max_concurrent, 1):
             entry.skipped += slow_calls
             return
-        user, password = pool.server_credentials()
-        if password is not None and (password.startswith(("SCRAM-SHA-256$", "md5"))):
+        conninfo = conninfo_for(pool)
+        if conninfo is None:
             entry.note = "not explained: auth_file holds no usable password for a separate " \
                          "connection"
             return
-        conninfo: dict[str, Any] = {"dbname": pool.server_dbname, "user": user,
-                                    "port": pool.db.port, "application_name": "pgpilot-explain"}
-        if pool.db.host:
-            conninfo["host"] = pool.db.host
-        if password:
-            conninfo["password"] = password
         entry.last_explain = now
         self.running += 1
         sql = text.decode("utf-8", errors="replace")
@@ -238,6 +232,21 @@ class SlowQueries:
         return sorted(merged.values(), key=lambda e: e.max_ms, reverse=True)
 
 
+def conninfo_for(pool: Pool) -> dict[str, Any] | None:
+    """How to open a connection of its own to ``pool``'s database as its server user (None
+    when auth_file holds only a SCRAM or md5 secret for it)."""
+    user, password = pool.server_credentials()
+    if password is not None and password.startswith(("SCRAM-SHA-256$", "md5")):
+        return None
+    conninfo: dict[str, Any] = {"dbname": pool.server_dbname, "user": user,
+                                "port": pool.db.port, "application_name": "pgpilot-explain"}
+    if pool.db.host:
+        conninfo["host"] = pool.db.host
+    if password:
+        conninfo["password"] = password
+    return conninfo
+
+
 def _merge(target: SlowEntry, row: dict[str, Any]) -> None:
     target.count += int(row["slow_calls"])
     target.explained += int(row["explained"])
@@ -302,5 +311,6 @@ def slow_rows(entries: list[SlowEntry]) -> list[list[Any]]:
     return rows
 
 
-__all__ = ["SLOW_COLUMNS", "SlowEntry", "SlowQueries", "explain", "mask", "parse_bind",
+__all__ = ["SLOW_COLUMNS", "SlowEntry", "SlowQueries", "conninfo_for", "explain", "mask",
+           "parse_bind",
            "slow_rows"]

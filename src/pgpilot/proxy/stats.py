@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ try:
     from pgpilot.proxy._fastpath import text_key as _text_key  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - built without a C compiler
     _text_key = None
+from pgpilot.proxy.advisor import ADVICE_COLUMNS, Advisor, advice_rows
 from pgpilot.proxy.slow import SLOW_COLUMNS, SlowEntry, SlowQueries, parse_bind, slow_rows
 from pgpilot.proxy.wire_nplusone import NPLUSONE_COLUMNS, NPlusOneEntry, WireNPlusOne
 
@@ -291,6 +293,7 @@ class QueryStats:
         self.engine_statements = 0  # statements the fast path timed (its batches' calls)
         self.nplusone = WireNPlusOne(pooler)  # N+1 at the wire (wire_nplusone.py)
         self.slow = SlowQueries(pooler)  # slow queries, explained (slow.py)
+        self.advisor = Advisor(pooler)  # pool sizing advice (advisor.py)
         self._engine_texts: dict[int, bytes] = {}  # a text the engine saw, per key (slow.py)
 
     # -- settings ----------------------------------------------------------------------
@@ -327,7 +330,10 @@ class QueryStats:
     def tick(self) -> None:
         """The engine's batches in, the table within its bound, the worker snapshot out."""
         self.fold_engine()
-        self.nplusone.expire(time.monotonic())
+        now = time.monotonic()
+        self.nplusone.expire(now)
+        self.advisor.sample(now)
+        self._dirty = self._dirty or self.pooler.worker is not None  # advice measures move
         self._prune()
         if self.pooler.worker is not None and self._dirty:
             self._write_snapshot()
@@ -505,7 +511,9 @@ class QueryStats:
             return
         data = json.dumps({"queries": [e.to_json() for e in self.entries.values()],
                            "nplusone": [e.to_json() for e in self.nplusone.entries.values()],
-                           "slow": [e.to_json() for e in self.slow.entries.values()]})
+                           "slow": [e.to_json() for e in self.slow.entries.values()],
+                           "advice": [{"database": db, "user": user, **dataclasses.asdict(m)}
+                                      for (db, user), m in self.advisor.own_measures().items()]})
         temporary = f"{path}.{os.getpid()}.tmp"
         with open(temporary, "w", encoding="utf-8") as out:
             out.write(data)
@@ -751,6 +759,13 @@ def show_nplusone(pooler: Pooler) -> tuple[list[tuple[str, int]], list[list[Any]
     return list(NPLUSONE_COLUMNS), stats.nplusone.rows(stats.merged_nplusone())
 
 
+def show_advice(pooler: Pooler) -> tuple[list[tuple[str, int]], list[list[Any]]]:
+    """SHOW ADVICE: a pool size per pool, from every worker's measures (advisor.py)."""
+    siblings = [row for document in pooler.query_stats._sibling_snapshots()
+                for row in document.get("advice", ())]
+    return list(ADVICE_COLUMNS), advice_rows(pooler, siblings)
+
+
 def show_slow(pooler: Pooler) -> tuple[list[tuple[str, int]], list[list[Any]]]:
     """SHOW SLOW: columns (name, type oid) and rows, every worker's, slowest first."""
     return list(SLOW_COLUMNS), slow_rows(pooler.query_stats.merged_slow())
@@ -825,4 +840,4 @@ def client_queries(client: ClientConnection) -> ClientQueries | None:
 
 __all__ = ["QUERY_COLUMNS", "ClientQueries", "LatencySketch", "QueryEntry", "QueryStats",
            "bucket_of", "bucket_value", "client_queries", "json_body", "metric_families",
-           "query_rows", "show_nplusone", "show_queries", "show_slow", "slow_json"]
+           "query_rows", "show_advice", "show_nplusone", "show_queries", "show_slow", "slow_json"]
