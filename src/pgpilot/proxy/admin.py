@@ -71,7 +71,7 @@ PAUSE_KEEPER_TICK = 0.2  # seconds between sweeps of paused pools' idle servers
 _CONFIG_NOT_SHOWN = frozenset({"databases", "users", "auth_users", "warnings", "path"})
 # Settings that only take effect at start (SHOW CONFIG's "changeable" = no; SET refuses them).
 _NOT_CHANGEABLE = STARTUP_ONLY
-_SECRET_WORDS = ("password", "secret")
+_SECRET_WORDS = ("password", "secret", "token")
 MASK = "********"
 
 HELP_TEXT = """Console usage

@@ -301,6 +301,8 @@ class Config:
     # pool sizing advisor (proxy/advisor.py): the database's cores (0 = unknown), p95 wait goal
     advisor_db_cores: int = 0
     advisor_wait_target: float = 0.01
+    # the dashboard on the metrics port (proxy/dashboard/): needed when that port is exposed
+    dashboard_token: str = field(default="", repr=False)
     # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
     # the pure-Python pooler (also what runs when the extension was not built)
     fast_path: bool = True
@@ -606,6 +608,7 @@ _SETTINGS: dict[str, _Setting] = {
     "log_parameters": _Setting(_bool),
     "advisor_db_cores": _Setting(_count),
     "advisor_wait_target": _Setting(_seconds),
+    "dashboard_token": _Setting(_text),
     "fast_path": _Setting(_bool),
     "read_write_split": _Setting(_bool),
     "replica_max_lag_bytes": _Setting(_count),
