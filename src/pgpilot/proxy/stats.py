@@ -420,8 +420,7 @@ class QueryStats:
                     self._engine_keys.clear()
                 self._engine_keys[key] = shape
             if text is not None and shape is not None and key:
-                shape_id = self.nplusone.shape_id(text.decode("utf-8", errors="replace"),
-                                                  *shape)
+                shape_id = self.nplusone.shape_id(text, *shape)
                 if shape_id:
                     shapes.append((key, shape_id))
             if not calls:

@@ -133,6 +133,8 @@ class WireNPlusOne:
         self.dropped = 0
         self._shape_ids: dict[tuple[str, str], int] = {}
         self._shapes: dict[int, Shape] = {}
+        self._by_text: dict[object, int] = {}  # text_key -> shape id (0: none)
+        self._last_shape = 0
         self._logged: set[tuple[str, str]] = set()
         self._open: dict[int, ClientQueries] = {}  # Python-path clients with an open burst
         self._suggestions: dict[str, str] = {}
@@ -148,11 +150,22 @@ class WireNPlusOne:
         return self.pooler.config.nplusone_window
 
     # -- shapes ------------------------------------------------------------------------
-    def shape_id(self, text: str, fingerprint: str, sample: str) -> int:
+    def shape_id(self, raw: bytes, fingerprint: str, sample: str) -> int:
         """The small number the engine groups a statement text's executions by: one per
-        (fingerprint, origin) of a read or write (0: not a statement a loop is made of)."""
+        (fingerprint, origin) of a read or write (0: not a statement a loop is made of).
+        Cached per text up to its literal values (stats.text_key)."""
+        from pgpilot.proxy.stats import text_key
+
+        cache_key = text_key(raw)
+        cached = self._by_text.get(cache_key)
+        if cached is not None:
+            return cached
+        if len(self._by_text) >= MAX_SHAPES:
+            self._by_text.clear()
+        text = raw.decode("utf-8", errors="replace")
         statement = describe(text)
         if statement.command == COMMAND_OTHER:
+            self._by_text[cache_key] = 0
             return 0
         key = (fingerprint, origin_of(text))
         found = self._shape_ids.get(key)
@@ -160,8 +173,13 @@ class WireNPlusOne:
             if len(self._shape_ids) >= MAX_SHAPES:
                 self._shape_ids.clear()
                 self._shapes.clear()
-            found = self._shape_ids[key] = len(self._shape_ids) + 1
+                self._by_text.clear()
+            # Never reused: the engine may still count a shape forgotten here, which must
+            # then find nothing rather than another shape.
+            self._last_shape += 1
+            found = self._shape_ids[key] = self._last_shape
             self._shapes[found] = (fingerprint, key[1], sample, statement.command)
+        self._by_text[cache_key] = found
         return found
 
     # -- events --------------------------------------------------------------------------
@@ -224,7 +242,7 @@ class WireNPlusOne:
             return
         if tracker.burst is not None and now - tracker.burst_last > self.window:
             self.end_burst(tracker)
-        shape = self.shape_id(text.decode("utf-8", errors="replace"), fingerprint, sample)
+        shape = self.shape_id(text, fingerprint, sample)
         if not shape:
             return
         if tracker.burst is None:
