@@ -171,7 +171,8 @@ class Advisor:
         if conninfo is None:
             return
         self._fetching.add(where)
-        future = asyncio.get_running_loop().run_in_executor(None, _read_limits, conninfo)
+        future = asyncio.get_running_loop().run_in_executor(
+            self.pooler.query_stats.slow.executor(), _read_limits, conninfo)
 
         def done(fut: asyncio.Future[int]) -> None:
             self._fetching.discard(where)

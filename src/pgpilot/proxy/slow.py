@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import logging
 import random
@@ -127,6 +128,21 @@ class SlowQueries:
         self.entries: dict[tuple[str, str, str], SlowEntry] = {}
         self.running = 0
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """Threads of their own for the EXPLAIN connections (and the advisor's reads), so that
+        they never hold up the event loop's default executor (getaddrinfo for server logins)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(self.pooler.config.slow_query_max_concurrent, 1) + 1,
+                thread_name_prefix="pgpilot-explain")
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def threshold(self) -> float:
         return self.pooler.config.slow_query_threshold
@@ -169,7 +185,7 @@ class SlowQueries:
         analyze = cfg.slow_query_explain_analyze
         timeout = cfg.slow_query_explain_timeout or 5.0
         future = asyncio.get_running_loop().run_in_executor(
-            None, explain, conninfo, sql, bind, analyze, timeout)
+            self.executor(), explain, conninfo, sql, bind, analyze, timeout)
         self._tasks.add(future)
         future.add_done_callback(
             lambda done: self._explained(done, entry, sql, ms, analyze, bind is not None))

@@ -314,6 +314,7 @@ class QueryStats:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        self.slow.close()
         self._remove_snapshot()
 
     async def _loop(self) -> None:
