@@ -1,7 +1,7 @@
 """What per-query statistics cost the pooler: pgpilot with ``query_stats = 1`` against itself with
 ``query_stats = 0``, side by side, in one run.
 
-``python bench/stats_cost.py [--rounds N] [--cases NAME ...] [pooler.py's other options]``
+``python bench/stats_cost.py [--abba] [--rounds N] [--cases NAME ...] [pooler.py's options]``
 
 It runs ``bench/pooler.py``'s pgbench cases with its machinery unchanged (fresh pooler per run,
 warm-up, the A/B alternation round by round, the paired ratio and its 95 % interval), with
@@ -11,7 +11,9 @@ PgBouncer runs differently (``-M extended`` for the prepared case, two processes
 reuseport case) run the same for both here. The scale case (not pgbench) is left out unless
 named. Writes ``bench/results/stats-cost/pooler.json`` and ``bench/results/stats-cost.md``:
 per case the tps with statistics off and on and the paired ratio (on / off) with its
-interval; the goal is every ratio's interval reaching 0.97 or above.
+interval; the goal is every ratio's interval reaching 0.97 or above. ``--abba``: the side that
+runs first alternates round by round (pooler.py always runs the anchor first), written to
+``bench/results/stats-cost-abba/`` and ``stats-cost-abba.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def load_pooler_bench() -> Any:
     return module
 
 
-def patch(bench: Any) -> None:
+def patch(bench: Any, order: str = "abab") -> None:
     """The anchor's slot runs pgpilot with query_stats = 0; pgpilot's with query_stats = 1."""
     original_ini, original_start = bench.pooler_ini, bench.start_pooler
     anchor = {"on": False}
@@ -69,6 +71,18 @@ def patch(bench: Any) -> None:
     bench.shutil = _Shutil()
     bench.CASES = tuple(dataclasses.replace(c, pgbouncer_args=None, pgbouncer_processes=1)
                         for c in bench.CASES)
+    if order == "abba":
+        def iter_order(case: Any, rounds: int) -> Any:
+            """Off then on in odd rounds, on then off in even ones: a run that leaves the
+            next one a slower database (tpcb's dead rows) does not always hit the same side."""
+            if case.direct:
+                yield "direct", 1
+            for rnd in range(1, rounds + 1):
+                pair = ("pgbouncer", "pgpilot") if rnd % 2 else ("pgpilot", "pgbouncer")
+                for target in pair:
+                    yield target, rnd
+
+        bench.iter_order = iter_order
 
 
 def render(report: dict[str, Any]) -> str:
@@ -102,10 +116,15 @@ def render(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     bench = load_pooler_bench()
-    patch(bench)
     args = list(sys.argv[1:] if argv is None else argv)
+    order = "abab"
+    if "--abba" in args:  # alternate which side runs first, round by round
+        args.remove("--abba")
+        order = "abba"
+    patch(bench, order)
     if "--output" not in args:
-        args += ["--output", str(RESULTS / "stats-cost")]
+        args += ["--output", str(RESULTS / ("stats-cost-abba" if order == "abba"
+                                            else "stats-cost"))]
     if "--cases" not in args:
         args += ["--cases", *[c.name for c in bench.CASES if c.kind == "pgbench"]]
     status = int(bench.main(args))
@@ -113,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads((out / "pooler.json").read_text())
     report["command"] = "python bench/stats_cost.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    (RESULTS / "stats-cost.md").write_text(render(report))
+    name = "stats-cost-abba.md" if order == "abba" else "stats-cost.md"
+    (RESULTS / name).write_text(render(report))
     return status
 
 
