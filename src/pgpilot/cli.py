@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("pgpilot.proxy.command", "run the PgBouncer-compatible pooling proxy"),
     "explain": ("pgpilot.explain.command", "analyze a query plan and name what makes it slow"),
     "advise": ("pgpilot.explain.advise_command", "propose indexes and statistics, and prove them"),
+    "top": ("pgpilot.proxy.top", "watch a running pooler's queries, most time first"),
 }
 
 

@@ -11,7 +11,9 @@ rest of that Query, and the connection stays usable. Commands, with PgBouncer's 
 meanings so pgbouncer_exporter and existing dashboards read them:
 
 ``SHOW POOLS | STATS | STATS_TOTALS | STATS_AVERAGES | TOTALS | CLIENTS | SERVERS | DATABASES |
-USERS | CONFIG | LISTS | VERSION | STATE | HAZARDS | WORKERS | HELP``;
+USERS | CONFIG | LISTS | VERSION | STATE | HAZARDS | WORKERS | QUERIES | NPLUSONE | SLOW |
+ADVICE | HELP`` (QUERIES: per-query statistics, stats.py; NPLUSONE: wire_nplusone.py; SLOW:
+slow.py; ADVICE: advisor.py);
 ``PAUSE [db]``, ``RESUME [db]``, ``RELOAD``, ``KILL [db]``, ``KILL_CLIENT id``,
 ``RECONNECT [db]``, ``SHUTDOWN [WAIT_FOR_CLIENTS | WAIT_FOR_SERVERS]``.
 
@@ -71,12 +73,13 @@ PAUSE_KEEPER_TICK = 0.2  # seconds between sweeps of paused pools' idle servers
 _CONFIG_NOT_SHOWN = frozenset({"databases", "users", "auth_users", "warnings", "path"})
 # Settings that only take effect at start (SHOW CONFIG's "changeable" = no; SET refuses them).
 _NOT_CHANGEABLE = STARTUP_ONLY
-_SECRET_WORDS = ("password", "secret")
+_SECRET_WORDS = ("password", "secret", "token")
 MASK = "********"
 
 HELP_TEXT = """Console usage
   SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|DATABASES|USERS
   SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS|WORKERS|SOCKETS|ACTIVE_SOCKETS|MEM
+  SHOW QUERIES|NPLUSONE|SLOW|ADVICE
   SHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES|FDS
   SHOW ROUTES
   PAUSE [<db>]
@@ -1144,6 +1147,38 @@ def _prepared_count(conn: ClientConnection | ServerConnection) -> int:
     return 0
 
 
+def _show_queries(session: AdminSession) -> Result:
+    """SHOW QUERIES: per-query statistics of every worker (stats.py)."""
+    from pgpilot.proxy.stats import show_queries
+
+    columns, rows = show_queries(session.pooler)
+    return Result("SHOW", columns, rows)
+
+
+def _show_advice(session: AdminSession) -> Result:
+    """SHOW ADVICE: a pool size recommended per pool, with its reasons (advisor.py)."""
+    from pgpilot.proxy.stats import show_advice
+
+    columns, rows = show_advice(session.pooler)
+    return Result("SHOW", columns, rows)
+
+
+def _show_slow(session: AdminSession) -> Result:
+    """SHOW SLOW: slow statements and what their plans say, every worker's (slow.py)."""
+    from pgpilot.proxy.stats import show_slow
+
+    columns, rows = show_slow(session.pooler)
+    return Result("SHOW", columns, rows)
+
+
+def _show_nplusone(session: AdminSession) -> Result:
+    """SHOW NPLUSONE: N+1 loops seen at the wire, every worker's (wire_nplusone.py)."""
+    from pgpilot.proxy.stats import show_nplusone
+
+    columns, rows = show_nplusone(session.pooler)
+    return Result("SHOW", columns, rows)
+
+
 _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "pools": AdminSession.show_pools,
     "stats": AdminSession.show_stats,
@@ -1170,12 +1205,17 @@ _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "dns_zones": AdminSession.show_dns_zones,
     "fds": AdminSession.show_fds,
     "routes": AdminSession.show_routes,
+    "queries": _show_queries,
+    "nplusone": _show_nplusone,
+    "slow": _show_slow,
+    "advice": _show_advice,
 }
 
 # SHOW commands that list no clients, only count them (client_counts, show_lists): clients
 # the engine logged in alone and that idle there are counted in place, not given objects.
 _COUNTING_SHOWS = frozenset({"pools", "stats", "stats_totals", "stats_averages", "totals",
-                             "lists", "servers", "config", "version", "workers", "help"})
+                             "lists", "servers", "config", "version", "workers", "help",
+                             "queries", "nplusone", "slow", "advice"})
 
 _ControlHandler = Callable[[AdminSession, list[str]], Any]
 # verb -> (handler, how many arguments it takes at most)

@@ -69,6 +69,7 @@ from pgpilot.proxy.session import (
 )
 from pgpilot.proxy.startup_options import OptionsError, parse_options
 from pgpilot.proxy.states import ClientState, ServerState, check_client_move
+from pgpilot.proxy.stats import ClientQueries, client_queries
 from pgpilot.proxy.tls import CLIENT_TLS_REQUIRED
 from pgpilot.wire import messages as m
 from pgpilot.wire.errors import ProtocolError
@@ -181,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
         "pool",
         "pooler",
         "port",
+        "queries",
         "query_started",
         "replication",
         "request_time",
@@ -283,6 +285,7 @@ class ClientConnection(asyncio.Protocol):
         self._cork: bytearray | None = None
         self._login_task: asyncio.Task[None] | None = None
         self.admin: AdminSession | None = None  # set for admin console connections
+        self.queries: ClientQueries | None = None  # per-query statistics (stats.py)
 
     def __repr__(self) -> str:
         return f"C-{self.id}({self.database}/{self.user}@{self.addr}:{self.port})"
@@ -943,6 +946,8 @@ class ClientConnection(asyncio.Protocol):
             transport = self.transport
         if transport.fast:  # type: ignore[union-attr]
             return
+        if self.queries is not None:
+            self.queries.pending.clear()  # nothing is owed: the engine times what comes
         transport.set_fast(lane.fp, lane.client_params_id(self), 0.0,  # type: ignore[union-attr]
                            router.statements if router is not None and router.renaming
                            else None)
@@ -1028,6 +1033,10 @@ class ClientConnection(asyncio.Protocol):
         if self.admin is not None:
             self.admin.handle(msgs)  # type: ignore[attr-defined]
             return
+        queries = self.queries
+        if queries is not None or (self.pooler.config.query_stats
+                                   and (queries := client_queries(self)) is not None):
+            queries.sent(msgs)
         server = self.server
         assert server is not None
         if terminate:
@@ -1070,7 +1079,10 @@ class ClientConnection(asyncio.Protocol):
         if self.gone:
             server.pool.give_out(server)
             return
-        self.pool.stats.record_wait(time.monotonic() - self.wait_started)
+        waited = time.monotonic() - self.wait_started
+        self.pool.stats.record_wait(waited)
+        if self.queries is not None:
+            self.queries.wait += waited
         params = self.params
         if server.synced_for is params and server.synced_version == self.params_version:
             diff = None  # this server last ran for us, with these values
@@ -1176,6 +1188,8 @@ class ClientConnection(asyncio.Protocol):
         error_seen = False
         saw_rfq = False
         stats = self.pool.stats if self.pool is not None else None
+        if self.queries is not None:
+            self.queries.received(msgs)
         for mtype, body in msgs:
             if mtype == m.B.READY_FOR_QUERY and body:
                 saw_rfq = True

@@ -283,6 +283,26 @@ class Config:
     metrics_port: int = 0  # 0 = no Prometheus exporter
     workers: int = 1
     shutdown_timeout: float = 30.0
+    # per-query statistics (proxy/stats.py): SHOW QUERIES, pgpilot_query_*, /queries
+    query_stats: bool = True
+    query_stats_max: int = 1000  # shapes kept per process (most total time); the rest "other"
+    query_stats_metrics: int = 20  # shapes exported as Prometheus series (top by total time)
+    # N+1 at the wire (proxy/wire_nplusone.py): one shape this many times in one burst (0 = off)
+    nplusone_threshold: int = 5
+    nplusone_window: float = 0.1  # seconds between two statements of one client's burst
+    # slow queries, explained (proxy/slow.py)
+    slow_query_threshold: float = 0.0  # seconds; 0 = off
+    slow_query_sample_rate: float = 1.0
+    slow_query_explain_analyze: bool = False
+    slow_query_explain_timeout: float = 5.0
+    slow_query_max_concurrent: int = 1
+    slow_query_keep: int = 5
+    log_parameters: bool = False  # parameter values in slow-query reports
+    # pool sizing advisor (proxy/advisor.py): the database's cores (0 = unknown), p95 wait goal
+    advisor_db_cores: int = 0
+    advisor_wait_target: float = 0.01
+    # the dashboard on the metrics port (proxy/dashboard/): needed when that port is exposed
+    dashboard_token: str = field(default="", repr=False)
     # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
     # the pure-Python pooler (also what runs when the extension was not built)
     fast_path: bool = True
@@ -438,6 +458,12 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _fraction(text: str) -> float:
+    if not _NUMBER_RE.fullmatch(text) or not 0.0 <= float(text) <= 1.0:
+        raise _BadValue("expected a fraction between 0 and 1, such as 0.1")
+    return float(text)
+
+
 def _bool(text: str) -> bool:
     word = text.lower()
     if word in _TRUE_WORDS:
@@ -571,6 +597,21 @@ _SETTINGS: dict[str, _Setting] = {
     "metrics_port": _Setting(_port),
     "workers": _Setting(_positive),
     "shutdown_timeout": _Setting(_seconds),
+    "query_stats": _Setting(_bool),
+    "query_stats_max": _Setting(_positive),
+    "query_stats_metrics": _Setting(_count),
+    "nplusone_threshold": _Setting(_count),
+    "nplusone_window": _Setting(_seconds),
+    "slow_query_threshold": _Setting(_seconds),
+    "slow_query_sample_rate": _Setting(_fraction),
+    "slow_query_explain_analyze": _Setting(_bool),
+    "slow_query_explain_timeout": _Setting(_seconds),
+    "slow_query_max_concurrent": _Setting(_positive),
+    "slow_query_keep": _Setting(_positive),
+    "log_parameters": _Setting(_bool),
+    "advisor_db_cores": _Setting(_count),
+    "advisor_wait_target": _Setting(_seconds),
+    "dashboard_token": _Setting(_text),
     "fast_path": _Setting(_bool),
     "fast_path_tls": _Setting(_bool),
     "read_write_split": _Setting(_bool),

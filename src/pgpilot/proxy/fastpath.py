@@ -38,6 +38,7 @@ from pgpilot.proxy import prepared
 from pgpilot.proxy.auth import ScramSecret, scram_salt_b64
 from pgpilot.proxy.logs import direct_target, log_lines
 from pgpilot.proxy.states import ServerState
+from pgpilot.proxy.stats import client_queries
 
 try:
     from pgpilot.proxy import _fastpath  # type: ignore[attr-defined]
@@ -457,6 +458,10 @@ class FastPath:
     def _callback_failed(self, exc: BaseException) -> None:
         log.error("fast path callback failed", exc_info=exc)
 
+    def params_ids_known(self) -> dict[tuple[object, ...], int]:
+        """The params ids given out so far, by their key (application_name is item 5)."""
+        return self._params_ids
+
     def params_id(self, params: dict[str, str], settings: dict[str, str] | None = None) -> int:
         """A small number per distinct set of the tracked parameter values and session
         settings (session.py) a pair must share for the engine to link it without a SET
@@ -756,6 +761,11 @@ class Lane:
         self.fp.statement_mode = int(pool.mode == "statement")
         checked = bool(cfg.server_check_query) and cfg.server_check_delay >= 0
         self.fp.check_after = cfg.server_check_delay if checked else -1.0
+        self.fp.qs_on = int(cfg.query_stats)  # time each statement (stats.py)
+        # N+1 at the wire (wire_nplusone.py): counted per burst by the engine
+        threshold = cfg.nplusone_threshold if cfg.query_stats else 0
+        self.fp.burst_threshold = threshold if threshold >= 2 else 0
+        self.fp.burst_window = cfg.nplusone_window
 
     def give_up(self) -> None:
         """This pool's servers cannot go on the engine: everything goes back to Python."""
@@ -863,6 +873,10 @@ class Lane:
             client.server_lost(server, server.closed_reason or "server connection closed")
             return
         if how == EJECT_LINKED and server is not None:
+            if client.pooler.config.query_stats:  # the engine timed what it forwarded
+                queries = client.queries or client_queries(client)
+                if queries is not None:
+                    queries.handed_back(expected_rfq)
             client.server = server
             server.client = client
             server.synced_for = client.params

@@ -22,6 +22,13 @@ Metrics (labels ``database``, ``user`` unless noted):
   their server by LISTEN, temp tables, advisory locks ... (session.py)
 - ``pgpilot_login_failures_total``, ``pgpilot_paused``, ``pgpilot_start_time_seconds``,
   ``pgpilot_info{version}``
+- per-query statistics (stats.py), for the ``query_stats_metrics`` shapes with the most total
+  time (labels ``database``, ``user``, ``fingerprint``: bounded): ``pgpilot_query_calls_total``,
+  ``pgpilot_query_errors_total``, ``pgpilot_query_rows_total``, ``pgpilot_query_seconds_total``,
+  ``pgpilot_query_wait_seconds_total``, ``pgpilot_query_p99_seconds``
+
+``GET /queries`` serves the per-query statistics of every worker as JSON (stats.py), ``GET /slow``
+the slow-query reports (slow.py).
 """
 
 from __future__ import annotations
@@ -170,6 +177,10 @@ class PoolerCollector:
             from pgpilot.proxy.routing import metric_families
 
             yield from metric_families(pooler)
+        if pooler.config.query_stats:
+            from pgpilot.proxy.stats import metric_families as query_families
+
+            yield from query_families(pooler)
         yield InfoMetricFamily("pgpilot", "pgpilot version",
                                value={"version": pgpilot.__version__})
 
@@ -196,12 +207,15 @@ async def start_metrics_server(pooler: Pooler) -> asyncio.AbstractServer:
     addresses = cfg.listen_addresses
     host: str | None = "127.0.0.1" if not addresses else None if addresses[0] == "*" \
         else addresses[0]
+    from pgpilot.proxy.dashboard import is_exposed
+
+    exposed = is_exposed(host)  # the dashboard and its JSON then need dashboard_token
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-            status, content_type, body = _respond(head, registry)
+            status, content_type, body = _respond(head, registry, pooler, exposed)
             body_out = b"" if head.startswith(b"HEAD ") else body
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + content_type
                          + b"\r\nContent-Length: " + str(len(body)).encode()
@@ -223,13 +237,33 @@ async def start_metrics_server(pooler: Pooler) -> asyncio.AbstractServer:
     return server
 
 
-def _respond(head: bytes, registry: CollectorRegistry) -> tuple[bytes, bytes, bytes]:
+def _respond(head: bytes, registry: CollectorRegistry, pooler: Pooler | None = None,
+             exposed: bool = False) -> tuple[bytes, bytes, bytes]:
     parts = head.split(b"\r\n", 1)[0].split()
     if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
         return b"405 Method Not Allowed", b"text/plain", b"only GET /metrics\n"
     path = parts[1].split(b"?", 1)[0]
+    if pooler is not None:
+        from pgpilot.proxy import dashboard
+
+        if path in dashboard.PROTECTED:
+            allowed, why = dashboard.authorized(head, pooler, exposed)
+            if not allowed:
+                return b"403 Forbidden", b"text/plain", why
+        if path in (b"/", b"/index.html"):  # the dashboard (proxy/dashboard/)
+            return b"200 OK", b"text/html; charset=utf-8", dashboard.page()
+        if path == b"/dashboard.json":
+            return b"200 OK", b"application/json", dashboard.state_json(pooler)
     if path == b"/metrics":
         return b"200 OK", CONTENT_TYPE_LATEST.encode(), generate_latest(registry)
+    if path == b"/queries" and pooler is not None:  # per-query statistics (stats.py)
+        from pgpilot.proxy.stats import json_body
+
+        return b"200 OK", b"application/json", json_body(pooler)
+    if path == b"/slow" and pooler is not None:  # slow queries, explained (slow.py)
+        from pgpilot.proxy.stats import slow_json
+
+        return b"200 OK", b"application/json", slow_json(pooler)
     if path == b"/":
         return b"200 OK", b"text/plain", b"pgpilot: metrics at /metrics\n"
     return b"404 Not Found", b"text/plain", b"not found: try /metrics\n"

@@ -86,6 +86,9 @@ class Pooler:
         # Clients pinned to their server, counted by kind of state (session.PINS): metrics.
         self.pins_total: dict[str, int] = {}
         self.admin_console = AdminConsole(self)
+        from pgpilot.proxy.stats import QueryStats
+
+        self.query_stats = QueryStats(self)  # per-query statistics (SHOW QUERIES)
         from pgpilot.proxy.auth_query import AuthQuery
 
         self.auth_query = AuthQuery(self)  # auth_user / auth_query lookups and their cache
@@ -118,6 +121,7 @@ class Pooler:
 
         self.routers = start_routers(self)
         self.admin_console.start()
+        self.query_stats.start()
         if self.config.metrics_port:  # Prometheus /metrics (metrics.py)
             from pgpilot.proxy.metrics import start_metrics_server
 
@@ -150,6 +154,7 @@ class Pooler:
             self.fast.settle(everyone=True)
         self.stop_listening()
         self.admin_console.stop()
+        self.query_stats.stop()
         if self._metrics_server is not None:
             self._metrics_server.close()
         if timeout is None:

@@ -1,0 +1,250 @@
+"""Per-query statistics (proxy/stats.py): SHOW QUERIES, /queries, pgpilot_query_* metrics, with
+the fast path on and off, in every pool mode and with workers = N."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from tests.proxy.conftest import RunningProxy, wait_until
+from tests.proxy.test_metrics import scrape
+from tests.proxy.test_workers import run_workers
+
+from pgpilot.embedded import free_port
+from pgpilot.proxy import fastpath
+from pgpilot.proxy.stats import (
+    MAX_BUCKET,
+    LatencySketch,
+    QueryEntry,
+    bucket_of,
+    bucket_value,
+)
+
+SECRET = "hunter2-do-not-log"
+
+
+def show_queries(proxy: RunningProxy) -> list[dict[str, Any]]:
+    with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as console:
+        cur = console.execute("SHOW QUERIES")
+        names = [d.name for d in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def by_query(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {row["query"]: row for row in rows}
+
+
+# -- the sketch ------------------------------------------------------------------------------
+def test_buckets_report_a_value_within_their_width() -> None:
+    for seconds in (0.9e-6, 1e-6, 3.3e-6, 1e-4, 0.00123, 0.05, 0.2, 1.0, 7.5, 3600.0):
+        index = bucket_of(seconds)
+        assert 0 <= index <= MAX_BUCKET
+        if seconds >= 1e-6:
+            assert abs(bucket_value(index) - seconds) <= 0.0626 * seconds
+    assert [bucket_of(x) for x in (1e-6, 2e-6, 4e-6)] == [1, 9, 17]  # 8 per power of two
+    assert bucket_of(1e9) == MAX_BUCKET
+
+
+def test_sketch_quantiles_and_merge() -> None:
+    fast, slow = LatencySketch(), LatencySketch()
+    for _ in range(98):
+        fast.add(0.001)
+    for _ in range(2):
+        slow.add(0.5)
+    fast.merge(slow)
+    assert fast.count == 100
+    assert abs(fast.quantile(0.5) - 0.001) <= 0.0625 * 0.001
+    assert abs(fast.quantile(0.99) - 0.5) <= 0.0625 * 0.5
+    again = LatencySketch.from_json(json.loads(json.dumps(fast.to_json())))
+    assert again.buckets == fast.buckets and again.count == 100
+    assert LatencySketch().quantile(0.99) == 0.0
+
+
+def test_entries_merge_and_round_trip() -> None:
+    a = QueryEntry("db", "u", "fp", "select $1")
+    a.calls, a.total, a.rows, a.first_seen, a.last_seen = 3, 0.3, 3, 10.0, 20.0
+    a.note_error("23505")
+    a.note_app("web", 3)
+    b = QueryEntry.from_json(a.to_json())
+    b.first_seen, b.last_seen = 5.0, 30.0
+    a.merge(b)
+    assert (a.calls, a.rows, a.errors, a.apps) == (6, 6, {"23505": 2}, {"web": 6})
+    assert (a.first_seen, a.last_seen) == (5.0, 30.0)
+
+
+# -- through the pooler ----------------------------------------------------------------------
+MODES = [("transaction", True), ("transaction", False), ("session", True),
+         ("statement", True), ("statement", False)]
+
+
+@pytest.mark.parametrize(("mode", "fast"), MODES,
+                         ids=[f"{m}-{'fast' if f else 'python'}" for m, f in MODES])
+def test_show_queries_counts_what_clients_ran(proxy_factory: Callable[..., RunningProxy],
+                                              mode: str, fast: bool) -> None:
+    proxy = proxy_factory(pool_mode=mode, fast_path=int(fast), default_pool_size=2)
+    with psycopg.connect(proxy.dsn(), autocommit=True, application_name="orders-svc",
+                         prepare_threshold=None) as conn:
+        for i in range(12):
+            assert conn.execute("select %s::int as n", [i]).fetchone() == (i,)
+        conn.execute(f"select length('{SECRET}')")
+        assert len(conn.execute("select * from generate_series(1, 7)").fetchall()) == 7
+        conn.execute("select pg_sleep(0.05)")
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("select 1 / (0 * %s::int)", [1])
+    # Named prepared statements (psycopg prepares from the first run with threshold 0).
+    with psycopg.connect(proxy.dsn(), autocommit=True, application_name="batch-job",
+                         prepare_threshold=0) as conn:
+        for i in range(6):
+            conn.execute("select %s::int + 100 as m", [i]).fetchone()
+    rows = wait_until(lambda: (r := by_query(show_queries(proxy)))
+                      .get("select $1::int + $2 as m", {}).get("calls") == 6 and r)
+    simple = rows["select $1::int as n"]
+    assert simple["calls"] == 12 and simple["rows"] == 12 and simple["errors"] == 0
+    assert simple["database"] == "test" and simple["user"] == "postgres"
+    assert simple["application_names"] == "orders-svc"
+    assert simple["mean_ms"] * 12 == pytest.approx(simple["total_ms"], abs=Decimal("0.02"))
+    assert simple["first_seen"] and simple["last_seen"]
+    assert rows["select $1::int + $2 as m"]["application_names"] == "batch-job"
+    assert rows["select * from generate_series($1, $2)"]["rows"] == 7
+    failing = rows["select $2 / ($3 * $1::int)"]
+    assert failing["calls"] == 3 and failing["errors"] == 3
+    assert failing["errors_by_sqlstate"] == "22012:3"
+    slept = rows["select pg_sleep($1)"]
+    # Run time is at least the sleep (a lower bound: the statement cannot be quicker).
+    assert slept["mean_ms"] >= 50 and slept["p99_ms"] >= 50 * 0.9375
+    # The sample text has its constants stripped: no value a client sent is kept.
+    assert all(SECRET not in str(row) for row in rows.values())
+    assert "select length($1)" in rows
+    ordered = [row["total_ms"] for row in show_queries(proxy)]
+    assert ordered == sorted(ordered, reverse=True)
+    engine_timed = proxy.call(lambda: proxy.pooler.query_stats.engine_statements)
+    if fast and mode != "session" and fastpath.available():
+        assert engine_timed >= 12  # the compiled fast path timed the steady state itself
+    elif not fast:
+        assert engine_timed == 0
+
+
+def test_pipelined_statements_are_each_timed(proxy_factory: Callable[..., RunningProxy]) -> None:
+    proxy = proxy_factory(default_pool_size=1)
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as conn, \
+            conn.pipeline():
+        for i in range(20):
+            conn.execute("select %s::int * 2 as p", [i])
+        for i in range(5):
+            conn.execute("select %s::text || 'x' as q", [str(i)])
+    rows = wait_until(lambda: (r := by_query(show_queries(proxy)))
+                      .get("select $1::text || $2 as q", {}).get("calls") == 5 and r)
+    assert rows["select $1::int * $2 as p"]["calls"] == 20
+
+
+def test_setting_off_records_nothing(proxy_factory: Callable[..., RunningProxy]) -> None:
+    proxy = proxy_factory(query_stats=0)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i in range(5):
+            conn.execute("select %s::int", [i])
+    assert show_queries(proxy) == []
+    assert proxy.call(lambda: proxy.pooler.query_stats.engine_statements) == 0
+
+
+def test_table_is_bounded_and_the_rest_is_other(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    proxy = proxy_factory(query_stats_max=3)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for shape in range(30):  # 30 fingerprints
+            conn.execute("select 1" + " union all select 1" * shape)
+    proxy.call(lambda: proxy.pooler.query_stats.tick())
+    rows = show_queries(proxy)
+    named = [row for row in rows if row["fingerprint"] != "other"]
+    other = [row for row in rows if row["fingerprint"] == "other"]
+    assert len(named) <= 3 and len(other) == 1
+    assert sum(row["calls"] for row in rows) == 30  # nothing lost, only folded
+
+
+def test_metrics_and_json_endpoint(proxy_factory: Callable[..., RunningProxy]) -> None:
+    port = free_port()
+    proxy = proxy_factory(metrics_port=port, query_stats_metrics=2)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i in range(4):
+            conn.execute("select %s::int as a", [i])
+        conn.execute("select pg_sleep(0.02)")
+        conn.execute("select count(*) from pg_class")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/queries", timeout=10) as response:
+        assert response.headers["Content-Type"] == "application/json"
+        document = json.loads(response.read())
+    assert document["enabled"] is True
+    queries = {q["query"]: q for q in document["queries"]}
+    assert queries["select $1::int as a"]["calls"] == 4
+    assert sum(queries["select $1::int as a"]["histogram"].values()) == 4
+    scraped = scrape(port)
+    series = [key for key in scraped.samples if key[0] == "pgpilot_query_calls_total"]
+    assert len(series) == 2  # bounded: query_stats_metrics shapes
+    slept = queries["select pg_sleep($1)"]["fingerprint"]
+    assert scraped.get("pgpilot_query_calls_total", database="test", user="postgres",
+                       fingerprint=slept) == 1
+    assert scraped.get("pgpilot_query_seconds_total", database="test", user="postgres",
+                       fingerprint=slept) >= 0.02
+
+
+def test_workers_show_every_workers_queries(tmp_path: Path, pg_params: dict[str, str],
+                                            pg_dsn: str) -> None:
+    gen = run_workers(tmp_path, pg_params, pg_dsn,
+                      settings="auth_type = trust\nadmin_users = postgres\n")
+    _proc, dsn, _tmp = next(gen)
+    try:
+        console_dsn = dsn.rsplit("/", 1)[0] + "/pgbouncer"
+
+        def clients_per_worker() -> list[int]:
+            with psycopg.connect(console_dsn, autocommit=True) as console:
+                return [row[2] for row in console.execute("SHOW WORKERS").fetchall()]
+
+        # Held open together, the clients are balanced over both workers (workers.Balance).
+        conns = [psycopg.connect(dsn, autocommit=True) for _ in range(16)]
+        try:
+            shares = clients_per_worker()
+            assert len(shares) == 2 and min(shares) >= 4, shares  # both run statements
+            for i, conn in enumerate(conns):
+                conn.execute("select %s::int as workers_q", [i])
+        finally:
+            for conn in conns:
+                conn.close()
+
+        def total_calls() -> int:
+            with psycopg.connect(console_dsn, autocommit=True) as console:
+                rows = console.execute("SHOW QUERIES").fetchall()
+            return sum(row[4] for row in rows if row[3] == "select $1::int as workers_q")
+
+        # Each worker publishes its table about once a second; any console sums them all.
+        deadline = time.monotonic() + 15
+        while total_calls() != 16:
+            assert time.monotonic() < deadline, total_calls()
+            time.sleep(0.3)
+    finally:
+        for _ in gen:
+            pass
+
+
+def test_pgpilot_top_prints_the_queries(proxy: RunningProxy) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i in range(3):
+            conn.execute("select %s::int as top_q", [i])
+    done = subprocess.run(
+        [sys.executable, "-m", "pgpilot", "top", "--once", "-p", str(proxy.port),
+         "-U", "postgres"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    line = next((line for line in done.stdout.splitlines()
+                 if "select $1::int as top_q" in line), done.stdout)
+    assert line.split()[1] == "3"  # calls
+    refused = subprocess.run(
+        [sys.executable, "-m", "pgpilot", "top", "--once", "-p", str(free_port())],
+        capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "cannot reach the admin console" in refused.stderr
