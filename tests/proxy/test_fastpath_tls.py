@@ -27,6 +27,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from psycopg.rows import dict_row
 from tests.conftest import service_missing
 from tests.proxy import test_tls
 from tests.proxy.test_tls import SSL_IN_USE, Certs, _name, _write_key
@@ -440,3 +441,18 @@ def test_without_engine_tls_python_serves_tls_and_says_so(
         assert clients and not any(fastpath.is_fast_conn(t) for t in clients)
     with pytest.raises(psycopg.OperationalError, match="SSL required"):
         psycopg.connect(proxy.dsn(sslmode="disable"))
+
+
+def test_show_clients_and_servers_name_the_engines_tls(proxy_factory: Any, certs: Certs,
+                                                       tls_postgres: dict[str, str]) -> None:
+    proxy = _client_tls_proxy(proxy_factory, certs, "require", upstream=tls_postgres,
+                              server_tls_sslmode="require", pool_mode="session")
+    with psycopg.connect(proxy.dsn(sslmode="require", application_name="seen"),
+                         autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+        with psycopg.connect(proxy.dsn(dbname="pgbouncer", sslmode="require"), autocommit=True,
+                             row_factory=dict_row) as console:
+            clients = {r["application_name"]: r for r in console.execute("SHOW CLIENTS")}
+            servers = list(console.execute("SHOW SERVERS"))
+    assert clients["seen"]["tls"].startswith("TLSv1.")
+    assert servers and all(r["tls"].startswith("TLSv1.") for r in servers)
