@@ -330,13 +330,15 @@ def test_unknown_database_in_config(proxy_factory) -> None:
 
 
 def test_unsupported_startup_parameter_is_refused(proxy: RunningProxy) -> None:
-    """A startup parameter that is no setting (a walsender's) is refused by the pooler; one
-    the server does not know is refused by the server, at the login, as directly (any other
-    is carried as the client's session setting: tests/proxy/test_transparent.py)."""
+    """A startup parameter that is no setting (a protocol extension's ``_pq_.*``) is refused
+    by the pooler; one the server does not know is refused by the server, at the login, as
+    directly (any other is carried as the client's session setting:
+    tests/proxy/test_transparent.py; ``replication`` opens a replication connection:
+    walsender.py)."""
     reply = raw_exchange(proxy, m.startup_message(
-        {"user": "postgres", "database": "test", "replication": "database"}))
+        {"user": "postgres", "database": "test", "_pq_.no_such_extension": "1"}))
     assert sqlstate_of(reply) == "08P01"
-    assert b"replication" in reply
+    assert b"_pq_.no_such_extension" in reply
     reply = raw_exchange(proxy, m.startup_message(
         {"user": "postgres", "database": "test", "pgp_no_such_setting": "x"}))
     # After AuthenticationOk, as PostgreSQL (it applies startup settings once logged in).
