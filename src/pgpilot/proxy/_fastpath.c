@@ -1291,9 +1291,13 @@ static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, s
                 return;
             }
             q->bound_key = qs_hash((const unsigned char *)name, (size_t)len);
-            size_t text_len = 0;
-            const unsigned char *text = qs_named_text(c, client_name, &text_len);
-            qs_entry(p, q->bound_key, c->params_id, text, text_len);
+            /* The text (a dict lookup) only when this batch has no entry with it yet. */
+            QsEntry *e = qs_entry(p, q->bound_key, c->params_id, NULL, 0);
+            if (e && !e->text && e != p->qs->overflow) {
+                size_t text_len = 0;
+                const unsigned char *text = qs_named_text(c, client_name, &text_len);
+                if (text) qs_entry(p, q->bound_key, c->params_id, text, text_len);
+            }
         } else {
             q->bound_key = q->unnamed_key;
         }
