@@ -192,7 +192,7 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             joins = getattr(invoked, "_setup_joins", ())
             if joins:
                 _note_joins(joins)
-    info = stack_info(2)
+    info = stack_info(2, statement)
     rows = -1
     handled = False
     if which != 1 and _runs_last(context, which):
