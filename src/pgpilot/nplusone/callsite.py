@@ -29,6 +29,7 @@ import importlib.util
 import os
 import sys
 import sysconfig
+from collections.abc import Hashable
 from types import CodeType, FrameType
 from typing import NamedTuple
 
@@ -224,21 +225,50 @@ def _where(frame: FrameType, code: CodeType, code_id: int, lasti: int, shown: st
     return where
 
 
-def stack_info(depth: int = 1) -> StackInfo:
+# shortcut key (the statement's text) -> what the library frames at the bottom of its stack
+# were the last time: how many, the code of the first frame above them and of the last of
+# them, their loop-key parts and roles. The same statement sent again from the same place
+# goes through the same library frames: two frame lookups (sys._getframe walks in C) confirm
+# it, instead of a Python walk over each of them.
+_bottoms: dict[Hashable, tuple[int, CodeType, CodeType, tuple[int, ...], bool, bool, bool]] = {}
+
+
+def stack_info(depth: int = 1, shortcut: Hashable = None) -> StackInfo:
     """The call site, loop key, callers and flush flag of the statement being run.
 
-    ``depth`` frames (the caller's own, by default) are skipped before looking.
+    ``depth`` frames (the caller's own, by default) are skipped before looking. ``shortcut``
+    (the statement's text) lets a statement sent again through the same library frames skip
+    walking them one by one.
     """
     codes = _codes
     if not _flush_codes:
         _session_code_objects()
     callsite = fallback = ""
     outer: list[str] = []
-    # (id of the code object, line): a code object's id names it as well as the object while
-    # its function exists, and hashes in no time (see _flush_codes)
+    # library frames: the id of the code object (a code object's id names it as well as the
+    # object while its function exists, and hashes in no time); others: (id, instruction)
     key_parts: list[tuple[int, int] | int] = []
     in_flush = in_commit = in_get = False
-    starts: list[FrameType | None] = [sys._getframe(depth + 1)]
+    first: FrameType | None = None
+    bottom = _bottoms.get(shortcut) if shortcut is not None else None
+    if bottom is not None:
+        count, above_code, last_code, parts, in_flush, in_commit, in_get = bottom
+        try:
+            first = sys._getframe(depth + 1 + count)
+            if first.f_code is not above_code or (
+                count and sys._getframe(depth + count).f_code is not last_code
+            ):
+                first = None
+        except ValueError:  # a shallower stack
+            first = None
+        if first is not None:
+            key_parts.extend(parts)
+        else:
+            in_flush = in_commit = in_get = False
+    starts: list[FrameType | None] = [first or sys._getframe(depth + 1)]
+    walked = 0  # library frames at the bottom of the stack, before any other
+    full = False
+    bottom_done = first is not None or shortcut is None
     for start in starts:
         frame = start
         while frame is not None:
@@ -262,13 +292,30 @@ def stack_info(depth: int = 1) -> StackInfo:
                         in_commit = True
                     else:
                         in_get = True
+                walked += 1
+                last = code
                 frame = frame.f_back
                 continue
+            if not bottom_done:
+                bottom_done = True
+                if walked and len(_bottoms) < 10_000 and walked < MAX_LOOP_FRAMES:
+                    _bottoms[shortcut] = (
+                        walked,
+                        code,
+                        last,
+                        tuple(part for part in key_parts if isinstance(part, int)),
+                        in_flush,
+                        in_commit,
+                        in_get,
+                    )
             # the instruction, not the line: f_lasti is a plain read, f_lineno decodes the
             # code's line table; the printed line is looked up once per instruction
             lasti = frame.f_lasti
             if len(key_parts) < MAX_LOOP_FRAMES:
                 key_parts.append((code_id, lasti))
+            elif callsite:
+                full = True  # the loop key is full and the call site known: the rest is far
+                break
             if kind == _APP:
                 if not callsite:
                     callsite = _where(frame, code, code_id, lasti, entry[2])
@@ -279,6 +326,9 @@ def stack_info(depth: int = 1) -> StackInfo:
             elif kind == _INSTALLED and not fallback and not entry[2].startswith("<"):
                 fallback = _where(frame, code, code_id, lasti, entry[2])
             frame = frame.f_back
+        bottom_done = True  # a stack of library frames only (a greenlet's): nothing cached
+        if full:
+            break
         if start is starts[0]:
             starts.extend(_greenlet_parents())
     return StackInfo(

@@ -526,20 +526,22 @@ def note_orm_select(select: tuple[str, str, tuple[str, ...], bool] | None) -> No
         scope.last_select = select
 
 
-def note_instance(state: Any, mapper: Any, context: Any) -> None:
+def note_instance(state: Any, mapper: Any, context: Any, scope: _Scope | None = None) -> None:
     """The ORM loaded ``state`` (an ``InstanceState``) from the rows of ``context`` (and one
     instance of ``mapper``'s class, as :func:`note_loaded` counts). Only instances of a
-    SELECT's first entity are followed (not those a joinedload adds).
+    SELECT's first entity are followed (not those a joinedload adds). ``scope``: the calling
+    context's innermost scope, when the caller has it already.
 
     Runs for every loaded row: the common case (a row of a batch already started) is done
     here inline, without a call or a generator."""
     key = id(context)
-    scope = _current_scope.get()
+    if scope is None:
+        scope = _current_scope.get()
     while scope is not None:  # as _reached()
         loaded = scope.loaded
         loaded[mapper] = loaded.get(mapper, 0) + 1
         batch = scope.batches.get(key)
-        if batch is None:
+        if batch is None and scope.last_select is not None:
             batch = _start_batch(scope, key, state, mapper, context)
         if batch is not None and batch.mapper is mapper:
             state_batch = scope.state_batch

@@ -192,7 +192,7 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             joins = getattr(invoked, "_setup_joins", ())
             if joins:
                 _note_joins(joins)
-    info = stack_info(2)
+    info = stack_info(2, statement)
     rows = -1
     handled = False
     if which != 1 and _runs_last(context, which):
@@ -282,15 +282,18 @@ def _note_joins(joins: tuple[Any, ...]) -> None:
 def _on_load(state: Any, context: Any) -> None:
     # a raw listener: handed the InstanceState (SQLAlchemy's wrapper for plain listeners
     # costs two frames and a try/finally per loaded row)
-    if _current_scope.get() is None:
+    scope = _current_scope.get()
+    if scope is None:
         return
-    mapper = getattr(state, "mapper", None)
+    # the class manager's mapper is a plain attribute once read (InstanceState.mapper is a
+    # property calling a descriptor: two calls per row)
+    mapper = getattr(getattr(state, "manager", None), "mapper", None)
     if mapper is None:
         note_loaded(None)
         return
     if mapper not in _column_tracked:
         _track_column_reads(mapper)
-    note_instance(state, mapper, context)
+    note_instance(state, mapper, context, scope)
 
 
 def _on_before_flush(session: Any, flush_context: Any, instances: Any) -> None:
