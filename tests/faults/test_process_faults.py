@@ -294,8 +294,9 @@ def raw_client_query(host: str, port: int, user: str, dbname: str, sql: str) -> 
 def test_soak_ten_thousand_clients_come_and_go_with_flat_memory(
         tmp_path: Path, pg_params: dict[str, str]) -> None:
     """10,000 clients connect, run a query and leave (4 at a time). After the first 2,000 (the
-    pools, caches and allocator warm) and the pooler's first periodic rounds, its RSS stays flat and its descriptors return
-    to what they were: nothing is kept per client that came and went."""
+    pools, caches and allocator warm) and the pooler's first periodic rounds, its RSS stays
+    flat and its descriptors return to what they were: nothing is kept per client that came
+    and went."""
     proc, dsn = start_pooler(tmp_path, pg_params, "default_pool_size = 4\n"
                              "log_connections = 0\nlog_disconnections = 0\n")
     try:
