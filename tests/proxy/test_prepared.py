@@ -41,8 +41,7 @@ async def test_asyncpg_statement_cache_many_clients_few_servers(proxy_factory) -
 
 def test_pgbench_prepared(proxy_factory, pgbench_db: str) -> None:
     proxy = proxy_factory(default_pool_size=3)
-    # One thread per client: pgbench prepares synchronously, so a single thread driving many
-    # clients would wait on itself (as through any transaction pooler).
+    # One thread per client here; one thread for all: the test below.
     for script in (["-S"], []):
         out = subprocess.run(
             ["pgbench", "-n", "-c", "10", "-j", "10", "-t", "30", "-M", "prepared", *script,
@@ -53,6 +52,43 @@ def test_pgbench_prepared(proxy_factory, pgbench_db: str) -> None:
         assert "failed transactions: 0" in out.stdout
         assert "already exists" not in out.stderr
     assert proxy.server_count() <= 3
+
+
+ONE_THREAD_SCRIPT = """\\set aid random(1, 100000)
+begin;
+update pgbench_accounts set abalance = abalance + 1 where aid = :aid;
+select abalance from pgbench_accounts where aid = :aid;
+end;
+"""
+
+
+@pytest.mark.parametrize("fast_path", [0, 1])
+def test_pgbench_prepared_one_thread_more_clients_than_servers(proxy_factory, pgbench_db: str,
+                                                              tmp_path, fast_path: int) -> None:
+    """pgbench -M prepared on one thread, 8 clients, 4 servers, in transaction mode. pgbench
+    prepares each command synchronously (PQprepare: Parse + Sync) at its first use, and its
+    thread blocks there; a BEGIN prepared between transactions used to wait for a server
+    while the other clients of the same thread held all four in open transactions, which
+    could never go on: a hang. Now the pooler answers the Parse + Sync of a statement some
+    server has parsed without a server."""
+    if fast_path and not fastpath.available():
+        pytest.skip("fast path not built")
+    proxy = proxy_factory(default_pool_size=4, max_prepared_statements=100,
+                          fast_path=fast_path)
+    script = tmp_path / "txn.sql"
+    script.write_text(ONE_THREAD_SCRIPT)
+    for args in (["-b", "tpcb-like"], ["-f", str(script)]):
+        try:
+            out = subprocess.run(
+                ["pgbench", "-n", "-c", "8", "-j", "1", "-t", "100", "-M", "prepared", *args,
+                 "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "postgres", pgbench_db],
+                capture_output=True, text=True, timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"pgbench {' '.join(args)} hung through the pooler")
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert "actually processed: 800/800" in out.stdout, out.stdout
+        assert "failed transactions: 0" in out.stdout
+    assert proxy.server_count() <= 4
 
 
 def server_statement_count(conn: psycopg.Connection) -> int:

@@ -41,7 +41,12 @@ from pgpilot.proxy.login_rules import (
     login_method,
     peer_user_name,
 )
-from pgpilot.proxy.prepared import DDL_TAG_PREFIXES, StatementRouter
+from pgpilot.proxy.prepared import (
+    DDL_TAG_PREFIXES,
+    ClientStatement,
+    StatementRouter,
+    server_statement_name,
+)
 from pgpilot.proxy.server import (
     TRACKED_BY_LOWER,
     TRACKED_PARAMS,
@@ -969,6 +974,8 @@ class ClientConnection(asyncio.Protocol):
                 # client really has to wait (start_waiting), saving two epoll calls a turn.
                 routing = self.pooler.routers.get(self.database) if self.pooler.routers \
                     else None
+                if routing is None and self._prepare_without_server():
+                    return
                 if routing is not None:  # read/write split (routing.py): the primary's pool
                     target = (routing.pool_for(self, self._pending)  # or a replica's, or
                               if self.pool.mode != "session"  # (session mode: chosen once)
@@ -979,6 +986,76 @@ class ClientConnection(asyncio.Protocol):
                 self.pool.request(self)
             return
         self._forward(data)
+
+    def _prepare_without_server(self) -> bool:
+        """Between transactions, a request of nothing but named Parses and a Sync (libpq's
+        PQprepare, as pgbench -M prepared sends before a statement's first run) whose
+        statements some server of this upstream database has already parsed in today's
+        catalog: answered here (ParseComplete each, ReadyForQuery), without waiting for a
+        server. Each statement is parsed on a server when first bound there, as after any
+        Parse the pooler answers itself. Waiting would deadlock a client program that prepares
+        synchronously while its other connections hold every server in open transactions
+        (pgbench with more clients than servers: its thread blocks in PQprepare, so those
+        transactions never go on). A statement not known to parse still goes to a server, so
+        that its errors come at its Parse, as directly."""
+        router = self.router
+        pool = self.pool
+        if router is None or not router.renaming or pool is None or pool.mode == "session" \
+                or router.outstanding or router.skipping or self.pins or self._held \
+                or self._reader.mid_message or self.expected_rfq:
+            return False
+        parsed = pool.catalog.parsed
+        if not parsed:
+            return False
+        data = self._pending
+        size = len(data)
+        pos = 0
+        found: list[tuple[m.Parse, bytes, str]] = []
+        while pos + 5 <= size:
+            mtype = data[pos]
+            length = int.from_bytes(data[pos + 1:pos + 5], "big")
+            end = pos + 1 + length
+            if length < 4 or end > size:
+                return False
+            if mtype == F.SYNC:
+                if end != size or not found or length != 4:
+                    return False
+                break
+            if mtype != F.PARSE:
+                return False
+            body = bytes(data[pos + 5:end])
+            try:
+                parse = m.parse_parse(body)
+            except (ValueError, IndexError, ProtocolError):
+                return False
+            if not parse.name:
+                return False
+            sql = parse.sql.encode()
+            low = parse.sql.lower()
+            if might_change_settings(low) or might_be_hazard(sql) \
+                    or any(word in low for word in UNPIN_RUN_WORDS) \
+                    or any(word in low for word in UNPIN_WORDS):
+                return False  # its runs are noted (_note_session): a server reads them
+            server_name = server_statement_name(parse, pool.catalog.generation,
+                                                router.search_path)
+            if server_name not in parsed:
+                return False
+            found.append((parse, body, server_name))
+            pos = end
+        else:
+            return False
+        for parse, body, server_name in found:
+            self.pooler.observe_parse(self, body)
+            router.session_sql.pop(parse.name, None)
+            router.statements[parse.name] = ClientStatement(
+                server_name, m.parse_message(server_name, parse.sql, parse.param_types))
+        self._pending.clear()
+        pool.stats.query_count += 1
+        self._count_bytes(size, 0)
+        self.write(m.parse_complete() * len(found) + m.ready_for_query("I"))
+        if pool.lane is not None:
+            self.enter_fast()
+        return True
 
     def _forward(self, data: bytes) -> None:
         """Read what matters of the client's bytes and send them to its server."""

@@ -15,6 +15,9 @@ Then, message by message:
 
 - Parse "stmt1": remembered. Sent as Parse "pgpilot_<hash>_<generation>" only if this server
   lacks it; otherwise not sent at all and the client gets its ParseComplete from the pooler.
+  Between transactions, a request of only such Parses and a Sync whose statements some server
+  has parsed in this generation (``Catalog.parsed``) needs no server at all: the pooler
+  answers it (client._prepare_without_server), and the statement is parsed where first bound.
 - Bind / Describe of "stmt1": renamed; if the server lacks the statement, a Parse is slipped in
   before, whose ParseComplete the client never sees.
 - Close "stmt1": forgotten and answered by the pooler (the server's copy stays for others).
@@ -112,6 +115,9 @@ DDL_TAG_PREFIXES = (b"CREATE", b"ALTER ", b"DROP ")
 _CACHE_LOOKUP_FAILED = "cache lookup failed"  # XX000: an object a plan named is gone
 
 
+_PARSED_MAX = 10_000  # Catalog.parsed: at most this many names remembered
+
+
 class Catalog:
     """What the pooler knows of one upstream database's catalog: a generation that moves on
     at every schema change it relays (a CREATE, ALTER or DROP, and again at the end of the
@@ -120,13 +126,24 @@ class Catalog:
     statement names carry the generation of the client's Parse, so a Parse never maps onto
     a server statement parsed against an older catalog."""
 
-    __slots__ = ("generation",)
+    __slots__ = ("generation", "parsed")
 
     def __init__(self) -> None:
         self.generation = 0
+        # Server-side names of this generation some server has parsed (a ParseComplete came
+        # back): a client's Parse + Sync of one, between transactions, is answered without a
+        # server (client._prepare_without_server).
+        self.parsed: set[str] = set()
 
     def changed(self) -> None:
         self.generation += 1
+        self.parsed.clear()  # names of the old generation: no Parse maps onto them now
+
+    def note_parsed(self, name: str) -> None:
+        parsed = self.parsed
+        if len(parsed) >= _PARSED_MAX:
+            parsed.clear()  # bounded: a name forgotten only goes to a server again
+        parsed.add(name)
 
 
 def server_statement_name(parse: m.Parse, generation: int = 0, search_path: str = "") -> str:
@@ -427,6 +444,7 @@ class StatementRouter:
         """The server created ``name`` for a Parse the router sent. If a later Close or Parse
         of ``name`` is still owed, the record is that one's: a Close then learns what it will
         find (should it be skipped in turn); otherwise the record says the server has it."""
+        server.pool.catalog.note_parsed(name)
         i = self._next_claim(name)
         if i is None:
             server.prepared[name] = True
