@@ -140,13 +140,14 @@ def test_server_tls_pgbench_transaction_pool(proxy_factory: Any, certs: Certs,
 class FakeTLSServer:
     """Plays PostgreSQL up to the TLS handshake: answers SSLRequest with 'S', presents its
     certificate, and records the name the client asked for (SNI) and whether the handshake
-    completed; then hangs up."""
+    completed and the client went on (sent its StartupMessage); then hangs up."""
 
     def __init__(self, cert: Path, key: Path) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(cert), str(key))
         self.names: list[str | None] = []
         self.handshakes: list[bool] = []
+        self.received: list[bytes] = []
         self.context.sni_callback = lambda _obj, name, _ctx: self.names.append(name)
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
@@ -168,8 +169,11 @@ class FakeTLSServer:
                         continue
                     conn.sendall(b"S")
                     with self.context.wrap_socket(conn, server_side=True) as tls:
-                        self.handshakes.append(True)
-                        tls.recv(65536)  # the StartupMessage; then we hang up
+                        # Done, and the client went on: its StartupMessage (libpq checks
+                        # verify-full's name after the handshake, then sends nothing).
+                        data = tls.recv(65536)
+                        self.received.append(data)
+                        self.handshakes.append(bool(data))
                 except (ssl.SSLError, OSError):
                     if len(self.handshakes) < len(self.names) or not self.names:
                         self.handshakes.append(False)
@@ -233,7 +237,8 @@ def test_verify_full_refuses_a_certificate_for_another_host(
         assert "certificate verify failed" in message and "mismatch" in message
         assert fake.handshakes and not any(fake.handshakes)
         # verify-ca trusts the same certificate (the CA is right; the name is not checked).
-        fake.handshakes.clear()
+        fake.close()
+        fake = FakeTLSServer(cert, key)  # the first proxy's stragglers stay with the old one
         message = _connect_through(proxy_factory, fake, "127.0.0.1", "verify-ca", certs.ca,
                                    engine)
         assert "certificate verify failed" not in message
@@ -254,8 +259,8 @@ def test_verify_full_checks_the_name_and_sends_it_as_sni(
         assert any(fake.handshakes)
         assert "localhost" in fake.names  # SNI, as libpq sends it for a host name
         # An address is never sent as SNI (RFC 6066); the certificate names no 127.0.0.1.
-        fake.names.clear()
-        fake.handshakes.clear()
+        fake.close()
+        fake = FakeTLSServer(cert, key)  # the first proxy's stragglers stay with the old one
         message = _connect_through(proxy_factory, fake, "127.0.0.1", "verify-full", certs.ca,
                                    engine)
         assert "certificate verify failed" in message and "IP address mismatch" in message
@@ -275,7 +280,8 @@ def test_verify_ca_refuses_an_expired_certificate(proxy_factory: Any, certs: Cer
         assert "certificate verify failed" in message and "expired" in message
         assert fake.handshakes and not any(fake.handshakes)
         # require does not check certificates (libpq's meaning): the handshake completes.
-        fake.handshakes.clear()
+        fake.close()
+        fake = FakeTLSServer(cert, key)  # the first proxy's stragglers stay with the old one
         message = _connect_through(proxy_factory, fake, "127.0.0.1", "require", certs.ca,
                                    engine)
         assert "certificate verify failed" not in message
@@ -440,3 +446,84 @@ def test_without_engine_tls_python_serves_tls_and_says_so(
         assert clients and not any(fastpath.is_fast_conn(t) for t in clients)
     with pytest.raises(psycopg.OperationalError, match="SSL required"):
         psycopg.connect(proxy.dsn(sslmode="disable"))
+
+
+# -- the pooler's own connections to a server (slow-query EXPLAIN, advisor) ---------------
+
+
+class _ClearTextServer:
+    """Answers SSLRequest with 'N' (as a man in the middle can) and records whatever the
+    client then sends in clear text (a StartupMessage, a password)."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(5)
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2)
+            try:
+                if conn.recv(8) == struct.pack("!ii", 8, 80877103):
+                    conn.sendall(b"N")
+                self.received += conn.recv(65536)
+                conn.sendall(b"R" + struct.pack("!ii", 8, 3))  # AuthenticationCleartextPassword
+                self.received += conn.recv(65536)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._thread.join(5)
+        self.sock.close()
+
+
+def _pool_stub(host: str, port: int, **settings: Any) -> Any:
+    import dataclasses
+    import types
+
+    from pgpilot.proxy.config import Config
+
+    config = dataclasses.replace(Config(), **settings)
+    return types.SimpleNamespace(
+        db=types.SimpleNamespace(host=host, port=port), server_dbname="postgres",
+        pooler=types.SimpleNamespace(config=config),
+        server_credentials=lambda: ("postgres", "sekrit-password"))
+
+
+def test_own_server_connections_follow_server_tls_sslmode(certs: Certs, tmp_path: Path) -> None:
+    """The connections the pooler opens itself (slow-query EXPLAIN, the advisor's
+    max_connections read: slow.conninfo_for) are made as its server connections are:
+    verify-full refuses a certificate for another host and a server that answers 'N',
+    instead of libpq's default (sslmode prefer: any certificate, or clear text, and the
+    password sent either way)."""
+    from pgpilot.proxy.advisor import _read_limits
+    from pgpilot.proxy.slow import conninfo_for
+
+    cert, key = _issue_leaf(certs, tmp_path, ["db.example.com"])
+    fake = FakeTLSServer(cert, key)
+    try:
+        info = conninfo_for(_pool_stub("127.0.0.1", fake.port, server_tls_sslmode="verify-full",
+                                       server_tls_ca_file=str(certs.ca)))
+        assert info is not None
+        with pytest.raises(psycopg.OperationalError, match="does not match"):
+            _read_limits(info)
+        # (libpq checks the name once the handshake is done: it then sends nothing)
+        assert fake.received in ([], [b""])
+    finally:
+        fake.close()
+    clear = _ClearTextServer()
+    try:
+        info = conninfo_for(_pool_stub("127.0.0.1", clear.port, server_tls_sslmode="require"))
+        assert info is not None
+        with pytest.raises(psycopg.OperationalError):
+            _read_limits(info)
+    finally:
+        clear.close()
+    assert b"sekrit-password" not in clear.received and b"user" not in clear.received
