@@ -527,3 +527,28 @@ def test_own_server_connections_follow_server_tls_sslmode(certs: Certs, tmp_path
     finally:
         clear.close()
     assert b"sekrit-password" not in clear.received and b"user" not in clear.received
+
+
+def test_engine_tls_settings_that_fail_never_leave_the_old_policy(
+        proxy_factory: Any, certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELOAD to a stricter client_tls_sslmode whose files the engine cannot use: the engine
+    keeps neither its old context (no client certificate asked: verify-ca not enforced) nor
+    its old "TLS not required" (a login route would log a clear-text client in): TLS goes
+    to Python's path and the engine's routes refuse clear text."""
+    import dataclasses
+
+    proxy = _client_tls_proxy(proxy_factory, certs, "prefer")
+    fast = proxy.pooler.fast
+    assert proxy.call(lambda: fast.engine.client_tls) is not None
+    assert proxy.call(lambda: fast.engine.client_tls_required) is False
+
+    def unusable(config: Any) -> Any:
+        raise OSError("cannot load the CA file")
+
+    monkeypatch.setattr(fastpath, "engine_tls_contexts", unusable)
+    stricter = dataclasses.replace(proxy.pooler.config, client_tls_sslmode="verify-ca",
+                                   client_tls_ca_file=str(certs.ca))
+    proxy.call(lambda: fast.configure_tls(stricter))
+    assert proxy.call(lambda: fast.engine.client_tls_required) is True
+    assert proxy.call(lambda: fast.engine.client_tls) is None
+    assert fast.client_tls is None and fast.server_tls is None
