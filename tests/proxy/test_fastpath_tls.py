@@ -552,3 +552,62 @@ def test_engine_tls_settings_that_fail_never_leave_the_old_policy(
     assert proxy.call(lambda: fast.engine.client_tls_required) is True
     assert proxy.call(lambda: fast.engine.client_tls) is None
     assert fast.client_tls is None and fast.server_tls is None
+
+
+def test_decrypted_startup_stays_its_clients_own_while_python_runs(
+        proxy_factory: Any, certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine decrypts into one scratch buffer shared by every connection (and every
+    engine of the process). A TLS client's StartupMessage that Python takes (claim, then
+    startup_received) must be that client's bytes even when another encrypted client is
+    read meanwhile (here: a nested engine run while Python claims the first; in a process
+    with engines in several threads, any thread switch)."""
+    import time as _time
+
+    from pgpilot.proxy.client import ClientConnection
+
+    seen: list[tuple[str, bytes]] = []
+    nested = [False]
+    original_claim = fastpath.Listener.claim
+    original_startup = ClientConnection.startup_received
+
+    def claim(self: Any, conn: Any, accepted: float) -> Any:
+        if not nested[0]:
+            nested[0] = True
+            _time.sleep(0.5)  # the other client's StartupMessage arrives meanwhile
+            self.fast.engine.run()
+        return original_claim(self, conn, accepted)
+
+    def startup_received(self: Any, protocol: int, params: dict[str, str],
+                         packet: bytes | None = None) -> None:
+        seen.append((params.get("database", ""), packet or b""))
+        original_startup(self, protocol, params, packet)
+
+    proxy = _client_tls_proxy(proxy_factory, certs, "require", log_connections=0,
+                              log_disconnections=0)
+    for _ in range(3):  # a login route: from now on the engine takes clients in alone
+        with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    assert proxy.call(lambda: len(proxy.pooler.fast.routes)) == 1
+    monkeypatch.setattr(fastpath.Listener, "claim", claim)
+    monkeypatch.setattr(ClientConnection, "startup_received", startup_received)
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    sessions = []
+    for _ in range(2):
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        raw.sendall(struct.pack("!ii", 8, 80877103))
+        assert raw.recv(1) == b"S"
+        sessions.append(context.wrap_socket(raw, server_hostname="localhost"))
+    try:
+        first, second = sessions
+        first.sendall(m.startup_message({"user": "postgres", "database": "first_db_aaaa"}))
+        _time.sleep(0.1)
+        second.sendall(m.startup_message({"user": "postgres", "database": "second_db_bbbbbbbb"}))
+        deadline = _time.monotonic() + 10
+        while len(seen) < 2 and _time.monotonic() < deadline:
+            _time.sleep(0.05)
+    finally:
+        for tls in sessions:
+            tls.close()
+    assert nested[0] and len(seen) == 2
+    for database, packet in seen:
+        assert database.encode() in packet, (database, packet)
