@@ -141,13 +141,14 @@ def test_server_tls_pgbench_transaction_pool(proxy_factory: Any, certs: Certs,
 class FakeTLSServer:
     """Plays PostgreSQL up to the TLS handshake: answers SSLRequest with 'S', presents its
     certificate, and records the name the client asked for (SNI) and whether the handshake
-    completed; then hangs up."""
+    completed and the client went on (sent its StartupMessage); then hangs up."""
 
     def __init__(self, cert: Path, key: Path) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(cert), str(key))
         self.names: list[str | None] = []
         self.handshakes: list[bool] = []
+        self.received: list[bytes] = []
         self.context.sni_callback = lambda _obj, name, _ctx: self.names.append(name)
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
@@ -169,8 +170,11 @@ class FakeTLSServer:
                         continue
                     conn.sendall(b"S")
                     with self.context.wrap_socket(conn, server_side=True) as tls:
-                        self.handshakes.append(True)
-                        tls.recv(65536)  # the StartupMessage; then we hang up
+                        # Done, and the client went on: its StartupMessage (libpq checks
+                        # verify-full's name after the handshake, then sends nothing).
+                        data = tls.recv(65536)
+                        self.received.append(data)
+                        self.handshakes.append(bool(data))
                 except (ssl.SSLError, OSError):
                     if len(self.handshakes) < len(self.names) or not self.names:
                         self.handshakes.append(False)
@@ -234,7 +238,8 @@ def test_verify_full_refuses_a_certificate_for_another_host(
         assert "certificate verify failed" in message and "mismatch" in message
         assert fake.handshakes and not any(fake.handshakes)
         # verify-ca trusts the same certificate (the CA is right; the name is not checked).
-        fake.handshakes.clear()
+        fake.close()
+        fake = FakeTLSServer(cert, key)  # the first proxy's stragglers stay with the old one
         message = _connect_through(proxy_factory, fake, "127.0.0.1", "verify-ca", certs.ca,
                                    engine)
         assert "certificate verify failed" not in message
@@ -255,8 +260,8 @@ def test_verify_full_checks_the_name_and_sends_it_as_sni(
         assert any(fake.handshakes)
         assert "localhost" in fake.names  # SNI, as libpq sends it for a host name
         # An address is never sent as SNI (RFC 6066); the certificate names no 127.0.0.1.
-        fake.names.clear()
-        fake.handshakes.clear()
+        fake.close()
+        fake = FakeTLSServer(cert, key)  # the first proxy's stragglers stay with the old one
         message = _connect_through(proxy_factory, fake, "127.0.0.1", "verify-full", certs.ca,
                                    engine)
         assert "certificate verify failed" in message and "IP address mismatch" in message
@@ -276,7 +281,8 @@ def test_verify_ca_refuses_an_expired_certificate(proxy_factory: Any, certs: Cer
         assert "certificate verify failed" in message and "expired" in message
         assert fake.handshakes and not any(fake.handshakes)
         # require does not check certificates (libpq's meaning): the handshake completes.
-        fake.handshakes.clear()
+        fake.close()
+        fake = FakeTLSServer(cert, key)  # the first proxy's stragglers stay with the old one
         message = _connect_through(proxy_factory, fake, "127.0.0.1", "require", certs.ca,
                                    engine)
         assert "certificate verify failed" not in message
@@ -456,3 +462,166 @@ def test_show_clients_and_servers_name_the_engines_tls(proxy_factory: Any, certs
             servers = list(console.execute("SHOW SERVERS"))
     assert clients["seen"]["tls"].startswith("TLSv1.")
     assert servers and all(r["tls"].startswith("TLSv1.") for r in servers)
+# -- the pooler's own connections to a server (slow-query EXPLAIN, advisor) ---------------
+
+
+class _ClearTextServer:
+    """Answers SSLRequest with 'N' (as a man in the middle can) and records whatever the
+    client then sends in clear text (a StartupMessage, a password)."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(5)
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2)
+            try:
+                if conn.recv(8) == struct.pack("!ii", 8, 80877103):
+                    conn.sendall(b"N")
+                self.received += conn.recv(65536)
+                conn.sendall(b"R" + struct.pack("!ii", 8, 3))  # AuthenticationCleartextPassword
+                self.received += conn.recv(65536)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._thread.join(5)
+        self.sock.close()
+
+
+def _pool_stub(host: str, port: int, **settings: Any) -> Any:
+    import dataclasses
+    import types
+
+    from pgpilot.proxy.config import Config
+
+    config = dataclasses.replace(Config(), **settings)
+    return types.SimpleNamespace(
+        db=types.SimpleNamespace(host=host, port=port), server_dbname="postgres",
+        pooler=types.SimpleNamespace(config=config),
+        server_credentials=lambda: ("postgres", "sekrit-password"))
+
+
+def test_own_server_connections_follow_server_tls_sslmode(certs: Certs, tmp_path: Path) -> None:
+    """The connections the pooler opens itself (slow-query EXPLAIN, the advisor's
+    max_connections read: slow.conninfo_for) are made as its server connections are:
+    verify-full refuses a certificate for another host and a server that answers 'N',
+    instead of libpq's default (sslmode prefer: any certificate, or clear text, and the
+    password sent either way)."""
+    from pgpilot.proxy.advisor import _read_limits
+    from pgpilot.proxy.slow import conninfo_for
+
+    cert, key = _issue_leaf(certs, tmp_path, ["db.example.com"])
+    fake = FakeTLSServer(cert, key)
+    try:
+        info = conninfo_for(_pool_stub("127.0.0.1", fake.port, server_tls_sslmode="verify-full",
+                                       server_tls_ca_file=str(certs.ca)))
+        assert info is not None
+        with pytest.raises(psycopg.OperationalError, match="does not match"):
+            _read_limits(info)
+        # (libpq checks the name once the handshake is done: it then sends nothing)
+        assert fake.received in ([], [b""])
+    finally:
+        fake.close()
+    clear = _ClearTextServer()
+    try:
+        info = conninfo_for(_pool_stub("127.0.0.1", clear.port, server_tls_sslmode="require"))
+        assert info is not None
+        with pytest.raises(psycopg.OperationalError):
+            _read_limits(info)
+    finally:
+        clear.close()
+    assert b"sekrit-password" not in clear.received and b"user" not in clear.received
+
+
+def test_engine_tls_settings_that_fail_never_leave_the_old_policy(
+        proxy_factory: Any, certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELOAD to a stricter client_tls_sslmode whose files the engine cannot use: the engine
+    keeps neither its old context (no client certificate asked: verify-ca not enforced) nor
+    its old "TLS not required" (a login route would log a clear-text client in): TLS goes
+    to Python's path and the engine's routes refuse clear text."""
+    import dataclasses
+
+    proxy = _client_tls_proxy(proxy_factory, certs, "prefer")
+    fast = proxy.pooler.fast
+    assert proxy.call(lambda: fast.engine.client_tls) is not None
+    assert proxy.call(lambda: fast.engine.client_tls_required) is False
+
+    def unusable(config: Any) -> Any:
+        raise OSError("cannot load the CA file")
+
+    monkeypatch.setattr(fastpath, "engine_tls_contexts", unusable)
+    stricter = dataclasses.replace(proxy.pooler.config, client_tls_sslmode="verify-ca",
+                                   client_tls_ca_file=str(certs.ca))
+    proxy.call(lambda: fast.configure_tls(stricter))
+    assert proxy.call(lambda: fast.engine.client_tls_required) is True
+    assert proxy.call(lambda: fast.engine.client_tls) is None
+    assert fast.client_tls is None and fast.server_tls is None
+
+
+def test_decrypted_startup_stays_its_clients_own_while_python_runs(
+        proxy_factory: Any, certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine decrypts into one scratch buffer shared by every connection (and every
+    engine of the process). A TLS client's StartupMessage that Python takes (claim, then
+    startup_received) must be that client's bytes even when another encrypted client is
+    read meanwhile (here: a nested engine run while Python claims the first; in a process
+    with engines in several threads, any thread switch)."""
+    import time as _time
+
+    from pgpilot.proxy.client import ClientConnection
+
+    seen: list[tuple[str, bytes]] = []
+    nested = [False]
+    original_claim = fastpath.Listener.claim
+    original_startup = ClientConnection.startup_received
+
+    def claim(self: Any, conn: Any, accepted: float) -> Any:
+        if not nested[0]:
+            nested[0] = True
+            _time.sleep(0.5)  # the other client's StartupMessage arrives meanwhile
+            self.fast.engine.run()
+        return original_claim(self, conn, accepted)
+
+    def startup_received(self: Any, protocol: int, params: dict[str, str],
+                         packet: bytes | None = None) -> None:
+        seen.append((params.get("database", ""), packet or b""))
+        original_startup(self, protocol, params, packet)
+
+    proxy = _client_tls_proxy(proxy_factory, certs, "require", log_connections=0,
+                              log_disconnections=0)
+    for _ in range(3):  # a login route: from now on the engine takes clients in alone
+        with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    assert proxy.call(lambda: len(proxy.pooler.fast.routes)) == 1
+    monkeypatch.setattr(fastpath.Listener, "claim", claim)
+    monkeypatch.setattr(ClientConnection, "startup_received", startup_received)
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    sessions = []
+    for _ in range(2):
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        raw.sendall(struct.pack("!ii", 8, 80877103))
+        assert raw.recv(1) == b"S"
+        sessions.append(context.wrap_socket(raw, server_hostname="localhost"))
+    try:
+        first, second = sessions
+        first.sendall(m.startup_message({"user": "postgres", "database": "first_db_aaaa"}))
+        _time.sleep(0.1)
+        second.sendall(m.startup_message({"user": "postgres", "database": "second_db_bbbbbbbb"}))
+        deadline = _time.monotonic() + 10
+        while len(seen) < 2 and _time.monotonic() < deadline:
+            _time.sleep(0.05)
+    finally:
+        for tls in sessions:
+            tls.close()
+    assert nested[0] and len(seen) == 2
+    for database, packet in seen:
+        assert database.encode() in packet, (database, packet)

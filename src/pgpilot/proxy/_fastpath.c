@@ -3859,6 +3859,67 @@ static int read_buffered(ConnObject *c, size_t want) {
     return 1;
 }
 
+/* What a slow (Python's) connection read: ``n`` bytes at ``chunk``; ``owned``, if not NULL,
+ * the bytes object they live in (a TLS connection's decrypted bytes). */
+static void slow_received(ConnObject *c, const char *chunk, ssize_t n, PyObject *owned) {
+    if (c->flags & F_STARTUP) {
+        /* An engine listener serves no TLS (with client TLS configured the pooler keeps
+         * asyncio's listeners), so an SSLRequest or GSSENCRequest gets 'N' here, as
+         * Python would answer it. Only a packet read whole and alone: bytes behind it
+         * (CVE-2021-23214) or a split read go to Python, which knows what to do. */
+        if (n == 8 && be32((unsigned char *)chunk) == 8 &&
+            (be32((unsigned char *)chunk + 4) == SSL_REQUEST_CODE ||
+             be32((unsigned char *)chunk + 4) == GSSENC_REQUEST_CODE)) {
+            /* One of each, as PostgreSQL (ProcessStartupPacket): a second is refused
+             * in its words, never answered again and again. */
+            unsigned asked = be32((unsigned char *)chunk + 4) == SSL_REQUEST_CODE
+                                 ? F_SSL_ASKED : F_GSS_ASKED;
+            if (c->flags & asked) {
+                refuse_client(c, "08P01", asked == F_SSL_ASKED
+                                  ? "protocol violation: a second SSLRequest"
+                                  : "protocol violation: a second GSSENCRequest");
+                return;
+            }
+            c->flags |= asked;
+            /* Engine.client_tls set: 'S', and the handshake follows (_fastpath_tls.c). */
+            if (asked == F_SSL_ASKED && !tls_active(c) && tls_accept_client(c)) return;
+            if (conn_send(c, "N", 1) < 0) lost_errno(c, errno);
+            return;
+        }
+        c->flags &= ~F_STARTUP;
+        /* A route's key is a packet Python took whole and alone: the same bytes need no
+         * second reading. */
+        if ((c->flags & F_PHANTOM) && route_login(c, chunk, (size_t)n)) return;
+        PyObject *params = startup_params((unsigned char *)chunk, (size_t)n);
+        if ((c->flags & F_PHANTOM) && claim(c) < 0) {
+            Py_XDECREF(params);
+            return;
+        }
+        if (params) {
+            PyObject *r = py_method(c->protocol, "startup_received", "iOy#",
+                                    (int)be32((unsigned char *)chunk + 4), params, chunk,
+                                    (Py_ssize_t)n);
+            Py_DECREF(params);
+            if (!r) {
+                report_error(c->engine);
+                conn_lost(c, NULL);
+            }
+            Py_XDECREF(r);
+            return;
+        }
+    }
+    if (claim(c) < 0) return;
+    PyObject *data = owned ? Py_NewRef(owned) : PyBytes_FromStringAndSize(chunk, n);
+    PyObject *r = data ? py_method(c->protocol, "data_received", "O", data) : NULL;
+    if (!r) {
+        report_error(c->engine);
+        /* As asyncio: a protocol that raised is cut off. */
+        conn_lost(c, NULL);
+    }
+    Py_XDECREF(r);
+    Py_XDECREF(data);
+}
+
 static void on_readable(ConnObject *c) {
     if (c->kind == KIND_LISTENER) {
         listener_accept(c);
@@ -3881,9 +3942,25 @@ static void on_readable(ConnObject *c) {
         char *chunk = plain_chunk;
         ssize_t n;
         if (tls_active(c)) {
-            chunk = tls_scratch; /* decrypted: up to TLS_SCRATCH bytes */
-            n = tls_recv(c, chunk);
+            n = tls_recv(c, tls_scratch); /* decrypted: up to TLS_SCRATCH bytes */
             if (n < 0) return; /* nothing yet, or lost (Python was told) */
+            if (n == 0) {
+                conn_lost(c, NULL);
+                return;
+            }
+            /* tls_scratch is every Conn's, and every Engine's of the process: Python runs
+             * below (claim, startup_received) and whatever decrypts meanwhile (an engine
+             * in another thread, a nested run) writes over it. This client's bytes are
+             * its own from here on. */
+            PyObject *owned = PyBytes_FromStringAndSize(tls_scratch, n);
+            if (!owned) {
+                report_error(c->engine);
+                conn_lost(c, NULL);
+                return;
+            }
+            slow_received(c, PyBytes_AS_STRING(owned), n, owned);
+            Py_DECREF(owned);
+            return;
         } else {
             n = sock_recv(c->fd, chunk, READ_CHUNK, MSG_DONTWAIT);
         }
@@ -3896,62 +3973,7 @@ static void on_readable(ConnObject *c) {
             conn_lost(c, NULL);
             return;
         }
-        if (c->flags & F_STARTUP) {
-            /* An engine listener serves no TLS (with client TLS configured the pooler keeps
-             * asyncio's listeners), so an SSLRequest or GSSENCRequest gets 'N' here, as
-             * Python would answer it. Only a packet read whole and alone: bytes behind it
-             * (CVE-2021-23214) or a split read go to Python, which knows what to do. */
-            if (n == 8 && be32((unsigned char *)chunk) == 8 &&
-                (be32((unsigned char *)chunk + 4) == SSL_REQUEST_CODE ||
-                 be32((unsigned char *)chunk + 4) == GSSENC_REQUEST_CODE)) {
-                /* One of each, as PostgreSQL (ProcessStartupPacket): a second is refused
-                 * in its words, never answered again and again. */
-                unsigned asked = be32((unsigned char *)chunk + 4) == SSL_REQUEST_CODE
-                                     ? F_SSL_ASKED : F_GSS_ASKED;
-                if (c->flags & asked) {
-                    refuse_client(c, "08P01", asked == F_SSL_ASKED
-                                      ? "protocol violation: a second SSLRequest"
-                                      : "protocol violation: a second GSSENCRequest");
-                    return;
-                }
-                c->flags |= asked;
-                /* Engine.client_tls set: 'S', and the handshake follows (_fastpath_tls.c). */
-                if (asked == F_SSL_ASKED && !tls_active(c) && tls_accept_client(c)) return;
-                if (conn_send(c, "N", 1) < 0) lost_errno(c, errno);
-                return;
-            }
-            c->flags &= ~F_STARTUP;
-            /* A route's key is a packet Python took whole and alone: the same bytes need no
-             * second reading. */
-            if ((c->flags & F_PHANTOM) && route_login(c, chunk, (size_t)n)) return;
-            PyObject *params = startup_params((unsigned char *)chunk, (size_t)n);
-            if ((c->flags & F_PHANTOM) && claim(c) < 0) {
-                Py_XDECREF(params);
-                return;
-            }
-            if (params) {
-                PyObject *r = py_method(c->protocol, "startup_received", "iOy#",
-                                        (int)be32((unsigned char *)chunk + 4), params, chunk,
-                                        (Py_ssize_t)n);
-                Py_DECREF(params);
-                if (!r) {
-                    report_error(c->engine);
-                    conn_lost(c, NULL);
-                }
-                Py_XDECREF(r);
-                return;
-            }
-        }
-        if (claim(c) < 0) return;
-        PyObject *data = PyBytes_FromStringAndSize(chunk, n);
-        PyObject *r = data ? py_method(c->protocol, "data_received", "O", data) : NULL;
-        if (!r) {
-            report_error(c->engine);
-            /* As asyncio: a protocol that raised is cut off. */
-            conn_lost(c, NULL);
-        }
-        Py_XDECREF(r);
-        Py_XDECREF(data);
+        slow_received(c, chunk, n, NULL);
         return;
     }
     if (!read_buffered(c, 16384)) return;

@@ -293,8 +293,12 @@ class FastPath:
         self.configure_tls(pooler.config)
 
     def configure_tls(self, config: Config) -> None:
-        """Make the engine's TLS contexts for ``config`` (at start, and at RELOAD: kept as
-        they were when the new files are unusable, as Python's contexts are)."""
+        """Make the engine's TLS contexts for ``config`` (at start, and at RELOAD); when the
+        engine cannot use the files, none: TLS stays with Python's contexts (tls.py)."""
+        # Login routes (engine logins) serve TLS clients too; never one in clear text when
+        # TLS is required (Python refuses those, as it does any client).
+        self.engine.client_tls_required = config.client_tls_sslmode in (
+            "require", "verify-ca", "verify-full")
         wanted = config.client_tls_sslmode != "disable" or config.server_tls_sslmode != "disable"
         if not self._tls_on or not wanted:
             client = server = None
@@ -308,14 +312,14 @@ class FastPath:
             try:
                 client, server = engine_tls_contexts(config)
             except OSError as exc:
-                log.error("TLS settings not applied to the fast path: %s", exc)
-                return
+                # Never the previous contexts: their verification (client certificates
+                # required or not, CA, server checks) may be what the new modes no longer
+                # allow. TLS goes to Python's path, with the contexts the pooler holds.
+                log.error("TLS settings not applied to the fast path (TLS connections stay "
+                          "on Python's TLS path): %s", exc)
+                client = server = None
         self.client_tls, self.server_tls = client, server
         self.engine.client_tls = client
-        # Login routes (engine logins) serve TLS clients too; never one in clear text when
-        # TLS is required (Python refuses those, as it does any client).
-        self.engine.client_tls_required = config.client_tls_sslmode in (
-            "require", "verify-ca", "verify-full")
 
     async def start_server_tls(self, transport: asyncio.Transport, protocol: asyncio.Protocol,
                                host: str, mode: str) -> Any:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from pgpilot.insight.fingerprint import COMMAND_READ, COMMAND_WRITE, describe
 
 if TYPE_CHECKING:
+    from pgpilot.proxy.config import Config
     from pgpilot.proxy.pool import Pool
     from pgpilot.proxy.pooler import Pooler
 
@@ -260,7 +261,31 @@ def conninfo_for(pool: Pool) -> dict[str, Any] | None:
         conninfo["host"] = pool.db.host
     if password:
         conninfo["password"] = password
+    conninfo.update(server_tls_conninfo(pool.pooler.config))
     return conninfo
+
+
+def server_tls_conninfo(config: Config) -> dict[str, str]:
+    """libpq's TLS parameters for a connection of the pooler's own to a server, as
+    ``server_tls_*`` make its server connections (tls.py): never libpq's defaults (sslmode
+    prefer, no check of the certificate) nor PGSSLMODE, so that such a connection, and the
+    password it sends, are never in clear text or to an unchecked server where the pooler's
+    are not. ``require`` (and ``prefer``, ``allow``) check no certificate, as tls.py."""
+    mode = config.server_tls_sslmode
+    params = {"sslmode": mode}
+    if mode in ("verify-ca", "verify-full"):
+        # The pooler checks against the system's roots without a CA file (libpq 16+ says so
+        # with "system"; an older one reads ~/.postgresql/root.crt, or refuses).
+        from psycopg import pq
+
+        if config.server_tls_ca_file:
+            params["sslrootcert"] = config.server_tls_ca_file
+        elif pq.version() >= 160000:
+            params["sslrootcert"] = "system"
+    if mode != "disable" and config.server_tls_cert_file and config.server_tls_key_file:
+        params["sslcert"] = config.server_tls_cert_file
+        params["sslkey"] = config.server_tls_key_file
+    return params
 
 
 def _merge(target: SlowEntry, row: dict[str, Any]) -> None:
