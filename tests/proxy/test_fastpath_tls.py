@@ -462,6 +462,8 @@ def test_show_clients_and_servers_name_the_engines_tls(proxy_factory: Any, certs
             servers = list(console.execute("SHOW SERVERS"))
     assert clients["seen"]["tls"].startswith("TLSv1.")
     assert servers and all(r["tls"].startswith("TLSv1.") for r in servers)
+
+
 # -- the pooler's own connections to a server (slow-query EXPLAIN, advisor) ---------------
 
 
