@@ -1257,7 +1257,7 @@ static const unsigned char *qs_named_text(ConnObject *c, PyObject *client_name, 
  * Sync move the statement being timed. ``server_name`` / ``client_name``: a Bind the engine
  * renamed (named statements). */
 static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, size_t n,
-                    PyObject *server_name, PyObject *client_name) {
+                    PyObject *server_name, PyObject *client_name, int64_t *now) {
     QsClient *q = c->qs;
     PoolObject *p = c->pool;
     if (!q || !p) return;
@@ -1266,7 +1266,8 @@ static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, s
         size_t len = n && body[n - 1] == 0 ? n - 1 : n;
         uint64_t raw, key = qs_text_key(body, len, &raw);
         if (!qs_entry(p, key, c->params_id, body, len)) return;
-        qs_push(c, key, now_ns(), 'Q', raw);
+        if (!*now) *now = now_ns();
+        qs_push(c, key, *now, 'Q', raw);
         return;
     }
     case 'P': { /* unnamed (the engine carries no named Parse) */
@@ -1303,7 +1304,8 @@ static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, s
         }
         return;
     case 'E':
-        qs_push(c, q->bound_key, now_ns(), 'E', q->bound_params);
+        if (!*now) *now = now_ns();
+        qs_push(c, q->bound_key, *now, 'E', q->bound_params);
         return;
     case 'S':
         qs_push(c, 0, 0, 'S', 0);
@@ -2120,10 +2122,11 @@ static void client_account(ConnObject *c, size_t n, const Renamed *rn) {
         if (names < rn->n_names && (t == 'B' || t == 'D') &&
             message_fast(t, base + pos + 5, len - 4) == FAST_NAMED) {
             if (c->qs && t == 'B')
-                qs_sent(c, t, base + pos + 5, len - 4, rn->names[names], rn->clients[names]);
+                qs_sent(c, t, base + pos + 5, len - 4, rn->names[names], rn->clients[names],
+                        &now);
             owed_push(c, (char)(t | 0x20), rn->clients[names++]); /* 'b', 'd' */
         } else if (t != 'H') {
-            if (c->qs) qs_sent(c, t, base + pos + 5, len - 4, NULL, NULL);
+            if (c->qs) qs_sent(c, t, base + pos + 5, len - 4, NULL, NULL, &now);
             owed_push(c, (char)t, NULL);
         }
         if (t == 'Q' || t == 'S') {
@@ -2287,6 +2290,7 @@ static void server_pump(ConnObject *s) {
      * the answer that opened it). */
     size_t first_boundary = s->skip < avail ? s->skip : avail;
     long long queries = 0, errors = 0;
+    int64_t now = 0; /* one clock reading per chunk read: its answers came at once */
     while (pos < avail) {
         if (s->skip) {
             size_t take = avail - pos < s->skip ? avail - pos : s->skip;
@@ -2323,7 +2327,7 @@ static void server_pump(ConnObject *s) {
             }
             pos += 6;
             queries++; /* a request answered, as PgBouncer counts queries (client.py) */
-            int64_t now = now_ns();
+            if (!now) now = now_ns();
             if (c->qs) qs_answer(c, 'Z', NULL, 0, 1, now);
             if (c->expected_rfq > 0) c->expected_rfq--;
             c->txn = status;
@@ -2380,7 +2384,8 @@ static void server_pump(ConnObject *s) {
         if (c->qs && (t == 'C' || t == 'E' || t == 'I' || t == 's')) {
             /* Rows of a CommandComplete, the SQLSTATE of an error, from what is at hand. */
             size_t have = avail - pos - 5 < (size_t)len - 4 ? avail - pos - 5 : (size_t)len - 4;
-            qs_answer(c, t, base + pos + 5, have, have == (size_t)len - 4, 0);
+            if (!now) now = now_ns();
+            qs_answer(c, t, base + pos + 5, have, have == (size_t)len - 4, now);
         }
         if (t == 'E') errors++;
         owed_answer(c, t);
