@@ -1017,11 +1017,15 @@ struct QsTable {
     int used;
 };
 
+typedef struct {
+    uint64_t key;    /* 0: not timed */
+    int64_t started;
+    uint64_t params; /* a hash of its parameters (of the text, for a Query) */
+    char kind;       /* 'Q', 'E' (Execute), 'S' (Sync) */
+} QsSlot;            /* one statement in flight: one cache line holds two */
+
 struct QsClient {
-    uint64_t keys[QS_RING]; /* 0: not timed */
-    int64_t started[QS_RING];
-    char kinds[QS_RING];    /* 'Q', 'E' (Execute), 'S' (Sync) */
-    uint64_t params[QS_RING]; /* a hash of its parameters (of the text, for a Query) */
+    QsSlot ring[QS_RING];
     int head, count;
     int lost; /* more than QS_RING in flight: nothing more is timed until the ring drains */
     uint64_t unnamed_key, bound_key, bound_params;
@@ -1221,11 +1225,11 @@ static void qs_push(ConnObject *c, uint64_t key, int64_t started, char kind, uin
         q->lost = 1; /* answers can no longer be matched: time nothing until quiet */
         return;
     }
-    int at = (q->head + q->count) % QS_RING;
-    q->keys[at] = key;
-    q->started[at] = started;
-    q->kinds[at] = kind;
-    q->params[at] = params;
+    QsSlot *slot = &q->ring[(q->head + q->count) % QS_RING];
+    slot->key = key;
+    slot->started = started;
+    slot->kind = kind;
+    slot->params = params;
     q->count++;
 }
 
@@ -1388,7 +1392,8 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
                       int whole, int64_t now) {
     QsClient *q = c->qs;
     if (!q) return;
-    char kind = q->count ? q->kinds[q->head] : 0;
+    const QsSlot *front = &q->ring[q->head];
+    char kind = q->count ? front->kind : 0;
     if (!now && kind == 'E') now = now_ns();
     switch (t) {
     case 'C':
@@ -1400,8 +1405,8 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
     case 'I':
     case 's':
         if (kind != 'E') return;
-        qs_record(c, q->keys[q->head], q->started[q->head], now,
-                  t == 'C' && whole ? qs_rows(body, n) : 0, NULL, q->params[q->head]);
+        qs_record(c, front->key, front->started, now,
+                  t == 'C' && whole ? qs_rows(body, n) : 0, NULL, front->params);
         qs_pop(q);
         q->last_answer = now;
         return;
@@ -1412,8 +1417,7 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
         if (kind == 'Q') {
             if (!q->code[0]) memcpy(q->code, code, 6);
         } else if (kind == 'E') {
-            qs_record(c, q->keys[q->head], q->started[q->head], now, 0, code,
-                      q->params[q->head]);
+            qs_record(c, front->key, front->started, now, 0, code, front->params);
             qs_pop(q);
             q->last_answer = now;
         }
@@ -1422,10 +1426,10 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
     case 'Z':
         /* The Query it answers, or the Sync (and the Executes skipped after an error). */
         while (q->count) {
-            char k = q->kinds[q->head];
+            const QsSlot *slot = &q->ring[q->head];
+            char k = slot->kind;
             if (k == 'Q')
-                qs_record(c, q->keys[q->head], q->started[q->head], now, q->rows, q->code,
-                          q->params[q->head]);
+                qs_record(c, slot->key, slot->started, now, q->rows, q->code, slot->params);
             qs_pop(q);
             if (k != 'E') break;
         }
