@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,20 @@ def patch(bench: Any, order: str = "abab") -> None:
         bench.iter_order = iter_order
 
 
+def cpu_cells(case: dict[str, Any]) -> str:
+    """The pooler's CPU per 100k transactions off and on (medians) and the paired ratio."""
+    runs = case.get("runs", {})
+    off = {r["round"]: r for r in runs.get("pgbouncer", []) if r.get("ok")}
+    on = [r for r in runs.get("pgpilot", []) if r.get("ok") and r["round"] in off]
+    pairs = [(off[r["round"]]["cpu_per_100k"], r["cpu_per_100k"]) for r in on]
+    pairs = [(a, b) for a, b in pairs if a == a and b == b and a > 0]
+    if not pairs:
+        return "– | – | –"
+    mean, lo, hi = load_pooler_bench().ratio_interval([b / a for a, b in pairs])
+    return (f"{statistics.median(a for a, _ in pairs):.2f} s | "
+            f"{statistics.median(b for _, b in pairs):.2f} s | {mean:.3f} ({lo:.3f} – {hi:.3f})")
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [
         "# Cost of per-query statistics (`query_stats`)",
@@ -94,10 +109,13 @@ def render(report: dict[str, Any]) -> str:
         "",
         "pgpilot against itself: statistics off (`query_stats = 0`) and on (the default), "
         "alternated round by round, each run a fresh pooler process. Ratio: on / off, the "
-        "geometric mean of the per-round tps ratios with its 95 % interval (1.00 = no cost).",
+        "geometric mean of the per-round tps ratios with its 95 % interval (1.00 = no cost). "
+        "CPU on/off: the pooler's CPU seconds per 100k transactions, the same paired way "
+        "(1.00 = no cost; above: statistics cost CPU).",
         "",
-        "| case | tps off | tps on | tps on/off (95 % interval) | rounds | p99 on/off |",
-        "|---|---:|---:|---|---:|---:|",
+        "| case | tps off | tps on | tps on/off (95 % interval) | rounds | p99 on/off "
+        "| CPU/100k off | CPU/100k on | CPU on/off (95 % interval) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for case in report.get("cases", []):
         summary = case.get("summary", {})
@@ -108,7 +126,7 @@ def render(report: dict[str, Any]) -> str:
             f"| {case['name']} | {off.get('tps', float('nan')):.0f} | "
             f"{on.get('tps', float('nan')):.0f} | {paired.get('tps_geomean', float('nan')):.3f} "
             f"({lo:.3f} – {hi:.3f}) | {paired.get('rounds', 0)} | "
-            f"{paired.get('p99_geomean', float('nan')):.3f} |")
+            f"{paired.get('p99_geomean', float('nan')):.3f} | {cpu_cells(case)} |")
     env = report.get("environment", {})
     lines += ["", "Environment: " + ", ".join(f"{k}: {v}" for k, v in env.items()), ""]
     return "\n".join(lines)

@@ -1017,11 +1017,15 @@ struct QsTable {
     int used;
 };
 
+typedef struct {
+    uint64_t key;    /* 0: not timed */
+    int64_t started;
+    uint64_t params; /* a hash of its parameters (of the text, for a Query) */
+    char kind;       /* 'Q', 'E' (Execute), 'S' (Sync) */
+} QsSlot;            /* one statement in flight: one cache line holds two */
+
 struct QsClient {
-    uint64_t keys[QS_RING]; /* 0: not timed */
-    int64_t started[QS_RING];
-    char kinds[QS_RING];    /* 'Q', 'E' (Execute), 'S' (Sync) */
-    uint64_t params[QS_RING]; /* a hash of its parameters (of the text, for a Query) */
+    QsSlot ring[QS_RING];
     int head, count;
     int lost; /* more than QS_RING in flight: nothing more is timed until the ring drains */
     uint64_t unnamed_key, bound_key, bound_params;
@@ -1221,11 +1225,11 @@ static void qs_push(ConnObject *c, uint64_t key, int64_t started, char kind, uin
         q->lost = 1; /* answers can no longer be matched: time nothing until quiet */
         return;
     }
-    int at = (q->head + q->count) % QS_RING;
-    q->keys[at] = key;
-    q->started[at] = started;
-    q->kinds[at] = kind;
-    q->params[at] = params;
+    QsSlot *slot = &q->ring[(q->head + q->count) % QS_RING];
+    slot->key = key;
+    slot->started = started;
+    slot->kind = kind;
+    slot->params = params;
     q->count++;
 }
 
@@ -1257,7 +1261,7 @@ static const unsigned char *qs_named_text(ConnObject *c, PyObject *client_name, 
  * Sync move the statement being timed. ``server_name`` / ``client_name``: a Bind the engine
  * renamed (named statements). */
 static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, size_t n,
-                    PyObject *server_name, PyObject *client_name) {
+                    PyObject *server_name, PyObject *client_name, int64_t *now) {
     QsClient *q = c->qs;
     PoolObject *p = c->pool;
     if (!q || !p) return;
@@ -1266,7 +1270,8 @@ static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, s
         size_t len = n && body[n - 1] == 0 ? n - 1 : n;
         uint64_t raw, key = qs_text_key(body, len, &raw);
         if (!qs_entry(p, key, c->params_id, body, len)) return;
-        qs_push(c, key, now_ns(), 'Q', raw);
+        if (!*now) *now = now_ns();
+        qs_push(c, key, *now, 'Q', raw);
         return;
     }
     case 'P': { /* unnamed (the engine carries no named Parse) */
@@ -1303,7 +1308,8 @@ static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, s
         }
         return;
     case 'E':
-        qs_push(c, q->bound_key, now_ns(), 'E', q->bound_params);
+        if (!*now) *now = now_ns();
+        qs_push(c, q->bound_key, *now, 'E', q->bound_params);
         return;
     case 'S':
         qs_push(c, 0, 0, 'S', 0);
@@ -1386,7 +1392,8 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
                       int whole, int64_t now) {
     QsClient *q = c->qs;
     if (!q) return;
-    char kind = q->count ? q->kinds[q->head] : 0;
+    const QsSlot *front = &q->ring[q->head];
+    char kind = q->count ? front->kind : 0;
     if (!now && kind == 'E') now = now_ns();
     switch (t) {
     case 'C':
@@ -1398,8 +1405,8 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
     case 'I':
     case 's':
         if (kind != 'E') return;
-        qs_record(c, q->keys[q->head], q->started[q->head], now,
-                  t == 'C' && whole ? qs_rows(body, n) : 0, NULL, q->params[q->head]);
+        qs_record(c, front->key, front->started, now,
+                  t == 'C' && whole ? qs_rows(body, n) : 0, NULL, front->params);
         qs_pop(q);
         q->last_answer = now;
         return;
@@ -1410,8 +1417,7 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
         if (kind == 'Q') {
             if (!q->code[0]) memcpy(q->code, code, 6);
         } else if (kind == 'E') {
-            qs_record(c, q->keys[q->head], q->started[q->head], now, 0, code,
-                      q->params[q->head]);
+            qs_record(c, front->key, front->started, now, 0, code, front->params);
             qs_pop(q);
             q->last_answer = now;
         }
@@ -1420,10 +1426,10 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
     case 'Z':
         /* The Query it answers, or the Sync (and the Executes skipped after an error). */
         while (q->count) {
-            char k = q->kinds[q->head];
+            const QsSlot *slot = &q->ring[q->head];
+            char k = slot->kind;
             if (k == 'Q')
-                qs_record(c, q->keys[q->head], q->started[q->head], now, q->rows, q->code,
-                          q->params[q->head]);
+                qs_record(c, slot->key, slot->started, now, q->rows, q->code, slot->params);
             qs_pop(q);
             if (k != 'E') break;
         }
@@ -2120,10 +2126,11 @@ static void client_account(ConnObject *c, size_t n, const Renamed *rn) {
         if (names < rn->n_names && (t == 'B' || t == 'D') &&
             message_fast(t, base + pos + 5, len - 4) == FAST_NAMED) {
             if (c->qs && t == 'B')
-                qs_sent(c, t, base + pos + 5, len - 4, rn->names[names], rn->clients[names]);
+                qs_sent(c, t, base + pos + 5, len - 4, rn->names[names], rn->clients[names],
+                        &now);
             owed_push(c, (char)(t | 0x20), rn->clients[names++]); /* 'b', 'd' */
         } else if (t != 'H') {
-            if (c->qs) qs_sent(c, t, base + pos + 5, len - 4, NULL, NULL);
+            if (c->qs) qs_sent(c, t, base + pos + 5, len - 4, NULL, NULL, &now);
             owed_push(c, (char)t, NULL);
         }
         if (t == 'Q' || t == 'S') {
@@ -2287,6 +2294,7 @@ static void server_pump(ConnObject *s) {
      * the answer that opened it). */
     size_t first_boundary = s->skip < avail ? s->skip : avail;
     long long queries = 0, errors = 0;
+    int64_t now = 0; /* one clock reading per chunk read: its answers came at once */
     while (pos < avail) {
         if (s->skip) {
             size_t take = avail - pos < s->skip ? avail - pos : s->skip;
@@ -2323,7 +2331,7 @@ static void server_pump(ConnObject *s) {
             }
             pos += 6;
             queries++; /* a request answered, as PgBouncer counts queries (client.py) */
-            int64_t now = now_ns();
+            if (!now) now = now_ns();
             if (c->qs) qs_answer(c, 'Z', NULL, 0, 1, now);
             if (c->expected_rfq > 0) c->expected_rfq--;
             c->txn = status;
@@ -2380,7 +2388,8 @@ static void server_pump(ConnObject *s) {
         if (c->qs && (t == 'C' || t == 'E' || t == 'I' || t == 's')) {
             /* Rows of a CommandComplete, the SQLSTATE of an error, from what is at hand. */
             size_t have = avail - pos - 5 < (size_t)len - 4 ? avail - pos - 5 : (size_t)len - 4;
-            qs_answer(c, t, base + pos + 5, have, have == (size_t)len - 4, 0);
+            if (!now) now = now_ns();
+            qs_answer(c, t, base + pos + 5, have, have == (size_t)len - 4, now);
         }
         if (t == 'E') errors++;
         owed_answer(c, t);
