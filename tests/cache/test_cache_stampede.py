@@ -98,6 +98,7 @@ def hot():
     time.sleep(0.5)
     return "value"
 
+raw.incr(counter + ":ready")  # imported and polling: the test gives the signal after all six
 while not raw.exists(counter + ":go"):
     time.sleep(0.001)
 values = {hot() for _ in range(3)}
@@ -112,7 +113,11 @@ def test_processes_on_a_missing_key_fill_it_once_through_the_redis_lock(
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, redis_url, namespace, counter],
                                 stdout=subprocess.PIPE, text=True) for _ in range(6)]
     try:
-        time.sleep(1.0)  # let them import and start polling for the go signal
+        # All six polling before the go signal (a fixed sleep let a slow starter, on a loaded
+        # machine, come after the fill and find the value: no wait to count).
+        deadline = time.monotonic() + 60
+        while int(raw.get(counter + ":ready") or 0) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
         raw.set(counter + ":go", 1)
         outputs = [w.communicate(timeout=60)[0].split() for w in workers]
     finally:
@@ -123,7 +128,7 @@ def test_processes_on_a_missing_key_fill_it_once_through_the_redis_lock(
     assert int(raw.get(counter) or 0) == 1  # one process ran the function
     assert sum(int(o[1]) for o in outputs) == 1
     assert sum(int(o[2]) for o in outputs) >= 5  # the others waited for it
-    raw.delete(counter, counter + ":go")
+    raw.delete(counter, counter + ":go", counter + ":ready")
     Cache(RedisBackend(redis_url), namespace=namespace, follow_writes=False).clear()
     raw.close()
 
