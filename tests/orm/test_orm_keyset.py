@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, Select, String, create_engine, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from tests.orm.test_orm_helpers import url
 
 from pgpilot.nplusone import detect
 from pgpilot.orm import Page, paginate, paginate_async
@@ -37,10 +37,6 @@ class Event(Base):
     created_at: Mapped[datetime.datetime | None]
     score: Mapped[int | None]
     name: Mapped[str] = mapped_column(String(20))
-
-
-def url(pg_dsn: str, driver: str) -> str:
-    return make_url(pg_dsn).set(drivername=f"postgresql+{driver}").render_as_string(False)
 
 
 @pytest.fixture(scope="module")
