@@ -255,39 +255,34 @@ def raw_client_query(host: str, port: int, user: str, dbname: str, sql: str) -> 
     """One whole client life on a bare socket (a cheap client, so that the soak measures the
     pooler): StartupMessage (trust), a simple Query, its one value, Terminate."""
     import socket
-    import struct
 
-    def read_until_ready(sock: socket.socket) -> list[tuple[bytes, bytes]]:
-        buf, out = b"", []
-        while True:
-            while len(buf) >= 5:
-                kind, size = buf[:1], struct.unpack("!I", buf[1:5])[0]
-                if len(buf) < 1 + size:
-                    break
-                out.append((kind, buf[5:1 + size]))
-                buf = buf[1 + size:]
-                if kind == b"Z":
-                    return out
+    from pgpilot.wire import messages as m
+    from pgpilot.wire.framing import MessageReader
+
+    def read_until_ready(sock: socket.socket, reader: MessageReader
+                         ) -> list[tuple[int, bytes | None]]:
+        out: list[tuple[int, bytes | None]] = []
+        while not out or out[-1][0] != ord("Z"):
             chunk = sock.recv(65536)
             if not chunk:
                 raise ConnectionError("closed")
-            buf += chunk
+            out += reader.feed(chunk)
+        return out
 
+    reader = MessageReader()
     with socket.create_connection((host, port), timeout=30) as sock:
-        body = struct.pack("!I", 196608) + b"user\0" + user.encode() + b"\0database\0" \
-            + dbname.encode() + b"\0\0"
-        sock.sendall(struct.pack("!I", len(body) + 4) + body)
-        read_until_ready(sock)
-        q = sql.encode() + b"\0"
-        sock.sendall(b"Q" + struct.pack("!I", len(q) + 4) + q)
+        sock.sendall(m.startup_message({"user": user, "database": dbname}))
+        read_until_ready(sock, reader)
+        sock.sendall(m.query(sql))
         value = None
-        for kind, payload in read_until_ready(sock):
-            if kind == b"D":
-                size = struct.unpack("!i", payload[2:6])[0]
-                value = payload[6:6 + size].decode()
-            elif kind == b"E":
-                raise AssertionError(payload.decode(errors="replace"))
-        sock.sendall(b"X\0\0\0\4")
+        for kind, body in read_until_ready(sock, reader):
+            assert body is not None
+            if kind == ord("D"):
+                cell = m.parse_data_row(body)[0]
+                value = None if cell is None else cell.decode()
+            elif kind == ord("E"):
+                raise AssertionError(m.parse_error_fields(body))
+        sock.sendall(m.terminate())
     return value
 
 
