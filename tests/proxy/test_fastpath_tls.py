@@ -214,81 +214,70 @@ def _issue_leaf(certs: Certs, folder: Path, hosts: list[str], *, expired: bool =
     return cert_path, key_path
 
 
-def _connect_through(proxy_factory: Any, fake: FakeTLSServer, host: str, mode: str,
-                     ca: Path, engine: int = 1) -> str:
-    """A client's login through a pooler whose server is ``fake``: the error it gets.
+def _connect_through(proxy_factory: Any, cert: Path, key: Path, host: str, mode: str,
+                     ca: Path, engine: int = 1) -> tuple[str, FakeTLSServer]:
+    """A client's login through a pooler whose server is a fresh FakeTLSServer with ``cert``:
+    the error the client gets, and the fake server, closed, with what it saw (each call its
+    own server: a former pooler's late connections never reach it).
     ``engine``: fast_path_tls (0: Python's TLS, which must refuse the same way)."""
-    proxy = proxy_factory(upstream={"host": host, "port": str(fake.port), "user": "postgres",
-                                    "password": "", "dbname": "postgres"},
-                          server_tls_sslmode=mode, server_tls_ca_file=str(ca), query_timeout=1,
-                          fast_path_tls=engine)
-    with pytest.raises(psycopg.OperationalError) as info:
-        psycopg.connect(proxy.dsn(), connect_timeout=10)
-    return str(info.value)
+    fake = FakeTLSServer(cert, key)
+    try:
+        proxy = proxy_factory(upstream={"host": host, "port": str(fake.port),
+                                        "user": "postgres", "password": "",
+                                        "dbname": "postgres"},
+                              server_tls_sslmode=mode, server_tls_ca_file=str(ca),
+                              query_timeout=1, fast_path_tls=engine)
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(proxy.dsn(), connect_timeout=10)
+    finally:
+        fake.close()
+    return str(info.value), fake
 
 
 @pytest.mark.parametrize("engine", [1, 0])
 def test_verify_full_refuses_a_certificate_for_another_host(
         proxy_factory: Any, certs: Certs, tmp_path: Path, engine: int) -> None:
     cert, key = _issue_leaf(certs, tmp_path, ["db.example.com"])
-    fake = FakeTLSServer(cert, key)
-    try:
-        message = _connect_through(proxy_factory, fake, "127.0.0.1", "verify-full", certs.ca,
-                                   engine)
-        assert "certificate verify failed" in message and "mismatch" in message
-        assert fake.handshakes and not any(fake.handshakes)
-        # verify-ca trusts the same certificate (the CA is right; the name is not checked).
-        fake.close()
-        fake = FakeTLSServer(cert, key)  # the first proxy's stragglers stay with the old one
-        message = _connect_through(proxy_factory, fake, "127.0.0.1", "verify-ca", certs.ca,
-                                   engine)
-        assert "certificate verify failed" not in message
-        assert any(fake.handshakes)
-    finally:
-        fake.close()
+    message, fake = _connect_through(proxy_factory, cert, key, "127.0.0.1", "verify-full",
+                                     certs.ca, engine)
+    assert "certificate verify failed" in message and "mismatch" in message
+    assert fake.handshakes and not any(fake.handshakes)
+    # verify-ca trusts the same certificate (the CA is right; the name is not checked).
+    message, fake = _connect_through(proxy_factory, cert, key, "127.0.0.1", "verify-ca",
+                                     certs.ca, engine)
+    assert "certificate verify failed" not in message
+    assert any(fake.handshakes)
 
 
 @pytest.mark.parametrize("engine", [1, 0])
 def test_verify_full_checks_the_name_and_sends_it_as_sni(
         proxy_factory: Any, certs: Certs, tmp_path: Path, engine: int) -> None:
     cert, key = _issue_leaf(certs, tmp_path, ["localhost"])
-    fake = FakeTLSServer(cert, key)
-    try:
-        message = _connect_through(proxy_factory, fake, "localhost", "verify-full", certs.ca,
-                                   engine)
-        assert "certificate verify failed" not in message
-        assert any(fake.handshakes)
-        assert "localhost" in fake.names  # SNI, as libpq sends it for a host name
-        # An address is never sent as SNI (RFC 6066); the certificate names no 127.0.0.1.
-        fake.close()
-        fake = FakeTLSServer(cert, key)  # the first proxy's stragglers stay with the old one
-        message = _connect_through(proxy_factory, fake, "127.0.0.1", "verify-full", certs.ca,
-                                   engine)
-        assert "certificate verify failed" in message and "IP address mismatch" in message
-        assert fake.names == [None] * len(fake.names)
-    finally:
-        fake.close()
+    message, fake = _connect_through(proxy_factory, cert, key, "localhost", "verify-full",
+                                     certs.ca, engine)
+    assert "certificate verify failed" not in message
+    assert any(fake.handshakes)
+    assert "localhost" in fake.names  # SNI, as libpq sends it for a host name
+    # An address is never sent as SNI (RFC 6066); the certificate names no 127.0.0.1.
+    message, fake = _connect_through(proxy_factory, cert, key, "127.0.0.1", "verify-full",
+                                     certs.ca, engine)
+    assert "certificate verify failed" in message and "IP address mismatch" in message
+    assert fake.names == [None] * len(fake.names)
 
 
 @pytest.mark.parametrize("engine", [1, 0])
 def test_verify_ca_refuses_an_expired_certificate(proxy_factory: Any, certs: Certs,
                                                   tmp_path: Path, engine: int) -> None:
     cert, key = _issue_leaf(certs, tmp_path, ["127.0.0.1"], expired=True)
-    fake = FakeTLSServer(cert, key)
-    try:
-        message = _connect_through(proxy_factory, fake, "127.0.0.1", "verify-ca", certs.ca,
-                                   engine)
-        assert "certificate verify failed" in message and "expired" in message
-        assert fake.handshakes and not any(fake.handshakes)
-        # require does not check certificates (libpq's meaning): the handshake completes.
-        fake.close()
-        fake = FakeTLSServer(cert, key)  # the first proxy's stragglers stay with the old one
-        message = _connect_through(proxy_factory, fake, "127.0.0.1", "require", certs.ca,
-                                   engine)
-        assert "certificate verify failed" not in message
-        assert any(fake.handshakes)
-    finally:
-        fake.close()
+    message, fake = _connect_through(proxy_factory, cert, key, "127.0.0.1", "verify-ca",
+                                     certs.ca, engine)
+    assert "certificate verify failed" in message and "expired" in message
+    assert fake.handshakes and not any(fake.handshakes)
+    # require does not check certificates (libpq's meaning): the handshake completes.
+    message, fake = _connect_through(proxy_factory, cert, key, "127.0.0.1", "require",
+                                     certs.ca, engine)
+    assert "certificate verify failed" not in message
+    assert any(fake.handshakes)
 
 
 # -- client side ----------------------------------------------------------------------------
