@@ -203,10 +203,19 @@ def test_workers_show_every_workers_queries(tmp_path: Path, pg_params: dict[str,
     try:
         console_dsn = dsn.rsplit("/", 1)[0] + "/pgbouncer"
 
-        def clients_per_worker() -> list[int]:
+        def show_workers() -> list[tuple[Any, ...]]:
             with psycopg.connect(console_dsn, autocommit=True) as console:
-                return [row[2] for row in console.execute("SHOW WORKERS").fetchall()]
+                return console.execute("SHOW WORKERS").fetchall()
 
+        def clients_per_worker() -> list[int]:
+            return [row[2] for row in show_workers()]
+
+        # The first worker answers before the second is up on a loaded machine: only workers
+        # that accept are balanced to.
+        deadline = time.monotonic() + 30
+        while not (len(rows := show_workers()) == 2 and all(r[3] == "yes" for r in rows)):
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.1)
         # Held open together, the clients are balanced over both workers (workers.Balance).
         conns = [psycopg.connect(dsn, autocommit=True) for _ in range(16)]
         try:
