@@ -64,6 +64,56 @@ def test_200_tasks_on_a_missing_key_run_the_coroutine_once(make_cache: MakeCache
     assert len(calls) == 1 and hot.stats().stampede_waits == 199
 
 
+def test_a_stampede_asks_the_backend_once_per_key(redis_url: str, namespace: str) -> None:
+    """Callers of a key that another caller of this process is already reading or filling
+    join it without a backend call of their own: with two pooled connections and a 50 ms
+    pool timeout, 200 tasks and 100 threads asking at once each asked Redis before (most
+    waited for a connection past the timeout, and the cache degraded to 50-80 fills)."""
+    backend = RedisBackend(redis_url, timeout=0.05, max_connections=2)
+    cache = Cache(backend, namespace=namespace)
+    calls: list[int] = []
+
+    @cache.cached(ttl=60)
+    async def hot_task() -> int:
+        calls.append(1)
+        await asyncio.sleep(0.2)
+        return 42
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(hot_task() for _ in range(200)))
+
+    @cache.cached(ttl=60)
+    def hot_thread() -> int:
+        calls.append(2)
+        time.sleep(0.2)
+        return 43
+
+    try:
+        assert asyncio.run(main()) == [42] * 200
+        start = threading.Barrier(100)
+        results: list[int] = []
+
+        def worker() -> None:
+            start.wait()
+            results.append(hot_thread())
+
+        threads = [threading.Thread(target=worker) for _ in range(100)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == [43] * 100
+        assert calls == [1, 2]  # one fill each, nothing degraded
+        for stats in (hot_task.stats(), hot_thread.stats()):
+            assert stats.degraded == 0 and stats.errors == 0, stats
+            assert stats.fills == 1 and stats.stampede_waits == stats.misses - 1, stats
+        assert asyncio.run(main()) == [42] * 200  # now all hits, one backend read
+        assert hot_task.stats().hits == 200 and calls == [1, 2]
+    finally:
+        cache.clear()
+        backend.close()
+
+
 def test_a_failing_fill_fails_its_waiters_and_is_not_cached(make_cache: MakeCache) -> None:
     cache = make_cache()
     calls: list[int] = []

@@ -77,13 +77,16 @@ class _Spec:
 
 
 class _Flight:
-    __slots__ = ("error", "event", "payload", "value")
+    """One thread's read-or-fill of a key, which other threads asking for it meanwhile join."""
+
+    __slots__ = ("error", "event", "hit", "payload", "value")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.value: Any = _RETRY
         self.payload: bytes | None = None
         self.error: BaseException | None = None
+        self.hit = False  # the value came from the backend: joiners count a hit
 
 
 _caches: weakref.WeakSet[Cache] = weakref.WeakSet()
@@ -479,7 +482,12 @@ class Cache:
                 error = exc
 
     def get_sync(self, spec: _Spec, compute: Callable[[], Any]) -> Any:
-        """Answer one call from the cache, filling it with ``compute()`` on a miss."""
+        """Answer one call from the cache, filling it with ``compute()`` on a miss.
+
+        The first thread to ask for a key leads: it reads the backend and, on a miss, fills;
+        threads asking for the same key meanwhile join it instead of asking the backend
+        themselves, so a stampede costs one backend call per key and process (200 callers at
+        once each waiting for a pooled connection ran past the timeout and degraded)."""
         counters = spec.counters
         if self._pending and not self._flush_pending():
             counters.misses += 1
@@ -489,39 +497,15 @@ class Cache:
             counters.misses += 1
             counters.degraded += 1
             return self._timed_sync(counters, compute)
-        try:
-            raw = self.backend.get(spec.entry)
-        except BackendError as exc:
-            self._failed(exc, counters)
-            counters.misses += 1
-            counters.degraded += 1
-            return self._timed_sync(counters, compute)
-        if raw is not None:
-            value = self._decode(raw, spec)
-            if value is not _MISSING:
-                counters.hits += 1
-                if spec.early and self._due(raw, spec):
-                    self._refresh_sync(spec, compute)
-                return value
-        counters.misses += 1
         with self._flights_lock:
             flight = self._flights.get(spec.entry)
             leader = flight is None
             if flight is None:
                 flight = self._flights[spec.entry] = _Flight()
         if not leader:
-            counters.stampede_waits += 1
-            if flight.event.wait(self.lock_timeout):
-                if flight.error is not None:
-                    raise flight.error
-                if flight.value is not _RETRY:
-                    if flight.payload is not None:
-                        return self.serializer.loads(flight.payload)
-                    return flight.value
-            return self._timed_sync(counters, compute)
+            return self._follow_sync(flight, counters, compute)
         try:
-            flight.value, flight.payload = self._drive_sync(self._procedure(spec), counters,
-                                                            compute)
+            flight.value, flight.payload, flight.hit = self._lead_sync(spec, compute)
             return flight.value
         except Exception as exc:
             flight.error = exc
@@ -530,6 +514,50 @@ class Cache:
             with self._flights_lock:
                 self._flights.pop(spec.entry, None)
             flight.event.set()
+
+    def _lead_sync(self, spec: _Spec, compute: Callable[[], Any]) -> tuple[Any, bytes | None,
+                                                                            bool]:
+        """The leader's read, then fill on a miss: (value, its serialized form for joiners
+        to decode a copy of, or None to share the value, whether it was a hit)."""
+        counters = spec.counters
+        try:
+            raw = self.backend.get(spec.entry)
+        except BackendError as exc:
+            self._failed(exc, counters)
+            counters.misses += 1
+            counters.degraded += 1
+            return self._timed_sync(counters, compute), None, False
+        if raw is not None:
+            value = self._decode(raw, spec)
+            if value is not _MISSING:
+                counters.hits += 1
+                if spec.early and self._due(raw, spec):
+                    self._refresh_sync(spec, compute)
+                return value, raw[_HEADER.size:], True
+        counters.misses += 1
+        value, payload = self._drive_sync(self._procedure(spec), counters, compute)
+        return value, payload, False
+
+    def _follow_sync(self, flight: _Flight, counters: Counters,
+                     compute: Callable[[], Any]) -> Any:
+        """Wait for the leading thread's answer for the same key (or compute, if it gave up
+        or ``lock_timeout`` passed)."""
+        if flight.event.wait(self.lock_timeout):
+            if flight.error is not None:
+                counters.misses += 1
+                raise flight.error
+            if flight.value is not _RETRY:
+                if flight.hit:
+                    counters.hits += 1
+                else:
+                    counters.misses += 1
+                    counters.stampede_waits += 1
+                if flight.payload is not None:
+                    return self.serializer.loads(flight.payload)
+                return flight.value
+        counters.misses += 1
+        counters.stampede_waits += 1
+        return self._timed_sync(counters, compute)
 
     def _refresh_sync(self, spec: _Spec, compute: Callable[[], Any]) -> None:
         with self._flights_lock:
@@ -588,49 +616,27 @@ class Cache:
                 error = exc
 
     async def get_async(self, spec: _Spec, compute: Callable[[], Awaitable[Any]]) -> Any:
-        """:meth:`get_sync` for coroutine functions (the async backend, task flights)."""
+        """:meth:`get_sync` for coroutine functions (the async backend; the first task to
+        ask for a key leads, tasks of the same loop asking meanwhile join it)."""
         counters = spec.counters
         if (self._pending and not await self._aflush_pending()) or self._breaker_open():
             counters.misses += 1
             counters.degraded += 1
             return await self._timed_async(counters, compute)
-        try:
-            raw = await self.backend.aget(spec.entry)
-        except BackendError as exc:
-            self._failed(exc, counters)
-            counters.misses += 1
-            counters.degraded += 1
-            return await self._timed_async(counters, compute)
-        if raw is not None:
-            value = self._decode(raw, spec)
-            if value is not _MISSING:
-                counters.hits += 1
-                if spec.early and self._due(raw, spec):
-                    self._refresh_async(spec, compute)
-                return value
-        counters.misses += 1
         loop = asyncio.get_running_loop()
         flights = self._aflights.get(loop)
         if flights is None:
             flights = self._aflights.setdefault(loop, {})
         future = flights.get(spec.entry)
         if future is not None:
-            counters.stampede_waits += 1
-            try:
-                value, payload = await asyncio.wait_for(asyncio.shield(future),
-                                                        self.lock_timeout)
-            except TimeoutError:
-                value = _RETRY
-            if value is not _RETRY:
-                return self.serializer.loads(payload) if payload is not None else value
-            return await self._timed_async(counters, compute)
+            return await self._follow_async(future, counters, compute)
         future = flights[spec.entry] = loop.create_future()
         try:
-            result = await self._drive_async(self._procedure(spec), counters, compute)
+            result = await self._lead_async(spec, compute)
             future.set_result(result)
             return result[0]
         except asyncio.CancelledError:
-            future.set_result((_RETRY, None))
+            future.set_result((_RETRY, None, False))
             raise
         except BaseException as exc:
             future.set_exception(exc)
@@ -638,6 +644,50 @@ class Cache:
             raise
         finally:
             flights.pop(spec.entry, None)
+
+    async def _lead_async(self, spec: _Spec, compute: Callable[[], Awaitable[Any]]
+                          ) -> tuple[Any, bytes | None, bool]:
+        """:meth:`_lead_sync` for coroutine functions."""
+        counters = spec.counters
+        try:
+            raw = await self.backend.aget(spec.entry)
+        except BackendError as exc:
+            self._failed(exc, counters)
+            counters.misses += 1
+            counters.degraded += 1
+            return await self._timed_async(counters, compute), None, False
+        if raw is not None:
+            value = self._decode(raw, spec)
+            if value is not _MISSING:
+                counters.hits += 1
+                if spec.early and self._due(raw, spec):
+                    self._refresh_async(spec, compute)
+                return value, raw[_HEADER.size:], True
+        counters.misses += 1
+        value, payload = await self._drive_async(self._procedure(spec), counters, compute)
+        return value, payload, False
+
+    async def _follow_async(self, future: asyncio.Future[Any], counters: Counters,
+                            compute: Callable[[], Awaitable[Any]]) -> Any:
+        """Wait for the leading task's answer for the same key (see :meth:`_follow_sync`)."""
+        try:
+            value, payload, hit = await asyncio.wait_for(asyncio.shield(future),
+                                                         self.lock_timeout)
+        except TimeoutError:
+            value, payload, hit = _RETRY, None, False
+        except Exception:
+            counters.misses += 1
+            raise
+        if value is not _RETRY:
+            if hit:
+                counters.hits += 1
+            else:
+                counters.misses += 1
+                counters.stampede_waits += 1
+            return self.serializer.loads(payload) if payload is not None else value
+        counters.misses += 1
+        counters.stampede_waits += 1
+        return await self._timed_async(counters, compute)
 
     def _refresh_async(self, spec: _Spec, compute: Callable[[], Awaitable[Any]]) -> None:
         if spec.entry in self._refreshing:
