@@ -77,13 +77,22 @@ def test_live_parallel_scan_rates_as_its_serial_twin(
 ) -> None:
     sql = "SELECT id, amount FROM orders WHERE customer_id = 7 ORDER BY amount"
     settings = PARALLEL + ([NO_LEADER] if leader == "without leader" else [])
-    parallel = analyze_plan(explain(sql, fmt=fmt, settings=settings), sql=sql)
-    serial = analyze_plan(explain(sql, fmt=fmt, settings=SERIAL), sql=sql)
-    assert parallel.plan.root.node_type in ("Gather", "Gather Merge")
-    assert scan_of(parallel.plan).parallel_aware and not scan_of(serial.plan).parallel_aware
-    both = [finding(r.findings, "seq_scan_filter") for r in (parallel, serial)]
-    assert [f.severity for f in both] == ["critical", "critical"], [f.impact for f in both]
-    assert abs(both[0].impact - both[1].impact) < 0.2
+    # Measured times: on a loaded machine a worker can wait for a CPU long enough to shift one
+    # run's shares, so the pair is measured up to three times. Rating the Gather's time as its
+    # own (the bug) gives ~0.46 against ~0.99 on every run.
+    impacts: list[list[float]] = []
+    for _attempt in range(3):
+        parallel = analyze_plan(explain(sql, fmt=fmt, settings=settings), sql=sql)
+        serial = analyze_plan(explain(sql, fmt=fmt, settings=SERIAL), sql=sql)
+        assert parallel.plan.root.node_type in ("Gather", "Gather Merge")
+        assert scan_of(parallel.plan).parallel_aware and not scan_of(serial.plan).parallel_aware
+        both = [finding(r.findings, "seq_scan_filter") for r in (parallel, serial)]
+        impacts.append([f.impact for f in both])
+        if [f.severity for f in both] == ["critical", "critical"] and abs(
+                both[0].impact - both[1].impact) < 0.2:
+            break
+    else:
+        raise AssertionError(f"parallel and serial rated apart in every run: {impacts}")
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
