@@ -51,6 +51,12 @@ class Pooler:
         self.clients: dict[ClientState, set[ClientConnection]] = {s: set() for s in ClientState}
         # Values: clients, or the engine's Conn of a client it logged in alone (fastpath.py).
         self.cancel_keys: dict[tuple[int, int], Any] = {}
+        # Peering (peering.py): the id this pooler's cancel keys carry, fixed for its life
+        # (keys given out keep it), and the requests it passes on to its peers.
+        self.peer_id = config.peer_id
+        from pgpilot.proxy.peering import PeerCancels
+
+        self.peer_cancels = PeerCancels(self)
         # SCRAM ClientKeys clients revealed by logging in (user -> key), for server logins
         # where auth_file holds only the SCRAM secret (pass-through, as PgBouncer).
         self.scram_client_keys: dict[str, bytes] = {}
@@ -284,6 +290,9 @@ class Pooler:
             verbose_changed(config.verbose)
         if (old.listen_addr, old.listen_port) != (config.listen_addr, config.listen_port):
             log.warning("listen_addr/listen_port changes need a restart")
+        if config.peer_id != self.peer_id:
+            # The keys given out carry the old id: it stays until a restart.
+            log.warning("peer_id changes need a restart; keeping peer_id = %d", self.peer_id)
         log.info("configuration reloaded")
 
     def track_task(self, task: asyncio.Task[Any]) -> None:
@@ -476,24 +485,33 @@ class Pooler:
         return "/tmp"
 
     # -- cancel -------------------------------------------------------------------------
-    def cancel_pid_layout(self) -> tuple[int, int]:
-        """How cancel pids are made, as (fixed bits, random bits); the engine makes its own
-        keys (engine logins) the same way. With workers = N the owning worker's index rides
-        in the top bits (cancel routing)."""
+    def cancel_pid_layout(self) -> tuple[int, int, int]:
+        """How cancel keys are made, as (the pid's fixed bits, the pid's random bits, the
+        key's fixed bits); the engine makes its own keys (engine logins) the same way. With
+        workers = N the owning worker's index rides in the pid's top bits, with peer_id the
+        peer id in its middle bytes and a time to live in the key (cancel routing)."""
+        if self.peer_id:
+            from pgpilot.proxy.peering import TTL_MASK, pid_layout
+
+            index = self.worker.index if self.worker is not None else None
+            return *pid_layout(self.peer_id, index), TTL_MASK
         if self.worker is None:
-            return 0, 0x7FFF_FFFF
-        return (self.worker.index << WORKER_SHIFT) | 1, (1 << WORKER_SHIFT) - 1
+            return 0, 0x7FFF_FFFF, 0
+        return (self.worker.index << WORKER_SHIFT) | 1, (1 << WORKER_SHIFT) - 1, 0
 
     def register_cancel_key(self, client: ClientConnection,
                             backend_pid: int = 0) -> tuple[int, int]:
         """A new (pid, key) for ``client``'s BackendKeyData; with ``backend_pid`` (session
-        mode, one worker) the pid is its server's real one and only the key is the pooler's."""
-        base, mask = self.cancel_pid_layout()
+        mode, one worker, no peering) the pid is its server's real one and only the key is
+        the pooler's."""
+        base, mask, key_bits = self.cancel_pid_layout()
+        if key_bits:
+            backend_pid = 0  # the pid carries the peer id
         while True:
             # One read of the system's CSPRNG for both numbers.
             bits = int.from_bytes(os.urandom(8), "big")
             pid = backend_pid or base | ((bits >> 32) & mask)
-            key = bits & 0x7FFF_FFFF
+            key = (bits & 0x7FFF_FFFF) | key_bits
             if pid and (pid, key) not in self.cancel_keys:
                 self.cancel_keys[(pid, key)] = client
                 return pid, key
@@ -505,6 +523,15 @@ class Pooler:
         """A CancelRequest with a key we gave out: cancel that client's current query only;
         ``then`` is called once PostgreSQL has taken the request (or there was none to
         send)."""
+        if self.peer_id:
+            from pgpilot.proxy.peering import own_key, peer_of
+
+            owner = peer_of(pid)
+            if owner != self.peer_id:
+                # Another pooler behind the same balancer gave this key out (peering.py).
+                self.peer_cancels.forward(owner, pid, key, then)
+                return
+            key = own_key(key)
         worker = self.worker
         if worker is not None and worker.owner_of(pid) != worker.index:
             self._forward_cancel(worker.owner_of(pid), pid, key)
