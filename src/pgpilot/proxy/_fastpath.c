@@ -4217,12 +4217,31 @@ static PyObject *conn_set_fast(ConnObject *c, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "connection is already on the fast path");
         return NULL;
     }
-    if (names != Py_None) {
-        if (c->kind == KIND_SERVER) Py_XSETREF(c->prepared, Py_NewRef(names));
-        else Py_XSETREF(c->statements, Py_NewRef(names));
+    if (c->kind == KIND_SERVER) {
+        if (names != Py_None) Py_XSETREF(c->prepared, Py_NewRef(names));
+    } else {
+        /* None: the client's statements are not renamed (max_prepared_statements = 0), and
+         * a map from an earlier stay must not rename them either. */
+        Py_XSETREF(c->statements, names == Py_None ? NULL : Py_NewRef(names));
     }
     enter_fast_mode(c, p, params_id, expires);
     Py_RETURN_TRUE;
+}
+
+/* set_statements(statements): a client's statement map from now on, on the fast path or off
+ * it (None: its named statements go to Python, which passes them unrenamed). For a change
+ * of max_prepared_statements at a reload. */
+static PyObject *conn_set_statements(ConnObject *c, PyObject *names) {
+    if (names != Py_None && !PyDict_Check(names)) {
+        PyErr_SetString(PyExc_TypeError, "statements must be a dict or None");
+        return NULL;
+    }
+    if (c->kind == KIND_SERVER) {
+        PyErr_SetString(PyExc_TypeError, "set_statements is for client connections");
+        return NULL;
+    }
+    Py_XSETREF(c->statements, names == Py_None ? NULL : Py_NewRef(names));
+    Py_RETURN_NONE;
 }
 
 static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, double expires) {
@@ -4333,6 +4352,9 @@ static PyMethodDef conn_methods[] = {
     {"set_fast", (PyCFunction)conn_set_fast, METH_VARARGS,
      "set_fast(pool, params_id, expires=0, statements=None): enter the fast path; "
      "statements: a client's router.statements, a server's prepared (named statements)."},
+    {"set_statements", (PyCFunction)conn_set_statements, METH_O,
+     "set_statements(statements): a client's router.statements from now on (None: no "
+     "renaming; its named statements go to Python)."},
     {"eject", (PyCFunction)conn_eject, METH_NOARGS, "Take the connection back from the fast path."},
     {"scram_login", (PyCFunction)conn_scram_login, METH_VARARGS,
      "scram_login(stored_key, server_key, salt_b64, iterations, valid) -> bytes: run this "

@@ -280,6 +280,8 @@ class Pooler:
         if self.fast is not None:
             self.fast.client_count_changed()  # max_client_conn may have changed
             self.fast.configure_logins()  # log_connections / log_disconnections may have
+        if old.max_prepared_statements != config.max_prepared_statements:
+            self._prepared_limit_changed(config.max_prepared_statements)
         if old.tcp_defer_accept != config.tcp_defer_accept:
             from pgpilot.proxy.listener import tune_listeners
 
@@ -294,6 +296,19 @@ class Pooler:
             # The keys given out carry the old id: it stays until a restart.
             log.warning("peer_id changes need a restart; keeping peer_id = %d", self.peer_id)
         log.info("configuration reloaded")
+
+    def _prepared_limit_changed(self, limit: int) -> None:
+        """max_prepared_statements changed: every connected client's statement router takes
+        the new value (prepared.StatementRouter.limit_changed), and a client on the fast path
+        the map its engine renames with (none when renaming is off)."""
+        for client in self.all_clients():
+            router = client.router
+            if router is None:
+                continue
+            router.limit_changed(limit)
+            if is_fast_conn(client.transport):
+                client.transport.set_statements(  # type: ignore[union-attr]
+                    router.statements if router.renaming else None)
 
     def track_task(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
