@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -105,6 +106,11 @@ class Pooler:
         self.routers: dict[str, Any] = {}
         # Clients admitted only while servers still fit in ulimit -n (fdlimit.py); at start.
         self.fd_budget: DescriptorBudget | None = None
+        # Online restart (takeover.py): the listening sockets taken over from the process
+        # this one replaces (served instead of binding), and whether this one has handed
+        # its own over (then the unix socket file and the pidfile are the new one's).
+        self.inherited_sockets: list[socket.socket] = []
+        self.handed_over = False
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -196,6 +202,13 @@ class Pooler:
     def hurry_stop(self) -> None:
         """A second stop signal: stop waiting for running transactions (as PgBouncer)."""
         self._stop_now = True
+
+    def listening_sockets(self) -> list[socket.socket]:
+        """Duplicates of the sockets clients connect to (TCP and the unix socket), for a
+        takeover; the caller closes them."""
+        return [socket.socket(fileno=os.dup(sock.fileno()))
+                for server in self._listeners
+                for sock in cast(asyncio.Server, server).sockets]
 
     def stop_listening(self) -> None:
         """Accept no new connections (SHUTDOWN WAIT_FOR_CLIENTS, then stop)."""
