@@ -178,3 +178,14 @@ def test_peer_id_is_kept_until_a_restart(proxy_factory: Callable[..., RunningPro
     with (psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as admin,
           pytest.raises(psycopg.errors.CantChangeRuntimeParam)):
         admin.execute("set peer_id = 9")
+
+
+def test_session_clients_get_a_key_carrying_the_peer_id(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """Without peering a session client's pid is its server's; with it, the pooler's own,
+    so that a cancel sent to another peer can find its way back."""
+    proxy = proxy_factory(peer_id=12, pool_mode="session")
+    with connect(proxy) as conn:
+        server_pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        pid, key = client_key(proxy, conn)
+        assert pid != server_pid and peer_of(pid) == 12 and key & TTL_MASK == TTL_MASK
