@@ -106,6 +106,12 @@ def test_reboot_with_nothing_running_is_a_clear_error(
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "no running pooler answered" in err
+    # pgpilot's own command line has it too.
+    proc = subprocess.Popen([sys.executable, "-m", "pgpilot", "proxy", "-R", "--config",
+                             str(ini)], stderr=subprocess.PIPE, text=True)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "no running pooler answered" in err
 
 
 def test_reboot_needs_a_unix_socket(tmp_path: Path, pg_params: dict[str, str]) -> None:

@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log debug lines too (as verbose = 1 in the configuration)")
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="log only warnings and errors (wins over --verbose)")
+    parser.add_argument("--reboot", "-R", dest="takeover", action="store_true",
+                        help="online restart: take the listening sockets over from the "
+                        "running pooler of this configuration (needs unix_socket_dir), which "
+                        "then finishes with its clients as on SIGTERM")
 
 
 def setup_logging(config: Config, verbose: int, quiet: bool, to_stderr: bool = True) -> None:
