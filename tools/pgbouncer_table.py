@@ -37,7 +37,8 @@ WHY: dict[str, str] = {
     "service_name": "a Windows service name",
     "job_name": "a Windows service name",
     "conffile": "the file given on the command line is the one RELOAD reads",
-    "peer_id": "no peering; `workers` route cancels between pgpilot's own processes",
+    "peer_id": "read at start only (a change needs a restart); PgBouncer's cancel-key layout, "
+               "so pgpilot and PgBouncer processes can be peered together",
     "disable_pqexec": "the simple protocol is always allowed",
     "auth_ldap_options": "no LDAP login (`auth_type = ldap` is refused)",
     "dns_max_ttl": "no DNS cache of pgpilot's own: the resolver is asked at each connect",

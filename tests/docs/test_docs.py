@@ -318,10 +318,11 @@ def test_reference_lists_every_pgbouncer_setting() -> None:
                 "[pgbouncer] settings")
 
 
-def test_reference_lists_every_database_and_user_key() -> None:
+def test_reference_lists_every_database_user_and_peer_key() -> None:
     assert_same(names_under("[databases] entries"), set(config_module._DATABASE_KEYS),
                 "[databases] keys")
     assert_same(names_under("[users] entries"), set(config_module._USER_KEYS), "[users] keys")
+    assert_same(names_under("[peers] entries"), set(config_module._PEER_KEYS), "[peers] keys")
 
 
 def test_reference_lists_the_pgbouncer_names_pgpilot_ignores() -> None:

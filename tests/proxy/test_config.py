@@ -305,16 +305,17 @@ def test_misspelled_names_get_a_did_you_mean() -> None:
 def test_unknown_settings_leave_out_what_pgpilot_knows_but_does_not_support() -> None:
     config = parse("syslog = 1\n[peers]\n1 = host=p\n[databases]\n"
                    "db = host=h target_session_attrs=any\n")
-    assert len(config.warnings) == 3
+    assert len(config.warnings) == 2
     assert config.unknown_settings == ()
 
 
-def test_unknown_and_peers_sections_are_warnings() -> None:
-    config = parse("[mystery]\nx = 1\n[peers]\n1 = host=/tmp/p1\n")
+def test_unknown_sections_are_warnings_and_peers_is_read() -> None:
+    config = parse("[mystery]\nx = 1\n[peers]\n1 = host=/tmp/p1 colour=blue\n")
     assert config.warnings == (
         "test.ini:3: unknown section [mystery] ignored",
-        "test.ini:5: section [peers] is not supported by pgpilot; ignored",
+        "test.ini:6: peer '1': unknown parameter 'colour' ignored",
     )
+    assert config.peers[1].host == "/tmp/p1"
 
 
 def test_utf8_error_names_the_line(tmp_path: Path) -> None:

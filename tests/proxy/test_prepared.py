@@ -110,6 +110,43 @@ def test_max_prepared_statements_evicts_least_recently_used(proxy_factory) -> No
             assert conn.execute(f"select {i} + %s::int", [2]).fetchone() == (i + 2,)
 
 
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_max_prepared_statements_changed_while_clients_are_connected(proxy_factory,
+                                                                      fast_path: str) -> None:
+    """A console SET applies to the clients connected, as PgBouncer's: a new bound from the
+    next statement made room for; 0 stops renaming from the next message (on the fast path
+    too), so a statement prepared before is unknown to the server; on again, it works."""
+    proxy = proxy_factory(default_pool_size=1, max_prepared_statements=1, fast_path=fast_path)
+
+    def console_set(value: int) -> None:
+        with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as admin:
+            admin.execute(f"set max_prepared_statements = {value}")
+
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for i in range(3):
+            assert conn.execute(f"select {i} + %s::int", [1]).fetchone() == (i + 1,)
+        assert server_statement_count(conn) == 1
+        console_set(4)
+        for i in range(3, 8):
+            assert conn.execute(f"select {i} + %s::int", [1]).fetchone() == (i + 1,)
+        assert server_statement_count(conn) == 4
+        on_engine = proxy.call(lambda: [fastpath.is_fast_conn(c.transport) and c.transport.fast
+                                        for p in proxy.pooler.pools.values() for c in p.clients])
+        assert on_engine == [fast_path == "on" and fastpath.available()]
+        console_set(0)
+        # psycopg binds its own name for a statement it prepared: it reaches the server as
+        # sent, and the server never had it.
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            conn.execute("select 7 + %s::int", [1])
+        assert server_statement_count(conn) == 4  # nothing is closed for it
+        console_set(2)
+        # On again: the client's statements are renamed (and prepared again) as before.
+        assert conn.execute("select 6 + %s::int", [2]).fetchone() == (8,)
+        assert server_statement_count(conn) == 4  # room is made when one is added
+        assert conn.execute("select 100 + %s::int", [2]).fetchone() == (102,)
+        assert server_statement_count(conn) == 2
+
+
 def test_statements_shared_between_clients_on_one_server(proxy_factory) -> None:
     proxy = proxy_factory(default_pool_size=1)
     a = psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0)

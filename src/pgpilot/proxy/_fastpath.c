@@ -313,9 +313,10 @@ struct EngineObject {
     ConnObject *handoff_in, *handoff_listener;
     long counted;
     /* engine logins: startup packet -> route (dict, set by Python), the pooler's cancel keys
-     * (dict (pid, key) -> client or phantom Conn), how cancel pids are made, the phantoms */
+     * (dict (pid, key) -> client or phantom Conn), how cancel keys are made (the pid's fixed
+     * and random bits, the key's fixed bits: peering's time to live), the phantoms */
     PyObject *routes, *cancel_keys;
-    uint32_t pid_base, pid_mask;
+    uint32_t pid_base, pid_mask, key_bits;
     long phantoms, phantom_cap;
     long phantoms_welcomed; /* of those, logged in (the rest are still logging in) */
     ConnObject *phantom_head;
@@ -3389,11 +3390,12 @@ static void route_welcome(ConnObject *c, PyObject *final) {
         if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r) break;
         uint32_t candidate = e->pid_base | (r[0] & e->pid_mask);
         if (!candidate) continue;
-        PyObject *k = Py_BuildValue("(II)", candidate, r[1] & 0x7FFFFFFF);
+        uint32_t candidate_key = (r[1] & 0x7FFFFFFF) | e->key_bits;
+        PyObject *k = Py_BuildValue("(II)", candidate, candidate_key);
         int taken = k ? PyDict_Contains(e->cancel_keys, k) : -1;
         if (taken == 0 && PyDict_SetItem(e->cancel_keys, k, (PyObject *)c) == 0) {
             pid = candidate;
-            key = r[1] & 0x7FFFFFFF;
+            key = candidate_key;
         }
         Py_XDECREF(k);
         if (taken < 0) break;
@@ -4215,12 +4217,31 @@ static PyObject *conn_set_fast(ConnObject *c, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "connection is already on the fast path");
         return NULL;
     }
-    if (names != Py_None) {
-        if (c->kind == KIND_SERVER) Py_XSETREF(c->prepared, Py_NewRef(names));
-        else Py_XSETREF(c->statements, Py_NewRef(names));
+    if (c->kind == KIND_SERVER) {
+        if (names != Py_None) Py_XSETREF(c->prepared, Py_NewRef(names));
+    } else {
+        /* None: the client's statements are not renamed (max_prepared_statements = 0), and
+         * a map from an earlier stay must not rename them either. */
+        Py_XSETREF(c->statements, names == Py_None ? NULL : Py_NewRef(names));
     }
     enter_fast_mode(c, p, params_id, expires);
     Py_RETURN_TRUE;
+}
+
+/* set_statements(statements): a client's statement map from now on, on the fast path or off
+ * it (None: its named statements go to Python, which passes them unrenamed). For a change
+ * of max_prepared_statements at a reload. */
+static PyObject *conn_set_statements(ConnObject *c, PyObject *names) {
+    if (names != Py_None && !PyDict_Check(names)) {
+        PyErr_SetString(PyExc_TypeError, "statements must be a dict or None");
+        return NULL;
+    }
+    if (c->kind == KIND_SERVER) {
+        PyErr_SetString(PyExc_TypeError, "set_statements is for client connections");
+        return NULL;
+    }
+    Py_XSETREF(c->statements, names == Py_None ? NULL : Py_NewRef(names));
+    Py_RETURN_NONE;
 }
 
 static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, double expires) {
@@ -4331,6 +4352,9 @@ static PyMethodDef conn_methods[] = {
     {"set_fast", (PyCFunction)conn_set_fast, METH_VARARGS,
      "set_fast(pool, params_id, expires=0, statements=None): enter the fast path; "
      "statements: a client's router.statements, a server's prepared (named statements)."},
+    {"set_statements", (PyCFunction)conn_set_statements, METH_O,
+     "set_statements(statements): a client's router.statements from now on (None: no "
+     "renaming; its named statements go to Python)."},
     {"eject", (PyCFunction)conn_eject, METH_NOARGS, "Take the connection back from the fast path."},
     {"scram_login", (PyCFunction)conn_scram_login, METH_VARARGS,
      "scram_login(stored_key, server_key, salt_b64, iterations, valid) -> bytes: run this "
@@ -5045,14 +5069,15 @@ static PyObject *engine_get_n_conns(EngineObject *e, void *unused) {
     return PyLong_FromLong(e->n_conns);
 }
 
-/* configure_logins(routes, cancel_keys, pid_base, pid_mask): engine logins (see above). */
+/* configure_logins(routes, cancel_keys, pid_base, pid_mask, client_ids, log_logins,
+ * log_leaves, drain, key_bits): engine logins (see above). */
 static PyObject *engine_configure_logins(EngineObject *e, PyObject *args) {
     PyObject *routes, *cancel_keys, *client_ids = Py_None, *drain = Py_None;
-    unsigned long base, mask;
+    unsigned long base, mask, key_bits = 0;
     int log_logins = 0, log_leaves = 0;
-    if (!PyArg_ParseTuple(args, "O!O!kk|OppO", &PyDict_Type, &routes, &PyDict_Type,
+    if (!PyArg_ParseTuple(args, "O!O!kk|OppOk", &PyDict_Type, &routes, &PyDict_Type,
                           &cancel_keys, &base, &mask, &client_ids, &log_logins, &log_leaves,
-                          &drain))
+                          &drain, &key_bits))
         return NULL;
     if ((log_logins || log_leaves) && (!PyIter_Check(client_ids) || !PyCallable_Check(drain))) {
         PyErr_SetString(PyExc_TypeError, "connection logging needs client ids and a drain");
@@ -5062,6 +5087,7 @@ static PyObject *engine_configure_logins(EngineObject *e, PyObject *args) {
     Py_XSETREF(e->cancel_keys, Py_NewRef(cancel_keys));
     e->pid_base = (uint32_t)base;
     e->pid_mask = (uint32_t)mask & 0x7FFFFFFF;
+    e->key_bits = (uint32_t)key_bits & 0x7FFFFFFF;
     Py_XSETREF(e->client_ids, Py_NewRef(client_ids));
     Py_XSETREF(e->log_drain, Py_NewRef(drain));
     if (!e->log_events && !(e->log_events = PyList_New(0))) return NULL;
@@ -5234,8 +5260,10 @@ static PyMethodDef engine_methods[] = {
      "to these descriptors (the engine owns them), with ``head`` between time and message, "
      "at the end of each batch; (), b'': leave them to take_log_events()."},
     {"configure_logins", (PyCFunction)engine_configure_logins, METH_VARARGS,
-     "configure_logins(routes, cancel_keys, pid_base, pid_mask): the login routes (dict: "
-     "startup packet -> route tuple), the pooler's cancel-key dict, how cancel pids are made."},
+     "configure_logins(routes, cancel_keys, pid_base, pid_mask[, client_ids, log_logins, "
+     "log_leaves, drain, key_bits]): the login routes (dict: startup packet -> route tuple), "
+     "the pooler's cancel-key dict, how cancel keys are made (the pid's fixed and random "
+     "bits, the key's fixed bits)."},
     {"claim_all", (PyCFunction)engine_claim_all, METH_NOARGS,
      "Give every phantom client its Python object; returns how many."},
     {"stalled", (PyCFunction)engine_stalled, METH_O,

@@ -783,8 +783,9 @@ class AdminSession:
             login_clients += self.pooler.fast.engine.phantoms_logging_in
         used_servers = sum(p.server_count() for p in self.pooler.pools.values())
         rows: list[list[Value]] = [
-            ["databases", len(databases)], ["users", len(users)], ["peers", 0],
-            ["pools", len(self.pooler.pools)], ["peer_pools", 0], ["free_clients", 0],
+            ["databases", len(databases)], ["users", len(users)],
+            ["peers", len(cfg.peers)], ["pools", len(self.pooler.pools)],
+            ["peer_pools", len(self.pooler.peer_cancels.counts)], ["free_clients", 0],
             ["used_clients", used_clients], ["login_clients", login_clients],
             ["free_servers", 0], ["used_servers", used_servers], ["dns_names", 0],
             ["dns_zones", 0], ["dns_queries", 0], ["dns_pending", 0]]
@@ -852,15 +853,28 @@ class AdminSession:
                                ("free", INT4), ("memtotal", INT4)], [])
 
     def show_peers(self) -> Result:
-        """SHOW PEERS: PgBouncer's peering (peer_id); pgpilot's workers route cancel
-        requests between themselves instead (SHOW WORKERS), so no rows."""
+        """SHOW PEERS: the [peers] entries (peering.py), with the address and pool_size in
+        use (no host: this pooler's unix_socket_dir; no pool_size: default_pool_size)."""
+        cfg = self.pooler.config
+        forwarder = self.pooler.peer_cancels
+        rows: list[list[Value]] = []
+        for peer_id, peer in sorted(cfg.peers.items()):
+            host, port = forwarder.address(peer)
+            rows.append([peer_id, host, port, peer.pool_size or cfg.default_pool_size])
         return Result("SHOW", [("peer_id", INT4), ("host", TEXT), ("port", INT4),
-                               ("pool_size", INT4)], [])
+                               ("pool_size", INT4)], rows)
 
     def show_peer_pools(self) -> Result:
-        return Result("SHOW", [("peer_id", INT4), ("cl_active_cancel_req", INT4),
+        """SHOW PEER_POOLS: per peer a cancel request was passed on to, those waiting for a
+        slot or a connection (cl_waiting_cancel_req), those sent and not yet answered
+        (cl_active_cancel_req). As PgBouncer, ``database`` is the peer's id."""
+        rows: list[list[Value]] = []
+        for peer_id, counts in sorted(self.pooler.peer_cancels.counts.items()):
+            rows.append([str(peer_id), counts.active, counts.waiting + counts.connecting,
+                         counts.active, counts.connecting])
+        return Result("SHOW", [("database", TEXT), ("cl_active_cancel_req", INT4),
                                ("cl_waiting_cancel_req", INT4), ("sv_active_cancel", INT4),
-                               ("sv_login", INT4)], [])
+                               ("sv_login", INT4)], rows)
 
     def show_dns_hosts(self) -> Result:
         """SHOW DNS_HOSTS / DNS_ZONES: pgpilot resolves through the system resolver at each

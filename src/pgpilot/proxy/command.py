@@ -21,6 +21,7 @@ from pathlib import Path
 from pgpilot.proxy import fastpath
 from pgpilot.proxy.config import Config, ConfigError, DatabaseConfig, default_config, load_config
 from pgpilot.proxy.logs import setup_handlers
+from pgpilot.proxy.takeover import Takeover
 from pgpilot.proxy.workers import WorkerIdentity
 
 log = logging.getLogger("pgpilot.proxy")
@@ -67,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log debug lines too (as verbose = 1 in the configuration)")
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="log only warnings and errors (wins over --verbose)")
+    parser.add_argument("--reboot", "-R", dest="takeover", action="store_true",
+                        help="online restart: take the listening sockets over from the "
+                        "running pooler of this configuration (needs unix_socket_dir), which "
+                        "then finishes with its clients as on SIGTERM")
 
 
 def setup_logging(config: Config, verbose: int, quiet: bool, to_stderr: bool = True) -> None:
@@ -157,9 +162,24 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(config, args.verbose, args.quiet, getattr(args, "stderr", True))
     for warning in config.warnings:
         log.warning("%s", warning)
+    takeover = None
+    if getattr(args, "takeover", False):  # pgpilot-pgbouncer -R (takeover.py)
+        from pgpilot.proxy.takeover import TakeoverError, take_over
+
+        if config.workers > 1:
+            print("error: online restart (-R) does not work with workers > 1",
+                  file=sys.stderr)
+            return 1
+        try:
+            takeover = take_over(config)
+        except TakeoverError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        log.info("takeover: got %d listening sockets from process %d",
+                 len(takeover.sockets), takeover.old_pid)
     try:
         return serve(config, config_path=args.config, embedded_dsn_port=config.listen_port
-                     if embedded is not None else None, strict=strict)
+                     if embedded is not None else None, strict=strict, takeover=takeover)
     finally:
         if embedded is not None:
             print("pgpilot: stopping the embedded PostgreSQL", flush=True)
@@ -167,9 +187,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(config: Config, config_path: str | None = None,
-          embedded_dsn_port: int | None = None, strict: bool = False) -> int:
+          embedded_dsn_port: int | None = None, strict: bool = False,
+          takeover: Takeover | None = None) -> int:
     """Run the pooler until a stop signal; returns the exit status. ``strict``: a reload
-    whose file has unknown settings is refused."""
+    whose file has unknown settings is refused. ``takeover``: the listening sockets taken
+    over from the running pooler (online restart), served instead of binding."""
     loop_factory = _loop_factory(config)
     if config.workers > 1:
         from pgpilot.proxy.workers import supervise
@@ -191,7 +213,8 @@ def serve(config: Config, config_path: str | None = None,
                 with contextlib.suppress(OSError):
                     os.unlink(config.pidfile)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(config, config_path, embedded_dsn_port, strict=strict))
+        return runner.run(_serve(config, config_path, embedded_dsn_port, strict=strict,
+                                 takeover=takeover))
 
 
 def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -209,16 +232,23 @@ def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | N
 
 async def _serve(config: Config, config_path: str | None,
                  embedded_dsn_port: int | None, worker: WorkerIdentity | None = None,
-                 strict: bool = False) -> int:
+                 strict: bool = False, takeover: Takeover | None = None) -> int:
     from pgpilot.proxy.listener import address_text
     from pgpilot.proxy.pooler import Pooler
+    from pgpilot.proxy.takeover import serve_takeovers
 
     pooler = Pooler(config, worker)
+    if takeover is not None:
+        pooler.inherited_sockets = takeover.sockets
     try:
         await pooler.start()
     except OSError as exc:
         log.error("could not start: %s", exc)
+        if takeover is not None:
+            takeover.abandon()  # the running pooler goes on
         return 1
+    if takeover is not None:
+        takeover.ready()
     if config.pidfile and worker is None:
         Path(config.pidfile).write_text(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
@@ -301,6 +331,21 @@ async def _serve(config: Config, config_path: str | None,
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
 
+    takeover_server: asyncio.AbstractServer | None = None
+
+    def handed_over(pid: int) -> None:
+        """A new process serves the listening sockets now (online restart): finish as
+        SIGTERM does, leaving the unix socket file and the pidfile to it."""
+        pooler.handed_over = True
+        if takeover_server is not None:
+            takeover_server.close()
+        wait_for_clients()
+
+    if worker is None:
+        try:
+            takeover_server = await serve_takeovers(pooler, handed_over)
+        except OSError as exc:
+            log.warning("no online restart (-R) possible: %s", exc)
     loop.add_signal_handler(signal.SIGINT, request_stop)
     loop.add_signal_handler(signal.SIGTERM, wait_for_clients)
     for usr in (signal.SIGUSR1, signal.SIGUSR2):
@@ -318,7 +363,9 @@ async def _serve(config: Config, config_path: str | None,
     await asyncio.wait({stop_task, stopped_task}, return_when=asyncio.FIRST_COMPLETED)
     await pooler.stop()
     stop_task.cancel()
-    if config.pidfile and worker is None:
+    if takeover_server is not None:
+        takeover_server.close()
+    if config.pidfile and worker is None and not pooler.handed_over:
         with contextlib.suppress(OSError):
             os.unlink(config.pidfile)
     log.info("pgpilot stopped")

@@ -4,10 +4,10 @@ This module reads PgBouncer's configuration files as PgBouncer does and turns th
 immutable objects the proxy runtime can share without copying:
 
 * ``pgbouncer.ini``: sections ``[pgbouncer]`` (alias ``[pgpilot]``), ``[databases]``,
-  ``[users]``; ``key = value`` lines; a line whose first non-blank character is ``;`` or ``#``
-  is a comment; ``%include FILE``; setting names are case-insensitive; database and user names
-  are keys that may be quoted: ``'my db'``, or in double quotes where two double quotes stand
-  for one.
+  ``[users]``, ``[peers]``; ``key = value`` lines; a line whose first non-blank character is
+  ``;`` or ``#`` is a comment; ``%include FILE``; setting names are case-insensitive; database
+  and user names are keys that may be quoted: ``'my db'``, or in double quotes where two double
+  quotes stand for one.
 * Inline comments, a pgpilot extension (PgBouncer's parser, libusual's cfparser.c, has none:
   it takes the rest of the line as the value): a ``;`` or ``#`` that starts a value or follows
   a blank starts a comment to the end of the line; not inside a quoted connection-string
@@ -15,9 +15,9 @@ immutable objects the proxy runtime can share without copying:
   ``auth_query``), whose text stays whole as in PgBouncer (``;`` separates statements there).
   PgBouncer refuses the values this changes (a number followed by text, a connection-string
   parameter named ``;``), except a path, address or name list with `` ;`` or `` #`` in it.
-* ``[databases]`` / ``[users]`` values are connection strings: ``key=value`` pairs separated by
-  blanks, a value may be single-quoted with ``''`` standing for one quote (PgBouncer's rule;
-  a backslash is an ordinary character).
+* ``[databases]`` / ``[users]`` / ``[peers]`` values are connection strings: ``key=value``
+  pairs separated by blanks, a value may be single-quoted with ``''`` standing for one quote
+  (PgBouncer's rule; a backslash is an ordinary character).
 * ``userlist.txt`` (``auth_file``): ``"user" "secret"`` lines, ``""`` escapes a double quote;
   the secret is a plain password, ``md5`` + 32 hex digits, or a SCRAM-SHA-256 secret.
 
@@ -59,6 +59,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DatabaseConfig",
+    "PeerConfig",
     "ScramSecret",
     "SecretKind",
     "UserConfig",
@@ -84,6 +85,8 @@ DEFAULT_AUTH_QUERY = (
     "FROM pg_authid WHERE rolname=$1 AND rolcanlogin"
 )
 MAX_INCLUDE_DEPTH = 10
+# PgBouncer's bound on peer_id: it rides in two bytes of the cancel key (proxy/peering.py).
+MAX_PEER_ID = 16383
 
 _MAIN_SECTIONS = ("pgbouncer", "pgpilot")
 
@@ -182,6 +185,17 @@ class UserConfig:
     client_idle_timeout: float | None = None
     query_timeout: float | None = None
     idle_transaction_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """One ``[peers]`` entry: another pooler, behind the same balancer, whose cancel keys
+    carry ``peer_id``; a cancel request for one of its keys is passed on to it."""
+
+    peer_id: int
+    host: str | None = None  # None -> unix_socket_dir; "/..." = a unix socket directory
+    port: int = 6432
+    pool_size: int | None = None  # cancels in flight to it at once; None -> default_pool_size
 
 
 def _empty_mapping() -> Mapping[Any, Any]:
@@ -314,9 +328,12 @@ class Config:
     replica_max_lag_bytes: int = 0  # 0 = no bound
     replica_max_lag_ms: int = 0  # 0 = no bound
     replica_check_interval: float = 1.0
+    # peering (proxy/peering.py): this pooler's id among those in [peers]; 0 = no peering
+    peer_id: int = 0
     # sections
     databases: Mapping[str, DatabaseConfig] = field(default_factory=_empty_mapping)
     users: Mapping[str, UserConfig] = field(default_factory=_empty_mapping)
+    peers: Mapping[int, PeerConfig] = field(default_factory=_empty_mapping)
     # auth_file's contents (user -> secret), loaded and checked with the config
     auth_users: Mapping[str, str] = field(default_factory=_empty_mapping, repr=False)
     warnings: tuple[str, ...] = ()
@@ -326,7 +343,7 @@ class Config:
 
     def __post_init__(self) -> None:
         # Accept plain dicts / lists from default_config(**overrides) and freeze them.
-        for name in ("databases", "users", "auth_users"):
+        for name in ("databases", "users", "peers", "auth_users"):
             value = getattr(self, name)
             if not isinstance(value, MappingProxyType):
                 object.__setattr__(self, name, MappingProxyType(dict(value)))
@@ -618,6 +635,7 @@ _SETTINGS: dict[str, _Setting] = {
     "replica_max_lag_bytes": _Setting(_count),
     "replica_max_lag_ms": _Setting(_count),
     "replica_check_interval": _Setting(_seconds),
+    "peer_id": _Setting(_int_converter(0, MAX_PEER_ID)),
 }
 
 # PgBouncer settings pgpilot accepts but does not act on: a warning says so.
@@ -630,7 +648,6 @@ _PGBOUNCER_SETTINGS_NOT_SUPPORTED = frozenset(
         "service_name",
         "job_name",
         "conffile",
-        "peer_id",
         "disable_pqexec",
         "auth_ldap_options",
         "dns_max_ttl",
@@ -814,7 +831,7 @@ class _IniReader:
                     self.section = "pgbouncer"
                 elif self.section not in ("databases", "users", "peers"):
                     hint = _did_you_mean(
-                        self.section, (*_MAIN_SECTIONS, "databases", "users"), "[{}]"
+                        self.section, (*_MAIN_SECTIONS, "databases", "users", "peers"), "[{}]"
                     )
                     warning = (
                         f"{path or '<string>'}:{line_number}: unknown section "
@@ -822,11 +839,6 @@ class _IniReader:
                     )
                     self.warnings.append(warning)
                     self.unknown.append(warning)
-                elif self.section == "peers":
-                    self.warnings.append(
-                        f"{path or '<string>'}:{line_number}: section [peers] is not "
-                        "supported by pgpilot; ignored"
-                    )
                 continue
             key, value = _parse_ini_key(line, path, line_number)
             if self.section is None:
@@ -972,6 +984,22 @@ _USER_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
 }
 _USER_KEYS_NOT_SUPPORTED = frozenset({"query_wait_timeout", "transaction_timeout"})
 
+# [peers] connstring keys -> (PeerConfig field, converter)
+_PEER_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "host": ("host", _text),
+    "port": ("port", _server_port),
+    "pool_size": ("pool_size", _count),
+}
+
+
+def _peer_id_key(entry: _Entry) -> int:
+    """A [peers] key: the peer's id, 1 to MAX_PEER_ID (PgBouncer's rule)."""
+    key = entry.key.strip()
+    if not key.isdigit() or not 1 <= int(key) <= MAX_PEER_ID:
+        raise ConfigError(f"peer '{entry.key}': a [peers] key is a peer_id, an integer from 1 "
+                          f"to {MAX_PEER_ID}", entry.path, entry.line)
+    return int(key)
+
 
 def _parse_entry_connstring(
     entry: _Entry,
@@ -1024,6 +1052,7 @@ def parse_config(text: str, path: str | None = None) -> Config:
     setting_lines: dict[str, tuple[str | None, int]] = {}
     databases: dict[str, DatabaseConfig] = {}
     users: dict[str, UserConfig] = {}
+    peers: dict[int, PeerConfig] = {}
 
     for entry in reader.entries:
         where = f"{entry.path or '<string>'}:{entry.line}"
@@ -1074,7 +1103,12 @@ def parse_config(text: str, path: str | None = None) -> Config:
                 entry, "user", _USER_KEYS, _USER_KEYS_NOT_SUPPORTED, warnings, unknown
             )
             users[entry.key] = UserConfig(name=entry.key, **values)  # type: ignore[arg-type]
-        # entries of [peers] and unknown sections were warned about at their header
+        elif entry.section == "peers":
+            peer_id = _peer_id_key(entry)
+            values = _parse_entry_connstring(entry, "peer", _PEER_KEYS, frozenset(), warnings,
+                                             unknown)
+            peers[peer_id] = PeerConfig(peer_id=peer_id, **values)  # type: ignore[arg-type]
+        # entries of unknown sections were warned about at their header
 
     auth_dbname = settings.get("auth_dbname")
     if isinstance(auth_dbname, str) and auth_dbname.lower() in RESERVED_DATABASE_NAMES:
@@ -1087,6 +1121,7 @@ def parse_config(text: str, path: str | None = None) -> Config:
         path=path,
         databases=MappingProxyType(databases),
         users=MappingProxyType(users),
+        peers=MappingProxyType(peers),
         warnings=tuple(warnings),
         unknown_settings=tuple(unknown),
         **settings,  # type: ignore[arg-type]

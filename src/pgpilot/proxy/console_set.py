@@ -46,7 +46,7 @@ IGNORED_PARAMETERS = frozenset({
 STARTUP_ONLY = frozenset({
     "listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group",
     "listen_backlog", "so_reuseport", "pidfile", "workers", "metrics_port", "pkt_buf",
-    "max_packet_size", "sbuf_loopcnt", "fast_path", "fast_path_tls", "user",
+    "max_packet_size", "sbuf_loopcnt", "fast_path", "fast_path_tls", "user", "peer_id",
 })
 
 

@@ -398,9 +398,10 @@ class FastPath:
         target = direct_target(log, logging.INFO) if logins or leaves else None
         fds, head = target if target is not None else ([], b"")
         self.engine.log_to(tuple(fds), head)
-        self.engine.configure_logins(self.routes, pooler.cancel_keys,
-                                     *pooler.cancel_pid_layout(), pooler.client_ids,
-                                     logins, leaves, self._drain_later)
+        pid_base, pid_mask, key_bits = pooler.cancel_pid_layout()
+        self.engine.configure_logins(self.routes, pooler.cancel_keys, pid_base, pid_mask,
+                                     pooler.client_ids, logins, leaves, self._drain_later,
+                                     key_bits)
 
     def _drain_later(self) -> None:
         # The engine's first event since the last drain: the log gets it, and whatever

@@ -56,6 +56,8 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     servers: list[asyncio.AbstractServer] = []
 
     factory = functools.partial(ClientConnection, pooler)
+    if pooler.inherited_sockets:
+        return await _serve_inherited(pooler, pooler.inherited_sockets)
     reuse_port = cfg.so_reuseport or cfg.workers > 1
     for addr in cfg.listen_addresses:
         host: str | None = None if addr == "*" else addr
@@ -100,6 +102,29 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
             log.warning("could not listen on unix socket %s: %s", path, exc)
     if not servers:
         raise OSError("no listening socket: set listen_addr or unix_socket_dir")
+    return servers
+
+
+async def _serve_inherited(pooler: Pooler,
+                           sockets: list[socket.socket]) -> list[asyncio.AbstractServer]:
+    """Serve listening sockets taken over from the pooler this one replaces (takeover.py):
+    the same addresses, whatever listen_addr says now (a change needs a full restart)."""
+    loop = asyncio.get_running_loop()
+    factory = functools.partial(ClientConnection, pooler)
+    cfg = pooler.config
+    servers: list[asyncio.AbstractServer] = []
+    for sock in sockets:
+        if sock.family == socket.AF_UNIX:
+            servers.append(await loop.create_unix_server(factory, sock=sock))
+            log.info("listening on unix:%s (taken over)", sock.getsockname())
+            continue
+        deferred = tune_accept(sock, cfg.tcp_defer_accept)
+        if pooler.fast is not None and (pooler.ssl_context is None
+                                        or pooler.fast.client_tls is not None):
+            servers.append(pooler.fast.listen(sock, factory, cfg.tcp_keepalive, deferred))
+        else:
+            servers.append(await loop.create_server(factory, sock=sock))
+        log.info("listening on %s (taken over)", address_text(sock.getsockname()))
     return servers
 
 

@@ -6,9 +6,9 @@ exactly that command line, so they run pgpilot unchanged (point ``ExecStart`` at
 it as ``pgbouncer``)::
 
     -d, --daemon    run in the background (needs pidfile and logfile, as PgBouncer)
-    -R, --reboot    online restart: not supported yet; refused with exit status 1 and a
-                    message (a socket takeover is planned; docs/operations.md says how to
-                    restart without dropping clients meanwhile)
+    -R, --reboot    online restart: take the listening sockets over from the running
+                    pooler of this config (over its unix socket), which then finishes with
+                    its clients as on SIGTERM (takeover.py)
     -q, --quiet     no log lines on stderr (the logfile still gets them)
     -v, --verbose   more log lines (repeatable)
     -u, --user U    switch to OS user U after start (only as root, or already U)
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", "--daemon", action="store_true",
                         help="run in the background (needs pidfile and logfile)")
     parser.add_argument("-R", "--reboot", action="store_true",
-                        help="online restart (not supported yet: refused)")
+                        help="online restart: take the running pooler's listening sockets "
+                             "over")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no log lines on stderr")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -88,10 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("pgpilot-pgbouncer: need a config file (pgpilot-pgbouncer [options] "
               "config.ini)", file=sys.stderr)
         return 1
-    if args.reboot:
-        print("error: online restart (-R) is not supported by pgpilot yet; see "
-              "docs/operations.md (Online restart)", file=sys.stderr)
-        return 1
     from pgpilot.proxy import command
     from pgpilot.proxy.config import ConfigError, load_config
 
@@ -116,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     proxy_args = argparse.Namespace(
         config=args.config, check=False, strict=False, listen=None, port=None, data_dir=None,
         pool_mode=None, verbose=args.verbose, quiet=False,
-        stderr=not (args.quiet or args.daemon))
+        stderr=not (args.quiet or args.daemon), takeover=args.reboot)
     return command.run(proxy_args)
 
 

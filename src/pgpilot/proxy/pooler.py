@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -51,6 +52,12 @@ class Pooler:
         self.clients: dict[ClientState, set[ClientConnection]] = {s: set() for s in ClientState}
         # Values: clients, or the engine's Conn of a client it logged in alone (fastpath.py).
         self.cancel_keys: dict[tuple[int, int], Any] = {}
+        # Peering (peering.py): the id this pooler's cancel keys carry, fixed for its life
+        # (keys given out keep it), and the requests it passes on to its peers.
+        self.peer_id = config.peer_id
+        from pgpilot.proxy.peering import PeerCancels
+
+        self.peer_cancels = PeerCancels(self)
         # SCRAM ClientKeys clients revealed by logging in (user -> key), for server logins
         # where auth_file holds only the SCRAM secret (pass-through, as PgBouncer).
         self.scram_client_keys: dict[str, bytes] = {}
@@ -99,6 +106,11 @@ class Pooler:
         self.routers: dict[str, Any] = {}
         # Clients admitted only while servers still fit in ulimit -n (fdlimit.py); at start.
         self.fd_budget: DescriptorBudget | None = None
+        # Online restart (takeover.py): the listening sockets taken over from the process
+        # this one replaces (served instead of binding), and whether this one has handed
+        # its own over (then the unix socket file and the pidfile are the new one's).
+        self.inherited_sockets: list[socket.socket] = []
+        self.handed_over = False
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -191,6 +203,13 @@ class Pooler:
         """A second stop signal: stop waiting for running transactions (as PgBouncer)."""
         self._stop_now = True
 
+    def listening_sockets(self) -> list[socket.socket]:
+        """Duplicates of the sockets clients connect to (TCP and the unix socket), for a
+        takeover; the caller closes them."""
+        return [socket.socket(fileno=os.dup(sock.fileno()))
+                for server in self._listeners
+                for sock in cast(asyncio.Server, server).sockets]
+
     def stop_listening(self) -> None:
         """Accept no new connections (SHUTDOWN WAIT_FOR_CLIENTS, then stop)."""
         for listener in self._listeners:
@@ -274,6 +293,8 @@ class Pooler:
         if self.fast is not None:
             self.fast.client_count_changed()  # max_client_conn may have changed
             self.fast.configure_logins()  # log_connections / log_disconnections may have
+        if old.max_prepared_statements != config.max_prepared_statements:
+            self._prepared_limit_changed(config.max_prepared_statements)
         if old.tcp_defer_accept != config.tcp_defer_accept:
             from pgpilot.proxy.listener import tune_listeners
 
@@ -284,7 +305,23 @@ class Pooler:
             verbose_changed(config.verbose)
         if (old.listen_addr, old.listen_port) != (config.listen_addr, config.listen_port):
             log.warning("listen_addr/listen_port changes need a restart")
+        if config.peer_id != self.peer_id:
+            # The keys given out carry the old id: it stays until a restart.
+            log.warning("peer_id changes need a restart; keeping peer_id = %d", self.peer_id)
         log.info("configuration reloaded")
+
+    def _prepared_limit_changed(self, limit: int) -> None:
+        """max_prepared_statements changed: every connected client's statement router takes
+        the new value (prepared.StatementRouter.limit_changed), and a client on the fast path
+        the map its engine renames with (none when renaming is off)."""
+        for client in self.all_clients():
+            router = client.router
+            if router is None:
+                continue
+            router.limit_changed(limit)
+            if is_fast_conn(client.transport):
+                client.transport.set_statements(  # type: ignore[union-attr]
+                    router.statements if router.renaming else None)
 
     def track_task(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -476,24 +513,33 @@ class Pooler:
         return "/tmp"
 
     # -- cancel -------------------------------------------------------------------------
-    def cancel_pid_layout(self) -> tuple[int, int]:
-        """How cancel pids are made, as (fixed bits, random bits); the engine makes its own
-        keys (engine logins) the same way. With workers = N the owning worker's index rides
-        in the top bits (cancel routing)."""
+    def cancel_pid_layout(self) -> tuple[int, int, int]:
+        """How cancel keys are made, as (the pid's fixed bits, the pid's random bits, the
+        key's fixed bits); the engine makes its own keys (engine logins) the same way. With
+        workers = N the owning worker's index rides in the pid's top bits, with peer_id the
+        peer id in its middle bytes and a time to live in the key (cancel routing)."""
+        if self.peer_id:
+            from pgpilot.proxy.peering import TTL_MASK, pid_layout
+
+            index = self.worker.index if self.worker is not None else None
+            return *pid_layout(self.peer_id, index), TTL_MASK
         if self.worker is None:
-            return 0, 0x7FFF_FFFF
-        return (self.worker.index << WORKER_SHIFT) | 1, (1 << WORKER_SHIFT) - 1
+            return 0, 0x7FFF_FFFF, 0
+        return (self.worker.index << WORKER_SHIFT) | 1, (1 << WORKER_SHIFT) - 1, 0
 
     def register_cancel_key(self, client: ClientConnection,
                             backend_pid: int = 0) -> tuple[int, int]:
         """A new (pid, key) for ``client``'s BackendKeyData; with ``backend_pid`` (session
-        mode, one worker) the pid is its server's real one and only the key is the pooler's."""
-        base, mask = self.cancel_pid_layout()
+        mode, one worker, no peering) the pid is its server's real one and only the key is
+        the pooler's."""
+        base, mask, key_bits = self.cancel_pid_layout()
+        if key_bits:
+            backend_pid = 0  # the pid carries the peer id
         while True:
             # One read of the system's CSPRNG for both numbers.
             bits = int.from_bytes(os.urandom(8), "big")
             pid = backend_pid or base | ((bits >> 32) & mask)
-            key = bits & 0x7FFF_FFFF
+            key = (bits & 0x7FFF_FFFF) | key_bits
             if pid and (pid, key) not in self.cancel_keys:
                 self.cancel_keys[(pid, key)] = client
                 return pid, key
@@ -505,6 +551,15 @@ class Pooler:
         """A CancelRequest with a key we gave out: cancel that client's current query only;
         ``then`` is called once PostgreSQL has taken the request (or there was none to
         send)."""
+        if self.peer_id:
+            from pgpilot.proxy.peering import own_key, peer_of
+
+            owner = peer_of(pid)
+            if owner != self.peer_id:
+                # Another pooler behind the same balancer gave this key out (peering.py).
+                self.peer_cancels.forward(owner, pid, key, then)
+                return
+            key = own_key(key)
         worker = self.worker
         if worker is not None and worker.owner_of(pid) != worker.index:
             self._forward_cancel(worker.owner_of(pid), pid, key)

@@ -203,6 +203,15 @@ class StatementRouter:
         # owed a ReadyForQuery, which will not come; the client takes them off its count.
         self.skipped_queries = 0
 
+    def limit_changed(self, max_prepared: int) -> None:
+        """``max_prepared_statements`` changed (RELOAD, console SET), as PgBouncer applies it
+        to the clients connected: the new bound holds from the next statement made room for
+        on a server; 0 turns renaming off from the next message (names pass as the client
+        sends them, so the statements it prepared before are unknown to the servers: 26000),
+        and a value above 0 turns it back on, with the statements the client had then."""
+        self.max_prepared = max_prepared
+        self.renaming = max_prepared > 0
+
     # -- client to server -----------------------------------------------------------------
     def client_chunk(self, data: bytes, msgs: list[tuple[int, bytes | None]],
                      ends: list[int], continued: bytes, server: ServerConnection,
@@ -242,7 +251,8 @@ class StatementRouter:
                 out += raw
             elif mtype == F.BIND and body is not None:
                 bind = m.parse_bind(body)
-                stmt = self.statements.get(bind.statement) if bind.statement else None
+                stmt = self.statements.get(bind.statement) \
+                    if bind.statement and self.renaming else None
                 if stmt is None:
                     outstanding.append((BIND, None, None))
                     out += raw
@@ -257,7 +267,8 @@ class StatementRouter:
                 out += self._parse(body, raw, server)
             elif mtype == F.DESCRIBE and body is not None:
                 target, name = m.parse_close_or_describe(body, "Describe")
-                stmt = self.statements.get(name) if target == "S" and name else None
+                stmt = self.statements.get(name) \
+                    if target == "S" and name and self.renaming else None
                 if stmt is None:
                     outstanding.append((DESCRIBE, None, None))
                     out += raw

@@ -1,0 +1,124 @@
+"""Online restart (``pgpilot-pgbouncer -R``): the new process takes the listening sockets over,
+the old one finishes with its clients and leaves the socket file and the pidfile to it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pgpilot.embedded import free_port
+
+
+def write_ini(tmp_path: Path, pg_params: dict[str, str], port: int) -> Path:
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text(f"[databases]\ntest = host={pg_params['host']} port={pg_params['port']} "
+                   f"dbname={pg_params['dbname']}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n"
+                   f"listen_port = {port}\nunix_socket_dir = {tmp_path}\nauth_type = trust\n"
+                   f"auth_file = {tmp_path / 'userlist.txt'}\npool_mode = transaction\n"
+                   f"logfile = {tmp_path / 'log'}\npidfile = {tmp_path / 'pid'}\n"
+                   "shutdown_timeout = 60\n")
+    (tmp_path / "userlist.txt").write_text(f'"{pg_params["user"]}" ""\n')
+    return ini
+
+
+def start(ini: Path, *flags: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pgpilot.proxy.pgbouncer_cli", "-q", *flags,
+                             str(ini)], stderr=subprocess.PIPE, text=True)
+
+
+def select_one(port: int, pg_params: dict[str, str]) -> Any:
+    """A new client over TCP runs ``select 1``."""
+    with psycopg.connect(host="127.0.0.1", port=port, dbname="test", user=pg_params["user"],
+                         autocommit=True, connect_timeout=5) as conn:
+        return conn.execute("select 1").fetchone()
+
+
+def wait_listening(port: int, host: str, pg_params: dict[str, str],
+                   proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(host=host, port=port, dbname="test", user=pg_params["user"],
+                                 connect_timeout=5):
+                return
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline and proc.poll() is None, "never listened"
+            time.sleep(0.2)
+
+
+def test_a_new_process_takes_the_sockets_and_the_old_finishes_its_clients(
+        tmp_path: Path, pg_params: dict[str, str]) -> None:
+    port = free_port()
+    ini = write_ini(tmp_path, pg_params, port)
+    old = start(ini)
+    new: subprocess.Popen[str] | None = None
+    try:
+        wait_listening(port, "127.0.0.1", pg_params, old)
+        # A client of the old process, in the middle of a transaction.
+        stayer = psycopg.connect(host="127.0.0.1", port=port, dbname="test",
+                                 user=pg_params["user"])
+        stayer.execute("create temp table during_restart (x int)")
+        stayer.execute("insert into during_restart values (1)")
+        new = start(ini, "-R")
+        deadline = time.monotonic() + 30
+        while (tmp_path / "pid").read_text().strip() != str(new.pid):
+            assert time.monotonic() < deadline and new.poll() is None, "new one never ran"
+            time.sleep(0.1)
+        log = (tmp_path / "log").read_text()
+        while "serves the listening sockets now" not in log:
+            assert time.monotonic() < deadline, log
+            time.sleep(0.1)
+            log = (tmp_path / "log").read_text()
+        # The old process has stopped accepting but not left: its client goes on.
+        assert old.poll() is None
+        for _ in range(5):  # every new client lands on the new process, none is refused
+            assert select_one(port, pg_params) == (1,)
+        wait_listening(port, str(tmp_path), pg_params, new)  # the unix socket too
+        assert stayer.execute("select x from during_restart").fetchall() == [(1,)]
+        stayer.commit()
+        stayer.close()
+        # ... and once its last client has gone, the old one exits, as on SIGTERM, leaving
+        # the pidfile and the unix socket to the new one.
+        assert old.wait(30) == 0
+        assert (tmp_path / "pid").read_text().strip() == str(new.pid)
+        wait_listening(port, str(tmp_path), pg_params, new)
+        assert select_one(port, pg_params) == (1,)
+        assert new.poll() is None
+    finally:
+        for proc in (old, new):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def test_reboot_with_nothing_running_is_a_clear_error(
+        tmp_path: Path, pg_params: dict[str, str]) -> None:
+    ini = write_ini(tmp_path, pg_params, free_port())
+    proc = start(ini, "-R")
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "no running pooler answered" in err
+    # pgpilot's own command line has it too.
+    proc = subprocess.Popen([sys.executable, "-m", "pgpilot", "proxy", "-R", "--config",
+                             str(ini)], stderr=subprocess.PIPE, text=True)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "no running pooler answered" in err
+
+
+def test_reboot_needs_a_unix_socket(tmp_path: Path, pg_params: dict[str, str]) -> None:
+    ini = write_ini(tmp_path, pg_params, free_port())
+    ini.write_text(ini.read_text().replace(f"unix_socket_dir = {tmp_path}",
+                                           "unix_socket_dir ="))
+    proc = start(ini, "-R")
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "needs unix_socket_dir" in err
