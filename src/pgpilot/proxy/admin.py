@@ -43,7 +43,7 @@ from pgpilot.proxy.console_set import STARTUP_ONLY, ConsoleSetError, console_set
 from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.hazards import HINTS
 from pgpilot.proxy.login_rules import peer_credentials
-from pgpilot.proxy.pool import PoolStats
+from pgpilot.proxy.poolstats import PoolStats
 from pgpilot.proxy.states import ClientState, ServerState
 from pgpilot.wire import messages as m
 from pgpilot.wire.errors import ProtocolError

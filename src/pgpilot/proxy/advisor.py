@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pgpilot.proxy.pool import WAIT_BUCKETS
+from pgpilot.proxy.poolstats import WAIT_BUCKETS
 
 if TYPE_CHECKING:
     from pgpilot.proxy.pool import Pool

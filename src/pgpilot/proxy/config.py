@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from pgpilot.proxy.errors import ConfigError
+
 __all__ = [
     "AUTH_TYPES",
     "CLIENT_TLS_SSLMODES",
@@ -89,35 +91,6 @@ MAX_INCLUDE_DEPTH = 10
 MAX_PEER_ID = 16383
 
 _MAIN_SECTIONS = ("pgbouncer", "pgpilot")
-
-
-class ConfigError(Exception):
-    """An invalid configuration: ``str(err) == "FILE:LINE: reason"``.
-
-    ``line`` is None when the problem is not tied to one line (e.g. a missing file), and
-    ``path`` is None for text given without a file name (shown as ``<string>``).
-    """
-
-    path: str | None
-    line: int | None
-    reason: str
-
-    def __init__(self, reason: str, path: str | None = None, line: int | None = None) -> None:
-        self.path = path
-        self.line = line
-        self.reason = reason
-        super().__init__(self.__str__())
-
-    def __str__(self) -> str:
-        where = self.path if self.path is not None else "<string>"
-        if self.line is not None:
-            return f"{where}:{self.line}: {self.reason}"
-        if self.path is not None:
-            return f"{where}: {self.reason}"
-        return self.reason
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.reason, self.path, self.line))
 
 
 class _BadValue(Exception):

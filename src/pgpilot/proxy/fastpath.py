@@ -744,13 +744,13 @@ class Listener(asyncio.AbstractServer):
 class Lane:
     """One pool's side of the fast path: the C pool and the callbacks it makes."""
 
-    def __init__(self, fast: FastPath, pool: Pool) -> None:
-        from pgpilot.proxy.pool import WAIT_BUCKETS
-
+    def __init__(self, fast: FastPath, pool: Pool, wait_buckets: tuple[float, ...]) -> None:
+        """``wait_buckets``: the upper bounds of the pool's wait histogram (pool.py's), which
+        the engine fills for the clients it serves."""
         assert _fastpath is not None
         self.fast = fast
         self.pool = pool
-        self.fp = fast.engine.pool(self, WAIT_BUCKETS)
+        self.fp = fast.engine.pool(self, wait_buckets)
         # A new pool can open servers: the engine asks (starved) for its first waiting
         # client, before any update_assist (else that client waited for a busy server).
         self.fp.assist = 1

@@ -33,7 +33,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from pgpilot.proxy.config import ConfigError
+from pgpilot.proxy.errors import ConfigError
 
 METHODS = {"trust": "trust", "reject": "reject", "md5": "md5", "password": "plain",
            "scram-sha-256": "scram-sha-256", "cert": "cert", "peer": "peer"}

@@ -50,7 +50,7 @@ from prometheus_client.core import (
 
 import pgpilot
 from pgpilot.proxy.admin import client_counts, max_wait
-from pgpilot.proxy.pool import WAIT_BUCKETS
+from pgpilot.proxy.poolstats import WAIT_BUCKETS
 from pgpilot.proxy.states import ClientState, ServerState
 
 if TYPE_CHECKING:

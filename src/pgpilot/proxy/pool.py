@@ -11,13 +11,13 @@ admin console prints and the metrics count.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import logging
 import ssl
 import time
 from typing import TYPE_CHECKING
 
+from pgpilot.proxy.poolstats import WAIT_BUCKETS, PoolStats
 from pgpilot.proxy.prepared import Catalog
 from pgpilot.proxy.server import ServerConnection, ServerError
 from pgpilot.proxy.states import ServerState
@@ -33,37 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgpilot.proxy")
 
 
-# Upper bounds (seconds) of the wait-time histogram's buckets (metrics.py); then +Inf.
 # The first retry after a failed server login (then doubled, up to server_login_retry).
 LOGIN_RETRY_FIRST = 0.05
-WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
-
-
-class PoolStats:
-    """Running totals, as SHOW STATS reports them (PgBouncer's names)."""
-
-    __slots__ = ("bytes_received", "bytes_sent", "errors", "query_count", "query_time",
-                 "server_assignment_count", "wait_buckets", "wait_time", "xact_count",
-                 "xact_time")
-
-    def __init__(self) -> None:
-        self.xact_count = 0
-        self.query_count = 0
-        self.bytes_received = 0
-        self.bytes_sent = 0
-        self.xact_time = 0.0
-        self.query_time = 0.0
-        self.wait_time = 0.0
-        self.server_assignment_count = 0
-        self.errors = 0
-        self.wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)  # per bucket, not cumulative
-
-    def record_wait(self, seconds: float) -> None:
-        """A client got a server after ``seconds`` in line: total and histogram, O(1)."""
-        self.wait_time += seconds
-        self.wait_buckets[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
-
-
 class Pool:
     def __init__(self, pooler: Pooler, db: DatabaseConfig, db_name: str, user: str) -> None:
         self.pooler = pooler
@@ -117,7 +88,7 @@ class Pool:
         if fast is not None and self.mode != "session" and not (db.replicas and "@" in db_name):
             from pgpilot.proxy.fastpath import Lane
 
-            self.lane = Lane(fast, self)
+            self.lane = Lane(fast, self, WAIT_BUCKETS)
             split = db.read_write_split if db.read_write_split is not None \
                 else pooler.config.read_write_split
             self.lane.fp.route_reads = int(bool(db.replicas and split))
