@@ -218,11 +218,16 @@ def test_requests_sent_after_an_error_before_sync(proxy_factory) -> None:
         sock.sendall(m.bind_simple("", "good") + m.execute_message()
                      + m.parse_message("late", "select 3::int") + m.sync())
         assert read_types(sock) == ["Z"]
-        # The server has "good" already: the router answers this Parse itself, which only
-        # works if its queue of owed answers is right.
-        sock.sendall(m.parse_message("good", "select 2::int") + m.bind_simple("", "good")
+        # The server has "good"'s statement already: the router answers this Parse (of the
+        # same text under another name) itself, which only works if its queue of owed answers
+        # is right.
+        sock.sendall(m.parse_message("good2", "select 2::int") + m.bind_simple("", "good2")
                      + m.execute_message() + m.sync())
         assert read_types(sock) == ["1", "2", "D", "C", "Z"]
+        # "good" is still the client's: defined again without a Close, refused as directly.
+        sock.sendall(m.parse_message("good", "select 2::int") + m.bind_simple("", "good")
+                     + m.execute_message() + m.sync())
+        assert read_types(sock) == ["E", "Z"]
         sock.sendall(m.parse_message("again", "select 4::int") + m.bind_simple("", "again")
                      + m.execute_message() + m.sync())
         assert read_types(sock) == ["1", "2", "D", "C", "Z"]
