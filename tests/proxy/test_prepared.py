@@ -260,3 +260,30 @@ def test_query_behind_an_error_before_sync_is_skipped(proxy_factory, fast_path: 
         # Skipped, the Close did not happen: the statement is still the client's.
         sock.sendall(m.bind_simple("", "keep") + m.execute_message() + m.sync())
         assert read_types(sock) == ["2", "D", "C", "Z"]
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_unnamed_statement_lasts_across_transactions(proxy_factory, fast_path: str) -> None:
+    """PostgreSQL keeps the unnamed statement until the next unnamed Parse or simple query, so
+    a driver may prepare it in one request and bind it in a later one (asyncpg does, without
+    its statement cache, around a type introspection). Here the server changes in between."""
+    if fast_path == "on" and not fastpath.available():
+        pytest.skip("fast path not built")
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.parse_message("", "select 40 + $1::int") + m.describe_message("S", "")
+                     + m.sync())
+        assert read_types(sock) == ["1", "t", "T", "Z"]
+        with psycopg.connect(proxy.dsn("pgbouncer"), autocommit=True) as admin:
+            admin.execute("RECONNECT")  # the next transaction gets a new server
+        for _ in range(2):
+            sock.sendall(m.bind_simple("", "", ["2"]) + m.execute_message() + m.sync())
+            answers = read_types(sock)
+            assert answers == ["2", "D", "C", "Z"]
+        # A simple query drops it, as directly: then it is gone.
+        sock.sendall(m.query("select 1"))
+        assert read_types(sock) == ["T", "D", "C", "Z"]
+        sock.sendall(m.bind_simple("", "", ["2"]) + m.execute_message() + m.sync())
+        assert read_types(sock) == ["E", "Z"]

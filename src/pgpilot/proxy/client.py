@@ -1126,6 +1126,9 @@ class ClientConnection(asyncio.Protocol):
             if data:
                 server.write(data)
         else:
+            transport = self.transport
+            if is_fast_conn(transport) and transport.take_unnamed_parsed():  # type: ignore[union-attr]
+                router.unnamed_parse = None  # the engine carried a newer one: not known here
             continued = self._held
             out, tail = router.client_chunk(data, msgs, self._reader.ends, continued, server,
                                             renamable)

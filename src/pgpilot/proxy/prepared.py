@@ -257,7 +257,7 @@ class StatementRouter:
 
     __slots__ = ("described_params", "held", "max_prepared", "outstanding", "paused",
                  "renaming", "resume_due", "search_path", "session_sql", "skipped_queries",
-                 "skipping", "statements", "surgery", "to_close")
+                 "skipping", "statements", "surgery", "to_close", "unnamed_parse")
 
     def __init__(self, max_prepared: int) -> None:
         self.max_prepared = max_prepared
@@ -288,6 +288,11 @@ class StatementRouter:
         self.resume_due = False  # the answer came: the client calls resume()
         self.to_close: str | None = None  # a copy found changed: closed at the resume
         self.described_params: bytes | None = None  # a ParameterDescription, until its Row-
+        # The client's last Parse of the unnamed statement (the whole message), which
+        # PostgreSQL keeps until the next one or a simple query: parsed again before a Bind or
+        # Describe of it in a later request, as the client may be on another server by then.
+        # None: none, or one carried by the engine (client.py drops the record then).
+        self.unnamed_parse: bytes | None = None
 
     # -- client to server -----------------------------------------------------------------
     def client_chunk(self, data: bytes, msgs: list[tuple[int, bytes | None]],
@@ -304,13 +309,21 @@ class StatementRouter:
         if self.paused is not None:
             return b"", self._hold(data, msgs, ends, continued)
         if not renamable and not continued and ends and ends[-1] == len(data) \
-                and not self.skipping:
+                and not self.skipping and (self.unnamed_parse is None
+                                           or not _uses_unnamed_first(msgs)):
             # Nothing to rename (the common case): only note what each message is owed.
-            for mtype, _body in msgs:
+            prev = 0
+            for (mtype, _body), end in zip(msgs, ends, strict=True):
                 owed = _OWED.get(mtype)
                 if owed is not None:
                     outstanding.append((owed, None, None))
+                    if mtype == F.PARSE:
+                        self.unnamed_parse = data[prev:end]
+                    elif mtype == F.QUERY:
+                        self.unnamed_parse = None
+                prev = end
             return data, b""
+        parsed_unnamed = False  # in this chunk, before the message at hand
         out = bytearray()
         prev = 0
         for (mtype, body), end in zip(msgs, ends, strict=True):
@@ -336,6 +349,8 @@ class StatementRouter:
                 bind = m.parse_bind(body)
                 stmt = self.statements.get(bind.statement) if bind.statement else None
                 if stmt is None:
+                    if not bind.statement and not parsed_unnamed:
+                        out += self._unnamed_again()
                     outstanding.append((BIND, None, None))
                     out += raw
                 elif isinstance(stmt, ChangedStatement):
@@ -351,11 +366,16 @@ class StatementRouter:
                 outstanding.append((EXECUTE, None, None))
                 out += raw
             elif mtype == F.PARSE and body is not None:
+                if body[:1] == b"\x00":
+                    self.unnamed_parse = raw
+                    parsed_unnamed = True
                 out += self._parse(body, raw, server)
             elif mtype == F.DESCRIBE and body is not None:
                 target, name = m.parse_close_or_describe(body, "Describe")
                 stmt = self.statements.get(name) if target == "S" and name else None
                 if stmt is None:
+                    if target == "S" and not name and not parsed_unnamed:
+                        out += self._unnamed_again()
                     outstanding.append((DESCRIBE, None, None))
                     out += raw
                 elif isinstance(stmt, ChangedStatement):
@@ -380,6 +400,8 @@ class StatementRouter:
             elif mtype in (F.QUERY, F.FUNCTION_CALL):
                 outstanding.append((QUERY, None, None))
                 out += raw
+                if mtype == F.QUERY:
+                    self.unnamed_parse = None  # a simple query drops the unnamed statement
             else:
                 out += raw  # Flush, CopyData/Done/Fail: no answer of their own
         return bytes(out), data[prev:] if prev < len(data) else b""
@@ -471,6 +493,16 @@ class StatementRouter:
         self.surgery = True
         return out + m.parse_message(stmt.server_name, parse.sql, stmt.shape.params) \
             + m.describe_message("S", stmt.server_name) + m.flush()
+
+    def _unnamed_again(self) -> bytes:
+        """The client's last unnamed Parse, to go first (its answer dropped) before a use of
+        the unnamed statement in a later request, which directly finds it still there."""
+        parse = self.unnamed_parse
+        if parse is None:
+            return b""
+        self.outstanding.append((SWALLOW_PARSE, None, None))
+        self.surgery = True
+        return parse
 
     def _refuse(self, error: bytes) -> bytes:
         """A request PostgreSQL would fail with ``error``: the server fails a stand-in (and
@@ -796,6 +828,18 @@ class StatementRouter:
         if body is None:
             return raw
         return _in_clients_words(failed, body, hint) or raw
+
+
+def _uses_unnamed_first(msgs: list[tuple[int, bytes | None]]) -> bool:
+    """Does a Bind or Describe of the unnamed statement come before any Parse in ``msgs``?"""
+    for mtype, body in msgs:
+        if mtype == F.PARSE:
+            return False
+        if body is not None and ((mtype == F.BIND and body.find(b"\x00") + 1 < len(body)
+                                  and body[body.find(b"\x00") + 1] == 0)
+                                 or (mtype == F.DESCRIBE and body[:2] == b"S\x00")):
+            return True
+    return False
 
 
 def _result_changed_error() -> bytes:
