@@ -287,3 +287,24 @@ def test_unnamed_statement_lasts_across_transactions(proxy_factory, fast_path: s
         assert read_types(sock) == ["T", "D", "C", "Z"]
         sock.sendall(m.bind_simple("", "", ["2"]) + m.execute_message() + m.sync())
         assert read_types(sock) == ["E", "Z"]
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_prepared_name_reuse_is_refused(proxy_factory, fast_path: str, caplog) -> None:
+    """A Parse of a name the client has prepared and not closed: PostgreSQL's 42P05, and the
+    line PgBouncer logs (its test_prepared_disallow_name_reuse greps it); the statement stays
+    as it was."""
+    if fast_path == "on" and not fastpath.available():
+        pytest.skip("fast path not built")
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.pgconn.prepare(b"test", b"SELECT 1").status == psycopg.pq.ExecStatus.COMMAND_OK
+        with caplog.at_level("WARNING", logger="pgpilot.proxy"):
+            refused = conn.pgconn.prepare(b"test", b"SELECT 2")
+        assert refused.status == psycopg.pq.ExecStatus.FATAL_ERROR
+        assert refused.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42P05"
+        assert refused.error_message.decode().startswith(
+            'ERROR:  prepared statement "test" already exists')
+        assert "prepared statement 'test' was already prepared" in caplog.text
+        ran = conn.pgconn.exec_prepared(b"test", [])
+        assert ran.get_value(0, 0) == b"1"  # still the first one
