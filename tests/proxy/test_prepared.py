@@ -308,3 +308,39 @@ def test_prepared_name_reuse_is_refused(proxy_factory, fast_path: str, caplog) -
         assert "prepared statement 'test' was already prepared" in caplog.text
         ran = conn.pgconn.exec_prepared(b"test", [])
         assert ran.get_value(0, 0) == b"1"  # still the first one
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_sql_execute_of_a_protocol_statement(proxy_factory, fast_path: str) -> None:
+    """asyncpg's test_prepare_explicitly_named: a statement prepared in the protocol under the
+    client's own name runs by SQL ``EXECUTE name`` (itself prepared by asyncpg, or sent
+    unnamed by psycopg), on whichever server; preparing the name again is refused (42P05)."""
+    if fast_path == "on" and not fastpath.available():
+        pytest.skip("fast path not built")
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(proxy.dsn())
+        try:
+            stmt = await conn.prepare("select 1", name="foobar")
+            assert stmt.get_name() == "foobar"
+            assert await conn.fetchval("EXECUTE foobar") == 1
+            with psycopg.connect(proxy.dsn("pgbouncer"), autocommit=True) as admin:
+                admin.execute("RECONNECT")  # a new server, which lacks both statements
+            assert await conn.fetchval("EXECUTE foobar") == 1
+            assert await conn.fetchval('execute "foobar"') == 1
+            with pytest.raises(asyncpg.DuplicatePreparedStatementError,
+                               match='prepared statement "foobar" already exists'):
+                await conn.prepare("select 1", name="foobar")
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.pgconn.prepare(b"two", b"SELECT $1::int * 2").status \
+            == psycopg.pq.ExecStatus.COMMAND_OK
+        with psycopg.connect(proxy.dsn("pgbouncer"), autocommit=True) as admin:
+            admin.execute("RECONNECT")
+        ran = conn.pgconn.exec_params(b"EXECUTE two(21)", [])  # an unnamed Parse
+        assert ran.status == psycopg.pq.ExecStatus.TUPLES_OK, ran.error_message
+        assert ran.get_value(0, 0) == b"42"

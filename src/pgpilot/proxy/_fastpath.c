@@ -671,6 +671,9 @@ static int sql_needs_python(const unsigned char *s, size_t n) {
         (i + 3 == n || !is_ident(s[i + 3])))
         return 1;
     if (i + 5 <= n && contains_ci(s + i, 5, "reset")) return 1;
+    /* EXECUTE of a statement the client prepared in the protocol: Python names it as the
+     * server knows it (prepared.py, _execute_by_name). */
+    if (starts_ci(s + i, n - i, "execute")) return 1;
     /* CREATE / ALTER / DROP DATABASE: Python first closes the pool's idle servers of the
      * database it names (client.py, _database_statement), which would keep it busy. */
     if ((starts_ci(s + i, n - i, "drop") || starts_ci(s + i, n - i, "alter") ||

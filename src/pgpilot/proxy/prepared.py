@@ -42,6 +42,7 @@ import collections
 import hashlib
 import itertools
 import logging
+import re
 from typing import TYPE_CHECKING, NamedTuple
 
 from pgpilot.wire import messages as m
@@ -104,6 +105,9 @@ _ASYNC = frozenset({B.NOTICE_RESPONSE, B.NOTIFICATION, B.PARAMETER_STATUS})
 _RESULT_CHANGED = "cached plan must not change result type"
 # CommandComplete bodies of the commands that drop every prepared statement of the session.
 DROP_TAGS = frozenset({b"DEALLOCATE ALL\x00", b"DISCARD ALL\x00"})
+# SQL-level EXECUTE and the statement name it runs (maybe one the client prepared in the
+# protocol, which the server knows under its shared name only).
+_EXECUTE = re.compile(r'\s*execute\s+("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)', re.IGNORECASE)
 _DUPLICATE_STATEMENT = "42P05"  # prepared statement ... already exists
 _UNDEFINED_STATEMENT = "26000"  # prepared statement ... does not exist
 
@@ -163,12 +167,16 @@ class SessionStatement:
     fast path does not find it and hands every Bind of it to Python, which notes the run
     (client._note_session) as it notes the Parse."""
 
-    __slots__ = ("server_name", "server_parse", "shape")
+    __slots__ = ("inner", "server_name", "server_parse", "shape")
 
-    def __init__(self, server_name: str, server_parse: bytes) -> None:
+    def __init__(self, server_name: str, server_parse: bytes,
+                 inner: ClientStatement | None = None) -> None:
         self.server_name = server_name
         self.server_parse = server_parse
         self.shape: Shape | None = None  # (not checked: its runs go to Python anyway)
+        # The client's statement this one runs by SQL ``EXECUTE`` (prepared on the server
+        # first, wherever this one runs), or None.
+        self.inner = inner
 
 
 class ChangedStatement:
@@ -310,7 +318,8 @@ class StatementRouter:
             return b"", self._hold(data, msgs, ends, continued)
         if not renamable and not continued and ends and ends[-1] == len(data) \
                 and not self.skipping and (self.unnamed_parse is None
-                                           or not _uses_unnamed_first(msgs)):
+                                           or not _uses_unnamed_first(msgs)) \
+                and not (self.statements and _parses_execute(msgs)):
             # Nothing to rename (the common case): only note what each message is owed.
             prev = 0
             for (mtype, _body), end in zip(msgs, ends, strict=True):
@@ -408,6 +417,18 @@ class StatementRouter:
 
     def _parse(self, body: bytes, raw: bytes, server: ServerConnection) -> bytes:
         parse = m.parse_parse(body)
+        inner = self._executed(parse.sql) if self.statements and self.renaming else None
+        if inner is not None:
+            # EXECUTE of the client's own statement: under its shared name, there first.
+            found = _EXECUTE.match(parse.sql)
+            assert found is not None
+            parse = m.Parse(parse.name, parse.sql[:found.start(1)] + inner.server_name
+                            + parse.sql[found.end(1):], parse.param_types)
+            if not parse.name:
+                self.unnamed_parse = None  # (not parsed again elsewhere: it needs the other)
+                self.outstanding.append((PARSE, None, None))
+                return self._ensure_on_server(inner, server) + m.parse_message(
+                    "", parse.sql, parse.param_types)
         if not parse.name or not self.renaming:
             self.outstanding.append((PARSE, None, None))
             return raw
@@ -420,10 +441,33 @@ class StatementRouter:
                 _DUPLICATE_STATEMENT, f'prepared statement "{parse.name}" already exists'))
         server_name = server_statement_name(parse, server.pool.catalog.generation,
                                             self.search_path)
-        kind = SessionStatement if parse.name in self.session_sql else ClientStatement
-        stmt = kind(server_name, m.parse_message(server_name, parse.sql, parse.param_types))
+        server_parse = m.parse_message(server_name, parse.sql, parse.param_types)
+        stmt: ClientStatement | SessionStatement
+        if inner is not None:
+            stmt = SessionStatement(server_name, server_parse, inner)
+        elif parse.name in self.session_sql:
+            stmt = SessionStatement(server_name, server_parse)
+        else:
+            stmt = ClientStatement(server_name, server_parse)
         undo = (parse.name, self.statements.get(parse.name))
-        self.statements[parse.name] = stmt
+        before = self._ensure_on_server(inner, server) if inner is not None else b""
+        return before + self._parse_as(stmt, server_name, undo, server)
+
+    def _executed(self, sql: str) -> ClientStatement | None:
+        """The client's protocol-level statement that ``sql`` runs by SQL EXECUTE, if any."""
+        found = _EXECUTE.match(sql)
+        if found is None:
+            return None
+        word = found.group(1)
+        name = word[1:-1].replace('""', '"') if word[:1] == '"' else word.lower()
+        stmt = self.statements.get(name)
+        return stmt if isinstance(stmt, ClientStatement) else None
+
+    def _parse_as(self, stmt: ClientStatement | SessionStatement, server_name: str,
+                  undo: Undo, server: ServerConnection) -> bytes:
+        """The client's named Parse, as ``stmt`` (its server-side statement)."""
+        parse_name = undo[0]
+        self.statements[parse_name] = stmt
         known = server.prepared.get(server_name)
         if known is not None and (known or not self._synced_since_parse(server_name)):
             # There (or its Parse is in this same pipeline segment: should that fail, the
@@ -446,7 +490,7 @@ class StatementRouter:
         self.outstanding.append((PARSE, server_name, undo))
         # Described at once (the answer dropped): what the client's statement is, which a
         # copy parsed later elsewhere must be too (CHECK_DESCRIBE).
-        self.outstanding.append((RECORD_DESCRIBE, server_name, parse.name))
+        self.outstanding.append((RECORD_DESCRIBE, server_name, parse_name))
         self.surgery = True
         return out + stmt.server_parse + m.describe_message("S", server_name)
 
@@ -463,7 +507,12 @@ class StatementRouter:
 
     def _ensure_on_server(self, stmt: ClientStatement | SessionStatement,
                           server: ServerConnection) -> bytes:
-        """The Parse to slip in first when ``server`` lacks the statement (else nothing)."""
+        """The Parse to slip in first when ``server`` lacks the statement (else nothing);
+        first that of the statement it runs by SQL EXECUTE, if any."""
+        inner = stmt.inner if isinstance(stmt, SessionStatement) else None
+        if inner is not None:
+            return self._ensure_on_server(inner, server) + self._ensure_on_server(
+                SessionStatement(stmt.server_name, stmt.server_parse), server)
         if stmt.server_name in server.prepared:
             server.prepared.move_to_end(stmt.server_name)
             return b""
@@ -828,6 +877,16 @@ class StatementRouter:
         if body is None:
             return raw
         return _in_clients_words(failed, body, hint) or raw
+
+
+def _parses_execute(msgs: list[tuple[int, bytes | None]]) -> bool:
+    """Is one of ``msgs`` a Parse of a SQL ``EXECUTE``?"""
+    for mtype, body in msgs:
+        if mtype == F.PARSE and body is not None:
+            start = body.find(b"\x00") + 1
+            if _EXECUTE.match(body[start:start + 200].decode(errors="replace")):
+                return True
+    return False
 
 
 def _uses_unnamed_first(msgs: list[tuple[int, bytes | None]]) -> bool:
