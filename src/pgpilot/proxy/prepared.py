@@ -26,7 +26,17 @@ Then, message by message:
   statements and the client's are gone then, but for those Parsed after it.
 - A statement whose table or type changed since the client parsed it fails as it would on a
   direct connection (``cached plan must not change result type``), and keeps failing until the
-  client prepares it again; that Parse gets a server statement of the new generation.
+  client prepares it again; that Parse gets a server statement of the new generation. On a
+  server that kept its copy, PostgreSQL says so itself. Where the pooler must parse it again,
+  it compares the new copy with what the client was told (``ClientStatement.shape``: from the
+  pooler's own Describe after the client's Parse, or the client's Describe) before the
+  client's Bind runs (CHECK_DESCRIBE: the client's requests wait for the answer), and answers
+  PostgreSQL's error itself (ChangedStatement) if the result differs.
+- Parse of a name the client has not closed: refused (42P05), as PostgreSQL refuses it.
+- The unnamed statement: the client's last unnamed Parse is sent again before a Bind of it in
+  a later request, which may run on another server.
+- SQL ``EXECUTE name`` of a protocol-level statement, sent as a Parse: run under the shared
+  name, prepared there first.
 - If the pooler's record of a server ever disagrees with the server (it says a statement
   is missing, or already exists), the record is corrected at that error, so the next attempt
   works.
@@ -66,11 +76,12 @@ FAKE_PARSE = 7  # the pooler answers ParseComplete itself
 FAKE_CLOSE = 8  # the pooler answers CloseComplete itself
 SWALLOW_PARSE = 9  # the pooler's own Parse: its ParseComplete is dropped
 SWALLOW_CLOSE = 10  # the pooler's own Close: its CloseComplete is dropped
-# The pooler's own Describe of a statement it just had parsed: its answer (ParameterDescription,
-# RowDescription | NoData) is dropped, and becomes the statement's shape of record.
+# The pooler's own Describe of a statement it just had parsed for a client's Parse: its answer
+# (ParameterDescription, RowDescription | NoData) is dropped, and is what the client's statement
+# is (ClientStatement.shape).
 RECORD_DESCRIBE = 11
 # The pooler's own Describe of a statement it parsed again on this server for a client's Bind
-# or Describe: its answer is dropped and compared with the shape of record; the client's
+# or Describe: its answer is dropped and compared with what the client was told; the client's
 # requests wait for it (StatementRouter.paused).
 CHECK_DESCRIBE = 12
 # A request the pooler refuses as PostgreSQL would: sent as a Describe of a statement that
@@ -165,7 +176,8 @@ class SessionStatement:
     """A client's statement whose runs may change session settings or pinned state
     (``StatementRouter.session_sql``): as a ClientStatement, but not a tuple, so the compiled
     fast path does not find it and hands every Bind of it to Python, which notes the run
-    (client._note_session) as it notes the Parse."""
+    (client._note_session) as it notes the Parse. Also a statement that runs another of the
+    client's by SQL ``EXECUTE`` (``inner``), which Python prepares first wherever it runs."""
 
     __slots__ = ("inner", "server_name", "server_parse", "shape")
 
