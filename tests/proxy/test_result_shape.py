@@ -12,14 +12,17 @@ directly, with the compiled fast path on and off, with asyncpg and psycopg.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import asyncpg
 import psycopg
 import pytest
-from tests.proxy.conftest import RunningProxy
+from tests.proxy.conftest import RunningProxy, read_types
+from tests.proxy.test_fastpath_prepared import read_answers
 
 from pgpilot.proxy import fastpath
+from pgpilot.wire import messages as m
 
 FAST_PATHS = ["on", "off"]
 
@@ -154,3 +157,34 @@ def test_unchanged_result_runs_on_a_new_server(proxy_factory, shape_table: str,
             await conn.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("fast_path", FAST_PATHS)
+def test_two_checks_in_one_pipeline_and_a_changed_one(proxy_factory, shape_table: str,
+                                                     pg_dsn: str, fast_path: str) -> None:
+    """One request that needs two statements checked on a new server (the requests wait
+    twice, in order), then the same after one of them changed: its Bind fails with 0A000, the
+    server skips to the Sync (the other statement's run too), and the next request works."""
+    skip_without_engine(fast_path)
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.parse_message("s1", "select b from pgp_shape")
+                     + m.parse_message("s2", "select a from pgp_shape") + m.sync())
+        assert read_types(sock) == ["1", "1", "Z"]
+        run_both = (m.bind_simple("", "s1") + m.execute_message()
+                    + m.bind_simple("", "s2") + m.execute_message() + m.sync())
+        close_idle_servers(proxy)
+        sock.sendall(run_both)
+        assert read_types(sock) == ["2", "D", "C", "2", "D", "C", "Z"]
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("alter table pgp_shape alter column b set data type text")
+        close_idle_servers(proxy)
+        sock.sendall(run_both)
+        answers = read_answers(sock)
+        assert [t for t, _ in answers] == ["E", "Z"]
+        error = m.parse_error_fields(answers[0][1])
+        assert error["C"] == "0A000" and error["M"] == "cached plan must not change result type"
+        sock.sendall(m.bind_simple("", "s2") + m.execute_message() + m.sync())
+        assert read_types(sock) == ["2", "D", "C", "Z"]
