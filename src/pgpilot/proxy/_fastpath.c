@@ -672,7 +672,7 @@ static int sql_needs_python(const unsigned char *s, size_t n) {
         return 1;
     if (i + 5 <= n && contains_ci(s + i, 5, "reset")) return 1;
     /* EXECUTE of a statement the client prepared in the protocol: Python names it as the
-     * server knows it (prepared.py, _execute_by_name). */
+     * server knows it (prepared.py, StatementRouter._executed). */
     if (starts_ci(s + i, n - i, "execute")) return 1;
     /* CREATE / ALTER / DROP DATABASE: Python first closes the pool's idle servers of the
      * database it names (client.py, _database_statement), which would keep it busy. */
@@ -4286,13 +4286,14 @@ static PyObject *conn_claim(ConnObject *c, PyObject *unused) {
     return Py_NewRef(c->protocol);
 }
 
-/* Python wants the pair back now (a timeout, an admin command, a cancel). */
+/* Python reads (and clears) F_UNNAMED_PARSED before it rewrites a client's request. */
 static PyObject *conn_take_unnamed_parsed(ConnObject *c, PyObject *unused) {
     int was = (c->flags & F_UNNAMED_PARSED) != 0;
     c->flags &= ~F_UNNAMED_PARSED;
     return PyBool_FromLong(was);
 }
 
+/* Python wants the pair back now (a timeout, an admin command, a cancel). */
 static PyObject *conn_eject(ConnObject *c, PyObject *unused) {
     int was = c->mode == MODE_FAST;
     make_slow(c);
