@@ -226,13 +226,16 @@ def test_error_for_a_renamed_statement_with_python_taking_over(proxy_factory: An
             assert [t for t, _ in answers] == ["E", "Z"]
             error = m.parse_error_fields(answers[0][1])
             assert "result type" in error["M"] and "H" not in error  # as directly
-            # Prepared afresh under the same text (the error moved the catalog generation
-            # on: the new Parse gets a server statement of its own), it sees the new column.
-            sock.sendall(m.parse_message("s", "select * from pgp_fp_ddl2") + m.bind_simple(
-                "", "s") + m.describe_message("P", "") + m.execute_message() + m.sync())
+            # (The Close came after the error: skipped, as directly, so "s" is still there.)
+            # Closed and prepared afresh under the same text (the error moved the catalog
+            # generation on: the new Parse gets a server statement of its own), it sees the
+            # new column.
+            sock.sendall(m.close_message("S", "s") + m.parse_message(
+                "s", "select * from pgp_fp_ddl2") + m.bind_simple("", "s")
+                + m.describe_message("P", "") + m.execute_message() + m.sync())
             answers = read_answers(sock)
-            assert [t for t, _ in answers] == ["1", "2", "T", "C", "Z"]
-            assert b"b\x00" in answers[2][1]
+            assert [t for t, _ in answers] == ["3", "1", "2", "T", "C", "Z"]
+            assert b"b\x00" in answers[3][1]
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as admin:
             admin.execute("drop table pgp_fp_ddl2")

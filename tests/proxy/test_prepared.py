@@ -255,11 +255,16 @@ def test_requests_sent_after_an_error_before_sync(proxy_factory) -> None:
         sock.sendall(m.bind_simple("", "good") + m.execute_message()
                      + m.parse_message("late", "select 3::int") + m.sync())
         assert read_types(sock) == ["Z"]
-        # The server has "good" already: the router answers this Parse itself, which only
-        # works if its queue of owed answers is right.
-        sock.sendall(m.parse_message("good", "select 2::int") + m.bind_simple("", "good")
+        # The server has "good"'s statement already: the router answers this Parse (of the
+        # same text under another name) itself, which only works if its queue of owed answers
+        # is right.
+        sock.sendall(m.parse_message("good2", "select 2::int") + m.bind_simple("", "good2")
                      + m.execute_message() + m.sync())
         assert read_types(sock) == ["1", "2", "D", "C", "Z"]
+        # "good" is still the client's: defined again without a Close, refused as directly.
+        sock.sendall(m.parse_message("good", "select 2::int") + m.bind_simple("", "good")
+                     + m.execute_message() + m.sync())
+        assert read_types(sock) == ["E", "Z"]
         sock.sendall(m.parse_message("again", "select 4::int") + m.bind_simple("", "again")
                      + m.execute_message() + m.sync())
         assert read_types(sock) == ["1", "2", "D", "C", "Z"]
@@ -292,3 +297,87 @@ def test_query_behind_an_error_before_sync_is_skipped(proxy_factory, fast_path: 
         # Skipped, the Close did not happen: the statement is still the client's.
         sock.sendall(m.bind_simple("", "keep") + m.execute_message() + m.sync())
         assert read_types(sock) == ["2", "D", "C", "Z"]
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_unnamed_statement_lasts_across_transactions(proxy_factory, fast_path: str) -> None:
+    """PostgreSQL keeps the unnamed statement until the next unnamed Parse or simple query, so
+    a driver may prepare it in one request and bind it in a later one (asyncpg does, without
+    its statement cache, around a type introspection). Here the server changes in between."""
+    if fast_path == "on" and not fastpath.available():
+        pytest.skip("fast path not built")
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(m.startup_message({"user": "postgres", "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.parse_message("", "select 40 + $1::int") + m.describe_message("S", "")
+                     + m.sync())
+        assert read_types(sock) == ["1", "t", "T", "Z"]
+        with psycopg.connect(proxy.dsn("pgbouncer"), autocommit=True) as admin:
+            admin.execute("RECONNECT")  # the next transaction gets a new server
+        for _ in range(2):
+            sock.sendall(m.bind_simple("", "", ["2"]) + m.execute_message() + m.sync())
+            answers = read_types(sock)
+            assert answers == ["2", "D", "C", "Z"]
+        # A simple query drops it, as directly: then it is gone.
+        sock.sendall(m.query("select 1"))
+        assert read_types(sock) == ["T", "D", "C", "Z"]
+        sock.sendall(m.bind_simple("", "", ["2"]) + m.execute_message() + m.sync())
+        assert read_types(sock) == ["E", "Z"]
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_prepared_name_reuse_is_refused(proxy_factory, fast_path: str, caplog) -> None:
+    """A Parse of a name the client has prepared and not closed: PostgreSQL's 42P05, and the
+    line PgBouncer logs (its test_prepared_disallow_name_reuse greps it); the statement stays
+    as it was."""
+    if fast_path == "on" and not fastpath.available():
+        pytest.skip("fast path not built")
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.pgconn.prepare(b"test", b"SELECT 1").status == psycopg.pq.ExecStatus.COMMAND_OK
+        with caplog.at_level("WARNING", logger="pgpilot.proxy"):
+            refused = conn.pgconn.prepare(b"test", b"SELECT 2")
+        assert refused.status == psycopg.pq.ExecStatus.FATAL_ERROR
+        assert refused.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42P05"
+        assert refused.error_message.decode().startswith(
+            'ERROR:  prepared statement "test" already exists')
+        assert "prepared statement 'test' was already prepared" in caplog.text
+        ran = conn.pgconn.exec_prepared(b"test", [])
+        assert ran.get_value(0, 0) == b"1"  # still the first one
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_sql_execute_of_a_protocol_statement(proxy_factory, fast_path: str) -> None:
+    """asyncpg's test_prepare_explicitly_named: a statement prepared in the protocol under the
+    client's own name runs by SQL ``EXECUTE name`` (itself prepared by asyncpg, or sent
+    unnamed by psycopg), on whichever server; preparing the name again is refused (42P05)."""
+    if fast_path == "on" and not fastpath.available():
+        pytest.skip("fast path not built")
+    proxy = proxy_factory(default_pool_size=1, fast_path=fast_path)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(proxy.dsn())
+        try:
+            stmt = await conn.prepare("select 1", name="foobar")
+            assert stmt.get_name() == "foobar"
+            assert await conn.fetchval("EXECUTE foobar") == 1
+            with psycopg.connect(proxy.dsn("pgbouncer"), autocommit=True) as admin:
+                admin.execute("RECONNECT")  # a new server, which lacks both statements
+            assert await conn.fetchval("EXECUTE foobar") == 1
+            assert await conn.fetchval('execute "foobar"') == 1
+            with pytest.raises(asyncpg.DuplicatePreparedStatementError,
+                               match='prepared statement "foobar" already exists'):
+                await conn.prepare("select 1", name="foobar")
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.pgconn.prepare(b"two", b"SELECT $1::int * 2").status \
+            == psycopg.pq.ExecStatus.COMMAND_OK
+        with psycopg.connect(proxy.dsn("pgbouncer"), autocommit=True) as admin:
+            admin.execute("RECONNECT")
+        ran = conn.pgconn.exec_params(b"EXECUTE two(21)", [])  # an unnamed Parse
+        assert ran.status == psycopg.pq.ExecStatus.TUPLES_OK, ran.error_message
+        assert ran.get_value(0, 0) == b"42"

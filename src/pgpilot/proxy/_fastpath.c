@@ -71,6 +71,9 @@
 #define F_SSL_ASKED 0x2000 /* client: its SSLRequest was answered (one is allowed) */
 #define F_GSS_ASKED 0x4000 /* client: its GSSENCRequest was answered (one is allowed) */
 #define F_FATAL_SEEN 0x8000 /* server: it sent its client a FATAL (or PANIC) error */
+#define F_UNNAMED_PARSED 0x10000 /* client: the engine carried an unnamed Parse (or a simple
+                                  * query, which drops the unnamed statement): Python's record
+                                  * of it is out of date (take_unnamed_parsed) */
 #define MAX_WHOLE_ERROR 65536 /* a server error up to this size is read whole (FATAL?) */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104
@@ -669,6 +672,9 @@ static int sql_needs_python(const unsigned char *s, size_t n) {
         (i + 3 == n || !is_ident(s[i + 3])))
         return 1;
     if (i + 5 <= n && contains_ci(s + i, 5, "reset")) return 1;
+    /* EXECUTE of a statement the client prepared in the protocol: Python names it as the
+     * server knows it (prepared.py, StatementRouter._executed). */
+    if (starts_ci(s + i, n - i, "execute")) return 1;
     /* CREATE / ALTER / DROP DATABASE: Python first closes the pool's idle servers of the
      * database it names (client.py, _database_statement), which would keep it busy. */
     if ((starts_ci(s + i, n - i, "drop") || starts_ci(s + i, n - i, "alter") ||
@@ -2017,6 +2023,13 @@ static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int
     size_t avail = buf_len(&c->rb), pos = from <= avail ? from : 0;
     size_t named_at[MAX_RENAMES];
     int n_named = 0;
+    /* The unnamed statement: a Bind or Describe of it whose Parse came in an earlier chunk
+     * goes to Python, which parses it again first if the server may lack it (the client may
+     * have moved to another server since); a Parse of it that no Bind follows in the chunk
+     * (a driver preparing it for later: asyncpg without its cache) goes to Python too, so
+     * that Python knows what to parse again. A Parse followed by its Bind stays here. */
+    int unnamed_parsed = 0;
+    size_t lone_parse_at = (size_t)-1, first_parse_at = (size_t)-1;
     *bad = 0;
     *terminate = 0;
     renamed_clear(rn);
@@ -2036,8 +2049,27 @@ static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int
             break;
         }
         if (how == FAST_NAMED) named_at[n_named++] = pos;
+        if (t == 'Q' && first_parse_at == (size_t)-1) first_parse_at = pos;
+        if (how == FAST_YES && t == 'P') {
+            unnamed_parsed = 1;
+            if (first_parse_at == (size_t)-1) first_parse_at = pos;
+            if (lone_parse_at == (size_t)-1) lone_parse_at = pos;
+        } else if (how == FAST_YES && (t == 'B' || (t == 'D' && base[pos + 5] == 'S'))) {
+            if (!unnamed_parsed) {
+                *bad = 1;
+                break;
+            }
+            if (t == 'B') lone_parse_at = (size_t)-1;
+        }
         pos += (size_t)len + 1;
     }
+    if (lone_parse_at != (size_t)-1 && lone_parse_at < pos) {
+        pos = lone_parse_at;
+        *bad = 1;
+        *terminate = 0;
+        while (n_named && named_at[n_named - 1] >= pos) n_named--;
+    }
+    if (first_parse_at < pos) c->flags |= F_UNNAMED_PARSED;
     if (!n_named) return pos;
     /* The names, in order: the first the client has not prepared (Python forwards it for
      * PostgreSQL to refuse) or this server lacks (Python prepares it there first) ends the
@@ -4275,6 +4307,13 @@ static PyObject *conn_claim(ConnObject *c, PyObject *unused) {
     return Py_NewRef(c->protocol);
 }
 
+/* Python reads (and clears) F_UNNAMED_PARSED before it rewrites a client's request. */
+static PyObject *conn_take_unnamed_parsed(ConnObject *c, PyObject *unused) {
+    int was = (c->flags & F_UNNAMED_PARSED) != 0;
+    c->flags &= ~F_UNNAMED_PARSED;
+    return PyBool_FromLong(was);
+}
+
 /* Python wants the pair back now (a timeout, an admin command, a cancel). */
 static PyObject *conn_eject(ConnObject *c, PyObject *unused) {
     int was = c->mode == MODE_FAST;
@@ -4356,6 +4395,9 @@ static PyMethodDef conn_methods[] = {
      "set_statements(statements): a client's router.statements from now on (None: no "
      "renaming; its named statements go to Python)."},
     {"eject", (PyCFunction)conn_eject, METH_NOARGS, "Take the connection back from the fast path."},
+    {"take_unnamed_parsed", (PyCFunction)conn_take_unnamed_parsed, METH_NOARGS,
+     "Did the engine carry an unnamed Parse or a simple query since last asked (so Python's "
+     "record of the client's unnamed statement is out of date)?"},
     {"scram_login", (PyCFunction)conn_scram_login, METH_VARARGS,
      "scram_login(stored_key, server_key, salt_b64, iterations, valid) -> bytes: run this "
      "client's SCRAM-SHA-256 exchange in the engine; returns the AuthenticationSASL message."},

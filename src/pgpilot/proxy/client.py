@@ -1028,8 +1028,8 @@ class ClientConnection(asyncio.Protocol):
                 parse = m.parse_parse(body)
             except (ValueError, IndexError, ProtocolError):
                 return False
-            if not parse.name:
-                return False
+            if not parse.name or parse.name in router.statements:
+                return False  # (a name in use: the server path refuses it, 42P05)
             sql = parse.sql.encode()
             low = parse.sql.lower()
             if might_change_settings(low) or might_be_hazard(sql) \
@@ -1126,6 +1126,9 @@ class ClientConnection(asyncio.Protocol):
             if data:
                 server.write(data)
         else:
+            transport = self.transport
+            if is_fast_conn(transport) and transport.take_unnamed_parsed():  # type: ignore[union-attr]
+                router.unnamed_parse = None  # the engine carried a newer one: not known here
             continued = self._held
             out, tail = router.client_chunk(data, msgs, self._reader.ends, continued, server,
                                             renamable)
@@ -1331,6 +1334,14 @@ class ClientConnection(asyncio.Protocol):
             reader = server.reader
             self.write(router.server_chunk(data, msgs, reader.ends, server, reader.skipping,
                                            error_seen))
+            if router.resume_due:
+                # A statement parsed again here was checked: the requests that waited go on.
+                resumed = router.resume(server)
+                if resumed:
+                    server.write(resumed)
+                due = router.replies_due()
+                if due:
+                    self.write(due)
             skipped = router.take_skipped_queries()
             if skipped:
                 self.expected_rfq -= skipped

@@ -26,7 +26,17 @@ Then, message by message:
   statements and the client's are gone then, but for those Parsed after it.
 - A statement whose table or type changed since the client parsed it fails as it would on a
   direct connection (``cached plan must not change result type``), and keeps failing until the
-  client prepares it again; that Parse gets a server statement of the new generation.
+  client prepares it again; that Parse gets a server statement of the new generation. On a
+  server that kept its copy, PostgreSQL says so itself. Where the pooler must parse it again,
+  it compares the new copy with what the client was told (``ClientStatement.shape``: from the
+  pooler's own Describe after the client's Parse, or the client's Describe) before the
+  client's Bind runs (CHECK_DESCRIBE: the client's requests wait for the answer), and answers
+  PostgreSQL's error itself (ChangedStatement) if the result differs.
+- Parse of a name the client has not closed: refused (42P05), as PostgreSQL refuses it.
+- The unnamed statement: the client's last unnamed Parse is sent again before a Bind of it in
+  a later request, which may run on another server.
+- SQL ``EXECUTE name`` of a protocol-level statement, sent as a Parse: run under the shared
+  name, prepared there first.
 - If the pooler's record of a server ever disagrees with the server (it says a statement
   is missing, or already exists), the record is corrected at that error, so the next attempt
   works.
@@ -40,6 +50,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
+import logging
+import re
 from typing import TYPE_CHECKING, NamedTuple
 
 from pgpilot.wire import messages as m
@@ -49,6 +62,7 @@ if TYPE_CHECKING:
 
 F = m.F
 B = m.B
+log = logging.getLogger("pgpilot.proxy")
 
 # What a forwarded (or made-up) request is answered with.
 QUERY = 0  # simple Query or FunctionCall: everything up to ReadyForQuery
@@ -62,6 +76,18 @@ FAKE_PARSE = 7  # the pooler answers ParseComplete itself
 FAKE_CLOSE = 8  # the pooler answers CloseComplete itself
 SWALLOW_PARSE = 9  # the pooler's own Parse: its ParseComplete is dropped
 SWALLOW_CLOSE = 10  # the pooler's own Close: its CloseComplete is dropped
+# The pooler's own Describe of a statement it just had parsed for a client's Parse: its answer
+# (ParameterDescription, RowDescription | NoData) is dropped, and is what the client's statement
+# is (ClientStatement.shape).
+RECORD_DESCRIBE = 11
+# The pooler's own Describe of a statement it parsed again on this server for a client's Bind
+# or Describe: its answer is dropped and compared with what the client was told; the client's
+# requests wait for it (StatementRouter.paused).
+CHECK_DESCRIBE = 12
+# A request the pooler refuses as PostgreSQL would: sent as a Describe of a statement that
+# never exists, so that the server fails it and skips to the Sync as it would have; its
+# error is replaced by the entry's (extra: the ErrorResponse the client gets).
+REFUSED = 13
 
 _ENDS: dict[int, frozenset[int]] = {
     QUERY: frozenset({B.READY_FOR_QUERY}),
@@ -72,20 +98,66 @@ _ENDS: dict[int, frozenset[int]] = {
     EXECUTE: frozenset({B.COMMAND_COMPLETE, B.EMPTY_QUERY, B.PORTAL_SUSPENDED}),
     CLOSE: frozenset({B.CLOSE_COMPLETE}),
     SWALLOW_CLOSE: frozenset({B.CLOSE_COMPLETE}),
+    RECORD_DESCRIBE: frozenset({B.ROW_DESCRIPTION, B.NO_DATA}),
+    CHECK_DESCRIBE: frozenset({B.ROW_DESCRIPTION, B.NO_DATA}),
     SYNC: frozenset({B.READY_FOR_QUERY}),
 }
 # What the messages the router never renames are owed.
 _OWED = {F.QUERY: QUERY, F.FUNCTION_CALL: QUERY, F.SYNC: SYNC, F.EXECUTE: EXECUTE,
          F.PARSE: PARSE, F.BIND: BIND, F.DESCRIBE: DESCRIBE, F.CLOSE: CLOSE}
 _SPECIAL = frozenset({FAKE_PARSE, FAKE_CLOSE, SWALLOW_PARSE, SWALLOW_CLOSE})
+_POOLERS_DESCRIBE = frozenset({RECORD_DESCRIBE, CHECK_DESCRIBE})
+_DESCRIBES = frozenset({DESCRIBE, RECORD_DESCRIBE, CHECK_DESCRIBE})
+# A statement name no server ever has: a Describe of it is how a refused request fails there.
+_NEVER_PREPARED = "pgpilot_refused"
 _FAKE_REPLY = {FAKE_PARSE: m.parse_complete(), FAKE_CLOSE: m.close_complete()}
 # Messages a server may send at any time, answering nothing.
 _ASYNC = frozenset({B.NOTICE_RESPONSE, B.NOTIFICATION, B.PARAMETER_STATUS})
 _RESULT_CHANGED = "cached plan must not change result type"
 # CommandComplete bodies of the commands that drop every prepared statement of the session.
 DROP_TAGS = frozenset({b"DEALLOCATE ALL\x00", b"DISCARD ALL\x00"})
+# SQL-level EXECUTE and the statement name it runs (maybe one the client prepared in the
+# protocol, which the server knows under its shared name only).
+_EXECUTE = re.compile(r'\s*execute\s+("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)', re.IGNORECASE)
 _DUPLICATE_STATEMENT = "42P05"  # prepared statement ... already exists
 _UNDEFINED_STATEMENT = "26000"  # prepared statement ... does not exist
+
+
+class Shape(NamedTuple):
+    """What a statement was described as: its parameter types, and its result columns' names
+    and types (type OID, length, modifier; None: it returns no rows). Table OIDs and column
+    numbers are left out, as PostgreSQL leaves them out when it decides whether a statement's
+    result type changed (a table dropped and made again alike is the same result)."""
+
+    params: tuple[int, ...]
+    result: bytes | None
+
+
+def described_shape(params: bytes | None, row_description: bytes | None) -> Shape | None:
+    """The Shape of a ParameterDescription body and a RowDescription body (None: NoData);
+    None if either is malformed."""
+    try:
+        types: tuple[int, ...] = ()
+        if params is not None:
+            count = int.from_bytes(params[:2], "big")
+            types = tuple(int.from_bytes(params[2 + 4 * i:6 + 4 * i], "big")
+                          for i in range(count))
+        if row_description is None:
+            return Shape(types, None)
+        body = row_description
+        count = int.from_bytes(body[:2], "big")
+        pos = 2
+        out = bytearray()
+        for _ in range(count):
+            end = body.index(b"\x00", pos)
+            # name, then (skipping table OID and column number) type OID, length, modifier
+            out += body[pos:end + 1] + body[end + 7:end + 17]
+            pos = end + 19
+            if pos > len(body):
+                return None
+        return Shape(types, bytes(out))
+    except ValueError:
+        return None
 
 
 class ClientStatement(NamedTuple):
@@ -94,19 +166,44 @@ class ClientStatement(NamedTuple):
 
     server_name: str  # ASCII: pgpilot_<hex>
     server_parse: bytes  # the whole Parse message under the server-side name
+    # What the client was told the statement is (by the server its Parse went to, or by its
+    # own Describe): a copy parsed later on another server must be the same (CHECK_DESCRIBE).
+    # None: told nothing yet.
+    shape: Shape | None = None
 
 
 class SessionStatement:
     """A client's statement whose runs may change session settings or pinned state
     (``StatementRouter.session_sql``): as a ClientStatement, but not a tuple, so the compiled
     fast path does not find it and hands every Bind of it to Python, which notes the run
-    (client._note_session) as it notes the Parse."""
+    (client._note_session) as it notes the Parse. Also a statement that runs another of the
+    client's by SQL ``EXECUTE`` (``inner``), which Python prepares first wherever it runs."""
 
-    __slots__ = ("server_name", "server_parse")
+    __slots__ = ("inner", "server_name", "server_parse", "shape")
 
-    def __init__(self, server_name: str, server_parse: bytes) -> None:
+    def __init__(self, server_name: str, server_parse: bytes,
+                 inner: ClientStatement | None = None) -> None:
         self.server_name = server_name
         self.server_parse = server_parse
+        self.shape: Shape | None = None  # (not checked: its runs go to Python anyway)
+        # The client's statement this one runs by SQL ``EXECUTE`` (prepared on the server
+        # first, wherever this one runs), or None.
+        self.inner = inner
+
+
+class ChangedStatement:
+    """A client's statement whose result type changed since the client was told it (the
+    server it was parsed on again describes it otherwise): every Bind or Describe of it fails
+    with PostgreSQL's own error, ``cached plan must not change result type``, until the client
+    closes it or prepares the name again, as on a direct connection. Not a tuple, so the
+    compiled fast path hands every use of it to Python."""
+
+    __slots__ = ("server_name", "server_parse", "shape")
+
+    def __init__(self) -> None:
+        self.server_name = _NEVER_PREPARED
+        self.server_parse = b""
+        self.shape: Shape | None = None
 
 
 # CommandComplete tags of schema changes (CREATE TABLE, ALTER TYPE, DROP SCHEMA ...): the
@@ -160,12 +257,13 @@ def server_statement_name(parse: m.Parse, generation: int = 0, search_path: str 
 
 # What undoes a change the router made to the client's names when PostgreSQL skips the
 # request that made it (an error came first): (client's name, what it meant before or None).
-Undo = tuple[str, "ClientStatement | SessionStatement | None"]
+Undo = tuple[str, "ClientStatement | SessionStatement | ChangedStatement | None"]
 # (what answers it, server-side statement name or None, more): more is an Undo (a named
 # Parse, a Close answered by the pooler), the client's name of a renamed Bind or Describe
 # (errors are told under it), for the pooler's own Close what the statement was before it
 # (server.prepared's value, or STALE), or None.
-Entry = tuple[int, str | None, Undo | str | bool | None]  # (str: a client's name, STALE, ABSENT)
+# (str: a client's name, STALE, ABSENT; bytes: a REFUSED request's error)
+Entry = tuple[int, str | None, Undo | str | bool | bytes | None]
 STALE = "stale"  # a Close of a statement whose table changed (server.stale_statements)
 ABSENT = "absent"  # a Close of a statement whose Parse, on its way then, turned out to fail
 
@@ -177,8 +275,9 @@ class StatementRouter:
     names pass as the client sent them, and the router only keeps count of the answers owed
     (what PostgreSQL skips after an error is owed nothing)."""
 
-    __slots__ = ("held", "max_prepared", "outstanding", "renaming", "search_path",
-                 "session_sql", "skipped_queries", "skipping", "statements", "surgery")
+    __slots__ = ("described_params", "held", "max_prepared", "outstanding", "paused",
+                 "renaming", "resume_due", "search_path", "session_sql", "skipped_queries",
+                 "skipping", "statements", "surgery", "to_close", "unnamed_parse")
 
     def __init__(self, max_prepared: int) -> None:
         self.max_prepared = max_prepared
@@ -186,7 +285,7 @@ class StatementRouter:
         # part of the shared names, as it decides what a statement's names refer to.
         self.search_path = ""
         self.renaming = max_prepared > 0
-        self.statements: dict[str, ClientStatement | SessionStatement] = {}
+        self.statements: dict[str, ClientStatement | SessionStatement | ChangedStatement] = {}
         # The client's statements ('' the unnamed one) whose runs may change its session's
         # settings or pinned state, by name, with their text: each Bind of one is noted.
         self.session_sql: dict[str, bytes] = {}
@@ -202,6 +301,18 @@ class StatementRouter:
         # Queries (and function calls) PostgreSQL skipped that way: each had been counted as
         # owed a ReadyForQuery, which will not come; the client takes them off its count.
         self.skipped_queries = 0
+        # The client's requests (type, body, bytes) held back while a statement parsed again
+        # on this server is described (CHECK_DESCRIBE): sent on (resume) once its answer
+        # says whether they may run. None: nothing held.
+        self.paused: list[tuple[int, bytes | None, bytes]] | None = None
+        self.resume_due = False  # the answer came: the client calls resume()
+        self.to_close: str | None = None  # a copy found changed: closed at the resume
+        self.described_params: bytes | None = None  # a ParameterDescription, until its Row-
+        # The client's last Parse of the unnamed statement (the whole message), which
+        # PostgreSQL keeps until the next one or a simple query: parsed again before a Bind or
+        # Describe of it in a later request, as the client may be on another server by then.
+        # None: none, or one carried by the engine (client.py drops the record then).
+        self.unnamed_parse: bytes | None = None
 
     def limit_changed(self, max_prepared: int) -> None:
         """``max_prepared_statements`` changed (RELOAD, console SET), as PgBouncer applies it
@@ -224,14 +335,25 @@ class StatementRouter:
         server, bytes held back: the start of a message not complete yet).
         """
         outstanding = self.outstanding
+        if self.paused is not None:
+            return b"", self._hold(data, msgs, ends, continued)
         if not renamable and not continued and ends and ends[-1] == len(data) \
-                and not self.skipping:
+                and not self.skipping and (self.unnamed_parse is None
+                                           or not _uses_unnamed_first(msgs)) \
+                and not (self.statements and _parses_execute(msgs)):
             # Nothing to rename (the common case): only note what each message is owed.
-            for mtype, _body in msgs:
+            prev = 0
+            for (mtype, _body), end in zip(msgs, ends, strict=True):
                 owed = _OWED.get(mtype)
                 if owed is not None:
                     outstanding.append((owed, None, None))
+                    if mtype == F.PARSE:
+                        self.unnamed_parse = data[prev:end]
+                    elif mtype == F.QUERY:
+                        self.unnamed_parse = None
+                prev = end
             return data, b""
+        parsed_unnamed = False  # in this chunk, before the message at hand
         out = bytearray()
         prev = 0
         for (mtype, body), end in zip(msgs, ends, strict=True):
@@ -239,6 +361,10 @@ class StatementRouter:
             if prev == 0 and continued:
                 raw = continued + raw
             prev = end
+            if self.paused is not None:
+                # A statement is being checked (CHECK_DESCRIBE): what follows waits for it.
+                self.paused.append((mtype, body, raw))
+                continue
             if self.skipping:
                 if mtype != F.SYNC:
                     out += raw  # skipped by the server as well: owed nothing
@@ -254,8 +380,15 @@ class StatementRouter:
                 stmt = self.statements.get(bind.statement) \
                     if bind.statement and self.renaming else None
                 if stmt is None:
+                    if not bind.statement and not parsed_unnamed:
+                        out += self._unnamed_again()
                     outstanding.append((BIND, None, None))
                     out += raw
+                elif isinstance(stmt, ChangedStatement):
+                    out += self._refuse(_result_changed_error())
+                elif self._must_check(stmt, server):
+                    out += self._check_on_server(stmt, bind.statement, server)
+                    self.paused = [(mtype, body, raw)]
                 else:
                     out += self._ensure_on_server(stmt, server)
                     outstanding.append((BIND, stmt.server_name, bind.statement))
@@ -264,14 +397,24 @@ class StatementRouter:
                 outstanding.append((EXECUTE, None, None))
                 out += raw
             elif mtype == F.PARSE and body is not None:
+                if body[:1] == b"\x00":
+                    self.unnamed_parse = raw
+                    parsed_unnamed = True
                 out += self._parse(body, raw, server)
             elif mtype == F.DESCRIBE and body is not None:
                 target, name = m.parse_close_or_describe(body, "Describe")
                 stmt = self.statements.get(name) \
                     if target == "S" and name and self.renaming else None
                 if stmt is None:
+                    if target == "S" and not name and not parsed_unnamed:
+                        out += self._unnamed_again()
                     outstanding.append((DESCRIBE, None, None))
                     out += raw
+                elif isinstance(stmt, ChangedStatement):
+                    out += self._refuse(_result_changed_error())
+                elif self._must_check(stmt, server):
+                    out += self._check_on_server(stmt, name, server)
+                    self.paused = [(mtype, body, raw)]
                 else:
                     out += self._ensure_on_server(stmt, server)
                     outstanding.append((DESCRIBE, stmt.server_name, name))
@@ -289,22 +432,65 @@ class StatementRouter:
             elif mtype in (F.QUERY, F.FUNCTION_CALL):
                 outstanding.append((QUERY, None, None))
                 out += raw
+                if mtype == F.QUERY:
+                    self.unnamed_parse = None  # a simple query drops the unnamed statement
             else:
                 out += raw  # Flush, CopyData/Done/Fail: no answer of their own
         return bytes(out), data[prev:] if prev < len(data) else b""
 
     def _parse(self, body: bytes, raw: bytes, server: ServerConnection) -> bytes:
         parse = m.parse_parse(body)
+        inner = self._executed(parse.sql) if self.statements and self.renaming else None
+        if inner is not None:
+            # EXECUTE of the client's own statement: under its shared name, there first.
+            found = _EXECUTE.match(parse.sql)
+            assert found is not None
+            parse = m.Parse(parse.name, parse.sql[:found.start(1)] + inner.server_name
+                            + parse.sql[found.end(1):], parse.param_types)
+            if not parse.name:
+                self.unnamed_parse = None  # (not parsed again elsewhere: it needs the other)
+                self.outstanding.append((PARSE, None, None))
+                return self._ensure_on_server(inner, server) + m.parse_message(
+                    "", parse.sql, parse.param_types)
         if not parse.name or not self.renaming:
             self.outstanding.append((PARSE, None, None))
             return raw
+        if parse.name in self.statements and not any(
+                kind == QUERY for kind, _n, _m in self.outstanding):
+            # As PostgreSQL: a name is defined once until closed. (Not while a simple query
+            # is on its way: a DEALLOCATE ALL or DISCARD ALL in it may free the name.)
+            log.warning("prepared statement '%s' was already prepared", parse.name)
+            return self._refuse(m.error_response(
+                _DUPLICATE_STATEMENT, f'prepared statement "{parse.name}" already exists'))
         server_name = server_statement_name(parse, server.pool.catalog.generation,
                                             self.search_path)
-        kind = SessionStatement if parse.name in self.session_sql else ClientStatement
-        stmt = kind(server_name, m.parse_message(server_name, parse.sql, parse.param_types))
-        # PostgreSQL would refuse to redefine a name; the pooler lets the newest Parse win.
+        server_parse = m.parse_message(server_name, parse.sql, parse.param_types)
+        stmt: ClientStatement | SessionStatement
+        if inner is not None:
+            stmt = SessionStatement(server_name, server_parse, inner)
+        elif parse.name in self.session_sql:
+            stmt = SessionStatement(server_name, server_parse)
+        else:
+            stmt = ClientStatement(server_name, server_parse)
         undo = (parse.name, self.statements.get(parse.name))
-        self.statements[parse.name] = stmt
+        before = self._ensure_on_server(inner, server) if inner is not None else b""
+        return before + self._parse_as(stmt, server_name, undo, server)
+
+    def _executed(self, sql: str) -> ClientStatement | None:
+        """The client's protocol-level statement that ``sql`` runs by SQL EXECUTE, if any."""
+        found = _EXECUTE.match(sql)
+        if found is None:
+            return None
+        word = found.group(1)
+        name = word[1:-1].replace('""', '"') if word[:1] == '"' else word.lower()
+        stmt = self.statements.get(name)
+        return stmt if isinstance(stmt, ClientStatement) else None
+
+    def _parse_as(self, stmt: ClientStatement | SessionStatement, server_name: str,
+                  undo: Undo, server: ServerConnection) -> bytes:
+        """The client's named Parse, as ``stmt`` (its server-side statement)."""
+        parse_name = undo[0]
+        self.statements[parse_name] = stmt
         known = server.prepared.get(server_name)
         if known is not None and (known or not self._synced_since_parse(server_name)):
             # There (or its Parse is in this same pipeline segment: should that fail, the
@@ -325,7 +511,11 @@ class StatementRouter:
         out = self._make_room(server)
         server.prepared[server_name] = False
         self.outstanding.append((PARSE, server_name, undo))
-        return out + stmt.server_parse
+        # Described at once (the answer dropped): what the client's statement is, which a
+        # copy parsed later elsewhere must be too (CHECK_DESCRIBE).
+        self.outstanding.append((RECORD_DESCRIBE, server_name, parse_name))
+        self.surgery = True
+        return out + stmt.server_parse + m.describe_message("S", server_name)
 
     def _synced_since_parse(self, server_name: str) -> bool:
         """Was a Sync (or Query) sent after the Parse of ``server_name`` still owed an answer?
@@ -340,7 +530,12 @@ class StatementRouter:
 
     def _ensure_on_server(self, stmt: ClientStatement | SessionStatement,
                           server: ServerConnection) -> bytes:
-        """The Parse to slip in first when ``server`` lacks the statement (else nothing)."""
+        """The Parse to slip in first when ``server`` lacks the statement (else nothing);
+        first that of the statement it runs by SQL EXECUTE, if any."""
+        inner = stmt.inner if isinstance(stmt, SessionStatement) else None
+        if inner is not None:
+            return self._ensure_on_server(inner, server) + self._ensure_on_server(
+                SessionStatement(stmt.server_name, stmt.server_parse), server)
         if stmt.server_name in server.prepared:
             server.prepared.move_to_end(stmt.server_name)
             return b""
@@ -349,6 +544,81 @@ class StatementRouter:
         self.outstanding.append((SWALLOW_PARSE, stmt.server_name, None))
         self.surgery = True
         return out + stmt.server_parse
+
+    def _must_check(self, stmt: ClientStatement | SessionStatement,
+                    server: ServerConnection) -> bool:
+        """Is ``stmt`` to be parsed again on ``server`` (it lacks it), and was the client told
+        what it is (so the new copy must be the same before the client runs it)?"""
+        return stmt.shape is not None and stmt.server_name not in server.prepared
+
+    def _check_on_server(self, stmt: ClientStatement | SessionStatement, client_name: str,
+                         server: ServerConnection) -> bytes:
+        """Parse ``stmt`` on ``server`` with the parameter types the client was told (as
+        PostgreSQL keeps a prepared statement's), describe it, and flush: the client's
+        requests wait (``paused``) until the answer says whether its result is the same."""
+        assert stmt.shape is not None
+        parse = m.parse_parse(stmt.server_parse[5:])
+        out = self._make_room(server)
+        server.prepared[stmt.server_name] = False
+        self.outstanding.append((SWALLOW_PARSE, stmt.server_name, None))
+        self.outstanding.append((CHECK_DESCRIBE, stmt.server_name, client_name))
+        self.surgery = True
+        return out + m.parse_message(stmt.server_name, parse.sql, stmt.shape.params) \
+            + m.describe_message("S", stmt.server_name) + m.flush()
+
+    def _unnamed_again(self) -> bytes:
+        """The client's last unnamed Parse, to go first (its answer dropped) before a use of
+        the unnamed statement in a later request, which directly finds it still there."""
+        parse = self.unnamed_parse
+        if parse is None:
+            return b""
+        self.outstanding.append((SWALLOW_PARSE, None, None))
+        self.surgery = True
+        return parse
+
+    def _refuse(self, error: bytes) -> bytes:
+        """A request PostgreSQL would fail with ``error``: the server fails a stand-in (and
+        skips to the Sync, as it would have), the client reads ``error``."""
+        self.outstanding.append((REFUSED, None, error))
+        return m.describe_message("S", _NEVER_PREPARED)
+
+    def _hold(self, data: bytes, msgs: list[tuple[int, bytes | None]], ends: list[int],
+              continued: bytes) -> bytes:
+        """While paused: the whole messages of a chunk join those waiting; returns the
+        start of a message not complete yet."""
+        paused = self.paused
+        assert paused is not None
+        prev = 0
+        for (mtype, body), end in zip(msgs, ends, strict=True):
+            raw = data[prev:end]
+            if prev == 0 and continued:
+                raw = continued + raw
+            paused.append((mtype, body, raw))
+            prev = end
+        return data[prev:] if prev < len(data) else b""
+
+    def resume(self, server: ServerConnection) -> bytes:
+        """The check the client's requests waited for is answered: what goes to the server
+        now (a changed copy closed, then those requests, rewritten as ever; they may pause
+        again at another statement)."""
+        self.resume_due = False
+        paused, self.paused = self.paused, None
+        out = b""
+        name, self.to_close = self.to_close, None
+        if name is not None and name in server.prepared and self._next_claim(name) is None:
+            # The copy parsed here has another result: not for the clients told the old one.
+            before = server.prepared.pop(name)
+            self.outstanding.append((SWALLOW_CLOSE, name, before))
+            self.surgery = True
+            out += m.close_message("S", name)
+        if not paused:
+            return out
+        data = b"".join(raw for _t, _b, raw in paused)
+        msgs = [(t, b) for t, b, _raw in paused]
+        ends = list(itertools.accumulate(len(raw) for _t, _b, raw in paused))
+        more, tail = self.client_chunk(data, msgs, ends, b"", server)
+        assert not tail
+        return out + more
 
     def _make_room(self, server: ServerConnection) -> bytes:
         """Close statements the server must drop: stale ones, then the least recently used."""
@@ -407,8 +677,9 @@ class StatementRouter:
             if mtype == B.ERROR_RESPONSE:
                 out += self._error(kind, name, body, raw, server)
                 continue
-            if self._answered(mtype, body, server) and kind in (SWALLOW_PARSE, SWALLOW_CLOSE):
-                continue
+            answered = self._answered(mtype, body, server)
+            if kind in _POOLERS_DESCRIBE or (answered and kind in (SWALLOW_PARSE, SWALLOW_CLOSE)):
+                continue  # the pooler's own request: the client never sees its answers
             out += raw
             out += self.replies_due()
         tail = data[prev:]
@@ -436,12 +707,41 @@ class StatementRouter:
         tells of the server's statements, and pop the request if it is its last answer."""
         if mtype == B.COMMAND_COMPLETE and body in DROP_TAGS:
             self._statements_dropped(server)
-        if mtype not in _ENDS.get(self.outstanding[0][0], ()):
+        kind = self.outstanding[0][0]
+        if mtype not in _ENDS.get(kind, ()):
+            if mtype == B.PARAMETER_DESCRIPTION and kind in _DESCRIBES:
+                self.described_params = body
             return False
-        _kind, name, _more = self.outstanding.popleft()
+        _kind, name, more = self.outstanding.popleft()
         if mtype == B.PARSE_COMPLETE and name is not None:
             self._parse_done(name, server)
+        elif kind in _DESCRIBES and name is not None:
+            params, self.described_params = self.described_params, None
+            shape = described_shape(params, body if mtype == B.ROW_DESCRIPTION else None)
+            if shape is not None:
+                self._described(kind, name, more, shape, server)
         return True
+
+    def _described(self, kind: int, name: str, more: Undo | str | bool | bytes | None,
+                   shape: Shape, server: ServerConnection) -> None:
+        """A Describe of the shared statement ``name`` for the client's ``more`` is answered
+        with ``shape``."""
+        if kind == CHECK_DESCRIBE:
+            self.resume_due = True
+        if not isinstance(more, str):
+            return
+        stmt = self.statements.get(more)
+        if not isinstance(stmt, ClientStatement) or stmt.server_name != name:
+            return
+        if stmt.shape is None:
+            self.statements[more] = stmt._replace(shape=shape)  # (Python's turn: no engine)
+        elif kind == CHECK_DESCRIBE and stmt.shape.result != shape.result:
+            # Parsed again here after a schema change, it returns other columns: the client
+            # gets PostgreSQL's error for it until it prepares it again, the copy goes, and
+            # new Parses get a name of their own.
+            server.pool.catalog.changed()
+            self.to_close = name
+            self.statements[more] = ChangedStatement()
 
     def _next_claim(self, name: str) -> int | None:
         """Where in the queue the first request still owed that parses or closes ``name`` is
@@ -590,9 +890,48 @@ class StatementRouter:
         if not outstanding:
             # No Sync sent yet: what the client sends until it is skipped too.
             self.skipping = True
+        if self.paused is not None:
+            # The check they waited for failed (the statement does not parse any more): they
+            # go on, to be skipped up to their Sync, as the server skips them.
+            self.resume_due = True
+        if failed[0] == REFUSED and isinstance(failed[2], bytes) \
+                and code == _UNDEFINED_STATEMENT:
+            return failed[2]
         if body is None:
             return raw
         return _in_clients_words(failed, body, hint) or raw
+
+
+def _parses_execute(msgs: list[tuple[int, bytes | None]]) -> bool:
+    """Is one of ``msgs`` a Parse of a SQL ``EXECUTE``?"""
+    for mtype, body in msgs:
+        if mtype == F.PARSE and body is not None:
+            start = body.find(b"\x00") + 1
+            if _EXECUTE.match(body[start:start + 200].decode(errors="replace")):
+                return True
+    return False
+
+
+def _uses_unnamed_first(msgs: list[tuple[int, bytes | None]]) -> bool:
+    """Does a Bind or Describe of the unnamed statement come before any Parse in ``msgs``?"""
+    for mtype, body in msgs:
+        if mtype == F.PARSE:
+            return False
+        if body is not None and ((mtype == F.BIND and body.find(b"\x00") + 1 < len(body)
+                                  and body[body.find(b"\x00") + 1] == 0)
+                                 or (mtype == F.DESCRIBE and body[:2] == b"S\x00")):
+            return True
+    return False
+
+
+def _result_changed_error() -> bytes:
+    """PostgreSQL's error for a statement whose result type changed, with the fields it
+    sends: drivers know it by them (asyncpg by the routine, RevalidateCachedQuery)."""
+    fields = ((b"S", b"ERROR"), (b"V", b"ERROR"), (b"C", b"0A000"),
+              (b"M", _RESULT_CHANGED.encode()), (b"F", b"plancache.c"),
+              (b"R", b"RevalidateCachedQuery"))
+    return m.message(B.ERROR_RESPONSE,
+                     b"".join(code + value + b"\x00" for code, value in fields) + b"\x00")
 
 
 _RECORD_CORRECTED = ("pgpilot's record of this server's prepared statements was out of date; "

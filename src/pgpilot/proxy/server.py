@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgpilot.proxy")
 
 # What the pooler reads of a linked server's traffic; all else passes as bytes.
+# (Parameter and row descriptions: what a client was told its prepared statement is, which
+# prepared.py checks a copy parsed on another server against.)
 LINKED_TYPES = frozenset({m.B.READY_FOR_QUERY, m.B.PARAMETER_STATUS, m.B.ERROR_RESPONSE,
-                          m.B.COMMAND_COMPLETE, m.B.NOTIFICATION})
+                          m.B.COMMAND_COMPLETE, m.B.NOTIFICATION, m.B.ROW_DESCRIPTION,
+                          m.B.PARAMETER_DESCRIPTION})
 # Startup parameters whose value PostgreSQL reports (ParameterStatus) and the pooler keeps in step
 # between a client and whichever server it lands on, by their canonical names.
 TRACKED_PARAMS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
