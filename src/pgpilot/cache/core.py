@@ -141,7 +141,7 @@ class Cache:
         if follow_writes:
             from pgpilot.cache import sqla
 
-            sqla.follow_session_writes()
+            sqla.follow_session_writes(_caches)
 
     def __repr__(self) -> str:
         return f"<Cache namespace={self.namespace!r} backend={type(self.backend).__name__}>"

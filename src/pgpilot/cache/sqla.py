@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -85,6 +85,7 @@ _by_connection: weakref.WeakKeyDictionary[Connection, _Writes] = weakref.WeakKey
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 _install_lock = threading.Lock()
 _installed = False
+_following: Iterable[Cache] = ()  # the live caches (core.py's registry), set at install
 
 
 def written_tables(session: Session) -> frozenset[str]:
@@ -93,10 +94,12 @@ def written_tables(session: Session) -> frozenset[str]:
     return frozenset(t.removeprefix("table:") for t in writes.tables) if writes else frozenset()
 
 
-def follow_session_writes() -> None:
-    """Install the listeners (once per process; every ``Cache`` calls this)."""
-    global _installed
+def follow_session_writes(caches: Iterable[Cache]) -> None:
+    """Install the listeners (once per process; every ``Cache`` calls this with the live
+    caches, core.py's registry, which a commit's writes invalidate)."""
+    global _installed, _following
     with _install_lock:
+        _following = caches
         if _installed:
             return
         event.listen(Session, "do_orm_execute", _do_orm_execute)
@@ -139,9 +142,7 @@ def _after_commit(session: Session) -> None:
         return
     tags = sorted(writes.tables)
     writes.tables.clear()
-    from pgpilot.cache.core import _caches
-
-    for cache in list(_caches):
+    for cache in list(_following):
         if in_greenlet():
             _await(cache.ainvalidate_tags(*tags))
         else:

@@ -45,20 +45,15 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pgpilot.insight.fingerprint import describe
-
-try:
-    from pgpilot.proxy._fastpath import text_key as _text_key  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - built without a C compiler
-    _text_key = None
 from pgpilot.proxy.advisor import ADVICE_COLUMNS, Advisor, advice_rows
 from pgpilot.proxy.slow import SLOW_COLUMNS, SlowEntry, SlowQueries, parse_bind, slow_rows
+from pgpilot.proxy.textkey import text_key
 from pgpilot.proxy.wire_nplusone import NPLUSONE_COLUMNS, NPlusOneEntry, WireNPlusOne
 
 if TYPE_CHECKING:
@@ -236,17 +231,6 @@ class QueryEntry:
 
 
 Key = tuple[str, str, str]  # (database, user, fingerprint)
-
-
-_LITERALS = re.compile(rb"'(?:[^']|'')*'|(?<![\w$])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
-
-
-def text_key(text: bytes) -> object:
-    """The same for statement texts that differ only in their literal values (the compiled
-    engine's key where it is built: _fastpath.c, qs_text_key; a regex's otherwise)."""
-    if _text_key is not None:
-        return _text_key(text)[0]
-    return _LITERALS.sub(b"?", text)
 
 
 def _sql_text(body: bytes) -> bytes:

@@ -34,6 +34,7 @@ from urllib.parse import unquote
 
 from pgpilot.insight import QueryEvent, ScopeDetector, suggest_fix
 from pgpilot.insight.fingerprint import COMMAND_OTHER, describe
+from pgpilot.proxy.textkey import text_key
 
 if TYPE_CHECKING:
     from pgpilot.proxy.pool import Pool
@@ -153,9 +154,7 @@ class WireNPlusOne:
     def shape_id(self, raw: bytes, fingerprint: str, sample: str) -> int:
         """The small number the engine groups a statement text's executions by: one per
         (fingerprint, origin) of a read or write (0: not a statement a loop is made of).
-        Cached per text up to its literal values (stats.text_key)."""
-        from pgpilot.proxy.stats import text_key
-
+        Cached per text up to its literal values (textkey.text_key)."""
         cache_key = text_key(raw)
         cached = self._by_text.get(cache_key)
         if cached is not None:
