@@ -509,7 +509,13 @@ class QueryStats:
         path = self._snapshot_path(worker.index) if worker is not None else None
         if path is None:
             return
-        data = json.dumps({"queries": [e.to_json() for e in self.entries.values()],
+        from pgpilot.proxy.admin import pool_summary
+
+        data = json.dumps({"worker": worker.index if worker is not None else 0,
+                           "written_at": time.time(),
+                           "pools": [pool_summary(pool, settled=False)
+                                     for pool in self.pooler.pools.values()],
+                           "queries": [e.to_json() for e in self.entries.values()],
                            "nplusone": [e.to_json() for e in self.nplusone.entries.values()],
                            "slow": [e.to_json() for e in self.slow.entries.values()],
                            "advice": [{"database": db, "user": user, **dataclasses.asdict(m)}
