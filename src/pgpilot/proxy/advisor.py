@@ -124,7 +124,7 @@ def smallest_finite_pool(clients: int, think: float, service: float, target: flo
         return 1
     if think <= 0:
         return max(clients, 1)
-    load = clients * service / (think + service)  # servers busy were none ever waiting
+    load = clients * service / (think + service)  # servers busy if no client ever waited
     servers = max(1, math.floor(load))
     while servers < clients and finite_wait_exceeds(clients, servers, think, service,
                                                     target) > 1 - quantile:
