@@ -161,6 +161,33 @@ def test_show_queries_counts_what_clients_ran(proxy_factory: Callable[..., Runni
         assert engine_timed == 0
 
 
+def test_statements_in_flight_when_the_engine_hands_back_are_counted(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    # A DDL's CommandComplete makes the engine hand its client to Python (the catalog changed:
+    # prepared.Catalog) with the DDL still in flight; Python times it to its answer. Before,
+    # such statements were not counted at all on the fast path.
+    from tests.proxy.conftest import read_types
+    from tests.proxy.test_fastpath_prepared import login
+
+    from pgpilot.wire import messages as m
+
+    proxy = proxy_factory(default_pool_size=1, fast_path=1)
+    with login(proxy) as sock:
+        # In one write: a statement answered in the engine, then the DDL, then another.
+        sock.sendall(m.query("select 1 as handback_probe")
+                     + m.query("create table if not exists handback_t (a int)")
+                     + m.query("select 2 as handback_probe"))
+        for _ in range(3):
+            assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.query("drop table handback_t"))
+        assert read_types(sock)[-1] == "Z"
+    with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as console:
+        calls = {row[3]: row[4] for row in console.execute("SHOW QUERIES").fetchall()}
+    assert calls.get("create table if not exists handback_t (a int)") == 1, calls
+    assert calls.get("drop table handback_t") == 1, calls
+    assert calls.get("select $1 as handback_probe") == 2, calls  # none lost, none twice
+
+
 def test_pipelined_statements_are_each_timed(proxy_factory: Callable[..., RunningProxy]) -> None:
     proxy = proxy_factory(default_pool_size=1)
     with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as conn, \

@@ -1520,6 +1520,30 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
     }
 }
 
+/* The statements a linked client has in flight, for Python to time from here (eject_client):
+ * ([(kind, key, started, params hash), ...], last answer, wait, rows, SQLSTATE) in the order
+ * sent, times in seconds of CLOCK_MONOTONIC (Python's time.monotonic); None when nothing is
+ * timed or the ring lost count (then Python skips the answers owed, as before). */
+static PyObject *qs_inflight(ConnObject *c) {
+    QsClient *q = c->qs;
+    if (!q || q->lost) Py_RETURN_NONE;
+    PyObject *entries = PyList_New(q->count);
+    if (!entries) return NULL;
+    for (int i = 0; i < q->count; i++) {
+        const QsSlot *slot = &q->ring[(q->head + i) % QS_RING];
+        PyObject *item = Py_BuildValue("(CKdK)", slot->kind, (unsigned long long)slot->key,
+                                       (double)slot->started / 1e9,
+                                       (unsigned long long)slot->params);
+        if (!item) {
+            Py_DECREF(entries);
+            return NULL;
+        }
+        PyList_SET_ITEM(entries, i, item);
+    }
+    return Py_BuildValue("(NddLs)", entries, (double)q->last_answer / 1e9,
+                         (double)q->wait_ns / 1e9, q->rows, q->code);
+}
+
 /* -- N+1 at the wire ------------------------------------------------------------------------
  * A client's burst: its statements with less than the pool's ``burst_window`` between one and
  * the next (a request's loop, a transaction). Python tells the engine which query shape each
@@ -1887,6 +1911,12 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     Py_INCREF(c);
     Py_INCREF(p);
     if (server) Py_INCREF(server);
+    /* What it timed that is still in flight goes to Python, which times it to its answer. */
+    PyObject *inflight = c->peer ? qs_inflight(c) : NULL;
+    if (!inflight) {
+        PyErr_Clear();
+        inflight = Py_NewRef(Py_None);
+    }
     if (c->peer) unlink_pair(c);
     int was_waiting = c->at == AT_WAITING;
     leave_fast(c);
@@ -1902,12 +1932,12 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     }
     /* c->txn is only ever I, T or E (server_pump refuses any other status). */
     char txn[2] = {c->txn == 'T' || c->txn == 'E' ? c->txn : 'I', 0};
-    r = py_method(p->handler, "ejected", "OOiiisdddOOOOi", c->protocol,
+    r = py_method(p->handler, "ejected", "OOiiisdddOOOOiO", c->protocol,
                             server ? server->protocol : Py_None, how, c->expected_rfq,
                             c->unsynced, txn, secs(c->query_started), secs(c->xact_started),
                             secs(c->idle_in_txn_since), cb, sb, PyTuple_GET_ITEM(owed, 0),
                             PyTuple_GET_ITEM(owed, 1),
-                            server && (server->flags & F_FATAL_SEEN) ? 1 : 0);
+                            server && (server->flags & F_FATAL_SEEN) ? 1 : 0, inflight);
     Py_DECREF(owed);
     if (!r) {
         /* Python could not take the pair over: neither is used again (fail closed). */
@@ -1922,6 +1952,7 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     update_events(c);
     if (server) update_events(server);
 done:
+    Py_XDECREF(inflight);
     Py_XDECREF(r);
     Py_XDECREF(cb);
     Py_XDECREF(sb);
