@@ -1,13 +1,16 @@
 """The dashboard on the metrics port (proxy/dashboard/): the page, its JSON, the token when the
 port is exposed, and the page in headless Chromium (no console errors, the query a client ran
-on screen, a screenshot)."""
+on screen, a screenshot), and with workers = 2 every worker's pools on any worker's page and
+console."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -17,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from tests.proxy.conftest import RunningProxy
+from tests.proxy.test_workers import run_workers
 
 from pgpilot.embedded import free_port
 from pgpilot.proxy.dashboard import is_exposed
@@ -117,3 +121,74 @@ def test_page_in_headless_chromium(proxy_factory: Callable[..., RunningProxy],
     taken = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1400,900", url],
                            capture_output=True, text=True, timeout=120)
     assert taken.returncode == 0 and shot.stat().st_size > 1000, taken.stderr[-2000:]
+
+
+def free_port_pair() -> int:
+    """A free port whose successor is free too."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row")
+
+
+def test_workers_dashboard_and_console_show_every_workers_pools(
+        tmp_path: Path, pg_params: dict[str, str], pg_dsn: str) -> None:
+    port = free_port_pair()  # worker i serves its metrics port on metrics_port + i
+    gen = run_workers(tmp_path, pg_params, pg_dsn,
+                      settings=("auth_type = trust\nadmin_users = postgres\n"
+                                f"metrics_port = {port}\n"))
+    _proc, dsn, _tmp = next(gen)
+    try:
+        console_dsn = dsn.rsplit("/", 1)[0] + "/pgbouncer"
+        database = dsn.rsplit("/", 1)[1]
+        # Held open together, the clients are balanced over both workers (workers.Balance).
+        conns = [psycopg.connect(dsn, autocommit=True) for _ in range(16)]
+        holders = [psycopg.connect(dsn) for _ in range(2)]  # each in a transaction: a server
+        try:
+            with psycopg.connect(console_dsn, autocommit=True) as console:
+                shares = [row[2] for row in console.execute("SHOW WORKERS").fetchall()]
+            assert len(shares) == 2 and min(shares) >= 6, shares
+            for conn in holders:
+                conn.execute("select 1")
+
+            def console_rows() -> list[tuple[Any, ...]]:
+                with psycopg.connect(console_dsn, autocommit=True) as console:
+                    cur = console.execute("SHOW WORKER_POOLS")
+                    names = [d.name for d in cur.description or ()]
+                    return [tuple(row) for row in cur.fetchall()
+                            if row[names.index("database")] == database]
+
+            def dashboard_pool(worker: int) -> dict[str, Any] | None:
+                status, _kind, body = get(f"http://127.0.0.1:{port + worker}/dashboard.json")
+                assert status == 200
+                data = json.loads(body)
+                assert data["workers"] == 2
+                return next((p for p in data["pools"] if p["database"] == database), None)
+
+            # Each worker publishes its pools about once a second; any worker's console and
+            # dashboard add the other's share to its own.
+            def whole() -> bool:
+                rows = console_rows()
+                pools = [dashboard_pool(0), dashboard_pool(1)]
+                return ({row[0] for row in rows} == {0, 1}
+                        and sum(row[5] for row in rows) == 18
+                        and sum(row[7] for row in rows) == 2
+                        and all(p is not None and p["cl_active"] == 18 and p["sv_active"] == 2
+                                and p["workers"] == 2 and p["size"] == 4 for p in pools))
+
+            deadline = time.monotonic() + 15
+            while not whole():
+                assert time.monotonic() < deadline, (console_rows(), dashboard_pool(0),
+                                                     dashboard_pool(1))
+                time.sleep(0.3)
+        finally:
+            for conn in conns + holders:
+                conn.close()
+    finally:
+        for _ in gen:
+            pass

@@ -43,6 +43,33 @@ def by_query(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {row["query"]: row for row in rows}
 
 
+# -- the engine's statement keys -----------------------------------------------------------
+def test_engine_text_keys_ignore_literal_values_only() -> None:
+    engine = pytest.importorskip("pgpilot.proxy._fastpath")
+
+    def key(text: bytes) -> int:
+        return int(engine.text_key(text)[0])
+
+    assert key(b"select * from t where a = 1") == key(b"select * from t where a = 22.5e3")
+    assert key(b"select 'x'") == key(b"select 'it''s'")
+    assert key(b'select "q1" = 1') == key(b'select "q1" = 2')
+    assert key(b"select 1 /* trace=0123456789abcdef */") == key(
+        b"select 2 /* trace=fedcba9876543210 */")
+    assert key(b"select 1 /* a */") != key(b"select 1 /* b */")
+    assert key(b"select a from b") != key(b"select a from c")
+    assert key(b"select 1 from b") != key(b"select 1, 2 from b")
+    # Plain text is skipped eight bytes at a time: a digit that ends an identifier is part of
+    # it, and a number is a literal, wherever they fall in the word.
+    for pad in range(1, 12):
+        name = b"x" * pad
+        assert key(b"select " + name + b"1 from t") != key(b"select " + name + b"2 from t")
+        assert key(b"select " + name + b" 1 from t") == key(b"select " + name + b" 22 from t")
+        assert key(b"select " + name + b" 'a' from \"q1\" where 3") == key(
+            b"select " + name + b" 'bb' from \"q1\" where 4.5")
+    # The raw hash is the text's own: different values, different parameters.
+    assert engine.text_key(b"select 1")[1] != engine.text_key(b"select 2")[1]
+
+
 # -- the sketch ------------------------------------------------------------------------------
 def test_buckets_report_a_value_within_their_width() -> None:
     for seconds in (0.9e-6, 1e-6, 3.3e-6, 1e-4, 0.00123, 0.05, 0.2, 1.0, 7.5, 3600.0):
@@ -132,6 +159,33 @@ def test_show_queries_counts_what_clients_ran(proxy_factory: Callable[..., Runni
         assert engine_timed >= 12  # the compiled fast path timed the steady state itself
     elif not fast:
         assert engine_timed == 0
+
+
+def test_statements_in_flight_when_the_engine_hands_back_are_counted(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    # A DDL's CommandComplete makes the engine hand its client to Python (the catalog changed:
+    # prepared.Catalog) with the DDL still in flight; Python times it to its answer. Before,
+    # such statements were not counted at all on the fast path.
+    from tests.proxy.conftest import read_types
+    from tests.proxy.test_fastpath_prepared import login
+
+    from pgpilot.wire import messages as m
+
+    proxy = proxy_factory(default_pool_size=1, fast_path=1)
+    with login(proxy) as sock:
+        # In one write: a statement answered in the engine, then the DDL, then another.
+        sock.sendall(m.query("select 1 as handback_probe")
+                     + m.query("create table if not exists handback_t (a int)")
+                     + m.query("select 2 as handback_probe"))
+        for _ in range(3):
+            assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.query("drop table handback_t"))
+        assert read_types(sock)[-1] == "Z"
+    with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as console:
+        calls = {row[3]: row[4] for row in console.execute("SHOW QUERIES").fetchall()}
+    assert calls.get("create table if not exists handback_t (a int)") == 1, calls
+    assert calls.get("drop table handback_t") == 1, calls
+    assert calls.get("select $1 as handback_probe") == 2, calls  # none lost, none twice
 
 
 def test_pipelined_statements_are_each_timed(proxy_factory: Callable[..., RunningProxy]) -> None:

@@ -1042,15 +1042,55 @@ struct QsClient {
     char code[6];    /* the SQLSTATE of the Query in front, if it failed */
 };
 
+/* Hashing is per statement on the hot path (every Query's text twice, every Bind's
+ * parameters), so it goes eight bytes at a time: a word is mixed by one multiply and a shift
+ * (FNV-1a byte by byte took ~5 instructions a byte, a fifth of the engine's work on a
+ * simple-protocol TPC-B). Keys never leave the process: Python asks the engine for a text's
+ * (text_key), so only equal inputs must give equal keys. */
+#define QS_K 0x9e3779b97f4a7c15ULL
+
+static inline uint64_t qs_mix(uint64_t h, uint64_t w) {
+    h = (h ^ w) * QS_K;
+    return h ^ (h >> 32);
+}
+
+/* ``h`` followed by the ``n`` bytes at ``s`` (a run: its length is mixed in, so runs that
+ * meet at another place hash apart). */
+static uint64_t qs_run(uint64_t h, const unsigned char *s, size_t n) {
+    size_t left = n;
+    while (left >= 8) {
+        uint64_t w;
+        memcpy(&w, s, 8);
+        h = qs_mix(h, w);
+        s += 8;
+        left -= 8;
+    }
+    uint64_t w = 0;
+    if (left) memcpy(&w, s, left);
+    return qs_mix(h, w ^ ((uint64_t)n << 56));
+}
+
 static uint64_t qs_hash(const unsigned char *s, size_t n) {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 0x100000001b3ULL;
+    uint64_t h = qs_run(0xcbf29ce484222325ULL, s, n);
     return h ? h : 1;
 }
 
-static inline int qs_ident(unsigned char ch) {
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-           ch == '_' || ch == '$' || ch >= 0x80;
+/* What a byte is to qs_text_key: a byte of none of these classes is copied as it is. */
+enum { QS_C_IDENT = 1, QS_C_DIGIT = 2, QS_C_QUOTE = 4, QS_C_DQUOTE = 8, QS_C_SLASH = 16 };
+static unsigned char qs_class[256];
+
+static void qs_classes_init(void) {
+    for (int ch = 0; ch < 256; ch++) {
+        unsigned char k = 0;
+        if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_' || ch == '$' ||
+            ch >= 0x80)
+            k |= QS_C_IDENT;
+        if (ch >= '0' && ch <= '9') k |= QS_C_IDENT | QS_C_DIGIT;
+        if (ch == '\'') k |= QS_C_QUOTE;
+        if (ch == '"') k |= QS_C_DQUOTE;
+        if (ch == '/') k |= QS_C_SLASH;
+        qs_class[ch] = k;
+    }
 }
 
 static inline int qs_hexish(unsigned char ch) {
@@ -1058,23 +1098,84 @@ static inline int qs_hexish(unsigned char ch) {
            ch == '-';
 }
 
-#define QS_MIX(h, ch) ((h) = ((h) ^ (unsigned char)(ch)) * 0x100000001b3ULL)
+/* Whether a word has a byte b with m < b < n (bytes of 0x80 and more never count; m and n
+ * at most 128): "Determine if a word has a byte between m and n", Bit Twiddling Hacks. */
+#define QS_ONES 0x0101010101010101ULL
+#define QS_HAS_BETWEEN(x, m, n)                                                              \
+    (((QS_ONES * (127 + (n)) - ((x) & QS_ONES * 127)) & ~(x) &                               \
+      (((x) & QS_ONES * 127) + QS_ONES * (127 - (m)))) & QS_ONES * 128)
+
+#define QS_LITERAL 0x3f3f3f3f3f3f3f3fULL /* what a literal value counts as ("?") */
 
 /* The key of a statement text, the same for texts that differ only in their literal values
  * (a client that inlines them, psycopg2, Django ...): a string literal or a number outside an
  * identifier counts as "?", as does a run of 8 or more hex digits in a comment (a trace id in
- * a sqlcommenter comment); the rest (identifiers, $n, comments, quoted names) as it is.
+ * a sqlcommenter comment); the rest (identifiers, $n, comments, quoted names) as it is. The
+ * text is hashed in runs between those (qs_run), each literal as one marker.
  * ``*raw``: the hash of the text as it is (its parameters, for N+1 counting). A text whose
  * string literal does not end is keyed as it is. Python groups the keys by fingerprint. */
 static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *raw) {
     uint64_t h = 0xcbf29ce484222325ULL;
-    size_t i = 0;
+    size_t i = 0, run = 0; /* the bytes from ``run`` to ``i`` go as they are */
+    int after_ident = 0;
+    *raw = qs_hash(s, n);
     while (i < n) {
-        unsigned char ch = s[i];
-        if (ch == '\'') {
+        /* Eight bytes at a time while none of them is in '"' .. '9' (the quotes, '/', the
+         * digits and some punctuation): most of a text, and all plain. */
+        while (i + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (QS_HAS_BETWEEN(w, 0x21, 0x3a)) break;
+            i += 8;
+            after_ident = qs_class[s[i - 1]] & QS_C_IDENT;
+        }
+        if (i >= n) break;
+        unsigned char k = qs_class[s[i]];
+        if (!(k & (QS_C_DIGIT | QS_C_QUOTE | QS_C_DQUOTE | QS_C_SLASH)) ||
+            ((k & QS_C_DIGIT) && after_ident)) {
+            after_ident = k & QS_C_IDENT;
+            i++;
+            continue;
+        }
+        if (k & QS_C_SLASH) {
+            if (i + 1 >= n || s[i + 1] != '*') {
+                after_ident = 0;
+                i++;
+                continue;
+            }
+            /* A comment: hex runs of 8 or more are markers, the rest as it is. */
+            h = qs_run(h, s + run, i - run);
+            const unsigned char *end = memmem(s + i + 2, n - i - 2, "*/", 2);
+            size_t stop = end ? (size_t)(end - s) + 2 : n;
+            size_t piece = i;
+            while (i < stop) {
+                size_t hex = 0;
+                while (i + hex < stop && qs_hexish(s[i + hex])) hex++;
+                if (hex >= 8) {
+                    h = qs_mix(qs_run(h, s + piece, i - piece), QS_LITERAL);
+                    i += hex;
+                    piece = i;
+                } else {
+                    i += hex ? hex : 1;
+                }
+            }
+            h = qs_run(h, s + piece, i - piece);
+            run = i;
+            after_ident = 0;
+            continue;
+        }
+        if (k & QS_C_DQUOTE) { /* a quoted name, as it is */
+            const unsigned char *close = memchr(s + i + 1, '"', n - i - 1);
+            i = close ? (size_t)(close - s) + 1 : n;
+            after_ident = 0;
+            continue;
+        }
+        h = qs_run(h, s + run, i - run);
+        if (k & QS_C_QUOTE) {
             size_t j = i + 1;
             for (;;) {
-                while (j < n && s[j] != '\'') j++;
+                const unsigned char *q = memchr(s + j, '\'', n - j);
+                j = q ? (size_t)(q - s) : n;
                 if (j + 1 < n && s[j + 1] == '\'') {
                     j += 2;
                     continue;
@@ -1082,45 +1183,23 @@ static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *raw) {
                 break;
             }
             if (j >= n) { /* no end: the text as it is */
-                h = qs_hash(s, n);
-                break;
+                h = *raw;
+                return h;
             }
-            QS_MIX(h, '?');
             i = j + 1;
-        } else if (ch >= '0' && ch <= '9' && (i == 0 || !qs_ident(s[i - 1]))) {
+        } else { /* a number */
             while (i < n && ((s[i] >= '0' && s[i] <= '9') || s[i] == '.')) i++;
             if (i + 1 < n && (s[i] == 'e' || s[i] == 'E') &&
                 ((s[i + 1] >= '0' && s[i + 1] <= '9') || s[i + 1] == '-' || s[i + 1] == '+')) {
                 i += 2;
                 while (i < n && s[i] >= '0' && s[i] <= '9') i++;
             }
-            QS_MIX(h, '?');
-        } else if (ch == '"') {
-            QS_MIX(h, ch);
-            i++;
-            while (i < n && s[i] != '"') QS_MIX(h, s[i++]);
-        } else if (ch == '/' && i + 1 < n && s[i + 1] == '*') {
-            const unsigned char *end = memmem(s + i + 2, n - i - 2, "*/", 2);
-            size_t stop = end ? (size_t)(end - s) + 2 : n;
-            while (i < stop) {
-                size_t run = 0;
-                while (i + run < stop && qs_hexish(s[i + run])) run++;
-                if (run >= 8) {
-                    QS_MIX(h, '?');
-                    i += run;
-                } else if (run) {
-                    for (size_t k = 0; k < run; k++) QS_MIX(h, s[i + k]);
-                    i += run;
-                } else {
-                    QS_MIX(h, s[i++]);
-                }
-            }
-        } else {
-            QS_MIX(h, ch);
-            i++;
         }
+        h = qs_mix(h, QS_LITERAL);
+        run = i;
+        after_ident = 0;
     }
-    *raw = qs_hash(s, n);
+    h = qs_run(h, s + run, i - run);
     return h ? h : 1;
 }
 
@@ -1446,6 +1525,30 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
         if (!q->count) q->lost = 0;
         return;
     }
+}
+
+/* The statements a linked client has in flight, for Python to time from here (eject_client):
+ * ([(kind, key, started, params hash), ...], last answer, wait, rows, SQLSTATE) in the order
+ * sent, times in seconds of CLOCK_MONOTONIC (Python's time.monotonic); None when nothing is
+ * timed or the ring lost count (then Python skips the answers owed, as before). */
+static PyObject *qs_inflight(ConnObject *c) {
+    QsClient *q = c->qs;
+    if (!q || q->lost) Py_RETURN_NONE;
+    PyObject *entries = PyList_New(q->count);
+    if (!entries) return NULL;
+    for (int i = 0; i < q->count; i++) {
+        const QsSlot *slot = &q->ring[(q->head + i) % QS_RING];
+        PyObject *item = Py_BuildValue("(CKdK)", slot->kind, (unsigned long long)slot->key,
+                                       (double)slot->started / 1e9,
+                                       (unsigned long long)slot->params);
+        if (!item) {
+            Py_DECREF(entries);
+            return NULL;
+        }
+        PyList_SET_ITEM(entries, i, item);
+    }
+    return Py_BuildValue("(NddLs)", entries, (double)q->last_answer / 1e9,
+                         (double)q->wait_ns / 1e9, q->rows, q->code);
 }
 
 /* -- N+1 at the wire ------------------------------------------------------------------------
@@ -1815,6 +1918,12 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     Py_INCREF(c);
     Py_INCREF(p);
     if (server) Py_INCREF(server);
+    /* What it timed that is still in flight goes to Python, which times it to its answer. */
+    PyObject *inflight = c->peer ? qs_inflight(c) : NULL;
+    if (!inflight) {
+        PyErr_Clear();
+        inflight = Py_NewRef(Py_None);
+    }
     if (c->peer) unlink_pair(c);
     int was_waiting = c->at == AT_WAITING;
     leave_fast(c);
@@ -1830,12 +1939,12 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     }
     /* c->txn is only ever I, T or E (server_pump refuses any other status). */
     char txn[2] = {c->txn == 'T' || c->txn == 'E' ? c->txn : 'I', 0};
-    r = py_method(p->handler, "ejected", "OOiiisdddOOOOi", c->protocol,
+    r = py_method(p->handler, "ejected", "OOiiisdddOOOOiO", c->protocol,
                             server ? server->protocol : Py_None, how, c->expected_rfq,
                             c->unsynced, txn, secs(c->query_started), secs(c->xact_started),
                             secs(c->idle_in_txn_since), cb, sb, PyTuple_GET_ITEM(owed, 0),
                             PyTuple_GET_ITEM(owed, 1),
-                            server && (server->flags & F_FATAL_SEEN) ? 1 : 0);
+                            server && (server->flags & F_FATAL_SEEN) ? 1 : 0, inflight);
     Py_DECREF(owed);
     if (!r) {
         /* Python could not take the pair over: neither is used again (fail closed). */
@@ -1850,6 +1959,7 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     update_events(c);
     if (server) update_events(server);
 done:
+    Py_XDECREF(inflight);
     Py_XDECREF(r);
     Py_XDECREF(cb);
     Py_XDECREF(sb);
@@ -5420,6 +5530,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath",
                                     module_methods};
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
+    qs_classes_init();
     if (PyType_Ready(&ConnType) < 0 || PyType_Ready(&PoolType) < 0 ||
         PyType_Ready(&EngineType) < 0)
         return NULL;

@@ -79,7 +79,7 @@ MASK = "********"
 HELP_TEXT = """Console usage
   SHOW HELP|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|CLIENTS|SERVERS|DATABASES|USERS
   SHOW CONFIG|LISTS|VERSION|STATE|HAZARDS|WORKERS|SOCKETS|ACTIVE_SOCKETS|MEM
-  SHOW QUERIES|NPLUSONE|SLOW|ADVICE
+  SHOW QUERIES|NPLUSONE|SLOW|ADVICE|WORKER_POOLS
   SHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES|FDS
   SHOW ROUTES
   PAUSE [<db>]
@@ -1103,6 +1103,69 @@ def client_counts(pool: Pool) -> tuple[int, int]:
     return active, waiting
 
 
+def pool_summary(pool: Pool, settled: bool) -> dict[str, Any]:
+    """A pool's sizes and states as the dashboard and SHOW WORKER_POOLS print them.
+
+    ``settled``: the fast path's pairs are back in Python (FastPath.settle), so its view is
+    exact. Otherwise (a worker's snapshot, once a second, which must not take pairs off the
+    fast path that often) the engine's own counts correct it: a pair linked in the engine is
+    a client ACTIVE with a server that Python sees IDLE, and a client queued in the engine is
+    one Python sees ACTIVE."""
+    active, waiting = client_counts(pool)
+    sv_active = len(pool.servers[ServerState.ACTIVE])
+    sv_idle = len(pool.servers[ServerState.IDLE])
+    if not settled and pool.lane is not None:
+        linked, queued, _idle = pool.lane.fp.counts
+        moved = min(linked, sv_idle)
+        sv_active, sv_idle = sv_active + moved, sv_idle - moved
+        queued = min(queued, active)
+        active, waiting = active - queued, waiting + queued
+    return {"database": pool.db_name, "user": pool.user, "mode": pool.mode, "size": pool.size,
+            "cl_active": active, "cl_waiting": waiting, "sv_active": sv_active,
+            "sv_idle": sv_idle, "pinned": pool.pinned_count()}
+
+
+WORKER_POOL_FIELDS = ("size", "cl_active", "cl_waiting", "sv_active", "sv_idle", "pinned")
+SIBLING_POOLS_FRESH = 5.0  # seconds: an older snapshot's pools are a worker gone, not shown
+
+
+def worker_pools(pooler: Pooler) -> list[tuple[int, dict[str, Any]]]:
+    """Every worker's pools as (worker index, pool_summary): this worker's exact (the caller
+    settled the fast path), its siblings' from their last snapshots (stats.py, about once a
+    second; those older than SIBLING_POOLS_FRESH are left out)."""
+    index = pooler.worker.index if pooler.worker is not None else 0
+    rows = [(index, pool_summary(pool, settled=True)) for pool in pooler.pools.values()]
+    now = time.time()
+    for document in pooler.query_stats._sibling_snapshots():
+        written = document.get("written_at")
+        if not isinstance(written, (int, float)) or now - written > SIBLING_POOLS_FRESH:
+            continue
+        worker = document.get("worker")
+        for row in document.get("pools", ()):
+            if isinstance(row, dict) and isinstance(worker, int) and all(
+                    isinstance(row.get(name), int) for name in WORKER_POOL_FIELDS):
+                rows.append((worker, row))
+    rows.sort(key=lambda item: (str(item[1].get("database")), str(item[1].get("user")),
+                                item[0]))
+    return rows
+
+
+def all_pools(pooler: Pooler) -> list[dict[str, Any]]:
+    """The pools of the pooler as a whole: every worker's share added up per (database,
+    user); ``workers`` says how many workers hold that pool."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for _worker, row in worker_pools(pooler):
+        key = (str(row["database"]), str(row["user"]))
+        total = merged.get(key)
+        if total is None:
+            merged[key] = {**row, "workers": 1}
+        else:
+            for name in WORKER_POOL_FIELDS:
+                total[name] += row[name]
+            total["workers"] += 1
+    return [merged[key] for key in sorted(merged)]
+
+
 def max_wait(pool: Pool, now: float) -> float:
     """Seconds the oldest client in the pool's line has waited (the line is FIFO)."""
     for client in pool.waiting:
@@ -1169,6 +1232,19 @@ def _show_queries(session: AdminSession) -> Result:
     return Result("SHOW", columns, rows)
 
 
+def _show_worker_pools(session: AdminSession) -> Result:
+    """SHOW WORKER_POOLS: every worker's pools, one row per (worker, pool)."""
+    columns: list[Column] = [("worker", INT4), ("database", TEXT), ("user", TEXT),
+                             ("pool_mode", TEXT), ("pool_size", INT4), ("cl_active", INT4),
+                             ("cl_waiting", INT4), ("sv_active", INT4), ("sv_idle", INT4),
+                             ("sv_pinned", INT4)]
+    rows: list[list[Value]] = [
+        [worker, row["database"], row["user"], row["mode"], row["size"], row["cl_active"],
+         row["cl_waiting"], row["sv_active"], row["sv_idle"], row["pinned"]]
+        for worker, row in worker_pools(session.pooler)]
+    return Result("SHOW", columns, rows)
+
+
 def _show_advice(session: AdminSession) -> Result:
     """SHOW ADVICE: a pool size recommended per pool, with its reasons (advisor.py)."""
     from pgpilot.proxy.stats import show_advice
@@ -1223,13 +1299,14 @@ _SHOW_COMMANDS: dict[str, Callable[[AdminSession], Result]] = {
     "nplusone": _show_nplusone,
     "slow": _show_slow,
     "advice": _show_advice,
+    "worker_pools": _show_worker_pools,
 }
 
 # SHOW commands that list no clients, only count them (client_counts, show_lists): clients
 # the engine logged in alone and that idle there are counted in place, not given objects.
 _COUNTING_SHOWS = frozenset({"pools", "stats", "stats_totals", "stats_averages", "totals",
                              "lists", "servers", "config", "version", "workers", "help",
-                             "queries", "nplusone", "slow", "advice"})
+                             "queries", "nplusone", "slow", "advice", "worker_pools"})
 
 _ControlHandler = Callable[[AdminSession, list[str]], Any]
 # verb -> (handler, how many arguments it takes at most)

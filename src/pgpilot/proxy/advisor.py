@@ -12,7 +12,16 @@ that window, per pool:
 - servers busy: lambda x S / pool size (Little's law: lambda x S servers are busy on average).
 
 The recommendation is the smallest pool size that keeps the p95 wait for a server under
-``advisor_wait_target`` by Erlang's C formula (an M/M/c queue with lambda and S as measured),
+``advisor_wait_target``. A pool's clients are a finite population: each one runs a transaction,
+then thinks (round trips to its application, its own work) before the next, and while it waits
+for a server it sends nothing more. So the queue is the machine-repair model M/M/c//N: N clients
+(the pool's, averaged over the window), each asking for a server Z seconds after its last
+transaction ended, where Z = N / lambda - S - W comes from what was measured (W: the mean wait).
+That holds whatever the pool size the measures came from: a pool too small lowers lambda, and
+raises W by as much, so the demand N / (Z + S) is seen through it. An open M/M/c queue
+(Erlang's C formula) fed lambda would take the throttled rate for the demand, and, with many
+clients each asking seldom, is what the finite model tends to; it is used beyond
+``FINITE_CLIENTS`` clients (at the demand rate). The sizing is
 checked against the seed formula ``cores x (1 + wait/service)``, where wait is the time a
 transaction holds its server without running a statement (S - Q: round trips to the client)
 and service the statement time Q, with ``advisor_db_cores`` (0: unknown, no seed): beyond the
@@ -41,6 +50,7 @@ if TYPE_CHECKING:
     from pgpilot.proxy.pooler import Pooler
 
 WINDOW = 60.0  # seconds of measures the advice is made from
+FINITE_CLIENTS = 2_000  # more clients than this: the open M/M/c queue (Erlang C) is as good
 LIMITS_EVERY = 300.0  # seconds between two reads of a server's max_connections
 MAX_POOL = 10_000
 
@@ -73,6 +83,55 @@ def smallest_pool(rate: float, service: float, target: float, quantile: float = 
     return servers
 
 
+def finite_wait_exceeds(clients: int, servers: int, think: float, service: float,
+                        wait: float) -> float:
+    """P(a request waits longer than ``wait`` for a server) with ``clients`` clients, each
+    asking ``think`` mean seconds after its last transaction ended, ``servers`` servers and a
+    mean holding time of ``service`` (M/M/c//N, exponential times)."""
+    if clients <= servers:
+        return 0.0
+    per_client = 1.0 / think
+    per_server = 1.0 / service
+    # log of the stationary weight of k requests in the system, k = 0..clients-1 (an arrival
+    # comes from one of the clients - k not in the system: it sees k with weight (N - k) p_k)
+    log_weight = [0.0]
+    for k in range(1, clients):
+        log_weight.append(log_weight[-1] + math.log((clients - k + 1) * per_client)
+                          - math.log(min(k, servers) * per_server))
+    log_seen = [math.log(clients - k) + lw for k, lw in enumerate(log_weight)]
+    top = max(log_seen)
+    seen = [math.exp(x - top) for x in log_seen]
+    total = sum(seen)
+    # An arrival that finds k >= c in the system starts after k - c + 1 departures at rate
+    # c x mu: P(Gamma(k - c + 1, c mu) > wait), a Poisson sum that grows one term per k.
+    rate_t = servers * per_server * wait
+    term = math.exp(-rate_t)
+    tail = 0.0
+    exceeds = 0.0
+    for k in range(servers, clients):
+        j = k - servers
+        tail += term
+        term *= rate_t / (j + 1)
+        exceeds += seen[k] * tail
+    return min(1.0, exceeds / total)
+
+
+def smallest_finite_pool(clients: int, think: float, service: float, target: float,
+                         quantile: float = 0.95) -> int:
+    """The fewest servers that keep the ``quantile`` of ``clients`` clients' wait for one
+    under ``target`` (M/M/c//N)."""
+    if clients <= 0 or service <= 0:
+        return 1
+    if think <= 0:
+        return max(clients, 1)
+    load = clients * service / (think + service)  # servers busy if no client ever waited
+    servers = max(1, math.floor(load))
+    while servers < clients and finite_wait_exceeds(clients, servers, think, service,
+                                                    target) > 1 - quantile:
+        servers += 1
+    return servers
+
+
 @dataclass
 class Measures:
     """One pool's (or all workers' share of it) measures over the window."""
@@ -85,6 +144,7 @@ class Measures:
     wait_time: float = 0.0
     wait_buckets: tuple[int, ...] = ()
     pool_size: int = 0
+    clients: float = 0.0  # logged-in clients of the pool, on average over the window
 
     def add(self, other: Measures) -> None:
         self.seconds = max(self.seconds, other.seconds)
@@ -96,6 +156,7 @@ class Measures:
         mine = self.wait_buckets or (0,) * len(other.wait_buckets)
         self.wait_buckets = tuple(a + b for a, b in zip(mine, other.wait_buckets, strict=False))
         self.pool_size += other.pool_size
+        self.clients += other.clients
 
     def wait_p95(self) -> float:
         total = sum(self.wait_buckets)
@@ -136,9 +197,10 @@ class Advisor:
         for key, pool in list(self.pooler.pools.items()):
             st = pool.stats  # the fast path's counters are folded in by the janitor (0.2 s)
             ring = self._samples.setdefault(key, collections.deque())
+            clients = len(pool.clients) + (pool.lane.fp.phantoms if pool.lane is not None else 0)
             ring.append((now, (st.xact_count, st.xact_time, st.query_time,
                                st.server_assignment_count, st.wait_time,
-                               tuple(st.wait_buckets))))
+                               tuple(st.wait_buckets), clients)))
             while ring and now - ring[0][0] > WINDOW:
                 ring.popleft()
             self._limits_due(pool, now)
@@ -153,7 +215,8 @@ class Advisor:
         return Measures(seconds=t1 - t0, transactions=b[0] - a[0], xact_time=b[1] - a[1],
                         query_time=b[2] - a[2], waits=b[3] - a[3], wait_time=b[4] - a[4],
                         wait_buckets=tuple(y - x for x, y in zip(a[5], b[5], strict=True)),
-                        pool_size=pool.size)
+                        pool_size=pool.size,
+                        clients=sum(sample[6] for _when, sample in ring) / len(ring))
 
     def own_measures(self) -> dict[tuple[str, str], Measures]:
         return {(p.db_name, p.user): self.measures(p) for p in self.pooler.pools.values()}
@@ -196,7 +259,19 @@ class Advisor:
         running = m.query_time / m.transactions
         busy = rate * service  # servers busy on average (Little's law)
         wait_p95 = m.wait_p95()
-        need = smallest_pool(rate, service, target) if service > 0 else 1
+        clients = round(m.clients)
+        # each client's cycle is think + wait + service (Little's law on the N clients)
+        think = clients / rate - service - m.wait_time / m.transactions if clients else 0.0
+        if service <= 0:
+            need, model = 1, ""
+        elif 0 < clients <= FINITE_CLIENTS and think > 0:
+            need = smallest_finite_pool(clients, think, service, target)
+            model = (f"{clients} clients asking every {(think + service) * 1e3:.1f} ms "
+                     f"(think {think * 1e3:.1f} ms + service)")
+        else:
+            demand = clients / (think + service) if clients and think > 0 else rate
+            need = smallest_pool(demand, service, target)
+            model = f"{demand:.1f} transactions/s asked"
         seed = None
         capped_by = ""
         recommended = need
@@ -215,7 +290,9 @@ class Advisor:
                  f"statements ran {running * 1e3:.1f} ms of each transaction"]
         if cores > 0:
             words.append(f"{cores} db cores (seed {seed})")
-        words.append(f"{need} servers keep the p95 wait under {target * 1e3:.0f} ms")
+        words.append(f"with {model}, {need} servers keep the p95 wait under "
+                     f"{target * 1e3:.0f} ms" if model else
+                     f"{need} servers keep the p95 wait under {target * 1e3:.0f} ms")
         if capped_by:
             words.append(f"capped by {capped_by}")
         words.append(f"recommend default_pool_size = {recommended}")
@@ -285,4 +362,4 @@ def advice_rows(pooler: Pooler, sibling_measures: list[dict[str, Any]]) -> list[
 
 
 __all__ = ["ADVICE_COLUMNS", "Advice", "Advisor", "Measures", "advice_rows", "erlang_c",
-           "smallest_pool", "wait_exceeds"]
+           "finite_wait_exceeds", "smallest_finite_pool", "smallest_pool", "wait_exceeds"]

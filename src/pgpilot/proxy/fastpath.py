@@ -861,13 +861,16 @@ class Lane:
                 expected_rfq: int, unsynced: int, txn: str, query_started: float,
                 xact_started: float, idle_in_txn_since: float, client_bytes: bytes,
                 server_bytes: bytes, owed: bytes | None,
-                owed_names: tuple[str | None, ...], server_fatal: int = 0) -> None:
+                owed_names: tuple[str | None, ...], server_fatal: int = 0,
+                inflight: tuple[Any, ...] | None = None) -> None:
         """The engine hands a client (and its server) back, with their exact state; ``owed``
         names, one letter per request, the answers the server still owes for what the engine
         forwarded (None if it lost count, ``b"!"`` if an error came back before the client's
         Sync: the server skips what comes until then); ``owed_names`` the client's statement
         names of the ones it renamed (``b``, ``d``), in order; ``server_fatal``: the engine
-        passed the client a FATAL of its server (which then closes: no error of ours)."""
+        passed the client a FATAL of its server (which then closes: no error of ours);
+        ``inflight``: the statements the engine timed that still await their answer
+        (stats.ClientQueries.handed_back), None if it timed none or lost count."""
         closing = client.closing or client.gone
         if server is not None:
             server.in_engine = False
@@ -881,7 +884,7 @@ class Lane:
             if client.pooler.config.query_stats:  # the engine timed what it forwarded
                 queries = client.queries or client_queries(client)
                 if queries is not None:
-                    queries.handed_back(expected_rfq)
+                    queries.handed_back(expected_rfq, inflight)
             client.server = server
             server.client = client
             server.synced_for = client.params

@@ -354,7 +354,12 @@ class QueryStats:
     def record(self, pool: Pool, app: str, text: bytes, seconds: float, wait: float,
                rows: int, sqlstate: str | None) -> tuple[str, str]:
         """One statement the Python path timed; its (fingerprint, sample)."""
-        fingerprint, sample = self.shape_of(text)
+        return self.record_shape(pool, app, self.shape_of(text), seconds, wait, rows, sqlstate)
+
+    def record_shape(self, pool: Pool, app: str, shape: tuple[str, str], seconds: float,
+                     wait: float, rows: int, sqlstate: str | None) -> tuple[str, str]:
+        """One statement of a known (fingerprint, sample) timed on the Python path."""
+        fingerprint, sample = shape
         entry = self._entry(pool.db_name, pool.user, fingerprint, sample)
         entry.calls += 1
         entry.total += seconds
@@ -367,6 +372,15 @@ class QueryStats:
         entry.note_app(app, 1)
         self._dirty = True
         return fingerprint, sample
+
+    def engine_shape(self, key: int) -> tuple[str, str] | None:
+        """(fingerprint, sample) of one of the engine's statement keys: known from its batches
+        (the one it is filling taken now if need be), or None."""
+        shape = self._engine_keys.get(key)
+        if shape is None:
+            self.fold_engine()
+            shape = self._engine_keys.get(key)
+        return shape
 
     def fold_engine(self) -> None:
         """Take the fast path's aggregates from every pool's engine side."""
@@ -493,7 +507,13 @@ class QueryStats:
         path = self._snapshot_path(worker.index) if worker is not None else None
         if path is None:
             return
-        data = json.dumps({"queries": [e.to_json() for e in self.entries.values()],
+        from pgpilot.proxy.admin import pool_summary
+
+        data = json.dumps({"worker": worker.index if worker is not None else 0,
+                           "written_at": time.time(),
+                           "pools": [pool_summary(pool, settled=False)
+                                     for pool in self.pooler.pools.values()],
+                           "queries": [e.to_json() for e in self.entries.values()],
                            "nplusone": [e.to_json() for e in self.nplusone.entries.values()],
                            "slow": [e.to_json() for e in self.slow.entries.values()],
                            "advice": [{"database": db, "user": user, **dataclasses.asdict(m)}
@@ -576,8 +596,9 @@ class ClientQueries:
     def __init__(self, stats: QueryStats, client: ClientConnection) -> None:
         self.stats = stats
         self.client = client
-        # (kind Q / E / S, text or None, when it was sent, its parameters' key)
-        self.pending: deque[tuple[int, bytes | None, float, object]] = deque()
+        # (kind Q / E / S, text (or the engine's key: handed_back) or None, when it was sent,
+        # its parameters' key)
+        self.pending: deque[tuple[int, bytes | int | None, float, object]] = deque()
         # the client's statement names -> (text, parameter types as the Parse gave them)
         self.names: dict[bytes, tuple[bytes, bytes]] = {}
         self.unnamed: tuple[bytes, bytes] | None = None  # the unnamed statement
@@ -662,7 +683,7 @@ class ClientQueries:
                 self._record(text, started, rows, None, params)
                 self.last_answer = time.monotonic()
 
-    def _record(self, text: bytes | None, started: float, rows: int, code: str | None,
+    def _record(self, text: bytes | int | None, started: float, rows: int, code: str | None,
                 params: object) -> None:
         client = self.client
         pool = client.pool
@@ -672,8 +693,13 @@ class ClientQueries:
         wait, self.wait = self.wait, 0.0
         started = max(started, self.last_answer)
         seconds = now - started
-        fingerprint, sample = self.stats.record(pool, client.application_name or client.params.get(
-            "application_name", ""), text, seconds, wait, rows, code)
+        app = client.application_name or client.params.get("application_name", "")
+        if isinstance(text, int):  # sent by the engine, by its key (handed_back)
+            shape = self.stats.engine_shape(text)
+            if shape is not None:
+                self.stats.record_shape(pool, app, shape, seconds, wait, rows, code)
+            return
+        fingerprint, sample = self.stats.record(pool, app, text, seconds, wait, rows, code)
         self.stats.nplusone.observe(self, text, fingerprint, sample, params, now)
         slow_after = client.pooler.config.slow_query_threshold
         if slow_after > 0 and seconds >= slow_after:
@@ -685,12 +711,25 @@ class ClientQueries:
                 bind = parse_bind(body, oids)
             self.stats.slow.offer(pool, text, seconds, bind)
 
-    def handed_back(self, owed: int) -> None:
+    def handed_back(self, owed: int, inflight: tuple[Any, ...] | None = None) -> None:
         """The engine hands the client back with ``owed`` ReadyForQuery still to come for
-        what it forwarded: those answers are not Python's to time."""
+        what it forwarded. ``inflight`` (_fastpath.c, qs_inflight): the statements it timed
+        that await their answer, in order, keyed by the engine's statement keys, with the
+        state of the one in front; Python times them to their answers as its own. Without it
+        (the engine lost count) those answers are skipped, untimed."""
         self.pending.clear()
-        self.skip = max(owed, 0)
         self.rows, self.code = 0, None
+        if inflight is None:
+            self.skip = max(owed, 0)
+            return
+        entries, last_answer, wait, rows, code = inflight
+        self.skip = 0
+        for kind, key, started, _params in entries:
+            # key 0: a Sync, or a statement the engine did not time (its text not at hand)
+            self.pending.append((ord(kind), key or None, started, None))
+        self.last_answer = max(self.last_answer, last_answer)
+        self.wait += wait
+        self.rows, self.code = rows, code or None
 
 
 # Message types (frontend, then backend) the trackers read.

@@ -3,7 +3,9 @@
 ``index.html`` is static; it reads ``GET /dashboard.json`` every two seconds: the pools and their
 states, the top queries (stats.py), N+1 bursts (wire_nplusone.py), slow queries with their
 findings (slow.py), transaction-pooling hazards and pins, and the pool sizing advice
-(advisor.py), every worker's where the data is shared. No parameter value is in any of it.
+(advisor.py). With ``workers = N`` all of it is every worker's: the pools are each worker's
+share added up (admin.all_pools; the siblings' as of their last snapshot, about a second old).
+No parameter value is in any of it.
 
 Access: a metrics port bound to a loopback address serves it to anyone who can reach it (the
 machine's own users). Bound to any other address ("exposed"), the page and every JSON endpoint
@@ -68,22 +70,14 @@ def authorized(head: bytes, pooler: Pooler, exposed: bool) -> tuple[bool, bytes]
 def state(pooler: Pooler) -> dict[str, Any]:
     """Everything the page shows, as plain data."""
     import pgpilot
-    from pgpilot.proxy.admin import client_counts
+    from pgpilot.proxy.admin import all_pools
     from pgpilot.proxy.hazards import HINTS
-    from pgpilot.proxy.states import ServerState
     from pgpilot.proxy.stats import show_advice
 
     if pooler.fast is not None:
         pooler.fast.settle(claim=False)
     try:
-        pools = []
-        for pool in sorted(pooler.pools.values(), key=lambda p: (p.db_name, p.user)):
-            active, waiting = client_counts(pool)
-            pools.append({"database": pool.db_name, "user": pool.user, "mode": pool.mode,
-                          "size": pool.size, "cl_active": active, "cl_waiting": waiting,
-                          "sv_active": len(pool.servers[ServerState.ACTIVE]),
-                          "sv_idle": len(pool.servers[ServerState.IDLE]),
-                          "pinned": pool.pinned_count()})
+        pools = all_pools(pooler)  # every worker's share, added up
     finally:
         if pooler.fast is not None:
             pooler.fast.refill()
