@@ -588,7 +588,7 @@ class AdminSession:
                    ("load_balance_hosts", TEXT), ("sv_pinned", INT4)]
         rows: list[list[Value]] = []
         for pool in sorted(self.pooler.pools.values(), key=lambda p: (p.db_name, p.user)):
-            active, waiting = client_counts(pool)
+            active, waiting = pool.client_counts()
             wait = max_wait(pool, now)
             sv = pool.servers
             rows.append([pool.db_name, pool.user, active, waiting, 0, 0,
@@ -1090,51 +1090,16 @@ def _pinned_text(client: ClientConnection) -> str:
     return "; ".join(f"{kind}: {what}" for kind, what in client.pins.items())
 
 
-def client_counts(pool: Pool) -> tuple[int, int]:
-    """(cl_active, cl_waiting) of a pool: logged-in clients with or without a server, those
-    idle in the engine with no Python object yet included (FastPath.settle(claim=False))."""
-    active = pool.lane.fp.phantoms if pool.lane is not None else 0
-    waiting = 0
-    for client in pool.clients:
-        if client.state is ClientState.ACTIVE:
-            active += 1
-        elif client.state is ClientState.WAITING:
-            waiting += 1
-    return active, waiting
-
-
-def pool_summary(pool: Pool, settled: bool) -> dict[str, Any]:
-    """A pool's sizes and states as the dashboard and SHOW WORKER_POOLS print them.
-
-    ``settled``: the fast path's pairs are back in Python (FastPath.settle), so its view is
-    exact. Otherwise (a worker's snapshot, once a second, which must not take pairs off the
-    fast path that often) the engine's own counts correct it: a pair linked in the engine is
-    a client ACTIVE with a server that Python sees IDLE, and a client queued in the engine is
-    one Python sees ACTIVE."""
-    active, waiting = client_counts(pool)
-    sv_active = len(pool.servers[ServerState.ACTIVE])
-    sv_idle = len(pool.servers[ServerState.IDLE])
-    if not settled and pool.lane is not None:
-        linked, queued, _idle = pool.lane.fp.counts
-        moved = min(linked, sv_idle)
-        sv_active, sv_idle = sv_active + moved, sv_idle - moved
-        queued = min(queued, active)
-        active, waiting = active - queued, waiting + queued
-    return {"database": pool.db_name, "user": pool.user, "mode": pool.mode, "size": pool.size,
-            "cl_active": active, "cl_waiting": waiting, "sv_active": sv_active,
-            "sv_idle": sv_idle, "pinned": pool.pinned_count()}
-
-
 WORKER_POOL_FIELDS = ("size", "cl_active", "cl_waiting", "sv_active", "sv_idle", "pinned")
 SIBLING_POOLS_FRESH = 5.0  # seconds: an older snapshot's pools are a worker gone, not shown
 
 
 def worker_pools(pooler: Pooler) -> list[tuple[int, dict[str, Any]]]:
-    """Every worker's pools as (worker index, pool_summary): this worker's exact (the caller
+    """Every worker's pools as (worker index, Pool.summary): this worker's exact (the caller
     settled the fast path), its siblings' from their last snapshots (stats.py, about once a
     second; those older than SIBLING_POOLS_FRESH are left out)."""
     index = pooler.worker.index if pooler.worker is not None else 0
-    rows = [(index, pool_summary(pool, settled=True)) for pool in pooler.pools.values()]
+    rows = [(index, pool.summary(settled=True)) for pool in pooler.pools.values()]
     now = time.time()
     for document in pooler.query_stats._sibling_snapshots():
         written = document.get("written_at")

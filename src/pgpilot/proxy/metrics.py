@@ -49,7 +49,7 @@ from prometheus_client.core import (
 )
 
 import pgpilot
-from pgpilot.proxy.admin import client_counts, max_wait
+from pgpilot.proxy.admin import max_wait
 from pgpilot.proxy.poolstats import WAIT_BUCKETS
 from pgpilot.proxy.states import ClientState, ServerState
 
@@ -78,7 +78,7 @@ class PoolerCollector:
         pooler = self.pooler
         if pooler.fast is not None:
             # Exact counts: fast-path pairs come back to Python; clients idle in the engine
-            # with no Python object are counted where they are (client_counts).
+            # with no Python object are counted where they are (Pool.client_counts).
             pooler.fast.settle(claim=False)
         now = time.monotonic()
         clients = GaugeMetricFamily("pgpilot_clients", "Logged-in client connections by state "
@@ -115,7 +115,7 @@ class PoolerCollector:
                                           labels=POOL_LABELS)
         for pool in sorted(pooler.pools.values(), key=lambda p: (p.db_name, p.user)):
             labels = [pool.db_name, pool.user]
-            active_or_idle, waiting_count = client_counts(pool)
+            active_or_idle, waiting_count = pool.client_counts()
             linked = sum(1 for c in pool.clients
                          if c.state is ClientState.ACTIVE and c.server is not None)
             clients.add_metric([*labels, "active"], linked)

@@ -15,12 +15,12 @@ import collections
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgpilot.proxy.poolstats import WAIT_BUCKETS, PoolStats
 from pgpilot.proxy.prepared import Catalog
 from pgpilot.proxy.server import ServerConnection, ServerError
-from pgpilot.proxy.states import ServerState
+from pgpilot.proxy.states import ClientState, ServerState
 from pgpilot.proxy.tls import TLSNegotiationError, negotiate_server_tls
 from pgpilot.wire import messages as m
 
@@ -689,6 +689,39 @@ class Pool:
         server.set_state(ServerState.TESTED)
         self.resetting.add(server)
         server.run_internal(sql, done)
+
+    def client_counts(self) -> tuple[int, int]:
+        """(cl_active, cl_waiting): logged-in clients with or without a server, those idle in
+        the engine with no Python object yet included (FastPath.settle(claim=False))."""
+        active = self.lane.fp.phantoms if self.lane is not None else 0
+        waiting = 0
+        for client in self.clients:
+            if client.state is ClientState.ACTIVE:
+                active += 1
+            elif client.state is ClientState.WAITING:
+                waiting += 1
+        return active, waiting
+
+    def summary(self, settled: bool) -> dict[str, Any]:
+        """Sizes and states as the dashboard and SHOW WORKER_POOLS print them.
+
+        ``settled``: the fast path's pairs are back in Python (FastPath.settle), so its view is
+        exact. Otherwise (a worker's snapshot, once a second, which must not take pairs off the
+        fast path that often) the engine's own counts correct it: a pair linked in the engine
+        is a client ACTIVE with a server that Python sees IDLE, and a client queued in the
+        engine is one Python sees ACTIVE."""
+        active, waiting = self.client_counts()
+        sv_active = len(self.servers[ServerState.ACTIVE])
+        sv_idle = len(self.servers[ServerState.IDLE])
+        if not settled and self.lane is not None:
+            linked, queued, _idle = self.lane.fp.counts
+            moved = min(linked, sv_idle)
+            sv_active, sv_idle = sv_active + moved, sv_idle - moved
+            queued = min(queued, active)
+            active, waiting = active - queued, waiting + queued
+        return {"database": self.db_name, "user": self.user, "mode": self.mode,
+                "size": self.size, "cl_active": active, "cl_waiting": waiting,
+                "sv_active": sv_active, "sv_idle": sv_idle, "pinned": self.pinned_count()}
 
     def pinned_count(self) -> int:
         """Clients of this pool holding their server for state that cannot follow them."""

@@ -507,11 +507,9 @@ class QueryStats:
         path = self._snapshot_path(worker.index) if worker is not None else None
         if path is None:
             return
-        from pgpilot.proxy.admin import pool_summary
-
         data = json.dumps({"worker": worker.index if worker is not None else 0,
                            "written_at": time.time(),
-                           "pools": [pool_summary(pool, settled=False)
+                           "pools": [pool.summary(settled=False)
                                      for pool in self.pooler.pools.values()],
                            "queries": [e.to_json() for e in self.entries.values()],
                            "nplusone": [e.to_json() for e in self.nplusone.entries.values()],
