@@ -2483,11 +2483,106 @@ struct Scram {
 static PyObject *py_b64decode;
 static PyObject *kw_validate; /* {"strict_mode": True} */
 
-/* SHA-256 (FIPS 180-4) and HMAC-SHA-256 (RFC 2104), here rather than through hashlib: a login
- * hashes a few hundred bytes, and OpenSSL 3 looks its algorithm up again on every one-shot
- * call (EVP_Q_mac, EVP_MD_fetch), which cost more than the hashing, about 12 % of the pooler's
- * CPU per new connection (perf, pgbench -C with SCRAM). Checked against hashlib and hmac by
- * tests/proxy/test_fastlogin.py. */
+/* SHA-256 and HMAC-SHA-256 for the SCRAM proof and signature: OpenSSL's when the engine is
+ * built with it (PGPILOT_TLS), through objects made once at import and reused. OpenSSL 3
+ * looks an algorithm up again on every one-shot call (EVP_Q_mac, EVP_Digest with a name),
+ * which cost more than the hashing itself, about 12 % of the pooler's CPU per new connection
+ * (perf, pgbench -C with SCRAM): the algorithms are fetched once (EVP_MD_fetch,
+ * EVP_MAC_fetch) and one digest context and one HMAC context (its digest set once) are
+ * re-initialised per use. These contexts are the process's, and safe so: each use runs from
+ * init to final with the GIL held and no call that can run Python in between (every caller
+ * below), so no other use can interleave. Keys leave no copy: OpenSSL cleanses its HMAC
+ * state at the next init and at free; our own buffers are wiped with OPENSSL_cleanse.
+ * A build without OpenSSL's headers (setup.py without libssl-dev) keeps the engine's own
+ * SHA-256 (FIPS 180-4) and HMAC (RFC 2104) below. Both are checked against hashlib and hmac
+ * by tests/proxy/test_fastlogin.py. */
+#ifdef PGPILOT_TLS
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+static EVP_MD *scram_md;          /* SHA-256, fetched once */
+static EVP_MAC *scram_mac;        /* HMAC, fetched once */
+static EVP_MAC_CTX *scram_mac_ctx; /* HMAC-SHA-256: its digest set once, a key per use */
+#else
+#include <openssl/hmac.h>
+static const EVP_MD *scram_md;
+static HMAC_CTX *scram_mac_ctx;
+#endif
+static EVP_MD_CTX *scram_md_ctx;
+
+/* At import: the algorithms and the two contexts. -1 with an exception. */
+static int scram_hash_init(void) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    scram_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+    scram_mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    scram_mac_ctx = scram_mac ? EVP_MAC_CTX_new(scram_mac) : NULL;
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0),
+        OSSL_PARAM_construct_end()};
+    if (scram_mac_ctx && !EVP_MAC_CTX_set_params(scram_mac_ctx, params)) {
+        EVP_MAC_CTX_free(scram_mac_ctx);
+        scram_mac_ctx = NULL;
+    }
+#else
+    scram_md = EVP_sha256();
+    scram_mac_ctx = HMAC_CTX_new();
+#endif
+    scram_md_ctx = EVP_MD_CTX_new();
+    if (!scram_md || !scram_mac_ctx || !scram_md_ctx) {
+        ERR_clear_error();
+        PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA-256 or HMAC for SCRAM");
+        return -1;
+    }
+    return 0;
+}
+
+/* A failure inside OpenSSL (no memory) is told to the caller, which ends the login with an
+ * internal error rather than judging the proof. */
+/* SHA-256 of ``n`` bytes. 0, or -1 if OpenSSL failed (``out`` zeroed). */
+static int sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
+    unsigned int got = 0;
+    if (EVP_DigestInit_ex(scram_md_ctx, scram_md, NULL) &&
+        EVP_DigestUpdate(scram_md_ctx, data, n) &&
+        EVP_DigestFinal_ex(scram_md_ctx, out, &got) && got == 32)
+        return 0;
+    ERR_clear_error();
+    memset(out, 0, 32);
+    return -1;
+}
+
+/* HMAC-SHA-256 of ``n`` bytes under ``key``. 0, or -1 if OpenSSL failed (``out`` zeroed). */
+static int hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *msg,
+                       size_t n, unsigned char out[32]) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    size_t got = 0;
+    /* A zero-length key must still be a key (NULL would mean "keep the last one"). */
+    static const unsigned char no_key[1];
+    if (EVP_MAC_init(scram_mac_ctx, key_len ? key : no_key, key_len, NULL) &&
+        EVP_MAC_update(scram_mac_ctx, msg, n) &&
+        EVP_MAC_final(scram_mac_ctx, out, &got, 32) && got == 32)
+        return 0;
+#else
+    unsigned int got = 0;
+    if (HMAC_Init_ex(scram_mac_ctx, key, (int)key_len, scram_md, NULL) &&
+        HMAC_Update(scram_mac_ctx, msg, n) && HMAC_Final(scram_mac_ctx, out, &got) && got == 32)
+        return 0;
+#endif
+    ERR_clear_error();
+    memset(out, 0, 32);
+    return -1;
+}
+
+#define HMAC_MAX_KEY ((size_t)PY_SSIZE_T_MAX)
+#define wipe OPENSSL_cleanse
+
+#else /* no OpenSSL: the engine's own */
+
+static int scram_hash_init(void) { return 0; }
+#define HMAC_MAX_KEY ((size_t)64)
+#define wipe explicit_bzero
+
 typedef struct {
     uint32_t h[8];
     uint64_t length; /* bytes hashed so far */
@@ -2564,16 +2659,17 @@ static void sha256_final(Sha256 *s, unsigned char out[32]) {
     for (int i = 0; i < 8; i++) put_be32(out + 4 * i, s->h[i]);
 }
 
-static void sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
+static int sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
     Sha256 s;
     sha256_init(&s);
     sha256_update(&s, data, n);
     sha256_final(&s, out);
     explicit_bzero(&s, sizeof s);
+    return 0;
 }
 
 /* HMAC-SHA-256 of ``n`` bytes under a key of at most 64 bytes (SCRAM's are 32). */
-static void hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *msg,
+static int hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *msg,
                         size_t n, unsigned char out[32]) {
     unsigned char pad[64], inner[32];
     Sha256 s;
@@ -2592,17 +2688,19 @@ static void hmac_sha256(const unsigned char *key, size_t key_len, const unsigned
     explicit_bzero(pad, sizeof pad);
     explicit_bzero(inner, sizeof inner);
     explicit_bzero(&s, sizeof s);
+    return 0;
 }
+#endif
 
 /* The engine's SHA-256 and HMAC-SHA-256, for the tests. */
 static PyObject *mod_hmac_sha256(PyObject *mod, PyObject *args) {
     Py_buffer key, msg;
     if (!PyArg_ParseTuple(args, "y*y*", &key, &msg)) return NULL;
     unsigned char out[32];
-    if (key.len > 64) {
+    if ((size_t)key.len > HMAC_MAX_KEY) {
         PyErr_SetString(PyExc_ValueError, "keys longer than a block are not supported");
-    } else {
-        hmac_sha256(key.buf, (size_t)key.len, msg.buf, (size_t)msg.len, out);
+    } else if (hmac_sha256(key.buf, (size_t)key.len, msg.buf, (size_t)msg.len, out) < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "HMAC-SHA-256 failed");
     }
     PyBuffer_Release(&key);
     PyBuffer_Release(&msg);
@@ -2614,8 +2712,12 @@ static PyObject *mod_sha256(PyObject *mod, PyObject *arg) {
     Py_buffer data;
     if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0) return NULL;
     unsigned char out[32];
-    sha256(data.buf, (size_t)data.len, out);
+    int failed = sha256(data.buf, (size_t)data.len, out) < 0;
     PyBuffer_Release(&data);
+    if (failed) {
+        PyErr_SetString(PyExc_RuntimeError, "SHA-256 failed");
+        return NULL;
+    }
     return PyBytes_FromStringAndSize((const char *)out, 32);
 }
 
@@ -2673,7 +2775,7 @@ static void scram_free(ConnObject *c) {
     Py_XDECREF(sc->client_first_bare);
     Py_XDECREF(sc->server_first);
     Py_XDECREF(sc->nonce);
-    explicit_bzero(sc, sizeof *sc); /* StoredKey and ServerKey */
+    wipe(sc, sizeof *sc); /* StoredKey and ServerKey */
     PyMem_Free(sc);
 }
 
@@ -2918,10 +3020,10 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
     if (!authmsg) goto error;
     const unsigned char *am = (const unsigned char *)PyBytes_AS_STRING(authmsg);
     size_t am_len = (size_t)PyBytes_GET_SIZE(authmsg);
-    hmac_sha256(sc->stored_key, SCRAM_KEY_LEN, am, am_len, client_sig);
+    if (hmac_sha256(sc->stored_key, SCRAM_KEY_LEN, am, am_len, client_sig) < 0) goto failed;
     const unsigned char *pr = (const unsigned char *)PyBytes_AS_STRING(proof);
     for (int i = 0; i < SCRAM_KEY_LEN; i++) client_key[i] = pr[i] ^ client_sig[i];
-    sha256(client_key, SCRAM_KEY_LEN, d);
+    if (sha256(client_key, SCRAM_KEY_LEN, d) < 0) goto failed;
     /* Constant time, as hmac.compare_digest. */
     unsigned char diff = 0;
     for (int i = 0; i < SCRAM_KEY_LEN; i++) diff |= d[i] ^ sc->stored_key[i];
@@ -2929,7 +3031,7 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
         scram_failed(c, SCRAM_WRONG, NULL);
         goto done;
     }
-    hmac_sha256(sc->server_key, SCRAM_KEY_LEN, am, am_len, server_sig);
+    if (hmac_sha256(sc->server_key, SCRAM_KEY_LEN, am, am_len, server_sig) < 0) goto failed;
     sig_b64 = b64encode(server_sig, SCRAM_KEY_LEN);
     if (!sig_b64) goto error;
     {
@@ -2958,17 +3060,20 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
         refuse_client(c, "XX000", "pooler error: the login could not be completed");
     }
     goto done;
+failed: /* inside OpenSSL (no memory): no verdict on the proof */
+    scram_failed(c, SCRAM_INTERNAL, "SCRAM exchange failed");
+    goto done;
 error:
     report_error(c->engine);
     scram_failed(c, SCRAM_INTERNAL, "SCRAM exchange failed");
 done:
-    explicit_bzero(client_sig, sizeof client_sig);
-    explicit_bzero(client_key, sizeof client_key);
-    explicit_bzero(server_sig, sizeof server_sig);
-    explicit_bzero(d, sizeof d);
+    wipe(client_sig, sizeof client_sig);
+    wipe(client_key, sizeof client_key);
+    wipe(server_sig, sizeof server_sig);
+    wipe(d, sizeof d);
     /* The proof and ClientKey objects are ours alone (made here, never shared): wiped too. */
-    if (proof && Py_REFCNT(proof) == 1) explicit_bzero(PyBytes_AS_STRING(proof), PyBytes_GET_SIZE(proof));
-    if (key && Py_REFCNT(key) == 1) explicit_bzero(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
+    if (proof && Py_REFCNT(proof) == 1) wipe(PyBytes_AS_STRING(proof), PyBytes_GET_SIZE(proof));
+    if (key && Py_REFCNT(key) == 1) wipe(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
     Py_XDECREF(cbind);
     Py_XDECREF(authmsg);
     Py_XDECREF(proof);
@@ -3014,13 +3119,13 @@ static void scram_pump(ConnObject *c) {
         }
         memcpy(body, p + 5, blen);
         body[blen] = 0;
-        explicit_bzero((char *)p + 5, blen); /* the read buffer keeps no proof */
+        wipe((char *)p + 5, blen); /* the read buffer keeps no proof */
         c->rb.start += 1 + (size_t)len;
         if (c->scram->stage == 1)
             scram_first(c, body, blen);
         else
             scram_final(c, body, blen);
-        explicit_bzero(body, blen);
+        wipe(body, blen);
         PyMem_Free(body);
     }
     /* Failed: the client is being closed; nothing it sent after matters. */
@@ -5371,7 +5476,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyModule_AddIntConstant(m, "EJECT_LINKED", EJECT_LINKED);
     PyModule_AddIntConstant(m, "EJECT_ATTACH", EJECT_ATTACH);
     PyModule_AddIntConstant(m, "EJECT_WAITING", EJECT_WAITING);
-    if (tls_module_init(m) < 0) {
+    if (tls_module_init(m) < 0 || scram_hash_init() < 0) {
         Py_DECREF(m);
         return NULL;
     }
