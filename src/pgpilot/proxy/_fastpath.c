@@ -71,6 +71,8 @@
 #define F_SSL_ASKED 0x2000 /* client: its SSLRequest was answered (one is allowed) */
 #define F_GSS_ASKED 0x4000 /* client: its GSSENCRequest was answered (one is allowed) */
 #define F_FATAL_SEEN 0x8000 /* server: it sent its client a FATAL (or PANIC) error */
+#define F_EJECT_STREAMED 0x10000 /* client: its server's answers asked for Python while the
+                                  * client was streaming a message: hand over at its end */
 #define MAX_WHOLE_ERROR 65536 /* a server error up to this size is read whole (FATAL?) */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104
@@ -80,6 +82,10 @@
 #define HIGH_WATER (256 * 1024)
 #define LOW_WATER (64 * 1024)
 #define MAX_FAST_MESSAGE (1024 * 1024)
+/* A Bind longer than this that is not read whole yet is streamed to the client's server (see
+ * "streaming"), up to PostgreSQL's own cap on a message (1 GB - 1). */
+#define STREAM_OVER (64 * 1024)
+#define MAX_STREAMED_MESSAGE 0x3fffffffu
 #define WAITING_READ_CAP (64 * 1024)
 #define N_BUCKETS 12
 #define OWED_MAX 64
@@ -205,7 +211,8 @@ struct ConnObject {
     int unsynced;
     char txn;
     int64_t query_started, xact_started, wait_started, last_activity, idle_in_txn_since;
-    /* server stream: body bytes of the current message still to pass */
+    /* body bytes of the current message still to pass as they come: a server's (any
+     * message), a client's (a large Bind it streams: see "streaming") */
     size_t skip;
     /* client queued for a server (AT_WAITING): bytes from rb.start that client_scan found
      * fast already (complete messages, no statement to rename), not scanned again */
@@ -440,6 +447,8 @@ static int wants_read(ConnObject *c) {
         if (c->at == AT_WAITING) return buf_len(&c->rb) < WAITING_READ_CAP;
         /* Waiting for quiet to hand over: keep reading (a close must be seen), up to a cap. */
         if ((c->flags & F_EJECT_WANTED) && buf_len(&c->rb) > MAX_FAST_MESSAGE) return 0;
+        /* A server whose answers wait for its client to finish a streamed message. */
+        if (c->kind == KIND_SERVER && c->peer && (c->peer->flags & F_EJECT_STREAMED)) return 0;
     } else if (c->kind == KIND_CLIENT && ((c->flags & (F_PHANTOM | F_STARTUP)) || c->scram) &&
                buf_len(&c->wb) > HIGH_WATER) {
         /* Answered by the engine alone (startup, SCRAM): a client that does not read its
@@ -798,15 +807,18 @@ static void put_be32(unsigned char *p, uint32_t v) {
 
 /* Append the message at ``msg`` (type, length, body of ``n`` bytes: a Bind or a Describe
  * of a named statement, whose name, of ``old_len`` bytes, is at ``name``: named_statement())
- * to ``out`` under ``server_name``. */
-static int rename_into(Buf *out, const unsigned char *msg, size_t n, const unsigned char *name,
-                       size_t old_len, PyObject *server_name) {
+ * to ``out`` under ``server_name``. Only the first ``have`` bytes of the body are read yet
+ * (``have`` < ``n``: a Bind being streamed, its names within them): the length field says
+ * the whole renamed message, the rest follows unchanged as it comes. */
+static int rename_into(Buf *out, const unsigned char *msg, size_t n, size_t have,
+                       const unsigned char *name, size_t old_len, PyObject *server_name) {
     const unsigned char *body = msg + 5;
     size_t head = (size_t)(name - body); /* bytes before the statement name */
     const unsigned char *nul = name + old_len;
     size_t new_len = (size_t)PyUnicode_GET_LENGTH(server_name);
     size_t total = 5 + n - old_len + new_len;
-    if (buf_reserve(out, total) < 0) {
+    size_t written = total - (n - have);
+    if (buf_reserve(out, written) < 0) {
         PyErr_Clear();
         return -1;
     }
@@ -815,8 +827,8 @@ static int rename_into(Buf *out, const unsigned char *msg, size_t n, const unsig
     put_be32(o + 1, (uint32_t)(total - 1));
     memcpy(o + 5, body, head);
     memcpy(o + 5 + head, PyUnicode_1BYTE_DATA(server_name), new_len);
-    memcpy(o + 5 + head + new_len, nul, n - head - old_len);
-    out->end += total;
+    memcpy(o + 5 + head + new_len, nul, have - head - old_len);
+    out->end += written;
     return 0;
 }
 
@@ -1752,7 +1764,7 @@ static void partial_remove(ConnObject *c) {
  * query_wait_timeout and by its server's answers.) */
 static int holds_partial(ConnObject *c) {
     return c->kind == KIND_CLIENT && c->mode == MODE_FAST && !(c->flags & (F_CLOSED | F_CLOSING)) &&
-           buf_len(&c->rb) && c->at != AT_WAITING && !(c->flags & F_EJECT_WANTED);
+           (c->skip || (buf_len(&c->rb) && c->at != AT_WAITING && !(c->flags & F_EJECT_WANTED)));
 }
 
 static void partial_note(ConnObject *c) {
@@ -1778,7 +1790,7 @@ static void leave_fast(ConnObject *c) {
     Py_CLEAR(c->statements);
     Py_CLEAR(c->prepared);
     c->mode = MODE_SLOW;
-    c->flags &= ~(F_THROTTLED | F_EJECT_WANTED);
+    c->flags &= ~(F_THROTTLED | F_EJECT_WANTED | F_EJECT_STREAMED);
     c->skip = 0;
     PoolObject *p = c->pool;
     c->pool = NULL;
@@ -1786,6 +1798,7 @@ static void leave_fast(ConnObject *c) {
 }
 
 static void fail_closed(ConnObject *c, ConnObject *s, const char *text);
+static void fail_closed_code(ConnObject *c, ConnObject *s, const char *code, const char *text);
 static void server_free(ConnObject *s);
 
 /* Hand ``c`` (a client) and its server, if any, back to Python with their state. */
@@ -1793,6 +1806,19 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     PyObject *cb = NULL, *sb = NULL, *r = NULL;
     PoolObject *p = c->pool;
     if (!p) return;
+    if (c->skip) {
+        /* Mid-way through a Bind the client streams (see "streaming"): its server holds part
+         * of a message and the client's next bytes are the rest of it, so neither can be
+         * handed over: both are closed (claim() first, a phantom has no object yet). */
+        if (claim(c) < 0) return;
+        ConnObject *s = server ? server : c->peer;
+        int server_gone = !s || (s->flags & (F_CLOSED | F_CLOSING));
+        fail_closed_code(c, s, server_gone ? "08006" : "08P01",
+                         server_gone ? "server closed the connection during a message"
+                                     : "the connection cannot go on: a message was cut off "
+                                       "while it was passed on to the server");
+        return;
+    }
     if (claim(c) < 0) {
         /* The client is gone (claim() dropped it). A server its caller took off the idle
          * list for it, not linked to it, goes back to the pool: to the next waiting client
@@ -1916,6 +1942,11 @@ static void refuse_client(ConnObject *c, const char *code, const char *text) {
 
 /* Close the pair (either may be NULL) as above; ``text`` is what the client is told. */
 static void fail_closed(ConnObject *c, ConnObject *s, const char *text) {
+    fail_closed_code(c, s, "08006", text);
+}
+
+/* The same, the client told ``code`` (a SQLSTATE). */
+static void fail_closed_code(ConnObject *c, ConnObject *s, const char *code, const char *text) {
     if (c) Py_INCREF(c);
     if (s) Py_INCREF(s);
     if (c && c->peer) unlink_pair(c);
@@ -1931,7 +1962,7 @@ static void fail_closed(ConnObject *c, ConnObject *s, const char *text) {
         PyErr_Clear();
         drop_engine_ref(s);
     }
-    if (c) refuse_client(c, "08006", text);
+    if (c) refuse_client(c, code, text);
     if (s) Py_DECREF(s);
     if (c) Py_DECREF(c);
 }
@@ -2004,30 +2035,81 @@ static void call_starved(PoolObject *p) {
 /* Bytes of complete client messages client_scan examined, in all (Python: scanned_bytes()). */
 static unsigned long long scanned_total;
 
+/* -- streaming ---------------------------------------------------------------------------
+ * A Bind longer than STREAM_OVER (a large parameter: a bytea, a document) is not held whole:
+ * once its portal and statement names are read (within the first STREAM_OVER bytes) and the
+ * client has a server, the engine passes it on as it comes, the names renamed as for any
+ * Bind; ``skip`` counts its body bytes still to come, which go out as they are read. So a
+ * client costs its read buffer and its server's write buffer (HIGH_WATER, then the client
+ * is not read), not the message. A client with no server yet holds at most
+ * WAITING_READ_CAP of it. Query and Parse texts are still read whole (up to
+ * MAX_FAST_MESSAGE, then Python): the hazard pre-filter must see the whole text before any
+ * of it may reach a server.
+ * While a message is streamed, the pair cannot be handed to Python (the server holds part
+ * of a message; the client's next bytes are the rest of it): answers that ask for Python
+ * wait for its end (F_EJECT_STREAMED), and anything else that would hand the pair over
+ * (the client or the server lost, client_message_timeout, Python taking the client)
+ * closes both instead (eject_client). */
+
+/* The body bytes of the message at ``at`` that are in the first ``end`` bytes read. */
+static size_t body_have(const unsigned char *base, size_t at, size_t end) {
+    size_t n = (size_t)be32(base + at + 1) - 4;
+    return end - at - 5 < n ? end - at - 5 : n;
+}
+
 /* Scan the client's complete messages. Returns the bytes that may be forwarded; *bad is set
  * when a message the fast path will not carry starts within the buffer. When they rename
- * statements, ``rn`` holds them as they go to the server.
+ * statements, ``rn`` holds them as they go to the server. A large Bind not complete yet may
+ * end the bytes returned (see "streaming"): *stream_at is then where it starts (else
+ * SIZE_MAX), and the bytes returned go past it.
  *
  * The framing pass is pure C: no call that can run Python, so the buffer cannot move under
  * it. The names of named statements are looked up after it (Python's dicts), and the bytes
  * are read again from the buffer by offset after that. */
-static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int *terminate) {
+static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int *terminate,
+                          size_t *stream_at) {
     const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t avail = buf_len(&c->rb), pos = from <= avail ? from : 0;
     size_t named_at[MAX_RENAMES];
     int n_named = 0;
     *bad = 0;
     *terminate = 0;
+    *stream_at = SIZE_MAX;
     renamed_clear(rn);
     while (avail - pos >= 5) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
-        if (len < 4 || len > MAX_FAST_MESSAGE || !type_maybe_fast(t)) {
+        if (len < 4 || !type_maybe_fast(t) ||
+            len > (t == 'B' ? MAX_STREAMED_MESSAGE : MAX_FAST_MESSAGE)) {
             *bad = 1;
             *terminate = t == 'X';
             break;
         }
-        if (avail - pos < (size_t)len + 1) break;
+        if (avail - pos < (size_t)len + 1) {
+            if (t != 'B' || len - 4 <= STREAM_OVER) break; /* read whole */
+            size_t have = avail - pos - 5, name_len;
+            int how = message_fast(t, base + pos + 5, have);
+            if (how == FAST_NO || (how == FAST_NAMED && !named_statement(base + pos, have,
+                                                                        &name_len))) {
+                /* Its names are not all in yet: wait for them, within STREAM_OVER. */
+                if (have >= STREAM_OVER) *bad = 1;
+                break;
+            }
+            if (how == FAST_NAMED) {
+                if (n_named == MAX_RENAMES) {
+                    *bad = 1;
+                    break;
+                }
+                named_at[n_named++] = pos;
+            }
+            *stream_at = pos;
+            pos = avail;
+            break;
+        }
+        if (len > MAX_FAST_MESSAGE) { /* a whole Bind that came in one read: Python's */
+            *bad = 1;
+            break;
+        }
         scanned_total += (size_t)len + 1;
         int how = message_fast(t, base + pos + 5, len - 4);
         if (how == FAST_NO || (how == FAST_NAMED && n_named == MAX_RENAMES)) {
@@ -2050,7 +2132,7 @@ static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int
         base = (const unsigned char *)c->rb.p + c->rb.start;
         size_t at = named_at[i], name_len;
         PyObject *client_name = NULL;
-        const unsigned char *name = named_statement(base + at, be32(base + at + 1) - 4, &name_len);
+        const unsigned char *name = named_statement(base + at, body_have(base, at, pos), &name_len);
         PyObject *server_name = name ? statement_for(c, name, name_len, &client_name) : NULL;
         if (!server_name || (c->peer && !on_server(c->peer, server_name))) {
             Py_XDECREF(client_name);
@@ -2067,18 +2149,19 @@ static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int
     base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t done = 0;
     for (int k = 0; k < rn->n_names; k++) {
-        size_t at = named_at[k], name_len;
+        size_t at = named_at[k], name_len, have = body_have(base, at, pos);
         uint32_t len = be32(base + at + 1);
-        const unsigned char *name = named_statement(base + at, len - 4, &name_len);
+        const unsigned char *name = named_statement(base + at, have, &name_len);
         if ((at > done && buf_append(&rn->out, (const char *)base + done, at - done) < 0) ||
-            !name || rename_into(&rn->out, base + at, len - 4, name, name_len, rn->names[k]) < 0) {
+            !name ||
+            rename_into(&rn->out, base + at, len - 4, have, name, name_len, rn->names[k]) < 0) {
             PyErr_Clear();
             renamed_clear(rn);
             *bad = 1;
             *terminate = 0;
             return named_at[0];
         }
-        done = at + (size_t)len + 1;
+        done = at + 5 + have;
     }
     if (pos > done && buf_append(&rn->out, (const char *)base + done, pos - done) < 0) {
         PyErr_Clear();
@@ -2118,19 +2201,21 @@ static void client_account(ConnObject *c, size_t n, const Renamed *rn) {
     while (pos < n) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
+        /* All of the body but for a streamed Bind's, of which the part read (its names). */
+        size_t have = body_have(base, pos, n);
         if (t == 'Q' && c->owed_skip && !c->owed_lost) {
             /* Behind an error, before the Sync: PostgreSQL skips it, no ReadyForQuery. */
             pos += (size_t)len + 1;
             continue;
         }
         if (names < rn->n_names && (t == 'B' || t == 'D') &&
-            message_fast(t, base + pos + 5, len - 4) == FAST_NAMED) {
+            message_fast(t, base + pos + 5, have) == FAST_NAMED) {
             if (c->qs && t == 'B')
-                qs_sent(c, t, base + pos + 5, len - 4, rn->names[names], rn->clients[names],
+                qs_sent(c, t, base + pos + 5, have, rn->names[names], rn->clients[names],
                         &now);
             owed_push(c, (char)(t | 0x20), rn->clients[names++]); /* 'b', 'd' */
         } else if (t != 'H') {
-            if (c->qs) qs_sent(c, t, base + pos + 5, len - 4, NULL, NULL, &now);
+            if (c->qs) qs_sent(c, t, base + pos + 5, have, NULL, NULL, &now);
             owed_push(c, (char)t, NULL);
         }
         if (t == 'Q' || t == 'S') {
@@ -2164,11 +2249,39 @@ static void client_pump_with(ConnObject *c, Renamed *rn) {
 again:
     if (c->mode != MODE_FAST || (c->flags & F_CLOSED)) return;
     PoolObject *p = c->pool;
+    if (c->skip) {
+        /* The rest of a Bind being streamed (see "streaming"): to the server as it comes. */
+        size_t take = buf_len(&c->rb) < c->skip ? buf_len(&c->rb) : c->skip;
+        if (!c->peer) { /* (never: a streaming client is unlinked only by closing) */
+            fail_closed(c, NULL, "pooler error: a streamed message lost its server");
+            return;
+        }
+        if (take) {
+            p->bytes_in += (long long)take;
+            c->skip -= take;
+            if (pass_on(c, c->peer, take) < 0) return;
+        }
+        if (c->skip) {
+            buf_shrink(&c->rb);
+            return;
+        }
+        if (c->flags & F_EJECT_STREAMED) {
+            /* Its server's answers wanted Python meanwhile: the pair goes to it now. */
+            c->flags &= ~F_EJECT_STREAMED;
+            eject_client(c, c->peer, EJECT_LINKED);
+            return;
+        }
+    }
     if (c->flags & F_EJECT_WANTED) return; /* bytes wait for the server to be quiet */
     int bad, terminate;
+    size_t stream_at;
     /* Queued: what was scanned at an earlier read is not scanned again (a client sending a
      * byte at a time behind 64 KB of queued queries would cost a full rescan per byte). */
-    size_t n = client_scan(c, c->at == AT_WAITING ? c->scan_ok : 0, rn, &bad, &terminate);
+    size_t n = client_scan(c, c->at == AT_WAITING ? c->scan_ok : 0, rn, &bad, &terminate,
+                           &stream_at);
+    /* Ends within a large Bind: the bytes before it are the whole messages. */
+    int streams = n > stream_at;
+    size_t whole = streams ? stream_at : n;
     if (bad) {
         ConnObject *s = c->peer;
         if (!s && terminate && n == 0 && c->at == AT_NONE) {
@@ -2196,7 +2309,7 @@ again:
     if (!n) return;
     if (!c->peer) {
         if (c->at == AT_WAITING) {
-            c->scan_ok = rn->n_names ? 0 : n;
+            c->scan_ok = rn->n_names ? 0 : whole;
             return;
         }
         if (p->route_reads) {
@@ -2223,7 +2336,7 @@ again:
         if (!s) {
             c->wait_started = now_ns();
             wait_push(p, c);
-            c->scan_ok = rn->n_names ? 0 : n;
+            c->scan_ok = rn->n_names ? 0 : whole;
             update_events(c);
             call_starved(p);
             return;
@@ -2247,6 +2360,12 @@ again:
     }
     client_account(c, n, rn);
     p->bytes_in += (long long)n;
+    if (streams) {
+        /* Set before the bytes go: if the server breaks now, the pair is closed, never
+         * handed over with half a message on one side (eject_client). */
+        const unsigned char *at = (const unsigned char *)c->rb.p + c->rb.start + stream_at;
+        c->skip = (size_t)be32(at + 1) + 1 - (n - stream_at);
+    }
     if (rn->n_names) {
         ConnObject *s = c->peer;
         Py_INCREF(s);
@@ -2285,6 +2404,8 @@ static void server_pump(ConnObject *s) {
         return_server(s);
         return;
     }
+    /* Its answers wait for Python, and Python for the client's streamed message to end. */
+    if (c->flags & F_EJECT_STREAMED) return;
     PoolObject *p = s->pool;
     const unsigned char *base = (const unsigned char *)s->rb.p + s->rb.start;
     size_t avail = buf_len(&s->rb), pos = 0;
@@ -2403,6 +2524,13 @@ static void server_pump(ConnObject *s) {
         if (pass_on(s, c, pos) < 0) return;
     }
     buf_shrink(&s->rb);
+    if (eject && c->skip) {
+        /* The client is streaming a message to this server (see "streaming"): the pair goes
+         * to Python once it is through; the server is not read meanwhile. */
+        c->flags |= F_EJECT_STREAMED;
+        update_events(s);
+        return;
+    }
     if (eject) {
         eject_client(c, s, EJECT_LINKED);
         return;
@@ -2412,7 +2540,7 @@ static void server_pump(ConnObject *s) {
         return;
     }
     if (!release) return;
-    if (buf_len(&c->rb)) {
+    if (buf_len(&c->rb) || c->skip) {
         /* The client has begun its next message: keep the server until it is complete. */
         return;
     }
@@ -5263,7 +5391,15 @@ static PyObject *engine_stalled(EngineObject *e, PyObject *arg) {
         } else if (c->last_activity <= cutoff) {
             Py_INCREF(c);
             partial_remove(c);
-            if (claim(c) == 0) {
+            int claimed = claim(c) == 0;
+            if (claimed && c->skip) {
+                /* Stalled in a Bind it streams: its server has part of it, so both close
+                 * (eject_client could not hand them over), in the words Python uses. */
+                char text[120];
+                snprintf(text, sizeof text, "client_message_timeout: no byte of an unfinished "
+                         "message for %g s", age);
+                fail_closed_code(c, c->peer, "08P01", text);
+            } else if (claimed) {
                 if (c->mode == MODE_FAST)
                     eject_client(c, c->peer, c->peer ? EJECT_LINKED : EJECT_UNLINKED);
                 if (!(c->flags & (F_CLOSED | F_CLOSING)) && c->mode == MODE_SLOW &&
