@@ -312,6 +312,52 @@ def test_streamed_binds_cost_no_memory_per_byte(proxy_factory: Any, pg_params: d
         assert conn.execute("select 'after'").fetchone() == ("after",)
 
 
+def test_answer_wanting_python_waits_for_the_streamed_bind(proxy_factory: Any,
+                                                            pg_params: dict[str, str]) -> None:
+    """A DDL tag (Python must see it) comes back while the client is still streaming its next
+    Bind: the pair goes to Python once the Bind is through, and the client gets every answer
+    (a hand-over mid-message would have cut the connection)."""
+    proxy = proxy_factory(default_pool_size=1)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.query("drop table if exists stream_ddl; create table stream_ddl (i int)"))
+        assert read_types(sock)[-1] == "Z"
+        total = 2 << 20
+        sock.sendall(m.query("alter table stream_ddl add column j int"))
+        bind = start_streamed_bind(sock, total, total // 2)
+        time.sleep(0.5)  # the ALTER TABLE's answer is back meanwhile (or not: same outcome)
+        sock.sendall(bind[total // 2:] + m.describe_message("P", "") + m.execute_message()
+                     + m.sync())
+        assert read_types(sock) == ["C", "Z"]
+        assert read_types(sock) == ["1", "2", "T", "D", "C", "Z"]
+        sock.sendall(m.query("select j from stream_ddl"))
+        assert read_types(sock) == ["T", "C", "Z"]
+        sock.sendall(m.query("drop table stream_ddl"))
+        assert read_types(sock)[-1] == "Z"
+        sock.sendall(m.terminate())
+
+
+def test_client_gone_mid_stream_takes_its_server_along(proxy_factory: Any,
+                                                       pg_params: dict[str, str]) -> None:
+    """A client that leaves half-way through a streamed Bind: its server, holding half a
+    message, is closed, never lent again (the next client's query would be read as the rest
+    of the Bind); the one-server pool serves the next client on a new one."""
+    proxy = proxy_factory(default_pool_size=1, query_wait_timeout=10)
+    with connect(proxy) as conn:
+        first_pid = conn.execute("select pg_backend_pid()").fetchone()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        start_streamed_bind(sock, 2 << 20, 1 << 20)
+        deadline = time.monotonic() + 10
+        while received(proxy) < (1 << 20) - 64 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    with connect(proxy) as conn:
+        assert conn.execute("select 'next'").fetchone() == ("next",)
+        assert conn.execute("select pg_backend_pid()").fetchone() != first_pid
+
+
 # -- finding 4: PostgreSQL's whitespace and U& identifiers reach the hazard check ----------
 def show_hazards(proxy: RunningProxy) -> list[tuple[str, int]]:
     from psycopg.rows import dict_row
