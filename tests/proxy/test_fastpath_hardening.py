@@ -293,7 +293,10 @@ def test_streamed_binds_cost_no_memory_per_byte(proxy_factory: Any, pg_params: d
         # Streaming, a client costs its read buffer and its server's write buffer (up to
         # 256 KiB, then it is not read): measured ~120 KiB each; held whole, 1.2 MiB each
         # (1 MiB Binds, in the engine) and 4.7 MiB (3 MiB Binds, in Python).
-        assert grown < clients * (320 << 10), (grown, clients * sent)
+        # (Under AddressSanitizer, .ci/asan, freed memory stays in its quarantine: RSS says
+        # nothing there, the rest of the test still runs.)
+        if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+            assert grown < clients * (320 << 10), (grown, clients * sent)
         # One finishes its message: answered in full.
         finisher = socks.pop()
         finisher.sendall(bind[sent:] + m.describe_message("P", "") + m.execute_message()
