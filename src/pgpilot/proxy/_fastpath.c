@@ -2619,8 +2619,9 @@ static PyObject *kw_validate; /* {"strict_mode": True} */
  * EVP_MAC_fetch) and one digest context and one HMAC context (its digest set once) are
  * re-initialised per use. These contexts are the process's, and safe so: each use runs from
  * init to final with the GIL held and no call that can run Python in between (every caller
- * below), so no other use can interleave. Keys leave no copy: OpenSSL cleanses its HMAC
- * state at the next init and at free; our own buffers are wiped with OPENSSL_cleanse.
+ * below), so no other use can interleave. Keys leave no copy: the HMAC context is set to
+ * the empty key after each use (its state is derived from the key); our own buffers are
+ * wiped with OPENSSL_cleanse.
  * A build without OpenSSL's headers (setup.py without libssl-dev) keeps the engine's own
  * SHA-256 (FIPS 180-4) and HMAC (RFC 2104) below. Both are checked against hashlib and hmac
  * by tests/proxy/test_fastlogin.py. */
@@ -2683,20 +2684,25 @@ static int sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
 /* HMAC-SHA-256 of ``n`` bytes under ``key``. 0, or -1 if OpenSSL failed (``out`` zeroed). */
 static int hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *msg,
                        size_t n, unsigned char out[32]) {
+    int ok;
 #if OPENSSL_VERSION_NUMBER >= 0x30000000L
     size_t got = 0;
     /* A zero-length key must still be a key (NULL would mean "keep the last one"). */
     static const unsigned char no_key[1];
-    if (EVP_MAC_init(scram_mac_ctx, key_len ? key : no_key, key_len, NULL) &&
-        EVP_MAC_update(scram_mac_ctx, msg, n) &&
-        EVP_MAC_final(scram_mac_ctx, out, &got, 32) && got == 32)
-        return 0;
+    ok = EVP_MAC_init(scram_mac_ctx, key_len ? key : no_key, key_len, NULL) &&
+         EVP_MAC_update(scram_mac_ctx, msg, n) &&
+         EVP_MAC_final(scram_mac_ctx, out, &got, 32) && got == 32;
+    /* The context keeps the padded key's hash states until its next init: that is a copy of
+     * StoredKey or ServerKey, so it is replaced by the empty key's now. */
+    EVP_MAC_init(scram_mac_ctx, no_key, 0, NULL);
 #else
     unsigned int got = 0;
-    if (HMAC_Init_ex(scram_mac_ctx, key, (int)key_len, scram_md, NULL) &&
-        HMAC_Update(scram_mac_ctx, msg, n) && HMAC_Final(scram_mac_ctx, out, &got) && got == 32)
-        return 0;
+    ok = HMAC_Init_ex(scram_mac_ctx, key, (int)key_len, scram_md, NULL) &&
+         HMAC_Update(scram_mac_ctx, msg, n) && HMAC_Final(scram_mac_ctx, out, &got) &&
+         got == 32;
+    HMAC_CTX_reset(scram_mac_ctx); /* cleanses the key's states (see above) */
 #endif
+    if (ok) return 0;
     ERR_clear_error();
     memset(out, 0, 32);
     return -1;
@@ -5197,6 +5203,8 @@ static PyObject *engine_watch(EngineObject *e, PyObject *args) {
 static PyObject *engine_unwatch(EngineObject *e, PyObject *arg) {
     long fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
+    if (fd < INT_MIN || fd > INT_MAX) /* (a negative one is EBADF below, as before) */
+        return PyErr_Format(PyExc_ValueError, "invalid file descriptor %ld", fd);
     /* As selectors.EpollSelector: a descriptor closed before it was unregistered is gone
      * from the set already. */
     if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, (int)fd, NULL) < 0 && errno != EBADF && errno != ENOENT)
