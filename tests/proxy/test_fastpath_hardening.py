@@ -341,6 +341,30 @@ def test_answer_wanting_python_waits_for_the_streamed_bind(proxy_factory: Any,
         sock.sendall(m.terminate())
 
 
+def test_python_asking_for_a_streaming_pair_waits_for_the_bind(proxy_factory: Any,
+                                                                pg_params: dict[str, str]) -> None:
+    """Python takes the engine's pairs back for every SHOW and /metrics scrape (settle): one
+    mid-way through a streamed Bind comes back at the Bind's end instead, so the client is
+    answered (taken at once, it would have been cut off: half a message is at its server)."""
+    proxy = proxy_factory(default_pool_size=2)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        total = 2 << 20
+        bind = start_streamed_bind(sock, total, total // 2)
+        deadline = time.monotonic() + 10
+        while received(proxy) < total // 2 - 64 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proxy.call(lambda: proxy.pooler.fast.settle())  # type: ignore[union-attr]
+        sock.sendall(bind[total // 2:] + m.describe_message("P", "") + m.execute_message()
+                     + m.sync())
+        assert read_types(sock) == ["1", "2", "T", "D", "C", "Z"]
+        proxy.call(lambda: proxy.pooler.fast.settle())  # type: ignore[union-attr]
+        sock.sendall(m.query("select 'again'"))
+        assert read_types(sock) == ["T", "D", "C", "Z"]
+        sock.sendall(m.terminate())
+
+
 def test_client_gone_mid_stream_takes_its_server_along(proxy_factory: Any,
                                                        pg_params: dict[str, str]) -> None:
     """A client that leaves half-way through a streamed Bind: its server, holding half a

@@ -71,8 +71,12 @@
 #define F_SSL_ASKED 0x2000 /* client: its SSLRequest was answered (one is allowed) */
 #define F_GSS_ASKED 0x4000 /* client: its GSSENCRequest was answered (one is allowed) */
 #define F_FATAL_SEEN 0x8000 /* server: it sent its client a FATAL (or PANIC) error */
-#define F_EJECT_STREAMED 0x10000 /* client: its server's answers asked for Python while the
-                                  * client was streaming a message: hand over at its end */
+#define F_EJECT_STREAMED 0x10000 /* client: Python is wanted (its server's answers, or Python
+                                  * asked) while the client streams a message: hand over at
+                                  * its end */
+#define F_ANSWERS_WAIT 0x20000   /* server: an answer of it needs Python, which waits for its
+                                  * client's streamed message: it and the rest are held */
+#define MAX_HELD_ANSWERS (1024 * 1024) /* a server's answers held so, at most */
 #define MAX_WHOLE_ERROR 65536 /* a server error up to this size is read whole (FATAL?) */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104
@@ -447,8 +451,6 @@ static int wants_read(ConnObject *c) {
         if (c->at == AT_WAITING) return buf_len(&c->rb) < WAITING_READ_CAP;
         /* Waiting for quiet to hand over: keep reading (a close must be seen), up to a cap. */
         if ((c->flags & F_EJECT_WANTED) && buf_len(&c->rb) > MAX_FAST_MESSAGE) return 0;
-        /* A server whose answers wait for its client to finish a streamed message. */
-        if (c->kind == KIND_SERVER && c->peer && (c->peer->flags & F_EJECT_STREAMED)) return 0;
     } else if (c->kind == KIND_CLIENT && ((c->flags & (F_PHANTOM | F_STARTUP)) || c->scram) &&
                buf_len(&c->wb) > HIGH_WATER) {
         /* Answered by the engine alone (startup, SCRAM): a client that does not read its
@@ -1790,7 +1792,7 @@ static void leave_fast(ConnObject *c) {
     Py_CLEAR(c->statements);
     Py_CLEAR(c->prepared);
     c->mode = MODE_SLOW;
-    c->flags &= ~(F_THROTTLED | F_EJECT_WANTED | F_EJECT_STREAMED);
+    c->flags &= ~(F_THROTTLED | F_EJECT_WANTED | F_EJECT_STREAMED | F_ANSWERS_WAIT);
     c->skip = 0;
     PoolObject *p = c->pool;
     c->pool = NULL;
@@ -2047,9 +2049,10 @@ static unsigned long long scanned_total;
  * of it may reach a server.
  * While a message is streamed, the pair cannot be handed to Python (the server holds part
  * of a message; the client's next bytes are the rest of it): answers that ask for Python
- * wait for its end (F_EJECT_STREAMED), and anything else that would hand the pair over
- * (the client or the server lost, client_message_timeout, Python taking the client)
- * closes both instead (eject_client). */
+ * wait for its end (F_EJECT_STREAMED; the server's answers from there are held, up to
+ * MAX_HELD_ANSWERS), as does Python asking for the pair (Conn.eject: SHOW, /metrics,
+ * timeouts), and what cannot wait (the client or the server lost, client_message_timeout,
+ * Python writing to or closing the client) closes both instead (eject_client). */
 
 /* The body bytes of the message at ``at`` that are in the first ``end`` bytes read. */
 static size_t body_have(const unsigned char *base, size_t at, size_t end) {
@@ -2404,8 +2407,15 @@ static void server_pump(ConnObject *s) {
         return_server(s);
         return;
     }
-    /* Its answers wait for Python, and Python for the client's streamed message to end. */
-    if (c->flags & F_EJECT_STREAMED) return;
+    if (s->flags & F_ANSWERS_WAIT) {
+        /* Its answers wait for Python, and Python for the client's streamed message to end.
+         * The server is still read (it may be writing answers to requests before that
+         * message, and read no more of it until they are out), up to a bound. */
+        if (buf_len(&s->rb) > MAX_HELD_ANSWERS)
+            fail_closed_code(c, s, "54000", "the server's answers held while the client "
+                             "streamed a message exceeded 1 MiB");
+        return;
+    }
     PoolObject *p = s->pool;
     const unsigned char *base = (const unsigned char *)s->rb.p + s->rb.start;
     size_t avail = buf_len(&s->rb), pos = 0;
@@ -2526,9 +2536,9 @@ static void server_pump(ConnObject *s) {
     buf_shrink(&s->rb);
     if (eject && c->skip) {
         /* The client is streaming a message to this server (see "streaming"): the pair goes
-         * to Python once it is through; the server is not read meanwhile. */
+         * to Python once it is through; this answer and the next wait. */
         c->flags |= F_EJECT_STREAMED;
-        update_events(s);
+        s->flags |= F_ANSWERS_WAIT;
         return;
     }
     if (eject) {
@@ -4495,6 +4505,14 @@ static PyObject *conn_claim(ConnObject *c, PyObject *unused) {
 
 /* Python wants the pair back now (a timeout, an admin command, a cancel). */
 static PyObject *conn_eject(ConnObject *c, PyObject *unused) {
+    ConnObject *client = c->kind == KIND_CLIENT ? c : c->peer;
+    if (c->mode == MODE_FAST && client && client->skip) {
+        /* Mid-way through a Bind the client streams (see "streaming"): the pair cannot be
+         * handed over now, so it goes to Python when the Bind is through (a SHOW or a
+         * /metrics scrape must not cut the client off). */
+        client->flags |= F_EJECT_STREAMED;
+        Py_RETURN_FALSE;
+    }
     int was = c->mode == MODE_FAST;
     make_slow(c);
     return PyBool_FromLong(was);
@@ -4570,7 +4588,9 @@ static PyMethodDef conn_methods[] = {
     {"set_fast", (PyCFunction)conn_set_fast, METH_VARARGS,
      "set_fast(pool, params_id, expires=0, statements=None): enter the fast path; "
      "statements: a client's router.statements, a server's prepared (named statements)."},
-    {"eject", (PyCFunction)conn_eject, METH_NOARGS, "Take the connection back from the fast path."},
+    {"eject", (PyCFunction)conn_eject, METH_NOARGS,
+     "Take the connection back from the fast path: True if it was on it. False also for a pair\n"
+     "mid-way through a streamed Bind, which comes back when the Bind is through."},
     {"scram_login", (PyCFunction)conn_scram_login, METH_VARARGS,
      "scram_login(stored_key, server_key, salt_b64, iterations, valid) -> bytes: run this "
      "client's SCRAM-SHA-256 exchange in the engine; returns the AuthenticationSASL message."},
