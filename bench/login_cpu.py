@@ -12,6 +12,12 @@ system CPU per login (from /proc). Same PostgreSQL and pooler settings as bench/
     python bench/login_cpu.py                  # embedded PostgreSQL
     python bench/login_cpu.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
     python bench/login_cpu.py --logging        # a log line per login and per leaving
+
+``--baseline-src DIR`` measures pgpilot against another build of itself instead of PgBouncer
+(DIR is a copy of ``src/`` with its compiled extension, e.g. from an older commit), paired in
+the same alternating rounds, with the after/before ratio of each round:
+
+    python bench/login_cpu.py --baseline-src /tmp/before/src
 """
 
 from __future__ import annotations
@@ -106,9 +112,21 @@ def user_sys_seconds(pid: int) -> tuple[float, float]:
 
 
 def measure(kind: str, up: bench.Upstream, secret: str, logins: int,
-            base: Path, logging: bool) -> dict[str, float]:
+            base: Path, logging: bool, baseline_src: str | None = None) -> dict[str, float]:
     case = bench.Case("login-cpu", "SCRAM logins", auth="scram-sha-256", logging=logging)
-    pooler = bench.start_pooler(kind, case, up, secret, base)
+    if kind == "baseline":
+        # The pooler process imports pgpilot from the baseline's source tree.
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = str(baseline_src)
+        try:
+            pooler = bench.start_pooler("pgpilot", case, up, secret, base)
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+    else:
+        pooler = bench.start_pooler(kind, case, up, secret, base)
     try:
         client = RawScramClient(pooler.port, bench.BENCH_USER, bench.BENCH_PASSWORD,
                                 bench.BENCH_DB)
@@ -134,16 +152,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--logging", action="store_true",
                         help="log_connections and log_disconnections on (both poolers' default)")
+    parser.add_argument("--baseline-src",
+                        help="compare with pgpilot imported from this src/ folder, not PgBouncer")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pgpilot-login-bench-"))
     tmp.chmod(0o755)
     up = bench.start_upstream(argparse.Namespace(dsn=args.dsn, data_dir=args.data_dir), tmp)
     try:
         secret = bench.prepare_data(up, 1, reuse=bool(args.dsn or args.data_dir))
-        results: dict[str, list[dict[str, float]]] = {"pgbouncer": [], "pgpilot": []}
+        anchor = "baseline" if args.baseline_src else "pgbouncer"
+        results: dict[str, list[dict[str, float]]] = {anchor: [], "pgpilot": []}
         for rnd in range(1, args.rounds + 1):
             for kind in results:
-                got = measure(kind, up, secret, args.logins, tmp, args.logging)
+                got = measure(kind, up, secret, args.logins, tmp, args.logging,
+                              args.baseline_src)
                 results[kind].append(got)
                 bench.log(f"{kind:9} r{rnd}: {got['logins_per_s']:7.0f} logins/s, "
                           f"user {got['user_us']:5.0f} us, sys {got['sys_us']:5.0f} us "
@@ -153,9 +175,14 @@ def main() -> int:
                for k, rs in results.items()}
         for kind, m in med.items():
             print(f"{kind:10} {m['logins_per_s']:9.0f} {m['user_us']:8.0f} {m['sys_us']:7.0f}")
-        b, p = med["pgbouncer"], med["pgpilot"]
+        b, p = med[anchor], med["pgpilot"]
         print(f"{'ratio P/B':10} {p['logins_per_s'] / b['logins_per_s']:8.2f}x "
               f"{p['user_us'] / b['user_us']:7.2f}x {p['sys_us'] / b['sys_us']:6.2f}x")
+        # Paired: each round's pgpilot against the anchor measured right before it.
+        cpu = [(q["user_us"] + q["sys_us"]) / (a["user_us"] + a["sys_us"])
+               for a, q in zip(results[anchor], results["pgpilot"], strict=True)]
+        print(f"paired CPU per login, pgpilot / {anchor}: median {statistics.median(cpu):.3f}, "
+              f"rounds {' '.join(f'{r:.3f}' for r in cpu)}")
     finally:
         if up.embedded is not None:
             up.embedded.stop()

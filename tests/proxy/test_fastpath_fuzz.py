@@ -38,7 +38,7 @@ def junk(rng: random.Random) -> bytes:
     """One client's bytes after its login: valid messages mixed with broken ones."""
     out = bytearray()
     for _ in range(rng.randint(1, 6)):
-        kind = rng.randrange(9)
+        kind = rng.randrange(10)
         if kind == 0:
             out += m.query(f"select {rng.randint(0, 9)}")
         elif kind == 1:  # a length that lies (short, negative, huge)
@@ -61,6 +61,20 @@ def junk(rng: random.Random) -> bytes:
             out += struct.pack("!II", 8, 80877103)
         elif kind == 7:  # a big, valid query
             out += m.query("select length('" + "y" * rng.randint(1000, 70000) + "')")
+        elif kind == 8:  # a Bind large enough to be streamed: whole, cut short, or lying
+            size = rng.randint(70_000, 300_000)
+            bind = m.bind_message("", rng.choice(["", "nosuch"]),
+                                  struct.pack("!hhi", 0, 1, size) + b"z" * size
+                                  + struct.pack("!h", 0))
+            out += m.parse_message("", "select length($1::text)")
+            way = rng.randrange(3)
+            if way == 0:
+                out += bind + m.execute_message() + m.sync()
+            elif way == 1:
+                out += bind[:rng.randint(6, len(bind) - 1)]
+                break
+            else:  # a length past its bytes, then other messages read as its body
+                out += b"B" + struct.pack("!i", len(bind) + rng.randint(1, 5000)) + bind[5:]
         else:
             out += m.terminate()
     return bytes(out)

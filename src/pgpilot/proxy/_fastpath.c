@@ -74,6 +74,12 @@
 #define F_UNNAMED_PARSED 0x10000 /* client: the engine carried an unnamed Parse (or a simple
                                   * query, which drops the unnamed statement): Python's record
                                   * of it is out of date (take_unnamed_parsed) */
+#define F_EJECT_STREAMED 0x20000 /* client: Python is wanted (its server's answers, or Python
+                                  * asked) while the client streams a message: hand over at
+                                  * its end */
+#define F_ANSWERS_WAIT 0x40000   /* server: an answer of it needs Python, which waits for its
+                                  * client's streamed message: it and the rest are held */
+#define MAX_HELD_ANSWERS (1024 * 1024) /* a server's answers held so, at most */
 #define MAX_WHOLE_ERROR 65536 /* a server error up to this size is read whole (FATAL?) */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104
@@ -83,6 +89,10 @@
 #define HIGH_WATER (256 * 1024)
 #define LOW_WATER (64 * 1024)
 #define MAX_FAST_MESSAGE (1024 * 1024)
+/* A Bind longer than this that is not read whole yet is streamed to the client's server (see
+ * "streaming"), up to PostgreSQL's own cap on a message (1 GB - 1). */
+#define STREAM_OVER (64 * 1024)
+#define MAX_STREAMED_MESSAGE 0x3fffffffu
 #define WAITING_READ_CAP (64 * 1024)
 #define N_BUCKETS 12
 #define OWED_MAX 64
@@ -208,11 +218,14 @@ struct ConnObject {
     int unsynced;
     char txn;
     int64_t query_started, xact_started, wait_started, last_activity, idle_in_txn_since;
-    /* server stream: body bytes of the current message still to pass */
+    /* body bytes of the current message still to pass as they come: a server's (any
+     * message), a client's (a large Bind it streams: see "streaming") */
     size_t skip;
     /* client queued for a server (AT_WAITING): bytes from rb.start that client_scan found
-     * fast already (complete messages, no statement to rename), not scanned again */
+     * fast already (complete messages, no statement to rename), not scanned again; and
+     * whether an unnamed Parse is among them (a Bind of it further on stays here) */
     size_t scan_ok;
+    int scan_unnamed;
     long long params_id;
     int64_t expires;
     int64_t idle_since;
@@ -486,6 +499,7 @@ static void queue_remove(ConnObject *c) {
     c->prev = c->next = NULL;
     c->at = AT_NONE;
     c->scan_ok = 0;
+    c->scan_unnamed = 0;
     Py_DECREF(c); /* the queue's reference */
 }
 
@@ -805,15 +819,18 @@ static void put_be32(unsigned char *p, uint32_t v) {
 
 /* Append the message at ``msg`` (type, length, body of ``n`` bytes: a Bind or a Describe
  * of a named statement, whose name, of ``old_len`` bytes, is at ``name``: named_statement())
- * to ``out`` under ``server_name``. */
-static int rename_into(Buf *out, const unsigned char *msg, size_t n, const unsigned char *name,
-                       size_t old_len, PyObject *server_name) {
+ * to ``out`` under ``server_name``. Only the first ``have`` bytes of the body are read yet
+ * (``have`` < ``n``: a Bind being streamed, its names within them): the length field says
+ * the whole renamed message, the rest follows unchanged as it comes. */
+static int rename_into(Buf *out, const unsigned char *msg, size_t n, size_t have,
+                       const unsigned char *name, size_t old_len, PyObject *server_name) {
     const unsigned char *body = msg + 5;
     size_t head = (size_t)(name - body); /* bytes before the statement name */
     const unsigned char *nul = name + old_len;
     size_t new_len = (size_t)PyUnicode_GET_LENGTH(server_name);
     size_t total = 5 + n - old_len + new_len;
-    if (buf_reserve(out, total) < 0) {
+    size_t written = total - (n - have);
+    if (buf_reserve(out, written) < 0) {
         PyErr_Clear();
         return -1;
     }
@@ -822,8 +839,8 @@ static int rename_into(Buf *out, const unsigned char *msg, size_t n, const unsig
     put_be32(o + 1, (uint32_t)(total - 1));
     memcpy(o + 5, body, head);
     memcpy(o + 5 + head, PyUnicode_1BYTE_DATA(server_name), new_len);
-    memcpy(o + 5 + head + new_len, nul, n - head - old_len);
-    out->end += total;
+    memcpy(o + 5 + head + new_len, nul, have - head - old_len);
+    out->end += written;
     return 0;
 }
 
@@ -1862,7 +1879,7 @@ static void partial_remove(ConnObject *c) {
  * query_wait_timeout and by its server's answers.) */
 static int holds_partial(ConnObject *c) {
     return c->kind == KIND_CLIENT && c->mode == MODE_FAST && !(c->flags & (F_CLOSED | F_CLOSING)) &&
-           buf_len(&c->rb) && c->at != AT_WAITING && !(c->flags & F_EJECT_WANTED);
+           (c->skip || (buf_len(&c->rb) && c->at != AT_WAITING && !(c->flags & F_EJECT_WANTED)));
 }
 
 static void partial_note(ConnObject *c) {
@@ -1888,7 +1905,7 @@ static void leave_fast(ConnObject *c) {
     Py_CLEAR(c->statements);
     Py_CLEAR(c->prepared);
     c->mode = MODE_SLOW;
-    c->flags &= ~(F_THROTTLED | F_EJECT_WANTED);
+    c->flags &= ~(F_THROTTLED | F_EJECT_WANTED | F_EJECT_STREAMED | F_ANSWERS_WAIT);
     c->skip = 0;
     PoolObject *p = c->pool;
     c->pool = NULL;
@@ -1896,6 +1913,7 @@ static void leave_fast(ConnObject *c) {
 }
 
 static void fail_closed(ConnObject *c, ConnObject *s, const char *text);
+static void fail_closed_code(ConnObject *c, ConnObject *s, const char *code, const char *text);
 static void server_free(ConnObject *s);
 
 /* Hand ``c`` (a client) and its server, if any, back to Python with their state. */
@@ -1903,6 +1921,19 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
     PyObject *cb = NULL, *sb = NULL, *r = NULL;
     PoolObject *p = c->pool;
     if (!p) return;
+    if (c->skip) {
+        /* Mid-way through a Bind the client streams (see "streaming"): its server holds part
+         * of a message and the client's next bytes are the rest of it, so neither can be
+         * handed over: both are closed (claim() first, a phantom has no object yet). */
+        if (claim(c) < 0) return;
+        ConnObject *s = server ? server : c->peer;
+        int server_gone = !s || (s->flags & (F_CLOSED | F_CLOSING));
+        fail_closed_code(c, s, server_gone ? "08006" : "08P01",
+                         server_gone ? "server closed the connection during a message"
+                                     : "the connection cannot go on: a message was cut off "
+                                       "while it was passed on to the server");
+        return;
+    }
     if (claim(c) < 0) {
         /* The client is gone (claim() dropped it). A server its caller took off the idle
          * list for it, not linked to it, goes back to the pool: to the next waiting client
@@ -2033,6 +2064,11 @@ static void refuse_client(ConnObject *c, const char *code, const char *text) {
 
 /* Close the pair (either may be NULL) as above; ``text`` is what the client is told. */
 static void fail_closed(ConnObject *c, ConnObject *s, const char *text) {
+    fail_closed_code(c, s, "08006", text);
+}
+
+/* The same, the client told ``code`` (a SQLSTATE). */
+static void fail_closed_code(ConnObject *c, ConnObject *s, const char *code, const char *text) {
     if (c) Py_INCREF(c);
     if (s) Py_INCREF(s);
     if (c && c->peer) unlink_pair(c);
@@ -2048,7 +2084,7 @@ static void fail_closed(ConnObject *c, ConnObject *s, const char *text) {
         PyErr_Clear();
         drop_engine_ref(s);
     }
-    if (c) refuse_client(c, "08006", text);
+    if (c) refuse_client(c, code, text);
     if (s) Py_DECREF(s);
     if (c) Py_DECREF(c);
 }
@@ -2121,14 +2157,40 @@ static void call_starved(PoolObject *p) {
 /* Bytes of complete client messages client_scan examined, in all (Python: scanned_bytes()). */
 static unsigned long long scanned_total;
 
+/* -- streaming ---------------------------------------------------------------------------
+ * A Bind longer than STREAM_OVER (a large parameter: a bytea, a document) is not held whole:
+ * once its portal and statement names are read (within the first STREAM_OVER bytes) and the
+ * client has a server, the engine passes it on as it comes, the names renamed as for any
+ * Bind; ``skip`` counts its body bytes still to come, which go out as they are read. So a
+ * client costs its read buffer and its server's write buffer (HIGH_WATER, then the client
+ * is not read), not the message. A client with no server yet holds at most
+ * WAITING_READ_CAP of it. Query and Parse texts are still read whole (up to
+ * MAX_FAST_MESSAGE, then Python): the hazard pre-filter must see the whole text before any
+ * of it may reach a server.
+ * While a message is streamed, the pair cannot be handed to Python (the server holds part
+ * of a message; the client's next bytes are the rest of it): answers that ask for Python
+ * wait for its end (F_EJECT_STREAMED; the server's answers from there are held, up to
+ * MAX_HELD_ANSWERS), as does Python asking for the pair (Conn.eject: SHOW, /metrics,
+ * timeouts), and what cannot wait (the client or the server lost, client_message_timeout,
+ * Python writing to or closing the client) closes both instead (eject_client). */
+
+/* The body bytes of the message at ``at`` that are in the first ``end`` bytes read. */
+static size_t body_have(const unsigned char *base, size_t at, size_t end) {
+    size_t n = (size_t)be32(base + at + 1) - 4;
+    return end - at - 5 < n ? end - at - 5 : n;
+}
+
 /* Scan the client's complete messages. Returns the bytes that may be forwarded; *bad is set
  * when a message the fast path will not carry starts within the buffer. When they rename
- * statements, ``rn`` holds them as they go to the server.
+ * statements, ``rn`` holds them as they go to the server. A large Bind not complete yet may
+ * end the bytes returned (see "streaming"): *stream_at is then where it starts (else
+ * SIZE_MAX), and the bytes returned go past it.
  *
  * The framing pass is pure C: no call that can run Python, so the buffer cannot move under
  * it. The names of named statements are looked up after it (Python's dicts), and the bytes
  * are read again from the buffer by offset after that. */
-static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int *terminate) {
+static size_t client_scan(ConnObject *c, size_t from, int unnamed_before, Renamed *rn, int *bad,
+                          int *terminate, size_t *stream_at, size_t *unnamed_at) {
     const unsigned char *base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t avail = buf_len(&c->rb), pos = from <= avail ? from : 0;
     size_t named_at[MAX_RENAMES];
@@ -2138,20 +2200,53 @@ static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int
      * have moved to another server since); a Parse of it that no Bind follows in the chunk
      * (a driver preparing it for later: asyncpg without its cache) goes to Python too, so
      * that Python knows what to parse again. A Parse followed by its Bind stays here. */
-    int unnamed_parsed = 0;
+    int unnamed_parsed = unnamed_before; /* an unnamed Parse before ``from`` */
     size_t lone_parse_at = (size_t)-1, first_parse_at = (size_t)-1;
     *bad = 0;
     *terminate = 0;
+    *stream_at = SIZE_MAX;
+    *unnamed_at = SIZE_MAX;
     renamed_clear(rn);
     while (avail - pos >= 5) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
-        if (len < 4 || len > MAX_FAST_MESSAGE || !type_maybe_fast(t)) {
+        if (len < 4 || !type_maybe_fast(t) ||
+            len > (t == 'B' ? MAX_STREAMED_MESSAGE : MAX_FAST_MESSAGE)) {
             *bad = 1;
             *terminate = t == 'X';
             break;
         }
-        if (avail - pos < (size_t)len + 1) break;
+        if (avail - pos < (size_t)len + 1) {
+            if (t != 'B' || len - 4 <= STREAM_OVER) break; /* read whole */
+            size_t have = avail - pos - 5, name_len;
+            int how = message_fast(t, base + pos + 5, have);
+            if (how == FAST_NO || (how == FAST_NAMED && !named_statement(base + pos, have,
+                                                                        &name_len))) {
+                /* Its names are not all in yet: wait for them, within STREAM_OVER. */
+                if (have >= STREAM_OVER) *bad = 1;
+                break;
+            }
+            if (how == FAST_NAMED) {
+                if (n_named == MAX_RENAMES) {
+                    *bad = 1;
+                    break;
+                }
+                named_at[n_named++] = pos;
+            } else { /* a Bind of the unnamed statement: its Parse must be in this chunk */
+                if (!unnamed_parsed) {
+                    *bad = 1;
+                    break;
+                }
+                lone_parse_at = (size_t)-1;
+            }
+            *stream_at = pos;
+            pos = avail;
+            break;
+        }
+        if (len > MAX_FAST_MESSAGE) { /* a whole Bind that came in one read: Python's */
+            *bad = 1;
+            break;
+        }
         scanned_total += (size_t)len + 1;
         int how = message_fast(t, base + pos + 5, len - 4);
         if (how == FAST_NO || (how == FAST_NAMED && n_named == MAX_RENAMES)) {
@@ -2162,6 +2257,7 @@ static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int
         if (t == 'Q' && first_parse_at == (size_t)-1) first_parse_at = pos;
         if (how == FAST_YES && t == 'P') {
             unnamed_parsed = 1;
+            if (*unnamed_at == SIZE_MAX) *unnamed_at = pos;
             if (first_parse_at == (size_t)-1) first_parse_at = pos;
             if (lone_parse_at == (size_t)-1) lone_parse_at = pos;
         } else if (how == FAST_YES && (t == 'B' || (t == 'D' && base[pos + 5] == 'S'))) {
@@ -2174,9 +2270,13 @@ static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int
         pos += (size_t)len + 1;
     }
     if (lone_parse_at != (size_t)-1 && lone_parse_at < pos) {
+        /* With part of a message still to come (the Parse's Bind, perhaps, split by TCP or
+         * large), wait for it rather than hand a Parse that may yet have its Bind to Python. */
+        if (*bad || pos >= avail) {
+            *bad = 1;
+            *terminate = 0;
+        }
         pos = lone_parse_at;
-        *bad = 1;
-        *terminate = 0;
         while (n_named && named_at[n_named - 1] >= pos) n_named--;
     }
     if (first_parse_at < pos) c->flags |= F_UNNAMED_PARSED;
@@ -2193,7 +2293,7 @@ static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int
         base = (const unsigned char *)c->rb.p + c->rb.start;
         size_t at = named_at[i], name_len;
         PyObject *client_name = NULL;
-        const unsigned char *name = named_statement(base + at, be32(base + at + 1) - 4, &name_len);
+        const unsigned char *name = named_statement(base + at, body_have(base, at, pos), &name_len);
         PyObject *server_name = name ? statement_for(c, name, name_len, &client_name) : NULL;
         if (!server_name || (c->peer && !on_server(c->peer, server_name))) {
             Py_XDECREF(client_name);
@@ -2210,18 +2310,19 @@ static size_t client_scan(ConnObject *c, size_t from, Renamed *rn, int *bad, int
     base = (const unsigned char *)c->rb.p + c->rb.start;
     size_t done = 0;
     for (int k = 0; k < rn->n_names; k++) {
-        size_t at = named_at[k], name_len;
+        size_t at = named_at[k], name_len, have = body_have(base, at, pos);
         uint32_t len = be32(base + at + 1);
-        const unsigned char *name = named_statement(base + at, len - 4, &name_len);
+        const unsigned char *name = named_statement(base + at, have, &name_len);
         if ((at > done && buf_append(&rn->out, (const char *)base + done, at - done) < 0) ||
-            !name || rename_into(&rn->out, base + at, len - 4, name, name_len, rn->names[k]) < 0) {
+            !name ||
+            rename_into(&rn->out, base + at, len - 4, have, name, name_len, rn->names[k]) < 0) {
             PyErr_Clear();
             renamed_clear(rn);
             *bad = 1;
             *terminate = 0;
             return named_at[0];
         }
-        done = at + (size_t)len + 1;
+        done = at + 5 + have;
     }
     if (pos > done && buf_append(&rn->out, (const char *)base + done, pos - done) < 0) {
         PyErr_Clear();
@@ -2261,19 +2362,21 @@ static void client_account(ConnObject *c, size_t n, const Renamed *rn) {
     while (pos < n) {
         unsigned char t = base[pos];
         uint32_t len = be32(base + pos + 1);
+        /* All of the body but for a streamed Bind's, of which the part read (its names). */
+        size_t have = body_have(base, pos, n);
         if (t == 'Q' && c->owed_skip && !c->owed_lost) {
             /* Behind an error, before the Sync: PostgreSQL skips it, no ReadyForQuery. */
             pos += (size_t)len + 1;
             continue;
         }
         if (names < rn->n_names && (t == 'B' || t == 'D') &&
-            message_fast(t, base + pos + 5, len - 4) == FAST_NAMED) {
+            message_fast(t, base + pos + 5, have) == FAST_NAMED) {
             if (c->qs && t == 'B')
-                qs_sent(c, t, base + pos + 5, len - 4, rn->names[names], rn->clients[names],
+                qs_sent(c, t, base + pos + 5, have, rn->names[names], rn->clients[names],
                         &now);
             owed_push(c, (char)(t | 0x20), rn->clients[names++]); /* 'b', 'd' */
         } else if (t != 'H') {
-            if (c->qs) qs_sent(c, t, base + pos + 5, len - 4, NULL, NULL, &now);
+            if (c->qs) qs_sent(c, t, base + pos + 5, have, NULL, NULL, &now);
             owed_push(c, (char)t, NULL);
         }
         if (t == 'Q' || t == 'S') {
@@ -2307,11 +2410,40 @@ static void client_pump_with(ConnObject *c, Renamed *rn) {
 again:
     if (c->mode != MODE_FAST || (c->flags & F_CLOSED)) return;
     PoolObject *p = c->pool;
+    if (c->skip) {
+        /* The rest of a Bind being streamed (see "streaming"): to the server as it comes. */
+        size_t take = buf_len(&c->rb) < c->skip ? buf_len(&c->rb) : c->skip;
+        if (!c->peer) { /* (never: a streaming client is unlinked only by closing) */
+            fail_closed(c, NULL, "pooler error: a streamed message lost its server");
+            return;
+        }
+        if (take) {
+            p->bytes_in += (long long)take;
+            c->skip -= take;
+            if (pass_on(c, c->peer, take) < 0) return;
+        }
+        if (c->skip) {
+            buf_shrink(&c->rb);
+            return;
+        }
+        if (c->flags & F_EJECT_STREAMED) {
+            /* Its server's answers wanted Python meanwhile: the pair goes to it now. */
+            c->flags &= ~F_EJECT_STREAMED;
+            eject_client(c, c->peer, EJECT_LINKED);
+            return;
+        }
+    }
     if (c->flags & F_EJECT_WANTED) return; /* bytes wait for the server to be quiet */
     int bad, terminate;
+    size_t stream_at, unnamed_at;
     /* Queued: what was scanned at an earlier read is not scanned again (a client sending a
      * byte at a time behind 64 KB of queued queries would cost a full rescan per byte). */
-    size_t n = client_scan(c, c->at == AT_WAITING ? c->scan_ok : 0, rn, &bad, &terminate);
+    int queued = c->at == AT_WAITING;
+    size_t n = client_scan(c, queued ? c->scan_ok : 0, queued && c->scan_unnamed, rn, &bad,
+                           &terminate, &stream_at, &unnamed_at);
+    /* Ends within a large Bind: the bytes before it are the whole messages. */
+    int streams = n > stream_at;
+    size_t whole = streams ? stream_at : n;
     if (bad) {
         ConnObject *s = c->peer;
         if (!s && terminate && n == 0 && c->at == AT_NONE) {
@@ -2339,7 +2471,8 @@ again:
     if (!n) return;
     if (!c->peer) {
         if (c->at == AT_WAITING) {
-            c->scan_ok = rn->n_names ? 0 : n;
+            c->scan_ok = rn->n_names ? 0 : whole;
+            c->scan_unnamed = c->scan_ok && (c->scan_unnamed || unnamed_at < whole);
             return;
         }
         if (p->route_reads) {
@@ -2366,7 +2499,8 @@ again:
         if (!s) {
             c->wait_started = now_ns();
             wait_push(p, c);
-            c->scan_ok = rn->n_names ? 0 : n;
+            c->scan_ok = rn->n_names ? 0 : whole;
+            c->scan_unnamed = c->scan_ok && (c->scan_unnamed || unnamed_at < whole);
             update_events(c);
             call_starved(p);
             return;
@@ -2390,6 +2524,12 @@ again:
     }
     client_account(c, n, rn);
     p->bytes_in += (long long)n;
+    if (streams) {
+        /* Set before the bytes go: if the server breaks now, the pair is closed, never
+         * handed over with half a message on one side (eject_client). */
+        const unsigned char *at = (const unsigned char *)c->rb.p + c->rb.start + stream_at;
+        c->skip = (size_t)be32(at + 1) + 1 - (n - stream_at);
+    }
     if (rn->n_names) {
         ConnObject *s = c->peer;
         Py_INCREF(s);
@@ -2426,6 +2566,15 @@ static void server_pump(ConnObject *s) {
     if (!c) {
         /* Bytes from a server nobody is using (a notice, an error before it closes). */
         return_server(s);
+        return;
+    }
+    if (s->flags & F_ANSWERS_WAIT) {
+        /* Its answers wait for Python, and Python for the client's streamed message to end.
+         * The server is still read (it may be writing answers to requests before that
+         * message, and read no more of it until they are out), up to a bound. */
+        if (buf_len(&s->rb) > MAX_HELD_ANSWERS)
+            fail_closed_code(c, s, "54000", "the server's answers held while the client "
+                             "streamed a message exceeded 1 MiB");
         return;
     }
     PoolObject *p = s->pool;
@@ -2546,6 +2695,13 @@ static void server_pump(ConnObject *s) {
         if (pass_on(s, c, pos) < 0) return;
     }
     buf_shrink(&s->rb);
+    if (eject && c->skip) {
+        /* The client is streaming a message to this server (see "streaming"): the pair goes
+         * to Python once it is through; this answer and the next wait. */
+        c->flags |= F_EJECT_STREAMED;
+        s->flags |= F_ANSWERS_WAIT;
+        return;
+    }
     if (eject) {
         eject_client(c, s, EJECT_LINKED);
         return;
@@ -2555,7 +2711,7 @@ static void server_pump(ConnObject *s) {
         return;
     }
     if (!release) return;
-    if (buf_len(&c->rb)) {
+    if (buf_len(&c->rb) || c->skip) {
         /* The client has begun its next message: keep the server until it is complete. */
         return;
     }
@@ -2626,11 +2782,112 @@ struct Scram {
 static PyObject *py_b64decode;
 static PyObject *kw_validate; /* {"strict_mode": True} */
 
-/* SHA-256 (FIPS 180-4) and HMAC-SHA-256 (RFC 2104), here rather than through hashlib: a login
- * hashes a few hundred bytes, and OpenSSL 3 looks its algorithm up again on every one-shot
- * call (EVP_Q_mac, EVP_MD_fetch), which cost more than the hashing, about 12 % of the pooler's
- * CPU per new connection (perf, pgbench -C with SCRAM). Checked against hashlib and hmac by
- * tests/proxy/test_fastlogin.py. */
+/* SHA-256 and HMAC-SHA-256 for the SCRAM proof and signature: OpenSSL's when the engine is
+ * built with it (PGPILOT_TLS), through objects made once at import and reused. OpenSSL 3
+ * looks an algorithm up again on every one-shot call (EVP_Q_mac, EVP_Digest with a name),
+ * which cost more than the hashing itself, about 12 % of the pooler's CPU per new connection
+ * (perf, pgbench -C with SCRAM): the algorithms are fetched once (EVP_MD_fetch,
+ * EVP_MAC_fetch) and one digest context and one HMAC context (its digest set once) are
+ * re-initialised per use. These contexts are the process's, and safe so: each use runs from
+ * init to final with the GIL held and no call that can run Python in between (every caller
+ * below), so no other use can interleave. Keys leave no copy: the HMAC context is set to
+ * the empty key after each use (its state is derived from the key); our own buffers are
+ * wiped with OPENSSL_cleanse.
+ * A build without OpenSSL's headers (setup.py without libssl-dev) keeps the engine's own
+ * SHA-256 (FIPS 180-4) and HMAC (RFC 2104) below. Both are checked against hashlib and hmac
+ * by tests/proxy/test_fastlogin.py. */
+#ifdef PGPILOT_TLS
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+static EVP_MD *scram_md;          /* SHA-256, fetched once */
+static EVP_MAC *scram_mac;        /* HMAC, fetched once */
+static EVP_MAC_CTX *scram_mac_ctx; /* HMAC-SHA-256: its digest set once, a key per use */
+#else
+#include <openssl/hmac.h>
+static const EVP_MD *scram_md;
+static HMAC_CTX *scram_mac_ctx;
+#endif
+static EVP_MD_CTX *scram_md_ctx;
+
+/* At import: the algorithms and the two contexts. -1 with an exception. */
+static int scram_hash_init(void) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    scram_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+    scram_mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    scram_mac_ctx = scram_mac ? EVP_MAC_CTX_new(scram_mac) : NULL;
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0),
+        OSSL_PARAM_construct_end()};
+    if (scram_mac_ctx && !EVP_MAC_CTX_set_params(scram_mac_ctx, params)) {
+        EVP_MAC_CTX_free(scram_mac_ctx);
+        scram_mac_ctx = NULL;
+    }
+#else
+    scram_md = EVP_sha256();
+    scram_mac_ctx = HMAC_CTX_new();
+#endif
+    scram_md_ctx = EVP_MD_CTX_new();
+    if (!scram_md || !scram_mac_ctx || !scram_md_ctx) {
+        ERR_clear_error();
+        PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA-256 or HMAC for SCRAM");
+        return -1;
+    }
+    return 0;
+}
+
+/* A failure inside OpenSSL (no memory) is told to the caller, which ends the login with an
+ * internal error rather than judging the proof. */
+/* SHA-256 of ``n`` bytes. 0, or -1 if OpenSSL failed (``out`` zeroed). */
+static int sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
+    unsigned int got = 0;
+    if (EVP_DigestInit_ex(scram_md_ctx, scram_md, NULL) &&
+        EVP_DigestUpdate(scram_md_ctx, data, n) &&
+        EVP_DigestFinal_ex(scram_md_ctx, out, &got) && got == 32)
+        return 0;
+    ERR_clear_error();
+    memset(out, 0, 32);
+    return -1;
+}
+
+/* HMAC-SHA-256 of ``n`` bytes under ``key``. 0, or -1 if OpenSSL failed (``out`` zeroed). */
+static int hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *msg,
+                       size_t n, unsigned char out[32]) {
+    int ok;
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    size_t got = 0;
+    /* A zero-length key must still be a key (NULL would mean "keep the last one"). */
+    static const unsigned char no_key[1];
+    ok = EVP_MAC_init(scram_mac_ctx, key_len ? key : no_key, key_len, NULL) &&
+         EVP_MAC_update(scram_mac_ctx, msg, n) &&
+         EVP_MAC_final(scram_mac_ctx, out, &got, 32) && got == 32;
+    /* The context keeps the padded key's hash states until its next init: that is a copy of
+     * StoredKey or ServerKey, so it is replaced by the empty key's now. */
+    EVP_MAC_init(scram_mac_ctx, no_key, 0, NULL);
+#else
+    unsigned int got = 0;
+    ok = HMAC_Init_ex(scram_mac_ctx, key, (int)key_len, scram_md, NULL) &&
+         HMAC_Update(scram_mac_ctx, msg, n) && HMAC_Final(scram_mac_ctx, out, &got) &&
+         got == 32;
+    HMAC_CTX_reset(scram_mac_ctx); /* cleanses the key's states (see above) */
+#endif
+    if (ok) return 0;
+    ERR_clear_error();
+    memset(out, 0, 32);
+    return -1;
+}
+
+#define HMAC_MAX_KEY ((size_t)PY_SSIZE_T_MAX)
+#define wipe OPENSSL_cleanse
+
+#else /* no OpenSSL: the engine's own */
+
+static int scram_hash_init(void) { return 0; }
+#define HMAC_MAX_KEY ((size_t)64)
+#define wipe explicit_bzero
+
 typedef struct {
     uint32_t h[8];
     uint64_t length; /* bytes hashed so far */
@@ -2707,16 +2964,17 @@ static void sha256_final(Sha256 *s, unsigned char out[32]) {
     for (int i = 0; i < 8; i++) put_be32(out + 4 * i, s->h[i]);
 }
 
-static void sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
+static int sha256(const unsigned char *data, size_t n, unsigned char out[32]) {
     Sha256 s;
     sha256_init(&s);
     sha256_update(&s, data, n);
     sha256_final(&s, out);
     explicit_bzero(&s, sizeof s);
+    return 0;
 }
 
 /* HMAC-SHA-256 of ``n`` bytes under a key of at most 64 bytes (SCRAM's are 32). */
-static void hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *msg,
+static int hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *msg,
                         size_t n, unsigned char out[32]) {
     unsigned char pad[64], inner[32];
     Sha256 s;
@@ -2735,17 +2993,19 @@ static void hmac_sha256(const unsigned char *key, size_t key_len, const unsigned
     explicit_bzero(pad, sizeof pad);
     explicit_bzero(inner, sizeof inner);
     explicit_bzero(&s, sizeof s);
+    return 0;
 }
+#endif
 
 /* The engine's SHA-256 and HMAC-SHA-256, for the tests. */
 static PyObject *mod_hmac_sha256(PyObject *mod, PyObject *args) {
     Py_buffer key, msg;
     if (!PyArg_ParseTuple(args, "y*y*", &key, &msg)) return NULL;
     unsigned char out[32];
-    if (key.len > 64) {
+    if ((size_t)key.len > HMAC_MAX_KEY) {
         PyErr_SetString(PyExc_ValueError, "keys longer than a block are not supported");
-    } else {
-        hmac_sha256(key.buf, (size_t)key.len, msg.buf, (size_t)msg.len, out);
+    } else if (hmac_sha256(key.buf, (size_t)key.len, msg.buf, (size_t)msg.len, out) < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "HMAC-SHA-256 failed");
     }
     PyBuffer_Release(&key);
     PyBuffer_Release(&msg);
@@ -2757,8 +3017,12 @@ static PyObject *mod_sha256(PyObject *mod, PyObject *arg) {
     Py_buffer data;
     if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0) return NULL;
     unsigned char out[32];
-    sha256(data.buf, (size_t)data.len, out);
+    int failed = sha256(data.buf, (size_t)data.len, out) < 0;
     PyBuffer_Release(&data);
+    if (failed) {
+        PyErr_SetString(PyExc_RuntimeError, "SHA-256 failed");
+        return NULL;
+    }
     return PyBytes_FromStringAndSize((const char *)out, 32);
 }
 
@@ -2816,7 +3080,7 @@ static void scram_free(ConnObject *c) {
     Py_XDECREF(sc->client_first_bare);
     Py_XDECREF(sc->server_first);
     Py_XDECREF(sc->nonce);
-    explicit_bzero(sc, sizeof *sc); /* StoredKey and ServerKey */
+    wipe(sc, sizeof *sc); /* StoredKey and ServerKey */
     PyMem_Free(sc);
 }
 
@@ -3061,10 +3325,10 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
     if (!authmsg) goto error;
     const unsigned char *am = (const unsigned char *)PyBytes_AS_STRING(authmsg);
     size_t am_len = (size_t)PyBytes_GET_SIZE(authmsg);
-    hmac_sha256(sc->stored_key, SCRAM_KEY_LEN, am, am_len, client_sig);
+    if (hmac_sha256(sc->stored_key, SCRAM_KEY_LEN, am, am_len, client_sig) < 0) goto failed;
     const unsigned char *pr = (const unsigned char *)PyBytes_AS_STRING(proof);
     for (int i = 0; i < SCRAM_KEY_LEN; i++) client_key[i] = pr[i] ^ client_sig[i];
-    sha256(client_key, SCRAM_KEY_LEN, d);
+    if (sha256(client_key, SCRAM_KEY_LEN, d) < 0) goto failed;
     /* Constant time, as hmac.compare_digest. */
     unsigned char diff = 0;
     for (int i = 0; i < SCRAM_KEY_LEN; i++) diff |= d[i] ^ sc->stored_key[i];
@@ -3072,7 +3336,7 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
         scram_failed(c, SCRAM_WRONG, NULL);
         goto done;
     }
-    hmac_sha256(sc->server_key, SCRAM_KEY_LEN, am, am_len, server_sig);
+    if (hmac_sha256(sc->server_key, SCRAM_KEY_LEN, am, am_len, server_sig) < 0) goto failed;
     sig_b64 = b64encode(server_sig, SCRAM_KEY_LEN);
     if (!sig_b64) goto error;
     {
@@ -3101,17 +3365,20 @@ static void scram_final(ConnObject *c, const char *data, size_t len) {
         refuse_client(c, "XX000", "pooler error: the login could not be completed");
     }
     goto done;
+failed: /* inside OpenSSL (no memory): no verdict on the proof */
+    scram_failed(c, SCRAM_INTERNAL, "SCRAM exchange failed");
+    goto done;
 error:
     report_error(c->engine);
     scram_failed(c, SCRAM_INTERNAL, "SCRAM exchange failed");
 done:
-    explicit_bzero(client_sig, sizeof client_sig);
-    explicit_bzero(client_key, sizeof client_key);
-    explicit_bzero(server_sig, sizeof server_sig);
-    explicit_bzero(d, sizeof d);
+    wipe(client_sig, sizeof client_sig);
+    wipe(client_key, sizeof client_key);
+    wipe(server_sig, sizeof server_sig);
+    wipe(d, sizeof d);
     /* The proof and ClientKey objects are ours alone (made here, never shared): wiped too. */
-    if (proof && Py_REFCNT(proof) == 1) explicit_bzero(PyBytes_AS_STRING(proof), PyBytes_GET_SIZE(proof));
-    if (key && Py_REFCNT(key) == 1) explicit_bzero(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
+    if (proof && Py_REFCNT(proof) == 1) wipe(PyBytes_AS_STRING(proof), PyBytes_GET_SIZE(proof));
+    if (key && Py_REFCNT(key) == 1) wipe(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
     Py_XDECREF(cbind);
     Py_XDECREF(authmsg);
     Py_XDECREF(proof);
@@ -3157,13 +3424,13 @@ static void scram_pump(ConnObject *c) {
         }
         memcpy(body, p + 5, blen);
         body[blen] = 0;
-        explicit_bzero((char *)p + 5, blen); /* the read buffer keeps no proof */
+        wipe((char *)p + 5, blen); /* the read buffer keeps no proof */
         c->rb.start += 1 + (size_t)len;
         if (c->scram->stage == 1)
             scram_first(c, body, blen);
         else
             scram_final(c, body, blen);
-        explicit_bzero(body, blen);
+        wipe(body, blen);
         PyMem_Free(body);
     }
     /* Failed: the client is being closed; nothing it sent after matters. */
@@ -4426,6 +4693,14 @@ static PyObject *conn_take_unnamed_parsed(ConnObject *c, PyObject *unused) {
 
 /* Python wants the pair back now (a timeout, an admin command, a cancel). */
 static PyObject *conn_eject(ConnObject *c, PyObject *unused) {
+    ConnObject *client = c->kind == KIND_CLIENT ? c : c->peer;
+    if (c->mode == MODE_FAST && client && client->skip) {
+        /* Mid-way through a Bind the client streams (see "streaming"): the pair cannot be
+         * handed over now, so it goes to Python when the Bind is through (a SHOW or a
+         * /metrics scrape must not cut the client off). */
+        client->flags |= F_EJECT_STREAMED;
+        Py_RETURN_FALSE;
+    }
     int was = c->mode == MODE_FAST;
     make_slow(c);
     return PyBool_FromLong(was);
@@ -4504,7 +4779,9 @@ static PyMethodDef conn_methods[] = {
     {"set_statements", (PyCFunction)conn_set_statements, METH_O,
      "set_statements(statements): a client's router.statements from now on (None: no "
      "renaming; its named statements go to Python)."},
-    {"eject", (PyCFunction)conn_eject, METH_NOARGS, "Take the connection back from the fast path."},
+    {"eject", (PyCFunction)conn_eject, METH_NOARGS,
+     "Take the connection back from the fast path: True if it was on it. False also for a pair\n"
+     "mid-way through a streamed Bind, which comes back when the Bind is through."},
     {"take_unnamed_parsed", (PyCFunction)conn_take_unnamed_parsed, METH_NOARGS,
      "Did the engine carry an unnamed Parse or a simple query since last asked (so Python's "
      "record of the client's unnamed statement is out of date)?"},
@@ -5140,6 +5417,8 @@ static PyObject *engine_watch(EngineObject *e, PyObject *args) {
 static PyObject *engine_unwatch(EngineObject *e, PyObject *arg) {
     long fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
+    if (fd < INT_MIN || fd > INT_MAX) /* (a negative one is EBADF below, as before) */
+        return PyErr_Format(PyExc_ValueError, "invalid file descriptor %ld", fd);
     /* As selectors.EpollSelector: a descriptor closed before it was unregistered is gone
      * from the set already. */
     if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, (int)fd, NULL) < 0 && errno != EBADF && errno != ENOENT)
@@ -5336,7 +5615,15 @@ static PyObject *engine_stalled(EngineObject *e, PyObject *arg) {
         } else if (c->last_activity <= cutoff) {
             Py_INCREF(c);
             partial_remove(c);
-            if (claim(c) == 0) {
+            int claimed = claim(c) == 0;
+            if (claimed && c->skip) {
+                /* Stalled in a Bind it streams: its server has part of it, so both close
+                 * (eject_client could not hand them over), in the words Python uses. */
+                char text[120];
+                snprintf(text, sizeof text, "client_message_timeout: no byte of an unfinished "
+                         "message for %g s", age);
+                fail_closed_code(c, c->peer, "08P01", text);
+            } else if (claimed) {
                 if (c->mode == MODE_FAST)
                     eject_client(c, c->peer, c->peer ? EJECT_LINKED : EJECT_UNLINKED);
                 if (!(c->flags & (F_CLOSED | F_CLOSING)) && c->mode == MODE_SLOW &&
@@ -5552,7 +5839,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyModule_AddIntConstant(m, "EJECT_LINKED", EJECT_LINKED);
     PyModule_AddIntConstant(m, "EJECT_ATTACH", EJECT_ATTACH);
     PyModule_AddIntConstant(m, "EJECT_WAITING", EJECT_WAITING);
-    if (tls_module_init(m) < 0) {
+    if (tls_module_init(m) < 0 || scram_hash_init() < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -572,8 +572,8 @@ class FastPath:
                     conn: Any = server.transport
                     if is_fast_conn(conn) and conn.fast:
                         client = conn.peer
-                        if client is not None:
-                            conn.eject()
+                        # (False: mid-way through a streamed Bind, it comes at its end.)
+                        if client is not None and conn.eject():
                             self._settled.append(client)
             lane.recall(0.0)
             lane.fold_stats()

@@ -91,8 +91,10 @@ class Janitor:
                     txn_limit = user.idle_transaction_timeout
                 if not fast_client_overdue(client, now, idle_limit, txn_limit, cfg.query_timeout):
                     continue
-                # A timeout fires: Python takes the pair back, then judges it as always.
-                client.transport.eject()  # type: ignore[union-attr]
+                # A timeout fires: Python takes the pair back, then judges it as always. Not
+                # mid-way through a Bind the client streams: judged once it is through.
+                if not client.transport.eject():  # type: ignore[union-attr]
+                    continue
             if client.server is None:
                 limit = cfg.client_idle_timeout
                 if user is not None and user.client_idle_timeout is not None:
