@@ -3,15 +3,22 @@ the old one finishes with its clients and leaves the socket file and the pidfile
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from pgpilot.embedded import free_port
+from pgpilot.proxy.config import default_config
+from pgpilot.proxy.takeover import TAKEOVER_HELLO, TakeoverError, take_over, takeover_socket_path
 
 
 def write_ini(tmp_path: Path, pg_params: dict[str, str], port: int) -> Path:
@@ -122,3 +129,68 @@ def test_reboot_needs_a_unix_socket(tmp_path: Path, pg_params: dict[str, str]) -
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "needs unix_socket_dir" in err
+
+
+def fake_running_pooler(path: Path, listen_as: int | None = None) -> threading.Thread:
+    """A process listening at the takeover socket ``path`` that hands over one listening TCP
+    socket to whoever says hello. ``listen_as``: the uid whose process calls listen() (that
+    is the uid SO_PEERCRED reports to the connecting side)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    if listen_as is None:
+        server.listen()
+    else:
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child only)
+            try:
+                os.setuid(listen_as)
+                server.listen()
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+    tcp = socket.create_server(("127.0.0.1", 0))
+
+    def hand_over() -> None:
+        with server, tcp:
+            server.settimeout(30)
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                return
+            with conn:
+                conn.settimeout(30)
+                if conn.recv(100) == TAKEOVER_HELLO:
+                    header = json.dumps({"pid": os.getpid(), "sockets": []}).encode() + b"\n"
+                    socket.send_fds(conn, [header], [tcp.fileno()])
+                    conn.recv(100)
+
+    thread = threading.Thread(target=hand_over, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_reboot_takes_sockets_only_from_a_process_of_its_own_user(tmp_path: Path) -> None:
+    """The socket directory may be shared (/tmp): a process of another user listening at the
+    takeover path is refused, and what is taken from one of this user is not inherited by
+    child processes."""
+    if os.getuid() != 0:
+        pytest.skip("needs root, to listen as another user")
+    tmp_path.chmod(0o755)
+    port = free_port()
+    config = default_config(unix_socket_dir=str(tmp_path), listen_port=port)
+    path = takeover_socket_path(config)
+    assert path is not None
+    fake = fake_running_pooler(Path(path), listen_as=65534)
+    with pytest.raises(TakeoverError, match="runs as uid 65534"):
+        take_over(config)
+    fake.join(30)
+    os.unlink(path)
+    fake = fake_running_pooler(Path(path))
+    takeover = take_over(config)
+    try:
+        assert len(takeover.sockets) == 1
+        assert takeover.sockets[0].getsockname()[0] == "127.0.0.1"
+        assert not any(sock.get_inheritable() for sock in takeover.sockets)
+    finally:
+        takeover.abandon()
+    fake.join(30)
