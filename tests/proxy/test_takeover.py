@@ -194,3 +194,30 @@ def test_reboot_takes_sockets_only_from_a_process_of_its_own_user(tmp_path: Path
     finally:
         takeover.abandon()
     fake.join(30)
+
+
+def test_a_new_process_that_fails_after_taking_the_sockets_leaves_the_old_one_serving(
+        tmp_path: Path, pg_params: dict[str, str]) -> None:
+    """The new process says ready only once nothing more can fail: here it cannot write its
+    pidfile, so it gives up, and the old one goes on accepting (it stopped before)."""
+    port = free_port()
+    ini = write_ini(tmp_path, pg_params, port)
+    old = start(ini)
+    try:
+        wait_listening(port, "127.0.0.1", pg_params, old)
+        (tmp_path / "pid").unlink()
+        (tmp_path / "pid").mkdir()  # the new process's pidfile cannot be written
+        new = start(ini, "-R")
+        _out, err = new.communicate(timeout=60)
+        assert new.returncode == 1, err
+        assert "pidfile" in err or "pidfile" in (tmp_path / "log").read_text()
+        assert old.poll() is None
+        for _ in range(3):
+            assert select_one(port, pg_params) == (1,)
+    finally:
+        if old.poll() is None:
+            old.terminate()
+            try:
+                old.wait(30)
+            except subprocess.TimeoutExpired:
+                old.kill()

@@ -217,6 +217,16 @@ def serve(config: Config, config_path: str | None = None,
                                  takeover=takeover))
 
 
+def _write_pidfile(path: str, pid: int) -> bool:
+    """Write ``pid`` to the pidfile; False (logged) when it cannot be written."""
+    try:
+        Path(path).write_text(f"{pid}\n")
+    except OSError as exc:
+        log.error("could not write pidfile %s: %s", path, exc)
+        return False
+    return True
+
+
 def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop to serve on. With the compiled fast path, asyncio's loop on the engine's
     selector: the engine then serves its sockets in the loop's own wait (fastpath.py).
@@ -238,19 +248,29 @@ async def _serve(config: Config, config_path: str | None,
     from pgpilot.proxy.takeover import serve_takeovers
 
     pooler = Pooler(config, worker)
+    pidfile = config.pidfile if worker is None else ""
     if takeover is not None:
         pooler.inherited_sockets = takeover.sockets
+        # Online restart: the running pooler stops accepting once told ready, so whatever
+        # can still fail fails first, while it accepts alone (the pidfile before any client
+        # is accepted here).
+        if pidfile and not _write_pidfile(pidfile, os.getpid()):
+            takeover.abandon()
+            return 1
     try:
         await pooler.start()
     except OSError as exc:
         log.error("could not start: %s", exc)
         if takeover is not None:
             takeover.abandon()  # the running pooler goes on
+            if pidfile:
+                _write_pidfile(pidfile, takeover.old_pid)
         return 1
     if takeover is not None:
         takeover.ready()
-    if config.pidfile and worker is None:
-        Path(config.pidfile).write_text(f"{os.getpid()}\n")
+    elif pidfile and not _write_pidfile(pidfile, os.getpid()):
+        await pooler.stop(0)
+        return 1
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
 
@@ -336,6 +356,10 @@ async def _serve(config: Config, config_path: str | None,
     def handed_over(pid: int) -> None:
         """A new process serves the listening sockets now (online restart): finish as
         SIGTERM does, leaving the unix socket file and the pidfile to it."""
+        if pooler.handed_over:
+            # Two -R at once, both ready: the second is no second SIGTERM (that would close
+            # the clients still here at once).
+            return
         pooler.handed_over = True
         if takeover_server is not None:
             takeover_server.close()
@@ -365,8 +389,8 @@ async def _serve(config: Config, config_path: str | None,
     stop_task.cancel()
     if takeover_server is not None:
         takeover_server.close()
-    if config.pidfile and worker is None and not pooler.handed_over:
+    if pidfile and not pooler.handed_over:
         with contextlib.suppress(OSError):
-            os.unlink(config.pidfile)
+            os.unlink(pidfile)
     log.info("pgpilot stopped")
     return 0
