@@ -47,6 +47,9 @@ def test_peers_section_is_read_and_checked() -> None:
         parse_config("[peers]\nalpha = host=x\n")
     with pytest.raises(ConfigError, match="peer_id, an integer from 1 to 16383"):
         parse_config("[peers]\n16384 = host=x\n")
+    for not_ascii_digits in ("\u00b2", "\u0661"):  # superscript two, Arabic-Indic one
+        with pytest.raises(ConfigError, match="peer_id, an integer from 1 to 16383"):
+            parse_config(f"[peers]\n{not_ascii_digits} = host=x\n")
     with pytest.raises(ConfigError, match="peer_id"):
         parse_config("[pgbouncer]\npeer_id = 20000\n")
     with pytest.raises(ConfigError, match="port"):
