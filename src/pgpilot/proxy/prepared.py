@@ -208,7 +208,8 @@ class StatementRouter:
         to the clients connected: the new bound holds from the next statement made room for
         on a server; 0 turns renaming off from the next message (names pass as the client
         sends them, so the statements it prepared before are unknown to the servers: 26000),
-        and a value above 0 turns it back on, with the statements the client had then."""
+        and a value above 0 turns it back on, with the statements the client had then (but
+        those it prepared or closed again meanwhile: ``_forget``)."""
         self.max_prepared = max_prepared
         self.renaming = max_prepared > 0
 
@@ -284,6 +285,8 @@ class StatementRouter:
                     outstanding.append((FAKE_CLOSE, None, (name, before)))
                     self.surgery = True
                 else:
+                    if target == "S" and name:
+                        self._forget(name)
                     outstanding.append((CLOSE, None, None))
                     out += raw
             elif mtype in (F.QUERY, F.FUNCTION_CALL):
@@ -296,6 +299,8 @@ class StatementRouter:
     def _parse(self, body: bytes, raw: bytes, server: ServerConnection) -> bytes:
         parse = m.parse_parse(body)
         if not parse.name or not self.renaming:
+            if parse.name:
+                self._forget(parse.name)
             self.outstanding.append((PARSE, None, None))
             return raw
         server_name = server_statement_name(parse, server.pool.catalog.generation,
@@ -326,6 +331,12 @@ class StatementRouter:
         server.prepared[server_name] = False
         self.outstanding.append((PARSE, server_name, undo))
         return out + stmt.server_parse
+
+    def _forget(self, name: str) -> None:
+        """Renaming is off (max_prepared_statements = 0 at run time) and the client prepares
+        or closes ``name`` as sent: what the router recorded for the name is not what it means
+        any more, so renaming, once back on, must not run the old statement under it."""
+        self.statements.pop(name, None)
 
     def _synced_since_parse(self, server_name: str) -> bool:
         """Was a Sync (or Query) sent after the Parse of ``server_name`` still owed an answer?
