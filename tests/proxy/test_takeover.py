@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,34 @@ def test_a_new_process_that_fails_after_taking_the_sockets_leaves_the_old_one_se
                 old.wait(30)
             except subprocess.TimeoutExpired:
                 old.kill()
+
+
+def test_reboot_with_a_metrics_port(tmp_path: Path, pg_params: dict[str, str]) -> None:
+    """The new process serves metrics_port too, though the old one listens on it until it
+    hands over (both bind it with SO_REUSEPORT; the old one closes its own at hand-over)."""
+    port, metrics_port = free_port(), free_port()
+    ini = write_ini(tmp_path, pg_params, port)
+    ini.write_text(ini.read_text() + f"metrics_port = {metrics_port}\n")
+    old = start(ini)
+    new: subprocess.Popen[str] | None = None
+    try:
+        wait_listening(port, "127.0.0.1", pg_params, old)
+        new = start(ini, "-R")
+        deadline = time.monotonic() + 30
+        while (tmp_path / "pid").read_text().strip() != str(new.pid):
+            assert time.monotonic() < deadline and new.poll() is None, "new one never ran"
+            time.sleep(0.1)
+        assert old.wait(30) == 0  # no client: it leaves at once
+        assert select_one(port, pg_params) == (1,)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as response:
+            assert response.status == 200 and b"pgpilot_" in response.read()
+        assert new.poll() is None
+    finally:
+        for proc in (old, new):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

@@ -363,6 +363,7 @@ async def _serve(config: Config, config_path: str | None,
         pooler.handed_over = True
         if takeover_server is not None:
             takeover_server.close()
+        pooler.stop_metrics()
         wait_for_clients()
 
     if worker is None:

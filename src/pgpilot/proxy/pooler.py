@@ -167,8 +167,7 @@ class Pooler:
         self.stop_listening()
         self.admin_console.stop()
         self.query_stats.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.close()
+        self.stop_metrics()
         if timeout is None:
             timeout = self.config.shutdown_timeout
         # As PgBouncer's safe shutdown (PAUSE, then exit): running transactions finish, but
@@ -209,6 +208,11 @@ class Pooler:
         return [socket.socket(fileno=os.dup(sock.fileno()))
                 for server in self._listeners
                 for sock in cast(asyncio.Server, server).sockets]
+
+    def stop_metrics(self) -> None:
+        """Serve ``/metrics`` no more (an online restart's new process serves it now)."""
+        if self._metrics_server is not None:
+            self._metrics_server.close()
 
     def stop_listening(self) -> None:
         """Accept no new connections (SHUTDOWN WAIT_FOR_CLIENTS, then stop)."""
