@@ -122,6 +122,20 @@ def test_reboot_with_nothing_running_is_a_clear_error(
     assert "no running pooler answered" in err
 
 
+def test_a_failed_reboot_as_a_daemon_says_why_in_the_log(
+        tmp_path: Path, pg_params: dict[str, str]) -> None:
+    """-R -d (PgBouncer's usual pair): stderr is gone once detached, the logfile says it."""
+    ini = write_ini(tmp_path, pg_params, free_port())
+    proc = start(ini, "-d", "-R")
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    log = tmp_path / "log"
+    while not (log.exists() and "no running pooler answered" in log.read_text()):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.1)
+    assert "online restart (-R) failed" in log.read_text()
+
+
 def test_reboot_needs_a_unix_socket(tmp_path: Path, pg_params: dict[str, str]) -> None:
     ini = write_ini(tmp_path, pg_params, free_port())
     ini.write_text(ini.read_text().replace(f"unix_socket_dir = {tmp_path}",

@@ -173,7 +173,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             takeover = take_over(config)
         except TakeoverError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            # Logged: with -d (PgBouncer's usual -R -d) stderr is gone, only the logfile stays.
+            log.error("online restart (-R) failed: %s", exc)
+            if not getattr(args, "stderr", True):
+                print(f"error: {exc}", file=sys.stderr)
             return 1
         log.info("takeover: got %d listening sockets from process %d",
                  len(takeover.sockets), takeover.old_pid)
