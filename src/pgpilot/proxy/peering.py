@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -113,12 +112,21 @@ class PeerCancels:
 
     async def _send(self, peer: PeerConfig, packet: bytes,
                     then: Callable[[], None] | None) -> None:
+        from pgpilot.proxy.pooler import send_cancel_request
+
         counts = self.counts.setdefault(peer.peer_id, PeerPoolCounts())
         slots = self._slots_for(peer)
         where = self.address_text(peer)
-        writer: asyncio.StreamWriter | None = None
         stage = "waiting"
         counts.waiting += 1
+
+        def connected() -> None:
+            nonlocal stage
+            counts.connecting -= 1
+            counts.active += 1
+            stage = "active"
+            log.debug("forwarding cancellation request to peer %d", peer.peer_id)
+
         try:
             async with asyncio.timeout(self.pooler.config.cancel_wait_timeout or 10.0):
                 async with slots:
@@ -126,18 +134,7 @@ class PeerCancels:
                     counts.connecting += 1
                     stage = "connecting"
                     host, port = self.address(peer)
-                    if host.startswith("/"):
-                        reader, writer = await asyncio.open_unix_connection(
-                            os.path.join(host, f".s.PGSQL.{port}"))
-                    else:
-                        reader, writer = await asyncio.open_connection(host, port)
-                    counts.connecting -= 1
-                    counts.active += 1
-                    stage = "active"
-                    log.debug("forwarding cancellation request to peer %d", peer.peer_id)
-                    writer.write(packet)
-                    await writer.drain()
-                    await reader.read()  # the peer answers nothing and closes when done
+                    await send_cancel_request(host, port, packet, connected)
         except (OSError, TimeoutError) as exc:
             log.warning("could not forward a cancel request to peer %d (%s): %s",
                         peer.peer_id, where, exc or "timed out")
@@ -148,8 +145,6 @@ class PeerCancels:
                 counts.connecting -= 1
             else:
                 counts.active -= 1
-            if writer is not None:
-                writer.close()
             if then is not None:
                 then()
 
