@@ -106,19 +106,33 @@ class PeerCancels:
             if then is not None:
                 then()
             return
+        if self.in_flight() >= self.pooler.config.max_client_conn:
+            # Anyone may send requests naming a peer, and each holds its sender's connection
+            # (a descriptor) until the peer answers: with a peer slow or gone they would pile
+            # up. PgBouncer counts them among max_client_conn; so are they bounded here.
+            log.warning("cancel request for peer %d: dropped, max_client_conn (%d) cancel "
+                        "requests are being passed on already", peer_id,
+                        self.pooler.config.max_client_conn)
+            if then is not None:
+                then()
+            return
         packet = m.cancel_request(pid, key - 1)  # one hop less to live
+        self.counts.setdefault(peer.peer_id, PeerPoolCounts()).waiting += 1
         self.pooler.track_task(asyncio.get_running_loop().create_task(
             self._send(peer, packet, then)))
+
+    def in_flight(self) -> int:
+        """Cancel requests being passed on now, to all peers."""
+        return sum(c.waiting + c.connecting + c.active for c in self.counts.values())
 
     async def _send(self, peer: PeerConfig, packet: bytes,
                     then: Callable[[], None] | None) -> None:
         from pgpilot.proxy.pooler import send_cancel_request
 
-        counts = self.counts.setdefault(peer.peer_id, PeerPoolCounts())
+        counts = self.counts[peer.peer_id]  # its waiting count taken up by forward()
         slots = self._slots_for(peer)
         where = self.address_text(peer)
         stage = "waiting"
-        counts.waiting += 1
 
         def connected() -> None:
             nonlocal stage
