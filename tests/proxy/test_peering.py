@@ -122,7 +122,9 @@ def test_a_request_with_no_time_to_live_left_or_no_known_peer_goes_nowhere(
     with connect(one) as conn:
         pid, key = client_key(one, conn)
         server_pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-        running = Running(conn, "select pg_sleep(1.5)")
+        # Long enough that the three requests below are surely acted on while it runs (with
+        # 1.5 s, on a loaded machine, they could come after its end and prove nothing).
+        running = Running(conn, "select pg_sleep(4)")
         wait_active(pg_dsn, server_pid)
         send_cancel(two.port, pid, key & ~TTL_MASK)  # passed on too often already
         send_cancel(lone.port, pid, key)  # peer 1 is not in its [peers]
