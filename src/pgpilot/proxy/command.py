@@ -262,7 +262,11 @@ async def _serve(config: Config, config_path: str | None,
             return 1
     try:
         await pooler.start()
-    except OSError as exc:
+    except Exception as exc:
+        if takeover is None and not isinstance(exc, OSError):
+            raise
+        # (At a takeover, whatever the failure: the running pooler must go on, and the
+        # pidfile name it again.)
         log.error("could not start: %s", exc)
         if takeover is not None:
             takeover.abandon()  # the running pooler goes on
