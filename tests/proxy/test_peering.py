@@ -47,6 +47,9 @@ def test_peers_section_is_read_and_checked() -> None:
         parse_config("[peers]\nalpha = host=x\n")
     with pytest.raises(ConfigError, match="peer_id, an integer from 1 to 16383"):
         parse_config("[peers]\n16384 = host=x\n")
+    for not_ascii_digits in ("\u00b2", "\u0661"):  # superscript two, Arabic-Indic one
+        with pytest.raises(ConfigError, match="peer_id, an integer from 1 to 16383"):
+            parse_config(f"[peers]\n{not_ascii_digits} = host=x\n")
     with pytest.raises(ConfigError, match="peer_id"):
         parse_config("[pgbouncer]\npeer_id = 20000\n")
     with pytest.raises(ConfigError, match="port"):
@@ -119,7 +122,9 @@ def test_a_request_with_no_time_to_live_left_or_no_known_peer_goes_nowhere(
     with connect(one) as conn:
         pid, key = client_key(one, conn)
         server_pid = conn.execute("select pg_backend_pid()").fetchone()[0]
-        running = Running(conn, "select pg_sleep(1.5)")
+        # Long enough that the three requests below are surely acted on while it runs (with
+        # 1.5 s, on a loaded machine, they could come after its end and prove nothing).
+        running = Running(conn, "select pg_sleep(4)")
         wait_active(pg_dsn, server_pid)
         send_cancel(two.port, pid, key & ~TTL_MASK)  # passed on too often already
         send_cancel(lone.port, pid, key)  # peer 1 is not in its [peers]
@@ -189,3 +194,34 @@ def test_session_clients_get_a_key_carrying_the_peer_id(
         server_pid = conn.execute("select pg_backend_pid()").fetchone()[0]
         pid, key = client_key(proxy, conn)
         assert pid != server_pid and peer_of(pid) == 12 and key & TTL_MASK == TTL_MASK
+
+
+def test_requests_for_a_silent_peer_hold_at_most_max_client_conn_connections(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """Anyone may send a CancelRequest naming a peer, and each one passed on holds its
+    sender's connection until the peer answers or cancel_wait_timeout passes. A peer that
+    accepts and never answers must not let them pile up past max_client_conn (each holds a
+    file descriptor): the requests beyond are dropped at once."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    proxy = proxy_factory(peer_id=1, max_client_conn=3, cancel_wait_timeout=60)
+    with proxy.config_path.open("a") as ini:
+        ini.write(f"[peers]\n2 = host=127.0.0.1 port={silent.getsockname()[1]} pool_size=1\n")
+    proxy.reload()
+    fixed, _ = pid_layout(2, None)
+    senders = []
+    try:
+        for i in range(6):
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+            sock.sendall(m.cancel_request(fixed | i, 1000 | TTL_MASK))
+            senders.append(sock)
+        # The first three are held (one sent, two waiting for the peer's one slot); the
+        # others are closed without waiting.
+        for sock in senders[3:]:
+            sock.settimeout(15)
+            assert sock.recv(100) == b""
+        held = proxy.call(lambda: proxy.pooler.peer_cancels.counts[2])  # type: ignore[union-attr]
+        assert held.waiting + held.connecting + held.active == 3
+    finally:
+        for sock in senders:
+            sock.close()
+        silent.close()

@@ -147,6 +147,38 @@ def test_max_prepared_statements_changed_while_clients_are_connected(proxy_facto
         assert server_statement_count(conn) == 2
 
 
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_a_name_prepared_again_while_renaming_is_off_means_the_new_statement(
+        proxy_factory, fast_path: str) -> None:
+    """max_prepared_statements 200 -> 0 -> 200: a name the client prepared again while
+    renaming was off (it reached the server as sent) must run that statement once renaming
+    is back on, not the one the pooler recorded for the name before."""
+    proxy = proxy_factory(default_pool_size=1, max_prepared_statements=200,
+                          fast_path=fast_path)
+
+    def console_set(value: int) -> None:
+        with psycopg.connect(proxy.dsn(dbname="pgbouncer"), autocommit=True) as admin:
+            admin.execute(f"set max_prepared_statements = {value}")
+
+    def run(pgconn: psycopg.pq.abc.PGconn) -> bytes | None:
+        result = pgconn.exec_prepared(b"s1", [])
+        assert result.status == psycopg.pq.ExecStatus.TUPLES_OK, result.error_message
+        return result.get_value(0, 0)
+
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        pgconn = conn.pgconn
+        assert pgconn.prepare(b"s1", b"select 'first'").status == psycopg.pq.ExecStatus.COMMAND_OK
+        assert run(pgconn) == b"first"
+        console_set(0)
+        # Renaming off: "s1" goes to the server as sent (the server had only the renamed
+        # one), so preparing it again works.
+        prepared = pgconn.prepare(b"s1", b"select 'second'")
+        assert prepared.status == psycopg.pq.ExecStatus.COMMAND_OK, prepared.error_message
+        assert run(pgconn) == b"second"
+        console_set(200)
+        assert run(pgconn) == b"second"
+
+
 def test_statements_shared_between_clients_on_one_server(proxy_factory) -> None:
     proxy = proxy_factory(default_pool_size=1)
     a = psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0)

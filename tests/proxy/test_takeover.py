@@ -3,15 +3,23 @@ the old one finishes with its clients and leaves the socket file and the pidfile
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from pgpilot.embedded import free_port
+from pgpilot.proxy.config import default_config
+from pgpilot.proxy.takeover import TAKEOVER_HELLO, TakeoverError, take_over, takeover_socket_path
 
 
 def write_ini(tmp_path: Path, pg_params: dict[str, str], port: int) -> Path:
@@ -114,6 +122,20 @@ def test_reboot_with_nothing_running_is_a_clear_error(
     assert "no running pooler answered" in err
 
 
+def test_a_failed_reboot_as_a_daemon_says_why_in_the_log(
+        tmp_path: Path, pg_params: dict[str, str]) -> None:
+    """-R -d (PgBouncer's usual pair): stderr is gone once detached, the logfile says it."""
+    ini = write_ini(tmp_path, pg_params, free_port())
+    proc = start(ini, "-d", "-R")
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    log = tmp_path / "log"
+    while not (log.exists() and "no running pooler answered" in log.read_text()):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.1)
+    assert "online restart (-R) failed" in log.read_text()
+
+
 def test_reboot_needs_a_unix_socket(tmp_path: Path, pg_params: dict[str, str]) -> None:
     ini = write_ini(tmp_path, pg_params, free_port())
     ini.write_text(ini.read_text().replace(f"unix_socket_dir = {tmp_path}",
@@ -122,3 +144,126 @@ def test_reboot_needs_a_unix_socket(tmp_path: Path, pg_params: dict[str, str]) -
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "needs unix_socket_dir" in err
+
+
+def fake_running_pooler(path: Path, listen_as: int | None = None) -> threading.Thread:
+    """A process listening at the takeover socket ``path`` that hands over one listening TCP
+    socket to whoever says hello. ``listen_as``: the uid whose process calls listen() (that
+    is the uid SO_PEERCRED reports to the connecting side)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    if listen_as is None:
+        server.listen()
+    else:
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child only)
+            try:
+                os.setuid(listen_as)
+                server.listen()
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+    tcp = socket.create_server(("127.0.0.1", 0))
+
+    def hand_over() -> None:
+        with server, tcp:
+            server.settimeout(30)
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                return
+            with conn:
+                conn.settimeout(30)
+                if conn.recv(100) == TAKEOVER_HELLO:
+                    header = json.dumps({"pid": os.getpid(), "sockets": []}).encode() + b"\n"
+                    socket.send_fds(conn, [header], [tcp.fileno()])
+                    conn.recv(100)
+
+    thread = threading.Thread(target=hand_over, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_reboot_takes_sockets_only_from_a_process_of_its_own_user(tmp_path: Path) -> None:
+    """The socket directory may be shared (/tmp): a process of another user listening at the
+    takeover path is refused, and what is taken from one of this user is not inherited by
+    child processes."""
+    if os.getuid() != 0:
+        pytest.skip("needs root, to listen as another user")
+    tmp_path.chmod(0o755)
+    port = free_port()
+    config = default_config(unix_socket_dir=str(tmp_path), listen_port=port)
+    path = takeover_socket_path(config)
+    assert path is not None
+    fake = fake_running_pooler(Path(path), listen_as=65534)
+    with pytest.raises(TakeoverError, match="runs as uid 65534"):
+        take_over(config)
+    fake.join(30)
+    os.unlink(path)
+    fake = fake_running_pooler(Path(path))
+    takeover = take_over(config)
+    try:
+        assert len(takeover.sockets) == 1
+        assert takeover.sockets[0].getsockname()[0] == "127.0.0.1"
+        assert not any(sock.get_inheritable() for sock in takeover.sockets)
+    finally:
+        takeover.abandon()
+    fake.join(30)
+
+
+def test_a_new_process_that_fails_after_taking_the_sockets_leaves_the_old_one_serving(
+        tmp_path: Path, pg_params: dict[str, str]) -> None:
+    """The new process says ready only once nothing more can fail: here it cannot write its
+    pidfile, so it gives up, and the old one goes on accepting (it stopped before)."""
+    port = free_port()
+    ini = write_ini(tmp_path, pg_params, port)
+    old = start(ini)
+    try:
+        wait_listening(port, "127.0.0.1", pg_params, old)
+        (tmp_path / "pid").unlink()
+        (tmp_path / "pid").mkdir()  # the new process's pidfile cannot be written
+        new = start(ini, "-R")
+        _out, err = new.communicate(timeout=60)
+        assert new.returncode == 1, err
+        assert "pidfile" in err or "pidfile" in (tmp_path / "log").read_text()
+        assert old.poll() is None
+        for _ in range(3):
+            assert select_one(port, pg_params) == (1,)
+    finally:
+        if old.poll() is None:
+            old.terminate()
+            try:
+                old.wait(30)
+            except subprocess.TimeoutExpired:
+                old.kill()
+
+
+def test_reboot_with_a_metrics_port(tmp_path: Path, pg_params: dict[str, str]) -> None:
+    """The new process serves metrics_port too, though the old one listens on it until it
+    hands over (both bind it with SO_REUSEPORT; the old one closes its own at hand-over)."""
+    port, metrics_port = free_port(), free_port()
+    ini = write_ini(tmp_path, pg_params, port)
+    ini.write_text(ini.read_text() + f"metrics_port = {metrics_port}\n")
+    old = start(ini)
+    new: subprocess.Popen[str] | None = None
+    try:
+        wait_listening(port, "127.0.0.1", pg_params, old)
+        new = start(ini, "-R")
+        deadline = time.monotonic() + 30
+        while (tmp_path / "pid").read_text().strip() != str(new.pid):
+            assert time.monotonic() < deadline and new.poll() is None, "new one never ran"
+            time.sleep(0.1)
+        assert old.wait(30) == 0  # no client: it leaves at once
+        assert select_one(port, pg_params) == (1,)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as response:
+            assert response.status == 200 and b"pgpilot_" in response.read()
+        assert new.poll() is None
+    finally:
+        for proc in (old, new):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

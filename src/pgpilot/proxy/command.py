@@ -173,7 +173,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             takeover = take_over(config)
         except TakeoverError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            # Logged: with -d (PgBouncer's usual -R -d) stderr is gone, only the logfile stays.
+            log.error("online restart (-R) failed: %s", exc)
+            if not getattr(args, "stderr", True):
+                print(f"error: {exc}", file=sys.stderr)
             return 1
         log.info("takeover: got %d listening sockets from process %d",
                  len(takeover.sockets), takeover.old_pid)
@@ -217,6 +220,16 @@ def serve(config: Config, config_path: str | None = None,
                                  takeover=takeover))
 
 
+def _write_pidfile(path: str, pid: int) -> bool:
+    """Write ``pid`` to the pidfile; False (logged) when it cannot be written."""
+    try:
+        Path(path).write_text(f"{pid}\n")
+    except OSError as exc:
+        log.error("could not write pidfile %s: %s", path, exc)
+        return False
+    return True
+
+
 def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop to serve on. With the compiled fast path, asyncio's loop on the engine's
     selector: the engine then serves its sockets in the loop's own wait (fastpath.py).
@@ -238,19 +251,33 @@ async def _serve(config: Config, config_path: str | None,
     from pgpilot.proxy.takeover import serve_takeovers
 
     pooler = Pooler(config, worker)
+    pidfile = config.pidfile if worker is None else ""
     if takeover is not None:
         pooler.inherited_sockets = takeover.sockets
+        # Online restart: the running pooler stops accepting once told ready, so whatever
+        # can still fail fails first, while it accepts alone (the pidfile before any client
+        # is accepted here).
+        if pidfile and not _write_pidfile(pidfile, os.getpid()):
+            takeover.abandon()
+            return 1
     try:
         await pooler.start()
-    except OSError as exc:
+    except Exception as exc:
+        if takeover is None and not isinstance(exc, OSError):
+            raise
+        # (At a takeover, whatever the failure: the running pooler must go on, and the
+        # pidfile name it again.)
         log.error("could not start: %s", exc)
         if takeover is not None:
             takeover.abandon()  # the running pooler goes on
+            if pidfile:
+                _write_pidfile(pidfile, takeover.old_pid)
         return 1
     if takeover is not None:
         takeover.ready()
-    if config.pidfile and worker is None:
-        Path(config.pidfile).write_text(f"{os.getpid()}\n")
+    elif pidfile and not _write_pidfile(pidfile, os.getpid()):
+        await pooler.stop(0)
+        return 1
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
 
@@ -336,9 +363,14 @@ async def _serve(config: Config, config_path: str | None,
     def handed_over(pid: int) -> None:
         """A new process serves the listening sockets now (online restart): finish as
         SIGTERM does, leaving the unix socket file and the pidfile to it."""
+        if pooler.handed_over:
+            # Two -R at once, both ready: the second is no second SIGTERM (that would close
+            # the clients still here at once).
+            return
         pooler.handed_over = True
         if takeover_server is not None:
             takeover_server.close()
+        pooler.stop_metrics()
         wait_for_clients()
 
     if worker is None:
@@ -365,8 +397,8 @@ async def _serve(config: Config, config_path: str | None,
     stop_task.cancel()
     if takeover_server is not None:
         takeover_server.close()
-    if config.pidfile and worker is None and not pooler.handed_over:
+    if pidfile and not pooler.handed_over:
         with contextlib.suppress(OSError):
-            os.unlink(config.pidfile)
+            os.unlink(pidfile)
     log.info("pgpilot stopped")
     return 0

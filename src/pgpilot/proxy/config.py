@@ -968,7 +968,8 @@ _PEER_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
 def _peer_id_key(entry: _Entry) -> int:
     """A [peers] key: the peer's id, 1 to MAX_PEER_ID (PgBouncer's rule)."""
     key = entry.key.strip()
-    if not key.isdigit() or not 1 <= int(key) <= MAX_PEER_ID:
+    # isascii: str.isdigit() is also true of '²', which int() refuses.
+    if not (key.isascii() and key.isdigit()) or not 1 <= int(key) <= MAX_PEER_ID:
         raise ConfigError(f"peer '{entry.key}': a [peers] key is a peer_id, an integer from 1 "
                           f"to {MAX_PEER_ID}", entry.path, entry.line)
     return int(key)

@@ -21,8 +21,9 @@ import functools
 import logging
 import os
 import socket
+import sys
 from asyncio.trsock import TransportSocket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgpilot.proxy.client import ClientConnection
 from pgpilot.proxy.workers import cancel_socket_path
@@ -48,6 +49,13 @@ def address_text(address: tuple[str, int] | str, port: int | None = None) -> str
     if port is None:
         return f"unix:{host}"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# The clients' unix socket file outlives the listener that closes it: from Python 3.13 asyncio
+# (and uvloop) unlink it at close by default, which at an online restart (takeover.py) removed
+# the file the new process serves, and with workers = N the file all the workers share.
+KEEP_SOCKET_FILE: dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) \
+    else {}
 
 
 async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
@@ -82,7 +90,8 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     worker = pooler.worker
     if worker is not None:
         if worker.unix_socket is not None:
-            servers.append(await loop.create_unix_server(factory, sock=worker.unix_socket))
+            servers.append(await loop.create_unix_server(factory, sock=worker.unix_socket,
+                                                         **KEEP_SOCKET_FILE))
         # Cancel requests other workers pass on to this one.
         cancel_path = cancel_socket_path(worker.run_dir, worker.index)
         if os.path.exists(cancel_path):
@@ -94,7 +103,8 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
         try:
             if os.path.exists(path):
                 os.unlink(path)
-            server = await loop.create_unix_server(factory, path=path, backlog=cfg.listen_backlog)
+            server = await loop.create_unix_server(factory, path=path, backlog=cfg.listen_backlog,
+                                                   **KEEP_SOCKET_FILE)
             os.chmod(path, cfg.unix_socket_mode)
             servers.append(server)
             log.info("listening on unix:%s", path)
@@ -115,7 +125,8 @@ async def _serve_inherited(pooler: Pooler,
     servers: list[asyncio.AbstractServer] = []
     for sock in sockets:
         if sock.family == socket.AF_UNIX:
-            servers.append(await loop.create_unix_server(factory, sock=sock))
+            servers.append(await loop.create_unix_server(factory, sock=sock,
+                                                         **KEEP_SOCKET_FILE))
             log.info("listening on unix:%s (taken over)", sock.getsockname())
             continue
         deferred = tune_accept(sock, cfg.tcp_defer_accept)

@@ -231,8 +231,12 @@ async def start_metrics_server(pooler: Pooler) -> asyncio.AbstractServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    # reuse_port: at an online restart (takeover.py) the new process binds the port while
+    # the old one still serves it (it closes its own at the hand-over); only a process of the
+    # same user may share it so.
     server = await asyncio.start_server(handle, host=host, port=port,
-                                        limit=MAX_REQUEST_HEAD, reuse_address=True)
+                                        limit=MAX_REQUEST_HEAD, reuse_address=True,
+                                        reuse_port=True)
     log.info("metrics on http://%s:%d/metrics", host or "*", port)
     return server
 

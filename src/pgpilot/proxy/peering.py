@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -107,18 +106,41 @@ class PeerCancels:
             if then is not None:
                 then()
             return
+        if self.in_flight() >= self.pooler.config.max_client_conn:
+            # Anyone may send requests naming a peer, and each holds its sender's connection
+            # (a descriptor) until the peer answers: with a peer slow or gone they would pile
+            # up. PgBouncer counts them among max_client_conn; so are they bounded here.
+            log.warning("cancel request for peer %d: dropped, max_client_conn (%d) cancel "
+                        "requests are being passed on already", peer_id,
+                        self.pooler.config.max_client_conn)
+            if then is not None:
+                then()
+            return
         packet = m.cancel_request(pid, key - 1)  # one hop less to live
+        self.counts.setdefault(peer.peer_id, PeerPoolCounts()).waiting += 1
         self.pooler.track_task(asyncio.get_running_loop().create_task(
             self._send(peer, packet, then)))
 
+    def in_flight(self) -> int:
+        """Cancel requests being passed on now, to all peers."""
+        return sum(c.waiting + c.connecting + c.active for c in self.counts.values())
+
     async def _send(self, peer: PeerConfig, packet: bytes,
                     then: Callable[[], None] | None) -> None:
-        counts = self.counts.setdefault(peer.peer_id, PeerPoolCounts())
+        from pgpilot.proxy.pooler import send_cancel_request
+
+        counts = self.counts[peer.peer_id]  # its waiting count taken up by forward()
         slots = self._slots_for(peer)
         where = self.address_text(peer)
-        writer: asyncio.StreamWriter | None = None
         stage = "waiting"
-        counts.waiting += 1
+
+        def connected() -> None:
+            nonlocal stage
+            counts.connecting -= 1
+            counts.active += 1
+            stage = "active"
+            log.debug("forwarding cancellation request to peer %d", peer.peer_id)
+
         try:
             async with asyncio.timeout(self.pooler.config.cancel_wait_timeout or 10.0):
                 async with slots:
@@ -126,18 +148,7 @@ class PeerCancels:
                     counts.connecting += 1
                     stage = "connecting"
                     host, port = self.address(peer)
-                    if host.startswith("/"):
-                        reader, writer = await asyncio.open_unix_connection(
-                            os.path.join(host, f".s.PGSQL.{port}"))
-                    else:
-                        reader, writer = await asyncio.open_connection(host, port)
-                    counts.connecting -= 1
-                    counts.active += 1
-                    stage = "active"
-                    log.debug("forwarding cancellation request to peer %d", peer.peer_id)
-                    writer.write(packet)
-                    await writer.drain()
-                    await reader.read()  # the peer answers nothing and closes when done
+                    await send_cancel_request(host, port, packet, connected)
         except (OSError, TimeoutError) as exc:
             log.warning("could not forward a cancel request to peer %d (%s): %s",
                         peer.peer_id, where, exc or "timed out")
@@ -148,8 +159,6 @@ class PeerCancels:
                 counts.connecting -= 1
             else:
                 counts.active -= 1
-            if writer is not None:
-                writer.close()
             if then is not None:
                 then()
 

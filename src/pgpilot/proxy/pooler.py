@@ -167,8 +167,7 @@ class Pooler:
         self.stop_listening()
         self.admin_console.stop()
         self.query_stats.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.close()
+        self.stop_metrics()
         if timeout is None:
             timeout = self.config.shutdown_timeout
         # As PgBouncer's safe shutdown (PAUSE, then exit): running transactions finish, but
@@ -209,6 +208,11 @@ class Pooler:
         return [socket.socket(fileno=os.dup(sock.fileno()))
                 for server in self._listeners
                 for sock in cast(asyncio.Server, server).sockets]
+
+    def stop_metrics(self) -> None:
+        """Serve ``/metrics`` no more (an online restart's new process serves it now)."""
+        if self._metrics_server is not None:
+            self._metrics_server.close()
 
     def stop_listening(self) -> None:
         """Accept no new connections (SHUTDOWN WAIT_FOR_CLIENTS, then stop)."""
@@ -616,22 +620,12 @@ class Pooler:
         wait = self.config.cancel_wait_timeout or 10.0
 
         async def send() -> None:
-            writer: asyncio.StreamWriter | None = None
             try:
                 async with asyncio.timeout(wait):
-                    if host.startswith("/"):
-                        reader, writer = await asyncio.open_unix_connection(
-                            f"{host}/.s.PGSQL.{port}")
-                    else:
-                        reader, writer = await asyncio.open_connection(host, port)
-                    writer.write(packet)
-                    await writer.drain()
-                    await reader.read()  # PostgreSQL answers nothing and closes when done
+                    await send_cancel_request(host, port, packet)
             except (OSError, TimeoutError) as exc:
                 log.warning("could not send cancel request to %s:%s: %s", host, port, exc)
             finally:
-                if writer is not None:
-                    writer.close()
                 server.cancels_pending -= 1
                 then = server.after_cancels
                 if not server.cancels_pending and then is not None:
@@ -644,6 +638,27 @@ class Pooler:
                     done()
 
         self.track_task(asyncio.get_running_loop().create_task(send()))
+
+
+async def send_cancel_request(host: str, port: int, packet: bytes,
+                              connected: Callable[[], None] | None = None) -> None:
+    """Send a CancelRequest ``packet`` on a connection of its own to ``host`` (a name, an
+    address, or a unix socket directory) and ``port``, and wait until the other end closes it:
+    PostgreSQL (and a peer pooler) answers nothing and closes once it has acted on it.
+    ``connected`` is called once the connection is open. Raises OSError."""
+    if host.startswith("/"):
+        reader, writer = await asyncio.open_unix_connection(
+            os.path.join(host, f".s.PGSQL.{port}"))
+    else:
+        reader, writer = await asyncio.open_connection(host, port)
+    try:
+        if connected is not None:
+            connected()
+        writer.write(packet)
+        await writer.drain()
+        await reader.read()
+    finally:
+        writer.close()
 
 
 _TLS_MODES = ("client_tls_sslmode", "server_tls_sslmode")

@@ -319,7 +319,8 @@ class StatementRouter:
         to the clients connected: the new bound holds from the next statement made room for
         on a server; 0 turns renaming off from the next message (names pass as the client
         sends them, so the statements it prepared before are unknown to the servers: 26000),
-        and a value above 0 turns it back on, with the statements the client had then."""
+        and a value above 0 turns it back on, with the statements the client had then (but
+        those it prepared or closed again meanwhile: ``_forget``)."""
         self.max_prepared = max_prepared
         self.renaming = max_prepared > 0
 
@@ -427,6 +428,8 @@ class StatementRouter:
                     outstanding.append((FAKE_CLOSE, None, (name, before)))
                     self.surgery = True
                 else:
+                    if target == "S" and name:
+                        self._forget(name)
                     outstanding.append((CLOSE, None, None))
                     out += raw
             elif mtype in (F.QUERY, F.FUNCTION_CALL):
@@ -453,6 +456,8 @@ class StatementRouter:
                 return self._ensure_on_server(inner, server) + m.parse_message(
                     "", parse.sql, parse.param_types)
         if not parse.name or not self.renaming:
+            if parse.name:
+                self._forget(parse.name)
             self.outstanding.append((PARSE, None, None))
             return raw
         if parse.name in self.statements and not any(
@@ -516,6 +521,12 @@ class StatementRouter:
         self.outstanding.append((RECORD_DESCRIBE, server_name, parse_name))
         self.surgery = True
         return out + stmt.server_parse + m.describe_message("S", server_name)
+
+    def _forget(self, name: str) -> None:
+        """Renaming is off (max_prepared_statements = 0 at run time) and the client prepares
+        or closes ``name`` as sent: what the router recorded for the name is not what it means
+        any more, so renaming, once back on, must not run the old statement under it."""
+        self.statements.pop(name, None)
 
     def _synced_since_parse(self, server_name: str) -> bool:
         """Was a Sync (or Query) sent after the Parse of ``server_name`` still owed an answer?

@@ -23,6 +23,7 @@ leaves; see docs/operations.md, "Online restart"), and TLS sessions could not be
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
@@ -171,10 +172,27 @@ def take_over(config: Config) -> Takeover:
                             "found through it")
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(CONNECT_TIMEOUT)
+    fds: list[int] = []
     try:
         conn.connect(path)
+        # The socket directory may be shared (/tmp): a process of another user listening at
+        # this path could hand over sockets it also accepts on, and see every client.
+        uid, pid = _peer_uid_and_pid(conn)
+        if uid != os.getuid():
+            conn.close()
+            raise TakeoverError(f"the process listening at {path} (pid {pid}) runs as uid "
+                                f"{uid}, not as this user (uid {os.getuid()}): refused")
         conn.sendall(TAKEOVER_HELLO)
-        message, fds, _flags, _addr = socket.recv_fds(conn, 65536, MAX_SOCKETS)
+        # MSG_CMSG_CLOEXEC: descriptors arrive inheritable otherwise, and a child process
+        # would keep the listening sockets open (and connections queued on them) after us.
+        # (socket.recv_fds takes flags but does not pass them on: 3.11 to 3.13 at least.)
+        received = array.array("i")
+        message, ancillary, _flags, _addr = conn.recvmsg(
+            65536, socket.CMSG_LEN(MAX_SOCKETS * received.itemsize), socket.MSG_CMSG_CLOEXEC)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received.frombytes(data[:len(data) - len(data) % received.itemsize])
+        fds = list(received)
         while fds or message:
             if message.endswith(b"\n"):
                 break
@@ -183,13 +201,28 @@ def take_over(config: Config) -> Takeover:
                 break
             message += more
     except OSError as exc:
+        for fd in fds:
+            os.close(fd)
         conn.close()
         raise TakeoverError(f"no running pooler answered at {path}: {exc}") from None
-    sockets = [socket.socket(fileno=fd) for fd in fds]
+    sockets: list[socket.socket] = []
+    refusal = None
+    for fd in fds:
+        if refusal is None:
+            try:
+                sockets.append(socket.socket(fileno=fd))
+                continue
+            except OSError as exc:
+                refusal = f"it sent a descriptor that is no socket ({exc})"
+        os.close(fd)
     try:
         header = json.loads(message)
     except ValueError:
+        header = None
+    if not isinstance(header, dict):
         header = {"error": "the running pooler sent no description of its sockets"}
+    if refusal is not None:
+        header["error"] = refusal
     if "error" in header or not sockets:
         for sock in sockets:
             sock.close()
