@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -127,8 +128,6 @@ class PeerCancels:
 
     async def _send(self, peer: PeerConfig, packet: bytes,
                     then: Callable[[], None] | None) -> None:
-        from pgpilot.proxy.pooler import send_cancel_request
-
         counts = self.counts[peer.peer_id]  # its waiting count taken up by forward()
         slots = self._slots_for(peer)
         where = self.address_text(peer)
@@ -170,3 +169,24 @@ class PeerCancels:
     def address_text(self, peer: PeerConfig) -> str:
         host, port = self.address(peer)
         return f"unix:{host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
+
+
+async def send_cancel_request(host: str, port: int, packet: bytes,
+                              connected: Callable[[], None] | None = None) -> None:
+    """Send a CancelRequest ``packet`` on a connection of its own to ``host`` (a name, an
+    address, or a unix socket directory) and ``port``, and wait until the other end closes it:
+    PostgreSQL (and a peer pooler) answers nothing and closes once it has acted on it.
+    ``connected`` is called once the connection is open. Raises OSError."""
+    if host.startswith("/"):
+        reader, writer = await asyncio.open_unix_connection(
+            os.path.join(host, f".s.PGSQL.{port}"))
+    else:
+        reader, writer = await asyncio.open_connection(host, port)
+    try:
+        if connected is not None:
+            connected()
+        writer.write(packet)
+        await writer.drain()
+        await reader.read()
+    finally:
+        writer.close()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pgpilot.proxy.config import Config, DatabaseConfig
 from pgpilot.proxy.fastpath import is_fast_conn
+from pgpilot.proxy.peering import send_cancel_request
 from pgpilot.proxy.pool import Pool
 from pgpilot.proxy.prepared import Catalog
 from pgpilot.proxy.states import ClientState
@@ -638,27 +639,6 @@ class Pooler:
                     done()
 
         self.track_task(asyncio.get_running_loop().create_task(send()))
-
-
-async def send_cancel_request(host: str, port: int, packet: bytes,
-                              connected: Callable[[], None] | None = None) -> None:
-    """Send a CancelRequest ``packet`` on a connection of its own to ``host`` (a name, an
-    address, or a unix socket directory) and ``port``, and wait until the other end closes it:
-    PostgreSQL (and a peer pooler) answers nothing and closes once it has acted on it.
-    ``connected`` is called once the connection is open. Raises OSError."""
-    if host.startswith("/"):
-        reader, writer = await asyncio.open_unix_connection(
-            os.path.join(host, f".s.PGSQL.{port}"))
-    else:
-        reader, writer = await asyncio.open_connection(host, port)
-    try:
-        if connected is not None:
-            connected()
-        writer.write(packet)
-        await writer.drain()
-        await reader.read()
-    finally:
-        writer.close()
 
 
 _TLS_MODES = ("client_tls_sslmode", "server_tls_sslmode")
