@@ -127,6 +127,7 @@ class _Scope:
         "overfetch_columns",
         "parent",
         "pending",
+        "reached",
         "relationship_reads",
         "rmw",
         "state_reads",
@@ -143,6 +144,11 @@ class _Scope:
         self.allowlist = allowlist
         self.parent = parent
         self.isolated = isolated
+        # this scope and those around it up to the first isolated one: where what happens in
+        # this one counts too (fixed for the scope's life: read once per note, not walked)
+        self.reached: tuple[_Scope, ...] = (
+            (self,) if isolated or parent is None else (self, *parent.reached)
+        )
         self.pending: list[_Pending] = []
         # keyed by the relationship property object (hashable, one per mapped attribute)
         self.eager_loads: dict[Hashable, _EagerLoad] = {}
@@ -245,23 +251,12 @@ class _Scope:
                 read |= self.state_reads[state]
             read.discard(_WRITTEN)
             read.discard(_USED)
-            common = Finding(
-                kind="existence_load",
-                count=len(batches),
-                sql=sql,
-                fingerprint=describe(sql).fingerprint,
-                callsite=callsite,
-                suggestion=_existence_fix(first.entity),
-                callsites=(callsite,) if callsite else (),
-                callers=first.callers,
-                distinct_params=len(batches),
-            )
             if not used and all(batch.single and batch.rows > 0 for batch in batches):
                 # a one-row lookup (.get(), .first()) whose row nothing reads: a truth test;
                 # a result of many rows nothing reads is more likely thrown away
                 found.append(
                     replace(
-                        common,
+                        _load_finding(sql, callsite, batches),
                         detail=f"{rows} {first.entity} row(s) loaded, no attribute of "
                         "them read or changed",
                     )
@@ -279,7 +274,7 @@ class _Scope:
                 unread = [key for key in loaded if key not in read]
                 found.append(
                     replace(
-                        common,
+                        _load_finding(sql, callsite, batches),
                         kind="overfetch",
                         count=rows,
                         suggestion=_overfetch_fix(first.mapper, loaded, read),
@@ -288,6 +283,21 @@ class _Scope:
                     )
                 )
         return found
+
+
+def _load_finding(sql: str, callsite: str, batches: list[_LoadBatch]) -> Finding:
+    """An ``existence_load`` of the query run as ``batches`` (the base of an overfetch)."""
+    return Finding(
+        kind="existence_load",
+        count=len(batches),
+        sql=sql,
+        fingerprint=describe(sql).fingerprint,
+        callsite=callsite,
+        suggestion=_existence_fix(batches[0].entity),
+        callsites=(callsite,) if callsite else (),
+        callers=batches[0].callers,
+        distinct_params=len(batches),
+    )
 
 
 DEFAULT_OVERFETCH_COLUMNS = 6
@@ -512,14 +522,10 @@ def record_query(
     return info
 
 
-def _reached() -> Iterator[_Scope]:
+def _reached() -> tuple[_Scope, ...]:
     """The calling context's scope and those around it, up to the first isolated one."""
     scope = _current_scope.get()
-    while scope is not None:
-        yield scope
-        if scope.isolated:
-            return
-        scope = scope.parent
+    return () if scope is None else scope.reached
 
 
 def note_loaded(mapper: Hashable, count: int = 1) -> None:

@@ -306,7 +306,8 @@ def _why_lazy(
     state: Any, prop: RelationshipProperty[Any], relationship: str | None, option: str | None
 ) -> tuple[str | None, str | None]:
     """``(tag, suggestion)`` for a lazy load the plain loader option would not explain."""
-    for key, _, written, _ in _eager_loads(tuple(getattr(state, "load_options", ()) or ())):
+    load_options = getattr(state, "load_options", None)
+    for key, _, written, _ in _eager_loads(tuple(load_options) if load_options else ()):
         if key is prop:
             # The query that loaded the object had the option: the attribute was expired
             # (by commit(), or expire()) and is now loaded again, one object at a time.
