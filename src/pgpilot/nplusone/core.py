@@ -23,7 +23,7 @@ from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, replace
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Literal
 
 from pgpilot.insight.detector import (
@@ -39,7 +39,7 @@ from pgpilot.insight.detector import (
 from pgpilot.insight.fingerprint import COMMAND_OTHER, describe
 from pgpilot.insight.shape import Bound, param_names, shape
 from pgpilot.insight.suggest import suggest_fix
-from pgpilot.nplusone.callsite import StackInfo, split_callsite, stack_info
+from pgpilot.nplusone.callsite import Above, StackInfo, anchor_frame, split_callsite, stack_info
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -114,7 +114,9 @@ class _Scope:
     """One open ``detect()`` block."""
 
     __slots__ = (
+        "above",
         "allowlist",
+        "anchor",
         "batches",
         "child_findings",
         "commits",
@@ -150,6 +152,10 @@ class _Scope:
             (self,) if isolated or parent is None else (self, *parent.reached)
         )
         self.pending: list[_Pending] = []
+        # The frame running this scope's ``with`` block (None: opened otherwise, or by a
+        # generator), and what the frames above it say, read once (see callsite.stack_info).
+        self.anchor: FrameType | None = None
+        self.above: list[Above] = []
         # keyed by the relationship property object (hashable, one per mapped attribute)
         self.eager_loads: dict[Hashable, _EagerLoad] = {}
         self.relationship_reads: set[Hashable] = set()
@@ -838,6 +844,8 @@ class Detection:
         if self._finished:
             return self.report.findings
         self._finished = True
+        self._scope.anchor = None  # no frame held past the block
+        self._scope.above.clear()
         findings = self.report._finish()
         parent = self._scope.parent
         if self.isolate and parent is not None:
@@ -854,7 +862,12 @@ class Detection:
         return findings
 
     def __enter__(self) -> Report:
+        return self._enter(anchor_frame(1))
+
+    def _enter(self, anchor: FrameType | None) -> Report:
         report = self.start()
+        assert self._scope is not None
+        self._scope.anchor = anchor
         self._token = _current_scope.set(self._scope)
         return report
 
@@ -874,7 +887,7 @@ class Detection:
         self.finish(exc_type)
 
     async def __aenter__(self) -> Report:
-        return self.__enter__()
+        return self._enter(anchor_frame(1))
 
     async def __aexit__(
         self,

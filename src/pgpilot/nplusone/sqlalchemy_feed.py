@@ -208,7 +208,8 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             joins = getattr(invoked, "_setup_joins", ())
             if joins:
                 _note_joins(joins)
-    info = stack_info(2, statement)
+    outermost = _current_scope.get().reached[-1]  # type: ignore[union-attr]
+    info = stack_info(2, statement, outermost.anchor, outermost.above)
     rows = -1
     handled = False
     if which != 1 and _runs_last(context, which):
