@@ -488,7 +488,10 @@ def record_query(
     if scope is None:
         return None
     info = stack if stack is not None else stack_info(2)
-    key = _params_key(sql, params, executemany)
+    if type(params) is dict and not executemany:  # the common case, inline
+        key: Hashable = (sql, tuple(params.values()))
+    else:
+        key = _params_key(sql, params, executemany)
     bounded, writes = _facts(sql)
     if info.in_flush and tag is None and writes:
         # A flush writes its rows as it must (one statement per row on some drivers, and

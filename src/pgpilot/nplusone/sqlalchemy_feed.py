@@ -159,7 +159,14 @@ def _runs_last(context: Any, which: int) -> bool:
     dispatch = getattr(getattr(context, "dialect", None), "dispatch", None)
     if dispatch is None:
         return False
-    listeners = tuple(getattr(dispatch, _EVENTS[which]))
+    collection = getattr(dispatch, _EVENTS[which])
+    # the class-level listeners, then the dialect's own, as the collection iterates them
+    # (its __iter__ and __len__ are Python calls: the deques are read directly)
+    parents = getattr(collection, "parent_listeners", None)
+    if parents is None:
+        listeners = tuple(collection)
+    else:
+        listeners = (*parents, *getattr(collection, "listeners", ()))
     mine = _LISTENERS[which]
     if mine not in listeners:
         return False
@@ -178,13 +185,15 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
     entity_mapper = refreshed = loads = None
     if invoked is not None:
         current_path = getattr(getattr(invoked, "_compile_options", None), "_current_path", None)
-        if current_path:
+        # the path's tuple, not the PathRegistry (whose __len__ is a Python call)
+        load_path: tuple[Any, ...] = getattr(current_path, "path", None) or ()
+        if load_path:
             # A relationship load. Lazy loads name the state they load for; the second query
             # of a selectinload does not, and is not the application's doing: it folds into
             # the query that asked for it.
             load_options = context.execution_options.get("_sa_orm_load_options")
             lazy_state = getattr(load_options, "_lazy_loaded_from", None)
-            loaded = current_path.path[-1]
+            loaded = load_path[-1]
             if isinstance(loaded, RelationshipProperty):
                 loads = loaded.mapper
             if lazy_state is not None and isinstance(loaded, RelationshipProperty):
