@@ -18,6 +18,14 @@ For ORM statements the listener also reads what the ORM already knows:
   relationship attribute it loads starts counting reads, so an eager load nothing reads is
   reported (``unused_eager_load``).
 
+Nothing runs per loaded row. Which top-level SELECT loaded an object (for ``overfetch``,
+``existence_load``, ``unlocked_read_modify_write``) is looked up when the object is first
+read, from the run id SQLAlchemy stamps on every instance state it creates
+(``InstanceState.runid``): ``sqlalchemy.orm.loading._new_runid``, called once per ORM result,
+is wrapped to bind the new id to the SELECT just sent. Row counts come from the cursor's
+``rowcount``; only the related rows of a ``joinedload`` are counted one by one, by a ``load``
+listener on those mappers alone.
+
 These are SQLAlchemy 2.x internals read defensively (``getattr`` with defaults): if a future
 version moves them, the feed degrades to plain SQL detection instead of failing.
 """
