@@ -306,6 +306,7 @@ def stack_info(
     shortcut: Hashable = None,
     anchor: FrameType | None = None,
     above: list[Above] | None = None,
+    memo: dict[tuple[Hashable, ...], tuple[StackInfo, list[CodeType]]] | None = None,
 ) -> StackInfo:
     """The call site, loop key, callers and flush flag of the statement being run.
 
@@ -315,8 +316,52 @@ def stack_info(
     statement counts in, if it runs that scope's whole block; the frames above it are the same
     for every statement of the scope, so the walk stops there (when the call site is found
     below it) and they are left out of the loop key; what they say (callers, flush flags) is
-    read once into ``above``, a one-item cache the scope keeps.
+    read once into ``above``, a one-item cache the scope keeps. ``memo`` (the scope's): the
+    answer for a stack seen before in the scope, found from the statement's library frames
+    (two frame lookups) and the code and instruction of each frame from there to the anchor.
     """
+    memo_key: tuple[Hashable, ...] | None = None
+    memo_codes: list[CodeType] = []
+    if memo is not None and anchor is not None and shortcut is not None:
+        bottom = _bottoms.get(shortcut)
+        if bottom is not None:
+            count = bottom[0]
+            try:
+                frame: FrameType | None = sys._getframe(depth + 1 + count)
+                if frame is not None and (
+                    frame.f_code is not bottom[1]
+                    or (count and sys._getframe(depth + count).f_code is not bottom[2])
+                ):
+                    frame = None
+            except ValueError:  # a shallower stack
+                frame = None
+            parts: list[Hashable] = [shortcut, count]
+            while frame is not None and len(memo_codes) < MAX_LOOP_FRAMES:
+                code = frame.f_code
+                memo_codes.append(code)
+                parts.append(id(code))
+                parts.append(frame.f_lasti)
+                if frame is anchor:
+                    memo_key = tuple(parts)
+                    break
+                frame = frame.f_back
+            if memo_key is not None:
+                known = memo.get(memo_key)
+                if known is not None:
+                    return known[0]
+    info = _walk(depth + 1, shortcut, anchor, above)
+    if memo is not None and memo_key is not None and len(memo) < MAX_MEMO:
+        # the code objects are held with the answer, so that their ids in the key stay theirs
+        memo[memo_key] = (info, memo_codes)
+    return info
+
+
+MAX_MEMO = 4_096
+
+
+def _walk(
+    depth: int, shortcut: Hashable, anchor: FrameType | None, above: list[Above] | None
+) -> StackInfo:
     codes = _codes
     if not _flush_codes:
         _session_code_objects()

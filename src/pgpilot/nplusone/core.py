@@ -23,7 +23,7 @@ from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, replace
-from types import FrameType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import Any, Literal
 
 from pgpilot.insight.detector import (
@@ -132,6 +132,7 @@ class _Scope:
         "reached",
         "relationship_reads",
         "rmw",
+        "stack_memo",
         "state_reads",
     )
 
@@ -156,6 +157,7 @@ class _Scope:
         # generator), and what the frames above it say, read once (see callsite.stack_info).
         self.anchor: FrameType | None = None
         self.above: list[Above] = []
+        self.stack_memo: dict[tuple[Hashable, ...], tuple[StackInfo, list[CodeType]]] = {}
         # keyed by the relationship property object (hashable, one per mapped attribute)
         self.eager_loads: dict[Hashable, _EagerLoad] = {}
         self.relationship_reads: set[Hashable] = set()
@@ -849,6 +851,7 @@ class Detection:
         self._finished = True
         self._scope.anchor = None  # no frame held past the block
         self._scope.above.clear()
+        self._scope.stack_memo.clear()
         findings = self.report._finish()
         parent = self._scope.parent
         if self.isolate and parent is not None:

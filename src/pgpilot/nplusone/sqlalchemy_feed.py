@@ -226,7 +226,7 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             if joins:
                 _note_joins(joins)
     outermost = _current_scope.get().reached[-1]  # type: ignore[union-attr]
-    info = stack_info(2, statement, outermost.anchor, outermost.above)
+    info = stack_info(2, statement, outermost.anchor, outermost.above, outermost.stack_memo)
     rows = -1
     handled = False
     if which != 1 and _runs_last(context, which):
