@@ -14,7 +14,7 @@ from sqlalchemy import Engine, delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, contains_eager, joinedload, selectinload
 
-from pgpilot.nplusone import detect
+from pgpilot.nplusone import Report, detect
 
 THIS_FILE = "test_nplusone_doctor.py"
 
@@ -50,6 +50,47 @@ def test_separate_calls_repeating_a_query_are_not_a_loop(session: Session) -> No
     # the query's line, and the loop's line as its caller
     assert "test_nplusone_doctor.py:" in finding.callsite
     assert any(caller.endswith(f"{THIS_FILE}:{line}") for caller in finding.callers)
+
+
+def scoped_loop(session: Session) -> Report:
+    with detect() as report:
+        for customer_id in (1, 2, 3):
+            orders_of(session, customer_id)
+    return report
+
+
+def test_callers_above_the_frame_that_opened_the_scope_are_named(session: Session) -> None:
+    # the walk up the stack stops at the frame that runs the scope's block: what is above it
+    # is read once per scope, and still named
+    line = next_line()
+    report = scoped_loop(session)
+    [finding] = report.findings
+    assert finding.kind == "n_plus_one"
+    assert any(caller.endswith(f"{THIS_FILE}:{line}") for caller in finding.callers)
+    again = next_line()
+    [second] = scoped_loop(session).findings  # read again for each scope
+    assert any(caller.endswith(f"{THIS_FILE}:{again}") for caller in second.callers)
+
+
+def test_separate_calls_each_in_a_scope_of_their_own_are_not_a_loop_around(
+    session: Session,
+) -> None:
+    def one_customer(customer_id: int) -> Report:
+        with detect() as inner:
+            orders_of(session, customer_id)
+        return inner
+
+    with detect() as report:
+        one_customer(1)
+        one_customer(2)
+        one_customer(3)
+    assert report.queries == 3
+    assert report.findings == []
+
+    with detect() as looped:
+        for customer_id in (1, 2, 3):
+            assert one_customer(customer_id).findings == []
+    assert [finding.kind for finding in looped.findings] == ["n_plus_one"]
 
 
 def test_frames_of_generated_code_are_skipped_for_the_call_site(session: Session) -> None:

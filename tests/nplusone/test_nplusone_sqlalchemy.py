@@ -357,3 +357,25 @@ def test_detach_removes_the_listener_and_detect_puts_it_back(session: Session) -
         assert event.contains(Engine, "do_execute", _on_execute)
         lazy_loop(session)
     assert [finding.kind for finding in report.findings] == ["n_plus_one"]
+
+
+def test_detach_gives_sqlalchemy_back_its_run_ids_and_load_events(session: Session) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.orm import loading
+
+    from pgpilot.nplusone import detach
+    from pgpilot.nplusone.sqlalchemy_feed import _next_runid, _on_joined_load
+
+    detach()
+    original = loading._new_runid
+    with detect() as report:
+        assert loading._new_runid is _next_runid  # one call per ORM result, not per row
+        orders = session.scalars(select(Order).options(joinedload(Order.customer))).all()
+        # joinedload targets only
+        assert event.contains(Customer.__mapper__, "load", _on_joined_load)
+        assert not event.contains(Order.__mapper__, "load", _on_joined_load)
+    assert orders
+    assert [finding.kind for finding in report.findings] == ["unused_eager_load"]
+    detach()
+    assert loading._new_runid is original
+    assert not event.contains(Customer.__mapper__, "load", _on_joined_load)

@@ -398,17 +398,19 @@ class ScopeDetector:
         extra = len(fields) > _LOOP_KEY
         loop_key = fields[_LOOP_KEY] if extra else None
         if extra:
-            if group.labelled is None and _field(fields, _RELATIONSHIP) is not None:
+            if len(fields) < _FIELDS:  # a short tuple: the rest take their defaults
+                fields = _as_event(fields)
+            if group.labelled is None and fields[_RELATIONSHIP] is not None:
                 group.labelled = event
-            if group.tagged is None and _field(fields, _TAG) is not None:
+            if group.tagged is None and fields[_TAG] is not None:
                 group.tagged = event
-            rows = _field(fields, _ROWS)
+            rows = fields[_ROWS]
             if rows > 0 and (group.biggest is None or rows > group.biggest[_ROWS]):
                 group.biggest = event
-            limit = _field(fields, _LIMIT)
+            limit = fields[_LIMIT]
             if limit is not None and limit > 1:
                 group.pages = True
-            offset = _field(fields, _OFFSET)
+            offset = fields[_OFFSET]
             if offset is not None:
                 offsets = group.offsets.setdefault(loop_key, [])
                 if len(offsets) < MAX_CALLSITES * 4:

@@ -60,23 +60,25 @@ class Shape:
 _UNPARSED = Shape(verb="other", parsed=False)
 
 
-def param_names(sql: str) -> list[str]:
+@lru_cache(maxsize=SHAPE_CACHE_SIZE)
+def param_names(sql: str) -> tuple[str, ...]:
     """The ``%(name)s`` names of a pyformat statement in ``$n`` order (empty for others)."""
     if "%(" not in sql:
-        return []
+        return ()
     names: list[str] = []
     start = 0
     while True:
         start = sql.find("%(", start)
         if start < 0:
-            return names
+            break
         end = sql.find(")", start)
         if end < 0:
-            return names
+            break
         name = sql[start + 2 : end]
         if name not in names:
             names.append(name)
         start = end + 1
+    return tuple(names)
 
 
 @lru_cache(maxsize=SHAPE_CACHE_SIZE)

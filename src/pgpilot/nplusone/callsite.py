@@ -26,6 +26,7 @@ lines of a test).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 import sysconfig
@@ -33,7 +34,7 @@ from collections.abc import Hashable
 from types import CodeType, FrameType
 from typing import NamedTuple
 
-__all__ = ["StackInfo", "find_callsite", "split_callsite", "stack_info"]
+__all__ = ["Above", "StackInfo", "anchor_frame", "find_callsite", "split_callsite", "stack_info"]
 
 # Packages whose frames are never "the application": the detector itself, the ORM and the
 # drivers (and greenlet, through which SQLAlchemy's asyncio layer runs sync code).
@@ -233,13 +234,134 @@ def _where(frame: FrameType, code: CodeType, code_id: int, lasti: int, shown: st
 _bottoms: dict[Hashable, tuple[int, CodeType, CodeType, tuple[int, ...], bool, bool, bool]] = {}
 
 
-def stack_info(depth: int = 1, shortcut: Hashable = None) -> StackInfo:
+class Above(NamedTuple):
+    """What the frames above a scope's anchor frame say, the same for every statement run
+    while the anchor runs its ``with`` block."""
+
+    places: tuple[str, ...]
+    """Application frames, innermost first (at most ``MAX_OUTER_CALLSITES``)."""
+    in_flush: bool
+    in_commit: bool
+    in_get: bool
+
+
+def anchor_frame(depth: int) -> FrameType | None:
+    """The frame ``depth`` levels above the caller, if it can anchor a scope: one that runs
+    the whole ``with`` block (not a generator's, which is suspended and resumed from
+    elsewhere while the block is open)."""
+    try:
+        frame = sys._getframe(depth + 1)
+    except ValueError:
+        return None
+    if frame.f_code.co_flags & (inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR):
+        return None
+    return frame
+
+
+def _above(anchor: FrameType) -> Above:
+    places: list[str] = []
+    in_flush = in_commit = in_get = False
+    frame = anchor.f_back
+    while frame is not None:
+        code = frame.f_code
+        entry = _codes.get(id(code))
+        if entry is None or entry[0] is not code:
+            entry = _code_entry(code)
+        kind, shown, role = entry[1], entry[2], entry[3]
+        if kind == _APP and len(places) < MAX_OUTER_CALLSITES:
+            place = _where(frame, code, id(code), frame.f_lasti, shown)
+            if place not in places:
+                places.append(place)
+        in_flush = in_flush or role == _FLUSH
+        in_commit = in_commit or role == _COMMIT
+        in_get = in_get or role == _GET
+        frame = frame.f_back
+    return Above(tuple(places), in_flush, in_commit, in_get)
+
+
+def _join_above(
+    anchor: FrameType,
+    above: list[Above],
+    callsite: str,
+    outer: list[str],
+    in_flush: bool,
+    in_commit: bool,
+    in_get: bool,
+) -> tuple[bool, bool, bool]:
+    """Adds what the frames above ``anchor`` say (read once into ``above``) to a walk that
+    stopped there: callers into ``outer``; returns the flush, commit and get flags."""
+    if not above:
+        above.append(_above(anchor))
+    places, flush_above, commit_above, get_above = above[0]
+    for place in places:
+        if len(outer) >= MAX_OUTER_CALLSITES:
+            break
+        if place != callsite and place not in outer:
+            outer.append(place)
+    return in_flush or flush_above, in_commit or commit_above, in_get or get_above
+
+
+def stack_info(
+    depth: int = 1,
+    shortcut: Hashable = None,
+    anchor: FrameType | None = None,
+    above: list[Above] | None = None,
+    memo: dict[tuple[Hashable, ...], tuple[StackInfo, list[CodeType]]] | None = None,
+) -> StackInfo:
     """The call site, loop key, callers and flush flag of the statement being run.
 
     ``depth`` frames (the caller's own, by default) are skipped before looking. ``shortcut``
     (the statement's text) lets a statement sent again through the same library frames skip
-    walking them one by one.
+    walking them one by one. ``anchor``: the frame that opened the outermost scope the
+    statement counts in, if it runs that scope's whole block; the frames above it are the same
+    for every statement of the scope, so the walk stops there (when the call site is found
+    below it) and they are left out of the loop key; what they say (callers, flush flags) is
+    read once into ``above``, a one-item cache the scope keeps. ``memo`` (the scope's): the
+    answer for a stack seen before in the scope, found from the statement's library frames
+    (two frame lookups) and the code and instruction of each frame from there to the anchor.
     """
+    memo_key: tuple[Hashable, ...] | None = None
+    memo_codes: list[CodeType] = []
+    if memo is not None and anchor is not None and shortcut is not None:
+        bottom = _bottoms.get(shortcut)
+        if bottom is not None:
+            count = bottom[0]
+            try:
+                frame: FrameType | None = sys._getframe(depth + 1 + count)
+                if frame is not None and (
+                    frame.f_code is not bottom[1]
+                    or (count and sys._getframe(depth + count).f_code is not bottom[2])
+                ):
+                    frame = None
+            except ValueError:  # a shallower stack
+                frame = None
+            parts: list[Hashable] = [shortcut, count]
+            while frame is not None and len(memo_codes) < MAX_LOOP_FRAMES:
+                code = frame.f_code
+                memo_codes.append(code)
+                parts.append(id(code))
+                parts.append(frame.f_lasti)
+                if frame is anchor:
+                    memo_key = tuple(parts)
+                    break
+                frame = frame.f_back
+            if memo_key is not None:
+                known = memo.get(memo_key)
+                if known is not None:
+                    return known[0]
+    info = _walk(depth + 1, shortcut, anchor, above)
+    if memo is not None and memo_key is not None and len(memo) < MAX_MEMO:
+        # the code objects are held with the answer, so that their ids in the key stay theirs
+        memo[memo_key] = (info, memo_codes)
+    return info
+
+
+MAX_MEMO = 4_096
+
+
+def _walk(
+    depth: int, shortcut: Hashable, anchor: FrameType | None, above: list[Above] | None
+) -> StackInfo:
     codes = _codes
     if not _flush_codes:
         _session_code_objects()
@@ -294,6 +416,12 @@ def stack_info(depth: int = 1, shortcut: Hashable = None) -> StackInfo:
                         in_get = True
                 walked += 1
                 last = code
+                if frame is anchor and callsite and above is not None:
+                    in_flush, in_commit, in_get = _join_above(
+                        frame, above, callsite, outer, in_flush, in_commit, in_get
+                    )
+                    full = True
+                    break
                 frame = frame.f_back
                 continue
             if not bottom_done:
@@ -325,6 +453,12 @@ def stack_info(depth: int = 1, shortcut: Hashable = None) -> StackInfo:
                         outer.append(caller)
             elif kind == _INSTALLED and not fallback and not entry[2].startswith("<"):
                 fallback = _where(frame, code, code_id, lasti, entry[2])
+            if frame is anchor and callsite and above is not None:
+                in_flush, in_commit, in_get = _join_above(
+                    frame, above, callsite, outer, in_flush, in_commit, in_get
+                )
+                full = True
+                break
             frame = frame.f_back
         bottom_done = True  # a stack of library frames only (a greenlet's): nothing cached
         if full:

@@ -22,8 +22,8 @@ import warnings
 from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, replace
-from types import TracebackType
+from dataclasses import dataclass, field, replace
+from types import CodeType, FrameType, TracebackType
 from typing import Any, Literal
 
 from pgpilot.insight.detector import (
@@ -39,7 +39,7 @@ from pgpilot.insight.detector import (
 from pgpilot.insight.fingerprint import COMMAND_OTHER, describe
 from pgpilot.insight.shape import Bound, param_names, shape
 from pgpilot.insight.suggest import suggest_fix
-from pgpilot.nplusone.callsite import StackInfo, split_callsite, stack_info
+from pgpilot.nplusone.callsite import Above, StackInfo, anchor_frame, split_callsite, stack_info
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -114,7 +114,9 @@ class _Scope:
     """One open ``detect()`` block."""
 
     __slots__ = (
+        "above",
         "allowlist",
+        "anchor",
         "batches",
         "child_findings",
         "commits",
@@ -127,9 +129,10 @@ class _Scope:
         "overfetch_columns",
         "parent",
         "pending",
+        "reached",
         "relationship_reads",
         "rmw",
-        "state_batch",
+        "stack_memo",
         "state_reads",
     )
 
@@ -144,22 +147,33 @@ class _Scope:
         self.allowlist = allowlist
         self.parent = parent
         self.isolated = isolated
+        # this scope and those around it up to the first isolated one: where what happens in
+        # this one counts too (fixed for the scope's life: read once per note, not walked)
+        self.reached: tuple[_Scope, ...] = (
+            (self,) if isolated or parent is None else (self, *parent.reached)
+        )
         self.pending: list[_Pending] = []
+        # The frame running this scope's ``with`` block (None: opened otherwise, or by a
+        # generator), and what the frames above it say, read once (see callsite.stack_info).
+        self.anchor: FrameType | None = None
+        self.above: list[Above] = []
+        self.stack_memo: dict[tuple[Hashable, ...], tuple[StackInfo, list[CodeType]]] = {}
         # keyed by the relationship property object (hashable, one per mapped attribute)
         self.eager_loads: dict[Hashable, _EagerLoad] = {}
         self.relationship_reads: set[Hashable] = set()
-        self.loaded: dict[Hashable, int] = {}  # mapper -> instances the ORM loaded
+        self.loaded: dict[Hashable, int] = {}  # mapper -> instances (rows) the ORM loaded
         self.joined: set[Hashable] = set()  # relationships and tables ORM queries joined
         self.commits: dict[int, str] = {}  # id(session) -> where it last committed
         self.child_findings: list[Finding] = []  # of isolated scopes opened inside this one
         self.overfetch_columns = DEFAULT_OVERFETCH_COLUMNS
         # What the ORM loaded and what the application read of it (overfetch, existence_load,
-        # unlocked_read_modify_write): the top-level ORM SELECT just sent, the instances each
-        # execution loaded (keyed by the id of its QueryContext), the execution that loaded
-        # each instance state, and the column attributes read on each state before any change.
-        self.last_select: tuple[str, str, tuple[str, ...], bool] | None = None
+        # unlocked_read_modify_write): the top-level ORM SELECT just sent (its rows not yet
+        # turned into objects), each such execution keyed by the run id SQLAlchemy gives its
+        # load (and stamps on every instance state it creates: ``InstanceState.runid``), and
+        # the column attributes read on each state of one of them before any change. Nothing
+        # is noted per loaded row: a state is looked up by its run id when it is first read.
+        self.last_select: _LoadBatch | None = None
         self.batches: dict[int, _LoadBatch] = {}
-        self.state_batch: dict[Any, _LoadBatch] = {}
         self.state_reads: dict[Any, set[str]] = {}
         self.rmw: dict[tuple[str, str], Finding] = {}
 
@@ -229,44 +243,36 @@ class _Scope:
         """``existence_load`` and ``overfetch`` over the ORM loads of the scope, one finding
         per query (call site and statement), however many times it ran."""
         by_query: dict[tuple[str, str], list[_LoadBatch]] = {}
-        for batch in self.batches.values():
-            if batch.states:
+        # one execution can be reached under several run ids (an expired row loaded again)
+        for batch in {id(batch): batch for batch in self.batches.values()}.values():
+            if batch.rows > 0 or batch.used:
                 by_query.setdefault((batch.callsite, batch.sql), []).append(batch)
         found: list[Finding] = []
         for (callsite, sql), batches in by_query.items():
             first = batches[0]
-            states = [state for batch in batches for state in batch.states]
-            used = [state for state in states if state in self.state_reads]
+            used = [state for batch in batches for state in batch.used]
+            # rows each execution returned (the driver's count), as many as were read if a
+            # count is missing
+            rows = sum(max(batch.rows, len(batch.used)) for batch in batches)
             read: set[str] = set()
             for state in used:
                 read |= self.state_reads[state]
             read.discard(_WRITTEN)
             read.discard(_USED)
-            common = Finding(
-                kind="existence_load",
-                count=len(batches),
-                sql=sql,
-                fingerprint=describe(sql).fingerprint,
-                callsite=callsite,
-                suggestion=_existence_fix(first.entity),
-                callsites=(callsite,) if callsite else (),
-                callers=first.callers,
-                distinct_params=len(batches),
-            )
-            if not used and all(batch.single for batch in batches):
+            if not used and all(batch.single and batch.rows > 0 for batch in batches):
                 # a one-row lookup (.get(), .first()) whose row nothing reads: a truth test;
                 # a result of many rows nothing reads is more likely thrown away
                 found.append(
                     replace(
-                        common,
-                        detail=f"{len(states)} {first.entity} row(s) loaded, no attribute of "
+                        _load_finding(sql, callsite, batches),
+                        detail=f"{rows} {first.entity} row(s) loaded, no attribute of "
                         "them read or changed",
                     )
                 )
                 continue
             if not used:
                 continue
-            loaded = first.loaded
+            loaded = next((batch.loaded for batch in batches if batch.loaded), ())
             if (
                 read
                 and len(loaded) >= self.overfetch_columns
@@ -276,15 +282,30 @@ class _Scope:
                 unread = [key for key in loaded if key not in read]
                 found.append(
                     replace(
-                        common,
+                        _load_finding(sql, callsite, batches),
                         kind="overfetch",
-                        count=len(states),
-                        suggestion=_overfetch_fix(first, read),
+                        count=rows,
+                        suggestion=_overfetch_fix(first.mapper, loaded, read),
                         detail=f"{len(read)} of {len(loaded)} {first.entity} columns read "
                         f"({', '.join(sorted(read))}); never read: {', '.join(unread)}",
                     )
                 )
         return found
+
+
+def _load_finding(sql: str, callsite: str, batches: list[_LoadBatch]) -> Finding:
+    """An ``existence_load`` of the query run as ``batches`` (the base of an overfetch)."""
+    return Finding(
+        kind="existence_load",
+        count=len(batches),
+        sql=sql,
+        fingerprint=describe(sql).fingerprint,
+        callsite=callsite,
+        suggestion=_existence_fix(batches[0].entity),
+        callsites=(callsite,) if callsite else (),
+        callers=batches[0].callers,
+        distinct_params=len(batches),
+    )
 
 
 DEFAULT_OVERFETCH_COLUMNS = 6
@@ -301,24 +322,33 @@ _USED = "<used>"  # in state_reads: the application read a relationship of the o
 
 @dataclass(slots=True)
 class _LoadBatch:
-    """The instances one ORM SELECT execution loaded."""
+    """One execution of a top-level ORM SELECT of entities, and what was read of its rows."""
 
     sql: str
     callsite: str
     callers: tuple[str, ...]
     mapper: Any
-    entity: str
-    loaded: tuple[str, ...]
-    """Column attributes the query loaded (in mapper order; deferred ones left out)."""
-    primary_key: tuple[str, ...]
-    locked: bool
-    """The SELECT had FOR UPDATE / FOR SHARE (or a variant)."""
+    """The first entity's mapper: only its instances are followed (not what a joinedload
+    adds to the same rows)."""
+    rows: int
+    """Rows the driver said it returned (-1: it did not say)."""
     transaction: int
-    context: Any
-    """The ORM's QueryContext, held so that its id stays unique while the scope lives."""
-    states: list[Any]
     single: bool = False
     """A one-row lookup: ``Session.get()``, or ``LIMIT 1`` (``Query.first()``)."""
+    loaded: tuple[str, ...] | None = None
+    """Column attributes the query loaded (in mapper order; deferred ones left out), as the
+    first of its instances to be read had them."""
+    used: list[Any] = field(default_factory=list)
+    """Its instance states the application read, changed or deleted."""
+
+    @property
+    def entity(self) -> str:
+        return str(self.mapper.class_.__name__)
+
+    @property
+    def locked(self) -> bool:
+        """The SELECT had FOR UPDATE / FOR SHARE (or a variant)."""
+        return shape(self.sql).for_update
 
 
 def _existence_fix(entity: str) -> str:
@@ -331,14 +361,12 @@ def _existence_fix(entity: str) -> str:
     )
 
 
-def _overfetch_fix(batch: _LoadBatch, read: set[str]) -> str:
-    named = [key for key in batch.loaded if key in read and key not in batch.primary_key]
-    columns = ", ".join(f"{batch.entity}.{key}" for key in named)
-    big = [
-        f"{batch.entity}.{key}"
-        for key in batch.loaded
-        if key not in read and _is_big(batch.mapper, key)
-    ]
+def _overfetch_fix(mapper: Any, loaded: tuple[str, ...], read: set[str]) -> str:
+    entity = mapper.class_.__name__
+    primary_key = _primary_key(mapper)
+    named = [key for key in loaded if key in read and key not in primary_key]
+    columns = ", ".join(f"{entity}.{key}" for key in named)
+    big = [f"{entity}.{key}" for key in loaded if key not in read and _is_big(mapper, key)]
     fix = f".options(load_only({columns})): load only the columns the code reads"
     if big:
         fix += f"; at least defer({', '.join(big)}), the large columns never read"
@@ -462,7 +490,10 @@ def record_query(
     if scope is None:
         return None
     info = stack if stack is not None else stack_info(2)
-    key = _params_key(sql, params, executemany)
+    if type(params) is dict and not executemany:  # the common case, inline
+        key: Hashable = (sql, tuple(params.values()))
+    else:
+        key = _params_key(sql, params, executemany)
     bounded, writes = _facts(sql)
     if info.in_flush and tag is None and writes:
         # A flush writes its rows as it must (one statement per row on some drivers, and
@@ -502,82 +533,64 @@ def record_query(
     return info
 
 
-def _reached() -> Iterator[_Scope]:
+def _reached() -> tuple[_Scope, ...]:
     """The calling context's scope and those around it, up to the first isolated one."""
     scope = _current_scope.get()
-    while scope is not None:
-        yield scope
-        if scope.isolated:
-            return
-        scope = scope.parent
+    return () if scope is None else scope.reached
 
 
-def note_loaded(mapper: Hashable) -> None:
-    """The ORM loaded one instance of ``mapper``'s class."""
+def note_loaded(mapper: Hashable, count: int = 1) -> None:
+    """The ORM loaded ``count`` instances of ``mapper``'s class (what an eager load found)."""
     for scope in _reached():
-        scope.loaded[mapper] = scope.loaded.get(mapper, 0) + 1
+        scope.loaded[mapper] = scope.loaded.get(mapper, 0) + count
 
 
-def note_orm_select(select: tuple[str, str, tuple[str, ...], bool] | None) -> None:
-    """A top-level ORM SELECT ``(sql, call site, callers, one row)`` was sent: the instances
-    loaded next are its rows (None: another ORM load was sent, not to be followed). "One
-    row": a ``Session.get()`` or a ``LIMIT 1`` (``Query.first()``)."""
+def note_orm_select(
+    sql: str,
+    callsite: str,
+    callers: tuple[str, ...],
+    mapper: Any,
+    rows: int,
+    single: bool,
+) -> None:
+    """A top-level ORM SELECT of ``mapper``'s entities was sent; it returned ``rows`` rows
+    (-1: unknown). The next ORM load run (:func:`note_orm_run`) is its. ``single``: a
+    ``Session.get()`` or a ``LIMIT 1`` (``Query.first()``)."""
+    transaction = current_flush.get()
     for scope in _reached():
-        scope.last_select = select
+        scope.last_select = _LoadBatch(
+            sql, callsite, callers, mapper, rows, transaction, single
+        )
 
 
-def note_instance(state: Any, mapper: Any, context: Any, scope: _Scope | None = None) -> None:
-    """The ORM loaded ``state`` (an ``InstanceState``) from the rows of ``context`` (and one
-    instance of ``mapper``'s class, as :func:`note_loaded` counts). Only instances of a
-    SELECT's first entity are followed (not those a joinedload adds). ``scope``: the calling
-    context's innermost scope, when the caller has it already.
+def note_orm_refresh(state: Any) -> None:
+    """An ORM load of ``state``'s expired attributes was sent: the states it loads (that
+    one) stay counted under the SELECT that first loaded it."""
+    runid = getattr(state, "runid", None)
+    for scope in _reached():
+        scope.last_select = scope.batches.get(runid) if runid is not None else None
 
-    Runs for every loaded row: the common case (a row of a batch already started) is done
-    here inline, without a call or a generator."""
-    key = id(context)
-    if scope is None:
-        scope = _current_scope.get()
+
+def note_orm_other() -> None:
+    """Another ORM load was sent (a lazy load, an eager load's follow-up, a SELECT of
+    columns): what it loads is not followed."""
+    for scope in _reached():
+        scope.last_select = None
+
+
+def note_orm_run(runid: int, scope: _Scope | None) -> None:
+    """SQLAlchemy started turning the rows of the ORM statement just sent into objects, under
+    ``runid`` (stamped on each instance state it creates). ``scope``: the calling context's
+    innermost scope. Once per ORM statement, not per row."""
     while scope is not None:  # as _reached()
-        loaded = scope.loaded
-        loaded[mapper] = loaded.get(mapper, 0) + 1
-        batch = scope.batches.get(key)
-        if batch is None and scope.last_select is not None:
-            batch = _start_batch(scope, key, state, mapper, context)
-        if batch is not None and batch.mapper is mapper:
-            state_batch = scope.state_batch
-            if state not in state_batch and len(state_batch) < MAX_TRACKED_STATES:
-                state_batch[state] = batch
-                batch.states.append(state)
+        batch = scope.last_select
+        if batch is not None:
+            scope.last_select = None
+            if len(scope.batches) < MAX_TRACKED_STATES:
+                scope.batches[runid] = batch
         if scope.isolated:
             break
         scope = scope.parent
-
-
-def _start_batch(
-    scope: _Scope, key: int, state: Any, mapper: Any, context: Any
-) -> _LoadBatch | None:
-    """The first row an execution loaded in ``scope``: the batch of the SELECT just sent."""
-    last = scope.last_select
-    if last is None or len(scope.state_batch) >= MAX_TRACKED_STATES:
-        return None
-    scope.last_select = None
-    sql, callsite, callers, single = last
-    loaded = tuple(prop.key for prop in mapper.column_attrs if prop.key in state.dict)
-    batch = scope.batches[key] = _LoadBatch(
-        sql,
-        callsite,
-        callers,
-        mapper,
-        mapper.class_.__name__,
-        loaded,
-        _primary_key(mapper),
-        shape(sql).for_update,
-        current_flush.get(),
-        context,
-        [],
-        single,
-    )
-    return batch
 
 
 def _primary_key(mapper: Any) -> tuple[str, ...]:
@@ -591,24 +604,50 @@ def _primary_key(mapper: Any) -> tuple[str, ...]:
 
 
 def note_read(state: Any, key: str) -> None:
-    """The application read column attribute ``key`` of ``state`` (or, ``key`` None, used the
-    object some other way: read a relationship of it, changed it, deleted it)."""
+    """The application read column attribute ``key`` of ``state`` (or used the object some
+    other way, ``_USED``: read a relationship of it; ``_WRITTEN``: changed or deleted it)."""
     scope = _current_scope.get()
     while scope is not None:  # as _reached(), without a generator per attribute read
-        if state in scope.state_batch:
-            reads = scope.state_reads.get(state)
-            if reads is None:
+        reads = scope.state_reads.get(state)
+        if reads is None and scope.batches:
+            batch = _batch_of(scope, state)
+            if batch is not None and len(scope.state_reads) < MAX_TRACKED_STATES:
                 reads = scope.state_reads[state] = set()
+                batch.used.append(state)
+                if batch.loaded is None:
+                    batch.loaded = _loaded_columns(batch.mapper, state)
+        if reads is not None:
             reads.add(key)
         if scope.isolated:
             break
         scope = scope.parent
 
 
+def _batch_of(scope: _Scope, state: Any) -> _LoadBatch | None:
+    """The SELECT of ``scope`` that loaded ``state``, if one did (its run id, and its class
+    that of the SELECT's first entity)."""
+    batch = scope.batches.get(getattr(state, "runid", None))  # type: ignore[arg-type]
+    if batch is None:
+        return None
+    cls = getattr(state, "class_", None)
+    wanted = batch.mapper.class_
+    if cls is wanted or (isinstance(cls, type) and issubclass(cls, wanted)):
+        return batch
+    return None
+
+
+def _loaded_columns(mapper: Any, state: Any) -> tuple[str, ...] | None:
+    """Column attributes ``state`` holds, in mapper order (None if it holds none: expired,
+    to be looked at again at the next read)."""
+    held = state.dict
+    loaded = tuple(prop.key for prop in mapper.column_attrs if prop.key in held)
+    return loaded or None
+
+
 def loaded_by(state: Any) -> _LoadBatch | None:
     """The ORM SELECT of the innermost scope that loaded ``state``, if one did."""
     scope = _current_scope.get()
-    return None if scope is None else scope.state_batch.get(state)
+    return None if scope is None else _batch_of(scope, state)
 
 
 def reads_of(state: Any) -> set[str]:
@@ -810,6 +849,9 @@ class Detection:
         if self._finished:
             return self.report.findings
         self._finished = True
+        self._scope.anchor = None  # no frame held past the block
+        self._scope.above.clear()
+        self._scope.stack_memo.clear()
         findings = self.report._finish()
         parent = self._scope.parent
         if self.isolate and parent is not None:
@@ -826,7 +868,12 @@ class Detection:
         return findings
 
     def __enter__(self) -> Report:
+        return self._enter(anchor_frame(1))
+
+    def _enter(self, anchor: FrameType | None) -> Report:
         report = self.start()
+        assert self._scope is not None
+        self._scope.anchor = anchor
         self._token = _current_scope.set(self._scope)
         return report
 
@@ -846,7 +893,7 @@ class Detection:
         self.finish(exc_type)
 
     async def __aenter__(self) -> Report:
-        return self.__enter__()
+        return self._enter(anchor_frame(1))
 
     async def __aexit__(
         self,

@@ -18,6 +18,14 @@ For ORM statements the listener also reads what the ORM already knows:
   relationship attribute it loads starts counting reads, so an eager load nothing reads is
   reported (``unused_eager_load``).
 
+Nothing runs per loaded row. Which top-level SELECT loaded an object (for ``overfetch``,
+``existence_load``, ``unlocked_read_modify_write``) is looked up when the object is first
+read, from the run id SQLAlchemy stamps on every instance state it creates
+(``InstanceState.runid``): ``sqlalchemy.orm.loading._new_runid``, called once per ORM result,
+is wrapped to bind the new id to the SELECT just sent. Row counts come from the cursor's
+``rowcount``; only the related rows of a ``joinedload`` are counted one by one, by a ``load``
+listener on those mappers alone.
+
 These are SQLAlchemy 2.x internals read defensively (``getattr`` with defaults): if a future
 version moves them, the feed degrades to plain SQL detection instead of failing.
 """
@@ -31,7 +39,8 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import ColumnProperty, Mapper, RelationshipProperty, Session
+from sqlalchemy.orm import ColumnProperty, RelationshipProperty, Session
+from sqlalchemy.orm import loading as orm_loading
 from sqlalchemy.orm.attributes import InstrumentedAttribute
 
 from pgpilot.insight.detector import Finding
@@ -51,9 +60,11 @@ from pgpilot.nplusone.core import (
     note_commit,
     note_eager_load,
     note_finding,
-    note_instance,
     note_join,
     note_loaded,
+    note_orm_other,
+    note_orm_refresh,
+    note_orm_run,
     note_orm_select,
     note_read,
     note_relationship_read,
@@ -81,12 +92,17 @@ _EVENTS = ("do_execute", "do_executemany", "do_execute_no_params")
 
 
 def install() -> None:
+    global _original_new_runid
     for name, listener in zip(_EVENTS, _LISTENERS, strict=True):
         if not event.contains(Engine, name, listener):
             event.listen(Engine, name, listener)
     for target, name, listener in _ORM_LISTENERS:
         if not event.contains(target, name, listener):
-            event.listen(target, name, listener, **({"raw": True} if name == "load" else {}))
+            event.listen(target, name, listener)
+    current = getattr(orm_loading, "_new_runid", None)
+    if callable(current) and current is not _next_runid:
+        _original_new_runid = current
+        orm_loading._new_runid = _next_runid
 
 
 def uninstall() -> None:
@@ -97,6 +113,12 @@ def uninstall() -> None:
     for target, name, listener in _ORM_LISTENERS:
         if event.contains(target, name, listener):
             event.remove(target, name, listener)
+    if _original_new_runid is not None and orm_loading._new_runid is _next_runid:
+        orm_loading._new_runid = _original_new_runid
+    for mapper in list(_load_counted):
+        if event.contains(mapper, "load", _on_joined_load):
+            event.remove(mapper, "load", _on_joined_load)
+    _load_counted.clear()
     for prop in list(_tracked):
         for mapper in prop.parent.self_and_descendants:
             attribute = mapper.class_manager.get(prop.key)
@@ -145,7 +167,14 @@ def _runs_last(context: Any, which: int) -> bool:
     dispatch = getattr(getattr(context, "dialect", None), "dispatch", None)
     if dispatch is None:
         return False
-    listeners = tuple(getattr(dispatch, _EVENTS[which]))
+    collection = getattr(dispatch, _EVENTS[which])
+    # the class-level listeners, then the dialect's own, as the collection iterates them
+    # (its __iter__ and __len__ are Python calls: the deques are read directly)
+    parents = getattr(collection, "parent_listeners", None)
+    if parents is None:
+        listeners = tuple(collection)
+    else:
+        listeners = (*parents, *getattr(collection, "listeners", ()))
     mine = _LISTENERS[which]
     if mine not in listeners:
         return False
@@ -161,16 +190,20 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
     relationship = loader_option = tag = None
     eager_options: tuple[Any, ...] = ()
     invoked = getattr(context, "invoked_statement", None)
-    top_select = False
+    entity_mapper = refreshed = loads = None
     if invoked is not None:
         current_path = getattr(getattr(invoked, "_compile_options", None), "_current_path", None)
-        if current_path:
+        # the path's tuple, not the PathRegistry (whose __len__ is a Python call)
+        load_path: tuple[Any, ...] = getattr(current_path, "path", None) or ()
+        if load_path:
             # A relationship load. Lazy loads name the state they load for; the second query
             # of a selectinload does not, and is not the application's doing: it folds into
             # the query that asked for it.
             load_options = context.execution_options.get("_sa_orm_load_options")
             lazy_state = getattr(load_options, "_lazy_loaded_from", None)
-            loaded = current_path.path[-1]
+            loaded = load_path[-1]
+            if isinstance(loaded, RelationshipProperty):
+                loads = loaded.mapper
             if lazy_state is not None and isinstance(loaded, RelationshipProperty):
                 # The state's load_path is how the parent object itself was reached, so a
                 # loop inside a loop gets the whole chain of loader options.
@@ -186,13 +219,14 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             if refreshed is not None:
                 # An expired object loaded again on its first attribute read.
                 tag, loader_option = "expired", _expired_refresh(refreshed)
-            else:
-                top_select = bool(getattr(invoked, "is_select", False))
+            elif getattr(invoked, "is_select", False):
+                entity_mapper = loads = _entity_mapper(invoked)
             eager_options = getattr(invoked, "_with_options", ())
             joins = getattr(invoked, "_setup_joins", ())
             if joins:
                 _note_joins(joins)
-    info = stack_info(2, statement)
+    outermost = _current_scope.get().reached[-1]  # type: ignore[union-attr]
+    info = stack_info(2, statement, outermost.anchor, outermost.above, outermost.stack_memo)
     rows = -1
     handled = False
     if which != 1 and _runs_last(context, which):
@@ -202,9 +236,7 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
         else:
             dialect.do_execute_no_params(cursor, statement, context)
         handled = True
-        if cursor.description is not None:
-            rowcount = getattr(cursor, "rowcount", -1)
-            rows = rowcount if isinstance(rowcount, int) else -1
+        rows = _rows_returned(cursor, loads is not None)
     callsite = record_query(
         statement,
         parameters,
@@ -216,19 +248,68 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
         stack=info,
     )
     if callsite is not None and invoked is not None:
-        # the instances loaded next are this SELECT's rows (or, for other ORM loads, no
-        # one's: they are not followed)
-        note_orm_select(
-            (statement, info.callsite, info.outer, info.in_get or _one_row(statement, parameters))
-            if top_select
-            else None
-        )
+        # the ORM load run next (sqlalchemy.orm.loading) is this statement's
+        if entity_mapper is not None:
+            if entity_mapper not in _column_tracked:
+                _track_column_reads(entity_mapper)
+            single = info.in_get or _one_row(statement, parameters)
+            note_orm_select(statement, info.callsite, info.outer, entity_mapper, rows, single)
+        elif refreshed is not None:
+            note_orm_refresh(refreshed)
+        else:
+            note_orm_other()
+        if loads is not None and rows > 0:
+            note_loaded(loads, rows)
     if eager_options and callsite is not None:
         for key, name, option, step in _eager_loads(eager_options):
             _track_reads(key)
             target = getattr(key, "mapper", None)
+            if step.startswith("joinedload(") and target is not None:
+                # its rows come in the parent's rows: counted as the ORM makes them
+                _count_loads(target)
             note_eager_load(key, name, option, step, statement, info.callsite, target)
     return handled
+
+
+def _rows_returned(cursor: Any, returns_rows: bool) -> int:
+    """Rows the statement just run returned, as the driver counts them; -1 if it returned
+    none (a write: its count is of rows changed) or does not say. ``returns_rows``: known to
+    be a SELECT (an ORM load): the cursor's description (which psycopg builds anew on each
+    read, a column object per column) is not looked at."""
+    rowcount = getattr(cursor, "rowcount", -1)
+    if not isinstance(rowcount, int) or rowcount < 0:
+        return -1
+    if returns_rows or (rowcount > 0 and cursor.description is not None):
+        return rowcount
+    return -1 if rowcount else 0
+
+
+def _entity_mapper(statement: Any) -> Any:
+    """The mapper of the first entity a SELECT loads (``select(User)``, ``aliased(User)``),
+    None for a SELECT of columns or of no ORM entity."""
+    columns = getattr(statement, "_raw_columns", None)
+    if not columns:
+        return None
+    first = columns[0]
+    if not getattr(first, "is_selectable", False):
+        return None
+    entity = getattr(first, "_annotations", {}).get("parententity")
+    return getattr(entity, "mapper", None)
+
+
+def _next_runid() -> int:
+    """Stands in for ``sqlalchemy.orm.loading._new_runid``, which SQLAlchemy calls once per
+    ORM result before it turns rows into objects, and whose number it stamps on every
+    instance state it creates (``InstanceState.runid``): which SELECT loaded an object is
+    read from that when the object is read, instead of being noted for each loaded row."""
+    runid: int = _original_new_runid()  # type: ignore[misc]
+    scope = _current_scope.get()
+    if scope is not None:
+        note_orm_run(runid, scope)
+    return runid
+
+
+_original_new_runid: Callable[[], int] | None = None
 
 
 def _one_row(statement: str, parameters: Any) -> bool:
@@ -243,7 +324,8 @@ def _why_lazy(
     state: Any, prop: RelationshipProperty[Any], relationship: str | None, option: str | None
 ) -> tuple[str | None, str | None]:
     """``(tag, suggestion)`` for a lazy load the plain loader option would not explain."""
-    for key, _, written, _ in _eager_loads(tuple(getattr(state, "load_options", ()) or ())):
+    load_options = getattr(state, "load_options", None)
+    for key, _, written, _ in _eager_loads(tuple(load_options) if load_options else ()):
         if key is prop:
             # The query that loaded the object had the option: the attribute was expired
             # (by commit(), or expire()) and is now loaded again, one object at a time.
@@ -279,21 +361,21 @@ def _note_joins(joins: tuple[Any, ...]) -> None:
                 note_join(part)  # a table, or a mapped class coerced to its table
 
 
-def _on_load(state: Any, context: Any) -> None:
-    # a raw listener: handed the InstanceState (SQLAlchemy's wrapper for plain listeners
-    # costs two frames and a try/finally per loaded row)
-    scope = _current_scope.get()
-    if scope is None:
+def _on_joined_load(state: Any, context: Any) -> None:
+    # a raw listener (handed the InstanceState), put only on the mappers some joinedload
+    # loads: their rows come inside the parent's, so they are counted one by one
+    if _current_scope.get() is not None:
+        note_loaded(state.manager.mapper)
+
+
+_load_counted: set[Any] = set()
+
+
+def _count_loads(mapper: Any) -> None:
+    if mapper in _load_counted:
         return
-    # the class manager's mapper is a plain attribute once read (InstanceState.mapper is a
-    # property calling a descriptor: two calls per row)
-    mapper = getattr(getattr(state, "manager", None), "mapper", None)
-    if mapper is None:
-        note_loaded(None)
-        return
-    if mapper not in _column_tracked:
-        _track_column_reads(mapper)
-    note_instance(state, mapper, context, scope)
+    _load_counted.add(mapper)
+    event.listen(mapper, "load", _on_joined_load, raw=True, propagate=True)
 
 
 def _on_before_flush(session: Any, flush_context: Any, instances: Any) -> None:
@@ -379,7 +461,6 @@ def _on_after_commit(session: Any) -> None:
 
 _flush_ids = itertools.count(1)
 _ORM_LISTENERS: tuple[tuple[Any, str, Callable[..., None]], ...] = (
-    (Mapper, "load", _on_load),
     (Session, "after_begin", _on_after_begin),
     (Session, "after_commit", _on_after_commit),
     (Session, "before_flush", _on_before_flush),
@@ -503,13 +584,14 @@ _column_tracked: set[Any] = set()
 
 
 def _track_column_reads(mapper: Any) -> None:
-    if mapper in _column_tracked:
-        return
-    _column_tracked.add(mapper)
-    for prop in mapper.column_attrs:
-        attribute = mapper.class_manager.get(prop.key)
-        if type(attribute) is InstrumentedAttribute:
-            attribute.__class__ = _ColumnReadAttribute
+    for each in getattr(mapper, "self_and_descendants", (mapper,)):
+        if each in _column_tracked:
+            continue
+        _column_tracked.add(each)
+        for prop in each.column_attrs:
+            attribute = each.class_manager.get(prop.key)
+            if type(attribute) is InstrumentedAttribute:
+                attribute.__class__ = _ColumnReadAttribute
 
 
 _tracked: set[RelationshipProperty[Any]] = set()
