@@ -629,8 +629,9 @@ def routes_allowed(pooler: Pooler, client: ClientConnection) -> bool:
 class LoginRoute:
     """Where one exact StartupMessage leads, learnt from a client Python logged in with it.
 
-    The engine logs in later clients that send the same bytes by itself (``engine/logins.c``): the same SCRAM secret, the same pool and parameters, the same welcome,
-    a cancel key of its own. Such a client has no Python object until Python has to see it;
+    The engine logs in later clients that send the same bytes by itself
+    (``engine/logins.c``): the same SCRAM secret, the same pool and parameters, the same
+    welcome, a cancel key of its own. Such a client has no Python object until Python has to see it;
     then the engine calls :meth:`materialize` (logged in) or :meth:`claim_login` (its SCRAM
     exchange still under way)."""
 
