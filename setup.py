@@ -1,10 +1,14 @@
 """Builds the pooler's optional C fast path; without a compiler pgpilot installs without it.
 
-With OpenSSL's headers (libssl-dev) the engine is built with TLS (``_fastpath_tls.c``,
+The engine is one translation unit: ``_fastpath.c`` includes the role files of
+``proxy/engine/`` in order (so that static functions inline across them); they are listed in
+``depends`` so that an edit to any of them rebuilds it (MANIFEST.in ships them in the sdist).
+With OpenSSL's headers (libssl-dev) the engine is built with TLS (``engine/tls.c``,
 ``PGPILOT_TLS``) and linked to libssl/libcrypto; without them it is built without, and the
 pooler keeps TLS connections on Python's own path (a notice says so at the pooler's start).
 """
 
+import glob
 import os
 import shutil
 import subprocess
@@ -65,7 +69,7 @@ if _tls is None and "build_ext" in sys.argv:
     print("notice: OpenSSL headers not found (libssl-dev): the fast path is built without TLS")
 _ext = Extension(
     "pgpilot.proxy._fastpath", ["src/pgpilot/proxy/_fastpath.c"],
-    depends=["src/pgpilot/proxy/_fastpath_tls.c"],
+    depends=sorted(glob.glob("src/pgpilot/proxy/engine/*.[ch]")),
     extra_compile_args=["-O2", "-Wall", "-Wno-missing-field-initializers"],
     define_macros=[("PGPILOT_TLS", "1")] if _tls else [],
     include_dirs=_tls[0] if _tls else [],

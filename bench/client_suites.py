@@ -260,7 +260,9 @@ def source_revision() -> dict[str, Any]:
                for line in git("status", "--porcelain", "--", "src").splitlines()]
     fast_c = ROOT / "src" / "pgpilot" / "proxy" / "_fastpath.c"
     so = sorted(fast_c.parent.glob("_fastpath*.so"))
-    stale = bool(so) and fast_c.exists() and so[0].stat().st_mtime < fast_c.stat().st_mtime
+    sources = [fast_c, *fast_c.parent.glob("engine/*.[ch]")] if fast_c.exists() else []
+    stale = bool(so and sources) and so[0].stat().st_mtime < max(
+        f.stat().st_mtime for f in sources)
     return {
         "commit": git("rev-parse", "HEAD"),
         "src_changed_files": changed,

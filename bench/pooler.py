@@ -1202,7 +1202,9 @@ def build_fast_path(src: str) -> str:
     if not c_file.exists():
         return "absent"
     target = c_file.with_name("_fastpath" + sysconfig.get_config_var("EXT_SUFFIX"))
-    if not target.exists() or target.stat().st_mtime < c_file.stat().st_mtime:
+    # _fastpath.c includes the engine's files (engine/, since the split): any newer rebuilds.
+    newest = max(f.stat().st_mtime for f in [c_file, *c_file.parent.glob("engine/*.[ch]")])
+    if not target.exists() or target.stat().st_mtime < newest:
         cc = os.environ.get("CC", "cc")
         done = subprocess.run([cc, "-O2", "-shared", "-fPIC",
                                f"-I{sysconfig.get_paths()['include']}", str(c_file),

@@ -48,5 +48,5 @@ pgbench -n -h 127.0.0.1 -p $PORT -U postgres $ARGS "$DB" | grep processed
 callgrind_control -d $PID > /dev/null
 kill $PID
 wait $PID || true
-callgrind_annotate --threshold=100 --inclusive=no "$WORK/cg.out.1" | grep -E "PROGRAM TOTALS|^ *[0-9,]+ \([ 0-9.]+%\)  [^=]*_fastpath.c:qs_"
+callgrind_annotate --threshold=100 --inclusive=no "$WORK/cg.out.1" | grep -E "PROGRAM TOTALS|^ *[0-9,]+ \([ 0-9.]+%\)  [^=]*querystats.c:qs_"
 rm -rf "$WORK"

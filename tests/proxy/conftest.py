@@ -153,7 +153,7 @@ _VARIANT_CERTS: list[tuple[str, str]] = []
 def _tls_variant_settings() -> dict[str, Any]:
     """PGPILOT_TEST_CLIENT_TLS=1: every test pooler offers client TLS (``prefer``), so that
     psycopg, asyncpg and pgbench, which ask for it by default, run the test file encrypted
-    (the fast path's TLS: _fastpath_tls.c); raw-socket clients stay in clear text."""
+    (the fast path's TLS: engine/tls.c); raw-socket clients stay in clear text."""
     if not os.environ.get("PGPILOT_TEST_CLIENT_TLS"):
         return {}
     if not _VARIANT_CERTS:

@@ -29,7 +29,7 @@ from tests.proxy.test_workers import run_workers
 from pgpilot.proxy.workers import SLOT_ACCEPTING, SLOT_CLIENTS, SLOT_WORDS, Balance, WorkerIdentity
 from pgpilot.wire import messages as m
 
-HANDOFF = b"pgpilot:client"  # the data of a hand-off datagram (_fastpath.c)
+HANDOFF = b"pgpilot:client"  # the data of a hand-off datagram (engine/balance.c)
 
 
 def add(balance: Balance, index: int, word: int, n: int) -> None:

@@ -1,7 +1,7 @@
 """Engine logins: clients the fast path's engine logs in alone, along a login route.
 
 After Python has logged a client in with some StartupMessage, the engine serves later clients
-that send the same bytes by itself (fastpath.LoginRoute, ``_fastpath.c``): they have no Python
+that send the same bytes by itself (fastpath.LoginRoute, ``engine/logins.c``): they have no Python
 object ("phantoms") until Python has to see them. These tests check that such clients work
 like any other (queries, named statements, cancel, limits, the console, RELOAD, timeouts,
 leaving mid-transaction) and that Python really does not see them until then.

@@ -1,7 +1,7 @@
 """Logins served by the fast path's engine: its listener, its SSLRequest answer, its SCRAM.
 
 With the extension built and no client TLS, the engine accepts clients itself and runs the
-SCRAM-SHA-256 exchange in C (``_fastpath.c``); with ``fast_path = 0`` the same logins go through
+SCRAM-SHA-256 exchange in C (``engine/scram.c``); with ``fast_path = 0`` the same logins go through
 asyncio and ``auth.ScramAuth``. These tests drive both with raw protocol bytes, good and
 malformed, and require the same answers from each: the same messages, the same SQLSTATEs and
 texts for every refusal, a ServerSignature that proves the pooler holds the secret.

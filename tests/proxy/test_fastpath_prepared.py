@@ -1,4 +1,4 @@
-"""Named prepared statements on the compiled fast path (``_fastpath.c``, "named statements").
+"""Named prepared statements on the compiled fast path (``engine/statements.c``).
 
 The engine renames a Bind or Describe of a statement the client prepared, on a server that has
 it, and leaves everything else to Python's statement router (prepared.py). These tests check

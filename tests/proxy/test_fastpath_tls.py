@@ -1,4 +1,4 @@
-"""TLS inside the compiled fast path (``_fastpath_tls.c``): both sides encrypted by the engine.
+"""TLS inside the compiled fast path (``engine/tls.c``): both sides encrypted by the engine.
 
 What the engine must do as Python's ``ssl`` did, and show it did it itself: the server and
 client connections are engine ``Conn`` objects with their TLS on (not asyncio SSL transports),

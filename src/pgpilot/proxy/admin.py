@@ -1168,7 +1168,7 @@ def _tls_info(transport: Any) -> str:
     if transport is None:
         return ""
     if is_fast_conn(transport):
-        return str(transport.tls_info)  # TLS in the engine (_fastpath_tls.c), or ""
+        return str(transport.tls_info)  # TLS in the engine (engine/tls.c), or ""
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return ""

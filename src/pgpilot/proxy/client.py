@@ -598,7 +598,7 @@ class ClientConnection(asyncio.Protocol):
         if is_fast_conn(transport):
             key = scram_secret_for(auth_type, secret)
             if key is not None:
-                # The engine runs the two SCRAM round trips itself (_fastpath.c), then calls
+                # The engine runs the two SCRAM round trips itself (engine/scram.c), then calls
                 # scram_passed() or scram_failed().
                 self.write(transport.scram_login(  # type: ignore[union-attr]
                     key.stored_key, key.server_key, scram_salt_b64(key.salt), key.iterations,

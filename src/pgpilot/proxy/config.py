@@ -293,7 +293,7 @@ class Config:
     # the compiled fast path (proxy/_fastpath.c) for transaction and statement pools; off =
     # the pure-Python pooler (also what runs when the extension was not built)
     fast_path: bool = True
-    # TLS inside the fast path (_fastpath_tls.c, OpenSSL): off = TLS connections stay on
+    # TLS inside the fast path (engine/tls.c, OpenSSL): off = TLS connections stay on
     # asyncio's SSL transport in Python, as without OpenSSL's headers at build time
     fast_path_tls: bool = True
     # read replicas (proxy/routing.py), for [databases] entries naming replicas=

@@ -10,7 +10,7 @@ in effect): the idle ones close at once, before the statement reaches PostgreSQL
 to five seconds for backends of ``x`` to exit; busy ones close when their client releases them.
 
 The compiled fast path hands any text that starts with CREATE, ALTER or DROP and names
-``database`` to Python (_fastpath.c, sql_needs_python), so every such statement passes here.
+``database`` to Python (engine/proto.c, sql_needs_python), so every such statement passes here.
 """
 
 from __future__ import annotations

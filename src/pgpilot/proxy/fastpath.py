@@ -78,7 +78,7 @@ def is_fast_conn(transport: object) -> bool:
 
 
 def tls_available() -> bool:
-    """Was the engine built with OpenSSL (``_fastpath_tls.c``)?"""
+    """Was the engine built with OpenSSL (``engine/tls.c``)?"""
     return _fastpath is not None and hasattr(_fastpath, "TLSContext")
 
 
@@ -285,7 +285,7 @@ class FastPath:
         self._params_ids: dict[tuple[object, ...], int] = {}
         self._last_params_id = 0
         self._settled: list[ClientConnection] = []  # taken back by settle(), for refill()
-        # TLS in the engine (_fastpath_tls.c): contexts for clients and for servers; None:
+        # TLS in the engine (engine/tls.c): contexts for clients and for servers; None:
         # that side's TLS (if any) stays on asyncio's SSL transport.
         self.client_tls: Any = None
         self.server_tls: Any = None
@@ -521,8 +521,8 @@ class FastPath:
         return True
 
     def balance(self, worker: WorkerIdentity, listeners: list[asyncio.AbstractServer]) -> None:
-        """workers = N: balance TCP clients with the sibling workers (_fastpath.c,
-        "balancing"). Clients handed to this worker are served as the first of ``listeners``
+        """workers = N: balance TCP clients with the sibling workers
+        (engine/balance.c). Clients handed to this worker are served as the first of ``listeners``
         the engine serves would serve them; with none (client TLS), they are closed, and
         siblings hand none here."""
         balance = worker.balance
@@ -629,9 +629,9 @@ def routes_allowed(pooler: Pooler, client: ClientConnection) -> bool:
 class LoginRoute:
     """Where one exact StartupMessage leads, learnt from a client Python logged in with it.
 
-    The engine logs in later clients that send the same bytes by itself (``_fastpath.c``,
-    "engine logins"): the same SCRAM secret, the same pool and parameters, the same welcome,
-    a cancel key of its own. Such a client has no Python object until Python has to see it;
+    The engine logs in later clients that send the same bytes by itself
+    (``engine/logins.c``): the same SCRAM secret, the same pool and parameters, the same
+    welcome, a cancel key of its own. Such a client has no Python object until Python has to see it;
     then the engine calls :meth:`materialize` (logged in) or :meth:`claim_login` (its SCRAM
     exchange still under way)."""
 

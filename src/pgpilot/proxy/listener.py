@@ -10,8 +10,8 @@ transport, which makes a new connection much cheaper (``pgbench -C``). With clie
 asyncio servers stay, since the TLS upgrade needs an asyncio transport.
 
 With ``workers = N``, only the engine's TCP listeners balance clients between the workers (a
-worker holding more than its share hands a new client to a sibling: workers.py, "balancing"
-in ``_fastpath.c``); the unix socket and asyncio's servers keep the kernel's choice.
+worker holding more than its share hands a new client to a sibling: workers.py,
+``engine/balance.c``); the unix socket and asyncio's servers keep the kernel's choice.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ async def start_listeners(pooler: Pooler) -> list[asyncio.AbstractServer]:
     for addr in cfg.listen_addresses:
         host: str | None = None if addr == "*" else addr
         # Client TLS is served by the engine's listener when the engine has it (fastpath.py,
-        # _fastpath_tls.c); otherwise by asyncio's, with Python's ssl.
+        # engine/tls.c); otherwise by asyncio's, with Python's ssl.
         if pooler.fast is not None and (pooler.ssl_context is None
                                         or pooler.fast.client_tls is not None):
             for sock in await bind_tcp(host, cfg.listen_port, cfg.listen_backlog, reuse_port):

@@ -162,7 +162,7 @@ def described_shape(params: bytes | None, row_description: bytes | None) -> Shap
 
 class ClientStatement(NamedTuple):
     """What a client's statement name means. A tuple: the compiled fast path reads
-    ``server_name`` (item 0) on every Bind it renames (_fastpath.c, "named statements")."""
+    ``server_name`` (item 0) on every Bind it renames (engine/statements.c)."""
 
     server_name: str  # ASCII: pgpilot_<hex>
     server_parse: bytes  # the whole Parse message under the server-side name
@@ -207,7 +207,7 @@ class ChangedStatement:
 
 
 # CommandComplete tags of schema changes (CREATE TABLE, ALTER TYPE, DROP SCHEMA ...): the
-# compiled fast path hands a transaction to Python at one of them (_fastpath.c, is_ddl_tag).
+# compiled fast path hands a transaction to Python at one of them (engine/statements.c, is_ddl_tag).
 DDL_TAG_PREFIXES = (b"CREATE", b"ALTER ", b"DROP ")
 _CACHE_LOOKUP_FAILED = "cache lookup failed"  # XX000: an object a plan named is gone
 

@@ -85,7 +85,7 @@ __all__ = ["ClientRoute", "DatabaseRouter", "first_sql", "metric_families", "own
            "reload_routers", "replica_pool_node", "show_routes", "start_routers"]
 
 _LEN = struct.Struct("!i")
-# An engine client's route_flags (_fastpath.c): the engine sent a transaction of it to the
+# An engine client's route_flags (engine/client.c): the engine sent a transaction of it to the
 # primary (a pool with route_reads serves only those in C).
 ROUTE_WROTE = 1
 

@@ -14,7 +14,7 @@ Where the numbers come from:
   has a :class:`ClientQueries` fed the messages it sends and receives (client.py). A simple
   Query is timed from when it is sent to its ReadyForQuery, an Execute to its CommandComplete
   (or error), each pipelined one from the answer before it.
-- The compiled fast path (``_fastpath.c``, "query statistics") times each statement itself
+- The compiled fast path (``engine/querystats.c``) times each statement itself
   and keeps aggregates per (hash of the text or of the server-side statement name, params id)
   in its pool; :meth:`QueryStats.fold_engine` takes them in batches (about once a second and
   before any read), with the text only the first time a key is seen, so Python fingerprints
@@ -582,7 +582,7 @@ class QueryStats:
 class ClientQueries:
     """One client's requests in flight on the Python path, and what their answers say.
 
-    As the engine's QsClient (_fastpath.c, "query statistics"): a Query is answered by its
+    As the engine's QsClient (engine/querystats.c): a Query is answered by its
     ReadyForQuery; an Execute by its CommandComplete, EmptyQueryResponse, PortalSuspended or
     ErrorResponse; a Sync by its ReadyForQuery (which also drops the Executes an error made
     the server skip). A statement's time runs from when it was sent, or from the answer before
@@ -711,7 +711,7 @@ class ClientQueries:
 
     def handed_back(self, owed: int, inflight: tuple[Any, ...] | None = None) -> None:
         """The engine hands the client back with ``owed`` ReadyForQuery still to come for
-        what it forwarded. ``inflight`` (_fastpath.c, qs_inflight): the statements it timed
+        what it forwarded. ``inflight`` (engine/querystats.c, qs_inflight): the statements it timed
         that await their answer, in order, keyed by the engine's statement keys, with the
         state of the one in front; Python times them to their answers as its own. Without it
         (the engine lost count) those answers are skipped, untimed."""

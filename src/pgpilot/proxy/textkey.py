@@ -16,7 +16,7 @@ _LITERALS = re.compile(rb"'(?:[^']|'')*'|(?<![\w$])\d+(?:\.\d*)?(?:[eE][-+]?\d+)
 
 def text_key(text: bytes) -> object:
     """The same for statement texts that differ only in their literal values (the compiled
-    engine's key where it is built: _fastpath.c, qs_text_key; a regex's otherwise)."""
+    engine's key where it is built: engine/querystats.c, qs_text_key; a regex's otherwise)."""
     if _text_key is not None:
         return _text_key(text)[0]
     return _LITERALS.sub(b"?", text)

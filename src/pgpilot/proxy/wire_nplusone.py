@@ -16,7 +16,8 @@ The fix is the in-app detector's (``insight.suggest_fix``): the batch query, ``c
 The Python path feeds each statement to an ``insight.ScopeDetector`` per burst (the in-app
 detector's core: distinct parameter sets per shape); the compiled fast path counts per burst
 itself, for the shapes Python told it (``FastPool.set_shapes``), and hands over only the bursts
-that cross the threshold (``FastPool.take_bursts``; see "N+1 at the wire" in ``_fastpath.c``).
+that cross the threshold (``FastPool.take_bursts``; see "N+1 at the wire" in
+``engine/querystats.c``).
 
 The origin is read from a sqlcommenter comment the client put in the statement
 (``/*controller='orders',action='index'*/``, as Django, Flask, Rails and OpenTelemetry

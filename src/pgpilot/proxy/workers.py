@@ -14,7 +14,7 @@ is a whole pooler of its own:
 - Balance: the kernel's choice follows a hash of the addresses, not the load, and can leave one
   worker with 60 % of the clients. A worker whose engine accepts a TCP client while it holds
   more than its least busy sibling hands the socket over at once (:class:`Balance`; the engine
-  does it, see "balancing" in ``_fastpath.c``), so each ends up with an even share.
+  does it, see ``engine/balance.c``), so each ends up with an even share.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def cancel_socket_path(run_dir: str, index: int) -> str:
     return os.path.join(run_dir, f"cancel-{index}.sock")
 
 
-# Each worker's slot in Balance.counters: 64-bit words, as the engine reads them (_fastpath.c,
-# "balancing: the shared counters"); a slot fills a cache line.
+# Each worker's slot in Balance.counters: 64-bit words, as the engine reads them
+# (engine/balance.c, "the shared counters"); a slot fills a cache line.
 SLOT_WORDS = 8
 SLOT_CLIENTS = 0  # TCP clients counted in its share (handed to it and not taken in yet too)
 SLOT_ACCEPTING = 1  # 1 while it takes hand-offs

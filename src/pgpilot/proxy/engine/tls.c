@@ -1,9 +1,10 @@
-/* TLS inside the engine: the I/O layer the rest of _fastpath.c calls for an encrypted Conn.
+/* TLS inside the engine: the I/O layer io.c calls for an encrypted Conn.
  *
- * Included by _fastpath.c (one translation unit: the extension is one .so), right after the
- * Conn's epoll helpers and before its writing code. Built with OpenSSL when setup.py finds its
- * headers (PGPILOT_TLS defined, libssl linked); without, the stubs at the end keep every
- * caller compiling and Python keeps its own TLS path (asyncio's SSL transport).
+ * Included by _fastpath.c (one translation unit: the extension is one .so) after the Conn's
+ * buffers and epoll helpers (sbuf.c) and before its reads and writes (io.c). Built with
+ * OpenSSL when setup.py finds its headers (PGPILOT_TLS defined, libssl linked); without, the
+ * stubs at the end keep every caller compiling and Python keeps its own TLS path (asyncio's
+ * SSL transport).
  *
  * Design (docs/architecture.md, "TLS in the engine"): the engine owns a connection's TLS
  * session from the handshake on. An SSL* sits on the Conn with a BIO of our own whose
