@@ -213,6 +213,43 @@ def test_hba_file_decides_the_method_per_connection(
     assert "login rejected" in str(refused.value)
 
 
+def test_a_deployment_with_auth_query_an_hba_file_and_console_set(
+        proxy_factory: ProxyFactory, pg_params: dict[str, str], tmp_path: Path,
+        login_role: tuple[str, str]) -> None:
+    """The three together, as a PgBouncer deployment has them: the hba file picks the method
+    per connection, auth_query supplies the secret of a role that only PostgreSQL knows, and
+    the console changes settings (auth_query included) while clients come and go."""
+    name, password = login_role
+    hba = tmp_path / "pgbouncer_hba.conf"
+    hba.write_text(f"host  all  {pg_params['user']}  127.0.0.1/32  trust\n"
+                   "host  all  mallory  127.0.0.1/32  reject\n"
+                   "host  all  all  127.0.0.1/32  scram-sha-256\n")
+    proxy = proxy_factory(auth_type="hba", auth_hba_file=str(hba), auth_user=pg_params["user"],
+                          userlist={pg_params["user"]: "", "mallory": "m"})
+    with psycopg.connect(proxy.dsn(user=name, password=password), autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == (name,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(proxy.dsn(user=name, password="not-" + password))
+    with pytest.raises(psycopg.OperationalError, match="login rejected"):
+        psycopg.connect(proxy.dsn(user="mallory", password="m"))
+    with admin(proxy) as console:
+        console.execute("SET default_pool_size = 2")
+        assert config_value(console, "default_pool_size") == "2"
+        # A broken auth_query set from the console is used at the next login...
+        console.execute("SET auth_query = 'SELECT usename, passwd FROM no_such_table "
+                        "WHERE usename = $1'")
+        with pytest.raises(psycopg.OperationalError, match="no_such_table"):
+            psycopg.connect(proxy.dsn(user=name, password=password), connect_timeout=10)
+        # ... and the working one again after it.
+        console.execute("SET auth_query = 'SELECT usename, passwd FROM pg_shadow "
+                        "WHERE usename = $1'")
+    with psycopg.connect(proxy.dsn(user=name, password=password), autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == (name,)
+    with admin(proxy) as console:
+        pools = {(r[0], r[1]) for r in console.execute("SHOW POOLS").fetchall()}
+    assert ("test", name) in pools
+
+
 def test_hba_lines_pgpilot_cannot_follow_make_the_config_invalid(tmp_path: Path) -> None:
     rules = parse_hba("local all all peer\nhostssl db1,db2 bob 10.0.0.0 255.0.0.0 md5\n")
     assert rules.method_for(unix=True, tls=False, address="unix", database="x", user="y") \
