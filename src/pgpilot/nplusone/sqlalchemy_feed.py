@@ -171,6 +171,11 @@ def _runs_last(context: Any, which: int) -> bool:
     # the class-level listeners, then the dialect's own, as the collection iterates them
     # (its __iter__ and __len__ are Python calls: the deques are read directly)
     parents = getattr(collection, "parent_listeners", None)
+    if parents and parents[-1] is _LISTENERS[which] and not collection.listeners:
+        # the usual case, read from the live deques (no cache to fall out of date): this
+        # feed's listener was added last to the Engine class and the dialect has none of
+        # its own
+        return True
     if parents is None:
         listeners = tuple(collection)
     else:
