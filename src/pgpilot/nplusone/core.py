@@ -23,7 +23,7 @@ from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, replace
-from types import CodeType, FrameType, TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Literal
 
 from pgpilot.insight.detector import (
@@ -39,7 +39,14 @@ from pgpilot.insight.detector import (
 from pgpilot.insight.fingerprint import COMMAND_OTHER, describe
 from pgpilot.insight.shape import Bound, param_names, shape
 from pgpilot.insight.suggest import suggest_fix
-from pgpilot.nplusone.callsite import Above, StackInfo, anchor_frame, split_callsite, stack_info
+from pgpilot.nplusone.callsite import (
+    Above,
+    StackInfo,
+    StackMemo,
+    anchor_frame,
+    split_callsite,
+    stack_info,
+)
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -157,7 +164,7 @@ class _Scope:
         # generator), and what the frames above it say, read once (see callsite.stack_info).
         self.anchor: FrameType | None = None
         self.above: list[Above] = []
-        self.stack_memo: dict[tuple[Hashable, ...], tuple[StackInfo, list[CodeType]]] = {}
+        self.stack_memo: StackMemo = {}
         # keyed by the relationship property object (hashable, one per mapped attribute)
         self.eager_loads: dict[Hashable, _EagerLoad] = {}
         self.relationship_reads: set[Hashable] = set()
