@@ -7,11 +7,11 @@ request inside a test): a query counts in the innermost scope and every scope ar
 The feeds (SQLAlchemy, psycopg, asyncpg) call :func:`record_query`; when no scope is open in the
 calling context it returns at once, so an application can leave the feeds installed.
 
-Recording is split in two to keep the cost inside the application's query path small: while
-the query runs, only what cannot wait is taken (the parameters' key, the call site, the time)
-and appended to the scope's buffer; parsing, fingerprinting and grouping happen when the
-buffer is flushed (at the end of the scope, when the report is read, or every
-``FLUSH_EVERY`` statements), in one tight loop.
+Each statement is grouped as it is recorded (the scope's ``insight.ScopeDetector``): what a
+statement's text says (fingerprint, command, LIMIT/OFFSET, write verb) is read once per text
+and kept, so a statement seen before costs a dictionary lookup and the group update. (An
+earlier version buffered statements and grouped them at the end of the scope: the same work,
+plus building and unpacking each entry twice.)
 """
 
 from __future__ import annotations
@@ -77,25 +77,7 @@ class NPlusOneWarning(UserWarning):
     """Emitted once per finding, at the finding's call site, by ``detect(mode="warn")``."""
 
 
-# Statements buffered before they are grouped (bounds a long scope's buffer).
-FLUSH_EVERY = 512
 MAX_CHILD_FINDINGS = 1_000
-
-# A statement waiting in a scope's buffer: (sql, params key, call site, time, relationship,
-# loader option, loop key, rows, tag, parameters if the text has a LIMIT or OFFSET, callers)
-_Pending = tuple[
-    str,
-    Hashable,
-    str,
-    float,
-    "str | None",
-    "str | None",
-    Hashable,
-    int,
-    "str | None",
-    Any,
-    tuple[str, ...],
-]
 
 # The id of the ORM transaction running in this context (set by the SQLAlchemy feed's
 # after_begin listener): the flush writes of one transaction share it, so only a loop that
@@ -135,7 +117,6 @@ class _Scope:
         "loaded",
         "overfetch_columns",
         "parent",
-        "pending",
         "reached",
         "relationship_reads",
         "rmw",
@@ -159,7 +140,6 @@ class _Scope:
         self.reached: tuple[_Scope, ...] = (
             (self,) if isolated or parent is None else (self, *parent.reached)
         )
-        self.pending: list[_Pending] = []
         # The frame running this scope's ``with`` block (None: opened otherwise, or by a
         # generator), and what the frames above it say, read once (see callsite.stack_info).
         self.anchor: FrameType | None = None
@@ -184,43 +164,7 @@ class _Scope:
         self.state_reads: dict[Any, set[str]] = {}
         self.rmw: dict[tuple[str, str], Finding] = {}
 
-    def flush(self) -> None:
-        """Fingerprint and group the buffered statements."""
-        pending, self.pending = self.pending, []
-        add = self.detector.add
-        scope_id = id(self)
-        for entry in pending:
-            if entry is _CHILD_WRITE:
-                self.detector.note_write()
-                continue
-            sql, key, callsite, at, relationship, option, loop, rows, tag, params, callers = entry
-            statement = describe(sql)
-            command = COMMAND_OTHER if tag == "follow_up" else statement.command
-            offset, limit = _bounds(sql, params) if params is not None else (None, None)
-            # QueryEvent's fields as a plain tuple: the detector makes the named tuple only
-            # for the few executions a finding will show
-            add(
-                (
-                    statement.fingerprint,
-                    sql,
-                    key,
-                    scope_id,
-                    callsite,
-                    at,
-                    command,
-                    relationship,
-                    option,
-                    loop,
-                    rows,
-                    tag,
-                    offset,
-                    callers,
-                    limit,
-                )
-            )
-
     def findings(self) -> list[Finding]:
-        self.flush()
         found = self.detector.findings()
         for key, eager in self.eager_loads.items():
             if key in self.relationship_reads:
@@ -452,28 +396,33 @@ def _bound_value(sql: str, bound: Bound | None, params: Any) -> int | None:
 
 
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE")
-# In the buffer of the scopes around an isolated one: a write ran in the isolated scope (a
-# request a test sent), so what the test reads again afterwards is no duplicate.
-_CHILD_WRITE: Any = ("<child write>",)
 
 
-# sql -> (has LIMIT or OFFSET, is an INSERT/UPDATE/DELETE): read once per statement text
-# (an ORM's compiled statements are the same string objects each time, their hash cached)
-_sql_facts: dict[str, tuple[bool, bool]] = {}
+# sql -> (fingerprint, command, has LIMIT or OFFSET, is an INSERT/UPDATE/DELETE): read once
+# per statement text (an ORM's compiled statements are the same string objects each time,
+# their hash cached)
+_sql_facts: dict[str, tuple[str, str, bool, bool]] = {}
+MAX_SQL_FACTS = 10_000
 
 
-def _facts(sql: str) -> tuple[bool, bool]:
+def _facts(sql: str) -> tuple[str, str, bool, bool]:
     facts = _sql_facts.get(sql)
     if facts is None:
+        statement = describe(sql)
         upper = sql.upper()
-        facts = ("LIMIT" in upper or "OFFSET" in upper, upper.lstrip()[:6] in _WRITE_VERBS)
-        if len(_sql_facts) < 10_000:
+        facts = (
+            statement.fingerprint,
+            statement.command,
+            "LIMIT" in upper or "OFFSET" in upper,
+            upper.lstrip()[:6] in _WRITE_VERBS,
+        )
+        if len(_sql_facts) < MAX_SQL_FACTS:
             _sql_facts[sql] = facts
     return facts
 
 
 def _has_bounds(sql: str) -> bool:
-    return _facts(sql)[0]
+    return _facts(sql)[2]
 
 
 def record_query(
@@ -501,7 +450,7 @@ def record_query(
         key: Hashable = (sql, tuple(params.values()))
     else:
         key = _params_key(sql, params, executemany)
-    bounded, writes = _facts(sql)
+    fingerprint, command, bounded, writes = _facts(sql)
     if info.in_flush and tag is None and writes:
         # A flush writes its rows as it must (one statement per row on some drivers, and
         # versioning extensions flush more than once): the writes of one transaction count
@@ -512,31 +461,42 @@ def record_query(
         # Session.get() / Query.get() reaches the database only when the identity map has no
         # answer: a repeat of it is a key that was not there (or an object since expired).
         tag = "get"
-    entry = (
+    if tag == "follow_up":
+        command = COMMAND_OTHER  # a selectinload's second query: its parent's doing
+    offset = limit = None
+    if bounded and params is not None and not executemany:
+        offset, limit = _bounds(sql, params)
+    # QueryEvent's fields as a plain tuple: the detector makes the named tuple only for the
+    # few executions a finding will show
+    event = (
+        fingerprint,
         sql,
         key,
+        id(scope),
         info.callsite,
         time.monotonic(),
+        command,
         relationship,
         loader_option,
         info.loop_key,
         rows,
         tag,
-        params if params is not None and not executemany and bounded else None,
+        offset,
         info.outer,
+        limit,
     )
-    while scope is not None:
-        scope.pending.append(entry)
-        if len(scope.pending) >= FLUSH_EVERY:
-            scope.flush()
-        if scope.isolated:
-            if scope.parent is not None and writes:
-                outer: _Scope | None = scope.parent
-                while outer is not None:
-                    outer.pending.append(_CHILD_WRITE)
-                    outer = outer.parent
-            break
-        scope = scope.parent
+    reached = scope.reached
+    for each in reached:
+        each.detector.add(event)
+    if writes:
+        last = reached[-1]
+        if last.isolated:
+            # a write in an isolated scope (a request a test sent): what the scopes around
+            # it read again afterwards is no duplicate
+            outer = last.parent
+            while outer is not None:
+                outer.detector.note_write()
+                outer = outer.parent
     return info
 
 
@@ -765,8 +725,7 @@ class Report:
     @property
     def queries(self) -> int:
         """Statements counted in the scope (not those of isolated scopes inside it)."""
-        pending = self._scope.pending
-        return self._scope.detector.queries + sum(entry is not _CHILD_WRITE for entry in pending)
+        return self._scope.detector.queries
 
     def of_kind(self, kind: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.kind == kind]
