@@ -446,6 +446,23 @@ def record_query(
     if scope is None:
         return None
     info = stack if stack is not None else stack_info(2)
+    record_in(scope, sql, params, executemany, relationship, loader_option, rows, tag, info)
+    return info
+
+
+def record_in(
+    scope: _Scope,
+    sql: str,
+    params: Any,
+    executemany: bool,
+    relationship: str | None,
+    loader_option: str | None,
+    rows: int,
+    tag: str | None,
+    info: StackInfo,
+) -> None:
+    """:func:`record_query` for a feed that has the calling context's scope and the stack's
+    answer in hand (the SQLAlchemy feed, once per statement: positional, no second look-up)."""
     if type(params) is dict and not executemany:  # the common case, inline
         key: Hashable = (sql, tuple(params.values()))
     else:
@@ -497,7 +514,6 @@ def record_query(
             while outer is not None:
                 outer.detector.note_write()
                 outer = outer.parent
-    return info
 
 
 def _reached() -> tuple[_Scope, ...]:
@@ -549,15 +565,14 @@ def note_orm_run(runid: int, scope: _Scope | None) -> None:
     """SQLAlchemy started turning the rows of the ORM statement just sent into objects, under
     ``runid`` (stamped on each instance state it creates). ``scope``: the calling context's
     innermost scope. Once per ORM statement, not per row."""
-    while scope is not None:  # as _reached()
-        batch = scope.last_select
+    if scope is None:
+        return
+    for each in scope.reached:
+        batch = each.last_select
         if batch is not None:
-            scope.last_select = None
-            if len(scope.batches) < MAX_TRACKED_STATES:
-                scope.batches[runid] = batch
-        if scope.isolated:
-            break
-        scope = scope.parent
+            each.last_select = None
+            if len(each.batches) < MAX_TRACKED_STATES:
+                each.batches[runid] = batch
 
 
 def _primary_key(mapper: Any) -> tuple[str, ...]:
@@ -574,20 +589,28 @@ def note_read(state: Any, key: str) -> None:
     """The application read column attribute ``key`` of ``state`` (or used the object some
     other way, ``_USED``: read a relationship of it; ``_WRITTEN``: changed or deleted it)."""
     scope = _current_scope.get()
-    while scope is not None:  # as _reached(), without a generator per attribute read
-        reads = scope.state_reads.get(state)
-        if reads is None and scope.batches:
-            batch = _batch_of(scope, state)
-            if batch is not None and len(scope.state_reads) < MAX_TRACKED_STATES:
-                reads = scope.state_reads[state] = set()
-                batch.used.append(state)
-                if batch.loaded is None:
-                    batch.loaded = _loaded_columns(batch.mapper, state)
+    if scope is None:
+        return
+    for each in scope.reached:
+        reads = each.state_reads.get(state)
         if reads is not None:
             reads.add(key)
-        if scope.isolated:
-            break
-        scope = scope.parent
+            continue
+        batches = each.batches
+        if not batches:
+            continue
+        # _batch_of, inline (once per loaded object and scope)
+        batch = batches.get(getattr(state, "runid", None))  # type: ignore[arg-type]
+        if batch is None or len(each.state_reads) >= MAX_TRACKED_STATES:
+            continue
+        cls = getattr(state, "class_", None)
+        wanted = batch.mapper.class_
+        if cls is not wanted and not (isinstance(cls, type) and issubclass(cls, wanted)):
+            continue
+        each.state_reads[state] = {key}
+        batch.used.append(state)
+        if batch.loaded is None:
+            batch.loaded = _loaded_columns(batch.mapper, state)
 
 
 def _batch_of(scope: _Scope, state: Any) -> _LoadBatch | None:

@@ -32,10 +32,11 @@ version moves them, the feed degrades to plain SQL detection instead of failing.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Hashable, Iterator
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -69,7 +70,7 @@ from pgpilot.nplusone.core import (
     note_read,
     note_relationship_read,
     reads_of,
-    record_query,
+    record_in,
 )
 
 __all__ = ["install", "loader_option_for_path", "uninstall"]
@@ -191,25 +192,75 @@ def _runs_last(context: Any, which: int) -> bool:
     return True
 
 
+class _Compiled(NamedTuple):
+    """What an ORM statement's compiled form says, the same for every execution of it: its
+    relationship path, mapper, eager loader options and joins all go into SQLAlchemy's cache
+    key, so they are read once per compiled statement (kept on it) instead of per
+    execution."""
+
+    loaded: Any
+    """The last element of a relationship load's path (a lazy load's, a follow-up's)."""
+    relationship_load: bool
+    loads: Any
+    """The mapper a relationship load loads, when the path ends at a relationship."""
+    entity_mapper: Any
+    """A top-level SELECT's first entity's mapper."""
+    eager: tuple[tuple[Hashable, str, str, str, Any, bool], ...]
+    """Each eager load: (key, relationship, option, step, target mapper, by joinedload)."""
+    joins: tuple[Any, ...]
+    """Relationships and tables the statement joins."""
+
+
+_NOT_ORM = _Compiled(None, False, None, None, (), ())
+_FACTS_ATTRIBUTE = "_pgpilot_doctor_facts"
+
+
+def _compiled_facts(invoked: Any, compiled: Any) -> _Compiled:
+    facts: _Compiled | None = getattr(compiled, _FACTS_ATTRIBUTE, None)
+    if facts is not None:
+        return facts
+    current_path = getattr(getattr(invoked, "_compile_options", None), "_current_path", None)
+    # the path's tuple, not the PathRegistry (whose __len__ is a Python call)
+    load_path: tuple[Any, ...] = getattr(current_path, "path", None) or ()
+    if load_path:
+        loaded = load_path[-1]
+        loads = loaded.mapper if isinstance(loaded, RelationshipProperty) else None
+        facts = _Compiled(loaded, True, loads, None, (), ())
+    else:
+        entity_mapper = (
+            _entity_mapper(invoked) if getattr(invoked, "is_select", False) else None
+        )
+        eager = tuple(
+            (key, name, option, step, getattr(key, "mapper", None), step.startswith("joinedload("))
+            for key, name, option, step in _eager_loads(getattr(invoked, "_with_options", ()))
+        )
+        facts = _Compiled(
+            None, False, None, entity_mapper, eager,
+            _join_targets(getattr(invoked, "_setup_joins", ())),
+        )
+    if compiled is not None:
+        # a compiled form that takes no attributes is read each time
+        with contextlib.suppress(AttributeError):
+            setattr(compiled, _FACTS_ATTRIBUTE, facts)
+    return facts
+
+
 def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: int) -> bool:
     relationship = loader_option = tag = None
-    eager_options: tuple[Any, ...] = ()
     invoked = getattr(context, "invoked_statement", None)
     entity_mapper = refreshed = loads = None
+    facts = _NOT_ORM
     if invoked is not None:
-        current_path = getattr(getattr(invoked, "_compile_options", None), "_current_path", None)
-        # the path's tuple, not the PathRegistry (whose __len__ is a Python call)
-        load_path: tuple[Any, ...] = getattr(current_path, "path", None) or ()
-        if load_path:
+        facts = _compiled_facts(invoked, getattr(context, "compiled", None))
+        load_options = context.execution_options.get("_sa_orm_load_options")
+        if facts.relationship_load:
             # A relationship load. Lazy loads name the state they load for; the second query
             # of a selectinload does not, and is not the application's doing: it folds into
             # the query that asked for it.
-            load_options = context.execution_options.get("_sa_orm_load_options")
             lazy_state = getattr(load_options, "_lazy_loaded_from", None)
-            loaded = load_path[-1]
-            if isinstance(loaded, RelationshipProperty):
-                loads = loaded.mapper
-            if lazy_state is not None and isinstance(loaded, RelationshipProperty):
+            loads = facts.loads
+            if lazy_state is not None and loads is not None:
+                loaded = facts.loaded
                 # The state's load_path is how the parent object itself was reached, so a
                 # loop inside a loop gets the whole chain of loader options.
                 note_read(lazy_state, _USED)  # the object is used: a relationship of it read
@@ -219,40 +270,39 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             else:
                 tag = "follow_up"
         else:
-            load_options = context.execution_options.get("_sa_orm_load_options")
             refreshed = getattr(load_options, "_refresh_state", None)
             if refreshed is not None:
                 # An expired object loaded again on its first attribute read.
                 tag, loader_option = "expired", _expired_refresh(refreshed)
-            elif getattr(invoked, "is_select", False):
-                entity_mapper = loads = _entity_mapper(invoked)
-            eager_options = getattr(invoked, "_with_options", ())
-            joins = getattr(invoked, "_setup_joins", ())
-            if joins:
-                _note_joins(joins)
-    outermost = _current_scope.get().reached[-1]  # type: ignore[union-attr]
+            else:
+                entity_mapper = loads = facts.entity_mapper
+            for target in facts.joins:
+                note_join(target)
+    scope = _current_scope.get()
+    assert scope is not None  # the listener's first line checked it
+    outermost = scope.reached[-1]
     info = stack_info(2, statement, outermost.anchor, outermost.above, outermost.stack_memo)
     rows = -1
     handled = False
-    if which != 1 and _runs_last(context, which):
+    if which != 1:
+        # _runs_last's usual case inline: this feed's listener last on the Engine class, none
+        # on the dialect (read from the live deques: no cache to fall out of date)
         dialect = context.dialect
-        if which == 0:
-            dialect.do_execute(cursor, statement, parameters, context)
-        else:
-            dialect.do_execute_no_params(cursor, statement, context)
-        handled = True
-        rows = _rows_returned(cursor, loads is not None)
-    callsite = record_query(
-        statement,
-        parameters,
-        executemany=which == 1,
-        relationship=relationship,
-        loader_option=loader_option,
-        rows=rows,
-        tag=tag,
-        stack=info,
+        collection = getattr(dialect.dispatch, _EVENTS[which])
+        parents = getattr(collection, "parent_listeners", None)
+        if (
+            parents and parents[-1] is _LISTENERS[which] and not collection.listeners
+        ) or _runs_last(context, which):
+            if which == 0:
+                dialect.do_execute(cursor, statement, parameters, context)
+            else:
+                dialect.do_execute_no_params(cursor, statement, context)
+            handled = True
+            rows = _rows_returned(cursor, loads is not None)
+    record_in(
+        scope, statement, parameters, which == 1, relationship, loader_option, rows, tag, info
     )
-    if callsite is not None and invoked is not None:
+    if invoked is not None:
         # the ORM load run next (sqlalchemy.orm.loading) is this statement's
         if entity_mapper is not None:
             if entity_mapper not in _column_tracked:
@@ -265,14 +315,13 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             note_orm_other()
         if loads is not None and rows > 0:
             note_loaded(loads, rows)
-    if eager_options and callsite is not None:
-        for key, name, option, step in _eager_loads(eager_options):
+    for key, name, option, step, target, joined in facts.eager:
+        if key not in _tracked:
             _track_reads(key)
-            target = getattr(key, "mapper", None)
-            if step.startswith("joinedload(") and target is not None:
-                # its rows come in the parent's rows: counted as the ORM makes them
-                _count_loads(target)
-            note_eager_load(key, name, option, step, statement, info.callsite, target)
+        if joined and target is not None:
+            # its rows come in the parent's rows: counted as the ORM makes them
+            _count_loads(target)
+        note_eager_load(key, name, option, step, statement, info.callsite, target)
     return handled
 
 
@@ -356,14 +405,17 @@ def _expired_refresh(state: Any) -> str:
     )
 
 
-def _note_joins(joins: tuple[Any, ...]) -> None:
+def _join_targets(joins: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The relationships and tables an ORM statement's joins name."""
+    targets: list[Any] = []
     for join in joins:
         for part in join[:2]:
             prop = getattr(part, "property", None)
             if isinstance(prop, RelationshipProperty):
-                note_join(prop)
+                targets.append(prop)
             elif part is not None and hasattr(part, "c") and hasattr(part, "name"):
-                note_join(part)  # a table, or a mapped class coerced to its table
+                targets.append(part)  # a table, or a mapped class coerced to its table
+    return tuple(targets)
 
 
 def _on_joined_load(state: Any, context: Any) -> None:
