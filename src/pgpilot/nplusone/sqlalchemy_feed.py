@@ -311,10 +311,12 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             note_orm_select(statement, info.callsite, info.outer, entity_mapper, rows, single)
         elif refreshed is not None:
             note_orm_refresh(refreshed)
-        else:
-            note_orm_other()
+        elif scope.last_select is not None:
+            note_orm_other()  # (set and cleared in all the scopes it reaches at once)
         if loads is not None and rows > 0:
-            note_loaded(loads, rows)
+            for each in scope.reached:  # note_loaded, inline
+                loaded_count = each.loaded
+                loaded_count[loads] = loaded_count.get(loads, 0) + rows
     for key, name, option, step, target, joined in facts.eager:
         if key not in _tracked:
             _track_reads(key)
@@ -358,7 +360,7 @@ def _next_runid() -> int:
     read from that when the object is read, instead of being noted for each loaded row."""
     runid: int = _original_new_runid()  # type: ignore[misc]
     scope = _current_scope.get()
-    if scope is not None:
+    if scope is not None and scope.last_select is not None:
         note_orm_run(runid, scope)
     return runid
 
@@ -379,7 +381,12 @@ def _why_lazy(
 ) -> tuple[str | None, str | None]:
     """``(tag, suggestion)`` for a lazy load the plain loader option would not explain."""
     load_options = getattr(state, "load_options", None)
-    for key, _, written, _ in _eager_loads(tuple(load_options) if load_options else ()):
+    if not load_options:
+        # loaded without options (the usual N+1): only a join can explain more
+        if is_joined(prop):
+            return "contains_eager", f"contains_eager({relationship})"
+        return None, option
+    for key, _, written, _ in _eager_loads(tuple(load_options)):
         if key is prop:
             # The query that loaded the object had the option: the attribute was expired
             # (by commit(), or expire()) and is now loaded again, one object at a time.
@@ -613,11 +620,19 @@ class _ReadTrackingAttribute(InstrumentedAttribute[Any]):
     inherit_cache = True
 
     def __get__(self, instance: object | None, owner: Any) -> Any:  # type: ignore[override]
-        if instance is not None and _current_scope.get() is not None:
-            note_relationship_read(self.property)
-            state = getattr(instance, "_sa_instance_state", None)
-            if state is not None:
-                note_read(state, _USED)
+        if instance is not None:
+            scope = _current_scope.get()
+            if scope is not None:
+                # what is noted once in the innermost scope is noted in every scope it
+                # reaches (they are noted together): a second read notes nothing
+                prop = self.property
+                if prop not in scope.relationship_reads:
+                    note_relationship_read(prop)
+                state = getattr(instance, "_sa_instance_state", None)
+                if state is not None:
+                    reads = scope.state_reads.get(state)
+                    if reads is None or _USED not in reads:
+                        note_read(state, _USED)
         return InstrumentedAttribute.__get__(self, instance, owner)
 
 
