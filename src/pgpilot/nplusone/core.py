@@ -205,11 +205,6 @@ class _Scope:
             # rows each execution returned (the driver's count), as many as were read if a
             # count is missing
             rows = sum(max(batch.rows, len(batch.used)) for batch in batches)
-            read: set[str] = set()
-            for state in used:
-                read |= self.state_reads[state]
-            read.discard(_WRITTEN)
-            read.discard(_USED)
             if not used and all(batch.single and batch.rows > 0 for batch in batches):
                 # a one-row lookup (.get(), .first()) whose row nothing reads: a truth test;
                 # a result of many rows nothing reads is more likely thrown away
@@ -224,6 +219,13 @@ class _Scope:
             if not used:
                 continue
             loaded = next((batch.loaded for batch in batches if batch.loaded), ())
+            if len(loaded) < self.overfetch_columns or len(used) < OVERFETCH_MIN_ROWS:
+                continue  # too narrow, or too few rows, for an overfetch: reads not gathered
+            read: set[str] = set()
+            for state in used:
+                read |= self.state_reads[state]
+            read.discard(_WRITTEN)
+            read.discard(_USED)
             if (
                 read
                 and len(loaded) >= self.overfetch_columns
@@ -467,7 +469,7 @@ def record_in(
         key: Hashable = (sql, tuple(params.values()))
     else:
         key = _params_key(sql, params, executemany)
-    fingerprint, command, bounded, writes = _facts(sql)
+    fingerprint, command, bounded, writes = _sql_facts.get(sql) or _facts(sql)
     if info.in_flush and tag is None and writes:
         # A flush writes its rows as it must (one statement per row on some drivers, and
         # versioning extensions flush more than once): the writes of one transaction count

@@ -212,6 +212,10 @@ class _Compiled(NamedTuple):
 
 
 _NOT_ORM = _Compiled(None, False, None, None, (), ())
+# (id of the path an object was loaded along, the relationship lazily loaded) -> (that path,
+# relationship name, loader option): the objects of one query share their path object (held
+# here so that its id stays its own)
+_lazy_names: dict[tuple[int, Any], tuple[Any, str | None, str | None]] = {}
 _FACTS_ATTRIBUTE = "_pgpilot_doctor_facts"
 
 
@@ -247,11 +251,14 @@ def _compiled_facts(invoked: Any, compiled: Any) -> _Compiled:
 
 def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: int) -> bool:
     relationship = loader_option = tag = None
+    scope = _current_scope.get()
+    assert scope is not None  # the listener's first line checked it
     invoked = getattr(context, "invoked_statement", None)
     entity_mapper = refreshed = loads = None
     facts = _NOT_ORM
     if invoked is not None:
-        facts = _compiled_facts(invoked, getattr(context, "compiled", None))
+        compiled = getattr(context, "compiled", None)
+        facts = getattr(compiled, _FACTS_ATTRIBUTE, None) or _compiled_facts(invoked, compiled)
         load_options = context.execution_options.get("_sa_orm_load_options")
         if facts.relationship_load:
             # A relationship load. Lazy loads name the state they load for; the second query
@@ -264,9 +271,17 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
                 # The state's load_path is how the parent object itself was reached, so a
                 # loop inside a loop gets the whole chain of loader options.
                 note_read(lazy_state, _USED)  # the object is used: a relationship of it read
-                path = (*getattr(lazy_state.load_path, "path", ()), loaded)
-                relationship, loader_option = loader_option_for_path(path)
-                tag, loader_option = _why_lazy(lazy_state, loaded, relationship, loader_option)
+                parent_path = lazy_state.load_path
+                named = _lazy_names.get((id(parent_path), loaded))
+                if named is None or named[0] is not parent_path:
+                    path = (*getattr(parent_path, "path", ()), loaded)
+                    named = (parent_path, *loader_option_for_path(path))
+                    if len(_lazy_names) < 4_096:
+                        _lazy_names[(id(parent_path), loaded)] = named
+                relationship, loader_option = named[1], named[2]
+                if getattr(lazy_state, "load_options", None) or scope.joined:
+                    # loaded with options, or after a join: maybe expired, maybe joined
+                    tag, loader_option = _why_lazy(lazy_state, loaded, relationship, loader_option)
             else:
                 tag = "follow_up"
         else:
@@ -278,8 +293,6 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
                 entity_mapper = loads = facts.entity_mapper
             for target in facts.joins:
                 note_join(target)
-    scope = _current_scope.get()
-    assert scope is not None  # the listener's first line checked it
     outermost = scope.reached[-1]
     info = stack_info(2, statement, outermost.anchor, outermost.above, outermost.stack_memo)
     rows = -1
