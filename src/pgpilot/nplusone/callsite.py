@@ -280,12 +280,20 @@ def _above(anchor: FrameType) -> Above:
     return Above(tuple(places), in_flush, in_commit, in_get)
 
 
+# (what the frames below a scope's anchor said, what those above it said) -> the two joined:
+# the same request handler's stacks are joined once per process, not once per request
+_joined: dict[tuple[StackInfo, Above], StackInfo] = {}
+
+
 def _join_above(below: StackInfo, above: list[Above], anchor: FrameType) -> StackInfo:
     """``below`` (a walk that stopped at ``anchor``) with what the frames above ``anchor``
     say (read once into ``above``): their application frames as further callers, their
     flush, commit and get flags."""
     if not above:
         above.append(_above(anchor))
+    joined = _joined.get((below, above[0]))
+    if joined is not None:
+        return joined
     places, flush_above, commit_above, get_above = above[0]
     outer = list(below.outer)
     for place in places:
@@ -293,7 +301,7 @@ def _join_above(below: StackInfo, above: list[Above], anchor: FrameType) -> Stac
             break
         if place != below.callsite and place not in outer:
             outer.append(place)
-    return StackInfo(
+    joined = StackInfo(
         below.callsite,
         below.loop_key,
         tuple(outer),
@@ -301,6 +309,9 @@ def _join_above(below: StackInfo, above: list[Above], anchor: FrameType) -> Stac
         below.in_commit or commit_above,
         below.in_get or get_above,
     )
+    if len(_joined) < MAX_MEMO:
+        _joined[(below, above[0])] = joined
+    return joined
 
 
 def _py_frames_key(frame: FrameType, anchor: FrameType, limit: int) -> int | None:

@@ -311,7 +311,12 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             else:
                 dialect.do_execute_no_params(cursor, statement, context)
             handled = True
-            rows = _rows_returned(cursor, loads is not None)
+            if loads is None:
+                rows = _rows_returned(cursor, False)
+            else:  # an ORM load: its rows are the driver's count
+                rows = getattr(cursor, "rowcount", -1)
+                if not isinstance(rows, int) or rows < 0:
+                    rows = -1
     record_in(
         scope, statement, parameters, which == 1, relationship, loader_option, rows, tag, info
     )
