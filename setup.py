@@ -1,4 +1,7 @@
-"""Builds the pooler's optional C fast path; without a compiler pgpilot installs without it.
+"""Builds pgpilot's optional C extensions; without a compiler pgpilot installs without them.
+
+Two extensions: the pooler's fast path, and ``nplusone/_stackwalk.c``, the query doctor's
+per-statement stack key (``nplusone/callsite.py`` has a pure-Python version of it).
 
 The engine is one translation unit: ``_fastpath.c`` includes the role files of
 ``proxy/engine/`` in order (so that static functions inline across them); they are listed in
@@ -77,4 +80,9 @@ _ext = Extension(
     libraries=_tls[2] if _tls else [],
     optional=True)
 
-setup(ext_modules=[_ext], cmdclass={"build_ext": OptionalBuildExt})
+_stackwalk = Extension(
+    "pgpilot.nplusone._stackwalk", ["src/pgpilot/nplusone/_stackwalk.c"],
+    extra_compile_args=["-O2", "-Wall"],
+    optional=True)
+
+setup(ext_modules=[_ext, _stackwalk], cmdclass={"build_ext": OptionalBuildExt})

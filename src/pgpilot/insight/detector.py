@@ -375,6 +375,8 @@ class ScopeDetector:
 
     def add(self, event: EventFields) -> bool:
         """Count one statement. True when it makes its group a loop (the threshold just met)."""
+        # (runs once per statement of every open scope: written for few bytecodes, the
+        # common branches first)
         fields: tuple[Any, ...] = event
         self.queries += 1
         command = fields[_COMMAND]
@@ -384,22 +386,23 @@ class ScopeDetector:
             # A write may change what any read returns: a read repeated after it is not
             # redundant, so duplicate counting starts again.
             self._write_epoch += 1
-        group = self._groups.get(fields[_FINGERPRINT])
+        fingerprint = fields[_FINGERPRINT]
+        groups = self._groups
+        group = groups.get(fingerprint)
         if group is None:
-            group = self._groups[fields[_FINGERPRINT]] = _Group(event)
+            group = groups[fingerprint] = _Group(event)
         group.count += 1
         callsite = fields[_CALLSITE]
         if callsite:
-            seen = group.callsites.get(callsite)
-            if seen is not None:
-                group.callsites[callsite] = seen + 1
-            elif len(group.callsites) < MAX_CALLSITES:
-                group.callsites[callsite] = 1
-        extra = len(fields) > _LOOP_KEY
-        loop_key = fields[_LOOP_KEY] if extra else None
-        if extra:
+            callsites = group.callsites
+            if callsite in callsites:
+                callsites[callsite] += 1
+            elif len(callsites) < MAX_CALLSITES:
+                callsites[callsite] = 1
+        if len(fields) > _LOOP_KEY:
             if len(fields) < _FIELDS:  # a short tuple: the rest take their defaults
                 fields = _as_event(fields)
+            loop_key = fields[_LOOP_KEY]
             if group.labelled is None and fields[_RELATIONSHIP] is not None:
                 group.labelled = event
             if group.tagged is None and fields[_TAG] is not None:
@@ -415,6 +418,8 @@ class ScopeDetector:
                 offsets = group.offsets.setdefault(loop_key, [])
                 if len(offsets) < MAX_CALLSITES * 4:
                     offsets.append(offset)
+        else:
+            loop_key = None
         params = group.params
         key = fields[_PARAMS_KEY]
         try:
@@ -425,11 +430,9 @@ class ScopeDetector:
         loop = group.loop_params.get(loop_key)
         if loop is None:
             loop = group.loop_params[loop_key] = set()
-        if key not in loop and len(loop) < MAX_DISTINCT_PARAMS:
+        new_in_loop = key not in loop and len(loop) < MAX_DISTINCT_PARAMS
+        if new_in_loop:
             loop.add(key)
-            new_in_loop = True
-        else:
-            new_in_loop = False
         if entry is None:
             if len(params) < MAX_DISTINCT_PARAMS:
                 params[key] = [self._write_epoch, 1]
@@ -442,7 +445,9 @@ class ScopeDetector:
             else:
                 entry[0] = self._write_epoch
                 entry[1] = 1
-        return new_in_loop and len(loop) == self.threshold and group.loop_distinct() == len(loop)
+        return (
+            new_in_loop and len(loop) == self.threshold and group.loop_distinct() == len(loop)
+        )
 
     def findings(self) -> list[Finding]:
         """Everything found so far, most executions first, allowlisted ones left out."""

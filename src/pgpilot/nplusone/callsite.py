@@ -231,7 +231,8 @@ def _where(frame: FrameType, code: CodeType, code_id: int, lasti: int, shown: st
 # them, their loop-key parts and roles. The same statement sent again from the same place
 # goes through the same library frames: two frame lookups (sys._getframe walks in C) confirm
 # it, instead of a Python walk over each of them.
-_bottoms: dict[Hashable, tuple[int, CodeType, CodeType, tuple[int, ...], bool, bool, bool]] = {}
+_Bottom = tuple[int, CodeType, CodeType, tuple[int, ...], bool, bool, bool]
+_bottoms: dict[Hashable, _Bottom] = {}
 
 
 class Above(NamedTuple):
@@ -279,26 +280,104 @@ def _above(anchor: FrameType) -> Above:
     return Above(tuple(places), in_flush, in_commit, in_get)
 
 
-def _join_above(
-    anchor: FrameType,
-    above: list[Above],
-    callsite: str,
-    outer: list[str],
-    in_flush: bool,
-    in_commit: bool,
-    in_get: bool,
-) -> tuple[bool, bool, bool]:
-    """Adds what the frames above ``anchor`` say (read once into ``above``) to a walk that
-    stopped there: callers into ``outer``; returns the flush, commit and get flags."""
+# (what the frames below a scope's anchor said, what those above it said) -> the two joined:
+# the same request handler's stacks are joined once per process, not once per request
+_joined: dict[tuple[StackInfo, Above], StackInfo] = {}
+
+
+def _join_above(below: StackInfo, above: list[Above], anchor: FrameType) -> StackInfo:
+    """``below`` (a walk that stopped at ``anchor``) with what the frames above ``anchor``
+    say (read once into ``above``): their application frames as further callers, their
+    flush, commit and get flags."""
     if not above:
         above.append(_above(anchor))
+    joined = _joined.get((below, above[0]))
+    if joined is not None:
+        return joined
     places, flush_above, commit_above, get_above = above[0]
+    outer = list(below.outer)
     for place in places:
         if len(outer) >= MAX_OUTER_CALLSITES:
             break
-        if place != callsite and place not in outer:
+        if place != below.callsite and place not in outer:
             outer.append(place)
-    return in_flush or flush_above, in_commit or commit_above, in_get or get_above
+    joined = StackInfo(
+        below.callsite,
+        below.loop_key,
+        tuple(outer),
+        below.in_flush or flush_above,
+        below.in_commit or commit_above,
+        below.in_get or get_above,
+    )
+    if len(_joined) < MAX_MEMO:
+        _joined[(below, above[0])] = joined
+    return joined
+
+
+def _py_frames_key(frame: FrameType, anchor: FrameType, limit: int) -> int | None:
+    """A hash of each frame's code and instruction from ``frame`` out to ``anchor``, None if
+    ``anchor`` is not within ``limit`` frames (``_stackwalk.frames_key`` without a compiler)."""
+    parts: list[int] = []
+    current: FrameType | None = frame
+    while current is not None and len(parts) < 2 * limit:
+        parts.append(id(current.f_code))
+        parts.append(current.f_lasti)
+        if current is anchor:
+            return hash(tuple(parts))
+        current = current.f_back
+    return None
+
+
+def _py_frame_codes(frame: FrameType, anchor: FrameType, limit: int) -> tuple[CodeType, ...]:
+    """The code objects ``_py_frames_key`` reads."""
+    codes: list[CodeType] = []
+    current: FrameType | None = frame
+    while current is not None and len(codes) < limit:
+        codes.append(current.f_code)
+        if current is anchor:
+            break
+        current = current.f_back
+    return tuple(codes)
+
+
+def _py_memo_key(
+    depth: int, shortcut: Hashable, bottom: _Bottom, anchor: FrameType, limit: int
+) -> tuple[Hashable, int, int] | None:
+    """``(shortcut, count, frames key)`` when the frames ``depth`` levels above the caller
+    are the library frames ``bottom`` records (``_stackwalk.memo_key`` without a compiler)."""
+    count = bottom[0]
+    try:
+        frame = sys._getframe(depth + 1 + count)
+        if frame.f_code is not bottom[1] or (
+            count and sys._getframe(depth + count).f_code is not bottom[2]
+        ):
+            return None
+    except ValueError:  # a shallower stack
+        return None
+    frames = _py_frames_key(frame, anchor, limit)
+    return None if frames is None else (shortcut, count, frames)
+
+
+try:
+    from pgpilot.nplusone._stackwalk import (  # type: ignore[import-not-found]
+        frame_codes as _frame_codes,
+    )
+    from pgpilot.nplusone._stackwalk import (
+        memo_key as _memo_key,
+    )
+except ImportError:  # built without a compiler
+    _memo_key = _py_memo_key
+    _frame_codes = _py_frame_codes
+
+StackMemo = dict[tuple[Hashable, int, int], StackInfo]
+"""A scope's answers for the stacks seen in it (see :func:`stack_info`)."""
+
+# (statement text, library frames at the bottom, frames key) -> what the frames from the
+# first one above the library frames out to a scope's anchor say, and their code objects
+# (held so that the ids the key was made of stay theirs). Shared by all scopes: a request
+# handler's stacks are walked once per process, not once per request.
+_below: dict[tuple[Hashable, int, int], tuple[StackInfo, tuple[CodeType, ...]]] = {}
+MAX_MEMO = 10_000
 
 
 def stack_info(
@@ -306,7 +385,7 @@ def stack_info(
     shortcut: Hashable = None,
     anchor: FrameType | None = None,
     above: list[Above] | None = None,
-    memo: dict[tuple[Hashable, ...], tuple[StackInfo, list[CodeType]]] | None = None,
+    memo: StackMemo | None = None,
 ) -> StackInfo:
     """The call site, loop key, callers and flush flag of the statement being run.
 
@@ -318,50 +397,40 @@ def stack_info(
     below it) and they are left out of the loop key; what they say (callers, flush flags) is
     read once into ``above``, a one-item cache the scope keeps. ``memo`` (the scope's): the
     answer for a stack seen before in the scope, found from the statement's library frames
-    (two frame lookups) and the code and instruction of each frame from there to the anchor.
+    (two frame lookups) and a key of the code and instruction of each frame from there to the
+    anchor (``_stackwalk.frames_key``); a stack seen before in another scope is answered from
+    the process-wide ``_below`` and the scope's ``above``.
     """
-    memo_key: tuple[Hashable, ...] | None = None
-    memo_codes: list[CodeType] = []
     if memo is not None and anchor is not None and shortcut is not None:
         bottom = _bottoms.get(shortcut)
         if bottom is not None:
-            count = bottom[0]
-            try:
-                frame: FrameType | None = sys._getframe(depth + 1 + count)
-                if frame is not None and (
-                    frame.f_code is not bottom[1]
-                    or (count and sys._getframe(depth + count).f_code is not bottom[2])
-                ):
-                    frame = None
-            except ValueError:  # a shallower stack
-                frame = None
-            parts: list[Hashable] = [shortcut, count]
-            while frame is not None and len(memo_codes) < MAX_LOOP_FRAMES:
-                code = frame.f_code
-                memo_codes.append(code)
-                parts.append(id(code))
-                parts.append(frame.f_lasti)
-                if frame is anchor:
-                    memo_key = tuple(parts)
-                    break
-                frame = frame.f_back
-            if memo_key is not None:
-                known = memo.get(memo_key)
+            key = _memo_key(depth + 1, shortcut, bottom, anchor, MAX_LOOP_FRAMES)
+            if key is not None:
+                known = memo.get(key)
                 if known is not None:
-                    return known[0]
-    info = _walk(depth + 1, shortcut, anchor, above)
-    if memo is not None and memo_key is not None and len(memo) < MAX_MEMO:
-        # the code objects are held with the answer, so that their ids in the key stay theirs
-        memo[memo_key] = (info, memo_codes)
+                    return known
+                below = _below.get(key)
+                if below is not None:
+                    info = _join_above(below[0], above if above is not None else [], anchor)
+                else:
+                    info, stopped = _walk(depth + 1, shortcut, anchor)
+                    if stopped:
+                        if len(_below) < MAX_MEMO:
+                            first = sys._getframe(depth + 1 + bottom[0])
+                            _below[key] = (info, _frame_codes(first, anchor, MAX_LOOP_FRAMES))
+                        info = _join_above(info, above if above is not None else [], anchor)
+                if len(memo) < MAX_MEMO:
+                    memo[key] = info
+                return info
+    info, stopped = _walk(depth + 1, shortcut, anchor)
+    if stopped and anchor is not None:
+        info = _join_above(info, above if above is not None else [], anchor)
     return info
 
 
-MAX_MEMO = 4_096
-
-
-def _walk(
-    depth: int, shortcut: Hashable, anchor: FrameType | None, above: list[Above] | None
-) -> StackInfo:
+def _walk(depth: int, shortcut: Hashable, anchor: FrameType | None) -> tuple[StackInfo, bool]:
+    """What the frames say, and whether the walk stopped at ``anchor`` (the call site found
+    below it: then the frames above it are left for :func:`_join_above`)."""
     codes = _codes
     if not _flush_codes:
         _session_code_objects()
@@ -389,7 +458,7 @@ def _walk(
             in_flush = in_commit = in_get = False
     starts: list[FrameType | None] = [first or sys._getframe(depth + 1)]
     walked = 0  # library frames at the bottom of the stack, before any other
-    full = False
+    full = stopped = False
     bottom_done = first is not None or shortcut is None
     for start in starts:
         frame = start
@@ -416,11 +485,8 @@ def _walk(
                         in_get = True
                 walked += 1
                 last = code
-                if frame is anchor and callsite and above is not None:
-                    in_flush, in_commit, in_get = _join_above(
-                        frame, above, callsite, outer, in_flush, in_commit, in_get
-                    )
-                    full = True
+                if frame is anchor and callsite:
+                    full = stopped = True
                     break
                 frame = frame.f_back
                 continue
@@ -453,11 +519,8 @@ def _walk(
                         outer.append(caller)
             elif kind == _INSTALLED and not fallback and not entry[2].startswith("<"):
                 fallback = _where(frame, code, code_id, lasti, entry[2])
-            if frame is anchor and callsite and above is not None:
-                in_flush, in_commit, in_get = _join_above(
-                    frame, above, callsite, outer, in_flush, in_commit, in_get
-                )
-                full = True
+            if frame is anchor and callsite:
+                full = stopped = True
                 break
             frame = frame.f_back
         bottom_done = True  # a stack of library frames only (a greenlet's): nothing cached
@@ -465,9 +528,10 @@ def _walk(
             break
         if start is starts[0]:
             starts.extend(_greenlet_parents())
-    return StackInfo(
+    info = StackInfo(
         callsite or fallback, hash(tuple(key_parts)), tuple(outer), in_flush, in_commit, in_get
     )
+    return info, stopped
 
 
 def find_callsite(depth: int = 1) -> str:

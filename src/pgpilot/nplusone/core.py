@@ -7,11 +7,11 @@ request inside a test): a query counts in the innermost scope and every scope ar
 The feeds (SQLAlchemy, psycopg, asyncpg) call :func:`record_query`; when no scope is open in the
 calling context it returns at once, so an application can leave the feeds installed.
 
-Recording is split in two to keep the cost inside the application's query path small: while
-the query runs, only what cannot wait is taken (the parameters' key, the call site, the time)
-and appended to the scope's buffer; parsing, fingerprinting and grouping happen when the
-buffer is flushed (at the end of the scope, when the report is read, or every
-``FLUSH_EVERY`` statements), in one tight loop.
+Each statement is grouped as it is recorded (the scope's ``insight.ScopeDetector``): what a
+statement's text says (fingerprint, command, LIMIT/OFFSET, write verb) is read once per text
+and kept, so a statement seen before costs a dictionary lookup and the group update. (An
+earlier version buffered statements and grouped them at the end of the scope: the same work,
+plus building and unpacking each entry twice.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, replace
-from types import CodeType, FrameType, TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Literal
 
 from pgpilot.insight.detector import (
@@ -39,7 +39,14 @@ from pgpilot.insight.detector import (
 from pgpilot.insight.fingerprint import COMMAND_OTHER, describe
 from pgpilot.insight.shape import Bound, param_names, shape
 from pgpilot.insight.suggest import suggest_fix
-from pgpilot.nplusone.callsite import Above, StackInfo, anchor_frame, split_callsite, stack_info
+from pgpilot.nplusone.callsite import (
+    Above,
+    StackInfo,
+    StackMemo,
+    anchor_frame,
+    split_callsite,
+    stack_info,
+)
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -70,25 +77,7 @@ class NPlusOneWarning(UserWarning):
     """Emitted once per finding, at the finding's call site, by ``detect(mode="warn")``."""
 
 
-# Statements buffered before they are grouped (bounds a long scope's buffer).
-FLUSH_EVERY = 512
 MAX_CHILD_FINDINGS = 1_000
-
-# A statement waiting in a scope's buffer: (sql, params key, call site, time, relationship,
-# loader option, loop key, rows, tag, parameters if the text has a LIMIT or OFFSET, callers)
-_Pending = tuple[
-    str,
-    Hashable,
-    str,
-    float,
-    "str | None",
-    "str | None",
-    Hashable,
-    int,
-    "str | None",
-    Any,
-    tuple[str, ...],
-]
 
 # The id of the ORM transaction running in this context (set by the SQLAlchemy feed's
 # after_begin listener): the flush writes of one transaction share it, so only a loop that
@@ -128,7 +117,6 @@ class _Scope:
         "loaded",
         "overfetch_columns",
         "parent",
-        "pending",
         "reached",
         "relationship_reads",
         "rmw",
@@ -152,12 +140,11 @@ class _Scope:
         self.reached: tuple[_Scope, ...] = (
             (self,) if isolated or parent is None else (self, *parent.reached)
         )
-        self.pending: list[_Pending] = []
         # The frame running this scope's ``with`` block (None: opened otherwise, or by a
         # generator), and what the frames above it say, read once (see callsite.stack_info).
         self.anchor: FrameType | None = None
         self.above: list[Above] = []
-        self.stack_memo: dict[tuple[Hashable, ...], tuple[StackInfo, list[CodeType]]] = {}
+        self.stack_memo: StackMemo = {}
         # keyed by the relationship property object (hashable, one per mapped attribute)
         self.eager_loads: dict[Hashable, _EagerLoad] = {}
         self.relationship_reads: set[Hashable] = set()
@@ -177,43 +164,7 @@ class _Scope:
         self.state_reads: dict[Any, set[str]] = {}
         self.rmw: dict[tuple[str, str], Finding] = {}
 
-    def flush(self) -> None:
-        """Fingerprint and group the buffered statements."""
-        pending, self.pending = self.pending, []
-        add = self.detector.add
-        scope_id = id(self)
-        for entry in pending:
-            if entry is _CHILD_WRITE:
-                self.detector.note_write()
-                continue
-            sql, key, callsite, at, relationship, option, loop, rows, tag, params, callers = entry
-            statement = describe(sql)
-            command = COMMAND_OTHER if tag == "follow_up" else statement.command
-            offset, limit = _bounds(sql, params) if params is not None else (None, None)
-            # QueryEvent's fields as a plain tuple: the detector makes the named tuple only
-            # for the few executions a finding will show
-            add(
-                (
-                    statement.fingerprint,
-                    sql,
-                    key,
-                    scope_id,
-                    callsite,
-                    at,
-                    command,
-                    relationship,
-                    option,
-                    loop,
-                    rows,
-                    tag,
-                    offset,
-                    callers,
-                    limit,
-                )
-            )
-
     def findings(self) -> list[Finding]:
-        self.flush()
         found = self.detector.findings()
         for key, eager in self.eager_loads.items():
             if key in self.relationship_reads:
@@ -254,11 +205,6 @@ class _Scope:
             # rows each execution returned (the driver's count), as many as were read if a
             # count is missing
             rows = sum(max(batch.rows, len(batch.used)) for batch in batches)
-            read: set[str] = set()
-            for state in used:
-                read |= self.state_reads[state]
-            read.discard(_WRITTEN)
-            read.discard(_USED)
             if not used and all(batch.single and batch.rows > 0 for batch in batches):
                 # a one-row lookup (.get(), .first()) whose row nothing reads: a truth test;
                 # a result of many rows nothing reads is more likely thrown away
@@ -273,6 +219,13 @@ class _Scope:
             if not used:
                 continue
             loaded = next((batch.loaded for batch in batches if batch.loaded), ())
+            if len(loaded) < self.overfetch_columns or len(used) < OVERFETCH_MIN_ROWS:
+                continue  # too narrow, or too few rows, for an overfetch: reads not gathered
+            read: set[str] = set()
+            for state in used:
+                read |= self.state_reads[state]
+            read.discard(_WRITTEN)
+            read.discard(_USED)
             if (
                 read
                 and len(loaded) >= self.overfetch_columns
@@ -445,28 +398,33 @@ def _bound_value(sql: str, bound: Bound | None, params: Any) -> int | None:
 
 
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE")
-# In the buffer of the scopes around an isolated one: a write ran in the isolated scope (a
-# request a test sent), so what the test reads again afterwards is no duplicate.
-_CHILD_WRITE: Any = ("<child write>",)
 
 
-# sql -> (has LIMIT or OFFSET, is an INSERT/UPDATE/DELETE): read once per statement text
-# (an ORM's compiled statements are the same string objects each time, their hash cached)
-_sql_facts: dict[str, tuple[bool, bool]] = {}
+# sql -> (fingerprint, command, has LIMIT or OFFSET, is an INSERT/UPDATE/DELETE): read once
+# per statement text (an ORM's compiled statements are the same string objects each time,
+# their hash cached)
+_sql_facts: dict[str, tuple[str, str, bool, bool]] = {}
+MAX_SQL_FACTS = 10_000
 
 
-def _facts(sql: str) -> tuple[bool, bool]:
+def _facts(sql: str) -> tuple[str, str, bool, bool]:
     facts = _sql_facts.get(sql)
     if facts is None:
+        statement = describe(sql)
         upper = sql.upper()
-        facts = ("LIMIT" in upper or "OFFSET" in upper, upper.lstrip()[:6] in _WRITE_VERBS)
-        if len(_sql_facts) < 10_000:
+        facts = (
+            statement.fingerprint,
+            statement.command,
+            "LIMIT" in upper or "OFFSET" in upper,
+            upper.lstrip()[:6] in _WRITE_VERBS,
+        )
+        if len(_sql_facts) < MAX_SQL_FACTS:
             _sql_facts[sql] = facts
     return facts
 
 
 def _has_bounds(sql: str) -> bool:
-    return _facts(sql)[0]
+    return _facts(sql)[2]
 
 
 def record_query(
@@ -490,11 +448,28 @@ def record_query(
     if scope is None:
         return None
     info = stack if stack is not None else stack_info(2)
+    record_in(scope, sql, params, executemany, relationship, loader_option, rows, tag, info)
+    return info
+
+
+def record_in(
+    scope: _Scope,
+    sql: str,
+    params: Any,
+    executemany: bool,
+    relationship: str | None,
+    loader_option: str | None,
+    rows: int,
+    tag: str | None,
+    info: StackInfo,
+) -> None:
+    """:func:`record_query` for a feed that has the calling context's scope and the stack's
+    answer in hand (the SQLAlchemy feed, once per statement: positional, no second look-up)."""
     if type(params) is dict and not executemany:  # the common case, inline
         key: Hashable = (sql, tuple(params.values()))
     else:
         key = _params_key(sql, params, executemany)
-    bounded, writes = _facts(sql)
+    fingerprint, command, bounded, writes = _sql_facts.get(sql) or _facts(sql)
     if info.in_flush and tag is None and writes:
         # A flush writes its rows as it must (one statement per row on some drivers, and
         # versioning extensions flush more than once): the writes of one transaction count
@@ -505,32 +480,42 @@ def record_query(
         # Session.get() / Query.get() reaches the database only when the identity map has no
         # answer: a repeat of it is a key that was not there (or an object since expired).
         tag = "get"
-    entry = (
+    if tag == "follow_up":
+        command = COMMAND_OTHER  # a selectinload's second query: its parent's doing
+    offset = limit = None
+    if bounded and params is not None and not executemany:
+        offset, limit = _bounds(sql, params)
+    # QueryEvent's fields as a plain tuple: the detector makes the named tuple only for the
+    # few executions a finding will show
+    event = (
+        fingerprint,
         sql,
         key,
+        id(scope),
         info.callsite,
         time.monotonic(),
+        command,
         relationship,
         loader_option,
         info.loop_key,
         rows,
         tag,
-        params if params is not None and not executemany and bounded else None,
+        offset,
         info.outer,
+        limit,
     )
-    while scope is not None:
-        scope.pending.append(entry)
-        if len(scope.pending) >= FLUSH_EVERY:
-            scope.flush()
-        if scope.isolated:
-            if scope.parent is not None and writes:
-                outer: _Scope | None = scope.parent
-                while outer is not None:
-                    outer.pending.append(_CHILD_WRITE)
-                    outer = outer.parent
-            break
-        scope = scope.parent
-    return info
+    reached = scope.reached
+    for each in reached:
+        each.detector.add(event)
+    if writes:
+        last = reached[-1]
+        if last.isolated:
+            # a write in an isolated scope (a request a test sent): what the scopes around
+            # it read again afterwards is no duplicate
+            outer = last.parent
+            while outer is not None:
+                outer.detector.note_write()
+                outer = outer.parent
 
 
 def _reached() -> tuple[_Scope, ...]:
@@ -582,15 +567,14 @@ def note_orm_run(runid: int, scope: _Scope | None) -> None:
     """SQLAlchemy started turning the rows of the ORM statement just sent into objects, under
     ``runid`` (stamped on each instance state it creates). ``scope``: the calling context's
     innermost scope. Once per ORM statement, not per row."""
-    while scope is not None:  # as _reached()
-        batch = scope.last_select
+    if scope is None:
+        return
+    for each in scope.reached:
+        batch = each.last_select
         if batch is not None:
-            scope.last_select = None
-            if len(scope.batches) < MAX_TRACKED_STATES:
-                scope.batches[runid] = batch
-        if scope.isolated:
-            break
-        scope = scope.parent
+            each.last_select = None
+            if len(each.batches) < MAX_TRACKED_STATES:
+                each.batches[runid] = batch
 
 
 def _primary_key(mapper: Any) -> tuple[str, ...]:
@@ -607,20 +591,28 @@ def note_read(state: Any, key: str) -> None:
     """The application read column attribute ``key`` of ``state`` (or used the object some
     other way, ``_USED``: read a relationship of it; ``_WRITTEN``: changed or deleted it)."""
     scope = _current_scope.get()
-    while scope is not None:  # as _reached(), without a generator per attribute read
-        reads = scope.state_reads.get(state)
-        if reads is None and scope.batches:
-            batch = _batch_of(scope, state)
-            if batch is not None and len(scope.state_reads) < MAX_TRACKED_STATES:
-                reads = scope.state_reads[state] = set()
-                batch.used.append(state)
-                if batch.loaded is None:
-                    batch.loaded = _loaded_columns(batch.mapper, state)
+    if scope is None:
+        return
+    for each in scope.reached:
+        reads = each.state_reads.get(state)
         if reads is not None:
             reads.add(key)
-        if scope.isolated:
-            break
-        scope = scope.parent
+            continue
+        batches = each.batches
+        if not batches:
+            continue
+        # _batch_of, inline (once per loaded object and scope)
+        batch = batches.get(getattr(state, "runid", None))  # type: ignore[arg-type]
+        if batch is None or len(each.state_reads) >= MAX_TRACKED_STATES:
+            continue
+        cls = getattr(state, "class_", None)
+        wanted = batch.mapper.class_
+        if cls is not wanted and not (isinstance(cls, type) and issubclass(cls, wanted)):
+            continue
+        each.state_reads[state] = {key}
+        batch.used.append(state)
+        if batch.loaded is None:
+            batch.loaded = _loaded_columns(batch.mapper, state)
 
 
 def _batch_of(scope: _Scope, state: Any) -> _LoadBatch | None:
@@ -758,8 +750,7 @@ class Report:
     @property
     def queries(self) -> int:
         """Statements counted in the scope (not those of isolated scopes inside it)."""
-        pending = self._scope.pending
-        return self._scope.detector.queries + sum(entry is not _CHILD_WRITE for entry in pending)
+        return self._scope.detector.queries
 
     def of_kind(self, kind: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.kind == kind]

@@ -32,10 +32,11 @@ version moves them, the feed degrades to plain SQL detection instead of failing.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Hashable, Iterator
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -69,7 +70,7 @@ from pgpilot.nplusone.core import (
     note_read,
     note_relationship_read,
     reads_of,
-    record_query,
+    record_in,
 )
 
 __all__ = ["install", "loader_option_for_path", "uninstall"]
@@ -171,6 +172,11 @@ def _runs_last(context: Any, which: int) -> bool:
     # the class-level listeners, then the dialect's own, as the collection iterates them
     # (its __iter__ and __len__ are Python calls: the deques are read directly)
     parents = getattr(collection, "parent_listeners", None)
+    if parents and parents[-1] is _LISTENERS[which] and not collection.listeners:
+        # the usual case, read from the live deques (no cache to fall out of date): this
+        # feed's listener was added last to the Engine class and the dialect has none of
+        # its own
+        return True
     if parents is None:
         listeners = tuple(collection)
     else:
@@ -186,68 +192,135 @@ def _runs_last(context: Any, which: int) -> bool:
     return True
 
 
+class _Compiled(NamedTuple):
+    """What an ORM statement's compiled form says, the same for every execution of it: its
+    relationship path, mapper, eager loader options and joins all go into SQLAlchemy's cache
+    key, so they are read once per compiled statement (kept on it) instead of per
+    execution."""
+
+    loaded: Any
+    """The last element of a relationship load's path (a lazy load's, a follow-up's)."""
+    relationship_load: bool
+    loads: Any
+    """The mapper a relationship load loads, when the path ends at a relationship."""
+    entity_mapper: Any
+    """A top-level SELECT's first entity's mapper."""
+    eager: tuple[tuple[Hashable, str, str, str, Any, bool], ...]
+    """Each eager load: (key, relationship, option, step, target mapper, by joinedload)."""
+    joins: tuple[Any, ...]
+    """Relationships and tables the statement joins."""
+
+
+_NOT_ORM = _Compiled(None, False, None, None, (), ())
+# (id of the path an object was loaded along, the relationship lazily loaded) -> (that path,
+# relationship name, loader option): the objects of one query share their path object (held
+# here so that its id stays its own)
+_lazy_names: dict[tuple[int, Any], tuple[Any, str | None, str | None]] = {}
+_FACTS_ATTRIBUTE = "_pgpilot_doctor_facts"
+
+
+def _compiled_facts(invoked: Any, compiled: Any) -> _Compiled:
+    facts: _Compiled | None = getattr(compiled, _FACTS_ATTRIBUTE, None)
+    if facts is not None:
+        return facts
+    current_path = getattr(getattr(invoked, "_compile_options", None), "_current_path", None)
+    # the path's tuple, not the PathRegistry (whose __len__ is a Python call)
+    load_path: tuple[Any, ...] = getattr(current_path, "path", None) or ()
+    if load_path:
+        loaded = load_path[-1]
+        loads = loaded.mapper if isinstance(loaded, RelationshipProperty) else None
+        facts = _Compiled(loaded, True, loads, None, (), ())
+    else:
+        entity_mapper = (
+            _entity_mapper(invoked) if getattr(invoked, "is_select", False) else None
+        )
+        eager = tuple(
+            (key, name, option, step, getattr(key, "mapper", None), step.startswith("joinedload("))
+            for key, name, option, step in _eager_loads(getattr(invoked, "_with_options", ()))
+        )
+        facts = _Compiled(
+            None, False, None, entity_mapper, eager,
+            _join_targets(getattr(invoked, "_setup_joins", ())),
+        )
+    if compiled is not None:
+        # a compiled form that takes no attributes is read each time
+        with contextlib.suppress(AttributeError):
+            setattr(compiled, _FACTS_ATTRIBUTE, facts)
+    return facts
+
+
 def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: int) -> bool:
     relationship = loader_option = tag = None
-    eager_options: tuple[Any, ...] = ()
+    scope = _current_scope.get()
+    assert scope is not None  # the listener's first line checked it
     invoked = getattr(context, "invoked_statement", None)
     entity_mapper = refreshed = loads = None
+    facts = _NOT_ORM
     if invoked is not None:
-        current_path = getattr(getattr(invoked, "_compile_options", None), "_current_path", None)
-        # the path's tuple, not the PathRegistry (whose __len__ is a Python call)
-        load_path: tuple[Any, ...] = getattr(current_path, "path", None) or ()
-        if load_path:
+        compiled = getattr(context, "compiled", None)
+        facts = getattr(compiled, _FACTS_ATTRIBUTE, None) or _compiled_facts(invoked, compiled)
+        load_options = context.execution_options.get("_sa_orm_load_options")
+        if facts.relationship_load:
             # A relationship load. Lazy loads name the state they load for; the second query
             # of a selectinload does not, and is not the application's doing: it folds into
             # the query that asked for it.
-            load_options = context.execution_options.get("_sa_orm_load_options")
             lazy_state = getattr(load_options, "_lazy_loaded_from", None)
-            loaded = load_path[-1]
-            if isinstance(loaded, RelationshipProperty):
-                loads = loaded.mapper
-            if lazy_state is not None and isinstance(loaded, RelationshipProperty):
+            loads = facts.loads
+            if lazy_state is not None and loads is not None:
+                loaded = facts.loaded
                 # The state's load_path is how the parent object itself was reached, so a
                 # loop inside a loop gets the whole chain of loader options.
                 note_read(lazy_state, _USED)  # the object is used: a relationship of it read
-                path = (*getattr(lazy_state.load_path, "path", ()), loaded)
-                relationship, loader_option = loader_option_for_path(path)
-                tag, loader_option = _why_lazy(lazy_state, loaded, relationship, loader_option)
+                parent_path = lazy_state.load_path
+                named = _lazy_names.get((id(parent_path), loaded))
+                if named is None or named[0] is not parent_path:
+                    path = (*getattr(parent_path, "path", ()), loaded)
+                    named = (parent_path, *loader_option_for_path(path))
+                    if len(_lazy_names) < 4_096:
+                        _lazy_names[(id(parent_path), loaded)] = named
+                relationship, loader_option = named[1], named[2]
+                if getattr(lazy_state, "load_options", None) or scope.joined:
+                    # loaded with options, or after a join: maybe expired, maybe joined
+                    tag, loader_option = _why_lazy(lazy_state, loaded, relationship, loader_option)
             else:
                 tag = "follow_up"
         else:
-            load_options = context.execution_options.get("_sa_orm_load_options")
             refreshed = getattr(load_options, "_refresh_state", None)
             if refreshed is not None:
                 # An expired object loaded again on its first attribute read.
                 tag, loader_option = "expired", _expired_refresh(refreshed)
-            elif getattr(invoked, "is_select", False):
-                entity_mapper = loads = _entity_mapper(invoked)
-            eager_options = getattr(invoked, "_with_options", ())
-            joins = getattr(invoked, "_setup_joins", ())
-            if joins:
-                _note_joins(joins)
-    outermost = _current_scope.get().reached[-1]  # type: ignore[union-attr]
+            else:
+                entity_mapper = loads = facts.entity_mapper
+            for target in facts.joins:
+                note_join(target)
+    outermost = scope.reached[-1]
     info = stack_info(2, statement, outermost.anchor, outermost.above, outermost.stack_memo)
     rows = -1
     handled = False
-    if which != 1 and _runs_last(context, which):
+    if which != 1:
+        # _runs_last's usual case inline: this feed's listener last on the Engine class, none
+        # on the dialect (read from the live deques: no cache to fall out of date)
         dialect = context.dialect
-        if which == 0:
-            dialect.do_execute(cursor, statement, parameters, context)
-        else:
-            dialect.do_execute_no_params(cursor, statement, context)
-        handled = True
-        rows = _rows_returned(cursor, loads is not None)
-    callsite = record_query(
-        statement,
-        parameters,
-        executemany=which == 1,
-        relationship=relationship,
-        loader_option=loader_option,
-        rows=rows,
-        tag=tag,
-        stack=info,
+        collection = getattr(dialect.dispatch, _EVENTS[which])
+        parents = getattr(collection, "parent_listeners", None)
+        if (
+            parents and parents[-1] is _LISTENERS[which] and not collection.listeners
+        ) or _runs_last(context, which):
+            if which == 0:
+                dialect.do_execute(cursor, statement, parameters, context)
+            else:
+                dialect.do_execute_no_params(cursor, statement, context)
+            handled = True
+            if loads is None:
+                rows = _rows_returned(cursor, False)
+            else:  # an ORM load: its rows are the driver's count
+                rows = getattr(cursor, "rowcount", -1)
+                if not isinstance(rows, int) or rows < 0:
+                    rows = -1
+    record_in(
+        scope, statement, parameters, which == 1, relationship, loader_option, rows, tag, info
     )
-    if callsite is not None and invoked is not None:
+    if invoked is not None:
         # the ORM load run next (sqlalchemy.orm.loading) is this statement's
         if entity_mapper is not None:
             if entity_mapper not in _column_tracked:
@@ -256,18 +329,19 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             note_orm_select(statement, info.callsite, info.outer, entity_mapper, rows, single)
         elif refreshed is not None:
             note_orm_refresh(refreshed)
-        else:
-            note_orm_other()
+        elif scope.last_select is not None:
+            note_orm_other()  # (set and cleared in all the scopes it reaches at once)
         if loads is not None and rows > 0:
-            note_loaded(loads, rows)
-    if eager_options and callsite is not None:
-        for key, name, option, step in _eager_loads(eager_options):
+            for each in scope.reached:  # note_loaded, inline
+                loaded_count = each.loaded
+                loaded_count[loads] = loaded_count.get(loads, 0) + rows
+    for key, name, option, step, target, joined in facts.eager:
+        if key not in _tracked:
             _track_reads(key)
-            target = getattr(key, "mapper", None)
-            if step.startswith("joinedload(") and target is not None:
-                # its rows come in the parent's rows: counted as the ORM makes them
-                _count_loads(target)
-            note_eager_load(key, name, option, step, statement, info.callsite, target)
+        if joined and target is not None:
+            # its rows come in the parent's rows: counted as the ORM makes them
+            _count_loads(target)
+        note_eager_load(key, name, option, step, statement, info.callsite, target)
     return handled
 
 
@@ -304,7 +378,7 @@ def _next_runid() -> int:
     read from that when the object is read, instead of being noted for each loaded row."""
     runid: int = _original_new_runid()  # type: ignore[misc]
     scope = _current_scope.get()
-    if scope is not None:
+    if scope is not None and scope.last_select is not None:
         note_orm_run(runid, scope)
     return runid
 
@@ -325,7 +399,12 @@ def _why_lazy(
 ) -> tuple[str | None, str | None]:
     """``(tag, suggestion)`` for a lazy load the plain loader option would not explain."""
     load_options = getattr(state, "load_options", None)
-    for key, _, written, _ in _eager_loads(tuple(load_options) if load_options else ()):
+    if not load_options:
+        # loaded without options (the usual N+1): only a join can explain more
+        if is_joined(prop):
+            return "contains_eager", f"contains_eager({relationship})"
+        return None, option
+    for key, _, written, _ in _eager_loads(tuple(load_options)):
         if key is prop:
             # The query that loaded the object had the option: the attribute was expired
             # (by commit(), or expire()) and is now loaded again, one object at a time.
@@ -351,14 +430,17 @@ def _expired_refresh(state: Any) -> str:
     )
 
 
-def _note_joins(joins: tuple[Any, ...]) -> None:
+def _join_targets(joins: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The relationships and tables an ORM statement's joins name."""
+    targets: list[Any] = []
     for join in joins:
         for part in join[:2]:
             prop = getattr(part, "property", None)
             if isinstance(prop, RelationshipProperty):
-                note_join(prop)
+                targets.append(prop)
             elif part is not None and hasattr(part, "c") and hasattr(part, "name"):
-                note_join(part)  # a table, or a mapped class coerced to its table
+                targets.append(part)  # a table, or a mapped class coerced to its table
+    return tuple(targets)
 
 
 def _on_joined_load(state: Any, context: Any) -> None:
@@ -556,11 +638,19 @@ class _ReadTrackingAttribute(InstrumentedAttribute[Any]):
     inherit_cache = True
 
     def __get__(self, instance: object | None, owner: Any) -> Any:  # type: ignore[override]
-        if instance is not None and _current_scope.get() is not None:
-            note_relationship_read(self.property)
-            state = getattr(instance, "_sa_instance_state", None)
-            if state is not None:
-                note_read(state, _USED)
+        if instance is not None:
+            scope = _current_scope.get()
+            if scope is not None:
+                # what is noted once in the innermost scope is noted in every scope it
+                # reaches (they are noted together): a second read notes nothing
+                prop = self.property
+                if prop not in scope.relationship_reads:
+                    note_relationship_read(prop)
+                state = getattr(instance, "_sa_instance_state", None)
+                if state is not None:
+                    reads = scope.state_reads.get(state)
+                    if reads is None or _USED not in reads:
+                        note_read(state, _USED)
         return InstrumentedAttribute.__get__(self, instance, owner)
 
 
