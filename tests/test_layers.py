@@ -99,6 +99,16 @@ def test_no_module_imports_itself_back_at_run_time() -> None:
     assert found == []
 
 
+def test_the_console_and_the_fast_path_do_not_reach_into_each_other() -> None:
+    """The admin console and the fast path read the pooler's state through the pooler and its
+    pools, never by importing each other or the client connection's module."""
+    known = modules()
+    graph = {name: runtime_imports(name, path, known) for name, path in known.items()}
+    proxy = "pgpilot.proxy."
+    assert not graph[proxy + "admin"] & {proxy + "client", proxy + "fastpath"}
+    assert not graph[proxy + "fastpath"] & {proxy + "admin", proxy + "client", proxy + "pooler"}
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert list(cycles(graph)) == [["a", "b", "c"]]

@@ -37,14 +37,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pgpilot
-from pgpilot.proxy.client import CLIENT_CLOSED
 from pgpilot.proxy.config import Config, ConfigError, load_config
 from pgpilot.proxy.console_set import STARTUP_ONLY, ConsoleSetError, console_set, parse_set
-from pgpilot.proxy.fastpath import is_fast_conn
 from pgpilot.proxy.hazards import HINTS
 from pgpilot.proxy.login_rules import peer_credentials
 from pgpilot.proxy.poolstats import PoolStats
-from pgpilot.proxy.states import ClientState, ServerState
+from pgpilot.proxy.states import CLIENT_CLOSED, ClientState, ServerState
 from pgpilot.wire import messages as m
 from pgpilot.wire.errors import ProtocolError
 
@@ -1167,8 +1165,11 @@ def _config_text(key: str, value: object) -> str:
 def _tls_info(transport: Any) -> str:
     if transport is None:
         return ""
-    if is_fast_conn(transport):
-        return str(transport.tls_info)  # TLS in the engine (engine/tls.c), or ""
+    # An engine connection says its TLS itself (engine/tls.c; "" in clear text); asyncio's
+    # transports have no such attribute.
+    engine_tls = getattr(transport, "tls_info", None)
+    if engine_tls is not None:
+        return str(engine_tls)
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return ""

@@ -73,7 +73,7 @@ from pgpilot.proxy.session import (
     sql_literal,
 )
 from pgpilot.proxy.startup_options import OptionsError, parse_options
-from pgpilot.proxy.states import ClientState, ServerState, check_client_move
+from pgpilot.proxy.states import CLIENT_CLOSED, ClientState, ServerState, check_client_move
 from pgpilot.proxy.stats import ClientQueries, client_queries
 from pgpilot.proxy.tls import CLIENT_TLS_REQUIRED
 from pgpilot.wire import messages as m
@@ -107,7 +107,6 @@ UNSYNCED_TYPES = frozenset({F.PARSE, F.BIND, F.EXECUTE, F.DESCRIBE, F.CLOSE})
 TERMINATE = m.terminate()
 AUTH_OK = m.auth_ok()
 NO_PASSWORD = "no password"  # a login route's secret when auth_type asks for none (trust)
-CLIENT_CLOSED = "client closed the connection"  # Terminate or end of stream: log_disconnections
 # Any secret: a ScramAuth made only to word the refusal of a malformed message.
 _REFUSAL_SECRET = mock_scram_secret("")
 # Functions a FunctionCall may run without changing the session (_note_function_call): the

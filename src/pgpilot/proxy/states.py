@@ -80,3 +80,7 @@ def check_client_move(old: ClientState, new: ClientState) -> None:
 def check_server_move(old: ServerState, new: ServerState) -> None:
     if new is not old and new not in SERVER_TRANSITIONS[old]:
         raise IllegalTransition(f"server cannot go from {old.name} to {new.name}")
+
+# Why a client left when it closed the connection itself (Terminate, or the end of its stream):
+# the log_disconnections reason, the same from the client and from the admin console.
+CLIENT_CLOSED = "client closed the connection"
