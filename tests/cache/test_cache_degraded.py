@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,6 +44,49 @@ def test_nothing_listening_calls_the_function_with_a_warning(
     assert stats.degraded == 3 and stats.hits == 0
     warnings = [r for r in caplog.records if "backend unavailable" in r.getMessage()]
     assert len(warnings) == 1  # one warning, not one per call
+
+
+def test_with_redis_down_concurrent_callers_of_a_key_share_one_call(namespace: str) -> None:
+    """While the backend is down the function answers, but once per key for the callers that
+    ask at the same time (before, each of them called it: a stampede on the database exactly
+    when the cache cannot help)."""
+    cache = Cache(RedisBackend(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2),
+                  namespace=namespace, retry_after=60)
+    calls: list[str] = []
+
+    @cache.cached(ttl=60)
+    def hot() -> int:
+        calls.append("thread")
+        time.sleep(1.0)  # long enough for every thread to arrive while it runs
+        return 1
+
+    @cache.cached(ttl=60)
+    async def hot_task() -> int:
+        calls.append("task")
+        await asyncio.sleep(0.3)
+        return 2
+
+    assert hot() == 1  # the failure that marks the backend down
+    calls.clear()
+    start = threading.Barrier(50)
+    results: list[int] = []
+
+    def worker() -> None:
+        start.wait()
+        results.append(hot())
+
+    threads = [threading.Thread(target=worker) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    async def tasks() -> list[int]:
+        return await asyncio.gather(*(hot_task() for _ in range(100)))
+
+    assert results == [1] * 50 and asyncio.run(tasks()) == [2] * 100
+    assert calls == ["thread", "task"]
+    assert hot.stats().degraded == 2 and hot.stats().stampede_waits == 49  # 1 + the leader
 
 
 def test_a_slow_redis_is_cut_off_by_the_timeout(

@@ -489,14 +489,9 @@ class Cache:
         themselves, so a stampede costs one backend call per key and process (200 callers at
         once each waiting for a pooled connection ran past the timeout and degraded)."""
         counters = spec.counters
-        if self._pending and not self._flush_pending():
-            counters.misses += 1
-            counters.degraded += 1
-            return self._timed_sync(counters, compute)
-        if self._breaker_open():
-            counters.misses += 1
-            counters.degraded += 1
-            return self._timed_sync(counters, compute)
+        # The backend is down (or invalidations are still owed): the function answers, and
+        # callers of the same key meanwhile still share one call of it.
+        degraded = (self._pending and not self._flush_pending()) or self._breaker_open()
         with self._flights_lock:
             flight = self._flights.get(spec.entry)
             leader = flight is None
@@ -505,7 +500,12 @@ class Cache:
         if not leader:
             return self._follow_sync(flight, counters, compute)
         try:
-            flight.value, flight.payload, flight.hit = self._lead_sync(spec, compute)
+            if degraded:
+                counters.misses += 1
+                counters.degraded += 1
+                flight.value = self._timed_sync(counters, compute)
+            else:
+                flight.value, flight.payload, flight.hit = self._lead_sync(spec, compute)
             return flight.value
         except Exception as exc:
             flight.error = exc
@@ -619,10 +619,7 @@ class Cache:
         """:meth:`get_sync` for coroutine functions (the async backend; the first task to
         ask for a key leads, tasks of the same loop asking meanwhile join it)."""
         counters = spec.counters
-        if (self._pending and not await self._aflush_pending()) or self._breaker_open():
-            counters.misses += 1
-            counters.degraded += 1
-            return await self._timed_async(counters, compute)
+        degraded = (self._pending and not await self._aflush_pending()) or self._breaker_open()
         loop = asyncio.get_running_loop()
         flights = self._aflights.get(loop)
         if flights is None:
@@ -631,8 +628,14 @@ class Cache:
         if future is not None:
             return await self._follow_async(future, counters, compute)
         future = flights[spec.entry] = loop.create_future()
+        result: tuple[Any, bytes | None, bool]
         try:
-            result = await self._lead_async(spec, compute)
+            if degraded:  # (see get_sync) the function answers, shared by the key's callers
+                counters.misses += 1
+                counters.degraded += 1
+                result = (await self._timed_async(counters, compute), None, False)
+            else:
+                result = await self._lead_async(spec, compute)
             future.set_result(result)
             return result[0]
         except asyncio.CancelledError:
