@@ -82,7 +82,9 @@ class _Flight:
     __slots__ = ("error", "event", "hit", "payload", "value")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        # Made by the first thread that joins (under the flights' lock): a hit nobody joins,
+        # the common case, costs no Event.
+        self.event: threading.Event | None = None
         self.value: Any = _RETRY
         self.payload: bytes | None = None
         self.error: BaseException | None = None
@@ -492,13 +494,17 @@ class Cache:
         # The backend is down (or invalidations are still owed): the function answers, and
         # callers of the same key meanwhile still share one call of it.
         degraded = (self._pending and not self._flush_pending()) or self._breaker_open()
+        joined: threading.Event | None = None  # set when another thread leads this key
         with self._flights_lock:
             flight = self._flights.get(spec.entry)
-            leader = flight is None
             if flight is None:
                 flight = self._flights[spec.entry] = _Flight()
-        if not leader:
-            return self._follow_sync(flight, counters, compute)
+            else:
+                if flight.event is None:
+                    flight.event = threading.Event()
+                joined = flight.event
+        if joined is not None:
+            return self._follow_sync(joined, flight, counters, compute)
         try:
             if degraded:
                 counters.misses += 1
@@ -513,7 +519,9 @@ class Cache:
         finally:
             with self._flights_lock:
                 self._flights.pop(spec.entry, None)
-            flight.event.set()
+                event = flight.event  # no thread joins once the flight is gone
+            if event is not None:
+                event.set()
 
     def _lead_sync(self, spec: _Spec, compute: Callable[[], Any]) -> tuple[Any, bytes | None,
                                                                             bool]:
@@ -538,11 +546,11 @@ class Cache:
         value, payload = self._drive_sync(self._procedure(spec), counters, compute)
         return value, payload, False
 
-    def _follow_sync(self, flight: _Flight, counters: Counters,
+    def _follow_sync(self, event: threading.Event, flight: _Flight, counters: Counters,
                      compute: Callable[[], Any]) -> Any:
         """Wait for the leading thread's answer for the same key (or compute, if it gave up
         or ``lock_timeout`` passed)."""
-        if flight.event.wait(self.lock_timeout):
+        if event.wait(self.lock_timeout):
             if flight.error is not None:
                 counters.misses += 1
                 raise flight.error
