@@ -5,6 +5,7 @@ dependencies, and are left out; imports inside functions count, since they run."
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,9 +89,15 @@ def cycles(graph: dict[str, set[str]]) -> Iterator[list[str]]:
             yield from visit(node)
 
 
-def test_no_module_imports_itself_back_at_run_time() -> None:
+@functools.cache
+def runtime_graph() -> dict[str, set[str]]:
+    """Each of the package's modules and those it imports at run time."""
     known = modules()
-    graph = {name: runtime_imports(name, path, known) for name, path in known.items()}
+    return {name: runtime_imports(name, path, known) for name, path in known.items()}
+
+
+def test_no_module_imports_itself_back_at_run_time() -> None:
+    graph = runtime_graph()
     assert "pgpilot.proxy.stats" in graph["pgpilot.proxy.fastpath"]  # the graph is read
     found = [
         {name: sorted(graph[name] & set(component)) for name in component}
@@ -102,8 +109,7 @@ def test_no_module_imports_itself_back_at_run_time() -> None:
 def test_the_console_and_the_fast_path_do_not_reach_into_each_other() -> None:
     """The admin console and the fast path read the pooler's state through the pooler and its
     pools, never by importing each other or the client connection's module."""
-    known = modules()
-    graph = {name: runtime_imports(name, path, known) for name, path in known.items()}
+    graph = runtime_graph()
     proxy = "pgpilot.proxy."
     assert not graph[proxy + "admin"] & {proxy + "client", proxy + "fastpath"}
     assert not graph[proxy + "fastpath"] & {proxy + "admin", proxy + "client", proxy + "pooler"}

@@ -59,6 +59,17 @@ def wait_listening(port: int, host: str, pg_params: dict[str, str],
             time.sleep(0.2)
 
 
+def stop(*procs: subprocess.Popen[str] | None) -> None:
+    """Stop the poolers a test started that still run (SIGTERM, then SIGKILL after 30 s)."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def test_a_new_process_takes_the_sockets_and_the_old_finishes_its_clients(
         tmp_path: Path, pg_params: dict[str, str]) -> None:
     port = free_port()
@@ -98,13 +109,7 @@ def test_a_new_process_takes_the_sockets_and_the_old_finishes_its_clients(
         assert select_one(port, pg_params) == (1,)
         assert new.poll() is None
     finally:
-        for proc in (old, new):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop(old, new)
 
 
 def test_reboot_with_nothing_running_is_a_clear_error(
@@ -260,10 +265,4 @@ def test_reboot_with_a_metrics_port(tmp_path: Path, pg_params: dict[str, str]) -
             assert response.status == 200 and b"pgpilot_" in response.read()
         assert new.poll() is None
     finally:
-        for proc in (old, new):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop(old, new)
