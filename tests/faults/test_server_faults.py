@@ -13,7 +13,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from tests.faults.conftest import Load, ensure_running, fault_params, open_fds
+from tests.faults.conftest import (
+    Load,
+    answered_within,
+    ensure_running,
+    fault_params,
+    open_fds,
+    servers_idle_in_the_fast_path,
+)
 from tests.faults.relay import FaultRelay
 from tests.proxy.conftest import wait_until
 
@@ -99,6 +106,26 @@ def test_network_resets_and_stalls_under_load(proxy_factory: Any,
         assert load.wrong == []
         assert [e for e in load.bare_errors if "server closed the connection" not in e] == []
         wait_until(lambda: fds() <= baseline + 2, timeout=15)
+    finally:
+        relay.close()
+
+
+def test_idle_servers_reset_are_never_lent_again(proxy_factory: Any,
+                                                 fault_pg: EmbeddedPostgres) -> None:
+    """The network resets the connections of servers idle in the compiled fast path: the
+    engine hands each back to Python as dead, never as free to lend (it was lent again as it
+    closed, and the next client waited forever: test_postgres_down's crash case)."""
+    ensure_running(fault_pg)
+    relay = FaultRelay("127.0.0.1", fault_pg.port)
+    try:
+        proxy = proxy_factory(upstream={**fault_params(fault_pg), "port": str(relay.port)},
+                              default_pool_size=2)
+        conns = servers_idle_in_the_fast_path(proxy)
+        assert relay.reset_all() >= 1
+        wait_until(lambda: proxy.server_count() == 0)  # the pooler has seen them end
+        for conn in conns:
+            assert answered_within(proxy, conn, "select 'back'", 10) == ("back",)
+            conn.close()
     finally:
         relay.close()
 
