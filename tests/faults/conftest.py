@@ -252,26 +252,36 @@ def pooler_report(proxy: RunningProxy, log_tail: LogTail | None = None) -> str:
     return "\n".join(parts)
 
 
+class Asked:
+    """A query running in a thread of its own, so that the test can act while it waits."""
+
+    def __init__(self, conn: psycopg.Connection[Any], sql: str) -> None:
+        self.sql = sql
+        self._result: list[Any] = []
+        self._thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            self._result.append(conn.execute(self.sql).fetchone())
+        except psycopg.Error as exc:
+            self._result.append(exc)
+
+    def answer(self, proxy: RunningProxy, bound: float) -> Any:
+        """The first row, or the error the query met, which must come within ``bound``
+        seconds; a client that waits longer fails the test with the pooler's report (what
+        it holds, not what a timeout of its own would make of it)."""
+        self._thread.join(bound)
+        if self._thread.is_alive():
+            raise AssertionError(f"no answer to {self.sql!r} within {bound:g} s\n"
+                                 f"{pooler_report(proxy)}")
+        return self._result[0]
+
+
 def answered_within(proxy: RunningProxy, conn: psycopg.Connection[Any], sql: str,
                     bound: float) -> Any:
-    """``sql``'s first row on ``conn``, or the error it met, which must come within ``bound``
-    seconds; a client that waits longer fails the test with the pooler's report (what it holds,
-    not what a timeout of its own would make of it)."""
-    result: list[Any] = []
-
-    def run() -> None:
-        try:
-            result.append(conn.execute(sql).fetchone())
-        except psycopg.Error as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(bound)
-    if thread.is_alive():
-        raise AssertionError(f"no answer to {sql!r} within {bound:g} s\n"
-                             f"{pooler_report(proxy)}")
-    return result[0]
+    """``sql``'s first row on ``conn``, or its error, within ``bound`` seconds (Asked)."""
+    return Asked(conn, sql).answer(proxy, bound)
 
 
 def servers_idle_in_the_fast_path(proxy: RunningProxy,

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from tests.faults.conftest import (
+    Asked,
     Load,
     answered_within,
     ensure_running,
@@ -126,6 +127,37 @@ def test_idle_servers_reset_are_never_lent_again(proxy_factory: Any,
         for conn in conns:
             assert answered_within(proxy, conn, "select 'back'", 10) == ("back",)
             conn.close()
+    finally:
+        relay.close()
+
+
+def test_server_lost_while_set_to_a_clients_parameters(proxy_factory: Any,
+                                                       fault_pg: EmbeddedPostgres) -> None:
+    """A server being SET to a client's parameters (its application_name differs from the
+    last user's) ends before it is the client's: nothing of the client's reached it, so the
+    client gets the next server as if nothing happened. (Before, it was left with no server
+    and in no line, and waited forever.)"""
+    ensure_running(fault_pg)
+    relay = FaultRelay("127.0.0.1", fault_pg.port)
+    try:
+        proxy = proxy_factory(upstream={**fault_params(fault_pg), "port": str(relay.port)},
+                              default_pool_size=1)
+        first = psycopg.connect(proxy.dsn(dbname="test", application_name="first"),
+                                autocommit=True)
+        second = psycopg.connect(proxy.dsn(dbname="test", application_name="second"),
+                                 autocommit=True)
+        assert first.execute("select 1").fetchone() == (1,)  # the server is first's again
+        relay.stall()  # the SET for second's parameters goes nowhere ...
+        asked = Asked(second, "select current_setting('application_name')")
+        pooler = proxy.pooler
+        assert pooler is not None
+        wait_until(lambda: proxy.call(lambda: any(
+            s.busy_internal for p in pooler.pools.values() for s in p.all_servers())))
+        relay.reset_all()  # ... and the server ends under it
+        relay.resume()
+        assert asked.answer(proxy, 10) == ("second",)
+        first.close()
+        second.close()
     finally:
         relay.close()
 

@@ -1180,7 +1180,13 @@ class ClientConnection(asyncio.Protocol):
             server.settings = dict(self.settings)
 
             def synced(srv: ServerConnection, error: str | None) -> None:
-                if srv.state.name == "CLOSED":
+                if srv.state is ServerState.CLOSED:
+                    if not self.gone:
+                        # The server ended before it was ours (PostgreSQL restarted, the
+                        # network reset): nothing of ours reached it, so we wait for the
+                        # next one, first in line, as after a failed check (Pool._hand_to).
+                        # Returning alone left us with no server and in no line, forever.
+                        srv.pool.request_front(self)
                     return
                 if error is not None:
                     code = srv.internal_error_code
