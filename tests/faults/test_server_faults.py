@@ -162,6 +162,47 @@ def test_server_lost_while_set_to_a_clients_parameters(proxy_factory: Any,
         relay.close()
 
 
+def commit_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
+    """The error a client's COMMIT meets when PostgreSQL's CommandComplete reaches it and the
+    connection then ends before the ReadyForQuery (a backend stopped -m immediate between the
+    two: its WARNING flushes the result it had buffered, then it exits)."""
+    def cut(msg: bytes) -> bytes:
+        if msg[:1] == b"Z" and relay.rewrite_server is cut:
+            relay.rewrite_server = None
+            relay.end_after_rewrite = True
+            return b""
+        return msg
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn, \
+            pytest.raises(psycopg.Error) as caught, conn.transaction():
+        conn.execute("select 1")
+        relay.rewrite_server = cut  # COMMIT's ReadyForQuery never comes
+    return caught.value
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_server_lost_between_a_result_and_its_ready_for_query(
+        proxy_factory: Any, fault_pg: EmbeddedPostgres, fast_path: str) -> None:
+    """A server lost after it sent a result of the client's request and before its
+    ReadyForQuery: the client reads what it would read directly, the result and then the
+    close, without an error of the pooler's, which libpq read as a second result (psycopg's
+    COMMIT: "received 2 results from command 'COMMIT'", the other rare failure of
+    test_postgres_restarted_under_load[immediate])."""
+    ensure_running(fault_pg)
+    relay = FaultRelay("127.0.0.1", fault_pg.port)
+    try:
+        upstream = {**fault_params(fault_pg), "port": str(relay.port)}
+        direct = commit_cut_off(
+            f"postgresql://{upstream['user']}@127.0.0.1:{relay.port}/{upstream['dbname']}",
+            relay)
+        proxy = proxy_factory(upstream=upstream, fast_path=fast_path)
+        through = commit_cut_off(proxy.dsn(dbname="test"), relay)
+        assert (type(through), through.sqlstate, str(through)) == \
+            (type(direct), direct.sqlstate, str(direct))
+    finally:
+        relay.close()
+
+
 def test_pause_resume_and_reload_under_load(proxy_factory: Any,
                                             fault_pg: EmbeddedPostgres) -> None:
     ensure_running(fault_pg)

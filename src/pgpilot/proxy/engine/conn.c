@@ -327,7 +327,7 @@ static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, d
     c->mode = MODE_FAST;
     c->pool = (PoolObject *)Py_NewRef(p);
     c->params_id = params_id;
-    c->flags &= ~(F_READ_PAUSED | F_HOLD);
+    c->flags &= ~(F_READ_PAUSED | F_HOLD | F_RESULT_PASSED);
     c->expected_rfq = 0;
     c->unsynced = 0;
     c->txn = 'I';
