@@ -11,7 +11,10 @@ switched on and off while traffic runs:
   crashed host answers);
 - ``refuse``: new connections are accepted and reset at once;
 - ``unlisten()`` / ``listen()``: the port refuses connections (nothing listens, as when
-  PostgreSQL is down), then listens again, on the same port.
+  PostgreSQL is down), then listens again, on the same port;
+- ``end_after_rewrite``: set by ``rewrite_server``, the connection it rewrites ends (the pooler
+  reads what was passed on, then the close) and PostgreSQL's next answers never come, as when
+  a server process exits between two messages.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class FaultRelay:
         # Called with each whole server message (type byte, length, body); returns the bytes
         # to pass on instead. None: pass everything unchanged.
         self.rewrite_server: Callable[[bytes], bytes] | None = None
+        self.end_after_rewrite = False
         self.accepted = 0
         self._flowing = threading.Event()
         self._flowing.set()
@@ -139,6 +143,9 @@ class FaultRelay:
                     data, pending = pending + data, b""
                 if data:
                     dst.sendall(data)
+                if from_server and self.end_after_rewrite:
+                    self.end_after_rewrite = False
+                    break  # (finally: the pooler reads the close after what was passed on)
         except OSError:
             pass
         finally:

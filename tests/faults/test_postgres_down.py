@@ -15,7 +15,17 @@ from typing import Any
 
 import psycopg
 import pytest
-from tests.faults.conftest import Load, ensure_running, fault_params, open_fds, stop
+from tests.faults.conftest import (
+    Load,
+    LogTail,
+    answered_within,
+    ensure_running,
+    fault_params,
+    open_fds,
+    pooler_report,
+    servers_idle_in_the_fast_path,
+    stop,
+)
 from tests.faults.relay import FaultRelay
 from tests.proxy.conftest import wait_until
 
@@ -56,26 +66,33 @@ def test_postgres_restarted_under_load(proxy_factory: Any, fault_pg: EmbeddedPos
     with psycopg.connect(proxy.dsn(dbname="test"), autocommit=True) as warm:
         assert warm.execute("select 1").fetchone() == (1,)
     baseline = open_fds() - proxy.server_count()  # the pooler's servers come and go
-    load = Load(proxy, clients=8).start()
-    try:
-        wait_until(lambda: load.answers > 50, timeout=30)
-        stop(fault_pg, mode)
-        time.sleep(1.0)  # down for a while, clients keep trying
-        fault_pg.start()
-        up = time.monotonic()  # pg_ctl -w: PostgreSQL accepts connections from here
-        # Whatever 57P03 ("starting up") a first try met, a client gets through promptly.
-        deadline = up + FIRST_QUERY_BOUND
-        got: Any = None
-        while time.monotonic() < deadline:
-            got = first_answer_within(proxy, deadline - time.monotonic() + 0.01)
-            if got == ("back",):
-                break
-            assert isinstance(got, psycopg.Error) and got.sqlstate, got
-            time.sleep(0.05)
-        assert got == ("back",), got
-        wait_until(lambda: load.ok_since(up) == load.clients, timeout=15)
-    finally:
-        load.stop()
+    with LogTail() as log_tail:
+        load = Load(proxy, clients=8).start()
+        try:
+            wait_until(lambda: load.answers > 50, timeout=30)
+            stop(fault_pg, mode)
+            time.sleep(1.0)  # down for a while, clients keep trying
+            fault_pg.start()
+            up = time.monotonic()  # pg_ctl -w: PostgreSQL accepts connections from here
+            # Whatever 57P03 ("starting up") a first try met, a client gets through promptly.
+            deadline = up + FIRST_QUERY_BOUND
+            got: Any = None
+            while time.monotonic() < deadline:
+                got = first_answer_within(proxy, deadline - time.monotonic() + 0.01)
+                if got == ("back",):
+                    break
+                assert isinstance(got, psycopg.Error) and got.sqlstate, got
+                time.sleep(0.05)
+            assert got == ("back",), got
+            try:
+                wait_until(lambda: load.ok_since(up) == load.clients, timeout=15)
+            except AssertionError:
+                raise AssertionError(
+                    f"not every load client was answered within 15 s of PostgreSQL's "
+                    f"return (at {up:.3f}):\n{load.describe(up)}\n"
+                    f"{pooler_report(proxy, log_tail)}") from None
+        finally:
+            load.stop()
     assert load.wrong == []  # nobody ever got another client's answer
     # No error without a SQLSTATE but libpq's own for a connection already closed after
     # PostgreSQL's FATAL (a client sending into it, as on a direct connection); before the
@@ -84,6 +101,24 @@ def test_postgres_restarted_under_load(proxy_factory: Any, fault_pg: EmbeddedPos
     assert [e for e in load.bare_errors if "server closed the connection" not in e] == []
     assert load.answers > 50
     wait_until(lambda: open_fds() - proxy.server_count() <= baseline + 2, timeout=15)
+
+
+def test_postgres_crashed_with_servers_idle_in_the_fast_path(
+        proxy_factory: Any, fault_pg: EmbeddedPostgres) -> None:
+    """PostgreSQL stopped -m immediate (a crash) while servers sit idle in the compiled fast
+    path: each ends with a WARNING notice and the close, no error. The engine must not lend
+    such a server again: before the fix it went back to the engine's idle list as it closed,
+    and the next client linked to it waited for an answer forever (one load client of
+    test_postgres_restarted_under_load[immediate], once in about eight CI runs)."""
+    ensure_running(fault_pg)
+    proxy = proxy_factory(upstream=fault_params(fault_pg), default_pool_size=2)
+    conns = servers_idle_in_the_fast_path(proxy)
+    stop(fault_pg, "immediate")
+    wait_until(lambda: proxy.server_count() == 0)  # the pooler has seen its servers end
+    fault_pg.start()
+    for conn in conns:  # each is served by a new server (none was in a transaction)
+        assert answered_within(proxy, conn, "select 'back'", 10) == ("back",)
+        conn.close()
 
 
 def test_postgres_that_stays_down_is_not_hammered(proxy_factory: Any,

@@ -13,7 +13,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from tests.faults.conftest import Load, ensure_running, fault_params, open_fds
+from tests.faults.conftest import (
+    Asked,
+    Load,
+    answered_within,
+    ensure_running,
+    fault_params,
+    open_fds,
+    servers_idle_in_the_fast_path,
+)
 from tests.faults.relay import FaultRelay
 from tests.proxy.conftest import wait_until
 
@@ -99,6 +107,98 @@ def test_network_resets_and_stalls_under_load(proxy_factory: Any,
         assert load.wrong == []
         assert [e for e in load.bare_errors if "server closed the connection" not in e] == []
         wait_until(lambda: fds() <= baseline + 2, timeout=15)
+    finally:
+        relay.close()
+
+
+def test_idle_servers_reset_are_never_lent_again(proxy_factory: Any,
+                                                 fault_pg: EmbeddedPostgres) -> None:
+    """The network resets the connections of servers idle in the compiled fast path: the
+    engine hands each back to Python as dead, never as free to lend (it was lent again as it
+    closed, and the next client waited forever: test_postgres_down's crash case)."""
+    ensure_running(fault_pg)
+    relay = FaultRelay("127.0.0.1", fault_pg.port)
+    try:
+        proxy = proxy_factory(upstream={**fault_params(fault_pg), "port": str(relay.port)},
+                              default_pool_size=2)
+        conns = servers_idle_in_the_fast_path(proxy)
+        assert relay.reset_all() >= 1
+        wait_until(lambda: proxy.server_count() == 0)  # the pooler has seen them end
+        for conn in conns:
+            assert answered_within(proxy, conn, "select 'back'", 10) == ("back",)
+            conn.close()
+    finally:
+        relay.close()
+
+
+def test_server_lost_while_set_to_a_clients_parameters(proxy_factory: Any,
+                                                       fault_pg: EmbeddedPostgres) -> None:
+    """A server being SET to a client's parameters (its application_name differs from the
+    last user's) ends before it is the client's: nothing of the client's reached it, so the
+    client gets the next server as if nothing happened. (Before, it was left with no server
+    and in no line, and waited forever.)"""
+    ensure_running(fault_pg)
+    relay = FaultRelay("127.0.0.1", fault_pg.port)
+    try:
+        proxy = proxy_factory(upstream={**fault_params(fault_pg), "port": str(relay.port)},
+                              default_pool_size=1)
+        first = psycopg.connect(proxy.dsn(dbname="test", application_name="first"),
+                                autocommit=True)
+        second = psycopg.connect(proxy.dsn(dbname="test", application_name="second"),
+                                 autocommit=True)
+        assert first.execute("select 1").fetchone() == (1,)  # the server is first's again
+        relay.stall()  # the SET for second's parameters goes nowhere ...
+        asked = Asked(second, "select current_setting('application_name')")
+        pooler = proxy.pooler
+        assert pooler is not None
+        wait_until(lambda: proxy.call(lambda: any(
+            s.busy_internal for p in pooler.pools.values() for s in p.all_servers())))
+        relay.reset_all()  # ... and the server ends under it
+        relay.resume()
+        assert asked.answer(proxy, 10) == ("second",)
+        first.close()
+        second.close()
+    finally:
+        relay.close()
+
+
+def commit_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
+    """The error a client's COMMIT meets when PostgreSQL's CommandComplete reaches it and the
+    connection then ends before the ReadyForQuery (a backend stopped -m immediate between the
+    two: its WARNING flushes the result it had buffered, then it exits)."""
+    def cut(msg: bytes) -> bytes:
+        if msg[:1] == b"Z" and relay.rewrite_server is cut:
+            relay.rewrite_server = None
+            relay.end_after_rewrite = True
+            return b""
+        return msg
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn, \
+            pytest.raises(psycopg.Error) as caught, conn.transaction():
+        conn.execute("select 1")
+        relay.rewrite_server = cut  # COMMIT's ReadyForQuery never comes
+    return caught.value
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_server_lost_between_a_result_and_its_ready_for_query(
+        proxy_factory: Any, fault_pg: EmbeddedPostgres, fast_path: str) -> None:
+    """A server lost after it sent a result of the client's request and before its
+    ReadyForQuery: the client reads what it would read directly, the result and then the
+    close, without an error of the pooler's, which libpq read as a second result (psycopg's
+    COMMIT: "received 2 results from command 'COMMIT'", the other rare failure of
+    test_postgres_restarted_under_load[immediate])."""
+    ensure_running(fault_pg)
+    relay = FaultRelay("127.0.0.1", fault_pg.port)
+    try:
+        upstream = {**fault_params(fault_pg), "port": str(relay.port)}
+        direct = commit_cut_off(
+            f"postgresql://{upstream['user']}@127.0.0.1:{relay.port}/{upstream['dbname']}",
+            relay)
+        proxy = proxy_factory(upstream=upstream, fast_path=fast_path)
+        through = commit_cut_off(proxy.dsn(dbname="test"), relay)
+        assert (type(through), through.sqlstate, str(through)) == \
+            (type(direct), direct.sqlstate, str(direct))
     finally:
         relay.close()
 

@@ -157,6 +157,7 @@ class ClientConnection(asyncio.Protocol):
         "_paused",
         "_pending",
         "_reader",
+        "_result_passed",
         "_route_packet",
         "_route_secret",
         "_server_fatal",
@@ -279,6 +280,10 @@ class ClientConnection(asyncio.Protocol):
         # b"" while the welcome waits for a server (_welcome), finished in _link.
         self._session_welcome: bytes | None = None
         self._server_fatal = False  # the linked server sent a FATAL error (server_lost)
+        # A result (CommandComplete, ErrorResponse) of the request in flight went to the
+        # client, and its ReadyForQuery has not: losing the server now is told by the close
+        # alone, as directly (libpq would read an error of ours as a second result).
+        self._result_passed = False
         self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
         self._held = b""  # start of a message that may need rewriting once complete
@@ -1180,7 +1185,13 @@ class ClientConnection(asyncio.Protocol):
             server.settings = dict(self.settings)
 
             def synced(srv: ServerConnection, error: str | None) -> None:
-                if srv.state.name == "CLOSED":
+                if srv.state is ServerState.CLOSED:
+                    if not self.gone:
+                        # The server ended before it was ours (PostgreSQL restarted, the
+                        # network reset): nothing of ours reached it, so we wait for the
+                        # next one, first in line, as after a failed check (Pool._hand_to).
+                        # Returning alone left us with no server and in no line, forever.
+                        srv.pool.request_front(self)
                     return
                 if error is not None:
                     code = srv.internal_error_code
@@ -1272,6 +1283,7 @@ class ClientConnection(asyncio.Protocol):
         for mtype, body in msgs:
             if mtype == m.B.READY_FOR_QUERY and body:
                 saw_rfq = True
+                self._result_passed = False
                 self.expected_rfq -= 1
                 status = chr(body[0])
                 self.txn_status = server.txn_status = status
@@ -1296,6 +1308,7 @@ class ClientConnection(asyncio.Protocol):
                     server.pool.catalog.changed()
                 release = self.expected_rfq <= 0
             elif mtype == m.B.COMMAND_COMPLETE:
+                self._result_passed = True
                 if body is not None and body.startswith(DDL_TAG_PREFIXES):
                     server.schema_changed = True
                     server.pool.catalog.changed()
@@ -1315,6 +1328,7 @@ class ClientConnection(asyncio.Protocol):
                     data = self._own_notifications(data, msgs, server)
             elif mtype == m.B.ERROR_RESPONSE:
                 error_seen = True
+                self._result_passed = True
                 if stats is not None:
                     stats.errors += 1
                 if body is not None and (b"VFATAL\x00" in body or b"VPANIC\x00" in body):
@@ -1605,7 +1619,10 @@ class ClientConnection(asyncio.Protocol):
         """Our server went away under us: the client cannot continue its session."""
         if self.server is server:
             self.server = None
-            if self._server_fatal:  # PostgreSQL's own FATAL went to the client: as directly
+            if self._server_fatal or self._result_passed:
+                # PostgreSQL's own FATAL, or a result of the request in flight, went to the
+                # client: the close says the rest, as directly. (An ErrorResponse of ours
+                # would be a second result: psycopg's COMMIT raised "received 2 results".)
                 self.close(f"server connection lost: {reason}")
                 return
             self.fail("08006", f"server connection lost: {reason}")

@@ -63,6 +63,10 @@ _OWED_KIND = {ord("Q"): prepared.QUERY, ord("P"): prepared.PARSE, ord("B"): prep
 _RENAMED = frozenset(b"bd")
 EJECT_LINKED = 1
 EJECT_ATTACH = 2
+# ejected()'s ``server_fatal`` bits: the engine passed the client its server's FATAL; a result
+# of the client's request in flight (no ReadyForQuery after it yet).
+PASSED_FATAL = 1
+PASSED_RESULT = 2
 
 
 # Distinct (startup parameters, session settings) ids remembered at once (params_id).
@@ -867,8 +871,10 @@ class Lane:
         names, one letter per request, the answers the server still owes for what the engine
         forwarded (None if it lost count, ``b"!"`` if an error came back before the client's
         Sync: the server skips what comes until then); ``owed_names`` the client's statement
-        names of the ones it renamed (``b``, ``d``), in order; ``server_fatal``: the engine
-        passed the client a FATAL of its server (which then closes: no error of ours);
+        names of the ones it renamed (``b``, ``d``), in order; ``server_fatal``: what the
+        engine passed the client that makes an error of ours on losing the server one too many
+        (PASSED_FATAL: its server's FATAL, after which it closes; PASSED_RESULT: a result of
+        the request in flight, whose ReadyForQuery has not come);
         ``inflight``: the statements the engine timed that still await their answer
         (stats.ClientQueries.handed_back), None if it timed none or lost count."""
         closing = client.closing or client.gone
@@ -894,8 +900,10 @@ class Lane:
                 server.set_state(ServerState.ACTIVE)
             client.expected_rfq = expected_rfq
             client.unsynced = bool(unsynced)
-            if server_fatal:
+            if server_fatal & PASSED_FATAL:
                 client._server_fatal = True  # server_lost closes it without a second error
+            if server_fatal & PASSED_RESULT:
+                client._result_passed = True  # (likewise, until the ReadyForQuery comes)
             client.txn_status = server.txn_status = txn
             client.query_started = query_started
             client.xact_started = xact_started

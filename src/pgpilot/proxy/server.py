@@ -212,6 +212,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.in_engine = False  # (the engine lets go of a server whose connection ended)
         if self.state is not ServerState.CLOSED:
             self._closed(self.closed_reason or "server closed the connection unexpectedly")
 

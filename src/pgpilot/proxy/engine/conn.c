@@ -49,21 +49,21 @@ static void conn_lost(ConnObject *c, PyObject *exc) {
         if (claim(c) < 0) return;
     }
     Py_INCREF(c);
+    /* The connection is over: closing from here on, so that nothing Python does before it
+     * hears so (a hand-back's bytes that end a transaction, a release) can put it back on
+     * the fast path (set_fast refuses a closing Conn). A server lent again there would be
+     * closed under its next client, which would wait for its answers forever. */
+    c->flags |= F_CLOSING;
     if (c->mode == MODE_FAST) {
         if (c->kind == KIND_CLIENT) {
             eject_client(c, c->peer, c->peer ? EJECT_LINKED : EJECT_UNLINKED);
         } else if (c->peer) {
             eject_client(c->peer, c, EJECT_LINKED);
         } else {
-            /* An idle server: no bytes to pass on; Python gets it back, then hears it died. */
-            PoolObject *p = c->pool;
-            Py_INCREF(p);
+            /* An idle server: no bytes to pass on. It leaves the fast path and Python hears
+             * it died (connection_lost, below), never that it is back and free to lend
+             * (server_returned): it would go to the next waiting client, or idle here. */
             leave_fast(c);
-            PyObject *r = py_method(p->handler, "server_returned", "Oy#d", c->protocol,
-                                              "", (Py_ssize_t)0, 0.0);
-            if (!r) report_error(c->engine);
-            Py_XDECREF(r);
-            Py_DECREF(p);
         }
     }
     if (!(c->flags & F_CLOSED)) {
@@ -327,7 +327,7 @@ static void enter_fast_mode(ConnObject *c, PoolObject *p, long long params_id, d
     c->mode = MODE_FAST;
     c->pool = (PoolObject *)Py_NewRef(p);
     c->params_id = params_id;
-    c->flags &= ~(F_READ_PAUSED | F_HOLD);
+    c->flags &= ~(F_READ_PAUSED | F_HOLD | F_RESULT_PASSED);
     c->expected_rfq = 0;
     c->unsynced = 0;
     c->txn = 'I';

@@ -62,7 +62,8 @@
  *                    idle_in_txn_since, skip, scan_ok, scan_unnamed, route_flags;
  *                    F_EJECT_WANTED, F_EJECT_STREAMED, F_UNNAMED_PARSED; bytes_in
  *   server.c         a server's skip; its client's txn, expected_rfq, query/xact timings and
- *                    route_ended at ReadyForQuery; F_FATAL_SEEN, F_ANSWERS_WAIT; the FastPool's
+ *                    route_ended at ReadyForQuery; F_FATAL_SEEN, F_ANSWERS_WAIT,
+ *                    F_RESULT_PASSED (conn.c clears it as a server enters); the FastPool's
  *                    query, transaction, error and bytes_out counters
  *   scram.c          scram
  *   logins.c         route, cancel_pid, cancel_key, client_id, accepted, ph_prev/ph_next;
@@ -135,6 +136,11 @@
 #define F_ANSWERS_WAIT 0x40000   /* server: an answer of it needs Python, which waits for its
                                   * client's streamed message: it and the rest are held */
 #define MAX_HELD_ANSWERS (1024 * 1024) /* a server's answers held so, at most */
+#define F_RESULT_PASSED 0x80000  /* server: a result of its client's request in flight (a
+                                  * CommandComplete, ErrorResponse or EmptyQueryResponse) went
+                                  * to the client since its last ReadyForQuery: if the server
+                                  * is lost now, the close alone tells the client, as directly
+                                  * (an error of the pooler's would be a second result) */
 #define MAX_WHOLE_ERROR 65536 /* a server error up to this size is read whole (FATAL?) */
 #define SSL_REQUEST_CODE 80877103
 #define GSSENC_REQUEST_CODE 80877104

@@ -128,7 +128,9 @@ static void eject_client(ConnObject *c, ConnObject *server, int how) {
                             c->unsynced, txn, secs(c->query_started), secs(c->xact_started),
                             secs(c->idle_in_txn_since), cb, sb, PyTuple_GET_ITEM(owed, 0),
                             PyTuple_GET_ITEM(owed, 1),
-                            server && (server->flags & F_FATAL_SEEN) ? 1 : 0, inflight);
+                            server ? ((server->flags & F_FATAL_SEEN) ? 1 : 0) |
+                                     ((server->flags & F_RESULT_PASSED) ? 2 : 0) : 0,
+                            inflight);
     Py_DECREF(owed);
     if (!r) {
         /* Python could not take the pair over: neither is used again (fail closed). */

@@ -45,6 +45,9 @@ static void server_pump(ConnObject *s) {
      * the answer that opened it). */
     size_t first_boundary = s->skip < avail ? s->skip : avail;
     long long queries = 0, errors = 0;
+    /* F_RESULT_PASSED as this chunk leaves it: 1 a result passed after its last 'Z', 0 a 'Z'
+     * after its last result, -1 neither (or nothing of the chunk passes) */
+    int result_passed = -1;
     int64_t now = 0; /* one clock reading per chunk read: its answers came at once */
     while (pos < avail) {
         if (s->skip) {
@@ -78,9 +81,11 @@ static void server_pump(ConnObject *s) {
                 pos = first_boundary;
                 s->skip = 0;
                 queries = errors = 0;
+                result_passed = -1;
                 break;
             }
             pos += 6;
+            result_passed = 0;
             queries++; /* a request answered, as PgBouncer counts queries (client.py) */
             if (!now) now = now_ns();
             if (c->qs) qs_answer(c, 'Z', NULL, 0, 1, now);
@@ -143,10 +148,13 @@ static void server_pump(ConnObject *s) {
             qs_answer(c, t, base + pos + 5, have, have == (size_t)len - 4, now);
         }
         if (t == 'E') errors++;
+        if (t == 'C' || t == 'E' || t == 'I') result_passed = 1;
         owed_answer(c, t);
         pos += 5;
         s->skip = (size_t)len - 4;
     }
+    if (result_passed > 0) s->flags |= F_RESULT_PASSED;
+    else if (result_passed == 0) s->flags &= ~F_RESULT_PASSED;
     p->query_count += queries;
     p->errors += errors;
     if (pos) {
