@@ -184,6 +184,35 @@ def test_a_first_whose_row_is_read_or_deleted_is_not_an_existence_load(
     assert "existence_load" not in kinds(report)
 
 
+def test_a_row_matching_an_object_already_in_the_session_is_not_an_existence_load(
+    session: Session,
+) -> None:
+    # SQLAlchemy hands back the object the session already holds (here loaded before the
+    # scope) without stamping it with the new load's run id: its reads must still count.
+    # Flask-Admin's edit view does this: session.get(Model, "1"), the id as the URL gives it,
+    # misses the identity map (keyed by 1) and selects the row the session already has.
+    held = session.get(Account, 2)
+    assert held is not None and held.owner
+    with detect() as report:
+        by_string_id = session.get(Account, "2")
+        first = session.query(Account).filter_by(id=2).first()
+        assert by_string_id is held and first is held
+        assert held.email
+    assert report.queries == 2
+    assert "existence_load" not in kinds(report)
+
+
+def test_an_unread_row_is_still_an_existence_load_beside_an_object_read_from_before(
+    session: Session,
+) -> None:
+    held = session.get(Account, 2)
+    assert held is not None
+    with detect() as report:
+        assert session.get(Account, 4) is not None  # a new object, never read: a truth test
+        assert held.email  # an object the scope did not load: says nothing of the one above
+    assert kinds(report) == ["existence_load"]
+
+
 def test_exists_is_the_fix_for_an_existence_load(session: Session) -> None:
     with detect() as report:
         assert session.scalar(select(exists().where(Account.owner == "owner 1")))
