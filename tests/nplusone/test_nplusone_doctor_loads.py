@@ -108,6 +108,14 @@ def test_a_test_reading_again_after_a_request_that_wrote_is_no_duplicate(
     assert kinds(read_only) == ["duplicate"]
 
 
+RAISE_OPTIONS = (
+    "-p",
+    "no:cacheprovider",
+    "-o",
+    "asyncio_default_fixture_loop_scope=function",
+    "--nplusone=raise",
+)
+
 INNER_SUITE = """
 import os
 
@@ -137,18 +145,70 @@ def test_raise_mode_lists_a_duplicate_get_and_a_test_reading_twice_without_faili
 ) -> None:
     monkeypatch.setenv("PGPILOT_NPLUSONE_URL", database.sqlalchemy_url)
     pytester.makepyfile(test_inner=INNER_SUITE)
-    options = (
-        "-p",
-        "no:cacheprovider",
-        "-o",
-        "asyncio_default_fixture_loop_scope=function",
-        "--nplusone=raise",
-    )
+    options = RAISE_OPTIONS
     result = pytester.runpytest(*options)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*[[]info[]] 1 test(s): duplicate get(): 2 lookups*"])
     result.stdout.fnmatch_lines(["*[[]warn[]] 1 test(s): duplicate: 2 executions*"])
     asked = pytester.runpytest(*options, "--nplusone-kinds=duplicate,duplicate_get")
+    asked.assert_outcomes(failed=2)
+
+
+# The application is a module of its own, called from the test body: Flask-Admin's tests call
+# view.get_list() from several lines of one test, and each call runs the same count query.
+INNER_APP = """
+import os
+
+from nplusone_models import Customer
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session
+
+engine = create_engine(os.environ["PGPILOT_NPLUSONE_URL"])
+
+
+def count_customers(session):
+    return session.scalar(select(func.count()).select_from(Customer))
+
+
+def page_header(session):
+    return f"{count_customers(session)} customers"
+
+
+def page(session):
+    # the application asking twice in one call: a duplicate to fix
+    return page_header(session), count_customers(session)
+"""
+
+INNER_CALLS = """
+from inner_app import count_customers, engine, page
+from sqlalchemy.orm import Session
+
+
+def test_calls_the_application_from_two_lines():
+    with Session(engine) as session:
+        first = count_customers(session)
+        assert count_customers(session) == first
+
+
+def test_one_call_in_which_the_application_asks_twice():
+    with Session(engine) as session:
+        header, count = page(session)
+        assert str(count) in header
+"""
+
+
+def test_raise_mode_fails_no_test_for_a_duplicate_the_test_body_starts_from_two_lines(
+    pytester: pytest.Pytester, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGPILOT_NPLUSONE_URL", database.sqlalchemy_url)
+    pytester.makepyfile(inner_app=INNER_APP, test_inner_calls=INNER_CALLS)
+    options = RAISE_OPTIONS
+    result = pytester.runpytest(*options)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED*test_one_call_in_which_the_application_asks_twice*"])
+    # listed all the same
+    result.stdout.fnmatch_lines(["*2 test(s): duplicate: 2 executions*"])
+    asked = pytester.runpytest(*options, "--nplusone-kinds=duplicate")
     asked.assert_outcomes(failed=2)
 
 

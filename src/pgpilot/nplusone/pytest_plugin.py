@@ -180,19 +180,30 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
 
 
 def _test_reads_again(finding: Finding, item: pytest.Item) -> bool:
-    """A ``duplicate`` whose call site is the test's own file: the test reading the state it
-    asserts on, before and after an action. Listed, but it fails no test unless
-    ``--nplusone-kinds`` names ``duplicate`` explicitly: the test is not the application."""
+    """A ``duplicate`` the test asks for, not the application: its call site is the test's
+    own file (the test reading the state it asserts on, before and after an action), or its
+    first execution and its repeat were started from two lines of the test's file (the test
+    calling the code twice: each call asks once). Listed, but it fails no test unless
+    ``--nplusone-kinds`` names ``duplicate`` explicitly."""
     if finding.kind != "duplicate" or not finding.callsite:
         return False
     named = item.config.getoption("nplusone_kinds", None) or ""
     if "duplicate" in (part.strip() for part in named.split(",")):
         return False
-    path, _, _ = finding.callsite.rpartition(":")
     try:
-        return Path(path).resolve() == Path(str(item.path)).resolve()
+        test_file = Path(str(item.path)).resolve()
+        if _in_file(finding.callsite, test_file):
+            return True
+        first = next((p for p in finding.first_stack if _in_file(p, test_file)), None)
+        repeat = next((p for p in finding.callers if _in_file(p, test_file)), None)
     except (OSError, ValueError):
         return False
+    return first is not None and repeat is not None and first != repeat
+
+
+def _in_file(place: str, path: Path) -> bool:
+    """Whether ``place`` (``"file.py:LINE"``) is a line of ``path``."""
+    return Path(place.rpartition(":")[0]).resolve() == path
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
