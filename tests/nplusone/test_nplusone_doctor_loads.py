@@ -380,3 +380,65 @@ async def test_read_modify_write_on_an_async_session(async_engine: AsyncEngine) 
             await session.flush()
         await session.rollback()
     assert kinds(report) == ["unlocked_read_modify_write"]
+
+
+# Flask-Admin's test_export_csv fills its tables with a helper of its own file, one commit per
+# call: the test's set-up, not a loop of the application.
+INNER_WRITER = """
+from nplusone_models import Account
+from sqlalchemy import update
+
+
+def touch_each(session, account_ids):
+    for account_id in account_ids:
+        touch(session, account_id)
+        session.commit()
+
+
+def touch(session, account_id):
+    session.execute(
+        update(Account).where(Account.id == account_id).values(balance=Account.balance)
+    )
+"""
+
+INNER_WRITES = """
+import os
+
+from inner_writer import touch_each
+from nplusone_models import Account
+from sqlalchemy import create_engine, update
+from sqlalchemy.orm import Session
+
+engine = create_engine(os.environ["PGPILOT_NPLUSONE_URL"])
+
+
+def set_up(session, account_id):
+    session.execute(
+        update(Account).where(Account.id == account_id).values(balance=Account.balance)
+    )
+    session.commit()
+
+
+def test_sets_up_its_rows_one_by_one():
+    with Session(engine) as session:
+        for account_id in (1, 2, 3):
+            set_up(session, account_id)
+
+
+def test_the_application_writes_one_by_one():
+    with Session(engine) as session:
+        touch_each(session, (1, 2, 3))
+"""
+
+
+def test_raise_mode_fails_no_test_for_a_write_loop_at_the_tests_own_lines(
+    pytester: pytest.Pytester, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGPILOT_NPLUSONE_URL", database.sqlalchemy_url)
+    pytester.makepyfile(inner_writer=INNER_WRITER, test_inner_writes=INNER_WRITES)
+    result = pytester.runpytest(*RAISE_OPTIONS)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED*test_the_application_writes_one_by_one*"])
+    result.stdout.fnmatch_lines(["*1 test(s): update loop: 3 executions*test_inner_writes.py*"])
+    asked = pytester.runpytest(*RAISE_OPTIONS, "--nplusone-kinds=update_loop")
+    asked.assert_outcomes(failed=2)
