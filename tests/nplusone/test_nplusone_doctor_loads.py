@@ -294,6 +294,19 @@ def test_reading_one_column_of_wide_rows_is_an_overfetch(session: Session) -> No
     assert "1 of 8 Account columns read" in finding.detail
 
 
+def test_an_overfetch_keeps_the_foreign_key_of_a_relationship_the_code_reads(
+    session: Session,
+) -> None:
+    # ihatemoney's balance reads bill.payer per bill: load_only() without Bill.payer_id would
+    # defer the key the lazy load needs, one more SELECT per row to fetch it
+    with detect() as report:
+        owners = [(a.email, a.customer.name) for a in session.scalars(select(Account))]
+    assert len(owners) == ACCOUNTS
+    [finding] = [f for f in report.findings if f.kind == "overfetch"]
+    assert finding.suggestion.startswith(".options(load_only(Account.customer_id, Account.email))")
+    assert "2 of 8 Account columns read" in finding.detail
+
+
 def test_reading_most_columns_or_narrow_rows_is_not_an_overfetch(session: Session) -> None:
     with detect() as report:
         for account in session.scalars(select(Account)):

@@ -231,7 +231,12 @@ class _Scope:
             for state in used:
                 read |= self.state_reads[state]
             read.discard(_WRITTEN)
-            read.discard(_USED)
+            if _USED in read:
+                # a relationship of these rows was read: its lazy load needs the row's side
+                # of the join (a many-to-one's foreign key), which load_only() would defer,
+                # one more SELECT per row to fetch it
+                read.discard(_USED)
+                read |= _join_keys(first.mapper)
             if (
                 read
                 and len(loaded) >= self.overfetch_columns
@@ -250,6 +255,20 @@ class _Scope:
                     )
                 )
         return found
+
+
+def _join_keys(mapper: Any) -> set[str]:
+    """Column attributes of ``mapper`` its relationships join on (a many-to-one's foreign
+    key; the primary key, which load_only() keeps anyway, for the others). Which of them a
+    lazy load used is not noted, so all are kept."""
+    keys: set[str] = set()
+    for prop in getattr(mapper, "relationships", ()):
+        for column in prop.local_columns:
+            try:
+                keys.add(mapper.get_property_by_column(column).key)
+            except Exception:  # a column of another table in an inheritance chain
+                continue
+    return keys
 
 
 def _load_finding(sql: str, callsite: str, batches: list[_LoadBatch]) -> Finding:
