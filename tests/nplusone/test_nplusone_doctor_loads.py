@@ -305,6 +305,11 @@ def test_an_overfetch_keeps_the_foreign_key_of_a_relationship_the_code_reads(
     [finding] = [f for f in report.findings if f.kind == "overfetch"]
     assert finding.suggestion.startswith(".options(load_only(Account.customer_id, Account.email))")
     assert "2 of 8 Account columns read" in finding.detail
+    # rows of which only a relationship is read: no column to name, no overfetch
+    with detect() as only_related:
+        names = [account.customer.name for account in session.scalars(select(Account))]
+    assert len(names) == ACCOUNTS
+    assert "overfetch" not in kinds(only_related)
 
 
 def test_reading_most_columns_or_narrow_rows_is_not_an_overfetch(session: Session) -> None:

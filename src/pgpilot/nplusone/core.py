@@ -232,11 +232,12 @@ class _Scope:
                 read |= self.state_reads[state]
             read.discard(_WRITTEN)
             if _USED in read:
-                # a relationship of these rows was read: its lazy load needs the row's side
-                # of the join (a many-to-one's foreign key), which load_only() would defer,
-                # one more SELECT per row to fetch it
                 read.discard(_USED)
-                read |= _join_keys(first.mapper)
+                if read:
+                    # a relationship of these rows was read too: its lazy load needs the
+                    # row's side of the join (a many-to-one's foreign key), which
+                    # load_only() would defer, one more SELECT per row to fetch it
+                    read |= _join_keys(first.mapper)
             if (
                 read
                 and len(loaded) >= self.overfetch_columns
