@@ -231,13 +231,7 @@ class _Scope:
             for state in used:
                 read |= self.state_reads[state]
             read.discard(_WRITTEN)
-            if _USED in read:
-                read.discard(_USED)
-                if read:
-                    # a relationship of these rows was read too: its lazy load needs the
-                    # row's side of the join (a many-to-one's foreign key), which
-                    # load_only() would defer, one more SELECT per row to fetch it
-                    read |= _join_keys(first.mapper)
+            read.discard(_USED)
             if (
                 read
                 and len(loaded) >= self.overfetch_columns
@@ -260,8 +254,7 @@ class _Scope:
 
 def _join_keys(mapper: Any) -> set[str]:
     """Column attributes of ``mapper`` its relationships join on (a many-to-one's foreign
-    key; the primary key, which load_only() keeps anyway, for the others). Which of them a
-    lazy load used is not noted, so all are kept."""
+    key; the primary key, which load_only() keeps anyway, for the others)."""
     keys: set[str] = set()
     for prop in getattr(mapper, "relationships", ()):
         for column in prop.local_columns:
@@ -349,10 +342,21 @@ def _existence_fix(entity: str) -> str:
 def _overfetch_fix(mapper: Any, loaded: tuple[str, ...], read: set[str]) -> str:
     entity = mapper.class_.__name__
     primary_key = _primary_key(mapper)
-    named = [key for key in loaded if key in read and key not in primary_key]
+    # The columns the relationships join on stay: a many-to-one read through the identity
+    # map runs no SQL the detector could see, and load_only() without its foreign key would
+    # cost a SELECT per row to fetch it.
+    joins = _join_keys(mapper)
+    named = [key for key in loaded if (key in read or key in joins) and key not in primary_key]
     columns = ", ".join(f"{entity}.{key}" for key in named)
-    big = [f"{entity}.{key}" for key in loaded if key not in read and _is_big(mapper, key)]
+    big = [
+        f"{entity}.{key}"
+        for key in loaded
+        if key not in read and key not in joins and _is_big(mapper, key)
+    ]
     fix = f".options(load_only({columns})): load only the columns the code reads"
+    kept = [f"{entity}.{key}" for key in named if key not in read]
+    if kept:
+        fix += f" (and {', '.join(kept)}, which its relationships join on)"
     if big:
         fix += f"; at least defer({', '.join(big)}), the large columns never read"
     return fix
