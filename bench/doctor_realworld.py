@@ -18,7 +18,8 @@ DIR``) measures "before". ``bench/realworld_collector.py`` records warnings and 
 Findings are grouped by (kind, call site, relationship): a group is one thing a person would
 fix once. ``--judgments FILE`` (JSON: ``{"suite": {"group key": "true" | "false"}}``) gives the
 verdicts of a person who read the code behind a sample of groups (keys starting with "_" are
-notes, ignored); the report then prints the
+notes, ignored; ``"suite@OUT"`` overrides verdicts for the run written to ``--out OUT``, where
+the pgpilot measured words a group's suggestion differently); the report then prints the
 precision over the judged groups.
 
 Usage::
@@ -422,8 +423,11 @@ def main() -> None:
                 results[variant] = load_variant(out)
         summary = summarize(suite, results)
         if name in verdicts:
-            summary["precision"] = precision(summary, verdicts[name])
-            summary["verdicts"] = verdicts[name]
+            # "suite@out-name" holds the verdicts that differ for one run (a suggestion
+            # worded differently by the pgpilot it measured)
+            judged = {**verdicts[name], **verdicts.get(f"{name}@{args.out.name}", {})}
+            summary["precision"] = precision(summary, judged)
+            summary["verdicts"] = judged
         summaries.append(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summaries, indent=1) + "\n")
