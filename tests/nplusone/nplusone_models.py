@@ -67,6 +67,7 @@ class Account(Base):
     currency: Mapped[str] = mapped_column(String(3))
     notes: Mapped[str] = mapped_column(Text)
     created: Mapped[str] = mapped_column(String(30))
+    customer: Mapped[Customer] = relationship()
 
 
 ACCOUNTS = 6

@@ -108,6 +108,14 @@ def test_a_test_reading_again_after_a_request_that_wrote_is_no_duplicate(
     assert kinds(read_only) == ["duplicate"]
 
 
+RAISE_OPTIONS = (
+    "-p",
+    "no:cacheprovider",
+    "-o",
+    "asyncio_default_fixture_loop_scope=function",
+    "--nplusone=raise",
+)
+
 INNER_SUITE = """
 import os
 
@@ -137,18 +145,70 @@ def test_raise_mode_lists_a_duplicate_get_and_a_test_reading_twice_without_faili
 ) -> None:
     monkeypatch.setenv("PGPILOT_NPLUSONE_URL", database.sqlalchemy_url)
     pytester.makepyfile(test_inner=INNER_SUITE)
-    options = (
-        "-p",
-        "no:cacheprovider",
-        "-o",
-        "asyncio_default_fixture_loop_scope=function",
-        "--nplusone=raise",
-    )
+    options = RAISE_OPTIONS
     result = pytester.runpytest(*options)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*[[]info[]] 1 test(s): duplicate get(): 2 lookups*"])
     result.stdout.fnmatch_lines(["*[[]warn[]] 1 test(s): duplicate: 2 executions*"])
     asked = pytester.runpytest(*options, "--nplusone-kinds=duplicate,duplicate_get")
+    asked.assert_outcomes(failed=2)
+
+
+# The application is a module of its own, called from the test body: Flask-Admin's tests call
+# view.get_list() from several lines of one test, and each call runs the same count query.
+INNER_APP = """
+import os
+
+from nplusone_models import Customer
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session
+
+engine = create_engine(os.environ["PGPILOT_NPLUSONE_URL"])
+
+
+def count_customers(session):
+    return session.scalar(select(func.count()).select_from(Customer))
+
+
+def page_header(session):
+    return f"{count_customers(session)} customers"
+
+
+def page(session):
+    # the application asking twice in one call: a duplicate to fix
+    return page_header(session), count_customers(session)
+"""
+
+INNER_CALLS = """
+from inner_app import count_customers, engine, page
+from sqlalchemy.orm import Session
+
+
+def test_calls_the_application_from_two_lines():
+    with Session(engine) as session:
+        first = count_customers(session)
+        assert count_customers(session) == first
+
+
+def test_one_call_in_which_the_application_asks_twice():
+    with Session(engine) as session:
+        header, count = page(session)
+        assert str(count) in header
+"""
+
+
+def test_raise_mode_fails_no_test_for_a_duplicate_the_test_body_starts_from_two_lines(
+    pytester: pytest.Pytester, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGPILOT_NPLUSONE_URL", database.sqlalchemy_url)
+    pytester.makepyfile(inner_app=INNER_APP, test_inner_calls=INNER_CALLS)
+    options = RAISE_OPTIONS
+    result = pytester.runpytest(*options)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED*test_one_call_in_which_the_application_asks_twice*"])
+    # listed all the same
+    result.stdout.fnmatch_lines(["*2 test(s): duplicate: 2 executions*"])
+    asked = pytester.runpytest(*options, "--nplusone-kinds=duplicate")
     asked.assert_outcomes(failed=2)
 
 
@@ -184,6 +244,35 @@ def test_a_first_whose_row_is_read_or_deleted_is_not_an_existence_load(
     assert "existence_load" not in kinds(report)
 
 
+def test_a_row_matching_an_object_already_in_the_session_is_not_an_existence_load(
+    session: Session,
+) -> None:
+    # SQLAlchemy hands back the object the session already holds (here loaded before the
+    # scope) without stamping it with the new load's run id: its reads must still count.
+    # Flask-Admin's edit view does this: session.get(Model, "1"), the id as the URL gives it,
+    # misses the identity map (keyed by 1) and selects the row the session already has.
+    held = session.get(Account, 2)
+    assert held is not None and held.owner
+    with detect() as report:
+        by_string_id = session.get(Account, "2")
+        first = session.query(Account).filter_by(id=2).first()
+        assert by_string_id is held and first is held
+        assert held.email
+    assert report.queries == 2
+    assert "existence_load" not in kinds(report)
+
+
+def test_an_unread_row_is_still_an_existence_load_beside_an_object_read_from_before(
+    session: Session,
+) -> None:
+    held = session.get(Account, 2)
+    assert held is not None
+    with detect() as report:
+        assert session.get(Account, 4) is not None  # a new object, never read: a truth test
+        assert held.email  # an object the scope did not load: says nothing of the one above
+    assert kinds(report) == ["existence_load"]
+
+
 def test_exists_is_the_fix_for_an_existence_load(session: Session) -> None:
     with detect() as report:
         assert session.scalar(select(exists().where(Account.owner == "owner 1")))
@@ -200,9 +289,30 @@ def test_reading_one_column_of_wide_rows_is_an_overfetch(session: Session) -> No
     [finding] = report.findings
     assert finding.kind == "overfetch"
     assert finding.count == ACCOUNTS
-    assert finding.suggestion.startswith(".options(load_only(Account.email))")
+    assert finding.suggestion.startswith(".options(load_only(Account.customer_id, Account.email))")
     assert "defer(Account.notes)" in finding.suggestion  # the text column nobody read
     assert "1 of 8 Account columns read" in finding.detail
+
+
+def test_an_overfetch_keeps_the_foreign_key_of_a_relationship_the_code_reads(
+    session: Session,
+) -> None:
+    # ihatemoney's balance reads bill.payer per bill: load_only() without Bill.payer_id would
+    # defer the key the lazy load needs, one more SELECT per row to fetch it (and when the
+    # identity map answers the many-to-one, no SQL tells the detector it was read: the key
+    # is kept whenever the entity has the relationship)
+    with detect() as report:
+        owners = [(a.email, a.customer.name) for a in session.scalars(select(Account))]
+    assert len(owners) == ACCOUNTS
+    [finding] = [f for f in report.findings if f.kind == "overfetch"]
+    assert finding.suggestion.startswith(".options(load_only(Account.customer_id, Account.email))")
+    assert "Account.customer_id, which its relationships join on" in finding.suggestion
+    assert "1 of 8 Account columns read" in finding.detail
+    # rows of which only a relationship is read: no column to name, no overfetch
+    with detect() as only_related:
+        names = [account.customer.name for account in session.scalars(select(Account))]
+    assert len(names) == ACCOUNTS
+    assert "overfetch" not in kinds(only_related)
 
 
 def test_reading_most_columns_or_narrow_rows_is_not_an_overfetch(session: Session) -> None:
@@ -291,3 +401,65 @@ async def test_read_modify_write_on_an_async_session(async_engine: AsyncEngine) 
             await session.flush()
         await session.rollback()
     assert kinds(report) == ["unlocked_read_modify_write"]
+
+
+# Flask-Admin's test_export_csv fills its tables with a helper of its own file, one commit per
+# call: the test's set-up, not a loop of the application.
+INNER_WRITER = """
+from nplusone_models import Account
+from sqlalchemy import update
+
+
+def touch_each(session, account_ids):
+    for account_id in account_ids:
+        touch(session, account_id)
+        session.commit()
+
+
+def touch(session, account_id):
+    session.execute(
+        update(Account).where(Account.id == account_id).values(balance=Account.balance)
+    )
+"""
+
+INNER_WRITES = """
+import os
+
+from inner_writer import touch_each
+from nplusone_models import Account
+from sqlalchemy import create_engine, update
+from sqlalchemy.orm import Session
+
+engine = create_engine(os.environ["PGPILOT_NPLUSONE_URL"])
+
+
+def set_up(session, account_id):
+    session.execute(
+        update(Account).where(Account.id == account_id).values(balance=Account.balance)
+    )
+    session.commit()
+
+
+def test_sets_up_its_rows_one_by_one():
+    with Session(engine) as session:
+        for account_id in (1, 2, 3):
+            set_up(session, account_id)
+
+
+def test_the_application_writes_one_by_one():
+    with Session(engine) as session:
+        touch_each(session, (1, 2, 3))
+"""
+
+
+def test_raise_mode_fails_no_test_for_a_write_loop_at_the_tests_own_lines(
+    pytester: pytest.Pytester, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGPILOT_NPLUSONE_URL", database.sqlalchemy_url)
+    pytester.makepyfile(inner_writer=INNER_WRITER, test_inner_writes=INNER_WRITES)
+    result = pytester.runpytest(*RAISE_OPTIONS)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED*test_the_application_writes_one_by_one*"])
+    result.stdout.fnmatch_lines(["*1 test(s): update loop: 3 executions*test_inner_writes.py*"])
+    asked = pytester.runpytest(*RAISE_OPTIONS, "--nplusone-kinds=update_loop")
+    asked.assert_outcomes(failed=2)

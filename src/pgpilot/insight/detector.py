@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -190,6 +190,9 @@ class Finding:
     """The application frames that called ``callsite``, innermost first (when known)."""
     detail: str = ""
     """What was measured, in words (rows returned, the offset, the columns read ...)."""
+    first_stack: tuple[str, ...] = ()
+    """For a ``duplicate``: the call site and callers of the first execution of the repeated
+    parameters (``callsite`` and ``callers`` are those of the repeat), when known."""
 
     def describe(self) -> str:
         """One line for a log, a warning or an assertion message."""
@@ -306,6 +309,7 @@ class _Group:
         "pages",
         "params",
         "repeat_event",
+        "repeat_first",
         "repeats",
         "tagged",
     )
@@ -315,13 +319,15 @@ class _Group:
         self.labelled: EventFields | None = None  # the first event naming a relationship
         self.tagged: EventFields | None = None  # the first event carrying a tag
         self.count = 0
-        # params_key -> [write epoch when last seen, executions since that write]
-        self.params: dict[Hashable, list[int]] = {}
+        # params_key -> [write epoch when last seen, executions since that write, the first
+        # of those executions]
+        self.params: dict[Hashable, list[Any]] = {}
         # loop_key -> the distinct params_keys seen from that loop
         self.loop_params: dict[Hashable, set[Hashable]] = {}
         self.callsites: dict[str, int] = {}
         self.repeats = 0  # the most executions of one parameter set with no write between
         self.repeat_event = first
+        self.repeat_first = first  # the first execution of the parameters repeat_event repeats
         self.biggest: EventFields | None = None  # the execution that returned most rows
         # loop_key -> offsets in execution order (bounded), for paging loops
         self.offsets: dict[Hashable, list[int]] = {}
@@ -435,16 +441,19 @@ class ScopeDetector:
             loop.add(key)
         if entry is None:
             if len(params) < MAX_DISTINCT_PARAMS:
-                params[key] = [self._write_epoch, 1]
+                # [write epoch, executions since, the first of them]
+                params[key] = [self._write_epoch, 1, event]
         elif command == READ:
             if entry[0] == self._write_epoch:
                 entry[1] += 1
                 if entry[1] > group.repeats:
                     group.repeats = entry[1]
                     group.repeat_event = event
+                    group.repeat_first = entry[2]
             else:
                 entry[0] = self._write_epoch
                 entry[1] = 1
+                entry[2] = event
         return (
             new_in_loop and len(loop) == self.threshold and group.loop_distinct() == len(loop)
         )
@@ -497,9 +506,12 @@ class ScopeDetector:
         elif group.repeats >= self.duplicate_threshold and tag not in ("flush", "commit_loop"):
             repeated: tuple[Any, ...] = group.repeat_event
             kind = "duplicate_get" if _field(repeated, _TAG) == "get" else "duplicate"
-            found.append(
-                self._make(kind, repeated, group.repeats, len(group.params), group)
-            )
+            duplicate = self._make(kind, repeated, group.repeats, len(group.params), group)
+            first_run: tuple[Any, ...] = group.repeat_first
+            if first_run is not repeated and len(first_run) > _CALLERS:
+                callers: tuple[str, ...] = first_run[_CALLERS] or ()
+                duplicate = replace(duplicate, first_stack=(first_run[_CALLSITE], *callers))
+            found.append(duplicate)
         if group.biggest is not None and group.biggest[_ROWS] >= self.large_result:
             rows = group.biggest[_ROWS]
             found.append(

@@ -117,6 +117,7 @@ class _Scope:
         "loaded",
         "overfetch_columns",
         "parent",
+        "pending_singles",
         "reached",
         "relationship_reads",
         "rmw",
@@ -160,6 +161,9 @@ class _Scope:
         # the column attributes read on each state of one of them before any change. Nothing
         # is noted per loaded row: a state is looked up by its run id when it is first read.
         self.last_select: _LoadBatch | None = None
+        # one-row loads (get(), first()) whose row may be an object the session already
+        # held (see note_read)
+        self.pending_singles: list[_LoadBatch] = []
         self.batches: dict[int, _LoadBatch] = {}
         self.state_reads: dict[Any, set[str]] = {}
         self.rmw: dict[tuple[str, str], Finding] = {}
@@ -205,7 +209,9 @@ class _Scope:
             # rows each execution returned (the driver's count), as many as were read if a
             # count is missing
             rows = sum(max(batch.rows, len(batch.used)) for batch in batches)
-            if not used and all(batch.single and batch.rows > 0 for batch in batches):
+            if not used and all(
+                batch.single and batch.rows > 0 and not batch.unseen for batch in batches
+            ):
                 # a one-row lookup (.get(), .first()) whose row nothing reads: a truth test;
                 # a result of many rows nothing reads is more likely thrown away
                 found.append(
@@ -246,6 +252,19 @@ class _Scope:
         return found
 
 
+def _join_keys(mapper: Any) -> set[str]:
+    """Column attributes of ``mapper`` its relationships join on (a many-to-one's foreign
+    key; the primary key, which load_only() keeps anyway, for the others)."""
+    keys: set[str] = set()
+    for prop in getattr(mapper, "relationships", ()):
+        for column in prop.local_columns:
+            try:
+                keys.add(mapper.get_property_by_column(column).key)
+            except Exception:  # a column of another table in an inheritance chain
+                continue
+    return keys
+
+
 def _load_finding(sql: str, callsite: str, batches: list[_LoadBatch]) -> Finding:
     """An ``existence_load`` of the query run as ``batches`` (the base of an overfetch)."""
     return Finding(
@@ -269,6 +288,7 @@ OVERFETCH_READ_FRACTION = 3
 OVERFETCH_MIN_ROWS = 3
 """Rows (read) of one query in a scope before ``overfetch`` speaks: the threshold of a loop."""
 MAX_TRACKED_STATES = 10_000
+MAX_PENDING_SINGLES = 64
 _WRITTEN = "<written>"  # in state_reads: the application changed or deleted the object
 _USED = "<used>"  # in state_reads: the application read a relationship of the object
 
@@ -288,11 +308,16 @@ class _LoadBatch:
     transaction: int
     single: bool = False
     """A one-row lookup: ``Session.get()``, or ``LIMIT 1`` (``Query.first()``)."""
+    parameters: Any = None
+    """A one-row lookup's bound parameters (what its row's primary key may be among)."""
     loaded: tuple[str, ...] | None = None
     """Column attributes the query loaded (in mapper order; deferred ones left out), as the
     first of its instances to be read had them."""
     used: list[Any] = field(default_factory=list)
     """Its instance states the application read, changed or deleted."""
+    unseen: bool = False
+    """Its row may have been an object the session already held, whose reads are not seen
+    as this load's (see :func:`note_read`): not an ``existence_load``."""
 
     @property
     def entity(self) -> str:
@@ -317,10 +342,21 @@ def _existence_fix(entity: str) -> str:
 def _overfetch_fix(mapper: Any, loaded: tuple[str, ...], read: set[str]) -> str:
     entity = mapper.class_.__name__
     primary_key = _primary_key(mapper)
-    named = [key for key in loaded if key in read and key not in primary_key]
+    # The columns the relationships join on stay: a many-to-one read through the identity
+    # map runs no SQL the detector could see, and load_only() without its foreign key would
+    # cost a SELECT per row to fetch it.
+    joins = _join_keys(mapper)
+    named = [key for key in loaded if (key in read or key in joins) and key not in primary_key]
     columns = ", ".join(f"{entity}.{key}" for key in named)
-    big = [f"{entity}.{key}" for key in loaded if key not in read and _is_big(mapper, key)]
+    big = [
+        f"{entity}.{key}"
+        for key in loaded
+        if key not in read and key not in joins and _is_big(mapper, key)
+    ]
     fix = f".options(load_only({columns})): load only the columns the code reads"
+    kept = [f"{entity}.{key}" for key in named if key not in read]
+    if kept:
+        fix += f" (and {', '.join(kept)}, which its relationships join on)"
     if big:
         fix += f"; at least defer({', '.join(big)}), the large columns never read"
     return fix
@@ -537,14 +573,16 @@ def note_orm_select(
     mapper: Any,
     rows: int,
     single: bool,
+    parameters: Any = None,
 ) -> None:
     """A top-level ORM SELECT of ``mapper``'s entities was sent; it returned ``rows`` rows
     (-1: unknown). The next ORM load run (:func:`note_orm_run`) is its. ``single``: a
-    ``Session.get()`` or a ``LIMIT 1`` (``Query.first()``)."""
+    ``Session.get()`` or a ``LIMIT 1`` (``Query.first()``), whose ``parameters`` are kept."""
     transaction = current_flush.get()
+    kept = parameters if single else None
     for scope in _reached():
         scope.last_select = _LoadBatch(
-            sql, callsite, callers, mapper, rows, transaction, single
+            sql, callsite, callers, mapper, rows, transaction, single, kept
         )
 
 
@@ -575,6 +613,8 @@ def note_orm_run(runid: int, scope: _Scope | None) -> None:
             each.last_select = None
             if len(each.batches) < MAX_TRACKED_STATES:
                 each.batches[runid] = batch
+            if batch.single and len(each.pending_singles) < MAX_PENDING_SINGLES:
+                each.pending_singles.append(batch)
 
 
 def _primary_key(mapper: Any) -> tuple[str, ...]:
@@ -603,7 +643,15 @@ def note_read(state: Any, key: str) -> None:
             continue
         # _batch_of, inline (once per loaded object and scope)
         batch = batches.get(getattr(state, "runid", None))  # type: ignore[arg-type]
-        if batch is None or len(each.state_reads) >= MAX_TRACKED_STATES:
+        if batch is None:
+            # SQLAlchemy stamps a load's run id only on the objects it creates: a row that
+            # matches an object the session already holds (loaded before the scope, or a
+            # get("1") that missed the identity map keyed by 1) gives back that object as
+            # it was, so reading it is not seen as reading the load's row.
+            if each.pending_singles:
+                _note_held_object_read(each, state)
+            continue
+        if len(each.state_reads) >= MAX_TRACKED_STATES:
             continue
         cls = getattr(state, "class_", None)
         wanted = batch.mapper.class_
@@ -613,6 +661,26 @@ def note_read(state: Any, key: str) -> None:
         batch.used.append(state)
         if batch.loaded is None:
             batch.loaded = _loaded_columns(batch.mapper, state)
+
+
+def _note_held_object_read(scope: _Scope, state: Any) -> None:
+    """``state``, an object no SELECT of ``scope`` created, was read: each one-row load of
+    the scope whose row it may be (its entity, and its primary key among the load's
+    parameters) is ``unseen``, not an ``existence_load``."""
+    identity = getattr(state, "key", None)
+    if not identity:
+        return
+    cls = getattr(state, "class_", None)
+    key_values = {str(value) for value in identity[1]}
+    for single in scope.pending_singles:
+        wanted = single.mapper.class_
+        if not (cls is wanted or (isinstance(cls, type) and issubclass(cls, wanted))):
+            continue
+        parameters = single.parameters
+        values = parameters.values() if isinstance(parameters, dict) else parameters or ()
+        if any(str(value) in key_values for value in values):
+            single.unseen = True
+    scope.pending_singles = [single for single in scope.pending_singles if not single.unseen]
 
 
 def _batch_of(scope: _Scope, state: Any) -> _LoadBatch | None:

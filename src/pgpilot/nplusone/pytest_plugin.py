@@ -169,7 +169,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
         result = yield
     findings = report.findings
     failing = (
-        [f for f in findings if f.kind in session.raise_kinds and not _test_reads_again(f, item)]
+        [f for f in findings if f.kind in session.raise_kinds and not _tests_own_doing(f, item)]
         if session.mode == "raise"
         else []
     )
@@ -179,20 +179,42 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     return result
 
 
-def _test_reads_again(finding: Finding, item: pytest.Item) -> bool:
-    """A ``duplicate`` whose call site is the test's own file: the test reading the state it
-    asserts on, before and after an action. Listed, but it fails no test unless
-    ``--nplusone-kinds`` names ``duplicate`` explicitly: the test is not the application."""
-    if finding.kind != "duplicate" or not finding.callsite:
+_WRITE_LOOPS = frozenset({"insert_loop", "update_loop", "delete_loop"})
+
+
+def _tests_own_doing(finding: Finding, item: pytest.Item) -> bool:
+    """A finding the test makes, not the application: listed, but it fails no test unless
+    ``--nplusone-kinds`` names its kind explicitly.
+
+    * a ``duplicate`` whose call site is the test's own file (the test reading the state it
+      asserts on, before and after an action), or whose first execution and repeat were
+      started from two lines of the test's file (the test calling the code twice: each
+      call asks once);
+    * a write loop whose call site is the test's own file: the test setting up its rows.
+    """
+    if finding.kind not in _WRITE_LOOPS and finding.kind != "duplicate":
+        return False
+    if not finding.callsite:
         return False
     named = item.config.getoption("nplusone_kinds", None) or ""
-    if "duplicate" in (part.strip() for part in named.split(",")):
+    if finding.kind in (part.strip() for part in named.split(",")):
         return False
-    path, _, _ = finding.callsite.rpartition(":")
     try:
-        return Path(path).resolve() == Path(str(item.path)).resolve()
+        test_file = Path(str(item.path)).resolve()
+        if _in_file(finding.callsite, test_file):
+            return True
+        if finding.kind != "duplicate":
+            return False
+        first = next((p for p in finding.first_stack if _in_file(p, test_file)), None)
+        repeat = next((p for p in finding.callers if _in_file(p, test_file)), None)
     except (OSError, ValueError):
         return False
+    return first is not None and repeat is not None and first != repeat
+
+
+def _in_file(place: str, path: Path) -> bool:
+    """Whether ``place`` (``"file.py:LINE"``) is a line of ``path``."""
+    return Path(place.rpartition(":")[0]).resolve() == path
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

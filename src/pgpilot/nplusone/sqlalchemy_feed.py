@@ -326,7 +326,9 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             if entity_mapper not in _column_tracked:
                 _track_column_reads(entity_mapper)
             single = info.in_get or _one_row(statement, parameters)
-            note_orm_select(statement, info.callsite, info.outer, entity_mapper, rows, single)
+            note_orm_select(
+                statement, info.callsite, info.outer, entity_mapper, rows, single, parameters
+            )
         elif refreshed is not None:
             note_orm_refresh(refreshed)
         elif scope.last_select is not None:
