@@ -203,6 +203,46 @@ def test_server_lost_between_a_result_and_its_ready_for_query(
         relay.close()
 
 
+def empty_query_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
+    """The error an empty query meets when PostgreSQL's EmptyQueryResponse (a result, as
+    libpq reads it) reaches the client and the connection then ends before the
+    ReadyForQuery."""
+    def cut(msg: bytes) -> bytes:
+        if msg[:1] == b"Z" and relay.rewrite_server is cut:
+            relay.rewrite_server = None
+            relay.end_after_rewrite = True
+            return b""
+        return msg
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn, \
+            pytest.raises(psycopg.Error) as caught:
+        conn.execute("select 1")
+        relay.rewrite_server = cut  # the empty query's ReadyForQuery never comes
+        conn.execute("")
+    return caught.value
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_server_lost_between_an_empty_query_response_and_its_ready_for_query(
+        proxy_factory: Any, fault_pg: EmbeddedPostgres, fast_path: str) -> None:
+    """As above for an EmptyQueryResponse, the result of an empty query: the engine counts
+    it as a result passed, and so must the Python path (an 08006 error of the pooler's
+    after it was read by libpq as a second result)."""
+    ensure_running(fault_pg)
+    relay = FaultRelay("127.0.0.1", fault_pg.port)
+    try:
+        upstream = {**fault_params(fault_pg), "port": str(relay.port)}
+        direct = empty_query_cut_off(
+            f"postgresql://{upstream['user']}@127.0.0.1:{relay.port}/{upstream['dbname']}",
+            relay)
+        proxy = proxy_factory(upstream=upstream, fast_path=fast_path)
+        through = empty_query_cut_off(proxy.dsn(dbname="test"), relay)
+        assert (type(through), through.sqlstate, str(through)) == \
+            (type(direct), direct.sqlstate, str(direct))
+    finally:
+        relay.close()
+
+
 def test_pause_resume_and_reload_under_load(proxy_factory: Any,
                                             fault_pg: EmbeddedPostgres) -> None:
     ensure_running(fault_pg)

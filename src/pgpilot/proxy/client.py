@@ -280,9 +280,10 @@ class ClientConnection(asyncio.Protocol):
         # b"" while the welcome waits for a server (_welcome), finished in _link.
         self._session_welcome: bytes | None = None
         self._server_fatal = False  # the linked server sent a FATAL error (server_lost)
-        # A result (CommandComplete, ErrorResponse) of the request in flight went to the
-        # client, and its ReadyForQuery has not: losing the server now is told by the close
-        # alone, as directly (libpq would read an error of ours as a second result).
+        # A result (CommandComplete, ErrorResponse, EmptyQueryResponse) of the request in
+        # flight went to the client, and its ReadyForQuery has not: losing the server now is
+        # told by the close alone, as directly (libpq would read an error of ours as a second
+        # result).
         self._result_passed = False
         self._auth_reader: MessageReader | None = None  # made when Python runs the exchange
         self._pending = bytearray()  # bytes waiting for a server
@@ -1335,6 +1336,8 @@ class ClientConnection(asyncio.Protocol):
                     # The server says why it ends the connection: that is what the client
                     # reads as the reason (server_lost adds no error of the pooler's).
                     self._server_fatal = True
+            elif mtype == m.B.EMPTY_QUERY:
+                self._result_passed = True  # a result too (as the engine: server.c)
         if release and self.txn_status != "I" and self.pool is not None \
                 and self.pool.mode == "statement" and data[-6:-5] == b"Z":
             # Refuse the transaction in place of the server's answer, so the client shows why.
