@@ -162,6 +162,53 @@ def test_server_lost_while_set_to_a_clients_parameters(proxy_factory: Any,
         relay.close()
 
 
+def test_session_server_lost_while_its_startup_settings_are_put_back(
+        proxy_factory: Any, fault_pg: EmbeddedPostgres) -> None:
+    """Session mode: after a RESET ALL the pooler reads the session and SETs the client's
+    startup settings again on its own server. If that server ends then, the session (its
+    temporary tables, session locks, prepared statements) is gone with it: the client is
+    told its connection is lost, as directly, and never goes on silently on a new backend
+    (the line that serves a client between transactions is for clients whose server held
+    none of theirs)."""
+    ensure_running(fault_pg)
+    relay = FaultRelay("127.0.0.1", fault_pg.port)
+    try:
+        proxy = proxy_factory(upstream={**fault_params(fault_pg), "port": str(relay.port)},
+                              pool_mode="session", default_pool_size=2)
+        conn = psycopg.connect(proxy.dsn(dbname="test"), options="-c statement_timeout=54321",
+                               autocommit=True, connect_timeout=10)
+        try:
+            pid = conn.info.backend_pid
+            conn.execute("create temporary table session_state (x int)")
+            seen = [0]
+
+            def cut(msg: bytes) -> bytes:
+                # RESET ALL's ReadyForQuery, then the one of the pooler's read of the
+                # session: the connection ends behind it, as the SET goes out.
+                if msg[:1] == b"Z" and relay.rewrite_server is cut:
+                    seen[0] += 1
+                    if seen[0] == 2:
+                        relay.rewrite_server = None
+                        relay.end_after_rewrite = True
+                return msg
+
+            relay.rewrite_server = cut
+            conn.execute("reset all")
+            pooler = proxy.pooler
+            assert pooler is not None
+            wait_until(lambda: not proxy.call(lambda: [  # the pooler saw it end
+                s for p in pooler.pools.values() for s in p.all_servers()
+                if s.backend_pid == pid]))
+            with pytest.raises(psycopg.OperationalError):
+                # (the bug: answered by another backend, the session's table gone)
+                row = conn.execute("select pg_backend_pid(), count(*) from session_state")
+                raise AssertionError(f"went on silently: {row.fetchone()} (was pid {pid})")
+        finally:
+            conn.close()
+    finally:
+        relay.close()
+
+
 def commit_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
     """The error a client's COMMIT meets when PostgreSQL's CommandComplete reaches it and the
     connection then ends before the ReadyForQuery (a backend stopped -m immediate between the

@@ -1158,8 +1158,9 @@ class ClientConnection(asyncio.Protocol):
             self.set_state(ClientState.WAITING)
         self.pause_reading()
 
-    def attach(self, server: ServerConnection) -> None:
-        """The pool lends us ``server``: bring its parameters in line, then use it."""
+    def attach(self, server: ServerConnection, *, session: bool = False) -> None:
+        """The pool lends us ``server``: bring its parameters in line, then use it.
+        ``session``: it is our own, carrying our session (session mode, after _settle)."""
         assert self.pool is not None
         if self.gone:
             server.pool.give_out(server)
@@ -1187,12 +1188,19 @@ class ClientConnection(asyncio.Protocol):
 
             def synced(srv: ServerConnection, error: str | None) -> None:
                 if srv.state is ServerState.CLOSED:
-                    if not self.gone:
-                        # The server ended before it was ours (PostgreSQL restarted, the
-                        # network reset): nothing of ours reached it, so we wait for the
-                        # next one, first in line, as after a failed check (Pool._hand_to).
-                        # Returning alone left us with no server and in no line, forever.
-                        srv.pool.request_front(self)
+                    if self.gone:
+                        return
+                    if session:
+                        # Our session (its temporary tables, locks, prepared statements)
+                        # ended with it: we cannot go on, on another backend, as if nothing
+                        # happened. Directly, the connection would be lost.
+                        self.fail("08006", f"server connection lost: {error}")
+                        return
+                    # The server ended before it was ours (PostgreSQL restarted, the
+                    # network reset): nothing of ours reached it, so we wait for the
+                    # next one, first in line, as after a failed check (Pool._hand_to).
+                    # Returning alone left us with no server and in no line, forever.
+                    srv.pool.request_front(self)
                     return
                 if error is not None:
                     code = srv.internal_error_code
@@ -1556,7 +1564,7 @@ class ClientConnection(asyncio.Protocol):
                         pool.release(srv, client_closed=True)
                     else:  # its server for life: startup values the session lost, put back
                         self.wait_started = time.monotonic()
-                        self.attach(srv)
+                        self.attach(srv, session=True)
                     return
                 pool.give_out(srv)
             if self.gone:
