@@ -385,6 +385,28 @@ def test_client_gone_mid_stream_takes_its_server_along(proxy_factory: Any,
         assert conn.execute("select pg_backend_pid()").fetchone() != first_pid
 
 
+def test_client_gone_mid_stream_leaves_the_fast_path(proxy_factory: Any,
+                                                     pg_params: dict[str, str]) -> None:
+    """A client whose connection ends half-way through a streamed Bind leaves the fast path
+    as it closes (its pool, statement map and N+1 burst let go), as any other: the engine
+    marking a lost connection closing first must not skip that."""
+    proxy = proxy_factory(default_pool_size=1, query_wait_timeout=10)
+    pooler = proxy.pooler
+    assert pooler is not None
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        start_streamed_bind(sock, 2 << 20, 1 << 20)
+        deadline = time.monotonic() + 10
+        while received(proxy) < (1 << 20) - 64 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        transports = proxy.call(lambda: [c.transport for p in pooler.pools.values()
+                                         for c in p.clients])
+        assert [t.fast for t in transports] == [True]
+    wait_until(lambda: proxy.call(lambda: not any(p.clients for p in pooler.pools.values())))
+    assert proxy.call(lambda: [t.fast for t in transports]) == [False]
+
+
 # -- finding 4: PostgreSQL's whitespace and U& identifiers reach the hazard check ----------
 def show_hazards(proxy: RunningProxy) -> list[tuple[str, int]]:
     from psycopg.rows import dict_row

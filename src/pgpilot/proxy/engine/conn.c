@@ -65,6 +65,10 @@ static void conn_lost(ConnObject *c, PyObject *exc) {
              * (server_returned): it would go to the next waiting client, or idle here. */
             leave_fast(c);
         }
+        /* Whatever the hand-back did (one that closes the pair refuses a closing client
+         * without a word, and so without leave_fast), the connection is off the fast path:
+         * its pool, statement map and N+1 burst are let go now, not at its dealloc. */
+        if (c->mode == MODE_FAST) leave_fast(c);
     }
     if (!(c->flags & F_CLOSED)) {
         conn_close_fd(c);
