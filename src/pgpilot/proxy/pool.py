@@ -603,6 +603,12 @@ class Pool:
         """A clean server: to the first waiting client, else to the idle list."""
         if server.state is ServerState.CLOSED:
             return
+        transport = server.transport
+        if transport is not None and transport.is_closing():
+            # its end is known (the engine marks a connection it saw end as closing before
+            # handing it back) and connection_lost is on its way: lending it would fail the
+            # next client with 08006 although nothing of its request was sent
+            return
         if server.cancels_pending:
             server.give_out_after_cancel = True  # Pooler.cancel_server gives it out later
             return
