@@ -15,6 +15,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.proxy.conftest import RunningProxy, wait_until
 from tests.proxy.test_metrics import scrape
 from tests.proxy.test_workers import run_workers
@@ -68,6 +70,111 @@ def test_engine_text_keys_ignore_literal_values_only() -> None:
             b"select " + name + b" 'bb' from \"q1\" where 4.5")
     # The raw hash is the text's own: different values, different parameters.
     assert engine.text_key(b"select 1")[1] != engine.text_key(b"select 2")[1]
+
+
+# What the engine's key keeps of a text (engine/querystats.c, qs_text_key), written plainly, byte
+# by byte: the bytes taken as they are, and each literal value (a string, a number outside a
+# name, a run of 8 or more hex digits in a comment) as one marker.
+_DIGITS = frozenset(b"0123456789")
+_NAME = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_$0123456789") | frozenset(
+    range(0x80, 0x100))
+_HEXISH = frozenset(b"0123456789abcdefABCDEF-")
+
+
+def reference_tokens(s: bytes) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    i, n = 0, len(s)
+    while i < n:
+        ch = s[i]
+        if ch == ord("/") and i + 1 < n and s[i + 1] == ord("*"):  # a comment
+            end = s.find(b"*/", i + 2)
+            stop = end + 2 if end >= 0 else n
+            while i < stop:
+                run = 0
+                while i + run < stop and s[i + run] in _HEXISH:
+                    run += 1
+                step = run or 1
+                out += [("literal", s[i:i + run])] if run >= 8 else [
+                    ("text", s[k:k + 1]) for k in range(i, i + step)]
+                i += step
+        elif ch == ord('"'):  # a quoted name, as it is
+            close = s.find(b'"', i + 1)
+            j = close + 1 if close >= 0 else n
+            out += [("text", s[k:k + 1]) for k in range(i, j)]
+            i = j
+        elif ch == ord("'"):  # a string literal ('' inside it)
+            j = i + 1
+            while True:
+                q = s.find(b"'", j)
+                j = q if q >= 0 else n
+                if j + 1 < n and s[j + 1] == ord("'"):
+                    j += 2
+                    continue
+                break
+            if j >= n:  # no end: the text as it is
+                return [("raw", s)]
+            out.append(("literal", s[i:j + 1]))
+            i = j + 1
+        elif ch in _DIGITS and not (i and s[i - 1] in _NAME):  # a number
+            j = i
+            while j < n and (s[j] in _DIGITS or s[j] == ord(".")):
+                j += 1
+            if j + 1 < n and s[j] in b"eE" and (s[j + 1] in _DIGITS or s[j + 1] in b"-+"):
+                j += 2
+                while j < n and s[j] in _DIGITS:
+                    j += 1
+            out.append(("literal", s[i:j]))
+            i = j
+        else:
+            out.append(("text", s[i:i + 1]))
+            i += 1
+    return out
+
+
+def reference_shape(s: bytes) -> list[tuple[str, bytes]]:
+    return [(kind, b"" if kind == "literal" else value) for kind, value in reference_tokens(s)]
+
+
+def with_other_values(s: bytes) -> bytes:
+    """``s`` with other literal values of the same form (each digit a 7, each letter of a
+    string or hex run a 0, quotes, '.', 'e', signs and '-' kept): the same shape."""
+    tokens = reference_tokens(s)
+    if tokens and tokens[0][0] == "raw":
+        return s
+    out = b""
+    for kind, value in tokens:
+        if kind == "literal":
+            if value[:1] == b"'":
+                value = bytes(c if c == ord("'") else ord("0") for c in value)
+            else:
+                value = bytes(ord("7") if c in _DIGITS else c for c in value)
+        out += value
+    return out
+
+
+_PIECES = [b"select ", b"t1", b"x", b"e", b"E", b"12", b"3.5e+2", b"9", b".", b"-", b"+", b",",
+           b" ", b"\n", b"'a''b'", b"'", b'"q1"', b'"', b"/*", b"*/", b"/", b"0123456789abcdef",
+           b"deadbeef-", b"$1", b"_", b"\xc3\xa9", b"("]
+texts = st.lists(st.sampled_from(_PIECES), max_size=24).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(texts, texts)
+def test_engine_text_keys_match_the_reference(a: bytes, b: bytes) -> None:
+    """The engine's key (it skips plain bytes a word at a time) tells two texts apart exactly
+    when the byte-by-byte reference does, and its parameters hash tells two texts of one key
+    apart exactly when their literal values differ."""
+    engine = pytest.importorskip("pgpilot.proxy._fastpath")
+    key_a, params_a = engine.text_key(a)
+    key_b, params_b = engine.text_key(b)
+    assert (key_a == key_b) == (reference_shape(a) == reference_shape(b))
+    other = with_other_values(a)
+    assert reference_shape(other) == reference_shape(a)
+    key_other, params_other = engine.text_key(other)
+    assert key_other == key_a
+    assert (params_other == params_a) == (reference_tokens(other) == reference_tokens(a))
+    if key_a == key_b:
+        assert (params_a == params_b) == (reference_tokens(a) == reference_tokens(b))
 
 
 # -- the sketch ------------------------------------------------------------------------------

@@ -159,13 +159,19 @@ static uint64_t qs_hash(const unsigned char *s, size_t n) {
     return h ? h : 1;
 }
 
-/* The bytes of a name to qs_text_key (a digit after one is part of it, not a literal). */
-static unsigned char qs_ident[256];
+/* What bytes are to qs_text_key: of a name (a digit after one is part of it, not a literal),
+ * the start of something not taken as it is (a digit, a quote, a double quote, a slash), of
+ * a number after its first digit (digits and '.'). */
+static unsigned char qs_ident[256], qs_starts[256], qs_number[256];
 
 static void qs_classes_init(void) {
-    for (int ch = 0; ch < 256; ch++)
+    for (int ch = 0; ch < 256; ch++) {
+        int digit = ch >= '0' && ch <= '9';
         qs_ident[ch] = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_' ||
-                       ch == '$' || ch >= 0x80 || (ch >= '0' && ch <= '9');
+                       ch == '$' || ch >= 0x80 || digit;
+        qs_starts[ch] = digit || ch == '\'' || ch == '"' || ch == '/';
+        qs_number[ch] = digit || ch == '.';
+    }
 }
 
 static inline int qs_hexish(unsigned char ch) {
@@ -182,54 +188,74 @@ static inline int qs_hexish(unsigned char ch) {
 
 #define QS_LITERAL 0x3f3f3f3f3f3f3f3fULL /* what a literal value counts as ("?") */
 
-/* Whether each byte of a word is ``ch`` (the byte's top bit; exact per byte, no carries). */
-#define QS_LOW7 0x7f7f7f7f7f7f7f7fULL
-static inline uint64_t qs_bytes_equal(uint64_t x, unsigned char ch) {
-    uint64_t y = x ^ (QS_ONES * ch);
-    return ~(((y & QS_LOW7) + QS_LOW7) | y | QS_LOW7);
+/* The bytes of a word from '"' to '9' (the top bit of each, exact per byte): the quotes, the
+ * slash and the digits among them, which may start something qs_text_key does not take as it
+ * is, with some punctuation (# $ % & ( ) * + , - .), which qs_starts tells apart. */
+static inline uint64_t qs_maybe_special(uint64_t w) {
+    return QS_HAS_BETWEEN(w, 0x21, 0x3a);
 }
 
-/* The bytes of a word that may start something qs_text_key does not take as it is: a digit,
- * a quote, a double quote or a slash (the top bit of each). */
-static inline uint64_t qs_special(uint64_t w) {
-    return QS_HAS_BETWEEN(w, 0x2e, 0x3a) | qs_bytes_equal(w, '\'') | qs_bytes_equal(w, '"');
+/* The bytes of the word at ``pos`` from ``skip`` on (the top bits of each). */
+static inline uint64_t qs_from(size_t skip, size_t pos) {
+    if (skip <= pos) return ~0ULL;
+    return skip - pos >= 8 ? 0 : ~0ULL << (8 * (skip - pos));
 }
 
 /* The key of a statement text, the same for texts that differ only in their literal values
  * (a client that inlines them, psycopg2, Django ...): a string literal or a number outside an
  * identifier counts as "?", as does a run of 8 or more hex digits in a comment (a trace id in
  * a sqlcommenter comment); the rest (identifiers, $n, comments, quoted names) as it is. The
- * text is hashed in runs between those (qs_run), each literal as one marker, in one pass that
- * goes a word at a time to the next byte that may start a literal (qs_special).
+ * text is hashed in runs between those, each literal as one marker: a run's words are mixed
+ * as they are scanned (qs_run's hash of the run, made in the same pass), eight bytes at a
+ * time to the next byte that may start a literal (qs_maybe_special, then qs_starts).
  * ``*params``: a hash of the literal values alone (each a run, in order): of two texts with
  * the same key, the same exactly when the texts are (the parameters, for N+1 counting). A
  * text whose string literal does not end is keyed as it is (and so are its parameters).
  * Python groups the keys by fingerprint. */
 static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *params) {
     uint64_t h = 0xcbf29ce484222325ULL, ph = QS_K;
-    size_t i = 0, run = 0; /* the bytes from ``run`` to ``i`` go as they are */
+    size_t run = 0;  /* where the run being hashed began */
+    size_t pos = 0;  /* its bytes before ``pos`` are mixed into h already (whole words) */
+    size_t skip = 0; /* bytes before ``skip`` start nothing (inside a quoted name) */
     for (;;) {
-        uint64_t special = 0;
-        while (i < n) {
-            uint64_t w; /* zeros past the end: not special */
-            if (n - i >= 8) memcpy(&w, s + i, 8);
-            else w = qs_tail(s + i, n - i, n >= 8);
-            special = qs_special(w);
-            if (special) break;
-            i += 8;
+        size_t at = n; /* where a literal or comment starts; n: none before the end */
+        while (pos < n) {
+            uint64_t w;
+            int whole = n - pos >= 8;
+            if (whole) memcpy(&w, s + pos, 8);
+            else w = qs_tail(s + pos, n - pos, n >= 8); /* zeros after the end start nothing */
+            uint64_t m = qs_maybe_special(w) & qs_from(skip, pos);
+            while (m) {
+                size_t c = pos + ((size_t)__builtin_ctzll(m) >> 3);
+                unsigned char ch = s[c];
+                m &= m - 1;
+                if (!qs_starts[ch]) continue;
+                if (ch == '"') { /* a quoted name, as it is */
+                    const unsigned char *close = memchr(s + c + 1, '"', n - c - 1);
+                    skip = close ? (size_t)(close - s) + 1 : n;
+                    m &= qs_from(skip, pos);
+                    continue;
+                }
+                if (ch == '/' && (c + 1 >= n || s[c + 1] != '*')) continue;
+                if (ch >= '0' && ch <= '9' && c && qs_ident[s[c - 1]]) continue; /* t1 */
+                at = c;
+                break;
+            }
+            if (at < n) break;
+            if (!whole) break;
+            h = qs_mix(h, w);
+            pos += 8;
         }
-        if (!special) break;
-        i += (size_t)__builtin_ctzll(special) >> 3;
+        /* The run's last bytes (fewer than 8) with its length, as qs_run ends a run. */
+        size_t end = at < n ? at : n;
+        h = qs_mix(h, qs_tail(s + pos, end - pos, end >= 8) ^ ((uint64_t)(end - run) << 56));
+        if (at >= n) break;
+        size_t i = at;
         unsigned char ch = s[i];
         if (ch == '/') {
-            if (i + 1 >= n || s[i + 1] != '*') {
-                i++;
-                continue;
-            }
             /* A comment: hex runs of 8 or more are markers, the rest as it is. */
-            h = qs_run(h, s + run, i - run);
-            const unsigned char *end = memmem(s + i + 2, n - i - 2, "*/", 2);
-            size_t stop = end ? (size_t)(end - s) + 2 : n;
+            const unsigned char *close = memmem(s + i + 2, n - i - 2, "*/", 2);
+            size_t stop = close ? (size_t)(close - s) + 2 : n;
             size_t piece = i;
             while (i < stop) {
                 size_t hex = 0;
@@ -244,49 +270,38 @@ static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *params) 
                 }
             }
             h = qs_run(h, s + piece, i - piece);
-            run = i;
-            continue;
-        }
-        if (ch == '"') { /* a quoted name, as it is */
-            const unsigned char *close = memchr(s + i + 1, '"', n - i - 1);
-            i = close ? (size_t)(close - s) + 1 : n;
-            continue;
-        }
-        if (ch != '\'' && i && qs_ident[s[i - 1]]) {
-            i++; /* a digit that ends a name (t1), part of it; a literal ends before a name */
-            continue;
-        }
-        h = qs_run(h, s + run, i - run);
-        size_t start = i;
-        if (ch == '\'') {
-            size_t j = i + 1;
-            for (;;) {
-                const unsigned char *q = memchr(s + j, '\'', n - j);
-                j = q ? (size_t)(q - s) : n;
-                if (j + 1 < n && s[j + 1] == '\'') {
-                    j += 2;
-                    continue;
+        } else {
+            size_t start = i;
+            if (ch == '\'') {
+                size_t j = i + 1;
+                for (;;) {
+                    const unsigned char *q = memchr(s + j, '\'', n - j);
+                    j = q ? (size_t)(q - s) : n;
+                    if (j + 1 < n && s[j + 1] == '\'') {
+                        j += 2;
+                        continue;
+                    }
+                    break;
                 }
-                break;
+                if (j >= n) { /* no end: the text as it is */
+                    *params = qs_hash(s, n);
+                    return *params;
+                }
+                i = j + 1;
+            } else { /* a number */
+                while (i < n && qs_number[s[i]]) i++;
+                if (i + 1 < n && (s[i] == 'e' || s[i] == 'E') &&
+                    ((s[i + 1] >= '0' && s[i + 1] <= '9') || s[i + 1] == '-' ||
+                     s[i + 1] == '+')) {
+                    i += 2;
+                    while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+                }
             }
-            if (j >= n) { /* no end: the text as it is */
-                *params = qs_hash(s, n);
-                return *params;
-            }
-            i = j + 1;
-        } else { /* a number */
-            while (i < n && ((s[i] >= '0' && s[i] <= '9') || s[i] == '.')) i++;
-            if (i + 1 < n && (s[i] == 'e' || s[i] == 'E') &&
-                ((s[i + 1] >= '0' && s[i + 1] <= '9') || s[i + 1] == '-' || s[i + 1] == '+')) {
-                i += 2;
-                while (i < n && s[i] >= '0' && s[i] <= '9') i++;
-            }
+            ph = qs_run(ph, s + start, i - start);
+            h = qs_mix(h, QS_LITERAL);
         }
-        ph = qs_run(ph, s + start, i - start);
-        h = qs_mix(h, QS_LITERAL);
-        run = i;
+        run = pos = i;
     }
-    h = qs_run(h, s + run, n - run);
     *params = ph;
     return h ? h : 1;
 }
