@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,26 @@ def test_buckets_report_a_value_within_their_width() -> None:
     assert bucket_of(1e9) == MAX_BUCKET
 
 
+def test_engine_buckets_are_the_sketchs() -> None:
+    """The engine files a duration (integer nanoseconds) in the bucket stats.bucket_of gives
+    it: 8 per power of two of microseconds, counted exactly at the edges."""
+    engine = pytest.importorskip("pgpilot.proxy._fastpath")
+
+    def exact(ns: int) -> int:  # bucket_of in rationals: no rounding at an edge
+        if ns < 1000:
+            return 0
+        us = Fraction(ns, 1000)
+        k = int(us).bit_length() - 1  # 2**k <= us < 2**(k + 1)
+        return min(k * 8 + int((us / 2**k - 1) * 8) + 1, MAX_BUCKET)
+
+    edges = [int(1000 * 2**k * (1 + j / 8)) for k in range(40) for j in range(8)]
+    for ns in [0, 1, 999, 1000, 1001, 2250, 123_456, 10**12, 2**62, *edges,
+               *(e - 1 for e in edges), *(e + 1 for e in edges)]:
+        assert engine.bucket_of_ns(ns) == exact(ns), ns
+    for seconds in (1.5e-6, 3.3e-6, 1e-4 * 1.03, 0.00123, 0.05 * 1.01, 0.2 * 1.01, 7.7, 5000.3):
+        assert engine.bucket_of_ns(round(seconds * 1e9)) == bucket_of(seconds)
+
+
 def test_sketch_quantiles_and_merge() -> None:
     fast, slow = LatencySketch(), LatencySketch()
     for _ in range(98):
@@ -266,6 +287,24 @@ def test_show_queries_counts_what_clients_ran(proxy_factory: Callable[..., Runni
         assert engine_timed >= 12  # the compiled fast path timed the steady state itself
     elif not fast:
         assert engine_timed == 0
+
+
+@pytest.mark.skipif(not fastpath.available(), reason="needs the compiled fast path")
+def test_named_statements_are_counted_across_the_engines_batches(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """The engine keeps where a named statement's counts go (its entry in the batch Python
+    takes about once a second) per pool; a batch taken between two Binds of the statement
+    must not lose or misfile the calls after it (the entry found before is gone then), nor
+    its text. Batches are taken here after every fourth execution."""
+    proxy = proxy_factory(fast_path=1, default_pool_size=2)
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for batch in range(3):
+            for i in range(4):
+                assert conn.execute("select %s::int + 7 as k", [i]).fetchone() == (i + 7,)
+            proxy.call(proxy.pooler.query_stats.fold_engine)
+    row = wait_until(lambda: by_query(show_queries(proxy)).get("select $1::int + $2 as k"))
+    assert row["calls"] == 12 and row["rows"] == 12 and row["errors"] == 0
+    assert proxy.call(lambda: proxy.pooler.query_stats.engine_statements) >= 12
 
 
 def test_statements_in_flight_when_the_engine_hands_back_are_counted(
