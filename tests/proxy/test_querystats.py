@@ -298,7 +298,7 @@ def test_named_statements_are_counted_across_the_engines_batches(
     its text. Batches are taken here after every fourth execution."""
     proxy = proxy_factory(fast_path=1, default_pool_size=2)
     with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
-        for batch in range(3):
+        for _ in range(3):
             for i in range(4):
                 assert conn.execute("select %s::int + 7 as k", [i]).fetchone() == (i + 7,)
             proxy.call(proxy.pooler.query_stats.fold_engine)
