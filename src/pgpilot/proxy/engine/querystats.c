@@ -21,6 +21,10 @@
  * takes the table whole (FastPool.take_queries, about once a second) and it starts empty
  * again; an entry carries its text (copied when the key first appears in a batch), so Python
  * fingerprints each distinct text once and never sees the per-message flow. */
+#if defined(__SSE2__)
+#include <emmintrin.h> /* qs_next_start: 16 bytes of a text at a time */
+#endif
+
 /* The per-statement hooks are inlined where they are called (the pumps: one call each, often
  * of a constant message type that leaves one case): a call's own cost was a fifth of their
  * work on pgbench's prepared select. */
@@ -142,7 +146,7 @@ static inline uint64_t qs_tail(const unsigned char *s, size_t left, int back) {
 
 /* ``h`` followed by the ``n`` bytes at ``s`` (a run: its length is mixed in, so runs that
  * meet at another place hash apart). */
-static uint64_t qs_run(uint64_t h, const unsigned char *s, size_t n) {
+QS_INLINE uint64_t qs_run(uint64_t h, const unsigned char *s, size_t n) {
     size_t left = n;
     while (left >= 8) {
         uint64_t w;
@@ -195,67 +199,93 @@ static inline uint64_t qs_maybe_special(uint64_t w) {
     return QS_HAS_BETWEEN(w, 0x21, 0x3a);
 }
 
-/* The bytes of the word at ``pos`` from ``skip`` on (the top bits of each). */
-static inline uint64_t qs_from(size_t skip, size_t pos) {
-    if (skip <= pos) return ~0ULL;
-    return skip - pos >= 8 ? 0 : ~0ULL << (8 * (skip - pos));
+/* Where the next byte from ``i`` on that qs_starts is (a digit, a quote, a double quote, a
+ * slash), or ``n``. Sixteen bytes at a time with SSE2 (any x86-64), the last sixteen of the
+ * text read again for its end; eight at a time otherwise (qs_maybe_special, then the table for
+ * the candidates). */
+static inline size_t qs_next_start(const unsigned char *s, size_t i, size_t n) {
+#if defined(__SSE2__)
+    if (n >= 16) {
+        const __m128i zero = _mm_set1_epi8('0'), nine = _mm_set1_epi8(9),
+                      quote = _mm_set1_epi8('\''), dquote = _mm_set1_epi8('"'),
+                      slash = _mm_set1_epi8('/');
+        for (;;) {
+            size_t at = i + 16 <= n ? i : n - 16; /* the end: its last 16 bytes again */
+            __m128i x = _mm_loadu_si128((const __m128i *)(s + at));
+            __m128i d = _mm_sub_epi8(x, zero);
+            __m128i hit = _mm_or_si128(
+                _mm_or_si128(_mm_cmpeq_epi8(_mm_min_epu8(d, nine), d), _mm_cmpeq_epi8(x, quote)),
+                _mm_or_si128(_mm_cmpeq_epi8(x, dquote), _mm_cmpeq_epi8(x, slash)));
+            unsigned m = (unsigned)_mm_movemask_epi8(hit) >> (i - at); /* from i on */
+            if (m) return i + (size_t)__builtin_ctz(m);
+            if (i + 16 >= n) return n;
+            i += 16;
+        }
+    }
+#endif
+    while (i < n) {
+        uint64_t w; /* zeros past the end: none of them */
+        if (n - i >= 8) memcpy(&w, s + i, 8);
+        else w = qs_tail(s + i, n - i, n >= 8);
+        for (uint64_t m = qs_maybe_special(w); m; m &= m - 1) {
+            size_t at = i + ((size_t)__builtin_ctzll(m) >> 3);
+            if (qs_starts[s[at]]) return at;
+        }
+        i += 8;
+    }
+    return n;
+}
+
+/* Where the digits and '.' from ``i`` on end (a number's first part), or ``n``: sixteen bytes
+ * at a time with SSE2 as qs_next_start, otherwise byte by byte. */
+static inline size_t qs_number_end(const unsigned char *s, size_t i, size_t n) {
+#if defined(__SSE2__)
+    if (n >= 16) {
+        const __m128i zero = _mm_set1_epi8('0'), nine = _mm_set1_epi8(9),
+                      dot = _mm_set1_epi8('.');
+        for (;;) {
+            size_t at = i + 16 <= n ? i : n - 16;
+            __m128i x = _mm_loadu_si128((const __m128i *)(s + at));
+            __m128i d = _mm_sub_epi8(x, zero);
+            __m128i part = _mm_or_si128(_mm_cmpeq_epi8(_mm_min_epu8(d, nine), d),
+                                        _mm_cmpeq_epi8(x, dot));
+            unsigned m = (~(unsigned)_mm_movemask_epi8(part) & 0xffffu) >> (i - at);
+            if (m) return i + (size_t)__builtin_ctz(m);
+            if (i + 16 >= n) return n;
+            i += 16;
+        }
+    }
+#endif
+    while (i < n && qs_number[s[i]]) i++;
+    return i;
 }
 
 /* The key of a statement text, the same for texts that differ only in their literal values
  * (a client that inlines them, psycopg2, Django ...): a string literal or a number outside an
  * identifier counts as "?", as does a run of 8 or more hex digits in a comment (a trace id in
  * a sqlcommenter comment); the rest (identifiers, $n, comments, quoted names) as it is. The
- * text is hashed in runs between those, each literal as one marker: a run's words are mixed
- * as they are scanned (qs_run's hash of the run, made in the same pass), eight bytes at a
- * time to the next byte that may start a literal (qs_maybe_special, then qs_starts).
+ * text is hashed in runs between those (qs_run), each literal as one marker, in one pass that
+ * goes from one byte that may start a literal to the next (qs_next_start).
  * ``*params``: a hash of the literal values alone (each a run, in order): of two texts with
  * the same key, the same exactly when the texts are (the parameters, for N+1 counting). A
  * text whose string literal does not end is keyed as it is (and so are its parameters).
  * Python groups the keys by fingerprint. */
 static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *params) {
     uint64_t h = 0xcbf29ce484222325ULL, ph = QS_K;
-    size_t run = 0;  /* where the run being hashed began */
-    size_t pos = 0;  /* its bytes before ``pos`` are mixed into h already (whole words) */
-    size_t skip = 0; /* bytes before ``skip`` start nothing (inside a quoted name) */
+    size_t i = 0, run = 0; /* the bytes from ``run`` to ``i`` go as they are */
     for (;;) {
-        size_t at = n; /* where a literal or comment starts; n: none before the end */
-        while (pos < n) {
-            uint64_t w;
-            int whole = n - pos >= 8;
-            if (whole) memcpy(&w, s + pos, 8);
-            else w = qs_tail(s + pos, n - pos, n >= 8); /* zeros after the end start nothing */
-            uint64_t m = qs_maybe_special(w) & qs_from(skip, pos);
-            while (m) {
-                size_t c = pos + ((size_t)__builtin_ctzll(m) >> 3);
-                unsigned char ch = s[c];
-                m &= m - 1;
-                if (!qs_starts[ch]) continue;
-                if (ch == '"') { /* a quoted name, as it is */
-                    const unsigned char *close = memchr(s + c + 1, '"', n - c - 1);
-                    skip = close ? (size_t)(close - s) + 1 : n;
-                    m &= qs_from(skip, pos);
-                    continue;
-                }
-                if (ch == '/' && (c + 1 >= n || s[c + 1] != '*')) continue;
-                if (ch >= '0' && ch <= '9' && c && qs_ident[s[c - 1]]) continue; /* t1 */
-                at = c;
-                break;
-            }
-            if (at < n) break;
-            if (!whole) break;
-            h = qs_mix(h, w);
-            pos += 8;
-        }
-        /* The run's last bytes (fewer than 8) with its length, as qs_run ends a run. */
-        size_t end = at < n ? at : n;
-        h = qs_mix(h, qs_tail(s + pos, end - pos, end >= 8) ^ ((uint64_t)(end - run) << 56));
-        if (at >= n) break;
-        size_t i = at;
+        i = qs_next_start(s, i, n);
+        if (i >= n) break;
         unsigned char ch = s[i];
         if (ch == '/') {
+            if (i + 1 >= n || s[i + 1] != '*') {
+                i++;
+                continue;
+            }
             /* A comment: hex runs of 8 or more are markers, the rest as it is. */
-            const unsigned char *close = memmem(s + i + 2, n - i - 2, "*/", 2);
-            size_t stop = close ? (size_t)(close - s) + 2 : n;
+            h = qs_run(h, s + run, i - run);
+            const unsigned char *end = memmem(s + i + 2, n - i - 2, "*/", 2);
+            size_t stop = end ? (size_t)(end - s) + 2 : n;
             size_t piece = i;
             while (i < stop) {
                 size_t hex = 0;
@@ -270,38 +300,49 @@ static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *params) 
                 }
             }
             h = qs_run(h, s + piece, i - piece);
-        } else {
-            size_t start = i;
-            if (ch == '\'') {
-                size_t j = i + 1;
-                for (;;) {
-                    const unsigned char *q = memchr(s + j, '\'', n - j);
-                    j = q ? (size_t)(q - s) : n;
-                    if (j + 1 < n && s[j + 1] == '\'') {
-                        j += 2;
-                        continue;
-                    }
-                    break;
-                }
-                if (j >= n) { /* no end: the text as it is */
-                    *params = qs_hash(s, n);
-                    return *params;
-                }
-                i = j + 1;
-            } else { /* a number */
-                while (i < n && qs_number[s[i]]) i++;
-                if (i + 1 < n && (s[i] == 'e' || s[i] == 'E') &&
-                    ((s[i + 1] >= '0' && s[i + 1] <= '9') || s[i + 1] == '-' ||
-                     s[i + 1] == '+')) {
-                    i += 2;
-                    while (i < n && s[i] >= '0' && s[i] <= '9') i++;
-                }
-            }
-            ph = qs_run(ph, s + start, i - start);
-            h = qs_mix(h, QS_LITERAL);
+            run = i;
+            continue;
         }
-        run = pos = i;
+        if (ch == '"') { /* a quoted name, as it is */
+            const unsigned char *close = memchr(s + i + 1, '"', n - i - 1);
+            i = close ? (size_t)(close - s) + 1 : n;
+            continue;
+        }
+        if (ch != '\'' && i && qs_ident[s[i - 1]]) {
+            i++; /* a digit that ends a name (t1), part of it; a literal ends before a name */
+            continue;
+        }
+        h = qs_run(h, s + run, i - run);
+        size_t start = i;
+        if (ch == '\'') {
+            size_t j = i + 1;
+            for (;;) {
+                const unsigned char *q = memchr(s + j, '\'', n - j);
+                j = q ? (size_t)(q - s) : n;
+                if (j + 1 < n && s[j + 1] == '\'') {
+                    j += 2;
+                    continue;
+                }
+                break;
+            }
+            if (j >= n) { /* no end: the text as it is */
+                *params = qs_hash(s, n);
+                return *params;
+            }
+            i = j + 1;
+        } else { /* a number */
+            i = qs_number_end(s, i, n);
+            if (i + 1 < n && (s[i] == 'e' || s[i] == 'E') &&
+                ((s[i + 1] >= '0' && s[i + 1] <= '9') || s[i + 1] == '-' || s[i + 1] == '+')) {
+                i += 2;
+                while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+            }
+        }
+        ph = qs_run(ph, s + start, i - start);
+        h = qs_mix(h, QS_LITERAL);
+        run = i;
     }
+    h = qs_run(h, s + run, n - run);
     *params = ph;
     return h ? h : 1;
 }
@@ -313,7 +354,8 @@ static inline int qs_bucket(int64_t ns) {
     if (ns < 1000) return 0;
     if (ns >= (int64_t)(1000LL << 36)) return QS_MAX_BUCKET;
     int k = 63 - __builtin_clzll((uint64_t)ns / 1000); /* 2^k <= floor(us) <= us */
-    int sub = (int)((uint64_t)ns * QS_SUB / (1000ULL << k)) - QS_SUB;
+    /* floor(8 ns / (1000 * 2^k)), as floor(floor(8 ns / 2^k) / 1000): a constant divisor */
+    int sub = (int)((((uint64_t)ns * QS_SUB) >> k) / 1000) - QS_SUB;
     int index = k * QS_SUB + sub + 1;
     return index > QS_MAX_BUCKET ? QS_MAX_BUCKET : index;
 }
@@ -581,10 +623,13 @@ QS_INLINE long long qs_rows(const unsigned char *tag, size_t n) {
     const unsigned char *end = n && !tag[n - 1] ? tag + n - 1 : memchr(tag, 0, n);
     size_t len = end ? (size_t)(end - tag) : n;
     size_t i = len;
-    while (i > 0 && tag[i - 1] >= '0' && tag[i - 1] <= '9') i--;
+    long long rows = 0, unit = 1; /* read from the last digit back (one pass) */
+    while (i > 0 && (unsigned)(tag[i - 1] - '0') < 10) {
+        if (unit <= (1LL << 56)) rows += (tag[i - 1] - '0') * unit;
+        unit = unit <= (1LL << 56) ? unit * 10 : unit;
+        i--;
+    }
     if (i == len || i == 0 || tag[i - 1] != ' ') return 0;
-    long long rows = 0;
-    for (; i < len && rows < (1LL << 56); i++) rows = rows * 10 + (tag[i] - '0');
     return rows;
 }
 
