@@ -785,12 +785,16 @@ static PyObject *qs_inflight(ConnObject *c) {
  * the next (a request's loop, a transaction). Python tells the engine which query shape each
  * key is (FastPool.set_shapes: key -> a small shape id per fingerprint and sqlcommenter
  * origin, learnt from the batches), and the engine counts, per burst and shape (up to
- * QS_BURST_SLOTS shapes), the executions whose parameters differ from the one before. When a
- * count reaches ``burst_threshold`` it notes an event for Python (take_bursts: shape, count,
- * params id, final 0); when the burst ends (the next statement after a gap, or the client
- * leaving the fast path) a shape that reached it is noted again with its final count
- * (final 1). The burst is kept on the client (QsBurst, 72 bytes, made at its first statement
- * of a known shape) between transactions. */
+ * QS_BURST_SLOTS shapes), the executions whose parameters differ from the one before. A key
+ * whose shape the engine has not been told yet (its text came in the batch Python has not
+ * taken: a new request's first loop) is counted by the key itself meanwhile, and becomes its
+ * shape's count when the shape is known. When a count reaches ``burst_threshold`` it notes an
+ * event for Python (take_bursts: shape, count, params id, final 0, key; shape 0 and the key
+ * when counted by key: Python knows its shape by the time it takes the event, from the batch
+ * it takes first); when the burst ends (the next statement after a gap, or the client
+ * leaving the fast path) a count that reached it is noted again with its final count
+ * (final 1). The burst is kept on the client (QsBurst, 104 bytes, made at its first timed
+ * statement) between transactions. */
 #define QS_BURST_SLOTS 4
 #define QS_SHAPES 8192      /* keys whose shape the engine knows, per pool (a power of two) */
 #define QS_SHAPES_FULL 6144 /* then the map starts again, and Python tells it anew */
@@ -798,8 +802,9 @@ static PyObject *qs_inflight(ConnObject *c) {
 
 struct QsBurst {
     int64_t last;
-    uint32_t shapes[QS_BURST_SLOTS];
+    uint32_t shapes[QS_BURST_SLOTS]; /* 0: counted by keys[i] (0 too: a free slot) */
     uint32_t counts[QS_BURST_SLOTS];
+    uint64_t keys[QS_BURST_SLOTS];
     uint64_t last_params[QS_BURST_SLOTS];
 };
 
@@ -814,9 +819,10 @@ struct QsShapeMap {
 };
 
 typedef struct {
-    uint32_t shape, count;
+    uint32_t shape, count; /* shape 0: counted by ``key`` */
     long long params_id;
     int final;
+    uint64_t key;
 } QsEvent;
 
 struct QsEvents {
@@ -824,6 +830,10 @@ struct QsEvents {
     int n;
     long long dropped;
 };
+
+/* The shape Python gives a key that is no loop's (BEGIN, SET ...: wire_nplusone.NO_SHAPE):
+ * no burst counts it. */
+#define QS_NO_SHAPE 0xffffffffu
 
 static uint32_t qs_shape_of(PoolObject *p, uint64_t key) {
     QsShapeMap *m = p->shapes;
@@ -836,7 +846,7 @@ static uint32_t qs_shape_of(PoolObject *p, uint64_t key) {
     return 0;
 }
 
-static void qs_event(ConnObject *c, uint32_t shape, uint32_t count, int final) {
+static void qs_event(ConnObject *c, uint32_t shape, uint64_t key, uint32_t count, int final) {
     PoolObject *p = c->pool;
     if (!p) return;
     if (!p->events) {
@@ -850,6 +860,7 @@ static void qs_event(ConnObject *c, uint32_t shape, uint32_t count, int final) {
     }
     QsEvent *e = &ev->items[ev->n++];
     e->shape = shape;
+    e->key = shape ? 0 : key;
     e->count = count;
     e->params_id = c->params_id;
     e->final = final;
@@ -861,10 +872,11 @@ static void qs_burst_end(ConnObject *c) {
     PoolObject *p = c->pool;
     if (!b) return;
     for (int i = 0; i < QS_BURST_SLOTS; i++) {
-        if (b->shapes[i] && p && p->burst_threshold > 0 &&
+        if ((b->shapes[i] || b->keys[i]) && p && p->burst_threshold > 0 &&
             b->counts[i] >= (uint32_t)p->burst_threshold)
-            qs_event(c, b->shapes[i], b->counts[i], 1);
+            qs_event(c, b->shapes[i], b->keys[i], b->counts[i], 1);
         b->shapes[i] = b->counts[i] = 0;
+        b->keys[i] = 0;
     }
 }
 
@@ -877,8 +889,8 @@ static void qs_burst_free(ConnObject *c) {
 
 static void qs_burst(ConnObject *c, uint64_t key, uint64_t params, int64_t now) {
     PoolObject *p = c->pool;
-    uint32_t shape = qs_shape_of(p, key);
-    if (!shape) return;
+    uint32_t shape = qs_shape_of(p, key); /* 0: not known yet, counted by the key */
+    if (shape == QS_NO_SHAPE) return;
     QsBurst *b = c->burst;
     if (!b) {
         b = c->burst = calloc(1, sizeof(QsBurst));
@@ -889,18 +901,24 @@ static void qs_burst(ConnObject *c, uint64_t key, uint64_t params, int64_t now) 
     b->last = now;
     int free_slot = -1;
     for (int i = 0; i < QS_BURST_SLOTS; i++) {
-        if (b->shapes[i] == shape) {
+        int by_key = !b->shapes[i] && b->keys[i] == key; /* this key, counted by itself */
+        if ((shape && b->shapes[i] == shape) || by_key) {
+            if (by_key && shape) { /* its shape came meanwhile: the count is the shape's */
+                b->shapes[i] = shape;
+                b->keys[i] = 0;
+            }
             if (b->last_params[i] != params) {
                 b->last_params[i] = params;
                 if (++b->counts[i] == (uint32_t)p->burst_threshold)
-                    qs_event(c, shape, b->counts[i], 0);
+                    qs_event(c, shape, key, b->counts[i], 0);
             }
             return;
         }
-        if (!b->shapes[i] && free_slot < 0) free_slot = i;
+        if (!b->shapes[i] && !b->keys[i] && free_slot < 0) free_slot = i;
     }
     if (free_slot >= 0) {
         b->shapes[free_slot] = shape;
+        b->keys[free_slot] = shape ? 0 : key;
         b->counts[free_slot] = 1;
         b->last_params[free_slot] = params;
     }
@@ -939,14 +957,15 @@ static PyObject *pool_set_shapes(PoolObject *p, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* FastPool.take_bursts(): [(shape, count, params id, final)], then empty. */
+/* FastPool.take_bursts(): [(shape, count, params id, final, key)], then empty. */
 static PyObject *pool_take_bursts(PoolObject *p, PyObject *unused) {
     PyObject *out = PyList_New(0);
     if (!out || !p->events) return out;
     QsEvents *ev = p->events;
     for (int i = 0; i < ev->n; i++) {
         QsEvent *e = &ev->items[i];
-        PyObject *row = Py_BuildValue("(IILi)", e->shape, e->count, e->params_id, e->final);
+        PyObject *row = Py_BuildValue("(IILiK)", e->shape, e->count, e->params_id, e->final,
+                                      (unsigned long long)e->key);
         if (!row || PyList_Append(out, row) < 0) {
             Py_XDECREF(row);
             Py_DECREF(out);
