@@ -200,8 +200,9 @@ def patch(bench: Any, order: str = "abab") -> None:
 
     bench_shutil = bench.shutil
     bench.shutil = _Shutil()
-    bench.CASES = tuple(dataclasses.replace(c, pgbouncer_args=None, pgbouncer_processes=1)
-                        for c in bench.CASES)
+    # (no direct pgbench run: nothing here compares with it)
+    bench.CASES = tuple(dataclasses.replace(c, pgbouncer_args=None, pgbouncer_processes=1,
+                                            direct=False) for c in bench.CASES)
     if order == "abba":
         def iter_order(case: Any, rounds: int) -> Any:
             """Off then on in odd rounds, on then off in even ones: a run that leaves the
