@@ -142,11 +142,9 @@ def bootstrap_interval(ratios: list[float], resamples: int = 10_000,
     """Geometric mean of paired ratios and its 95 % percentile bootstrap interval (the rounds
     resampled with replacement)."""
     logs = [math.log(r) for r in ratios if r == r and r > 0]
-    if not logs:
-        return float("nan"), float("nan"), float("nan")
+    if len(logs) < 2:  # no interval: the geometric mean alone (or nothing), as pooler.py's
+        return load_pooler_bench().ratio_interval(ratios)
     mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), float("nan"), float("nan")
     rng = random.Random(seed)
     means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
     lo, hi = means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
