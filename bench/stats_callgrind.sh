@@ -5,13 +5,16 @@
 #
 #   bench/stats_callgrind.sh QUERY_STATS CASE TRANSACTIONS DATABASE
 #
-# QUERY_STATS 0 or 1; CASE tpcb (pgbench TPC-B, -M simple, 50 clients) or prep (-S -M prepared,
-# 100 clients); DATABASE a PostgreSQL database at 127.0.0.1:5432 (user postgres, trust) holding
+# QUERY_STATS 0 or 1; CASE one of bench/pooler.py's pgbench cases: tpcb (TPC-B, -M simple, 50
+# clients), simple (-S -M simple, 100 clients), extended (-S -M extended, 100 clients) or prep
+# (-S -M prepared, 100 clients); TRANSACTIONS per client (pgbench -t); DATABASE a PostgreSQL database at 127.0.0.1:5432 (user postgres, trust) holding
 # pgbench's tables (pgbench -i). Runs the pooler of this tree under callgrind, runs the workload
 # once to warm up, zeroes the counters, runs it again and dumps: prints the total instructions
-# of the measured run and the pooler's statistics functions (qs_*). Callgrind slows the pooler
-# down about 50 times: the once-a-second Python work weighs about 50 times more per transaction
-# than it does at full speed; the per-statement C work is counted exactly.
+# of the measured run, the pooler's statistics functions (qs_*) and the engine's event work
+# (serve_event, inclusive). Callgrind slows the pooler down about 50 times: the once-a-second
+# Python work (in the total, not in the engine's) weighs about 50 times more per transaction
+# than it does at full speed, and varies from run to run with the machine's load; the engine's
+# per-statement work is counted exactly.
 set -euo pipefail
 QS=$1 CASE=$2 TX=$3 DB=$4
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,7 +44,13 @@ PYTHONPATH="$HERE/src" valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.
     "$PY" -m pgpilot proxy --config "$WORK/p.ini" > /dev/null 2> "$WORK/valgrind.err" &
 PID=$!
 for _ in $(seq 300); do pg_isready -q -h 127.0.0.1 -p $PORT && break; sleep 0.5; done
-if [ "$CASE" = tpcb ]; then ARGS="-M simple -c 50 -j 2 -t $TX"; else ARGS="-S -M prepared -c 100 -j 2 -t $TX"; fi
+case "$CASE" in
+    tpcb) ARGS="-M simple -c 50 -j 2 -t $TX" ;;
+    simple) ARGS="-S -M simple -c 100 -j 2 -t $TX" ;;
+    extended) ARGS="-S -M extended -c 100 -j 2 -t $TX" ;;
+    prep) ARGS="-S -M prepared -c 100 -j 2 -t $TX" ;;
+    *) echo "CASE: tpcb, simple, extended or prep" >&2; exit 2 ;;
+esac
 pgbench -n -h 127.0.0.1 -p $PORT -U postgres $ARGS "$DB" > /dev/null
 callgrind_control -z $PID > /dev/null
 pgbench -n -h 127.0.0.1 -p $PORT -U postgres $ARGS "$DB" | grep processed
@@ -49,4 +58,13 @@ callgrind_control -d $PID > /dev/null
 kill $PID
 wait $PID || true
 callgrind_annotate --threshold=100 --inclusive=no "$WORK/cg.out.1" | grep -E "PROGRAM TOTALS|^ *[0-9,]+ \([ 0-9.]+%\)  [^=]*querystats.c:qs_"
+# The engine's own work: everything done for the sockets' events (serve_event, inclusive, with
+# what Python it calls from there), which is per transaction; the rest is the asyncio loop's
+# timed work (the once-a-second folds among it), which is per second of the run.
+callgrind_annotate --threshold=100 --inclusive=yes "$WORK/cg.out.1" | grep -E "engine.c:serve_event " | sed 's/$/  (engine)/'
+# CG_KEEP=FILE: the whole profile (callgrind_annotate, exclusive counts per function) kept there.
+if [ -n "${CG_KEEP:-}" ]; then
+    callgrind_annotate --threshold=100 --inclusive=no --auto=no "$WORK/cg.out.1" > "$CG_KEEP"
+    cp "$WORK/cg.out.1" "$CG_KEEP.out"
+fi
 rm -rf "$WORK"

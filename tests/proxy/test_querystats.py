@@ -10,11 +10,14 @@ import time
 import urllib.request
 from collections.abc import Callable
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.proxy.conftest import RunningProxy, wait_until
 from tests.proxy.test_metrics import scrape
 from tests.proxy.test_workers import run_workers
@@ -70,6 +73,111 @@ def test_engine_text_keys_ignore_literal_values_only() -> None:
     assert engine.text_key(b"select 1")[1] != engine.text_key(b"select 2")[1]
 
 
+# What the engine's key keeps of a text (engine/querystats.c, qs_text_key), written plainly, byte
+# by byte: the bytes taken as they are, and each literal value (a string, a number outside a
+# name, a run of 8 or more hex digits in a comment) as one marker.
+_DIGITS = frozenset(b"0123456789")
+_NAME = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_$0123456789") | frozenset(
+    range(0x80, 0x100))
+_HEXISH = frozenset(b"0123456789abcdefABCDEF-")
+
+
+def reference_tokens(s: bytes) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    i, n = 0, len(s)
+    while i < n:
+        ch = s[i]
+        if ch == ord("/") and i + 1 < n and s[i + 1] == ord("*"):  # a comment
+            end = s.find(b"*/", i + 2)
+            stop = end + 2 if end >= 0 else n
+            while i < stop:
+                run = 0
+                while i + run < stop and s[i + run] in _HEXISH:
+                    run += 1
+                step = run or 1
+                out += [("literal", s[i:i + run])] if run >= 8 else [
+                    ("text", s[k:k + 1]) for k in range(i, i + step)]
+                i += step
+        elif ch == ord('"'):  # a quoted name, as it is
+            close = s.find(b'"', i + 1)
+            j = close + 1 if close >= 0 else n
+            out += [("text", s[k:k + 1]) for k in range(i, j)]
+            i = j
+        elif ch == ord("'"):  # a string literal ('' inside it)
+            j = i + 1
+            while True:
+                q = s.find(b"'", j)
+                j = q if q >= 0 else n
+                if j + 1 < n and s[j + 1] == ord("'"):
+                    j += 2
+                    continue
+                break
+            if j >= n:  # no end: the text as it is
+                return [("raw", s)]
+            out.append(("literal", s[i:j + 1]))
+            i = j + 1
+        elif ch in _DIGITS and not (i and s[i - 1] in _NAME):  # a number
+            j = i
+            while j < n and (s[j] in _DIGITS or s[j] == ord(".")):
+                j += 1
+            if j + 1 < n and s[j] in b"eE" and (s[j + 1] in _DIGITS or s[j + 1] in b"-+"):
+                j += 2
+                while j < n and s[j] in _DIGITS:
+                    j += 1
+            out.append(("literal", s[i:j]))
+            i = j
+        else:
+            out.append(("text", s[i:i + 1]))
+            i += 1
+    return out
+
+
+def reference_shape(s: bytes) -> list[tuple[str, bytes]]:
+    return [(kind, b"" if kind == "literal" else value) for kind, value in reference_tokens(s)]
+
+
+def with_other_values(s: bytes) -> bytes:
+    """``s`` with other literal values of the same form (each digit a 7, each letter of a
+    string or hex run a 0, quotes, '.', 'e', signs and '-' kept): the same shape."""
+    tokens = reference_tokens(s)
+    if tokens and tokens[0][0] == "raw":
+        return s
+    out = b""
+    for kind, value in tokens:
+        if kind == "literal":
+            if value[:1] == b"'":
+                value = bytes(c if c == ord("'") else ord("0") for c in value)
+            else:
+                value = bytes(ord("7") if c in _DIGITS else c for c in value)
+        out += value
+    return out
+
+
+_PIECES = [b"select ", b"t1", b"x", b"e", b"E", b"12", b"3.5e+2", b"9", b".", b"-", b"+", b",",
+           b" ", b"\n", b"'a''b'", b"'", b'"q1"', b'"', b"/*", b"*/", b"/", b"0123456789abcdef",
+           b"deadbeef-", b"$1", b"_", b"\xc3\xa9", b"("]
+texts = st.lists(st.sampled_from(_PIECES), max_size=24).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(texts, texts)
+def test_engine_text_keys_match_the_reference(a: bytes, b: bytes) -> None:
+    """The engine's key (it skips plain bytes a word at a time) tells two texts apart exactly
+    when the byte-by-byte reference does, and its parameters hash tells two texts of one key
+    apart exactly when their literal values differ."""
+    engine = pytest.importorskip("pgpilot.proxy._fastpath")
+    key_a, params_a = engine.text_key(a)
+    key_b, params_b = engine.text_key(b)
+    assert (key_a == key_b) == (reference_shape(a) == reference_shape(b))
+    other = with_other_values(a)
+    assert reference_shape(other) == reference_shape(a)
+    key_other, params_other = engine.text_key(other)
+    assert key_other == key_a
+    assert (params_other == params_a) == (reference_tokens(other) == reference_tokens(a))
+    if key_a == key_b:
+        assert (params_a == params_b) == (reference_tokens(a) == reference_tokens(b))
+
+
 # -- the sketch ------------------------------------------------------------------------------
 def test_buckets_report_a_value_within_their_width() -> None:
     for seconds in (0.9e-6, 1e-6, 3.3e-6, 1e-4, 0.00123, 0.05, 0.2, 1.0, 7.5, 3600.0):
@@ -79,6 +187,26 @@ def test_buckets_report_a_value_within_their_width() -> None:
             assert abs(bucket_value(index) - seconds) <= 0.0626 * seconds
     assert [bucket_of(x) for x in (1e-6, 2e-6, 4e-6)] == [1, 9, 17]  # 8 per power of two
     assert bucket_of(1e9) == MAX_BUCKET
+
+
+def test_engine_buckets_are_the_sketchs() -> None:
+    """The engine files a duration (integer nanoseconds) in the bucket stats.bucket_of gives
+    it: 8 per power of two of microseconds, counted exactly at the edges."""
+    engine = pytest.importorskip("pgpilot.proxy._fastpath")
+
+    def exact(ns: int) -> int:  # bucket_of in rationals: no rounding at an edge
+        if ns < 1000:
+            return 0
+        us = Fraction(ns, 1000)
+        k = int(us).bit_length() - 1  # 2**k <= us < 2**(k + 1)
+        return min(k * 8 + int((us / 2**k - 1) * 8) + 1, MAX_BUCKET)
+
+    edges = [int(1000 * 2**k * (1 + j / 8)) for k in range(40) for j in range(8)]
+    for ns in [0, 1, 999, 1000, 1001, 2250, 123_456, 10**12, 2**62, *edges,
+               *(e - 1 for e in edges), *(e + 1 for e in edges)]:
+        assert engine.bucket_of_ns(ns) == exact(ns), ns
+    for seconds in (1.5e-6, 3.3e-6, 1e-4 * 1.03, 0.00123, 0.05 * 1.01, 0.2 * 1.01, 7.7, 5000.3):
+        assert engine.bucket_of_ns(round(seconds * 1e9)) == bucket_of(seconds)
 
 
 def test_sketch_quantiles_and_merge() -> None:
@@ -159,6 +287,24 @@ def test_show_queries_counts_what_clients_ran(proxy_factory: Callable[..., Runni
         assert engine_timed >= 12  # the compiled fast path timed the steady state itself
     elif not fast:
         assert engine_timed == 0
+
+
+@pytest.mark.skipif(not fastpath.available(), reason="needs the compiled fast path")
+def test_named_statements_are_counted_across_the_engines_batches(
+        proxy_factory: Callable[..., RunningProxy]) -> None:
+    """The engine keeps where a named statement's counts go (its entry in the batch Python
+    takes about once a second) per pool; a batch taken between two Binds of the statement
+    must not lose or misfile the calls after it (the entry found before is gone then), nor
+    its text. Batches are taken here after every fourth execution."""
+    proxy = proxy_factory(fast_path=1, default_pool_size=2)
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for _ in range(3):
+            for i in range(4):
+                assert conn.execute("select %s::int + 7 as k", [i]).fetchone() == (i + 7,)
+            proxy.call(proxy.pooler.query_stats.fold_engine)
+    row = wait_until(lambda: by_query(show_queries(proxy)).get("select $1::int + $2 as k"))
+    assert row["calls"] == 12 and row["rows"] == 12 and row["errors"] == 0
+    assert proxy.call(lambda: proxy.pooler.query_stats.engine_statements) >= 12
 
 
 def test_statements_in_flight_when_the_engine_hands_back_are_counted(

@@ -86,6 +86,25 @@ def test_a_loop_is_reported_once_with_its_fix(proxy_factory: Callable[..., Runni
                             application_name="shop", fingerprint=row["fingerprint"]) == 2
 
 
+@pytest.mark.parametrize("literal", [False, True], ids=["bound", "literal"])
+def test_the_first_loop_of_a_shape_never_seen_is_counted_by_the_fast_path(
+        proxy_factory: Callable[..., RunningProxy], items: None, literal: bool) -> None:
+    """The engine learns a key's shape from Python about once a second; a loop of a shape it
+    has not been told yet (a new request's first queries) is counted by its key meanwhile,
+    and Python names its shape when it takes the event. Before, the engine skipped statements
+    of unknown shape: this loop, run before any fold, was not reported."""
+    proxy = proxy_factory(fast_path=1, nplusone_threshold=5)
+    loop(proxy, 8, literal=literal)
+    time.sleep(0.3)  # the burst ends
+    loop(proxy, 1, literal=literal)  # the next statement after the gap closes it in the engine
+    proxy.call(lambda: proxy.pooler.query_stats.tick())
+    rows = wait_until(lambda: (r := show_nplusone(proxy)) and r)
+    assert len(rows) == 1
+    assert (rows[0]["bursts"], rows[0]["max_n"], rows[0]["executions"]) == (1, 8, 8)
+    assert rows[0]["query"].startswith("select name from nplus_items where id = $1")
+    assert proxy.call(lambda: proxy.pooler.query_stats.nplusone.engine_loops) == 1
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "python"])
 def test_repeats_gaps_and_settings_are_not_loops(proxy_factory: Callable[..., RunningProxy],
                                                  items: None, fast: bool) -> None:

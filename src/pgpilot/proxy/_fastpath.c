@@ -74,21 +74,31 @@ static PyObject *mod_scanned_bytes(PyObject *mod, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(scanned_total);
 }
 
-/* _fastpath.text_key(bytes) -> (key, raw): qs_text_key, for the Python path's cache. */
+/* _fastpath.bucket_of_ns(int) -> int: qs_bucket (tests: the engine's histogram buckets are
+ * stats.bucket_of's). */
+static PyObject *mod_bucket_of_ns(PyObject *mod, PyObject *arg) {
+    long long ns = PyLong_AsLongLong(arg);
+    if (ns == -1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLong(qs_bucket(ns));
+}
+
+/* _fastpath.text_key(bytes) -> (key, params): qs_text_key, for the Python path's cache. */
 static PyObject *mod_text_key(PyObject *mod, PyObject *arg) {
     if (!PyBytes_Check(arg)) {
         PyErr_SetString(PyExc_TypeError, "text_key takes bytes");
         return NULL;
     }
-    uint64_t raw, key = qs_text_key((const unsigned char *)PyBytes_AS_STRING(arg),
-                                    (size_t)PyBytes_GET_SIZE(arg), &raw);
-    return Py_BuildValue("(KK)", (unsigned long long)key, (unsigned long long)raw);
+    uint64_t params, key = qs_text_key((const unsigned char *)PyBytes_AS_STRING(arg),
+                                       (size_t)PyBytes_GET_SIZE(arg), &params);
+    return Py_BuildValue("(KK)", (unsigned long long)key, (unsigned long long)params);
 }
 
 static PyMethodDef module_methods[] = {
     {"text_key", mod_text_key, METH_O,
-     "(key, raw hash) of a statement text: the key is the same for texts that differ only in "
-     "literal values (query statistics)."},
+     "(key, parameters hash) of a statement text: the key is the same for texts that differ "
+     "only in literal values, the parameters hash is of those values (query statistics)."},
+    {"bucket_of_ns", mod_bucket_of_ns, METH_O,
+     "The engine's histogram bucket of a duration in nanoseconds (for tests)."},
     {"scanned_bytes", mod_scanned_bytes, METH_NOARGS,
      "Bytes of complete client messages the fast path's scanner examined, in all (tests)."},
     {"sql_needs_python", mod_needs_python, METH_O,

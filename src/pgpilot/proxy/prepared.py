@@ -53,6 +53,7 @@ import hashlib
 import itertools
 import logging
 import re
+import sys
 from typing import TYPE_CHECKING, NamedTuple
 
 from pgpilot.wire import messages as m
@@ -252,7 +253,9 @@ def server_statement_name(parse: m.Parse, generation: int = 0, search_path: str 
     digest.update(b"\x00" + ",".join(map(str, parse.param_types)).encode())
     if search_path:
         digest.update(b"\x00" + search_path.encode())
-    return f"pgpilot_{digest.hexdigest()}_{generation}"
+    # Interned: every client's statement of this name holds the same str, by which the
+    # engine's statistics find the statement's key (engine/querystats.c, QsNames).
+    return sys.intern(f"pgpilot_{digest.hexdigest()}_{generation}")
 
 
 # What undoes a change the router made to the client's names when PostgreSQL skips the

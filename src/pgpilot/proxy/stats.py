@@ -54,7 +54,7 @@ from pgpilot.insight.fingerprint import describe
 from pgpilot.proxy.advisor import ADVICE_COLUMNS, Advisor, advice_rows
 from pgpilot.proxy.slow import SLOW_COLUMNS, SlowEntry, SlowQueries, parse_bind, slow_rows
 from pgpilot.proxy.textkey import text_key
-from pgpilot.proxy.wire_nplusone import NPLUSONE_COLUMNS, NPlusOneEntry, WireNPlusOne
+from pgpilot.proxy.wire_nplusone import NO_SHAPE, NPLUSONE_COLUMNS, NPlusOneEntry, WireNPlusOne
 
 if TYPE_CHECKING:
     from pgpilot.proxy.client import ClientConnection
@@ -394,6 +394,7 @@ class QueryStats:
                 shapes = self.fold_batch(pool, lane.fp.take_queries())
                 if shapes and nplusone.threshold >= 2:
                     lane.fp.set_shapes(shapes)
+                    nplusone.engine_shapes(shapes)
                 bursts = lane.fp.take_bursts()
                 if bursts:
                     nplusone.fold_engine_bursts(pool, bursts, self._app_of)
@@ -419,9 +420,8 @@ class QueryStats:
                     self._engine_keys.clear()
                 self._engine_keys[key] = shape
             if text is not None and shape is not None and key:
-                shape_id = self.nplusone.shape_id(text, *shape)
-                if shape_id:
-                    shapes.append((key, shape_id))
+                # NO_SHAPE: not a statement loops are made of (the engine stops counting it)
+                shapes.append((key, self.nplusone.shape_id(text, *shape) or NO_SHAPE))
             if not calls:
                 continue  # a text seen, its statement still running: known for later
             self.engine_statements += calls

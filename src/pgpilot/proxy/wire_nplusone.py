@@ -15,9 +15,10 @@ pooler then
 The fix is the in-app detector's (``insight.suggest_fix``): the batch query, ``col = ANY(:ids)``.
 The Python path feeds each statement to an ``insight.ScopeDetector`` per burst (the in-app
 detector's core: distinct parameter sets per shape); the compiled fast path counts per burst
-itself, for the shapes Python told it (``FastPool.set_shapes``), and hands over only the bursts
-that cross the threshold (``FastPool.take_bursts``; see "N+1 at the wire" in
-``engine/querystats.c``).
+itself, by the shapes Python told it (``FastPool.set_shapes``) or, for a statement key whose
+shape it has not been told yet, by the key (Python names the shape when it takes the event),
+and hands over only the bursts that cross the threshold (``FastPool.take_bursts``; see "N+1 at
+the wire" in ``engine/querystats.c``).
 
 The origin is read from a sqlcommenter comment the client put in the statement
 (``/*controller='orders',action='index'*/``, as Django, Flask, Rails and OpenTelemetry
@@ -46,6 +47,9 @@ log = logging.getLogger("pgpilot.proxy")
 
 MAX_ENTRIES = 500  # rows of SHOW NPLUSONE per process; later new ones are counted as dropped
 MAX_SHAPES = 50_000  # shape ids given out before the numbering starts again
+# The engine's shape for a statement key that is no loop's (BEGIN, SET ...): counted by no
+# burst (engine/querystats.c, QS_NO_SHAPE); never a shape id (those stay far below it).
+NO_SHAPE = 0xFFFF_FFFF
 # sqlcommenter keys that say where a statement comes from (the rest, such as traceparent or
 # db_driver, change per request or say nothing about the code)
 ORIGIN_KEYS = ("application", "controller", "action", "route", "framework", "job", "task")
@@ -136,6 +140,7 @@ class WireNPlusOne:
         self._shape_ids: dict[tuple[str, str], int] = {}
         self._shapes: dict[int, Shape] = {}
         self._by_text: dict[object, int] = {}  # text_key -> shape id (0: none)
+        self._engine_keys: dict[int, int] = {}  # the engine's statement key -> shape id
         self._last_shape = 0
         self._logged: set[tuple[str, str]] = set()
         self._open: dict[int, ClientQueries] = {}  # Python-path clients with an open burst
@@ -181,6 +186,13 @@ class WireNPlusOne:
             self._shapes[found] = (fingerprint, key[1], sample, statement.command)
         self._by_text[cache_key] = found
         return found
+
+    def engine_shapes(self, shapes: list[tuple[int, int]]) -> None:
+        """(engine statement key, shape id) pairs learnt from a batch, for the events the
+        engine counted by key before it was told the shape."""
+        if len(self._engine_keys) + len(shapes) > MAX_SHAPES:
+            self._engine_keys.clear()
+        self._engine_keys.update(shapes)
 
     # -- events --------------------------------------------------------------------------
     def loop(self, pool: Pool, app: str, shape: int, count: int, final: bool) -> None:
@@ -275,9 +287,13 @@ class WireNPlusOne:
             self.end_burst(tracker)
 
     # -- the fast path ---------------------------------------------------------------------
-    def fold_engine_bursts(self, pool: Pool, events: list[tuple[int, int, int, int]],
+    def fold_engine_bursts(self, pool: Pool, events: list[tuple[int, int, int, int, int]],
                            app_of: Any) -> None:
-        for shape, count, params_id, final in events:
+        for shape, count, params_id, final, key in events:
+            if not shape:  # counted by its key: the batch taken before named its shape
+                shape = self._engine_keys.get(key, 0)
+            if not shape or shape == NO_SHAPE:
+                continue  # not known after all, or no loop's statement
             self.engine_loops += not final
             self.loop(pool, app_of(params_id), shape, count, bool(final))
 

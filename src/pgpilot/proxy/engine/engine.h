@@ -200,6 +200,7 @@ typedef struct QsClient QsClient;
 typedef struct QsBurst QsBurst;
 typedef struct QsShapeMap QsShapeMap;
 typedef struct QsEvents QsEvents;
+typedef struct QsNames QsNames;
 
 struct ConnObject {
     PyObject_HEAD
@@ -304,6 +305,8 @@ struct PoolObject {
     int64_t bounds[N_BUCKETS];
     int qs_on;   /* query_stats: time each statement (see "query statistics") */
     QsTable *qs; /* this batch's per-statement aggregates, made at the first */
+    uint32_t qs_gen; /* bumped when the table is taken: entries found before are gone */
+    QsNames *qs_names; /* the keys of named statements (see there) */
     /* N+1 at the wire: executions of a shape per burst that make an event (0: off), the
      * longest gap within a burst, the shapes of keys, the events not yet taken */
     int burst_threshold;

@@ -16,8 +16,7 @@ static int pool_clear(PoolObject *p) {
 static void pool_dealloc(PoolObject *p) {
     PyObject_GC_UnTrack(p);
     pool_clear(p);
-    if (p->qs) qs_table_clear(p->qs);
-    free(p->qs);
+    qs_pool_free(p);
     free(p->shapes);
     free(p->events);
     Py_XDECREF(p->engine);

@@ -21,9 +21,18 @@
  * takes the table whole (FastPool.take_queries, about once a second) and it starts empty
  * again; an entry carries its text (copied when the key first appears in a batch), so Python
  * fingerprints each distinct text once and never sees the per-message flow. */
+#if defined(__SSE2__)
+#include <emmintrin.h> /* qs_next_start: 16 bytes of a text at a time */
+#endif
+
+/* The per-statement hooks are inlined where they are called (the pumps: one call each, often
+ * of a constant message type that leaves one case): a call's own cost was a fifth of their
+ * work on pgbench's prepared select. */
+#define QS_INLINE static inline __attribute__((always_inline))
+
 #define QS_SUB 8
 #define QS_MAX_BUCKET (36 * QS_SUB)
-#define QS_RING 32        /* statements in flight per client that are timed */
+#define QS_RING 32        /* statements in flight per client that are timed (a power of two) */
 #define QS_SLOTS 512      /* per pool and batch (a power of two) */
 #define QS_FULL 384       /* keys per batch; more go to the overflow entry ("other") */
 #define QS_CODES 4        /* SQLSTATEs per entry and batch; more count as "other" */
@@ -52,19 +61,47 @@ struct QsTable {
 typedef struct {
     uint64_t key;    /* 0: not timed */
     int64_t started;
-    uint64_t params; /* a hash of its parameters (of the text, for a Query) */
+    uint64_t params; /* a hash of its parameters (its literal values, for a Query) */
+    QsEntry *entry;  /* its entry in the pool's table, found when it was sent: valid while the
+                      * table is of generation ``gen`` (the answer then needs no look-up) */
+    uint32_t gen;
     char kind;       /* 'Q', 'E' (Execute), 'S' (Sync) */
-} QsSlot;            /* one statement in flight: one cache line holds two */
+} QsSlot;
+
+/* A statement's key and its entry in the pool's table of generation ``gen``. */
+typedef struct {
+    uint64_t key;
+    QsEntry *entry;
+    uint32_t gen;
+} QsRef;
 
 struct QsClient {
     QsSlot ring[QS_RING];
-    int head, count;
+    unsigned head, count;
     int lost; /* more than QS_RING in flight: nothing more is timed until the ring drains */
-    uint64_t unnamed_key, bound_key, bound_params;
+    QsRef unnamed, bound;
+    uint64_t bound_params;
     int64_t last_answer; /* when the last answer came: a pipelined statement starts there */
     int64_t wait_ns; /* waited for the server: for the next statement recorded */
     long long rows;  /* of the Query in front so far */
     char code[6];    /* the SQLSTATE of the Query in front, if it failed */
+};
+
+/* The keys of named statements, per pool. A statement the engine renamed is keyed by the hash
+ * of its server-side name, a str Python keeps while the statement exists (the same object
+ * for every client and Bind of it); a Bind finds its key and its entry in this batch's table
+ * here by that str's address (the cache holds a reference, so an address names one str), not
+ * by hashing the name and looking the entry up, a dict look-up for its text included, per
+ * Bind. */
+#define QS_NAMES 64 /* a power of two */
+typedef struct {
+    PyObject *name; /* owned; NULL: empty */
+    long long params_id;
+    QsRef ref;
+} QsNamed;
+
+struct QsNames {
+    QsNamed slots[QS_NAMES];
 };
 
 /* Hashing is per statement on the hot path (every Query's text twice, every Bind's
@@ -79,9 +116,37 @@ static inline uint64_t qs_mix(uint64_t h, uint64_t w) {
     return h ^ (h >> 32);
 }
 
+/* The ``left`` (< 8) bytes at ``s`` as a word, zeros after them, as memcpy(&w, s, left) on a
+ * little-endian machine would make it, without a call of memcpy (a tenth of the statistics'
+ * work per Bind was that call): when ``back`` (8 or more bytes readable before ``s + left``),
+ * the word that ends with them, shifted; otherwise in pieces of 4, 2 and 1. */
+static inline uint64_t qs_tail(const unsigned char *s, size_t left, int back) {
+    uint64_t w = 0;
+    if (!left) return 0;
+    if (back) {
+        memcpy(&w, s + left - 8, 8);
+        return w >> (8 * (8 - left));
+    }
+    size_t k = 0;
+    if (left & 4) {
+        uint32_t v;
+        memcpy(&v, s, 4);
+        w = v;
+        k = 4;
+    }
+    if (left & 2) {
+        uint16_t v;
+        memcpy(&v, s + k, 2);
+        w |= (uint64_t)v << (8 * k);
+        k += 2;
+    }
+    if (left & 1) w |= (uint64_t)s[k] << (8 * k);
+    return w;
+}
+
 /* ``h`` followed by the ``n`` bytes at ``s`` (a run: its length is mixed in, so runs that
  * meet at another place hash apart). */
-static uint64_t qs_run(uint64_t h, const unsigned char *s, size_t n) {
+QS_INLINE uint64_t qs_run(uint64_t h, const unsigned char *s, size_t n) {
     size_t left = n;
     while (left >= 8) {
         uint64_t w;
@@ -90,9 +155,7 @@ static uint64_t qs_run(uint64_t h, const unsigned char *s, size_t n) {
         s += 8;
         left -= 8;
     }
-    uint64_t w = 0;
-    if (left) memcpy(&w, s, left);
-    return qs_mix(h, w ^ ((uint64_t)n << 56));
+    return qs_mix(h, qs_tail(s, left, n >= 8) ^ ((uint64_t)n << 56));
 }
 
 static uint64_t qs_hash(const unsigned char *s, size_t n) {
@@ -100,21 +163,18 @@ static uint64_t qs_hash(const unsigned char *s, size_t n) {
     return h ? h : 1;
 }
 
-/* What a byte is to qs_text_key: a byte of none of these classes is copied as it is. */
-enum { QS_C_IDENT = 1, QS_C_DIGIT = 2, QS_C_QUOTE = 4, QS_C_DQUOTE = 8, QS_C_SLASH = 16 };
-static unsigned char qs_class[256];
+/* What bytes are to qs_text_key: of a name (a digit after one is part of it, not a literal),
+ * the start of something not taken as it is (a digit, a quote, a double quote, a slash), of
+ * a number after its first digit (digits and '.'). */
+static unsigned char qs_ident[256], qs_starts[256], qs_number[256];
 
 static void qs_classes_init(void) {
     for (int ch = 0; ch < 256; ch++) {
-        unsigned char k = 0;
-        if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_' || ch == '$' ||
-            ch >= 0x80)
-            k |= QS_C_IDENT;
-        if (ch >= '0' && ch <= '9') k |= QS_C_IDENT | QS_C_DIGIT;
-        if (ch == '\'') k |= QS_C_QUOTE;
-        if (ch == '"') k |= QS_C_DQUOTE;
-        if (ch == '/') k |= QS_C_SLASH;
-        qs_class[ch] = k;
+        int digit = ch >= '0' && ch <= '9';
+        qs_ident[ch] = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_' ||
+                       ch == '$' || ch >= 0x80 || digit;
+        qs_starts[ch] = digit || ch == '\'' || ch == '"' || ch == '/';
+        qs_number[ch] = digit || ch == '.';
     }
 }
 
@@ -132,39 +192,93 @@ static inline int qs_hexish(unsigned char ch) {
 
 #define QS_LITERAL 0x3f3f3f3f3f3f3f3fULL /* what a literal value counts as ("?") */
 
+/* The bytes of a word from '"' to '9' (the top bit of each, exact per byte): the quotes, the
+ * slash and the digits among them, which may start something qs_text_key does not take as it
+ * is, with some punctuation (# $ % & ( ) * + , - .), which qs_starts tells apart. */
+static inline uint64_t qs_maybe_special(uint64_t w) {
+    return QS_HAS_BETWEEN(w, 0x21, 0x3a);
+}
+
+/* Where the next byte from ``i`` on that qs_starts is (a digit, a quote, a double quote, a
+ * slash), or ``n``. Sixteen bytes at a time with SSE2 (any x86-64), the last sixteen of the
+ * text read again for its end; eight at a time otherwise (qs_maybe_special, then the table for
+ * the candidates). */
+static inline size_t qs_next_start(const unsigned char *s, size_t i, size_t n) {
+#if defined(__SSE2__)
+    if (n >= 16) {
+        const __m128i zero = _mm_set1_epi8('0'), nine = _mm_set1_epi8(9),
+                      quote = _mm_set1_epi8('\''), dquote = _mm_set1_epi8('"'),
+                      slash = _mm_set1_epi8('/');
+        for (;;) {
+            size_t at = i + 16 <= n ? i : n - 16; /* the end: its last 16 bytes again */
+            __m128i x = _mm_loadu_si128((const __m128i *)(s + at));
+            __m128i d = _mm_sub_epi8(x, zero);
+            __m128i hit = _mm_or_si128(
+                _mm_or_si128(_mm_cmpeq_epi8(_mm_min_epu8(d, nine), d), _mm_cmpeq_epi8(x, quote)),
+                _mm_or_si128(_mm_cmpeq_epi8(x, dquote), _mm_cmpeq_epi8(x, slash)));
+            unsigned m = (unsigned)_mm_movemask_epi8(hit) >> (i - at); /* from i on */
+            if (m) return i + (size_t)__builtin_ctz(m);
+            if (i + 16 >= n) return n;
+            i += 16;
+        }
+    }
+#endif
+    while (i < n) {
+        uint64_t w; /* zeros past the end: none of them */
+        if (n - i >= 8) memcpy(&w, s + i, 8);
+        else w = qs_tail(s + i, n - i, n >= 8);
+        for (uint64_t m = qs_maybe_special(w); m; m &= m - 1) {
+            size_t at = i + ((size_t)__builtin_ctzll(m) >> 3);
+            if (qs_starts[s[at]]) return at;
+        }
+        i += 8;
+    }
+    return n;
+}
+
+/* Where the digits and '.' from ``i`` on end (a number's first part), or ``n``: sixteen bytes
+ * at a time with SSE2 as qs_next_start, otherwise byte by byte. */
+static inline size_t qs_number_end(const unsigned char *s, size_t i, size_t n) {
+#if defined(__SSE2__)
+    if (n >= 16) {
+        const __m128i zero = _mm_set1_epi8('0'), nine = _mm_set1_epi8(9),
+                      dot = _mm_set1_epi8('.');
+        for (;;) {
+            size_t at = i + 16 <= n ? i : n - 16;
+            __m128i x = _mm_loadu_si128((const __m128i *)(s + at));
+            __m128i d = _mm_sub_epi8(x, zero);
+            __m128i part = _mm_or_si128(_mm_cmpeq_epi8(_mm_min_epu8(d, nine), d),
+                                        _mm_cmpeq_epi8(x, dot));
+            unsigned m = (~(unsigned)_mm_movemask_epi8(part) & 0xffffu) >> (i - at);
+            if (m) return i + (size_t)__builtin_ctz(m);
+            if (i + 16 >= n) return n;
+            i += 16;
+        }
+    }
+#endif
+    while (i < n && qs_number[s[i]]) i++;
+    return i;
+}
+
 /* The key of a statement text, the same for texts that differ only in their literal values
  * (a client that inlines them, psycopg2, Django ...): a string literal or a number outside an
  * identifier counts as "?", as does a run of 8 or more hex digits in a comment (a trace id in
  * a sqlcommenter comment); the rest (identifiers, $n, comments, quoted names) as it is. The
- * text is hashed in runs between those (qs_run), each literal as one marker.
- * ``*raw``: the hash of the text as it is (its parameters, for N+1 counting). A text whose
- * string literal does not end is keyed as it is. Python groups the keys by fingerprint. */
-static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *raw) {
-    uint64_t h = 0xcbf29ce484222325ULL;
+ * text is hashed in runs between those (qs_run), each literal as one marker, in one pass that
+ * goes from one byte that may start a literal to the next (qs_next_start).
+ * ``*params``: a hash of the literal values alone (each a run, in order): of two texts with
+ * the same key, the same exactly when the texts are (the parameters, for N+1 counting). A
+ * text whose string literal does not end is keyed as it is (and so are its parameters).
+ * Python groups the keys by fingerprint. */
+static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *params) {
+    uint64_t h = 0xcbf29ce484222325ULL, ph = QS_K;
     size_t i = 0, run = 0; /* the bytes from ``run`` to ``i`` go as they are */
-    int after_ident = 0;
-    *raw = qs_hash(s, n);
-    while (i < n) {
-        /* Eight bytes at a time while none of them is in '"' .. '9' (the quotes, '/', the
-         * digits and some punctuation): most of a text, and all plain. */
-        while (i + 8 <= n) {
-            uint64_t w;
-            memcpy(&w, s + i, 8);
-            if (QS_HAS_BETWEEN(w, 0x21, 0x3a)) break;
-            i += 8;
-            after_ident = qs_class[s[i - 1]] & QS_C_IDENT;
-        }
+    for (;;) {
+        i = qs_next_start(s, i, n);
         if (i >= n) break;
-        unsigned char k = qs_class[s[i]];
-        if (!(k & (QS_C_DIGIT | QS_C_QUOTE | QS_C_DQUOTE | QS_C_SLASH)) ||
-            ((k & QS_C_DIGIT) && after_ident)) {
-            after_ident = k & QS_C_IDENT;
-            i++;
-            continue;
-        }
-        if (k & QS_C_SLASH) {
+        unsigned char ch = s[i];
+        if (ch == '/') {
             if (i + 1 >= n || s[i + 1] != '*') {
-                after_ident = 0;
                 i++;
                 continue;
             }
@@ -178,6 +292,7 @@ static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *raw) {
                 while (i + hex < stop && qs_hexish(s[i + hex])) hex++;
                 if (hex >= 8) {
                     h = qs_mix(qs_run(h, s + piece, i - piece), QS_LITERAL);
+                    ph = qs_run(ph, s + i, hex);
                     i += hex;
                     piece = i;
                 } else {
@@ -186,17 +301,20 @@ static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *raw) {
             }
             h = qs_run(h, s + piece, i - piece);
             run = i;
-            after_ident = 0;
             continue;
         }
-        if (k & QS_C_DQUOTE) { /* a quoted name, as it is */
+        if (ch == '"') { /* a quoted name, as it is */
             const unsigned char *close = memchr(s + i + 1, '"', n - i - 1);
             i = close ? (size_t)(close - s) + 1 : n;
-            after_ident = 0;
+            continue;
+        }
+        if (ch != '\'' && i && qs_ident[s[i - 1]]) {
+            i++; /* a digit that ends a name (t1), part of it; a literal ends before a name */
             continue;
         }
         h = qs_run(h, s + run, i - run);
-        if (k & QS_C_QUOTE) {
+        size_t start = i;
+        if (ch == '\'') {
             size_t j = i + 1;
             for (;;) {
                 const unsigned char *q = memchr(s + j, '\'', n - j);
@@ -208,34 +326,37 @@ static uint64_t qs_text_key(const unsigned char *s, size_t n, uint64_t *raw) {
                 break;
             }
             if (j >= n) { /* no end: the text as it is */
-                h = *raw;
-                return h;
+                *params = qs_hash(s, n);
+                return *params;
             }
             i = j + 1;
         } else { /* a number */
-            while (i < n && ((s[i] >= '0' && s[i] <= '9') || s[i] == '.')) i++;
+            i = qs_number_end(s, i, n);
             if (i + 1 < n && (s[i] == 'e' || s[i] == 'E') &&
                 ((s[i + 1] >= '0' && s[i + 1] <= '9') || s[i + 1] == '-' || s[i + 1] == '+')) {
                 i += 2;
                 while (i < n && s[i] >= '0' && s[i] <= '9') i++;
             }
         }
+        ph = qs_run(ph, s + start, i - start);
         h = qs_mix(h, QS_LITERAL);
         run = i;
-        after_ident = 0;
     }
-    h = qs_run(h, s + run, i - run);
+    h = qs_run(h, s + run, n - run);
+    *params = ph;
     return h ? h : 1;
 }
 
 /* The bucket of a duration, as stats.bucket_of: 0 under a microsecond, then QS_SUB per power
- * of two of microseconds. */
-static int qs_bucket(int64_t ns) {
-    double us = (double)ns / 1000.0;
-    if (us < 1.0) return 0;
-    int exponent;
-    double mantissa = frexp(us, &exponent);
-    int index = (exponent - 1) * QS_SUB + (int)((mantissa - 0.5) * 2 * QS_SUB) + 1;
+ * of two of microseconds: with 2^k <= us < 2^(k+1), k * QS_SUB + 1 plus the eighth of that
+ * power the duration is in, in integers (no float division, no frexp). */
+static inline int qs_bucket(int64_t ns) {
+    if (ns < 1000) return 0;
+    if (ns >= (int64_t)(1000LL << 36)) return QS_MAX_BUCKET;
+    int k = 63 - __builtin_clzll((uint64_t)ns / 1000); /* 2^k <= floor(us) <= us */
+    /* floor(8 ns / (1000 * 2^k)), as floor(floor(8 ns / 2^k) / 1000): a constant divisor */
+    int sub = (int)((((uint64_t)ns * QS_SUB) >> k) / 1000) - QS_SUB;
+    int index = k * QS_SUB + sub + 1;
     return index > QS_MAX_BUCKET ? QS_MAX_BUCKET : index;
 }
 
@@ -252,6 +373,24 @@ static void qs_table_clear(QsTable *t) {
         t->overflow = NULL;
     }
     t->used = 0;
+}
+
+/* The pool's table is taken (or goes): entries found before (QsRef, QsSlot) are no more. */
+static void qs_table_taken(PoolObject *p) {
+    if (p->qs) qs_table_clear(p->qs);
+    p->qs_gen++;
+}
+
+/* The pool goes: its table and the names it holds. */
+static void qs_pool_free(PoolObject *p) {
+    qs_table_taken(p);
+    free(p->qs);
+    p->qs = NULL;
+    if (p->qs_names) {
+        for (int i = 0; i < QS_NAMES; i++) Py_XDECREF(p->qs_names->slots[i].name);
+        free(p->qs_names);
+        p->qs_names = NULL;
+    }
 }
 
 /* The entry of (key, params id) in ``p``'s table, made if need be (with ``text`` when given);
@@ -314,7 +453,9 @@ static void qs_linked(ConnObject *c, int64_t waited) {
         q = qs_n_spare ? qs_spare[--qs_n_spare] : malloc(sizeof(QsClient));
         if (!q) return;
         q->head = q->count = q->lost = 0;
-        q->unnamed_key = q->bound_key = 0;
+        q->unnamed.key = q->bound.key = 0;
+        q->unnamed.entry = q->bound.entry = NULL;
+        q->bound_params = 0;
         q->last_answer = q->wait_ns = 0;
         q->rows = 0;
         q->code[0] = 0;
@@ -330,14 +471,15 @@ static void qs_unlinked(ConnObject *c) {
     c->qs = NULL;
 }
 
-static void qs_push(ConnObject *c, uint64_t key, int64_t started, char kind, uint64_t params) {
-    QsClient *q = c->qs;
+QS_INLINE void qs_push(QsClient *q, QsRef ref, int64_t started, char kind, uint64_t params) {
     if (q->lost || q->count == QS_RING) {
         q->lost = 1; /* answers can no longer be matched: time nothing until quiet */
         return;
     }
-    QsSlot *slot = &q->ring[(q->head + q->count) % QS_RING];
-    slot->key = key;
+    QsSlot *slot = &q->ring[(q->head + q->count) & (QS_RING - 1)];
+    slot->key = ref.key;
+    slot->entry = ref.entry;
+    slot->gen = ref.gen;
     slot->started = started;
     slot->kind = kind;
     slot->params = params;
@@ -368,21 +510,68 @@ static const unsigned char *qs_named_text(ConnObject *c, PyObject *client_name, 
     return sql;
 }
 
-/* One client message the engine forwards (client_account): Query, Parse, Bind, Execute and
- * Sync move the statement being timed. ``server_name`` / ``client_name``: a Bind the engine
- * renamed (named statements). */
-static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, size_t n,
-                    PyObject *server_name, PyObject *client_name, int64_t *now) {
-    QsClient *q = c->qs;
-    PoolObject *p = c->pool;
-    if (!q || !p) return;
+/* The key and entry of a Bind of the named statement the engine renamed ``server_name``
+ * (``client_name``: the client's name of it): from the pool's QsNames, or made there. The
+ * entry takes the statement's text (a dict look-up) once per batch, when it has none yet. */
+static QsRef qs_named_found(ConnObject *c, PoolObject *p, PyObject *server_name,
+                            PyObject *client_name);
+
+QS_INLINE QsRef qs_named(ConnObject *c, PoolObject *p, PyObject *server_name,
+                         PyObject *client_name) {
+    if (p->qs_names) {
+        const QsNamed *slot =
+            &p->qs_names->slots[((uintptr_t)server_name >> 4) & (QS_NAMES - 1)];
+        if (slot->name == server_name && slot->params_id == c->params_id && slot->ref.entry &&
+            slot->ref.gen == p->qs_gen)
+            return slot->ref;
+    }
+    return qs_named_found(c, p, server_name, client_name);
+}
+
+/* (qs_named's way when its slot does not have the statement in this batch) */
+static QsRef qs_named_found(ConnObject *c, PoolObject *p, PyObject *server_name,
+                            PyObject *client_name) {
+    QsRef none = {0, NULL, 0};
+    if (!p->qs_names && !(p->qs_names = calloc(1, sizeof(QsNames)))) return none;
+    QsNamed *slot = &p->qs_names->slots[((uintptr_t)server_name >> 4) & (QS_NAMES - 1)];
+    if (slot->name != server_name) {
+        Py_ssize_t len;
+        const char *name = PyUnicode_Check(server_name)
+                               ? PyUnicode_AsUTF8AndSize(server_name, &len) : NULL;
+        if (!name) {
+            PyErr_Clear();
+            return none;
+        }
+        Py_INCREF(server_name);
+        Py_XSETREF(slot->name, server_name); /* (a str: its dealloc runs no Python) */
+        slot->ref.key = qs_hash((const unsigned char *)name, (size_t)len);
+    }
+    slot->params_id = c->params_id;
+    QsEntry *e = qs_entry(p, slot->ref.key, c->params_id, NULL, 0);
+    if (e && !e->text && e != p->qs->overflow) {
+        size_t text_len = 0;
+        const unsigned char *text = qs_named_text(c, client_name, &text_len);
+        if (text) qs_entry(p, slot->ref.key, c->params_id, text, text_len);
+    }
+    slot->ref.entry = e;
+    slot->ref.gen = p->qs_gen;
+    return slot->ref;
+}
+
+/* A Query or an unnamed Parse sent (qs_sent): its text keyed. */
+static void qs_sent_text(ConnObject *c, QsClient *q, PoolObject *p, unsigned char t,
+                         const unsigned char *body, size_t n, int64_t *now) {
     switch (t) {
     case 'Q': {
         size_t len = n && body[n - 1] == 0 ? n - 1 : n;
-        uint64_t raw, key = qs_text_key(body, len, &raw);
-        if (!qs_entry(p, key, c->params_id, body, len)) return;
+        uint64_t params;
+        QsRef ref;
+        ref.key = qs_text_key(body, len, &params);
+        ref.entry = qs_entry(p, ref.key, c->params_id, body, len);
+        ref.gen = p->qs_gen;
+        if (!ref.entry) return;
         if (!*now) *now = now_ns();
-        qs_push(c, key, *now, 'Q', raw);
+        qs_push(q, ref, *now, 'Q', params);
         return;
     }
     case 'P': { /* unnamed (the engine carries no named Parse) */
@@ -390,53 +579,57 @@ static void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, s
         const unsigned char *sql = body + 1;
         const unsigned char *end = memchr(sql, 0, n - 1);
         if (!end) return;
-        uint64_t raw;
-        q->unnamed_key = qs_text_key(sql, (size_t)(end - sql), &raw);
-        qs_entry(p, q->unnamed_key, c->params_id, sql, (size_t)(end - sql));
+        uint64_t params;
+        q->unnamed.key = qs_text_key(sql, (size_t)(end - sql), &params);
+        q->unnamed.entry = qs_entry(p, q->unnamed.key, c->params_id, sql, (size_t)(end - sql));
+        q->unnamed.gen = p->qs_gen;
         return;
     }
+    }
+}
+
+/* One client message the engine forwards (client_account): Query, Parse, Bind, Execute and
+ * Sync move the statement being timed. ``server_name`` / ``client_name``: a Bind the engine
+ * renamed (named statements). Inline: a Bind, Execute or Sync is a few stores. */
+QS_INLINE void qs_sent(ConnObject *c, unsigned char t, const unsigned char *body, size_t n,
+                       PyObject *server_name, PyObject *client_name, int64_t *now) {
+    QsClient *q = c->qs;
+    PoolObject *p = c->pool;
+    if (!q || !p) return;
+    switch (t) {
+    case 'Q':
+    case 'P':
+        qs_sent_text(c, q, p, t, body, n, now);
+        return;
     case 'B':
-        q->bound_params = qs_hash(body, n);
-        if (server_name) {
-            Py_ssize_t len;
-            const char *name = PyUnicode_Check(server_name)
-                                   ? PyUnicode_AsUTF8AndSize(server_name, &len) : NULL;
-            if (!name) {
-                PyErr_Clear();
-                q->bound_key = 0;
-                return;
-            }
-            q->bound_key = qs_hash((const unsigned char *)name, (size_t)len);
-            /* The text (a dict lookup) only when this batch has no entry with it yet. */
-            QsEntry *e = qs_entry(p, q->bound_key, c->params_id, NULL, 0);
-            if (e && !e->text && e != p->qs->overflow) {
-                size_t text_len = 0;
-                const unsigned char *text = qs_named_text(c, client_name, &text_len);
-                if (text) qs_entry(p, q->bound_key, c->params_id, text, text_len);
-            }
-        } else {
-            q->bound_key = q->unnamed_key;
-        }
+        /* The parameters, for N+1 counting (off: not hashed). */
+        q->bound_params = p->burst_threshold > 0 ? qs_hash(body, n) : 0;
+        q->bound = server_name ? qs_named(c, p, server_name, client_name) : q->unnamed;
         return;
     case 'E':
         if (!*now) *now = now_ns();
-        qs_push(c, q->bound_key, *now, 'E', q->bound_params);
+        qs_push(q, q->bound, *now, 'E', q->bound_params);
         return;
-    case 'S':
-        qs_push(c, 0, 0, 'S', 0);
+    case 'S': {
+        QsRef none = {0, NULL, 0};
+        qs_push(q, none, 0, 'S', 0);
         return;
+    }
     }
 }
 
 /* The row count a CommandComplete tag ends with (``SELECT 5``, ``INSERT 0 3``), or 0. */
-static long long qs_rows(const unsigned char *tag, size_t n) {
-    const unsigned char *end = memchr(tag, 0, n);
+QS_INLINE long long qs_rows(const unsigned char *tag, size_t n) {
+    const unsigned char *end = n && !tag[n - 1] ? tag + n - 1 : memchr(tag, 0, n);
     size_t len = end ? (size_t)(end - tag) : n;
     size_t i = len;
-    while (i > 0 && tag[i - 1] >= '0' && tag[i - 1] <= '9') i--;
+    long long rows = 0, unit = 1; /* read from the last digit back (one pass) */
+    while (i > 0 && (unsigned)(tag[i - 1] - '0') < 10) {
+        if (unit <= (1LL << 56)) rows += (tag[i - 1] - '0') * unit;
+        unit = unit <= (1LL << 56) ? unit * 10 : unit;
+        i--;
+    }
     if (i == len || i == 0 || tag[i - 1] != ' ') return 0;
-    long long rows = 0;
-    for (; i < len && rows < (1LL << 56); i++) rows = rows * 10 + (tag[i] - '0');
     return rows;
 }
 
@@ -462,13 +655,17 @@ static void qs_sqlstate(const unsigned char *body, size_t n, char code[6]) {
 /* One statement done: into the pool's table. */
 static void qs_burst(ConnObject *c, uint64_t key, uint64_t params, int64_t now);
 
-static void qs_record(ConnObject *c, uint64_t key, int64_t started, int64_t now,
-                      long long rows, const char *code, uint64_t params) {
+static void qs_record(ConnObject *c, const QsSlot *slot, int64_t now, long long rows,
+                      const char *code) {
     PoolObject *p = c->pool;
     QsClient *q = c->qs;
+    uint64_t key = slot->key;
     if (!key || !p || !p->qs_on) return;
-    QsEntry *e = qs_entry(p, key, c->params_id, NULL, 0);
+    /* The entry found when it was sent, unless Python took the table since. */
+    QsEntry *e = slot->entry && slot->gen == p->qs_gen
+                     ? slot->entry : qs_entry(p, key, c->params_id, NULL, 0);
     if (!e) return;
+    int64_t started = slot->started;
     if (q->last_answer > started) started = q->last_answer;
     int64_t took = now > started ? now - started : 0;
     e->calls++;
@@ -488,19 +685,21 @@ static void qs_record(ConnObject *c, uint64_t key, int64_t started, int64_t now,
             e->code_counts[k]++;
         }
     }
-    if (p->burst_threshold > 0) qs_burst(c, key, params, now);
+    if (p->burst_threshold > 0) qs_burst(c, key, slot->params, now);
 }
 
-static void qs_pop(QsClient *q) {
-    q->head = (q->head + 1) % QS_RING;
+QS_INLINE void qs_pop(QsClient *q) {
+    q->head = (q->head + 1) & (QS_RING - 1);
     q->count--;
     if (!q->count) q->lost = 0;
 }
 
 /* A server message ``t`` (``n`` of its body bytes at hand, ``whole``: all of them) for a
  * client with statements in flight: the answer to the one in front, maybe. */
-static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body, size_t n,
-                      int whole, int64_t now) {
+static void qs_answer_error(ConnObject *c, const unsigned char *body, size_t n, int64_t now);
+
+QS_INLINE void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body, size_t n,
+                         int whole, int64_t now) {
     QsClient *q = c->qs;
     if (!q) return;
     const QsSlot *front = &q->ring[q->head];
@@ -516,31 +715,19 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
     case 'I':
     case 's':
         if (kind != 'E') return;
-        qs_record(c, front->key, front->started, now,
-                  t == 'C' && whole ? qs_rows(body, n) : 0, NULL, front->params);
+        qs_record(c, front, now, t == 'C' && whole ? qs_rows(body, n) : 0, NULL);
         qs_pop(q);
         q->last_answer = now;
         return;
-    case 'E': {
-        char code[6];
-        qs_sqlstate(body, n, code);
-        if (!now) now = now_ns();
-        if (kind == 'Q') {
-            if (!q->code[0]) memcpy(q->code, code, 6);
-        } else if (kind == 'E') {
-            qs_record(c, front->key, front->started, now, 0, code, front->params);
-            qs_pop(q);
-            q->last_answer = now;
-        }
+    case 'E':
+        qs_answer_error(c, body, n, now);
         return;
-    }
     case 'Z':
         /* The Query it answers, or the Sync (and the Executes skipped after an error). */
         while (q->count) {
             const QsSlot *slot = &q->ring[q->head];
             char k = slot->kind;
-            if (k == 'Q')
-                qs_record(c, slot->key, slot->started, now, q->rows, q->code, slot->params);
+            if (k == 'Q') qs_record(c, slot, now, q->rows, q->code);
             qs_pop(q);
             if (k != 'E') break;
         }
@@ -552,6 +739,23 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
     }
 }
 
+/* An ErrorResponse (``n`` of its body bytes at hand) for a client with statements in flight. */
+static void qs_answer_error(ConnObject *c, const unsigned char *body, size_t n, int64_t now) {
+    QsClient *q = c->qs;
+    const QsSlot *front = &q->ring[q->head];
+    char kind = q->count ? front->kind : 0;
+    char code[6];
+    qs_sqlstate(body, n, code);
+    if (!now) now = now_ns();
+    if (kind == 'Q') {
+        if (!q->code[0]) memcpy(q->code, code, 6);
+    } else if (kind == 'E') {
+        qs_record(c, front, now, 0, code);
+        qs_pop(q);
+        q->last_answer = now;
+    }
+}
+
 /* The statements a linked client has in flight, for Python to time from here (eject_client):
  * ([(kind, key, started, params hash), ...], last answer, wait, rows, SQLSTATE) in the order
  * sent, times in seconds of CLOCK_MONOTONIC (Python's time.monotonic); None when nothing is
@@ -559,10 +763,10 @@ static void qs_answer(ConnObject *c, unsigned char t, const unsigned char *body,
 static PyObject *qs_inflight(ConnObject *c) {
     QsClient *q = c->qs;
     if (!q || q->lost) Py_RETURN_NONE;
-    PyObject *entries = PyList_New(q->count);
+    PyObject *entries = PyList_New((Py_ssize_t)q->count);
     if (!entries) return NULL;
-    for (int i = 0; i < q->count; i++) {
-        const QsSlot *slot = &q->ring[(q->head + i) % QS_RING];
+    for (unsigned i = 0; i < q->count; i++) {
+        const QsSlot *slot = &q->ring[(q->head + i) & (QS_RING - 1)];
         PyObject *item = Py_BuildValue("(CKdK)", slot->kind, (unsigned long long)slot->key,
                                        (double)slot->started / 1e9,
                                        (unsigned long long)slot->params);
@@ -570,7 +774,7 @@ static PyObject *qs_inflight(ConnObject *c) {
             Py_DECREF(entries);
             return NULL;
         }
-        PyList_SET_ITEM(entries, i, item);
+        PyList_SET_ITEM(entries, (Py_ssize_t)i, item);
     }
     return Py_BuildValue("(NddLs)", entries, (double)q->last_answer / 1e9,
                          (double)q->wait_ns / 1e9, q->rows, q->code);
@@ -581,12 +785,16 @@ static PyObject *qs_inflight(ConnObject *c) {
  * the next (a request's loop, a transaction). Python tells the engine which query shape each
  * key is (FastPool.set_shapes: key -> a small shape id per fingerprint and sqlcommenter
  * origin, learnt from the batches), and the engine counts, per burst and shape (up to
- * QS_BURST_SLOTS shapes), the executions whose parameters differ from the one before. When a
- * count reaches ``burst_threshold`` it notes an event for Python (take_bursts: shape, count,
- * params id, final 0); when the burst ends (the next statement after a gap, or the client
- * leaving the fast path) a shape that reached it is noted again with its final count
- * (final 1). The burst is kept on the client (QsBurst, 72 bytes, made at its first statement
- * of a known shape) between transactions. */
+ * QS_BURST_SLOTS shapes), the executions whose parameters differ from the one before. A key
+ * whose shape the engine has not been told yet (its text came in the batch Python has not
+ * taken: a new request's first loop) is counted by the key itself meanwhile, and becomes its
+ * shape's count when the shape is known. When a count reaches ``burst_threshold`` it notes an
+ * event for Python (take_bursts: shape, count, params id, final 0, key; shape 0 and the key
+ * when counted by key: Python knows its shape by the time it takes the event, from the batch
+ * it takes first); when the burst ends (the next statement after a gap, or the client
+ * leaving the fast path) a count that reached it is noted again with its final count
+ * (final 1). The burst is kept on the client (QsBurst, 104 bytes, made at its first timed
+ * statement) between transactions. */
 #define QS_BURST_SLOTS 4
 #define QS_SHAPES 8192      /* keys whose shape the engine knows, per pool (a power of two) */
 #define QS_SHAPES_FULL 6144 /* then the map starts again, and Python tells it anew */
@@ -594,8 +802,9 @@ static PyObject *qs_inflight(ConnObject *c) {
 
 struct QsBurst {
     int64_t last;
-    uint32_t shapes[QS_BURST_SLOTS];
+    uint32_t shapes[QS_BURST_SLOTS]; /* 0: counted by keys[i] (0 too: a free slot) */
     uint32_t counts[QS_BURST_SLOTS];
+    uint64_t keys[QS_BURST_SLOTS];
     uint64_t last_params[QS_BURST_SLOTS];
 };
 
@@ -610,9 +819,10 @@ struct QsShapeMap {
 };
 
 typedef struct {
-    uint32_t shape, count;
+    uint32_t shape, count; /* shape 0: counted by ``key`` */
     long long params_id;
     int final;
+    uint64_t key;
 } QsEvent;
 
 struct QsEvents {
@@ -620,6 +830,10 @@ struct QsEvents {
     int n;
     long long dropped;
 };
+
+/* The shape Python gives a key that is no loop's (BEGIN, SET ...: wire_nplusone.NO_SHAPE):
+ * no burst counts it. */
+#define QS_NO_SHAPE 0xffffffffu
 
 static uint32_t qs_shape_of(PoolObject *p, uint64_t key) {
     QsShapeMap *m = p->shapes;
@@ -632,7 +846,7 @@ static uint32_t qs_shape_of(PoolObject *p, uint64_t key) {
     return 0;
 }
 
-static void qs_event(ConnObject *c, uint32_t shape, uint32_t count, int final) {
+static void qs_event(ConnObject *c, uint32_t shape, uint64_t key, uint32_t count, int final) {
     PoolObject *p = c->pool;
     if (!p) return;
     if (!p->events) {
@@ -646,6 +860,7 @@ static void qs_event(ConnObject *c, uint32_t shape, uint32_t count, int final) {
     }
     QsEvent *e = &ev->items[ev->n++];
     e->shape = shape;
+    e->key = shape ? 0 : key;
     e->count = count;
     e->params_id = c->params_id;
     e->final = final;
@@ -657,10 +872,11 @@ static void qs_burst_end(ConnObject *c) {
     PoolObject *p = c->pool;
     if (!b) return;
     for (int i = 0; i < QS_BURST_SLOTS; i++) {
-        if (b->shapes[i] && p && p->burst_threshold > 0 &&
+        if ((b->shapes[i] || b->keys[i]) && p && p->burst_threshold > 0 &&
             b->counts[i] >= (uint32_t)p->burst_threshold)
-            qs_event(c, b->shapes[i], b->counts[i], 1);
+            qs_event(c, b->shapes[i], b->keys[i], b->counts[i], 1);
         b->shapes[i] = b->counts[i] = 0;
+        b->keys[i] = 0;
     }
 }
 
@@ -673,8 +889,8 @@ static void qs_burst_free(ConnObject *c) {
 
 static void qs_burst(ConnObject *c, uint64_t key, uint64_t params, int64_t now) {
     PoolObject *p = c->pool;
-    uint32_t shape = qs_shape_of(p, key);
-    if (!shape) return;
+    uint32_t shape = qs_shape_of(p, key); /* 0: not known yet, counted by the key */
+    if (shape == QS_NO_SHAPE) return;
     QsBurst *b = c->burst;
     if (!b) {
         b = c->burst = calloc(1, sizeof(QsBurst));
@@ -685,18 +901,24 @@ static void qs_burst(ConnObject *c, uint64_t key, uint64_t params, int64_t now) 
     b->last = now;
     int free_slot = -1;
     for (int i = 0; i < QS_BURST_SLOTS; i++) {
-        if (b->shapes[i] == shape) {
+        int by_key = !b->shapes[i] && b->keys[i] == key; /* this key, counted by itself */
+        if ((shape && b->shapes[i] == shape) || by_key) {
+            if (by_key && shape) { /* its shape came meanwhile: the count is the shape's */
+                b->shapes[i] = shape;
+                b->keys[i] = 0;
+            }
             if (b->last_params[i] != params) {
                 b->last_params[i] = params;
                 if (++b->counts[i] == (uint32_t)p->burst_threshold)
-                    qs_event(c, shape, b->counts[i], 0);
+                    qs_event(c, shape, key, b->counts[i], 0);
             }
             return;
         }
-        if (!b->shapes[i] && free_slot < 0) free_slot = i;
+        if (!b->shapes[i] && !b->keys[i] && free_slot < 0) free_slot = i;
     }
     if (free_slot >= 0) {
         b->shapes[free_slot] = shape;
+        b->keys[free_slot] = shape ? 0 : key;
         b->counts[free_slot] = 1;
         b->last_params[free_slot] = params;
     }
@@ -735,14 +957,15 @@ static PyObject *pool_set_shapes(PoolObject *p, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* FastPool.take_bursts(): [(shape, count, params id, final)], then empty. */
+/* FastPool.take_bursts(): [(shape, count, params id, final, key)], then empty. */
 static PyObject *pool_take_bursts(PoolObject *p, PyObject *unused) {
     PyObject *out = PyList_New(0);
     if (!out || !p->events) return out;
     QsEvents *ev = p->events;
     for (int i = 0; i < ev->n; i++) {
         QsEvent *e = &ev->items[i];
-        PyObject *row = Py_BuildValue("(IILi)", e->shape, e->count, e->params_id, e->final);
+        PyObject *row = Py_BuildValue("(IILiK)", e->shape, e->count, e->params_id, e->final,
+                                      (unsigned long long)e->key);
         if (!row || PyList_Append(out, row) < 0) {
             Py_XDECREF(row);
             Py_DECREF(out);
@@ -821,6 +1044,6 @@ static PyObject *pool_take_queries(PoolObject *p, PyObject *unused) {
         }
         Py_DECREF(row);
     }
-    qs_table_clear(t);
+    qs_table_taken(p);
     return out;
 }
