@@ -9,6 +9,7 @@ pool serves again within a stated bound, and that descriptors come back.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -227,29 +228,6 @@ def commit_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
     return caught.value
 
 
-@pytest.mark.parametrize("fast_path", ["on", "off"])
-def test_server_lost_between_a_result_and_its_ready_for_query(
-        proxy_factory: Any, fault_pg: EmbeddedPostgres, fast_path: str) -> None:
-    """A server lost after it sent a result of the client's request and before its
-    ReadyForQuery: the client reads what it would read directly, the result and then the
-    close, without an error of the pooler's, which libpq read as a second result (psycopg's
-    COMMIT: "received 2 results from command 'COMMIT'", the other rare failure of
-    test_postgres_restarted_under_load[immediate])."""
-    ensure_running(fault_pg)
-    relay = FaultRelay("127.0.0.1", fault_pg.port)
-    try:
-        upstream = {**fault_params(fault_pg), "port": str(relay.port)}
-        direct = commit_cut_off(
-            f"postgresql://{upstream['user']}@127.0.0.1:{relay.port}/{upstream['dbname']}",
-            relay)
-        proxy = proxy_factory(upstream=upstream, fast_path=fast_path)
-        through = commit_cut_off(proxy.dsn(dbname="test"), relay)
-        assert (type(through), through.sqlstate, str(through)) == \
-            (type(direct), direct.sqlstate, str(direct))
-    finally:
-        relay.close()
-
-
 def empty_query_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
     """The error an empty query meets when PostgreSQL's EmptyQueryResponse (a result, as
     libpq reads it) reaches the client and the connection then ends before the
@@ -270,20 +248,26 @@ def empty_query_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
 
 
 @pytest.mark.parametrize("fast_path", ["on", "off"])
-def test_server_lost_between_an_empty_query_response_and_its_ready_for_query(
-        proxy_factory: Any, fault_pg: EmbeddedPostgres, fast_path: str) -> None:
-    """As above for an EmptyQueryResponse, the result of an empty query: the engine counts
-    it as a result passed, and so must the Python path (an 08006 error of the pooler's
-    after it was read by libpq as a second result)."""
+@pytest.mark.parametrize("cut_off", [commit_cut_off, empty_query_cut_off],
+                         ids=["commit", "empty_query"])
+def test_server_lost_between_a_result_and_its_ready_for_query(
+        proxy_factory: Any, fault_pg: EmbeddedPostgres, fast_path: str,
+        cut_off: Callable[[str, FaultRelay], psycopg.Error]) -> None:
+    """A server lost after it sent a result of the client's request and before its
+    ReadyForQuery: the client reads what it would read directly, the result and then the
+    close, without an error of the pooler's, which libpq read as a second result (psycopg's
+    COMMIT: "received 2 results from command 'COMMIT'", the other rare failure of
+    test_postgres_restarted_under_load[immediate]). An EmptyQueryResponse, the result of an
+    empty query, is such a result too: the engine counts it, and so must the Python path."""
     ensure_running(fault_pg)
     relay = FaultRelay("127.0.0.1", fault_pg.port)
     try:
         upstream = {**fault_params(fault_pg), "port": str(relay.port)}
-        direct = empty_query_cut_off(
+        direct = cut_off(
             f"postgresql://{upstream['user']}@127.0.0.1:{relay.port}/{upstream['dbname']}",
             relay)
         proxy = proxy_factory(upstream=upstream, fast_path=fast_path)
-        through = empty_query_cut_off(proxy.dsn(dbname="test"), relay)
+        through = cut_off(proxy.dsn(dbname="test"), relay)
         assert (type(through), through.sqlstate, str(through)) == \
             (type(direct), direct.sqlstate, str(direct))
     finally:

@@ -7,6 +7,7 @@ rewrites one of its messages.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -365,6 +366,20 @@ def test_python_asking_for_a_streaming_pair_waits_for_the_bind(proxy_factory: An
         sock.sendall(m.terminate())
 
 
+@contextlib.contextmanager
+def half_a_streamed_bind(proxy: Any, pg_params: dict[str, str]) -> Iterator[socket.socket]:
+    """A client that logged in and sent half of a 2 MiB Bind, which the pooler has streamed
+    on; the connection ends when the block does."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
+        assert read_types(sock)[-1] == "Z"
+        start_streamed_bind(sock, 2 << 20, 1 << 20)
+        deadline = time.monotonic() + 10
+        while received(proxy) < (1 << 20) - 64 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield sock
+
+
 def test_client_gone_mid_stream_takes_its_server_along(proxy_factory: Any,
                                                        pg_params: dict[str, str]) -> None:
     """A client that leaves half-way through a streamed Bind: its server, holding half a
@@ -373,13 +388,8 @@ def test_client_gone_mid_stream_takes_its_server_along(proxy_factory: Any,
     proxy = proxy_factory(default_pool_size=1, query_wait_timeout=10)
     with connect(proxy) as conn:
         first_pid = conn.execute("select pg_backend_pid()").fetchone()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-        sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
-        assert read_types(sock)[-1] == "Z"
-        start_streamed_bind(sock, 2 << 20, 1 << 20)
-        deadline = time.monotonic() + 10
-        while received(proxy) < (1 << 20) - 64 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with half_a_streamed_bind(proxy, pg_params):
+        pass
     with connect(proxy) as conn:
         assert conn.execute("select 'next'").fetchone() == ("next",)
         assert conn.execute("select pg_backend_pid()").fetchone() != first_pid
@@ -393,13 +403,7 @@ def test_client_gone_mid_stream_leaves_the_fast_path(proxy_factory: Any,
     proxy = proxy_factory(default_pool_size=1, query_wait_timeout=10)
     pooler = proxy.pooler
     assert pooler is not None
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-        sock.sendall(m.startup_message({"user": pg_params["user"], "database": "test"}))
-        assert read_types(sock)[-1] == "Z"
-        start_streamed_bind(sock, 2 << 20, 1 << 20)
-        deadline = time.monotonic() + 10
-        while received(proxy) < (1 << 20) - 64 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with half_a_streamed_bind(proxy, pg_params):
         transports = proxy.call(lambda: [c.transport for p in pooler.pools.values()
                                          for c in p.clients])
         assert [t.fast for t in transports] == [True]
