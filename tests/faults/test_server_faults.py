@@ -210,10 +210,10 @@ def test_session_server_lost_while_its_startup_settings_are_put_back(
         relay.close()
 
 
-def commit_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
-    """The error a client's COMMIT meets when PostgreSQL's CommandComplete reaches it and the
-    connection then ends before the ReadyForQuery (a backend stopped -m immediate between the
-    two: its WARNING flushes the result it had buffered, then it exits)."""
+def end_instead_of_next_ready_for_query(relay: FaultRelay) -> None:
+    """The server's next ReadyForQuery never reaches the pooler: the connection ends in its
+    place (a backend stopped -m immediate after its result: its WARNING flushes the result
+    it had buffered, then it exits)."""
     def cut(msg: bytes) -> bytes:
         if msg[:1] == b"Z" and relay.rewrite_server is cut:
             relay.rewrite_server = None
@@ -221,10 +221,16 @@ def commit_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
             return b""
         return msg
 
+    relay.rewrite_server = cut
+
+
+def commit_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
+    """The error a client's COMMIT meets when PostgreSQL's CommandComplete reaches it and the
+    connection then ends before the ReadyForQuery."""
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn, \
             pytest.raises(psycopg.Error) as caught, conn.transaction():
         conn.execute("select 1")
-        relay.rewrite_server = cut  # COMMIT's ReadyForQuery never comes
+        end_instead_of_next_ready_for_query(relay)  # COMMIT's
     return caught.value
 
 
@@ -232,17 +238,10 @@ def empty_query_cut_off(dsn: str, relay: FaultRelay) -> psycopg.Error:
     """The error an empty query meets when PostgreSQL's EmptyQueryResponse (a result, as
     libpq reads it) reaches the client and the connection then ends before the
     ReadyForQuery."""
-    def cut(msg: bytes) -> bytes:
-        if msg[:1] == b"Z" and relay.rewrite_server is cut:
-            relay.rewrite_server = None
-            relay.end_after_rewrite = True
-            return b""
-        return msg
-
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn, \
             pytest.raises(psycopg.Error) as caught:
         conn.execute("select 1")
-        relay.rewrite_server = cut  # the empty query's ReadyForQuery never comes
+        end_instead_of_next_ready_for_query(relay)  # the empty query's
         conn.execute("")
     return caught.value
 
