@@ -63,7 +63,7 @@ _OWED_KIND = {ord("Q"): prepared.QUERY, ord("P"): prepared.PARSE, ord("B"): prep
 _RENAMED = frozenset(b"bd")
 EJECT_LINKED = 1
 EJECT_ATTACH = 2
-# ejected()'s ``server_fatal`` bits: the engine passed the client its server's FATAL; a result
+# ejected()'s ``passed`` bits: the engine passed the client its server's FATAL; a result
 # of the client's request in flight (no ReadyForQuery after it yet).
 PASSED_FATAL = 1
 PASSED_RESULT = 2
@@ -865,13 +865,13 @@ class Lane:
                 expected_rfq: int, unsynced: int, txn: str, query_started: float,
                 xact_started: float, idle_in_txn_since: float, client_bytes: bytes,
                 server_bytes: bytes, owed: bytes | None,
-                owed_names: tuple[str | None, ...], server_fatal: int = 0,
+                owed_names: tuple[str | None, ...], passed: int = 0,
                 inflight: tuple[Any, ...] | None = None) -> None:
         """The engine hands a client (and its server) back, with their exact state; ``owed``
         names, one letter per request, the answers the server still owes for what the engine
         forwarded (None if it lost count, ``b"!"`` if an error came back before the client's
         Sync: the server skips what comes until then); ``owed_names`` the client's statement
-        names of the ones it renamed (``b``, ``d``), in order; ``server_fatal``: what the
+        names of the ones it renamed (``b``, ``d``), in order; ``passed``: what the
         engine passed the client that makes an error of ours on losing the server one too many
         (PASSED_FATAL: its server's FATAL, after which it closes; PASSED_RESULT: a result of
         the request in flight, whose ReadyForQuery has not come);
@@ -900,9 +900,9 @@ class Lane:
                 server.set_state(ServerState.ACTIVE)
             client.expected_rfq = expected_rfq
             client.unsynced = bool(unsynced)
-            if server_fatal & PASSED_FATAL:
+            if passed & PASSED_FATAL:
                 client._server_fatal = True  # server_lost closes it without a second error
-            if server_fatal & PASSED_RESULT:
+            if passed & PASSED_RESULT:
                 client._result_passed = True  # (likewise, until the ReadyForQuery comes)
             client.txn_status = server.txn_status = txn
             client.query_started = query_started
