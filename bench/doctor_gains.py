@@ -433,19 +433,22 @@ def counting(engine: Engine) -> Iterator[list[int]]:
         event.remove(engine, "before_cursor_execute", note)
 
 
-def kinds_found(engine: Engine, pair: Pair, side: Callable[[Session], object]) -> list[str]:
-    with Session(engine) as session:
-        if pair.prepare:
+def prepare(engine: Engine, pair: Pair) -> None:
+    """The rows a write pair's side needs, written before it runs (untimed, unwatched)."""
+    if pair.prepare:
+        with Session(engine) as session:
             pair.prepare(session)
+
+
+def kinds_found(engine: Engine, pair: Pair, side: Callable[[Session], object]) -> list[str]:
+    prepare(engine, pair)
     with Session(engine) as session, detect() as report:
         side(session)
     return sorted({finding.kind for finding in report.findings})
 
 
 def run_side(engine: Engine, pair: Pair, side: Callable[[Session], object]) -> tuple[float, int]:
-    with Session(engine) as session:
-        if pair.prepare:
-            pair.prepare(session)
+    prepare(engine, pair)
     with Session(engine) as session, counting(engine) as count:
         start = time.perf_counter()
         side(session)
