@@ -303,6 +303,7 @@ class _Group:
         "callsites",
         "count",
         "first",
+        "first_loop",
         "labelled",
         "loop_params",
         "offsets",
@@ -322,8 +323,11 @@ class _Group:
         # params_key -> [write epoch when last seen, executions since that write, the first
         # of those executions]
         self.params: dict[Hashable, list[Any]] = {}
-        # loop_key -> the distinct params_keys seen from that loop
-        self.loop_params: dict[Hashable, set[Hashable]] = {}
+        # The loop key of the first execution; loop_key -> the distinct params_keys seen from
+        # that loop, made only when a second loop runs the statement (until then the one
+        # loop's distinct keys are the params' keys: no second set kept per execution)
+        self.first_loop: Hashable = first[_LOOP_KEY] if len(first) > _LOOP_KEY else None
+        self.loop_params: dict[Hashable, set[Hashable]] | None = None
         self.callsites: dict[str, int] = {}
         self.repeats = 0  # the most executions of one parameter set with no write between
         self.repeat_event = first
@@ -335,6 +339,8 @@ class _Group:
 
     def loop_distinct(self) -> int:
         """Distinct parameter sets of the loop that ran the most of them."""
+        if self.loop_params is None:
+            return len(self.params)
         return max((len(keys) for keys in self.loop_params.values()), default=0)
 
 
@@ -401,8 +407,9 @@ class ScopeDetector:
         callsite = fields[_CALLSITE]
         if callsite:
             callsites = group.callsites
-            if callsite in callsites:
-                callsites[callsite] += 1
+            seen = callsites.get(callsite)
+            if seen is not None:
+                callsites[callsite] = seen + 1
             elif len(callsites) < MAX_CALLSITES:
                 callsites[callsite] = 1
         if len(fields) > _LOOP_KEY:
@@ -433,12 +440,22 @@ class ScopeDetector:
         except TypeError:  # an unhashable parameter (a list, a dict): equal values print equally
             key = repr(key)
             entry = params.get(key)
-        loop = group.loop_params.get(loop_key)
-        if loop is None:
-            loop = group.loop_params[loop_key] = set()
-        new_in_loop = key not in loop and len(loop) < MAX_DISTINCT_PARAMS
-        if new_in_loop:
-            loop.add(key)
+        loops = group.loop_params
+        if loops is None:
+            if loop_key == group.first_loop:
+                # one loop so far: its distinct keys are the params' (added just below)
+                new_in_loop = entry is None and len(params) < MAX_DISTINCT_PARAMS
+                in_loop = len(params) + new_in_loop
+            else:
+                loops = group.loop_params = {group.first_loop: set(params)}
+        if loops is not None:
+            loop = loops.get(loop_key)
+            if loop is None:
+                loop = loops[loop_key] = set()
+            new_in_loop = key not in loop and len(loop) < MAX_DISTINCT_PARAMS
+            if new_in_loop:
+                loop.add(key)
+            in_loop = len(loop)
         if entry is None:
             if len(params) < MAX_DISTINCT_PARAMS:
                 # [write epoch, executions since, the first of them]
@@ -455,7 +472,9 @@ class ScopeDetector:
                 entry[1] = 1
                 entry[2] = event
         return (
-            new_in_loop and len(loop) == self.threshold and group.loop_distinct() == len(loop)
+            new_in_loop
+            and in_loop == self.threshold
+            and (loops is None or group.loop_distinct() == in_loop)
         )
 
     def findings(self) -> list[Finding]:

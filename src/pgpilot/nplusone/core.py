@@ -17,7 +17,6 @@ plus building and unpacking each entry twice.)
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
@@ -506,30 +505,37 @@ def record_in(
     else:
         key = _params_key(sql, params, executemany)
     fingerprint, command, bounded, writes = _sql_facts.get(sql) or _facts(sql)
-    if info.in_flush and tag is None and writes:
-        # A flush writes its rows as it must (one statement per row on some drivers, and
-        # versioning extensions flush more than once): the writes of one transaction count
-        # as one execution, a loop of transactions (a commit per row) as a loop.
-        tag = "commit_loop" if info.in_commit else "flush"
-        key = ("flush", current_flush.get())
-    elif info.in_get and tag is None:
-        # Session.get() / Query.get() reaches the database only when the identity map has no
-        # answer: a repeat of it is a key that was not there (or an object since expired).
-        tag = "get"
-    if tag == "follow_up":
+    if tag is None:
+        if info.in_flush:
+            if writes:
+                # A flush writes its rows as it must (one statement per row on some drivers,
+                # and versioning extensions flush more than once): the writes of one
+                # transaction count as one execution, a loop of transactions (a commit per
+                # row) as a loop.
+                tag = "commit_loop" if info.in_commit else "flush"
+                key = ("flush", current_flush.get())
+            elif info.in_get:
+                tag = "get"
+        elif info.in_get:
+            # Session.get() / Query.get() reaches the database only when the identity map has
+            # no answer: a repeat of it is a key that was not there (or an object since
+            # expired).
+            tag = "get"
+    elif tag == "follow_up":
         command = COMMAND_OTHER  # a selectinload's second query: its parent's doing
     offset = limit = None
     if bounded and params is not None and not executemany:
         offset, limit = _bounds(sql, params)
     # QueryEvent's fields as a plain tuple: the detector makes the named tuple only for the
-    # few executions a finding will show
+    # few executions a finding will show. Its scope id and time are for the pooler's
+    # many-scope Detector; a scope's own detector reads neither.
     event = (
         fingerprint,
         sql,
         key,
-        id(scope),
+        None,
         info.callsite,
-        time.monotonic(),
+        0.0,
         command,
         relationship,
         loader_option,
@@ -628,8 +634,9 @@ def _primary_key(mapper: Any) -> tuple[str, ...]:
 
 
 def note_read(state: Any, key: str) -> None:
-    """The application read column attribute ``key`` of ``state`` (or used the object some
-    other way, ``_USED``: read a relationship of it; ``_WRITTEN``: changed or deleted it)."""
+    """The application read column attribute ``key`` of ``state`` (an ``InstanceState``), or
+    used the object some other way (``_USED``: read a relationship of it; ``_WRITTEN``: changed
+    or deleted it)."""
     scope = _current_scope.get()
     if scope is None:
         return
@@ -642,7 +649,7 @@ def note_read(state: Any, key: str) -> None:
         if not batches:
             continue
         # _batch_of, inline (once per loaded object and scope)
-        batch = batches.get(getattr(state, "runid", None))  # type: ignore[arg-type]
+        batch = batches.get(state.runid)
         if batch is None:
             # SQLAlchemy stamps a load's run id only on the objects it creates: a row that
             # matches an object the session already holds (loaded before the scope, or a
@@ -653,7 +660,7 @@ def note_read(state: Any, key: str) -> None:
             continue
         if len(each.state_reads) >= MAX_TRACKED_STATES:
             continue
-        cls = getattr(state, "class_", None)
+        cls = state.class_
         wanted = batch.mapper.class_
         if cls is not wanted and not (isinstance(cls, type) and issubclass(cls, wanted)):
             continue

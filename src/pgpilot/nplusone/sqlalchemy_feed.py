@@ -104,6 +104,18 @@ def install() -> None:
     if callable(current) and current is not _next_runid:
         _original_new_runid = current
         orm_loading._new_runid = _next_runid
+    # What was tracked before a detach() is tracked again now, at install time, rather than
+    # inside the first scope that meets it again (switching a class's attributes is set-up,
+    # not per-request work)
+    for mapper in _retrack_columns:
+        _track_column_reads(mapper)
+    for prop in _retrack_relationships:
+        _track_reads(prop)
+    for mapper in _retrack_loads:
+        _count_loads(mapper)
+    _retrack_columns.clear()
+    _retrack_relationships.clear()
+    _retrack_loads.clear()
 
 
 def uninstall() -> None:
@@ -119,19 +131,28 @@ def uninstall() -> None:
     for mapper in list(_load_counted):
         if event.contains(mapper, "load", _on_joined_load):
             event.remove(mapper, "load", _on_joined_load)
+    _retrack_loads.update(_load_counted)
     _load_counted.clear()
     for prop in list(_tracked):
         for mapper in prop.parent.self_and_descendants:
             attribute = mapper.class_manager.get(prop.key)
             if type(attribute) is _ReadTrackingAttribute:
                 attribute.__class__ = InstrumentedAttribute  # type: ignore[assignment]
+    _retrack_relationships.update(_tracked)
     _tracked.clear()
     for mapper in list(_column_tracked):
         for prop in mapper.column_attrs:
             attribute = mapper.class_manager.get(prop.key)
             if type(attribute) is _ColumnReadAttribute:
                 attribute.__class__ = InstrumentedAttribute  # type: ignore[assignment]
+    _retrack_columns.update(_column_tracked)
     _column_tracked.clear()
+
+
+# What uninstall() untracked, for the next install() to track again
+_retrack_columns: set[Any] = set()
+_retrack_relationships: set[Any] = set()
+_retrack_loads: set[Any] = set()
 
 
 def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
@@ -250,15 +271,21 @@ def _compiled_facts(invoked: Any, compiled: Any) -> _Compiled:
 
 
 def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: int) -> bool:
+    # Plain attribute reads, not getattr(): the interpreter specializes them for the one class
+    # it meets here each time (the dialect's execution context, InstanceState), skipping the
+    # type's attribute look-up; DefaultExecutionContext declares each of them.
     relationship = loader_option = tag = None
     scope = _current_scope.get()
     assert scope is not None  # the listener's first line checked it
-    invoked = getattr(context, "invoked_statement", None)
+    invoked = context.invoked_statement
     entity_mapper = refreshed = loads = None
     facts = _NOT_ORM
     if invoked is not None:
-        compiled = getattr(context, "compiled", None)
-        facts = getattr(compiled, _FACTS_ATTRIBUTE, None) or _compiled_facts(invoked, compiled)
+        compiled = context.compiled
+        try:
+            facts = compiled._pgpilot_doctor_facts
+        except AttributeError:
+            facts = _compiled_facts(invoked, compiled)
         load_options = context.execution_options.get("_sa_orm_load_options")
         if facts.relationship_load:
             # A relationship load. Lazy loads name the state they load for; the second query
@@ -268,9 +295,9 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             loads = facts.loads
             if lazy_state is not None and loads is not None:
                 loaded = facts.loaded
+                note_read(lazy_state, _USED)  # the object is used: a relationship of it read
                 # The state's load_path is how the parent object itself was reached, so a
                 # loop inside a loop gets the whole chain of loader options.
-                note_read(lazy_state, _USED)  # the object is used: a relationship of it read
                 parent_path = lazy_state.load_path
                 named = _lazy_names.get((id(parent_path), loaded))
                 if named is None or named[0] is not parent_path:
@@ -279,7 +306,7 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
                     if len(_lazy_names) < 4_096:
                         _lazy_names[(id(parent_path), loaded)] = named
                 relationship, loader_option = named[1], named[2]
-                if getattr(lazy_state, "load_options", None) or scope.joined:
+                if lazy_state.load_options or scope.joined:
                     # loaded with options, or after a join: maybe expired, maybe joined
                     tag, loader_option = _why_lazy(lazy_state, loaded, relationship, loader_option)
             else:
@@ -301,7 +328,10 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
         # _runs_last's usual case inline: this feed's listener last on the Engine class, none
         # on the dialect (read from the live deques: no cache to fall out of date)
         dialect = context.dialect
-        collection = getattr(dialect.dispatch, _EVENTS[which])
+        if which == 0:
+            collection = dialect.dispatch.do_execute
+        else:
+            collection = dialect.dispatch.do_execute_no_params
         parents = getattr(collection, "parent_listeners", None)
         if (
             parents and parents[-1] is _LISTENERS[which] and not collection.listeners
@@ -314,8 +344,8 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             if loads is None:
                 rows = _rows_returned(cursor, False)
             else:  # an ORM load: its rows are the driver's count
-                rows = getattr(cursor, "rowcount", -1)
-                if not isinstance(rows, int) or rows < 0:
+                rows = cursor.rowcount
+                if type(rows) is not int or rows < 0:
                     rows = -1
     record_in(
         scope, statement, parameters, which == 1, relationship, loader_option, rows, tag, info
