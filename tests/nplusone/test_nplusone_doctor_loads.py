@@ -359,6 +359,36 @@ def test_read_modify_write_without_a_lock_is_reported(session: Session) -> None:
     assert "update(Account)" in finding.suggestion
 
 
+def test_read_modify_write_on_narrow_rows_loaded_many_at_a_time_is_reported(
+    session: Session,
+) -> None:
+    # Customer has two columns and the SELECT returns many rows: neither an overfetch nor an
+    # existence_load can come of its objects, so their use (a relationship read) is not
+    # followed; the column reads before a change still are.
+    with detect() as report:
+        customers = session.scalars(select(Customer).order_by(Customer.id)).all()
+        for customer in customers:
+            assert customer.orders  # a use (lazy loads), not a column read
+        customers[0].name = customers[0].name + " (renamed)"
+        session.flush()
+    session.rollback()
+    [finding] = report.of_kind("unlocked_read_modify_write")
+    assert "Customer.name read, changed and written back" in finding.detail
+    assert report.of_kind("existence_load") == []
+
+
+def test_a_one_row_lookup_after_narrow_loads_is_still_an_existence_load(
+    session: Session,
+) -> None:
+    # the narrow many-row load before it follows nothing; the lookup after it is followed
+    with detect() as report:
+        customers = session.scalars(select(Customer).order_by(Customer.id)).all()
+        assert [customer.orders for customer in customers]
+        found = session.query(Account).filter_by(owner="owner 1").first() is not None
+    assert found  # the row only tested for truth
+    assert "existence_load" in kinds(report)
+
+
 def test_a_blind_write_is_not_a_read_modify_write(session: Session) -> None:
     with detect() as report:
         account = session.get(Account, 1)

@@ -110,6 +110,7 @@ class _Scope:
         "commits",
         "detector",
         "eager_loads",
+        "follows_use",
         "isolated",
         "joined",
         "last_select",
@@ -164,6 +165,9 @@ class _Scope:
         # held (see note_read)
         self.pending_singles: list[_LoadBatch] = []
         self.batches: dict[int, _LoadBatch] = {}
+        # whether any of them is followed (_LoadBatch.followed): until one is, the use of an
+        # object (a relationship read, a change) is not noted at all
+        self.follows_use = False
         self.state_reads: dict[Any, set[str]] = {}
         self.rmw: dict[tuple[str, str], Finding] = {}
 
@@ -317,6 +321,11 @@ class _LoadBatch:
     unseen: bool = False
     """Its row may have been an object the session already held, whose reads are not seen
     as this load's (see :func:`note_read`): not an ``existence_load``."""
+    followed: bool = True
+    """Whether the use of its objects can make a finding: a one-row lookup (an
+    ``existence_load`` if nothing reads it), or an entity of at least the scope's
+    ``overfetch_columns`` columns. A narrower load of many rows is neither: only the column
+    reads ``unlocked_read_modify_write`` needs are noted for its objects."""
 
     @property
     def entity(self) -> str:
@@ -586,10 +595,27 @@ def note_orm_select(
     ``Session.get()`` or a ``LIMIT 1`` (``Query.first()``), whose ``parameters`` are kept."""
     transaction = current_flush.get()
     kept = parameters if single else None
+    columns = _column_count(mapper)
     for scope in _reached():
+        followed = single or columns >= scope.overfetch_columns
         scope.last_select = _LoadBatch(
-            sql, callsite, callers, mapper, rows, transaction, single, kept
+            sql, callsite, callers, mapper, rows, transaction, single, kept, followed=followed
         )
+        if followed:
+            scope.follows_use = True
+
+
+# mapper -> its column attributes: how wide its rows can be (held as long as the mapper)
+_column_counts: dict[Any, int] = {}
+
+
+def _column_count(mapper: Any) -> int:
+    count = _column_counts.get(mapper)
+    if count is None:
+        count = len(getattr(mapper, "column_attrs", ()))
+        if len(_column_counts) < 4_096:
+            _column_counts[mapper] = count
+    return count
 
 
 def note_orm_refresh(state: Any) -> None:
@@ -640,10 +666,14 @@ def note_read(state: Any, key: str) -> None:
     scope = _current_scope.get()
     if scope is None:
         return
+    # a use, not a column read: it matters only for a followed load's objects
+    usage = key is _USED or key is _WRITTEN
     for each in scope.reached:
         reads = each.state_reads.get(state)
         if reads is not None:
             reads.add(key)
+            continue
+        if usage and not each.follows_use:
             continue
         batches = each.batches
         if not batches:
@@ -663,6 +693,10 @@ def note_read(state: Any, key: str) -> None:
         cls = state.class_
         wanted = batch.mapper.class_
         if cls is not wanted and not (isinstance(cls, type) and issubclass(cls, wanted)):
+            continue
+        if not batch.followed:
+            if not usage:  # a column read: what unlocked_read_modify_write looks at
+                each.state_reads[state] = {key}
             continue
         each.state_reads[state] = {key}
         batch.used.append(state)

@@ -295,7 +295,8 @@ def _observe(cursor: Any, statement: str, parameters: Any, context: Any, which: 
             loads = facts.loads
             if lazy_state is not None and loads is not None:
                 loaded = facts.loaded
-                note_read(lazy_state, _USED)  # the object is used: a relationship of it read
+                if scope.follows_use or scope.parent is not None:
+                    note_read(lazy_state, _USED)  # the object is used: a relationship of it read
                 # The state's load_path is how the parent object itself was reached, so a
                 # loop inside a loop gets the whole chain of loader options.
                 parent_path = lazy_state.load_path
@@ -679,7 +680,7 @@ class _ReadTrackingAttribute(InstrumentedAttribute[Any]):
                 if prop not in scope.relationship_reads:
                     note_relationship_read(prop)
                 state = getattr(instance, "_sa_instance_state", None)
-                if state is not None:
+                if state is not None and (scope.follows_use or scope.parent is not None):
                     reads = scope.state_reads.get(state)
                     if reads is None or _USED not in reads:
                         note_read(state, _USED)
