@@ -498,8 +498,19 @@ class ScopeDetector:
 
     def _findings_for(self, group: _Group) -> list[Finding]:
         found: list[Finding] = []
-        distinct = group.loop_distinct()
         first: tuple[Any, ...] = group.first
+        if (
+            group.count < self.threshold
+            and group.repeats < self.duplicate_threshold
+            and not group.offsets
+            and (group.biggest is None or group.biggest[_ROWS] < self.large_result)
+        ):
+            # too few runs for a loop or a duplicate, no OFFSET, no large result: only what
+            # the statement's own text shows can be found (most groups of a scope)
+            text = shape(first[_SQL])
+            if text.wrong_type is None and text.correlated_subquery is None:
+                return found
+        distinct = group.loop_distinct()
         example = group.labelled if group.labelled is not None else group.first
         statement = shape(first[_SQL])
         tagged: tuple[Any, ...] | None = group.tagged

@@ -200,10 +200,12 @@ class _Scope:
     def _load_findings(self) -> list[Finding]:
         """``existence_load`` and ``overfetch`` over the ORM loads of the scope, one finding
         per query (call site and statement), however many times it ran."""
+        if not self.follows_use:
+            return []  # no load of the scope was one either could come of
         by_query: dict[tuple[str, str], list[_LoadBatch]] = {}
         # one execution can be reached under several run ids (an expired row loaded again)
         for batch in {id(batch): batch for batch in self.batches.values()}.values():
-            if batch.rows > 0 or batch.used:
+            if batch.followed and (batch.rows > 0 or batch.used):
                 by_query.setdefault((batch.callsite, batch.sql), []).append(batch)
         found: list[Finding] = []
         for (callsite, sql), batches in by_query.items():
