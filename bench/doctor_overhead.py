@@ -50,7 +50,9 @@ def median_ratio_interval(
     )
 
 
-def run_child(src: str, dsn: str, pairs: int, warmup: int) -> dict[str, list[float]]:
+def run_child(
+    src: str, dsn: str, pairs: int, warmup: int, overfetch_columns: int | None = None
+) -> dict[str, list[float]]:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
     )
@@ -66,6 +68,7 @@ def run_child(src: str, dsn: str, pairs: int, warmup: int) -> dict[str, list[flo
             str(pairs),
             "--warmup",
             str(warmup),
+            *(() if overfetch_columns is None else ("--overfetch-columns", str(overfetch_columns))),
         ],
         capture_output=True,
         text=True,
@@ -94,6 +97,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--overfetch-columns",
+        type=int,
+        help="detect()'s overfetch_columns (2: every load of the workload is one whose use "
+        "the doctor follows, the cost for entities of six columns or more)",
+    )
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
     trees: list[tuple[str, str]] = []
@@ -122,7 +131,7 @@ def main() -> None:
             # alternate which tree runs first in a round
             order = trees if round_number % 2 == 0 else trees[::-1]
             for name, src in order:
-                samples = run_child(src, args.dsn, args.pairs, args.warmup)
+                samples = run_child(src, args.dsn, args.pairs, args.warmup, args.overfetch_columns)
                 for key, values in samples.items():
                     pooled[name].setdefault(key, []).extend(values)
                 line = row(name, str(round_number + 1), samples)

@@ -219,12 +219,19 @@ def run_variant(variant: str, dsn: str, requests: int, warmup: int) -> dict[str,
     }
 
 
-def run_paired(dsn: str, pairs: int, warmup: int) -> dict[str, Any]:
+def run_paired(
+    dsn: str, pairs: int, warmup: int, overfetch_columns: int | None = None
+) -> dict[str, Any]:
     """Runs in a child process: requests alternate without and with ``detect()``.
 
     Pairing cancels what the loaded machine and database do between two neighbouring
-    requests, which a comparison across processes cannot.
+    requests, which a comparison across processes cannot. ``overfetch_columns``: passed to
+    ``detect()`` (2 makes every load of this workload one whose use the doctor follows, as
+    an entity of six columns or more is by default).
     """
+    options: dict[str, Any] = {}
+    if overfetch_columns is not None:
+        options["overfetch_columns"] = overfetch_columns
     from pgpilot.nplusone import detach, detect
     from pgpilot.nplusone.core import _install_feeds
 
@@ -249,7 +256,7 @@ def run_paired(dsn: str, pairs: int, warmup: int) -> dict[str, Any]:
                 session.connection()  # check a connection out before the clock starts
                 start, start_cpu = time.perf_counter(), time.process_time()
                 if with_detection:
-                    with detect():
+                    with detect(**options):
                         one_request(session, n)
                 else:
                     one_request(session, n)
@@ -316,11 +323,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=600)
     parser.add_argument("--child", choices=(*VARIANTS, "paired"), help=argparse.SUPPRESS)
+    parser.add_argument("--overfetch-columns", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(BENCH_DIR / "results" / "nplusone"))
     args = parser.parse_args()
 
     if args.child == "paired":
-        json.dump(run_paired(args.dsn, args.pairs, args.warmup), sys.stdout)
+        json.dump(
+            run_paired(args.dsn, args.pairs, args.warmup, args.overfetch_columns), sys.stdout
+        )
         return
     if args.child:
         json.dump(run_variant(args.child, args.dsn, args.requests, args.warmup), sys.stdout)
