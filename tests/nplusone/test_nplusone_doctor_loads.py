@@ -324,6 +324,21 @@ def test_reading_most_columns_or_narrow_rows_is_not_an_overfetch(session: Sessio
     assert report.findings == []
 
 
+def test_an_overfetch_counts_the_rows_whose_columns_are_read(session: Session) -> None:
+    # OVERFETCH_MIN_ROWS rows with a column read make a loop; rows of which only a
+    # relationship is read do not count (their use is not followed on many-row loads)
+    with detect() as report:
+        accounts = session.scalars(select(Account).order_by(Account.id)).all()
+        assert [account.email for account in accounts[:2]]
+        assert [account.customer for account in accounts[2:]]
+    assert "overfetch" not in kinds(report)
+    session.expunge_all()  # loaded afresh: objects the session holds are not a load's rows
+    with detect() as report:
+        accounts = session.scalars(select(Account).order_by(Account.id)).all()
+        assert [account.email for account in accounts[:3]]
+    assert kinds(report) == ["overfetch"]
+
+
 def test_load_only_is_the_fix_for_an_overfetch(session: Session) -> None:
     with detect() as report:
         query = select(Account).options(load_only(Account.email))

@@ -110,6 +110,7 @@ class _Scope:
         "commits",
         "detector",
         "eager_loads",
+        "follows_loads",
         "follows_use",
         "isolated",
         "joined",
@@ -165,8 +166,10 @@ class _Scope:
         # held (see note_read)
         self.pending_singles: list[_LoadBatch] = []
         self.batches: dict[int, _LoadBatch] = {}
-        # whether any of them is followed (_LoadBatch.followed): until one is, the use of an
-        # object (a relationship read, a change) is not noted at all
+        # whether any of them is followed (_LoadBatch.followed), and whether any is a one-row
+        # lookup: until one is, the use of an object (a relationship read, a change) is not
+        # noted at all (only an existence_load looks at it)
+        self.follows_loads = False
         self.follows_use = False
         self.state_reads: dict[Any, set[str]] = {}
         self.rmw: dict[tuple[str, str], Finding] = {}
@@ -200,7 +203,7 @@ class _Scope:
     def _load_findings(self) -> list[Finding]:
         """``existence_load`` and ``overfetch`` over the ORM loads of the scope, one finding
         per query (call site and statement), however many times it ran."""
-        if not self.follows_use:
+        if not self.follows_loads:
             return []  # no load of the scope was one either could come of
         by_query: dict[tuple[str, str], list[_LoadBatch]] = {}
         # one execution can be reached under several run ids (an expired row loaded again)
@@ -324,10 +327,11 @@ class _LoadBatch:
     """Its row may have been an object the session already held, whose reads are not seen
     as this load's (see :func:`note_read`): not an ``existence_load``."""
     followed: bool = True
-    """Whether the use of its objects can make a finding: a one-row lookup (an
-    ``existence_load`` if nothing reads it), or an entity of at least the scope's
-    ``overfetch_columns`` columns. A narrower load of many rows is neither: only the column
-    reads ``unlocked_read_modify_write`` needs are noted for its objects."""
+    """Whether what is read of its objects can make a finding: a one-row lookup (an
+    ``existence_load`` if nothing reads or uses it), or an entity of at least the scope's
+    ``overfetch_columns`` columns (an ``overfetch``: its objects whose columns are read). A
+    narrower load of many rows is neither: only the column reads
+    ``unlocked_read_modify_write`` needs are noted for its objects."""
 
     @property
     def entity(self) -> str:
@@ -604,6 +608,8 @@ def note_orm_select(
             sql, callsite, callers, mapper, rows, transaction, single, kept, followed=followed
         )
         if followed:
+            scope.follows_loads = True
+        if single:
             scope.follows_use = True
 
 
@@ -668,7 +674,8 @@ def note_read(state: Any, key: str) -> None:
     scope = _current_scope.get()
     if scope is None:
         return
-    # a use, not a column read: it matters only for a followed load's objects
+    # a use, not a column read: it matters only for a one-row lookup's object (which is then
+    # no existence test); an overfetch counts the objects whose columns are read
     usage = key is _USED or key is _WRITTEN
     for each in scope.reached:
         reads = each.state_reads.get(state)
@@ -696,11 +703,13 @@ def note_read(state: Any, key: str) -> None:
         wanted = batch.mapper.class_
         if cls is not wanted and not (isinstance(cls, type) and issubclass(cls, wanted)):
             continue
-        if not batch.followed:
-            if not usage:  # a column read: what unlocked_read_modify_write looks at
-                each.state_reads[state] = {key}
+        if usage and not batch.single:
             continue
+        # a column read (what unlocked_read_modify_write looks at), or the use of a one-row
+        # lookup's object
         each.state_reads[state] = {key}
+        if not batch.followed:
+            continue
         batch.used.append(state)
         if batch.loaded is None:
             batch.loaded = _loaded_columns(batch.mapper, state)
