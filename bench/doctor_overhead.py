@@ -51,7 +51,12 @@ def median_ratio_interval(
 
 
 def run_child(
-    src: str, dsn: str, pairs: int, warmup: int, overfetch_columns: int | None = None
+    src: str,
+    dsn: str,
+    pairs: int,
+    warmup: int,
+    overfetch_columns: int | None = None,
+    read_columns: bool = False,
 ) -> dict[str, list[float]]:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
@@ -69,6 +74,7 @@ def run_child(
             "--warmup",
             str(warmup),
             *(() if overfetch_columns is None else ("--overfetch-columns", str(overfetch_columns))),
+            *(("--read-columns",) if read_columns else ()),
         ],
         capture_output=True,
         text=True,
@@ -103,6 +109,11 @@ def main() -> None:
         help="detect()'s overfetch_columns (2: every load of the workload is one whose use "
         "the doctor follows, the cost for entities of six columns or more)",
     )
+    parser.add_argument(
+        "--read-columns",
+        action="store_true",
+        help="the request also reads a column of each customer and order it loads",
+    )
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
     trees: list[tuple[str, str]] = []
@@ -131,7 +142,10 @@ def main() -> None:
             # alternate which tree runs first in a round
             order = trees if round_number % 2 == 0 else trees[::-1]
             for name, src in order:
-                samples = run_child(src, args.dsn, args.pairs, args.warmup, args.overfetch_columns)
+                samples = run_child(
+                    src, args.dsn, args.pairs, args.warmup, args.overfetch_columns,
+                    args.read_columns,
+                )
                 for key, values in samples.items():
                     pooled[name].setdefault(key, []).extend(values)
                 line = row(name, str(round_number + 1), samples)

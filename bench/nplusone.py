@@ -125,16 +125,20 @@ def drop(dsn: str) -> None:
     engine.dispose()
 
 
-def one_request(session: Session, page: int) -> int:
+def one_request(session: Session, page: int, read_columns: bool = False) -> int:
     """A list page with an N+1 (lazy collection per row), then a page loaded eagerly.
 
     Written with ``session.query()``: nplusone only sees loads made through ``Query``.
+    ``read_columns``: also read a column of each customer and order, as a page that shows
+    them would (the doctor notes the first read of each).
     """
     offset = (page * PAGE) % CUSTOMERS
     seen = 0
     customers = session.query(Customer).order_by(Customer.id).offset(offset).limit(PAGE).all()
     for customer in customers:
         seen += len(customer.orders)
+        if read_columns:
+            seen += len(customer.name)
     orders = (
         session.query(Order)
         .options(selectinload(Order.items))
@@ -145,6 +149,8 @@ def one_request(session: Session, page: int) -> int:
     )
     for order in orders:
         seen += len(order.items)
+        if read_columns:
+            seen += order.total
     return seen
 
 
@@ -220,14 +226,18 @@ def run_variant(variant: str, dsn: str, requests: int, warmup: int) -> dict[str,
 
 
 def run_paired(
-    dsn: str, pairs: int, warmup: int, overfetch_columns: int | None = None
+    dsn: str,
+    pairs: int,
+    warmup: int,
+    overfetch_columns: int | None = None,
+    read_columns: bool = False,
 ) -> dict[str, Any]:
     """Runs in a child process: requests alternate without and with ``detect()``.
 
     Pairing cancels what the loaded machine and database do between two neighbouring
     requests, which a comparison across processes cannot. ``overfetch_columns``: passed to
     ``detect()`` (2 makes every load of this workload one whose use the doctor follows, as
-    an entity of six columns or more is by default).
+    an entity of six columns or more is by default); ``read_columns``: see ``one_request``.
     """
     options: dict[str, Any] = {}
     if overfetch_columns is not None:
@@ -257,9 +267,9 @@ def run_paired(
                 start, start_cpu = time.perf_counter(), time.process_time()
                 if with_detection:
                     with detect(**options):
-                        one_request(session, n)
+                        one_request(session, n, read_columns)
                 else:
-                    one_request(session, n)
+                    one_request(session, n, read_columns)
                 elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             if n >= warmup:
                 suffix = "with" if with_detection else "without"
@@ -324,12 +334,16 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=600)
     parser.add_argument("--child", choices=(*VARIANTS, "paired"), help=argparse.SUPPRESS)
     parser.add_argument("--overfetch-columns", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--read-columns", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(BENCH_DIR / "results" / "nplusone"))
     args = parser.parse_args()
 
     if args.child == "paired":
         json.dump(
-            run_paired(args.dsn, args.pairs, args.warmup, args.overfetch_columns), sys.stdout
+            run_paired(
+                args.dsn, args.pairs, args.warmup, args.overfetch_columns, args.read_columns
+            ),
+            sys.stdout,
         )
         return
     if args.child:
