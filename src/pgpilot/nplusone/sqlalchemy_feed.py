@@ -696,10 +696,17 @@ class _ColumnReadAttribute(InstrumentedAttribute[Any]):
     inherit_cache = True
 
     def __get__(self, instance: object | None, owner: Any) -> Any:  # type: ignore[override]
-        if instance is not None and _current_scope.get() is not None:
-            state = getattr(instance, "_sa_instance_state", None)
-            if state is not None and self.key not in state.committed_state:
-                note_read(state, self.key)
+        if instance is not None:
+            scope = _current_scope.get()
+            if scope is not None:
+                state = getattr(instance, "_sa_instance_state", None)
+                key = self.key
+                if state is not None and key not in state.committed_state:
+                    # a column read again (a template's second look) is noted already: in
+                    # the one scope open, nothing more to do
+                    reads = scope.state_reads.get(state)
+                    if reads is None or key not in reads or scope.parent is not None:
+                        note_read(state, key)
         return InstrumentedAttribute.__get__(self, instance, owner)
 
 
