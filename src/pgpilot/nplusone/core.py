@@ -682,7 +682,14 @@ def note_read(state: Any, key: str) -> None:
         if reads is not None:
             reads.add(key)
             continue
-        if usage and not each.follows_use:
+        if usage:
+            if not each.follows_use:
+                continue
+        elif not each.follows_loads:
+            # a column read, and no load of the scope is followed: kept for
+            # unlocked_read_modify_write alone (which finds the object's load itself)
+            if len(each.state_reads) < MAX_TRACKED_STATES:
+                each.state_reads[state] = {key}
             continue
         batches = each.batches
         if not batches:
