@@ -273,6 +273,39 @@ def test_an_unread_row_is_still_an_existence_load_beside_an_object_read_from_bef
     assert kinds(report) == ["existence_load"]
 
 
+def test_an_object_held_from_before_read_before_the_lookup_that_returns_it_is_not_one(
+    session: Session,
+) -> None:
+    # The same lookup as above, but the view reads the object before it looks it up again
+    # (a template showing the current account, then the edit form's get("2")): the first
+    # read comes while no load of the scope is followed yet, and must not keep the object
+    # from being seen, at the later reads, as the row of the lookup.
+    with detect():
+        held = session.get(Account, 2)  # (in a scope: Account's column reads are tracked)
+    assert held is not None
+    with detect() as report:
+        assert held.email
+        by_string_id = session.get(Account, "2")
+        assert by_string_id is held
+        assert held.email and held.owner
+    assert report.queries == 1
+    assert "existence_load" not in kinds(report)
+    # the same in a scope inside another (a request inside a test): each scope
+    session.expire(held, ["email", "owner"])
+    assert held.email and held.owner
+    with detect() as test, detect() as request:
+        assert held.email
+        assert session.get(Account, "2") is held
+        assert held.owner
+    assert "existence_load" not in kinds(request) + kinds(test)
+    # and a lookup whose row nothing reads stays one beside it
+    with detect() as report:
+        assert held.email
+        assert session.get(Account, 5) is not None
+        assert held.owner
+    assert kinds(report) == ["existence_load"]
+
+
 def test_exists_is_the_fix_for_an_existence_load(session: Session) -> None:
     with detect() as report:
         assert session.scalar(select(exists().where(Account.owner == "owner 1")))

@@ -607,10 +607,25 @@ def note_orm_select(
         scope.last_select = _LoadBatch(
             sql, callsite, callers, mapper, rows, transaction, single, kept, followed=followed
         )
-        if followed:
+        if followed and not scope.follows_loads:
             scope.follows_loads = True
+            if scope.state_reads:
+                _forget_unloaded_reads(scope)
         if single:
             scope.follows_use = True
+
+
+def _forget_unloaded_reads(scope: _Scope) -> None:
+    """The scope's first followed load is on its way: forget the reads kept while none was
+    (note_read keeps them for every object then, without looking up its load) of objects
+    no SELECT of the scope loaded. From now on each object's first read looks up its load:
+    an object the session already held is then seen as the possible row of a one-row
+    lookup (``_note_held_object_read``) at every read, as if nothing had been kept."""
+    scope.state_reads = {
+        state: reads
+        for state, reads in scope.state_reads.items()
+        if _batch_of(scope, state) is not None
+    }
 
 
 # mapper -> its column attributes: how wide its rows can be (held as long as the mapper)
