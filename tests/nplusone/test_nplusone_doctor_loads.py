@@ -306,6 +306,33 @@ def test_an_object_held_from_before_read_before_the_lookup_that_returns_it_is_no
     assert kinds(report) == ["existence_load"]
 
 
+def _customers_from(session: Session, first_id: int, count: int) -> list[Customer]:
+    # one call site, one statement: LIMIT is a parameter (1 for one call, 3 for the other)
+    query = select(Customer).where(Customer.id >= first_id).order_by(Customer.id).limit(count)
+    return list(session.scalars(query))
+
+
+def test_a_query_whose_rows_are_read_in_another_run_is_not_an_existence_load(
+    session: Session,
+) -> None:
+    # one query (call site and statement) is one finding however many times it ran: a run of
+    # it with LIMIT 1 only tested for truth is no existence_load when its other runs' rows
+    # are read, however wide the entity (the narrow Customer here, the wide Account below)
+    with detect() as report:
+        assert _customers_from(session, 5, 1)
+        names = [customer.name for customer in _customers_from(session, 1, 3)]
+    assert len(names) == 3
+    assert "existence_load" not in kinds(report)
+    session.expunge_all()
+    with detect() as report:
+        query = select(Account).where(Account.id >= 1).order_by(Account.id)
+        for first_id, count in ((5, 1), (1, 3)):
+            accounts = list(session.scalars(query.where(Account.id >= first_id).limit(count)))
+            if count > 1:
+                assert all(account.email and account.owner for account in accounts)
+    assert "existence_load" not in kinds(report)
+
+
 def test_exists_is_the_fix_for_an_existence_load(session: Session) -> None:
     with detect() as report:
         assert session.scalar(select(exists().where(Account.owner == "owner 1")))

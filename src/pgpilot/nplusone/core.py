@@ -206,9 +206,12 @@ class _Scope:
         if not self.follows_loads:
             return []  # no load of the scope was one either could come of
         by_query: dict[tuple[str, str], list[_LoadBatch]] = {}
-        # one execution can be reached under several run ids (an expired row loaded again)
+        # one execution can be reached under several run ids (an expired row loaded again).
+        # A run that is not followed (narrow, many rows) has no reads noted, but its rows
+        # keep its query from being an existence_load (the same statement, from the same
+        # call site, run with LIMIT 1 once): it is grouped with the others.
         for batch in {id(batch): batch for batch in self.batches.values()}.values():
-            if batch.followed and (batch.rows > 0 or batch.used):
+            if batch.rows > 0 or batch.used:
                 by_query.setdefault((batch.callsite, batch.sql), []).append(batch)
         found: list[Finding] = []
         for (callsite, sql), batches in by_query.items():
