@@ -273,6 +273,66 @@ def test_an_unread_row_is_still_an_existence_load_beside_an_object_read_from_bef
     assert kinds(report) == ["existence_load"]
 
 
+def test_an_object_held_from_before_read_before_the_lookup_that_returns_it_is_not_one(
+    session: Session,
+) -> None:
+    # The same lookup as above, but the view reads the object before it looks it up again
+    # (a template showing the current account, then the edit form's get("2")): the first
+    # read comes while no load of the scope is followed yet, and must not keep the object
+    # from being seen, at the later reads, as the row of the lookup.
+    with detect():
+        held = session.get(Account, 2)  # (in a scope: Account's column reads are tracked)
+    assert held is not None
+    with detect() as report:
+        assert held.email
+        by_string_id = session.get(Account, "2")
+        assert by_string_id is held
+        assert held.email and held.owner
+    assert report.queries == 1
+    assert "existence_load" not in kinds(report)
+    # the same in a scope inside another (a request inside a test): each scope
+    session.expire(held, ["email", "owner"])
+    assert held.email and held.owner
+    with detect() as test, detect() as request:
+        assert held.email
+        assert session.get(Account, "2") is held
+        assert held.owner
+    assert "existence_load" not in kinds(request) + kinds(test)
+    # and a lookup whose row nothing reads stays one beside it
+    with detect() as report:
+        assert held.email
+        assert session.get(Account, 5) is not None
+        assert held.owner
+    assert kinds(report) == ["existence_load"]
+
+
+def _customers_from(session: Session, first_id: int, count: int) -> list[Customer]:
+    # one call site, one statement: LIMIT is a parameter (1 for one call, 3 for the other)
+    query = select(Customer).where(Customer.id >= first_id).order_by(Customer.id).limit(count)
+    return list(session.scalars(query))
+
+
+def test_a_query_whose_rows_are_read_in_another_run_is_not_an_existence_load(
+    session: Session,
+) -> None:
+    # one query (call site and statement) is one finding however many times it ran: a run of
+    # it with LIMIT 1 only tested for truth is no existence_load when its other runs' rows
+    # are read, however wide the entity (the narrow Customer here, the wide Account below)
+    with detect() as report:
+        assert _customers_from(session, 5, 1)
+        names = [customer.name for customer in _customers_from(session, 1, 3)]
+    assert len(names) == 3
+    assert "existence_load" not in kinds(report)
+    session.expunge_all()
+    with detect() as report:
+        query = select(Account).where(Account.id >= 1).order_by(Account.id)
+        for first_id, count in ((5, 1), (1, 3)):
+            accounts = list(session.scalars(query.where(Account.id >= first_id).limit(count)))
+            if count > 1:
+                assert all(account.email and account.owner for account in accounts)
+    assert "existence_load" not in kinds(report)
+
+
 def test_exists_is_the_fix_for_an_existence_load(session: Session) -> None:
     with detect() as report:
         assert session.scalar(select(exists().where(Account.owner == "owner 1")))

@@ -379,3 +379,55 @@ def test_detach_gives_sqlalchemy_back_its_run_ids_and_load_events(session: Sessi
     detach()
     assert loading._new_runid is original
     assert not event.contains(Customer.__mapper__, "load", _on_joined_load)
+
+
+
+def test_detect_after_detach_and_disposed_mappers_still_starts(
+    session: Session, engine: Engine, database: Database
+) -> None:
+    # A suite that maps classes of its own and disposes of them when done (registry
+    # .dispose(), clear_mappers()) after a detach(): what was tracked before the detach is
+    # tracked again at the next install, but not mappers that no longer map their class
+    # (event.listen on one raises): detect() must still start, then and ever after.
+    from sqlalchemy import ForeignKey, Integer, event
+    from sqlalchemy.orm import DeclarativeBase, mapped_column, relationship
+
+    from pgpilot.nplusone import detach
+    from pgpilot.nplusone.sqlalchemy_feed import _on_joined_load
+
+    class Own(DeclarativeBase):
+        pass
+
+    class Shelf(Own):
+        __tablename__ = "rev25_shelves"
+        __table_args__ = ({"schema": database.schema},)
+        id = mapped_column(Integer, primary_key=True)
+        books = relationship("Book")
+
+    class Book(Own):
+        __tablename__ = "rev25_books"
+        __table_args__ = ({"schema": database.schema},)
+        id = mapped_column(Integer, primary_key=True)
+        shelf_id = mapped_column(ForeignKey(f"{database.schema}.rev25_shelves.id"))
+
+    Own.metadata.create_all(engine)
+    try:
+        with Session(engine) as own:
+            own.add(Shelf(id=1, books=[Book(id=1), Book(id=2)]))
+            own.flush()
+            own.expunge_all()
+            with detect():
+                shelves = own.scalars(select(Shelf).options(joinedload(Shelf.books))).unique()
+                assert [len(shelf.books) for shelf in shelves] == [2]
+            own.rollback()
+        assert event.contains(Book.__mapper__, "load", _on_joined_load)
+        detach()
+        Own.registry.dispose()
+        with detect() as report:
+            lazy_loop(session)
+        with detect() as again:
+            lazy_loop(session)
+    finally:
+        Own.metadata.drop_all(engine)
+    assert [finding.kind for finding in report.findings] == ["n_plus_one"]
+    assert [finding.kind for finding in again.findings] == ["n_plus_one"]

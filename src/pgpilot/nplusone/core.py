@@ -206,9 +206,12 @@ class _Scope:
         if not self.follows_loads:
             return []  # no load of the scope was one either could come of
         by_query: dict[tuple[str, str], list[_LoadBatch]] = {}
-        # one execution can be reached under several run ids (an expired row loaded again)
+        # one execution can be reached under several run ids (an expired row loaded again).
+        # A run that is not followed (narrow, many rows) has no reads noted, but its rows
+        # keep its query from being an existence_load (the same statement, from the same
+        # call site, run with LIMIT 1 once): it is grouped with the others.
         for batch in {id(batch): batch for batch in self.batches.values()}.values():
-            if batch.followed and (batch.rows > 0 or batch.used):
+            if batch.rows > 0 or batch.used:
                 by_query.setdefault((batch.callsite, batch.sql), []).append(batch)
         found: list[Finding] = []
         for (callsite, sql), batches in by_query.items():
@@ -607,10 +610,25 @@ def note_orm_select(
         scope.last_select = _LoadBatch(
             sql, callsite, callers, mapper, rows, transaction, single, kept, followed=followed
         )
-        if followed:
+        if followed and not scope.follows_loads:
             scope.follows_loads = True
+            if scope.state_reads:
+                _forget_unloaded_reads(scope)
         if single:
             scope.follows_use = True
+
+
+def _forget_unloaded_reads(scope: _Scope) -> None:
+    """The scope's first followed load is on its way: forget the reads kept while none was
+    (note_read keeps them for every object then, without looking up its load) of objects
+    no SELECT of the scope loaded. From now on each object's first read looks up its load:
+    an object the session already held is then seen as the possible row of a one-row
+    lookup (``_note_held_object_read``) at every read, as if nothing had been kept."""
+    scope.state_reads = {
+        state: reads
+        for state, reads in scope.state_reads.items()
+        if _batch_of(scope, state) is not None
+    }
 
 
 # mapper -> its column attributes: how wide its rows can be (held as long as the mapper)

@@ -38,7 +38,7 @@ from collections.abc import Callable, Hashable, Iterator
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ColumnProperty, RelationshipProperty, Session
 from sqlalchemy.orm import loading as orm_loading
@@ -107,13 +107,17 @@ def install() -> None:
         orm_loading._new_runid = _next_runid
     # What was tracked before a detach() is tracked again now, at install time, rather than
     # inside the first scope that meets it again (switching a class's attributes is set-up,
-    # not per-request work)
+    # not per-request work), unless its mapper was disposed of since (registry.dispose(),
+    # clear_mappers(): a load listener cannot go on it)
     for mapper in _retrack_columns:
-        _track_column_reads(mapper)
+        if _maps_its_class(mapper):
+            _track_column_reads(mapper)
     for prop in _retrack_relationships:
-        _track_reads(prop)
+        if _maps_its_class(prop.parent):
+            _track_reads(prop)
     for mapper in _retrack_loads:
-        _count_loads(mapper)
+        if _maps_its_class(mapper):
+            _count_loads(mapper)
     _retrack_columns.clear()
     _retrack_relationships.clear()
     _retrack_loads.clear()
@@ -148,6 +152,11 @@ def uninstall() -> None:
                 attribute.__class__ = InstrumentedAttribute  # type: ignore[assignment]
     _retrack_columns.update(_column_tracked)
     _column_tracked.clear()
+
+
+def _maps_its_class(mapper: Any) -> bool:
+    """Whether ``mapper`` still maps its class (not disposed of, nor replaced)."""
+    return inspect(mapper.class_, raiseerr=False) is mapper
 
 
 # What uninstall() untracked, for the next install() to track again
