@@ -610,25 +610,10 @@ def note_orm_select(
         scope.last_select = _LoadBatch(
             sql, callsite, callers, mapper, rows, transaction, single, kept, followed=followed
         )
-        if followed and not scope.follows_loads:
+        if followed:
             scope.follows_loads = True
-            if scope.state_reads:
-                _forget_unloaded_reads(scope)
         if single:
             scope.follows_use = True
-
-
-def _forget_unloaded_reads(scope: _Scope) -> None:
-    """The scope's first followed load is on its way: forget the reads kept while none was
-    (note_read keeps them for every object then, without looking up its load) of objects
-    no SELECT of the scope loaded. From now on each object's first read looks up its load:
-    an object the session already held is then seen as the possible row of a one-row
-    lookup (``_note_held_object_read``) at every read, as if nothing had been kept."""
-    scope.state_reads = {
-        state: reads
-        for state, reads in scope.state_reads.items()
-        if _batch_of(scope, state) is not None
-    }
 
 
 # mapper -> its column attributes: how wide its rows can be (held as long as the mapper)
@@ -700,14 +685,7 @@ def note_read(state: Any, key: str) -> None:
         if reads is not None:
             reads.add(key)
             continue
-        if usage:
-            if not each.follows_use:
-                continue
-        elif not each.follows_loads:
-            # a column read, and no load of the scope is followed: kept for
-            # unlocked_read_modify_write alone (which finds the object's load itself)
-            if len(each.state_reads) < MAX_TRACKED_STATES:
-                each.state_reads[state] = {key}
+        if usage and not each.follows_use:
             continue
         batches = each.batches
         if not batches:

@@ -51,7 +51,6 @@ from pgpilot.nplusone.callsite import stack_info
 from pgpilot.nplusone.core import (
     _USED,
     _WRITTEN,
-    MAX_TRACKED_STATES,
     _bound_value,
     _current_scope,
     _has_bounds,
@@ -712,16 +711,11 @@ class _ColumnReadAttribute(InstrumentedAttribute[Any]):
                 state = getattr(instance, "_sa_instance_state", None)
                 key = self.key
                 if state is not None and key not in state.committed_state:
+                    # a column read again (a template's second look) is noted already: in
+                    # the one scope open, nothing more to do
                     reads = scope.state_reads.get(state)
-                    if scope.parent is not None or (reads is None and scope.follows_loads):
+                    if reads is None or key not in reads or scope.parent is not None:
                         note_read(state, key)
-                    elif reads is None:
-                        # note_read's case for the one scope open when no load of it is
-                        # followed: the read kept for unlocked_read_modify_write alone
-                        if len(scope.state_reads) < MAX_TRACKED_STATES:
-                            scope.state_reads[state] = {key}
-                    elif key not in reads:  # (read again, a template's second look: noted)
-                        reads.add(key)
         return InstrumentedAttribute.__get__(self, instance, owner)
 
 
